@@ -1,0 +1,1 @@
+"""Data: seqio tasks, TFDS tasks, bundled digits, curricula."""

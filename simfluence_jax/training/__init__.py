@@ -1,0 +1,1 @@
+"""Multi-run training producing traces."""
