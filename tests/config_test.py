@@ -1,0 +1,56 @@
+"""Configs load, variants shrink them, bad values are named."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from simfluence_jax import config_lib
+from simfluence_jax import main as main_lib
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("name", ["default", "digits_mlp", "glue_rte",
+                                  "super_glue_copa"])
+@pytest.mark.parametrize("arg", [None, "tiny"])
+def test_every_config_is_valid(name, arg):
+  config = load(name, arg)
+  main_lib.validate_config(config)
+  assert config.data.num_train_examples == config.num_train_examples
+
+
+def test_tiny_shrinks_and_overrides_propagate():
+  default, tiny = load("default"), load("default", "tiny")
+  assert tiny.num_runs < default.num_runs and tiny.num_steps < default.num_steps
+  tiny.num_train_examples = 40  # what --config.num_train_examples=40 does
+  assert tiny.data.num_train_examples == 40
+
+
+def test_parse_arg():
+  args = config_lib.parse_arg("tiny,size=3", tiny=False, size=1, name="a")
+  assert args.tiny is True and args.size == 3 and args.name == "a"
+  with pytest.raises(ValueError, match="'bogus' is unknown"):
+    config_lib.parse_arg("bogus", tiny=False)
+  with pytest.raises(ValueError, match="size='x': expected a int"):
+    config_lib.parse_arg("size=x", size=1)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_runs", 0, "config.num_runs=0: must be a positive integer"),
+    ("batch_size", -1, "config.batch_size=-1"),
+    ("learning_rate", 0.0, "config.learning_rate=0.0: must be positive"),
+    ("subset_size", 1000, "config.subset_size=1000: larger than"),
+])
+def test_bad_config_values_are_named(field, value, message):
+  config = load("default", "tiny")
+  config[field] = value
+  with pytest.raises(ValueError, match=message):
+    main_lib.validate_config(config)

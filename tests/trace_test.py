@@ -1,0 +1,124 @@
+"""Trace: validation names the bad field, save/load round-trips exactly, no pickle."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+import simfluence_jax as sj
+
+
+def _trace(num_runs=3, num_steps=5, batch=4, num_test=6, num_train=10, grads=False,
+           seed=0):
+  rng = np.random.default_rng(seed)
+  batch_ids = rng.integers(-1, num_train, (num_runs, num_steps, batch)).astype(np.int32)
+  kwargs = {}
+  if grads:
+    kwargs = dict(train_grads=rng.normal(size=(num_runs, num_steps, batch, 7)),
+                  test_grads=rng.normal(size=(num_runs, num_steps, num_test, 7)))
+  return sj.Trace(batch_ids=batch_ids,
+                  losses=rng.random((num_runs, num_steps + 1, num_test)),
+                  learning_rates=np.full((num_runs, num_steps), 0.1),
+                  num_train_examples=num_train, metadata={"note": "x"}, **kwargs)
+
+
+@pytest.mark.parametrize("grads", [False, True])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_save_load_round_trips_exactly(tmp_path, grads, mmap):
+  trace = _trace(grads=grads)
+  trace.save(tmp_path / "t")
+  loaded = sj.Trace.load(tmp_path / "t", mmap=mmap)
+  for name in ("batch_ids", "losses", "learning_rates", "train_grads", "test_grads"):
+    a, b = getattr(trace, name), getattr(loaded, name)
+    if a is None:
+      assert b is None
+    else:
+      assert a.dtype == b.dtype and np.array_equal(a, b), name
+  assert loaded.num_train_examples == 10 and loaded.metadata == {"note": "x"}
+  if mmap:
+    assert isinstance(loaded.losses, np.memmap)
+
+
+def test_save_replaces_existing_trace(tmp_path):
+  _trace(seed=0).save(tmp_path / "t")
+  second = _trace(seed=1)
+  second.save(tmp_path / "t")
+  assert np.array_equal(sj.Trace.load(tmp_path / "t").losses, second.losses)
+  assert sorted(os.listdir(tmp_path)) == ["t"]  # No temporary directory left behind.
+
+
+def test_shape_accessors_and_select_runs():
+  trace = _trace(num_runs=4, grads=True)
+  assert (trace.num_runs, trace.num_steps, trace.batch_size,
+          trace.num_test_examples) == (4, 5, 4, 6)
+  sub = trace.select_runs(slice(1, 3))
+  assert sub.num_runs == 2 and np.array_equal(sub.losses, trace.losses[1:3])
+  assert np.array_equal(sub.train_grads, trace.train_grads[1:3])
+  with pytest.raises(ValueError, match="selects no run"):
+    trace.select_runs(slice(5, 9))
+
+
+def _kwargs():
+  return dict(batch_ids=np.zeros((2, 3, 4), np.int32), losses=np.ones((2, 4, 5)),
+              learning_rates=np.ones((2, 3)), num_train_examples=3)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_ids", np.zeros((2, 3), np.int32), "batch_ids: expected 3 dimensions"),
+    ("batch_ids", np.full((2, 3, 4), 3), r"batch_ids: ids must be in \[-1"),
+    ("batch_ids", np.full((2, 3, 4), -2), "found -2"),
+    ("batch_ids", np.zeros((2, 3, 4), np.float32), "batch_ids: expected integer"),
+    ("losses", np.ones((2, 3, 5)), r"losses: expected shape \[R=2, T\+1=4"),
+    ("losses", np.full((2, 4, 5), np.nan), "losses: contains NaN"),
+    ("learning_rates", np.ones((2, 4)), "learning_rates: expected shape"),
+    ("learning_rates", np.full((2, 3), np.inf), "learning_rates: contains NaN or inf"),
+    ("num_train_examples", 0, "num_train_examples: expected a positive integer"),
+    ("num_train_examples", 2.5, "num_train_examples"),
+    ("metadata", {"x": object()}, "metadata: must be JSON"),
+    ("train_grads", np.ones((2, 3, 4, 2)), "give both or neither"),
+])
+def test_bad_input_names_the_field(field, value, message):
+  kwargs = _kwargs()
+  kwargs[field] = value
+  with pytest.raises(ValueError, match=message):
+    sj.Trace(**kwargs)
+
+
+def test_grads_shape_mismatch():
+  kwargs = _kwargs()
+  kwargs.update(train_grads=np.ones((2, 3, 4, 2)), test_grads=np.ones((2, 3, 4, 2)))
+  with pytest.raises(ValueError, match=r"test_grads: expected shape \(2, 3, 5"):
+    sj.Trace(**kwargs)
+
+
+def test_load_missing_and_corrupt_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no trace directory"):
+    sj.Trace.load(tmp_path / "nothing")
+  _trace().save(tmp_path / "t")
+  with open(tmp_path / "t" / "losses.npy", "r+b") as f:
+    f.truncate(100)
+  with pytest.raises(ValueError, match="losses.npy"):
+    sj.Trace.load(tmp_path / "t")
+  os.remove(tmp_path / "t" / "losses.npy")
+  with pytest.raises(FileNotFoundError, match="losses.npy"):
+    sj.Trace.load(tmp_path / "t")
+  (tmp_path / "t" / "trace.json").write_text("{not json")
+  with pytest.raises(ValueError, match="trace.json"):
+    sj.Trace.load(tmp_path / "t")
+
+
+class _Bomb:
+  def __reduce__(self):
+    return (os.system, ("touch BOOM",))
+
+
+def test_pickled_array_is_refused_without_running_it(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  _trace().save(tmp_path / "t")
+  np.save(tmp_path / "t" / "losses.npy", np.array([_Bomb()], dtype=object),
+          allow_pickle=True)
+  with pytest.raises(ValueError, match="not a plain array"):
+    sj.Trace.load(tmp_path / "t")
+  assert not (tmp_path / "BOOM").exists()
+  assert pickle  # the payload above is a real pickle
