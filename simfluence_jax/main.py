@@ -267,6 +267,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return {**metrics, "timings": stages.timings}
 
 
+def initialize_distributed() -> None:
+  """`jax.distributed.initialize()`, from SJ_* variables (launch/local.sh) or auto.
+
+  On TPU pods and SLURM clusters JAX finds the coordinator itself; the local launcher
+  sets SJ_COORDINATOR, SJ_NUM_PROCESSES and SJ_PROCESS_ID, and CPU processes use gloo
+  collectives.
+  """
+  coordinator = os.environ.get("SJ_COORDINATOR")
+  if not coordinator:
+    jax.distributed.initialize()
+    return
+  try:
+    num_processes = int(os.environ["SJ_NUM_PROCESSES"])
+    process_id = int(os.environ["SJ_PROCESS_ID"])
+  except (KeyError, ValueError) as e:
+    raise ValueError("SJ_COORDINATOR is set, so SJ_NUM_PROCESSES and SJ_PROCESS_ID "
+                     f"must be integers ({e}).") from e
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
@@ -276,7 +297,7 @@ def main(argv):
     sys.exit(2)
   try:
     if _CONFIG.value.distributed:
-      jax.distributed.initialize()
+      initialize_distributed()
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
     # Bad input is the user's to fix: one clear line, no traceback.
