@@ -9,6 +9,8 @@ with the same workdir resumes (training from its last orbax checkpoint, later st
 from their saved outputs) and gives the same numbers.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -96,6 +98,38 @@ class _Stages:
       return value
 
     return self.run(name, compute)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds an exclusive lock on `workdir` so two jobs never write into it at once.
+
+  Only process 0 of a multi-process job locks (all processes share the workdir); the
+  lock is released by the OS if the job dies, so a killed job never leaves it stale.
+
+  Raises:
+    ValueError: another job holds the lock.
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, ".lock")
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+      f.seek(0)
+      raise ValueError(f"--workdir={workdir!r} is in use by another job "
+                       f"(pid {f.read().strip() or '?'}).") from e
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -298,7 +332,8 @@ def main(argv):
   try:
     if _CONFIG.value.distributed:
       initialize_distributed()
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    with workdir_lock(_WORKDIR.value):
+      train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
     # Bad input is the user's to fix: one clear line, no traceback.
     print(f"error: {e}", file=sys.stderr)

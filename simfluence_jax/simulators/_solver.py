@@ -1,0 +1,328 @@
+"""Sparse ridge solvers for Simfluence, vectorised over test examples ("columns").
+
+Every step t of every run r is one regression row p = (r, t). Its features are a
+sparse count vector over the N train ids of the step's batch (B entries, `-1` =
+padding), scaled by the previous loss for the A part:
+
+  linear:    y_p = x_p · Σ_k A[ids_pk] + Σ_k B[ids_pk]      (θ = (A, B), J = 2)
+  additive:  y_p = Σ_k B[ids_pk]                            (θ = B,      J = 1)
+
+with one independent θ per column c (test example, or test example × posterior
+sample); `x: float32[P, C]` and `y: float32[P, C]` hold the columns. All solvers
+minimise the same plain ridge objective (a prior centre is handled by the caller
+by shifting the targets, see `_fit.py`):
+
+  Σ_p (y_pc − (X_c θ_c)_p)² + l2 · ‖θ_c‖²        for every column c.
+
+Internally θ is laid out as `float32[N, J, C]` so that one gather `θ[ids]` and one
+scatter-add over the flattened occurrences serve every column at once. Solvers:
+
+* "cg": preconditioned conjugate gradients on the normal equations
+  (XᵀX + l2·I)θ = Xᵀy with matrix-free matvecs: Xθ is a gather of B rows per
+  step, Xᵀr a scatter-add of the P·B occurrences. The preconditioner is the exact
+  2×2 block of each train id (A_i and B_i are nearly collinear because x varies
+  slowly, which is what makes plain Jacobi slow). Memory O((P·B + N)·J·C).
+* "normal": the D×D Gram matrix (D = J·N) per column built by scatter-add of the
+  (B·J)² feature pairs of every row, solved by Cholesky. Memory O(D²·C): small N.
+* "dual": θ = Xᵀ(XXᵀ + l2·I)⁻¹y with the P×P kernel
+  K_c = S ∘ (x_c x_cᵀ + 1) (linear) or S (additive), S_pq = Σ_i n_pi n_qi the
+  batch-overlap counts shared by all columns; Cholesky. Memory O(P²·C): few rows.
+* "auto": the exact Cholesky solver with the smaller system when min(D, P) ≤ 512,
+  else "cg".
+
+Columns are processed in chunks sized so that one chunk's working set stays under
+`memory_budget_bytes` (the last chunk is zero-padded so every chunk has the same
+shape and compiles once).
+"""
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+METHODS = ("auto", "normal", "cg", "dual")
+_EXACT_MAX_SIZE = 512
+_DEFAULT_MEMORY_BUDGET = 1 << 28  # bytes of float32 working set per chunk
+
+
+def _occurrence_weights(ids: jax.Array):
+  """Returns (safe ids with padding mapped to 0, float32 validity weights)."""
+  valid = ids >= 0
+  return jnp.where(valid, ids, 0), valid.astype(jnp.float32)
+
+
+def _features(x: jax.Array, linear: bool) -> jax.Array:
+  """float32[P, J, C]: the per-row feature scale of each parameter block."""
+  if linear:
+    return jnp.stack([x, jnp.ones_like(x)], axis=1)
+  return jnp.ones_like(x)[:, None, :]
+
+
+def forward(theta: jax.Array, ids: jax.Array, x: jax.Array, linear: bool) -> jax.Array:
+  """Computes Xθ for every column.
+
+  Args:
+    theta: float32[N, J, C].
+    ids: int32[P, B], -1 = padding.
+    x: float32[P, C], previous losses (unused when not `linear`).
+    linear: whether θ holds (A, B) or only B.
+
+  Returns:
+    float32[P, C].
+  """
+  safe, weights = _occurrence_weights(ids)
+  summed = jnp.einsum("pbjc,pb->pjc", theta[safe], weights)
+  return jnp.sum(summed * _features(x, linear), axis=1)
+
+
+def transpose(residual: jax.Array, ids: jax.Array, x: jax.Array, num_train: int,
+              linear: bool) -> jax.Array:
+  """Computes Xᵀr for every column by a scatter-add over batch occurrences.
+
+  Args:
+    residual: float32[P, C].
+    ids: int32[P, B], -1 = padding.
+    x: float32[P, C].
+    num_train: N.
+    linear: whether θ holds (A, B) or only B.
+
+  Returns:
+    float32[N, J, C].
+  """
+  safe, weights = _occurrence_weights(ids)
+  per_row = _features(x, linear) * residual[:, None, :]  # [P, J, C]
+  values = weights[:, :, None, None] * per_row[:, None]  # [P, B, J, C]
+  out = jnp.zeros((num_train,) + per_row.shape[1:], jnp.float32)
+  return out.at[safe.reshape(-1)].add(values.reshape((-1,) + per_row.shape[1:]))
+
+
+def _gram_matvec(theta, ids, x, l2, linear):
+  num_train = theta.shape[0]
+  return transpose(forward(theta, ids, x, linear), ids, x, num_train, linear) + l2 * theta
+
+
+def _block_preconditioner(ids, x, l2, num_train, linear):
+  """Inverse of the per-train-id J×J diagonal blocks of XᵀX + l2·I.
+
+  Feature i of row p has value n_pi·f_p (n_pi = multiplicity of i in the batch), so
+  the block is Σ_p n_pi² f_p f_pᵀ. Σ_p n_pi² is a scatter-add over occurrences of
+  each occurrence's multiplicity within its batch.
+
+  Returns:
+    A function float32[N, J, C] -> float32[N, J, C].
+  """
+  safe, weights = _occurrence_weights(ids)
+  same = (safe[:, :, None] == safe[:, None, :]).astype(jnp.float32)
+  multiplicity = jnp.einsum("pab,pa,pb->pa", same, weights, weights)  # [P, B]
+  feats = _features(x, linear)  # [P, J, C]
+  products = feats[:, :, None, :] * feats[:, None, :, :]  # [P, J, J, C]
+  values = multiplicity[:, :, None, None, None] * products[:, None]
+  blocks = jnp.zeros((num_train,) + products.shape[1:], jnp.float32).at[
+      safe.reshape(-1)].add(values.reshape((-1,) + products.shape[1:]))
+  blocks = blocks + l2 * jnp.eye(products.shape[1], dtype=jnp.float32)[:, :, None]
+  if not linear:
+    inv = 1.0 / blocks[:, 0, 0]
+    return lambda r: r * inv[:, None, :]
+  a, b, d = blocks[:, 0, 0], blocks[:, 0, 1], blocks[:, 1, 1]
+  det = a * d - b * b  # > 0: a PSD block plus l2·I with l2 > 0
+
+  def apply(r):
+    r0, r1 = r[:, 0], r[:, 1]
+    return jnp.stack([(d * r0 - b * r1) / det, (a * r1 - b * r0) / det], axis=1)
+
+  return apply
+
+
+@functools.partial(jax.jit, static_argnames=("num_train", "linear", "max_iters"))
+def _solve_cg(ids, x, y, l2, tol, *, num_train, linear, max_iters):
+  """Block-Jacobi preconditioned CG, all columns at once.
+
+  Returns:
+    (θ float32[N, J, C], iterations int32[C]).
+  """
+  rhs = transpose(y, ids, x, num_train, linear)
+  precond = _block_preconditioner(ids, x, l2, num_train, linear)
+  matvec = lambda v: _gram_matvec(v, ids, x, l2, linear)
+  dot = lambda u, v: jnp.sum(u * v, axis=(0, 1))
+  target = tol * jnp.sqrt(dot(rhs, rhs))
+
+  theta = jnp.zeros_like(rhs)
+  residual = rhs
+  z = precond(residual)
+  state = (0, theta, residual, z, dot(residual, z), jnp.zeros(rhs.shape[-1], jnp.int32))
+
+  def active(residual):
+    return jnp.sqrt(dot(residual, residual)) > target
+
+  def cond(state):
+    it, _, residual, *_ = state
+    return jnp.logical_and(it < max_iters, jnp.any(active(residual)))
+
+  def body(state):
+    it, theta, residual, direction, rz, iters = state
+    live = active(residual)
+    product = matvec(direction)
+    curvature = dot(direction, product)
+    step = jnp.where(live & (curvature > 0), rz / jnp.where(curvature > 0, curvature, 1.0),
+                     0.0)
+    theta = theta + step * direction
+    residual = residual - step * product
+    z = precond(residual)
+    rz_new = dot(residual, z)
+    beta = jnp.where(rz > 0, rz_new / jnp.where(rz > 0, rz, 1.0), 0.0)
+    direction = z + beta * direction
+    return it + 1, theta, residual, direction, rz_new, iters + live.astype(jnp.int32)
+
+  state = (0, theta, residual, z, dot(residual, z), jnp.zeros(rhs.shape[-1], jnp.int32))
+  _, theta, _, _, _, iters = jax.lax.while_loop(cond, body, state)
+  return theta, iters
+
+
+@functools.partial(jax.jit, static_argnames=("num_train", "linear"))
+def _solve_normal(ids, x, y, l2, *, num_train, linear):
+  """Dense Gram per column (scatter-add of feature pairs) + Cholesky.
+
+  Returns:
+    θ float32[N, J, C].
+  """
+  safe, weights = _occurrence_weights(ids)
+  feats = _features(x, linear)  # [P, J, C]
+  num_blocks = feats.shape[1]
+  dim = num_blocks * num_train
+  # Parameter index of occurrence k in block j: j·N + id; value w_k · f_j.
+  index = (safe[:, :, None] + num_train * jnp.arange(num_blocks)[None, None, :])
+  index = index.reshape(index.shape[0], -1)  # [P, B·J]
+  values = weights[:, :, None, None] * feats[:, None]  # [P, B, J, C]
+  values = values.reshape(values.shape[0], -1, values.shape[-1])  # [P, B·J, C]
+  rows = jnp.broadcast_to(index[:, :, None], index.shape + index.shape[1:]).reshape(-1)
+  cols = jnp.broadcast_to(index[:, None, :], index.shape + index.shape[1:]).reshape(-1)
+
+  def gram_of_column(column_values):
+    pairs = column_values[:, :, None] * column_values[:, None, :]
+    gram = jnp.zeros((dim, dim), jnp.float32).at[rows, cols].add(pairs.reshape(-1))
+    return gram + l2 * jnp.eye(dim, dtype=jnp.float32)
+
+  grams = jax.vmap(gram_of_column, in_axes=2)(values)  # [C, D, D]
+  rhs = transpose(y, ids, x, num_train, linear)  # [N, J, C]
+  rhs = jnp.transpose(rhs, (2, 1, 0)).reshape(rhs.shape[-1], dim)  # [C, D]
+  factor = jnp.linalg.cholesky(grams)
+  solution = jax.vmap(lambda f, b: jax.scipy.linalg.cho_solve((f, True), b))(factor, rhs)
+  return jnp.transpose(solution.reshape(-1, num_blocks, num_train), (2, 1, 0))
+
+
+@functools.partial(jax.jit, static_argnames=("num_train", "linear"))
+def _solve_dual(ids, x, y, l2, *, num_train, linear):
+  """θ = Xᵀ(XXᵀ + l2·I)⁻¹y with the P×P kernel per column + Cholesky.
+
+  Returns:
+    θ float32[N, J, C].
+  """
+  safe, weights = _occurrence_weights(ids)
+  num_rows, batch = ids.shape
+  overlap = jnp.zeros((num_rows, num_rows), jnp.float32)
+  # S_pq = Σ_{k,k'} w_pk w_qk' [id_pk = id_qk']: B passes of P×P×B keep memory O(P²B).
+  for k in range(batch):
+    match = safe[:, None, :] == safe[None, :, k, None]  # [P, Q, B]
+    overlap = overlap + jnp.einsum("pqb,pb,q->pq", match.astype(jnp.float32), weights,
+                                   weights[:, k])
+
+  def solve_column(x_c, y_c):
+    kernel = overlap * (jnp.outer(x_c, x_c) + 1.0) if linear else overlap
+    kernel = kernel + l2 * jnp.eye(num_rows, dtype=jnp.float32)
+    return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(kernel), True), y_c)
+
+  dual = jax.vmap(solve_column, in_axes=(1, 1), out_axes=1)(x, y)  # [P, C]
+  return transpose(dual, ids, x, num_train, linear)
+
+
+@functools.partial(jax.jit, static_argnames=("linear",))
+def relative_residual(theta, ids, x, y, l2, *, linear):
+  """‖(XᵀX + l2·I)θ − Xᵀy‖ / ‖Xᵀy‖ per column: float32[C] (0 where Xᵀy = 0)."""
+  rhs = transpose(y, ids, x, theta.shape[0], linear)
+  gap = _gram_matvec(theta, ids, x, l2, linear) - rhs
+  num = jnp.sqrt(jnp.sum(gap * gap, axis=(0, 1)))
+  den = jnp.sqrt(jnp.sum(rhs * rhs, axis=(0, 1)))
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def choose_method(num_train: int, num_rows: int, linear: bool) -> str:
+  """The solver "auto" picks: exact Cholesky on the smaller system when it is small."""
+  dim = (2 if linear else 1) * num_train
+  if min(dim, num_rows) <= _EXACT_MAX_SIZE:
+    return "normal" if dim <= num_rows else "dual"
+  return "cg"
+
+
+def _chunk_size(method, num_train, num_rows, batch, num_columns, linear, budget):
+  blocks = 2 if linear else 1
+  if method == "cg":
+    # theta, residual, direction, z, product, rhs: ~8 [N, J] plus ~3 [P, B, J] per column.
+    per_column = 4 * (8 * num_train * blocks + 3 * num_rows * batch * blocks)
+  elif method == "normal":
+    dim = blocks * num_train
+    per_column = 4 * (2 * dim * dim + num_rows * (batch * blocks) ** 2)
+  else:
+    per_column = 4 * 2 * num_rows * num_rows
+  return int(max(1, min(num_columns, budget // max(per_column, 1))))
+
+
+def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: float, *,
+          linear: bool, method: str = "auto", tol: float = 1e-5, max_iters: int = 2000,
+          memory_budget_bytes: Optional[int] = None):
+  """Solves the ridge problem of every column.
+
+  Args:
+    ids: int32[P, B] train ids of every row, -1 = padding.
+    x: float32[P, C] previous losses (the A features' scale; ignored if additive).
+    y: float32[P, C] targets.
+    num_train: N.
+    l2: ridge strength, > 0.
+    linear: fit (A, B) if True, else B only.
+    method: "auto" | "normal" | "cg" | "dual".
+    tol: CG stopping rule, relative residual of the normal equations per column.
+    max_iters: CG iteration cap.
+    memory_budget_bytes: working-set bound per chunk of columns.
+
+  Returns:
+    (θ float32[N, J, C] as a numpy array, info dict with "method", "iterations"
+    (max over columns, 0 for exact methods), "relative_residual" (max over
+    columns), "chunk_size").
+  """
+  if method not in METHODS:
+    raise ValueError(f"method: expected one of {METHODS}, got {method!r}.")
+  ids = jnp.asarray(ids, jnp.int32)
+  x = np.asarray(x, np.float32)
+  y = np.asarray(y, np.float32)
+  num_rows, batch = ids.shape
+  num_columns = y.shape[1]
+  if method == "auto":
+    method = choose_method(num_train, num_rows, linear)
+  budget = memory_budget_bytes or _DEFAULT_MEMORY_BUDGET
+  chunk = _chunk_size(method, num_train, num_rows, batch, num_columns, linear, budget)
+  l2 = jnp.float32(l2)
+  thetas, iterations, residuals = [], [], []
+  for start in range(0, num_columns, chunk):
+    stop = min(start + chunk, num_columns)
+    # Zero-pad the last chunk: a zero column has θ = 0 and costs no recompile.
+    pad = ((0, 0), (0, chunk - (stop - start)))
+    x_chunk = jnp.asarray(np.pad(x[:, start:stop], pad))
+    y_chunk = jnp.asarray(np.pad(y[:, start:stop], pad))
+    if method == "cg":
+      theta, iters = _solve_cg(ids, x_chunk, y_chunk, l2, jnp.float32(tol),
+                               num_train=num_train, linear=linear, max_iters=max_iters)
+      iterations.append(int(jnp.max(iters)))
+    elif method == "normal":
+      theta = _solve_normal(ids, x_chunk, y_chunk, l2, num_train=num_train,
+                            linear=linear)
+    else:
+      theta = _solve_dual(ids, x_chunk, y_chunk, l2, num_train=num_train, linear=linear)
+    residuals.append(float(jnp.max(
+        relative_residual(theta, ids, x_chunk, y_chunk, l2, linear=linear))))
+    thetas.append(np.asarray(theta)[:, :, :stop - start])
+  info = {"method": method, "iterations": max(iterations, default=0),
+          "relative_residual": max(residuals), "chunk_size": chunk,
+          "num_chunks": math.ceil(num_columns / chunk)}
+  return np.concatenate(thetas, axis=-1), info
