@@ -1,0 +1,381 @@
+"""R training runs trained together: vmap over runs, scan over steps, one jit.
+
+Every run starts from the same base params and differs only in its curriculum
+(`batch_ids[r]`). A segment of steps is one jitted call: `lax.scan` over the steps,
+`vmap` over the runs of the pure `train_step`. The run axis is sharded over the
+devices of a `Mesh` axis named "runs" when R divides evenly, so the same code runs
+on one CPU or on every chip of a pod. Between segments the host copies the
+recorded losses into the trace buffers, checks them, logs progress and writes
+orbax checkpoints (layout in `checkpoints.py`); calling `train_runs` again with the
+same workdir resumes from the latest checkpoint and gives identical results.
+"""
+
+import dataclasses
+import logging
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from simfluence_jax import trace as trace_lib
+from simfluence_jax.training import checkpoints
+from simfluence_jax.training import optim
+from simfluence_jax.training import step as step_lib
+
+RUNS_AXIS = "runs"
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What `train_runs` produced.
+
+  Attributes:
+    trace: the recorded `Trace` (losses [R, T'+1, M], learning_rates [R, T'], and
+      train_grads/test_grads when recorded), T' = the steps trained so far.
+    params: final params of every run, numpy leaves [R, ...].
+    train_losses: float32[R, T'], mean loss of each step's batch before its update.
+    checkpoint_steps: steps [0, k, 2k, ..., T] whose params are TracIn checkpoints
+      (k = checkpoint_every, or T when it is None); only those reached so far.
+    workdir: where the checkpoints live, or None (then they are kept in memory).
+    checkpoint_params: when workdir is None, numpy leaves [K, R, ...] aligned with
+      `checkpoint_steps`; None otherwise (use `tracin_checkpoints()`).
+  """
+
+  trace: trace_lib.Trace
+  params: Any
+  train_losses: np.ndarray
+  checkpoint_steps: List[int]
+  workdir: Optional[str] = None
+  checkpoint_params: Any = None
+
+  def tracin_checkpoints(self) -> Tuple[List[int], Any]:
+    """(steps, params with leaves [K, R, ...]), from memory or from the workdir."""
+    if self.checkpoint_params is not None:
+      return list(self.checkpoint_steps), self.checkpoint_params
+    return checkpoints.load_tracin_checkpoints(self.workdir)
+
+
+def runs_shardings(num_runs: int) -> Tuple[jax.sharding.NamedSharding,
+                                           jax.sharding.NamedSharding]:
+  """(sharding of arrays with a leading run axis, replicated sharding).
+
+  The run axis is split over all devices when `num_runs` divides evenly by the
+  device count; otherwise every device holds all runs (logged).
+  """
+  devices = jax.devices()
+  mesh = jax.sharding.Mesh(np.array(devices), (RUNS_AXIS,))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if num_runs % len(devices) == 0:
+    return jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(RUNS_AXIS)), replicated
+  _logger.warning("train_runs: R=%d runs do not divide evenly over %d devices; "
+                  "replicating the runs on every device instead of sharding them.",
+                  num_runs, len(devices))
+  return replicated, replicated
+
+
+def _put(tree, sharding: jax.sharding.Sharding):
+  """Places host arrays (identical on every process) with a global sharding."""
+  def leaf(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree_util.tree_map(leaf, tree)
+
+
+def _to_host(tree):
+  """Global arrays -> numpy copies, gathering shards held by other processes.
+
+  Always a copy: on CPU `np.asarray` may alias the device buffer, which the next
+  segment donates and overwrites.
+  """
+  def leaf(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.array(multihost_utils.process_allgather(x, tiled=True))
+    return np.array(x)
+  return jax.tree_util.tree_map(leaf, tree)
+
+
+def make_segment_fn(train_step, run_sharding):
+  """Jitted segment of S steps of R runs.
+
+  Args:
+    train_step: the single-run step of `step.make_train_step`.
+    run_sharding: sharding of arrays with a leading run axis (`runs_shardings`).
+
+  Returns:
+    `segment(params, opt_state, first_step, batch_ids, train_arrays, test_arrays)
+    -> (params, opt_state, (test_losses, extras))` with params/opt_state leaves
+    [R, ...] (donated), batch_ids int32[R, S, B], test_losses float32[R, S, M] and
+    extras leaves [R, S, ...].
+  """
+  vmapped_step = jax.vmap(train_step, in_axes=(0, 0, None, 0, None, None))
+
+  def segment(params, opt_state, first_step, batch_ids, train_arrays, test_arrays):
+    def body(carry, batch_ids_t):
+      params, opt_state, step = carry
+      params, opt_state, test_losses, extras = vmapped_step(
+          params, opt_state, step, batch_ids_t, train_arrays, test_arrays)
+      return (params, opt_state, step + 1), (test_losses, extras)
+
+    (params, opt_state, _), outputs = jax.lax.scan(
+        body, (params, opt_state, first_step), jnp.swapaxes(batch_ids, 0, 1))
+    # Back to run-major [R, S, ...] so the outputs stay sharded over runs.
+    outputs = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), outputs)
+    return params, opt_state, outputs
+
+  return jax.jit(segment, donate_argnums=(0, 1), out_shardings=run_sharding)
+
+
+def _segment_end(step: int, stop: int, num_steps: int,
+                 checkpoint_every: Optional[int],
+                 steps_per_segment: int) -> int:
+  """Next segment boundary: absolute multiples, so resumed runs segment alike."""
+  ends = [stop, (step // steps_per_segment + 1) * steps_per_segment]
+  if checkpoint_every:
+    ends.append((step // checkpoint_every + 1) * checkpoint_every)
+  return min(min(ends), num_steps)
+
+
+def _check_finite(name: str, values: np.ndarray, first_step: int) -> None:
+  """Raises FloatingPointError naming the first run and step of a non-finite value."""
+  bad = ~np.isfinite(values)
+  if bad.any():
+    run, offset = (int(i) for i in np.argwhere(bad.reshape(bad.shape[:2] + (-1,))
+                                               .any(-1))[0])
+    raise FloatingPointError(
+        f"train_runs: non-finite {name} in run {run} at step {first_step + offset} "
+        f"(batch_ids[{run}, {first_step + offset}]); stopping. Checkpoints written "
+        "before this segment are kept.")
+
+
+def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
+               train_arrays: Dict[str, Any], test_arrays: Dict[str, Any],
+               optimizer_config: Any = None, config: Any = None,
+               workdir: Optional[str] = None,
+               checkpoint_every: Optional[int] = None, record_grads: bool = False,
+               projection_dim: int = 32, seed: int = 0, progress: bool = True,
+               max_steps: Optional[int] = None,
+               steps_per_segment: Optional[int] = None,
+               grad_chunk_size: Optional[int] = None,
+               metadata: Optional[dict] = None) -> TrainResult:
+  """Trains R runs from the same base params, one curriculum each, and records them.
+
+  Args:
+    params0: base variables `{"params": ...}` (unbatched), shared by all runs.
+    batch_ids: int32[R, T, B] train ids per run and step, -1 = padding.
+    loss_fn: per-example loss `(params, batch) -> float32[n]` (`make_loss_fn`).
+    train_arrays: dict of arrays, row i = train example i (N rows).
+    test_arrays: dict of arrays of the M test examples.
+    optimizer_config: config for `optim.make_optimizer` (`optimizer`,
+      `learning_rate`, `lr_schedule`, ...); the linear schedule decays over T.
+    config: alias of `optimizer_config` (e.g. the experiment config, whose
+      top-level fields hold the optimizer settings); give exactly one.
+    workdir: directory for resumable checkpoints (`runs_ckpt/`) and TracIn
+      checkpoints (`tracin_ckpt/`); None keeps everything in memory. If it holds a
+      checkpoint of the same job, training resumes from the latest one.
+    checkpoint_every: k; the state is checkpointed and the TracIn params are kept
+      at steps 0, k, 2k, ..., T. None: only at 0 and T.
+    record_grads: record projected per-example gradients (train and test) at the
+      params before every step, for per-step TracIn.
+    projection_dim: K of the recorded projections.
+    seed: seed of the projection key (`step.projection_key(seed)`).
+    progress: log a line per segment (step/T, mean train loss, steps/s).
+    max_steps: stop after this many steps in total (the returned trace covers
+      them; with a workdir the state is saved there so a later call resumes).
+    steps_per_segment: steps per jitted call (default: k, or about T/10); segment
+      boundaries are multiples of it and of k, so results do not depend on where
+      a run was interrupted.
+    grad_chunk_size: per-example gradients computed this many at a time.
+    metadata: extra JSON-serialisable entries for `trace.metadata`.
+
+  Returns:
+    A `TrainResult`. Learning rates are the schedule's value per step: the exact
+    step size for SGD, the nominal rate for momentum/Adam
+    (`optim.LEARNING_RATE_MEANING`, also in `trace.metadata`).
+
+  Raises:
+    FloatingPointError: a NaN/inf training or test loss (names run and step).
+    ValueError: bad shapes, or a workdir holding a different job.
+  """
+  if (optimizer_config is None) == (config is None):
+    raise ValueError("train_runs: give exactly one of optimizer_config and config.")
+  optimizer_config = config if optimizer_config is None else optimizer_config
+  batch_ids = np.asarray(batch_ids)
+  if batch_ids.ndim != 3 or not np.issubdtype(batch_ids.dtype, np.integer):
+    raise ValueError(f"train_runs: batch_ids must be int[R, T, B], got "
+                     f"{batch_ids.dtype}{list(batch_ids.shape)}.")
+  batch_ids = batch_ids.astype(np.int32)
+  num_runs, num_steps, batch_size = batch_ids.shape
+  num_train = jax.tree_util.tree_leaves(train_arrays)[0].shape[0]
+  num_test = jax.tree_util.tree_leaves(test_arrays)[0].shape[0]
+  if batch_ids.min() < -1 or batch_ids.max() >= num_train:
+    raise ValueError(f"train_runs: batch_ids must be in [-1, N={num_train}), found "
+                     f"[{batch_ids.min()}, {batch_ids.max()}].")
+  if checkpoint_every is not None and checkpoint_every <= 0:
+    raise ValueError(f"train_runs: checkpoint_every must be positive, got "
+                     f"{checkpoint_every}.")
+  stop = num_steps if max_steps is None else max(0, min(int(max_steps), num_steps))
+  steps_per_segment = int(steps_per_segment or checkpoint_every
+                          or max(1, -(-num_steps // 10)))
+  tracin_every = checkpoint_every or num_steps
+  tracin_due = lambda s: s % tracin_every == 0 or s == num_steps
+
+  optimizer, schedule = optim.make_optimizer(optimizer_config, num_steps=num_steps)
+  run_sharding, replicated = runs_shardings(num_runs)
+  key = step_lib.projection_key(seed)
+  train_step = step_lib.make_train_step(
+      loss_fn, optimizer, schedule, record_grads=record_grads,
+      projection_dim=projection_dim, key=key, grad_chunk_size=grad_chunk_size)
+  segment = make_segment_fn(train_step, run_sharding)
+
+  train_dev = _put(train_arrays, replicated)
+  test_dev = _put(test_arrays, replicated)
+  host_params0 = _to_host(params0)
+  params = _put(jax.tree_util.tree_map(
+      lambda x: np.repeat(x[None], num_runs, axis=0), host_params0), run_sharding)
+  opt_state = jax.jit(jax.vmap(optimizer.init), out_shardings=run_sharding)(params)
+
+  buffers = {
+      "batch_ids": batch_ids,
+      "losses": np.zeros((num_runs, num_steps + 1, num_test), np.float32),
+      "learning_rates": np.zeros((num_runs, num_steps), np.float32),
+      "train_losses": np.zeros((num_runs, num_steps), np.float32),
+  }
+  if record_grads:
+    buffers["train_grads"] = np.zeros(
+        (num_runs, num_steps, batch_size, projection_dim), np.float32)
+    buffers["test_grads"] = np.zeros(
+        (num_runs, num_steps, num_test, projection_dim), np.float32)
+  initial_losses = _to_host(jax.jit(loss_fn)(_put(host_params0, replicated), test_dev))
+  buffers["losses"][:, 0] = initial_losses[None]
+  job = {"num_steps": num_steps, "num_runs": num_runs, "batch_size": batch_size,
+         "num_test_examples": num_test, "record_grads": bool(record_grads),
+         "projection_dim": int(projection_dim), "seed": int(seed)}
+
+  step = 0
+  runs_manager = tracin_manager = None
+  memory_checkpoints = {}
+  if workdir is not None:
+    runs_manager = checkpoints.runs_manager(workdir)
+    tracin_manager = checkpoints.tracin_manager(workdir)
+    latest = runs_manager.latest_step()
+    if latest is not None:
+      params, opt_state, buffers = _restore(runs_manager, latest, params, opt_state,
+                                            buffers, job, workdir)
+      step = latest
+      _logger.info("train_runs: resumed %d runs from step %d/%d in %s.", num_runs,
+                   step, num_steps, workdir)
+    if 0 not in tracin_manager.all_steps():
+      tracin_manager.save(0, args=ocp.args.StandardSave(params))
+  else:
+    memory_checkpoints[0] = jax.tree_util.tree_map(
+        lambda x: np.repeat(x[None], num_runs, axis=0), host_params0)
+
+  try:
+    first_segment = True
+    while step < stop:
+      end = _segment_end(step, stop, num_steps, checkpoint_every, steps_per_segment)
+      start_time = time.perf_counter()
+      params, opt_state, outputs = segment(
+          params, opt_state, jnp.int32(step), _put(batch_ids[:, step:end], run_sharding),
+          train_dev, test_dev)
+      test_losses, extras = _to_host(outputs)
+      elapsed = time.perf_counter() - start_time
+      _check_finite("training loss", extras["train_loss"], step)
+      _check_finite("test loss", test_losses, step)
+      buffers["losses"][:, step + 1:end + 1] = test_losses
+      buffers["learning_rates"][:, step:end] = extras["learning_rate"]
+      buffers["train_losses"][:, step:end] = extras["train_loss"]
+      if record_grads:
+        buffers["train_grads"][:, step:end] = extras["train_grads"]
+        buffers["test_grads"][:, step:end] = extras["test_grads"]
+      if progress:
+        _logger.info("train_runs: step %d/%d  mean train loss %.4f  mean test loss "
+                     "%.4f  %.2f steps/s%s", end, num_steps,
+                     float(np.mean(extras["train_loss"])),
+                     float(np.mean(test_losses[:, -1])), (end - step) / elapsed,
+                     " (incl. compile)" if first_segment else "")
+      first_segment = False
+      step = end
+      at_checkpoint = (checkpoint_every and step % checkpoint_every == 0) or (
+          step in (stop, num_steps))
+      if runs_manager is not None and at_checkpoint:
+        runs_manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+            trace=ocp.args.StandardSave(buffers),
+            meta=ocp.args.JsonSave(dict(job, step=step))))
+      if tracin_due(step):
+        if tracin_manager is not None:
+          if step not in tracin_manager.all_steps():
+            tracin_manager.save(step, args=ocp.args.StandardSave(params))
+        else:
+          memory_checkpoints[step] = _to_host(params)
+  except BaseException:
+    # Checkpoints already written stay valid; release the managers and re-raise.
+    for manager in (runs_manager, tracin_manager):
+      if manager is not None:
+        manager.close()
+    raise
+
+  if runs_manager is not None:
+    runs_manager.wait_until_finished()
+    tracin_manager.wait_until_finished()
+    checkpoint_steps = [s for s in sorted(tracin_manager.all_steps()) if s <= step]
+    runs_manager.close()
+    tracin_manager.close()
+    checkpoint_params = None
+  else:
+    checkpoint_steps = sorted(memory_checkpoints)
+    checkpoint_params = jax.tree_util.tree_map(
+        lambda *xs: np.stack(xs), *[memory_checkpoints[s] for s in checkpoint_steps])
+
+  name = optim.config_field(optimizer_config, "optimizer", "sgd")
+  trace_metadata = {
+      "optimizer": name,
+      "learning_rate": float(optim.config_field(optimizer_config, "learning_rate")),
+      "lr_schedule": optim.config_field(optimizer_config, "lr_schedule", "constant"),
+      "learning_rate_meaning": optim.LEARNING_RATE_MEANING[name],
+      "projection_seed": int(seed) if record_grads else None,
+      **(metadata or {}),
+  }
+  grads = {}
+  if record_grads:
+    grads = {"train_grads": buffers["train_grads"][:, :step],
+             "test_grads": buffers["test_grads"][:, :step]}
+  if step == 0:
+    raise ValueError("train_runs: no step was trained (max_steps=0); a trace needs "
+                     "at least one step.")
+  trace = trace_lib.Trace(
+      batch_ids=batch_ids[:, :step], losses=buffers["losses"][:, :step + 1],
+      learning_rates=buffers["learning_rates"][:, :step],
+      num_train_examples=num_train, metadata=trace_metadata, **grads)
+  return TrainResult(trace=trace, params=_to_host(params),
+                     train_losses=buffers["train_losses"][:, :step].copy(),
+                     checkpoint_steps=checkpoint_steps, workdir=workdir,
+                     checkpoint_params=checkpoint_params)
+
+
+def _restore(manager, step, params, opt_state, buffers, job, workdir):
+  """Restores state and trace buffers of `step`, checking it is the same job."""
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  meta = dict(meta["meta"])
+  meta.pop("step", None)
+  if meta != job:
+    raise ValueError(f"train_runs: {workdir!r} holds checkpoints of a different job "
+                     f"({meta}) than this call ({job}); use a fresh workdir.")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(checkpoints.abstract_tree(
+          {"params": params, "opt_state": opt_state})),
+      trace=ocp.args.StandardRestore(buffers)))
+  trace_buffers = {name: np.array(value) for name, value in restored["trace"].items()}
+  if not np.array_equal(trace_buffers["batch_ids"], buffers["batch_ids"]):
+    raise ValueError(f"train_runs: {workdir!r} was trained with different batch_ids; "
+                     "use a fresh workdir.")
+  state = restored["state"]
+  return state["params"], state["opt_state"], trace_buffers

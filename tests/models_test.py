@@ -1,0 +1,108 @@
+"""Tests of the linen models and `models.get_model`."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from simfluence_jax import models
+
+VOCAB = 259
+
+
+def _tiny_lm(**kwargs):
+  defaults = dict(vocab_size=VOCAB, d_model=16, num_layers=2, num_heads=2, d_ff=32,
+                  max_len=8)
+  defaults.update(kwargs)
+  return models.TransformerLM(**defaults)
+
+
+def test_transformer_output_shape_and_dtype():
+  model = _tiny_lm()
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (3, 8)), jnp.int32)
+  variables = models.init_variables(model, tokens)
+  logits = model.apply(variables, tokens)
+  assert logits.shape == (3, 8, VOCAB)
+  assert logits.dtype == jnp.float32
+  assert np.all(np.isfinite(np.asarray(logits)))
+  # Shorter sequences than max_len are fine; longer ones are refused.
+  assert model.apply(variables, tokens[:, :5]).shape == (3, 5, VOCAB)
+  with pytest.raises(ValueError, match="max_len"):
+    model.apply(variables, jnp.zeros((1, 9), jnp.int32))
+
+
+def test_transformer_is_causal():
+  model = _tiny_lm()
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, VOCAB, (2, 8)).astype(np.int32)
+  variables = models.init_variables(model, tokens, seed=3)
+  changed = tokens.copy()
+  changed[:, 5] = (changed[:, 5] + 7) % VOCAB
+  before = np.asarray(model.apply(variables, tokens))
+  after = np.asarray(model.apply(variables, changed))
+  np.testing.assert_array_equal(before[:, :5], after[:, :5])
+  assert np.abs(before[:, 5:] - after[:, 5:]).max() > 1e-4
+
+
+def test_reference_transformer_param_count():
+  model = models.TransformerLM(vocab_size=VOCAB)
+  variables = jax.eval_shape(
+      lambda: models.init_variables(model, jnp.zeros((1, 32), jnp.int32)))
+  assert models.num_params(variables) == 135_555  # ≈ 136k, DESIGN.md §7
+
+
+def test_every_linear_map_is_a_dense_layer():
+  model = _tiny_lm()
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  variables = models.init_variables(model, tokens)
+  dense_calls = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+      dense_calls.append(context.module.path)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.apply(variables, tokens)
+  # 4 attention projections + 2 MLP layers per block, plus the output head.
+  assert len(dense_calls) == 2 * 6 + 1
+  kernels = [path for path, leaf in jax.tree_util.tree_leaves_with_path(variables)
+             if path[-1].key == "kernel"]
+  assert len(kernels) == len(dense_calls)
+
+
+def test_dropout_needs_rng_only_when_not_deterministic():
+  model = _tiny_lm(dropout=0.5)
+  tokens = jnp.zeros((2, 8), jnp.int32)
+  variables = models.init_variables(model, tokens)
+  np.testing.assert_array_equal(model.apply(variables, tokens),
+                                model.apply(variables, tokens))
+  noisy = model.apply(variables, tokens, deterministic=False,
+                      rngs={"dropout": jax.random.PRNGKey(0)})
+  assert noisy.shape == (2, 8, VOCAB)
+
+
+def test_mlp_classifier():
+  model = models.MLPClassifier(hidden_sizes=(8, 4), num_classes=3)
+  x = jnp.ones((5, 6), jnp.float32)
+  variables = models.init_variables(model, x)
+  assert model.apply(variables, x).shape == (5, 3)
+  assert models.num_params(variables) == (6 * 8 + 8) + (8 * 4 + 4) + (4 * 3 + 3)
+
+
+def test_get_model_from_config():
+  config = ml_collections.ConfigDict(dict(name="transformer", d_model=32, num_layers=1,
+                                          num_heads=2, d_ff=64, max_len=16))
+  model = models.get_model(config, vocab_size=VOCAB, max_len=12)
+  assert isinstance(model, models.TransformerLM)
+  assert (model.vocab_size, model.d_model, model.num_layers, model.max_len) == (
+      VOCAB, 32, 1, 12)
+  mlp = models.get_model({"name": "mlp", "hidden_sizes": [16]}, num_classes=4)
+  assert isinstance(mlp, models.MLPClassifier)
+  assert mlp.hidden_sizes == (16,) and mlp.num_classes == 4
+  with pytest.raises(ValueError, match="config.model.name"):
+    models.get_model({"name": "resnet"})
+  with pytest.raises(ValueError, match="vocab_size"):
+    models.get_model({"name": "transformer"})

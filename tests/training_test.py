@@ -1,0 +1,320 @@
+"""Tests of the training step, multi-run training, checkpoints and resumption."""
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from simfluence_jax import models
+from simfluence_jax import training
+from simfluence_jax.kernels import projection
+
+NUM_TRAIN, NUM_TEST, DIM, NUM_CLASSES = 12, 4, 5, 3
+NUM_RUNS, NUM_STEPS, BATCH = 3, 6, 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_orbax():
+  logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def _arrays(seed=0):
+  rng = np.random.default_rng(seed)
+  make = lambda n: {
+      "inputs": rng.normal(size=(n, DIM)).astype(np.float32),
+      "labels": rng.integers(0, NUM_CLASSES, n).astype(np.int32)}
+  return make(NUM_TRAIN), make(NUM_TEST)
+
+
+def _setup(seed=0):
+  model = models.MLPClassifier(hidden_sizes=(4,), num_classes=NUM_CLASSES)
+  train, test = _arrays(seed)
+  params0 = models.init_variables(model, train["inputs"], seed=seed)
+  return model, training.make_loss_fn(model, "classification"), params0, train, test
+
+
+def _batch_ids(seed=0, pad=True):
+  rng = np.random.default_rng(seed)
+  # Two epochs over the train set, reshuffled, like a curriculum.
+  epochs = lambda: np.concatenate([rng.permutation(NUM_TRAIN) for _ in range(2)])
+  ids = np.stack([epochs()[:NUM_STEPS * BATCH].reshape(NUM_STEPS, BATCH)
+                  for _ in range(NUM_RUNS)]).astype(np.int32)
+  if pad:
+    ids[:, -1, -1] = -1  # a short last batch, as make_curricula produces
+  return ids
+
+
+def _config(optimizer="sgd", learning_rate=0.1, lr_schedule="constant"):
+  return ml_collections.ConfigDict(dict(optimizer=optimizer, learning_rate=learning_rate,
+                                        lr_schedule=lr_schedule))
+
+
+def _assert_trees_close(a, b, atol):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+def test_sgd_step_is_minus_lr_times_mean_gradient():
+  _, loss_fn, params, train, test = _setup()
+  lr = 0.3
+  optimizer, schedule = training.make_optimizer(_config("sgd", lr))
+  step = jax.jit(training.make_train_step(loss_fn, optimizer, schedule))
+  ids = jnp.asarray([4, 7, 1], jnp.int32)
+  new_params, _, test_losses, extras = step(
+      params, optimizer.init(params), jnp.int32(0), ids, train, test)
+
+  batch = jax.tree_util.tree_map(lambda x: x[np.asarray(ids)], train)
+  grads = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+  expected = jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads)
+  _assert_trees_close(new_params, expected, atol=1e-6)
+  np.testing.assert_allclose(test_losses, loss_fn(expected, test), atol=1e-6)
+  np.testing.assert_allclose(extras["train_loss"], jnp.mean(loss_fn(params, batch)),
+                             atol=1e-6)
+  assert float(extras["learning_rate"]) == pytest.approx(lr)
+
+  # The same step through train_runs (R=1, T=1) records the same numbers.
+  result = training.train_runs(params, np.asarray(ids)[None, None], loss_fn=loss_fn,
+                               config=_config("sgd", lr), train_arrays=train,
+                               test_arrays=test, progress=False)
+  np.testing.assert_allclose(result.trace.losses[0, 0], loss_fn(params, test),
+                             atol=1e-6)
+  np.testing.assert_allclose(result.trace.losses[0, 1], loss_fn(expected, test),
+                             atol=1e-6)
+  np.testing.assert_allclose(result.trace.learning_rates, [[lr]])
+  _assert_trees_close(jax.tree_util.tree_map(lambda x: x[0], result.params), expected,
+                      atol=1e-6)
+
+
+def test_padding_ids_are_ignored():
+  _, loss_fn, params, train, test = _setup()
+  optimizer, schedule = training.make_optimizer(_config("momentum", 0.2))
+  step = jax.jit(training.make_train_step(loss_fn, optimizer, schedule))
+  opt_state = optimizer.init(params)
+  padded = step(params, opt_state, jnp.int32(0), jnp.asarray([3, 9, -1]), train, test)
+  plain = step(params, opt_state, jnp.int32(0), jnp.asarray([3, 9]), train, test)
+  _assert_trees_close(padded[0], plain[0], atol=1e-6)
+  np.testing.assert_allclose(padded[2], plain[2], atol=1e-6)
+  np.testing.assert_allclose(padded[3]["train_loss"], plain[3]["train_loss"], atol=1e-6)
+
+
+def test_vmapped_runs_equal_runs_trained_one_by_one():
+  _, loss_fn, params0, train, test = _setup()
+  batch_ids = _batch_ids()
+  config = _config("momentum", 0.2, "linear")
+  together = training.train_runs(params0, batch_ids, loss_fn=loss_fn,
+                                 optimizer_config=config, train_arrays=train,
+                                 test_arrays=test, progress=False, steps_per_segment=4)
+  assert together.trace.losses.shape == (NUM_RUNS, NUM_STEPS + 1, NUM_TEST)
+  np.testing.assert_allclose(together.trace.learning_rates[0],
+                             0.2 * (1 - np.arange(NUM_STEPS) / NUM_STEPS), rtol=1e-6)
+  for run in range(NUM_RUNS):
+    alone = training.train_runs(params0, batch_ids[run:run + 1], loss_fn=loss_fn,
+                                optimizer_config=config, train_arrays=train,
+                                test_arrays=test, progress=False)
+    np.testing.assert_allclose(alone.trace.losses[0], together.trace.losses[run],
+                               atol=1e-5)
+    np.testing.assert_allclose(alone.train_losses[0], together.train_losses[run],
+                               atol=1e-5)
+    _assert_trees_close(jax.tree_util.tree_map(lambda x: x[0], alone.params),
+                        jax.tree_util.tree_map(lambda x, r=run: x[r], together.params),
+                        atol=1e-5)
+  # Runs with different curricula do end differently.
+  assert np.abs(together.trace.losses[0, -1] - together.trace.losses[1, -1]).max() > 1e-4
+
+
+def test_recorded_grads_are_projected_per_example_grads():
+  _, loss_fn, params0, train, test = _setup()
+  batch_ids = _batch_ids()[:2, :3]
+  batch_ids[1, 2, 1] = -1
+  dim, seed = 16, 7
+  kwargs = dict(loss_fn=loss_fn, optimizer_config=_config("sgd", 0.5),
+                train_arrays=train, test_arrays=test, progress=False)
+  result = training.train_runs(params0, batch_ids, checkpoint_every=1,
+                               record_grads=True, projection_dim=dim, seed=seed,
+                               **kwargs)
+  plain = training.train_runs(params0, batch_ids, **kwargs)
+  np.testing.assert_allclose(result.trace.losses, plain.trace.losses, atol=1e-6)
+  trace = result.trace
+  assert trace.train_grads.shape == (2, 3, BATCH, dim)
+  assert trace.test_grads.shape == (2, 3, NUM_TEST, dim)
+  np.testing.assert_array_equal(trace.train_grads[1, 2, 1], 0.0)
+
+  steps, checkpoint_params = result.tracin_checkpoints()
+  assert steps == [0, 1, 2, 3]
+  key = training.projection_key(seed)
+
+  # One jax.grad per example, independent of the vmapped per-example kernel.
+  grad_one = jax.jit(lambda p, example: jax.grad(lambda q: loss_fn(q, example)[0])(p))
+
+  def explicit(params, arrays, ids):
+    grads = [grad_one(params, jax.tree_util.tree_map(lambda x, i=i: x[i:i + 1], arrays))
+             for i in ids]
+    stacked = jax.tree_util.tree_map(lambda *g: jnp.stack(g), *grads)
+    return np.asarray(projection.project_pytree(stacked, key, dim))
+
+  for run in range(2):
+    for step in range(3):
+      params = jax.tree_util.tree_map(lambda x, r=run, s=step: x[s, r],
+                                      checkpoint_params)
+      valid = batch_ids[run, step] >= 0
+      ids = [int(i) for i in batch_ids[run, step][valid]]
+      np.testing.assert_allclose(trace.train_grads[run, step][valid],
+                                 explicit(params, train, ids), atol=1e-5, rtol=1e-5)
+      expected_test = explicit(params, test, range(NUM_TEST))
+      np.testing.assert_allclose(trace.test_grads[run, step], expected_test,
+                                 atol=1e-5, rtol=1e-5)
+      # Train/test dot products (what per-step TracIn uses) agree as well.
+      np.testing.assert_allclose(
+          trace.train_grads[run, step][valid] @ trace.test_grads[run, step].T,
+          explicit(params, train, ids) @ expected_test.T, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_gives_identical_trace(tmp_path):
+  _, loss_fn, params0, train, test = _setup()
+  batch_ids = _batch_ids()
+  kwargs = dict(loss_fn=loss_fn, optimizer_config=_config("adam", 0.05),
+                train_arrays=train, test_arrays=test, checkpoint_every=2,
+                record_grads=True, projection_dim=4, progress=False)
+  one_go = training.train_runs(params0, batch_ids, **kwargs)
+  workdir = str(tmp_path / "job")
+  partial = training.train_runs(params0, batch_ids, workdir=workdir, max_steps=4,
+                                **kwargs)
+  assert partial.trace.num_steps == 4
+  assert partial.checkpoint_steps == [0, 2, 4]
+  resumed = training.train_runs(params0, batch_ids, workdir=workdir, **kwargs)
+  for field in ("losses", "learning_rates", "train_grads", "test_grads"):
+    np.testing.assert_array_equal(getattr(resumed.trace, field),
+                                  getattr(one_go.trace, field))
+  np.testing.assert_array_equal(resumed.train_losses, one_go.train_losses)
+  _assert_trees_close(resumed.params, one_go.params, atol=0)
+
+  steps, from_disk = training.load_tracin_checkpoints(workdir)
+  assert steps == resumed.checkpoint_steps == [0, 2, 4, 6]
+  memory_steps, in_memory = one_go.tracin_checkpoints()
+  assert memory_steps == steps
+  _assert_trees_close(from_disk, in_memory, atol=0)
+  assert jax.tree_util.tree_leaves(from_disk)[0].shape[:2] == (4, NUM_RUNS)
+
+  # A finished workdir returns its result without training again; another job's
+  # curricula are refused.
+  again = training.train_runs(params0, batch_ids, workdir=workdir, **kwargs)
+  np.testing.assert_array_equal(again.trace.losses, one_go.trace.losses)
+  with pytest.raises(ValueError, match="different"):
+    training.train_runs(params0, batch_ids[:, ::-1].copy(), workdir=workdir, **kwargs)
+
+
+def test_nan_loss_stops_naming_run_and_step(tmp_path):
+  _, loss_fn, params0, train, test = _setup()
+  batch_ids = _batch_ids(pad=False)
+  bad_id = NUM_TRAIN - 1  # only ever in the batch of run 1, step 3
+  batch_ids[batch_ids == bad_id] = 0
+  batch_ids[1, 3, 0] = bad_id
+  train["inputs"][bad_id] = np.nan
+  workdir = str(tmp_path / "job")
+  with pytest.raises(FloatingPointError, match=r"run 1 at step 3"):
+    training.train_runs(params0, batch_ids, loss_fn=loss_fn,
+                        optimizer_config=_config(), train_arrays=train,
+                        test_arrays=test, workdir=workdir, checkpoint_every=1,
+                        progress=False)
+  assert training.tracin_steps(workdir) == [0, 1, 2, 3]
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "runs_ckpt"))) == [2, 3]
+
+
+def test_params_round_trip_and_base_params(tmp_path):
+  _, loss_fn, params0, train, _ = _setup()
+  path = str(tmp_path / "params")
+  training.save_params(path, params0)
+  _assert_trees_close(training.load_params(path, params0), params0, atol=0)
+  _assert_trees_close(training.load_params(path), params0, atol=0)
+
+  calls = []
+  def init_fn():
+    calls.append(1)
+    return training.pretrain_base(params0, loss_fn, train, num_steps=30, batch_size=4,
+                                  learning_rate=0.05, seed=0)
+  workdir = str(tmp_path / "work")
+  created = training.get_base_params(workdir, init_fn)
+  loaded = training.get_base_params(workdir, init_fn)
+  assert len(calls) == 1
+  _assert_trees_close(loaded, created, atol=0)
+  # Pre-training fits the data it was given.
+  assert float(jnp.mean(loss_fn(created, train))) < float(jnp.mean(loss_fn(params0,
+                                                                           train)))
+
+
+def test_optimizer_config_errors():
+  with pytest.raises(ValueError, match="config.optimizer"):
+    training.make_optimizer(_config("lion"))
+  with pytest.raises(ValueError, match="config.lr_schedule"):
+    training.make_optimizer(_config(lr_schedule="cosine"))
+  with pytest.raises(ValueError, match="num_steps"):
+    training.make_optimizer(_config(lr_schedule="linear"))
+
+
+def test_runs_sharded_over_two_host_devices_match_one_device():
+  """Runs split over a 2-device "runs" mesh give the single-device numbers."""
+  script = textwrap.dedent("""
+      import os, sys
+      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+      import jax, numpy as np
+      sys.path.insert(0, %r)
+      import training_test as t
+      assert jax.device_count() == 2
+      assert t.training.runs_shardings(2)[0].spec == jax.sharding.PartitionSpec("runs")
+      assert t.training.runs_shardings(3)[0].spec == jax.sharding.PartitionSpec()
+      _, loss_fn, params0, train, test = t._setup()
+      ids = t._batch_ids()[:2]
+      kwargs = dict(loss_fn=loss_fn, optimizer_config=t._config("adam", 0.05),
+                    train_arrays=train, test_arrays=test, progress=False)
+      sharded = t.training.train_runs(params0, ids, **kwargs)
+      odd = t.training.train_runs(params0, t._batch_ids(), **kwargs)  # replicated
+      np.save(sys.argv[1], np.concatenate([sharded.trace.losses.ravel(),
+                                           odd.trace.losses.ravel()]))
+  """) % os.path.dirname(os.path.abspath(__file__))
+  out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sharded_{os.getpid()}.npy")
+  subprocess.run([sys.executable, "-c", script, out], check=True, timeout=120,
+                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  multi = np.load(out)
+  os.remove(out)
+  _, loss_fn, params0, train, test = _setup()
+  kwargs = dict(loss_fn=loss_fn, optimizer_config=_config("adam", 0.05),
+                train_arrays=train, test_arrays=test, progress=False)
+  single = np.concatenate([
+      training.train_runs(params0, _batch_ids()[:2], **kwargs).trace.losses.ravel(),
+      training.train_runs(params0, _batch_ids(), **kwargs).trace.losses.ravel()])
+  np.testing.assert_allclose(multi, single, atol=1e-5)
+
+
+def test_language_model_runs_record_losses_and_grads():
+  rng = np.random.default_rng(0)
+  def lm_arrays(n):
+    tokens = rng.integers(0, 256, (n, 9)).astype(np.int32)
+    mask = np.ones((n, 8), np.float32)
+    mask[:, 6:] = 0.0  # padded tail tokens do not count
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+  train, test = lm_arrays(6), lm_arrays(2)
+  model = models.TransformerLM(vocab_size=259, d_model=8, num_layers=1, num_heads=2,
+                               d_ff=16, max_len=8)
+  params0 = models.init_variables(model, train["inputs"])
+  loss_fn = training.make_loss_fn(model, "lm")
+  batch_ids = np.array([[[0, 1], [2, -1]], [[3, 4], [5, 0]]], np.int32)
+  result = training.train_runs(params0, batch_ids, loss_fn=loss_fn,
+                               optimizer_config=_config("adam", 1e-2),
+                               train_arrays=train, test_arrays=test,
+                               record_grads=True, projection_dim=4, progress=False)
+  trace = result.trace
+  assert trace.losses.shape == (2, 3, 2) and trace.test_grads.shape == (2, 2, 2, 4)
+  logits = model.apply(params0, jnp.asarray(test["inputs"]))
+  expected = -np.sum(np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)),
+                                        test["targets"][..., None], -1)[..., 0]
+                     * test["mask"], axis=-1)
+  np.testing.assert_allclose(trace.losses[:, 0], np.broadcast_to(expected, (2, 2)),
+                             rtol=1e-5)
+  assert trace.metadata["optimizer"] == "adam"
