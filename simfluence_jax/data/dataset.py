@@ -1,0 +1,219 @@
+"""`Dataset`, the data config and `get_dataset`: examples with stable integer ids.
+
+Row i of `Dataset.train` is train example id i: the same config and seed always give
+the same rows, which is what curricula, traces and attribution scores index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import ml_collections
+import numpy as np
+
+LM_SOURCES = ("synthetic_facts", "glue_rte", "super_glue_copa")
+CLASSIFICATION_SOURCES = ("digits",)
+SOURCES = LM_SOURCES + CLASSIFICATION_SOURCES
+BYTE_VOCAB_SIZE = 259  # seqio.ByteVocabulary: pad 0, EOS 1, UNK 2, bytes 3..258.
+_NUM_DIGITS = 1797
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The `config.data` fields, with defaults for the synthetic workload."""
+  config = ml_collections.ConfigDict()
+  # One of SOURCES.
+  config.name = "synthetic_facts"
+  # N: train examples (ids 0..N-1).
+  config.num_train_examples = 200
+  # M: test examples whose losses are traced.
+  config.num_test_examples = 32
+  # L: tokens per LM example, prompt + answer + EOS (bytes); ignored for digits.
+  config.seq_len = 32
+  # Seeds the synthetic facts and the choice/split of real examples.
+  config.seed = 0
+  # TFDS data dir for glue_rte / super_glue_copa (None: TFDS default).
+  config.data_dir = ml_collections.config_dict.placeholder(str)
+  # Let TFDS download and prepare missing data (never in tests).
+  config.tfds_download = False
+  # synthetic_facts: size of the pretrain split (0: no pretrain split).
+  config.num_pretrain_examples = 512
+  return config
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """Train, test and optional pretrain examples of one workload.
+
+  Attributes:
+    name: the source name, one of SOURCES.
+    kind: "lm" or "classification".
+    train: arrays with leading axis N; row i is train example id i. LM:
+      {"inputs": int32[N, L], "targets": int32[N, L], "mask": float32[N, L]};
+      classification: {"inputs": float32[N, D], "labels": int32[N]}.
+    test: the same keys with leading axis M.
+    pretrain: the same keys, data to pre-train the base model on, or None.
+    train_texts: N strings (prompt + answer), or None.
+    test_texts: M strings, or None.
+    vocab_size: LM vocabulary size, None for classification.
+    num_classes: classification classes, None for LM.
+    metadata: JSON-serialisable description of the examples.
+  """
+  name: str
+  kind: str
+  train: dict
+  test: dict
+  pretrain: Optional[dict] = None
+  train_texts: Optional[list] = None
+  test_texts: Optional[list] = None
+  vocab_size: Optional[int] = None
+  num_classes: Optional[int] = None
+  metadata: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def num_train_examples(self) -> int:
+    return len(next(iter(self.train.values())))
+
+  @property
+  def num_test_examples(self) -> int:
+    return len(next(iter(self.test.values())))
+
+
+def _check_positive_int(name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"config.data.{name}={value!r}: must be an integer.")
+  if value <= 0:
+    raise ValueError(f"config.data.{name}={value!r}: must be positive.")
+  return int(value)
+
+
+def _too_many(name: str, value: int, source: str, available: int) -> ValueError:
+  return ValueError(f"config.data.{name}={value}: {source} provides at most "
+                    f"{available}.")
+
+
+def _data_config(config) -> ml_collections.ConfigDict:
+  """Accepts the full config (with `.data`) or the data config itself."""
+  if "data" in config:
+    config = config.data
+  defaults = default_data_config()
+  for key in defaults:
+    if key not in config:
+      raise ValueError(f"config.data.{key}: missing (start from "
+                       "data.default_data_config()).")
+  if config.name not in SOURCES:
+    raise ValueError(f"config.data.name={config.name!r}: unknown, expected one of "
+                     f"{SOURCES}.")
+  for key in ("num_train_examples", "num_test_examples", "seq_len"):
+    _check_positive_int(key, config[key])
+  seed = config.seed
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"config.data.seed={seed!r}: must be a non-negative integer.")
+  pretrain = config.num_pretrain_examples
+  if (isinstance(pretrain, bool) or not isinstance(pretrain, (int, np.integer)) or
+      pretrain < 0):
+    raise ValueError(f"config.data.num_pretrain_examples={pretrain!r}: must be a "
+                     "non-negative integer.")
+  return config
+
+
+def get_dataset(config) -> Dataset:
+  """Builds the dataset described by `config.data`.
+
+  Args:
+    config: a ConfigDict with a `data` sub-config (see `default_data_config`), or
+      the data sub-config itself.
+
+  Returns:
+    A `Dataset` whose rows are the example ids.
+
+  Raises:
+    ValueError: naming the field, for an unknown name, non-positive sizes, or more
+      examples than the source provides.
+  """
+  config = _data_config(config)
+  if config.name == "digits":
+    return _digits(config)
+  if config.name == "synthetic_facts":
+    return _synthetic_facts(config)
+  return _tfds_lm(config)
+
+
+def _digits(config) -> Dataset:
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  num_train, num_test = config.num_train_examples, config.num_test_examples
+  if num_train + num_test > _NUM_DIGITS:
+    raise _too_many("num_train_examples", num_train,
+                    f"digits (with num_test_examples={num_test})",
+                    _NUM_DIGITS - num_test)
+  digits = sk_datasets.load_digits()
+  # Pixels are counts in 0..16.
+  inputs = (digits.data / 16.0).astype(np.float32)
+  labels = digits.target.astype(np.int32)
+  order = np.random.default_rng([config.seed, 0]).permutation(len(labels))
+  train_rows, test_rows = order[:num_train], order[num_train:num_train + num_test]
+  return Dataset(
+      name="digits", kind="classification",
+      train={"inputs": inputs[train_rows], "labels": labels[train_rows]},
+      test={"inputs": inputs[test_rows], "labels": labels[test_rows]},
+      num_classes=10,
+      metadata={"source": "sklearn.datasets.load_digits",
+                "train_rows": train_rows.tolist(), "test_rows": test_rows.tolist()})
+
+
+def _synthetic_facts(config) -> Dataset:
+  from simfluence_jax.data import synthetic_facts  # pylint: disable=g-import-not-at-top
+  for key, limit in (("num_train_examples", synthetic_facts.MAX_TRAIN_EXAMPLES),
+                     ("num_test_examples", synthetic_facts.MAX_TEST_EXAMPLES),
+                     ("num_pretrain_examples",
+                      synthetic_facts.MAX_PRETRAIN_EXAMPLES)):
+    if config[key] > limit:
+      raise _too_many(key, config[key], "synthetic_facts", limit)
+  needed = synthetic_facts.max_text_length() + 1  # + EOS
+  if config.seq_len < needed:
+    raise ValueError(f"config.data.seq_len={config.seq_len}: synthetic_facts needs "
+                     f">= {needed} (longest example + EOS).")
+  facts = synthetic_facts.generate(
+      config.seed, config.num_train_examples, config.num_test_examples,
+      config.num_pretrain_examples)
+  from simfluence_jax.data import tasks  # pylint: disable=g-import-not-at-top
+  task = tasks.register_synthetic_facts_task(facts)
+  arrays, texts = {}, {}
+  for split in ("train", "test", "pretrain"):
+    prompts, answers, texts[split] = tasks.materialize(task, split)
+    arrays[split] = tasks.pack(prompts, answers, config.seq_len) if prompts else None
+  metadata = {"source": "synthetic_facts", "seqio_task": tasks.SYNTHETIC_FACTS_TASK,
+              "seed": int(config.seed), **facts.metadata}
+  return Dataset(
+      name="synthetic_facts", kind="lm", train=arrays["train"], test=arrays["test"],
+      pretrain=arrays["pretrain"], train_texts=texts["train"],
+      test_texts=texts["test"], vocab_size=BYTE_VOCAB_SIZE, metadata=metadata)
+
+
+def _tfds_lm(config) -> Dataset:
+  from simfluence_jax.data import tasks  # pylint: disable=g-import-not-at-top
+  task_name = {"glue_rte": tasks.GLUE_RTE_TASK,
+               "super_glue_copa": tasks.SUPER_GLUE_COPA_TASK}[config.name]
+  task = tasks.register_tfds_task(task_name, config.data_dir,
+                                  download=bool(config.tfds_download))
+  splits = {}
+  for split, key, rng_stream in (("train", "num_train_examples", 1),
+                                 ("validation", "num_test_examples", 2)):
+    prompts, answers, texts = tasks.materialize(task, split, tasks.has_label)
+    wanted = config[key]
+    if wanted > len(prompts):
+      raise _too_many(key, wanted, f"{config.name} split {split!r}", len(prompts))
+    rows = np.random.default_rng([config.seed, rng_stream]).permutation(
+        len(prompts))[:wanted]
+    splits[split] = (
+        tasks.pack([prompts[i] for i in rows], [answers[i] for i in rows],
+                   config.seq_len),
+        [texts[i] for i in rows], rows.tolist())
+  return Dataset(
+      name=config.name, kind="lm", train=splits["train"][0],
+      test=splits["validation"][0], train_texts=splits["train"][1],
+      test_texts=splits["validation"][1], vocab_size=BYTE_VOCAB_SIZE,
+      metadata={"source": config.name, "seqio_task": task_name,
+                "seed": int(config.seed), "test_split": "validation",
+                "train_source_rows": splits["train"][2],
+                "test_source_rows": splits["validation"][2]})

@@ -1,0 +1,154 @@
+"""seqio Tasks of the LM workloads and their materialisation to numpy arrays.
+
+Each task maps an example to a `prompt` and an `answer` string, tokenizes both with
+the byte vocabulary (no vocabulary file) and appends EOS to the answer. The arrays are
+then packed decoder-only: `targets = prompt + answer + EOS` (truncated to L, keeping
+the answer), `inputs` = targets shifted right with 0 as the start token, and `mask`
+= 1 on the answer and EOS positions only.
+
+Registration replaces a task of the same name, so calling it again (e.g. with
+another seed or data_dir) never raises "already registered".
+"""
+
+
+import numpy as np
+import seqio
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from simfluence_jax.data import synthetic_facts
+
+SYNTHETIC_FACTS_TASK = "simfluence_synthetic_facts"
+GLUE_RTE_TASK = "simfluence_glue_rte"
+SUPER_GLUE_COPA_TASK = "simfluence_super_glue_copa"
+# Share of a too-long prompt's budget kept from its start; the rest is kept from its
+# end, where the hypothesis / choices and "answer:" are.
+_PROMPT_HEAD_SHARE = 1 / 3
+
+
+def vocabulary() -> seqio.ByteVocabulary:
+  return seqio.ByteVocabulary()
+
+
+def _output_features():
+  vocab = vocabulary()
+  return {
+      "prompt": seqio.Feature(vocab, add_eos=False),
+      "answer": seqio.Feature(vocab, add_eos=True),
+  }
+
+
+def _register(name: str, source: seqio.DataSource, preprocessors) -> seqio.Task:
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  return seqio.TaskRegistry.add(
+      name, source=source,
+      preprocessors=list(preprocessors) + [
+          seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+      output_features=_output_features())
+
+
+def register_synthetic_facts_task(facts: synthetic_facts.SyntheticFacts) -> seqio.Task:
+  """(Re)registers SYNTHETIC_FACTS_TASK over already generated facts."""
+  splits = {"train": facts.train, "test": facts.test, "pretrain": facts.pretrain}
+
+  def dataset_fn(split, shuffle_files, seed=None):
+    del shuffle_files, seed  # The order is the id order.
+    examples = splits[split]
+    return tf.data.Dataset.from_tensor_slices({
+        "prompt": tf.constant([ex.prompt for ex in examples], tf.string),
+        "answer": tf.constant([ex.answer for ex in examples], tf.string),
+    })
+
+  source = seqio.FunctionDataSource(
+      dataset_fn, splits=tuple(splits),
+      num_input_examples={k: len(v) for k, v in splits.items()})
+  return _register(SYNTHETIC_FACTS_TASK, source, [])
+
+
+@seqio.map_over_dataset
+def _rte_to_prompt_answer(ex):
+  return {
+      "prompt": tf.strings.join(["rte premise: ", ex["sentence1"], " hypothesis: ",
+                                 ex["sentence2"], " answer:"]),
+      "answer": tf.where(ex["label"] == 0, " entailment", " not_entailment"),
+      "label": ex["label"],
+  }
+
+
+@seqio.map_over_dataset
+def _copa_to_prompt_answer(ex):
+  return {
+      "prompt": tf.strings.join([
+          "copa premise: ", ex["premise"], " what was the ", ex["question"],
+          "? choice1: ", ex["choice1"], " choice2: ", ex["choice2"], " answer:"]),
+      "answer": tf.strings.join(
+          [" ", tf.where(ex["label"] == 0, ex["choice1"], ex["choice2"])]),
+      "label": ex["label"],
+  }
+
+
+def register_tfds_task(name: str, data_dir, download: bool = False) -> seqio.Task:
+  """(Re)registers GLUE_RTE_TASK or SUPER_GLUE_COPA_TASK reading from `data_dir`."""
+  tfds_name, preprocessor = {
+      GLUE_RTE_TASK: ("glue/rte:2.*.*", _rte_to_prompt_answer),
+      SUPER_GLUE_COPA_TASK: ("super_glue/copa:1.*.*", _copa_to_prompt_answer),
+  }[name]
+  source = seqio.TfdsDataSource(
+      tfds_name, tfds_data_dir=data_dir, splits=("train", "validation"),
+      read_only=not download)
+  return _register(name, source, [preprocessor])
+
+
+def _truncate_middle(prompt: np.ndarray, budget: int) -> np.ndarray:
+  if len(prompt) <= budget:
+    return prompt
+  head = int(budget * _PROMPT_HEAD_SHARE)
+  return np.concatenate([prompt[:head], prompt[len(prompt) - (budget - head):]])
+
+
+def pack(prompts, answers, seq_len: int) -> dict:
+  """Packs token sequences into decoder-only LM arrays.
+
+  Args:
+    prompts: n int sequences (no EOS).
+    answers: n int sequences ending with EOS.
+    seq_len: L.
+
+  Returns:
+    {"inputs": int32[n, L], "targets": int32[n, L], "mask": float32[n, L]}.
+  """
+  num = len(prompts)
+  targets = np.zeros((num, seq_len), np.int32)
+  mask = np.zeros((num, seq_len), np.float32)
+  for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+    answer = np.asarray(answer)[:seq_len]
+    prompt = _truncate_middle(np.asarray(prompt), seq_len - len(answer))
+    tokens = np.concatenate([prompt, answer])
+    targets[i, :len(tokens)] = tokens
+    mask[i, len(prompt):len(tokens)] = 1.0
+  inputs = np.zeros_like(targets)
+  inputs[:, 1:] = targets[:, :-1]
+  return {"inputs": inputs, "targets": targets, "mask": mask}
+
+
+def materialize(task: seqio.Task, split: str, keep_fn=None):
+  """Reads a whole split in order: (prompt ids, answer ids, prompt+answer texts)."""
+  # No in-memory cache: it would ask the source for its size, which mocked (and
+  # not yet prepared) TFDS datasets do not know; each split is read once anyway.
+  dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False,
+                             use_cached=False, seed=0, try_in_mem_cache=False)
+  prompts, answers, texts = [], [], []
+  for ex in tfds.as_numpy(dataset):
+    if keep_fn is not None and not keep_fn(ex):
+      continue
+    prompts.append(ex["prompt"])
+    answers.append(ex["answer"])
+    texts.append(ex["prompt_pretokenized"].decode("utf-8", "replace") +
+                 ex["answer_pretokenized"].decode("utf-8", "replace"))
+  return prompts, answers, texts
+
+
+def has_label(ex) -> bool:
+  """Drops unlabelled examples (TFDS test splits use label -1)."""
+  return ex["label"] >= 0
