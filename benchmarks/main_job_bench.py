@@ -8,7 +8,6 @@ tiny ≤ 60 s on a 2-core CPU), and writes them as JSON.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import tempfile
@@ -16,6 +15,7 @@ import time
 
 from absl import logging
 
+from simfluence_jax import config_lib
 from simfluence_jax import main as main_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,10 +27,8 @@ def main():
   parser.add_argument("--arg", default=None, help="config argument, e.g. tiny")
   parser.add_argument("--out", default=None, help="JSON file for the timings")
   args = parser.parse_args()
-  spec = importlib.util.spec_from_file_location("config", os.path.join(REPO, args.config))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(args.arg)
+  config = config_lib.load_config(
+      os.path.join(REPO, args.config) + (f":{args.arg}" if args.arg else ""))
   logging.set_verbosity(logging.WARNING)
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()

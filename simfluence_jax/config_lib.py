@@ -5,9 +5,13 @@
 config argument: `--config=configs/default.py:tiny` or `:tiny,num_runs=8`.
 """
 
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
+
+from simfluence_jax import data
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -44,6 +48,22 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return result
 
 
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads `"configs/default.py:tiny"` the way `--config=` does.
+
+  Raises:
+    FileNotFoundError: the config file does not exist.
+  """
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist.")
+  module_spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field of the main job, with its default (the LM fine-tuning workload)."""
   config = ml_collections.ConfigDict()
@@ -58,14 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.batch_size = 8  # B: train examples per step.
   config.num_steps = 32  # T: steps per run (subset reshuffled every epoch).
 
-  # --- Data -----------------------------------------------------------------------
-  config.data = ml_collections.ConfigDict()
-  config.data.name = "synthetic_facts"  # synthetic_facts | glue_rte | super_glue_copa | digits
+  # --- Data (fields and comments: data.default_data_config) ----------------------
+  config.data = data.default_data_config()
   config.data.num_train_examples = config.get_ref("num_train_examples")
   config.data.num_test_examples = config.get_ref("num_test_examples")
-  config.data.seq_len = 32  # Tokens (bytes) per LM example.
   config.data.seed = config.get_ref("seed")
-  config.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir.
 
   # --- Model ----------------------------------------------------------------------
   config.model = ml_collections.ConfigDict()
@@ -83,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Fine-tuning runs -------------------------------------------------------------
   config.optimizer = "sgd"  # sgd | momentum | adam (SGD makes TracIn's step size exact).
-  config.learning_rate = 0.1  # Peak step size of the fine-tuning runs.
+  config.learning_rate = 0.003  # Peak step size (losses are summed over tokens; 0.03 diverges).
   config.lr_schedule = "constant"  # constant | linear (decay to 0).
   config.checkpoint_every = 8  # Steps between orbax checkpoints (resume + TracIn-CP).
   config.record_grads = True  # Record per-step projected gradients (per-step TracIn).

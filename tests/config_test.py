@@ -1,6 +1,5 @@
 """Configs load, variants shrink them, bad values are named."""
 
-import importlib.util
 import pathlib
 
 import pytest
@@ -12,10 +11,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def load(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config(f"{CONFIGS / name}.py" + (f":{arg}" if arg else ""))
 
 
 @pytest.mark.parametrize("name", ["default", "digits_mlp", "glue_rte",
@@ -32,6 +28,11 @@ def test_tiny_shrinks_and_overrides_propagate():
   assert tiny.num_runs < default.num_runs and tiny.num_steps < default.num_steps
   tiny.num_train_examples = 40  # what --config.num_train_examples=40 does
   assert tiny.data.num_train_examples == 40
+
+
+def test_load_config_missing_file():
+  with pytest.raises(FileNotFoundError, match="nope.py"):
+    config_lib.load_config("configs/nope.py:tiny")
 
 
 def test_parse_arg():

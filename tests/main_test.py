@@ -8,17 +8,18 @@ import sys
 import numpy as np
 import pytest
 
+from simfluence_jax import config_lib
 from simfluence_jax import main as main_lib
-from tests import config_test
 
 METRICS = ("all_steps_mse", "final_step_mse", "spearman", "spearman_across_runs", "lds")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "default.py:tiny")
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("tiny"))
-  config = config_test.load("default", "tiny")
+  config = config_lib.load_config(TINY)
   return config, workdir, main_lib.train_and_evaluate(config, workdir)
 
 
