@@ -1,0 +1,108 @@
+"""Metrics against scipy / numpy formulas, NaN safety, evaluate and the report."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.stats
+
+import simfluence_jax as sj
+
+ev = sj.evaluation
+
+
+def _pair(seed=0, runs=5, steps=6, num_test=7):
+  rng = np.random.default_rng(seed)
+  actual = rng.normal(size=(runs, steps + 1, num_test))
+  actual[:, 0] = actual[0, 0]  # shared initial losses
+  pred = actual + 0.5 * rng.normal(size=actual.shape)
+  pred[:, 0] = actual[:, 0]
+  return pred, actual
+
+
+def test_mse():
+  pred, actual = _pair()
+  assert ev.all_steps_mse(pred, actual) == pytest.approx(
+      np.mean((pred[:, 1:] - actual[:, 1:]) ** 2))
+  assert ev.final_step_mse(pred, actual) == pytest.approx(
+      np.mean((pred[:, -1] - actual[:, -1]) ** 2))
+
+
+def test_spearman_matches_scipy():
+  pred, actual = _pair()
+  expected = np.mean([scipy.stats.spearmanr(pred[r, -1], actual[r, -1])[0]
+                      for r in range(pred.shape[0])])
+  assert ev.spearman(pred, actual) == pytest.approx(expected)
+  across = np.mean([scipy.stats.spearmanr(pred[:, -1, m], actual[:, -1, m])[0]
+                    for m in range(pred.shape[2])])
+  assert ev.spearman_across_runs(pred, actual) == pytest.approx(across)
+  # Shared initial losses: LDS equals spearman_across_runs.
+  assert ev.lds(pred, actual) == pytest.approx(across)
+
+
+def test_lds_uses_curriculum_effect():
+  pred, actual = _pair()
+  actual[:, 0] = np.arange(actual.shape[0])[:, None] * 10.0  # differing starts
+  effect = [scipy.stats.spearmanr(pred[:, -1, m] - actual[:, 0, m],
+                                  actual[:, -1, m] - actual[:, 0, m])[0]
+            for m in range(pred.shape[2])]
+  assert ev.lds(pred, actual) == pytest.approx(np.mean(effect))
+
+
+def test_nan_safe():
+  pred, actual = _pair()
+  pred[:, -1, 0] = 1.0  # constant across runs for example 0: skipped
+  expected = np.mean([scipy.stats.spearmanr(pred[:, -1, m], actual[:, -1, m])[0]
+                      for m in range(1, pred.shape[2])])
+  assert ev.spearman_across_runs(pred, actual) == pytest.approx(expected)
+  assert np.isnan(ev.spearman_across_runs(pred[:1], actual[:1]))
+  constant = np.ones_like(pred)
+  assert np.isnan(ev.spearman(constant, actual))
+
+
+def test_shape_errors():
+  pred, actual = _pair()
+  with pytest.raises(ValueError, match="pred"):
+    ev.all_steps_mse(pred[:, :3], actual)
+  with pytest.raises(ValueError, match="actual"):
+    ev.spearman(pred[0], actual[0])
+
+
+def _trace(seed, runs):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, 10, (runs, 8, 2)).astype(np.int32)
+  B = rng.normal(scale=0.05, size=(10, 4)).astype(np.float32)
+  sim = sj.simulators.additive_from_scores(B)
+  losses = np.asarray(sim.simulate(ids, np.full((runs, 4), 2.0, np.float32)))
+  losses = losses + 0.01 * rng.normal(size=losses.shape)
+  return sj.Trace(batch_ids=ids, losses=losses.astype(np.float32),
+                  learning_rates=np.full((runs, 8), 0.1, np.float32),
+                  num_train_examples=10), sim
+
+
+def test_evaluate_and_report(tmp_path):
+  train, _ = _trace(0, 30)
+  held_out, oracle = _trace(1, 6)
+  sim = sj.simulators.fit("additive", train, l2=1e-2)
+  metrics = {"fit": ev.evaluate(sim, held_out), "oracle": ev.evaluate(oracle, held_out)}
+  assert set(metrics["fit"]) == {"all_steps_mse", "final_step_mse", "spearman",
+                                 "spearman_across_runs", "lds"}
+  pred = {k: np.asarray(s.simulate(held_out.batch_ids, held_out.losses[:, 0]))
+          for k, s in (("fit", sim), ("oracle", oracle))}
+  bands = {"fit": sim.simulate_with_bands(held_out.batch_ids, held_out.losses[:, 0],
+                                          num_samples=8)}
+  paths = ev.write_report(str(tmp_path), metrics=metrics, predictions=pred, bands=bands,
+                          actual=held_out.losses, timings={"fit": 1.5},
+                          summary={"config": "test"}, test_texts=list("abcd"))
+  with open(tmp_path / "metrics.json") as f:
+    data = json.load(f)
+  assert set(data) == {"fit", "oracle", "timings"}
+  assert data["timings"] == {"fit": 1.5}
+  assert data["fit"]["all_steps_mse"] == pytest.approx(metrics["fit"]["all_steps_mse"])
+  report = (tmp_path / "report.md").read_text()
+  assert "| fit |" in report and "spearman_across_runs" in report
+  assert len(paths["plots"]) == 4
+  for p in paths["plots"]:
+    assert os.path.getsize(p) > 0
+  assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
