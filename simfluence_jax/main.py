@@ -12,6 +12,7 @@ from their saved outputs) and gives the same numbers.
 import contextlib
 import fcntl
 import json
+import logging as std_logging
 import os
 import sys
 import time
@@ -322,10 +323,18 @@ def initialize_distributed() -> None:
   jax.distributed.initialize(coordinator, num_processes, process_id)
 
 
+def _quiet_orbax(record) -> bool:
+  """Drops orbax's INFO chatter (several lines per checkpoint) from the job's log."""
+  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_quiet_orbax)
+  # Library modules log through the standard logger; show their progress lines.
+  std_logging.getLogger("simfluence_jax").setLevel(std_logging.INFO)
   if _CONFIG.value is None or _WORKDIR.value is None:
     print("error: --config and --workdir are required", file=sys.stderr)
     sys.exit(2)

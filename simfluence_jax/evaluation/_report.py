@@ -148,10 +148,10 @@ def write_report(workdir: str, *, metrics: dict, predictions: dict,
   plots = _plots(plot_dir, predictions, bands, actual, metrics, test_texts)
 
   names = sorted({k for v in metrics.values() for k in v})
-  lines = ["# simfluence_jax report", "", "## Run", "", "```",
-           json.dumps(summary, indent=2, sort_keys=True, default=str), "```", "",
-           f"Held-out runs: {actual.shape[0]}, steps: {actual.shape[1] - 1}, "
-           f"test examples: {actual.shape[2]}.", "", "## Metrics (held-out runs)", "",
+  lines = ["# simfluence_jax report", "",
+           f"Every method simulates {actual.shape[0]} held-out runs "
+           f"({actual.shape[1] - 1} steps, {actual.shape[2]} test examples) that no "
+           "simulator was fitted on.", "", "## Metrics (held-out runs)", "",
            "| method | " + " | ".join(names) + " |",
            "|---|" + "---|" * len(names)]
   for method, values in metrics.items():
@@ -163,6 +163,8 @@ def write_report(workdir: str, *, metrics: dict, predictions: dict,
   lines += [f"| {stage} | {float(sec):.2f} |" for stage, sec in timings.items()]
   lines += ["", "## Plots", ""]
   lines += [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots]
+  lines += ["", "## Run", "", "```",
+            json.dumps(summary, indent=2, sort_keys=True, default=str), "```"]
   report_path = os.path.join(workdir, "report.md")
   _write_text(report_path, "\n".join(lines) + "\n")
   return {"metrics": metrics_path, "report": report_path, "plots": plots}
