@@ -1,0 +1,67 @@
+"""Influence scoring time against the plain per-example gradient passes it needs.
+
+Budget (DESIGN.md §7): scoring ≤ 3× the time of `kernels.per_example_grads` over the
+same train examples (TracIn-CP, one checkpoint; EK-FAC scores, factors fitted once).
+Timings on the shared 2-core CPU are noisy.
+
+  python benchmarks/scoring_floor_bench.py [--quick]
+"""
+
+import argparse
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from simfluence_jax import influence
+from simfluence_jax import kernels
+
+
+class _MLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(10)(nn.relu(nn.Dense(128)(x)))
+
+
+def _best_of(fn, repeats=3):
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--quick", action="store_true")
+  args = parser.parse_args()
+  num_train, num_query, chunk = (512, 16, 256) if args.quick else (4096, 64, 256)
+  model = _MLP()
+  inputs = jax.random.normal(jax.random.key(0), (num_train, 64))
+  labels = jax.random.randint(jax.random.key(1), (num_train,), 0, 10)
+  params = model.init(jax.random.key(2), inputs)
+  task = influence.ClassificationTask(model.apply)
+  batches = [{"inputs": inputs[i:i + chunk], "labels": labels[i:i + chunk]}
+             for i in range(0, num_train, chunk)]
+  query = {"inputs": inputs[:num_query], "labels": labels[:num_query]}
+
+  grads_fn = jax.jit(lambda p, b: kernels.flatten_per_example(
+      kernels.per_example_grads(task.loss, p, b)))
+  floor = _best_of(lambda: [grads_fn(params, b) for b in batches])
+  tracin = _best_of(lambda: influence.tracin_scores(task, [params], [1.0], query,
+                                                    batches, chunk_size=chunk))
+  factors = influence.fit_ekfac(task, params, batches)
+  ekfac = _best_of(lambda: influence.ekfac_scores(task, params, factors, query,
+                                                  batches, chunk_size=chunk))
+  print(f"N={num_train} Q={num_query} MLP 64-128-10 (noisy shared 2-core CPU)")
+  print(f"per-example gradient passes: {floor * 1e3:8.1f} ms")
+  print(f"TracIn-CP scoring:           {tracin * 1e3:8.1f} ms  ratio {tracin / floor:.2f}x")
+  print(f"EK-FAC scoring:              {ekfac * 1e3:8.1f} ms  ratio {ekfac / floor:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
