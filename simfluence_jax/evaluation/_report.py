@@ -33,7 +33,7 @@ def _write_text(path, text):
 
 def _save_figure(fig, path):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+  _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight"))
   plt.close(fig)
 
 
