@@ -23,6 +23,8 @@ from simfluence_jax.influence._ekfac import layer_damping
 from simfluence_jax.influence._ekfac import layer_gradients
 from simfluence_jax.influence._ekfac import LayerFactors
 from simfluence_jax.influence._ekfac import precondition
+from simfluence_jax.influence._io import load_factors
+from simfluence_jax.influence._io import save_factors
 from simfluence_jax.influence._layers import capture
 from simfluence_jax.influence._layers import find_layers
 from simfluence_jax.influence._layers import layer_grads_from_param_grads
@@ -31,6 +33,10 @@ from simfluence_jax.influence._layers import LayerSpec
 from simfluence_jax.influence._tasks import ClassificationTask
 from simfluence_jax.influence._tasks import LanguageModelingTask
 from simfluence_jax.influence._tasks import Task
+from simfluence_jax.influence._tfidf import filter_batch
+from simfluence_jax.influence._tfidf import tfidf_filter
+from simfluence_jax.influence._tfidf import tfidf_similarity
+from simfluence_jax.influence._tfidf import tfidf_vectors
 from simfluence_jax.influence._tracin import tracin_scores
 from simfluence_jax.influence._tracin import tracin_self_influence
 
@@ -43,4 +49,6 @@ __all__ = [
     "find_layers", "fit_ekfac", "layer_damping", "layer_gradients",
     "layer_grads_from_param_grads", "precondition", "tracin_scores",
     "tracin_self_influence",
+    "filter_batch", "load_factors", "save_factors", "tfidf_filter",
+    "tfidf_similarity", "tfidf_vectors",
 ]

@@ -1,0 +1,188 @@
+"""Saving and loading fitted EK-FAC factors (orbax arrays + JSON layer specs).
+
+Layout of a factors directory:
+
+    path/arrays/       orbax StandardCheckpointer tree {"factor_<i>": {
+                           "activation_eigenvectors", "gradient_eigenvectors",
+                           "eigenvalues"}} for the i-th entry of `factor_names`
+    path/factors.json  {"format", "version", "factor_names", "layers": [LayerSpec
+                       fields]}: the static part of `EKFACFactors`
+
+Arrays are keyed by position rather than by layer name because layer names hold
+"/", which orbax would read as nesting. `factors.json` is written last, through a
+temporary file and `os.replace`, and removed first when overwriting: it is the
+commit marker, so a crash never leaves a directory that loads with stale specs.
+Saving is collective like any orbax save (call it on every process); only the
+primary process writes the JSON.
+"""
+
+import dataclasses
+import json
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from simfluence_jax.influence import _ekfac
+from simfluence_jax.influence import _layers
+
+ARRAYS_DIR = "arrays"
+METADATA_FILE = "factors.json"
+_FORMAT = "simfluence_jax.EKFACFactors"
+_VERSION = 1
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(_layers.LayerSpec))
+_TUPLE_FIELDS = ("in_axes", "kernel_path", "bias_path")
+
+
+def _spec_to_json(spec: _layers.LayerSpec) -> dict:
+  return {name: (list(value) if isinstance(value, tuple) else value)
+          for name, value in dataclasses.asdict(spec).items()}
+
+
+def _spec_from_json(entry, path: str) -> _layers.LayerSpec:
+  if not isinstance(entry, dict) or set(entry) != set(_SPEC_FIELDS):
+    raise ValueError(f"load_factors: corrupt {METADATA_FILE} in {path!r}: a layer "
+                     f"entry must have the fields {sorted(_SPEC_FIELDS)}, got "
+                     f"{entry!r}.")
+  values = dict(entry)
+  for name in _TUPLE_FIELDS:
+    if values[name] is not None:
+      values[name] = tuple(values[name])
+  return _layers.LayerSpec(**values)
+
+
+def _write_json_atomically(path: str, payload: dict) -> None:
+  directory = os.path.dirname(path)
+  fd, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(payload, f, indent=2, sort_keys=True)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  except BaseException:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+    raise
+
+
+def save_factors(path, factors: _ekfac.EKFACFactors, *,
+                 overwrite: bool = False) -> None:
+  """Saves `EKFACFactors` to directory `path`, blocking until written.
+
+  Args:
+    path: directory to create (its parent is created if needed).
+    factors: from `fit_ekfac`.
+    overwrite: replace the factors already saved at `path`; other files in the
+      directory are left alone.
+
+  Raises:
+    FileExistsError: `path` exists and is not empty, and `overwrite` is False.
+    NotADirectoryError: `path` exists and is a file.
+    ValueError: `factors` is not an `EKFACFactors`.
+  """
+  if not isinstance(factors, _ekfac.EKFACFactors):
+    raise ValueError(f"save_factors: factors must be EKFACFactors, got "
+                     f"{type(factors).__name__}.")
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(f"save_factors: {path!r} exists and is not a directory.")
+  if os.path.isdir(path) and os.listdir(path) and not overwrite:
+    raise FileExistsError(f"save_factors: {path!r} exists and is not empty; pass "
+                          f"overwrite=True to replace the factors saved there.")
+  primary = jax.process_index() == 0
+  metadata_path = os.path.join(path, METADATA_FILE)
+  if primary:
+    os.makedirs(path, exist_ok=True)
+    # Removed first: between here and the final JSON write the directory is
+    # "incomplete" to `load_factors`, never old specs with new arrays.
+    if os.path.exists(metadata_path):
+      os.remove(metadata_path)
+  names = list(factors.factors)
+  tree = {f"factor_{i}": dict(factors.factors[name]._asdict())
+          for i, name in enumerate(names)}
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(path, ARRAYS_DIR), tree, force=True)
+    checkpointer.wait_until_finished()
+  if primary:
+    _write_json_atomically(metadata_path, {
+        "format": _FORMAT, "version": _VERSION, "factor_names": names,
+        "layers": [_spec_to_json(spec) for spec in factors.layers]})
+
+
+def _read_metadata(path: str) -> dict:
+  metadata_path = os.path.join(path, METADATA_FILE)
+  if not os.path.exists(metadata_path):
+    raise ValueError(f"load_factors: {path!r} is not a complete EK-FAC factors "
+                     f"directory (no {METADATA_FILE}; an interrupted save, or "
+                     f"another kind of directory).")
+  try:
+    with open(metadata_path) as f:
+      metadata = json.load(f)
+  except (OSError, ValueError) as error:
+    raise ValueError(f"load_factors: corrupt {METADATA_FILE} in {path!r}: "
+                     f"{error}") from error
+  if not isinstance(metadata, dict) or metadata.get("format") != _FORMAT:
+    raise ValueError(f"load_factors: {metadata_path!r} is not an EK-FAC factors "
+                     f"file (format {_FORMAT!r} expected).")
+  if metadata.get("version") != _VERSION:
+    raise ValueError(f"load_factors: {metadata_path!r} has version "
+                     f"{metadata.get('version')!r}; this code reads {_VERSION}.")
+  if (not isinstance(metadata.get("factor_names"), list)
+      or not isinstance(metadata.get("layers"), list)):
+    raise ValueError(f"load_factors: corrupt {METADATA_FILE} in {path!r}: "
+                     f"'factor_names' and 'layers' must be lists.")
+  return metadata
+
+
+def load_factors(path) -> _ekfac.EKFACFactors:
+  """Loads factors saved by `save_factors`, bit-equal to the saved ones.
+
+  Args:
+    path: the directory given to `save_factors`.
+
+  Returns:
+    `EKFACFactors` with jax arrays (saved dtypes) on the default device.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    ValueError: `path` is not a complete factors directory, or its metadata or
+      arrays are corrupt or disagree with each other.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"load_factors: no EK-FAC factors at {path!r}.")
+  if not os.path.isdir(path):
+    raise ValueError(f"load_factors: {path!r} is not a directory.")
+  metadata = _read_metadata(path)
+  layers = tuple(_spec_from_json(entry, path) for entry in metadata["layers"])
+  names = metadata["factor_names"]
+  arrays_path = os.path.join(path, ARRAYS_DIR)
+  if not os.path.isdir(arrays_path):
+    raise ValueError(f"load_factors: {path!r} has no {ARRAYS_DIR}/ directory.")
+  fields = _ekfac.LayerFactors._fields
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      saved = checkpointer.metadata(arrays_path).item_metadata.tree
+      expected = {f"factor_{i}" for i in range(len(names))}
+      if (set(saved) != expected
+          or any(set(saved[key]) != set(fields) for key in expected)):
+        raise ValueError(f"load_factors: arrays in {arrays_path!r} do not match "
+                         f"the {len(names)} factors listed in {METADATA_FILE}.")
+      # Sharding-free targets restore as host numpy arrays with the saved dtypes,
+      # whatever device layout the factors were fitted on.
+      target = jax.tree_util.tree_map(
+          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved)
+      restored = checkpointer.restore(arrays_path, target)
+  except ValueError:
+    raise
+  except Exception as error:  # orbax raises assorted types on damaged files.
+    raise ValueError(f"load_factors: cannot read the arrays in {arrays_path!r}: "
+                     f"{error}") from error
+  factors = {name: _ekfac.LayerFactors(**{
+      field: jnp.asarray(np.asarray(restored[f"factor_{i}"][field]))
+      for field in fields}) for i, name in enumerate(names)}
+  return _ekfac.EKFACFactors(layers, factors)
