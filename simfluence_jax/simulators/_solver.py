@@ -330,6 +330,19 @@ def _chunk_size(method, num_train, num_rows, batch, num_columns, linear, budget)
   return int(max(1, min(num_columns, budget // max(per_column, 1))))
 
 
+def _column_sharding():
+  """Shards the column (test-example) axis over this process's devices, if several.
+
+  Columns are independent problems, so XLA partitions every solver op along them with
+  no communication but the scalar convergence checks.
+  """
+  devices = jax.local_devices()
+  if len(devices) == 1:
+    return None
+  mesh = jax.sharding.Mesh(np.array(devices), ("columns",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "columns"))
+
+
 def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: float, *,
           linear: bool, method: str = "auto", tol: float = 1e-5, max_iters: int = 2000,
           memory_budget_bytes: Optional[int] = None):
@@ -347,6 +360,9 @@ def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: flo
     max_iters: CG iteration cap.
     memory_budget_bytes: working-set bound per chunk of columns.
 
+  With several local devices, each chunk's columns are sharded over them (a mesh axis
+  named "columns"); the result does not depend on the number of devices.
+
   Returns:
     (θ float32[N, J, C] as a numpy array, info dict with "method", "iterations"
     (max over columns, 0 for exact methods), "relative_residual" (max over
@@ -363,14 +379,20 @@ def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: flo
     method = choose_method(num_train, num_rows, linear)
   budget = memory_budget_bytes or _DEFAULT_MEMORY_BUDGET
   chunk = _chunk_size(method, num_train, num_rows, batch, num_columns, linear, budget)
+  sharding = _column_sharding()
+  if sharding is not None:  # Every device gets the same number of columns.
+    num_devices = len(jax.local_devices())
+    chunk = -(-chunk // num_devices) * num_devices
+  place = (jnp.asarray if sharding is None else
+           lambda a: jax.device_put(a, sharding))
   l2 = jnp.float32(l2)
   thetas, iterations, residuals = [], [], []
   for start in range(0, num_columns, chunk):
     stop = min(start + chunk, num_columns)
     # Zero-pad the last chunk: a zero column has θ = 0 and costs no recompile.
     pad = ((0, 0), (0, chunk - (stop - start)))
-    x_chunk = jnp.asarray(np.pad(x[:, start:stop], pad))
-    y_chunk = jnp.asarray(np.pad(y[:, start:stop], pad))
+    x_chunk = place(np.pad(x[:, start:stop], pad))
+    y_chunk = place(np.pad(y[:, start:stop], pad))
     if method == "cg":
       theta, iters = _solve_cg(ids, x_chunk, y_chunk, l2, jnp.float32(tol),
                                num_train=num_train, linear=linear, max_iters=max_iters)
