@@ -13,7 +13,6 @@ import logging
 import tempfile
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,13 +20,9 @@ import torch
 
 from simfluence_jax import influence
 
+import _common  # benchmarks/ is on sys.path when a script there runs
 
-class _MLP(nn.Module):
 
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(128, name="hidden")(x))
-    return nn.Dense(10, name="out")(x)
 
 
 def main():
@@ -38,7 +33,7 @@ def main():
   import kronfluence  # pylint: disable=g-import-not-at-top
   from kronfluence import arguments  # pylint: disable=g-import-not-at-top
   num_train, num_query = (512, 16) if args.quick else (2048, 64)
-  model = _MLP()
+  model = _common.MLP()
   inputs = np.asarray(jax.random.normal(jax.random.key(0), (num_train, 64)))
   labels = np.asarray(jax.random.randint(jax.random.key(1), (num_train,), 0, 10))
   params = model.init(jax.random.key(2), inputs[:1])
@@ -61,12 +56,8 @@ def main():
   torch.set_num_threads(2)
   net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
                             torch.nn.Linear(128, 10))
-  p = params["params"]
   with torch.no_grad():
-    net[0].weight.copy_(torch.tensor(np.asarray(p["hidden"]["kernel"]).T))
-    net[0].bias.copy_(torch.tensor(np.asarray(p["hidden"]["bias"])))
-    net[2].weight.copy_(torch.tensor(np.asarray(p["out"]["kernel"]).T))
-    net[2].bias.copy_(torch.tensor(np.asarray(p["out"]["bias"])))
+    net.load_state_dict(_common.torch_state(params))
 
   class _Task(kronfluence.Task):
 

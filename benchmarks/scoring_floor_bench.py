@@ -10,19 +10,15 @@ Timings on the shared 2-core CPU are noisy.
 import argparse
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from simfluence_jax import influence
+
+import _common  # benchmarks/ is on sys.path when a script there runs
 from simfluence_jax import kernels
 
 
-class _MLP(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(10)(nn.relu(nn.Dense(128)(x)))
 
 
 def _best_of(fn, repeats=3):
@@ -40,7 +36,7 @@ def main():
   parser.add_argument("--quick", action="store_true")
   args = parser.parse_args()
   num_train, num_query, chunk = (512, 16, 256) if args.quick else (4096, 64, 256)
-  model = _MLP()
+  model = _common.MLP()
   inputs = jax.random.normal(jax.random.key(0), (num_train, 64))
   labels = jax.random.randint(jax.random.key(1), (num_train,), 0, 10)
   params = model.init(jax.random.key(2), inputs)

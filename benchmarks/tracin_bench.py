@@ -13,7 +13,6 @@ import os
 import tempfile
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,21 +20,11 @@ import torch
 
 from simfluence_jax import influence
 
-
-class _MLP(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(128, name="hidden")(x))
-    return nn.Dense(10, name="out")(x)
+import _common  # benchmarks/ is on sys.path when a script there runs
 
 
-def _torch_state(params):
-  p = params["params"]
-  return {"0.weight": torch.tensor(np.asarray(p["hidden"]["kernel"]).T.copy()),
-          "0.bias": torch.tensor(np.asarray(p["hidden"]["bias"])),
-          "2.weight": torch.tensor(np.asarray(p["out"]["kernel"]).T.copy()),
-          "2.bias": torch.tensor(np.asarray(p["out"]["bias"]))}
+
+
 
 
 def main():
@@ -44,7 +33,7 @@ def main():
   args = parser.parse_args()
   from captum.influence import TracInCP  # pylint: disable=g-import-not-at-top
   num_train, num_query, num_checkpoints = (256, 16, 2) if args.quick else (1024, 32, 3)
-  model = _MLP()
+  model = _common.MLP()
   inputs = np.asarray(jax.random.normal(jax.random.key(0), (num_train, 64)))
   labels = np.asarray(jax.random.randint(jax.random.key(1), (num_train,), 0, 10)).astype(np.int64)
   checkpoints = [model.init(jax.random.key(10 + k), inputs[:1])
@@ -68,7 +57,7 @@ def main():
     paths = []
     for k, params in enumerate(checkpoints):
       path = os.path.join(directory, f"checkpoint_{k}.pt")
-      torch.save({"state": _torch_state(params), "lr": rates[k]}, path)
+      torch.save({"state": _common.torch_state(params), "lr": rates[k]}, path)
       paths.append(path)
 
     def load(net, path):

@@ -1,0 +1,23 @@
+"""The model every kernel benchmark measures, and its weights as a torch state dict."""
+
+import flax.linen as nn
+import numpy as np
+
+
+class MLP(nn.Module):
+  """64 -> 128 (ReLU) -> 10: the same network on both sides of every comparison."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(128, name="hidden")(x))
+    return nn.Dense(10, name="out")(x)
+
+
+def torch_state(params):
+  """Flax variables of `MLP` -> state dict of torch `Sequential(Linear, ReLU, Linear)`."""
+  import torch  # pylint: disable=g-import-not-at-top
+  p = params["params"]
+  return {"0.weight": torch.tensor(np.asarray(p["hidden"]["kernel"]).T.copy()),
+          "0.bias": torch.tensor(np.asarray(p["hidden"]["bias"])),
+          "2.weight": torch.tensor(np.asarray(p["out"]["kernel"]).T.copy()),
+          "2.bias": torch.tensor(np.asarray(p["out"]["bias"]))}
