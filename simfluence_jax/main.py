@@ -278,7 +278,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     initial = held_out.losses[:, 0]
     for name, sim in fitted.items():
       predictions[name] = np.asarray(sim.simulate(held_out.batch_ids, initial))
-      metrics[name] = evaluation.evaluate(sim, held_out)
+      metrics[name] = evaluation.compute_metrics(predictions[name], held_out.losses)
     for name in ("simfluence_linear", "simfluence_additive"):
       bands[name] = tuple(np.asarray(x) for x in fitted[name].simulate_with_bands(
           held_out.batch_ids, initial, num_samples=config.simulators.num_band_samples,

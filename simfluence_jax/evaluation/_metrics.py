@@ -98,6 +98,11 @@ METRICS = {"all_steps_mse": all_steps_mse, "final_step_mse": final_step_mse,
            "lds": lds}
 
 
+def compute_metrics(pred, actual) -> dict:
+  """Every metric of `METRICS` for predicted vs actual float[R', T+1, M] trajectories."""
+  return {name: fn(pred, actual) for name, fn in METRICS.items()}
+
+
 def evaluate(simulator, held_out_trace: trace_lib.Trace) -> dict:
   """Simulates the held-out curricula from their actual initial losses; all metrics.
 
@@ -107,4 +112,4 @@ def evaluate(simulator, held_out_trace: trace_lib.Trace) -> dict:
   if not isinstance(held_out_trace, trace_lib.Trace):
     raise ValueError("held_out_trace: expected a simfluence_jax.Trace.")
   pred = simulator.simulate(held_out_trace.batch_ids, held_out_trace.losses[:, 0])
-  return {name: fn(pred, held_out_trace.losses) for name, fn in METRICS.items()}
+  return compute_metrics(pred, held_out_trace.losses)
