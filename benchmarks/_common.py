@@ -13,6 +13,17 @@ class MLP(nn.Module):
     return nn.Dense(10, name="out")(x)
 
 
+def torch_mlp(params):
+  """`MLP` with `params`' weights as a torch `Sequential`, on 2 CPU threads."""
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(2)
+  net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                            torch.nn.Linear(128, 10))
+  with torch.no_grad():
+    net.load_state_dict(torch_state(params))
+  return net
+
+
 def torch_state(params):
   """Flax variables of `MLP` -> state dict of torch `Sequential(Linear, ReLU, Linear)`."""
   import torch  # pylint: disable=g-import-not-at-top

@@ -53,11 +53,7 @@ def main():
   ours = np.asarray(ours_fn())
   ours_time = time.perf_counter() - start
 
-  torch.set_num_threads(2)
-  net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
-                            torch.nn.Linear(128, 10))
-  with torch.no_grad():
-    net.load_state_dict(_common.torch_state(params))
+  net = _common.torch_mlp(params)
 
   class _Task(kronfluence.Task):
 

@@ -123,6 +123,20 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def tfds_task_config(name: str) -> ml_collections.ConfigDict:
+  """Fine-tuning the Transformer on a TFDS classification task read through seqio."""
+  config = base_config()
+  config.data.name = name
+  config.data.seq_len = 128  # Prompts are long; truncated in the middle, answer kept.
+  config.num_train_examples = 400
+  config.num_test_examples = 64
+  config.subset_size = 256
+  config.num_steps = 64
+  config.pretrain_steps = 0
+  config.learning_rate = 0.05
+  return config
+
+
 def apply_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config so the whole main job runs in well under a minute on 2 CPUs."""
   config.num_train_examples = min(config.num_train_examples, 48)
