@@ -133,7 +133,6 @@ def tfds_task_config(name: str) -> ml_collections.ConfigDict:
   config.subset_size = 256
   config.num_steps = 64
   config.pretrain_steps = 0
-  config.learning_rate = 0.05
   return config
 
 
