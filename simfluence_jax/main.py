@@ -343,8 +343,8 @@ def main(argv):
       initialize_distributed()
     with workdir_lock(_WORKDIR.value):
       train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as e:
-    # Bad input is the user's to fix: one clear line, no traceback.
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    # Bad input, or a run that diverged: one clear line, no traceback.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -63,3 +63,15 @@ def test_workdir_lock_refuses_a_second_job(tmp_path):
     assert proc.returncode != 0 and "is in use by another job" in proc.stderr
   with main_lib.workdir_lock(str(tmp_path)):  # released: can be taken again
     pass
+
+
+def test_diverged_run_stops_with_run_and_step_named(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "simfluence_jax.main",
+       "--config=configs/default.py:tiny", "--config.learning_rate=1e9",
+       f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: train_runs: non-finite training loss in run 0 at step")
+  assert "Traceback" not in proc.stderr
+  assert os.path.isdir(os.path.join(tmp_path, "runs", "runs_ckpt"))  # kept
