@@ -52,6 +52,12 @@ def _as_array(name: str, value: Any, dtype: Any, ndim: int) -> np.ndarray:
     raise ValueError(f"Trace.{name}: expected floating point values, got dtype "
                      f"{array.dtype}.")
   if array.dtype != dtype:
+    if np.issubdtype(dtype, np.integer) and array.size:
+      info = np.iinfo(dtype)
+      lo, hi = array.min(), array.max()
+      if lo < info.min or hi > info.max:
+        bad = lo if lo < info.min else hi
+        raise ValueError(f"Trace.{name}: value {int(bad)} does not fit in {dtype.__name__}.")
     array = array.astype(dtype)
   return array
 
@@ -224,6 +230,10 @@ class Trace:
         meta = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"Trace.load: {meta_path!r} is corrupt ({e}).") from e
+    if not isinstance(meta, dict):
+      raise ValueError(f"Trace.load: {meta_path!r} is corrupt (expected a JSON object).")
+    if "num_train_examples" not in meta:
+      raise ValueError(f"Trace.load: {meta_path!r} is corrupt (no num_train_examples).")
     if meta.get("format_version") != _FORMAT_VERSION:
       raise ValueError(f"Trace.load: unsupported format_version "
                        f"{meta.get('format_version')!r} in {meta_path!r}.")

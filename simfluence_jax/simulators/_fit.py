@@ -51,7 +51,8 @@ def fit(kind: str, trace: trace_lib.Trace, l2: float = 1e-3, *,
   if kind not in _simulator.KINDS:
     raise ValueError(f"kind: expected one of {_simulator.KINDS}, got {kind!r}.")
   _check_trace(trace)
-  if not np.isfinite(l2) or l2 <= 0:
+  if (isinstance(l2, bool) or not isinstance(l2, (int, float, np.number))
+      or not np.isfinite(l2) or l2 <= 0):
     raise ValueError(f"l2: expected a positive number, got {l2!r}.")
   if method not in _solver.METHODS:
     raise ValueError(f"method: expected one of {_solver.METHODS}, got {method!r}.")
