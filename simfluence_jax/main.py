@@ -51,6 +51,9 @@ def validate_config(config) -> None:
       raise ValueError(f"config.{name}={value!r}: must be a positive integer.")
   if not config.learning_rate > 0:
     raise ValueError(f"config.learning_rate={config.learning_rate!r}: must be positive.")
+  if config.num_held_out_runs > config.num_runs:
+    raise ValueError(f"config.num_held_out_runs={config.num_held_out_runs}: more held-out "
+                     f"runs than the config.num_runs={config.num_runs} fitted on.")
   if config.subset_size > config.num_train_examples:
     raise ValueError(f"config.subset_size={config.subset_size}: larger than "
                      f"config.num_train_examples={config.num_train_examples}.")

@@ -49,6 +49,7 @@ def test_parse_arg():
     ("batch_size", -1, "config.batch_size=-1"),
     ("learning_rate", 0.0, "config.learning_rate=0.0: must be positive"),
     ("subset_size", 1000, "config.subset_size=1000: larger than"),
+    ("num_held_out_runs", 9, "config.num_held_out_runs=9: more held-out runs"),
 ])
 def test_bad_config_values_are_named(field, value, message):
   config = load("default", "tiny")
