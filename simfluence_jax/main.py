@@ -22,7 +22,6 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
@@ -189,8 +188,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   loss_fn = training.make_loss_fn(model, dataset.kind)
 
   def make_base():
-    example = jax.tree_util.tree_map(lambda x: jnp.asarray(x[:1]), dataset.train)
-    params = model.init(jax.random.PRNGKey(config.seed), example["inputs"])
+    params = models.init_variables(model, dataset.train["inputs"], seed=config.seed)
     if config.pretrain_steps and dataset.pretrain is not None:
       params = training.pretrain_base(
           params, loss_fn, dataset.pretrain, num_steps=config.pretrain_steps,
