@@ -118,6 +118,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.influence.damping = ml_collections.config_dict.placeholder(float)  # None: 0.1 x mean eigenvalue.
   config.influence.chunk_size = 64  # Train examples per gradient chunk (bounds memory).
 
+  # --- Counterfactual curricula (search on each simulator, verify by retraining) -----
+  config.counterfactual = ml_collections.ConfigDict()
+  config.counterfactual.enabled = True  # Search curricula and really retrain them.
+  config.counterfactual.methods = ("simfluence_linear", "simfluence_additive",
+                                   "tracin_cp", "ekfac_if")  # Simulators to search on.
+  config.counterfactual.num_searched = 4  # Curricula searched and retrained per method.
+  config.counterfactual.num_targets = 8  # Targets: test examples whose final loss varies most.
+  config.counterfactual.num_iters = 300  # Local-search iterations per curriculum.
+  config.counterfactual.num_proposals = 64  # Moves simulated in parallel per iteration.
+
   # --- Scale-out --------------------------------------------------------------------
   config.distributed = False  # Call jax.distributed.initialize() (multi-host).
   return config
@@ -151,6 +161,9 @@ def apply_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.projection_dim = 32
   config.simulators.num_band_samples = 8
   config.influence.tracin_num_runs = 2
+  config.counterfactual.num_searched = 2
+  config.counterfactual.num_targets = 4
+  config.counterfactual.num_iters = 100
   if config.model.name == "transformer":
     config.model.d_model = 32
     config.model.num_layers = 1

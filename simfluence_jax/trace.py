@@ -22,11 +22,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Optional
 
 import numpy as np
+
+from simfluence_jax import _io
 
 _FORMAT_VERSION = 1
 _ARRAY_FIELDS = ("batch_ids", "losses", "learning_rates", "train_grads", "test_grads")
@@ -184,11 +184,7 @@ class Trace:
   # -- persistence -----------------------------------------------------------------
   def save(self, path: str) -> None:
     """Writes the trace to directory `path` atomically (replacing an existing one)."""
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".trace-tmp-", dir=parent)
-    try:
+    with _io.atomic_directory(path) as tmp:
       for name in _ARRAY_FIELDS:
         value = getattr(self, name)
         if value is not None:
@@ -198,17 +194,6 @@ class Trace:
         json.dump({"format_version": _FORMAT_VERSION,
                    "num_train_examples": self.num_train_examples,
                    "metadata": self.metadata}, f)
-      if os.path.exists(path):
-        old = path + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-      else:
-        os.replace(tmp, path)
-    except BaseException:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise
 
   @classmethod
   def load(cls, path: str, mmap: bool = False) -> "Trace":
@@ -240,17 +225,9 @@ class Trace:
     arrays = {}
     for name in _ARRAY_FIELDS:
       file = os.path.join(path, name + ".npy")
-      if not os.path.exists(file):
-        if name in ("batch_ids", "losses", "learning_rates"):
-          raise FileNotFoundError(f"Trace.load: {file!r} is missing.")
+      if not os.path.exists(file) and name not in ("batch_ids", "losses",
+                                                   "learning_rates"):
         continue
-      try:
-        arrays[name] = np.load(file, mmap_mode="r" if mmap else None,
-                               allow_pickle=False)
-      except ValueError as e:  # pickled object arrays, truncated headers or data
-        raise ValueError(f"Trace.load: {file!r} is corrupt or not a plain array "
-                         f"({e}).") from e
-      except OSError as e:
-        raise ValueError(f"Trace.load: {file!r} is corrupt ({e}).") from e
+      arrays[name] = _io.load_npy(file, "Trace.load", mmap=mmap)
     return cls(num_train_examples=meta["num_train_examples"],
                metadata=meta.get("metadata", {}), **arrays)

@@ -5,6 +5,7 @@
 seqio / TensorFlow are imported only when an LM dataset is built.
 """
 
+from simfluence_jax.data.curricula import load_curriculum
 from simfluence_jax.data.curricula import make_curricula
 from simfluence_jax.data.curricula import PADDING_ID
 from simfluence_jax.data.curricula import steps_per_epoch
@@ -16,5 +17,5 @@ from simfluence_jax.data.dataset import SOURCES
 
 __all__ = [
     "BYTE_VOCAB_SIZE", "Dataset", "PADDING_ID", "SOURCES", "default_data_config",
-    "get_dataset", "make_curricula", "steps_per_epoch",
+    "get_dataset", "load_curriculum", "make_curricula", "steps_per_epoch",
 ]

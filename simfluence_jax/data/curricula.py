@@ -9,7 +9,9 @@ depends on its own run index only: adding runs never changes earlier ones, and
 held-out runs are simply runs with other indices (e.g. `first_run=num_train_runs`).
 """
 
+import json
 import math
+import os
 
 import numpy as np
 
@@ -83,3 +85,106 @@ def make_curricula(num_runs: int,
       batch_ids[run, epoch * num_batches:(epoch + 1) * num_batches] = (
           epoch_ids.reshape(num_batches, batch_size))
   return batch_ids
+
+
+def _curriculum_error(path: str, message: str) -> ValueError:
+  return ValueError(f"curriculum file {path!r}: {message}")
+
+
+def _parse_id(path: str, where: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    raise _curriculum_error(path, f"{where}: {value!r} is not an example id.")
+  try:
+    number = float(value)
+  except ValueError as e:
+    raise _curriculum_error(path, f"{where}: {value!r} is not an integer id.") from e
+  if not number.is_integer():
+    raise _curriculum_error(path, f"{where}: {value!r} is not an integer id.")
+  return int(number)
+
+
+def load_curriculum(path: str, num_train_examples: int) -> np.ndarray:
+  """Reads curricula from a JSON or CSV file and validates them.
+
+  Formats (ids are train example ids in `[0, N)`, `-1` = padding):
+
+  * JSON: a list of steps, each a list of ids (one curriculum, `[T][B]`), a list of
+    such curricula (`[R'][T][B]`), or an object `{"batch_ids": ...}` holding either.
+  * CSV: one step per line, ids separated by commas (one curriculum); empty cells are
+    padding; blank lines and lines starting with `#` are skipped.
+
+  Steps shorter than the longest are padded with -1.
+
+  Args:
+    path: the file (`.json` or `.csv`).
+    num_train_examples: N, from the trace the simulators were fitted on.
+
+  Returns:
+    batch_ids: int32[R', T, B].
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: naming the file and the position of a bad id, a bad shape, or an
+      unsupported extension.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"curriculum file {path!r} does not exist.")
+  extension = os.path.splitext(path)[1].lower()
+  if extension == ".json":
+    try:
+      with open(path) as f:
+        value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise _curriculum_error(path, f"not valid JSON ({e}).") from e
+    if isinstance(value, dict):
+      if "batch_ids" not in value:
+        raise _curriculum_error(path, "a JSON object must hold \"batch_ids\".")
+      value = value["batch_ids"]
+    if not isinstance(value, list) or not value:
+      raise _curriculum_error(path, "expected a non-empty list of steps [T][B] or of "
+                              "curricula [R'][T][B].")
+    depth = 3 if isinstance(value[0], list) and value[0] and all(
+        isinstance(step, list) for step in value[0]) else 2
+    curricula = value if depth == 3 else [value]
+  elif extension == ".csv":
+    with open(path) as f:
+      lines = [line.strip() for line in f]
+    steps = [[cell.strip() or "-1" for cell in line.split(",")]
+             for line in lines if line and not line.startswith("#")]
+    curricula = [steps]
+  else:
+    raise _curriculum_error(path, f"unsupported extension {extension!r}; use .json "
+                            "or .csv.")
+  parsed = []
+  for r, steps in enumerate(curricula):
+    if not isinstance(steps, list) or not steps:
+      raise _curriculum_error(path, f"curriculum {r}: expected a non-empty list of "
+                              "steps.")
+    rows = []
+    for t, step in enumerate(steps):
+      if not isinstance(step, list):
+        raise _curriculum_error(path, f"curriculum {r}, step {t}: expected a list of "
+                                f"ids, got {step!r}.")
+      rows.append([_parse_id(path, f"curriculum {r}, step {t}, slot {b}", v)
+                   for b, v in enumerate(step)])
+    parsed.append(rows)
+  num_steps = {len(rows) for rows in parsed}
+  if len(num_steps) != 1:
+    raise _curriculum_error(path, f"curricula have different numbers of steps "
+                            f"{sorted(num_steps)}; give them the same T.")
+  batch_size = max(len(row) for rows in parsed for row in rows)
+  if batch_size == 0:
+    raise _curriculum_error(path, "every step is empty.")
+  batch_ids = np.full((len(parsed), num_steps.pop(), batch_size), PADDING_ID, np.int64)
+  for r, rows in enumerate(parsed):
+    for t, row in enumerate(rows):
+      batch_ids[r, t, :len(row)] = row
+  bad = (batch_ids < PADDING_ID) | (batch_ids >= num_train_examples)
+  if bad.any():
+    r, t, b = (int(i) for i in np.argwhere(bad)[0])
+    raise _curriculum_error(path, f"curriculum {r}, step {t}, slot {b}: id "
+                            f"{batch_ids[r, t, b]} is outside [0, {num_train_examples})"
+                            " (-1 = padding).")
+  if not (batch_ids >= 0).any():
+    raise _curriculum_error(path, "holds no example id (all padding).")
+  return batch_ids.astype(np.int32)

@@ -107,9 +107,63 @@ def _plots(plot_dir, predictions, bands, actual, metrics, test_texts, num_exampl
   return written
 
 
+def _counterfactual_plot(plot_dir, result):
+  """Actual final target loss of searched vs random curricula, and their curves."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, (ax_curve, ax_scatter) = plt.subplots(1, 2, figsize=(11, 4))
+  rand = result["random"]
+  steps = np.arange(len(rand["mean_curve"]))
+  ax_curve.fill_between(steps, rand["curve_low"], rand["curve_high"], color="0.8",
+                        label="random (10–90%)")
+  ax_curve.plot(steps, rand["mean_curve"], color="0.4", label="random (mean)")
+  for i, (method, values) in enumerate(result["searched"].items()):
+    ax_curve.plot(steps, values["mean_curve"], color=f"C{i}",
+                  label=f"searched on {method}")
+    ax_scatter.scatter(rand["simulated_final"][method], rand["actual_final"],
+                       color=f"C{i}", marker=".", alpha=0.4)
+    ax_scatter.scatter(values["simulated_final"], values["actual_final"],
+                       color=f"C{i}", marker="*", s=80, label=method)
+  ax_scatter.axhline(rand["median_actual"], color="0.4", ls="--", lw=0.8,
+                     label="median random (actual)")
+  ax_curve.set_xlabel("step")
+  ax_curve.set_ylabel(f"actual mean loss of {len(result['targets'])} target examples")
+  ax_curve.legend(fontsize=7)
+  ax_scatter.set_xlabel("simulated final target loss")
+  ax_scatter.set_ylabel("actual final target loss (retrained)")
+  ax_scatter.set_title("★ searched, · random curricula", fontsize=9)
+  ax_scatter.legend(fontsize=7)
+  fig.tight_layout()
+  path = os.path.join(plot_dir, "counterfactual.png")
+  _save_figure(fig, path)
+  return path
+
+
+def _counterfactual_lines(result):
+  rand = result["random"]
+  lines = ["## Counterfactual curricula (searched on each simulator, then retrained)", "",
+           f"Target test examples {result['targets']} (largest spread of final loss "
+           f"across training runs). Each simulator searched "
+           f"{result['num_searched_per_method']} curricula of the same size as the "
+           f"random ones, which were then really trained; the baseline is the "
+           f"{result['num_random']} random held-out curricula (median actual final "
+           f"target loss {rand['median_actual']:.4f}). Improvement = median random − "
+           "mean searched final target loss (positive = better than random).", "",
+           "| searched on | actual final | actual improvement | simulated improvement |"
+           " beats median random |", "|---|---|---|---|---|"]
+  for method, values in result["searched"].items():
+    lines.append(
+        f"| {method} | {np.mean(values['actual_final']):.4f} | "
+        f"{values['actual_improvement']:+.4f} | {values['simulated_improvement']:+.4f} "
+        f"| {values['fraction_beating_median']:.0%} |")
+  return lines + [""]
+
+
 def write_report(workdir: str, *, metrics: dict, predictions: dict,
                  bands: Optional[dict], actual, timings: dict, summary: dict,
-                 test_texts: Optional[list] = None) -> dict:
+                 test_texts: Optional[list] = None,
+                 counterfactual: Optional[dict] = None) -> dict:
   """Writes workdir/metrics.json, workdir/report.md and workdir/plots/*.png.
 
   Args:
@@ -121,6 +175,9 @@ def write_report(workdir: str, *, metrics: dict, predictions: dict,
     timings: stage -> seconds.
     summary: JSON-serialisable description of the config / runs.
     test_texts: optional M strings used to title trajectory plots.
+    counterfactual: optional result of `counterfactual.search_and_verify` (its JSON
+      part goes into metrics.json["counterfactual"], a section and a plot into the
+      report).
 
   Returns:
     dict with the written paths ("metrics", "report", "plots").
@@ -142,10 +199,15 @@ def write_report(workdir: str, *, metrics: dict, predictions: dict,
   payload = {method: {k: _json_float(v) for k, v in values.items()}
              for method, values in metrics.items()}
   payload["timings"] = {k: float(v) for k, v in timings.items()}
+  if counterfactual is not None:
+    payload["counterfactual"] = {k: v for k, v in counterfactual.items()
+                                 if k != "batch_ids"}
   metrics_path = os.path.join(workdir, "metrics.json")
   _write_text(metrics_path, json.dumps(payload, indent=2, sort_keys=True))
 
   plots = _plots(plot_dir, predictions, bands, actual, metrics, test_texts)
+  if counterfactual is not None:
+    plots.append(_counterfactual_plot(plot_dir, counterfactual))
 
   names = sorted({k for v in metrics.values() for k in v})
   lines = ["# simfluence_jax report", "",
@@ -158,8 +220,10 @@ def write_report(workdir: str, *, metrics: dict, predictions: dict,
     cells = [f"{values[n]:.4g}" if n in values and values[n] is not None else "–"
              for n in names]
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
-  lines += ["", "MSEs: lower is better; Spearman / LDS: higher is better.", "",
-            "## Timings", "", "| stage | seconds |", "|---|---|"]
+  lines += ["", "MSEs: lower is better; Spearman / LDS: higher is better.", ""]
+  if counterfactual is not None:
+    lines += _counterfactual_lines(counterfactual)
+  lines += ["## Timings", "", "| stage | seconds |", "|---|---|"]
   lines += [f"| {stage} | {float(sec):.2f} |" for stage, sec in timings.items()]
   lines += ["", "## Plots", ""]
   lines += [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots]

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simfluence_jax import _io
 from simfluence_jax.simulators import _solver
 
 KINDS = ("linear", "additive")
+_FORMAT_VERSION = 1
+_POSTERIOR_ARRAYS = ("ids", "x", "y", "noise_var", "prior_a")
+
+
+def _json_value(value):
+  """numpy scalars -> Python scalars for json.dump."""
+  return value.item() if isinstance(value, np.generic) else str(value)
 
 
 @jax.tree_util.register_dataclass
@@ -94,6 +104,67 @@ class Simulator:
   @property
   def num_test_examples(self) -> int:
     return self.B.shape[1]
+
+  def save(self, path: str) -> None:
+    """Writes the simulator (and its posterior, if any) to directory `path` atomically.
+
+    Layout: A.npy (linear only), B.npy, posterior_*.npy and simulator.json; read back
+    with `Simulator.load`.
+    """
+    with _io.atomic_directory(path) as tmp:
+      arrays = {"B": self.B}
+      if self.A is not None:
+        arrays["A"] = self.A
+      if self.posterior is not None:
+        for field in _POSTERIOR_ARRAYS:
+          arrays["posterior_" + field] = getattr(self.posterior, field)
+      for name, value in arrays.items():
+        np.save(os.path.join(tmp, name + ".npy"), np.asarray(value), allow_pickle=False)
+      meta = {"format_version": _FORMAT_VERSION, "kind": self.kind, "name": self.name,
+              "fit_info": dict(self.fit_info_items),
+              "posterior": None if self.posterior is None else {
+                  "l2": self.posterior.l2, "method": self.posterior.method}}
+      with open(os.path.join(tmp, "simulator.json"), "w") as f:
+        json.dump(meta, f, indent=2, default=_json_value)
+
+  @classmethod
+  def load(cls, path: str) -> "Simulator":
+    """Reads a simulator written by `save`.
+
+    Raises:
+      FileNotFoundError: `path` or one of its files is missing.
+      ValueError: a file is corrupt, or the arrays disagree in shape.
+    """
+    meta_path = os.path.join(path, "simulator.json")
+    if not os.path.exists(meta_path):
+      raise FileNotFoundError(f"Simulator.load: {meta_path!r} is missing (not a saved "
+                              "simulator, or an interrupted write).")
+    try:
+      with open(meta_path) as f:
+        meta = json.load(f)
+      kind, name = meta["kind"], meta["name"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise ValueError(f"Simulator.load: {meta_path!r} is corrupt ({e!r}).") from e
+    if meta.get("format_version") != _FORMAT_VERSION or kind not in KINDS:
+      raise ValueError(f"Simulator.load: {meta_path!r} has an unsupported "
+                       f"format_version or kind ({meta.get('format_version')!r}, "
+                       f"{kind!r}).")
+    load = lambda field: _io.load_npy(os.path.join(path, field + ".npy"),
+                                      "Simulator.load")
+    b = load("B")
+    a = load("A") if kind == "linear" else None
+    if b.ndim != 2 or (a is not None and a.shape != b.shape):
+      raise ValueError(f"Simulator.load: {path!r} holds A {None if a is None else a.shape}"
+                       f" and B {b.shape}; expected two float32[N, M].")
+    posterior = None
+    if meta.get("posterior"):
+      posterior = Posterior(**{field: load("posterior_" + field)
+                               for field in _POSTERIOR_ARRAYS},
+                            l2=float(meta["posterior"]["l2"]),
+                            method=str(meta["posterior"]["method"]))
+    return cls(A=None if a is None else jnp.asarray(a), B=jnp.asarray(b),
+               posterior=posterior, kind=kind, name=name,
+               fit_info_items=tuple(sorted(meta.get("fit_info", {}).items())))
 
   def _check_inputs(self, batch_ids, initial_losses):
     batch_ids = np.asarray(batch_ids)

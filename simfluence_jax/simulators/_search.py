@@ -1,0 +1,249 @@
+"""Curriculum search on a fitted simulator: which curriculum would teach the targets best?
+
+A curriculum here has the shape of the training curricula (`data.make_curricula`): a
+subset of S train examples visited in some order, one or more times. The search keeps
+that shape (same S, T, B and padding, so it competes fairly with random curricula of the
+same size) and changes two things:
+
+* *membership* (keep / drop): replace every occurrence of the subset's j-th example by
+  an example of the pool that is not in the subset;
+* *order*: swap the examples at two non-padding positions of the same epoch (only
+  proposed for simulators where order matters, i.e. Simfluence-Linear), so every
+  example is still seen once per epoch.
+
+Each iteration draws `num_proposals` random moves, simulates all of them at once
+(`vmap` of the autoregressive rollout), and keeps the best if it lowers the objective:
+the weighted final simulated loss of the target test examples. Restarts from several
+starting curricula run together (`vmap` over candidates); the whole loop is one
+`lax.scan` inside one `jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from simfluence_jax.simulators import _simulator
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+  """What `search_curriculum` found.
+
+  Attributes:
+    batch_ids: int32[C, T, B] the best curriculum of every restart (-1 = padding).
+    objective: float32[C] its simulated objective (weighted final target loss).
+    initial_objective: float32[C] the objective of the starting curricula.
+    history: float32[C, num_iters + 1] the objective after every iteration.
+    target_weights: float32[M] the normalised weights of the objective.
+  """
+
+  batch_ids: np.ndarray
+  objective: np.ndarray
+  initial_objective: np.ndarray
+  history: np.ndarray
+  target_weights: np.ndarray
+
+  @property
+  def best(self) -> int:
+    """Index of the restart with the lowest simulated objective."""
+    return int(np.argmin(self.objective))
+
+
+def target_weights(targets: Union[Sequence[int], np.ndarray], num_test: int
+                   ) -> np.ndarray:
+  """float32[M] weights summing to 1 from test indices int[k] or weights float[M].
+
+  Raises:
+    ValueError: empty targets, indices out of [0, M), or weights of the wrong shape,
+      negative or all zero.
+  """
+  targets = np.asarray(targets)
+  if targets.size == 0:
+    raise ValueError("targets: empty; give test example indices or weights [M].")
+  if np.issubdtype(targets.dtype, np.integer):
+    if targets.ndim != 1 or targets.min() < 0 or targets.max() >= num_test:
+      raise ValueError(f"targets: indices must be a 1-D list in [0, {num_test}), got "
+                       f"{targets.tolist()}.")
+    weights = np.zeros(num_test, np.float32)
+    weights[targets] = 1.0
+  else:
+    if targets.shape != (num_test,) or not np.all(np.isfinite(targets)):
+      raise ValueError(f"targets: float weights must be finite with shape ({num_test},),"
+                       f" got shape {targets.shape}.")
+    if targets.min() < 0 or targets.sum() <= 0:
+      raise ValueError("targets: weights must be non-negative and not all zero.")
+    weights = targets.astype(np.float32)
+  return weights / weights.sum()
+
+
+def _split_curricula(batch_ids: np.ndarray):
+  """(subsets int32[C, S], schedule int32[C, T, B] indexing into the subset or -1)."""
+  subsets, schedules = [], []
+  for c, ids in enumerate(batch_ids):
+    subset, inverse = np.unique(ids, return_inverse=True)
+    inverse = inverse.reshape(ids.shape)
+    if subset.size and subset[0] == -1:
+      subset, inverse = subset[1:], inverse - 1
+    if subsets and subset.size != subsets[0].size:
+      raise ValueError(f"start_batch_ids: every starting curriculum must use the same "
+                       f"number of distinct examples; curriculum 0 uses "
+                       f"{subsets[0].size}, curriculum {c} uses {subset.size}.")
+    if subset.size == 0:
+      raise ValueError(f"start_batch_ids: curriculum {c} is all padding.")
+    subsets.append(subset)
+    schedules.append(np.where(ids >= 0, inverse, -1))
+  return (np.stack(subsets).astype(np.int32), np.stack(schedules).astype(np.int32))
+
+
+def _final_loss(a, b, ids, loss0, linear):
+  """float32[M'] final loss of one curriculum ids int32[T, B] (-1 = padding)."""
+  weights = (ids >= 0).astype(a.dtype)
+  safe = jnp.maximum(ids, 0)
+
+  def step(loss, inputs):
+    step_ids, step_w = inputs
+    beta = step_w @ b[step_ids]
+    alpha = step_w @ a[step_ids] if linear else 1.0
+    return alpha * loss + beta, None
+
+  loss, _ = jax.lax.scan(step, loss0, (safe, weights))
+  return loss
+
+
+@functools.partial(jax.jit, static_argnames=("linear", "num_iters", "num_proposals",
+                                             "reorder", "epoch_steps"))
+def _search(a, b, loss0, weights, subsets, schedules, pool, key, *, linear, num_iters,
+            num_proposals, reorder, epoch_steps):
+  """Jitted local search, vmapped over restarts; see `search_curriculum`."""
+  pool_size = pool.shape[0]
+
+  def objective(subset, schedule):
+    ids = jnp.where(schedule >= 0, subset[jnp.maximum(schedule, 0)], -1)
+    return weights @ _final_loss(a, b, ids, loss0, linear)
+
+  def one_restart(subset, schedule, key):
+    num_slots = subset.shape[0]
+    flat_valid = (schedule.reshape(-1) >= 0).astype(jnp.float32)
+    position_p = flat_valid / flat_valid.sum()
+    num_steps, batch_size = schedule.shape
+    epoch = jnp.arange(num_steps * batch_size) // (batch_size * epoch_steps)
+
+    def propose(subset, schedule, key):
+      key_kind, key_slot, key_new, key_p, key_q = jax.random.split(key, 5)
+      # Membership move: slot j takes pool example u (invalid if u is already in).
+      slot = jax.random.randint(key_slot, (), 0, num_slots)
+      new_id = pool[jax.random.randint(key_new, (), 0, pool_size)]
+      swapped_in = subset.at[slot].set(new_id)
+      duplicate = jnp.any(subset == new_id)
+      # Order move: swap the examples at two non-padding positions.
+      p = jax.random.choice(key_p, schedule.size, p=position_p)
+      same_epoch = flat_valid * (epoch == epoch[p])
+      q = jax.random.choice(key_q, schedule.size, p=same_epoch / same_epoch.sum())
+      flat = schedule.reshape(-1)
+      reordered = flat.at[p].set(flat[q]).at[q].set(flat[p]).reshape(schedule.shape)
+      is_order = reorder & (jax.random.uniform(key_kind) < 0.5)
+      new_subset = jnp.where(is_order, subset, swapped_in)
+      new_schedule = jnp.where(is_order, reordered, schedule)
+      value = objective(new_subset, new_schedule)
+      value = jnp.where(~is_order & duplicate, jnp.inf, value)
+      return new_subset, new_schedule, value
+
+    def iteration(carry, key):
+      subset, schedule, value = carry
+      keys = jax.random.split(key, num_proposals)
+      subsets, schedules, values = jax.vmap(propose, in_axes=(None, None, 0))(
+          subset, schedule, keys)
+      best = jnp.argmin(values)
+      better = values[best] < value
+      subset = jnp.where(better, subsets[best], subset)
+      schedule = jnp.where(better, schedules[best], schedule)
+      value = jnp.where(better, values[best], value)
+      return (subset, schedule, value), value
+
+    start = objective(subset, schedule)
+    (subset, schedule, value), history = jax.lax.scan(
+        iteration, (subset, schedule, start), jax.random.split(key, num_iters))
+    ids = jnp.where(schedule >= 0, subset[jnp.maximum(schedule, 0)], -1)
+    return ids, value, start, jnp.concatenate([start[None], history])
+
+  keys = jax.random.split(key, subsets.shape[0])
+  return jax.vmap(one_restart)(subsets, schedules, keys)
+
+
+def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
+                      start_batch_ids: Any, targets: Union[Sequence[int], np.ndarray],
+                      *, pool: Optional[Sequence[int]] = None, num_iters: int = 300,
+                      num_proposals: int = 64, reorder: Optional[bool] = None,
+                      epoch_steps: Optional[int] = None,
+                      seed: int = 0) -> SearchResult:
+  """Searches for curricula minimising the simulated final loss of target examples.
+
+  Args:
+    simulator: a fitted `Simulator` (N train examples, M test examples).
+    initial_losses: float32[M] test losses before the first step (the base model's).
+    start_batch_ids: int32[C, T, B] starting curricula, one per restart (e.g. random
+      ones from `data.make_curricula`); all must use the same number S of distinct
+      examples. The result keeps their shape, S and padding.
+    targets: test example indices int[k] (equal weights) or weights float32[M].
+    pool: train ids the search may bring in (default: all N).
+    num_iters: iterations of the local search.
+    num_proposals: random moves simulated (in parallel) per iteration.
+    reorder: propose order swaps too; default: only for linear simulators (an
+      additive simulator's final loss does not depend on the order).
+    epoch_steps: steps per epoch; order swaps stay within an epoch (default: the
+      whole curriculum is one epoch).
+    seed: seed of the random moves.
+
+  Returns:
+    A `SearchResult`; `result.batch_ids[result.best]` is the best curriculum found.
+
+  Raises:
+    ValueError: naming the bad argument (shapes, ids out of range, bad targets).
+  """
+  num_train, num_test = simulator.num_train_examples, simulator.num_test_examples
+  start = np.asarray(start_batch_ids)
+  if start.ndim == 2:
+    start = start[None]
+  if start.ndim != 3 or not np.issubdtype(start.dtype, np.integer):
+    raise ValueError(f"start_batch_ids: expected int[C, T, B], got {start.dtype}"
+                     f"{list(start.shape)}.")
+  if start.min() < -1 or start.max() >= num_train:
+    raise ValueError(f"start_batch_ids: ids must be in [-1, {num_train}), found "
+                     f"[{start.min()}, {start.max()}].")
+  initial_losses = np.asarray(initial_losses, np.float32)
+  if initial_losses.shape != (num_test,) or not np.all(np.isfinite(initial_losses)):
+    raise ValueError(f"initial_losses: expected finite float32[{num_test}], got shape "
+                     f"{initial_losses.shape}.")
+  weights = target_weights(targets, num_test)
+  pool = np.arange(num_train) if pool is None else np.unique(np.asarray(pool))
+  if pool.size == 0 or not np.issubdtype(pool.dtype, np.integer) or (
+      pool.min() < 0 or pool.max() >= num_train):
+    raise ValueError(f"pool: expected train ids in [0, {num_train}).")
+  epoch_steps = start.shape[1] if epoch_steps is None else epoch_steps
+  for name, value in (("num_iters", num_iters), ("num_proposals", num_proposals),
+                      ("epoch_steps", epoch_steps)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name}={value!r}: must be a positive integer.")
+  subsets, schedules = _split_curricula(start)
+  linear = simulator.kind == "linear"
+  reorder = linear if reorder is None else bool(reorder)
+  # Only the target columns matter: simulate those alone.
+  columns = np.flatnonzero(weights > 0)
+  b = jnp.asarray(simulator.B)[:, columns]
+  a = jnp.asarray(simulator.A)[:, columns] if linear else b
+  ids, value, start_value, history = _search(
+      a, b, jnp.asarray(initial_losses[columns]), jnp.asarray(weights[columns]),
+      jnp.asarray(subsets), jnp.asarray(schedules), jnp.asarray(pool, jnp.int32),
+      jax.random.key(seed), linear=linear, num_iters=num_iters,
+      num_proposals=num_proposals, reorder=reorder, epoch_steps=epoch_steps)
+  return SearchResult(batch_ids=np.asarray(ids, np.int32),
+                      objective=np.asarray(value, np.float32),
+                      initial_objective=np.asarray(start_value, np.float32),
+                      history=np.asarray(history, np.float32),
+                      target_weights=weights)

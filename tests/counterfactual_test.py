@@ -1,0 +1,274 @@
+"""Counterfactual curricula: search, curriculum files, the simulate CLI, verification."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import simfluence_jax as sj
+from simfluence_jax import counterfactual
+from simfluence_jax import data
+from simfluence_jax import simulate
+
+
+def _linear_simulator(num_train, num_test, seed):
+  rng = np.random.default_rng(seed)
+  a = rng.uniform(0.5, 1.0, size=(num_train, num_test)).astype(np.float32)
+  b = rng.normal(size=(num_train, num_test)).astype(np.float32)
+  return sj.simulators.Simulator(A=jnp.asarray(a), B=jnp.asarray(b), kind="linear",
+                                 name="truth")
+
+
+# --- search ------------------------------------------------------------------------------
+
+def test_additive_search_finds_the_planted_best_subset():
+  num_train, num_test = 30, 4
+  b = np.random.default_rng(0).uniform(0, 0.01, (num_train, num_test)).astype(np.float32)
+  best = [3, 7, 11, 20, 25]
+  b[best] -= 1.0
+  sim = sj.simulators.additive_from_scores(b)
+  start = data.make_curricula(3, num_train, 5, 2, 2, seed=0)
+  result = sj.simulators.search_curriculum(sim, np.ones(num_test, np.float32), start,
+                                           [0, 1], num_iters=100, num_proposals=16)
+  for ids in result.batch_ids:
+    assert sorted(set(ids[ids >= 0].tolist())) == best
+  # Each of the 5 examples is seen in both epochs: final = 1 + 2·Σ b.
+  expected = 1.0 + 2 * b[best][:, :2].sum(0).mean()
+  np.testing.assert_allclose(result.objective, expected, rtol=1e-5)
+  assert np.all(result.objective <= result.initial_objective)
+  assert np.all(np.diff(result.history, axis=1) <= 0)  # never gets worse
+
+
+def test_linear_search_matches_brute_force_over_subsets_and_orders():
+  sim = _linear_simulator(7, 3, seed=1)
+  initial = np.array([2.0, 1.0, 3.0], np.float32)
+  best = np.inf
+  for subset in itertools.combinations(range(7), 3):
+    for order in itertools.permutations(subset):
+      ids = np.array(order, np.int32)[None, :, None]
+      value = float(np.asarray(sim.simulate(ids, initial[None]))[0, -1].mean())
+      best = min(best, value)
+  start = data.make_curricula(4, 7, 3, 1, 1, seed=0)
+  result = sj.simulators.search_curriculum(sim, initial, start, [0, 1, 2],
+                                           num_iters=100, num_proposals=16)
+  np.testing.assert_allclose(result.objective.min(), best, rtol=1e-5)
+  # The reported objective is what the simulator says of the returned curriculum.
+  rollout = np.asarray(sim.simulate(result.batch_ids,
+                                    np.repeat(initial[None], 4, axis=0)))
+  np.testing.assert_allclose(rollout[:, -1].mean(-1), result.objective, rtol=1e-5)
+
+
+def test_search_keeps_the_shape_padding_size_and_pool():
+  sim = _linear_simulator(40, 5, seed=2)
+  start = data.make_curricula(2, 40, 10, 2, 4, seed=3)  # 3 batches/epoch, last padded
+  pool = np.arange(20)
+  result = sj.simulators.search_curriculum(sim, np.ones(5, np.float32), start, [4],
+                                           pool=pool, num_iters=30, num_proposals=8,
+                                           epoch_steps=3)
+  assert result.batch_ids.shape == start.shape
+  np.testing.assert_array_equal(result.batch_ids < 0, start < 0)
+  for before, after in zip(start, result.batch_ids):
+    kept = set(before[before >= 0].tolist())
+    chosen = set(after[after >= 0].tolist())
+    assert len(chosen) == 10
+    assert chosen - kept <= set(pool.tolist())  # new examples come from the pool
+    for epoch in after.reshape(2, -1):  # still every example once per epoch
+      assert sorted(epoch[epoch >= 0].tolist()) == sorted(chosen)
+  np.testing.assert_allclose(result.target_weights, [0, 0, 0, 0, 1])
+
+
+@pytest.mark.parametrize("targets, match", [
+    ([], "empty"), ([5], r"\[0, 5\)"), (np.zeros(5), "not all zero"),
+    (np.ones(4), r"shape \(5,\)")])
+def test_search_rejects_bad_targets(targets, match):
+  sim = _linear_simulator(10, 5, seed=0)
+  with pytest.raises(ValueError, match=match):
+    sj.simulators.search_curriculum(sim, np.ones(5, np.float32),
+                                    data.make_curricula(1, 10, 4, 1, 2, 0), targets)
+
+
+def test_search_rejects_bad_start_curricula():
+  sim = _linear_simulator(10, 3, seed=0)
+  with pytest.raises(ValueError, match="start_batch_ids: ids must be in"):
+    sj.simulators.search_curriculum(sim, np.ones(3, np.float32),
+                                    np.full((1, 2, 2), 10), [0])
+  uneven = np.array([[[0, 1]], [[2, 2]]])
+  with pytest.raises(ValueError, match="same number of distinct examples"):
+    sj.simulators.search_curriculum(sim, np.ones(3, np.float32), uneven, [0])
+
+
+# --- curriculum files --------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, expected", [
+    ([[1, 2], [3]], [[[1, 2], [3, -1]]]),
+    ({"batch_ids": [[[0, 1]], [[2, -1]]]}, [[[0, 1]], [[2, -1]]]),
+])
+def test_load_curriculum_json(tmp_path, content, expected):
+  path = tmp_path / "c.json"
+  path.write_text(json.dumps(content))
+  got = data.load_curriculum(str(path), num_train_examples=4)
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_load_curriculum_csv(tmp_path):
+  path = tmp_path / "c.csv"
+  path.write_text("# step per line\n0,1,2\n\n3,,4\n5\n")
+  np.testing.assert_array_equal(data.load_curriculum(str(path), 6),
+                                [[[0, 1, 2], [3, -1, 4], [5, -1, -1]]])
+
+
+@pytest.mark.parametrize("name, text, match", [
+    ("c.json", "[[0, 9]]", r"step 0, slot 1: id 9 is outside \[0, 4\)"),
+    ("c.json", "[[0, -2]]", "id -2 is outside"),
+    ("c.json", "[[0, 1.5]]", "slot 1: 1.5 is not an integer id"),
+    ("c.json", '[[0, "x"]]', "'x' is not an integer id"),
+    ("c.json", "[[[0]], [[1], [2]]]", "different numbers of steps"),
+    ("c.json", "[]", "non-empty list"),
+    ("c.json", "[0, 1]", "step 0: expected a list of ids"),
+    ("c.json", '{"ids": []}', "must hold \"batch_ids\""),
+    ("c.json", "[[0,", "not valid JSON"),
+    ("c.json", "[[-1, -1]]", "all padding"),
+    ("c.csv", "0,1\n2,z\n", "step 1, slot 1: 'z' is not an integer id"),
+    ("c.txt", "0", "unsupported extension"),
+])
+def test_load_curriculum_rejects_bad_files(tmp_path, name, text, match):
+  path = tmp_path / name
+  path.write_text(text)
+  with pytest.raises(ValueError, match=match) as info:
+    data.load_curriculum(str(path), num_train_examples=4)
+  assert name in str(info.value)  # the message names the file
+
+
+def test_load_curriculum_missing_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    data.load_curriculum(str(tmp_path / "none.json"), 4)
+
+
+# --- saved simulators and the simulate CLI -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def fitted_workdir(tmp_path_factory):
+  """A workdir laid out like the main job's: trace/ and simulators/<method>/."""
+  workdir = str(tmp_path_factory.mktemp("workdir"))
+  truth = _linear_simulator(20, 3, seed=5)
+  ids = data.make_curricula(12, 20, 8, 2, 2, seed=0)
+  initial = np.full((12, 3), 3.0, np.float32)
+  losses = np.asarray(truth.simulate(ids, initial))
+  trace = sj.Trace(batch_ids=ids, losses=losses,
+                   learning_rates=np.full(ids.shape[:2], 0.1, np.float32),
+                   num_train_examples=20)
+  trace.save(os.path.join(workdir, "trace"))
+  sims = {f"simfluence_{kind}": sj.simulators.fit(kind, trace, l2=1e-2)
+          for kind in ("linear", "additive")}
+  sims["scores"] = sj.simulators.additive_from_scores(np.asarray(sims[
+      "simfluence_additive"].B), name="scores")
+  for name, sim in sims.items():
+    sim.save(os.path.join(workdir, counterfactual.SIMULATORS_DIR, name))
+  return workdir, sims, trace
+
+
+def test_saved_simulators_round_trip(fitted_workdir):
+  workdir, sims, trace = fitted_workdir
+  loaded = counterfactual.load_simulators(workdir)
+  assert sorted(loaded) == sorted(sims)
+  for name, sim in sims.items():
+    assert loaded[name].kind == sim.kind and loaded[name].fit_info == sim.fit_info
+    np.testing.assert_array_equal(loaded[name].simulate(trace.batch_ids,
+                                                        trace.losses[:, 0]),
+                                  sim.simulate(trace.batch_ids, trace.losses[:, 0]))
+  mean, std = loaded["simfluence_linear"].simulate_with_bands(
+      trace.batch_ids[:2], trace.losses[:2, 0], num_samples=4, rng=1)
+  mean0, std0 = sims["simfluence_linear"].simulate_with_bands(
+      trace.batch_ids[:2], trace.losses[:2, 0], num_samples=4, rng=1)
+  np.testing.assert_allclose(mean, mean0, rtol=1e-6)
+  np.testing.assert_allclose(std, std0, rtol=1e-5, atol=1e-7)
+  assert loaded["scores"].posterior is None
+
+
+def test_load_simulators_errors(fitted_workdir, tmp_path):
+  workdir, _, _ = fitted_workdir
+  with pytest.raises(FileNotFoundError, match="no fitted simulators"):
+    counterfactual.load_simulators(str(tmp_path))
+  with pytest.raises(ValueError, match=r"--methods: \['nope'\] not fitted"):
+    counterfactual.load_simulators(workdir, ["nope"])
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  (broken / "simulator.json").write_text("{")
+  with pytest.raises(ValueError, match="corrupt"):
+    sj.simulators.Simulator.load(str(broken))
+
+
+def test_simulate_run_writes_every_simulators_trajectories(fitted_workdir, tmp_path):
+  workdir, sims, trace = fitted_workdir
+  path = tmp_path / "mine.json"
+  curriculum = trace.batch_ids[:2].tolist()
+  path.write_text(json.dumps(curriculum))
+  result = simulate.run(workdir, str(path), output_dir=str(tmp_path / "out"),
+                        targets=[0, 2], num_band_samples=4)
+  written = json.loads((tmp_path / "out" / "trajectories.json").read_text())
+  assert (tmp_path / "out" / "trajectories.png").stat().st_size > 0
+  assert written["batch_ids_shape"] == [2, trace.num_steps, trace.batch_size]
+  assert written["targets"] == [0, 2]
+  assert written["methods"]["scores"]["std"] is None
+  assert written["methods"]["simfluence_linear"]["std"] is not None
+  expected = np.asarray(sims["scores"].simulate(trace.batch_ids[:2],
+                                                trace.losses[:2, 0]))
+  np.testing.assert_allclose(written["methods"]["scores"]["mean"], expected, atol=1e-5)
+  np.testing.assert_allclose(result["trajectories"]["scores"]["mean"], expected)
+
+
+def test_simulate_cli_rejects_a_bad_curriculum_in_one_line(fitted_workdir, tmp_path):
+  workdir, _, _ = fitted_workdir
+  path = tmp_path / "bad.csv"
+  path.write_text("0,1\n2,99\n")
+  proc = subprocess.run(
+      [sys.executable, "-m", "simfluence_jax.simulate", f"--workdir={workdir}",
+       f"--curriculum={path}"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: curriculum file") and "id 99 is outside" in last
+  assert "Traceback" not in proc.stderr
+
+
+# --- verification ------------------------------------------------------------------------
+
+def test_search_and_verify_with_an_exact_simulator():
+  """Retraining with the simulator itself: actual and simulated improvements agree."""
+  truth = _linear_simulator(24, 4, seed=7)
+  initial = np.full(4, 5.0, np.float32)
+  random_ids = data.make_curricula(9, 24, 8, 2, 2, seed=0)
+  retrain = lambda ids: np.asarray(truth.simulate(
+      ids, np.repeat(initial[None], len(ids), axis=0)))
+  start = data.make_curricula(3, 24, 8, 2, 2, seed=0, first_run=9)
+  result = counterfactual.search_and_verify(
+      {"truth": truth, "additive": sj.simulators.additive_from_scores(truth.B)},
+      initial_losses=initial, start_batch_ids=start, random_batch_ids=random_ids,
+      random_losses=retrain(random_ids), targets=[1, 2], retrain=retrain,
+      methods=["truth"], num_iters=60, num_proposals=16)
+  searched = result["searched"]["truth"]
+  assert list(result["searched"]) == ["truth"]
+  assert searched["actual_improvement"] > 0
+  assert searched["fraction_beating_median"] == 1.0
+  np.testing.assert_allclose(searched["actual_final"], searched["simulated_final"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(result["random"]["actual_final"],
+                             result["random"]["simulated_final"]["truth"], rtol=1e-5)
+  np.testing.assert_allclose(searched["actual_improvement"],
+                             searched["simulated_improvement"], rtol=1e-4)
+  assert result["batch_ids"]["truth"].shape == start.shape
+  json.dumps({k: v for k, v in result.items() if k != "batch_ids"})  # serialisable
+
+
+def test_choose_targets_picks_the_most_variable_examples():
+  losses = np.ones((5, 3, 4), np.float32)
+  losses[:, -1, 2] = np.arange(5)
+  losses[:, -1, 0] = np.arange(5) * 0.5
+  np.testing.assert_array_equal(counterfactual.choose_targets(losses, 2), [0, 2])
+  with pytest.raises(ValueError, match="num_targets=5"):
+    counterfactual.choose_targets(losses, 5)
