@@ -18,7 +18,9 @@ from typing import Dict, Iterable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from simfluence_jax import sharding as sharding_lib
 from simfluence_jax.influence import _common
 from simfluence_jax.influence import _layers
 from simfluence_jax.influence import _tasks
@@ -200,7 +202,8 @@ _jit_eigenvalues = jax.jit(eigenvalue_statistics,
 
 def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
               rng: Optional[jax.Array] = None, kfac: bool = False,
-              layers: Optional[Tuple[_layers.LayerSpec, ...]] = None) -> EKFACFactors:
+              layers: Optional[Tuple[_layers.LayerSpec, ...]] = None,
+              mesh: Optional[jax.sharding.Mesh] = None) -> EKFACFactors:
   """Fits EK-FAC (or K-FAC) factors of every dense layer.
 
   Args:
@@ -213,6 +216,9 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
     kfac: use the K-FAC eigenvalues `λ_S λ_Aᵀ × tokens per example` instead of the
       corrected ones (one pass over the data instead of two).
     layers: layers to cover; None = `find_layers` on the first batch.
+    mesh: split every batch over this mesh's `data` axis and `psum` the statistics
+      (`sharding.make_mesh`; it may span processes); None = default device. A
+      remainder of a batch that does not split evenly is computed replicated.
 
   Returns:
     `EKFACFactors`.
@@ -225,11 +231,29 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
   if layers is None:
     layers = _layers.find_layers(task.loss, params, batches[0])
   batch_rng = lambda i: None if rng is None else jax.random.fold_in(rng, i)
+  _common.check_mesh(mesh)
+  if mesh is not None:
+    params = sharding_lib.put(params, sharding_lib.replicated(mesh))
+    sharded_covariance = _sharded_statistics(
+        mesh, lambda p, _, b, r, axis_name: covariance_statistics(
+            task, p, b, layers, fisher, r, axis_name=axis_name))
+    sharded_eigenvalues = _sharded_statistics(
+        mesh, lambda p, vectors, b, r, axis_name: eigenvalue_statistics(
+            task, p, b, layers, vectors, fisher, r, axis_name=axis_name))
 
   stats = None
+  progress = _common.Progress("fit_ekfac: covariances", len(batches))
   for index, batch in enumerate(batches):
-    batch_stats = _jit_covariance(task, params, batch, layers, fisher, batch_rng(index))
-    stats = batch_stats if stats is None else add_statistics(stats, batch_stats)
+    if mesh is None:
+      batch_stats = _jit_covariance(task, params, batch, layers, fisher,
+                                    batch_rng(index))
+    else:
+      batch_stats = sharded_covariance(params, None, batch, batch_rng(index))
+    add = add_statistics if mesh is None else _add_optional
+    stats = batch_stats if stats is None else add(stats, batch_stats)
+    progress.update(index + 1, stats)
+  if mesh is not None:
+    stats = _sum_shards(stats, mesh)
   decomposed = eigendecompose(stats)
   factors = {}
   if kfac:
@@ -245,16 +269,104 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
 
   eigenvectors = {name: (value[1], value[3]) for name, value in decomposed.items()}
   eigen_stats = None
+  progress = _common.Progress("fit_ekfac: eigenvalues", len(batches))
   for index, batch in enumerate(batches):
-    batch_stats = _jit_eigenvalues(task, params, batch, layers, eigenvectors, fisher,
-                                   batch_rng(index))
+    if mesh is None:
+      batch_stats = _jit_eigenvalues(task, params, batch, layers, eigenvectors, fisher,
+                                     batch_rng(index))
+    else:
+      batch_stats = sharded_eigenvalues(params, eigenvectors, batch,
+                                        batch_rng(index))
+    add = add_statistics if mesh is None else _add_optional
     eigen_stats = (batch_stats if eigen_stats is None
-                   else add_statistics(eigen_stats, batch_stats))
+                   else add(eigen_stats, batch_stats))
+    progress.update(index + 1, eigen_stats)
+  if mesh is not None:
+    eigen_stats = _sum_shards(eigen_stats, mesh)
   for spec in layers:
     a_vectors, s_vectors = eigenvectors[spec.name]
     factors[spec.name] = LayerFactors(
         a_vectors, s_vectors, eigen_stats.sums[spec.name] / eigen_stats.num_examples)
   return EKFACFactors(layers, factors)
+
+
+def _sharded_statistics(mesh, statistics_fn):
+  """Returns `f(params, extra, batch, rng)`: `statistics_fn` split over `data`.
+
+  `statistics_fn(params, extra, batch, rng, axis_name)`. The first n − n mod D
+  examples of a batch are split over the D shards of the mesh's `data` axis (each
+  shard folds its index into `rng`) and each shard keeps its own sums: `f` returns
+  (per-shard statistics with a leading axis D, sharded over `data`; statistics of
+  the remainder, computed replicated), either None when empty. Batches accumulate
+  with `_add_optional` without any communication; `_sum_shards` reduces once at the
+  end, in a fixed order, so the result does not depend on how the collectives of
+  the platform (XLA, gloo) order a psum.
+  """
+  size = sharding_lib.data_size(mesh)
+  replicated = sharding_lib.replicated(mesh)
+
+  def shard_fn(params, extra, batch, rng):
+    if rng is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(sharding_lib.DATA_AXIS))
+    stats = statistics_fn(params, extra, batch, rng, None)
+    return jax.tree_util.tree_map(lambda x: x[None], stats)
+
+  sharded = sharding_lib.data_parallel(shard_fn, mesh, sharded_args=(2,),
+                                       out_example_axis=0)
+  whole = jax.jit(lambda p, e, b, r: statistics_fn(p, e, b, r, None))
+
+  def apply(params, extra, batch, rng):
+    batch = sharding_lib.to_host(batch)
+    extra = None if extra is None else sharding_lib.put(extra, replicated)
+    num = _common.num_examples(batch)
+    head = num - num % size
+    per_shard = rest = None
+    if head:
+      part = jax.tree_util.tree_map(lambda x: x[:head], batch)
+      per_shard = sharded(params, extra,
+                          sharding_lib.put(part, sharding_lib.data_sharded(mesh)),
+                          None if rng is None else sharding_lib.put(rng, replicated))
+    if head < num:
+      tail = jax.tree_util.tree_map(lambda x: x[head:], batch)
+      tail_rng = None if rng is None else jax.random.fold_in(rng, size)
+      rest = whole(params, extra, sharding_lib.put(tail, replicated),
+                   None if rng is None else sharding_lib.put(tail_rng, replicated))
+    return per_shard, rest
+
+  return apply
+
+
+def _add_optional(left, right):
+  """Adds (per-shard, rest) pairs of `_sharded_statistics`; None = nothing yet."""
+  return tuple(b if a is None else a if b is None else add_statistics(a, b)
+               for a, b in zip(left, right))
+
+
+def _sum_shards(pair, mesh):
+  """(per-shard, rest) -> statistics replicated over `mesh`.
+
+  On accelerators the shards are summed on device (one all-reduce per pass). On CPU
+  they are gathered and summed on the host in shard order: gloo (multi-process) and
+  XLA's in-process all-reduce add in different orders, and this keeps a 2-process
+  job bit-identical to one process with the same devices.
+  """
+  if jax.default_backend() != "cpu":
+    per_shard, rest = pair
+    total = None
+    if per_shard is not None:
+      total = jax.jit(lambda t: jax.tree_util.tree_map(lambda x: jnp.sum(x, 0), t),
+                      out_shardings=sharding_lib.replicated(mesh))(per_shard)
+    if rest is not None:
+      total = rest if total is None else add_statistics(total, rest)
+    return total
+  per_shard, rest = sharding_lib.to_host(pair)
+  total = None
+  if per_shard is not None:
+    total = jax.tree_util.tree_map(
+        lambda x: functools.reduce(np.add, list(x)), per_shard)
+  if rest is not None:
+    total = rest if total is None else jax.tree_util.tree_map(np.add, total, rest)
+  return sharding_lib.put(total, sharding_lib.replicated(mesh))
 
 
 def layer_damping(factors: EKFACFactors, damping: Optional[float] = None
@@ -349,23 +461,47 @@ _jit_train_scores = jax.jit(_train_scores, static_argnames=("task", "layers", "m
 
 
 def _scores(task, params, factors, query_batch, train_batches, damping, chunk_size,
-            query_rank, mode):
+            query_rank, mode, mesh=None):
   if query_rank is not None and (not isinstance(query_rank, int) or query_rank < 1):
     raise ValueError(f"query_rank must be a positive integer, got {query_rank!r}.")
-  query = _jit_query_side(task, params, factors, query_batch, damping, query_rank)
+  _common.check_mesh(mesh)
   example_axis = {"total": 1, "layer": 2, "token": 1}[mode]
+  batches = _common.as_batch_list(train_batches, "train_batches")
+  progress = _common.Progress(f"ekfac_scores ({mode})",
+                              _common.num_chunks(batches, chunk_size))
+  if mesh is None:
+    query = _jit_query_side(task, params, factors, query_batch, damping, query_rank)
+    pieces = []
+    for chunk, valid in _common.iterate_chunks(batches, chunk_size):
+      scores = _jit_train_scores(task, factors.layers, mode, params, query, chunk)
+      pieces.append(jax.lax.slice_in_dim(scores, 0, valid, axis=example_axis))
+      progress.update(len(pieces), pieces[-1])
+    return jnp.concatenate(pieces, axis=example_axis)
+  # Train examples split over the mesh's data axis; queries and factors replicated.
+  replicated = sharding_lib.replicated(mesh)
+  params, factors, query_batch = sharding_lib.put((params, factors, query_batch),
+                                                  replicated)
+  query = _jit_query_side(task, params, factors, query_batch, damping, query_rank)
+  kernel = sharding_lib.data_parallel(
+      functools.partial(_train_scores, task, factors.layers, mode), mesh,
+      sharded_args=(2,), out_example_axis=example_axis)
   pieces = []
-  for chunk, valid in _common.iterate_chunks(
-      _common.as_batch_list(train_batches, "train_batches"), chunk_size):
-    scores = _jit_train_scores(task, factors.layers, mode, params, query, chunk)
-    pieces.append(jax.lax.slice_in_dim(scores, 0, valid, axis=example_axis))
-  return jnp.concatenate(pieces, axis=example_axis)
+  for chunk, valid in _common.iterate_chunks(batches, chunk_size):
+    chunk = sharding_lib.put(
+        _common.pad_to_multiple(sharding_lib.to_host(chunk),
+                                sharding_lib.data_size(mesh)),
+        sharding_lib.data_sharded(mesh))
+    scores = sharding_lib.to_host(kernel(params, query, chunk))
+    pieces.append(np.take(scores, np.arange(valid), axis=example_axis))
+    progress.update(len(pieces))
+  return jnp.asarray(np.concatenate(pieces, axis=example_axis))
 
 
 def ekfac_scores(task, params, factors: EKFACFactors, query_batch, train_batches,
                  damping: Optional[float] = None,
                  chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 query_rank: Optional[int] = None) -> jax.Array:
+                 query_rank: Optional[int] = None,
+                 mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
   """EK-FAC influence `⟨∇m_q, (G+λI)^{-1} ∇ℓ_i⟩` of every train example on every query.
 
   Query gradients are preconditioned once; train per-example gradients are formed
@@ -381,31 +517,35 @@ def ekfac_scores(task, params, factors: EKFACFactors, query_batch, train_batches
     chunk_size: train examples per jitted step.
     query_rank: store each preconditioned query gradient as a rank-`query_rank`
       SVD per layer (query batching of Grosse et al.; None = exact).
+    mesh: split each chunk of train examples over this mesh's `data` axis
+      (`sharding.make_mesh`; it may span processes); None = default device.
 
   Returns:
     float32[Q, N]; positive = a gradient step on the train example lowers the
     query's measurement.
   """
   return _scores(task, params, factors, query_batch, train_batches, damping,
-                 chunk_size, query_rank, "total")
+                 chunk_size, query_rank, "total", mesh)
 
 
 def ekfac_layer_scores(task, params, factors, query_batch, train_batches,
-                       damping=None, chunk_size=DEFAULT_CHUNK_SIZE, query_rank=None):
+                       damping=None, chunk_size=DEFAULT_CHUNK_SIZE, query_rank=None,
+                       mesh=None):
   """Per-layer breakdown: float32[L, Q, N] (order of `factors.layers`), sums to scores."""
   return _scores(task, params, factors, query_batch, train_batches, damping,
-                 chunk_size, query_rank, "layer")
+                 chunk_size, query_rank, "layer", mesh)
 
 
 def ekfac_token_scores(task, params, factors, query_batch, train_batches,
-                       damping=None, chunk_size=DEFAULT_CHUNK_SIZE, query_rank=None):
+                       damping=None, chunk_size=DEFAULT_CHUNK_SIZE, query_rank=None,
+                       mesh=None):
   """Per-train-token breakdown: float32[Q, N, T], summing over T to the scores.
 
   Token t's share is `⟨P_q, Σ_layers g_t a_tᵀ⟩` (T = token positions of the
   layers; all layers must have the same number of tokens, e.g. a Transformer LM).
   """
   return _scores(task, params, factors, query_batch, train_batches, damping,
-                 chunk_size, query_rank, "token")
+                 chunk_size, query_rank, "token", mesh)
 
 
 def _self_scores(task, layers, params, factors, damping, chunk):
@@ -422,9 +562,11 @@ def ekfac_self_influence(task, params, factors: EKFACFactors, train_batches,
                          damping: Optional[float] = None,
                          chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
   """float32[N] `⟨∇ℓ_i, (G+λI)^{-1} ∇ℓ_i⟩` (train loss on both sides)."""
-  pieces = []
-  for chunk, valid in _common.iterate_chunks(
-      _common.as_batch_list(train_batches, "train_batches"), chunk_size):
+  pieces, batches = [], _common.as_batch_list(train_batches, "train_batches")
+  progress = _common.Progress("ekfac_self_influence",
+                              _common.num_chunks(batches, chunk_size))
+  for chunk, valid in _common.iterate_chunks(batches, chunk_size):
     pieces.append(_jit_self_scores(task, factors.layers, params, factors, damping,
                                    chunk)[:valid])
+    progress.update(len(pieces), pieces[-1])
   return jnp.concatenate(pieces)

@@ -12,8 +12,10 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from simfluence_jax import kernels
+from simfluence_jax import sharding as sharding_lib
 from simfluence_jax.influence import _common
 
 DEFAULT_CHUNK_SIZE = 256
@@ -76,7 +78,8 @@ def _validate(checkpoints, learning_rates, projection_dim, rng):
 def tracin_scores(task, checkpoints: Sequence, learning_rates, query_batch,
                   train_batches, projection_dim: Optional[int] = None,
                   rng: Optional[jax.Array] = None,
-                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
+                  chunk_size: int = DEFAULT_CHUNK_SIZE,
+                  mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
   """TracIn-CP scores of every train example on every query.
 
   Args:
@@ -89,6 +92,8 @@ def tracin_scores(task, checkpoints: Sequence, learning_rates, query_batch,
     projection_dim: project per-example gradients to this many dimensions.
     rng: PRNG key seeding the projections; required with `projection_dim`.
     chunk_size: train examples per jitted step.
+    mesh: split each chunk of train examples over this mesh's `data` axis
+      (`sharding.make_mesh`; it may span processes); None = default device.
 
   Returns:
     float32[Q, N].
@@ -99,18 +104,53 @@ def tracin_scores(task, checkpoints: Sequence, learning_rates, query_batch,
   """
   checkpoints, learning_rates, keys = _validate(checkpoints, learning_rates,
                                                 projection_dim, rng)
+  _common.check_mesh(mesh)
+  if mesh is not None:
+    return _sharded_tracin_scores(task, checkpoints, learning_rates, keys,
+                                  query_batch, train_batches, projection_dim,
+                                  chunk_size, mesh)
   queries = [_jit_query_grads(task, projection_dim, params, query_batch, key)
              for params, key in zip(checkpoints, keys)]
-  pieces = []
-  for chunk, valid in _common.iterate_chunks(
-      _common.as_batch_list(train_batches, "train_batches"), chunk_size):
+  pieces, batches = [], _common.as_batch_list(train_batches, "train_batches")
+  progress = _common.Progress("tracin_scores", _common.num_chunks(batches, chunk_size))
+  for chunk, valid in _common.iterate_chunks(batches, chunk_size):
     total = None
     for params, query, lr, key in zip(checkpoints, queries, learning_rates, keys):
       scores = _jit_chunk_scores(task, projection_dim, params, query,
                                  jnp.float32(lr), chunk, key)
       total = scores if total is None else total + scores
     pieces.append(total[:, :valid])
+    progress.update(len(pieces), pieces[-1])
   return jnp.concatenate(pieces, axis=1)
+
+
+def _sharded_tracin_scores(task, checkpoints, learning_rates, keys, query_batch,
+                           train_batches, projection_dim, chunk_size, mesh):
+  """`tracin_scores` with each train chunk split over the mesh's `data` axis."""
+  replicated = sharding_lib.replicated(mesh)
+  checkpoints, keys, query_batch = sharding_lib.put(
+      (checkpoints, keys, query_batch), replicated)
+  queries = [_jit_query_grads(task, projection_dim, params, query_batch, key)
+             for params, key in zip(checkpoints, keys)]
+  kernel = sharding_lib.data_parallel(
+      lambda params, query, lr, chunk, key: _chunk_scores(
+          task, projection_dim, params, query, lr, chunk, key),
+      mesh, sharded_args=(3,), out_example_axis=1)
+  pieces, batches = [], _common.as_batch_list(train_batches, "train_batches")
+  progress = _common.Progress("tracin_scores", _common.num_chunks(batches, chunk_size))
+  for chunk, valid in _common.iterate_chunks(batches, chunk_size):
+    chunk = sharding_lib.put(
+        _common.pad_to_multiple(sharding_lib.to_host(chunk),
+                                sharding_lib.data_size(mesh)),
+        sharding_lib.data_sharded(mesh))
+    total = None
+    for params, query, lr, key in zip(checkpoints, queries, learning_rates, keys):
+      scores = kernel(params, query, sharding_lib.put(np.float32(lr), replicated),
+                      chunk, key)
+      total = scores if total is None else total + scores
+    pieces.append(sharding_lib.to_host(total)[:, :valid])
+    progress.update(len(pieces))
+  return jnp.asarray(np.concatenate(pieces, axis=1))
 
 
 def tracin_self_influence(task, checkpoints: Sequence, learning_rates,
@@ -120,13 +160,14 @@ def tracin_self_influence(task, checkpoints: Sequence, learning_rates,
   """float32[N] `Σ_k η_k ‖∇ℓ_i(θ_k)‖²` (train loss; the diagonal of train-vs-train)."""
   checkpoints, learning_rates, keys = _validate(checkpoints, learning_rates,
                                                 projection_dim, rng)
-  pieces = []
-  for chunk, valid in _common.iterate_chunks(
-      _common.as_batch_list(train_batches, "train_batches"), chunk_size):
+  pieces, batches = [], _common.as_batch_list(train_batches, "train_batches")
+  progress = _common.Progress("tracin_self_influence", _common.num_chunks(batches, chunk_size))
+  for chunk, valid in _common.iterate_chunks(batches, chunk_size):
     total = None
     for params, lr, key in zip(checkpoints, learning_rates, keys):
       scores = _jit_chunk_self(task, projection_dim, params, jnp.float32(lr), chunk,
                                key)
       total = scores if total is None else total + scores
     pieces.append(total[:valid])
+    progress.update(len(pieces), pieces[-1])
   return jnp.concatenate(pieces)

@@ -38,6 +38,7 @@ shape and compiles once).
 
 import functools
 import math
+import os
 from typing import Optional
 
 import jax
@@ -339,6 +340,14 @@ def _column_sharding():
   devices = jax.local_devices()
   if len(devices) == 1:
     return None
+  if jax.default_backend() == "cpu" and (
+      jax.process_count() > 1 or os.environ.get("SJ_SOLVER_SHARD_CPU") != "1"):
+    # CPU "devices" (forced host devices) share the same cores, so sharding buys
+    # nothing, and its collectives are fragile: gloo (multi-process) deadlocks on a
+    # mesh of one process's devices, and on an oversubscribed machine XLA's in-process
+    # rendezvous can hit its termination timeout and abort. Solve on one device
+    # unless SJ_SOLVER_SHARD_CPU=1 (tests of the sharded path); accelerators shard.
+    return None
   mesh = jax.sharding.Mesh(np.array(devices), ("columns",))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "columns"))
 
@@ -360,8 +369,9 @@ def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: flo
     max_iters: CG iteration cap.
     memory_budget_bytes: working-set bound per chunk of columns.
 
-  With several local devices, each chunk's columns are sharded over them (a mesh axis
-  named "columns"); the result does not depend on the number of devices.
+  With several local accelerator devices, each chunk's columns are sharded over them
+  (a mesh axis named "columns"; on CPU only with SJ_SOLVER_SHARD_CPU=1, see
+  `_column_sharding`); the result does not depend on the number of devices.
 
   Returns:
     (θ float32[N, J, C] as a numpy array, info dict with "method", "iterations"

@@ -20,14 +20,33 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from simfluence_jax import sharding
+
 BASE_PARAMS_DIR = "base_params"
 RUNS_CKPT_DIR = "runs_ckpt"
 TRACIN_CKPT_DIR = "tracin_ckpt"
 
 
 def _replicated_sharding() -> jax.sharding.Sharding:
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
+  """Replicated over this process's devices: restored params are process-local.
+
+  In a multi-process job every process reads the whole (small) array, so the params
+  can go straight into process-local computations (influence kernels, pre-training).
+  """
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("devices",))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _savable(tree):
+  """Process-local jax arrays -> numpy in a multi-process job (orbax saves numpy leaves
+  from the primary process; it refuses host-local jax arrays). Global arrays stay."""
+  if jax.process_count() == 1:
+    return tree
+  def leaf(x):
+    if isinstance(x, jax.Array) and x.is_fully_addressable:
+      return np.asarray(x)
+    return x
+  return jax.tree_util.tree_map(leaf, tree)
 
 
 def abstract_tree(tree, sharding: Optional[jax.sharding.Sharding] = None):
@@ -46,7 +65,7 @@ def save_params(path: str, params: Any) -> None:
   """Saves a parameter pytree to directory `path` (overwriting), blocking until done."""
   path = os.path.abspath(os.fspath(path))
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path, params, force=True)
+    checkpointer.save(path, _savable(params), force=True)
     checkpointer.wait_until_finished()
 
 
@@ -59,8 +78,8 @@ def load_params(path: str, like: Any = None) -> Any:
       (for jax arrays) shardings; None = the saved structure.
 
   Returns:
-    The params as jax arrays, placed like `like`'s arrays or replicated over all
-    devices (the saving topology is never assumed to still exist).
+    The params as jax arrays, placed like `like`'s arrays or replicated over this
+    process's devices (the saving topology is never assumed to still exist).
   """
   path = os.path.abspath(os.fspath(path))
   with ocp.StandardCheckpointer() as checkpointer:
@@ -85,7 +104,9 @@ def get_base_params(workdir: str, init_fn: Callable[[], Any]) -> Any:
       possibly followed by `pretrain_base`); only called when nothing is saved.
   """
   path = os.path.join(os.path.abspath(os.fspath(workdir)), BASE_PARAMS_DIR)
-  if os.path.isdir(path):
+  # Orbax renames the finished directory into place, so it exists only when complete;
+  # process 0 decides for every process (they must all save, or all load).
+  if sharding.agree(os.path.isdir(path)):
     return load_params(path)
   params = init_fn()
   save_params(path, params)
@@ -129,11 +150,15 @@ def load_tracin_params(workdir: str, step: int) -> Any:
       raise ValueError(f"load_tracin_params: no TracIn checkpoint at step {step} in "
                        f"{workdir!r}; saved steps: {sorted(manager.all_steps())}.")
     tree = manager.item_metadata(step).tree
-    # Sharding-free targets restore as host numpy arrays, independent of the
-    # device layout the runs were trained on.
+    # Read whole onto this process's devices (independent of the device layout the
+    # runs were trained on; in a multi-process job a sharding-free target would
+    # restore as arrays spanning every process), then copied to host numpy.
+    replicated = _replicated_sharding()
     target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
-    return manager.restore(step, args=ocp.args.StandardRestore(target))
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated),
+        tree)
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    return jax.tree_util.tree_map(np.asarray, restored)
 
 
 def load_tracin_checkpoints(workdir: str) -> Tuple[List[int], Any]:

@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from simfluence_jax import sharding as sharding_lib
 from simfluence_jax import trace as trace_lib
 from simfluence_jax.training import checkpoints
 from simfluence_jax.training import optim
 from simfluence_jax.training import step as step_lib
 
-RUNS_AXIS = "runs"
+RUNS_AXIS = sharding_lib.RUNS_AXIS
 
 _logger = logging.getLogger(__name__)
 
@@ -61,22 +62,24 @@ class TrainResult:
     return checkpoints.load_tracin_checkpoints(self.workdir)
 
 
-def runs_shardings(num_runs: int) -> Tuple[jax.sharding.NamedSharding,
-                                           jax.sharding.NamedSharding]:
+def runs_shardings(num_runs: int, mesh: Optional[jax.sharding.Mesh] = None
+                   ) -> Tuple[jax.sharding.NamedSharding, jax.sharding.NamedSharding]:
   """(sharding of arrays with a leading run axis, replicated sharding).
 
-  The run axis is split over all devices when `num_runs` divides evenly by the
-  device count; otherwise every device holds all runs (logged).
+  The run axis is split over the mesh's `runs` axis (default mesh: every device of
+  the job on `runs`, `sharding.make_mesh(runs=None)`) when `num_runs` divides evenly
+  by its size; otherwise every device holds all runs (logged).
   """
-  devices = jax.devices()
-  mesh = jax.sharding.Mesh(np.array(devices), (RUNS_AXIS,))
+  if mesh is None:
+    mesh = sharding_lib.make_mesh(runs=None, data=1)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  if num_runs % len(devices) == 0:
+  size = mesh.shape[RUNS_AXIS]
+  if num_runs % size == 0:
     return jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(RUNS_AXIS)), replicated
   _logger.warning("train_runs: R=%d runs do not divide evenly over %d devices; "
                   "replicating the runs on every device instead of sharding them.",
-                  num_runs, len(devices))
+                  num_runs, size)
   return replicated, replicated
 
 
@@ -163,7 +166,8 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
                max_steps: Optional[int] = None,
                steps_per_segment: Optional[int] = None,
                grad_chunk_size: Optional[int] = None,
-               metadata: Optional[dict] = None) -> TrainResult:
+               metadata: Optional[dict] = None,
+               mesh: Optional[jax.sharding.Mesh] = None) -> TrainResult:
   """Trains R runs from the same base params, one curriculum each, and records them.
 
   Args:
@@ -185,7 +189,8 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
       params before every step, for per-step TracIn.
     projection_dim: K of the recorded projections.
     seed: seed of the projection key (`step.projection_key(seed)`).
-    progress: log a line per segment (step/T, mean train loss, steps/s).
+    progress: log a line per segment (step/T, mean train loss, steps/s, elapsed,
+      ETA).
     max_steps: stop after this many steps in total (the returned trace covers
       them; with a workdir the state is saved there so a later call resumes).
     steps_per_segment: steps per jitted call (default: k, or about T/10); segment
@@ -193,6 +198,8 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
       a run was interrupted.
     grad_chunk_size: per-example gradients computed this many at a time.
     metadata: extra JSON-serialisable entries for `trace.metadata`.
+    mesh: mesh whose `runs` axis the runs are split over (`sharding.make_mesh`);
+      None = every device of the job. Results do not depend on it.
 
   Returns:
     A `TrainResult`. Learning rates are the schedule's value per step: the exact
@@ -227,7 +234,7 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
   tracin_due = lambda s: s % tracin_every == 0 or s == num_steps
 
   optimizer, schedule = optim.make_optimizer(optimizer_config, num_steps=num_steps)
-  run_sharding, replicated = runs_shardings(num_runs)
+  run_sharding, replicated = runs_shardings(num_runs, mesh)
   key = step_lib.projection_key(seed)
   train_step = step_lib.make_train_step(
       loss_fn, optimizer, schedule, record_grads=record_grads,
@@ -273,12 +280,16 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
                    step, num_steps, workdir)
     if 0 not in tracin_manager.all_steps():
       tracin_manager.save(0, args=ocp.args.StandardSave(params))
+    if step and tracin_due(step) and step not in tracin_manager.all_steps():
+      # Killed between the resumable checkpoint of `step` and its TracIn one: the
+      # restored params are those of `step`, so the TracIn checkpoint is written now.
+      tracin_manager.save(step, args=ocp.args.StandardSave(params))
   else:
     memory_checkpoints[0] = jax.tree_util.tree_map(
         lambda x: np.repeat(x[None], num_runs, axis=0), host_params0)
 
   try:
-    first_segment = True
+    first_segment, train_start = True, time.perf_counter()
     while step < stop:
       end = _segment_end(step, stop, num_steps, checkpoint_every, steps_per_segment)
       start_time = time.perf_counter()
@@ -297,10 +308,12 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
         buffers["test_grads"][:, step:end] = extras["test_grads"]
       if progress:
         _logger.info("train_runs: step %d/%d  mean train loss %.4f  mean test loss "
-                     "%.4f  %.2f steps/s%s", end, num_steps,
+                     "%.4f  %.2f steps/s%s  elapsed %.1fs  ETA %.1fs", end, num_steps,
                      float(np.mean(extras["train_loss"])),
                      float(np.mean(test_losses[:, -1])), (end - step) / elapsed,
-                     " (incl. compile)" if first_segment else "")
+                     " (incl. compile)" if first_segment else "",
+                     time.perf_counter() - train_start,
+                     (stop - end) * elapsed / max(end - step, 1))
       first_segment = False
       step = end
       at_checkpoint = (checkpoint_every and step % checkpoint_every == 0) or (
