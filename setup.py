@@ -16,10 +16,14 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.3",  # bundled digits data and the Ridge baseline
     "matplotlib>=3.7",  # report plots
     "absl-py>=1.0",
+    "clu>=0.0.10",  # TensorBoard metrics (clu.metric_writers)
+    "tensorboard>=2.15",  # clu's summary writer imports it
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "chex>=0.1.85"],
+    # nbclient / nbformat / ipykernel: tests/colabs_test.py executes colabs/*.ipynb.
+    "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "chex>=0.1.85",
+             "nbclient>=0.8", "nbformat>=5", "ipykernel"],
     # PyTorch peers for benchmarks/. On a CPU-only machine install the CPU wheel of
     # torch first (e.g. `pip install torch --index-url https://download.pytorch.org/whl/cpu`).
     "bench": ["torch>=2.1", "kronfluence>=1.0", "captum>=0.7"],

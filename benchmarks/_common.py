@@ -1,7 +1,28 @@
 """The model every kernel benchmark measures, and its weights as a torch state dict."""
 
+import time
+
 import flax.linen as nn
 import numpy as np
+
+REPEATS = 3  # timed calls after a warm-up one; the best counts (shared, noisy CPUs)
+
+
+def best_of(fn, repeats=REPEATS):
+  """Calls `fn` once to warm up (compile, torch set-up), then `repeats` times.
+
+  Returns:
+    (fastest of the timed calls in seconds, first call's seconds, last result).
+  """
+  start = time.perf_counter()
+  result = fn()
+  first = time.perf_counter() - start
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    result = fn()
+    best = min(best, time.perf_counter() - start)
+  return best, first, result
 
 
 class MLP(nn.Module):

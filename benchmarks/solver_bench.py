@@ -82,6 +82,53 @@ def residual(theta, trace, l2, prior_a, m):
   return float(np.linalg.norm(gap) / np.linalg.norm(rhs))
 
 
+SIZES = {"full": (2000, 64, 10, 1000, 8), "quick": (400, 16, 10, 200, 8),
+         "smoke": (100, 4, 4, 25, 4)}  # N, M, R, T, B
+
+
+def measure(size="full", l2=1e-3, tol=1e-5, sklearn_examples=None):
+  """Times `simulators.fit("linear")` and sklearn `Ridge` on one synthetic trace.
+
+  Args:
+    size: a key of SIZES.
+    l2, tol: the ridge penalty and the CG tolerance of both sides.
+    sklearn_examples: fit sklearn on this many test examples and extrapolate its
+      time to all M (None: all).
+
+  Returns:
+    dict: `ours_s`, `sklearn_s` (all M test examples), `speedup`, `ours_residual` /
+    `sklearn_residual` (max float64 relative residual of the normal equations over
+    the first 8 test examples), `max_rel_diff` (max |θ_ours − θ_sklearn| / max|θ|),
+    `iterations`, the sizes.
+  """
+  num_train, num_test, runs, steps, batch = SIZES[size]
+  trace = make_trace(num_train, num_test, runs, steps, batch)
+  sj.simulators.fit("linear", trace, l2=l2, method="cg", tol=tol)  # compile
+  start = time.perf_counter()
+  sim = sj.simulators.fit("linear", trace, l2=l2, method="cg", tol=tol)
+  ours = time.perf_counter() - start
+  prior_a = sim.fit_info["prior_a"]
+
+  num_sk = min(sklearn_examples or num_test, num_test)
+  theta_sk, sk_time = sklearn_fit(trace, l2, prior_a, tol, num_sk)
+  sk_total = sk_time * num_test / num_sk
+
+  a = np.asarray(sim.A, np.float64) - prior_a
+  b = np.asarray(sim.B, np.float64)
+  checked = range(min(num_sk, 8))
+  ours_res = max(residual(np.concatenate([a[:, m], b[:, m]]), trace, l2, prior_a, m)
+                 for m in checked)
+  sk_res = max(residual(theta_sk[:, m], trace, l2, prior_a, m) for m in checked)
+  diff = np.max(np.abs(np.concatenate([a, b])[:, :num_sk] - theta_sk)) / np.max(
+      np.abs(theta_sk))
+  return {"num_train": num_train, "num_test": num_test, "rows": runs * steps,
+          "batch_size": batch, "l2": l2, "tol": tol, "sklearn_examples": num_sk,
+          "ours_s": ours, "sklearn_s": sk_total, "speedup": sk_total / ours,
+          "iterations": int(np.max(sim.fit_info["iterations"])),
+          "ours_residual": ours_res, "sklearn_residual": sk_res,
+          "max_rel_diff": float(diff)}
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--quick", action="store_true")
@@ -90,39 +137,19 @@ def main():
   parser.add_argument("--sklearn_examples", type=int, default=None,
                       help="fit sklearn on this many test examples and extrapolate")
   args = parser.parse_args()
-  if args.quick:
-    num_train, num_test, runs, steps, batch = 400, 16, 10, 200, 8
-  else:
-    num_train, num_test, runs, steps, batch = 2000, 64, 10, 1000, 8
-  trace = make_trace(num_train, num_test, runs, steps, batch)
+  size = "quick" if args.quick else "full"
+  num_train, num_test, runs, steps, batch = SIZES[size]
   print(f"N={num_train} M={num_test} R·T={runs * steps} B={batch} l2={args.l2} "
         f"tol={args.tol}")
-
-  sj.simulators.fit("linear", trace, l2=args.l2, method="cg", tol=args.tol)  # compile
-  start = time.perf_counter()
-  sim = sj.simulators.fit("linear", trace, l2=args.l2, method="cg", tol=args.tol)
-  ours = time.perf_counter() - start
-  prior_a = sim.fit_info["prior_a"]
-
-  num_sk = args.sklearn_examples or num_test
-  theta_sk, sk_time = sklearn_fit(trace, args.l2, prior_a, args.tol, num_sk)
-  sk_total = sk_time * num_test / num_sk
-
-  a = np.asarray(sim.A, np.float64) - prior_a
-  b = np.asarray(sim.B, np.float64)
-  checked = range(min(num_sk, 8))
-  ours_res = max(residual(np.concatenate([a[:, m], b[:, m]]), trace, args.l2, prior_a, m)
-                 for m in checked)
-  sk_res = max(residual(theta_sk[:, m], trace, args.l2, prior_a, m) for m in checked)
-  diff = np.max(np.abs(np.concatenate([a, b])[:, :num_sk] - theta_sk)) / np.max(
-      np.abs(theta_sk))
-  print(f"simfluence_jax fit (cg): {ours:8.2f} s  iterations={sim.fit_info['iterations']}"
-        f"  rel. residual (float64 check) {ours_res:.2e}")
-  print(f"sklearn Ridge sparse_cg: {sk_total:8.2f} s  "
+  r = measure(size, args.l2, args.tol, args.sklearn_examples)
+  num_sk = r["sklearn_examples"]
+  print(f"simfluence_jax fit (cg): {r['ours_s']:8.2f} s  iterations={r['iterations']}"
+        f"  rel. residual (float64 check) {r['ours_residual']:.2e}")
+  print(f"sklearn Ridge sparse_cg: {r['sklearn_s']:8.2f} s  "
         f"({'measured' if num_sk == num_test else f'{num_sk} examples, extrapolated'})"
-        f"  rel. residual {sk_res:.2e}")
-  print(f"speed-up: {sk_total / ours:.1f}x (goal >= 10x); max |θ_ours − θ_sklearn| / "
-        f"max|θ| = {diff:.1e}")
+        f"  rel. residual {r['sklearn_residual']:.2e}")
+  print(f"speed-up: {r['speedup']:.1f}x (goal >= 10x); max |θ_ours − θ_sklearn| / "
+        f"max|θ| = {r['max_rel_diff']:.1e}")
 
 
 if __name__ == "__main__":

@@ -47,29 +47,23 @@ def _time(fn, repeats):
   return best
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--runs", type=int, default=16)
-  parser.add_argument("--steps", type=int, default=4)
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--sweep", action="store_true")
-  args = parser.parse_args()
-
+def _setup(num_runs, num_steps, **model_kwargs):
+  """The model, data and jitted runners both sides use."""
   rng = np.random.default_rng(0)
   train, test = _lm_arrays(rng, NUM_TRAIN), _lm_arrays(rng, NUM_TEST)
-  model = models.TransformerLM(vocab_size=VOCAB, max_len=SEQ_LEN)
+  model = models.TransformerLM(vocab_size=VOCAB, max_len=SEQ_LEN, **model_kwargs)
   params0 = models.init_variables(model, train["inputs"])
   loss_fn = training.make_loss_fn(model, "lm")
   optimizer, schedule = training.make_optimizer(
       {"optimizer": "sgd", "learning_rate": 0.1, "lr_schedule": "constant"})
   train_step = training.make_train_step(loss_fn, optimizer, schedule)
-  batch_ids = rng.integers(0, NUM_TRAIN, (args.runs, args.steps, BATCH)).astype(np.int32)
+  batch_ids = rng.integers(0, NUM_TRAIN, (num_runs, num_steps, BATCH)).astype(np.int32)
   train_dev, test_dev = jax.device_put(train), jax.device_put(test)
 
-  def runner(num_runs):
-    run_sharding, _ = runs_lib.runs_shardings(num_runs)
+  def runner(group):
+    run_sharding, _ = runs_lib.runs_shardings(group)
     segment = runs_lib.make_segment_fn(train_step, run_sharding)
-    stack = lambda x: jnp.repeat(x[None], num_runs, axis=0)
+    stack = lambda x: jnp.repeat(x[None], group, axis=0)
 
     def run(ids):
       params = jax.tree_util.tree_map(stack, params0)
@@ -88,16 +82,46 @@ def main():
           params, opt_state, jnp.int32(t), ids[t], train_dev, test_dev)
     jax.block_until_ready(test_losses)
 
-  together = runner(args.runs)
-  alone = runner(1)
+  return params0, batch_ids, runner, stepwise
+
+
+def measure(num_runs=16, num_steps=4, repeats=3, stepwise=True, **model_kwargs):
+  """Times R runs vmapped against the same R runs one by one.
+
+  Returns:
+    dict with `together_s`, `sequential_s` (and `stepwise_s` if `stepwise`): best
+    total seconds for all R runs of T steps; `speedup` = sequential / together;
+    the sizes. `model_kwargs` override the TransformerLM's (default d=64, 2 layers).
+  """
+  params0, batch_ids, runner, stepwise_fn = _setup(num_runs, num_steps, **model_kwargs)
+  together, alone = runner(num_runs), runner(1)
   ids_dev = jnp.asarray(batch_ids)
-  per_run_ids = [jnp.asarray(batch_ids[r:r + 1]) for r in range(args.runs)]
-  together_s = _time(lambda: together(ids_dev), args.repeats)
-  sequential_s = _time(lambda: [alone(ids) for ids in per_run_ids], args.repeats)
-  stepwise_s = _time(lambda: [stepwise(ids[0]) for ids in per_run_ids], args.repeats)
+  per_run_ids = [jnp.asarray(batch_ids[r:r + 1]) for r in range(num_runs)]
+  result = {
+      "num_runs": num_runs, "num_steps": num_steps, "batch_size": BATCH,
+      "seq_len": SEQ_LEN, "num_test": NUM_TEST, "num_params": models.num_params(params0),
+      "together_s": _time(lambda: together(ids_dev), repeats),
+      "sequential_s": _time(lambda: [alone(ids) for ids in per_run_ids], repeats)}
+  if stepwise:
+    result["stepwise_s"] = _time(lambda: [stepwise_fn(ids[0]) for ids in per_run_ids],
+                                 repeats)
+  result["speedup"] = result["sequential_s"] / result["together_s"]
+  return result
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--runs", type=int, default=16)
+  parser.add_argument("--steps", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--sweep", action="store_true")
+  args = parser.parse_args()
+  result = measure(args.runs, args.steps, args.repeats)
+  together_s, sequential_s = result["together_s"], result["sequential_s"]
+  stepwise_s = result["stepwise_s"]
 
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  "
-        f"params: {models.num_params(params0):,}  R={args.runs} T={args.steps} "
+        f"params: {result['num_params']:,}  R={args.runs} T={args.steps} "
         f"B={BATCH} L={SEQ_LEN} M={NUM_TEST}")
   print(f"{'':26s}{'total s':>10s}{'per run s':>12s}{'per step s':>12s}")
   for name, seconds in (("vmapped (together)", together_s),
@@ -109,6 +133,8 @@ def main():
         f"single-run function, {stepwise_s / together_s:.2f}x vs per-step calls "
         "(budget >= 3x); timings on a shared machine are noisy.")
   if args.sweep:
+    _, batch_ids, runner, _ = _setup(args.runs, args.steps)
+    ids_dev = jnp.asarray(batch_ids)
     group = 1
     while group <= args.runs:
       run_group, group_ids = runner(group), ids_dev[:group]

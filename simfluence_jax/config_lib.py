@@ -3,10 +3,19 @@
 `base_config()` holds every field with its default and a comment; each file under
 `configs/` starts from it and overrides what its workload needs. Variants come from the
 config argument: `--config=configs/default.py:tiny` or `:tiny,num_runs=8`.
+
+Every field of a config with its value and comment:
+
+  python -m simfluence_jax.config_lib configs/default.py:tiny
 """
 
+import ast
 import importlib.util
+import inspect
+import io
 import os
+import sys
+import tokenize
 from typing import Any
 
 import ml_collections
@@ -95,8 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Base model (initialised, briefly pre-trained once, saved with orbax) ---------
   config.pretrain_steps = 300  # Steps of Adam on the task's pre-training split; 0 = none.
-  config.pretrain_batch_size = 32
-  config.pretrain_learning_rate = 3e-3
+  config.pretrain_batch_size = 32  # Examples per pre-training step.
+  config.pretrain_learning_rate = 3e-3  # Adam step size of pre-training.
 
   # --- Fine-tuning runs -------------------------------------------------------------
   config.optimizer = "sgd"  # sgd | momentum | adam (SGD makes TracIn's step size exact).
@@ -170,3 +179,128 @@ def apply_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.model.num_heads = 2
     config.model.d_ff = 64
   return config
+
+
+def _field_comments(source: str, functions: tuple[str, ...] | None = None,
+                    prefix: str = "") -> dict[str, str]:
+  """`{dotted field: comment}` of every `config.a.b = ...` assignment in `source`.
+
+  In source order; fields assigned without a comment map to "".
+
+  The comment of an assignment is the one ending its last line, else the block of
+  comment lines right above it (section rules `# --- ... ---` excluded). Only the
+  functions named in `functions` are read (None: the whole source); `prefix` is put
+  before every field (`"data."` for the function that builds `config.data`).
+  """
+  comments, code_lines = {}, set()
+  for token in tokenize.generate_tokens(io.StringIO(source).readline):
+    if token.type == tokenize.COMMENT:
+      comments[token.start[0]] = token.string.lstrip("#").strip()
+    elif token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT,
+                            tokenize.DEDENT, tokenize.ENDMARKER):
+      code_lines.add(token.start[0])
+  roots = [node for node in ast.parse(source).body if functions is None or (
+      isinstance(node, ast.FunctionDef) and node.name in functions)]
+  found = {}
+  for root in roots:
+    for node in ast.walk(root):
+      if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
+        continue
+      parts, target = [], node.targets[0]
+      while isinstance(target, ast.Attribute):
+        parts.append(target.attr)
+        target = target.value
+      if not (isinstance(target, ast.Name) and target.id == "config" and parts):
+        continue
+      text = comments.get(node.end_lineno, "")
+      line = node.lineno - 1
+      above = []
+      while not text and line in comments and line not in code_lines:
+        if not comments[line].startswith("---"):
+          above.insert(0, comments[line])
+        line -= 1
+      text = text or " ".join(above)
+      field = prefix + ".".join(reversed(parts))
+      if not found.get(field):
+        found[field] = text
+  return found
+
+
+def _flatten(config, prefix=""):
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _flatten(value, f"{prefix}{key}.")
+    else:
+      yield prefix + key, value
+
+
+def describe_config(spec: str) -> list[tuple[str, Any, str]]:
+  """`(field, value, comment)` of every field of the config `spec` loads.
+
+  Comments come from `base_config()` and `data.default_data_config()` (parsed with
+  `ast` and `tokenize`); where the config file or a variant changes a field and says
+  why, that comment is added after the base one. Fields are listed in the order
+  `base_config()` defines them.
+
+  Raises:
+    FileNotFoundError: the config file does not exist.
+  """
+  config = load_config(spec)
+  module_source = inspect.getsource(sys.modules[__name__])
+  base = _field_comments(module_source, ("base_config",))
+  data_comments = _field_comments(inspect.getsource(data.default_data_config),
+                                  prefix="data.")
+  comments = {**data_comments, **{k: v for k, v in base.items() if v}}
+  # base_config's order; config.data's fields where base_config sets config.data.
+  order = {field: (i, 0) for i, field in enumerate(base)}
+  order.update({field: (order.get("data", (0,))[0], j + 1)
+                for j, field in enumerate(data_comments)})
+  path, _, arg = spec.partition(":")
+  with open(path) as f:
+    file_source = f.read()
+  # The variants that changed fields, in the order they ran (the last one's reason wins).
+  overrides = {}
+  if "tfds_task_config" in file_source:
+    overrides.update(_field_comments(module_source, ("tfds_task_config",)))
+  overrides.update(_field_comments(file_source))
+  if "tiny" in arg:
+    overrides.update(_field_comments(module_source, ("apply_tiny",)))
+  overrides = {field: text for field, text in overrides.items() if text}
+  defaults = dict(_flatten(base_config()))
+  rows = []
+  for field, value in _flatten(config):
+    comment = comments.get(field, "")
+    note = overrides.get(field)
+    if note and note != comment and value != defaults.get(field):
+      comment = f"{comment} [{note}]" if comment else note
+    rows.append((field, value, comment))
+  rows.sort(key=lambda row: order.get(row[0], (len(order), 0)))
+  return rows
+
+
+def format_config(spec: str) -> str:
+  """`field = value  # comment` lines for every field of the config `spec` loads."""
+  rows = describe_config(spec)
+  assignments = [f"{field} = {value!r}" for field, value, _ in rows]
+  width = min(max(map(len, assignments)), 48)
+  return "\n".join(f"{text:<{width}}  # {comment}" if comment else text
+                   for text, (_, _, comment) in zip(assignments, rows))
+
+
+def _main(argv: list[str]) -> int:
+  if len(argv) != 1 or argv[0].startswith("-"):
+    print("usage: python -m simfluence_jax.config_lib CONFIG_FILE[:ARG]\n"
+          "  prints `field = value  # comment` for every field of the config.",
+          file=sys.stderr)
+    return 2
+  try:
+    print(format_config(argv[0]))
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(_main(sys.argv[1:]))

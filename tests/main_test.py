@@ -24,7 +24,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_outputs(tiny_run):
-  _, workdir, result = tiny_run
+  config, workdir, result = tiny_run
   with open(os.path.join(workdir, "metrics.json")) as f:
     metrics = json.load(f)
   for method in main_lib.METHODS:
@@ -34,6 +34,11 @@ def test_outputs(tiny_run):
   assert {"data", "train_runs", "evaluate"} <= set(metrics["timings"])
   assert os.path.exists(os.path.join(workdir, "report.md"))
   assert any(f.endswith(".png") for f in os.listdir(os.path.join(workdir, "plots")))
+  # TensorBoard: per-run curves and the evaluation scalars (tests/writers_test.py).
+  tensorboard = os.path.join(workdir, "tensorboard")
+  assert len(os.listdir(os.path.join(tensorboard, "runs"))) == (
+      config.num_runs + config.num_held_out_runs)
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tensorboard))
 
 
 def test_rerun_with_same_workdir_gives_same_numbers(tiny_run):

@@ -1,7 +1,8 @@
 """Evaluation of simulators on held-out runs, and the report writer.
 
 Public API: all_steps_mse, final_step_mse, spearman, spearman_across_runs, lds,
-evaluate(simulator, held_out_trace), write_report(workdir, ...), METRICS.
+evaluate(simulator, held_out_trace), write_report(workdir, ...), METRICS,
+write_training_metrics / write_evaluation_metrics (TensorBoard via clu).
 """
 
 from simfluence_jax.evaluation._metrics import compute_metrics
@@ -13,6 +14,9 @@ from simfluence_jax.evaluation._metrics import lds
 from simfluence_jax.evaluation._metrics import spearman
 from simfluence_jax.evaluation._metrics import spearman_across_runs
 from simfluence_jax.evaluation._report import write_report
+from simfluence_jax.evaluation._writers import write_evaluation_metrics
+from simfluence_jax.evaluation._writers import write_training_metrics
 
 __all__ = ["METRICS", "all_steps_mse", "compute_metrics", "evaluate", "final_step_mse",
-           "lds", "spearman", "spearman_across_runs", "write_report"]
+           "lds", "spearman", "spearman_across_runs", "write_evaluation_metrics",
+           "write_report", "write_training_metrics"]

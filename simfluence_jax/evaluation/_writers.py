@@ -1,0 +1,123 @@
+"""TensorBoard metrics of the main job through `clu.metric_writers`.
+
+Layout under `logdir` (the main job uses `workdir/tensorboard`):
+
+  runs/run_000/ ...   per run r: `train_loss` (mean loss of each step's batch, before
+                      its update) and `test_loss` (mean over the M test examples after
+                      the step; step 0 = the base model), step = training step
+  ./                  `train_loss/mean_over_runs`, `test_loss/mean_over_runs` per step;
+                      `fit/<simulator>/<key>` (numeric `Simulator.fit_info`: solver
+                      iterations, relative residual, noise std, l2, ...) and
+                      `held_out/<method>/<metric>` at step 0
+
+Only process 0 writes event files; other processes get clu's logging-only writer
+(`create_default_writer(just_logging=True)`), as clu recommends for multi-host jobs.
+The per-run curves skip the logging writer (R·T log lines would drown the job log);
+everything else is also logged.
+"""
+
+import logging
+import os
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+
+_logger = logging.getLogger(__name__)
+
+
+def _scalars(values: Mapping[str, Any]) -> dict:
+  """The finite real numbers of `values` (bools, strings, arrays are dropped)."""
+  out = {}
+  for key, value in values.items():
+    if isinstance(value, (bool, np.bool_, str)) or not np.isscalar(value):
+      continue
+    value = float(value)
+    if np.isfinite(value):
+      out[key] = value
+  return out
+
+
+def write_training_metrics(logdir: str, trace, train_losses: Optional[np.ndarray] = None,
+                           *, run_names: Optional[list] = None) -> int:
+  """Writes per-run, per-step train and test losses; returns the scalars written.
+
+  Args:
+    logdir: the TensorBoard directory.
+    trace: the recorded `Trace` (losses float[R, T+1, M]).
+    train_losses: optional float[R, T'] (T' ≤ T), `TrainResult.train_losses`.
+    run_names: R names of the run subdirectories (default run_000, run_001, ...).
+
+  Returns:
+    The number of scalar values written to event files (0 on processes other than 0).
+  """
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  test_loss = np.asarray(trace.losses, np.float64).mean(axis=2)  # [R, T+1]
+  num_runs = test_loss.shape[0]
+  train = None if train_losses is None else np.asarray(train_losses, np.float64)
+  if train is not None and train.shape[0] != num_runs:
+    raise ValueError(f"train_losses: expected {num_runs} runs, got shape {train.shape}.")
+  names = run_names or [f"run_{r:03d}" for r in range(num_runs)]
+  summary = metric_writers.create_default_writer(
+      logdir, just_logging=jax.process_index() != 0, asynchronous=False)
+  written = 0
+  try:
+    if jax.process_index() == 0:
+      for r in range(num_runs):
+        writer = metric_writers.SummaryWriter(os.path.join(logdir, "runs", names[r]))
+        try:
+          for step in range(test_loss.shape[1]):
+            values = {"test_loss": test_loss[r, step]}
+            # train_losses[r, t] is the loss of step t+1's batch before its update.
+            if train is not None and 0 < step <= train.shape[1]:
+              values["train_loss"] = train[r, step - 1]
+            values = _scalars(values)
+            writer.write_scalars(step, values)
+            written += len(values)
+        finally:
+          writer.close()
+    for step in range(test_loss.shape[1]):
+      values = {"test_loss/mean_over_runs": test_loss[:, step].mean()}
+      if train is not None and 0 < step <= train.shape[1]:
+        values["train_loss/mean_over_runs"] = train[:, step - 1].mean()
+      values = _scalars(values)
+      if jax.process_index() == 0:
+        written += len(values)
+      summary.write_scalars(step, values)
+  finally:
+    summary.close()
+  _logger.info("tensorboard: %d training scalars of %d runs in %s", written, num_runs,
+               logdir)
+  return written
+
+
+def write_evaluation_metrics(logdir: str, simulators: Mapping[str, Any],
+                             metrics: Mapping[str, Mapping[str, Any]], step: int = 0
+                             ) -> int:
+  """Writes each simulator's fit diagnostics and the held-out metrics of every method.
+
+  Args:
+    logdir: the TensorBoard directory.
+    simulators: name -> `Simulator` (its numeric `fit_info` entries are written as
+      `fit/<name>/<key>`).
+    metrics: method -> metric -> value (`held_out/<method>/<metric>`).
+    step: the step the values are written at.
+
+  Returns:
+    The number of scalar values written to event files (0 on processes other than 0).
+  """
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  values = {}
+  for name, sim in simulators.items():
+    for key, value in _scalars(getattr(sim, "fit_info", {}) or {}).items():
+      values[f"fit/{name}/{key}"] = value
+  for method, method_metrics in metrics.items():
+    for key, value in _scalars(method_metrics).items():
+      values[f"held_out/{method}/{key}"] = value
+  writer = metric_writers.create_default_writer(
+      logdir, just_logging=jax.process_index() != 0, asynchronous=False)
+  try:
+    writer.write_scalars(step, values)
+  finally:
+    writer.close()
+  return len(values) if jax.process_index() == 0 else 0

@@ -1,0 +1,58 @@
+"""benchmarks/run.py in its smoke mode: every row, finite ratios, JSON, PNG, machine."""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_runner():
+  spec = importlib.util.spec_from_file_location(
+      "simfluence_bench_run", os.path.join(REPO, "benchmarks", "run.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_smoke_run_writes_every_row(tmp_path, monkeypatch, capsys):
+  runner = _load_runner()
+  # Peers absent (as in CI, which installs only .[test]): their rows must say so.
+  for name in ("torch", "kronfluence", "captum"):
+    monkeypatch.setitem(sys.modules, name, None)
+  out = tmp_path / "bench.json"
+  assert runner.main(["--smoke", "--out", str(out)]) == 0
+
+  with open(out) as f:
+    result = json.load(f)
+  assert result["mode"] == "smoke"
+  assert set(result["rows"]) == set(runner.ROWS)
+  for name, row in result["rows"].items():
+    if name in ("ekfac_vs_kronfluence", "tracin_vs_captum"):
+      assert row["status"] == runner.PEER_HINT, row
+      assert row["ratio"] is None
+      assert row["raw"]["ours_s"] > 0  # our side still ran
+    elif name == "main_job_tiny":
+      assert row["status"] == "skipped (--smoke)"
+    else:
+      assert row["status"] == "ok", row
+      assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
+      assert isinstance(row["met"], bool)
+      assert row["budget"] == runner.BUDGETS[name][0]
+  solver = result["rows"]["simfluence_linear_fit"]["raw"]
+  assert solver["ours_residual"] < 1e-3 and solver["sklearn_residual"] < 1e-3
+  machine = result["machine"]
+  assert machine["cpu_count"] >= 1 and machine["jax_backend"] == "cpu"
+  assert machine["versions"]["jax"] and machine["versions"]["torch"] is None
+  assert machine["platform"]
+
+  png = tmp_path / "bench.png"
+  assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+  printed = capsys.readouterr().out
+  assert "| benchmark | ours | peer / baseline | ratio | budget | met? |" in printed
+  table = [line for line in printed.splitlines() if line.startswith("| ")]
+  assert len(table) == len(runner.ROWS) + 2  # header, rule, one line per row
+  assert all(line.count(" | ") == 6 for line in table), table
+  assert runner.PEER_HINT in printed
