@@ -25,8 +25,10 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from simfluence_jax import counterfactual
 from simfluence_jax import evaluation
 from simfluence_jax import influence
+from simfluence_jax import sharding
 from simfluence_jax import simulators
 from simfluence_jax import trace as trace_lib
 from simfluence_jax import training
@@ -81,23 +83,30 @@ class _Stages:
     result = fn()
     elapsed = time.perf_counter() - start
     self.timings[name] = elapsed
-    _atomic_write_text(self._timings_path, json.dumps(self.timings, indent=2))
+    if sharding.is_primary():
+      _atomic_write_text(self._timings_path, json.dumps(self.timings, indent=2))
     logging.info("=== stage %s done in %.1fs ===", name, elapsed)
     return result
 
   def cached_array(self, name: str, fn: Callable[[], np.ndarray]) -> np.ndarray:
-    """Runs the stage `fn` unless its output `workdir/arrays/name.npy` exists."""
+    """Runs the stage `fn` unless its output `workdir/arrays/name.npy` exists.
+
+    In a multi-process job every process runs `fn` (its kernels span all devices)
+    and gets the same array; process 0 writes it, the others wait for the write.
+    """
     path = os.path.join(self.workdir, "arrays", name + ".npy")
 
     def compute():
-      if os.path.exists(path):
+      if sharding.agree(os.path.exists(path)):
         logging.info("%s: reusing %s", name, path)
         return np.load(path, allow_pickle=False)
-      value = np.asarray(fn())
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      tmp = path + ".tmp.npy"
-      np.save(tmp, value, allow_pickle=False)
-      os.replace(tmp, path)
+      value = sharding.to_host(fn())
+      if sharding.is_primary():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp.npy"
+        np.save(tmp, value, allow_pickle=False)
+        os.replace(tmp, path)
+      sharding.barrier(f"saved {name}")
       return value
 
     return self.run(name, compute)
@@ -211,7 +220,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   trace_path = os.path.join(workdir, "trace")
 
   def train():
-    if os.path.exists(os.path.join(trace_path, "trace.json")):
+    if sharding.agree(os.path.exists(os.path.join(trace_path, "trace.json"))):
       logging.info("reusing the trace in %s", trace_path)
       return trace_lib.Trace.load(trace_path)
     result = training.train_runs(
@@ -220,7 +229,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         workdir=os.path.join(workdir, "runs"),
         checkpoint_every=config.checkpoint_every, record_grads=config.record_grads,
         projection_dim=config.projection_dim, seed=config.seed)
-    result.trace.save(trace_path)
+    # The trace's host arrays are identical on every process; process 0 writes them.
+    if sharding.is_primary():
+      result.trace.save(trace_path)
+    sharding.barrier("saved trace")
+    # TensorBoard (workdir/tensorboard; event files on process 0 only).
+    evaluation.write_training_metrics(os.path.join(workdir, "tensorboard"),
+                                      result.trace, result.train_losses)
     return result.trace
 
   trace = stages.run("train_runs", train)
@@ -242,6 +257,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_batches = [jax.tree_util.tree_map(lambda x: x[i:i + chunk], dataset.train)
                    for i in range(0, num_train, chunk)]
   mean_lr = float(np.mean(train_trace.learning_rates))
+  # Train examples of the score kernels are split over every device of the job.
+  mesh = (sharding.make_mesh(runs=1, data=None) if jax.device_count() > 1 else None)
 
   def tracin_cp():
     steps, ckpt_params = training.load_tracin_checkpoints(os.path.join(workdir, "runs"))
@@ -252,14 +269,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
                    for k in use for r in range(config.influence.tracin_num_runs)]
     weights = [1.0 / len(checkpoints)] * len(checkpoints)
     return influence.tracin_scores(task, checkpoints, weights, dataset.test,
-                                   train_batches)
+                                   train_batches, mesh=mesh)
 
   def ekfac_if():
     factors = influence.fit_ekfac(
         task, base_params, train_batches, fisher=config.influence.fisher,
-        rng=jax.random.PRNGKey(config.seed))
+        rng=jax.random.PRNGKey(config.seed), mesh=mesh)
     return influence.ekfac_scores(task, base_params, factors, dataset.test,
-                                  train_batches, damping=config.influence.damping)
+                                  train_batches, damping=config.influence.damping,
+                                  mesh=mesh)
 
   tracin_dots = stages.cached_array("tracin_cp_scores", tracin_cp)  # [M, N]
   ekfac = stages.cached_array("ekfac_scores", ekfac_if)  # [M, N]
@@ -287,20 +305,62 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return metrics, predictions, bands
 
   metrics, predictions, bands = stages.run("evaluate", evaluate)
+  evaluation.write_evaluation_metrics(os.path.join(workdir, "tensorboard"), fitted,
+                                      metrics)
+
+  # --- Fitted simulators, for `python -m simfluence_jax.simulate` ----------------------
+  if sharding.is_primary():
+    stages.run("save_simulators", lambda: [
+        sim.save(os.path.join(workdir, counterfactual.SIMULATORS_DIR, name))
+        for name, sim in fitted.items()])
+
+  # --- Counterfactual curricula: search on each simulator, retrain for real ------------
+  counterfactual_result = None
+  if config.counterfactual.enabled:
+    cf = config.counterfactual
+    start_ids = data.make_curricula(
+        cf.num_searched, num_train, config.subset_size, num_epochs, config.batch_size,
+        config.seed, first_run=num_runs + num_held_out)[:, :config.num_steps]
+
+    def retrain(searched_ids):
+      return stages.cached_array("counterfactual_losses", lambda: training.train_runs(
+          base_params, searched_ids, loss_fn=loss_fn, config=config,
+          train_arrays=dataset.train, test_arrays=dataset.test,
+          workdir=os.path.join(workdir, "counterfactual_runs"),
+          checkpoint_every=config.checkpoint_every, seed=config.seed).trace.losses)
+
+    counterfactual_result = stages.run(
+        "counterfactual", lambda: counterfactual.search_and_verify(
+            fitted, initial_losses=train_trace.losses[0, 0], start_batch_ids=start_ids,
+            random_batch_ids=held_out.batch_ids, random_losses=held_out.losses,
+            targets=counterfactual.choose_targets(train_trace.losses, cf.num_targets),
+            retrain=retrain, methods=cf.methods, num_iters=cf.num_iters,
+            num_proposals=cf.num_proposals, epoch_steps=steps_per_epoch,
+            seed=config.seed))
+    if sharding.is_primary():
+      os.makedirs(os.path.join(workdir, "counterfactual"), exist_ok=True)
+      for method, ids in counterfactual_result["batch_ids"].items():
+        _atomic_write_text(
+            os.path.join(workdir, "counterfactual", f"searched_{method}.json"),
+            json.dumps({"batch_ids": ids.tolist()}))
   summary = {
       "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
       "dataset": dataset.name, "num_train_runs": num_runs,
       "num_held_out_runs": num_held_out, "devices": str(jax.devices()),
   }
-  if jax.process_index() == 0:
+  if sharding.is_primary():
     stages.run("report", lambda: evaluation.write_report(
         workdir, metrics=metrics, predictions=predictions, bands=bands,
         actual=held_out.losses, timings=stages.timings, summary=summary,
-        test_texts=dataset.test_texts))
+        test_texts=dataset.test_texts, counterfactual=counterfactual_result))
   for name in metrics:
     logging.info("%-20s %s", name, {k: round(float(v), 4) for k, v in
                                      metrics[name].items() if np.isscalar(v)})
-  return {**metrics, "timings": stages.timings}
+  result = {**metrics, "timings": stages.timings}
+  if counterfactual_result is not None:
+    result["counterfactual"] = {k: v for k, v in counterfactual_result.items()
+                                if k != "batch_ids"}
+  return result
 
 
 def initialize_distributed() -> None:

@@ -26,17 +26,6 @@ import numpy as np
 from simfluence_jax import counterfactual
 from simfluence_jax import data
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a finished main job.")
-_CURRICULUM = flags.DEFINE_string("curriculum", None, "Curriculum file (.json / .csv).")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
-                                  "Default: WORKDIR/simulated/<curriculum file stem>.")
-_METHODS = flags.DEFINE_list("methods", None, "Simulators to use (default: all saved).")
-_TARGETS = flags.DEFINE_list("targets", None,
-                             "Test example indices the plot averages (default: all).")
-_NUM_SAMPLES = flags.DEFINE_integer("num_band_samples", 32,
-                                    "Posterior samples for the uncertainty bands.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the posterior samples.")
-
 def run(workdir: str, curriculum_path: str, output_dir: Optional[str] = None,
         methods: Optional[Sequence[str]] = None,
         targets: Optional[Sequence[int]] = None, num_band_samples: int = 32,
@@ -76,15 +65,31 @@ def run(workdir: str, curriculum_path: str, output_dir: Optional[str] = None,
   return {"output_dir": output_dir, "trajectories": trajectories, "targets": targets}
 
 
+def _define_flags() -> None:
+  """Flags of the command line; defined only when run as a script, so that importing
+  this module next to `simfluence_jax.main` (which also has --workdir) works."""
+  flags.DEFINE_string("workdir", None, "Workdir of a finished main job.")
+  flags.DEFINE_string("curriculum", None, "Curriculum file (.json / .csv).")
+  flags.DEFINE_string("output_dir", None,
+                      "Default: WORKDIR/simulated/<curriculum file stem>.")
+  flags.DEFINE_list("methods", None, "Simulators to use (default: all saved).")
+  flags.DEFINE_list("targets", None,
+                    "Test example indices the plot averages (default: all).")
+  flags.DEFINE_integer("num_band_samples", 32,
+                       "Posterior samples for the uncertainty bands.")
+  flags.DEFINE_integer("seed", 0, "Seed of the posterior samples.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  if not _WORKDIR.value or not _CURRICULUM.value:
+  f = flags.FLAGS
+  if not f.workdir or not f.curriculum:
     print("error: --workdir and --curriculum are required", file=sys.stderr)
     sys.exit(2)
   try:
-    result = run(_WORKDIR.value, _CURRICULUM.value, _OUTPUT_DIR.value, _METHODS.value,
-                 _TARGETS.value, _NUM_SAMPLES.value, _SEED.value)
+    result = run(f.workdir, f.curriculum, f.output_dir, f.methods, f.targets,
+                 f.num_band_samples, f.seed)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -97,4 +102,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -33,12 +33,13 @@ def test_additive_search_finds_the_planted_best_subset():
   b[best] -= 1.0
   sim = sj.simulators.additive_from_scores(b)
   start = data.make_curricula(3, num_train, 5, 2, 2, seed=0)
-  result = sj.simulators.search_curriculum(sim, np.ones(num_test, np.float32), start,
-                                           [0, 1], num_iters=100, num_proposals=16)
+  result = sj.simulators.search_curriculum(sim, np.full(num_test, 100, np.float32),
+                                           start, [0, 1], num_iters=100,
+                                           num_proposals=16)
   for ids in result.batch_ids:
     assert sorted(set(ids[ids >= 0].tolist())) == best
-  # Each of the 5 examples is seen in both epochs: final = 1 + 2·Σ b.
-  expected = 1.0 + 2 * b[best][:, :2].sum(0).mean()
+  # Each of the 5 examples is seen in both epochs: final = 100 + 2·Σ b.
+  expected = 100.0 + 2 * b[best][:, :2].sum(0).mean()
   np.testing.assert_allclose(result.objective, expected, rtol=1e-5)
   assert np.all(result.objective <= result.initial_objective)
   assert np.all(np.diff(result.history, axis=1) <= 0)  # never gets worse
@@ -55,12 +56,27 @@ def test_linear_search_matches_brute_force_over_subsets_and_orders():
       best = min(best, value)
   start = data.make_curricula(4, 7, 3, 1, 1, seed=0)
   result = sj.simulators.search_curriculum(sim, initial, start, [0, 1, 2],
-                                           num_iters=100, num_proposals=16)
+                                           num_iters=100, num_proposals=16,
+                                           loss_floor=None)
   np.testing.assert_allclose(result.objective.min(), best, rtol=1e-5)
   # The reported objective is what the simulator says of the returned curriculum.
   rollout = np.asarray(sim.simulate(result.batch_ids,
                                     np.repeat(initial[None], 4, axis=0)))
   np.testing.assert_allclose(rollout[:, -1].mean(-1), result.objective, rtol=1e-5)
+
+
+def test_search_clips_simulated_losses_at_the_floor():
+  """A simulator that extrapolates below zero cannot reward going further below."""
+  b = np.zeros((6, 1), np.float32)
+  b[0], b[1] = -3.0, -1.0  # 0 is "better" than 1 only below zero
+  sim = sj.simulators.additive_from_scores(b)
+  start = np.array([[[2], [3]]], np.int32)
+  clipped = sj.simulators.search_curriculum(sim, np.ones(1, np.float32), start, [0],
+                                            num_iters=40, num_proposals=8)
+  free = sj.simulators.search_curriculum(sim, np.ones(1, np.float32), start, [0],
+                                         num_iters=40, num_proposals=8, loss_floor=None)
+  np.testing.assert_allclose(clipped.objective, 0.0)
+  np.testing.assert_allclose(free.objective, 1.0 - 3.0 - 1.0)
 
 
 def test_search_keeps_the_shape_padding_size_and_pool():

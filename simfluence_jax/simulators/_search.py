@@ -37,7 +37,8 @@ class SearchResult:
 
   Attributes:
     batch_ids: int32[C, T, B] the best curriculum of every restart (-1 = padding).
-    objective: float32[C] its simulated objective (weighted final target loss).
+    objective: float32[C] its simulated objective (weighted final target loss, with
+      the search's `loss_floor` clipping).
     initial_objective: float32[C] the objective of the starting curricula.
     history: float32[C, num_iters + 1] the objective after every iteration.
     target_weights: float32[M] the normalised weights of the objective.
@@ -101,8 +102,10 @@ def _split_curricula(batch_ids: np.ndarray):
   return (np.stack(subsets).astype(np.int32), np.stack(schedules).astype(np.int32))
 
 
-def _final_loss(a, b, ids, loss0, linear):
-  """float32[M'] final loss of one curriculum ids int32[T, B] (-1 = padding)."""
+def _final_loss(a, b, ids, loss0, linear, floor):
+  """float32[M'] final loss of one curriculum ids int32[T, B] (-1 = padding).
+
+  Every step's loss is clipped at `floor` (None: not clipped)."""
   weights = (ids >= 0).astype(a.dtype)
   safe = jnp.maximum(ids, 0)
 
@@ -110,22 +113,23 @@ def _final_loss(a, b, ids, loss0, linear):
     step_ids, step_w = inputs
     beta = step_w @ b[step_ids]
     alpha = step_w @ a[step_ids] if linear else 1.0
-    return alpha * loss + beta, None
+    loss = alpha * loss + beta
+    return (loss if floor is None else jnp.maximum(loss, floor)), None
 
   loss, _ = jax.lax.scan(step, loss0, (safe, weights))
   return loss
 
 
 @functools.partial(jax.jit, static_argnames=("linear", "num_iters", "num_proposals",
-                                             "reorder", "epoch_steps"))
+                                             "reorder", "epoch_steps", "floor"))
 def _search(a, b, loss0, weights, subsets, schedules, pool, key, *, linear, num_iters,
-            num_proposals, reorder, epoch_steps):
+            num_proposals, reorder, epoch_steps, floor):
   """Jitted local search, vmapped over restarts; see `search_curriculum`."""
   pool_size = pool.shape[0]
 
   def objective(subset, schedule):
     ids = jnp.where(schedule >= 0, subset[jnp.maximum(schedule, 0)], -1)
-    return weights @ _final_loss(a, b, ids, loss0, linear)
+    return weights @ _final_loss(a, b, ids, loss0, linear, floor)
 
   def one_restart(subset, schedule, key):
     num_slots = subset.shape[0]
@@ -181,6 +185,7 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
                       *, pool: Optional[Sequence[int]] = None, num_iters: int = 300,
                       num_proposals: int = 64, reorder: Optional[bool] = None,
                       epoch_steps: Optional[int] = None,
+                      loss_floor: Optional[float] = 0.0,
                       seed: int = 0) -> SearchResult:
   """Searches for curricula minimising the simulated final loss of target examples.
 
@@ -198,6 +203,9 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
       additive simulator's final loss does not depend on the order).
     epoch_steps: steps per epoch; order swaps stay within an epoch (default: the
       whole curriculum is one epoch).
+    loss_floor: during the search every simulated step's loss is clipped at this
+      value (default 0: no loss goes below zero), so the search cannot exploit a
+      simulator's extrapolation to impossible losses; None: no clipping.
     seed: seed of the random moves.
 
   Returns:
@@ -241,7 +249,8 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
       a, b, jnp.asarray(initial_losses[columns]), jnp.asarray(weights[columns]),
       jnp.asarray(subsets), jnp.asarray(schedules), jnp.asarray(pool, jnp.int32),
       jax.random.key(seed), linear=linear, num_iters=num_iters,
-      num_proposals=num_proposals, reorder=reorder, epoch_steps=epoch_steps)
+      num_proposals=num_proposals, reorder=reorder, epoch_steps=epoch_steps,
+      floor=None if loss_floor is None else float(loss_floor))
   return SearchResult(batch_ids=np.asarray(ids, np.int32),
                       objective=np.asarray(value, np.float32),
                       initial_objective=np.asarray(start_value, np.float32),
