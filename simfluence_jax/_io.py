@@ -1,16 +1,51 @@
-"""Crash-safe files: directories written atomically, arrays read without pickle.
+"""Crash-safe files: files and directories written atomically, arrays read without pickle.
 
-A directory is written into a temporary sibling and renamed into place, so a reader
-never sees a half-written one: after a crash it finds the old version or none.
+A file or directory is written into a temporary sibling and renamed into place, so a
+reader never sees a half-written one: after a crash it finds the old version or none.
 """
 
 import contextlib
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+  """Calls `write(tmp)` on a temporary file beside `path`, then renames it to `path`.
+
+  The temporary file keeps `path`'s extension (np.save, savefig read it).
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1],
+                             dir=directory)
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` atomically (creating the parent directory)."""
+  def write(tmp):
+    with open(tmp, "w") as f:
+      f.write(text)
+  atomic_write(path, write)
+
+
+def save_figure(fig, path: str) -> None:
+  """Saves a matplotlib figure as PNG atomically and closes it."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png",
+                                             bbox_inches="tight"))
+  plt.close(fig)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
+from simfluence_jax import _io
 from simfluence_jax import simulators as simulators_lib
 from simfluence_jax import trace as trace_lib
 
@@ -49,7 +50,8 @@ def load_simulators(workdir: str, methods: Optional[Sequence[str]] = None
   if unknown:
     raise ValueError(f"--methods: {unknown} not fitted in {workdir!r}; available: "
                      f"{saved}.")
-  return {name: simulators_lib.Simulator.load(os.path.join(root, name)) for name in methods}
+  return {name: simulators_lib.Simulator.load(os.path.join(root, name))
+          for name in methods}
 
 
 def base_initial_losses(workdir: str) -> np.ndarray:
@@ -69,7 +71,8 @@ def simulate_curricula(sims: dict, batch_ids: np.ndarray, initial_losses: np.nda
   out = {}
   for name, sim in sims.items():
     if sim.posterior is not None and num_band_samples > 0:
-      mean, std = sim.simulate_with_bands(batch_ids, initial, num_samples=num_band_samples,
+      mean, std = sim.simulate_with_bands(batch_ids, initial,
+                                          num_samples=num_band_samples,
                                           rng=seed)
       out[name] = {"mean": np.asarray(mean), "std": np.asarray(std)}
     else:
@@ -100,9 +103,7 @@ def plot_trajectories(path: str, trajectories: dict, targets: np.ndarray,
   axes[0, 0].set_ylabel(f"mean simulated loss of {len(targets)} test examples")
   axes[0, 0].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path + ".tmp.png", dpi=100)
-  plt.close(fig)
-  os.replace(path + ".tmp.png", path)
+  _io.save_figure(fig, path)
 
 
 def choose_targets(train_losses: np.ndarray, num_targets: int) -> np.ndarray:

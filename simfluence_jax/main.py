@@ -25,6 +25,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from simfluence_jax import _io
 from simfluence_jax import counterfactual
 from simfluence_jax import evaluation
 from simfluence_jax import influence
@@ -84,7 +85,7 @@ class _Stages:
     elapsed = time.perf_counter() - start
     self.timings[name] = elapsed
     if sharding.is_primary():
-      _atomic_write_text(self._timings_path, json.dumps(self.timings, indent=2))
+      _io.write_text(self._timings_path, json.dumps(self.timings, indent=2))
     logging.info("=== stage %s done in %.1fs ===", name, elapsed)
     return result
 
@@ -102,10 +103,7 @@ class _Stages:
         return np.load(path, allow_pickle=False)
       value = sharding.to_host(fn())
       if sharding.is_primary():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp.npy"
-        np.save(tmp, value, allow_pickle=False)
-        os.replace(tmp, path)
+        _io.atomic_write(path, lambda tmp: np.save(tmp, value, allow_pickle=False))
       sharding.barrier(f"saved {name}")
       return value
 
@@ -142,13 +140,6 @@ def workdir_lock(workdir: str):
       yield
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def _fit_score_scale(step_scores: np.ndarray, train_trace: trace_lib.Trace) -> np.ndarray:
@@ -338,9 +329,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             num_proposals=cf.num_proposals, epoch_steps=steps_per_epoch,
             seed=config.seed))
     if sharding.is_primary():
-      os.makedirs(os.path.join(workdir, "counterfactual"), exist_ok=True)
       for method, ids in counterfactual_result["batch_ids"].items():
-        _atomic_write_text(
+        _io.write_text(
             os.path.join(workdir, "counterfactual", f"searched_{method}.json"),
             json.dumps({"batch_ids": ids.tolist()}))
   summary = {

@@ -90,7 +90,11 @@ def put(tree: Any, sharding: jax.sharding.Sharding) -> Any:
 
 
 def to_host(tree: Any) -> Any:
-  """numpy copies of a pytree, gathering shards held by other processes."""
+  """numpy copies of a pytree, gathering shards held by other processes.
+
+  Always a copy: on CPU `np.asarray` may alias a device buffer that a later jitted
+  call donates and overwrites (as `train_runs` does with its carried state).
+  """
   def leaf(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return np.array(multihost_utils.process_allgather(x, tiled=True))

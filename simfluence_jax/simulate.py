@@ -23,6 +23,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from simfluence_jax import _io
 from simfluence_jax import counterfactual
 from simfluence_jax import data
 
@@ -43,7 +44,8 @@ def run(workdir: str, curriculum_path: str, output_dir: Optional[str] = None,
     if targets.size == 0 or targets.min() < 0 or targets.max() >= num_test:
       raise ValueError(f"--targets: indices must be in [0, {num_test}), got "
                        f"{targets.tolist()}.")
-  trajectories = counterfactual.simulate_curricula(sims, batch_ids, initial, num_band_samples, seed)
+  trajectories = counterfactual.simulate_curricula(sims, batch_ids, initial,
+                                                   num_band_samples, seed)
   stem = os.path.splitext(os.path.basename(curriculum_path))[0]
   output_dir = output_dir or os.path.join(workdir, "simulated", stem)
   os.makedirs(output_dir, exist_ok=True)
@@ -56,12 +58,9 @@ def run(workdir: str, curriculum_path: str, output_dir: Optional[str] = None,
                          for k, v in values.items()}
                   for name, values in trajectories.items()},
   }
-  json_path = os.path.join(output_dir, "trajectories.json")
-  with open(json_path + ".tmp", "w") as f:
-    json.dump(payload, f)
-  os.replace(json_path + ".tmp", json_path)
-  counterfactual.plot_trajectories(os.path.join(output_dir, "trajectories.png"), trajectories, targets,
-                    title=stem)
+  _io.write_text(os.path.join(output_dir, "trajectories.json"), json.dumps(payload))
+  counterfactual.plot_trajectories(os.path.join(output_dir, "trajectories.png"),
+                                   trajectories, targets, title=stem)
   return {"output_dir": output_dir, "trajectories": trajectories, "targets": targets}
 
 
@@ -94,7 +93,8 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   targets = result["targets"]
-  print(f"{'method':22s} final mean loss of {len(targets)} test examples (per curriculum)")
+  print(f"{'method':22s} final mean loss of {len(targets)} test examples "
+        "(per curriculum)")
   for name, values in result["trajectories"].items():
     finals = values["mean"][:, -1][:, targets].mean(-1)
     print(f"{name:22s} " + "  ".join(f"{v:.4f}" for v in finals))

@@ -2,39 +2,11 @@
 
 import json
 import os
-import tempfile
 from typing import Optional
 
 import numpy as np
 
-
-def _atomic_write(path, write):
-  """Writes via a temporary file in the same directory, then os.replace."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1],
-                             dir=directory)
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _write_text(path, text):
-  def write(tmp):
-    with open(tmp, "w") as f:
-      f.write(text)
-  _atomic_write(path, write)
-
-
-def _save_figure(fig, path):
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight"))
-  plt.close(fig)
+from simfluence_jax import _io
 
 
 def _json_float(value):
@@ -70,7 +42,7 @@ def _plots(plot_dir, predictions, bands, actual, metrics, test_texts, num_exampl
     axes[0, 0].set_ylabel("loss (held-out run 0)")
     axes[0, 0].legend(fontsize=7)
     path = os.path.join(plot_dir, f"trajectories_{method}.png")
-    _save_figure(fig, path)
+    _io.save_figure(fig, path)
     written.append(path)
 
   fig, axes = plt.subplots(1, len(predictions), figsize=(3.5 * len(predictions), 3.5),
@@ -86,7 +58,7 @@ def _plots(plot_dir, predictions, bands, actual, metrics, test_texts, num_exampl
     ax.set_xlabel("actual final loss")
   axes[0, 0].set_ylabel("predicted final loss")
   path = os.path.join(plot_dir, "final_loss_scatter.png")
-  _save_figure(fig, path)
+  _io.save_figure(fig, path)
   written.append(path)
 
   metric_names = sorted({k for v in metrics.values() for k in v})
@@ -102,7 +74,7 @@ def _plots(plot_dir, predictions, bands, actual, metrics, test_texts, num_exampl
     ax.set_title(name, fontsize=9)
   path = os.path.join(plot_dir, "metrics_bars.png")
   fig.tight_layout()
-  _save_figure(fig, path)
+  _io.save_figure(fig, path)
   written.append(path)
   return written
 
@@ -136,7 +108,7 @@ def _counterfactual_plot(plot_dir, result):
   ax_scatter.legend(fontsize=7)
   fig.tight_layout()
   path = os.path.join(plot_dir, "counterfactual.png")
-  _save_figure(fig, path)
+  _io.save_figure(fig, path)
   return path
 
 
@@ -203,7 +175,7 @@ def write_report(workdir: str, *, metrics: dict, predictions: dict,
     payload["counterfactual"] = {k: v for k, v in counterfactual.items()
                                  if k != "batch_ids"}
   metrics_path = os.path.join(workdir, "metrics.json")
-  _write_text(metrics_path, json.dumps(payload, indent=2, sort_keys=True))
+  _io.write_text(metrics_path, json.dumps(payload, indent=2, sort_keys=True))
 
   plots = _plots(plot_dir, predictions, bands, actual, metrics, test_texts)
   if counterfactual is not None:
@@ -230,5 +202,5 @@ def write_report(workdir: str, *, metrics: dict, predictions: dict,
   lines += ["", "## Run", "", "```",
             json.dumps(summary, indent=2, sort_keys=True, default=str), "```"]
   report_path = os.path.join(workdir, "report.md")
-  _write_text(report_path, "\n".join(lines) + "\n")
+  _io.write_text(report_path, "\n".join(lines) + "\n")
   return {"metrics": metrics_path, "report": report_path, "plots": plots}

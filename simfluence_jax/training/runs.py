@@ -16,7 +16,6 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -81,27 +80,6 @@ def runs_shardings(num_runs: int, mesh: Optional[jax.sharding.Mesh] = None
                   "replicating the runs on every device instead of sharding them.",
                   num_runs, size)
   return replicated, replicated
-
-
-def _put(tree, sharding: jax.sharding.Sharding):
-  """Places host arrays (identical on every process) with a global sharding."""
-  def leaf(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-  return jax.tree_util.tree_map(leaf, tree)
-
-
-def _to_host(tree):
-  """Global arrays -> numpy copies, gathering shards held by other processes.
-
-  Always a copy: on CPU `np.asarray` may alias the device buffer, which the next
-  segment donates and overwrites.
-  """
-  def leaf(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return np.array(multihost_utils.process_allgather(x, tiled=True))
-    return np.array(x)
-  return jax.tree_util.tree_map(leaf, tree)
 
 
 def make_segment_fn(train_step, run_sharding):
@@ -241,10 +219,10 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
       projection_dim=projection_dim, key=key, grad_chunk_size=grad_chunk_size)
   segment = make_segment_fn(train_step, run_sharding)
 
-  train_dev = _put(train_arrays, replicated)
-  test_dev = _put(test_arrays, replicated)
-  host_params0 = _to_host(params0)
-  params = _put(jax.tree_util.tree_map(
+  train_dev = sharding_lib.put(train_arrays, replicated)
+  test_dev = sharding_lib.put(test_arrays, replicated)
+  host_params0 = sharding_lib.to_host(params0)
+  params = sharding_lib.put(jax.tree_util.tree_map(
       lambda x: np.repeat(x[None], num_runs, axis=0), host_params0), run_sharding)
   opt_state = jax.jit(jax.vmap(optimizer.init), out_shardings=run_sharding)(params)
 
@@ -259,7 +237,8 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
         (num_runs, num_steps, batch_size, projection_dim), np.float32)
     buffers["test_grads"] = np.zeros(
         (num_runs, num_steps, num_test, projection_dim), np.float32)
-  initial_losses = _to_host(jax.jit(loss_fn)(_put(host_params0, replicated), test_dev))
+  initial_losses = sharding_lib.to_host(jax.jit(loss_fn)(
+      sharding_lib.put(host_params0, replicated), test_dev))
   buffers["losses"][:, 0] = initial_losses[None]
   job = {"num_steps": num_steps, "num_runs": num_runs, "batch_size": batch_size,
          "num_test_examples": num_test, "record_grads": bool(record_grads),
@@ -294,9 +273,10 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
       end = _segment_end(step, stop, num_steps, checkpoint_every, steps_per_segment)
       start_time = time.perf_counter()
       params, opt_state, outputs = segment(
-          params, opt_state, jnp.int32(step), _put(batch_ids[:, step:end], run_sharding),
+          params, opt_state, jnp.int32(step),
+          sharding_lib.put(batch_ids[:, step:end], run_sharding),
           train_dev, test_dev)
-      test_losses, extras = _to_host(outputs)
+      test_losses, extras = sharding_lib.to_host(outputs)
       elapsed = time.perf_counter() - start_time
       _check_finite("training loss", extras["train_loss"], step)
       _check_finite("test loss", test_losses, step)
@@ -328,7 +308,7 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
           if step not in tracin_manager.all_steps():
             tracin_manager.save(step, args=ocp.args.StandardSave(params))
         else:
-          memory_checkpoints[step] = _to_host(params)
+          memory_checkpoints[step] = sharding_lib.to_host(params)
   except BaseException:
     # Checkpoints already written stay valid; release the managers and re-raise.
     for manager in (runs_manager, tracin_manager):
@@ -368,7 +348,7 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
       batch_ids=batch_ids[:, :step], losses=buffers["losses"][:, :step + 1],
       learning_rates=buffers["learning_rates"][:, :step],
       num_train_examples=num_train, metadata=trace_metadata, **grads)
-  return TrainResult(trace=trace, params=_to_host(params),
+  return TrainResult(trace=trace, params=sharding_lib.to_host(params),
                      train_losses=buffers["train_losses"][:, :step].copy(),
                      checkpoint_steps=checkpoint_steps, workdir=workdir,
                      checkpoint_params=checkpoint_params)
