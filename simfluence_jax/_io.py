@@ -1,38 +1,113 @@
-"""Crash-safe files: files and directories written atomically, arrays read without pickle.
+"""Workdir files: atomic writes, pickle-free arrays, local disks and buckets alike.
 
-A file or directory is written into a temporary sibling and renamed into place, so a
-reader never sees a half-written one: after a crash it finds the old version or none.
+Every path goes through `etils.epath` (the abstraction orbax and TFDS use), so a
+workdir can be a local directory or a bucket (`gs://...`, `s3://...`).
+
+* Locally, a file or directory is written into a temporary sibling and renamed into
+  place, so a reader never sees a half-written one: after a crash it finds the old
+  version or none. Temporary files get the permissions of an ordinary file (0666 and
+  0777 less the umask), so a team can read a shared workdir.
+* On an object store, writers still write into a local temporary directory; the
+  finished file (or directory) is then uploaded. A single object upload is atomic;
+  a directory upload is not, so a bucket workdir follows the single-writer rule of
+  `pipeline.workdir_lock` (one job per workdir; a killed job's partial uploads are
+  recomputed because its stage record says "running").
 """
 
 import contextlib
+import io
+import json
 import os
 import shutil
 import tempfile
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Union
 
+from etils import epath
 import numpy as np
 
+PathLike = Union[str, os.PathLike]
+_REMOTE_SCHEMES = ("gs://", "s3://", "az://", "hf://")
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-  """Calls `write(tmp)` on a temporary file beside `path`, then renames it to `path`.
+
+def as_path(path: PathLike) -> epath.Path:
+  """`path` as an `epath.Path` (local paths made absolute)."""
+  text = os.fspath(path)
+  if not is_remote(text):
+    text = os.path.abspath(text)
+  return epath.Path(text)
+
+
+def is_remote(path: PathLike) -> bool:
+  """Whether `path` is on an object store rather than a POSIX filesystem."""
+  return os.fspath(path).startswith(_REMOTE_SCHEMES)
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def _publish_permissions(path: str) -> None:
+  """Gives a temporary file or tree the permissions of ordinary new files."""
+  mask = _umask()
+  if os.path.isdir(path):
+    for root, dirs, files in os.walk(path):
+      os.chmod(root, 0o777 & ~mask)
+      for name in files:
+        os.chmod(os.path.join(root, name), 0o666 & ~mask)
+  else:
+    os.chmod(path, 0o666 & ~mask)
+
+
+def makedirs(path: PathLike) -> epath.Path:
+  path = as_path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+def exists(path: PathLike) -> bool:
+  return as_path(path).exists()
+
+
+def remove_tree(path: PathLike) -> None:
+  """Deletes a file or directory if it exists."""
+  path = as_path(path)
+  if path.is_dir():
+    path.rmtree()
+  elif path.exists():
+    path.unlink()
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+  """Calls `write(tmp)` on a local temporary file, then moves it to `path`.
 
   The temporary file keeps `path`'s extension (np.save, savefig read it).
   """
-  directory = os.path.dirname(os.path.abspath(path))
+  target = as_path(path)
+  suffix = target.suffix
+  if is_remote(target):
+    with tempfile.TemporaryDirectory() as tmp_dir:
+      tmp = os.path.join(tmp_dir, "file" + suffix)
+      write(tmp)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      epath.Path(tmp).copy(target, overwrite=True)
+    return
+  directory = os.fspath(target.parent)
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1],
-                             dir=directory)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
   os.close(fd)
   try:
     write(tmp)
-    os.replace(tmp, path)
+    _publish_permissions(tmp)
+    os.replace(tmp, os.fspath(target))
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
 
 
-def write_text(path: str, text: str) -> None:
+def write_text(path: PathLike, text: str) -> None:
   """Writes `text` to `path` atomically (creating the parent directory)."""
   def write(tmp):
     with open(tmp, "w") as f:
@@ -40,7 +115,29 @@ def write_text(path: str, text: str) -> None:
   atomic_write(path, write)
 
 
-def save_figure(fig, path: str) -> None:
+def write_json(path: PathLike, value: Any) -> None:
+  write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def read_text(path: PathLike) -> str:
+  return as_path(path).read_text()
+
+
+def read_json(path: PathLike, who: str) -> Any:
+  """Parsed JSON of `path`; ValueError naming `who` and the file if it is corrupt."""
+  try:
+    return json.loads(read_text(path))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{who}: {os.fspath(path)!r} is corrupt ({e}).") from e
+
+
+def save_npy(path: PathLike, array: Any) -> None:
+  """np.save without pickle, atomically."""
+  array = np.asarray(array)
+  atomic_write(path, lambda tmp: np.save(tmp, array, allow_pickle=False))
+
+
+def save_figure(fig, path: PathLike) -> None:
   """Saves a matplotlib figure as PNG atomically and closes it."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png",
@@ -49,14 +146,27 @@ def save_figure(fig, path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str) -> Iterator[str]:
-  """Yields a temporary directory that replaces `path` when the block succeeds."""
-  path = os.fspath(path)
-  parent = os.path.dirname(os.path.abspath(path))
+def atomic_directory(path: PathLike) -> Iterator[str]:
+  """Yields a local temporary directory that replaces `path` when the block succeeds."""
+  target = as_path(path)
+  if is_remote(target):
+    with tempfile.TemporaryDirectory() as tmp:
+      yield tmp
+      remove_tree(target)
+      for root, _, files in os.walk(tmp):
+        relative = os.path.relpath(root, tmp)
+        destination = target if relative == "." else target / relative
+        destination.mkdir(parents=True, exist_ok=True)
+        for name in files:
+          epath.Path(os.path.join(root, name)).copy(destination / name, overwrite=True)
+    return
+  path = os.fspath(target)
+  parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + "-tmp-", dir=parent)
   try:
     yield tmp
+    _publish_permissions(tmp)
     if os.path.exists(path):
       old = path + ".old"
       shutil.rmtree(old, ignore_errors=True)
@@ -70,18 +180,25 @@ def atomic_directory(path: str) -> Iterator[str]:
     raise
 
 
-def load_npy(file: str, who: str, mmap: bool = False) -> np.ndarray:
+def load_npy(file: PathLike, who: str, mmap: bool = False) -> np.ndarray:
   """np.load without pickle; errors name `who` (the caller) and the file.
+
+  `mmap` applies to local files (a bucket file is read whole).
 
   Raises:
     FileNotFoundError: the file is missing.
     ValueError: the file is corrupt, truncated or pickled.
   """
-  if not os.path.exists(file):
-    raise FileNotFoundError(f"{who}: {file!r} is missing.")
+  path = as_path(file)
+  if not path.exists():
+    raise FileNotFoundError(f"{who}: {os.fspath(file)!r} is missing.")
   try:
-    return np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
+    if is_remote(path):
+      return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+    return np.load(os.fspath(path), mmap_mode="r" if mmap else None,
+                   allow_pickle=False)
   except ValueError as e:  # pickled object arrays, truncated headers or data
-    raise ValueError(f"{who}: {file!r} is corrupt or not a plain array ({e}).") from e
+    raise ValueError(f"{who}: {os.fspath(file)!r} is corrupt or not a plain array "
+                     f"({e}).") from e
   except OSError as e:
-    raise ValueError(f"{who}: {file!r} is corrupt ({e}).") from e
+    raise ValueError(f"{who}: {os.fspath(file)!r} is corrupt ({e}).") from e

@@ -76,7 +76,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   """Every field of the main job, with its default (the LM fine-tuning workload)."""
   config = ml_collections.ConfigDict()
-  config.seed = 0  # Seeds the base model, the curricula and every projection.
+  config.seed = 0  # Seeds the data, the base model, the curricula and every projection.
+  config.num_seeds = 1  # K > 1: repeat for seeds seed..seed+K-1 in WORKDIR/seed_<k>/; report mean ± std.
+  config.methods = ("curriculum_blind", "simfluence_linear", "simfluence_additive",
+                    "tracin_cp", "tracin_per_step", "ekfac_if")  # Methods to fit and score.
 
   # --- Experiment sizes -----------------------------------------------------------
   config.num_train_examples = 200  # N: the pool of train examples runs draw from.
@@ -113,12 +116,19 @@ def base_config() -> ml_collections.ConfigDict:
   config.lr_schedule = "constant"  # constant | linear (decay to 0).
   config.checkpoint_every = 8  # Steps between orbax checkpoints (resume + TracIn-CP).
   config.record_grads = True  # Record per-step projected gradients (per-step TracIn).
+  config.num_grad_runs = 8  # Fitted runs that record them (each costs about 8 plain runs).
   config.projection_dim = 256  # K: dimension of the recorded gradient projections.
 
   # --- Simulators -----------------------------------------------------------------
   config.simulators = ml_collections.ConfigDict()
   config.simulators.l2 = 1e-2  # Ridge penalty of Simfluence-Linear / -Additive.
   config.simulators.num_band_samples = 32  # Posterior samples for uncertainty bands.
+  config.learning_curve = (8, 16, 32)  # Fitted-run counts of the Simfluence-Linear learning curve.
+
+  # --- Train examples no fitted run contains (scores simulators on new examples) -----
+  config.unseen = ml_collections.ConfigDict()
+  config.unseen.num_examples = 0  # U: train ids kept out of every fitted and held-out run.
+  config.unseen.num_runs = 0  # Extra held-out runs drawn from all N ids (so containing them).
 
   # --- Influence kernels --------------------------------------------------------------
   config.influence = ml_collections.ConfigDict()
@@ -139,6 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Scale-out --------------------------------------------------------------------
   config.distributed = False  # Call jax.distributed.initialize() (multi-host).
+  config.compilation_cache_dir = "~/.cache/simfluence_jax/xla"  # Persistent XLA cache; "" = off.
   return config
 
 

@@ -5,7 +5,7 @@ import pathlib
 import pytest
 
 from simfluence_jax import config_lib
-from simfluence_jax import main as main_lib
+from simfluence_jax import pipeline
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -19,7 +19,7 @@ def load(name, arg=None):
 @pytest.mark.parametrize("arg", [None, "tiny"])
 def test_every_config_is_valid(name, arg):
   config = load(name, arg)
-  main_lib.validate_config(config)
+  pipeline.validate_config(config)
   assert config.data.num_train_examples == config.num_train_examples
 
 
@@ -47,7 +47,7 @@ def test_parse_arg():
 @pytest.mark.parametrize("field, value, message", [
     ("num_runs", 0, "config.num_runs=0: must be a positive integer"),
     ("batch_size", -1, "config.batch_size=-1"),
-    ("learning_rate", 0.0, "config.learning_rate=0.0: must be positive"),
+    ("learning_rate", 0.0, "config.learning_rate=0.0: must be a finite positive number"),
     ("subset_size", 1000, "config.subset_size=1000: larger than"),
     ("num_held_out_runs", 9, "config.num_held_out_runs=9: more held-out runs"),
 ])
@@ -55,4 +55,4 @@ def test_bad_config_values_are_named(field, value, message):
   config = load("default", "tiny")
   config[field] = value
   with pytest.raises(ValueError, match=message):
-    main_lib.validate_config(config)
+    pipeline.validate_config(config)

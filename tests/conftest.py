@@ -77,10 +77,13 @@ def method_metrics(metrics: dict) -> dict:
   """{(method, name): value} of every scalar per-method metric."""
   out = {}
   for method, values in metrics.items():
-    if method in ("timings", "counterfactual") or not isinstance(values, dict):
+    if method in ("timings", "counterfactual", "stages", "cost", "summary",
+                  "learning_curve") or not isinstance(values, dict):
       continue
     for name, value in values.items():
-      if isinstance(value, (int, float)) and not isinstance(value, bool):
+      if value is None:  # undefined metric (NaN in JSON): must agree too
+        out[(method, name)] = float("nan")
+      elif isinstance(value, (int, float)) and not isinstance(value, bool):
         out[(method, name)] = float(value)
   return out
 
@@ -91,7 +94,8 @@ def assert_same_metrics(got: dict, want: dict, rtol: float = 1e-5) -> None:
   methods = {method for method, _ in want}
   assert {"simfluence_linear", "simfluence_additive", "tracin_cp", "ekfac_if"} <= methods
   bad = {key: (got[key], want[key]) for key in want
-         if not abs(got[key] - want[key]) <= rtol * max(1.0, abs(want[key]))}
+         if not (abs(got[key] - want[key]) <= rtol * max(1.0, abs(want[key])) or
+                 (got[key] != got[key] and want[key] != want[key]))}
   assert not bad, f"metrics differ beyond {rtol}: {bad}"
 
 

@@ -37,8 +37,9 @@ def test_spearman_matches_scipy():
   across = np.mean([scipy.stats.spearmanr(pred[:, -1, m], actual[:, -1, m])[0]
                     for m in range(pred.shape[2])])
   assert ev.spearman_across_runs(pred, actual) == pytest.approx(across)
-  # Shared initial losses: LDS equals spearman_across_runs.
+  # Shared initial losses: LDS equals spearman_across_runs (so only that is reported).
   assert ev.lds(pred, actual) == pytest.approx(across)
+  assert "lds" not in ev.METRICS
 
 
 def test_lds_uses_curriculum_effect():
@@ -81,28 +82,80 @@ def _trace(seed, runs):
                   num_train_examples=10), sim
 
 
+def test_nan_prediction_is_nan_in_every_metric():
+  pred, actual = _pair()
+  pred[2, 3, 1] = np.nan  # one exploded run
+  metrics = ev.compute_metrics(pred, actual)
+  assert all(np.isnan(v) for v in metrics.values()), metrics
+  reasons = ev.undefined_reasons(pred, actual)
+  assert set(reasons) == set(ev.METRICS)
+  assert "run 2, step 3, test example 1" in reasons["spearman"]
+
+
+def test_fewer_than_three_runs_is_undefined_with_a_reason():
+  pred, actual = _pair(runs=2)
+  assert np.isnan(ev.spearman_across_runs(pred, actual))
+  assert "at least 3 held-out runs" in ev.undefined_reasons(pred, actual)[
+      "spearman_across_runs"]
+  pred3, actual3 = _pair(runs=3)
+  assert np.isfinite(ev.spearman_across_runs(pred3, actual3))
+
+
+def test_curriculum_blind_is_the_mean_fitted_trajectory():
+  _, fitted = _pair(runs=4)
+  blind = ev.curriculum_blind(fitted, 3)
+  assert blind.shape == (3,) + fitted.shape[1:]
+  np.testing.assert_allclose(blind[1], fitted.mean(0), rtol=1e-6)
+  assert "ignores the curriculum" in ev.undefined_reasons(blind, fitted[:3])[
+      "spearman_across_runs"]
+
+
+def test_removal_lds_matches_scipy():
+  rng = np.random.default_rng(3)
+  actual = rng.normal(size=(32, 5))
+  predicted = actual + rng.normal(size=actual.shape)
+  expected = np.mean([scipy.stats.spearmanr(predicted[:, m], actual[:, m])[0]
+                      for m in range(5)])
+  assert ev.removal_lds(predicted, actual) == pytest.approx(expected)
+  assert np.isnan(ev.removal_lds(predicted[:2], actual[:2]))
+  with pytest.raises(ValueError, match="predicted_change"):
+    ev.removal_lds(predicted[:, :3], actual)
+
+
+def test_rankdata_matches_scipy_with_ties():
+  values = np.random.default_rng(0).integers(0, 4, size=(6, 9)).astype(float)
+  np.testing.assert_allclose(ev.rankdata(values, 1),
+                             scipy.stats.rankdata(values, axis=1))
+  np.testing.assert_allclose(ev.rankdata(values, 0),
+                             scipy.stats.rankdata(values, axis=0))
+
+
 def test_evaluate_and_report(tmp_path):
   train, _ = _trace(0, 30)
   held_out, oracle = _trace(1, 6)
   sim = sj.simulators.fit("additive", train, l2=1e-2)
   metrics = {"fit": ev.evaluate(sim, held_out), "oracle": ev.evaluate(oracle, held_out)}
-  assert set(metrics["fit"]) == {"all_steps_mse", "final_step_mse", "spearman",
-                                 "spearman_across_runs", "lds"}
-  pred = {k: np.asarray(s.simulate(held_out.batch_ids, held_out.losses[:, 0]))
+  assert set(metrics["fit"]) == set(ev.METRICS)
+  pred = {k: np.array(s.simulate(held_out.batch_ids, held_out.losses[:, 0]))
           for k, s in (("fit", sim), ("oracle", oracle))}
+  pred["fit"][0, 1, 0] = -1.0  # an impossible loss is flagged
+  metrics["fit"]["min_loss"] = ev.min_loss(pred["fit"])
   bands = {"fit": sim.simulate_with_bands(held_out.batch_ids, held_out.losses[:, 0],
                                           num_samples=8)}
-  paths = ev.write_report(str(tmp_path), metrics=metrics, predictions=pred, bands=bands,
-                          actual=held_out.losses, timings={"fit": 1.5},
-                          summary={"config": "test"}, test_texts=list("abcd"))
+  payload = dict(metrics, timings={"fit": 1.5},
+                 stages={"fit": {"seconds": 1.5, "reused": True}},
+                 summary={"num_held_out_runs": 6})
+  paths = ev.write_report(str(tmp_path), payload=payload, predictions=pred,
+                          bands=bands, actual=held_out.losses, test_texts=list("abcd"))
   with open(tmp_path / "metrics.json") as f:
     data = json.load(f)
-  assert set(data) == {"fit", "oracle", "timings"}
-  assert data["timings"] == {"fit": 1.5}
+  assert set(data) == {"fit", "oracle", "timings", "stages", "summary"}
   assert data["fit"]["all_steps_mse"] == pytest.approx(metrics["fit"]["all_steps_mse"])
   report = (tmp_path / "report.md").read_text()
   assert "| fit |" in report and "spearman_across_runs" in report
-  assert len(paths["plots"]) == 4
+  assert "**fit** simulates losses below 0" in report
+  assert "| fit | 1.50 | reused |" in report
+  assert len(paths["plots"]) == 4  # bars, two trajectory panels, scatter
   for p in paths["plots"]:
     assert os.path.getsize(p) > 0
   assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]

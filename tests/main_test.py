@@ -1,72 +1,196 @@
-"""The main job end to end on the tiny config: outputs, resume, command-line errors."""
+"""The main job end to end on the tiny config: outputs, reruns, refusals, CLI errors."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+import simfluence_jax as sj
 from simfluence_jax import config_lib
-from simfluence_jax import main as main_lib
+from simfluence_jax import pipeline
 
-METRICS = ("all_steps_mse", "final_step_mse", "spearman", "spearman_across_runs", "lds")
+METRICS = ("all_steps_mse", "final_step_mse", "spearman", "spearman_across_runs")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "default.py:tiny")
 
 
+def _config(**overrides):
+  config = config_lib.load_config(TINY)
+  for name, value in overrides.items():
+    section = config
+    *parents, leaf = name.split(".")
+    for part in parents:
+      section = section[part]
+    section[leaf] = value
+  return config
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("tiny"))
-  config = config_lib.load_config(TINY)
-  return config, workdir, main_lib.train_and_evaluate(config, workdir)
+  workdir = str(tmp_path_factory.mktemp("tiny") / "job")
+  config = _config()
+  return config, workdir, pipeline.run(config, workdir)
+
+
+def _copy(workdir, tmp_path):
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(".lock"))
+  return copy
 
 
 def test_outputs(tiny_run):
   config, workdir, result = tiny_run
   with open(os.path.join(workdir, "metrics.json")) as f:
     metrics = json.load(f)
-  for method in main_lib.METHODS:
+  for method in config.methods:
     for name in METRICS:
+      if method == "curriculum_blind" and name == "spearman_across_runs":
+        # Constant across runs by construction: undefined, and the reason is given.
+        assert metrics[method][name] is None
+        assert "same for every run" in metrics[method]["undefined"][name]
+        continue
       assert np.isfinite(metrics[method][name]), (method, name)
       assert metrics[method][name] == pytest.approx(result[method][name], rel=1e-6)
-  assert {"data", "train_runs", "evaluate"} <= set(metrics["timings"])
-  assert os.path.exists(os.path.join(workdir, "report.md"))
+    if method != "curriculum_blind":
+      assert metrics[method]["all_steps_mse_ratio"] == pytest.approx(
+          metrics[method]["all_steps_mse"] / metrics["curriculum_blind"][
+              "all_steps_mse"])
+      assert metrics["cost"][method]["run_equivalents"] > 0
+  assert {"data", "record_runs", "evaluate"} <= set(metrics["timings"])
+  assert not any(stage["reused"] for stage in metrics["stages"].values())
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "| curriculum_blind |" in report and "**total**" in report
   assert any(f.endswith(".png") for f in os.listdir(os.path.join(workdir, "plots")))
   # TensorBoard: per-run curves and the evaluation scalars (tests/writers_test.py).
   tensorboard = os.path.join(workdir, "tensorboard")
   assert len(os.listdir(os.path.join(tensorboard, "runs"))) == (
       config.num_runs + config.num_held_out_runs)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tensorboard))
+  # Shared workdirs: files readable by the group and others (umask 022 here).
+  mode = os.stat(os.path.join(workdir, "trace", "losses.npy")).st_mode
+  assert mode & 0o044 == 0o044 & ~_umask()
 
 
-def test_rerun_with_same_workdir_gives_same_numbers(tiny_run):
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def test_rerun_reuses_every_stage_and_gives_same_numbers(tiny_run, tmp_path):
   config, workdir, first = tiny_run
-  second = main_lib.train_and_evaluate(config, workdir)
-  for method in main_lib.METHODS:
+  copy = _copy(workdir, tmp_path)
+  second = pipeline.run(config, copy)
+  assert all(stage["reused"] for name, stage in second["stages"].items()
+             if name != "data"), second["stages"]
+  for method in config.methods:
     for name in METRICS:
-      assert second[method][name] == pytest.approx(first[method][name], rel=1e-6)
+      assert second[method][name] == pytest.approx(first[method][name], rel=1e-6,
+                                                   nan_ok=True)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("learning_rate", 0.01), ("seed", 1), ("model.d_model", 16),
+    ("optimizer", "adam"), ("num_runs", 6), ("num_steps", 4)])
+def test_rerun_with_other_run_settings_refuses_naming_the_field(tiny_run, tmp_path,
+                                                                 field, value):
+  _, workdir, _ = tiny_run
+  copy = _copy(workdir, tmp_path)
+  with pytest.raises(pipeline.StaleWorkdirError, match=rf"{field} [^;]* -> "):
+    pipeline.run(_config(**{field: value}), copy)
+  # Nothing was discarded: the old trace is still there.
+  assert os.path.exists(os.path.join(copy, "trace", "trace.json"))
+
+
+def test_rerun_with_other_l2_recomputes_only_the_fits(tiny_run, tmp_path):
+  _, workdir, first = tiny_run
+  copy = _copy(workdir, tmp_path)
+  result = pipeline.run(_config(**{"simulators.l2": 1.0}), copy)
+  stages = result["stages"]
+  assert stages["record_runs"]["reused"] and stages["tracin_cp_scores"]["reused"]
+  assert not stages["fit_simfluence_linear"]["reused"]
+  # Exactly the metrics of that l2 on the stored runs (what a fresh job would give).
+  trace = sj.Trace.load(os.path.join(copy, "trace"))
+  config = _config()
+  fit = trace.select_runs(slice(0, config.num_runs))
+  held = trace.select_runs(slice(config.num_runs, config.num_runs +
+                                 config.num_held_out_runs))
+  sim = sj.simulators.fit("linear", fit, l2=1.0)
+  expected = sj.evaluation.evaluate(sim, held)
+  for name in METRICS:
+    assert result["simfluence_linear"][name] == pytest.approx(expected[name],
+                                                              rel=1e-5)
+  assert result["simfluence_linear"]["all_steps_mse"] != pytest.approx(
+      first["simfluence_linear"]["all_steps_mse"])
+
+
+def test_overwrite_discards_and_retrains(tiny_run, tmp_path):
+  _, workdir, _ = tiny_run
+  copy = _copy(workdir, tmp_path)
+  config = _config(learning_rate=0.001, **{"counterfactual.enabled": False})
+  result = pipeline.run(config, copy, overwrite=True)
+  trace = sj.Trace.load(os.path.join(copy, "trace"))
+  np.testing.assert_allclose(trace.learning_rates, 0.001)
+  assert not result["stages"]["record_runs"]["reused"]
+
+
+def test_deleted_tracin_checkpoint_is_an_error(tiny_run, tmp_path):
+  _, workdir, _ = tiny_run
+  copy = _copy(workdir, tmp_path)
+  shutil.rmtree(os.path.join(copy, "runs", "grads", "tracin_ckpt", "4"))
+  shutil.rmtree(os.path.join(copy, "arrays"))
+  os.remove(os.path.join(copy, "stages", "tracin_cp_scores.json"))
+  with pytest.raises(FileNotFoundError, match=r"steps \[4\] are missing"):
+    pipeline.run(_config(), copy)
 
 
 def test_command_line_error_is_one_clear_line(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "simfluence_jax.main",
        "--config=configs/default.py:tiny", "--config.num_runs=0",
-       f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+       f"--workdir={tmp_path / 'job'}"], cwd=REPO, capture_output=True, text=True,
+      timeout=300)
   assert proc.returncode != 0
   assert "config.num_runs=0: must be a positive integer" in proc.stderr
   assert "Traceback" not in proc.stderr
+  assert not os.path.exists(tmp_path / "job")  # nothing created before validation
+
+
+def test_unknown_config_field_is_one_clear_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "simfluence_jax.main",
+       "--config=configs/default.py:tiny", "--config.nonexistent=3",
+       f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert "nonexistent" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_stale_workdir_from_the_command_line(tiny_run, tmp_path):
+  _, workdir, _ = tiny_run
+  copy = _copy(workdir, tmp_path)
+  proc = subprocess.run(
+      [sys.executable, "-m", "simfluence_jax.main",
+       "--config=configs/default.py:tiny", "--config.learning_rate=0.01",
+       f"--workdir={copy}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "learning_rate 0.003 -> 0.01" in last
+  assert "--overwrite" in last and "Traceback" not in proc.stderr
 
 
 def test_workdir_lock_refuses_a_second_job(tmp_path):
-  with main_lib.workdir_lock(str(tmp_path)):
+  with pipeline.workdir_lock(str(tmp_path)):
     proc = subprocess.run(
-        [sys.executable, "-c", "from simfluence_jax import main\n"
-         f"with main.workdir_lock({str(tmp_path)!r}): pass"],
+        [sys.executable, "-c", "from simfluence_jax import pipeline\n"
+         f"with pipeline.workdir_lock({str(tmp_path)!r}): pass"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "is in use by another job" in proc.stderr
-  with main_lib.workdir_lock(str(tmp_path)):  # released: can be taken again
+  with pipeline.workdir_lock(str(tmp_path)):  # released: can be taken again
     pass
 
 
@@ -79,4 +203,11 @@ def test_diverged_run_stops_with_run_and_step_named(tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: train_runs: non-finite training loss in run 0 at step")
   assert "Traceback" not in proc.stderr
-  assert os.path.isdir(os.path.join(tmp_path, "runs", "runs_ckpt"))  # kept
+  assert os.path.isdir(os.path.join(tmp_path, "runs", "grads", "runs_ckpt"))  # kept
+  # A rerun with other settings never resumes the diverged checkpoints.
+  again = subprocess.run(
+      [sys.executable, "-m", "simfluence_jax.main",
+       "--config=configs/default.py:tiny", "--config.learning_rate=0.003",
+       f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 1
+  assert "learning_rate 1000000000.0 -> 0.003" in again.stderr.strip().splitlines()[-1]

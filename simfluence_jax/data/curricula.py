@@ -37,7 +37,8 @@ def make_curricula(num_runs: int,
                    num_epochs: int,
                    batch_size: int,
                    seed: int,
-                   first_run: int = 0) -> np.ndarray:
+                   first_run: int = 0,
+                   pool=None) -> np.ndarray:
   """Draws the batch ids of `num_runs` training runs.
 
   Each run draws `subset_size` distinct ids out of `[0, num_train_examples)` and
@@ -53,6 +54,9 @@ def make_curricula(num_runs: int,
     batch_size: B, examples per step.
     seed: non-negative base seed shared by all runs.
     first_run: index of the first run; run r of the result is run `first_run + r`.
+    pool: the ids subsets are drawn from (int[P], distinct, in `[0, N)`); None = all
+      N ids. The main job keeps some train examples out of every fitted run this
+      way, to score simulators on examples no fitted run saw.
 
   Returns:
     batch_ids: int32[R, T, B] with T = num_epochs * ceil(subset_size / batch_size),
@@ -72,6 +76,16 @@ def make_curricula(num_runs: int,
   if subset_size > num_train_examples:
     raise ValueError(f"make_curricula: subset_size={subset_size}: must be <= "
                      f"num_train_examples={num_train_examples}.")
+  if pool is not None:
+    pool = np.asarray(pool)
+    if (pool.ndim != 1 or not np.issubdtype(pool.dtype, np.integer)
+        or len(np.unique(pool)) != len(pool) or pool.min(initial=0) < 0
+        or pool.max(initial=0) >= num_train_examples):
+      raise ValueError("make_curricula: pool must be distinct integer ids in "
+                       f"[0, {num_train_examples}).")
+    if subset_size > len(pool):
+      raise ValueError(f"make_curricula: subset_size={subset_size}: must be <= the "
+                       f"{len(pool)} ids of the pool.")
 
   num_batches = steps_per_epoch(subset_size, batch_size)
   batch_ids = np.full((num_runs, num_epochs * num_batches, batch_size), PADDING_ID,
@@ -79,7 +93,10 @@ def make_curricula(num_runs: int,
   epoch_ids = np.full(num_batches * batch_size, PADDING_ID, dtype=np.int32)
   for run in range(num_runs):
     rng = np.random.default_rng([seed, first_run + run])
-    subset = rng.choice(num_train_examples, size=subset_size, replace=False)
+    if pool is None:
+      subset = rng.choice(num_train_examples, size=subset_size, replace=False)
+    else:
+      subset = rng.choice(pool, size=subset_size, replace=False)
     for epoch in range(num_epochs):
       epoch_ids[:subset_size] = rng.permutation(subset)
       batch_ids[run, epoch * num_batches:(epoch + 1) * num_batches] = (

@@ -12,6 +12,8 @@ from typing import Optional
 import ml_collections
 import numpy as np
 
+from simfluence_jax.data import packing
+
 LM_SOURCES = ("synthetic_facts", "glue_rte", "super_glue_copa")
 CLASSIFICATION_SOURCES = ("digits",)
 SOURCES = LM_SOURCES + CLASSIFICATION_SOURCES
@@ -38,6 +40,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.tfds_download = False
   # synthetic_facts: size of the pretrain split (0: no pretrain split).
   config.num_pretrain_examples = 512
+  # synthetic_facts: "numpy" (no TensorFlow) or "seqio" (its registered Task); equal arrays.
+  config.pipeline = "numpy"
   return config
 
 
@@ -101,6 +105,9 @@ def _data_config(config) -> ml_collections.ConfigDict:
     if key not in config:
       raise ValueError(f"config.data.{key}: missing (start from "
                        "data.default_data_config()).")
+  if config.pipeline not in ("numpy", "seqio"):
+    raise ValueError(f"config.data.pipeline={config.pipeline!r}: must be 'numpy' or "
+                     "'seqio'.")
   if config.name not in SOURCES:
     raise ValueError(f"config.data.name={config.name!r}: unknown, expected one of "
                      f"{SOURCES}.")
@@ -176,13 +183,20 @@ def _synthetic_facts(config) -> Dataset:
   facts = synthetic_facts.generate(
       config.seed, config.num_train_examples, config.num_test_examples,
       config.num_pretrain_examples)
-  from simfluence_jax.data import tasks  # pylint: disable=g-import-not-at-top
-  task = tasks.register_synthetic_facts_task(facts)
   arrays, texts = {}, {}
-  for split in ("train", "test", "pretrain"):
-    prompts, answers, texts[split] = tasks.materialize(task, split)
-    arrays[split] = tasks.pack(prompts, answers, config.seq_len) if prompts else None
-  metadata = {"source": "synthetic_facts", "seqio_task": tasks.SYNTHETIC_FACTS_TASK,
+  splits = {"train": facts.train, "test": facts.test, "pretrain": facts.pretrain}
+  if config.pipeline == "seqio":
+    from simfluence_jax.data import tasks  # pylint: disable=g-import-not-at-top
+    task = tasks.register_synthetic_facts_task(facts)
+  for split, examples in splits.items():
+    if config.pipeline == "seqio":
+      prompts, answers, texts[split] = tasks.materialize(task, split)
+    else:
+      prompts = [packing.tokenize_bytes(ex.prompt) for ex in examples]
+      answers = [packing.tokenize_bytes(ex.answer, add_eos=True) for ex in examples]
+      texts[split] = [ex.prompt + ex.answer for ex in examples]
+    arrays[split] = packing.pack(prompts, answers, config.seq_len) if prompts else None
+  metadata = {"source": "synthetic_facts", "pipeline": config.pipeline,
               "seed": int(config.seed), **facts.metadata}
   return Dataset(
       name="synthetic_facts", kind="lm", train=arrays["train"], test=arrays["test"],

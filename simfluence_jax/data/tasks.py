@@ -16,14 +16,13 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from simfluence_jax.data import packing
 from simfluence_jax.data import synthetic_facts
 
 SYNTHETIC_FACTS_TASK = "simfluence_synthetic_facts"
 GLUE_RTE_TASK = "simfluence_glue_rte"
 SUPER_GLUE_COPA_TASK = "simfluence_super_glue_copa"
-# Share of a too-long prompt's budget kept from its start; the rest is kept from its
-# end, where the hypothesis / choices and "answer:" are.
-_PROMPT_HEAD_SHARE = 1 / 3
+pack = packing.pack  # re-exported: the seqio path and the numpy path pack alike
 
 
 def vocabulary() -> seqio.ByteVocabulary:
@@ -98,38 +97,6 @@ def register_tfds_task(name: str, data_dir, download: bool = False) -> seqio.Tas
       tfds_name, tfds_data_dir=data_dir, splits=("train", "validation"),
       read_only=not download)
   return _register(name, source, [preprocessor])
-
-
-def _truncate_middle(prompt: np.ndarray, budget: int) -> np.ndarray:
-  if len(prompt) <= budget:
-    return prompt
-  head = int(budget * _PROMPT_HEAD_SHARE)
-  return np.concatenate([prompt[:head], prompt[len(prompt) - (budget - head):]])
-
-
-def pack(prompts, answers, seq_len: int) -> dict:
-  """Packs token sequences into decoder-only LM arrays.
-
-  Args:
-    prompts: n int sequences (no EOS).
-    answers: n int sequences ending with EOS.
-    seq_len: L.
-
-  Returns:
-    {"inputs": int32[n, L], "targets": int32[n, L], "mask": float32[n, L]}.
-  """
-  num = len(prompts)
-  targets = np.zeros((num, seq_len), np.int32)
-  mask = np.zeros((num, seq_len), np.float32)
-  for i, (prompt, answer) in enumerate(zip(prompts, answers)):
-    answer = np.asarray(answer)[:seq_len]
-    prompt = _truncate_middle(np.asarray(prompt), seq_len - len(answer))
-    tokens = np.concatenate([prompt, answer])
-    targets[i, :len(tokens)] = tokens
-    mask[i, len(prompt):len(tokens)] = 1.0
-  inputs = np.zeros_like(targets)
-  inputs[:, 1:] = targets[:, :-1]
-  return {"inputs": inputs, "targets": targets, "mask": mask}
 
 
 def materialize(task: seqio.Task, split: str, keep_fn=None):

@@ -2,12 +2,18 @@
 
 All metrics take `pred, actual: float[R', T+1, M]` (index 0 = before the first
 step) and average over held-out runs (or test examples for across-run metrics).
+
+Nothing is hidden: a non-finite prediction makes every metric NaN (a Spearman ρ
+over ranks would otherwise turn an exploded simulator into a perfect one), and a ρ
+across runs needs at least `MIN_RUNS_FOR_RHO` held-out runs; `undefined_reasons`
+says why a metric is NaN.
 """
 
 import numpy as np
-import scipy.stats
 
 from simfluence_jax import trace as trace_lib
+
+MIN_RUNS_FOR_RHO = 3
 
 
 def _check(pred, actual):
@@ -17,16 +23,39 @@ def _check(pred, actual):
     raise ValueError(f"actual: expected float[R', T+1, M] with T >= 1, got {actual.shape}.")
   if pred.shape != actual.shape:
     raise ValueError(f"pred: expected shape {actual.shape} (as actual), got {pred.shape}.")
+  if not np.all(np.isfinite(actual)):
+    raise ValueError("actual: contains NaN or inf (a diverged held-out run).")
   return pred, actual
 
 
-def _rank(values, axis):
-  return scipy.stats.rankdata(values, axis=axis)
+def rankdata(values: np.ndarray, axis: int = -1) -> np.ndarray:
+  """Ranks 1..n along `axis`, ties given their average rank (scipy's "average")."""
+  values = np.moveaxis(np.asarray(values, np.float64), axis, -1)
+  order = np.argsort(values, axis=-1, kind="stable")
+  sorted_values = np.take_along_axis(values, order, -1)
+  n = values.shape[-1]
+  ranks_sorted = np.broadcast_to(np.arange(1, n + 1, dtype=np.float64),
+                                 values.shape).copy()
+  # Average the ranks of each run of equal values (flattened over leading axes).
+  flat_values = sorted_values.reshape(-1, n)
+  flat_ranks = ranks_sorted.reshape(-1, n)
+  for row in range(flat_values.shape[0]):
+    v = flat_values[row]
+    starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
+    if len(starts) == n:
+      continue
+    ends = np.r_[starts[1:], n]
+    for start, end in zip(starts, ends):
+      if end - start > 1:
+        flat_ranks[row, start:end] = (start + 1 + end) / 2.0
+  ranks = np.empty_like(ranks_sorted)
+  np.put_along_axis(ranks, order, flat_ranks.reshape(values.shape), -1)
+  return np.moveaxis(ranks, -1, axis)
 
 
 def _rowwise_spearman(a, b):
   """Spearman ρ of each row of a, b: float[K, n] -> float[K] (NaN if a row is constant)."""
-  ra, rb = _rank(a, 1), _rank(b, 1)
+  ra, rb = rankdata(a, 1), rankdata(b, 1)
   ra = ra - ra.mean(1, keepdims=True)
   rb = rb - rb.mean(1, keepdims=True)
   den = np.sqrt(np.sum(ra * ra, 1) * np.sum(rb * rb, 1))
@@ -40,6 +69,10 @@ def _nanmean(values):
       else float("nan")
 
 
+def _finite(pred) -> bool:
+  return bool(np.all(np.isfinite(pred)))
+
+
 def all_steps_mse(pred, actual) -> float:
   """Mean over runs, steps t = 1..T and test examples of (L̂_t − L_t)².
 
@@ -50,57 +83,126 @@ def all_steps_mse(pred, actual) -> float:
 
 
 def final_step_mse(pred, actual) -> float:
-  """Mean over runs and test examples of (L̂_T − L_T)²."""
+  """Mean over runs and test examples of (L̂_T − L_T)² (NaN if any L̂_t is)."""
   pred, actual = _check(pred, actual)
+  if not _finite(pred):
+    return float("nan")
   return float(np.mean((pred[:, -1] - actual[:, -1]) ** 2))
 
 
 def spearman(pred, actual) -> float:
   """Spearman ρ across the M test examples of final-step losses, averaged over runs.
 
-  Runs where either side is constant (ρ undefined) are skipped; NaN if all are.
+  NaN if any prediction is non-finite; runs where either side is constant (ρ
+  undefined) are skipped, NaN if all are.
   """
   pred, actual = _check(pred, actual)
+  if not _finite(pred):
+    return float("nan")
   return _nanmean(_rowwise_spearman(pred[:, -1], actual[:, -1]))
 
 
 def spearman_across_runs(pred, actual) -> float:
   """For each test example, ρ across held-out runs of its final loss; mean over examples.
 
-  Test examples with a constant prediction or outcome across runs are skipped;
-  NaN if all are (e.g. a single held-out run).
+  This is the linear datamodeling score (Park et al., 2023) of the held-out
+  curricula: the counterfactual question "which curriculum gives the lower loss".
+  NaN with fewer than `MIN_RUNS_FOR_RHO` runs or a non-finite prediction; test
+  examples with a constant prediction or outcome across runs are skipped.
   """
   pred, actual = _check(pred, actual)
+  if not _finite(pred) or pred.shape[0] < MIN_RUNS_FOR_RHO:
+    return float("nan")
   return _nanmean(_rowwise_spearman(pred[:, -1].T, actual[:, -1].T))
 
 
 def lds(pred, actual) -> float:
-  """Linear datamodeling score (Park et al., 2023) over held-out curricula.
+  """Linear datamodeling score over held-out curricula: ρ across runs of the
+  predicted vs actual effect L_T − L_0, averaged over test examples.
 
-  For each test example m: Spearman ρ across held-out runs between the predicted
-  curriculum effect L̂_T − L_0 and the actual effect L_T − L_0; averaged over test
-  examples (constant ones skipped, NaN if all are). For an additive simulator with
-  scores B, L̂_T − L_0 = Σ over the run's batch occurrences of B_i: the linear
-  datamodel of the run's (multi-)set of examples. Subtracting L_0 removes what does
-  not depend on the curriculum, so when every run starts from the same model (the
-  usual case) lds equals `spearman_across_runs`; they differ when initial losses
-  vary across runs (e.g. several base-model seeds), where lds scores only the
-  attribution part.
+  With every run starting from the same model (always, in the main job) this equals
+  `spearman_across_runs`, so the main job reports that one only; MAGIC's removal
+  protocol is `removal_lds`.
   """
   pred, actual = _check(pred, actual)
+  if not _finite(pred) or pred.shape[0] < MIN_RUNS_FOR_RHO:
+    return float("nan")
   effect_pred = (pred[:, -1] - actual[:, 0]).T
   effect_actual = (actual[:, -1] - actual[:, 0]).T
   return _nanmean(_rowwise_spearman(effect_pred, effect_actual))
 
 
+def removal_lds(predicted_change, actual_change) -> float:
+  """MAGIC's LDS: per test example, ρ across removals of predicted vs actual change.
+
+  Args:
+    predicted_change: float[S, M], predicted change of the final loss of each test
+      example when the examples of removal s are dropped from the reference run.
+    actual_change: float[S, M], the change measured by retraining.
+
+  Returns:
+    The mean over test examples (constant ones skipped); NaN if a prediction is
+    non-finite or S < `MIN_RUNS_FOR_RHO`.
+  """
+  predicted_change = np.asarray(predicted_change, np.float64)
+  actual_change = np.asarray(actual_change, np.float64)
+  if predicted_change.shape != actual_change.shape or predicted_change.ndim != 2:
+    raise ValueError(f"predicted_change: expected shape {actual_change.shape} "
+                     f"[S, M], got {predicted_change.shape}.")
+  if not _finite(predicted_change) or predicted_change.shape[0] < MIN_RUNS_FOR_RHO:
+    return float("nan")
+  return _nanmean(_rowwise_spearman(predicted_change.T, actual_change.T))
+
+
+def min_loss(pred) -> float:
+  """The lowest simulated loss (below 0 is physically impossible for a CE loss)."""
+  pred = np.asarray(pred, np.float64)
+  return float(np.min(pred)) if _finite(pred) else float("nan")
+
+
 METRICS = {"all_steps_mse": all_steps_mse, "final_step_mse": final_step_mse,
-           "spearman": spearman, "spearman_across_runs": spearman_across_runs,
-           "lds": lds}
+           "spearman": spearman, "spearman_across_runs": spearman_across_runs}
+
+
+def undefined_reasons(pred, actual) -> dict:
+  """metric name -> why it is NaN, for the metrics of `METRICS` that are."""
+  pred, actual = _check(pred, actual)
+  reasons = {}
+  if not _finite(pred):
+    bad = np.argwhere(~np.isfinite(pred))[0]
+    why = (f"the prediction is non-finite (first at run {bad[0]}, step {bad[1]}, "
+           f"test example {bad[2]})")
+    return {name: why for name in METRICS}
+  if pred.shape[0] < MIN_RUNS_FOR_RHO:
+    reasons["spearman_across_runs"] = (
+        f"needs at least {MIN_RUNS_FOR_RHO} held-out runs, got {pred.shape[0]}")
+  elif np.all(np.ptp(pred[:, -1], axis=0) == 0):
+    reasons["spearman_across_runs"] = (
+        "the prediction is the same for every run (it ignores the curriculum)")
+  elif np.all(np.ptp(actual[:, -1], axis=0) == 0):
+    reasons["spearman_across_runs"] = "the actual final losses do not vary across runs"
+  if np.all(np.ptp(pred[:, -1], axis=1) == 0):
+    reasons["spearman"] = "the prediction is the same for every test example"
+  return reasons
 
 
 def compute_metrics(pred, actual) -> dict:
   """Every metric of `METRICS` for predicted vs actual float[R', T+1, M] trajectories."""
   return {name: fn(pred, actual) for name, fn in METRICS.items()}
+
+
+def curriculum_blind(fit_losses, num_runs: int) -> np.ndarray:
+  """The curriculum-blind prediction: the mean trajectory of the fitted runs.
+
+  Args:
+    fit_losses: float[R, T+1, M] losses of the fitted runs.
+    num_runs: R', how many curricula to predict (all get the same trajectory).
+
+  Returns:
+    float32[R', T+1, M].
+  """
+  mean = np.mean(np.asarray(fit_losses, np.float64), axis=0).astype(np.float32)
+  return np.repeat(mean[None], num_runs, axis=0)
 
 
 def evaluate(simulator, held_out_trace: trace_lib.Trace) -> dict:

@@ -1,4 +1,14 @@
-"""`write_report`: metrics.json, report.md and plots for a set of methods."""
+"""`write_report`: metrics.json, report.md and plots of one experiment (or of seeds).
+
+The report reads everything from the metrics payload the pipeline builds (the same
+dict that goes to metrics.json), so a report can be regenerated from a workdir:
+
+* per method (held-out runs): every metric of `METRICS`, each MSE also as a ratio to
+  `curriculum_blind`, `min_loss` (a simulated loss below 0 is impossible and
+  flagged) and `undefined` (metric -> why it is NaN);
+* `unseen_examples`, `removal_lds`, `cost`, `learning_curve`, `counterfactual`,
+  `stages` (seconds, reused) and, for a mean over seeds, `std` and `seeds`.
+"""
 
 import json
 import os
@@ -8,16 +18,48 @@ import numpy as np
 
 from simfluence_jax import _io
 
+METRIC_COLUMNS = ("all_steps_mse", "final_step_mse", "spearman",
+                  "spearman_across_runs")
+# Top-level entries of the payload that are not methods.
+NON_METHOD_KEYS = ("timings", "stages", "cost", "unseen_examples", "removal_lds",
+                   "learning_curve", "counterfactual", "std", "seeds", "num_seeds",
+                   "summary")
 
-def _json_float(value):
+
+def json_float(value):
+  """float, or None for NaN/inf (JSON has no NaN)."""
   value = float(value)
-  return value if np.isfinite(value) else None  # JSON has no NaN
+  return value if np.isfinite(value) else None
 
 
-def _plots(plot_dir, predictions, bands, actual, metrics, test_texts, num_examples=4):
+def clean_json(value):
+  """`value` with every float NaN/inf replaced by None and numpy scalars unwrapped."""
+  if isinstance(value, dict):
+    return {k: clean_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [clean_json(v) for v in value]
+  if isinstance(value, (float, np.floating)):
+    return json_float(value)
+  if isinstance(value, np.integer):
+    return int(value)
+  return value
+
+
+def methods_of(payload: dict) -> list:
+  return [k for k, v in payload.items()
+          if k not in NON_METHOD_KEYS and isinstance(v, dict)]
+
+
+def _matplotlib():
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _trajectory_plots(plot_dir, predictions, bands, actual, test_texts,
+                      num_examples=4):
+  plt = _matplotlib()
   num_test = actual.shape[2]
   examples = np.linspace(0, num_test - 1, min(num_examples, num_test)).astype(int)
   steps = np.arange(actual.shape[1])
@@ -34,6 +76,8 @@ def _plots(plot_dir, predictions, bands, actual, metrics, test_texts, num_exampl
         ax.fill_between(steps, mean[0, :, m] - 2 * std[0, :, m],
                         mean[0, :, m] + 2 * std[0, :, m], color="C0", alpha=0.2,
                         label="±2σ")
+      if np.nanmin(pred[0, :, m]) < 0:
+        ax.axhline(0.0, color="r", lw=0.8, ls=":", label="loss < 0: impossible")
       title = f"test {m}"
       if test_texts is not None:
         title += ": " + str(test_texts[m])[:30]
@@ -51,8 +95,9 @@ def _plots(plot_dir, predictions, bands, actual, metrics, test_texts, num_exampl
     pred_final = np.asarray(pred)[:, -1].ravel()
     actual_final = actual[:, -1].ravel()
     ax.scatter(actual_final, pred_final, s=4, alpha=0.5)
-    lo = min(actual_final.min(), pred_final.min())
-    hi = max(actual_final.max(), pred_final.max())
+    finite = np.isfinite(pred_final)
+    lo = min(actual_final.min(), pred_final[finite].min(initial=actual_final.min()))
+    hi = max(actual_final.max(), pred_final[finite].max(initial=actual_final.max()))
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     ax.set_title(method, fontsize=9)
     ax.set_xlabel("actual final loss")
@@ -60,30 +105,55 @@ def _plots(plot_dir, predictions, bands, actual, metrics, test_texts, num_exampl
   path = os.path.join(plot_dir, "final_loss_scatter.png")
   _io.save_figure(fig, path)
   written.append(path)
+  return written
 
-  metric_names = sorted({k for v in metrics.values() for k in v})
-  fig, axes = plt.subplots(1, len(metric_names), figsize=(3.5 * len(metric_names), 3),
-                           squeeze=False)
-  methods = list(metrics)
-  for ax, name in zip(axes[0], metric_names):
-    values = [metrics[m].get(name, np.nan) for m in methods]
-    ax.bar(range(len(methods)), [0 if v is None else v for v in values],
+
+def _metric_bars(plot_dir, payload):
+  """One panel per metric; MSEs on a log axis so one bad method does not flatten
+  the rest; error bars = std over seeds when there are several."""
+  plt = _matplotlib()
+  methods = methods_of(payload)
+  std = payload.get("std", {})
+  fig, axes = plt.subplots(1, len(METRIC_COLUMNS),
+                           figsize=(3.5 * len(METRIC_COLUMNS), 3.2), squeeze=False)
+  for ax, name in zip(axes[0], METRIC_COLUMNS):
+    values = [payload[m].get(name) for m in methods]
+    values = [np.nan if v is None else v for v in values]
+    errors = [std.get(m, {}).get(name) or 0.0 for m in methods]
+    ax.bar(range(len(methods)), values, yerr=errors if std else None,
            color=[f"C{i}" for i in range(len(methods))])
+    if name.endswith("mse"):
+      ax.set_yscale("log")
     ax.set_xticks(range(len(methods)))
     ax.set_xticklabels(methods, rotation=45, ha="right", fontsize=7)
-    ax.set_title(name, fontsize=9)
-  path = os.path.join(plot_dir, "metrics_bars.png")
+    ax.set_title(name + (" (log)" if name.endswith("mse") else ""), fontsize=9)
   fig.tight_layout()
+  path = os.path.join(plot_dir, "metrics_bars.png")
   _io.save_figure(fig, path)
-  written.append(path)
-  return written
+  return path
+
+
+def _learning_curve_plot(plot_dir, curve):
+  plt = _matplotlib()
+  fig, (ax_rho, ax_mse) = plt.subplots(1, 2, figsize=(9, 3.2))
+  ax_rho.plot(curve["num_runs"], curve["spearman_across_runs"], "o-")
+  ax_rho.set_xlabel("fitted runs")
+  ax_rho.set_ylabel("spearman_across_runs")
+  ax_mse.plot(curve["num_runs"], curve["all_steps_mse_ratio"], "o-")
+  ax_mse.axhline(1.0, color="0.5", ls="--", lw=0.8, label="curriculum_blind")
+  ax_mse.set_xlabel("fitted runs")
+  ax_mse.set_ylabel("all_steps_mse / curriculum_blind")
+  ax_mse.legend(fontsize=7)
+  fig.suptitle("Simfluence-Linear learning curve (held-out runs)", fontsize=9)
+  fig.tight_layout()
+  path = os.path.join(plot_dir, "learning_curve.png")
+  _io.save_figure(fig, path)
+  return path
 
 
 def _counterfactual_plot(plot_dir, result):
   """Actual final target loss of searched vs random curricula, and their curves."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _matplotlib()
   fig, (ax_curve, ax_scatter) = plt.subplots(1, 2, figsize=(11, 4))
   rand = result["random"]
   steps = np.arange(len(rand["mean_curve"]))
@@ -112,6 +182,47 @@ def _counterfactual_plot(plot_dir, result):
   return path
 
 
+def _cell(value, std=None, fmt=".4g"):
+  if value is None or (isinstance(value, float) and not np.isfinite(value)):
+    return "NaN"
+  text = format(value, fmt)
+  if std is not None and np.isfinite(std):
+    text += f" ± {std:{fmt}}"
+  return text
+
+
+def _methods_table(entries: dict, std: dict, ratios: bool = True,
+                   cost: Optional[dict] = None) -> list:
+  header = ["method"] + list(METRIC_COLUMNS) + (["run-equivalents"] if cost else [])
+  lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+  for method, values in entries.items():
+    cells = []
+    for name in METRIC_COLUMNS:
+      text = _cell(values.get(name), std.get(method, {}).get(name))
+      ratio = values.get(name + "_ratio")
+      if ratios and ratio is not None and name.endswith("mse") and (
+          method != "curriculum_blind"):
+        text += f" ({_cell(ratio, fmt='.2f')}×)"
+      cells.append(text)
+    if cost:
+      cells.append(_cell(cost.get(method, {}).get("run_equivalents"), fmt=".1f"))
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def _warnings(payload: dict) -> list:
+  lines = []
+  for method in methods_of(payload):
+    values = payload[method]
+    if values.get("min_loss") is not None and values["min_loss"] < 0:
+      lines.append(f"- **{method}** simulates losses below 0 (min "
+                   f"{values['min_loss']:.3g}): physically impossible for a "
+                   "cross-entropy loss; its MSEs include extrapolation.")
+    for metric, reason in values.get("undefined", {}).items():
+      lines.append(f"- {method}: `{metric}` is undefined: {reason}.")
+  return lines
+
+
 def _counterfactual_lines(result):
   rand = result["random"]
   lines = ["## Counterfactual curricula (searched on each simulator, then retrained)", "",
@@ -132,75 +243,119 @@ def _counterfactual_lines(result):
   return lines + [""]
 
 
-def write_report(workdir: str, *, metrics: dict, predictions: dict,
-                 bands: Optional[dict], actual, timings: dict, summary: dict,
-                 test_texts: Optional[list] = None,
-                 counterfactual: Optional[dict] = None) -> dict:
+def report_lines(payload: dict, plots=()) -> list:
+  """The markdown lines of report.md for a metrics payload (one seed or a mean)."""
+  std = payload.get("std", {})
+  summary = payload.get("summary", {})
+  seeds = payload.get("seeds")
+  methods = {m: payload[m] for m in methods_of(payload)}
+  lines = ["# simfluence_jax report", ""]
+  if seeds:
+    lines += [f"Mean ± std over {len(seeds)} seeds {seeds} (each a full experiment in "
+              "`seed_<k>/`).", ""]
+  lines += [f"Every method predicts {summary.get('num_held_out_runs', '?')} held-out "
+            f"runs ({summary.get('num_steps', '?')} steps, "
+            f"{summary.get('num_test_examples', '?')} test examples) that no simulator "
+            f"was fitted on ({summary.get('num_train_runs', '?')} fitted runs).", "",
+            "## Held-out runs", ""]
+  lines += _methods_table(methods, std, cost=payload.get("cost"))
+  lines += ["", "MSEs: lower is better, (×) = ratio to curriculum_blind, the mean "
+            "trajectory of the fitted runs, which knows nothing of the curriculum. "
+            "Spearman: higher is better; `spearman` ranks test examples (mostly *which "
+            "example*: blind scores high), `spearman_across_runs` ranks curricula (the "
+            "counterfactual question; = LDS on these runs). Run-equivalents: runs "
+            "used to fit plus compute to predict, in units of one training run.", ""]
+  warnings = _warnings(payload)
+  if warnings:
+    lines += ["### Flags", ""] + warnings + [""]
+  if payload.get("unseen_examples"):
+    lines += ["## Runs with train examples no fitted run contained", ""]
+    lines += _methods_table(payload["unseen_examples"], std.get("unseen_examples", {}))
+    lines += [""]
+  if payload.get("removal_lds"):
+    fractions = sorted({f for v in payload["removal_lds"].values() for f in v})
+    lines += ["## Removal LDS (MAGIC's protocol)", "",
+              "| method | " + " | ".join(fractions) + " |",
+              "|---" * (len(fractions) + 1) + "|"]
+    removal_std = std.get("removal_lds", {})
+    for method, values in payload["removal_lds"].items():
+      lines.append(f"| {method} | " + " | ".join(
+          _cell(values.get(f), removal_std.get(method, {}).get(f), ".3f")
+          for f in fractions) + " |")
+    lines += [""]
+  curve = payload.get("learning_curve")
+  if curve:
+    lines += ["## Learning curve (Simfluence-Linear)", "",
+              "| fitted runs | spearman_across_runs | all_steps_mse / blind |",
+              "|---|---|---|"]
+    for k, rho, ratio in zip(curve["num_runs"], curve["spearman_across_runs"],
+                             curve["all_steps_mse_ratio"]):
+      lines.append(f"| {k} | {_cell(rho, fmt='.3f')} | {_cell(ratio, fmt='.3f')} |")
+    lines += [""]
+  if payload.get("counterfactual"):
+    lines += _counterfactual_lines(payload["counterfactual"])
+  stages = payload.get("stages", {})
+  if stages:
+    total = sum(v["seconds"] for v in stages.values())
+    lines += ["## Stages", "", "| stage | seconds | |", "|---|---|---|"]
+    lines += [f"| {name} | {v['seconds']:.2f} | {'reused' if v['reused'] else ''} |"
+              for name, v in stages.items()]
+    lines += [f"| **total** | {total:.1f} | |", ""]
+  if plots:
+    lines += ["## Plots", ""]
+    lines += [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots]
+    lines += [""]
+  if summary:
+    lines += ["## Run", "", "```", json.dumps(summary, indent=2, sort_keys=True,
+                                               default=str), "```"]
+  return lines
+
+
+def write_report(workdir: str, *, payload: dict, predictions: Optional[dict] = None,
+                 bands: Optional[dict] = None, actual=None,
+                 test_texts: Optional[list] = None) -> dict:
   """Writes workdir/metrics.json, workdir/report.md and workdir/plots/*.png.
 
   Args:
     workdir: output directory.
-    metrics: method -> {metric name -> float}.
-    predictions: method -> float[R', T+1, M] simulated held-out trajectories.
+    payload: the metrics dict (module docstring); written as metrics.json.
+    predictions: method -> float[R', T+1, M] simulated held-out trajectories (for
+      trajectory and scatter plots; None for a mean over seeds).
     bands: method -> (mean, std), each float[R', T+1, M], or None.
-    actual: float[R', T+1, M] actual held-out losses.
-    timings: stage -> seconds.
-    summary: JSON-serialisable description of the config / runs.
+    actual: float[R', T+1, M] actual held-out losses (with `predictions`).
     test_texts: optional M strings used to title trajectory plots.
-    counterfactual: optional result of `counterfactual.search_and_verify` (its JSON
-      part goes into metrics.json["counterfactual"], a section and a plot into the
-      report).
 
   Returns:
     dict with the written paths ("metrics", "report", "plots").
   """
-  actual = np.asarray(actual)
-  if actual.ndim != 3:
-    raise ValueError(f"actual: expected float[R', T+1, M], got shape {actual.shape}.")
-  for method, pred in predictions.items():
-    if np.shape(pred) != actual.shape:
-      raise ValueError(f"predictions[{method!r}]: expected shape {actual.shape}, got "
-                       f"{np.shape(pred)}.")
-  if test_texts is not None and len(test_texts) != actual.shape[2]:
-    raise ValueError(f"test_texts: expected {actual.shape[2]} strings, got "
-                     f"{len(test_texts)}.")
-  os.makedirs(workdir, exist_ok=True)
-  plot_dir = os.path.join(workdir, "plots")
-  os.makedirs(plot_dir, exist_ok=True)
-
-  payload = {method: {k: _json_float(v) for k, v in values.items()}
-             for method, values in metrics.items()}
-  payload["timings"] = {k: float(v) for k, v in timings.items()}
-  if counterfactual is not None:
-    payload["counterfactual"] = {k: v for k, v in counterfactual.items()
-                                 if k != "batch_ids"}
-  metrics_path = os.path.join(workdir, "metrics.json")
+  root = _io.as_path(workdir)
+  if predictions:
+    actual = np.asarray(actual)
+    if actual.ndim != 3:
+      raise ValueError(f"actual: expected float[R', T+1, M], got shape {actual.shape}.")
+    for method, pred in predictions.items():
+      if np.shape(pred) != actual.shape:
+        raise ValueError(f"predictions[{method!r}]: expected shape {actual.shape}, "
+                         f"got {np.shape(pred)}.")
+    if test_texts is not None and len(test_texts) != actual.shape[2]:
+      raise ValueError(f"test_texts: expected {actual.shape[2]} strings, got "
+                       f"{len(test_texts)}.")
+  payload = clean_json(payload)
+  metrics_path = root / "metrics.json"
   _io.write_text(metrics_path, json.dumps(payload, indent=2, sort_keys=True))
-
-  plots = _plots(plot_dir, predictions, bands, actual, metrics, test_texts)
-  if counterfactual is not None:
-    plots.append(_counterfactual_plot(plot_dir, counterfactual))
-
-  names = sorted({k for v in metrics.values() for k in v})
-  lines = ["# simfluence_jax report", "",
-           f"Every method simulates {actual.shape[0]} held-out runs "
-           f"({actual.shape[1] - 1} steps, {actual.shape[2]} test examples) that no "
-           "simulator was fitted on.", "", "## Metrics (held-out runs)", "",
-           "| method | " + " | ".join(names) + " |",
-           "|---|" + "---|" * len(names)]
-  for method, values in metrics.items():
-    cells = [f"{values[n]:.4g}" if n in values and values[n] is not None else "–"
-             for n in names]
-    lines.append(f"| {method} | " + " | ".join(cells) + " |")
-  lines += ["", "MSEs: lower is better; Spearman / LDS: higher is better.", ""]
-  if counterfactual is not None:
-    lines += _counterfactual_lines(counterfactual)
-  lines += ["## Timings", "", "| stage | seconds |", "|---|---|"]
-  lines += [f"| {stage} | {float(sec):.2f} |" for stage, sec in timings.items()]
-  lines += ["", "## Plots", ""]
-  lines += [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots]
-  lines += ["", "## Run", "", "```",
-            json.dumps(summary, indent=2, sort_keys=True, default=str), "```"]
-  report_path = os.path.join(workdir, "report.md")
-  _io.write_text(report_path, "\n".join(lines) + "\n")
-  return {"metrics": metrics_path, "report": report_path, "plots": plots}
+  # Plots are drawn into a local directory first (matplotlib writes files), then
+  # moved into the workdir atomically by `_io`.
+  plot_dir = root / "plots"
+  plots = []
+  if methods_of(payload):
+    plots.append(_metric_bars(plot_dir, payload))
+  if predictions:
+    plots += _trajectory_plots(plot_dir, predictions, bands, actual, test_texts)
+  if payload.get("learning_curve"):
+    plots.append(_learning_curve_plot(plot_dir, payload["learning_curve"]))
+  if payload.get("counterfactual"):
+    plots.append(_counterfactual_plot(plot_dir, payload["counterfactual"]))
+  report_path = root / "report.md"
+  _io.write_text(report_path, "\n".join(report_lines(payload, plots)) + "\n")
+  return {"metrics": os.fspath(metrics_path), "report": os.fspath(report_path),
+          "plots": [os.fspath(p) for p in plots]}

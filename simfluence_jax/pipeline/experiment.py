@@ -1,0 +1,176 @@
+"""The main job: the stages of one experiment in order, repeated over seeds.
+
+`run(config, workdir)` is what `python -m simfluence_jax.main` calls. With
+`config.num_seeds = K > 1` it runs the experiment for seeds seed..seed+K−1 in
+`workdir/seed_<k>/` (full outputs each) and writes into `workdir` the mean over
+seeds of every metric, `metrics.json["std"]` and a report of mean ± std.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import jax
+import numpy as np
+
+from simfluence_jax import _io
+from simfluence_jax import sharding
+from simfluence_jax.pipeline import stages
+from simfluence_jax.pipeline import validate
+from simfluence_jax.pipeline import workdir as workdir_lib
+
+_logger = logging.getLogger("simfluence_jax.pipeline")
+
+
+def _cost(config, runs: stages.Runs, wd: workdir_lib.Workdir, methods) -> dict:
+  """method -> {"runs", "seconds", "run_equivalents"}: what each method cost.
+
+  Runs used to fit count one each (a run recording gradients counts as the runs
+  its time buys); the compute of the method's own stages is divided by the time of
+  one plain training run.
+  """
+  per_run = max(runs.seconds_per_run, 1e-9)
+  grad_runs = 0.0
+  if runs.seconds_per_grad_run and runs.grad_trace is not None:
+    grad_runs = runs.grad_trace.num_runs * runs.seconds_per_grad_run / per_run
+  seconds = lambda *names: sum(wd.timings[n].seconds for n in names
+                               if n in wd.timings and not wd.timings[n].reused)
+  fitted = float(config.num_runs)
+  table = {
+      "curriculum_blind": (fitted, 0.0),
+      "simfluence_linear": (fitted, seconds("fit_simfluence_linear")),
+      "simfluence_additive": (fitted, seconds("fit_simfluence_additive")),
+      "simfluence_featurized": (fitted, seconds("features",
+                                                "fit_simfluence_featurized")),
+      "tracin_cp": (float(config.influence.tracin_num_runs),
+                    seconds("tracin_cp_scores", "fit_tracin_cp")),
+      "tracin_per_step": (grad_runs, seconds("fit_tracin_per_step")),
+      "ekfac_if": (fitted, seconds("ekfac_scores", "fit_ekfac_if")),
+      "metagradient": (0.0, seconds("metagradient")),
+  }
+  return {m: {"runs": r, "seconds": s, "run_equivalents": r + s / per_run}
+          for m, (r, s) in table.items() if m in methods}
+
+
+def _summary(config, dataset, runs: stages.Runs, curricula) -> dict:
+  return {"config": config.to_dict(), "dataset": dataset.name,
+          "num_train_runs": len(curricula.fit),
+          "num_held_out_runs": len(curricula.held_out),
+          "num_unseen_runs": 0 if curricula.unseen is None else len(curricula.unseen),
+          "unseen_ids": curricula.unseen_ids.tolist(),
+          "num_steps": config.num_steps,
+          "num_test_examples": config.num_test_examples,
+          "seconds_per_run": runs.seconds_per_run, "devices": str(jax.devices())}
+
+
+def run_seed(config, workdir: str, overwrite: bool = False) -> dict:
+  """One experiment (one seed) in `workdir`; returns the metrics payload."""
+  from simfluence_jax import evaluation  # pylint: disable=g-import-not-at-top
+  wd = workdir_lib.Workdir(workdir, config, overwrite)
+  methods = config.methods
+  dataset = stages.load_data(wd, config)
+  model = stages.base_model(wd, config, dataset)
+  curricula = stages.make_curricula(config)
+  runs = stages.record_runs(wd, config, dataset, model, curricula)
+  if not wd.timings["record_runs"].reused:
+    evaluation.write_training_metrics(os.fspath(wd.path("tensorboard")), runs.trace)
+  scores = {}
+  if "tracin_cp" in methods:
+    scores["tracin_cp"] = stages.tracin_cp(wd, config, dataset, model)
+  if "ekfac_if" in methods:
+    scores["ekfac_if"] = stages.ekfac_if(wd, config, dataset, model)
+  sims = stages.fit_simulators(wd, config, runs, curricula, scores)
+  direct = {}
+  upstream = tuple(f"fit_{name}" for name in sims)
+  result = stages.evaluate(wd, config, runs, curricula, sims, direct, upstream)
+  evaluation.write_evaluation_metrics(os.fspath(wd.path("tensorboard")), sims,
+                                      result.metrics["held_out"])
+  payload = dict(result.metrics["held_out"])
+  if "unseen" in result.metrics:
+    payload["unseen_examples"] = result.metrics["unseen"]
+  if config.learning_curve:
+    payload["learning_curve"] = stages.learning_curve(wd, config, runs, curricula)
+  counterfactual = stages.counterfactual(wd, config, dataset, model, runs, curricula,
+                                         sims)
+  if counterfactual is not None:
+    payload["counterfactual"] = {k: v for k, v in counterfactual.items()
+                                 if k != "batch_ids"}
+  payload["cost"] = _cost(config, runs, wd, payload)
+  payload["stages"] = {name: {"seconds": t.seconds, "reused": t.reused}
+                       for name, t in wd.timings.items()}
+  payload["timings"] = {name: t.seconds for name, t in wd.timings.items()}
+  payload["summary"] = _summary(config, dataset, runs, curricula)
+  if sharding.is_primary():
+    evaluation.write_report(os.fspath(wd.root), payload=payload,
+                            predictions=result.predictions, bands=result.bands,
+                            actual=result.actual, test_texts=dataset.test_texts)
+  return payload
+
+
+def _seed_config(config, seed: int):
+  seed_config = copy.deepcopy(config)
+  with seed_config.unlocked():
+    seed_config.seed = seed
+    seed_config.num_seeds = 1
+  return seed_config
+
+
+def _mean_and_std(payloads: list) -> tuple[dict, dict]:
+  """Mean and std over seeds of every number at the same place in the payloads."""
+  def walk(values):
+    first = values[0]
+    if isinstance(first, dict):
+      keys = [k for k in first if all(isinstance(v, dict) and k in v for v in values)]
+      pairs = {k: walk([v[k] for v in values]) for k in keys}
+      pairs = {k: p for k, p in pairs.items() if p is not None}
+      return ({k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()})
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+      array = np.asarray([np.nan if v is None else v for v in values], np.float64)
+      return float(np.mean(array)), float(np.std(array))
+    return None
+  skip = ("summary", "stages", "counterfactual", "learning_curve", "timings")
+  mean, std = walk([{k: v for k, v in p.items() if k not in skip} for p in payloads])
+  return mean, std
+
+
+def run(config, workdir: str, overwrite: bool = False) -> dict:
+  """The whole main job; returns the metrics payload written to metrics.json.
+
+  Raises:
+    ValueError: a bad config field (named), or a workdir holding runs of other
+      settings (`fingerprint.StaleWorkdirError`).
+  """
+  from simfluence_jax import evaluation  # pylint: disable=g-import-not-at-top
+  validate.validate_config(config)
+  if config.num_seeds == 1:
+    return run_seed(config, workdir, overwrite)
+  seeds = [config.seed + k for k in range(config.num_seeds)]
+  payloads = [run_seed(_seed_config(config, seed), os.path.join(
+      os.fspath(workdir), f"seed_{k}"), overwrite) for k, seed in enumerate(seeds)]
+  mean, std = _mean_and_std(payloads)
+  payload = dict(mean, std=std, seeds=seeds, num_seeds=len(seeds),
+                 summary=dict(payloads[0]["summary"], seeds=seeds),
+                 stages={f"seed_{k}/{name}": v for k, p in enumerate(payloads)
+                         for name, v in p["stages"].items()})
+  if sharding.is_primary():
+    evaluation.write_report(workdir, payload=payload)
+  return payload
+
+
+def enable_compilation_cache(config) -> None:
+  """JAX's persistent compilation cache in `config.compilation_cache_dir` (None = off).
+
+  Compiled programs are reused across processes, so a second run of the job (or a
+  sweep's next cell) skips most compilation.
+  """
+  directory = config.get("compilation_cache_dir")
+  if not directory:
+    return
+  directory = os.path.expanduser(directory)
+  if not _io.is_remote(directory):
+    os.makedirs(directory, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

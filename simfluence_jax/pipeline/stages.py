@@ -1,0 +1,559 @@
+"""The main job's stages: one plain function per stage, every input explicit.
+
+Each function takes the `Workdir` it stores into, the config, and the outputs of
+the stages it depends on, and returns its own output; `Workdir.stage` decides
+whether it is computed, reused or refused (`fingerprint.py`). `experiment.py` calls
+them in order; colabs and benchmarks can call any of them on their own.
+
+Data flow (docs/design.md §3):
+
+  data → base_model → curricula → record_runs → fit_simulators, tracin_cp, ekfac_if,
+  tracin_per_step, features → simfluence_featurized; metagradient (no runs) →
+  evaluate → learning_curve, counterfactual, removal_lds → report
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from simfluence_jax import _io
+from simfluence_jax import data
+from simfluence_jax import influence
+from simfluence_jax import models
+from simfluence_jax import sharding
+from simfluence_jax import simulators
+from simfluence_jax import trace as trace_lib
+from simfluence_jax import training
+from simfluence_jax.pipeline import workdir as workdir_lib
+
+_logger = logging.getLogger("simfluence_jax.pipeline")
+
+# Config fields that shape the recorded runs (and so everything downstream).
+DATA_FIELDS = ("data", "num_train_examples", "num_test_examples")
+MODEL_FIELDS = ("model", "seed", "pretrain_steps", "pretrain_batch_size",
+                "pretrain_learning_rate")
+CURRICULA_FIELDS = ("seed", "num_train_examples", "subset_size", "num_runs",
+                    "num_held_out_runs", "batch_size", "num_steps", "unseen")
+OPTIMIZER_FIELDS = ("optimizer", "learning_rate", "lr_schedule")
+RECORD_FIELDS = OPTIMIZER_FIELDS + ("checkpoint_every", "record_grads",
+                                    "num_grad_runs", "projection_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """The model of the job: the linen module, its per-example loss, its base params."""
+
+  module: Any
+  loss_fn: Any
+  params: Any
+  kind: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Curricula:
+  """Batch ids of every group of runs, int32[runs, T, B] each (-1 = padding).
+
+  Attributes:
+    fit: the runs simulators are fitted on (R = config.num_runs).
+    held_out: runs only used for evaluation, drawn like `fit`.
+    unseen: runs drawn from all N train ids, so they contain `unseen_ids`, which
+      no `fit` or `held_out` run contains (None when config.unseen.num_examples=0).
+    unseen_ids: int32[U] train ids kept out of every fitted run.
+    steps_per_epoch: batches per pass over a run's subset.
+  """
+
+  fit: np.ndarray
+  held_out: np.ndarray
+  unseen: Optional[np.ndarray]
+  unseen_ids: np.ndarray
+  steps_per_epoch: int
+
+  def all_runs(self) -> np.ndarray:
+    groups = [self.fit, self.held_out] + ([self.unseen] if self.unseen is not None
+                                          else [])
+    return np.concatenate(groups, axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Runs:
+  """What `record_runs` produced.
+
+  Attributes:
+    trace: every run (fit, then held-out, then unseen), without gradients.
+    grad_trace: the first `num_grad_runs` fitted runs with their recorded
+      projected gradients (per-step TracIn), or None.
+    seconds_per_run: wall time of one run without recorded gradients (the unit of
+      every method's cost), and `seconds_per_grad_run` with them.
+  """
+
+  trace: trace_lib.Trace
+  grad_trace: Optional[trace_lib.Trace]
+  seconds_per_run: float
+  seconds_per_grad_run: Optional[float]
+
+  def group(self, curricula: Curricula, name: str) -> trace_lib.Trace:
+    """The sub-trace of one group of runs ("fit", "held_out", "unseen")."""
+    sizes = {"fit": len(curricula.fit), "held_out": len(curricula.held_out),
+             "unseen": 0 if curricula.unseen is None else len(curricula.unseen)}
+    order = ("fit", "held_out", "unseen")
+    start = sum(sizes[n] for n in order[:order.index(name)])
+    return self.trace.select_runs(slice(start, start + sizes[name]))
+
+
+def load_data(wd: workdir_lib.Workdir, config) -> data.Dataset:
+  """The train/test examples (generated or read; cheap and deterministic: not stored)."""
+  return wd.stage("data", fields=DATA_FIELDS, compute=lambda: data.get_dataset(config))
+
+
+def base_model(wd: workdir_lib.Workdir, config, dataset: data.Dataset) -> Model:
+  """The model every run starts from: initialised, briefly pre-trained, saved (orbax)."""
+  module = models.get_model(config.model, vocab_size=dataset.vocab_size,
+                            num_classes=dataset.num_classes,
+                            max_len=config.data.seq_len)
+  loss_fn = training.make_loss_fn(module, dataset.kind)
+  path = wd.path("base")
+
+  def compute():
+    params = models.init_variables(module, dataset.train["inputs"], seed=config.seed)
+    if config.pretrain_steps and dataset.pretrain is not None:
+      params = training.pretrain_base(
+          params, loss_fn, dataset.pretrain, num_steps=config.pretrain_steps,
+          batch_size=config.pretrain_batch_size,
+          learning_rate=config.pretrain_learning_rate, seed=config.seed)
+    return params
+
+  params = wd.stage(
+      "base_model", fields=MODEL_FIELDS, upstream=("data",), compute=compute,
+      save=lambda params: training.save_params(path, params),
+      load=lambda: training.load_params(path), outputs=("base",), precious=True)
+  return Model(module, loss_fn, params, dataset.kind)
+
+
+def make_curricula(config) -> Curricula:
+  """Batch ids of the fitted, held-out and unseen-example runs (pure: from the seed)."""
+  num_train = config.num_train_examples
+  steps_per_epoch = data.steps_per_epoch(config.subset_size, config.batch_size)
+  num_epochs = -(-config.num_steps // steps_per_epoch)
+  num_unseen = config.unseen.num_examples
+  unseen_ids = np.sort(np.random.default_rng([config.seed, 7919]).permutation(
+      num_train)[:num_unseen]).astype(np.int32)
+  pool = np.setdiff1d(np.arange(num_train), unseen_ids) if num_unseen else None
+
+  def draw(count, first_run, use_pool=True):
+    return data.make_curricula(count, num_train, config.subset_size, num_epochs,
+                               config.batch_size, config.seed, first_run=first_run,
+                               pool=pool if use_pool else None)[:, :config.num_steps]
+
+  num_fit, num_held = config.num_runs, config.num_held_out_runs
+  unseen = (draw(config.unseen.num_runs, num_fit + num_held, use_pool=False)
+            if num_unseen and config.unseen.num_runs else None)
+  return Curricula(fit=draw(num_fit, 0), held_out=draw(num_held, num_fit),
+                   unseen=unseen, unseen_ids=unseen_ids,
+                   steps_per_epoch=steps_per_epoch)
+
+
+def _train(config, model: Model, dataset, batch_ids, workdir, record_grads):
+  start = time.perf_counter()
+  result = training.train_runs(
+      model.params, batch_ids, loss_fn=model.loss_fn, config=config,
+      train_arrays=dataset.train, test_arrays=dataset.test, workdir=workdir,
+      checkpoint_every=config.checkpoint_every, record_grads=record_grads,
+      projection_dim=config.projection_dim, seed=config.seed)
+  return result, (time.perf_counter() - start) / len(batch_ids)
+
+
+def record_runs(wd: workdir_lib.Workdir, config, dataset, model: Model,
+                curricula: Curricula) -> Runs:
+  """Trains every run from the base model and records its trace (resumable).
+
+  The first `num_grad_runs` fitted runs also record projected per-step gradients
+  (8× the cost of a plain run on the default model); the others do not.
+  """
+  batch_ids = curricula.all_runs()
+  num_grad = min(config.num_grad_runs, len(curricula.fit)) if config.record_grads else 0
+
+  def compute():
+    grad_trace, grad_seconds = None, None
+    if num_grad:
+      result, grad_seconds = _train(config, model, dataset, batch_ids[:num_grad],
+                                    wd.path("runs", "grads"), True)
+      grad_trace = result.trace
+    result, seconds = _train(config, model, dataset, batch_ids[num_grad:],
+                             wd.path("runs", "plain"), False)
+    if grad_trace is None:
+      trace = result.trace
+    else:
+      trace = trace_lib.Trace(
+          batch_ids=batch_ids,
+          losses=np.concatenate([grad_trace.losses, result.trace.losses]),
+          learning_rates=np.concatenate([grad_trace.learning_rates,
+                                         result.trace.learning_rates]),
+          num_train_examples=dataset.num_train_examples,
+          metadata=result.trace.metadata)
+    return Runs(trace, grad_trace, seconds, grad_seconds)
+
+  def save(runs: Runs):
+    if sharding.is_primary():
+      runs.trace.save(wd.path("trace"))
+      if runs.grad_trace is not None:
+        runs.grad_trace.save(wd.path("grad_trace"))
+      _io.write_json(wd.path("trace", "timing.json"), {
+          "seconds_per_run": runs.seconds_per_run,
+          "seconds_per_grad_run": runs.seconds_per_grad_run})
+    sharding.barrier("saved trace")
+
+  def load():
+    timing = _io.read_json(wd.path("trace", "timing.json"), "record_runs")
+    grad_path = wd.path("grad_trace")
+    return Runs(trace_lib.Trace.load(wd.path("trace")),
+                trace_lib.Trace.load(grad_path) if grad_path.exists() else None,
+                timing["seconds_per_run"], timing["seconds_per_grad_run"])
+
+  return wd.stage("record_runs", fields=RECORD_FIELDS + CURRICULA_FIELDS,
+                  upstream=("base_model",), compute=compute, save=save, load=load,
+                  outputs=("runs", "trace", "grad_trace"), precious=True)
+
+
+def _cached_array(wd, name: str, compute, *, fields, upstream, version=1):
+  """A stage whose output is one array, stored as `arrays/<name>.npy`."""
+  path = wd.path("arrays", name + ".npy")
+
+  def save(value):
+    if sharding.is_primary():
+      _io.save_npy(path, value)
+
+  return wd.stage(name, fields=fields, upstream=upstream,
+                  compute=lambda: np.asarray(sharding.to_host(compute())),
+                  save=save, load=lambda: _io.load_npy(path, f"stage {name}"),
+                  outputs=(f"arrays/{name}.npy",), version=version)
+
+
+def _task(model: Model):
+  task_cls = (influence.LanguageModelingTask if model.kind == "lm" else
+              influence.ClassificationTask)
+  return task_cls(model.module.apply)
+
+
+def _train_batches(config, dataset):
+  chunk = config.influence.chunk_size
+  return [jax.tree_util.tree_map(lambda x: x[i:i + chunk], dataset.train)
+          for i in range(0, dataset.num_train_examples, chunk)]
+
+
+def _score_mesh():
+  # Train examples of the score kernels are split over every device of the job.
+  return sharding.make_mesh(runs=1, data=None) if jax.device_count() > 1 else None
+
+
+def tracin_checkpoints(wd, config) -> list:
+  """Params of the first `influence.tracin_num_runs` fitted runs at every checkpoint
+  a step was taken from (steps < T), in the order (checkpoint, run).
+
+  Raises:
+    FileNotFoundError: a checkpoint the config implies is missing (deleted).
+  """
+  num_grad = min(config.num_grad_runs, config.num_runs) if config.record_grads else 0
+  wanted = list(range(config.influence.tracin_num_runs))
+  groups = [("grads", wanted[:num_grad], 0), ("plain", wanted[num_grad:], num_grad)]
+  expected = list(range(0, config.num_steps, config.checkpoint_every))
+  per_run = {}
+  for group, runs, offset in groups:
+    if not runs:
+      continue
+    steps, params = training.load_tracin_checkpoints(wd.path("runs", group))
+    missing = sorted(set(expected) - set(steps))
+    if missing:
+      raise FileNotFoundError(
+          f"tracin_cp: TracIn checkpoints at steps {missing} are missing from "
+          f"{wd.path('runs', group)}/tracin_ckpt (deleted?); rerun with --overwrite.")
+    for r in runs:
+      per_run[r] = [jax.tree_util.tree_map(
+          lambda x, k=steps.index(s), r=r - offset: x[k, r], params) for s in expected]
+  return [per_run[r][k] for k in range(len(expected)) for r in wanted]
+
+
+def tracin_cp(wd, config, dataset, model: Model) -> np.ndarray:
+  """float32[M, N] mean over checkpoints of ⟨∇ℓ_i(θ_k), ∇ℓ_q(θ_k)⟩."""
+  def compute():
+    checkpoints = tracin_checkpoints(wd, config)
+    weights = [1.0 / len(checkpoints)] * len(checkpoints)
+    return influence.tracin_scores(_task(model), checkpoints, weights, dataset.test,
+                                   _train_batches(config, dataset), mesh=_score_mesh())
+  return _cached_array(wd, "tracin_cp_scores", compute,
+                       fields=("influence.tracin_num_runs", "influence.chunk_size"),
+                       upstream=("record_runs",))
+
+
+def ekfac_if(wd, config, dataset, model: Model) -> np.ndarray:
+  """float32[M, N] EK-FAC influence ⟨∇ℓ_q, (G+λI)^{-1} ∇ℓ_i⟩ at the base model."""
+  def compute():
+    task, batches, mesh = _task(model), _train_batches(config, dataset), _score_mesh()
+    factors = influence.fit_ekfac(task, model.params, batches,
+                                  fisher=config.influence.fisher,
+                                  rng=jax.random.PRNGKey(config.seed), mesh=mesh)
+    return influence.ekfac_scores(task, model.params, factors, dataset.test, batches,
+                                  damping=config.influence.damping, mesh=mesh)
+  return _cached_array(wd, "ekfac_scores", compute,
+                       fields=("influence.fisher", "influence.damping",
+                               "influence.chunk_size"),
+                       upstream=("base_model",))
+
+
+def _score_scale(step_scores: np.ndarray, fit_trace: trace_lib.Trace) -> np.ndarray:
+  """float32[M] least-squares scale mapping a per-step score to a loss change.
+
+  Influence-function scores have no natural per-step scale (it depends on the
+  damping), so `ekfac_if` is calibrated on the fitted runs, the data every simulator
+  sees: c_m = argmin_c Σ_{r,t} (L_t − L_{t−1} − c·Σ_{i∈c_t} s_{i,m})².
+  """
+  ids = fit_trace.batch_ids
+  padded = np.concatenate([step_scores, np.zeros((1, step_scores.shape[1]))], axis=0)
+  summed = padded[np.where(ids < 0, step_scores.shape[0], ids)].sum(axis=2)
+  deltas = np.diff(fit_trace.losses, axis=1)
+  denom = np.maximum((summed * summed).sum(axis=(0, 1)), 1e-30)
+  return ((summed * deltas).sum(axis=(0, 1)) / denom).astype(np.float32)
+
+
+def _simulator_stage(wd, name: str, compute, *, fields, upstream, version=1):
+  """A stage whose output is one `Simulator`, stored as `simulators/<name>/`."""
+  path = wd.path("simulators", name)
+
+  def save(sim):
+    if sharding.is_primary():
+      sim.save(path)
+
+  return wd.stage(f"fit_{name}", fields=fields, upstream=upstream, compute=compute,
+                  save=save, load=lambda: simulators.Simulator.load(path),
+                  outputs=(f"simulators/{name}",), version=version)
+
+
+def fit_simulators(wd, config, runs: Runs, curricula: Curricula,
+                   scores: dict) -> dict:
+  """Every simulator of `config.methods`, fitted on the fitted runs only.
+
+  Args:
+    scores: method -> float32[M, N] attribution scores (`tracin_cp`, `ekfac_if`).
+
+  Returns:
+    method name -> `Simulator`.
+  """
+  fit_trace = runs.group(curricula, "fit")
+  methods, sims = config.methods, {}
+  l2 = config.simulators.l2
+  for kind in ("linear", "additive"):
+    name = f"simfluence_{kind}"
+    if name in methods:
+      sims[name] = _simulator_stage(
+          wd, name, lambda kind=kind: simulators.fit(kind, fit_trace, l2=l2),
+          fields=("simulators.l2",), upstream=("record_runs",))
+  mean_lr = float(np.mean(fit_trace.learning_rates))
+  if "tracin_cp" in methods:
+    # A step on batch c_t moves the loss by −(η/|c_t|)·Σ_i ⟨g_i, g_q⟩ (SGD on the mean).
+    sims["tracin_cp"] = _simulator_stage(
+        wd, "tracin_cp", lambda: simulators.additive_from_scores(
+            -(mean_lr / config.batch_size) * scores["tracin_cp"].T, name="tracin_cp"),
+        fields=(), upstream=("tracin_cp_scores", "record_runs"))
+  if "tracin_per_step" in methods and runs.grad_trace is not None:
+    sims["tracin_per_step"] = _simulator_stage(
+        wd, "tracin_per_step", lambda: simulators.tracin_per_step(runs.grad_trace),
+        fields=(), upstream=("record_runs",))
+  if "ekfac_if" in methods:
+    step_scores = -scores["ekfac_if"].T
+    sims["ekfac_if"] = _simulator_stage(
+        wd, "ekfac_if", lambda: simulators.additive_from_scores(
+            step_scores * _score_scale(step_scores, fit_trace)[None], name="ekfac_if"),
+        fields=(), upstream=("ekfac_scores", "record_runs"))
+  return sims
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """Held-out results of every method.
+
+  Attributes:
+    metrics: evaluation set ("held_out", "unseen") -> method -> metric -> value
+      (the metrics of `evaluation.METRICS`, each MSE also as `<mse>_ratio` to
+      curriculum_blind's, `min_loss`, and `undefined`: metric -> reason).
+    predictions: method -> float32[R', T+1, M] on the held-out runs.
+    bands: method -> (mean, std) posterior bands on the held-out runs.
+    actual: float32[R', T+1, M] the held-out runs' losses.
+  """
+
+  metrics: dict
+  predictions: dict
+  bands: dict
+  actual: np.ndarray
+
+
+def _set_metrics(predictions: dict, actual: np.ndarray) -> dict:
+  from simfluence_jax import evaluation  # pylint: disable=g-import-not-at-top
+  out = {}
+  for method, pred in predictions.items():
+    values = evaluation.compute_metrics(pred, actual)
+    values["min_loss"] = evaluation.min_loss(pred)
+    undefined = evaluation.undefined_reasons(pred, actual)
+    if undefined:
+      values["undefined"] = undefined
+    out[method] = values
+  blind = out.get("curriculum_blind")
+  for values in out.values():
+    for name in ("all_steps_mse", "final_step_mse"):
+      ratio = values[name] / blind[name] if blind and blind[name] > 0 else np.nan
+      values[name + "_ratio"] = float(ratio)
+  return out
+
+
+def evaluate(wd, config, runs: Runs, curricula: Curricula, sims: dict,
+             direct: dict, upstream: tuple) -> Evaluation:
+  """Every method's predictions of the held-out (and unseen-example) runs, scored.
+
+  Args:
+    sims: method -> fitted `Simulator`.
+    direct: method -> {set name -> float32[R', T+1, M]} predictions made without a
+      simulator (e.g. `metagradient`).
+    upstream: names of the stages that produced `sims` and `direct`.
+  """
+  from simfluence_jax import evaluation  # pylint: disable=g-import-not-at-top
+  fit_trace = runs.group(curricula, "fit")
+  sets = {"held_out": runs.group(curricula, "held_out")}
+  if curricula.unseen is not None:
+    sets["unseen"] = runs.group(curricula, "unseen")
+
+  def compute():
+    metrics, predictions = {}, {}
+    for set_name, held in sets.items():
+      preds = {}
+      if "curriculum_blind" in config.methods:
+        preds["curriculum_blind"] = evaluation.curriculum_blind(fit_trace.losses,
+                                                                held.num_runs)
+      for name, sim in sims.items():
+        preds[name] = np.asarray(sim.simulate(held.batch_ids, held.losses[:, 0]))
+      for name, by_set in direct.items():
+        preds[name] = np.asarray(by_set[set_name])
+      metrics[set_name] = _set_metrics(preds, held.losses)
+      if set_name == "held_out":
+        predictions = preds
+    held = sets["held_out"]
+    bands = {name: tuple(np.asarray(x) for x in sims[name].simulate_with_bands(
+        held.batch_ids, held.losses[:, 0],
+        num_samples=config.simulators.num_band_samples,
+        rng=jax.random.PRNGKey(config.seed)))
+             for name in ("simfluence_linear", "simfluence_additive") if name in sims}
+    return Evaluation(metrics, predictions, bands, held.losses)
+
+  def save(result: Evaluation):
+    if not sharding.is_primary():
+      return
+    _io.write_json(wd.path("evaluation", "metrics.json"), result.metrics)
+    for name, pred in result.predictions.items():
+      _io.save_npy(wd.path("evaluation", f"pred_{name}.npy"), pred)
+    for name, (mean, std) in result.bands.items():
+      _io.save_npy(wd.path("evaluation", f"band_mean_{name}.npy"), mean)
+      _io.save_npy(wd.path("evaluation", f"band_std_{name}.npy"), std)
+
+  def load():
+    metrics = _io.read_json(wd.path("evaluation", "metrics.json"), "evaluate")
+    get = lambda file: _io.load_npy(wd.path("evaluation", file), "evaluate")
+    predictions = {name: get(f"pred_{name}.npy") for name in metrics["held_out"]}
+    bands = {name: (get(f"band_mean_{name}.npy"), get(f"band_std_{name}.npy"))
+             for name in ("simfluence_linear", "simfluence_additive") if name in sims}
+    return Evaluation(metrics, predictions, bands, sets["held_out"].losses)
+
+  return wd.stage("evaluate", fields=("methods", "simulators.num_band_samples"),
+                  upstream=("record_runs",) + tuple(upstream), compute=compute,
+                  save=save, load=load, outputs=("evaluation",))
+
+
+def counterfactual(wd, config, dataset, model: Model, runs: Runs,
+                   curricula: Curricula, sims: dict) -> Optional[dict]:
+  """Searches curricula on each simulator and retrains them (`counterfactual.py`)."""
+  from simfluence_jax import counterfactual as cf_lib  # pylint: disable=g-import-not-at-top
+  cf = config.counterfactual
+  methods = [m for m in cf.methods if m in sims]
+  if not cf.enabled or not methods:
+    return None
+  fit_trace, held = runs.group(curricula, "fit"), runs.group(curricula, "held_out")
+  num_epochs = -(-config.num_steps // curricula.steps_per_epoch)
+  start_ids = data.make_curricula(
+      cf.num_searched, config.num_train_examples, config.subset_size, num_epochs,
+      config.batch_size, config.seed, first_run=len(curricula.all_runs())
+  )[:, :config.num_steps]
+
+  def retrain(searched_ids):
+    result, _ = _train(config, model, dataset, searched_ids,
+                       wd.path("counterfactual_runs"), False)
+    return result.trace.losses
+
+  def compute():
+    return cf_lib.search_and_verify(
+        {m: sims[m] for m in methods}, initial_losses=fit_trace.losses[0, 0],
+        start_batch_ids=start_ids, random_batch_ids=held.batch_ids,
+        random_losses=held.losses,
+        targets=cf_lib.choose_targets(fit_trace.losses, cf.num_targets),
+        retrain=retrain, methods=methods, num_iters=cf.num_iters,
+        num_proposals=cf.num_proposals, epoch_steps=curricula.steps_per_epoch,
+        seed=config.seed)
+
+  def save(result):
+    if sharding.is_primary():
+      _io.write_json(wd.path("counterfactual", "result.json"),
+                     {k: v for k, v in result.items() if k != "batch_ids"})
+      for method, ids in result["batch_ids"].items():
+        _io.write_json(wd.path("counterfactual", f"searched_{method}.json"),
+                       {"batch_ids": np.asarray(ids).tolist()})
+
+  def load():
+    result = _io.read_json(wd.path("counterfactual", "result.json"), "counterfactual")
+    result["batch_ids"] = {
+        m: np.asarray(_io.read_json(wd.path("counterfactual", f"searched_{m}.json"),
+                                    "counterfactual")["batch_ids"], np.int32)
+        for m in result["searched"]}
+    return result
+
+  return wd.stage("counterfactual", fields=("counterfactual",),
+                  upstream=("record_runs",) + tuple(f"fit_{m}" for m in methods),
+                  compute=compute, save=save, load=load,
+                  outputs=("counterfactual", "counterfactual_runs"))
+
+
+def learning_curve(wd, config, runs: Runs, curricula: Curricula) -> dict:
+  """Simfluence-Linear refitted on the first k fitted runs, for k in the config's grid.
+
+  Returns:
+    {"num_runs": [k...], "spearman_across_runs": [...], "all_steps_mse": [...],
+    "all_steps_mse_ratio": [...]} on the held-out runs (ratio to curriculum_blind).
+  """
+  from simfluence_jax import evaluation  # pylint: disable=g-import-not-at-top
+  fit_trace, held = runs.group(curricula, "fit"), runs.group(curricula, "held_out")
+  counts = sorted({int(k) for k in config.learning_curve if 0 < k <= fit_trace.num_runs}
+                  | {fit_trace.num_runs})
+
+  def compute():
+    blind = evaluation.all_steps_mse(
+        evaluation.curriculum_blind(fit_trace.losses, held.num_runs), held.losses)
+    curve = {"num_runs": counts, "spearman_across_runs": [], "all_steps_mse": [],
+             "all_steps_mse_ratio": []}
+    for k in counts:
+      sim = simulators.fit("linear", fit_trace.select_runs(slice(0, k)),
+                           l2=config.simulators.l2)
+      pred = np.asarray(sim.simulate(held.batch_ids, held.losses[:, 0]))
+      mse = evaluation.all_steps_mse(pred, held.losses)
+      curve["spearman_across_runs"].append(
+          evaluation.spearman_across_runs(pred, held.losses))
+      curve["all_steps_mse"].append(mse)
+      curve["all_steps_mse_ratio"].append(mse / blind)
+    return curve
+
+  path = wd.path("learning_curve.json")
+  return wd.stage(
+      "learning_curve", fields=("learning_curve", "simulators.l2"),
+      upstream=("record_runs",), compute=compute,
+      save=lambda c: _io.write_json(path, c) if sharding.is_primary() else None,
+      load=lambda: _io.read_json(path, "learning_curve"),
+      outputs=("learning_curve.json",))

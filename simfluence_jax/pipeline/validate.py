@@ -1,0 +1,80 @@
+"""Checks of a main-job config, run before anything is written to the workdir."""
+
+from simfluence_jax import models
+from simfluence_jax.training import optim
+
+METHODS = ("curriculum_blind", "simfluence_linear", "simfluence_additive",
+           "simfluence_featurized", "tracin_cp", "tracin_per_step", "ekfac_if",
+           "metagradient")
+
+
+def _positive_int(config, name: str, allow_zero: bool = False) -> None:
+  value = config
+  for part in name.split("."):
+    value = value[part]
+  low = 0 if allow_zero else 1
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    kind = "a non-negative" if allow_zero else "a positive"
+    raise ValueError(f"config.{name}={value!r}: must be {kind} integer.")
+
+
+def _positive_float(config, name: str, allow_none: bool = False) -> None:
+  value = config
+  for part in name.split("."):
+    value = value[part]
+  if value is None and allow_none:
+    return
+  if (isinstance(value, bool) or not isinstance(value, (int, float))
+      or not value > 0 or value != value or value == float("inf")):
+    raise ValueError(f"config.{name}={value!r}: must be a finite positive number.")
+
+
+def validate_config(config) -> None:
+  """Raises ValueError naming the first bad field of `config`."""
+  for name in ("num_train_examples", "num_test_examples", "subset_size", "num_runs",
+               "num_held_out_runs", "batch_size", "num_steps", "checkpoint_every",
+               "projection_dim", "num_seeds", "influence.tracin_num_runs",
+               "influence.chunk_size", "simulators.num_band_samples"):
+    _positive_int(config, name)
+  for name in ("num_grad_runs", "pretrain_steps", "unseen.num_examples",
+               "unseen.num_runs", "seed"):
+    _positive_int(config, name, allow_zero=True)
+  _positive_float(config, "learning_rate")
+  _positive_float(config, "simulators.l2")
+  _positive_float(config, "influence.damping", allow_none=True)
+  if config.optimizer not in optim.OPTIMIZERS:
+    raise ValueError(f"config.optimizer={config.optimizer!r}: must be one of "
+                     f"{optim.OPTIMIZERS}.")
+  if config.lr_schedule not in optim.SCHEDULES:
+    raise ValueError(f"config.lr_schedule={config.lr_schedule!r}: must be one of "
+                     f"{optim.SCHEDULES}.")
+  if config.model.name not in models.MODEL_NAMES:
+    raise ValueError(f"config.model.name={config.model.name!r}: must be one of "
+                     f"{models.MODEL_NAMES}.")
+  unknown = sorted(set(config.methods) - set(METHODS))
+  if unknown or not config.methods:
+    raise ValueError(f"config.methods={tuple(config.methods)!r}: unknown {unknown}; "
+                     f"known: {METHODS}.")
+  if config.num_held_out_runs > config.num_runs:
+    raise ValueError(f"config.num_held_out_runs={config.num_held_out_runs}: more "
+                     f"held-out runs than the config.num_runs={config.num_runs} fitted "
+                     "on.")
+  pool = config.num_train_examples - config.unseen.num_examples
+  if config.subset_size > pool:
+    raise ValueError(f"config.subset_size={config.subset_size}: larger than the "
+                     f"{pool} train examples fitted runs draw from "
+                     f"(num_train_examples={config.num_train_examples} minus "
+                     f"unseen.num_examples={config.unseen.num_examples}).")
+  if config.batch_size > config.subset_size:
+    raise ValueError(f"config.batch_size={config.batch_size}: larger than "
+                     f"config.subset_size={config.subset_size}.")
+  if config.influence.fisher not in ("empirical", "true"):
+    raise ValueError(f"config.influence.fisher={config.influence.fisher!r}: must be "
+                     "'empirical' or 'true'.")
+  if config.influence.tracin_num_runs > config.num_runs:
+    raise ValueError(f"config.influence.tracin_num_runs="
+                     f"{config.influence.tracin_num_runs}: must be in [1, num_runs].")
+  for k in config.learning_curve:
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+      raise ValueError(f"config.learning_curve={tuple(config.learning_curve)!r}: "
+                       "must be positive run counts.")
