@@ -1,0 +1,190 @@
+r"""A grid of main jobs: where attribution works, and where no method does.
+
+  python -m simfluence_jax.sweep --config=configs/default.py:tiny --workdir=/tmp/map \
+      --sweep=batch_size:8,32 --sweep=learning_rate:0.001,0.003
+
+Every cell of the grid is a full main job (`pipeline.run`) in `WORKDIR/<cell>/`
+(e.g. `batch_size=8,learning_rate=0.001/`), so a sweep resumes cell by cell and a
+rerun reuses finished cells. Writes `WORKDIR/sweep.json`, a list of
+`{"overrides": {...}, "metrics": {method: {metric: value}}}`, and `WORKDIR/sweep.png`:
+heat maps (2 swept fields), lines (1) or bars (more) of every method's
+spearman_across_runs and all_steps_mse ratio to curriculum_blind.
+"""
+
+import copy
+import itertools
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from simfluence_jax import _io
+from simfluence_jax import main as main_lib
+
+_SWEEP = flags.DEFINE_multi_string(
+    "sweep", [], "FIELD:V1,V2,... (dotted config field and its values); repeat the "
+    "flag for a grid over several fields.")
+
+PLOTTED = ("spearman_across_runs", "all_steps_mse_ratio")
+
+
+def _field_value(config, field: str):
+  section = config
+  for part in field.split("."):
+    if part not in section:
+      raise ValueError(f"--sweep={field}: config has no field {field!r}.")
+    section = section[part]
+  return section
+
+
+def _convert(field: str, text: str, default: Any):
+  """`text` as the type of the config field's current value."""
+  try:
+    if isinstance(default, bool):
+      if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(text)
+      return text.lower() in ("true", "1")
+    if isinstance(default, int):
+      return int(text)
+    if isinstance(default, float) or default is None:
+      return float(text)
+    return type(default)(text)
+  except ValueError as e:
+    raise ValueError(f"--sweep={field}:...: {text!r} is not a "
+                     f"{type(default).__name__}.") from e
+
+
+def parse_sweeps(specs: Sequence[str], config) -> list[tuple[str, list]]:
+  """`["batch_size:8,32"]` -> `[("batch_size", [8, 32])]`, values typed like the
+  config's field.
+
+  Raises:
+    ValueError: a malformed spec, an unknown field, a value of the wrong type.
+  """
+  if not specs:
+    raise ValueError("--sweep: give at least one FIELD:V1,V2,...")
+  grid = []
+  for spec in specs:
+    field, sep, values = spec.partition(":")
+    if not sep or not field or not values.strip(","):
+      raise ValueError(f"--sweep={spec!r}: expected FIELD:V1,V2,...")
+    default = _field_value(config, field)
+    if isinstance(default, (dict, tuple, list)) or hasattr(default, "keys"):
+      raise ValueError(f"--sweep={spec!r}: {field} is not a scalar field.")
+    grid.append((field, [_convert(field, v.strip(), default)
+                         for v in values.split(",") if v.strip()]))
+  fields = [f for f, _ in grid]
+  if len(set(fields)) != len(fields):
+    raise ValueError(f"--sweep: a field is given twice ({fields}).")
+  return grid
+
+
+def cell_name(overrides: dict) -> str:
+  return ",".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def cell_config(config, overrides: dict):
+  cell = copy.deepcopy(config)
+  with cell.unlocked():
+    for field, value in overrides.items():
+      *parents, leaf = field.split(".")
+      section = cell
+      for part in parents:
+        section = section[part]
+      section[leaf] = value
+  return cell
+
+
+def _method_metrics(payload: dict) -> dict:
+  from simfluence_jax.evaluation import _report  # pylint: disable=g-import-not-at-top
+  return {m: {k: v for k, v in payload[m].items() if isinstance(v, (int, float))}
+          for m in _report.methods_of(payload)}
+
+
+def run(config, workdir: str, specs: Sequence[str], overwrite: bool = False,
+        run_fn=None) -> list:
+  """Runs every cell (main jobs), writes sweep.json and sweep.png; returns the list."""
+  from simfluence_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.evaluation import _report  # pylint: disable=g-import-not-at-top
+  run_fn = run_fn or pipeline.run
+  grid = parse_sweeps(specs, config)
+  cells = [dict(zip([f for f, _ in grid], values))
+           for values in itertools.product(*[v for _, v in grid])]
+  for overrides in cells:  # every cell validates before any runs
+    pipeline.validate_config(cell_config(config, overrides))
+  results = []
+  for index, overrides in enumerate(cells):
+    print(f"sweep: cell {index + 1}/{len(cells)}: {cell_name(overrides)}",
+          file=sys.stderr, flush=True)
+    payload = run_fn(cell_config(config, overrides),
+                     os.path.join(os.fspath(workdir), cell_name(overrides)), overwrite)
+    results.append({"overrides": overrides, "metrics": _method_metrics(payload)})
+  _io.write_text(os.path.join(os.fspath(workdir), "sweep.json"),
+                 json.dumps(_report.clean_json(results), indent=2))
+  plot(os.path.join(os.fspath(workdir), "sweep.png"), grid, results)
+  return results
+
+
+def plot(path: str, grid: list, results: list) -> None:
+  """Heat maps (two swept fields), lines (one) or bars (more), per method and metric."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  methods = [m for m in results[0]["metrics"]
+             if any(k in results[0]["metrics"][m] for k in PLOTTED)]
+  fig, axes = plt.subplots(len(PLOTTED), len(methods),
+                           figsize=(2.8 * len(methods), 2.6 * len(PLOTTED)),
+                           squeeze=False)
+  value = lambda r, m, k: r["metrics"].get(m, {}).get(k, np.nan)
+  for row, metric in enumerate(PLOTTED):
+    for col, method in enumerate(methods):
+      ax = axes[row, col]
+      values = np.array([np.nan if value(r, method, metric) is None
+                         else value(r, method, metric) for r in results], float)
+      if len(grid) == 2:
+        (f0, v0), (f1, v1) = grid
+        table = values.reshape(len(v0), len(v1))
+        cmap = "viridis" if metric.startswith("spearman") else "viridis_r"
+        ax.imshow(table, cmap=cmap, aspect="auto",
+                  vmin=0 if metric.startswith("spearman") else None,
+                  vmax=1 if metric.startswith("spearman") else None)
+        for i in range(len(v0)):
+          for j in range(len(v1)):
+            ax.text(j, i, f"{table[i, j]:.2f}", ha="center", va="center",
+                    color="w", fontsize=8)
+        ax.set_xticks(range(len(v1)), [str(v) for v in v1], fontsize=7)
+        ax.set_yticks(range(len(v0)), [str(v) for v in v0], fontsize=7)
+        ax.set_xlabel(f1, fontsize=7)
+        ax.set_ylabel(f0, fontsize=7)
+      elif len(grid) == 1:
+        ax.plot(range(len(values)), values, "o-")
+        ax.set_xticks(range(len(values)), [str(v) for v in grid[0][1]], fontsize=7)
+        ax.set_xlabel(grid[0][0], fontsize=7)
+      else:
+        ax.bar(range(len(values)), values)
+        ax.set_xticks(range(len(values)), [cell_name(r["overrides"]) for r in results],
+                      rotation=90, fontsize=5)
+      if metric.endswith("ratio"):
+        ax.set_title(f"{method}\nMSE / blind", fontsize=8)
+      else:
+        ax.set_title(f"{method}\n{metric}", fontsize=8)
+  fig.tight_layout()
+  _io.save_figure(fig, path)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+
+  def run_grid(config, workdir, overwrite):
+    run(config, workdir, _SWEEP.value, overwrite)
+
+  main_lib.run_main(run_grid)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=main_lib.parse_flags)

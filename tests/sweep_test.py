@@ -1,0 +1,83 @@
+"""The sweep entry point: grid parsing, one main job per cell, sweep.json and sweep.png."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from simfluence_jax import config_lib
+from simfluence_jax import sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "default.py:tiny")
+
+
+def test_parse_sweeps_types_values_like_the_config():
+  config = config_lib.load_config(TINY)
+  grid = sweep.parse_sweeps(["batch_size:2,4", "learning_rate:0.001,0.01",
+                             "simulators.l2:1"], config)
+  assert grid == [("batch_size", [2, 4]), ("learning_rate", [0.001, 0.01]),
+                  ("simulators.l2", [1.0])]
+  assert isinstance(grid[2][1][0], float)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("batch_size", "expected FIELD:V1,V2"),
+    ("nope:1,2", "no field 'nope'"),
+    ("batch_size:two", "'two' is not a int"),
+    ("model:1", "not a scalar field"),
+])
+def test_bad_sweep_specs_are_named(spec, message):
+  with pytest.raises(ValueError, match=message):
+    sweep.parse_sweeps([spec], config_lib.load_config(TINY))
+
+
+def test_every_cell_runs_once_with_its_overrides(tmp_path):
+  config = config_lib.load_config(TINY)
+  seen = []
+
+  def fake_run(cell_config, workdir, overwrite):
+    seen.append((cell_config.batch_size, cell_config.learning_rate,
+                 os.path.basename(workdir), overwrite))
+    rho = 0.1 * cell_config.batch_size + cell_config.learning_rate
+    return {"simfluence_linear": {"spearman_across_runs": rho,
+                                  "all_steps_mse_ratio": 0.5},
+            "curriculum_blind": {"spearman_across_runs": float("nan"),
+                                 "all_steps_mse_ratio": 1.0},
+            "timings": {"data": 1.0}}
+
+  results = sweep.run(config, str(tmp_path), ["batch_size:2,4",
+                                              "learning_rate:0.001,0.003"],
+                      run_fn=fake_run)
+  assert [s[:2] for s in seen] == [(2, 0.001), (2, 0.003), (4, 0.001), (4, 0.003)]
+  assert seen[0][2] == "batch_size=2,learning_rate=0.001"
+  with open(tmp_path / "sweep.json") as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(saved))
+  assert saved[3]["overrides"] == {"batch_size": 4, "learning_rate": 0.003}
+  assert saved[3]["metrics"]["simfluence_linear"]["spearman_across_runs"] == (
+      pytest.approx(0.403))
+  assert saved[0]["metrics"]["curriculum_blind"]["spearman_across_runs"] is None
+  assert len(results) == 4 and "timings" not in saved[0]["metrics"]
+  assert os.path.getsize(tmp_path / "sweep.png") > 0
+
+
+def test_an_invalid_cell_fails_before_any_cell_runs(tmp_path):
+  config = config_lib.load_config(TINY)
+  ran = []
+  with pytest.raises(ValueError, match="config.batch_size=1000"):
+    sweep.run(config, str(tmp_path), ["batch_size:2,1000"],
+              run_fn=lambda *a: ran.append(a))
+  assert not ran
+
+
+def test_command_line_error_is_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "simfluence_jax.sweep", f"--config={TINY}",
+       f"--workdir={tmp_path}", "--sweep=batch_size:x"], cwd=REPO,
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: --sweep=batch_size:...: 'x' is not a int.")
