@@ -137,6 +137,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.influence.damping = ml_collections.config_dict.placeholder(float)  # None: 0.1 x mean eigenvalue.
   config.influence.chunk_size = 64  # Train examples per gradient chunk (bounds memory).
 
+  # --- Metagradients (first-order expansion of the training run; no fitted runs) ------
+  config.metagradient = ml_collections.ConfigDict()
+  config.metagradient.reference_batch_size = 0  # 0: full-batch reference; B' > 0: B' ids per step.
+  config.metagradient.chunk_size = 8  # Curricula per vmapped jvp (bounds memory).
+
+  # --- MAGIC's removal benchmark around fitted run 0 ------------------------------
+  config.removal = ml_collections.ConfigDict()
+  config.removal.enabled = False  # Retrain the reference run without random removal sets.
+  config.removal.fractions = (0.01, 0.05)  # Share of the N train examples each set removes.
+  config.removal.num_removals = 32  # S: removal sets (retrained runs) per fraction.
+
   # --- Counterfactual curricula (search on each simulator, verify by retraining) -----
   config.counterfactual = ml_collections.ConfigDict()
   config.counterfactual.enabled = True  # Search curricula and really retrain them.

@@ -23,7 +23,7 @@ METRIC_COLUMNS = ("all_steps_mse", "final_step_mse", "spearman",
 # Top-level entries of the payload that are not methods.
 NON_METHOD_KEYS = ("timings", "stages", "cost", "unseen_examples", "removal_lds",
                    "learning_curve", "counterfactual", "std", "seeds", "num_seeds",
-                   "summary")
+                   "summary", "regime")
 
 
 def json_float(value):
@@ -256,8 +256,14 @@ def report_lines(payload: dict, plots=()) -> list:
   lines += [f"Every method predicts {summary.get('num_held_out_runs', '?')} held-out "
             f"runs ({summary.get('num_steps', '?')} steps, "
             f"{summary.get('num_test_examples', '?')} test examples) that no simulator "
-            f"was fitted on ({summary.get('num_train_runs', '?')} fitted runs).", "",
-            "## Held-out runs", ""]
+            f"was fitted on ({summary.get('num_train_runs', '?')} fitted runs).", ""]
+  if payload.get("regime"):
+    r, r_std = payload["regime"], std.get("regime", {})
+    lines += [f"Regime: the mean test loss drops by "
+              f"{_cell(100 * r['mean_loss_drop'], 100 * r_std.get('mean_loss_drop', np.nan), '.1f')}"
+              f"% over a run; the final loss of a test example varies across curricula "
+              f"by a std of {_cell(r['final_loss_std_across_runs'], r_std.get('final_loss_std_across_runs'), '.3f')}.", ""]
+  lines += ["## Held-out runs", ""]
   lines += _methods_table(methods, std, cost=payload.get("cost"))
   lines += ["", "MSEs: lower is better, (×) = ratio to curriculum_blind, the mean "
             "trajectory of the fitted runs, which knows nothing of the curriculum. "

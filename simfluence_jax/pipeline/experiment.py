@@ -54,6 +54,18 @@ def _cost(config, runs: stages.Runs, wd: workdir_lib.Workdir, methods) -> dict:
           for m, (r, s) in table.items() if m in methods}
 
 
+def regime(runs: stages.Runs, curricula) -> dict:
+  """How much the model learns and how much the curriculum matters (fitted runs).
+
+  Returns:
+    {"mean_loss_drop": 1 − mean L_T / mean L_0, "final_loss_std_across_runs": mean
+    over test examples of the std across runs of L_T}.
+  """
+  losses = runs.group(curricula, "fit").losses
+  return {"mean_loss_drop": float(1.0 - losses[:, -1].mean() / losses[:, 0].mean()),
+          "final_loss_std_across_runs": float(losses[:, -1].std(axis=0).mean())}
+
+
 def _summary(config, dataset, runs: stages.Runs, curricula) -> dict:
   return {"config": config.to_dict(), "dataset": dataset.name,
           "num_train_runs": len(curricula.fit),
@@ -84,6 +96,9 @@ def run_seed(config, workdir: str, overwrite: bool = False) -> dict:
   sims = stages.fit_simulators(wd, config, runs, curricula, scores)
   direct = {}
   upstream = tuple(f"fit_{name}" for name in sims)
+  if "metagradient" in methods:
+    direct["metagradient"] = stages.metagradient(wd, config, dataset, model, curricula)
+    upstream += ("metagradient",)
   result = stages.evaluate(wd, config, runs, curricula, sims, direct, upstream)
   evaluation.write_evaluation_metrics(os.fspath(wd.path("tensorboard")), sims,
                                       result.metrics["held_out"])
@@ -92,12 +107,17 @@ def run_seed(config, workdir: str, overwrite: bool = False) -> dict:
     payload["unseen_examples"] = result.metrics["unseen"]
   if config.learning_curve:
     payload["learning_curve"] = stages.learning_curve(wd, config, runs, curricula)
+  if config.removal.enabled:
+    removals = stages.removal_runs(wd, config, dataset, model, curricula)
+    payload["removal_lds"] = stages.removal_lds(wd, config, dataset, model, runs, sims,
+                                                removals)
   counterfactual = stages.counterfactual(wd, config, dataset, model, runs, curricula,
                                          sims)
   if counterfactual is not None:
     payload["counterfactual"] = {k: v for k, v in counterfactual.items()
                                  if k != "batch_ids"}
   payload["cost"] = _cost(config, runs, wd, payload)
+  payload["regime"] = regime(runs, curricula)
   payload["stages"] = {name: {"seconds": t.seconds, "reused": t.reused}
                        for name, t in wd.timings.items()}
   payload["timings"] = {name: t.seconds for name, t in wd.timings.items()}
