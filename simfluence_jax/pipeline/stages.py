@@ -557,3 +557,171 @@ def learning_curve(wd, config, runs: Runs, curricula: Curricula) -> dict:
       save=lambda c: _io.write_json(path, c) if sharding.is_primary() else None,
       load=lambda: _io.read_json(path, "learning_curve"),
       outputs=("learning_curve.json",))
+
+
+def _reference_batch_ids(config) -> np.ndarray:
+  """int32[T, S] the batches the metagradient expansion is taken around.
+
+  `metagradient.reference_batch_size` = 0: full batch (every train id at every step,
+  S = N, each weighted 1/N); B' > 0: B' ids drawn afresh every step (cheaper by
+  N/B', further from any one curriculum).
+  """
+  num_train, size = config.num_train_examples, config.metagradient.reference_batch_size
+  if not size or size >= num_train:
+    return np.tile(np.arange(num_train, dtype=np.int32), (config.num_steps, 1))
+  rng = np.random.default_rng([config.seed, 104729])
+  return np.stack([rng.choice(num_train, size, replace=False)
+                   for _ in range(config.num_steps)]).astype(np.int32)
+
+
+def metagradient(wd, config, dataset, model: Model, curricula: Curricula) -> dict:
+  """First-order predictions of the held-out (and unseen) runs, with no fitted runs.
+
+  The test-loss trajectory is a function of per-step example weights; its
+  first-order expansion around a reference run (`_reference_batch_ids`) is evaluated
+  at each curriculum by one jvp (`training.first_order_losses`).
+
+  Returns:
+    set name ("held_out", "unseen") -> float32[R', T+1, M].
+  """
+  sets = {"held_out": curricula.held_out}
+  if curricula.unseen is not None:
+    sets["unseen"] = curricula.unseen
+
+  def compute():
+    stacked = np.concatenate(list(sets.values()))
+    predicted = np.asarray(training.first_order_losses(
+        model.params, _reference_batch_ids(config), stacked, loss_fn=model.loss_fn,
+        config=config, train_arrays=dataset.train, test_arrays=dataset.test,
+        chunk_size=config.metagradient.chunk_size))
+    return predicted.astype(np.float32)
+
+  predicted = _cached_array(
+      wd, "metagradient", compute, upstream=("base_model",),
+      fields=OPTIMIZER_FIELDS + CURRICULA_FIELDS + ("metagradient",))
+  bounds = np.cumsum([0] + [len(v) for v in sets.values()])
+  return {name: predicted[bounds[i]:bounds[i + 1]] for i, name in enumerate(sets)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Removals:
+  """MAGIC's removal benchmark around one reference run.
+
+  Attributes:
+    reference_ids: int32[T, B] the reference run's batches (fitted run 0).
+    weights: fraction label ("1%", ...) -> float32[S, T, B], 0 at the occurrences
+      of the removed examples (the step still divides by its valid slots).
+    removed: fraction label -> int32[S, k] the removed train ids.
+    actual_change: fraction label -> float32[S, M], retrained final loss minus the
+      reference run's.
+  """
+
+  reference_ids: np.ndarray
+  weights: dict
+  removed: dict
+  actual_change: dict
+
+
+def _removal_sets(config, reference_ids):
+  """Per fraction: S random sets of k = round(fraction·N) ids of the reference run."""
+  present = np.unique(reference_ids[reference_ids >= 0])
+  rng = np.random.default_rng([config.seed, 15485863])
+  weights, removed = {}, {}
+  for fraction in config.removal.fractions:
+    label = f"{100 * fraction:g}%"
+    k = max(1, int(round(fraction * config.num_train_examples)))
+    sets = np.stack([rng.choice(present, k, replace=False)
+                     for _ in range(config.removal.num_removals)]).astype(np.int32)
+    removed[label] = sets
+    weights[label] = np.stack([
+        (~np.isin(reference_ids, s)).astype(np.float32) for s in sets])
+  return weights, removed
+
+
+def removal_runs(wd, config, dataset, model: Model,
+                 curricula: Curricula) -> Removals:
+  """Retrains the reference run (fitted run 0) with each removal set weighted 0."""
+  reference_ids = curricula.fit[0]
+  weights, removed = _removal_sets(config, reference_ids)
+  labels = list(weights)
+
+  def compute():
+    stacked = np.concatenate([np.ones((1,) + reference_ids.shape, np.float32)] +
+                             [weights[label] for label in labels])
+    result = training.train_runs(
+        model.params, np.repeat(reference_ids[None], len(stacked), 0),
+        loss_fn=model.loss_fn, config=config, train_arrays=dataset.train,
+        test_arrays=dataset.test, workdir=wd.path("removal", "runs"),
+        checkpoint_every=config.num_steps, seed=config.seed, weights=stacked)
+    final = result.trace.losses[:, -1]
+    # The reference is retrained in the same call, so both sides share round-off.
+    change = final[1:] - final[:1]
+    bounds = np.cumsum([0] + [len(weights[label]) for label in labels])
+    return {label: change[bounds[i]:bounds[i + 1]] for i, label in enumerate(labels)}
+
+  path = lambda label: wd.path("removal", f"actual_change_{label.rstrip('%')}.npy")
+
+  def save(changes):
+    if sharding.is_primary():
+      for label, change in changes.items():
+        _io.save_npy(path(label), change)
+
+  changes = wd.stage(
+      "removal_runs", fields=("removal",) + OPTIMIZER_FIELDS + CURRICULA_FIELDS,
+      upstream=("base_model",), compute=compute, save=save,
+      load=lambda: {label: _io.load_npy(path(label), "removal_runs")
+                    for label in labels},
+      outputs=("removal",))
+  return Removals(reference_ids, weights, removed, changes)
+
+
+def _tracin_terms(grad_trace: trace_lib.Trace, run: int) -> np.ndarray:
+  """float32[T, B, M] per-step TracIn loss change of each occurrence of one run:
+  −(η_t/|c_t|)·⟨P∇ℓ_i(θ_t), P∇ℓ_m(θ_t)⟩ from its recorded projected gradients."""
+  ids = grad_trace.batch_ids[run]
+  counts = np.maximum((ids >= 0).sum(1), 1).astype(np.float32)
+  dots = np.einsum("tbk,tmk->tbm", grad_trace.train_grads[run],
+                   grad_trace.test_grads[run])
+  scale = -(grad_trace.learning_rates[run] / counts)[:, None, None]
+  return (scale * dots * (ids >= 0)[:, :, None]).astype(np.float32)
+
+
+def removal_lds(wd, config, dataset, model: Model, runs: Runs, sims: dict,
+                removals: Removals) -> dict:
+  """method -> {fraction label -> LDS}: predicted vs retrained loss changes.
+
+  metagradient: exact reverse-mode derivatives of the reference run's final losses
+  w.r.t. its occurrence weights, so a removal's first-order change is
+  Σ (w − 1)·∂L_T/∂w; tracin_per_step: the same sum over the reference run's own
+  per-step TracIn terms; every simulator: its rollout with the removal's weights
+  minus its rollout of the reference.
+  """
+  from simfluence_jax import evaluation  # pylint: disable=g-import-not-at-top
+  per_occurrence = {}
+  if "metagradient" in config.methods:
+    per_occurrence["metagradient"] = _cached_array(
+        wd, "removal_metagradients", lambda: training.metagradients(
+            model.params, removals.reference_ids[None], loss_fn=model.loss_fn,
+            config=config, train_arrays=dataset.train,
+            test_arrays=dataset.test)[0],
+        fields=OPTIMIZER_FIELDS + CURRICULA_FIELDS, upstream=("base_model",))
+  if "tracin_per_step" in config.methods and runs.grad_trace is not None:
+    per_occurrence["tracin_per_step"] = _tracin_terms(runs.grad_trace, 0)
+  initial = runs.trace.losses[:1, 0]
+  ref_ids = removals.reference_ids[None]
+  result = {}
+  for label, weights in removals.weights.items():
+    actual = removals.actual_change[label]
+    predicted = {name: np.einsum("stb,tbm->sm", weights - 1.0, terms)
+                 for name, terms in per_occurrence.items()}
+    for name, sim in sims.items():
+      if name in predicted:
+        continue
+      repeated = np.repeat(ref_ids, len(weights), 0)
+      base = np.asarray(sim.simulate(ref_ids, initial))[:, -1]
+      removed = np.asarray(sim.simulate(repeated, np.repeat(initial, len(weights), 0),
+                                        weights=weights))[:, -1]
+      predicted[name] = removed - base
+    for name, change in predicted.items():
+      result.setdefault(name, {})[label] = evaluation.removal_lds(change, actual)
+  return result
