@@ -14,7 +14,7 @@ import numpy as np
 
 from simfluence_jax.data import packing
 
-LM_SOURCES = ("synthetic_facts", "glue_rte", "super_glue_copa")
+LM_SOURCES = ("synthetic_facts", "glue_rte", "super_glue_copa", "seqio")
 CLASSIFICATION_SOURCES = ("digits",)
 SOURCES = LM_SOURCES + CLASSIFICATION_SOURCES
 BYTE_VOCAB_SIZE = 259  # seqio.ByteVocabulary: pad 0, EOS 1, UNK 2, bytes 3..258.
@@ -42,6 +42,15 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.num_pretrain_examples = 512
   # synthetic_facts: "numpy" (no TensorFlow) or "seqio" (its registered Task); equal arrays.
   config.pipeline = "numpy"
+  # name="seqio": your registered seqio Task, and the module that registers it on import.
+  config.seqio_task = ""
+  config.seqio_module = ""
+  # name="seqio": the Task's features holding the prompt and the answer (scored) text.
+  config.prompt_feature = "inputs"
+  config.answer_feature = "targets"
+  # name="seqio": splits the train and test examples are read from.
+  config.train_split = "train"
+  config.test_split = "validation"
   return config
 
 
@@ -143,6 +152,8 @@ def get_dataset(config) -> Dataset:
     return _digits(config)
   if config.name == "synthetic_facts":
     return _synthetic_facts(config)
+  if config.name == "seqio":
+    return _user_seqio_task(config)
   return _tfds_lm(config)
 
 
@@ -231,3 +242,47 @@ def _tfds_lm(config) -> Dataset:
                 "seed": int(config.seed), "test_split": "validation",
                 "train_source_rows": splits["train"][2],
                 "test_source_rows": splits["validation"][2]})
+
+
+def _user_seqio_task(config) -> Dataset:
+  """A user's registered seqio Task: the first N / M examples of its splits.
+
+  The prompt and answer features (`config.data.prompt_feature` / `answer_feature`)
+  are taken tokenized by the Task's own vocabulary and packed decoder-only (the
+  loss is on the answer tokens); the vocabulary size comes from the Task.
+  """
+  import importlib  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.data import tasks  # pylint: disable=g-import-not-at-top
+  if not config.seqio_task:
+    raise ValueError("config.data.seqio_task: name the registered seqio Task "
+                     "(config.data.name='seqio').")
+  if config.seqio_module:
+    try:
+      importlib.import_module(config.seqio_module)
+    except ImportError as e:
+      raise ValueError(f"config.data.seqio_module={config.seqio_module!r}: cannot be "
+                       f"imported ({e}).") from e
+  task = tasks.get_task(config.seqio_task)
+  features = (config.prompt_feature, config.answer_feature)
+  missing = [f for f in features if f not in task.output_features]
+  if missing:
+    raise ValueError(f"config.data.prompt_feature/answer_feature: {missing} are not "
+                     f"output features of {config.seqio_task!r} "
+                     f"({sorted(task.output_features)}).")
+  arrays, texts = {}, {}
+  for split, key in ((config.train_split, "num_train_examples"),
+                     (config.test_split, "num_test_examples")):
+    prompts, answers, split_texts = tasks.materialize(task, split, features=features)
+    if config[key] > len(prompts):
+      raise _too_many(key, config[key], f"{config.seqio_task} split {split!r}",
+                      len(prompts))
+    count = config[key]
+    arrays[key] = packing.pack(prompts[:count], answers[:count], config.seq_len)
+    texts[key] = split_texts[:count]
+  vocab = task.output_features[config.answer_feature].vocabulary
+  return Dataset(
+      name=config.seqio_task, kind="lm", train=arrays["num_train_examples"],
+      test=arrays["num_test_examples"], train_texts=texts["num_train_examples"],
+      test_texts=texts["num_test_examples"], vocab_size=int(vocab.vocab_size),
+      metadata={"source": "seqio", "seqio_task": config.seqio_task,
+                "splits": [config.train_split, config.test_split]})

@@ -99,8 +99,24 @@ def register_tfds_task(name: str, data_dir, download: bool = False) -> seqio.Tas
   return _register(name, source, [preprocessor])
 
 
-def materialize(task: seqio.Task, split: str, keep_fn=None):
-  """Reads a whole split in order: (prompt ids, answer ids, prompt+answer texts)."""
+def get_task(name: str) -> seqio.Task:
+  """The registered seqio Task `name`; ValueError naming it if there is none."""
+  if name not in seqio.TaskRegistry.names():
+    raise ValueError(f"config.data.seqio_task={name!r}: no such seqio Task is "
+                     "registered (set config.data.seqio_module to the module that "
+                     "registers it).")
+  return seqio.get_mixture_or_task(name)
+
+
+def materialize(task: seqio.Task, split: str, keep_fn=None,
+                features=("prompt", "answer")):
+  """Reads a whole split in order: (prompt ids, answer ids, prompt+answer texts).
+
+  `features` names the Task's prompt and answer features; an answer without an
+  EOS (a Task whose feature does not add one) gets the vocabulary's EOS appended,
+  so every answer ends like the built-in tasks' do.
+  """
+  prompt_key, answer_key = features
   # No in-memory cache: it would ask the source for its size, which mocked (and
   # not yet prepared) TFDS datasets do not know; each split is read once anyway.
   dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False,
@@ -109,11 +125,21 @@ def materialize(task: seqio.Task, split: str, keep_fn=None):
   for ex in tfds.as_numpy(dataset):
     if keep_fn is not None and not keep_fn(ex):
       continue
-    prompts.append(ex["prompt"])
-    answers.append(ex["answer"])
-    texts.append(ex["prompt_pretokenized"].decode("utf-8", "replace") +
-                 ex["answer_pretokenized"].decode("utf-8", "replace"))
+    answer = np.asarray(ex[answer_key])
+    eos = task.output_features[answer_key].vocabulary.eos_id
+    if eos is not None and (not len(answer) or answer[-1] != eos):
+      answer = np.concatenate([answer, [eos]])
+    prompts.append(np.asarray(ex[prompt_key]))
+    answers.append(answer)
+    texts.append(_text(ex, prompt_key, task) + _text(ex, answer_key, task))
   return prompts, answers, texts
+
+
+def _text(ex, key, task) -> str:
+  raw = ex.get(key + "_pretokenized")
+  if raw is not None:
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+  return task.output_features[key].vocabulary.decode([int(t) for t in ex[key]])
 
 
 def has_label(ex) -> bool:

@@ -48,8 +48,13 @@ def get_model(model_config: Any, *, vocab_size: Optional[int] = None,
     An uninitialised linen module.
 
   Raises:
-    ValueError: unknown `config.model.name`, or a required size is missing.
+    ValueError: unknown `config.model.name`, or a required size is missing, or a
+      `config.model.factory` that cannot be imported or returns no linen module.
   """
+  factory = _field(model_config, "factory")
+  if factory:
+    return _from_factory(factory, model_config, vocab_size=vocab_size,
+                         num_classes=num_classes, max_len=max_len)
   name = _field(model_config, "name")
   if name == "transformer":
     vocab_size = vocab_size or _field(model_config, "vocab_size")
@@ -73,6 +78,23 @@ def get_model(model_config: Any, *, vocab_size: Optional[int] = None,
                          num_classes=int(num_classes))
   raise ValueError(f"config.model.name: unknown model {name!r}; expected one of "
                    f"{MODEL_NAMES}.")
+
+
+def _from_factory(spec: str, model_config, **sizes) -> nn.Module:
+  """`"pkg.module:fn"` -> `fn(model_config, vocab_size=, num_classes=, max_len=)`."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  module_name, sep, function = spec.partition(":")
+  if not sep or not module_name or not function:
+    raise ValueError(f"config.model.factory={spec!r}: expected 'package.module:function'.")
+  try:
+    fn = getattr(importlib.import_module(module_name), function)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"config.model.factory={spec!r}: cannot be imported ({e}).") from e
+  model = fn(model_config, **sizes)
+  if not isinstance(model, nn.Module):
+    raise ValueError(f"config.model.factory={spec!r}: returned "
+                     f"{type(model).__name__}, not a flax.linen Module.")
+  return model
 
 
 def init_variables(model: nn.Module, example_inputs: jax.Array, seed: int = 0):

@@ -101,6 +101,13 @@ def array_digest(*arrays: Any) -> str:
   return hasher.hexdigest()[:16]
 
 
+def tree_digest(tree: Any) -> str:
+  """`array_digest` of a pytree's leaves, with its structure."""
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return digest([str(treedef), array_digest(*[np.asarray(x) for x in leaves])])
+
+
 @dataclasses.dataclass(frozen=True)
 class Inputs:
   """What a stage is computed from.

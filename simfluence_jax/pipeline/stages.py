@@ -30,6 +30,7 @@ from simfluence_jax import sharding
 from simfluence_jax import simulators
 from simfluence_jax import trace as trace_lib
 from simfluence_jax import training
+from simfluence_jax.pipeline import fingerprint as fp
 from simfluence_jax.pipeline import workdir as workdir_lib
 
 _logger = logging.getLogger("simfluence_jax.pipeline")
@@ -107,8 +108,20 @@ class Runs:
 
 
 def load_data(wd: workdir_lib.Workdir, config) -> data.Dataset:
-  """The train/test examples (generated or read; cheap and deterministic: not stored)."""
-  return wd.stage("data", fields=DATA_FIELDS, compute=lambda: data.get_dataset(config))
+  """The train/test examples (generated or read each time; not stored).
+
+  Their digest is part of the fingerprint, so a dataset that changed under the same
+  config (a user's seqio Task, a TFDS version) is never mixed with runs trained on
+  the old one.
+  """
+  start = time.perf_counter()
+  dataset = data.get_dataset(config)
+  digest = fp.tree_digest((dataset.train, dataset.test, dataset.pretrain))
+  seconds = time.perf_counter() - start
+  wd.stage("data", fields=DATA_FIELDS, compute=lambda: dataset,
+           extra={"examples": digest})
+  wd.timings["data"].seconds += seconds
+  return dataset
 
 
 def base_model(wd: workdir_lib.Workdir, config, dataset: data.Dataset) -> Model:
@@ -120,6 +133,8 @@ def base_model(wd: workdir_lib.Workdir, config, dataset: data.Dataset) -> Model:
   path = wd.path("base")
 
   def compute():
+    if config.model.checkpoint:
+      return training.load_params(config.model.checkpoint)
     params = models.init_variables(module, dataset.train["inputs"], seed=config.seed)
     if config.pretrain_steps and dataset.pretrain is not None:
       params = training.pretrain_base(
@@ -128,8 +143,13 @@ def base_model(wd: workdir_lib.Workdir, config, dataset: data.Dataset) -> Model:
           learning_rate=config.pretrain_learning_rate, seed=config.seed)
     return params
 
+  extra = {}
+  if config.model.checkpoint:
+    # The checkpoint's contents, not just its path, shape every run.
+    extra["checkpoint"] = fp.tree_digest(training.load_params(config.model.checkpoint))
   params = wd.stage(
       "base_model", fields=MODEL_FIELDS, upstream=("data",), compute=compute,
+      extra=extra,
       save=lambda params: training.save_params(path, params),
       load=lambda: training.load_params(path), outputs=("base",), precious=True)
   return Model(module, loss_fn, params, dataset.kind)

@@ -48,7 +48,7 @@ def validate_config(config) -> None:
   if config.lr_schedule not in optim.SCHEDULES:
     raise ValueError(f"config.lr_schedule={config.lr_schedule!r}: must be one of "
                      f"{optim.SCHEDULES}.")
-  if config.model.name not in models.MODEL_NAMES:
+  if not config.model.factory and config.model.name not in models.MODEL_NAMES:
     raise ValueError(f"config.model.name={config.model.name!r}: must be one of "
                      f"{models.MODEL_NAMES}.")
   unknown = sorted(set(config.methods) - set(METHODS))

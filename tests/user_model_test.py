@@ -1,0 +1,86 @@
+"""Bring your own model and data: a factory model, a seqio Task, a base checkpoint."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from simfluence_jax import config_lib
+from simfluence_jax import models
+from simfluence_jax import pipeline
+from simfluence_jax import training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _user_config(checkpoint=""):
+  config = config_lib.load_config(os.path.join(REPO, "configs", "default.py:tiny"))
+  config.model.factory = "user_project:make_model"
+  config.model.checkpoint = checkpoint
+  config.data.name = "seqio"
+  config.data.seqio_module = "user_project"
+  config.data.seqio_task = "user_project_copy_task"
+  config.data.seq_len = 24
+  config.num_train_examples, config.num_test_examples = 24, 8
+  config.subset_size, config.batch_size, config.num_steps = 16, 4, 8
+  config.num_runs, config.num_held_out_runs = 6, 3
+  config.num_grad_runs = 2
+  config.influence.tracin_num_runs = 2
+  config.learning_curve = ()
+  config.methods = ("curriculum_blind", "simfluence_linear", "tracin_cp", "ekfac_if")
+  config.counterfactual.enabled = False
+  return config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _importable():
+  sys.path.insert(0, os.path.join(REPO, "tests", "user_project_pkg"))
+  yield
+  sys.path.pop(0)
+
+
+def test_factory_model_and_seqio_task_run_end_to_end(tmp_path):
+  config = _user_config()
+  result = pipeline.run(config, str(tmp_path / "job"))
+  assert np.isfinite(result["simfluence_linear"]["all_steps_mse"])
+  assert result["summary"]["dataset"] == "user_project_copy_task"
+  assert result["stages"]["record_runs"]["reused"] is False
+
+
+def test_base_model_from_a_checkpoint_is_fingerprinted_by_its_contents(tmp_path):
+  config = _user_config(checkpoint=str(tmp_path / "ckpt"))
+  module = models.get_model(config.model, vocab_size=259)
+  params = models.init_variables(module, np.zeros((1, 24), np.int32), seed=3)
+  training.save_params(str(tmp_path / "ckpt"), params)
+  wd = pipeline.Workdir(str(tmp_path / "job"), config)
+  dataset = pipeline.stages.load_data(wd, config)
+  model = pipeline.stages.base_model(wd, config, dataset)
+  for got, want in zip(jax.tree_util.tree_leaves(model.params),
+                       jax.tree_util.tree_leaves(params)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # Other weights at the same path: the stored base model is stale, and said so.
+  training.save_params(str(tmp_path / "ckpt"), jax.tree_util.tree_map(
+      lambda x: x + 1.0, params))
+  wd = pipeline.Workdir(str(tmp_path / "job"), config)
+  dataset = pipeline.stages.load_data(wd, config)
+  with pytest.raises(pipeline.StaleWorkdirError, match="checkpoint changed"):
+    pipeline.stages.base_model(wd, config, dataset)
+
+
+def test_bad_factory_is_named():
+  config = _user_config()
+  config.model.factory = "user_project:nope"
+  with pytest.raises(ValueError, match="config.model.factory=.*cannot be imported"):
+    models.get_model(config.model, vocab_size=259)
+  config.model.factory = "no_colon"
+  with pytest.raises(ValueError, match="expected 'package.module:function'"):
+    models.get_model(config.model, vocab_size=259)
+
+
+def test_unknown_seqio_task_is_named(tmp_path):
+  config = _user_config()
+  config.data.seqio_task = "nope_task"
+  with pytest.raises(ValueError, match="config.data.seqio_task='nope_task'"):
+    pipeline.run(config, str(tmp_path / "job"))
