@@ -52,7 +52,7 @@ def _publish_permissions(path: str) -> None:
   """Gives a temporary file or tree the permissions of ordinary new files."""
   mask = _umask()
   if os.path.isdir(path):
-    for root, dirs, files in os.walk(path):
+    for root, _, files in os.walk(path):
       os.chmod(root, 0o777 & ~mask)
       for name in files:
         os.chmod(os.path.join(root, name), 0o666 & ~mask)

@@ -76,11 +76,11 @@ def removal_table(payload: dict) -> list:
   labels = sorted({k for v in removal.values() for k in v}, key=lambda s: float(
       s.rstrip("%")))
   std = payload.get("std", {}).get("removal_lds", {})
-  lines = ["| method | " + " | ".join(f"removal LDS {l}" for l in labels) + " |",
+  lines = ["| method | " + " | ".join(f"removal LDS {label}" for label in labels) + " |",
            "|---" * (len(labels) + 1) + "|"]
   for method, values in removal.items():
     lines.append(f"| {method} | " + " | ".join(
-        _fmt(_get(values, l), _get(std, method, l)) for l in labels) + " |")
+        _fmt(_get(values, label), _get(std, method, label)) for label in labels) + " |")
   return lines
 
 

@@ -38,7 +38,7 @@ def run_job(workdir: str, timeout: float = 400) -> dict:
   except subprocess.TimeoutExpired:
     proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
     _, stderr = proc.communicate()
-    raise AssertionError(f"the tiny job took over {timeout} s:\n{stderr[-6000:]}")
+    raise AssertionError(f"the tiny job took over {timeout} s:\n{stderr[-6000:]}") from None
   assert proc.returncode == 0, stderr[-4000:]
   with open(os.path.join(workdir, "metrics.json")) as f:
     return json.load(f)

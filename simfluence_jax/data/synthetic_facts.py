@@ -189,7 +189,7 @@ def generate(seed: int, num_train_examples: int, num_test_examples: int,
   test_values = [values[i] for i in order]
   position = {old: new for new, old in enumerate(order)}
   test_sibling = []
-  for new, old in enumerate(order):
+  for old in order:
     partner = old ^ 1
     test_sibling.append(position[partner] if partner < num_test else -1)
   test = [_fact(k, v, "test", CANONICAL_TEMPLATE, m)
