@@ -11,6 +11,10 @@ float64 for both.
 
   python benchmarks/solver_bench.py            # N=2000, M=64, R·T=10 000, B=8
   python benchmarks/solver_bench.py --quick    # smaller
+  python benchmarks/solver_bench.py --quick --cv  # also: fit_cv vs a loop of fits
+
+`--cv` times `simulators.fit_cv` (every l2 of the grid solved as extra columns of one
+solve per fold) against the brute-force loop of one `fit` per fold and l2, both warm.
 """
 
 import argparse
@@ -129,6 +133,43 @@ def measure(size="full", l2=1e-3, tol=1e-5, sklearn_examples=None):
           "max_rel_diff": float(diff)}
 
 
+def measure_cv(size="quick", grid=(1e-4, 1e-3, 1e-2, 1e-1, 1.0), folds=5,
+               method="cg"):
+  """Times `fit_cv` against a loop of `fit` per fold and l2 (both after a warm-up).
+
+  Returns:
+    dict: `cv_s`, `loop_s`, `speedup`, `chosen_l2` of both (they must agree), sizes.
+  """
+  num_train, num_test, runs, steps, batch = SIZES[size]
+  trace = make_trace(num_train, num_test, runs, steps, batch)
+  fold_of_run = np.arange(trace.num_runs) % folds
+
+  def loop():
+    scores = np.zeros((folds, len(grid)))
+    for k in range(folds):
+      train = trace.select_runs(np.flatnonzero(fold_of_run != k))
+      held = trace.select_runs(np.flatnonzero(fold_of_run == k))
+      for g, l2 in enumerate(grid):
+        sim = sj.simulators.fit("linear", train, l2=l2, method=method)
+        pred = np.asarray(sim.simulate(held.batch_ids, held.losses[:, 0]))
+        scores[k, g] = np.mean((pred[:, 1:] - held.losses[:, 1:]) ** 2)
+    return grid[int(np.argmin(scores.mean(0)))]
+
+  cv = lambda: sj.simulators.fit_cv("linear", trace, grid, num_folds=folds,
+                                    method=method).fit_info["cv"]["chosen_l2"]
+  cv(), loop()  # compile
+  start = time.perf_counter()
+  chosen_cv = cv()
+  cv_s = time.perf_counter() - start
+  start = time.perf_counter()
+  chosen_loop = loop()
+  loop_s = time.perf_counter() - start
+  return {"num_train": num_train, "num_test": num_test, "rows": runs * steps,
+          "grid": list(grid), "folds": folds, "cv_s": cv_s, "loop_s": loop_s,
+          "speedup": loop_s / cv_s, "chosen_l2_cv": chosen_cv,
+          "chosen_l2_loop": chosen_loop}
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--quick", action="store_true")
@@ -136,6 +177,8 @@ def main():
   parser.add_argument("--tol", type=float, default=1e-5)
   parser.add_argument("--sklearn_examples", type=int, default=None,
                       help="fit sklearn on this many test examples and extrapolate")
+  parser.add_argument("--cv", action="store_true",
+                      help="also time fit_cv against a loop of fits")
   args = parser.parse_args()
   size = "quick" if args.quick else "full"
   num_train, num_test, runs, steps, batch = SIZES[size]
@@ -150,6 +193,12 @@ def main():
         f"  rel. residual {r['sklearn_residual']:.2e}")
   print(f"speed-up: {r['speedup']:.1f}x (goal >= 10x); max |θ_ours − θ_sklearn| / "
         f"max|θ| = {r['max_rel_diff']:.1e}")
+  if args.cv:
+    c = measure_cv(size)
+    print(f"fit_cv ({len(c['grid'])} l2 x {c['folds']} folds, grid as columns): "
+          f"{c['cv_s']:.2f} s; loop of fits: {c['loop_s']:.2f} s; speed-up "
+          f"{c['speedup']:.1f}x; chosen l2 {c['chosen_l2_cv']:g} / "
+          f"{c['chosen_l2_loop']:g}")
 
 
 if __name__ == "__main__":

@@ -65,3 +65,19 @@ def test_bad_method():
   ids, x, y, num_train = _problem()
   with pytest.raises(ValueError, match="method"):
     simulators.solve(ids, x, y, num_train, 0.1, linear=True, method="qr")
+
+
+def test_cg_reports_and_warns_when_it_stops_unconverged():
+  ids, x, y, num_train = _problem()
+  with pytest.warns(RuntimeWarning, match=r"max_iters=1 .*relative residual"):
+    _, info = simulators.solve(ids, x, y, num_train, 0.1, linear=True, method="cg",
+                               tol=1e-7, max_iters=1)
+  assert info["converged"] is False and info["relative_residual"] > 1e-3
+  _, info = simulators.solve(ids, x, y, num_train, 0.1, linear=True, method="cg",
+                             tol=1e-7, max_iters=5000)
+  assert info["converged"] is True and info["relative_residual"] < 1e-4
+  for method in ("normal", "dual"):
+    assert simulators.solve(ids, x, y, num_train, 0.1, linear=True,
+                            method=method)[1]["converged"] is True
+  with pytest.raises(ValueError, match="max_iters"):
+    simulators.solve(ids, x, y, num_train, 0.1, linear=True, max_iters=-1)

@@ -1,18 +1,28 @@
-"""Training-run simulators: Simfluence-Linear / -Additive, and scores as simulators.
+"""Training-run simulators: Simfluence-Linear / -Additive / featurized, scores as simulators.
 
 Public API:
-  fit(kind, trace, l2=1e-3, *, prior_alpha=None, method="auto", ...) -> Simulator
-  additive_from_scores(B, name) -> Simulator
+  fit(kind, trace, l2=1e-3, *, prior_alpha=None, prior_A=None, prior_B=None,
+      features=None, base="linear", intercept=True, num_phases=1, method="auto", ...)
+      -> Simulator;  kind in FIT_KINDS = ("linear", "additive", "featurized").
+  fit_cv(kind, trace, l2_grid=DEFAULT_L2_GRID, *, num_folds=5,
+         metric="all_steps_mse", **fit_kwargs) -> Simulator: l2 by K-fold
+      cross-validation with runs as folds (fit_info["cv"]).
+  additive_from_scores(B, name, *, batch_size=None, num_steps=None) -> Simulator
   tracin_per_step(trace, name) -> Simulator
-  Simulator: .kind, .A, .B, .simulate(...), .simulate_with_bands(...), .fit_info
-  solve(...): the sparse, column-vectorised ridge solver used by `fit`.
+  Simulator: .kind, .A, .B, .batch_size, .num_steps, .simulate(batch_ids,
+    initial_losses, weights=None, *, allow_extrapolation=False),
+    .simulate_with_bands(...), .fit_info, .save(path) / Simulator.load(path).
+  solve(...): the sparse, column-vectorised (and column-sharded) ridge solver.
   search_curriculum(sim, initial_losses, start_batch_ids, targets) -> SearchResult:
     curricula minimising the simulated final loss of target test examples.
-  Simulator.save(path) / Simulator.load(path): atomic, pickle-free persistence.
 """
 
 from simfluence_jax.simulators._fit import additive_from_scores
+from simfluence_jax.simulators._fit import CV_METRICS
+from simfluence_jax.simulators._fit import DEFAULT_L2_GRID
 from simfluence_jax.simulators._fit import fit
+from simfluence_jax.simulators._fit import FIT_KINDS
+from simfluence_jax.simulators._fit import fit_cv
 from simfluence_jax.simulators._fit import tracin_per_step
 from simfluence_jax.simulators._search import search_curriculum
 from simfluence_jax.simulators._search import SearchResult
@@ -23,6 +33,6 @@ from simfluence_jax.simulators._simulator import Simulator
 from simfluence_jax.simulators._solver import METHODS
 from simfluence_jax.simulators._solver import solve
 
-__all__ = ["KINDS", "METHODS", "Posterior", "SearchResult", "Simulator",
-           "additive_from_scores", "fit", "search_curriculum", "solve", "target_weights",
-           "tracin_per_step"]
+__all__ = ["CV_METRICS", "DEFAULT_L2_GRID", "FIT_KINDS", "KINDS", "METHODS", "Posterior",
+           "SearchResult", "Simulator", "additive_from_scores", "fit", "fit_cv",
+           "search_curriculum", "solve", "target_weights", "tracin_per_step"]

@@ -102,34 +102,20 @@ def _split_curricula(batch_ids: np.ndarray):
   return (np.stack(subsets).astype(np.int32), np.stack(schedules).astype(np.int32))
 
 
-def _final_loss(a, b, ids, loss0, linear, floor):
-  """float32[M'] final loss of one curriculum ids int32[T, B] (-1 = padding).
-
-  Every step's loss is clipped at `floor` (None: not clipped)."""
-  weights = (ids >= 0).astype(a.dtype)
-  safe = jnp.maximum(ids, 0)
-
-  def step(loss, inputs):
-    step_ids, step_w = inputs
-    beta = step_w @ b[step_ids]
-    alpha = step_w @ a[step_ids] if linear else 1.0
-    loss = alpha * loss + beta
-    return (loss if floor is None else jnp.maximum(loss, floor)), None
-
-  loss, _ = jax.lax.scan(step, loss0, (safe, weights))
-  return loss
-
-
 @functools.partial(jax.jit, static_argnames=("linear", "num_iters", "num_proposals",
                                              "reorder", "epoch_steps", "floor"))
-def _search(a, b, loss0, weights, subsets, schedules, pool, key, *, linear, num_iters,
-            num_proposals, reorder, epoch_steps, floor):
-  """Jitted local search, vmapped over restarts; see `search_curriculum`."""
+def _search(a, b, phases, loss0, weights, subsets, schedules, pool, key, *, linear,
+            num_iters, num_proposals, reorder, epoch_steps, floor):
+  """Jitted local search, vmapped over restarts; see `search_curriculum`.
+
+  a, b: float32[P, N, M'] per-phase parameters; phases: int32[T].
+  """
   pool_size = pool.shape[0]
 
   def objective(subset, schedule):
     ids = jnp.where(schedule >= 0, subset[jnp.maximum(schedule, 0)], -1)
-    return weights @ _final_loss(a, b, ids, loss0, linear, floor)
+    return weights @ _simulator.final_losses(a, b, ids, loss0, linear=linear,
+                                             phases=phases, floor=floor)
 
   def one_restart(subset, schedule, key):
     num_slots = subset.shape[0]
@@ -186,7 +172,8 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
                       num_proposals: int = 64, reorder: Optional[bool] = None,
                       epoch_steps: Optional[int] = None,
                       loss_floor: Optional[float] = 0.0,
-                      seed: int = 0) -> SearchResult:
+                      seed: int = 0,
+                      allow_extrapolation: bool = False) -> SearchResult:
   """Searches for curricula minimising the simulated final loss of target examples.
 
   Args:
@@ -207,23 +194,22 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
       value (default 0: no loss goes below zero), so the search cannot exploit a
       simulator's extrapolation to impossible losses; None: no clipping.
     seed: seed of the random moves.
+    allow_extrapolation: allow curricula longer than the simulator's fitted number
+      of steps (as in `Simulator.simulate`).
 
   Returns:
     A `SearchResult`; `result.batch_ids[result.best]` is the best curriculum found.
 
   Raises:
-    ValueError: naming the bad argument (shapes, ids out of range, bad targets).
+    ValueError: naming the bad argument (shapes, ids out of range, a batch width or
+      length the simulator was not fitted on, bad targets).
   """
   num_train, num_test = simulator.num_train_examples, simulator.num_test_examples
   start = np.asarray(start_batch_ids)
   if start.ndim == 2:
     start = start[None]
-  if start.ndim != 3 or not np.issubdtype(start.dtype, np.integer):
-    raise ValueError(f"start_batch_ids: expected int[C, T, B], got {start.dtype}"
-                     f"{list(start.shape)}.")
-  if start.min() < -1 or start.max() >= num_train:
-    raise ValueError(f"start_batch_ids: ids must be in [-1, {num_train}), found "
-                     f"[{start.min()}, {start.max()}].")
+  start = simulator.check_curricula(start, allow_extrapolation=allow_extrapolation,
+                                    who="start_batch_ids")
   initial_losses = np.asarray(initial_losses, np.float32)
   if initial_losses.shape != (num_test,) or not np.all(np.isfinite(initial_losses)):
     raise ValueError(f"initial_losses: expected finite float32[{num_test}], got shape "
@@ -243,10 +229,11 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
   reorder = linear if reorder is None else bool(reorder)
   # Only the target columns matter: simulate those alone.
   columns = np.flatnonzero(weights > 0)
-  b = jnp.asarray(simulator.B)[:, columns]
-  a = jnp.asarray(simulator.A)[:, columns] if linear else b
+  a, b = simulator.phase_parameters()
+  a, b = a[:, :, columns], b[:, :, columns]
+  phases = jnp.asarray(simulator.phase_of_steps(start.shape[1]))
   ids, value, start_value, history = _search(
-      a, b, jnp.asarray(initial_losses[columns]), jnp.asarray(weights[columns]),
+      a, b, phases, jnp.asarray(initial_losses[columns]), jnp.asarray(weights[columns]),
       jnp.asarray(subsets), jnp.asarray(schedules), jnp.asarray(pool, jnp.int32),
       jax.random.key(seed), linear=linear, num_iters=num_iters,
       num_proposals=num_proposals, reorder=reorder, epoch_steps=epoch_steps,

@@ -1,4 +1,31 @@
-"""`Simulator`: a fitted training-run simulator and its autoregressive rollout."""
+"""`Simulator`: a fitted training-run simulator and its autoregressive rollout.
+
+A simulator knows what it was fitted on (batch size B, number of steps T, N train and
+M test examples) and refuses what it cannot simulate:
+
+* curricula of another batch width (its A, B are per-step effects at batch size B:
+  one example's share of a batch-mean gradient step changes with B);
+* curricula longer than T steps unless the caller passes `allow_extrapolation=True`
+  (a linear simulator compounds α over every extra step; no fitted run says how).
+  Shorter curricula are fine: they are prefixes of the fitted regime.
+
+Scores-based simulators (`additive_from_scores`) know B and T only when the caller
+says; without them nothing is checked.
+
+Weighted occurrences (MAGIC-style removals): `weights[r, t, k]` scales occurrence k of
+step t (1 = present, 0 = removed). A removed slot of Simfluence-Linear keeps a "null"
+term a₀ in α (a₀ = 1/b̄, the A of an example that changes nothing, b̄ the mean number
+of valid ids per fitted batch), so removing an example does not also shrink the batch:
+
+  α(c_t) = Σ_k [w_k A[i_k] + (1 − w_k) a₀],   β(c_t) = Σ_k w_k B[i_k]
+
+(padding ids −1 contribute to neither, as without weights). Additive: β likewise,
+α ≡ 1.
+
+Phase-dependent simulators (`fit(..., num_phases=P)`) hold one (A, B) per contiguous
+bin of steps; step t uses the phase whose bin contains t (steps past the fitted T
+use the last phase).
+"""
 
 from __future__ import annotations
 
@@ -16,13 +43,43 @@ from simfluence_jax import _io
 from simfluence_jax.simulators import _solver
 
 KINDS = ("linear", "additive")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _POSTERIOR_ARRAYS = ("ids", "x", "y", "noise_var", "prior_a")
+_POSTERIOR_OPTIONAL = ("prior_A", "prior_B")
 
 
 def _json_value(value):
   """numpy scalars -> Python scalars for json.dump."""
   return value.item() if isinstance(value, np.generic) else str(value)
+
+
+class _FrozenDict(tuple):
+  """A dict stored as sorted (key, value) pairs, hashable (static pytree metadata)."""
+
+
+def freeze(value):
+  """Makes a JSON-like value hashable: dicts -> `_FrozenDict`, lists -> tuples."""
+  if isinstance(value, dict):
+    return _FrozenDict(sorted((k, freeze(v)) for k, v in value.items()))
+  if isinstance(value, (list, tuple)):
+    return tuple(freeze(v) for v in value)
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def _thaw(value):
+  if isinstance(value, _FrozenDict):
+    return {k: _thaw(v) for k, v in value}
+  if isinstance(value, tuple):
+    return [_thaw(v) for v in value]
+  return value
+
+
+def fit_info_items(info: dict) -> tuple:
+  """The `Simulator.fit_info_items` of a diagnostics dict (nested dicts allowed)."""
+  return tuple(sorted((k, freeze(v)) for k, v in info.items()))
 
 
 @jax.tree_util.register_dataclass
@@ -34,12 +91,18 @@ class Posterior:
   the ridge solution and the posterior is N(θ_MAP, σ²_m (XᵀX + l2·I)⁻¹).
 
   Attributes:
-    ids: int32[P, B] batch ids of every training step (row).
+    ids: int32[P, B] batch ids of every training step (row); with phases, id i of a
+      step in phase k is stored as k·N + i (one parameter row per phase and id).
     x: float32[P, M] loss before the step.
-    y: float32[P, M] regression target relative to the prior centre: the loss after
-      the step minus a₀·|c_t|·x (linear) or minus x (additive).
+    y: float32[P, M] regression target relative to the prior centre θ₀: the loss
+      after the step minus X·θ₀ (linear: θ₀ = (a₀ or prior_A, 0 or prior_B);
+      additive: the loss before the step plus X·prior_B).
     noise_var: float32[M] σ²_m, mean squared residual of the MAP fit.
-    prior_a: float32[] prior centre of every A_i (0 for additive).
+    prior_a: float32[] prior centre of every A_i (0 for additive) when `prior_A` is
+      None.
+    prior_A: optional float32[P·N, M] per-example prior centres of A (replaces
+      prior_a).
+    prior_B: optional float32[P·N, M] prior centres of B (default 0).
   """
 
   ids: Any
@@ -47,28 +110,86 @@ class Posterior:
   y: Any
   noise_var: Any
   prior_a: Any
+  prior_A: Optional[Any] = None
+  prior_B: Optional[Any] = None
   l2: float = dataclasses.field(metadata=dict(static=True), default=1e-3)
   method: str = dataclasses.field(metadata=dict(static=True), default="auto")
 
 
-@functools.partial(jax.jit, static_argnames=("linear",))
-def _rollout(a, b, batch_ids, initial_losses, *, linear):
-  """float32[R', T+1, M] rollout of L_t = α L_{t-1} + β from initial losses."""
-  safe = jnp.where(batch_ids >= 0, batch_ids, 0)
-  weights = (batch_ids >= 0).astype(jnp.float32)
+def _step_effects(a, b, step_ids, step_w, step_valid, phase, null_a, linear):
+  """(α float32[M], β float32[M]) of one step.
 
-  def run(ids, w, loss0):
+  a, b: float32[P, N, M]; step_ids int32[B] (padding mapped to 0); step_w float32[B]
+  occurrence weights; step_valid float32[B] (0 at padding); phase: int32[].
+  """
+  present = step_w * step_valid
+  beta = present @ b[phase, step_ids]
+  if not linear:
+    return 1.0, beta
+  alpha = present @ a[phase, step_ids] + null_a * jnp.sum((1.0 - step_w) * step_valid)
+  return alpha, beta
+
+
+def final_losses(a, b, ids, loss0, *, linear, null_a=0.0, weights=None, phases=None,
+                 floor=None):
+  """float32[M] loss after the last step of one curriculum ids int32[T, B].
+
+  Shared by `search_curriculum`; `floor` clips every step's loss (None: no clip).
+  """
+  valid = (ids >= 0).astype(jnp.float32)
+  safe = jnp.maximum(ids, 0)
+  weights = jnp.ones_like(valid) if weights is None else weights
+  phases = jnp.zeros(ids.shape[0], jnp.int32) if phases is None else phases
+
+  def step(loss, inputs):
+    alpha, beta = _step_effects(a, b, *inputs, null_a, linear)
+    loss = alpha * loss + beta
+    return (loss if floor is None else jnp.maximum(loss, floor)), None
+
+  loss, _ = jax.lax.scan(step, loss0, (safe, weights, valid, phases))
+  return loss
+
+
+@functools.partial(jax.jit, static_argnames=("linear",))
+def _rollout(a, b, batch_ids, weights, phases, initial_losses, null_a, *, linear):
+  """float32[R', T+1, M] rollout of L_t = α L_{t-1} + β from initial losses.
+
+  a, b: float32[P, N, M]; batch_ids int32[R', T, B]; weights float32[R', T, B];
+  phases int32[T]; initial_losses float32[R', M].
+  """
+  valid = (batch_ids >= 0).astype(jnp.float32)
+  safe = jnp.where(batch_ids >= 0, batch_ids, 0)
+
+  def run(ids, w, v, loss0):
     def step(loss, inputs):
-      step_ids, step_w = inputs
-      beta = step_w @ b[step_ids]
-      alpha = step_w @ a[step_ids] if linear else 1.0
+      alpha, beta = _step_effects(a, b, *inputs, null_a, linear)
       loss = alpha * loss + beta
       return loss, loss
 
-    _, losses = jax.lax.scan(step, loss0, (ids, w))
+    _, losses = jax.lax.scan(step, loss0, (ids, w, v, phases))
     return jnp.concatenate([loss0[None], losses], axis=0)
 
-  return jax.vmap(run)(safe, weights, initial_losses)
+  return jax.vmap(run)(safe, weights, valid, initial_losses)
+
+
+def phase_of_steps(phase_starts: tuple, num_steps: int) -> np.ndarray:
+  """int32[T'] the phase of steps 0..T'−1 given each phase's first step (() = one)."""
+  if not phase_starts:
+    return np.zeros(num_steps, np.int32)
+  return (np.searchsorted(np.asarray(phase_starts), np.arange(num_steps),
+                          side="right") - 1).astype(np.int32)
+
+
+def _is_real(value):
+  return not isinstance(value, bool) and isinstance(value, (int, float, np.number))
+
+
+def _positive_int_or_none(value, name):
+  if value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name}: expected a positive integer or None, got {value!r}.")
+  return int(value)
 
 
 @jax.tree_util.register_dataclass
@@ -77,12 +198,23 @@ class Simulator:
   """A Simfluence simulator L_t = α(c_t)·L_{t-1} + β(c_t) (α ≡ 1 if additive).
 
   Attributes:
-    A: float32[N, M] or None (additive); α(c_t)[m] = Σ_{i∈c_t} A[i, m].
-    B: float32[N, M]; β(c_t)[m] = Σ_{i∈c_t} B[i, m].
-    kind: "linear" or "additive".
-    name: a label for reports.
-    fit_info_items: solver diagnostics as sorted (key, value) pairs (static).
+    A: float32[N, M] or None (additive); α(c_t)[m] = Σ_{i∈c_t} A[i, m]. With phases,
+      the step-weighted mean of `phase_A` over the fitted steps (a summary; the
+      rollout uses `phase_A`).
+    B: float32[N, M]; β(c_t)[m] = Σ_{i∈c_t} B[i, m] (with phases: the mean, as A).
     posterior: what `simulate_with_bands` samples from, or None (e.g. scores).
+    kind: "linear" or "additive" (the form of the rollout).
+    name: a label for reports.
+    fit_info_items: fit diagnostics as sorted (key, value) pairs (static; read them
+      as the dict `fit_info`).
+    batch_size: B of the fitted curricula, or None (unknown: widths not checked).
+    num_steps: T of the fitted curricula, or None (unknown: lengths not checked).
+    null_a: a₀, the A of a removed occurrence (weights < 1); None: 1/batch_size if
+      known, else 1/(batch width of the simulated curricula).
+    phase_A: None, or float32[P, N, M] the A of every phase (linear only).
+    phase_B: None, or float32[P, N, M] the B of every phase.
+    phase_starts: () for one phase, else the first step of every phase (P ints,
+      starting with 0).
   """
 
   A: Optional[Any]
@@ -91,11 +223,55 @@ class Simulator:
   kind: str = dataclasses.field(metadata=dict(static=True), default="additive")
   name: str = dataclasses.field(metadata=dict(static=True), default="")
   fit_info_items: tuple = dataclasses.field(metadata=dict(static=True), default=())
+  batch_size: Optional[int] = dataclasses.field(metadata=dict(static=True),
+                                                default=None)
+  num_steps: Optional[int] = dataclasses.field(metadata=dict(static=True),
+                                               default=None)
+  null_a: Optional[float] = dataclasses.field(metadata=dict(static=True), default=None)
+  phase_A: Optional[Any] = None
+  phase_B: Optional[Any] = None
+  phase_starts: tuple = dataclasses.field(metadata=dict(static=True), default=())
+
+  def __post_init__(self):
+    # Only what transforms cannot change: pytree leaves may legitimately be tracers,
+    # stacked or sliced arrays (tree_map, vmap over simulators); shapes are checked
+    # where arrays enter (`fit`, `load`, `check_shapes`).
+    if self.kind not in KINDS:
+      raise ValueError(f"kind: expected one of {KINDS}, got {self.kind!r}.")
+    _positive_int_or_none(self.batch_size, "batch_size")
+    _positive_int_or_none(self.num_steps, "num_steps")
+    if self.null_a is not None and (not _is_real(self.null_a) or
+                                    not np.isfinite(self.null_a)):
+      raise ValueError(f"null_a: expected a finite number or None, got {self.null_a!r}.")
+    starts = tuple(self.phase_starts)
+    if starts and (list(starts) != sorted(set(starts)) or starts[0] != 0):
+      raise ValueError(f"phase_starts: expected increasing steps from 0, got {starts}.")
+    if (self.phase_B is None) != (not starts) or (
+        self.kind == "linear" and (self.phase_A is None) != (self.phase_B is None)):
+      raise ValueError("phase_A/phase_B/phase_starts: give all of them (phases) or "
+                       "none.")
+
+  def check_shapes(self) -> "Simulator":
+    """Raises ValueError unless A, B (and the phase arrays) have consistent shapes."""
+    shape = tuple(np.shape(self.B))
+    if len(shape) != 2:
+      raise ValueError(f"B: expected float32[N, M], got shape {shape}.")
+    if self.kind == "linear" and (self.A is None or tuple(np.shape(self.A)) != shape):
+      raise ValueError(f"A: a linear simulator needs A of B's shape {shape}, got "
+                       f"{None if self.A is None else tuple(np.shape(self.A))}.")
+    if self.phase_B is not None:
+      expected = (len(self.phase_starts),) + shape
+      for name in ("phase_A", "phase_B"):
+        value = getattr(self, name)
+        if value is not None and tuple(np.shape(value)) != expected:
+          raise ValueError(f"{name}: expected shape {expected}, got "
+                           f"{tuple(np.shape(value))}.")
+    return self
 
   @property
   def fit_info(self) -> dict:
-    """Solver diagnostics: method, iterations, relative_residual, ..."""
-    return dict(self.fit_info_items)
+    """Fit diagnostics: method, iterations, relative_residual, converged, cv, ..."""
+    return {k: _thaw(v) for k, v in self.fit_info_items}
 
   @property
   def num_train_examples(self) -> int:
@@ -105,23 +281,34 @@ class Simulator:
   def num_test_examples(self) -> int:
     return self.B.shape[1]
 
+  @property
+  def num_phases(self) -> int:
+    return max(len(self.phase_starts), 1)
+
+  # -- persistence -------------------------------------------------------------------
   def save(self, path: str) -> None:
     """Writes the simulator (and its posterior, if any) to directory `path` atomically.
 
-    Layout: A.npy (linear only), B.npy, posterior_*.npy and simulator.json; read back
-    with `Simulator.load`.
+    Layout: A.npy (linear only), B.npy, phase_A.npy / phase_B.npy (phases only),
+    posterior_*.npy and simulator.json (format 2: kind, name, fit_info, batch_size,
+    num_steps, N, M, null_a, phase_starts); read back with `Simulator.load`.
     """
     with _io.atomic_directory(path) as tmp:
       arrays = {"B": self.B}
-      if self.A is not None:
-        arrays["A"] = self.A
+      for name in ("A", "phase_A", "phase_B"):
+        if getattr(self, name) is not None:
+          arrays[name] = getattr(self, name)
       if self.posterior is not None:
-        for field in _POSTERIOR_ARRAYS:
-          arrays["posterior_" + field] = getattr(self.posterior, field)
+        for field in _POSTERIOR_ARRAYS + _POSTERIOR_OPTIONAL:
+          if getattr(self.posterior, field) is not None:
+            arrays["posterior_" + field] = getattr(self.posterior, field)
       for name, value in arrays.items():
         np.save(os.path.join(tmp, name + ".npy"), np.asarray(value), allow_pickle=False)
       meta = {"format_version": _FORMAT_VERSION, "kind": self.kind, "name": self.name,
-              "fit_info": dict(self.fit_info_items),
+              "fit_info": self.fit_info, "batch_size": self.batch_size,
+              "num_steps": self.num_steps, "num_train_examples": self.num_train_examples,
+              "num_test_examples": self.num_test_examples, "null_a": self.null_a,
+              "phase_starts": list(self.phase_starts),
               "posterior": None if self.posterior is None else {
                   "l2": self.posterior.l2, "method": self.posterior.method}}
       with open(os.path.join(tmp, "simulator.json"), "w") as f:
@@ -129,51 +316,102 @@ class Simulator:
 
   @classmethod
   def load(cls, path: str) -> "Simulator":
-    """Reads a simulator written by `save`.
+    """Reads a simulator written by `save` (format 2, or format 1 of older versions).
+
+    A format-1 simulator did not record its number of steps (not checked after
+    loading) nor its null term (weights use 1/batch_size); its batch size is read
+    from its posterior's rows when it has one.
 
     Raises:
       FileNotFoundError: `path` or one of its files is missing.
       ValueError: a file is corrupt, or the arrays disagree in shape.
     """
     meta_path = os.path.join(path, "simulator.json")
-    if not os.path.exists(meta_path):
+    if not _io.exists(meta_path):
       raise FileNotFoundError(f"Simulator.load: {meta_path!r} is missing (not a saved "
                               "simulator, or an interrupted write).")
     try:
-      with open(meta_path) as f:
-        meta = json.load(f)
+      meta = _io.read_json(meta_path, "Simulator.load")
       kind, name = meta["kind"], meta["name"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
       raise ValueError(f"Simulator.load: {meta_path!r} is corrupt ({e!r}).") from e
-    if meta.get("format_version") != _FORMAT_VERSION or kind not in KINDS:
+    version = meta.get("format_version")
+    if version not in _READABLE_VERSIONS or kind not in KINDS:
       raise ValueError(f"Simulator.load: {meta_path!r} has an unsupported "
-                       f"format_version or kind ({meta.get('format_version')!r}, "
-                       f"{kind!r}).")
+                       f"format_version or kind ({version!r}, {kind!r}).")
     load = lambda field: _io.load_npy(os.path.join(path, field + ".npy"),
                                       "Simulator.load")
+    optional = lambda field: (load(field) if _io.exists(
+        os.path.join(path, field + ".npy")) else None)
     b = load("B")
     a = load("A") if kind == "linear" else None
     if b.ndim != 2 or (a is not None and a.shape != b.shape):
       raise ValueError(f"Simulator.load: {path!r} holds A {None if a is None else a.shape}"
                        f" and B {b.shape}; expected two float32[N, M].")
+    expected = (meta.get("num_train_examples", b.shape[0]),
+                meta.get("num_test_examples", b.shape[1]))
+    if tuple(b.shape) != tuple(expected):
+      raise ValueError(f"Simulator.load: {path!r} holds B {b.shape} but simulator.json "
+                       f"says N, M = {tuple(expected)}.")
     posterior = None
     if meta.get("posterior"):
-      posterior = Posterior(**{field: load("posterior_" + field)
-                               for field in _POSTERIOR_ARRAYS},
-                            l2=float(meta["posterior"]["l2"]),
+      fields = {field: load("posterior_" + field) for field in _POSTERIOR_ARRAYS}
+      fields.update({field: optional("posterior_" + field)
+                     for field in _POSTERIOR_OPTIONAL})
+      posterior = Posterior(**fields, l2=float(meta["posterior"]["l2"]),
                             method=str(meta["posterior"]["method"]))
-    return cls(A=None if a is None else jnp.asarray(a), B=jnp.asarray(b),
-               posterior=posterior, kind=kind, name=name,
-               fit_info_items=tuple(sorted(meta.get("fit_info", {}).items())))
+    batch_size = meta.get("batch_size")
+    if version == 1 and posterior is not None:
+      batch_size = int(posterior.ids.shape[1])
+    phase_starts = tuple(int(s) for s in meta.get("phase_starts") or ())
+    to_jax = lambda v: None if v is None else jnp.asarray(v)
+    try:
+      return cls(A=to_jax(a), B=jnp.asarray(b), posterior=posterior, kind=kind,
+                 name=name, fit_info_items=fit_info_items(meta.get("fit_info") or {}),
+                 batch_size=batch_size, num_steps=meta.get("num_steps"),
+                 null_a=meta.get("null_a"),
+                 phase_A=to_jax(optional("phase_A")) if phase_starts else None,
+                 phase_B=to_jax(optional("phase_B")) if phase_starts else None,
+                 phase_starts=phase_starts).check_shapes()
+    except ValueError as e:
+      raise ValueError(f"Simulator.load: {path!r} is inconsistent ({e})") from e
 
-  def _check_inputs(self, batch_ids, initial_losses):
+  # -- simulation --------------------------------------------------------------------
+  def check_curricula(self, batch_ids, *, allow_extrapolation: bool = False,
+                      who: str = "batch_ids") -> np.ndarray:
+    """Validates curricula int[R', T', B'] against what this simulator was fitted on.
+
+    Returns the ids as int32. Raises ValueError naming `who` for a bad rank or dtype,
+    ids out of [-1, N), a batch width ≠ the fitted batch size, or T' > the fitted
+    number of steps without `allow_extrapolation` (and naming A / B / phase_* when
+    the simulator's own arrays disagree in shape).
+    """
+    self.check_shapes()
     batch_ids = np.asarray(batch_ids)
     if batch_ids.ndim != 3 or not np.issubdtype(batch_ids.dtype, np.integer):
-      raise ValueError(f"batch_ids: expected int[R', T, B], got {batch_ids.dtype} "
+      raise ValueError(f"{who}: expected int[R', T, B], got {batch_ids.dtype} "
                        f"{batch_ids.shape}.")
     if batch_ids.size and (batch_ids.min() < -1 or
                            batch_ids.max() >= self.num_train_examples):
-      raise ValueError(f"batch_ids: ids must be in [-1, {self.num_train_examples}).")
+      raise ValueError(f"{who}: ids must be in [-1, {self.num_train_examples}), found "
+                       f"[{batch_ids.min()}, {batch_ids.max()}].")
+    _, num_steps, width = batch_ids.shape
+    if self.batch_size is not None and width != self.batch_size:
+      raise ValueError(
+          f"{who}: batch width {width} differs from the batch size {self.batch_size} "
+          f"that simulator {self.name!r} was fitted on (its A, B are per-step effects "
+          f"at batch size {self.batch_size}).")
+    if (self.num_steps is not None and num_steps > self.num_steps and
+        not allow_extrapolation):
+      raise ValueError(
+          f"{who}: {num_steps} steps, more than the {self.num_steps} that simulator "
+          f"{self.name!r} was fitted on; pass allow_extrapolation=True to roll out "
+          "past them.")
+    return batch_ids.astype(np.int32)
+
+  def _check_inputs(self, batch_ids, initial_losses, weights=None,
+                    allow_extrapolation=False):
+    batch_ids = self.check_curricula(batch_ids, allow_extrapolation=allow_extrapolation)
     initial_losses = np.asarray(initial_losses, np.float32)
     expected = (batch_ids.shape[0], self.num_test_examples)
     if initial_losses.shape != expected:
@@ -181,23 +419,60 @@ class Simulator:
                        f"{initial_losses.shape}.")
     if not np.all(np.isfinite(initial_losses)):
       raise ValueError("initial_losses: contains NaN or inf.")
-    return jnp.asarray(batch_ids, jnp.int32), jnp.asarray(initial_losses)
+    if weights is None:
+      weights = np.ones(batch_ids.shape, np.float32)
+    else:
+      weights = np.asarray(weights)
+      if weights.shape != batch_ids.shape or not (
+          np.issubdtype(weights.dtype, np.floating) or
+          np.issubdtype(weights.dtype, np.integer)):
+        raise ValueError(f"weights: expected float32{list(batch_ids.shape)} like "
+                         f"batch_ids, got {weights.dtype} {list(weights.shape)}.")
+      if not np.all(np.isfinite(weights)):
+        raise ValueError("weights: contains NaN or inf.")
+      weights = weights.astype(np.float32)
+    return (jnp.asarray(batch_ids), jnp.asarray(initial_losses), jnp.asarray(weights))
 
-  def simulate(self, batch_ids, initial_losses) -> jax.Array:
+  def resolved_null_a(self, width: int) -> float:
+    """a₀ of a removed occurrence in curricula of batch width `width`."""
+    if self.null_a is not None:
+      return float(self.null_a)
+    return 1.0 / float(self.batch_size or width)
+
+  def phase_of_steps(self, num_steps: int) -> np.ndarray:
+    """int32[T'] the phase of every step (0 without phases; past T: the last)."""
+    return phase_of_steps(self.phase_starts, num_steps)
+
+  def phase_parameters(self):
+    """(A float32[P, N, M] (B itself if additive), B float32[P, N, M])."""
+    if self.phase_B is not None:
+      b = jnp.asarray(self.phase_B)
+      return (b if self.kind == "additive" else jnp.asarray(self.phase_A)), b
+    b = jnp.asarray(self.B)[None]
+    return (b if self.kind == "additive" else jnp.asarray(self.A)[None]), b
+
+  def simulate(self, batch_ids, initial_losses, weights=None, *,
+               allow_extrapolation: bool = False) -> jax.Array:
     """Rolls the simulator out autoregressively (never teacher-forced).
 
     Args:
-      batch_ids: int32[R', T, B] any curricula, -1 = padding.
+      batch_ids: int32[R', T', B] any curricula, -1 = padding; B must be the fitted
+        batch size and T' ≤ the fitted T (when known).
       initial_losses: float32[R', M] losses before the first step.
+      weights: optional float32[R', T', B] occurrence weights (1 = present, 0 =
+        removed; see the module docstring); ignored at padding.
+      allow_extrapolation: allow T' beyond the fitted number of steps.
 
     Returns:
-      float32[R', T+1, M], `[:, 0]` = initial_losses.
+      float32[R', T'+1, M], `[:, 0]` = initial_losses.
     """
-    batch_ids, initial_losses = self._check_inputs(batch_ids, initial_losses)
-    linear = self.kind == "linear"
-    a = self.A if linear else self.B
-    return _rollout(jnp.asarray(a), jnp.asarray(self.B), batch_ids, initial_losses,
-                    linear=linear)
+    batch_ids, initial_losses, weights = self._check_inputs(
+        batch_ids, initial_losses, weights, allow_extrapolation)
+    a, b = self.phase_parameters()
+    phases = jnp.asarray(self.phase_of_steps(batch_ids.shape[1]))
+    null_a = jnp.float32(self.resolved_null_a(batch_ids.shape[2]))
+    return _rollout(a, b, batch_ids, weights, phases, initial_losses, null_a,
+                    linear=self.kind == "linear")
 
   def sample_parameters(self, num_samples: int, rng: Any = 0):
     """Posterior samples of (A, B) by perturb-and-MAP with the fit's solver.
@@ -206,18 +481,29 @@ class Simulator:
     θ₀ + σ/√l2·ε₂ (ε ~ N(0, I)), an exact draw from the Gaussian posterior.
 
     Returns:
-      (A float32[S, N, M] or None, B float32[S, N, M]).
+      (A float32[S, N, M] or None, B float32[S, N, M]); with P phases
+      float32[S, P, N, M] each.
     """
+    a, b = self._sample_phase_parameters(num_samples, rng)
+    if not self.phase_starts:
+      a, b = (None if a is None else a[:, 0]), b[:, 0]
+    return a, b
+
+  def _sample_phase_parameters(self, num_samples, rng):
+    """(A float32[S, P, N, M] or None, B float32[S, P, N, M])."""
     if self.posterior is None:
       raise ValueError(f"simulator {self.name!r}: has no posterior (not fitted with "
                        "`fit`), so no bands can be sampled.")
-    if not isinstance(num_samples, int) or num_samples < 1:
+    if (isinstance(num_samples, bool) or not isinstance(num_samples, int) or
+        num_samples < 1):
       raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}.")
     post = self.posterior
     key = jax.random.key(rng) if isinstance(rng, int) else rng
     linear = self.kind == "linear"
     blocks = 2 if linear else 1
+    num_phases = self.num_phases
     num_train, num_test = self.B.shape
+    num_params = num_phases * num_train  # parameter rows: one per phase and id
     key_y, key_prior = jax.random.split(key)
     sigma = jnp.sqrt(jnp.asarray(post.noise_var))  # [M]
     x = jnp.tile(jnp.asarray(post.x), (1, num_samples))  # [P, S·M], sample-major
@@ -225,38 +511,49 @@ class Simulator:
     y = jnp.tile(jnp.asarray(post.y), (1, num_samples))
     y = y + sigma_cols * jax.random.normal(key_y, y.shape)
     prior_noise = (sigma_cols / np.sqrt(post.l2)) * jax.random.normal(
-        key_prior, (num_train, blocks, num_samples * num_test))
-    # Shift by the perturbed prior's prediction so the solver sees a zero-centred prior.
+        key_prior, (num_params, blocks, num_samples * num_test))
     # `post.y` is already relative to the prior centre θ₀; shift by the perturbation's
     # prediction so the solver again sees a zero-centred prior.
     y = y - _solver.jitted_forward(prior_noise, jnp.asarray(post.ids), x,
                                    linear=linear)
-    theta, _ = _solver.solve(post.ids, x, y, num_train, post.l2, linear=linear,
+    theta, _ = _solver.solve(post.ids, x, y, num_params, post.l2, linear=linear,
                              method=post.method)
     theta = theta + np.asarray(prior_noise)
-    theta = theta.reshape(num_train, blocks, num_samples, num_test).transpose(2, 1, 0, 3)
+    theta = theta.reshape(num_phases, num_train, blocks, num_samples, num_test)
+    theta = theta.transpose(3, 2, 0, 1, 4)  # [S, J, P, N, M]
+    centre_b = 0.0 if post.prior_B is None else np.asarray(post.prior_B).reshape(
+        num_phases, num_train, num_test)
     if linear:
-      return theta[:, 0] + float(post.prior_a), theta[:, 1]
-    return None, theta[:, 0]
+      centre_a = (float(post.prior_a) if post.prior_A is None else
+                  np.asarray(post.prior_A).reshape(num_phases, num_train, num_test))
+      return theta[:, 0] + centre_a, theta[:, 1] + centre_b
+    return None, theta[:, 0] + centre_b
 
   def simulate_with_bands(self, batch_ids, initial_losses, num_samples: int = 32,
-                          rng: Any = 0):
+                          rng: Any = 0, *, weights=None,
+                          allow_extrapolation: bool = False):
     """Posterior mean and std of simulated trajectories (parameter uncertainty).
 
     Args:
-      batch_ids: int32[R', T, B].
+      batch_ids: int32[R', T', B] (checked as in `simulate`).
       initial_losses: float32[R', M].
       num_samples: posterior samples of (A, B) to roll out.
       rng: int seed or PRNG key.
+      weights: optional float32[R', T', B] occurrence weights, as in `simulate`.
+      allow_extrapolation: as in `simulate`.
 
     Returns:
-      (mean, std), each float32[R', T+1, M].
+      (mean, std), each float32[R', T'+1, M].
     """
-    batch_ids, initial_losses = self._check_inputs(batch_ids, initial_losses)
-    a_samples, b_samples = self.sample_parameters(num_samples, rng)
+    batch_ids, initial_losses, weights = self._check_inputs(
+        batch_ids, initial_losses, weights, allow_extrapolation)
+    a_samples, b_samples = self._sample_phase_parameters(num_samples, rng)
     linear = self.kind == "linear"
     a_samples = b_samples if a_samples is None else a_samples
-    rollouts = jax.vmap(lambda a, b: _rollout(a, b, batch_ids, initial_losses,
+    phases = jnp.asarray(self.phase_of_steps(batch_ids.shape[1]))
+    null_a = jnp.float32(self.resolved_null_a(batch_ids.shape[2]))
+    rollouts = jax.vmap(lambda a, b: _rollout(a, b, batch_ids, weights, phases,
+                                              initial_losses, null_a,
                                               linear=linear))(
                                                   jnp.asarray(a_samples),
                                                   jnp.asarray(b_samples))

@@ -33,13 +33,25 @@ and a row scatter-add per batch slot k serve every column at once. Solvers:
 
 Columns are processed in chunks sized so that one chunk's working set stays under
 `memory_budget_bytes` (the last chunk is zero-padded so every chunk has the same
-shape and compiles once).
+shape and compiles once). `l2` may differ per column (cross-validation solves a grid
+of penalties as extra columns).
+
+Sharding: one code path. Every chunk is laid out on a mesh with one axis, "columns"
+(one device by default on CPU, every local accelerator otherwise), and every solver
+kernel is a `shard_map` over it: each device solves its own columns with no
+cross-device communication at all, not even for the convergence test (each shard
+reports its own "still running" flag, the host reads them). Partitioning the plain
+jitted kernels with `NamedSharding` instead made XLA insert ~20 all-gathers /
+all-to-alls per CG iteration (the [N, J, C] -> [N, J·C] reshapes of the gathers cross
+the sharded axis), and on oversubscribed CPU cores those rendezvous stalled or hit
+XLA's 40 s collective timeout.
 """
 
 import functools
 import math
 import os
-from typing import Optional
+from typing import Any, Optional, Sequence
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +60,11 @@ import numpy as np
 METHODS = ("auto", "normal", "cg", "dual")
 _EXACT_MAX_SIZE = 512
 _DEFAULT_MEMORY_BUDGET = 1 << 28  # bytes of float32 working set per chunk
+COLUMNS_AXIS = "columns"
+_REPLICATED = jax.sharding.PartitionSpec()
+_PER_COLUMN = jax.sharding.PartitionSpec(COLUMNS_AXIS)  # [C]
+_ROWS_BY_COLUMN = jax.sharding.PartitionSpec(None, COLUMNS_AXIS)  # [P, C]
+_THETA = jax.sharding.PartitionSpec(None, None, COLUMNS_AXIS)  # [N, J, C]
 
 
 def _occurrence_weights(ids: jax.Array):
@@ -153,7 +170,7 @@ def _block_preconditioner(ids, x, l2, num_train, linear):
     blocks = blocks.at[slots[k]].add(multiplicity[:, k, None] * products,
                                      mode="promise_in_bounds")
   blocks = blocks[:num_train].reshape((num_train,) + shape)
-  blocks = blocks + l2 * jnp.eye(shape[0], dtype=jnp.float32)[:, :, None]
+  blocks = blocks + l2 * jnp.eye(shape[0], dtype=jnp.float32)[:, :, None]  # l2: [C]
   if not linear:
     return 1.0 / blocks[:, 0]  # [N, 1, C]
   a, b, d = blocks[:, 0, 0], blocks[:, 0, 1], blocks[:, 1, 1]
@@ -173,13 +190,14 @@ def _dot(u, v):
   return jnp.sum(u * v, axis=(0, 1))
 
 
-@functools.partial(jax.jit, static_argnames=("num_train", "linear"))
 def _cg_init(ids, x, y, l2, tol, *, num_train, linear):
   rhs = transpose(y, ids, x, num_train, linear)
   inverse = _block_preconditioner(ids, x, l2, num_train, linear)
   target = tol * jnp.sqrt(_dot(rhs, rhs))
   z = _apply_preconditioner(inverse, rhs)
-  return jnp.zeros_like(rhs), rhs, z, _dot(rhs, z), target, inverse
+  live = jnp.sqrt(_dot(rhs, rhs)) > target
+  return (jnp.zeros_like(rhs), rhs, z, _dot(rhs, z), target, inverse,
+          jnp.any(live)[None])
 
 
 @functools.partial(jax.jit, static_argnames=("linear",))
@@ -188,10 +206,13 @@ def jitted_forward(theta, ids, x, *, linear):
   return forward(theta, ids, x, linear)
 
 
-@functools.partial(jax.jit, static_argnames=("linear",))
 def _cg_step(predicted, theta, residual, direction, rz, target, inverse, ids, x, l2, *,
              linear):
-  """One PCG update given X·direction; frozen columns (converged) get step 0."""
+  """One PCG update given X·direction; frozen columns (converged) get step 0.
+
+  Returns the new (θ, residual, direction, rzᵀ), whether any column of this shard is
+  still live (bool[1]) and which columns took a step (bool[C]).
+  """
   num_train = theta.shape[0]
   product = transpose(predicted, ids, x, num_train, linear) + l2 * direction
   live = jnp.sqrt(_dot(residual, residual)) > target
@@ -205,40 +226,64 @@ def _cg_step(predicted, theta, residual, direction, rz, target, inverse, ids, x,
   beta = jnp.where(rz > 0, rz_new / jnp.where(rz > 0, rz, 1.0), 0.0)
   direction = z + beta * direction
   still_live = jnp.sqrt(_dot(residual, residual)) > target
-  return theta, residual, direction, rz_new, jnp.any(still_live), live
+  return theta, residual, direction, rz_new, jnp.any(still_live)[None], live
 
 
-def _solve_cg(ids, x, y, l2, tol, *, num_train, linear, max_iters):
+def _solve_cg(kernels, ids, x, y, l2, tol, *, max_iters):
   """Block-Jacobi preconditioned CG, all columns at once.
 
   The loop runs on the host over two jitted halves (X·d, then Xᵀ(·) and the
   update): compiled as one program (e.g. a `lax.while_loop`), XLA:CPU fuses the
-  gathers of X·d into the scatters of Xᵀ and the matvec is ~15x slower.
+  gathers of X·d into the scatters of Xᵀ and the matvec is ~15x slower. Each shard
+  reports its own liveness flag (bool[num_devices]); the host stops when all are
+  down, so no step needs a cross-device reduction.
 
   Returns:
-    (θ float32[N, J, C], iterations int32[C]).
+    (θ float32[N, J, C], iterations int32[C], converged: bool (every column met tol)).
   """
-  theta, residual, direction, rz, target, inverse = _cg_init(ids, x, y, l2, tol,
-                                                    num_train=num_train, linear=linear)
-  iterations = jnp.zeros(y.shape[1], jnp.int32)
-  any_live = bool(jnp.any(jnp.sqrt(_dot(residual, residual)) > target))
+  theta, residual, direction, rz, target, inverse, live_shards = kernels.cg_init(
+      ids, x, y, l2, tol)
+  iterations = np.zeros(y.shape[1], np.int64)
+  any_live = bool(np.any(np.asarray(live_shards)))
+  steps = []
   for it in range(max_iters):
     if not any_live:
       break
-    predicted = jitted_forward(direction, ids, x, linear=linear)
-    theta, residual, direction, rz, live_after, live = _cg_step(
-        predicted, theta, residual, direction, rz, target, inverse, ids, x, l2,
-        linear=linear)
-    iterations = iterations + live.astype(jnp.int32)
+    predicted = kernels.forward(direction, ids, x)
+    theta, residual, direction, rz, live_shards, live = kernels.cg_step(
+        predicted, theta, residual, direction, rz, target, inverse, ids, x, l2)
+    steps.append(live)
     # Sync with the host only every few steps to keep dispatch asynchronous;
     # converged columns are frozen (step 0), so extra steps change nothing.
     if it % 4 == 3:
-      any_live = bool(live_after)
-  return theta, iterations
+      any_live = bool(np.any(np.asarray(live_shards)))
+      iterations += np.sum([np.asarray(s) for s in steps], axis=0, dtype=np.int64)
+      steps = []
+  if steps:
+    iterations += np.sum([np.asarray(s) for s in steps], axis=0, dtype=np.int64)
+  converged = not bool(np.any(np.asarray(live_shards)))
+  return theta, iterations, converged
 
 
-@functools.partial(jax.jit, static_argnames=("num_train", "linear"))
-def _solve_normal(ids, x, y, l2, *, num_train, linear):
+def _map_columns(fn, args, serial):
+  """fn over the columns of `args` (each [..., C] on its last axis), stacked last.
+
+  `serial` runs the columns one by one (`lax.map`) instead of as one batch (`vmap`):
+  jaxlib's CPU LAPACK kernels (Cholesky here) split a batch into tasks on XLA:CPU's
+  intra-op thread pool and block until they finish; when as many device programs as
+  the pool has threads do that at once (several forced host devices on few cores),
+  every pool thread waits for tasks no thread is free to run, a deadlock. Batch-1
+  calls run inline.
+  """
+  moved = [jnp.moveaxis(a, -1, 0) for a in args]
+  if serial:
+    out = jax.lax.map(lambda a: fn(*a), tuple(moved))
+  else:
+    out = jax.vmap(fn)(*moved)
+  return jnp.moveaxis(out, 0, -1)
+
+
+def _solve_normal(ids, x, y, l2, *, num_train, linear, serial=False):
   """Dense Gram per column (scatter-add of feature pairs) + Cholesky.
 
   Returns:
@@ -256,21 +301,19 @@ def _solve_normal(ids, x, y, l2, *, num_train, linear):
   rows = jnp.broadcast_to(index[:, :, None], index.shape + index.shape[1:]).reshape(-1)
   cols = jnp.broadcast_to(index[:, None, :], index.shape + index.shape[1:]).reshape(-1)
 
-  def gram_of_column(column_values):
+  def solve_column(column_values, column_rhs, column_l2):
     pairs = column_values[:, :, None] * column_values[:, None, :]
     gram = jnp.zeros((dim, dim), jnp.float32).at[rows, cols].add(pairs.reshape(-1))
-    return gram + l2 * jnp.eye(dim, dtype=jnp.float32)
+    gram = gram + column_l2 * jnp.eye(dim, dtype=jnp.float32)
+    return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(gram), True), column_rhs)
 
-  grams = jax.vmap(gram_of_column, in_axes=2)(values)  # [C, D, D]
   rhs = transpose(y, ids, x, num_train, linear)  # [N, J, C]
-  rhs = jnp.transpose(rhs, (2, 1, 0)).reshape(rhs.shape[-1], dim)  # [C, D]
-  factor = jnp.linalg.cholesky(grams)
-  solution = jax.vmap(lambda f, b: jax.scipy.linalg.cho_solve((f, True), b))(factor, rhs)
-  return jnp.transpose(solution.reshape(-1, num_blocks, num_train), (2, 1, 0))
+  rhs = jnp.transpose(rhs, (1, 0, 2)).reshape(dim, rhs.shape[-1])  # [D, C], block-major
+  solution = _map_columns(solve_column, (values, rhs, l2), serial)  # [D, C]
+  return jnp.transpose(solution.reshape(num_blocks, num_train, -1), (1, 0, 2))
 
 
-@functools.partial(jax.jit, static_argnames=("num_train", "linear"))
-def _solve_dual(ids, x, y, l2, *, num_train, linear):
+def _solve_dual(ids, x, y, l2, *, num_train, linear, serial=False):
   """θ = Xᵀ(XXᵀ + l2·I)⁻¹y with the P×P kernel per column + Cholesky.
 
   Returns:
@@ -285,16 +328,15 @@ def _solve_dual(ids, x, y, l2, *, num_train, linear):
     overlap = overlap + jnp.einsum("pqb,pb,q->pq", match.astype(jnp.float32), weights,
                                    weights[:, k])
 
-  def solve_column(x_c, y_c):
+  def solve_column(x_c, y_c, l2_c):
     kernel = overlap * (jnp.outer(x_c, x_c) + 1.0) if linear else overlap
-    kernel = kernel + l2 * jnp.eye(num_rows, dtype=jnp.float32)
+    kernel = kernel + l2_c * jnp.eye(num_rows, dtype=jnp.float32)
     return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(kernel), True), y_c)
 
-  dual = jax.vmap(solve_column, in_axes=(1, 1), out_axes=1)(x, y)  # [P, C]
+  dual = _map_columns(solve_column, (x, y, l2), serial)  # [P, C]
   return transpose(dual, ids, x, num_train, linear)
 
 
-@functools.partial(jax.jit, static_argnames=("linear",))
 def _normal_equation_gap(predicted, theta, ids, x, y, l2, *, linear):
   num_train = theta.shape[0]
   rhs = transpose(y, ids, x, num_train, linear)
@@ -305,9 +347,16 @@ def _normal_equation_gap(predicted, theta, ids, x, y, l2, *, linear):
 
 
 def relative_residual(theta, ids, x, y, l2, *, linear):
-  """‖(XᵀX + l2·I)θ − Xᵀy‖ / ‖Xᵀy‖ per column: float32[C] (0 where Xᵀy = 0)."""
-  predicted = jitted_forward(theta, ids, x, linear=linear)
-  return _normal_equation_gap(predicted, theta, ids, x, y, l2, linear=linear)
+  """‖(XᵀX + l2·I)θ − Xᵀy‖ / ‖Xᵀy‖ per column: float32[C] (0 where Xᵀy = 0).
+
+  Single-device helper (l2: a scalar or float32[C]); `solve` uses the sharded kernels.
+  """
+  theta = jnp.asarray(theta, jnp.float32)
+  l2 = jnp.broadcast_to(jnp.asarray(l2, jnp.float32), (theta.shape[-1],))
+  predicted = jitted_forward(theta, jnp.asarray(ids, jnp.int32), jnp.asarray(x),
+                             linear=linear)
+  return jax.jit(functools.partial(_normal_equation_gap, linear=linear))(
+      predicted, theta, jnp.asarray(ids, jnp.int32), jnp.asarray(x), jnp.asarray(y), l2)
 
 
 def choose_method(num_train: int, num_rows: int, linear: bool) -> str:
@@ -331,30 +380,82 @@ def _chunk_size(method, num_train, num_rows, batch, num_columns, linear, budget)
   return int(max(1, min(num_columns, budget // max(per_column, 1))))
 
 
-def _column_sharding():
-  """Shards the column (test-example) axis over this process's devices, if several.
+def default_devices() -> list:
+  """The devices `solve` shards columns over unless told otherwise.
 
-  Columns are independent problems, so XLA partitions every solver op along them with
-  no communication but the scalar convergence checks.
+  Every local device on accelerators; on CPU only the first, because forced host
+  devices share the same cores (sharding buys nothing there), unless the environment
+  sets SJ_SOLVER_SHARD_CPU=1. Only this process's devices: columns never cross
+  processes, so a multi-process job solves the same problem on every process.
   """
   devices = jax.local_devices()
-  if len(devices) == 1:
-    return None
-  if jax.default_backend() == "cpu" and (
-      jax.process_count() > 1 or os.environ.get("SJ_SOLVER_SHARD_CPU") != "1"):
-    # CPU "devices" (forced host devices) share the same cores, so sharding buys
-    # nothing, and its collectives are fragile: gloo (multi-process) deadlocks on a
-    # mesh of one process's devices, and on an oversubscribed machine XLA's in-process
-    # rendezvous can hit its termination timeout and abort. Solve on one device
-    # unless SJ_SOLVER_SHARD_CPU=1 (tests of the sharded path); accelerators shard.
-    return None
-  mesh = jax.sharding.Mesh(np.array(devices), ("columns",))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "columns"))
+  if jax.default_backend() == "cpu" and os.environ.get("SJ_SOLVER_SHARD_CPU") != "1":
+    return devices[:1]
+  return devices
 
 
-def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: float, *,
+def column_mesh(devices: Optional[Sequence[Any]] = None) -> jax.sharding.Mesh:
+  """A one-axis ("columns") mesh over `devices` (default `default_devices()`)."""
+  devices = default_devices() if devices is None else list(devices)
+  if not devices:
+    raise ValueError("devices: expected at least one device, got none.")
+  return jax.sharding.Mesh(np.array(devices), (COLUMNS_AXIS,))
+
+
+class _Kernels:
+  """The solver's jitted kernels as `shard_map`s over one column mesh.
+
+  Every input and output is either replicated (ids, tol) or split along its column
+  axis; no kernel communicates between devices.
+  """
+
+  def __init__(self, mesh, num_train, linear, serial):
+    def sharded(fn, in_specs, out_specs):
+      return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs,
+                                   out_specs=out_specs))
+    rep, col, rows, theta = _REPLICATED, _PER_COLUMN, _ROWS_BY_COLUMN, _THETA
+    static = dict(num_train=num_train, linear=linear)
+    self.mesh = mesh
+    self.cg_init = sharded(functools.partial(_cg_init, **static),
+                           (rep, rows, rows, col, rep),
+                           (theta, theta, theta, col, col, theta, col))
+    self.forward = sharded(functools.partial(forward, linear=linear),
+                           (theta, rep, rows), rows)
+    self.cg_step = sharded(functools.partial(_cg_step, linear=linear),
+                           (rows, theta, theta, theta, col, col, theta, rep, rows, col),
+                           (theta, theta, theta, col, col, col))
+    self.normal = sharded(functools.partial(_solve_normal, serial=serial, **static),
+                          (rep, rows, rows, col), theta)
+    self.dual = sharded(functools.partial(_solve_dual, serial=serial, **static),
+                        (rep, rows, rows, col), theta)
+    self.gap = sharded(functools.partial(_normal_equation_gap, linear=linear),
+                       (rows, theta, rep, rows, rows, col), col)
+
+
+@functools.lru_cache(maxsize=32)
+def _kernels(mesh, num_train, linear, serial=None):
+  if serial is None:  # see `_map_columns`: only several CPU devices can deadlock
+    serial = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
+  return _Kernels(mesh, num_train, linear, serial)
+
+
+def _check_l2(l2, num_columns):
+  """float32[C] penalties from a positive scalar or one per column."""
+  values = np.asarray(l2, np.float64)
+  if values.ndim == 0:
+    values = np.full(num_columns, float(values))
+  if values.shape != (num_columns,) or not np.all(np.isfinite(values)) or np.any(
+      values <= 0):
+    raise ValueError(f"l2: expected a positive number or {num_columns} positive values "
+                     f"(one per column), got {np.asarray(l2).ravel()[:8].tolist()} "
+                     f"of shape {np.shape(l2)}.")
+  return values.astype(np.float32)
+
+
+def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: Any, *,
           linear: bool, method: str = "auto", tol: float = 1e-5, max_iters: int = 2000,
-          memory_budget_bytes: Optional[int] = None):
+          memory_budget_bytes: Optional[int] = None,
+          devices: Optional[Sequence[Any]] = None, warn: bool = True):
   """Solves the ridge problem of every column.
 
   Args:
@@ -362,60 +463,82 @@ def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: flo
     x: float32[P, C] previous losses (the A features' scale; ignored if additive).
     y: float32[P, C] targets.
     num_train: N.
-    l2: ridge strength, > 0.
+    l2: ridge strength, > 0: a scalar, or float32[C], one per column.
     linear: fit (A, B) if True, else B only.
     method: "auto" | "normal" | "cg" | "dual".
     tol: CG stopping rule, relative residual of the normal equations per column.
     max_iters: CG iteration cap.
     memory_budget_bytes: working-set bound per chunk of columns.
-
-  With several local accelerator devices, each chunk's columns are sharded over them
-  (a mesh axis named "columns"; on CPU only with SJ_SOLVER_SHARD_CPU=1, see
-  `_column_sharding`); the result does not depend on the number of devices.
+    devices: the devices the columns of each chunk are split over (a one-axis mesh
+      "columns"); default `default_devices()`. The result does not depend on them.
+    warn: `warnings.warn` when CG stops at `max_iters` before every column met `tol`.
 
   Returns:
     (θ float32[N, J, C] as a numpy array, info dict with "method", "iterations"
-    (max over columns, 0 for exact methods), "relative_residual" (max over
-    columns), "chunk_size").
+    (max over columns, 0 for exact methods), "relative_residual" (max over columns of
+    the recomputed float32 residual), "converged" (CG: every column met `tol` within
+    `max_iters`; exact methods: True), "tol", "chunk_size", "num_chunks",
+    "num_devices").
   """
   if method not in METHODS:
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}.")
-  ids = jnp.asarray(ids, jnp.int32)
+  if isinstance(max_iters, bool) or not isinstance(max_iters, (int, np.integer)) or (
+      max_iters < 0):
+    raise ValueError(f"max_iters: expected a non-negative integer, got {max_iters!r}.")
+  if not np.isfinite(tol) or tol < 0:
+    raise ValueError(f"tol: expected a non-negative number, got {tol!r}.")
+  ids = np.asarray(ids, np.int32)
   x = np.asarray(x, np.float32)
   y = np.asarray(y, np.float32)
   num_rows, batch = ids.shape
   num_columns = y.shape[1]
+  l2 = _check_l2(l2, num_columns)
   if method == "auto":
     method = choose_method(num_train, num_rows, linear)
+  mesh = column_mesh(devices)
+  num_devices = mesh.devices.size
+  kernels = _kernels(mesh, num_train, linear)
   budget = memory_budget_bytes or _DEFAULT_MEMORY_BUDGET
   chunk = _chunk_size(method, num_train, num_rows, batch, num_columns, linear, budget)
-  sharding = _column_sharding()
-  if sharding is not None:  # Every device gets the same number of columns.
-    num_devices = len(jax.local_devices())
-    chunk = -(-chunk // num_devices) * num_devices
-  place = (jnp.asarray if sharding is None else
-           lambda a: jax.device_put(a, sharding))
-  l2 = jnp.float32(l2)
-  thetas, iterations, residuals = [], [], []
+  chunk = -(-chunk // num_devices) * num_devices  # every device gets as many columns
+  by_column = jax.sharding.NamedSharding(mesh, _ROWS_BY_COLUMN)
+  per_column = jax.sharding.NamedSharding(mesh, _PER_COLUMN)
+  ids_placed = jax.device_put(ids, jax.sharding.NamedSharding(mesh, _REPLICATED))
+  tol_placed = jax.device_put(np.float32(tol),
+                              jax.sharding.NamedSharding(mesh, _REPLICATED))
+  thetas, iterations, residuals, converged = [], [], [], True
   for start in range(0, num_columns, chunk):
     stop = min(start + chunk, num_columns)
     # Zero-pad the last chunk: a zero column has θ = 0 and costs no recompile.
-    pad = ((0, 0), (0, chunk - (stop - start)))
-    x_chunk = place(np.pad(x[:, start:stop], pad))
-    y_chunk = place(np.pad(y[:, start:stop], pad))
+    pad = (0, chunk - (stop - start))
+    x_chunk = jax.device_put(np.pad(x[:, start:stop], ((0, 0), pad)), by_column)
+    y_chunk = jax.device_put(np.pad(y[:, start:stop], ((0, 0), pad)), by_column)
+    l2_chunk = jax.device_put(np.pad(l2[start:stop], pad, constant_values=1.0),
+                              per_column)
     if method == "cg":
-      theta, iters = _solve_cg(ids, x_chunk, y_chunk, l2, jnp.float32(tol),
-                               num_train=num_train, linear=linear, max_iters=max_iters)
-      iterations.append(int(jnp.max(iters)))
+      theta, iters, chunk_converged = _solve_cg(kernels, ids_placed, x_chunk, y_chunk,
+                                                l2_chunk, tol_placed,
+                                                max_iters=max_iters)
+      iterations.append(int(np.max(iters)))
+      converged = converged and chunk_converged
     elif method == "normal":
-      theta = _solve_normal(ids, x_chunk, y_chunk, l2, num_train=num_train,
-                            linear=linear)
+      theta = kernels.normal(ids_placed, x_chunk, y_chunk, l2_chunk)
     else:
-      theta = _solve_dual(ids, x_chunk, y_chunk, l2, num_train=num_train, linear=linear)
-    residuals.append(float(jnp.max(
-        relative_residual(theta, ids, x_chunk, y_chunk, l2, linear=linear))))
+      theta = kernels.dual(ids_placed, x_chunk, y_chunk, l2_chunk)
+    # Host-side reductions: a jnp.max over the sharded columns would be a collective.
+    predicted = kernels.forward(theta, ids_placed, x_chunk)
+    gap = np.asarray(kernels.gap(predicted, theta, ids_placed, x_chunk, y_chunk,
+                                 l2_chunk))
+    residuals.append(float(np.max(gap[:stop - start])))
     thetas.append(np.asarray(theta)[:, :, :stop - start])
   info = {"method": method, "iterations": max(iterations, default=0),
-          "relative_residual": max(residuals), "chunk_size": chunk,
-          "num_chunks": math.ceil(num_columns / chunk)}
+          "relative_residual": max(residuals), "converged": bool(converged),
+          "tol": float(tol), "chunk_size": chunk,
+          "num_chunks": math.ceil(num_columns / chunk), "num_devices": num_devices}
+  if not converged and warn:
+    warnings.warn(
+        f"simulators.solve: CG stopped at max_iters={max_iters} before every column "
+        f"converged: relative residual {info['relative_residual']:.3g}, tol={tol:g} "
+        "(raise max_iters or l2, or pick method='normal'/'dual' for small problems).",
+        RuntimeWarning, stacklevel=2)
   return np.concatenate(thetas, axis=-1), info

@@ -1,0 +1,140 @@
+"""The featurized (GPTfluence-style) simulator: A_i = a₀ + φ̃_iᵀW_A, B_i = φ̃_iᵀW_B."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import simfluence_jax as sj
+
+NUM_TRAIN, NUM_SEEN, NUM_FEATURES, NUM_TEST, BATCH = 40, 30, 5, 3, 4
+
+
+def _planted(runs=30, steps=10, noise=0.0, seed=0):
+  """A trace of runs over ids < NUM_SEEN from a planted featurized model."""
+  rng = np.random.default_rng(seed)
+  features = rng.normal(size=(NUM_TRAIN, NUM_FEATURES)).astype(np.float32)
+  w_a = rng.normal(scale=0.01, size=(NUM_FEATURES, NUM_TEST))
+  w_b = rng.normal(scale=0.02, size=(NUM_FEATURES, NUM_TEST))
+  a = (1 / BATCH + 0.002 + features @ w_a).astype(np.float32)
+  b = (features @ w_b - 0.01).astype(np.float32)
+  truth = sj.simulators.Simulator(A=jnp.asarray(a), B=jnp.asarray(b), kind="linear")
+  ids = rng.integers(0, NUM_SEEN, (runs, steps, BATCH)).astype(np.int32)
+  ids[:, ::3, -1] = -1
+  losses = np.asarray(truth.simulate(ids, rng.uniform(2, 3, (runs, NUM_TEST))))
+  losses = losses + noise * rng.normal(size=losses.shape)
+  trace = sj.Trace(batch_ids=ids, losses=losses.astype(np.float32),
+                   learning_rates=np.full((runs, steps), 0.1, np.float32),
+                   num_train_examples=NUM_TRAIN)
+  return trace, features, truth
+
+
+@pytest.mark.parametrize("method", ["normal", "cg"])
+def test_recovers_a_planted_model_and_simulates_unseen_examples(method):
+  trace, features, truth = _planted()
+  sim = sj.simulators.fit("featurized", trace, l2=1e-6, features=features,
+                          method=method, tol=1e-8)
+  assert sim.kind == "linear" and sim.name == "simfluence_featurized"
+  assert sim.A.shape == sim.B.shape == (NUM_TRAIN, NUM_TEST)
+  assert (sim.batch_size, sim.num_steps, sim.posterior) == (BATCH, 10, None)
+  info = sim.fit_info
+  assert info["featurized"] and info["method"] == method and info["converged"]
+  assert info["num_features"] == NUM_FEATURES
+  # Unseen ids (≥ NUM_SEEN) get their A, B from their features.
+  np.testing.assert_allclose(sim.A, truth.A, atol=1e-4)
+  np.testing.assert_allclose(sim.B, truth.B, atol=1e-4)
+  rng = np.random.default_rng(1)
+  unseen = rng.integers(NUM_SEEN, NUM_TRAIN, (4, 10, BATCH)).astype(np.int32)
+  init = np.full((4, NUM_TEST), 2.5, np.float32)
+  np.testing.assert_allclose(sim.simulate(unseen, init), truth.simulate(unseen, init),
+                             atol=1e-3)
+  # Per-example Simfluence cannot: unseen ids keep the prior (A = a₀, B = 0).
+  plain = sj.simulators.fit("linear", trace, l2=1e-6)
+  plain_err = np.abs(np.asarray(plain.simulate(unseen, init))
+                     - np.asarray(truth.simulate(unseen, init))).max()
+  assert plain_err > 100 * np.abs(np.asarray(sim.simulate(unseen, init))
+                                  - np.asarray(truth.simulate(unseen, init))).max()
+  result = sj.simulators.search_curriculum(sim, init[0], unseen[:1], [0], num_iters=3,
+                                           num_proposals=4)
+  assert result.batch_ids.shape == (1, 10, BATCH)
+
+
+def _dense_reference(trace, features, l2, linear, intercept):
+  """A, B from a float64 dense ridge solve per test example on explicit designs."""
+  ids = trace.batch_ids.reshape(-1, trace.batch_size)
+  phi = np.concatenate([features, np.ones((len(features), 1))], 1) if intercept else (
+      features.astype(np.float64))
+  summed = np.zeros((len(ids), phi.shape[1]))
+  for p, row in enumerate(ids):
+    for i in row[row >= 0]:
+      summed[p] += phi[i]
+  counts = np.sum(ids >= 0, 1)
+  null_a = 1.0 / counts.mean()
+  x = trace.losses[:, :-1].reshape(len(ids), -1).astype(np.float64)
+  y = trace.losses[:, 1:].reshape(len(ids), -1).astype(np.float64)
+  a_out, b_out = [], []
+  for m in range(y.shape[1]):
+    if linear:
+      design = np.concatenate([x[:, m:m + 1] * summed, summed], 1)
+      target = y[:, m] - null_a * counts * x[:, m]
+    else:
+      design, target = summed, y[:, m] - x[:, m]
+    w = np.linalg.solve(design.T @ design + l2 * np.eye(design.shape[1]),
+                        design.T @ target)
+    b_out.append(phi @ w[-phi.shape[1]:])
+    if linear:
+      a_out.append(null_a + phi @ w[:phi.shape[1]])
+  return (np.stack(a_out, 1) if linear else None), np.stack(b_out, 1)
+
+
+@pytest.mark.parametrize("base, intercept, method", [
+    ("linear", True, "normal"), ("linear", False, "cg"), ("additive", True, "normal"),
+    ("additive", True, "cg")])
+def test_equals_a_dense_reference_solve(base, intercept, method):
+  trace, features, _ = _planted(runs=8, noise=0.05)
+  l2 = 0.5
+  sim = sj.simulators.fit("featurized", trace, l2=l2, features=features, base=base,
+                          intercept=intercept, method=method, tol=1e-9, max_iters=5000,
+                          memory_budget_bytes=1)  # one test example per chunk
+  assert sim.fit_info["num_chunks"] == NUM_TEST
+  want_a, want_b = _dense_reference(trace, features, l2, base == "linear", intercept)
+  np.testing.assert_allclose(sim.B, want_b, atol=2e-4)
+  if base == "linear":
+    np.testing.assert_allclose(sim.A, want_a, atol=2e-4)
+  else:
+    assert sim.A is None and sim.kind == "additive"
+
+
+def test_cross_validation_works_for_featurized_fits():
+  trace, features, _ = _planted(runs=12, noise=0.05)
+  sim = sj.simulators.fit_cv("featurized", trace, (1e-3, 10.0), num_folds=3,
+                             features=features, method="normal")
+  cv = sim.fit_info["cv"]
+  fold_of_run = np.arange(12) % 3
+  for k in range(3):
+    train = trace.select_runs(np.flatnonzero(fold_of_run != k))
+    held = trace.select_runs(np.flatnonzero(fold_of_run == k))
+    for g, l2 in enumerate(cv["l2_grid"]):
+      fold_sim = sj.simulators.fit("featurized", train, l2=l2, features=features,
+                                   method="normal")
+      want = sj.evaluation.all_steps_mse(
+          np.asarray(fold_sim.simulate(held.batch_ids, held.losses[:, 0])), held.losses)
+      assert cv["fold_scores"][k][g] == pytest.approx(want, rel=2e-3)
+
+
+def test_featurized_validation():
+  trace, features, _ = _planted(runs=2)
+  with pytest.raises(ValueError, match="features: the featurized simulator needs"):
+    sj.simulators.fit("featurized", trace)
+  with pytest.raises(ValueError, match=r"features: expected finite float32\[N=40"):
+    sj.simulators.fit("featurized", trace, features=features[:5])
+  with pytest.raises(ValueError, match="features: expected finite"):
+    sj.simulators.fit("featurized", trace, features=np.full_like(features, np.nan))
+  with pytest.raises(ValueError, match="features: only for kind='featurized'"):
+    sj.simulators.fit("linear", trace, features=features)
+  with pytest.raises(ValueError, match="base"):
+    sj.simulators.fit("featurized", trace, features=features, base="quadratic")
+  with pytest.raises(ValueError, match="method"):
+    sj.simulators.fit("featurized", trace, features=features, method="dual")
+  with pytest.raises(ValueError, match="prior_A/prior_B"):
+    sj.simulators.fit("featurized", trace, features=features,
+                      prior_B=np.zeros((NUM_TRAIN, NUM_TEST)))
