@@ -56,8 +56,9 @@ def test_chunking_gives_same_answer():
 
 
 def test_auto_picks_by_size():
-  assert simulators._solver.choose_method(100, 10_000, True) == "normal"
-  assert simulators._solver.choose_method(5000, 300, True) == "dual"
+  assert simulators._solver.choose_method(40, 10_000, True) == "normal"
+  assert simulators._solver.choose_method(5000, 100, True) == "dual"
+  assert simulators._solver.choose_method(200, 1536, True, 32) == "cg"
   assert simulators._solver.choose_method(2000, 10_000, True) == "cg"
 
 
