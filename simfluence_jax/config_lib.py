@@ -123,7 +123,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Simulators -----------------------------------------------------------------
   config.simulators = ml_collections.ConfigDict()
-  config.simulators.l2 = 1e-2  # Ridge penalty of Simfluence-Linear / -Additive.
+  config.simulators.l2 = ml_collections.config_dict.placeholder(float)  # Ridge penalty; None: chosen from l2_grid by CV.
+  config.simulators.l2_grid = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # Candidates of the K-fold CV (runs as folds).
+  config.simulators.cv_folds = 4  # K of that CV.
+  config.simulators.num_phases = 1  # Step bins with their own A, B (2 helps with many runs).
+  config.simulators.feature_dim = 32  # F: projected base-model gradients per example (featurized).
   config.simulators.num_band_samples = 32  # Posterior samples for uncertainty bands.
   config.learning_curve = (8, 16, 32)  # Fitted-run counts of the Simfluence-Linear learning curve.
 

@@ -94,6 +94,10 @@ def run_seed(config, workdir: str, overwrite: bool = False) -> dict:
   if "ekfac_if" in methods:
     scores["ekfac_if"] = stages.ekfac_if(wd, config, dataset, model)
   sims = stages.fit_simulators(wd, config, runs, curricula, scores)
+  if "simfluence_featurized" in methods:
+    phi = stages.features(wd, config, dataset, model)
+    sims["simfluence_featurized"] = stages.fit_featurized(wd, config, runs, curricula,
+                                                          phi)
   direct = {}
   upstream = tuple(f"fit_{name}" for name in sims)
   if "metagradient" in methods:

@@ -340,6 +340,18 @@ def _score_scale(step_scores: np.ndarray, fit_trace: trace_lib.Trace) -> np.ndar
   return ((summed * deltas).sum(axis=(0, 1)) / denom).astype(np.float32)
 
 
+def fit_ridge(config, kind: str, fit_trace: trace_lib.Trace, **kwargs):
+  """`simulators.fit` with `config.simulators.l2`, or `fit_cv` over its grid (None)."""
+  sim_config = config.simulators
+  kwargs = dict(kwargs, num_phases=sim_config.num_phases) if kind != "featurized" \
+      else kwargs
+  if sim_config.l2 is not None:
+    return simulators.fit(kind, fit_trace, l2=sim_config.l2, **kwargs)
+  folds = min(sim_config.cv_folds, fit_trace.num_runs)
+  return simulators.fit_cv(kind, fit_trace, l2_grid=tuple(sim_config.l2_grid),
+                           num_folds=folds, **kwargs)
+
+
 def _simulator_stage(wd, name: str, compute, *, fields, upstream, version=1):
   """A stage whose output is one `Simulator`, stored as `simulators/<name>/`."""
   path = wd.path("simulators", name)
@@ -365,19 +377,19 @@ def fit_simulators(wd, config, runs: Runs, curricula: Curricula,
   """
   fit_trace = runs.group(curricula, "fit")
   methods, sims = config.methods, {}
-  l2 = config.simulators.l2
   for kind in ("linear", "additive"):
     name = f"simfluence_{kind}"
     if name in methods:
       sims[name] = _simulator_stage(
-          wd, name, lambda kind=kind: simulators.fit(kind, fit_trace, l2=l2),
-          fields=("simulators.l2",), upstream=("record_runs",))
+          wd, name, lambda kind=kind: fit_ridge(config, kind, fit_trace),
+          fields=("simulators",), upstream=("record_runs",))
   mean_lr = float(np.mean(fit_trace.learning_rates))
   if "tracin_cp" in methods:
     # A step on batch c_t moves the loss by −(η/|c_t|)·Σ_i ⟨g_i, g_q⟩ (SGD on the mean).
     sims["tracin_cp"] = _simulator_stage(
         wd, "tracin_cp", lambda: simulators.additive_from_scores(
-            -(mean_lr / config.batch_size) * scores["tracin_cp"].T, name="tracin_cp"),
+            -(mean_lr / config.batch_size) * scores["tracin_cp"].T, name="tracin_cp",
+            batch_size=config.batch_size, num_steps=config.num_steps),
         fields=(), upstream=("tracin_cp_scores", "record_runs"))
   if "tracin_per_step" in methods and runs.grad_trace is not None:
     sims["tracin_per_step"] = _simulator_stage(
@@ -387,7 +399,8 @@ def fit_simulators(wd, config, runs: Runs, curricula: Curricula,
     step_scores = -scores["ekfac_if"].T
     sims["ekfac_if"] = _simulator_stage(
         wd, "ekfac_if", lambda: simulators.additive_from_scores(
-            step_scores * _score_scale(step_scores, fit_trace)[None], name="ekfac_if"),
+            step_scores * _score_scale(step_scores, fit_trace)[None], name="ekfac_if",
+            batch_size=config.batch_size, num_steps=config.num_steps),
         fields=(), upstream=("ekfac_scores", "record_runs"))
   return sims
 
@@ -560,8 +573,7 @@ def learning_curve(wd, config, runs: Runs, curricula: Curricula) -> dict:
     curve = {"num_runs": counts, "spearman_across_runs": [], "all_steps_mse": [],
              "all_steps_mse_ratio": []}
     for k in counts:
-      sim = simulators.fit("linear", fit_trace.select_runs(slice(0, k)),
-                           l2=config.simulators.l2)
+      sim = fit_ridge(config, "linear", fit_trace.select_runs(slice(0, k)))
       pred = np.asarray(sim.simulate(held.batch_ids, held.losses[:, 0]))
       mse = evaluation.all_steps_mse(pred, held.losses)
       curve["spearman_across_runs"].append(
@@ -572,7 +584,7 @@ def learning_curve(wd, config, runs: Runs, curricula: Curricula) -> dict:
 
   path = wd.path("learning_curve.json")
   return wd.stage(
-      "learning_curve", fields=("learning_curve", "simulators.l2"),
+      "learning_curve", fields=("learning_curve", "simulators"),
       upstream=("record_runs",), compute=compute,
       save=lambda c: _io.write_json(path, c) if sharding.is_primary() else None,
       load=lambda: _io.read_json(path, "learning_curve"),
@@ -745,3 +757,42 @@ def removal_lds(wd, config, dataset, model: Model, runs: Runs, sims: dict,
     for name, change in predicted.items():
       result.setdefault(name, {})[label] = evaluation.removal_lds(change, actual)
   return result
+
+
+def features(wd, config, dataset, model: Model) -> np.ndarray:
+  """float32[N, F] per-example features: projected base-model loss gradients.
+
+  The gradient of a train example's loss at the base model, projected to
+  F = `simulators.feature_dim` dimensions by a seeded random projection and
+  standardised (zero mean, unit variance over examples), so one ridge penalty suits
+  every feature. Examples with similar gradients move test losses alike — what a
+  featurized simulator needs to simulate examples no fitted run contained.
+  """
+  from simfluence_jax import kernels  # pylint: disable=g-import-not-at-top
+  dim = config.simulators.feature_dim
+  key = jax.random.PRNGKey(config.seed + 1)
+
+  @jax.jit
+  def project(params, chunk):
+    grads = kernels.per_example_grads(model.loss_fn, params, chunk)
+    return kernels.project_pytree(grads, key, dim)
+
+  def compute():
+    chunks = [project(model.params, batch) for batch in _train_batches(config, dataset)]
+    phi = np.concatenate([np.asarray(c) for c in chunks]).astype(np.float64)
+    phi = (phi - phi.mean(0)) / max(float(phi.std()), 1e-12)
+    return phi.astype(np.float32)
+
+  return _cached_array(wd, "features", compute, upstream=("base_model",),
+                       fields=("simulators.feature_dim", "influence.chunk_size"))
+
+
+def fit_featurized(wd, config, runs: Runs, curricula: Curricula,
+                   phi: np.ndarray) -> Any:
+  """Simfluence-Linear whose A, B are linear functions of the features `phi`."""
+  fit_trace = runs.group(curricula, "fit")
+  return _simulator_stage(
+      wd, "simfluence_featurized",
+      lambda: fit_ridge(config, "featurized", fit_trace, features=phi,
+                        name="simfluence_featurized"),
+      fields=("simulators",), upstream=("record_runs", "features"))

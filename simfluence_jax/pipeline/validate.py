@@ -34,13 +34,19 @@ def validate_config(config) -> None:
   for name in ("num_train_examples", "num_test_examples", "subset_size", "num_runs",
                "num_held_out_runs", "batch_size", "num_steps", "checkpoint_every",
                "projection_dim", "num_seeds", "influence.tracin_num_runs",
-               "influence.chunk_size", "simulators.num_band_samples"):
+               "influence.chunk_size", "simulators.num_band_samples",
+               "simulators.cv_folds", "simulators.num_phases",
+               "simulators.feature_dim"):
     _positive_int(config, name)
   for name in ("num_grad_runs", "pretrain_steps", "unseen.num_examples",
                "unseen.num_runs", "seed"):
     _positive_int(config, name, allow_zero=True)
   _positive_float(config, "learning_rate")
-  _positive_float(config, "simulators.l2")
+  _positive_float(config, "simulators.l2", allow_none=True)
+  for l2 in config.simulators.l2_grid:
+    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0:
+      raise ValueError(f"config.simulators.l2_grid={tuple(config.simulators.l2_grid)!r}"
+                       ": must be positive numbers.")
   _positive_float(config, "influence.damping", allow_none=True)
   if config.optimizer not in optim.OPTIMIZERS:
     raise ValueError(f"config.optimizer={config.optimizer!r}: must be one of "
