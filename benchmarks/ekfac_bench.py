@@ -1,9 +1,18 @@
-"""EK-FAC factors + pairwise scores: ours against Kronfluence on the same MLP and data.
+"""EK-FAC factors + pairwise scores: ours against Kronfluence, same models and data.
 
 Budget (DESIGN.md §7): ≥ 2× faster, same scores. Conventions matched: empirical
 Fisher (`use_empirical_fisher=True`), summed per-example CE losses, loss as the
-measurement, damping left at both libraries' default heuristic 0.1 × mean(Λ) per
-layer, all float32. Timings on the shared 2-core CPU are noisy.
+measurement, all float32, and one explicit absolute damping λ = `DAMPING` on both
+sides (ours: `damping=DAMPING`; Kronfluence: `ScoreArguments(damping_factor=
+DAMPING)`). The two libraries do not share a default: ours is 0.1 × mean(Λ) per
+layer, Kronfluence's `damping_factor` defaults to 1e-8 (its 0.1 × mean(Λ) heuristic
+is `damping_factor=None`), so comparing defaults would compare different dampings.
+
+Two models: the MLP 64-128-10 (timed) and, for agreement only, the CNN of
+`_common.CNN` (Conv-Conv-Dense-Dense on 8x8 inputs) with Kronfluence tracking
+every `Conv2d` and `Linear` (its unfold patches are ours: channels major, then the
+kernel's offsets, a ones column for the bias). Timings on the shared 2-core CPU are
+noisy.
 
   python benchmarks/ekfac_bench.py [--quick]
 """
@@ -21,47 +30,15 @@ from simfluence_jax import influence
 import _common  # benchmarks/ is on sys.path when a script there runs
 
 SIZES = {"full": (2048, 64), "quick": (512, 16), "smoke": (256, 4)}  # N, Q
+CNN_SIZES = {"full": (512, 16), "quick": (128, 8), "smoke": (64, 4)}  # N, Q
+DAMPING = 1e-3  # absolute λ, the same on both sides
 
 
-def measure(size="full", peer=True, repeats=2):
-  """Times our EK-FAC factors + pairwise scores, and Kronfluence's if `peer`.
-
-  Returns:
-    dict: `ours_s` (best warm call); with the peer installed and `peer`, `peer_s`
-    (best warm call), `peer_first_call_s`, `speedup`,
-    `pearson` (of the two score matrices) and `norm_ratio` (ours / theirs);
-    without it, `peer_missing` (the import error).
-  """
-  num_train, num_query = SIZES[size]
-  model = _common.MLP()
-  inputs = np.asarray(jax.random.normal(jax.random.key(0), (num_train, 64)))
-  labels = np.asarray(jax.random.randint(jax.random.key(1), (num_train,), 0, 10))
-  params = model.init(jax.random.key(2), inputs[:1])
-  task = influence.ClassificationTask(model.apply)
-  batches = [{"inputs": jnp.asarray(inputs[i:i + 256]),
-              "labels": jnp.asarray(labels[i:i + 256])}
-             for i in range(0, num_train, 256)]
-  query = {"inputs": jnp.asarray(inputs[:num_query]),
-           "labels": jnp.asarray(labels[:num_query])}
-
-  def ours_fn():
-    factors = influence.fit_ekfac(task, params, batches)
-    return jax.block_until_ready(
-        influence.ekfac_scores(task, params, factors, query, batches))
-  ours_time, _, ours = _common.best_of(ours_fn)
-  ours = np.asarray(ours)
-  result = {"num_train": num_train, "num_query": num_query, "ours_s": ours_time}
-  if not peer:
-    return result
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-    import kronfluence  # pylint: disable=g-import-not-at-top
-    from kronfluence import arguments  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    return dict(result, peer_missing=str(e))
-  logging.disable(logging.WARNING)
-
-  net = _common.torch_mlp(params)
+def _kronfluence_scores(net, inputs, labels, num_query, damping, batch_size=256):
+  """Kronfluence EK-FAC pairwise scores [Q, N] (a fresh analyzer each call)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import kronfluence  # pylint: disable=g-import-not-at-top
+  from kronfluence import arguments  # pylint: disable=g-import-not-at-top
 
   class _Task(kronfluence.Task):
 
@@ -76,34 +53,108 @@ def measure(size="full", peer=True, repeats=2):
     def compute_measurement(self, batch, model):
       return self.compute_train_loss(batch, model)
 
-  kf_task = _Task()
-  net = kronfluence.prepare_model(net, kf_task)
+  task = _Task()
+  net = kronfluence.prepare_model(net, task)
   train_set = torch.utils.data.TensorDataset(torch.tensor(inputs),
                                              torch.tensor(labels, dtype=torch.long))
   query_set = torch.utils.data.TensorDataset(
       torch.tensor(inputs[:num_query]), torch.tensor(labels[:num_query],
                                                      dtype=torch.long))
-  with tempfile.TemporaryDirectory() as directory:
-    analyzer = kronfluence.Analyzer("bench", net, kf_task, cpu=True,
-                                    disable_tqdm=True, output_dir=directory)
-    factor_args = arguments.FactorArguments(strategy="ekfac",
-                                            use_empirical_fisher=True)
-    def kron_fn():
-      analyzer.fit_all_factors("factors", train_set, per_device_batch_size=256,
-                               factor_args=factor_args, overwrite_output_dir=True)
-      analyzer.compute_pairwise_scores(
-          "scores", "factors", query_set, train_set,
-          per_device_query_batch_size=num_query, per_device_train_batch_size=256,
-          overwrite_output_dir=True)
-      return analyzer.load_pairwise_scores("scores")["all_modules"].numpy()
-    # Both sides timed warm (best of `repeats` after a first call: our compile,
-    # torch's one-time set-up); the first call is kept as peer_first_call_s.
-    kron_time, first, theirs = _common.best_of(kron_fn, repeats)
-  logging.disable(logging.NOTSET)
+  factor_args = arguments.FactorArguments(strategy="ekfac", use_empirical_fisher=True)
+  score_args = arguments.ScoreArguments(damping_factor=damping)
+  directory = tempfile.TemporaryDirectory()
+  analyzer = kronfluence.Analyzer("bench", net, task, cpu=True, disable_tqdm=True,
+                                  output_dir=directory.name)
+
+  def run():
+    analyzer.fit_all_factors("factors", train_set, per_device_batch_size=batch_size,
+                             factor_args=factor_args, overwrite_output_dir=True)
+    analyzer.compute_pairwise_scores(
+        "scores", "factors", query_set, train_set,
+        per_device_query_batch_size=num_query, per_device_train_batch_size=batch_size,
+        score_args=score_args, overwrite_output_dir=True)
+    return analyzer.load_pairwise_scores("scores")["all_modules"].numpy()
+
+  return run, directory
+
+
+def _ours(model, inputs, labels, num_query, damping, batch_size=256):
+  params = model.init(jax.random.key(2), inputs[:1])
+  task = influence.ClassificationTask(model.apply)
+  batches = [{"inputs": jnp.asarray(inputs[i:i + batch_size]),
+              "labels": jnp.asarray(labels[i:i + batch_size])}
+             for i in range(0, len(inputs), batch_size)]
+  query = {"inputs": jnp.asarray(inputs[:num_query]),
+           "labels": jnp.asarray(labels[:num_query])}
+
+  def run():
+    factors = influence.fit_ekfac(task, params, batches)
+    return jax.block_until_ready(influence.ekfac_scores(
+        task, params, factors, query, batches, damping=damping))
+  return params, run
+
+
+def cnn_agreement(num_train=128, num_query=8, damping=DAMPING):
+  """Ours vs Kronfluence EK-FAC on `_common.CNN` (every Conv2d and Linear tracked).
+
+  Returns:
+    dict of `_common.agreement` (pearson, max_rel_err, norm_ratio) and the sizes;
+    raises ImportError without torch / kronfluence.
+  """
+  import kronfluence  # pylint: disable=g-import-not-at-top,unused-import
+  inputs, labels = _common.cnn_data(num_train)
+  params, ours_fn = _ours(_common.CNN(), inputs, labels, num_query, damping)
+  ours = np.asarray(ours_fn())
+  logging.disable(logging.WARNING)
+  try:
+    run, directory = _kronfluence_scores(_common.torch_cnn(params),
+                                         np.transpose(inputs, (0, 3, 1, 2)), labels,
+                                         num_query, damping)
+    with directory:
+      theirs = run()
+  finally:
+    logging.disable(logging.NOTSET)
+  return dict(_common.agreement(ours, theirs), num_train=num_train,
+              num_query=num_query, damping=damping)
+
+
+def measure(size="full", peer=True, repeats=2):
+  """Times our EK-FAC factors + pairwise scores, and Kronfluence's if `peer`.
+
+  Returns:
+    dict: `ours_s` (best warm call), `damping`; with the peer installed and `peer`,
+    `peer_s` (best warm call), `peer_first_call_s`, `speedup`, `pearson`,
+    `max_rel_err` and `norm_ratio` (ours / theirs) on the MLP, and `cnn_pearson`,
+    `cnn_max_rel_err`, `cnn_norm_ratio` on the CNN; without it, `peer_missing`.
+  """
+  num_train, num_query = SIZES[size]
+  inputs = np.asarray(jax.random.normal(jax.random.key(0), (num_train, 64)))
+  labels = np.asarray(jax.random.randint(jax.random.key(1), (num_train,), 0, 10))
+  params, ours_fn = _ours(_common.MLP(), inputs, labels, num_query, DAMPING)
+  ours_time, _, ours = _common.best_of(ours_fn)
+  result = {"num_train": num_train, "num_query": num_query, "ours_s": ours_time,
+            "damping": DAMPING}
+  if not peer:
+    return result
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    import kronfluence  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    return dict(result, peer_missing=str(e))
+  logging.disable(logging.WARNING)
+  try:
+    run, directory = _kronfluence_scores(_common.torch_mlp(params), inputs, labels,
+                                         num_query, DAMPING)
+    with directory:
+      # Both sides timed warm (best of `repeats` after a first call: our compile,
+      # torch's one-time set-up); the first call is kept as peer_first_call_s.
+      kron_time, first, theirs = _common.best_of(run, repeats)
+  finally:
+    logging.disable(logging.NOTSET)
+  cnn = cnn_agreement(*CNN_SIZES[size])
   return dict(result, peer_s=kron_time, peer_first_call_s=first,
-              speedup=kron_time / ours_time,
-              pearson=float(np.corrcoef(ours.ravel(), theirs.ravel())[0, 1]),
-              norm_ratio=float(np.linalg.norm(ours) / np.linalg.norm(theirs)))
+              speedup=kron_time / ours_time, **_common.agreement(ours, theirs),
+              **{f"cnn_{k}": cnn[k] for k in ("pearson", "max_rel_err", "norm_ratio")})
 
 
 def main():
@@ -117,12 +168,16 @@ def main():
   num_train, num_query = r["num_train"], r["num_query"]
   ours_time, kron_time = r["ours_s"], r["peer_s"]
   print(f"EK-FAC factors + pairwise scores, MLP 64-128-10, N={num_train}, "
-        f"Q={num_query} (noisy shared 2-core CPU)")
+        f"Q={num_query}, damping λ={r['damping']} on both sides (noisy shared "
+        f"2-core CPU)")
   print(f"{'':10s}{'ours':>10s}{'kronfluence':>13s}")
   print(f"{'time (s)':10s}{ours_time:10.3f}{kron_time:13.3f}")
   print(f"speed-up: {kron_time / ours_time:.1f}x (goal >= 2x)")
-  print(f"Pearson: {r['pearson']:.6f}; ratio of norms ours/theirs: "
-        f"{r['norm_ratio']:.4f}")
+  print(f"MLP: Pearson {r['pearson']:.6f}, max |diff| / max |score| "
+        f"{r['max_rel_err']:.2e}, ratio of norms {r['norm_ratio']:.4f}")
+  print(f"CNN (Conv-Conv-Dense-Dense, every layer tracked): Pearson "
+        f"{r['cnn_pearson']:.6f}, max |diff| / max |score| {r['cnn_max_rel_err']:.2e}, "
+        f"ratio of norms {r['cnn_norm_ratio']:.4f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""TracIn-CP: ours against Captum's `TracInCP` on the same MLP, data and checkpoints.
+"""TracIn-CP: ours against Captum's `TracInCP` on the same models, data and checkpoints.
 
 Budget (DESIGN.md §7): ≥ 5× faster, same scores. Captum multiplies each
 checkpoint's gradient dot products by the learning rate its load function returns,
-like ours; both use per-example CE losses and all parameters. Timings on the shared
-2-core CPU are noisy.
+like ours; both use per-example CE losses and all parameters. Ours uses factored
+inner products `(δ_q·δ_i)(a_q·a_i)` on the dense layers (never forming per-example
+weight gradients); the MLP is timed, the CNN of `_common.CNN` (Conv-Conv-Dense-Dense,
+where the convolutions keep materialised gradients, cheaper for 64 positions) is
+compared for agreement only. Timings on the shared 2-core CPU are noisy.
 
   python benchmarks/tracin_bench.py [--quick]
 """
@@ -21,6 +24,57 @@ from simfluence_jax import influence
 import _common  # benchmarks/ is on sys.path when a script there runs
 
 SIZES = {"full": (1024, 32, 3), "quick": (256, 16, 2), "smoke": (256, 4, 2)}  # N, Q, K
+CNN_SIZES = {"full": (256, 16, 2), "quick": (128, 8, 2), "smoke": (64, 4, 2)}  # N, Q, K
+
+
+def _captum_scores(net, checkpoints, rates, state_fn, inputs, labels, num_query,
+                   directory, batch_size=256):
+  """Captum TracInCP scores [Q, N]: `run()` after the one-time set-up."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from captum.influence import TracInCP  # pylint: disable=g-import-not-at-top
+  paths = []
+  for k, params in enumerate(checkpoints):
+    path = os.path.join(directory, f"checkpoint_{k}.pt")
+    torch.save({"state": state_fn(params), "lr": rates[k]}, path)
+    paths.append(path)
+
+  def load(net, path):
+    saved = torch.load(path)
+    net.load_state_dict(saved["state"])
+    return saved["lr"]
+
+  dataset = torch.utils.data.TensorDataset(torch.tensor(inputs), torch.tensor(labels))
+  tracin = TracInCP(net, dataset, paths, checkpoints_load_func=load,
+                    loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"),
+                    batch_size=batch_size, sample_wise_grads_per_batch=True)
+  query_inputs = (torch.tensor(inputs[:num_query]), torch.tensor(labels[:num_query]))
+  return lambda: tracin.influence(query_inputs).detach().numpy()
+
+
+def cnn_agreement(num_train=64, num_query=4, num_checkpoints=2):
+  """Ours vs Captum TracInCP on `_common.CNN`, all parameters, K checkpoints.
+
+  Returns:
+    dict of `_common.agreement` and the sizes; raises ImportError without captum.
+  """
+  import captum.influence  # pylint: disable=g-import-not-at-top,unused-import
+  inputs, labels = _common.cnn_data(num_train)
+  model = _common.CNN()
+  checkpoints = [model.init(jax.random.key(20 + k), inputs[:1])
+                 for k in range(num_checkpoints)]
+  rates = [0.1 / (k + 1) for k in range(num_checkpoints)]
+  task = influence.ClassificationTask(model.apply)
+  train = {"inputs": jnp.asarray(inputs), "labels": jnp.asarray(labels)}
+  query = jax.tree_util.tree_map(lambda x: x[:num_query], train)
+  ours = np.asarray(influence.tracin_scores(task, checkpoints, rates, query, train))
+  net = _common.torch_cnn(checkpoints[0])
+  state_fn = lambda params: _common.torch_cnn(params).state_dict()
+  with tempfile.TemporaryDirectory() as directory:
+    theirs = _captum_scores(net, checkpoints, rates, state_fn,
+                            np.transpose(inputs, (0, 3, 1, 2)), labels, num_query,
+                            directory)()
+  return dict(_common.agreement(ours, theirs), num_train=num_train,
+              num_query=num_query, num_checkpoints=num_checkpoints)
 
 
 def measure(size="full", peer=True):
@@ -52,40 +106,24 @@ def measure(size="full", peer=True):
   if not peer:
     return result
   try:
-    import torch  # pylint: disable=g-import-not-at-top
-    from captum.influence import TracInCP  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    import captum.influence  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     return dict(result, peer_missing=str(e))
 
-  torch.set_num_threads(2)
-  net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
-                            torch.nn.Linear(128, 10))
+  net = _common.torch_mlp(checkpoints[0])
   with tempfile.TemporaryDirectory() as directory:
-    paths = []
-    for k, params in enumerate(checkpoints):
-      path = os.path.join(directory, f"checkpoint_{k}.pt")
-      torch.save({"state": _common.torch_state(params), "lr": rates[k]}, path)
-      paths.append(path)
-
-    def load(net, path):
-      saved = torch.load(path)
-      net.load_state_dict(saved["state"])
-      return saved["lr"]
-
-    dataset = torch.utils.data.TensorDataset(torch.tensor(inputs),
-                                             torch.tensor(labels))
-    tracin = TracInCP(net, dataset, paths, checkpoints_load_func=load,
-                      loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"),
-                      batch_size=256, sample_wise_grads_per_batch=True)
-    query_inputs = (torch.tensor(inputs[:num_query]), torch.tensor(labels[:num_query]))
+    run = _captum_scores(net, checkpoints, rates, _common.torch_state, inputs, labels,
+                         num_query, directory)
     # Both sides timed warm (best of REPEATS after a first call: our compile, torch's
     # one-time set-up); the first call is kept as peer_first_call_s.
-    captum_time, first, theirs = _common.best_of(
-        lambda: tracin.influence(query_inputs).detach().numpy())
+    captum_time, first, theirs = _common.best_of(run)
+  cnn = cnn_agreement(*CNN_SIZES[size])
+  agree = _common.agreement(ours, theirs)
   return dict(result, peer_s=captum_time, peer_first_call_s=first,
-              speedup=captum_time / ours_time,
-              pearson=float(np.corrcoef(ours.ravel(), theirs.ravel())[0, 1]),
-              max_rel_diff=float(np.abs(ours - theirs).max() / np.abs(theirs).max()))
+              speedup=captum_time / ours_time, pearson=agree["pearson"],
+              max_rel_diff=agree["max_rel_err"],
+              **{f"cnn_{k}": cnn[k] for k in ("pearson", "max_rel_err", "norm_ratio")})
 
 
 def main():
@@ -104,8 +142,10 @@ def main():
   print(f"{'':10s}{'ours':>10s}{'captum':>10s}")
   print(f"{'time (s)':10s}{ours_time:10.3f}{captum_time:10.3f}")
   print(f"speed-up: {captum_time / ours_time:.1f}x (goal >= 5x)")
-  print(f"Pearson: {r['pearson']:.6f}; max |diff| / max |score|: "
+  print(f"MLP: Pearson {r['pearson']:.6f}; max |diff| / max |score| "
         f"{r['max_rel_diff']:.2e}")
+  print(f"CNN (Conv-Conv-Dense-Dense): Pearson {r['cnn_pearson']:.6f}; max |diff| / "
+        f"max |score| {r['cnn_max_rel_err']:.2e}")
 
 
 if __name__ == "__main__":

@@ -60,9 +60,10 @@ def _slice(batch, i):
 
 def _loop_layer_grads(task, params, batch, layers, fn="loss"):
   """By layer [B, O, I] from an explicit Python loop of jax.grad."""
+  grad = jax.jit(jax.grad(lambda p, example: getattr(task, fn)(p, example)[0]))
   per_example = []
   for i in range(batch["inputs"].shape[0]):
-    grads = jax.grad(lambda p: getattr(task, fn)(p, _slice(batch, i))[0])(params)
+    grads = grad(params, _slice(batch, i))
     per_example.append(influence.layer_grads_from_param_grads(layers, grads))
   return {name: np.stack([g[name] for g in per_example]) for name in per_example[0]}
 

@@ -1,13 +1,23 @@
-"""Batch iteration helpers shared by the scoring kernels."""
+"""Batch iteration, argument checks and the one sharded code path of the kernels.
+
+Every kernel runs on a mesh with a `data` axis: the caller's, or by default a
+one-device mesh on this process's default device. Train examples come in chunks
+of one fixed length (a multiple of the `data` size; the last chunk padded and its
+padding masked or sliced off), so each kernel compiles once per chunk shape.
+"""
 
 import collections.abc
+import functools
 import logging
+import math
+import numbers
 import time
-from typing import Any, Iterable, Iterator, List, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+
+from simfluence_jax import sharding as sharding_lib
 
 _logger = logging.getLogger("simfluence_jax.influence")
 
@@ -30,59 +40,133 @@ def as_batch_list(batches, argument: str) -> List[Any]:
   return batches
 
 
-def iterate_chunks(batches: Iterable[Any], chunk_size: int
-                   ) -> Iterator[Tuple[Any, int]]:
-  """Fixed-size chunks of examples across batches, the last one padded.
-
-  Every chunk has the same length (min(chunk_size, size of the first batch)) so
-  that the jitted kernel compiles once; padding repeats the chunk's first example
-  and must be sliced off by the caller.
-
-  Yields:
-    (chunk batch with leading axis of the chunk length, number of real examples).
-  """
-  length = None
-  for batch in batches:
-    size = num_examples(batch)
-    if length is None:
-      length = min(chunk_size, size)
-    for start in range(0, size, length):
-      stop = min(start + length, size)
-      chunk = jax.tree_util.tree_map(lambda x: x[start:stop], batch)
-      valid = stop - start
-      if valid < length:
-        chunk = jax.tree_util.tree_map(
-            lambda x: jnp.concatenate(
-                [jnp.asarray(x), jnp.repeat(jnp.asarray(x)[:1], length - valid, 0)]),
-            chunk)
-      yield chunk, valid
-
-
-def pad_to_multiple(chunk, multiple: int):
-  """Pads a chunk's leading axis to a multiple of `multiple` with copies of row 0."""
-  length = num_examples(chunk)
-  extra = -length % multiple
-  if not extra:
-    return chunk
-  return jax.tree_util.tree_map(
-      lambda x: jnp.concatenate([jnp.asarray(x), jnp.repeat(jnp.asarray(x)[:1], extra,
-                                                            0)]), chunk)
-
-
 def check_mesh(mesh) -> None:
   """Raises ValueError unless `mesh` is None or a Mesh with a `data` axis."""
-  # pylint: disable=g-import-not-at-top
-  from simfluence_jax import sharding
   if mesh is not None and (not isinstance(mesh, jax.sharding.Mesh)
-                           or sharding.DATA_AXIS not in mesh.axis_names):
-    raise ValueError(f"mesh must be a jax.sharding.Mesh with a {sharding.DATA_AXIS!r} "
-                     f"axis (sharding.make_mesh), got {mesh!r}.")
+                           or sharding_lib.DATA_AXIS not in mesh.axis_names):
+    raise ValueError(f"mesh must be a jax.sharding.Mesh with a "
+                     f"{sharding_lib.DATA_AXIS!r} axis (sharding.make_mesh), got "
+                     f"{mesh!r}.")
+
+
+def resolve_mesh(mesh) -> jax.sharding.Mesh:
+  """`mesh`, or for None a one-device mesh on this process's default device."""
+  check_mesh(mesh)
+  if mesh is not None:
+    return mesh
+  device = jax.config.jax_default_device
+  if device is None or isinstance(device, str):
+    device = jax.local_devices()[0]
+  return _one_device_mesh(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _one_device_mesh(device) -> jax.sharding.Mesh:
+  return sharding_lib.make_mesh(runs=1, data=1, devices=[device])
+
+
+def check_chunk_size(chunk_size) -> int:
+  """chunk_size must be an integer >= 1."""
+  if (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+      or chunk_size < 1):
+    raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}.")
+  return int(chunk_size)
+
+
+def check_damping(damping) -> Optional[float]:
+  """damping must be None (the default heuristic) or a finite number > 0."""
+  if damping is None:
+    return None
+  value = None
+  if not isinstance(damping, (bool, str)):
+    try:
+      value = float(damping)
+    except (TypeError, ValueError):
+      value = None
+  if value is None or not math.isfinite(value) or value <= 0:
+    raise ValueError(f"damping must be a finite number > 0 (absolute λ) or None for "
+                     f"the default 0.1 × mean(Λ), got {damping!r}.")
+  return value
+
+
+def chunk_length(batches: List[Any], chunk_size: int, multiple: int) -> int:
+  """min(chunk_size, first batch), rounded up to a multiple of `multiple`."""
+  length = min(chunk_size, num_examples(batches[0]))
+  return -(-length // multiple) * multiple
+
+
+def iterate_padded_chunks(batches: List[Any], chunk_size: int, multiple: int = 1
+                          ) -> Iterator[Tuple[Any, int, int]]:
+  """Fixed-length host chunks of examples, batch by batch, the last ones padded.
+
+  Yields:
+    (chunk: numpy pytree with leading axis `chunk_length(...)`, number of real
+    examples (the first ones), index of its first example in the whole stream).
+    Padding repeats the chunk's first example.
+  """
+  length = chunk_length(batches, chunk_size, multiple)
+  step = min(chunk_size, length)
+  offset = 0
+  for batch in batches:
+    batch = sharding_lib.to_host(batch)
+    size = num_examples(batch)
+    for start in range(0, size, step):
+      stop = min(start + step, size)
+      valid = stop - start
+      chunk = jax.tree_util.tree_map(
+          lambda x: np.concatenate([x[start:stop], np.repeat(x[start:start + 1],
+                                                             length - valid, 0)]),
+          batch)
+      yield chunk, valid, offset + start
+    offset += size
+
+
+def num_padded_chunks(batches: List[Any], chunk_size: int, multiple: int = 1) -> int:
+  """How many chunks `iterate_padded_chunks` yields."""
+  step = min(chunk_size, chunk_length(batches, chunk_size, multiple))
+  return sum(-(-num_examples(b) // step) for b in batches)
+
+
+def chunk_extras(length: int, valid: int, start: int):
+  """(example weights float32[length]: 1 real / 0 padding, indices int32[length])."""
+  weights = (np.arange(length) < valid).astype(np.float32)
+  return weights, (start + np.arange(length)).astype(np.int32)
+
+
+def data_parallel(fn, mesh, in_specs, out_specs):
+  """`jax.jit(shard_map(fn))` over `mesh`; specs use "data" or None per argument.
+
+  `in_specs` / `out_specs`: a tuple with, per argument / output, either None
+  (replicated) or the axis (int) split over `data`. Built once per distinct
+  (fn, mesh, specs): callers cache `fn` (a module-level function or a cached
+  partial), so repeated calls reuse one compiled kernel per shape.
+  """
+  spec = jax.sharding.PartitionSpec
+
+  def to_spec(axis):
+    return spec() if axis is None else spec(*([None] * axis + [sharding_lib.DATA_AXIS]))
+
+  def wrapped(*args):
+    ins = tuple(jax.tree_util.tree_map(lambda _, a=axis: to_spec(a), arg)
+                for axis, arg in zip(in_specs, args))
+    outs = jax.tree_util.tree_map(to_spec, out_specs)
+    return jax.shard_map(fn, mesh=mesh, in_specs=ins, out_specs=outs,
+                         check_vma=False)(*args)
+
+  return jax.jit(wrapped)
+
+
+def put_replicated(tree, mesh):
+  return sharding_lib.put(tree, sharding_lib.replicated(mesh))
+
+
+def put_sharded(tree, mesh):
+  return sharding_lib.put(tree, sharding_lib.data_sharded(mesh))
 
 
 def num_chunks(batches: List[Any], chunk_size: int) -> int:
-  """How many chunks `iterate_chunks(batches, chunk_size)` yields."""
-  length = min(chunk_size, num_examples(batches[0]))
-  return sum(-(-num_examples(b) // length) for b in batches)
+  """How many chunks of at most `chunk_size` the kernels make of `batches`."""
+  return num_padded_chunks(batches, chunk_size, 1)
 
 
 class Progress:

@@ -1,4 +1,4 @@
-"""EK-FAC influence functions (Grosse et al., 2023) on automatically found dense layers.
+"""EK-FAC influence functions (Grosse et al., 2023) on automatically found layers.
 
 Per layer with inputs `a` (a ones column appended for the bias) and output gradients
 `g`: `A = E_tokens[a aᵀ]`, `S = E_tokens[g gᵀ]`, eigenbases `Q_A`, `Q_S`; corrected
@@ -6,10 +6,21 @@ eigenvalues `Λ = E_examples[(Q_Sᵀ G Q_A)²]` over per-example gradients
 `G = Σ_tokens g aᵀ` (float32[O, I]); the damped inverse Fisher applied to a gradient
 is `Q_S ((Q_Sᵀ G Q_A) / (Λ + λ)) Q_Aᵀ`. Scores are `⟨∇ℓ_q, (G+λI)^{-1} ∇ℓ_i⟩`:
 positive = a gradient step on train example i lowers the query's measurement.
+What `a`, `g` and `G` are for a layer kind (Dense, Conv patches, Embed ids) is its
+`CurvatureBlock`'s business (`_blocks`).
 
-Every statistic is a sum with a count, computed batch by batch by pure jittable
+Every statistic is a sum with a count, computed chunk by chunk by pure jittable
 functions (`covariance_statistics`, `eigenvalue_statistics`) that `psum` over
 `axis_name` when one is given, so data-parallel fitting is one `shard_map` away.
+The drivers (`fit_ekfac`, `ekfac_scores`, ...) always run on a mesh (the caller's,
+or one device): chunks of train examples are split over its `data` axis, padding
+examples carry weight 0, and each kernel compiles once per chunk shape.
+
+Factors carry a fingerprint of what they were fitted on (every layer's name, kind,
+dims, kernel shape and dtype, and a hash of the paths, shapes and dtypes of all
+parameter leaves; not of their values, so factors fitted at one checkpoint can be
+applied at another of the same model). Scoring with factors of another model is
+refused with a message naming the layer that differs.
 """
 
 import dataclasses
@@ -21,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from simfluence_jax import sharding as sharding_lib
+from simfluence_jax.influence import _blocks
 from simfluence_jax.influence import _common
 from simfluence_jax.influence import _layers
 from simfluence_jax.influence import _tasks
@@ -34,7 +46,8 @@ class CovarianceStatistics(NamedTuple):
   """Kronecker-factor sums of some batches.
 
   Attributes:
-    activation_sums: by layer, float32[I, I] = Σ_tokens w a aᵀ.
+    activation_sums: by layer, float32[I, I] = Σ_tokens w a aᵀ (a diagonal
+      factor, e.g. Embed's, as float32[I]).
     gradient_sums: by layer, float32[O, O] = Σ_tokens w g gᵀ.
     token_counts: by layer, float32[] = Σ_tokens w.
     num_examples: float32[] examples seen.
@@ -57,7 +70,8 @@ class LayerFactors(NamedTuple):
   """EK-FAC factors of one layer.
 
   Attributes:
-    activation_eigenvectors: float32[I, I], Q_A (columns).
+    activation_eigenvectors: float32[I, I], Q_A (columns); float32[0, 0] for a
+      diagonal factor (Embed), whose eigenbasis is the identity.
     gradient_eigenvectors: float32[O, O], Q_S (columns).
     eigenvalues: float32[O, I], Λ (corrected, or K-FAC products).
   """
@@ -68,7 +82,7 @@ class LayerFactors(NamedTuple):
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["factors"], meta_fields=["layers"])
+                   data_fields=["factors"], meta_fields=["layers", "fingerprint"])
 @dataclasses.dataclass(frozen=True)
 class EKFACFactors:
   """Fitted EK-FAC factors: a pytree of arrays with the layer specs as metadata.
@@ -76,10 +90,14 @@ class EKFACFactors:
   Attributes:
     layers: the discovered layers (static).
     factors: by layer name, `LayerFactors`.
+    fingerprint: `param_fingerprint` of the parameters they were fitted on (paths,
+      shapes, dtypes of every leaf; not values); None = unknown (only the layers'
+      own leaves are checked).
   """
 
   layers: Tuple[_layers.LayerSpec, ...]
   factors: Dict[str, LayerFactors]
+  fingerprint: Optional[str] = None
 
 
 def add_statistics(left, right):
@@ -91,12 +109,6 @@ def _psum(tree, axis_name):
   return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
 
-def _fisher_batch(task, params, batch, fisher, rng):
-  if fisher == "true":
-    return task.sample_targets(params, batch, rng)
-  return batch
-
-
 def _check_fisher(fisher, rng):
   if fisher not in _FISHERS:
     raise ValueError(f"fisher must be one of {_FISHERS}, got {fisher!r}.")
@@ -104,37 +116,84 @@ def _check_fisher(fisher, rng):
     raise ValueError("rng is required with fisher='true' (targets are sampled).")
 
 
+class _SampleTargets:
+  """`(params, batch, key) -> task.sample_targets(...)`, hashable by its task."""
+
+  def __init__(self, task):
+    self.task = task
+
+  def __call__(self, params, batch, key):
+    return self.task.sample_targets(params, batch, key)
+
+  def __eq__(self, other):
+    return isinstance(other, _SampleTargets) and other.task == self.task
+
+  def __hash__(self):
+    return hash(("sample_targets", self.task))
+
+
+def _fisher_capture(task, params, batch, layers, fisher, rng, example_indices):
+  """Per-example capture of `task.loss`, targets sampled for the true Fisher.
+
+  The true Fisher samples each example's targets with `fold_in(rng, index)`, its
+  index in the stream of examples: the samples do not depend on chunking or on
+  how a chunk is split over devices.
+  """
+  transform = keys = None
+  if fisher == "true":
+    if example_indices is None:
+      example_indices = jnp.arange(_layers._num_examples(batch), dtype=jnp.int32)  # pylint: disable=protected-access
+    keys = jax.vmap(lambda index: jax.random.fold_in(rng, index))(example_indices)
+    transform = _SampleTargets(task)
+  activations, values, _ = _layers.capture_per_example(
+      task.loss, params, batch, layers, _tasks.token_mask(task, batch),
+      transform_example=transform, example_args=keys)
+  return activations, values
+
+
+def _example_weights(example_weights, num):
+  if example_weights is None:
+    return jnp.ones((num,), jnp.float32)
+  return jnp.asarray(example_weights, jnp.float32)
+
+
 def covariance_statistics(task, params, batch, layers, fisher: str = "empirical",
                           rng: Optional[jax.Array] = None,
-                          axis_name: Optional[str] = None) -> CovarianceStatistics:
+                          axis_name: Optional[str] = None,
+                          example_weights: Optional[jax.Array] = None,
+                          example_indices: Optional[jax.Array] = None
+                          ) -> CovarianceStatistics:
   """Kronecker-factor sums of one batch (pure, jittable).
 
   Args:
     task: a `Task`.
-    params: parameters (see `Task`).
+    params: parameters (see `Task`; unboxed).
     batch: one batch, leading axis B.
     layers: from `find_layers`.
     fisher: "empirical" (batch labels) or "true" (labels sampled with `rng`).
     rng: PRNG key, required for the true Fisher.
     axis_name: if set, sums are `psum`-ed over this mapped axis.
+    example_weights: optional float32[B] (0 = a padding example), default ones.
+    example_indices: optional int32[B] stream indices seeding the true Fisher's
+      samples (default 0..B-1).
 
   Returns:
     `CovarianceStatistics` of the batch.
   """
   _check_fisher(fisher, rng)
-  batch = _fisher_batch(task, params, batch, fisher, rng)
-  activations, values = _layers.capture(task.loss, params, batch, layers,
-                                        _tasks.token_mask(task, batch))
-  stats = CovarianceStatistics(
-      activation_sums={name: jnp.einsum("bt,bti,btj->ij", act.token_weights,
-                                        act.inputs, act.inputs)
-                       for name, act in activations.items()},
-      gradient_sums={name: jnp.einsum("bt,bto,btp->op", act.token_weights,
-                                      act.output_grads, act.output_grads)
-                     for name, act in activations.items()},
-      token_counts={name: jnp.sum(act.token_weights)
-                    for name, act in activations.items()},
-      num_examples=jnp.asarray(values.shape[0], jnp.float32))
+  activations, values = _fisher_capture(task, params, batch, layers, fisher, rng,
+                                        example_indices)
+  weights = _example_weights(example_weights, values.shape[0])
+  activation_sums, gradient_sums, token_counts = {}, {}, {}
+  for spec in layers:
+    act = activations[spec.name]
+    act = act._replace(token_weights=act.token_weights * weights[:, None])
+    block = _blocks.block(spec)
+    activation_sums[spec.name] = block.activation_sum(act)
+    gradient_sums[spec.name] = block.gradient_sum(act)
+    token_counts[spec.name] = jnp.sum(act.token_weights)
+  stats = CovarianceStatistics(activation_sums, gradient_sums, token_counts,
+                               jnp.sum(weights))
   return _psum(stats, axis_name)
 
 
@@ -148,15 +207,23 @@ def covariances(stats: CovarianceStatistics) -> Tuple[Dict[str, jax.Array],
 
 def eigendecompose(stats: CovarianceStatistics
                    ) -> Dict[str, Tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
-  """By layer: (eigenvalues of A, Q_A, eigenvalues of S, Q_S), via `eigh`."""
+  """By layer: (eigenvalues of A, Q_A, eigenvalues of S, Q_S), via `eigh`.
+
+  A diagonal A (float32[I]) is its own eigenvalues with the identity basis, which
+  is returned as the float32[0, 0] placeholder.
+  """
   activation_cov, gradient_cov = covariances(stats)
   out = {}
   for name in activation_cov:
-    # Symmetrised: float32 sums are not exactly symmetric and eigh reads one half.
-    a = 0.5 * (activation_cov[name] + activation_cov[name].T)
-    s = 0.5 * (gradient_cov[name] + gradient_cov[name].T)
-    a_values, a_vectors = jnp.linalg.eigh(a)
-    s_values, s_vectors = jnp.linalg.eigh(s)
+    a = activation_cov[name]
+    if a.ndim == 1:
+      a_values = a
+      a_vectors = jnp.zeros(_blocks.IDENTITY_BASIS_SHAPE, jnp.float32)
+    else:
+      # Symmetrised: float32 sums are not exactly symmetric and eigh reads one half.
+      a_values, a_vectors = jnp.linalg.eigh(0.5 * (a + a.T))
+    s = gradient_cov[name]
+    s_values, s_vectors = jnp.linalg.eigh(0.5 * (s + s.T))
     out[name] = (a_values, a_vectors, s_values, s_vectors)
   return out
 
@@ -164,97 +231,158 @@ def eigendecompose(stats: CovarianceStatistics
 def eigenvalue_statistics(task, params, batch, layers,
                           eigenvectors: Dict[str, Tuple[jax.Array, jax.Array]],
                           fisher: str = "empirical", rng: Optional[jax.Array] = None,
-                          axis_name: Optional[str] = None) -> EigenvalueStatistics:
+                          axis_name: Optional[str] = None,
+                          example_weights: Optional[jax.Array] = None,
+                          example_indices: Optional[jax.Array] = None
+                          ) -> EigenvalueStatistics:
   """Σ_examples (Q_Sᵀ G Q_A)² of one batch (pure, jittable).
 
   Args:
-    task, params, batch, layers, fisher, rng, axis_name: as `covariance_statistics`.
+    task, params, batch, layers, fisher, rng, axis_name, example_weights,
+      example_indices: as `covariance_statistics`.
     eigenvectors: by layer, (Q_A float32[I, I], Q_S float32[O, O]).
 
   Returns:
     `EigenvalueStatistics` of the batch.
   """
   _check_fisher(fisher, rng)
-  batch = _fisher_batch(task, params, batch, fisher, rng)
-  activations, values = _layers.capture(task.loss, params, batch, layers,
-                                        _tasks.token_mask(task, batch))
+  activations, values = _fisher_capture(task, params, batch, layers, fisher, rng,
+                                        example_indices)
+  weights = _example_weights(example_weights, values.shape[0])
   sums = {}
-  for name, act in activations.items():
-    q_a, q_s = eigenvectors[name]
-    rotated_inputs = act.inputs @ q_a
-    rotated_grads = act.output_grads @ q_s
-    if act.inputs.shape[1] == 1:
-      # One token: the rotated gradient is an outer product, square it factor-wise.
-      sums[name] = jnp.einsum("bo,bi->oi", rotated_grads[:, 0] ** 2,
-                              rotated_inputs[:, 0] ** 2)
-    else:
-      rotated = jnp.einsum("bto,bti->boi", rotated_grads, rotated_inputs)
-      sums[name] = jnp.sum(rotated ** 2, axis=0)
-  stats = EigenvalueStatistics(sums, jnp.asarray(values.shape[0], jnp.float32))
+  for spec in layers:
+    q_a, q_s = eigenvectors[spec.name]
+    sums[spec.name] = _blocks.block(spec).rotated_square_sum(
+        activations[spec.name], q_a, q_s, weights)
+  stats = EigenvalueStatistics(sums, jnp.sum(weights))
   return _psum(stats, axis_name)
 
 
-_jit_covariance = jax.jit(covariance_statistics,
-                          static_argnames=("task", "layers", "fisher", "axis_name"))
-_jit_eigenvalues = jax.jit(eigenvalue_statistics,
-                           static_argnames=("task", "layers", "fisher", "axis_name"))
+# --- sharded drivers -----------------------------------------------------------------
+
+
+def _per_shard(stats):
+  return jax.tree_util.tree_map(lambda x: x[None], stats)
+
+
+def _covariance_shard(task, layers, fisher, params, extra, chunk, weights, indices,
+                      rng):
+  del extra
+  return _per_shard(covariance_statistics(
+      task, params, chunk, layers, fisher, rng, example_weights=weights,
+      example_indices=indices))
+
+
+def _eigenvalue_shard(task, layers, fisher, params, eigenvectors, chunk, weights,
+                      indices, rng):
+  return _per_shard(eigenvalue_statistics(
+      task, params, chunk, layers, eigenvectors, fisher, rng,
+      example_weights=weights, example_indices=indices))
+
+
+_STATISTICS = {"covariance": _covariance_shard, "eigenvalues": _eigenvalue_shard}
+
+
+@functools.lru_cache(maxsize=64)
+def _statistics_kernel(which, task, layers, fisher, mesh):
+  """Per-shard statistics of a chunk split over `data`: leaves [D, ...]."""
+  return _common.data_parallel(
+      functools.partial(_STATISTICS[which], task, layers, fisher), mesh,
+      in_specs=(None, None, 0, 0, 0, None), out_specs=0)
+
+
+def _accumulate(task, params, batches, layers, fisher, rng, mesh, chunk_size,
+                which, extra, label):
+  """Per-shard sums over all chunks, then reduced (see `_sum_shards`)."""
+  kernel = _statistics_kernel(which, task, layers, fisher, mesh)
+  size = sharding_lib.data_size(mesh)
+  total = None
+  progress = _common.Progress(label, _common.num_padded_chunks(batches, chunk_size,
+                                                               size))
+  for done, (chunk, valid, start) in enumerate(
+      _common.iterate_padded_chunks(batches, chunk_size, size), 1):
+    weights, indices = _common.chunk_extras(_common.num_examples(chunk), valid, start)
+    stats = kernel(params, extra, *_common.put_sharded((chunk, weights, indices), mesh),
+                   rng)
+    total = stats if total is None else add_statistics(total, stats)
+    progress.update(done, total)
+  return _sum_shards(total, mesh)
+
+
+def _sum_shards(per_shard, mesh):
+  """Per-shard statistics (leading axis D) -> statistics replicated over `mesh`.
+
+  On accelerators the shards are summed on device (one all-reduce per pass). On CPU
+  they are gathered and summed on the host in shard order: gloo (multi-process) and
+  XLA's in-process all-reduce add in different orders, and this keeps a 2-process
+  job bit-identical to one process with the same devices.
+  """
+  if jax.default_backend() != "cpu":
+    return _device_sum(mesh)(per_shard)
+  per_shard = sharding_lib.to_host(per_shard)
+  total = jax.tree_util.tree_map(lambda x: functools.reduce(np.add, list(x)),
+                                 per_shard)
+  return _common.put_replicated(total, mesh)
+
+
+@functools.lru_cache(maxsize=16)
+def _device_sum(mesh):
+  return jax.jit(lambda t: jax.tree_util.tree_map(lambda x: jnp.sum(x, 0), t),
+                 out_shardings=sharding_lib.replicated(mesh))
+
+
+def _prepare(task, params, batches, argument, chunk_size, mesh):
+  """Checked, unboxed inputs of a driver: (params, batches, chunk_size, mesh)."""
+  chunk_size = _common.check_chunk_size(chunk_size)
+  mesh = _common.resolve_mesh(mesh)
+  batches = _common.as_batch_list(batches, argument)
+  params = _layers.unbox(params)
+  _tasks.validate(task, params, batches, argument)
+  return params, batches, chunk_size, mesh
 
 
 def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
               rng: Optional[jax.Array] = None, kfac: bool = False,
               layers: Optional[Tuple[_layers.LayerSpec, ...]] = None,
-              mesh: Optional[jax.sharding.Mesh] = None) -> EKFACFactors:
-  """Fits EK-FAC (or K-FAC) factors of every dense layer.
+              mesh: Optional[jax.sharding.Mesh] = None,
+              chunk_size: int = DEFAULT_CHUNK_SIZE) -> EKFACFactors:
+  """Fits EK-FAC (or K-FAC) factors of every covered layer.
 
   Args:
     task: a `Task` (its `loss` defines the Fisher).
-    params: parameters (see `Task`).
+    params: parameters (see `Task`; boxed parameters are unboxed, an NNX task takes
+      `nnx.state(module, nnx.Param)`).
     batches: iterable of batches, read twice (a one-shot iterator is materialised).
     fisher: "empirical" (dataset labels) or "true" (labels sampled from the model
-      with `rng`, a fresh key per batch via `fold_in`).
+      with `rng`, per example via `fold_in(rng, example index)`).
     rng: PRNG key; required for fisher="true".
     kfac: use the K-FAC eigenvalues `λ_S λ_Aᵀ × tokens per example` instead of the
       corrected ones (one pass over the data instead of two).
-    layers: layers to cover; None = `find_layers` on the first batch.
-    mesh: split every batch over this mesh's `data` axis and `psum` the statistics
-      (`sharding.make_mesh`; it may span processes); None = default device. A
-      remainder of a batch that does not split evenly is computed replicated.
+    layers: layers to cover; None = `find_layers` on the first batch (Dense,
+      DenseGeneral and Conv; `find_layers(..., kinds="all")` adds Embed).
+    mesh: split every chunk over this mesh's `data` axis and sum the statistics
+      (`sharding.make_mesh`; it may span processes); None = default device.
+    chunk_size: examples per jitted step (bounds memory).
 
   Returns:
     `EKFACFactors`.
 
   Raises:
-    ValueError: bad `fisher`, or fisher="true" without `rng`.
+    ValueError: bad `fisher`, fisher="true" without `rng`, bad `chunk_size`,
+      empty batches, labels out of range, or no usable layer.
   """
   _check_fisher(fisher, rng)
-  batches = _common.as_batch_list(batches, "batches")
+  params, batches, chunk_size, mesh = _prepare(task, params, batches, "batches",
+                                               chunk_size, mesh)
   if layers is None:
     layers = _layers.find_layers(task.loss, params, batches[0])
-  batch_rng = lambda i: None if rng is None else jax.random.fold_in(rng, i)
-  _common.check_mesh(mesh)
-  if mesh is not None:
-    params = sharding_lib.put(params, sharding_lib.replicated(mesh))
-    sharded_covariance = _sharded_statistics(
-        mesh, lambda p, _, b, r, axis_name: covariance_statistics(
-            task, p, b, layers, fisher, r, axis_name=axis_name))
-    sharded_eigenvalues = _sharded_statistics(
-        mesh, lambda p, vectors, b, r, axis_name: eigenvalue_statistics(
-            task, p, b, layers, vectors, fisher, r, axis_name=axis_name))
-
-  stats = None
-  progress = _common.Progress("fit_ekfac: covariances", len(batches))
-  for index, batch in enumerate(batches):
-    if mesh is None:
-      batch_stats = _jit_covariance(task, params, batch, layers, fisher,
-                                    batch_rng(index))
-    else:
-      batch_stats = sharded_covariance(params, None, batch, batch_rng(index))
-    add = add_statistics if mesh is None else _add_optional
-    stats = batch_stats if stats is None else add(stats, batch_stats)
-    progress.update(index + 1, stats)
-  if mesh is not None:
-    stats = _sum_shards(stats, mesh)
+  layers = tuple(layers)
+  rng = jax.random.key(0) if rng is None else rng  # unused by the empirical Fisher
+  params, rng = _common.put_replicated((params, rng), mesh)
+  stats = _accumulate(task, params, batches, layers, fisher, rng, mesh, chunk_size,
+                      "covariance", None, "fit_ekfac: covariances")
   decomposed = eigendecompose(stats)
+  fingerprint = _layers.param_fingerprint(params)
   factors = {}
   if kfac:
     for spec in layers:
@@ -265,117 +393,39 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
       eigenvalues = (jnp.maximum(s_values, 0.0)[:, None]
                      * jnp.maximum(a_values, 0.0)[None, :] * tokens_per_example)
       factors[spec.name] = LayerFactors(a_vectors, s_vectors, eigenvalues)
-    return EKFACFactors(layers, factors)
+    return EKFACFactors(layers, factors, fingerprint)
 
   eigenvectors = {name: (value[1], value[3]) for name, value in decomposed.items()}
-  eigen_stats = None
-  progress = _common.Progress("fit_ekfac: eigenvalues", len(batches))
-  for index, batch in enumerate(batches):
-    if mesh is None:
-      batch_stats = _jit_eigenvalues(task, params, batch, layers, eigenvectors, fisher,
-                                     batch_rng(index))
-    else:
-      batch_stats = sharded_eigenvalues(params, eigenvectors, batch,
-                                        batch_rng(index))
-    add = add_statistics if mesh is None else _add_optional
-    eigen_stats = (batch_stats if eigen_stats is None
-                   else add(eigen_stats, batch_stats))
-    progress.update(index + 1, eigen_stats)
-  if mesh is not None:
-    eigen_stats = _sum_shards(eigen_stats, mesh)
+  eigen_stats = _accumulate(task, params, batches, layers, fisher, rng, mesh,
+                            chunk_size, "eigenvalues",
+                            _common.put_replicated(eigenvectors, mesh),
+                            "fit_ekfac: eigenvalues")
   for spec in layers:
     a_vectors, s_vectors = eigenvectors[spec.name]
     factors[spec.name] = LayerFactors(
         a_vectors, s_vectors, eigen_stats.sums[spec.name] / eigen_stats.num_examples)
-  return EKFACFactors(layers, factors)
-
-
-def _sharded_statistics(mesh, statistics_fn):
-  """Returns `f(params, extra, batch, rng)`: `statistics_fn` split over `data`.
-
-  `statistics_fn(params, extra, batch, rng, axis_name)`. The first n − n mod D
-  examples of a batch are split over the D shards of the mesh's `data` axis (each
-  shard folds its index into `rng`) and each shard keeps its own sums: `f` returns
-  (per-shard statistics with a leading axis D, sharded over `data`; statistics of
-  the remainder, computed replicated), either None when empty. Batches accumulate
-  with `_add_optional` without any communication; `_sum_shards` reduces once at the
-  end, in a fixed order, so the result does not depend on how the collectives of
-  the platform (XLA, gloo) order a psum.
-  """
-  size = sharding_lib.data_size(mesh)
-  replicated = sharding_lib.replicated(mesh)
-
-  def shard_fn(params, extra, batch, rng):
-    if rng is not None:
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(sharding_lib.DATA_AXIS))
-    stats = statistics_fn(params, extra, batch, rng, None)
-    return jax.tree_util.tree_map(lambda x: x[None], stats)
-
-  sharded = sharding_lib.data_parallel(shard_fn, mesh, sharded_args=(2,),
-                                       out_example_axis=0)
-  whole = jax.jit(lambda p, e, b, r: statistics_fn(p, e, b, r, None))
-
-  def apply(params, extra, batch, rng):
-    batch = sharding_lib.to_host(batch)
-    extra = None if extra is None else sharding_lib.put(extra, replicated)
-    num = _common.num_examples(batch)
-    head = num - num % size
-    per_shard = rest = None
-    if head:
-      part = jax.tree_util.tree_map(lambda x: x[:head], batch)
-      per_shard = sharded(params, extra,
-                          sharding_lib.put(part, sharding_lib.data_sharded(mesh)),
-                          None if rng is None else sharding_lib.put(rng, replicated))
-    if head < num:
-      tail = jax.tree_util.tree_map(lambda x: x[head:], batch)
-      tail_rng = None if rng is None else jax.random.fold_in(rng, size)
-      rest = whole(params, extra, sharding_lib.put(tail, replicated),
-                   None if rng is None else sharding_lib.put(tail_rng, replicated))
-    return per_shard, rest
-
-  return apply
-
-
-def _add_optional(left, right):
-  """Adds (per-shard, rest) pairs of `_sharded_statistics`; None = nothing yet."""
-  return tuple(b if a is None else a if b is None else add_statistics(a, b)
-               for a, b in zip(left, right))
-
-
-def _sum_shards(pair, mesh):
-  """(per-shard, rest) -> statistics replicated over `mesh`.
-
-  On accelerators the shards are summed on device (one all-reduce per pass). On CPU
-  they are gathered and summed on the host in shard order: gloo (multi-process) and
-  XLA's in-process all-reduce add in different orders, and this keeps a 2-process
-  job bit-identical to one process with the same devices.
-  """
-  if jax.default_backend() != "cpu":
-    per_shard, rest = pair
-    total = None
-    if per_shard is not None:
-      total = jax.jit(lambda t: jax.tree_util.tree_map(lambda x: jnp.sum(x, 0), t),
-                      out_shardings=sharding_lib.replicated(mesh))(per_shard)
-    if rest is not None:
-      total = rest if total is None else add_statistics(total, rest)
-    return total
-  per_shard, rest = sharding_lib.to_host(pair)
-  total = None
-  if per_shard is not None:
-    total = jax.tree_util.tree_map(
-        lambda x: functools.reduce(np.add, list(x)), per_shard)
-  if rest is not None:
-    total = rest if total is None else jax.tree_util.tree_map(np.add, total, rest)
-  return sharding_lib.put(total, sharding_lib.replicated(mesh))
+  return EKFACFactors(layers, factors, fingerprint)
 
 
 def layer_damping(factors: EKFACFactors, damping: Optional[float] = None
                   ) -> Dict[str, jax.Array]:
-  """By layer: λ (absolute), default `0.1 × mean(Λ)` of the layer."""
+  """By layer: λ (absolute), default `0.1 × mean(Λ)` of the layer.
+
+  Raises:
+    ValueError: `damping` is not None and not a finite number > 0.
+  """
+  damping = _common.check_damping(damping)
   if damping is None:
     return {name: DEFAULT_DAMPING_SCALE * jnp.mean(f.eigenvalues)
             for name, f in factors.factors.items()}
   return {name: jnp.asarray(damping, jnp.float32) for name in factors.factors}
+
+
+def _precondition(layers, factors, layer_grads, lambdas):
+  specs = {spec.name: spec for spec in layers}
+  return {name: _blocks.block(specs[name]).precondition(factors[name], grad,
+                                                        lambdas[name])
+          for name, grad in layer_grads.items()}
 
 
 def precondition(factors: EKFACFactors, layer_grads: Dict[str, jax.Array],
@@ -390,23 +440,16 @@ def precondition(factors: EKFACFactors, layer_grads: Dict[str, jax.Array],
   Returns:
     By layer name, float32[..., O, I] preconditioned gradients.
   """
-  lambdas = layer_damping(factors, damping)
-  out = {}
-  for name, grad in layer_grads.items():
-    f = factors.factors[name]
-    rotated = jnp.swapaxes(f.gradient_eigenvectors, 0, 1) @ grad @ f.activation_eigenvectors
-    rotated = rotated / (f.eigenvalues + lambdas[name])
-    out[name] = f.gradient_eigenvectors @ rotated @ jnp.swapaxes(
-        f.activation_eigenvectors, 0, 1)
-  return out
+  return _precondition(factors.layers, factors.factors, layer_grads,
+                       layer_damping(factors, damping))
 
 
 def layer_gradients(fn, params, batch, layers, token_mask=None
                     ) -> Dict[str, jax.Array]:
   """By layer: float32[B, O, I] per-example gradients of `fn(params, batch)`."""
   activations, _ = _layers.capture(fn, params, batch, layers, token_mask)
-  return {name: _layers.per_example_layer_grads(act)
-          for name, act in activations.items()}
+  return {spec.name: _blocks.block(spec).per_example_grads(activations[spec.name])
+          for spec in layers}
 
 
 def _low_rank(preconditioned: Dict[str, jax.Array], rank: int):
@@ -419,12 +462,17 @@ def _low_rank(preconditioned: Dict[str, jax.Array], rank: int):
   return out
 
 
-def _query_side(task, params, factors, query_batch, damping, query_rank):
-  grads = layer_gradients(task.measurement, params, query_batch, factors.layers)
-  preconditioned = precondition(factors, grads, damping)
+def _query_side(task, layers, query_rank, params, factors, query_batch, lambdas):
+  grads = layer_gradients(task.measurement, params, query_batch, layers)
+  preconditioned = _precondition(layers, factors, grads, lambdas)
   if query_rank is not None:
     return _low_rank(preconditioned, query_rank)
   return preconditioned
+
+
+@functools.lru_cache(maxsize=64)
+def _query_kernel(task, layers, query_rank):
+  return jax.jit(functools.partial(_query_side, task, layers, query_rank))
 
 
 def _train_scores(task, layers, mode, params, query, chunk):
@@ -434,64 +482,78 @@ def _train_scores(task, layers, mode, params, query, chunk):
     mode "total": float32[Q, n]; "layer": float32[L, Q, n]; "token": float32[Q, n, T].
   """
   activations, _ = _layers.capture(task.loss, params, chunk, layers)
+  if mode == "token":
+    tokens = {spec.name: activations[spec.name].output_grads.shape[1]
+              for spec in layers}
+    if len(set(tokens.values())) > 1:
+      raise ValueError(f"ekfac_token_scores: every layer must have the same number "
+                       f"of tokens per example, got {tokens}.")
   per_layer = []
   for spec in layers:
-    act = activations[spec.name]
-    q = query[spec.name]
+    act, q, block = activations[spec.name], query[spec.name], _blocks.block(spec)
     if isinstance(q, tuple):
       # Low-rank queries P = U Vᵀ: ⟨P, g aᵀ⟩ = Σ_r (u_rᵀ g)(v_rᵀ a), no [O, I] per example.
-      u, v = q
-      by_token = jnp.einsum("qor,nto,qir,nti->qnt", u, act.output_grads, v,
-                            act.inputs)
+      by_token = block.low_rank_token_dot(q[0], q[1], act)
       per_layer.append(by_token if mode == "token" else jnp.sum(by_token, -1))
     elif mode == "token":
-      per_layer.append(jnp.einsum("qoi,nto,nti->qnt", q, act.output_grads,
-                                  act.inputs))
+      per_layer.append(block.token_dot(q, act))
     else:
-      grads = _layers.per_example_layer_grads(act)
-      per_layer.append(jnp.reshape(q, (q.shape[0], -1))
-                       @ jnp.reshape(grads, (grads.shape[0], -1)).T)
+      per_layer.append(block.dot(q, act))
   if mode == "layer":
     return jnp.stack(per_layer)
   return functools.reduce(jnp.add, per_layer)
 
 
-_jit_query_side = jax.jit(_query_side, static_argnames=("task", "query_rank"))
-_jit_train_scores = jax.jit(_train_scores, static_argnames=("task", "layers", "mode"))
+_EXAMPLE_AXIS = {"total": 1, "layer": 2, "token": 1}
+
+
+@functools.lru_cache(maxsize=64)
+def _score_kernel(task, layers, mode, mesh):
+  return _common.data_parallel(
+      functools.partial(_train_scores, task, layers, mode), mesh,
+      in_specs=(None, None, 0), out_specs=_EXAMPLE_AXIS[mode])
+
+
+def check_factors(factors, params, argument: str = "factors") -> None:
+  """Raises ValueError unless `factors` were fitted on a model shaped like `params`."""
+  if not isinstance(factors, EKFACFactors):
+    raise ValueError(f"{argument}: expected EKFACFactors (from fit_ekfac), got "
+                     f"{type(factors).__name__}.")
+  _layers.check_layers_match(factors.layers, params, argument, factors.fingerprint)
+  for spec in factors.layers:
+    f = factors.factors.get(spec.name)
+    expected = (spec.output_dim, spec.augmented_input_dim)
+    if f is None or tuple(f.eigenvalues.shape) != expected:
+      raise ValueError(f"{argument}: layer {spec.name!r} needs eigenvalues of shape "
+                       f"{expected}, got "
+                       f"{None if f is None else tuple(f.eigenvalues.shape)}.")
 
 
 def _scores(task, params, factors, query_batch, train_batches, damping, chunk_size,
             query_rank, mode, mesh=None):
-  if query_rank is not None and (not isinstance(query_rank, int) or query_rank < 1):
+  if query_rank is not None and (isinstance(query_rank, bool)
+                                 or not isinstance(query_rank, int) or query_rank < 1):
     raise ValueError(f"query_rank must be a positive integer, got {query_rank!r}.")
-  _common.check_mesh(mesh)
-  example_axis = {"total": 1, "layer": 2, "token": 1}[mode]
-  batches = _common.as_batch_list(train_batches, "train_batches")
+  lambdas = layer_damping(factors, damping) if isinstance(
+      factors, EKFACFactors) else None
+  params, batches, chunk_size, mesh = _prepare(task, params, train_batches,
+                                               "train_batches", chunk_size, mesh)
+  _tasks.validate(task, params, [query_batch], "query_batch")
+  check_factors(factors, params)
+  example_axis = _EXAMPLE_AXIS[mode]
+  size = sharding_lib.data_size(mesh)
   progress = _common.Progress(f"ekfac_scores ({mode})",
-                              _common.num_chunks(batches, chunk_size))
-  if mesh is None:
-    query = _jit_query_side(task, params, factors, query_batch, damping, query_rank)
-    pieces = []
-    for chunk, valid in _common.iterate_chunks(batches, chunk_size):
-      scores = _jit_train_scores(task, factors.layers, mode, params, query, chunk)
-      pieces.append(jax.lax.slice_in_dim(scores, 0, valid, axis=example_axis))
-      progress.update(len(pieces), pieces[-1])
-    return jnp.concatenate(pieces, axis=example_axis)
-  # Train examples split over the mesh's data axis; queries and factors replicated.
-  replicated = sharding_lib.replicated(mesh)
-  params, factors, query_batch = sharding_lib.put((params, factors, query_batch),
-                                                  replicated)
-  query = _jit_query_side(task, params, factors, query_batch, damping, query_rank)
-  kernel = sharding_lib.data_parallel(
-      functools.partial(_train_scores, task, factors.layers, mode), mesh,
-      sharded_args=(2,), out_example_axis=example_axis)
+                              _common.num_padded_chunks(batches, chunk_size, size))
+  # Queries and factors replicated; train examples split over the data axis.
+  params, layer_factors, query_batch, lambdas = _common.put_replicated(
+      (params, factors.factors, sharding_lib.to_host(query_batch), lambdas), mesh)
+  query = _query_kernel(task, factors.layers, query_rank)(
+      params, layer_factors, query_batch, lambdas)
+  kernel = _score_kernel(task, factors.layers, mode, mesh)
   pieces = []
-  for chunk, valid in _common.iterate_chunks(batches, chunk_size):
-    chunk = sharding_lib.put(
-        _common.pad_to_multiple(sharding_lib.to_host(chunk),
-                                sharding_lib.data_size(mesh)),
-        sharding_lib.data_sharded(mesh))
-    scores = sharding_lib.to_host(kernel(params, query, chunk))
+  for chunk, valid, _ in _common.iterate_padded_chunks(batches, chunk_size, size):
+    scores = sharding_lib.to_host(kernel(params, query,
+                                         _common.put_sharded(chunk, mesh)))
     pieces.append(np.take(scores, np.arange(valid), axis=example_axis))
     progress.update(len(pieces))
   return jnp.asarray(np.concatenate(pieces, axis=example_axis))
@@ -510,11 +572,11 @@ def ekfac_scores(task, params, factors: EKFACFactors, query_batch, train_batches
   Args:
     task: a `Task`: `measurement` for queries, `loss` for train examples.
     params: parameters (see `Task`).
-    factors: from `fit_ekfac`.
-    query_batch: one batch of Q queries.
+    factors: from `fit_ekfac` on the same model (checked: see the module doc).
+    query_batch: one batch of Q ≥ 1 queries.
     train_batches: iterable of train batches (or one batch), N examples in all.
-    damping: absolute λ; None = `0.1 × mean(Λ)` per layer.
-    chunk_size: train examples per jitted step.
+    damping: absolute λ > 0; None = `0.1 × mean(Λ)` per layer.
+    chunk_size: train examples per jitted step (an integer ≥ 1).
     query_rank: store each preconditioned query gradient as a rank-`query_rank`
       SVD per layer (query batching of Grosse et al.; None = exact).
     mesh: split each chunk of train examples over this mesh's `data` axis
@@ -523,6 +585,10 @@ def ekfac_scores(task, params, factors: EKFACFactors, query_batch, train_batches
   Returns:
     float32[Q, N]; positive = a gradient step on the train example lowers the
     query's measurement.
+
+  Raises:
+    ValueError: bad `damping`, `chunk_size` or `query_rank`, empty batches, labels
+      out of range, or factors fitted on a different model.
   """
   return _scores(task, params, factors, query_batch, train_batches, damping,
                  chunk_size, query_rank, "total", mesh)
@@ -548,25 +614,43 @@ def ekfac_token_scores(task, params, factors, query_batch, train_batches,
                  chunk_size, query_rank, "token", mesh)
 
 
-def _self_scores(task, layers, params, factors, damping, chunk):
-  grads = layer_gradients(task.loss, params, chunk, layers)
-  preconditioned = precondition(factors, grads, damping)
-  return functools.reduce(jnp.add, [
-      jnp.sum(preconditioned[n] * grads[n], axis=(1, 2)) for n in grads])
+def _self_scores(task, layers, params, factors, lambdas, chunk):
+  activations, _ = _layers.capture(task.loss, params, chunk, layers)
+  total = 0.0
+  for spec in layers:
+    block = _blocks.block(spec)
+    grads = block.per_example_grads(activations[spec.name])
+    preconditioned = block.precondition(factors[spec.name], grads, lambdas[spec.name])
+    total = total + jnp.sum(preconditioned * grads, axis=(1, 2))
+  return total
 
 
-_jit_self_scores = jax.jit(_self_scores, static_argnames=("task", "layers"))
+@functools.lru_cache(maxsize=64)
+def _self_kernel(task, layers, mesh):
+  return _common.data_parallel(functools.partial(_self_scores, task, layers), mesh,
+                               in_specs=(None, None, None, 0), out_specs=0)
 
 
 def ekfac_self_influence(task, params, factors: EKFACFactors, train_batches,
                          damping: Optional[float] = None,
-                         chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
+                         chunk_size: int = DEFAULT_CHUNK_SIZE,
+                         mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
   """float32[N] `⟨∇ℓ_i, (G+λI)^{-1} ∇ℓ_i⟩` (train loss on both sides)."""
-  pieces, batches = [], _common.as_batch_list(train_batches, "train_batches")
+  lambdas = layer_damping(factors, damping) if isinstance(
+      factors, EKFACFactors) else None
+  params, batches, chunk_size, mesh = _prepare(task, params, train_batches,
+                                               "train_batches", chunk_size, mesh)
+  check_factors(factors, params)
+  size = sharding_lib.data_size(mesh)
+  params, layer_factors, lambdas = _common.put_replicated(
+      (params, factors.factors, lambdas), mesh)
+  kernel = _self_kernel(task, factors.layers, mesh)
+  pieces = []
   progress = _common.Progress("ekfac_self_influence",
-                              _common.num_chunks(batches, chunk_size))
-  for chunk, valid in _common.iterate_chunks(batches, chunk_size):
-    pieces.append(_jit_self_scores(task, factors.layers, params, factors, damping,
-                                   chunk)[:valid])
-    progress.update(len(pieces), pieces[-1])
-  return jnp.concatenate(pieces)
+                              _common.num_padded_chunks(batches, chunk_size, size))
+  for chunk, valid, _ in _common.iterate_padded_chunks(batches, chunk_size, size):
+    scores = sharding_lib.to_host(kernel(params, layer_factors, lambdas,
+                                         _common.put_sharded(chunk, mesh)))
+    pieces.append(scores[:valid])
+    progress.update(len(pieces))
+  return jnp.asarray(np.concatenate(pieces))

@@ -5,15 +5,18 @@ Layout of a factors directory:
     path/arrays/       orbax StandardCheckpointer tree {"factor_<i>": {
                            "activation_eigenvectors", "gradient_eigenvectors",
                            "eigenvalues"}} for the i-th entry of `factor_names`
-    path/factors.json  {"format", "version", "factor_names", "layers": [LayerSpec
-                       fields]}: the static part of `EKFACFactors`
+    path/factors.json  {"format", "version", "factor_names", "fingerprint",
+                       "layers": [LayerSpec fields]}: the static part of
+                       `EKFACFactors` (version 1 files, without block, config,
+                       kernel shape, dtype and fingerprint, still load)
 
 Arrays are keyed by position rather than by layer name because layer names hold
 "/", which orbax would read as nesting. `factors.json` is written last, through a
 temporary file and `os.replace`, and removed first when overwriting: it is the
 commit marker, so a crash never leaves a directory that loads with stale specs.
 Saving is collective like any orbax save (call it on every process); only the
-primary process writes the JSON.
+primary process writes the JSON. orbax is imported when first needed, so that
+importing `simfluence_jax.influence` stays light.
 """
 
 import dataclasses
@@ -24,7 +27,6 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from simfluence_jax.influence import _ekfac
 from simfluence_jax.influence import _layers
@@ -32,26 +34,43 @@ from simfluence_jax.influence import _layers
 ARRAYS_DIR = "arrays"
 METADATA_FILE = "factors.json"
 _FORMAT = "simfluence_jax.EKFACFactors"
-_VERSION = 1
+_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(_layers.LayerSpec))
-_TUPLE_FIELDS = ("in_axes", "kernel_path", "bias_path")
+# Fields version 1 files do not have (their layers were all dense).
+_V2_FIELDS = ("block", "config", "kernel_shape", "param_dtype")
+
+
+def _checkpointer():
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.StandardCheckpointer()
+
+
+def _to_json(value):
+  if isinstance(value, tuple):
+    return [_to_json(v) for v in value]
+  return value
+
+
+def _freeze(value):
+  """JSON lists back to the (nested) tuples of a LayerSpec."""
+  if isinstance(value, list):
+    return tuple(_freeze(v) for v in value)
+  return value
 
 
 def _spec_to_json(spec: _layers.LayerSpec) -> dict:
-  return {name: (list(value) if isinstance(value, tuple) else value)
-          for name, value in dataclasses.asdict(spec).items()}
+  return {f.name: _to_json(getattr(spec, f.name))
+          for f in dataclasses.fields(spec)}
 
 
-def _spec_from_json(entry, path: str) -> _layers.LayerSpec:
-  if not isinstance(entry, dict) or set(entry) != set(_SPEC_FIELDS):
+def _spec_from_json(entry, path: str, version: int) -> _layers.LayerSpec:
+  required = set(_SPEC_FIELDS) - (set(_V2_FIELDS) if version == 1 else set())
+  if not isinstance(entry, dict) or not required <= set(entry) <= set(_SPEC_FIELDS):
     raise ValueError(f"load_factors: corrupt {METADATA_FILE} in {path!r}: a layer "
-                     f"entry must have the fields {sorted(_SPEC_FIELDS)}, got "
+                     f"entry must have the fields {sorted(required)}, got "
                      f"{entry!r}.")
-  values = dict(entry)
-  for name in _TUPLE_FIELDS:
-    if values[name] is not None:
-      values[name] = tuple(values[name])
-  return _layers.LayerSpec(**values)
+  return _layers.LayerSpec(**{name: _freeze(value) for name, value in entry.items()})
 
 
 def _write_json_atomically(path: str, payload: dict) -> None:
@@ -102,14 +121,21 @@ def save_factors(path, factors: _ekfac.EKFACFactors, *,
     if os.path.exists(metadata_path):
       os.remove(metadata_path)
   names = list(factors.factors)
-  tree = {f"factor_{i}": dict(factors.factors[name]._asdict())
-          for i, name in enumerate(names)}
-  with ocp.StandardCheckpointer() as checkpointer:
+  tree, empty = {}, {}
+  for i, name in enumerate(names):
+    # orbax refuses zero-size arrays (the identity-basis placeholder of a diagonal
+    # factor): they go to the JSON as (shape, dtype) instead.
+    arrays = factors.factors[name]._asdict()
+    tree[f"factor_{i}"] = {k: v for k, v in arrays.items() if np.size(v)}
+    empty[f"factor_{i}"] = {k: [list(np.shape(v)), str(np.dtype(v.dtype))]
+                            for k, v in arrays.items() if not np.size(v)}
+  with _checkpointer() as checkpointer:
     checkpointer.save(os.path.join(path, ARRAYS_DIR), tree, force=True)
     checkpointer.wait_until_finished()
   if primary:
     _write_json_atomically(metadata_path, {
         "format": _FORMAT, "version": _VERSION, "factor_names": names,
+        "fingerprint": factors.fingerprint, "empty_arrays": empty,
         "layers": [_spec_to_json(spec) for spec in factors.layers]})
 
 
@@ -128,9 +154,10 @@ def _read_metadata(path: str) -> dict:
   if not isinstance(metadata, dict) or metadata.get("format") != _FORMAT:
     raise ValueError(f"load_factors: {metadata_path!r} is not an EK-FAC factors "
                      f"file (format {_FORMAT!r} expected).")
-  if metadata.get("version") != _VERSION:
+  if metadata.get("version") not in _READABLE_VERSIONS:
     raise ValueError(f"load_factors: {metadata_path!r} has version "
-                     f"{metadata.get('version')!r}; this code reads {_VERSION}.")
+                     f"{metadata.get('version')!r}; this code reads "
+                     f"{list(_READABLE_VERSIONS)}.")
   if (not isinstance(metadata.get("factor_names"), list)
       or not isinstance(metadata.get("layers"), list)):
     raise ValueError(f"load_factors: corrupt {METADATA_FILE} in {path!r}: "
@@ -158,18 +185,28 @@ def load_factors(path) -> _ekfac.EKFACFactors:
   if not os.path.isdir(path):
     raise ValueError(f"load_factors: {path!r} is not a directory.")
   metadata = _read_metadata(path)
-  layers = tuple(_spec_from_json(entry, path) for entry in metadata["layers"])
+  layers = tuple(_spec_from_json(entry, path, metadata["version"])
+                 for entry in metadata["layers"])
+  fingerprint = metadata.get("fingerprint")
+  if fingerprint is not None and not isinstance(fingerprint, str):
+    raise ValueError(f"load_factors: corrupt {METADATA_FILE} in {path!r}: "
+                     f"'fingerprint' must be a string, got {fingerprint!r}.")
   names = metadata["factor_names"]
   arrays_path = os.path.join(path, ARRAYS_DIR)
   if not os.path.isdir(arrays_path):
     raise ValueError(f"load_factors: {path!r} has no {ARRAYS_DIR}/ directory.")
   fields = _ekfac.LayerFactors._fields
+  empty = metadata.get("empty_arrays", {})
+  if not isinstance(empty, dict):
+    raise ValueError(f"load_factors: corrupt {METADATA_FILE} in {path!r}: "
+                     f"'empty_arrays' must be an object.")
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _checkpointer() as checkpointer:
       saved = checkpointer.metadata(arrays_path).item_metadata.tree
       expected = {f"factor_{i}" for i in range(len(names))}
       if (set(saved) != expected
-          or any(set(saved[key]) != set(fields) for key in expected)):
+          or any(set(saved[key]) | set(empty.get(key, {})) != set(fields)
+                 for key in expected)):
         raise ValueError(f"load_factors: arrays in {arrays_path!r} do not match "
                          f"the {len(names)} factors listed in {METADATA_FILE}.")
       # Sharding-free targets restore as host numpy arrays with the saved dtypes,
@@ -182,7 +219,13 @@ def load_factors(path) -> _ekfac.EKFACFactors:
   except Exception as error:  # orbax raises assorted types on damaged files.
     raise ValueError(f"load_factors: cannot read the arrays in {arrays_path!r}: "
                      f"{error}") from error
+  def array(key, field):
+    if field in empty.get(key, {}):
+      shape, dtype = empty[key][field]
+      return jnp.zeros(tuple(shape), dtype)
+    return jnp.asarray(np.asarray(restored[key][field]))
+
   factors = {name: _ekfac.LayerFactors(**{
-      field: jnp.asarray(np.asarray(restored[f"factor_{i}"][field]))
-      for field in fields}) for i, name in enumerate(names)}
-  return _ekfac.EKFACFactors(layers, factors)
+      field: array(f"factor_{i}", field) for field in fields})
+             for i, name in enumerate(names)}
+  return _ekfac.EKFACFactors(layers, factors, fingerprint)

@@ -1,51 +1,71 @@
-"""Finds the dense layers of an unmodified linen model and captures their statistics.
+"""Finds the layers of an unmodified Flax model (linen or NNX) and captures their tokens.
 
-The model is traced under `flax.linen.intercept_methods`: every call of an `nn.Dense`
-or `nn.DenseGeneral` records its input `a` and adds a zero "probe" to its output.
-The gradient of the summed per-example losses with respect to the probes is the
-output gradient `g` of every example (examples do not interact inside the model), so
-one forward and one backward pass give, for each layer, the per-token `a` and `g`
-from which covariances and per-example weight gradients `G = Σ_t g_t a_tᵀ` follow.
+The model is traced with every call of a registered layer kind intercepted (linen:
+`nn.intercept_methods`; NNX: the registered classes' `__call__` is wrapped while
+tracing). A call records its input and adds a zero "probe" to its output; the
+gradient of the summed per-example values with respect to the probes is the output
+gradient `g` of every example (examples do not interact inside the model), so one
+forward and backward pass gives, for each layer, the per-token `a` and `g` (the
+layer's `CurvatureBlock` turns the call into tokens). When the per-example
+gradients of other parameter leaves are also wanted (TracIn), the pass is
+`vmap`-ped over examples.
 
-Covered: `nn.Dense` and `nn.DenseGeneral` (any contracted axes, flattened to 2D;
-`batch_dims` unsupported), including modules called several times (their calls count
-as extra tokens). Not covered, and excluded from EK-FAC scores (they contribute
-zero, as in Grosse et al. 2023 and Kronfluence): embeddings, normalisation layers,
-convolutions, any other parameter, layers inside lifted transforms whose parameters
-do not have the plain kernel shape, and layers whose kernel is not found in `params`.
-A warning lists them once.
+Layers are named by their module path (linen) or by the path of their kernel in
+`params` (NNX, found by identity of the `nnx.Param` the merged module holds).
+Covered by default: Dense / DenseGeneral / Conv (linen) and Linear / LinearGeneral /
+Conv (NNX); Embed with `kinds=`. A module called several times counts each call as
+extra tokens. Not covered (zero contribution to EK-FAC scores, as in Grosse et al.
+2023 and Kronfluence): normalisation layers and any other parameter; a warning
+lists them once. Boxed parameters (`nn.Partitioned`, `nn.LogicallyPartitioned`,
+anything `nn.meta.unbox` strips) are unboxed first.
+
+Known limit: a weight read outside its module's own calls (e.g. through
+`self.variables` of a parent) is invisible to interception; tied embeddings used
+through `Embed.attend` are detected and excluded.
 """
 
 import collections
+import contextlib
 import dataclasses
-import math
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+import functools
+import hashlib
+import json
+import threading
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 import warnings
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-_SUPPORTED_MODULES = (nn.Dense, nn.DenseGeneral)
+from simfluence_jax.influence import _blocks
+
 _warned_messages = set()
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
-  """Static description of one discovered dense layer.
+  """Static description of one discovered layer.
 
   Attributes:
-    name: module path joined by "/", e.g. "Dense_0" or "block_0/attention/query".
-    kind: "Dense" or "DenseGeneral".
-    in_axes: contracted input axes, negative (counted from the end of the input).
+    name: module path joined by "/", e.g. "Dense_0" or "block_0/attention/query"
+      (NNX: the path of the kernel's module in `params`).
+    kind: the module class, e.g. "Dense", "DenseGeneral", "Conv", "nnx.Linear".
+    in_axes: contracted input axes, negative (dense layers; () otherwise).
     num_feature_axes: trailing output axes that hold the features.
-    input_dim: I0 = product of the contracted input sizes (without the bias column).
+    input_dim: I0 = product of the contracted input sizes (without the bias
+      column); for Conv the patch size C·prod(kernel_size), for Embed the vocab.
     output_dim: O = product of the feature sizes.
     has_bias: whether a column of ones is appended to the inputs.
-    kernel_path: keys of the kernel leaf in `params`.
+    kernel_path: keys of the kernel (Embed: embedding) leaf in `params`.
     bias_path: keys of the bias leaf in `params`, or None.
     num_calls: how many times the module is called per forward pass.
+    block: the `CurvatureBlock` name ("dense", "conv", "embed", or registered).
+    config: kind-specific static configuration, a tuple of (key, value) pairs.
+    kernel_shape: shape of the kernel leaf.
+    param_dtype: dtype of the kernel leaf.
   """
 
   name: str
@@ -58,6 +78,10 @@ class LayerSpec:
   kernel_path: Tuple[str, ...]
   bias_path: Optional[Tuple[str, ...]]
   num_calls: int = 1
+  block: str = "dense"
+  config: Tuple[Tuple[str, Any], ...] = ()
+  kernel_shape: Tuple[int, ...] = ()
+  param_dtype: str = "float32"
 
   @property
   def augmented_input_dim(self) -> int:
@@ -69,7 +93,8 @@ class LayerActivations(NamedTuple):
   """Per-token statistics of one layer for a batch.
 
   Attributes:
-    inputs: float32[B, T, I] layer inputs `a`, with a column of ones for the bias.
+    inputs: float32[B, T, I] layer inputs `a`, with a column of ones for the bias
+      (Embed: int32[B, T] token ids, the one-hot `a` never formed).
     output_grads: float32[B, T, O] gradients of the example's value w.r.t. outputs.
     token_weights: float32[B, T], 1 where the token counts in covariances.
   """
@@ -85,138 +110,533 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-def _key_name(key) -> str:
+# --- parameter trees -------------------------------------------------------------------
+
+
+def _key_name(key) -> Optional[str]:
+  # An NNX Variable (and a flax box) flattens to its `.value`: not part of the name.
+  if isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value":
+    return None
   for attribute in ("key", "name", "idx"):
     if hasattr(key, attribute):
       return str(getattr(key, attribute))
   return str(key)
 
 
+def _path_names(path) -> Tuple[str, ...]:
+  return tuple(n for n in (_key_name(k) for k in path) if n is not None)
+
+
 def _leaf_paths(params) -> Dict[Tuple[str, ...], Any]:
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  return {tuple(_key_name(k) for k in path): leaf for path, leaf in flat}
+  return {_path_names(path): leaf for path, leaf in flat}
 
 
-def _tracked_call(context) -> bool:
-  return (context.method_name == "__call__"
-          and type(context.module) in _SUPPORTED_MODULES)
+def unbox(params):
+  """`params` without flax metadata boxes; an `nnx.Module` becomes its Param state."""
+  if isinstance(params, nnx.Module):
+    params = nnx.state(params, nnx.Param)
+  return nn.meta.unbox(params)
 
 
-def _module_name(module) -> str:
-  # The root module has an empty path; its class name keeps names non-empty.
-  return "/".join(str(part) for part in module.path) or type(module).__name__
+def is_boxed(params) -> bool:
+  leaves = jax.tree_util.tree_leaves(
+      params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  return any(isinstance(x, nn.meta.AxisMetadata) for x in leaves)
 
 
-def _call_inputs(args, kwargs):
-  return args[0] if args else kwargs["inputs"]
+def _variable_paths(params) -> Dict[int, Tuple[str, ...]]:
+  """id(nnx.Variable) -> its path in `params` (empty for linen parameter dicts)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return {id(leaf): _path_names(path) for path, leaf in flat
+          if isinstance(leaf, nnx.Variable)}
 
 
-def _find_leaf(leaf_paths, module_path, leaf_name):
-  """Path of the unique leaf ending in `module_path + (leaf_name,)`, or None."""
-  suffix = tuple(module_path) + (leaf_name,)
-  matches = [p for p in leaf_paths if p[len(p) - len(suffix):] == suffix]
-  # A module path is a suffix of several leaves only for nested duplicates; the
-  # shortest (closest to the root) is the one the module reads.
-  matches.sort(key=len)
-  if not matches or (len(matches) > 1 and len(matches[0]) == len(matches[1])):
-    return None
-  return matches[0]
+def param_fingerprint(params) -> str:
+  """Hash of every leaf's path, shape and dtype (not of the values)."""
+  entries = sorted((list(path), list(np.shape(leaf)), str(np.dtype(leaf.dtype)))
+                   for path, leaf in _leaf_paths(params).items())
+  return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
-def find_layers(fn: Callable[..., jax.Array], params, batch,
-                warn: bool = True) -> Tuple[LayerSpec, ...]:
-  """Discovers the Dense / DenseGeneral layers that `fn(params, batch)` calls.
+# --- interception ------------------------------------------------------------------------
+
+_local = threading.local()
+_patch_lock = threading.Lock()
+_patch_count = [0]
+_originals: Dict[Tuple[type, str], Any] = {}
+
+
+def _handlers():
+  if not hasattr(_local, "handlers"):
+    _local.handlers = []
+  return _local.handlers
+
+
+def _nnx_wrapper(original, method):
+  @functools.wraps(original)
+  def wrapper(self, *args, **kwargs):
+    handlers = _handlers()
+    if not handlers:
+      return original(self, *args, **kwargs)
+    return handlers[-1](self, method, functools.partial(original, self), args, kwargs)
+  return wrapper
+
+
+def _install_nnx_patches():
+  with _patch_lock:
+    _patch_count[0] += 1
+    if _patch_count[0] > 1:
+      return
+    for module_class in _blocks.registered_module_classes():
+      if not issubclass(module_class, nnx.Module):
+        continue
+      block_class = _blocks.block_for_module_class(module_class)
+      for method in ("__call__",) + block_class.weight_reading_methods:
+        original = getattr(module_class, method, None)
+        if original is None:
+          continue
+        _originals[(module_class, method)] = module_class.__dict__.get(method)
+        setattr(module_class, method, _nnx_wrapper(original, method))
+
+
+def _remove_nnx_patches():
+  with _patch_lock:
+    _patch_count[0] -= 1
+    if _patch_count[0]:
+      return
+    for (module_class, method), original in _originals.items():
+      if original is None:
+        delattr(module_class, method)
+      else:
+        setattr(module_class, method, original)
+    _originals.clear()
+
+
+@contextlib.contextmanager
+def intercept(handler):
+  """Routes Flax module calls through `handler` while tracing.
+
+  `handler(module, method_name, call, args, kwargs)` must return `call(*args,
+  **kwargs)` or a replacement. It sees every linen module method call and, for
+  NNX, the `__call__` (and weight-reading methods) of the registered classes.
+  """
+  def linen_interceptor(next_fun, args, kwargs, context):
+    return handler(context.module, context.method_name, next_fun, args, kwargs)
+
+  handlers = _handlers()
+  handlers.append(handler)
+  _install_nnx_patches()
+  try:
+    with nn.intercept_methods(linen_interceptor):
+      yield
+  finally:
+    handlers.pop()
+    _remove_nnx_patches()
+
+
+def _kind_name(module) -> str:
+  prefix = "nnx." if isinstance(module, nnx.Module) else ""
+  return prefix + type(module).__name__
+
+
+class _Locator:
+  """Names a module and finds its parameter leaves in `params`."""
+
+  def __init__(self, params):
+    self.leaf_paths = _leaf_paths(params)
+    self.variable_paths = _variable_paths(params)
+    self.unnamed = {}
+
+  def _linen_leaf(self, module_path, leaf_name):
+    """Path of the unique leaf ending in `module_path + (leaf_name,)`, or None."""
+    suffix = tuple(module_path) + (leaf_name,)
+    matches = [p for p in self.leaf_paths if p[len(p) - len(suffix):] == suffix]
+    # A module path is a suffix of several leaves only for nested duplicates; the
+    # shortest (closest to the root) is the one the module reads.
+    matches.sort(key=len)
+    if not matches or (len(matches) > 1 and len(matches[0]) == len(matches[1])):
+      return None
+    return matches[0]
+
+  def locate(self, module, block_class):
+    """(name, kernel path or None, bias path or None)."""
+    if isinstance(module, nnx.Module):
+      kernel = getattr(module, block_class.kernel_name, None)
+      kernel_path = self.variable_paths.get(id(kernel))
+      bias = (getattr(module, block_class.bias_name, None)
+              if block_class.bias_name else None)
+      bias_path = self.variable_paths.get(id(bias)) if bias is not None else None
+      if kernel_path is not None:
+        name = "/".join(kernel_path[:-1]) or _kind_name(module)
+      else:
+        name = self.unnamed.setdefault(
+            id(module), f"{_kind_name(module)}#{len(self.unnamed)}")
+      return name, kernel_path, bias_path
+    module_path = tuple(str(p) for p in module.path)
+    # The root module has an empty path; its class name keeps names non-empty.
+    name = "/".join(module_path) or type(module).__name__
+    bias_path = (self._linen_leaf(module_path, block_class.bias_name)
+                 if block_class.bias_name else None)
+    return name, self._linen_leaf(module_path, block_class.kernel_name), bias_path
+
+
+# --- discovery ---------------------------------------------------------------------------
+
+
+def _first_example(batch):
+  return jax.tree_util.tree_map(lambda x: x[:1], batch)
+
+
+def _describe_calls(fn, params, batch):
+  """Traces `fn` once; every intercepted call, by layer name, in call order."""
+  calls = collections.OrderedDict()
+  seen = collections.Counter()
+
+  def traced(params, batch):
+    locator = _Locator(params)
+
+    def handler(module, method, call, args, kwargs):
+      block_class = _blocks.block_for_module(module)
+      if method == "__call__":
+        seen[_kind_name(module)] += 1
+      if block_class is None:
+        return call(*args, **kwargs)
+      if method != "__call__":
+        if method in block_class.weight_reading_methods:
+          name, _, _ = locator.locate(module, block_class)
+          calls.setdefault(name, dict(module=None, foreign=set(), num_calls=0))
+          calls[name]["foreign"].add(method)
+        return call(*args, **kwargs)
+      inputs = block_class.call_inputs(args, kwargs)
+      outputs = call(*args, **kwargs)
+      name, kernel_path, bias_path = locator.locate(module, block_class)
+      entry = calls.setdefault(name, dict(module=None, foreign=set(), num_calls=0))
+      entry["num_calls"] += 1
+      if entry["module"] is None:
+        try:
+          description, problem = block_class.describe(module, inputs, outputs), None
+        except _blocks.UnsupportedLayerError as error:
+          description, problem = None, str(error)
+        entry.update(module=module, kind=_kind_name(module), block=block_class,
+                     description=description, problem=problem,
+                     kernel_path=kernel_path, bias_path=bias_path,
+                     nnx=isinstance(module, nnx.Module))
+      return outputs
+
+    with intercept(handler):
+      return fn(params, batch)
+
+  jax.eval_shape(traced, params, batch)
+  return calls, seen
+
+
+def _layer_problem(entry, leaf_paths) -> Optional[str]:
+  """Why a discovered call cannot be used, or None."""
+  if entry["module"] is None:
+    return "only its weight-reading methods were called, never __call__"
+  if entry["foreign"]:
+    return (f"its weights are also read by {sorted(entry['foreign'])} (e.g. a tied "
+            f"embedding); captured calls would miss part of the gradient")
+  if entry["problem"]:
+    return entry["problem"]
+  block_class, description = entry["block"], entry["description"]
+  if entry["kernel_path"] is None:
+    if entry["nnx"]:
+      return (f"its {block_class.kernel_name} is not one of the nnx.Param leaves of "
+              f"params (params must be nnx.state(module, nnx.Param) of the module the "
+              f"task merges, not transformed copies)")
+    return (f"no leaf ending in '{block_class.kernel_name}' at its module path in "
+            f"params (pass params of the model fn applies)")
+  shape = tuple(np.shape(leaf_paths[entry["kernel_path"]]))
+  if shape != tuple(description["kernel_shape"]):
+    return (f"{block_class.kernel_name} in params has shape {shape}, its call implies "
+            f"{tuple(description['kernel_shape'])} (a lifted transform such as "
+            f"nn.scan / nn.vmap stacks parameters)")
+  if description["has_bias"] and entry["bias_path"] is None:
+    return "it has a bias but no bias leaf was found in params"
+  return None
+
+
+def find_layers(fn: Callable[..., jax.Array], params, batch, warn: bool = True,
+                kinds: Optional[Sequence[str]] = None, strict: bool = True
+                ) -> Tuple[LayerSpec, ...]:
+  """Discovers the layers that `fn(params, batch)` calls.
 
   Args:
-    fn: `(params, batch) -> float[B]`, e.g. `task.loss`; it must call the linen
+    fn: `(params, batch) -> float[B]`, e.g. `task.loss`; it must call the Flax
       modules when traced (not a pre-jitted `apply`, whose cached trace hides them).
-    params: parameter pytree passed to `fn`.
-    batch: a batch (only shapes are used; nothing is computed).
+    params: parameter pytree passed to `fn` (boxed parameters are unboxed; an
+      `nnx.Module` stands for `nnx.state(module, nnx.Param)`).
+    batch: a batch (only shapes of its first example are used; nothing runs).
     warn: warn once about parameters that no layer covers.
+    kinds: block names to cover, e.g. ("dense", "conv", "embed"); None = the
+      default kinds ("dense", "conv"); "all" = every registered kind.
+    strict: raise on a layer of a covered kind that cannot be used (naming it and
+      why); False = leave it out with a warning.
 
   Returns:
     The layers in call order.
 
   Raises:
-    ValueError: if no layer is found.
+    ValueError: no usable layer (the message names the likely cause), a layer that
+      cannot be used when `strict`, or an unknown kind.
   """
-  calls = collections.OrderedDict()
-
-  def interceptor(next_fun, args, kwargs, context):
-    if not _tracked_call(context):
-      return next_fun(*args, **kwargs)
-    module = context.module
-    inputs = _call_inputs(args, kwargs)
-    outputs = next_fun(*args, **kwargs)
-    name = _module_name(module)
-    if name in calls:
-      calls[name]["num_calls"] += 1
-      return outputs
-    if isinstance(module, nn.Dense):
-      in_axes, features = (-1,), (module.features,)
-      batch_dims = ()
-    else:
-      in_axes = tuple(sorted(ax % inputs.ndim for ax in (
-          module.axis if isinstance(module.axis, tuple) else (module.axis,))))
-      in_axes = tuple(ax - inputs.ndim for ax in in_axes)
-      features = (module.features if isinstance(module.features, tuple)
-                  else (module.features,))
-      batch_dims = module.batch_dims
-    calls[name] = dict(module_path=tuple(str(p) for p in module.path),
-                       kind=type(module).__name__, in_axes=in_axes,
-                       features=tuple(features), batch_dims=tuple(batch_dims),
-                       input_dim=math.prod(inputs.shape[ax] for ax in in_axes),
-                       use_bias=bool(module.use_bias), num_calls=1)
-    return outputs
-
-  def traced(params, batch):
-    with nn.intercept_methods(interceptor):
-      return fn(params, batch)
-
-  jax.eval_shape(traced, params, batch)
+  params = unbox(params)
+  if kinds is None:
+    kinds = _blocks.default_block_names()
+  elif kinds == "all":
+    kinds = _blocks.all_block_names()
+  elif isinstance(kinds, str):
+    kinds = (kinds,)
+  kinds = tuple(kinds)
+  unknown = [k for k in kinds if k not in _blocks.all_block_names()]
+  if unknown:
+    raise ValueError(f"kinds: unknown layer kinds {unknown}; registered: "
+                     f"{list(_blocks.all_block_names())} (or \"all\").")
+  calls, seen = _describe_calls(fn, params, _first_example(batch))
   leaf_paths = _leaf_paths(params)
-  specs, skipped_layers, covered = [], [], set()
-  for name, call in calls.items():
-    kernel_path = _find_leaf(leaf_paths, call["module_path"], "kernel")
-    bias_path = (_find_leaf(leaf_paths, call["module_path"], "bias")
-                 if call["use_bias"] else None)
-    output_dim = math.prod(call["features"])
-    expected = call["input_dim"] * output_dim
-    if (call["batch_dims"] or kernel_path is None
-        or np.size(leaf_paths[kernel_path]) != expected
-        or (call["use_bias"] and bias_path is None)):
-      skipped_layers.append(name)
+  specs, problems, disabled, covered = [], [], [], set()
+  for name, entry in calls.items():
+    block_class = entry.get("block")
+    if block_class is not None and block_class.name not in kinds:
+      disabled.append(f"{name!r} ({entry['kind']})")
       continue
-    covered.add(kernel_path)
-    if bias_path is not None:
-      covered.add(bias_path)
+    problem = _layer_problem(entry, leaf_paths)
+    if problem is not None:
+      problems.append(f"{name!r} ({entry.get('kind', '?')}): {problem}")
+      continue
+    d = entry["description"]
+    kernel = leaf_paths[entry["kernel_path"]]
+    covered.add(entry["kernel_path"])
+    if d["has_bias"]:
+      covered.add(entry["bias_path"])
     specs.append(LayerSpec(
-        name=name, kind=call["kind"], in_axes=call["in_axes"],
-        num_feature_axes=len(call["features"]), input_dim=call["input_dim"],
-        output_dim=output_dim, has_bias=bias_path is not None,
-        kernel_path=kernel_path, bias_path=bias_path, num_calls=call["num_calls"]))
+        name=name, kind=entry["kind"], in_axes=tuple(d["in_axes"]),
+        num_feature_axes=d["num_feature_axes"], input_dim=d["input_dim"],
+        output_dim=d["output_dim"], has_bias=d["has_bias"],
+        kernel_path=entry["kernel_path"],
+        bias_path=entry["bias_path"] if d["has_bias"] else None,
+        num_calls=entry["num_calls"], block=block_class.name,
+        config=tuple(d["config"]), kernel_shape=tuple(d["kernel_shape"]),
+        param_dtype=str(np.dtype(kernel.dtype))))
   if not specs:
-    raise ValueError(
-        "find_layers: no nn.Dense / nn.DenseGeneral layer found in params; the task's "
-        "apply_fn must call linen modules when traced (do not pass a jitted apply).")
+    raise ValueError("find_layers: no usable layer. " + _nothing_found(
+        calls, seen, problems, disabled, kinds))
+  if problems and strict:
+    raise ValueError("find_layers: layers that cannot be used (pass strict=False to "
+                     "leave them out, or layers= explicitly): " + "; ".join(problems))
   uncovered = ["/".join(p) for p in leaf_paths if p not in covered]
-  if warn and (uncovered or skipped_layers):
+  if warn and (uncovered or problems):
     _warn_once(
-        f"EK-FAC covers {len(specs)} dense layers; excluded (zero contribution to "
-        f"EK-FAC scores): parameters {uncovered}"
-        + (f", unsupported dense layers {skipped_layers}" if skipped_layers else ""))
+        f"EK-FAC covers {len(specs)} layers; excluded (zero contribution to EK-FAC "
+        f"scores): parameters {uncovered}"
+        + (f"; layers left out: {problems}" if problems else ""))
   return tuple(specs)
+
+
+def _nothing_found(calls, seen, problems, disabled, kinds) -> str:
+  if problems:
+    return "Layers were found but none can be used: " + "; ".join(problems) + "."
+  if disabled:
+    return (f"Found only layers of kinds not enabled ({', '.join(disabled)}); "
+            f"enabled kinds are {list(kinds)} (pass kinds=... to include them).")
+  if not seen:
+    return ("fn called no Flax module while traced. A pre-jitted apply "
+            "(jax.jit(model.apply)) replays its cached trace and hides the layers: "
+            "pass the unjitted apply. An NNX model must be merged from the params "
+            "inside fn (or pass the module to the task). A model that is not Flax "
+            "needs register_layer_kind.")
+  known = sorted(c.__name__ for c in _blocks.registered_module_classes())
+  return (f"The modules called ({dict(seen)}) include no supported layer kind "
+          f"({known}); register_layer_kind(module_class, BlockClass) adds one.")
+
+
+# --- capture -------------------------------------------------------------------------------
+
+
+def _flatten(params):
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  return [_path_names(p) for p, _ in flat], [leaf for _, leaf in flat], treedef
+
+
+def capture_per_example(fn, params, batch, layers: Tuple[LayerSpec, ...],
+                        token_mask: Optional[jax.Array] = None,
+                        wrt_paths: Sequence[Tuple[str, ...]] = (),
+                        transform_example: Optional[Callable] = None,
+                        example_args=None):
+  """Per-example capture: tokens of every layer and gradients of other leaves.
+
+  Without `wrt_paths`, one batched forward and backward pass (examples do not
+  interact inside the model); with them, the pass is `vmap`-ped over examples so
+  that the other leaves' gradients are per example.
+
+  Args:
+    fn: `(params, batch) -> float[B]` per-example values (loss or measurement).
+    params: parameter pytree (unboxed).
+    batch: pytree with a leading example axis B.
+    layers: from `find_layers`.
+    token_mask: optional float[B, L]; layers whose token grid has shape [L] use
+      it as token weights (other layers weight every token 1).
+    wrt_paths: leaf paths whose per-example gradients are also returned.
+    transform_example: optional `(params, batch_of_one, example_arg) -> batch`
+      applied before the forward pass (e.g. sampling targets); untraced by layers.
+    example_args: pytree with leading axis B passed to `transform_example`.
+
+  Returns:
+    (activations by layer name, values float32[B], per-example gradients: a list
+    aligned with `wrt_paths`, leaves float[B, *leaf.shape]).
+  """
+  if not _traced((params, batch, token_mask, example_args)):
+    key = (fn, tuple(layers), tuple(map(tuple, wrt_paths)), transform_example,
+           token_mask is None, example_args is None)
+    try:
+      hash(key)
+    except TypeError:
+      key = None
+    if key is not None:
+      # Called eagerly: one cached jitted program instead of op-by-op dispatch.
+      return _jitted_capture(*key)(params, batch, token_mask, example_args)
+  return _capture_per_example(fn, params, batch, layers, token_mask, wrt_paths,
+                              transform_example, example_args)
+
+
+def _traced(tree) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+@functools.lru_cache(maxsize=128)
+def _jitted_capture(fn, layers, wrt_paths, transform_example, no_mask, no_args):
+  del no_mask, no_args  # part of the key: None arguments change the program
+  return jax.jit(lambda params, batch, token_mask, example_args: _capture_per_example(
+      fn, params, batch, layers, token_mask, wrt_paths, transform_example,
+      example_args))
+
+
+def _capture_per_example(fn, params, batch, layers, token_mask, wrt_paths,
+                         transform_example, example_args):
+  paths, leaves, treedef = _flatten(params)
+  index = {p: i for i, p in enumerate(paths)}
+  wrt_index = [index[p] for p in wrt_paths]
+  wrt_leaves = [leaves[i] for i in wrt_index]
+  specs = {spec.name: spec for spec in layers}
+  blocks = {spec.name: _blocks.block(spec) for spec in layers}
+  if token_mask is None:
+    token_mask = jnp.zeros((_num_examples(batch), 0), jnp.float32)
+
+  def rebuild(wrt):
+    all_leaves = list(leaves)
+    for j, i in enumerate(wrt_index):
+      all_leaves[i] = wrt[j]
+    return jax.tree_util.tree_unflatten(treedef, all_leaves)
+
+  def run(example_batch, probes, wrt, record):
+    p = rebuild(wrt)
+    locator = _Locator(p)
+    counter = collections.Counter()
+
+    def handler(module, method, call, args, kwargs):
+      block_class = _blocks.block_for_module(module)
+      if block_class is None or method != "__call__":
+        return call(*args, **kwargs)
+      name, _, _ = locator.locate(module, block_class)
+      if name not in specs:
+        return call(*args, **kwargs)
+      key = f"{name}#{counter[name]}"
+      counter[name] += 1
+      inputs = block_class.call_inputs(args, kwargs)
+      outputs = call(*args, **kwargs)
+      record[key] = (inputs, outputs)
+      if probes is None:
+        return outputs
+      return outputs + probes[key].astype(outputs.dtype)
+
+    with intercept(handler):
+      values = fn(p, example_batch)
+    return values
+
+  def capture_batch(example_batch, mask, wrt):
+    """Tokens [b, T, ...] and values [b] of a batch; grads of Σ values wrt `wrt`."""
+    size = _num_examples(example_batch)
+
+    def shapes_only(wrt):
+      record = {}
+      values = run(example_batch, None, wrt, record)
+      return values, {key: out for key, (_, out) in record.items()}
+
+    value_shape, output_shapes = jax.eval_shape(shapes_only, wrt)
+    if tuple(value_shape.shape) != (size,):
+      raise ValueError(f"capture: fn must return one value per example (float[B]); "
+                       f"for a batch of {size} it returned shape {value_shape.shape}.")
+    for spec in layers:
+      found = sum(key.startswith(spec.name + "#") for key in output_shapes)
+      if found != spec.num_calls:
+        raise ValueError(f"capture: layer {spec.name!r} was called {found} times, "
+                         f"{spec.num_calls} expected (layers from another model?).")
+    probes = {key: jnp.zeros(s.shape, jnp.float32) for key, s in output_shapes.items()}
+
+    def total(probes, wrt):
+      record = {}
+      values = run(example_batch, probes, wrt, record)
+      return jnp.sum(values.astype(jnp.float32)), (
+          values, {key: inputs for key, (inputs, _) in record.items()})
+
+    (probe_grads, wrt_grads), (values, inputs) = jax.grad(
+        total, argnums=(0, 1), has_aux=True)(probes, wrt)
+    result = {}
+    for spec in layers:
+      a_parts, g_parts, w_parts = [], [], []
+      for call in range(spec.num_calls):
+        key = f"{spec.name}#{call}"
+        a, g, free_shape = blocks[spec.name].tokens(inputs[key], probe_grads[key])
+        if mask.shape[1] and free_shape == tuple(mask.shape):
+          weights = jnp.reshape(mask.astype(jnp.float32), (size, -1))
+        else:
+          weights = jnp.ones(g.shape[:2], jnp.float32)
+        a_parts.append(a)
+        g_parts.append(g)
+        w_parts.append(weights)
+      result[spec.name] = LayerActivations(
+          jnp.concatenate(a_parts, axis=1), jnp.concatenate(g_parts, axis=1),
+          jnp.concatenate(w_parts, axis=1))
+    return result, values.astype(jnp.float32), wrt_grads
+
+  token_mask = jnp.asarray(token_mask)
+  if transform_example is not None:
+    if example_args is None:
+      example_args = jnp.zeros((_num_examples(batch),), jnp.int32)
+    first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
+    batch = jax.vmap(lambda example, arg: first(transform_example(
+        params, jax.tree_util.tree_map(lambda x: x[None], example), arg)))(
+            batch, example_args)
+  if not wrt_paths:
+    # Examples do not interact inside the model, so one batched pass gives every
+    # example's output gradients (the probes' gradient of the summed values).
+    return capture_batch(batch, token_mask, [])
+
+  def single(example, mask_row):
+    example_batch = jax.tree_util.tree_map(lambda x: x[None], example)
+    result, values, wrt_grads = capture_batch(example_batch, mask_row[None],
+                                              wrt_leaves)
+    return (jax.tree_util.tree_map(lambda x: x[0], result), values[0], wrt_grads)
+
+  return jax.vmap(single)(batch, token_mask)
+
+
+def _num_examples(batch) -> int:
+  return int(np.shape(jax.tree_util.tree_leaves(batch)[0])[0])
 
 
 def capture(fn: Callable[..., jax.Array], params, batch,
             layers: Tuple[LayerSpec, ...],
             token_mask: Optional[jax.Array] = None
             ) -> Tuple[Dict[str, LayerActivations], jax.Array]:
-  """One forward and backward pass recording every layer's inputs and output grads.
+  """One forward and backward pass recording every layer's tokens.
 
   Args:
     fn: `(params, batch) -> float[B]` per-example values (loss or measurement).
-    params: parameter pytree.
+    params: parameter pytree (boxed parameters are unboxed).
     batch: pytree with a leading example axis B.
     layers: from `find_layers`.
     token_mask: optional float[B, L]; layers whose token axes have shape [L] use it
@@ -225,74 +645,16 @@ def capture(fn: Callable[..., jax.Array], params, batch,
   Returns:
     (activations by layer name, values float32[B]).
   """
-  wanted = {spec.name for spec in layers}
-
-  def run(probes, record):
-    counter = collections.Counter()
-
-    def interceptor(next_fun, args, kwargs, context):
-      if not _tracked_call(context):
-        return next_fun(*args, **kwargs)
-      name = _module_name(context.module)
-      if name not in wanted:
-        return next_fun(*args, **kwargs)
-      key = f"{name}#{counter[name]}"
-      counter[name] += 1
-      outputs = next_fun(*args, **kwargs)
-      record[key] = (_call_inputs(args, kwargs), outputs)
-      if probes is None:
-        return outputs
-      return outputs + probes[key].astype(outputs.dtype)
-
-    with nn.intercept_methods(interceptor):
-      values = fn(params, batch)
-    return values
-
-  def shapes_only(params, batch):
-    record = {}
-    values = run(None, record)
-    return values, {key: out for key, (_, out) in record.items()}
-
-  _, output_shapes = jax.eval_shape(shapes_only, params, batch)
-  probes = {key: jnp.zeros(s.shape, jnp.float32) for key, s in output_shapes.items()}
-
-  def total(probes):
-    record = {}
-    values = run(probes, record)
-    return jnp.sum(values.astype(jnp.float32)), (
-        values, {key: inputs for key, (inputs, _) in record.items()})
-
-  grads, (values, inputs) = jax.grad(total, has_aux=True)(probes)
-  num_examples = values.shape[0]
-  result = {}
-  for spec in layers:
-    a_parts, g_parts, w_parts = [], [], []
-    for call in range(spec.num_calls):
-      key = f"{spec.name}#{call}"
-      a = inputs[key].astype(jnp.float32)
-      g = grads[key]
-      in_axes = tuple(ax % a.ndim for ax in spec.in_axes)
-      free_shape = tuple(a.shape[ax] for ax in range(a.ndim) if ax not in in_axes)
-      a = jnp.moveaxis(a, in_axes, tuple(range(a.ndim - len(in_axes), a.ndim)))
-      a = jnp.reshape(a, (num_examples, -1, spec.input_dim))
-      g = jnp.reshape(g, (num_examples, -1, spec.output_dim))
-      if (token_mask is not None and free_shape == tuple(token_mask.shape)):
-        weights = jnp.reshape(token_mask.astype(jnp.float32), (num_examples, -1))
-      else:
-        weights = jnp.ones(a.shape[:2], jnp.float32)
-      a_parts.append(a)
-      g_parts.append(g)
-      w_parts.append(weights)
-    a = jnp.concatenate(a_parts, axis=1)
-    if spec.has_bias:
-      a = jnp.concatenate([a, jnp.ones(a.shape[:2] + (1,), a.dtype)], axis=-1)
-    result[spec.name] = LayerActivations(
-        a, jnp.concatenate(g_parts, axis=1), jnp.concatenate(w_parts, axis=1))
-  return result, values
+  activations, values, _ = capture_per_example(fn, unbox(params), batch, layers,
+                                               token_mask)
+  return activations, values
 
 
-def per_example_layer_grads(activations: LayerActivations) -> jax.Array:
+def per_example_layer_grads(activations: LayerActivations,
+                            spec: Optional[LayerSpec] = None) -> jax.Array:
   """float32[B, O, I] per-example weight gradients `G = Σ_t g_t a_tᵀ`."""
+  if spec is not None:
+    return _blocks.block(spec).per_example_grads(activations)
   return jnp.einsum("bto,bti->boi", activations.output_grads, activations.inputs)
 
 
@@ -308,15 +670,46 @@ def layer_grads_from_param_grads(layers: Tuple[LayerSpec, ...], grads,
   Returns:
     By layer name: float32[O, I] (or [B, O, I]); kernel columns first, bias last.
   """
-  leaves = _leaf_paths(grads)
+  leaves = _leaf_paths(unbox(grads))
   lead = (leaves[layers[0].kernel_path].shape[0],) if batched else ()
+  return {spec.name: _blocks.block(spec).param_matrix(
+      leaves[spec.kernel_path],
+      leaves[spec.bias_path] if spec.has_bias else None, lead) for spec in layers}
+
+
+def param_grads_from_layer_grads(layers: Tuple[LayerSpec, ...],
+                                 layer_grads: Dict[str, jax.Array]
+                                 ) -> Dict[Tuple[str, ...], jax.Array]:
+  """Inverse of `layer_grads_from_param_grads` (unbatched): {leaf path: array}."""
   out = {}
   for spec in layers:
-    kernel = jnp.reshape(leaves[spec.kernel_path],
-                         lead + (spec.input_dim, spec.output_dim))
-    matrix = jnp.swapaxes(kernel, -1, -2)
+    kernel, bias = _blocks.block(spec).matrix_params(layer_grads[spec.name])
+    out[spec.kernel_path] = kernel
     if spec.has_bias:
-      bias = jnp.reshape(leaves[spec.bias_path], lead + (spec.output_dim, 1))
-      matrix = jnp.concatenate([matrix, bias], axis=-1)
-    out[spec.name] = matrix.astype(jnp.float32)
+      out[spec.bias_path] = bias
   return out
+
+
+def check_layers_match(layers: Tuple[LayerSpec, ...], params, argument: str,
+                       fingerprint: Optional[str] = None) -> None:
+  """Raises ValueError naming the first layer whose leaves differ from `params`."""
+  leaves = _leaf_paths(params)
+  for spec in layers:
+    kernel = leaves.get(spec.kernel_path)
+    where = f"{argument}: fitted on a different model: layer {spec.name!r} ({spec.kind})"
+    if kernel is None:
+      raise ValueError(f"{where} has no leaf {'/'.join(spec.kernel_path)} in params.")
+    shape, dtype = tuple(np.shape(kernel)), str(np.dtype(kernel.dtype))
+    if spec.kernel_shape and shape != tuple(spec.kernel_shape):
+      raise ValueError(f"{where}: kernel shape {tuple(spec.kernel_shape)} in the "
+                       f"factors, {shape} in params.")
+    if dtype != spec.param_dtype:
+      raise ValueError(f"{where}: kernel dtype {spec.param_dtype} in the factors, "
+                       f"{dtype} in params.")
+    if spec.has_bias and spec.bias_path not in leaves:
+      raise ValueError(f"{where} has no bias leaf {'/'.join(spec.bias_path)} in params.")
+  if fingerprint is not None and fingerprint != param_fingerprint(params):
+    raise ValueError(f"{argument}: fitted on a different model: its layers match but "
+                     f"other parameters differ in path, shape or dtype (fingerprint "
+                     f"{fingerprint} in the factors, {param_fingerprint(params)} for "
+                     f"params).")

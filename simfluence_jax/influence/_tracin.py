@@ -2,9 +2,17 @@
 
 `score[q, i] = Σ_k η_k ⟨∇m_q(θ_k), ∇ℓ_i(θ_k)⟩` over checkpoints θ_k; positive = a
 gradient step on train example i lowers the query's measurement. Gradients are taken
-with respect to every leaf of the checkpoint pytrees. With `projection_dim`, both
-sides are projected by the same seeded matrix (`kernels.projection`, a fresh one per
-checkpoint via `fold_in(rng, k)`) so the dot products are unbiased estimates.
+with respect to every leaf of the checkpoint pytrees.
+
+Exact scores use factored inner products where they are cheaper: the gradient of a
+layer with tokens is `G = Σ_t g_t a_tᵀ`, so `⟨G_q, G_i⟩ = Σ_{s,t} (g_qs·g_it)(a_qs·a_it)`
+costs S·T·(I+O) per pair instead of I·O, and per-example weight gradients are
+never formed. Each layer's `CurvatureBlock` picks the cheaper form from the shapes
+alone. Leaves no block covers (LayerNorm scales, biases of unsupported modules, ...)
+get ordinary per-example gradients of those leaves only, from the same vmapped
+backward pass. With `projection_dim`, both sides are instead projected by the same
+seeded matrix (`kernels.projection`, a fresh one per checkpoint via
+`fold_in(rng, k)`), so the dot products are unbiased estimates.
 """
 
 import functools
@@ -16,43 +24,191 @@ import numpy as np
 
 from simfluence_jax import kernels
 from simfluence_jax import sharding as sharding_lib
+from simfluence_jax.influence import _blocks
 from simfluence_jax.influence import _common
+from simfluence_jax.influence import _layers
+from simfluence_jax.influence import _tasks
 
 DEFAULT_CHUNK_SIZE = 256
 
 
-def _flat_grads(fn, params, batch, projection_dim, key):
+# --- projected gradients (projection_dim) ------------------------------------------------
+
+
+def _projected_grads(fn, params, batch, projection_dim, key):
   grads = kernels.per_example_grads(fn, params, batch)
-  if projection_dim is None:
-    return jax.tree_util.tree_map(
-        lambda g: jnp.reshape(g, (g.shape[0], -1)).astype(jnp.float32), grads)
   return kernels.project_pytree(grads, key, projection_dim)
 
 
-def _dot(query, train):
-  """Σ over leaves of query[Q, P_leaf] @ train[n, P_leaf]ᵀ, without concatenating."""
-  products = jax.tree_util.tree_map(lambda q, t: q @ t.T, query, train)
-  return functools.reduce(jnp.add, jax.tree_util.tree_leaves(products))
+def _projected_scores(task, projection_dim, params, query, learning_rate, chunk, key):
+  train = _projected_grads(task.loss, params, chunk, projection_dim, key)
+  return learning_rate * query @ train.T
 
 
-def _query_grads(task, projection_dim, params, batch, key):
-  return _flat_grads(task.measurement, params, batch, projection_dim, key)
+def _projected_self(task, projection_dim, params, learning_rate, chunk, key):
+  train = _projected_grads(task.loss, params, chunk, projection_dim, key)
+  return learning_rate * jnp.sum(train * train, axis=1)
 
 
-def _chunk_scores(task, projection_dim, params, query, learning_rate, chunk, key):
-  train = _flat_grads(task.loss, params, chunk, projection_dim, key)
-  return learning_rate * _dot(query, train)
+@functools.lru_cache(maxsize=64)
+def _projected_query_kernel(task, projection_dim):
+  return jax.jit(lambda params, batch, key: _projected_grads(
+      task.measurement, params, batch, projection_dim, key))
 
 
-def _chunk_self(task, projection_dim, params, learning_rate, chunk, key):
-  train = _flat_grads(task.loss, params, chunk, projection_dim, key)
-  squares = jax.tree_util.tree_map(lambda t: jnp.sum(t * t, axis=1), train)
-  return learning_rate * functools.reduce(jnp.add, jax.tree_util.tree_leaves(squares))
+@functools.lru_cache(maxsize=64)
+def _projected_kernel(task, projection_dim, mesh):
+  return _common.data_parallel(
+      functools.partial(_projected_scores, task, projection_dim), mesh,
+      in_specs=(None, None, None, 0, None), out_specs=1)
 
 
-_jit_query_grads = jax.jit(_query_grads, static_argnames=("task", "projection_dim"))
-_jit_chunk_scores = jax.jit(_chunk_scores, static_argnames=("task", "projection_dim"))
-_jit_chunk_self = jax.jit(_chunk_self, static_argnames=("task", "projection_dim"))
+@functools.lru_cache(maxsize=64)
+def _projected_self_kernel(task, projection_dim, mesh):
+  return _common.data_parallel(
+      functools.partial(_projected_self, task, projection_dim), mesh,
+      in_specs=(None, None, 0, None), out_specs=0)
+
+
+# --- exact gradients: blocks (factored or materialised) + other leaves ---------------------
+
+
+class _Plan:
+  """Static split of the parameters: layers with blocks, other leaves, and forms."""
+
+  def __init__(self, layers, other_paths, factored):
+    self.layers = layers
+    self.other_paths = other_paths
+    self.factored = factored  # by layer name: use factored inner products
+
+  def _key(self):
+    return (self.layers, self.other_paths, tuple(sorted(self.factored.items())))
+
+  def __eq__(self, other):
+    return isinstance(other, _Plan) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self._key())
+
+
+def _discover(fn, params, batch):
+  try:
+    return _layers.find_layers(fn, params, batch, warn=False, kinds="all",
+                               strict=False)
+  except ValueError:
+    return ()  # No usable layer: every leaf gets plain per-example gradients.
+
+
+_plans = {}
+
+
+def _signature(tree):
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return treedef, tuple((tuple(np.shape(x)), str(np.dtype(x.dtype))) for x in leaves)
+
+
+def _cached_plan(task, params, query_batch, train_batch, num_query) -> _Plan:
+  """`_make_plan`, reused for the same task and shapes (it traces the model)."""
+  first = lambda batch: jax.tree_util.tree_map(lambda x: x[:1], batch)
+  try:
+    key = (task, _signature(params), _signature(first(query_batch)),
+           _signature(first(train_batch)), num_query)
+    hash(key)
+  except TypeError:
+    return _make_plan(task, params, query_batch, train_batch, num_query)
+  if key not in _plans:
+    if len(_plans) >= 64:
+      _plans.clear()
+    _plans[key] = _make_plan(task, params, query_batch, train_batch, num_query)
+  return _plans[key]
+
+
+def _make_plan(task, params, query_batch, train_batch, num_query) -> _Plan:
+  """Layers both the loss and the measurement call, the rest as plain leaves."""
+  train_layers = _discover(task.loss, params, train_batch)
+  query_names = {spec for spec in _discover(task.measurement, params, query_batch)}
+  layers = tuple(spec for spec in train_layers if spec in query_names)
+  covered = set()
+  for spec in layers:
+    covered.add(spec.kernel_path)
+    if spec.has_bias:
+      covered.add(spec.bias_path)
+  other = tuple(p for p in _layers._leaf_paths(params) if p not in covered)  # pylint: disable=protected-access
+  factored = {}
+  if layers:
+    tokens = lambda fn, batch: {name: act.output_grads.shape[1] for name, act in
+                                jax.eval_shape(lambda p, b: _layers.capture(
+                                    fn, p, b, layers)[0], params, batch).items()}
+    first = jax.tree_util.tree_map(lambda x: x[:1], train_batch)
+    train_tokens = tokens(task.loss, first)
+    query_tokens = tokens(task.measurement,
+                          jax.tree_util.tree_map(lambda x: x[:1], query_batch))
+    for spec in layers:
+      factored[spec.name] = _blocks.block(spec).use_factored(
+          num_query, query_tokens[spec.name], train_tokens[spec.name])
+  return _Plan(layers, other, factored)
+
+
+def _flatten_other(grads):
+  return [jnp.reshape(g, (g.shape[0], -1)).astype(jnp.float32) for g in grads]
+
+
+def _query_side(task, plan, params, batch):
+  activations, _, grads = _layers.capture_per_example(
+      task.measurement, params, batch, plan.layers, wrt_paths=plan.other_paths)
+  query = {}
+  for spec in plan.layers:
+    act = activations[spec.name]
+    query[spec.name] = (act if plan.factored[spec.name]
+                        else _blocks.block(spec).per_example_grads(act))
+  return query, _flatten_other(grads)
+
+
+@functools.lru_cache(maxsize=64)
+def _query_kernel(task, plan):
+  return jax.jit(functools.partial(_query_side, task, plan))
+
+
+def _chunk_scores(task, plan, params, query, learning_rate, chunk):
+  activations, _, grads = _layers.capture_per_example(
+      task.loss, params, chunk, plan.layers, wrt_paths=plan.other_paths)
+  layer_query, other_query = query
+  total = 0.0
+  for spec in plan.layers:
+    block, act = _blocks.block(spec), activations[spec.name]
+    if plan.factored[spec.name]:
+      total = total + block.factored_products(layer_query[spec.name], act)
+    else:
+      total = total + block.dot(layer_query[spec.name], act)
+  for q, t in zip(other_query, _flatten_other(grads)):
+    total = total + q @ t.T
+  return learning_rate * total
+
+
+def _chunk_self(task, plan, params, learning_rate, chunk):
+  activations, _, grads = _layers.capture_per_example(
+      task.loss, params, chunk, plan.layers, wrt_paths=plan.other_paths)
+  total = 0.0
+  for spec in plan.layers:
+    total = total + _blocks.block(spec).self_inner_products(activations[spec.name])
+  for t in _flatten_other(grads):
+    total = total + jnp.sum(t * t, axis=1)
+  return learning_rate * total
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_kernel(task, plan, mesh):
+  return _common.data_parallel(functools.partial(_chunk_scores, task, plan), mesh,
+                               in_specs=(None, None, None, 0), out_specs=1)
+
+
+@functools.lru_cache(maxsize=64)
+def _self_kernel(task, plan, mesh):
+  return _common.data_parallel(functools.partial(_chunk_self, task, plan), mesh,
+                               in_specs=(None, None, 0), out_specs=0)
+
+
+# --- drivers -----------------------------------------------------------------------------
 
 
 def _validate(checkpoints, learning_rates, projection_dim, rng):
@@ -63,8 +219,11 @@ def _validate(checkpoints, learning_rates, projection_dim, rng):
   if len(checkpoints) != len(learning_rates):
     raise ValueError(f"learning_rates has {len(learning_rates)} entries but there are "
                      f"{len(checkpoints)} checkpoints.")
+  if not all(np.isfinite(learning_rates)):
+    raise ValueError(f"learning_rates must be finite, got {learning_rates}.")
   if projection_dim is not None:
-    if not isinstance(projection_dim, int) or projection_dim <= 0:
+    if (isinstance(projection_dim, bool) or not isinstance(projection_dim, int)
+        or projection_dim <= 0):
       raise ValueError(f"projection_dim must be a positive integer, got "
                        f"{projection_dim!r}.")
     if rng is None:
@@ -72,7 +231,15 @@ def _validate(checkpoints, learning_rates, projection_dim, rng):
                        "projection).")
   keys = [None if rng is None else jax.random.fold_in(rng, k)
           for k in range(len(checkpoints))]
-  return checkpoints, learning_rates, keys
+  return [_layers.unbox(c) for c in checkpoints], learning_rates, keys
+
+
+def _prepare(task, checkpoints, train_batches, chunk_size, mesh):
+  chunk_size = _common.check_chunk_size(chunk_size)
+  mesh = _common.resolve_mesh(mesh)
+  batches = _common.as_batch_list(train_batches, "train_batches")
+  _tasks.validate(task, checkpoints[0], batches, "train_batches")
+  return batches, chunk_size, mesh
 
 
 def tracin_scores(task, checkpoints: Sequence, learning_rates, query_batch,
@@ -84,14 +251,15 @@ def tracin_scores(task, checkpoints: Sequence, learning_rates, query_batch,
 
   Args:
     task: a `Task`: `measurement` for queries, `loss` for train examples.
-    checkpoints: K parameter pytrees (each what the task's apply_fn takes).
+    checkpoints: K parameter pytrees (each what the task's apply_fn takes; boxed
+      parameters are unboxed, an NNX task takes `nnx.state(module, nnx.Param)`).
     learning_rates: K step sizes η_k (sequence or float[K]).
-    query_batch: one batch of Q queries.
+    query_batch: one batch of Q ≥ 1 queries.
     train_batches: iterable of train batches (or one batch), N examples in all;
       read once, in chunks of `chunk_size` (memory bounded by the chunk, not N).
     projection_dim: project per-example gradients to this many dimensions.
     rng: PRNG key seeding the projections; required with `projection_dim`.
-    chunk_size: train examples per jitted step.
+    chunk_size: train examples per jitted step (an integer ≥ 1).
     mesh: split each chunk of train examples over this mesh's `data` axis
       (`sharding.make_mesh`; it may span processes); None = default device.
 
@@ -100,53 +268,40 @@ def tracin_scores(task, checkpoints: Sequence, learning_rates, query_batch,
 
   Raises:
     ValueError: mismatched `checkpoints` / `learning_rates`, bad `projection_dim`,
-      or `projection_dim` without `rng`.
+      `projection_dim` without `rng`, bad `chunk_size`, empty batches or labels
+      out of range.
   """
   checkpoints, learning_rates, keys = _validate(checkpoints, learning_rates,
                                                 projection_dim, rng)
-  _common.check_mesh(mesh)
-  if mesh is not None:
-    return _sharded_tracin_scores(task, checkpoints, learning_rates, keys,
-                                  query_batch, train_batches, projection_dim,
-                                  chunk_size, mesh)
-  queries = [_jit_query_grads(task, projection_dim, params, query_batch, key)
-             for params, key in zip(checkpoints, keys)]
-  pieces, batches = [], _common.as_batch_list(train_batches, "train_batches")
-  progress = _common.Progress("tracin_scores", _common.num_chunks(batches, chunk_size))
-  for chunk, valid in _common.iterate_chunks(batches, chunk_size):
+  batches, chunk_size, mesh = _prepare(task, checkpoints, train_batches, chunk_size,
+                                       mesh)
+  _tasks.validate(task, checkpoints[0], [query_batch], "query_batch")
+  size = sharding_lib.data_size(mesh)
+  query_batch = sharding_lib.to_host(query_batch)
+  checkpoints, query_batch, rates = _common.put_replicated(
+      (checkpoints, query_batch, [np.float32(lr) for lr in learning_rates]), mesh)
+  if projection_dim is None:
+    plan = _cached_plan(task, checkpoints[0], query_batch, batches[0],
+                        _common.num_examples(query_batch))
+    queries = [_query_kernel(task, plan)(params, query_batch)
+               for params in checkpoints]
+    kernel = _chunk_kernel(task, plan, mesh)
+    score = lambda params, query, rate, key, chunk: kernel(params, query, rate, chunk)
+  else:
+    keys = _common.put_replicated(keys, mesh)
+    queries = [_projected_query_kernel(task, projection_dim)(params, query_batch, key)
+               for params, key in zip(checkpoints, keys)]
+    kernel = _projected_kernel(task, projection_dim, mesh)
+    score = lambda params, query, rate, key, chunk: kernel(params, query, rate, chunk,
+                                                           key)
+  pieces = []
+  progress = _common.Progress("tracin_scores",
+                              _common.num_padded_chunks(batches, chunk_size, size))
+  for chunk, valid, _ in _common.iterate_padded_chunks(batches, chunk_size, size):
+    chunk = _common.put_sharded(chunk, mesh)
     total = None
-    for params, query, lr, key in zip(checkpoints, queries, learning_rates, keys):
-      scores = _jit_chunk_scores(task, projection_dim, params, query,
-                                 jnp.float32(lr), chunk, key)
-      total = scores if total is None else total + scores
-    pieces.append(total[:, :valid])
-    progress.update(len(pieces), pieces[-1])
-  return jnp.concatenate(pieces, axis=1)
-
-
-def _sharded_tracin_scores(task, checkpoints, learning_rates, keys, query_batch,
-                           train_batches, projection_dim, chunk_size, mesh):
-  """`tracin_scores` with each train chunk split over the mesh's `data` axis."""
-  replicated = sharding_lib.replicated(mesh)
-  checkpoints, keys, query_batch = sharding_lib.put(
-      (checkpoints, keys, query_batch), replicated)
-  queries = [_jit_query_grads(task, projection_dim, params, query_batch, key)
-             for params, key in zip(checkpoints, keys)]
-  kernel = sharding_lib.data_parallel(
-      lambda params, query, lr, chunk, key: _chunk_scores(
-          task, projection_dim, params, query, lr, chunk, key),
-      mesh, sharded_args=(3,), out_example_axis=1)
-  pieces, batches = [], _common.as_batch_list(train_batches, "train_batches")
-  progress = _common.Progress("tracin_scores", _common.num_chunks(batches, chunk_size))
-  for chunk, valid in _common.iterate_chunks(batches, chunk_size):
-    chunk = sharding_lib.put(
-        _common.pad_to_multiple(sharding_lib.to_host(chunk),
-                                sharding_lib.data_size(mesh)),
-        sharding_lib.data_sharded(mesh))
-    total = None
-    for params, query, lr, key in zip(checkpoints, queries, learning_rates, keys):
-      scores = kernel(params, query, sharding_lib.put(np.float32(lr), replicated),
-                      chunk, key)
+    for params, query, rate, key in zip(checkpoints, queries, rates, keys):
+      scores = score(params, query, rate, key, chunk)
       total = scores if total is None else total + scores
     pieces.append(sharding_lib.to_host(total)[:, :valid])
     progress.update(len(pieces))
@@ -156,18 +311,33 @@ def _sharded_tracin_scores(task, checkpoints, learning_rates, keys, query_batch,
 def tracin_self_influence(task, checkpoints: Sequence, learning_rates,
                           train_batches, projection_dim: Optional[int] = None,
                           rng: Optional[jax.Array] = None,
-                          chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
+                          chunk_size: int = DEFAULT_CHUNK_SIZE,
+                          mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
   """float32[N] `Σ_k η_k ‖∇ℓ_i(θ_k)‖²` (train loss; the diagonal of train-vs-train)."""
   checkpoints, learning_rates, keys = _validate(checkpoints, learning_rates,
                                                 projection_dim, rng)
-  pieces, batches = [], _common.as_batch_list(train_batches, "train_batches")
-  progress = _common.Progress("tracin_self_influence", _common.num_chunks(batches, chunk_size))
-  for chunk, valid in _common.iterate_chunks(batches, chunk_size):
+  batches, chunk_size, mesh = _prepare(task, checkpoints, train_batches, chunk_size,
+                                       mesh)
+  size = sharding_lib.data_size(mesh)
+  checkpoints, rates = _common.put_replicated(
+      (checkpoints, [np.float32(lr) for lr in learning_rates]), mesh)
+  if projection_dim is None:
+    plan = _cached_plan(task, checkpoints[0], batches[0], batches[0], 1)
+    kernel = _self_kernel(task, plan, mesh)
+    score = lambda params, rate, key, chunk: kernel(params, rate, chunk)
+  else:
+    keys = _common.put_replicated(keys, mesh)
+    kernel = _projected_self_kernel(task, projection_dim, mesh)
+    score = lambda params, rate, key, chunk: kernel(params, rate, chunk, key)
+  pieces = []
+  progress = _common.Progress("tracin_self_influence",
+                              _common.num_padded_chunks(batches, chunk_size, size))
+  for chunk, valid, _ in _common.iterate_padded_chunks(batches, chunk_size, size):
+    chunk = _common.put_sharded(chunk, mesh)
     total = None
-    for params, lr, key in zip(checkpoints, learning_rates, keys):
-      scores = _jit_chunk_self(task, projection_dim, params, jnp.float32(lr), chunk,
-                               key)
+    for params, rate, key in zip(checkpoints, rates, keys):
+      scores = score(params, rate, key, chunk)
       total = scores if total is None else total + scores
-    pieces.append(total[:valid])
-    progress.update(len(pieces), pieces[-1])
-  return jnp.concatenate(pieces)
+    pieces.append(sharding_lib.to_host(total)[:valid])
+    progress.update(len(pieces))
+  return jnp.asarray(np.concatenate(pieces))

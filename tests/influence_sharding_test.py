@@ -1,0 +1,124 @@
+"""One sharded code path: the kernels on 1, 4 and 8 forced CPU devices agree to 1e-5.
+
+XLA_FLAGS must be set before jax initialises, so one subprocess computes every case
+on meshes with `data` = 1, 4 and 8 (and with mesh=None, the default device) and
+writes the results; the tests compare them. Batches of 13 and 16 examples with
+chunks of 6 leave padded chunks on every mesh size, and the true Fisher samples
+per example, so even it does not depend on the mesh.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    import flax.linen as nn
+    import jax, jax.numpy as jnp, numpy as np
+    from simfluence_jax import influence, sharding
+    from simfluence_jax.influence import _ekfac, _tracin
+
+    assert jax.device_count() == 8, jax.devices()
+
+    class LM(nn.Module):
+      @nn.compact
+      def __call__(self, tokens):
+        x = nn.Embed(11, 8)(tokens)
+        x = nn.Conv(8, (2,), padding="CAUSAL")(nn.LayerNorm()(x))
+        return nn.Dense(11)(nn.relu(nn.Dense(12)(x)))
+
+    def lm_batch(n, seed):
+      tokens = jax.random.randint(jax.random.key(seed), (n, 7), 0, 11)
+      return {"inputs": np.asarray(tokens[:, :-1]), "targets": np.asarray(tokens[:, 1:]),
+              "mask": np.ones((n, 6), np.float32)}
+
+    model = LM()
+    batches = [lm_batch(16, 1), lm_batch(13, 2)]
+    queries = lm_batch(5, 3)
+    params = model.init(jax.random.key(4), batches[0]["inputs"])
+    other = jax.tree_util.tree_map(lambda x: x * 0.9, params)
+    task = influence.LanguageModelingTask(model.apply)
+    layers = influence.find_layers(task.loss, params, batches[0], kinds="all",
+                                   warn=False)
+    probe = None
+    out = {}
+    meshes = {"default": None,
+              "d1": sharding.make_mesh(runs=1, data=1, devices=jax.devices()[:1]),
+              "d4": sharding.make_mesh(runs=1, data=4, devices=jax.devices()[:4]),
+              "d8": sharding.make_mesh(runs=1, data=8)}
+    for name, mesh in meshes.items():
+      kw = dict(chunk_size=6, mesh=mesh)
+      for fisher in ("empirical", "true"):
+        factors = influence.fit_ekfac(task, params, batches, fisher=fisher,
+                                      rng=jax.random.key(7), layers=layers, **kw)
+        if probe is None:
+          probe = {s.name: jnp.asarray(np.random.default_rng(0).normal(
+              size=factors.factors[s.name].eigenvalues.shape).astype(np.float32))
+                   for s in layers}
+        pre = influence.precondition(factors, probe, damping=1e-3)
+        out[f"precondition_{fisher}_{name}"] = np.concatenate(
+            [np.asarray(pre[k]).ravel() for k in sorted(pre)])
+        out[f"eigenvalues_{fisher}_{name}"] = np.concatenate(
+            [np.sort(np.asarray(f.eigenvalues).ravel())
+             for _, f in sorted(factors.factors.items())])
+      out[f"ekfac_scores_{name}"] = np.asarray(influence.ekfac_scores(
+          task, params, factors, queries, batches, **kw))
+      out[f"ekfac_token_scores_{name}"] = np.asarray(influence.ekfac_token_scores(
+          task, params, factors, queries, batches, query_rank=3, **kw))
+      out[f"ekfac_self_{name}"] = np.asarray(influence.ekfac_self_influence(
+          task, params, factors, batches, **kw))
+      out[f"tracin_scores_{name}"] = np.asarray(influence.tracin_scores(
+          task, [params, other], [0.1, 0.05], queries, batches, **kw))
+      out[f"tracin_projected_{name}"] = np.asarray(influence.tracin_scores(
+          task, [params, other], [0.1, 0.05], queries, batches, projection_dim=16,
+          rng=jax.random.key(5), **kw))
+      out[f"tracin_self_{name}"] = np.asarray(influence.tracin_self_influence(
+          task, [params, other], [0.1, 0.05], batches, **kw))
+    # Compiled once per kernel and chunk shape: 5 chunks per call, 4 meshes, and
+    # one compiled program per (kernel, mesh) in each jit cache.
+    kernel = _ekfac._score_kernel(task, factors.layers, "total", meshes["d8"])
+    out["score_kernel_cache_size"] = np.asarray(kernel._cache_size())
+    plan = next(iter(_tracin._plans.values()))
+    out["tracin_kernel_cache_size"] = np.asarray(
+        _tracin._chunk_kernel(task, plan, meshes["d4"])._cache_size())
+    np.savez(sys.argv[1], **out)
+""")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("influence_sharding") / "results.npz")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", SCRIPT, path], env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return dict(np.load(path))
+
+
+NAMES = ("eigenvalues_empirical", "precondition_empirical", "eigenvalues_true",
+         "precondition_true", "ekfac_scores", "ekfac_token_scores", "ekfac_self",
+         "tracin_scores", "tracin_projected", "tracin_self")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mesh", ["d1", "d4", "d8"])
+def test_every_mesh_equals_the_default_device(results, name, mesh):
+  expected, got = results[f"{name}_default"], results[f"{name}_{mesh}"]
+  assert got.shape == expected.shape
+  assert np.abs(expected).max() > 0, name  # a real value, not a placeholder
+  tolerance = 1e-4 if name.startswith(("eigenvalues", "precondition")) else 1e-5
+  np.testing.assert_allclose(got, expected, rtol=tolerance,
+                             atol=tolerance * np.abs(expected).max(), err_msg=name)
+
+
+def test_shapes_and_compile_once(results):
+  assert results["ekfac_scores_default"].shape == (5, 29)
+  assert results["ekfac_token_scores_default"].shape == (5, 29, 6)
+  assert results["tracin_self_default"].shape == (29,)
+  assert int(results["score_kernel_cache_size"]) == 1
+  assert int(results["tracin_kernel_cache_size"]) == 1
