@@ -147,6 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.metagradient = ml_collections.ConfigDict()
   config.metagradient.reference_batch_size = 0  # 0: full-batch reference; B' > 0: B' ids per step.
   config.metagradient.chunk_size = 8  # Curricula per vmapped jvp (bounds memory).
+  config.metagradient.space = "loss"  # Expand L ("loss") or log L ("log": same ranks, L > 0).
 
   # --- MAGIC's removal benchmark around fitted run 0 ------------------------------
   config.removal = ml_collections.ConfigDict()
@@ -201,6 +202,12 @@ def apply_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.counterfactual.num_searched = 2
   config.counterfactual.num_targets = 4
   config.counterfactual.num_iters = 100
+  config.learning_curve = (4,)
+  config.unseen.num_examples = min(config.unseen.num_examples, 8)
+  config.unseen.num_runs = min(config.unseen.num_runs, 4)
+  config.removal.num_removals = 8
+  config.simulators.l2_grid = (0.1, 10.0)
+  config.simulators.cv_folds = 2
   if config.model.name == "transformer":
     config.model.d_model = 32
     config.model.num_layers = 1

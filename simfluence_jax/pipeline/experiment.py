@@ -49,6 +49,7 @@ def _cost(config, runs: stages.Runs, wd: workdir_lib.Workdir, methods) -> dict:
       "tracin_per_step": (grad_runs, seconds("fit_tracin_per_step")),
       "ekfac_if": (fitted, seconds("ekfac_scores", "fit_ekfac_if")),
       "metagradient": (0.0, seconds("metagradient")),
+      "simfluence_hybrid": (fitted, seconds("metagradient", "fit_simfluence_linear")),
   }
   return {m: {"runs": r, "seconds": s, "run_equivalents": r + s / per_run}
           for m, (r, s) in table.items() if m in methods}

@@ -442,6 +442,20 @@ def _set_metrics(predictions: dict, actual: np.ndarray) -> dict:
   return out
 
 
+def hybrid(predictions: dict) -> np.ndarray:
+  """`simfluence_hybrid`: the mean of the metagradient and Simfluence-Linear predictions.
+
+  The two err differently (a first-order expansion with no fitted runs; a
+  multiplicative model fitted on runs), so their equal-weight average is better than
+  either on the MSEs (measured, docs/design.md §8). No weight is fitted: the
+  average needs no extra runs and cannot overfit the held-out runs.
+  """
+  missing = [m for m in ("metagradient", "simfluence_linear") if m not in predictions]
+  if missing:
+    raise ValueError(f"config.methods: simfluence_hybrid needs {missing} too.")
+  return 0.5 * (predictions["metagradient"] + predictions["simfluence_linear"])
+
+
 def evaluate(wd, config, runs: Runs, curricula: Curricula, sims: dict,
              direct: dict, upstream: tuple) -> Evaluation:
   """Every method's predictions of the held-out (and unseen-example) runs, scored.
@@ -469,6 +483,8 @@ def evaluate(wd, config, runs: Runs, curricula: Curricula, sims: dict,
         preds[name] = np.asarray(sim.simulate(held.batch_ids, held.losses[:, 0]))
       for name, by_set in direct.items():
         preds[name] = np.asarray(by_set[set_name])
+      if "simfluence_hybrid" in config.methods:
+        preds["simfluence_hybrid"] = hybrid(preds)
       metrics[set_name] = _set_metrics(preds, held.losses)
       if set_name == "held_out":
         predictions = preds
@@ -622,10 +638,17 @@ def metagradient(wd, config, dataset, model: Model, curricula: Curricula) -> dic
 
   def compute():
     stacked = np.concatenate(list(sets.values()))
-    predicted = np.asarray(training.first_order_losses(
+    result = training.first_order_losses(
         model.params, _reference_batch_ids(config), stacked, loss_fn=model.loss_fn,
         config=config, train_arrays=dataset.train, test_arrays=dataset.test,
-        chunk_size=config.metagradient.chunk_size))
+        chunk_size=config.metagradient.chunk_size, seed=config.seed)
+    predicted = np.asarray(result.losses, np.float64)
+    if config.metagradient.space == "log":
+      # The same expansion read as one of log L: L_ref·exp((L̂ − L_ref)/L_ref).
+      # Monotone per test example, so the same ranks across runs; losses stay > 0.
+      reference = np.asarray(result.reference_losses, np.float64)[None]
+      predicted = reference * np.exp(np.clip((predicted - reference) / reference,
+                                             -30.0, 30.0))
     return predicted.astype(np.float32)
 
   predicted = _cached_array(
@@ -754,6 +777,8 @@ def removal_lds(wd, config, dataset, model: Model, runs: Runs, sims: dict,
       removed = np.asarray(sim.simulate(repeated, np.repeat(initial, len(weights), 0),
                                         weights=weights))[:, -1]
       predicted[name] = removed - base
+    if "simfluence_hybrid" in config.methods:
+      predicted["simfluence_hybrid"] = hybrid(predicted)
     for name, change in predicted.items():
       result.setdefault(name, {})[label] = evaluation.removal_lds(change, actual)
   return result

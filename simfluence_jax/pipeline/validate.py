@@ -5,7 +5,7 @@ from simfluence_jax.training import optim
 
 METHODS = ("curriculum_blind", "simfluence_linear", "simfluence_additive",
            "simfluence_featurized", "tracin_cp", "tracin_per_step", "ekfac_if",
-           "metagradient")
+           "metagradient", "simfluence_hybrid")
 
 
 def _positive_int(config, name: str, allow_zero: bool = False) -> None:
@@ -61,6 +61,10 @@ def validate_config(config) -> None:
   if unknown or not config.methods:
     raise ValueError(f"config.methods={tuple(config.methods)!r}: unknown {unknown}; "
                      f"known: {METHODS}.")
+  if "simfluence_hybrid" in config.methods and not {
+      "metagradient", "simfluence_linear"} <= set(config.methods):
+    raise ValueError("config.methods: simfluence_hybrid averages metagradient and "
+                     "simfluence_linear; list both.")
   if config.num_held_out_runs > config.num_runs:
     raise ValueError(f"config.num_held_out_runs={config.num_held_out_runs}: more "
                      f"held-out runs than the config.num_runs={config.num_runs} fitted "
@@ -74,6 +78,9 @@ def validate_config(config) -> None:
   if config.batch_size > config.subset_size:
     raise ValueError(f"config.batch_size={config.batch_size}: larger than "
                      f"config.subset_size={config.subset_size}.")
+  if config.metagradient.space not in ("loss", "log"):
+    raise ValueError(f"config.metagradient.space={config.metagradient.space!r}: must "
+                     "be 'loss' or 'log'.")
   if config.influence.fisher not in ("empirical", "true"):
     raise ValueError(f"config.influence.fisher={config.influence.fisher!r}: must be "
                      "'empirical' or 'true'.")
