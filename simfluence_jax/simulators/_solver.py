@@ -395,8 +395,12 @@ def default_devices() -> list:
   Every local device on accelerators; on CPU only the first, because forced host
   devices share the same cores (sharding buys nothing there), unless the environment
   sets SJ_SOLVER_SHARD_CPU=1. Only this process's devices: columns never cross
-  processes, so a multi-process job solves the same problem on every process.
+  processes, so a multi-process job solves the same problem on every process — on
+  the host CPU, because XLA:TPU refuses a program on part of a slice ("device
+  assignment should include all slice devices"), found by `simfluence_jax.plan`.
   """
+  if jax.process_count() > 1:
+    return jax.local_devices(backend="cpu")[:1]
   devices = jax.local_devices()
   if jax.default_backend() == "cpu" and os.environ.get("SJ_SOLVER_SHARD_CPU") != "1":
     return devices[:1]

@@ -1,0 +1,65 @@
+r"""Influence scores at scale: EK-FAC and TracIn-CP on a ~7.8B-parameter decoder, v5p-128.
+
+What it is for: the regime of Grosse et al. (2023), influence functions on a
+multi-billion-parameter LM, planned on a v5p slice of 64 chips (accelerator type
+v5p-128: v5p names count TensorCores, two per chip; topology v5p:4x4x4; 128 chips
+would be v5p-256, v5p:4x4x8). 64 SGD fine-tuning runs (one per chip) give the
+checkpoints of TracIn-CP and the held-out runs every method is scored on; EK-FAC
+factors are fitted at the base model. Data: the seqio Task `super_glue_boolq_v102`
+(`pip install t5` for the main job; the plan needs no data):
+
+  python -m simfluence_jax.plan --config=configs/scale_8b.py --topology=v5p-128
+
+What the plan says (libtpu 0.0.52, jax 0.10.2, ~13 min on 2 busy cores): the
+training segment (1 run per chip, SGD: 35.1 GiB per chip) and TracIn-CP fit:
+16 queries of 128 tokens make every layer's query side factored (activations, not
+[O, I] gradients), so a chip holds the replicated params (29 GiB) plus one chunk's
+activations (query 69.6 GiB, chunk 53.2 GiB per chip). EK-FAC does NOT fit:
+`fit_ekfac` and `ekfac_scores` replicate every factor on every chip, 152 GiB here
+(each MLP layer's 20480² factor is 1.6 GiB; the covariance pass asks for 153.6 GiB)
+against v5p's 95 GiB, and the dense preconditioned queries (16 x 7.8B floats, 464
+GiB) are larger still; no chunk size helps. Grosse et al. shard the factors over
+devices and keep queries low-rank (`ekfac_scores(..., query_rank=)` exists; the
+pipeline does not pass it yet): both are library changes, not config fields.
+"""
+
+from simfluence_jax import config_lib
+
+
+def get_config(arg=None):
+  del arg
+  config = config_lib.base_config()
+  config.methods = ("curriculum_blind", "tracin_cp", "ekfac_if")
+
+  config.data.name = "seqio"
+  config.data.seqio_task = "super_glue_boolq_v102"
+  config.data.seqio_module = "t5.data.tasks"
+  config.data.seq_len = 128
+  config.num_train_examples = 4096
+  config.num_test_examples = 16  # Queries; more make TracIn's query side dense.
+  config.subset_size = 2048
+
+  # 64 runs = one per chip (48 fitted for TracIn's checkpoints, 16 held out).
+  config.num_runs = 48
+  config.num_held_out_runs = 16
+  config.batch_size = 8
+  config.num_steps = 32
+  config.checkpoint_every = 8
+  config.record_grads = False
+  config.learning_curve = ()
+  config.optimizer = "sgd"  # TracIn's step size is exact for SGD.
+  config.learning_rate = 1e-4
+
+  # ~7.8B parameters: 32 blocks of width 4096 (32 heads, MLP 20480) + 2 x 32100 x 4096.
+  config.model.d_model = 4096
+  config.model.num_layers = 32
+  config.model.num_heads = 32
+  config.model.d_ff = 20480
+  config.model.vocab_size = 32100  # T5's vocabulary; the job takes it from the Task.
+
+  config.influence.tracin_num_runs = 4
+  config.influence.chunk_size = 256  # Train examples per chunk: 4 per chip.
+  config.pretrain_steps = 0
+  config.counterfactual.enabled = False
+  config.distributed = True
+  return config

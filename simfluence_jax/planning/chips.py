@@ -1,0 +1,160 @@
+"""Chip specifications for the roofline, and TPU topologies by name.
+
+Each TPU entry is the per-chip figure of Google's Cloud TPU system-architecture page
+for that generation (cited per entry). The pages write HBM capacity as "GB" but mean
+GiB (the v5p page's own table says "HBM capacity per chip (GiB) 95", and XLA:TPU
+reports 15.75 GiB available on a 16 "GB" v5e: the capacity less its reserve), so
+capacities are GiB here; a stage can fail to compile a little below `hbm_bytes`.
+
+A topology name is what `jax.experimental.topologies.get_topology_desc` takes
+("v5e:16x16", "v5p:4x4x4"); `topology_name` also accepts a Cloud accelerator type
+("v5litepod-256", "v5p-128", "v4-32", "v6e-256"), where v4 and v5p count TensorCores
+(two per chip) and v5e / v6e count chips.
+"""
+
+import dataclasses
+import math
+import os
+import re
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+_GIB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+  """Per-chip capacity and speed.
+
+  Attributes:
+    name: generation ("v5e", ...), or "cpu" for this machine.
+    hbm_bytes: device memory per chip.
+    peak_flops: bf16 peak FLOP/s per chip (XLA:TPU runs float32 matmuls at the
+      default precision in bf16 passes, so this is the float32 matmul rate too).
+    hbm_bandwidth: bytes/s per chip.
+    source: where the numbers come from.
+  """
+
+  name: str
+  hbm_bytes: float
+  peak_flops: float
+  hbm_bandwidth: float
+  source: str
+
+  def roofline_seconds(self, flops: float, bytes_accessed: float) -> float:
+    """max(FLOPs / peak, bytes / bandwidth): the time bound of a memory- or
+    compute-bound program that overlaps both perfectly."""
+    return max(flops / self.peak_flops, bytes_accessed / self.hbm_bandwidth)
+
+
+CHIPS = {
+    # https://cloud.google.com/tpu/docs/v4 ("Peak compute per chip 275 teraflops
+    # (bf16 or int8); HBM2 capacity and bandwidth 32 GiB, 1200 GBps").
+    "v4": ChipSpec("v4", 32 * _GIB, 275e12, 1200e9,
+                   "https://cloud.google.com/tpu/docs/v4"),
+    # https://cloud.google.com/tpu/docs/v5e ("Peak compute per chip (bf16) 197
+    # TFLOPs; HBM2 capacity and bandwidth 16 GB, 819 GBps").
+    "v5e": ChipSpec("v5e", 16 * _GIB, 197e12, 819e9,
+                    "https://cloud.google.com/tpu/docs/v5e"),
+    # https://cloud.google.com/tpu/docs/v5p ("Peak compute per chip (bf16) 459
+    # TFLOPs; HBM2e capacity and bandwidth 95GB, 2765 GBps").
+    "v5p": ChipSpec("v5p", 95 * _GIB, 459e12, 2765e9,
+                    "https://cloud.google.com/tpu/docs/v5p"),
+    # https://cloud.google.com/tpu/docs/v6e ("Peak compute per chip (bf16) 918
+    # TFLOPs; HBM capacity per chip 32 GB; HBM bandwidth per chip 1638 GBps").
+    "v6e": ChipSpec("v6e", 32 * _GIB, 918e12, 1638e9,
+                    "https://cloud.google.com/tpu/docs/v6e"),
+}
+
+# `device.device_kind` of each generation's TPU devices.
+_DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e",
+                 "TPU v5p": "v5p", "TPU v5": "v5p", "TPU v6 lite": "v6e",
+                 "TPU v6e": "v6e"}
+
+# Chips -> slice shape of the standard single-slice topologies (Cloud TPU docs'
+# configuration tables): 3-D tori for v4 / v5p, 2-D for v5e / v6e.
+_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4",
+              128: "4x4x8", 256: "4x8x8", 512: "8x8x8", 1024: "8x8x16",
+              2048: "8x16x16", 4096: "16x16x16"}
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8",
+              128: "8x16", 256: "16x16"}
+_ACCELERATOR = re.compile(r"^(v4|v5p|v5litepod|v5e|v6e)-(\d+)$")
+
+
+def topology_name(name: str) -> str:
+  """"v5e:16x16" unchanged; "v5litepod-256" -> "v5e:16x16", "v5p-128" -> "v5p:4x4x4".
+
+  Raises:
+    ValueError: an unknown generation or slice size.
+  """
+  generation, sep, shape = name.partition(":")
+  if sep:
+    if generation not in CHIPS or not re.fullmatch(r"\d+(x\d+)+", shape):
+      raise ValueError(f"--topology={name!r}: expected GENERATION:SHAPE with a "
+                       f"generation in {sorted(CHIPS)} (e.g. v5e:16x16), or an "
+                       "accelerator type (e.g. v5litepod-256).")
+    return name
+  match = _ACCELERATOR.match(name)
+  if not match:
+    raise ValueError(f"--topology={name!r}: expected a topology (v5e:16x16, "
+                     "v5p:4x4x4) or an accelerator type (v5litepod-256, v5p-128, "
+                     "v4-32, v6e-256), or 'cpu'.")
+  kind, count = match.group(1), int(match.group(2))
+  generation = {"v5litepod": "v5e"}.get(kind, kind)
+  # v4-N and v5p-N count TensorCores, two per chip.
+  chips = count // 2 if generation in ("v4", "v5p") else count
+  shapes = _SHAPES_3D if generation in ("v4", "v5p") else _SHAPES_2D
+  if chips not in shapes:
+    raise ValueError(f"--topology={name!r}: no standard {generation} slice of "
+                     f"{chips} chips; give the topology (e.g. {generation}:"
+                     f"{next(iter(shapes.values()))}).")
+  return f"{generation}:{shapes[chips]}"
+
+
+def chip_of(devices: Sequence[jax.Device]) -> Optional[ChipSpec]:
+  """The spec of the devices' chip (by `device_kind`), or None if unknown."""
+  kind = devices[0].device_kind
+  if kind in _DEVICE_KINDS:
+    return CHIPS[_DEVICE_KINDS[kind]]
+  for prefix, name in sorted(_DEVICE_KINDS.items(), key=lambda kv: -len(kv[0])):
+    if kind.startswith(prefix):
+      return CHIPS[name]
+  return None
+
+
+def _best_seconds(fn, *args, repeats: int = 5) -> float:
+  jax.block_until_ready(fn(*args))
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def measure_host(device: Optional[jax.Device] = None) -> ChipSpec:
+  """This machine's CPU as a chip: measured float32 matmul FLOP/s and copy bandwidth.
+
+  A 1024² matmul gives the peak (best of 5), a jitted `x + 1` over 64 MiB the
+  bandwidth (read + write); memory is the host's RAM. About a second.
+  """
+  device = device or jax.devices("cpu")[0]
+  size = 1024
+  a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+  matmul = jax.jit(lambda x: x @ x)
+  peak = 2 * size ** 3 / _best_seconds(matmul, a)
+  # In place (donated): a fresh 64 MiB output per call would time page faults.
+  add = jax.jit(lambda x: x + 1.0, donate_argnums=0)
+  state = [jax.device_put(jnp.ones((16 << 20,), jnp.float32), device)]
+
+  def step():
+    state[0] = add(state[0])
+    return state[0]
+
+  bandwidth = 2 * state[0].nbytes / _best_seconds(step)
+  memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return ChipSpec("cpu", float(memory), peak, bandwidth,
+                  "measured on this machine (1024² float32 matmul, 64 MiB x + 1)")

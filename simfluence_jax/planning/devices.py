@@ -1,0 +1,70 @@
+"""The devices a plan compiles for: a TPU topology (compile-only) or this machine.
+
+With `libtpu` installed beside jax, `jax.experimental.topologies.get_topology_desc`
+builds the devices of a real TPU slice on a machine without TPUs: XLA:TPU compiles
+for them, nothing can run on them. The runtime backend stays the CPU
+(`jax_platforms="cpu"`), as MaxText's `train_compile.py` and axlearn's AOT tools do.
+"""
+
+import os
+from typing import List
+
+import jax
+from jax.experimental import topologies
+
+INSTALL_HINT = ('the TPU compiler is not installed: pip install -e ".[tpu]" '
+                "(or pip install libtpu), then rerun.")
+
+
+class LibtpuMissingError(RuntimeError):
+  """libtpu cannot be imported, so no TPU topology can be compiled for."""
+
+
+def libtpu_available() -> bool:
+  """Whether the libtpu package imports (it only sets TPU_LIBRARY_PATH; the
+  compiler itself loads when a topology is first built)."""
+  try:
+    import libtpu  # pylint: disable=g-import-not-at-top,import-outside-toplevel,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def use_cpu_runtime() -> None:
+  """Keeps jax's runtime backend on the CPU; libtpu is then only the compiler.
+
+  Must run before the first backend use. `TPU_SKIP_MDS_QUERY` stops libtpu asking
+  the (absent) GCE metadata server for the slice, and `ALLOW_MULTIPLE_LIBTPU_LOAD`
+  lets several plans (or a test suite's subprocesses) load it at once instead of
+  failing on its process lock file.
+  """
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  jax.config.update("jax_platforms", "cpu")
+
+
+def topology_devices(name: str) -> List[jax.Device]:
+  """The compile-only devices of TPU topology `name` ("v5e:16x16"), or, for
+  "cpu", this process's CPU devices (real ones: a plan can also run on them).
+
+  Raises:
+    LibtpuMissingError: a TPU topology without libtpu installed.
+    ValueError: libtpu does not know the topology.
+  """
+  if name == "cpu":
+    return list(jax.devices("cpu"))
+  if not libtpu_available():
+    raise LibtpuMissingError(INSTALL_HINT)
+  try:
+    return list(topologies.get_topology_desc(platform="tpu",
+                                             topology_name=name).devices)
+  except (jax.errors.JaxRuntimeError, RuntimeError, ValueError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"--topology={name!r}: libtpu cannot build it ({first}).") from e
+
+
+def primary_devices(devices: List[jax.Device]) -> List[jax.Device]:
+  """The devices of process 0: where the job's process-local kernels run (the
+  Simfluence solver shards over local devices, pre-training uses one)."""
+  first = devices[0].process_index
+  return [d for d in devices if d.process_index == first]

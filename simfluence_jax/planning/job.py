@@ -1,0 +1,140 @@
+"""The main job's pieces as shapes: datasets, model, base params, run counts.
+
+Nothing is read or allocated: datasets are `jax.ShapeDtypeStruct`s of the sizes the
+config names (N, M, L, the vocabulary), the model is the one `models.get_model`
+builds for the main job, and its params are `jax.eval_shape` of
+`models.init_variables`. The run counts follow `pipeline.stages`: `record_runs`
+trains the first `num_grad_runs` fitted runs (recording gradients) in one
+`train_runs` call and every other run (fitted, held-out, unseen) in another.
+"""
+
+import dataclasses
+from typing import Any, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from simfluence_jax import data
+from simfluence_jax import models
+from simfluence_jax import training
+
+# Features per example of the bundled classification data (sklearn digits: 8x8).
+_DIGITS_FEATURES, _DIGITS_CLASSES = 64, 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One main job, as shapes.
+
+  Attributes:
+    config: the experiment config.
+    devices: every device of the job (a TPU topology's, or this machine's).
+    kind: "lm" or "classification".
+    train, test: dicts of `ShapeDtypeStruct`s with leading axis N / M (no sharding).
+    pretrain: the pre-training split's shapes, or None.
+    vocab_size, num_classes: as `data.Dataset`'s.
+    module: the linen model; loss_fn: its per-example loss (`training.make_loss_fn`).
+    params: `ShapeDtypeStruct` pytree of the base variables `{"params": ...}`.
+  """
+
+  config: Any
+  devices: tuple
+  kind: str
+  train: Dict[str, jax.ShapeDtypeStruct]
+  test: Dict[str, jax.ShapeDtypeStruct]
+  pretrain: Optional[Dict[str, jax.ShapeDtypeStruct]]
+  vocab_size: Optional[int]
+  num_classes: Optional[int]
+  module: Any
+  loss_fn: Any
+  params: Any
+
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices)
+
+  @property
+  def num_params(self) -> int:
+    return models.num_params(self.params)
+
+  def grad_runs(self) -> int:
+    """Runs of the `record_runs` call that records per-step gradients (0: none)."""
+    config = self.config
+    return min(config.num_grad_runs, config.num_runs) if config.record_grads else 0
+
+  def plain_runs(self) -> int:
+    """Runs of the `record_runs` call without gradients: every other run."""
+    config = self.config
+    unseen = config.unseen.num_runs if config.unseen.num_examples else 0
+    return config.num_runs + config.num_held_out_runs + unseen - self.grad_runs()
+
+  def held_out_runs(self) -> int:
+    config = self.config
+    unseen = config.unseen.num_runs if config.unseen.num_examples else 0
+    return config.num_held_out_runs + unseen
+
+
+def _lm_split(num: int, seq_len: int) -> Dict[str, jax.ShapeDtypeStruct]:
+  # The dtypes of `data.packing.pack`.
+  return {"inputs": jax.ShapeDtypeStruct((num, seq_len), jnp.int32),
+          "targets": jax.ShapeDtypeStruct((num, seq_len), jnp.int32),
+          "mask": jax.ShapeDtypeStruct((num, seq_len), jnp.float32)}
+
+
+def _vocab_size(config) -> int:
+  """The LM vocabulary the dataset would report: bytes for the bundled sources; a
+  user's seqio Task's own vocabulary, which the plan cannot open, from the config."""
+  given = config.model.get("vocab_size")
+  if given:
+    return int(given)
+  if config.data.name == "seqio":
+    raise ValueError("config.model.vocab_size: the plan needs the seqio Task's "
+                     f"vocabulary size ({config.data.seqio_task!r} is not opened); "
+                     "set it, e.g. --config.model.vocab_size=32100.")
+  return data.BYTE_VOCAB_SIZE
+
+
+def build(config, devices: List[jax.Device]) -> Job:
+  """The job of `config` on `devices`, as shapes.
+
+  Raises:
+    ValueError: a config the plan cannot size (named field).
+  """
+  num_train, num_test = config.num_train_examples, config.num_test_examples
+  if config.data.name == "digits":
+    kind, vocab_size, num_classes = "classification", None, _DIGITS_CLASSES
+    split = lambda n: {
+        "inputs": jax.ShapeDtypeStruct((n, _DIGITS_FEATURES), jnp.float32),
+        "labels": jax.ShapeDtypeStruct((n,), jnp.int32)}
+  else:
+    kind, vocab_size, num_classes = "lm", _vocab_size(config), None
+    split = lambda n: _lm_split(n, config.data.seq_len)
+  pretrain = None
+  if (config.data.name == "synthetic_facts" and config.data.num_pretrain_examples
+      and config.pretrain_steps):
+    pretrain = split(config.data.num_pretrain_examples)
+  module = models.get_model(config.model, vocab_size=vocab_size,
+                            num_classes=num_classes, max_len=config.data.seq_len)
+  train = split(num_train)
+  example = jax.ShapeDtypeStruct((1,) + train["inputs"].shape[1:],
+                                 train["inputs"].dtype)
+  params = jax.eval_shape(
+      lambda x: models.init_variables(module, x, seed=config.seed), example)
+  return Job(config=config, devices=tuple(devices), kind=kind, train=train,
+             test=split(num_test), pretrain=pretrain, vocab_size=vocab_size,
+             num_classes=num_classes, module=module,
+             loss_fn=training.make_loss_fn(module, kind), params=params)
+
+
+def place(tree: Any, sharding: jax.sharding.Sharding, lead: tuple = ()) -> Any:
+  """`ShapeDtypeStruct`s of `tree`'s leaves with `sharding` (and extra leading axes)."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(tuple(lead) + tuple(x.shape), x.dtype,
+                                     sharding=sharding), tree)
+
+
+def replicated_on(devices) -> jax.sharding.NamedSharding:
+  """Replicated over a one-axis mesh of `devices` (one device: that device)."""
+  mesh = jax.sharding.Mesh(np.array(list(devices)), ("devices",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -1,0 +1,408 @@
+"""Compiling every stage, checking it fits, searching fixes, and the table.
+
+`plan(config, devices, chip)` compiles every program of every stage the config
+runs (`stages.STAGES`), never allocating; a program that runs out of memory or fails
+to compile becomes a row saying so, never an exception. For a program that does not
+fit, the stage's candidate fixes are recompiled in order and the first that fits is
+the row's suggestion.
+"""
+
+import copy
+import dataclasses
+import json
+import logging
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import jax
+import numpy as np
+
+from simfluence_jax import models
+from simfluence_jax.planning import chips as chips_lib
+from simfluence_jax.planning import costs
+from simfluence_jax.planning import job as job_lib
+from simfluence_jax.planning import stages as stages_lib
+
+_logger = logging.getLogger("simfluence_jax.planning")
+
+FITS, OOM, ERROR, NOT_AVAILABLE = "fits", "out of memory", "error", "not available"
+# Sized from its inputs and outputs (a lower bound) instead of compiled; counts as
+# fitting when that bound does (`stages.Program.skip`).
+NOT_COMPILED = "not compiled"
+
+
+@dataclasses.dataclass
+class Row:
+  """One compiled program (or a stage that could not be planned).
+
+  Attributes:
+    stage, program: names (`stages.STAGES`, `Program.name`).
+    status: FITS, OOM (does not fit: compile-time OOM, or more than the chip's HBM),
+      ERROR (failed to build or compile: `error`), NOT_AVAILABLE, NOT_COMPILED
+      (sized from inputs and outputs: `error` says why).
+    memory: per-chip `costs.Memory`, when it compiled.
+    logical_argument_bytes: per-chip argument bytes by arithmetic (no padding).
+    needed_bytes: what an out-of-memory compile said it needed.
+    flops, bytes_accessed: per chip per call, loops counted (`costs.loop_costs`).
+    roofline_seconds: max(FLOPs / peak, bytes / bandwidth) per call.
+    calls: calls per job (None: data-dependent).
+    compile_seconds: lowering + compiling.
+    measured_seconds: best wall time of a call on zeros (`--measure`, CPU only).
+    unknown_loop_trips: a loop whose trip count could not be read (counted once).
+    cost_source: which HLO the costs were read from (`costs.program_costs`).
+    suggestion: the first fix that fits (or why none was found).
+  """
+
+  stage: str
+  program: str
+  status: str
+  note: str = ""
+  memory: Optional[costs.Memory] = None
+  logical_argument_bytes: Optional[int] = None
+  needed_bytes: Optional[float] = None
+  flops: Optional[float] = None
+  bytes_accessed: Optional[float] = None
+  roofline_seconds: Optional[float] = None
+  calls: Optional[int] = None
+  compile_seconds: Optional[float] = None
+  measured_seconds: Optional[float] = None
+  unknown_loop_trips: bool = False
+  cost_source: str = ""
+  error: str = ""
+  suggestion: str = ""
+
+  @property
+  def name(self) -> str:
+    return f"{self.stage}/{self.program}"
+
+  @property
+  def job_seconds(self) -> Optional[float]:
+    if self.roofline_seconds is None or self.calls is None:
+      return None
+    return self.roofline_seconds * self.calls
+
+  def to_json(self) -> dict:
+    out = {k: v for k, v in dataclasses.asdict(self).items() if k != "memory"}
+    out["name"] = self.name
+    out["job_seconds"] = self.job_seconds
+    if self.memory is not None:
+      out["memory"] = {**dataclasses.asdict(self.memory), "total": self.memory.total}
+    return out
+
+
+@dataclasses.dataclass
+class Plan:
+  """Rows of every stage, and what they were planned for."""
+
+  config_name: str
+  topology: str
+  chip: chips_lib.ChipSpec
+  num_devices: int
+  num_params: int
+  rows: List[Row]
+  seconds: float
+
+  @property
+  def fits(self) -> bool:
+    return not self.failing()
+
+  def failing(self) -> List[Row]:
+    return [row for row in self.rows
+            if row.status not in (FITS, NOT_AVAILABLE, NOT_COMPILED)]
+
+  def to_json(self) -> dict:
+    return {"config": self.config_name, "topology": self.topology,
+            "chip": dataclasses.asdict(self.chip), "num_devices": self.num_devices,
+            "num_params": self.num_params, "fits": self.fits,
+            "seconds": self.seconds, "rows": [row.to_json() for row in self.rows]}
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  for line in text.splitlines():
+    if line.strip():
+      return f"{type(error).__name__}: {line.strip()[:300]}"
+  return type(error).__name__
+
+
+def _zeros(args):
+  """Concrete zeros of `ShapeDtypeStruct` leaves, placed with their shardings."""
+  def leaf(x):
+    if not isinstance(x, jax.ShapeDtypeStruct):
+      return x
+    value = np.zeros(x.shape, x.dtype)
+    return jax.device_put(value, x.sharding) if x.sharding is not None else value
+  return jax.tree_util.tree_map(leaf, args)
+
+
+def _measure(compiled, program: stages_lib.Program, repeats: int = 3) -> float:
+  """Best wall time of `repeats` calls (after one warm-up) on fresh zeros."""
+  best = float("inf")
+  for i in range(repeats + 1):
+    args = jax.block_until_ready(_zeros(program.args))
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    if i:
+      best = min(best, time.perf_counter() - start)
+  return best
+
+
+def compile_row(stage: str, program: stages_lib.Program, chip: chips_lib.ChipSpec,
+                measure: bool = False) -> Row:
+  """Lowers and compiles one program; its row (never raises for a compile error)."""
+  row = Row(stage, program.name, ERROR, note=program.note, calls=program.calls,
+            logical_argument_bytes=costs.logical_bytes(program.args))
+  if program.skip:
+    outputs = jax.eval_shape(program.fn, *program.args, **program.static)
+    row.needed_bytes = float(row.logical_argument_bytes
+                             + costs.logical_bytes(outputs))
+    row.status = NOT_COMPILED if row.needed_bytes <= chip.hbm_bytes else OOM
+    row.error = program.skip
+    return row
+  if row.logical_argument_bytes > chip.hbm_bytes:
+    # Nothing to learn from compiling (minutes for a large model): it cannot fit.
+    row.status, row.needed_bytes = OOM, float(row.logical_argument_bytes)
+    row.error = (f"its arguments alone are {costs.gib(row.needed_bytes):.1f} GiB per "
+                 f"chip (> {costs.gib(chip.hbm_bytes):.0f} GiB HBM); not compiled")
+    return row
+  start = time.perf_counter()
+  try:
+    lowered = program.lower()
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    row.compile_seconds = time.perf_counter() - start
+    if costs.is_out_of_memory(e):
+      row.status = OOM
+      row.needed_bytes = costs.oom_bytes(e)[0]
+    row.error = _first_line(e)
+    return row
+  row.compile_seconds = time.perf_counter() - start
+  try:
+    row.memory = costs.Memory.of(compiled)
+    row.status = FITS if row.memory.total <= chip.hbm_bytes else OOM
+    counted = costs.program_costs(compiled, lowered)
+    row.flops, row.bytes_accessed = counted["flops"], counted["bytes accessed"]
+    row.unknown_loop_trips = counted["unknown_trips"]
+    row.cost_source = counted["source"]
+    row.roofline_seconds = chip.roofline_seconds(row.flops, row.bytes_accessed)
+    if measure:
+      row.measured_seconds = _measure(compiled, program)
+  except Exception as e:  # pylint: disable=broad-except
+    row.error = f"compiled, but its analysis failed: {_first_line(e)}"
+  return row
+
+
+def override(config, overrides: Dict[str, Any]):
+  """A copy of `config` with dotted fields set."""
+  changed = copy.deepcopy(config)
+  with changed.unlocked():
+    for field, value in overrides.items():
+      *parents, leaf = field.split(".")
+      section = changed
+      for part in parents:
+        section = section[part]
+      section[leaf] = value
+  return changed
+
+
+def _needed(row: Row) -> Optional[float]:
+  if row.memory is not None:
+    return float(row.memory.total)
+  return row.needed_bytes
+
+
+def suggest(stage: stages_lib.Stage, job: job_lib.Job, failing: Row,
+            chip: chips_lib.ChipSpec) -> str:
+  """The first of the stage's fixes under which program `failing.program` fits.
+
+  Fixes are tried cheapest first; once a fix leaves the memory (nearly) unchanged,
+  the larger fixes of the same config fields are skipped: that lever does not
+  move what fills the chip.
+  """
+  tried, dead, before = [], set(), _needed(failing)
+  try:
+    fixes = stage.fixes(job)
+  except Exception as e:  # pylint: disable=broad-except
+    return f"no suggestion: its fixes could not be listed ({_first_line(e)})"
+  for fix in fixes:
+    fields = frozenset(fix.overrides)
+    if fields in dead:
+      continue
+    try:
+      candidate = job_lib.build(override(job.config, fix.overrides), list(job.devices))
+      program = next(p for p in stage.build(candidate) if p.name == failing.program)
+    except Exception as e:  # pylint: disable=broad-except
+      _logger.info("plan: fix %s of %s not built: %s", fix.label, failing.name, e)
+      continue
+    row = compile_row(stage.name, program, chip)
+    _logger.info("plan: %s with %s: %s", failing.name, fix.label, row.status)
+    if row.status == FITS:
+      return (f"fits with {fix.label}: {costs.gib(row.memory.total):.2f} GiB per "
+              "chip")
+    after = _needed(row)
+    tried.append(fix.label + ("" if after is None else
+                              f" needs {costs.gib(after):.1f} GiB"))
+    if before is not None and after is not None and after > 0.95 * before:
+      dead.add(fields)
+    before = after if after is not None else before
+  if tried:
+    return "no candidate fits (tried: " + "; ".join(tried) + ")"
+  return "no config candidate for this stage"
+
+
+def plan(config, devices: Sequence[jax.Device], chip: chips_lib.ChipSpec, *,
+         topology: str = "", config_name: str = "",
+         stage_names: Optional[Sequence[str]] = None, find_fixes: bool = True,
+         measure: bool = False) -> Plan:
+  """Compiles every stage of the job of `config` for `devices`.
+
+  Args:
+    config: the experiment config (validated by the caller).
+    devices: the job's devices (`devices.topology_devices`).
+    chip: their spec (HBM, peak, bandwidth).
+    topology, config_name: labels for the report.
+    stage_names: plan only these stages (default: every stage the config runs).
+    find_fixes: recompile the fixes of a program that does not fit.
+    measure: also run every program on zeros (only for local devices).
+
+  Returns:
+    A `Plan`.
+
+  Raises:
+    ValueError: a config the plan cannot size (named field), or an unknown stage.
+  """
+  start = time.perf_counter()
+  job = job_lib.build(config, list(devices))
+  wanted = [stages_lib.get(name) for name in stage_names] if stage_names else list(
+      stages_lib.STAGES)
+  rows = []
+  for stage in wanted:
+    if not stage.applies(job):
+      continue
+    try:
+      programs = stage.build(job)
+    except stages_lib.NotAvailable as e:
+      rows.append(Row(stage.name, "-", NOT_AVAILABLE, error=str(e)))
+      continue
+    except Exception as e:  # pylint: disable=broad-except
+      rows.append(Row(stage.name, "-", ERROR, error=_first_line(e)))
+      continue
+    for program in programs:
+      _logger.info("plan: compiling %s/%s", stage.name, program.name)
+      row = compile_row(stage.name, program, chip, measure=measure)
+      _logger.info("plan: %s/%s: %s (compile %s)", stage.name, program.name,
+                   row.status, _seconds(row.compile_seconds))
+      if row.status == OOM and find_fixes:
+        row.suggestion = suggest(stage, job, row, chip)
+      rows.append(row)
+  return Plan(config_name=config_name, topology=topology, chip=chip,
+              num_devices=len(devices), num_params=models.num_params(job.params),
+              rows=rows, seconds=time.perf_counter() - start)
+
+
+# --- formatting ------------------------------------------------------------------------
+
+
+def _fmt(value: Optional[float], spec: str = ".2f", scale: float = 1.0) -> str:
+  return "-" if value is None else format(value / scale, spec)
+
+
+def _seconds(value: Optional[float]) -> str:
+  if value is None:
+    return "-"
+  if value < 1e-3:
+    return f"{value * 1e6:.0f}us"
+  if value < 1.0:
+    return f"{value * 1e3:.1f}ms"
+  return f"{value:.1f}s"
+
+
+COLUMNS = ("stage/program", "args GiB", "temps GiB", "out GiB", "total GiB",
+           "fits", "GFLOP", "GB accessed", "roofline", "calls", "job time",
+           "compile")
+
+
+def table_rows(result: Plan) -> List[List[str]]:
+  gib = float(1 << 30)
+  out = []
+  for row in result.rows:
+    memory = row.memory
+    total = memory.total if memory else row.needed_bytes
+    fits = {FITS: "yes", OOM: "NO", ERROR: "error", NOT_AVAILABLE: "n/a",
+            NOT_COMPILED: "yes*"}[row.status]
+    out.append([
+        row.name,
+        _fmt(memory and memory.arguments, ".3g", gib),
+        _fmt(memory and memory.temporaries, ".3g", gib),
+        _fmt(memory and memory.outputs, ".3g", gib),
+        ("≥" if memory is None and total else "") + _fmt(total, ".3g", gib),
+        fits, _fmt(row.flops, ".3g", 1e9), _fmt(row.bytes_accessed, ".3g", 1e9),
+        _seconds(row.roofline_seconds),
+        "per iter" if row.calls is None and row.memory else str(row.calls or "-"),
+        _seconds(row.job_seconds), _seconds(row.compile_seconds)])
+  return out
+
+
+def header(result: Plan) -> str:
+  chip = result.chip
+  return (f"plan of {result.config_name or 'config'} on {result.topology} "
+          f"({result.num_devices} x {chip.name}: {chip.hbm_bytes / 2**30:.2f} GiB "
+          f"HBM, {chip.peak_flops / 1e12:.3g} TFLOP/s, "
+          f"{chip.hbm_bandwidth / 1e9:.0f} GB/s; {chip.source}); "
+          f"model {result.num_params / 1e6:.2f}M params; "
+          f"planned in {result.seconds:.0f}s")
+
+
+def notes(result: Plan) -> List[str]:
+  lines = []
+  for row in result.rows:
+    if row.note:
+      lines.append(f"{row.name}: {row.note}")
+    if row.error:
+      lines.append(f"{row.name}: {row.error}")
+    if row.suggestion:
+      lines.append(f"{row.name} does not fit: {row.suggestion}")
+    if row.cost_source and row.cost_source != "optimised HLO":
+      lines.append(f"{row.name}: costs from the {row.cost_source}")
+    if row.unknown_loop_trips:
+      lines.append(f"{row.name}: a loop's trip count is unknown; its body is "
+                   "counted once")
+    if row.measured_seconds is not None:
+      lines.append(f"{row.name}: measured {_seconds(row.measured_seconds)} per call "
+                   f"vs roofline {_seconds(row.roofline_seconds)}")
+  return lines
+
+
+def format_text(result: Plan) -> str:
+  rows = [list(COLUMNS)] + table_rows(result)
+  widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+  lines = [header(result), ""]
+  for i, r in enumerate(rows):
+    lines.append("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w)
+                           for j, (cell, w) in enumerate(zip(r, widths))))
+    if i == 0:
+      lines.append("  ".join("-" * w for w in widths))
+  lines.append("")
+  lines += notes(result)
+  lines.append("")
+  failing = result.failing()
+  lines.append("FITS" if not failing else "DOES NOT FIT: " + ", ".join(
+      r.name + (" (failed to compile)" if r.status == ERROR else "")
+      for r in failing))
+  return "\n".join(lines)
+
+
+def format_markdown(result: Plan) -> str:
+  lines = [header(result), "", "| " + " | ".join(COLUMNS) + " |",
+           "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS)))
+           + "|"]
+  lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
+  extra = notes(result)
+  if extra:
+    lines += [""] + [f"- {line}" for line in extra]
+  return "\n".join(lines)
+
+
+def write_json(result: Plan, path: str) -> None:
+  from simfluence_jax import _io  # pylint: disable=g-import-not-at-top
+  _io.write_text(path, json.dumps(result.to_json(), indent=2))

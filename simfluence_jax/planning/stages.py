@@ -1,0 +1,574 @@
+"""Every stage of the main job as the programs it compiles, on abstract inputs.
+
+One plain function per stage: `fn(job) -> [Program]`, each program a jitted function
+with `jax.ShapeDtypeStruct` arguments carrying the shardings the job places them
+with (`Program.lower()` lowers it; nothing is allocated). `STAGES` is the registry:
+which stages a config runs, and the config changes that could make a stage fit
+(`Fix`), cheapest first.
+
+Meshes are the job's: training runs over `sharding.make_mesh(runs=None, data=1)`
+(`train_runs`' default), score kernels over `make_mesh(runs=1, data=None)`
+(`pipeline.stages._score_mesh`), the Simfluence solver over the first process's
+devices (`simulators.solve`' default on accelerators); pre-training, per-step
+TracIn sums and rollouts run on one device, as in the job.
+"""
+
+import dataclasses
+import math
+from typing import Any, Callable, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from simfluence_jax import influence
+from simfluence_jax import sharding
+from simfluence_jax import training
+from simfluence_jax.planning import devices as devices_lib
+from simfluence_jax.planning import job as job_lib
+from simfluence_jax.planning import kernels
+
+SDS = jax.ShapeDtypeStruct
+# The `chunk_size` default of `tracin_scores`, `fit_ekfac` and `ekfac_scores`, which
+# the pipeline leaves as is (it sizes its batches with `influence.chunk_size`).
+_DRIVER_CHUNK_SIZE = 256
+# Larger eigendecompositions are sized, not compiled: XLA:TPU's eigh compile time
+# grows steeply above n = 256 (measured with libtpu 0.0.52, see `ekfac_if`).
+EIGH_COMPILE_LIMIT = 256
+
+
+class NotAvailable(Exception):
+  """The stage's library function does not exist (yet): a "not available" row."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """One compiled program of a stage.
+
+  Attributes:
+    name: row label within the stage.
+    fn: a jitted function.
+    args: its arguments (`ShapeDtypeStruct` leaves with shardings).
+    static: static keyword arguments.
+    calls: how many times the job runs it (None: data-dependent, e.g. per CG
+      iteration).
+    note: what the row counts, or how the job differs.
+    skip: why it is sized from its inputs and outputs instead of compiled ("" =
+      compile it).
+  """
+
+  name: str
+  fn: Any
+  args: tuple
+  static: dict = dataclasses.field(default_factory=dict)
+  calls: Optional[int] = 1
+  note: str = ""
+  skip: str = ""
+
+  def lower(self):
+    return self.fn.lower(*self.args, **self.static)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fix:
+  """A config change that may make a stage fit: `overrides` {dotted field: value}."""
+
+  label: str
+  overrides: dict
+
+
+def traced(fn: Callable, *abstract_args):
+  """`fn(*args)` run on tracers of `abstract_args` (for library helpers that slice
+  or trace their inputs to discover shapes, e.g. `influence.find_layers`); returns
+  fn's Python result."""
+  out = []
+  jax.eval_shape(lambda *args: out.append(fn(*args)), *abstract_args)
+  return out[0]
+
+
+def _rows(tree, count: int):
+  return jax.tree_util.tree_map(lambda x: SDS((count,) + x.shape[1:], x.dtype), tree)
+
+
+# --- pre-training -------------------------------------------------------------------
+
+
+def _pretrain_run(loss_fn, learning_rate: float):
+  """`training.pretrain_base`'s jitted scan (same maths; that function builds it
+  inside and runs it at once, so it cannot be lowered on its own)."""
+  optimizer = optax.adam(learning_rate)
+
+  @jax.jit
+  def run(params, arrays, batch_ids):
+    def body(carry, ids):
+      params, opt_state = carry
+      batch = jax.tree_util.tree_map(lambda x: jnp.take(x, ids, axis=0), arrays)
+      loss, grads = jax.value_and_grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss
+
+    (params, _), step_losses = jax.lax.scan(
+        body, (params, optimizer.init(params)), batch_ids)
+    return params, step_losses
+
+  return run
+
+
+def pretrain(job: job_lib.Job) -> List[Program]:
+  """Adam on the pre-training split, one scan on one device."""
+  config = job.config
+  on_one = job_lib.replicated_on(job.devices[:1])
+  num_examples = next(iter(job.pretrain.values())).shape[0]
+  batch = min(config.pretrain_batch_size, num_examples)
+  args = (job_lib.place(job.params, on_one), job_lib.place(job.pretrain, on_one),
+          SDS((config.pretrain_steps, batch), jnp.int32, sharding=on_one))
+  return [Program("scan", _pretrain_run(job.loss_fn, config.pretrain_learning_rate),
+                  args, note=f"{config.pretrain_steps} steps of {batch}, one device")]
+
+
+# --- training runs ------------------------------------------------------------------
+
+
+def segment_steps(config) -> int:
+  """Steps per jitted segment: `train_runs` cuts at multiples of checkpoint_every."""
+  return min(config.checkpoint_every, config.num_steps)
+
+
+def _segment(job: job_lib.Job, num_runs: int, record_grads: bool) -> Program:
+  config = job.config
+  mesh = sharding.make_mesh(runs=None, data=1, devices=job.devices)
+  run_sharding, replicated = training.runs_shardings(num_runs, mesh)
+  optimizer, schedule = training.make_optimizer(config, num_steps=config.num_steps)
+  train_step = training.make_train_step(
+      job.loss_fn, optimizer, schedule, record_grads=record_grads,
+      projection_dim=config.projection_dim,
+      key=training.projection_key(config.seed))
+  segment = training.make_segment_fn(train_step, run_sharding)
+  steps = segment_steps(config)
+  params = job_lib.place(job.params, run_sharding, (num_runs,))
+  opt_state = job_lib.place(jax.eval_shape(jax.vmap(optimizer.init), params),
+                            run_sharding)
+  args = (params, opt_state, SDS((), jnp.int32, sharding=replicated),
+          SDS((num_runs, steps, config.batch_size), jnp.int32, sharding=run_sharding),
+          job_lib.place(job.train, replicated), job_lib.place(job.test, replicated))
+  size = mesh.shape[sharding.RUNS_AXIS]
+  placement = (f"{num_runs // size} run(s) per chip" if num_runs % size == 0 else
+               f"R={num_runs} does not divide {size} devices: every chip holds all "
+               "runs")
+  return Program("segment", segment, args,
+                 calls=-(-config.num_steps // steps),
+                 note=f"R={num_runs}, {steps} steps of {config.batch_size}, "
+                      f"{config.optimizer}; {placement}")
+
+
+def record_runs(job: job_lib.Job) -> List[Program]:
+  """The runs without recorded gradients (fitted, held-out, unseen): one segment."""
+  return [_segment(job, job.plain_runs(), record_grads=False)]
+
+
+def record_grad_runs(job: job_lib.Job) -> List[Program]:
+  """The first `num_grad_runs` fitted runs, recording projected per-step gradients."""
+  return [_segment(job, job.grad_runs(), record_grads=True)]
+
+
+# --- influence scores ----------------------------------------------------------------
+
+
+def _score_mesh(job: job_lib.Job):
+  if job.num_devices == 1:
+    return sharding.make_mesh(runs=1, data=1, devices=job.devices)
+  return sharding.make_mesh(runs=1, data=None, devices=job.devices)
+
+
+def score_chunks(chunk_size: int, num_train: int, num_devices: int
+                 ) -> Tuple[int, int]:
+  """(examples per chunk, chunks per pass) of the kernels' chunking.
+
+  The pipeline splits the N train examples into batches of `influence.chunk_size`;
+  the drivers (default chunk_size 256) pad each chunk to a multiple of the `data`
+  axis (`influence._common.iterate_padded_chunks`).
+  """
+  batch = min(chunk_size, num_train)
+  length = -(-min(_DRIVER_CHUNK_SIZE, batch) // num_devices) * num_devices
+  step = min(_DRIVER_CHUNK_SIZE, length)
+  full, last = divmod(num_train, batch)
+  return length, full * -(-batch // step) + (-(-last // step) if last else 0)
+
+
+def _task(job: job_lib.Job):
+  task_cls = (influence.LanguageModelingTask if job.kind == "lm" else
+              influence.ClassificationTask)
+  return task_cls(job.module.apply)
+
+
+def _score_inputs(job: job_lib.Job):
+  mesh = _score_mesh(job)
+  length, num_chunks = score_chunks(job.config.influence.chunk_size,
+                                    job.config.num_train_examples,
+                                    mesh.shape[sharding.DATA_AXIS])
+  split = sharding.data_sharded(mesh)
+  chunk = job_lib.place(_rows(job.train, length), split)
+  return mesh, length, num_chunks, chunk
+
+
+def ekfac_if(job: job_lib.Job) -> List[Program]:
+  """EK-FAC at the base model: factor statistics over one chunk (two passes),
+  eigendecomposition, preconditioned queries, scores of one chunk."""
+  config = job.config
+  task, fisher = _task(job), config.influence.fisher
+  mesh, length, num_chunks, chunk = _score_inputs(job)
+  replicated, split = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  layers = traced(lambda p, b: influence.find_layers(task.loss, p, b, warn=False),
+                  job.params, _rows(job.train, 1))
+  params = job_lib.place(job.params, replicated)
+  weights = SDS((length,), jnp.float32, sharding=split)
+  indices = SDS((length,), jnp.int32, sharding=split)
+  rng = SDS((2,), jnp.uint32, sharding=replicated)
+  per_chip = length // mesh.shape[sharding.DATA_AXIS]
+  chunk_note = f"chunk of {length} ({per_chip} per chip), {num_chunks} chunks"
+
+  def covariance(params, chunk, weights, indices, rng):
+    return influence.covariance_statistics(
+        task, params, chunk, layers, fisher, rng, axis_name=sharding.DATA_AXIS,
+        example_weights=weights, example_indices=indices)
+
+  def eigenvalues(params, eigenvectors, chunk, weights, indices, rng):
+    return influence.eigenvalue_statistics(
+        task, params, chunk, layers, eigenvectors, fisher, rng,
+        axis_name=sharding.DATA_AXIS, example_weights=weights,
+        example_indices=indices)
+
+  def query_side(params, factors, query_batch):
+    grads = influence.layer_gradients(task.measurement, params, query_batch, layers)
+    return influence.precondition(factors, grads, config.influence.damping)
+
+  def scores(params, query, chunk):
+    # `DenseBlock.dot`: per-example weight gradients against the queries.
+    grads = influence.layer_gradients(task.loss, params, chunk, layers)
+    return sum(jnp.einsum("qoi,noi->qn", query[name], grads[name]) for name in grads)
+
+  cov_kernel = sharding.data_parallel(covariance, mesh, (1, 2, 3), reduced=True)
+  cov_args = (params, chunk, weights, indices, rng)
+  stats = job_lib.place(jax.eval_shape(cov_kernel, *cov_args), replicated)
+  eigh = jax.jit(influence.eigendecompose, out_shardings=replicated)
+  decomposed = jax.eval_shape(eigh, stats)
+  eigenvectors = job_lib.place({n: (v[1], v[3]) for n, v in decomposed.items()},
+                               replicated)
+  eig_kernel = sharding.data_parallel(eigenvalues, mesh, (2, 3, 4), reduced=True)
+  eig_args = (params, eigenvectors, chunk, weights, indices, rng)
+  factors = influence.EKFACFactors(layers, {
+      spec.name: influence.LayerFactors(
+          eigenvectors[spec.name][0], eigenvectors[spec.name][1],
+          SDS((spec.output_dim, spec.augmented_input_dim), jnp.float32,
+              sharding=replicated)) for spec in layers})
+  query_batch = job_lib.place(job.test, replicated)
+  query_kernel = jax.jit(query_side, out_shardings=replicated)
+  query = job_lib.place(jax.eval_shape(query_kernel, params, factors, query_batch),
+                        replicated)
+  score_kernel = sharding.data_parallel(scores, mesh, (2,), out_example_axis=1)
+  factor_bytes = sum(math.prod(x.shape) * 4 for x in jax.tree_util.tree_leaves(
+      factors.factors))
+  programs = [Program("covariance", cov_kernel, cov_args, calls=num_chunks,
+                      note=chunk_note)]
+  # The job runs `eigendecompose` op by op: one eigh program per distinct factor
+  # shape, so one program per distinct (I, O) layer shape here, run per layer.
+  by_shape = {}
+  for spec in layers:
+    by_shape.setdefault((spec.augmented_input_dim, spec.output_dim), []).append(spec)
+  for (dim_in, dim_out), specs in by_shape.items():
+    one = _select_layers(stats, specs[0].name)
+    largest = max(dim_in, dim_out)
+    skip = ""
+    if largest > EIGH_COMPILE_LIMIT:
+      skip = (f"not compiled (n={largest} > {EIGH_COMPILE_LIMIT}): XLA:TPU's eigh "
+              "compile time grows steeply with n (257: 32 s, 512: 111 s, 1024: "
+              "> 12 min on a 2-core machine); memory is its inputs and outputs, a "
+              "lower bound")
+    programs.append(Program(
+        f"eigendecompose_{dim_in}x{dim_out}", eigh, (one,), calls=len(specs),
+        note=f"eigh of A [{dim_in}²] and S [{dim_out}²] of {len(specs)} layer(s); "
+             "iterative (loop counted once)", skip=skip))
+  return programs + [
+      Program("eigenvalues", eig_kernel, eig_args, calls=num_chunks, note=chunk_note),
+      Program("query", query_kernel, (params, factors, query_batch),
+              note=f"{job.config.num_test_examples} queries; {len(layers)} layers' "
+                   f"factors {factor_bytes / 2**30:.3g} GiB, replicated"),
+      Program("scores", score_kernel, (params, query, chunk), calls=num_chunks,
+              note=chunk_note),
+  ]
+
+
+def _select_layers(stats, name: str):
+  """`CovarianceStatistics` of one layer."""
+  return stats._replace(**{
+      field: {name: getattr(stats, field)[name]}
+      for field in ("activation_sums", "gradient_sums", "token_counts")})
+
+
+def tracin_checkpoints(config) -> int:
+  """Checkpoints TracIn-CP sums over: every `checkpoint_every` steps below T, of
+  each of `influence.tracin_num_runs` runs."""
+  return len(range(0, config.num_steps, config.checkpoint_every)) * (
+      config.influence.tracin_num_runs)
+
+
+def tracin_cp(job: job_lib.Job) -> List[Program]:
+  """TracIn-CP: query gradients of one checkpoint, scores of one chunk (exact
+  gradients, factored inner products where cheaper: `influence.tracin_scores`)."""
+  config = job.config
+  task = _task(job)
+  mesh, length, num_chunks, chunk = _score_inputs(job)
+  replicated = sharding.replicated(mesh)
+  num_query = config.num_test_examples
+  plan = traced(lambda p, q, t: kernels.tracin_plan(task, p, q, t, num_query),
+                job.params, job.test, _rows(job.train, 1))
+  params = job_lib.place(job.params, replicated)
+  query_batch = job_lib.place(job.test, replicated)
+  query_kernel = kernels.tracin_query_kernel(task, plan)
+  query = job_lib.place(jax.eval_shape(query_kernel, params, query_batch), replicated)
+  chunk_kernel = kernels.tracin_chunk_kernel(task, plan, mesh)
+  count = tracin_checkpoints(config)
+  per_chip = length // mesh.shape[sharding.DATA_AXIS]
+  factored = sum(plan.factored.values())
+  return [
+      Program("query", query_kernel, (params, query_batch), calls=count,
+              note=f"{num_query} queries x {count} checkpoints"),
+      Program("chunk", chunk_kernel,
+              (params, query, SDS((), jnp.float32, sharding=replicated), chunk),
+              calls=num_chunks * count,
+              note=f"chunk of {length} ({per_chip} per chip); {factored}/"
+                   f"{len(plan.layers)} layers factored"),
+  ]
+
+
+def tracin_per_step(job: job_lib.Job) -> List[Program]:
+  """Per-step TracIn: the recorded projected-gradient dot products of one run."""
+  config = job.config
+  on_one = job_lib.replicated_on(job.devices[:1])
+  steps, batch, dim = config.num_steps, config.batch_size, config.projection_dim
+  args = (SDS((steps, batch), jnp.int32, sharding=on_one),
+          SDS((steps, batch, dim), jnp.float32, sharding=on_one),
+          SDS((steps, config.num_test_examples, dim), jnp.float32, sharding=on_one),
+          SDS((steps,), jnp.float32, sharding=on_one))
+  return [Program("dots", kernels.tracin_sums(), args, calls=job.grad_runs(),
+                  note=f"one run ({steps} steps), K={dim}")]
+
+
+# --- simulators ------------------------------------------------------------------------
+
+
+def simfluence_fit(job: job_lib.Job) -> List[Program]:
+  """The ridge solver's kernels on the fitted runs' trace shapes, per kind."""
+  config = job.config
+  local = devices_lib.primary_devices(list(job.devices))
+  mesh = kernels.column_mesh(local)
+  col = jax.sharding.PartitionSpec("columns")
+  place = lambda spec: jax.sharding.NamedSharding(mesh, spec)
+  rep, per_column = place(jax.sharding.PartitionSpec()), place(col)
+  rows_by_column = place(jax.sharding.PartitionSpec(None, "columns"))
+  by_theta = place(jax.sharding.PartitionSpec(None, None, "columns"))
+  num_train, batch = config.num_train_examples, config.batch_size
+  num_rows = config.num_runs * config.num_steps
+  programs = []
+  for kind in ("linear", "additive"):
+    if f"simfluence_{kind}" not in config.methods:
+      continue
+    linear = kind == "linear"
+    blocks = 2 if linear else 1
+    method, columns = kernels.solver_layout(num_train, num_rows, batch,
+                                            config.num_test_examples, linear,
+                                            len(local))
+    num_chunks = -(-config.num_test_examples // columns)
+    solver = kernels.solver_kernels(mesh, num_train, linear)
+    ids = SDS((num_rows, batch), jnp.int32, sharding=rep)
+    x = SDS((num_rows, columns), jnp.float32, sharding=rows_by_column)
+    l2 = SDS((columns,), jnp.float32, sharding=per_column)
+    theta = SDS((num_train, blocks, columns), jnp.float32, sharding=by_theta)
+    note = (f"{method}: P={num_rows} rows, {columns} columns per chunk over "
+            f"{len(local)} local devices")
+    if method == "cg":
+      scalar = SDS((columns,), jnp.float32, sharding=per_column)
+      inverse = SDS((num_train, 3 if linear else 1, columns), jnp.float32,
+                    sharding=by_theta)
+      programs += [
+          Program(f"{kind}_cg_init", solver.cg_init,
+                  (ids, x, x, l2, SDS((), jnp.float32, sharding=rep)),
+                  calls=num_chunks, note=note),
+          Program(f"{kind}_forward", solver.forward, (theta, ids, x), calls=None,
+                  note="X·direction, once per CG iteration"),
+          Program(f"{kind}_cg_step", solver.cg_step,
+                  (x, theta, theta, theta, scalar, scalar, inverse, ids, x, l2),
+                  calls=None, note="once per CG iteration"),
+      ]
+    else:
+      programs.append(Program(f"{kind}_{method}", getattr(solver, method),
+                              (ids, x, x, l2), calls=num_chunks, note=note))
+  if len(local) < len(job.devices):
+    # Multi-host: the library solves on each host's CPU (simulators.default_devices).
+    programs = [dataclasses.replace(
+        p, skip="multi-host: runs on each host's CPU, not the TPU slice")
+                for p in programs]
+  return programs
+
+
+def simulate(job: job_lib.Job) -> List[Program]:
+  """Rollouts of the held-out runs by a linear and an additive simulator."""
+  config = job.config
+  on_one = job_lib.replicated_on(job.devices[:1])
+  num_runs, steps = job.held_out_runs(), config.num_steps
+  num_train, num_test, batch = (config.num_train_examples, config.num_test_examples,
+                                config.batch_size)
+  params = SDS((1, num_train, num_test), jnp.float32, sharding=on_one)
+  args = (params, params,
+          SDS((num_runs, steps, batch), jnp.int32, sharding=on_one),
+          SDS((num_runs, steps, batch), jnp.float32, sharding=on_one),
+          SDS((steps,), jnp.int32, sharding=on_one),
+          SDS((num_runs, num_test), jnp.float32, sharding=on_one),
+          SDS((), jnp.float32, sharding=on_one))
+  kinds = [k for k in ("linear", "additive")
+           if k == "additive" or "simfluence_linear" in config.methods]
+  return [Program(f"rollout_{kind}", kernels.rollout(), args,
+                  static={"linear": kind == "linear"},
+                  note=f"{num_runs} held-out runs x {steps} steps")
+          for kind in kinds]
+
+
+def metagradient(job: job_lib.Job) -> List[Program]:
+  """Metagradients through the training run (`training.metagradients`,
+  `training.first_order_losses`)."""
+  del job
+  if not hasattr(training, "metagradients"):
+    raise NotAvailable("training.metagradients does not exist yet")
+  # Both build their jitted program inside the call and run it at once on host
+  # arrays, so there is nothing to lower without allocating the inputs.
+  raise NotAvailable("training.metagradients / first_order_losses build and run "
+                     "their jitted program in one call; planning needs them to "
+                     "expose it (a function returning the jitted program)")
+
+
+# --- fixes -------------------------------------------------------------------------------
+
+
+def _halvings(value: int, floor: int = 1):
+  value //= 2
+  while value >= floor:
+    yield value
+    value //= 2
+
+
+def _per_chip(count: int, num_devices: int) -> int:
+  """Runs per chip of a run axis of `count` (replicated unless it divides)."""
+  return count // num_devices if count % num_devices == 0 else count
+
+
+def _run_count_fixes(job: job_lib.Job) -> List[Fix]:
+  """Fewer runs per chip: every group of the call (fitted, held-out, unseen) scaled
+  alike to `devices × k` runs, k below the current runs per chip."""
+  config, devices = job.config, job.num_devices
+  plain, grad = job.plain_runs(), job.grad_runs()
+  held = config.num_held_out_runs
+  unseen = job.held_out_runs() - held
+  now = _per_chip(plain, devices)
+  targets = ([max(1, plain // devices)] if plain % devices else []) + list(
+      _halvings(now))
+  fixes = []
+  for per_chip in dict.fromkeys(t for t in targets if t < now or plain % devices):
+    total = devices * per_chip
+    scaled = lambda count: min(count, max(1, round(count * total / plain))) if (
+        count) else 0
+    new_held, new_unseen = scaled(held), scaled(unseen)
+    num_runs = total - new_held - new_unseen + grad
+    if num_runs - grad < 0 or num_runs < max(new_held,
+                                               config.influence.tracin_num_runs, 1):
+      continue
+    overrides = {"num_runs": num_runs, "num_held_out_runs": new_held}
+    label = f"num_runs={num_runs}, num_held_out_runs={new_held}"
+    if unseen:
+      overrides["unseen.num_runs"] = new_unseen
+      label += f", unseen.num_runs={new_unseen}"
+    fixes.append(Fix(f"{label} ({per_chip} run(s) per chip)", overrides))
+  if config.optimizer != "sgd":
+    fixes.append(Fix(f"optimizer=sgd (no {config.optimizer} state; changes the "
+                     "experiment)", {"optimizer": "sgd"}))
+  return fixes
+
+
+def _grad_run_fixes(job: job_lib.Job) -> List[Fix]:
+  devices, grad = job.num_devices, job.grad_runs()
+  now = _per_chip(grad, devices)
+  targets = ([max(1, grad // devices)] if grad % devices else []) + list(
+      _halvings(now))
+  fixes = [Fix(f"num_grad_runs={devices * k} ({k} per chip)",
+               {"num_grad_runs": devices * k})
+           for k in dict.fromkeys(t for t in targets if devices * t < grad)]
+  return fixes + [Fix("record_grads=False (no per-step TracIn)",
+                      {"record_grads": False})]
+
+
+def _chunk_fixes(job: job_lib.Job) -> List[Fix]:
+  config, data = job.config, job.num_devices
+  seen = {score_chunks(config.influence.chunk_size, config.num_train_examples,
+                       data)[0]}
+  fixes = []
+  for chunk in _halvings(config.influence.chunk_size):
+    length, _ = score_chunks(chunk, config.num_train_examples, data)
+    if length not in seen:
+      seen.add(length)
+      fixes.append(Fix(f"influence.chunk_size={chunk} ({length // data} per chip)",
+                       {"influence.chunk_size": chunk}))
+  return fixes
+
+
+def _pretrain_fixes(job: job_lib.Job) -> List[Fix]:
+  return [Fix(f"pretrain_batch_size={b}", {"pretrain_batch_size": b})
+          for b in _halvings(job.config.pretrain_batch_size)]
+
+
+def _no_fixes(job: job_lib.Job) -> List[Fix]:
+  del job
+  return []
+
+
+# --- registry ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """A stage of the main job: its programs, whether the config runs it, its fixes."""
+
+  name: str
+  build: Callable[[job_lib.Job], List[Program]]
+  applies: Callable[[job_lib.Job], bool]
+  fixes: Callable[[job_lib.Job], List[Fix]] = _no_fixes
+
+
+def _uses(*methods):
+  return lambda job: any(m in job.config.methods for m in methods)
+
+
+STAGES = (
+    Stage("pretrain", pretrain, lambda job: job.pretrain is not None,
+          _pretrain_fixes),
+    Stage("record_runs", record_runs, lambda job: job.plain_runs() > 0,
+          _run_count_fixes),
+    Stage("record_grad_runs", record_grad_runs, lambda job: job.grad_runs() > 0,
+          _grad_run_fixes),
+    Stage("ekfac_if", ekfac_if, _uses("ekfac_if"), _chunk_fixes),
+    Stage("tracin_cp", tracin_cp, _uses("tracin_cp"), _chunk_fixes),
+    Stage("tracin_per_step", tracin_per_step,
+          lambda job: "tracin_per_step" in job.config.methods and job.grad_runs() > 0),
+    Stage("simfluence_fit", simfluence_fit,
+          _uses("simfluence_linear", "simfluence_additive")),
+    Stage("simulate", simulate, lambda job: True),
+    # Always listed, so a plan says when metagradients cannot be planned.
+    Stage("metagradient", metagradient, lambda job: True),
+)
+
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+
+def get(name: str) -> Stage:
+  for stage in STAGES:
+    if stage.name == name:
+      return stage
+  raise ValueError(f"--stages: unknown stage {name!r}; known: {STAGE_NAMES}.")

@@ -1,0 +1,198 @@
+"""`python -m simfluence_jax.plan`: per-chip memory, loop-counted costs, fixes.
+
+The plans run in subprocesses: libtpu (the TPU compiler) must never load into the
+test process, whose jax stays on the plain CPU backend. The TPU tests compile for
+v5e:2x2 and are skipped when libtpu is not installed (`pip install libtpu`).
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from simfluence_jax import config_lib
+from simfluence_jax import data
+from simfluence_jax.influence import _common
+from simfluence_jax.planning import chips
+from simfluence_jax.planning import costs
+from simfluence_jax.planning import stages
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "configs/default.py:tiny"
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed")
+
+
+def run_plan(tmp_path, *flags, prelude=""):
+  """Runs the plan CLI; (exit status, stdout, the JSON plan or None)."""
+  out = tmp_path / "plan.json"
+  code = (f"{prelude}import runpy, sys; sys.argv = ['plan'] + sys.argv[1:]; "
+          "runpy.run_module('simfluence_jax.plan', run_name='__main__')")
+  proc = subprocess.run(
+      [sys.executable, "-c", code, *flags, f"--out={out}"], cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=600)
+  print(proc.stdout)
+  plan = json.loads(out.read_text()) if out.exists() else None
+  return proc.returncode, proc.stdout + proc.stderr, plan
+
+
+def row(plan, name):
+  return next(r for r in plan["rows"] if r["name"] == name)
+
+
+def transformer_params(vocab, d, layers, d_ff, max_len):
+  """Parameter count of `models.TransformerLM`, written out by hand."""
+  per_block = (2 * 2 * d                     # two LayerNorms (scale, bias)
+               + 4 * (d * d + d)             # query, key, value, out
+               + d * d_ff + d_ff + d_ff * d + d)  # mlp_in, mlp_out
+  return vocab * d + max_len * d + layers * per_block + 2 * d + d * vocab + vocab
+
+
+@needs_libtpu
+def test_segment_arguments_are_the_sharded_state(tmp_path):
+  """Argument bytes of the training segment = the arithmetic of R/D runs per chip
+  (params + Adam state + batch ids) plus the replicated example arrays."""
+  d, d_ff, seq_len = 128, 256, 128
+  status, _, plan = run_plan(
+      tmp_path, f"--config={TINY}", "--topology=v5e:2x2", "--stages=record_runs",
+      "--config.optimizer=adam", f"--config.model.d_model={d}",
+      f"--config.model.d_ff={d_ff}", f"--config.data.seq_len={seq_len}",
+      "--nosuggest")
+  assert status == 0
+  segment = row(plan, "record_runs/segment")
+  config = config_lib.load_config(TINY)
+  num_params = transformer_params(data.BYTE_VOCAB_SIZE, d, config.model.num_layers,
+                                  d_ff, seq_len)
+  assert plan["num_params"] == num_params
+  # Every run but the gradient-recording ones is in this call.
+  unseen = config.unseen.num_runs if config.unseen.num_examples else 0
+  runs = config.num_runs + config.num_held_out_runs + unseen - config.num_grad_runs
+  devices = 4
+  assert runs % devices == 0
+  # Adam's moments and step count, and the schedule's step count (the job's
+  # learning rate is a schedule).
+  adam = jax.eval_shape(optax.adam(optax.constant_schedule(1e-3)).init,
+                        jnp.zeros((num_params,)))
+  opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(adam))
+  steps = min(config.checkpoint_every, config.num_steps)  # per segment
+  per_run = 4 * num_params + opt_bytes + steps * config.batch_size * 4
+  arrays = ((config.num_train_examples + config.num_test_examples) * seq_len
+            * (4 + 4 + 4))  # inputs, targets (int32), mask (float32)
+  expected = runs // devices * per_run + 4 + arrays  # + the first-step scalar
+  assert segment["logical_argument_bytes"] == expected
+  # XLA's layout pads small minor dimensions to TPU tiles (here the 259-wide head),
+  # but the runs are split: replicating them would be 4x the params.
+  assert expected <= segment["memory"]["arguments"] <= 1.25 * expected
+  assert segment["memory"]["total"] >= segment["memory"]["arguments"]
+  assert segment["flops"] > 0 and segment["roofline_seconds"] > 0
+
+
+@needs_libtpu
+def test_too_large_is_reported_with_a_fix_that_fits(tmp_path):
+  """Two runs per chip recording 196608 test losses per step (~20 GiB): named,
+  with the first fix that compiles within HBM, and the other stages planned."""
+  status, output, plan = run_plan(
+      tmp_path, f"--config={TINY}", "--topology=v5e:2x2",
+      "--stages=record_runs,simulate,metagradient",
+      "--config.num_test_examples=196608", "--config.num_runs=8")
+  assert status == 3, output
+  assert "DOES NOT FIT: record_runs/segment" in output
+  segment = row(plan, "record_runs/segment")
+  assert segment["status"] == "out of memory"
+  assert segment["needed_bytes"] > 16 * 2**30
+  assert segment["suggestion"].startswith("fits with num_runs="), segment
+  assert "(1 run(s) per chip)" in segment["suggestion"]
+  assert row(plan, "simulate/rollout_linear")["status"] == "fits"
+  assert row(plan, "metagradient/-")["status"] in ("not available", "fits")
+
+
+def test_cpu_estimate_against_a_measured_run(tmp_path):
+  """The roofline of the segment for this CPU (measured peak and bandwidth) vs the
+  same compiled segment run on zeros; the ratio is printed, loosely bounded."""
+  # A linear schedule reads the step: with a constant one XLA drops that argument.
+  status, output, plan = run_plan(tmp_path, f"--config={TINY}", "--topology=cpu",
+                                  "--stages=record_runs", "--measure",
+                                  "--config.lr_schedule=linear")
+  assert status == 0, output
+  segment = row(plan, "record_runs/segment")
+  ratio = segment["measured_seconds"] / segment["roofline_seconds"]
+  print(f"CPU segment: measured {segment['measured_seconds'] * 1e3:.2f} ms, "
+        f"roofline {segment['roofline_seconds'] * 1e3:.3f} ms, ratio {ratio:.1f}")
+  assert 0.1 < ratio < 1e4
+  # On CPU nothing pads: the arguments are exactly the arithmetic.
+  assert segment["memory"]["arguments"] == segment["logical_argument_bytes"]
+
+
+def test_without_libtpu_one_line_and_nonzero(tmp_path):
+  status, output, plan = run_plan(
+      tmp_path, f"--config={TINY}", "--topology=v5e:2x2",
+      prelude="import sys; sys.modules['libtpu'] = None; ")
+  assert status == 4 and plan is None
+  lines = [line for line in output.splitlines() if line.strip()]
+  assert lines == ['error: the TPU compiler is not installed: pip install -e ".[tpu]" '
+                   "(or pip install libtpu), then rerun."]
+
+
+def test_loop_costs_count_every_trip():
+  """A scan of T matmuls inside a scan of U: T·U matmuls of 2n³ FLOPs, where XLA's
+  own cost analysis counts each loop body once."""
+  n, inner, outer = 64, 3, 5
+
+  def f(x):
+    def body(c, _):
+      return jax.lax.scan(lambda c2, _: (jnp.tanh(c2 @ x), None), c, None,
+                          length=inner)[0], None
+    return jax.lax.scan(body, x, None, length=outer)[0]
+
+  compiled = jax.jit(f).lower(jax.ShapeDtypeStruct((n, n), jnp.float32)).compile()
+  counted = costs.loop_costs(compiled.as_text())
+  matmuls = 2 * n ** 3 * inner * outer
+  assert compiled.cost_analysis()["flops"] < 2 * 2 * n ** 3  # one body, once
+  assert not counted["unknown_trips"]
+  assert sorted(t for _, t in counted["loops"]) == [inner, outer]
+  assert matmuls <= counted["flops"] <= 1.05 * matmuls
+
+
+@pytest.mark.parametrize("chunk_size,num_train,devices", [
+    (64, 200, 4), (64, 200, 256), (8, 48, 3), (300, 1000, 8), (1000, 4096, 64)])
+def test_score_chunks_match_the_kernels_chunking(chunk_size, num_train, devices):
+  """The plan's chunk length and count = what `iterate_padded_chunks` yields on
+  the pipeline's batches of `influence.chunk_size`."""
+  batches = [{"x": np.zeros((min(chunk_size, num_train - i), 1))}
+             for i in range(0, num_train, chunk_size)]
+  chunks = list(_common.iterate_padded_chunks(batches, 256, devices))
+  assert stages.score_chunks(chunk_size, num_train, devices) == (
+      len(chunks[0][0]["x"]), len(chunks))
+
+
+def test_topology_names():
+  assert chips.topology_name("v5e:16x16") == "v5e:16x16"
+  assert chips.topology_name("v5litepod-256") == "v5e:16x16"
+  assert chips.topology_name("v5p-128") == "v5p:4x4x4"  # 128 TensorCores, 64 chips
+  assert chips.topology_name("v4-32") == "v4:2x2x4"
+  assert chips.topology_name("v6e-8") == "v6e:2x4"
+  for bad in ("v9:2x2", "v5p-6", "tpu"):
+    with pytest.raises(ValueError, match="--topology"):
+      chips.topology_name(bad)
+
+
+def test_out_of_memory_messages():
+  new = RuntimeError("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory "
+                     "on HBM, the total memory required for HLO temporaries (42.00G) "
+                     "exceeds available HBM (15.75G). HLO module: jit__lambda.")
+  old = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. "
+                     "Used 20.5G of 15.75G hbm.")
+  assert costs.is_out_of_memory(new) and costs.is_out_of_memory(old)
+  assert costs.oom_bytes(new) == (42.0 * 2**30, 15.75 * 2**30)
+  assert costs.oom_bytes(old) == (20.5 * 2**30, 15.75 * 2**30)
+  assert not costs.is_out_of_memory(ValueError("shapes do not match"))
+  assert math.isclose(chips.CHIPS["v5e"].roofline_seconds(197e12, 0.0), 1.0)
