@@ -6,12 +6,14 @@ import subprocess
 import sys
 import textwrap
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
+from simfluence_jax import losses
 from simfluence_jax import models
 from simfluence_jax import training
 from simfluence_jax.kernels import projection
@@ -318,3 +320,176 @@ def test_language_model_runs_record_losses_and_grads():
   np.testing.assert_allclose(trace.losses[:, 0], np.broadcast_to(expected, (2, 2)),
                              rtol=1e-5)
   assert trace.metadata["optimizer"] == "adam"
+
+
+def test_weighted_step_keeps_the_valid_count_as_denominator():
+  """w·valid·ℓ summed, divided by the number of valid slots (MAGIC's convention)."""
+  _, loss_fn, params, train, test = _setup()
+  lr = 0.3
+  ids = np.array([[[4, 7, 1, -1]]], np.int32)
+  weights = np.array([[[2.0, 0.0, 0.5, 9.0]]], np.float32)  # 9 sits on padding
+  result = training.train_runs(params, ids, weights=weights, loss_fn=loss_fn,
+                               config=_config("sgd", lr), train_arrays=train,
+                               test_arrays=test, progress=False)
+  batch = jax.tree_util.tree_map(lambda x: x[[4, 7, 1]], train)
+  grads = jax.grad(lambda p: jnp.sum(jnp.array([2.0, 0.0, 0.5]) * loss_fn(p, batch))
+                   / 3.0)(params)
+  expected = jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads)
+  _assert_trees_close(jax.tree_util.tree_map(lambda x: x[0], result.params), expected,
+                      atol=1e-6)
+  np.testing.assert_allclose(result.train_losses[0, 0], jnp.sum(
+      jnp.array([2.0, 0.0, 0.5]) * loss_fn(params, batch)) / 3.0, rtol=1e-6)
+  np.testing.assert_allclose(training.effective_weights(ids, NUM_TRAIN)[0, 0, [4, 7, 1]],
+                             [1 / 3] * 3, rtol=1e-6)
+  np.testing.assert_allclose(training.effective_weights(ids, NUM_TRAIN, weights)[
+      0, 0, [4, 7, 1]], [2 / 3, 0.0, 0.5 / 3], rtol=1e-6)
+
+
+def test_weights_none_equals_ones_bit_for_bit_and_bad_weights_are_refused():
+  _, loss_fn, params0, train, test = _setup()
+  batch_ids = _batch_ids()
+  kwargs = dict(loss_fn=loss_fn, config=_config("adam", 0.05), train_arrays=train,
+                test_arrays=test, progress=False, record_grads=True, projection_dim=4)
+  plain = training.train_runs(params0, batch_ids, **kwargs)
+  ones = training.train_runs(params0, batch_ids, weights=np.ones(batch_ids.shape),
+                             **kwargs)
+  np.testing.assert_array_equal(plain.trace.losses, ones.trace.losses)
+  np.testing.assert_array_equal(plain.trace.train_grads, ones.trace.train_grads)
+  _assert_trees_close(plain.params, ones.params, atol=0)
+  halved = np.ones(batch_ids.shape, np.float32)
+  halved[:, 2] = 0.5
+  assert not np.allclose(training.train_runs(params0, batch_ids, weights=halved,
+                                             **kwargs).trace.losses,
+                         plain.trace.losses)
+  with pytest.raises(ValueError, match=r"weights must be float\[R, T, B\]"):
+    training.train_runs(params0, batch_ids, weights=halved[:, :2], **kwargs)
+  halved[1, 3, 0] = np.inf
+  with pytest.raises(ValueError, match=r"weights\[1, 3, 0\] = inf"):
+    training.train_runs(params0, batch_ids, weights=halved, **kwargs)
+
+
+class _CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(3, (3, 3))(x))
+    return nn.Dense(NUM_CLASSES)(jnp.reshape(x, (x.shape[0], -1)))
+
+
+def test_cnn_runs_record_grads():
+  """Was: NotImplementedError from the conv batching rule (test inputs unbatched)."""
+  rng = np.random.default_rng(0)
+  make = lambda n: {"inputs": rng.normal(size=(n, 5, 5, 1)).astype(np.float32),
+                    "labels": rng.integers(0, NUM_CLASSES, n).astype(np.int32)}
+  train, test = make(NUM_TRAIN), make(NUM_TEST)
+  model = _CNN()
+  params0 = model.init(jax.random.PRNGKey(0), train["inputs"][:1])
+  loss_fn = training.make_loss_fn(model, "classification")
+  batch_ids = _batch_ids()[:2, :2]
+  kwargs = dict(loss_fn=loss_fn, config=_config("sgd", 0.1), train_arrays=train,
+                test_arrays=test, progress=False)
+  result = training.train_runs(params0, batch_ids, record_grads=True,
+                               projection_dim=6, **kwargs)
+  plain = training.train_runs(params0, batch_ids, **kwargs)
+  np.testing.assert_allclose(result.trace.losses, plain.trace.losses, atol=1e-6)
+  key = training.projection_key(0)
+  grad_one = lambda example: jax.grad(lambda p: loss_fn(p, example)[0])(params0)
+  for arrays, recorded, ids in ((test, result.trace.test_grads[1, 0],
+                                 range(NUM_TEST)),
+                                (train, result.trace.train_grads[1, 0],
+                                 batch_ids[1, 0])):
+    grads = [grad_one(jax.tree_util.tree_map(lambda x, i=i: x[i:i + 1], arrays))
+             for i in ids]
+    stacked = jax.tree_util.tree_map(lambda *g: jnp.stack(g), *grads)
+    np.testing.assert_allclose(recorded, projection.project_pytree(stacked, key, 6),
+                               atol=1e-5, rtol=1e-5)
+
+
+class _DropoutMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(8)(x)))
+    return nn.Dense(NUM_CLASSES)(x)
+
+
+def test_dropout_keys_are_per_run_step_and_slot_reproducible_and_resumable(tmp_path):
+  _, _, _, train, test = _setup()
+  model = _DropoutMLP()
+  params0 = models.init_variables(model, train["inputs"])
+  loss_fn = training.make_loss_fn(model, "classification", train_kwargs={"train": True})
+  batch_ids = _batch_ids()
+  seed, lr = 3, 0.2
+  kwargs = dict(loss_fn=loss_fn, config=_config("sgd", lr), train_arrays=train,
+                test_arrays=test, progress=False, seed=seed)
+  one_go = training.train_runs(params0, batch_ids, **kwargs)
+
+  # Step 0 of run 2 by hand: slot b's dropout mask from
+  # fold_in(fold_in(fold_in(dropout_key(seed), run), step), slot), eval-mode test loss.
+  run, base = 2, training.dropout_key(seed)
+  keys = [jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base, run), 0), b)
+          for b in range(BATCH)]
+  def objective(p):
+    losses = [loss_fn(p, jax.tree_util.tree_map(lambda x, i=i: x[i:i + 1], train),
+                      rng=k)[0] for i, k in zip(batch_ids[run, 0], keys)]
+    return sum(losses) / BATCH
+  expected = jax.tree_util.tree_map(lambda p, g: p - lr * g, params0,
+                                    jax.grad(objective)(params0))
+  np.testing.assert_allclose(one_go.trace.losses[run, 1], loss_fn(expected, test),
+                             atol=1e-5)
+  eval_mode = training.make_loss_fn(model, "classification")
+  deterministic = training.train_runs(params0, batch_ids, **dict(kwargs,
+                                                                 loss_fn=eval_mode))
+  assert np.abs(deterministic.trace.losses[:, 1:] - one_go.trace.losses[:, 1:]).max(
+  ) > 1e-3  # dropout is on in training
+  np.testing.assert_array_equal(deterministic.trace.losses[:, 0],
+                                one_go.trace.losses[:, 0])  # and off in eval
+
+  # Recording gradients, another seed, resuming.
+  recorded = training.train_runs(params0, batch_ids, record_grads=True,
+                                 projection_dim=4, **kwargs)
+  np.testing.assert_allclose(recorded.trace.losses, one_go.trace.losses, atol=1e-5)
+  other_seed = training.train_runs(params0, batch_ids, **dict(kwargs, seed=seed + 1))
+  assert np.abs(other_seed.trace.losses[:, 1:] - one_go.trace.losses[:, 1:]).max() > 1e-3
+  workdir = str(tmp_path / "job")
+  training.train_runs(params0, batch_ids, workdir=workdir, max_steps=3,
+                      checkpoint_every=3, **kwargs)
+  resumed = training.train_runs(params0, batch_ids, workdir=workdir,
+                                checkpoint_every=3, **kwargs)
+  np.testing.assert_array_equal(resumed.trace.losses, one_go.trace.losses)
+
+
+class _BatchNormMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.BatchNorm(use_running_average=True)(nn.Dense(6)(x))
+    return nn.Dense(NUM_CLASSES)(nn.relu(x))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_batch_stats_pass_through_undifferentiated(optimizer):
+  _, _, _, train, test = _setup()
+  model = _BatchNormMLP()
+  variables = models.init_variables(model, train["inputs"])
+  rng = np.random.default_rng(1)
+  variables = {"params": variables["params"], "batch_stats": {"BatchNorm_0": {
+      "mean": rng.normal(size=6).astype(np.float32),
+      "var": rng.uniform(0.5, 2.0, 6).astype(np.float32)}}}
+  loss_fn = training.make_loss_fn(model, "classification")
+  lr = 0.1
+  ids = np.array([[[2, 5, 8]]], np.int32)
+  result = training.train_runs(variables, ids, loss_fn=loss_fn,
+                               config=_config(optimizer, lr), train_arrays=train,
+                               test_arrays=test, progress=False)
+  final = jax.tree_util.tree_map(lambda x: x[0], result.params)
+  _assert_trees_close(final["batch_stats"], variables["batch_stats"], atol=0)
+  # The params step: gradient through the frozen running statistics.
+  batch = jax.tree_util.tree_map(lambda x: x[[2, 5, 8]], train)
+  def objective(params):
+    logits = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                         batch["inputs"])
+    return jnp.mean(losses.classification_loss(logits, batch["labels"]))
+  grads = jax.grad(objective)(variables["params"])
+  step = (lambda g: lr * g) if optimizer == "sgd" else (
+      lambda g: lr * g / (jnp.abs(g) + 1e-8))  # Adam's first step
+  expected = jax.tree_util.tree_map(lambda p, g: p - step(g), variables["params"],
+                                    grads)
+  _assert_trees_close(final["params"], expected, atol=1e-5)

@@ -2,6 +2,8 @@
 
 from typing import Any, Callable, Optional, Tuple
 
+import jax
+import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -27,6 +29,48 @@ def config_field(config: Any, name: str, default: Any = None) -> Any:
   return getattr(config, name, default)
 
 
+# Hyperparameters each optimizer reads besides the schedule, with their defaults.
+OPTIMIZER_HYPERPARAMETERS = {"sgd": {}, "momentum": {"momentum": 0.9},
+                             "adam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8}}
+
+
+def optimizer_settings(config: Any, num_steps: Optional[int] = None) -> dict:
+  """Every setting `make_optimizer` builds from, read from `config` (JSON values).
+
+  The single place the optimizer fields are read: `make_optimizer` uses nothing
+  else, so the resume fingerprint of `train_runs` and the compiled-function caches
+  of `metagradients` cover exactly what shapes the updates. Fields an optimizer
+  ignores (e.g. `momentum` for "sgd") are left out.
+
+  Raises:
+    ValueError: unknown optimizer or schedule, or a linear schedule without a step
+      count.
+  """
+  name = config_field(config, "optimizer", "sgd")
+  if name not in OPTIMIZER_HYPERPARAMETERS:
+    raise ValueError(f"config.optimizer: unknown optimizer {name!r}; expected one of "
+                     f"{OPTIMIZERS}.")
+  schedule = config_field(config, "lr_schedule", "constant")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"config.lr_schedule: unknown schedule {schedule!r}; expected "
+                     f"one of {SCHEDULES}.")
+  settings = {"optimizer": name,
+              "learning_rate": float(config_field(config, "learning_rate")),
+              "lr_schedule": schedule,
+              "warmup_steps": int(config_field(config, "warmup_steps", 0) or 0)}
+  if schedule == "linear":
+    num_steps = num_steps or config_field(config, "num_steps")
+    if not num_steps:
+      raise ValueError("config.lr_schedule='linear' needs the number of steps "
+                       "(num_steps).")
+    settings["num_steps"] = int(num_steps)
+    settings["end_learning_rate"] = float(config_field(config, "end_learning_rate",
+                                                       0.0))
+  for field, default in OPTIMIZER_HYPERPARAMETERS[name].items():
+    settings[field] = float(config_field(config, field, default))
+  return settings
+
+
 def make_schedule(config: Any,
                   num_steps: Optional[int] = None) -> Callable[[Any], Any]:
   """Learning-rate schedule `step -> float32[]` (step 0 = the first update).
@@ -42,22 +86,15 @@ def make_schedule(config: Any,
   Raises:
     ValueError: unknown schedule, or a linear schedule without a step count.
   """
-  learning_rate = float(config_field(config, "learning_rate"))
-  name = config_field(config, "lr_schedule", "constant")
-  warmup_steps = int(config_field(config, "warmup_steps", 0) or 0)
-  num_steps = num_steps or config_field(config, "num_steps")
-  if name == "constant":
+  settings = optimizer_settings(config, num_steps)
+  learning_rate = settings["learning_rate"]
+  warmup_steps = settings["warmup_steps"]
+  if settings["lr_schedule"] == "constant":
     main = optax.constant_schedule(learning_rate)
-  elif name == "linear":
-    if not num_steps:
-      raise ValueError("config.lr_schedule='linear' needs the number of steps "
-                       "(num_steps).")
-    main = optax.linear_schedule(
-        learning_rate, float(config_field(config, "end_learning_rate", 0.0)),
-        transition_steps=max(int(num_steps) - warmup_steps, 1))
   else:
-    raise ValueError(f"config.lr_schedule: unknown schedule {name!r}; expected one "
-                     f"of {SCHEDULES}.")
+    main = optax.linear_schedule(
+        learning_rate, settings["end_learning_rate"],
+        transition_steps=max(settings["num_steps"] - warmup_steps, 1))
   if warmup_steps <= 0:
     return main
   warmup = optax.linear_schedule(0.0, learning_rate, transition_steps=warmup_steps)
@@ -74,7 +111,8 @@ def make_optimizer(config: Any, num_steps: Optional[int] = None
   Args:
     config: `optimizer` ("sgd" | "momentum" | "adam"), `learning_rate`,
       `lr_schedule`, plus optional `momentum` (default 0.9), `b1`, `b2`, `eps`
-      (Adam defaults) and the schedule fields of `make_schedule`.
+      (Adam defaults) and the schedule fields of `make_schedule`; read through
+      `optimizer_settings` (a settings dict is a valid config too).
     num_steps: total training steps T (for the linear schedule).
 
   Returns:
@@ -83,17 +121,56 @@ def make_optimizer(config: Any, num_steps: Optional[int] = None
   Raises:
     ValueError: unknown `config.optimizer` or schedule.
   """
-  schedule = make_schedule(config, num_steps)
-  name = config_field(config, "optimizer", "sgd")
+  settings = optimizer_settings(config, num_steps)
+  schedule = make_schedule(settings)
+  name = settings["optimizer"]
   if name == "sgd":
     tx = optax.sgd(schedule)
   elif name == "momentum":
-    tx = optax.sgd(schedule, momentum=float(config_field(config, "momentum", 0.9)))
-  elif name == "adam":
-    tx = optax.adam(schedule, b1=float(config_field(config, "b1", 0.9)),
-                    b2=float(config_field(config, "b2", 0.999)),
-                    eps=float(config_field(config, "eps", 1e-8)))
+    tx = optax.sgd(schedule, momentum=settings["momentum"])
   else:
-    raise ValueError(f"config.optimizer: unknown optimizer {name!r}; expected one of "
-                     f"{OPTIMIZERS}.")
+    # optax.adam's chain and state, with a square root that can be differentiated
+    # where the second moment is still 0 (metagradients).
+    tx = optax.chain(
+        scale_by_adam(b1=settings["b1"], b2=settings["b2"], eps=settings["eps"]),
+        optax.scale_by_learning_rate(schedule))
   return tx, schedule
+
+
+@jax.custom_jvp
+def _sqrt(x):
+  return jnp.sqrt(x)
+
+
+@_sqrt.defjvp
+def _sqrt_jvp(primals, tangents):
+  (x,), (x_dot,) = primals, tangents
+  y = jnp.sqrt(x)
+  # Adam's second moment is exactly 0 where every gradient so far was 0 (padding,
+  # a dead unit); there its tangent is 0 as well, and jnp.sqrt's infinite slope
+  # would turn 0·∞ into a NaN metagradient. The derivative of the whole update in
+  # g is finite there (eps > 0), so the 0 tangent is the exact one.
+  positive = x > 0
+  return y, jnp.where(positive, x_dot / (2 * jnp.where(positive, y, 1)), 0)
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999,
+                  eps: float = 1e-8) -> optax.GradientTransformation:
+  """`optax.scale_by_adam` (same state, same arithmetic), differentiable at ν = 0."""
+
+  def init_fn(params):
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32),
+                                  mu=optax.tree.zeros_like(params),
+                                  nu=optax.tree.zeros_like(params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    count_inc = optax.safe_increment(state.count)
+    mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
+    nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
+    updates = jax.tree_util.tree_map(lambda m, v: m / (_sqrt(v) + eps), mu_hat, nu_hat)
+    return updates, optax.ScaleByAdamState(count=count_inc, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)

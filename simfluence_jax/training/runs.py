@@ -11,7 +11,9 @@ same workdir resumes from the latest checkpoint and gives identical results.
 """
 
 import dataclasses
+import json
 import logging
+import os
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -20,13 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from simfluence_jax import _io
 from simfluence_jax import sharding as sharding_lib
 from simfluence_jax import trace as trace_lib
 from simfluence_jax.training import checkpoints
+from simfluence_jax.training import fingerprint as fingerprint_lib
 from simfluence_jax.training import optim
 from simfluence_jax.training import step as step_lib
 
 RUNS_AXIS = sharding_lib.RUNS_AXIS
+# The resume fingerprint of a workdir (also in every checkpoint's meta/).
+JOB_FILE = "train_runs_job.json"
 
 _logger = logging.getLogger(__name__)
 
@@ -90,27 +96,48 @@ def make_segment_fn(train_step, run_sharding):
     run_sharding: sharding of arrays with a leading run axis (`runs_shardings`).
 
   Returns:
-    `segment(params, opt_state, first_step, batch_ids, train_arrays, test_arrays)
-    -> (params, opt_state, (test_losses, extras))` with params/opt_state leaves
-    [R, ...] (donated), batch_ids int32[R, S, B], test_losses float32[R, S, M] and
-    extras leaves [R, S, ...].
+    `segment(params, opt_state, first_step, batch_ids, train_arrays, test_arrays,
+    weights=None) -> (params, opt_state, (test_losses, extras))` with
+    params/opt_state leaves [R, ...] (donated), batch_ids int32[R, S, B], weights
+    float32[R, S, B] (None = ones), test_losses float32[R, S, M] and extras leaves
+    [R, S, ...]. Run r of the segment is run index r of a stochastic loss's keys.
   """
-  vmapped_step = jax.vmap(train_step, in_axes=(0, 0, None, 0, None, None))
+  vmapped_step = jax.vmap(train_step, in_axes=(0, 0, None, 0, None, 0, 0, 0))
 
-  def segment(params, opt_state, first_step, batch_ids, train_arrays, test_arrays):
-    def body(carry, batch_ids_t):
+  def segment(params, opt_state, first_step, batch_ids, train_arrays, test_arrays,
+              weights=None):
+    num_runs = batch_ids.shape[0]
+    if weights is None:
+      weights = jnp.ones(batch_ids.shape, jnp.float32)
+    # The test examples are batched over runs like the params: JAX's batching rule
+    # of a grouped convolution (the weight gradient of a per-example conv gradient)
+    # raises NotImplementedError when only the kernel is batched and the arrays
+    # carry a mesh sharding.
+    test_arrays = broadcast_over_runs(test_arrays, num_runs)
+    runs = jnp.arange(num_runs, dtype=jnp.int32)
+
+    def body(carry, xs):
       params, opt_state, step = carry
+      batch_ids_t, weights_t = xs
       params, opt_state, test_losses, extras = vmapped_step(
-          params, opt_state, step, batch_ids_t, train_arrays, test_arrays)
+          params, opt_state, step, batch_ids_t, train_arrays, test_arrays,
+          weights_t, runs)
       return (params, opt_state, step + 1), (test_losses, extras)
 
     (params, opt_state, _), outputs = jax.lax.scan(
-        body, (params, opt_state, first_step), jnp.swapaxes(batch_ids, 0, 1))
+        body, (params, opt_state, first_step),
+        (jnp.swapaxes(batch_ids, 0, 1), jnp.swapaxes(weights, 0, 1)))
     # Back to run-major [R, S, ...] so the outputs stay sharded over runs.
     outputs = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), outputs)
     return params, opt_state, outputs
 
   return jax.jit(segment, donate_argnums=(0, 1), out_shardings=run_sharding)
+
+
+def broadcast_over_runs(arrays: Any, num_runs: int) -> Any:
+  """Leaves [n, ...] -> [R, n, ...] (inside a jit: no copy until XLA needs one)."""
+  return jax.tree_util.tree_map(
+      lambda x: jnp.broadcast_to(x, (num_runs,) + x.shape), arrays)
 
 
 def _segment_end(step: int, stop: int, num_steps: int,
@@ -145,7 +172,8 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
                steps_per_segment: Optional[int] = None,
                grad_chunk_size: Optional[int] = None,
                metadata: Optional[dict] = None,
-               mesh: Optional[jax.sharding.Mesh] = None) -> TrainResult:
+               mesh: Optional[jax.sharding.Mesh] = None,
+               weights: Any = None) -> TrainResult:
   """Trains R runs from the same base params, one curriculum each, and records them.
 
   Args:
@@ -166,7 +194,9 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
     record_grads: record projected per-example gradients (train and test) at the
       params before every step, for per-step TracIn.
     projection_dim: K of the recorded projections.
-    seed: seed of the projection key (`step.projection_key(seed)`).
+    seed: seed of the projection key (`step.projection_key(seed)`) and of a
+      stochastic loss's per-slot keys (`step.dropout_key(seed)`, folded with the
+      run index r in `batch_ids`, the step and the slot).
     progress: log a line per segment (step/T, mean train loss, steps/s, elapsed,
       ETA).
     max_steps: stop after this many steps in total (the returned trace covers
@@ -178,6 +208,17 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
     metadata: extra JSON-serialisable entries for `trace.metadata`.
     mesh: mesh whose `runs` axis the runs are split over (`sharding.make_mesh`);
       None = every device of the job. Results do not depend on it.
+    weights: float32[R, T, B] occurrence weights, each multiplying its example's
+      loss in its step (None = ones, bit-for-bit the unweighted run). The step
+      objective is Σ_b w_b·valid_b·ℓ_b / (number of valid slots): a weight-0 slot
+      keeps its place in the denominator (MAGIC's convention; a removed example
+      does not renormalise the batch), see `step.py`.
+
+  Resuming: a workdir is only resumed by a call with the same fingerprint
+  (`JOB_FILE`): optimizer and all its hyperparameters, loss/model description,
+  digests of params0, train/test arrays, batch_ids and weights, record_grads,
+  projection_dim, seed and the sizes. Otherwise ValueError naming each differing
+  field; the other job's checkpoints are kept untouched.
 
   Returns:
     A `TrainResult`. Learning rates are the schedule's value per step: the exact
@@ -186,7 +227,7 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
 
   Raises:
     FloatingPointError: a NaN/inf training or test loss (names run and step).
-    ValueError: bad shapes, or a workdir holding a different job.
+    ValueError: bad shapes or weights, or a workdir holding a different job.
   """
   if (optimizer_config is None) == (config is None):
     raise ValueError("train_runs: give exactly one of optimizer_config and config.")
@@ -202,6 +243,21 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
   if batch_ids.min() < -1 or batch_ids.max() >= num_train:
     raise ValueError(f"train_runs: batch_ids must be in [-1, N={num_train}), found "
                      f"[{batch_ids.min()}, {batch_ids.max()}].")
+  if weights is None:
+    weights = np.ones(batch_ids.shape, np.float32)
+  else:
+    weights = np.asarray(weights)
+    if weights.shape != batch_ids.shape or not (
+        np.issubdtype(weights.dtype, np.floating)
+        or np.issubdtype(weights.dtype, np.integer)):
+      raise ValueError(f"train_runs: weights must be float[R, T, B] = "
+                       f"{list(batch_ids.shape)} like batch_ids, got "
+                       f"{weights.dtype}{list(weights.shape)}.")
+    weights = weights.astype(np.float32)
+    if not np.all(np.isfinite(weights)):
+      bad = tuple(int(i) for i in np.argwhere(~np.isfinite(weights))[0])
+      raise ValueError(f"train_runs: weights must be finite; weights{list(bad)} = "
+                       f"{weights[bad]}.")
   if checkpoint_every is not None and checkpoint_every <= 0:
     raise ValueError(f"train_runs: checkpoint_every must be positive, got "
                      f"{checkpoint_every}.")
@@ -216,7 +272,8 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
   key = step_lib.projection_key(seed)
   train_step = step_lib.make_train_step(
       loss_fn, optimizer, schedule, record_grads=record_grads,
-      projection_dim=projection_dim, key=key, grad_chunk_size=grad_chunk_size)
+      projection_dim=projection_dim, key=key, grad_chunk_size=grad_chunk_size,
+      rng_key=step_lib.dropout_key(seed))
   segment = make_segment_fn(train_step, run_sharding)
 
   train_dev = sharding_lib.put(train_arrays, replicated)
@@ -242,12 +299,22 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
   buffers["losses"][:, 0] = initial_losses[None]
   job = {"num_steps": num_steps, "num_runs": num_runs, "batch_size": batch_size,
          "num_test_examples": num_test, "record_grads": bool(record_grads),
-         "projection_dim": int(projection_dim), "seed": int(seed)}
+         "projection_dim": int(projection_dim), "seed": int(seed),
+         **fingerprint_lib.optimizer_fields(optimizer_config, num_steps),
+         "loss": fingerprint_lib.digest(
+             np.frombuffer(fingerprint_lib.loss_description(loss_fn).encode(),
+                           np.uint8)),
+         "params0": fingerprint_lib.digest(host_params0),
+         "train_arrays": fingerprint_lib.digest(sharding_lib.to_host(train_arrays)),
+         "test_arrays": fingerprint_lib.digest(sharding_lib.to_host(test_arrays)),
+         "batch_ids": fingerprint_lib.digest(batch_ids),
+         "weights": fingerprint_lib.digest(weights)}
 
   step = 0
   runs_manager = tracin_manager = None
   memory_checkpoints = {}
   if workdir is not None:
+    _check_job_file(workdir, job)
     runs_manager = checkpoints.runs_manager(workdir)
     tracin_manager = checkpoints.tracin_manager(workdir)
     latest = runs_manager.latest_step()
@@ -275,7 +342,7 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
       params, opt_state, outputs = segment(
           params, opt_state, jnp.int32(step),
           sharding_lib.put(batch_ids[:, step:end], run_sharding),
-          train_dev, test_dev)
+          train_dev, test_dev, sharding_lib.put(weights[:, step:end], run_sharding))
       test_losses, extras = sharding_lib.to_host(outputs)
       elapsed = time.perf_counter() - start_time
       _check_finite("training loss", extras["train_loss"], step)
@@ -359,9 +426,7 @@ def _restore(manager, step, params, opt_state, buffers, job, workdir):
   meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
   meta = dict(meta["meta"])
   meta.pop("step", None)
-  if meta != job:
-    raise ValueError(f"train_runs: {workdir!r} holds checkpoints of a different job "
-                     f"({meta}) than this call ({job}); use a fresh workdir.")
+  _refuse_other_job(workdir, meta, job)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(checkpoints.abstract_tree(
           {"params": params, "opt_state": opt_state})),
@@ -372,3 +437,34 @@ def _restore(manager, step, params, opt_state, buffers, job, workdir):
                      "use a fresh workdir.")
   state = restored["state"]
   return state["params"], state["opt_state"], trace_buffers
+
+
+def _refuse_other_job(workdir: str, stored: dict, job: dict) -> None:
+  """ValueError naming every field in which `stored` (the workdir's) differs."""
+  changed = fingerprint_lib.differences(stored, job)
+  if changed:
+    raise ValueError(
+        f"train_runs: {workdir!r} holds checkpoints of a different job, not resumed "
+        f"(they are kept); changed: {'; '.join(changed)}. Use a fresh workdir.")
+
+
+def _check_job_file(workdir: str, job: dict) -> None:
+  """Compares with, or writes, the workdir's fingerprint before any checkpoint.
+
+  Also guards what the checkpoints' meta cannot: a workdir whose job stopped (e.g.
+  diverged) before its first resumable checkpoint still holds its TracIn step-0
+  params, which a job with other base params must not adopt.
+  """
+  path = os.path.join(os.path.abspath(os.fspath(workdir)), JOB_FILE)
+  # Decided on process 0 for every process (a collective), before it writes.
+  has_job_file, has_checkpoints = (bool(x) for x in sharding_lib.agree(np.array([
+      os.path.exists(path),
+      any(os.path.isdir(os.path.join(workdir, name)) for name in (
+          checkpoints.TRACIN_CKPT_DIR, checkpoints.RUNS_CKPT_DIR))])))
+  if has_job_file:
+    with open(path) as f:
+      _refuse_other_job(workdir, json.load(f), job)
+  elif not has_checkpoints and sharding_lib.is_primary():
+    # (A workdir of an older version has checkpoints but no job file: their meta
+    # is checked on restore.)
+    _io.write_text(path, json.dumps(job, indent=1, sort_keys=True))

@@ -1,0 +1,446 @@
+"""Metagradients: derivatives of test losses with respect to per-occurrence weights.
+
+Every occurrence (run r, step t, slot b) of a curriculum carries a weight w_{r,t,b}
+multiplying its loss in the step objective (`step.py`):
+
+    L_t(θ) = Σ_b w_b·valid_b·ℓ(z_{id_b}; θ) / num_valid_t,   num_valid_t = Σ_b valid_b,
+
+so a weight-0 slot keeps its place in the denominator (MAGIC's convention). Equivalently
+each step trains on *effective per-example weights* e_t[i] = Σ_{b: id_b = i} w_b/num_valid_t
+(`step.effective_weights`); both functions here are derivatives of the same map
+e ↦ test-loss trajectory, taken around one training run:
+
+* `metagradients`: ∂L_T[m]/∂w_{r,t,b}, the exact gradient of the final test losses of
+  each run (the run `train_runs` trains, same arithmetic), by reverse mode through
+  the scanned training run (MAGIC, Ilyas & Engstrom 2025).
+* `first_order_losses`: the first-order Taylor expansion of the whole test-loss
+  trajectory around a reference run, evaluated at other curricula, by forward mode.
+
+Both work for SGD, momentum and Adam (`optim.make_optimizer`) and any schedule.
+
+Why not `jax.jacrev`: on jax 0.10.2 / XLA CPU, `vmap` over the cotangents of the
+scanned run's pullback (what `jacrev` does) returns wrong rows (row 0 right, the
+others off by up to 1e26) for the Transformer LM. Measured here: the same jaxpr is
+right when the pullback's residuals are compile-time constants, right evaluated op
+by op, wrong when they are parameters of the compiled program, and right again when
+XLA's `while-loop-invariant-code-motion` pass is disabled, so the fault is that XLA
+pass, not JAX's batching rules. The reverse passes here are compiled without it, one
+cotangent at a time (`lax.map`) by default or `cotangents_at_once` vmapped; every
+row is tested against references that use neither (`tests/metagradients_test.py`).
+Forward mode (vmapped jvps, `first_order_losses`) is not affected.
+"""
+
+import functools
+from typing import Any, Dict, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from simfluence_jax import sharding as sharding_lib
+from simfluence_jax.training import optim
+from simfluence_jax.training import runs as runs_lib
+from simfluence_jax.training import step as step_lib
+
+# What the reverse pass is compiled without (see the module docstring): needed for
+# vmapped cotangents, kept off for single ones too (measured: same speed, and a
+# miscompiled row would be silently wrong).
+_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+class FirstOrderLosses(NamedTuple):
+  """What `first_order_losses` returns.
+
+  Attributes:
+    losses: float32[R', T+1, M], the first-order prediction of each curriculum's
+      test-loss trajectory (row 0 = the losses of params0).
+    reference_losses: float32[T+1, M], the reference run's trajectory (the point
+      of the expansion; exact).
+  """
+
+  losses: np.ndarray
+  reference_losses: np.ndarray
+
+
+def _as_runs(batch_ids: Any, weights: Any, num_train: int, who: str, name: str):
+  """(int32[R, T, B], float32[R, T, B], whether one run [T, B] was given)."""
+  batch_ids = np.asarray(batch_ids)
+  single = batch_ids.ndim == 2
+  if batch_ids.ndim not in (2, 3) or not np.issubdtype(batch_ids.dtype, np.integer):
+    raise ValueError(f"{who}: {name} must be int[R, T, B] or int[T, B], got "
+                     f"{batch_ids.dtype}{list(batch_ids.shape)}.")
+  if batch_ids.size == 0:
+    raise ValueError(f"{who}: {name} is empty ({list(batch_ids.shape)}).")
+  if batch_ids.min() < -1 or batch_ids.max() >= num_train:
+    raise ValueError(f"{who}: {name} must be in [-1, N={num_train}), found "
+                     f"[{batch_ids.min()}, {batch_ids.max()}].")
+  batch_ids = batch_ids.astype(np.int32)
+  weights_name = name.replace("batch_ids", "weights").replace("curricula",
+                                                              "curricula_weights")
+  if weights is None:
+    weights = np.ones(batch_ids.shape, np.float32)
+  else:
+    weights = np.asarray(weights)
+    if weights.shape != batch_ids.shape or not (
+        np.issubdtype(weights.dtype, np.floating)
+        or np.issubdtype(weights.dtype, np.integer)):
+      raise ValueError(f"{who}: {weights_name} must be float{list(batch_ids.shape)} "
+                       f"like {name}, got {weights.dtype}{list(weights.shape)}.")
+    weights = weights.astype(np.float32)
+    if not np.all(np.isfinite(weights)):
+      bad = tuple(int(i) for i in np.argwhere(~np.isfinite(weights))[0])
+      raise ValueError(f"{who}: {weights_name} must be finite; "
+                       f"{weights_name}{list(bad)} = {weights[bad]}.")
+  if single:
+    batch_ids, weights = batch_ids[None], weights[None]
+  return batch_ids, weights, single
+
+
+def _num_examples(arrays: Dict[str, Any], who: str, name: str) -> int:
+  leaves = jax.tree_util.tree_leaves(arrays)
+  if not leaves:
+    raise ValueError(f"{who}: {name} has no arrays.")
+  return int(np.shape(leaves[0])[0])
+
+
+def _scan_steps(step_fn, carry, xs, remat_every: Optional[int]):
+  """`lax.scan` of `carry = step_fn(carry, x)`, rematerialised for reverse mode.
+
+  remat_every None: `jax.checkpoint` per step, the backward pass stores the carry
+  of every step (T × (params + optimizer state)) and recomputes one step at a time.
+  remat_every k: two levels, T/k segment carries plus the k carries of the segment
+  being differentiated, at the price of a second recomputation of the forward.
+  """
+  body = jax.checkpoint(lambda c, x: (step_fn(c, x), None), prevent_cse=False)
+  num_steps = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  if not remat_every or remat_every >= num_steps:
+    return jax.lax.scan(body, carry, xs)[0]
+  num_segments, remainder = divmod(num_steps, remat_every)
+  split = num_segments * remat_every
+  segments = jax.tree_util.tree_map(
+      lambda x: x[:split].reshape((num_segments, remat_every) + x.shape[1:]), xs)
+  segment = jax.checkpoint(lambda c, x: (jax.lax.scan(body, c, x)[0], None),
+                           prevent_cse=False)
+  carry = jax.lax.scan(segment, carry, segments)[0]
+  if remainder:
+    carry = jax.lax.scan(body, carry, jax.tree_util.tree_map(lambda x: x[split:], xs))[0]
+  return carry
+
+
+def _settings_key(config: Any, num_steps: int):
+  """Hashable optimizer settings (`optim.optimizer_settings`) of a T-step run."""
+  return tuple(sorted(optim.optimizer_settings(config, num_steps).items()))
+
+
+@functools.lru_cache(maxsize=16)
+def _metagradients_fn(loss_fn, settings_key, remat_every, cotangents_at_once, seed,
+                      run_sharding):
+  """The jitted metagradients of R runs (cached: repeated calls do not recompile)."""
+  optimizer, _ = optim.make_optimizer(dict(settings_key))
+  update = step_lib.make_update(loss_fn, optimizer,
+                                rng_key=step_lib.dropout_key(seed))
+  test_loss = lambda params, test: loss_fn(params, test)
+
+  def one_run(params, ids, run_weights, run, train, test):
+    num_steps = ids.shape[0]
+    opt_state = optimizer.init(params)
+
+    def final_losses(w):
+      def step_fn(carry, xs):
+        params_t, opt_state_t = carry
+        t, ids_t, w_t = xs
+        return update(params_t, opt_state_t, t, ids_t, w_t, train, run)
+      steps = jnp.arange(num_steps, dtype=jnp.int32)
+      final, _ = _scan_steps(step_fn, (params, opt_state), (steps, ids, w),
+                             remat_every)
+      return test_loss(final, test)
+
+    losses, pullback = jax.vjp(final_losses, run_weights)
+    num_test = losses.shape[0]
+    # Cotangents e_m, `cotangents_at_once` per pullback (padded with m = M, a zero
+    # cotangent, to whole chunks).
+    num_chunks = -(-num_test // cotangents_at_once)
+    test_ids = jnp.arange(num_chunks * cotangents_at_once).reshape(
+        num_chunks, cotangents_at_once)
+    row = lambda m: pullback(jax.nn.one_hot(m, num_test, dtype=losses.dtype))[0]
+    if cotangents_at_once == 1:
+      rows = jax.lax.map(lambda m: row(m[0])[None], test_ids)
+    else:
+      rows = jax.lax.map(jax.vmap(row), test_ids)
+    rows = rows.reshape((-1,) + rows.shape[2:])[:num_test]  # [M, T, B]
+    return jnp.moveaxis(rows, 0, -1) * (ids >= 0)[..., None]
+
+  def all_runs(params, ids, run_weights, train, test):
+    count = ids.shape[0]
+    return jax.vmap(one_run, in_axes=(None, 0, 0, 0, None, 0))(
+        params, ids, run_weights, jnp.arange(count, dtype=jnp.int32), train,
+        runs_lib.broadcast_over_runs(test, count))
+
+  return jax.jit(all_runs, out_shardings=run_sharding,
+                 compiler_options=_COMPILER_OPTIONS)
+
+
+def metagradients(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
+                  config: Any, train_arrays: Dict[str, Any],
+                  test_arrays: Dict[str, Any], weights: Any = None,
+                  remat_every: Optional[int] = None, seed: int = 0,
+                  mesh: Optional[jax.sharding.Mesh] = None,
+                  cotangents_at_once: int = 1) -> np.ndarray:
+  """∂(final test loss m of run r) / ∂(weight of occurrence (r, t, b)).
+
+  Exact for the run `train_runs(params0, batch_ids, ..., weights=weights)` trains
+  (same step arithmetic; without recorded gradients): reverse mode through the
+  jitted `lax.scan` of its steps, one pullback per test example (`lax.map`, see the
+  module docstring), runs vmapped and sharded over the mesh's `runs` axis.
+
+  Cost per run ≈ one training run + M reverse passes, each recomputing the forward
+  step by step. Memory: remat_every=None keeps T carries (params + optimizer state)
+  per run; remat_every=k keeps T/k + k of them and recomputes the forward once more.
+
+  Derivative with respect to effective weights: ∂L/∂e_t[i] =
+  num_valid_t · ∂L/∂w_{t,b} for a slot b holding i (w_b itself only enters as
+  w_b/num_valid_t).
+
+  Args:
+    params0: base variables `{"params": ...}` (unbatched), shared by all runs.
+    batch_ids: int32[R, T, B] (-1 = padding), or int32[T, S] for one run of any
+      batch width S (e.g. a full-batch reference run, `batch_ids[t] = arange(N)`).
+    loss_fn: per-example loss (`step.make_loss_fn`); a stochastic one gets the keys
+      of `train_runs` with the same `seed` (run r = index in `batch_ids`).
+    config: optimizer config (`optim.make_optimizer`: `optimizer`, `learning_rate`,
+      `lr_schedule`, `momentum`, `b1`, `b2`, `eps`, ...); a linear schedule decays
+      over T.
+    train_arrays: dict of arrays, row i = train example i.
+    test_arrays: dict of arrays of the M test examples.
+    weights: float32 like `batch_ids` (None = ones): the point w at which the
+      derivative is taken.
+    remat_every: None or k (see above).
+    seed: seed of a stochastic loss's keys.
+    mesh: mesh whose `runs` axis the runs are split over (default: all devices).
+    cotangents_at_once: test examples differentiated per reverse pass (vmapped
+      cotangents; 1 = one pullback at a time in a `lax.map`). Above 1 it relies
+      on the pass being compiled without XLA's loop-invariant code motion (done
+      here; see the module docstring), is faster by sharing the recomputed
+      forward, and costs that many reverse passes' memory.
+
+  Returns:
+    numpy float32[R, T, B, M] (float32[T, S, M] for 2-D `batch_ids`); exactly 0 at
+    padding slots.
+
+  Raises:
+    ValueError: bad shapes, ids or weights.
+  """
+  who = "metagradients"
+  num_train = _num_examples(train_arrays, who, "train_arrays")
+  _num_examples(test_arrays, who, "test_arrays")
+  batch_ids, weights, single = _as_runs(batch_ids, weights, num_train, who,
+                                        "batch_ids")
+  if int(cotangents_at_once) <= 0:
+    raise ValueError(f"{who}: cotangents_at_once must be positive, got "
+                     f"{cotangents_at_once}.")
+  cotangents_at_once = int(cotangents_at_once)
+  if remat_every is not None and int(remat_every) <= 0:
+    raise ValueError(f"{who}: remat_every must be a positive int or None, got "
+                     f"{remat_every}.")
+  num_runs, num_steps, _ = batch_ids.shape
+  run_sharding, replicated = runs_lib.runs_shardings(num_runs, mesh)
+  compiled = _metagradients_fn(
+      loss_fn, _settings_key(config, num_steps), remat_every, cotangents_at_once,
+      int(seed), run_sharding)
+  grads = compiled(sharding_lib.put(sharding_lib.to_host(params0), replicated),
+                   sharding_lib.put(batch_ids, run_sharding),
+                   sharding_lib.put(weights, run_sharding),
+                   sharding_lib.put(train_arrays, replicated),
+                   sharding_lib.put(test_arrays, replicated))
+  grads = sharding_lib.to_host(grads).astype(np.float32)
+  return grads[0] if single else grads
+
+
+def _float_leaves(tree):
+  """(float leaves as a list, rebuild(float_leaves, other_leaves), other leaves)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
+  floats = [x for x, f in zip(leaves, is_float) if f]
+  others = [x for x, f in zip(leaves, is_float) if not f]
+
+  def rebuild(new_floats, new_others):
+    floats_iter, others_iter = iter(new_floats), iter(new_others)
+    return jax.tree_util.tree_unflatten(
+        treedef, [next(floats_iter) if f else next(others_iter) for f in is_float])
+
+  return floats, rebuild, others
+
+
+@functools.lru_cache(maxsize=16)
+def _first_order_fn(loss_fn, settings_key, seed, chunk_sharding, replicated):
+  """The jitted first-order predictions of one chunk of curricula (cached)."""
+  optimizer, _ = optim.make_optimizer(dict(settings_key))
+  stochastic = step_lib.takes_rng(loss_fn)
+  rng_key = step_lib.dropout_key(seed)
+
+  def chunk_fn(params, ref_ids, ref_weights, ids, tangent_coefficients, train, test):
+    chunk_size = ids.shape[0]
+    num_steps, num_ref_slots = ref_ids.shape
+    opt_state = optimizer.init(params)
+    state_floats, rebuild_state, state_others = _float_leaves(opt_state)
+    test_loss = lambda p: loss_fn(p, test)
+    zeros = lambda tree: jax.tree_util.tree_map(
+        lambda x: jnp.zeros((chunk_size,) + jnp.shape(x), jnp.result_type(x)), tree)
+
+    def body(carry, xs):
+      params_t, floats_t, others_t, params_dot, floats_dot = carry
+      t, ref_ids_t, ref_weights_t, ids_t, coefficients_t = xs
+      ref_batch, _ = step_lib.gather_batch(train, ref_ids_t)
+      ref_coefficients, ref_valid = step_lib.slot_coefficients(ref_ids_t,
+                                                               ref_weights_t)
+      ref_keys = (step_lib.slot_keys(rng_key, 0, t, num_ref_slots) if stochastic
+                  else None)
+
+      def ref_grad(p):  # the reference step's gradient, as `train_runs` computes it
+        return jax.grad(lambda q: jnp.sum(step_lib.example_losses(
+            loss_fn, q, ref_batch, ref_keys) * ref_coefficients) / ref_valid)(p)
+
+      def per_curriculum(params_dot_c, floats_dot_c, ids_c, coefficients_c):
+        grads, hvp = jax.jvp(ref_grad, (params_t,), (params_dot_c,))
+        batch_c, _ = step_lib.gather_batch(train, ids_c)
+        keys_c = (step_lib.slot_keys(rng_key, 0, t, ids_c.shape[0], num_ref_slots)
+                  if stochastic else None)
+        own_grads = jax.grad(lambda q: jnp.sum(step_lib.example_losses(
+            loss_fn, q, batch_c, keys_c) * coefficients_c))(params_t)
+        # d(step gradient) = H·θ̇ − (reference's gradient) + (curriculum's gradient).
+        grads_dot = jax.tree_util.tree_map(lambda h, g, o: h - g + o, hvp, grads,
+                                           own_grads)
+
+        def optimizer_update(g, floats, p):
+          updates, new_state = optimizer.update(g, rebuild_state(floats, others_t), p)
+          new_floats, _, new_others = _float_leaves(new_state)
+          return (updates, new_floats), new_others
+
+        (updates, new_floats), (updates_dot, new_floats_dot), new_others = jax.jvp(
+            optimizer_update, (grads, floats_t, params_t),
+            (grads_dot, floats_dot_c, params_dot_c), has_aux=True)
+        new_params = optax.apply_updates(params_t, updates)
+        new_params_dot = jax.tree_util.tree_map(jnp.add, params_dot_c, updates_dot)
+        losses, losses_dot = jax.jvp(test_loss, (new_params,), (new_params_dot,))
+        return ((new_params, new_floats, new_others, losses),
+                (new_params_dot, new_floats_dot, losses_dot))
+
+      primal, tangent = jax.vmap(per_curriculum, out_axes=(None, 0))(
+          params_dot, floats_dot, ids_t, coefficients_t)
+      new_params, new_floats, new_others, losses = primal
+      new_params_dot, new_floats_dot, losses_dot = tangent
+      return ((new_params, new_floats, new_others, new_params_dot, new_floats_dot),
+              (losses, losses_dot))
+
+    carry = (params, state_floats, state_others, zeros(params), zeros(state_floats))
+    xs = (jnp.arange(num_steps, dtype=jnp.int32), ref_ids, ref_weights,
+          jnp.swapaxes(ids, 0, 1), jnp.swapaxes(tangent_coefficients, 0, 1))
+    _, (losses, losses_dot) = jax.lax.scan(body, carry, xs)
+    initial = test_loss(params)
+    reference = jnp.concatenate([initial[None], losses])  # [T+1, M]
+    predicted = jnp.concatenate(
+        [jnp.broadcast_to(initial, (chunk_size, 1) + initial.shape),
+         reference[None, 1:] + jnp.swapaxes(losses_dot, 0, 1)], axis=1)
+    return predicted, reference
+
+  return jax.jit(chunk_fn, out_shardings=(chunk_sharding, replicated))
+
+
+def first_order_losses(params0: Any, reference_batch_ids: Any, curricula: Any, *,
+                       loss_fn: step_lib.LossFn, config: Any,
+                       train_arrays: Dict[str, Any], test_arrays: Dict[str, Any],
+                       reference_weights: Any = None, curricula_weights: Any = None,
+                       chunk_size: int = 8, seed: int = 0,
+                       mesh: Optional[jax.sharding.Mesh] = None) -> FirstOrderLosses:
+  """First-order Taylor expansion of the test-loss trajectory around a reference run.
+
+  With L(e) the test losses after every step of a run trained on effective
+  per-example weights e (module docstring), the prediction for curriculum c is
+
+      L(e_ref) + J_ref · (e_c − e_ref),     J_ref = ∂L/∂e at the reference run,
+
+  computed by `jax.jvp` through the scanned run (vmapped over `chunk_size` curricula
+  at a time). Each step works on the combined slot set "reference slots + the
+  curriculum's own slots": primal coefficients (the reference's, 0 on the
+  curriculum's slots) and tangent (−the reference's on its slots, the curriculum's on
+  its own). The primal is then the reference run for every curriculum, computed once
+  per chunk and shared (not vmapped), and a step costs a Hessian-vector product on
+  the S reference slots plus a gradient on the B curriculum slots per curriculum:
+  O(S + B) examples, never O(N). The reference losses are exact, the predictions
+  exact to first order in e_c − e_ref (no retraining).
+
+  Typical uses:
+  * a full-batch reference (`reference_batch_ids[t] = arange(N)`, every example
+    weight 1/N) predicting arbitrary curricula with no fitted runs;
+  * MAGIC's removal: the reference is one run, `curricula` its batch ids tiled and
+    `curricula_weights` 1 with the removed occurrences set to 0.
+
+  Args:
+    params0: base variables `{"params": ...}`.
+    reference_batch_ids: int32[T, S] (-1 = padding).
+    curricula: int32[R', T, B] (-1 = padding), or int32[T, B] for one.
+    loss_fn: per-example loss (`step.make_loss_fn`); a stochastic one holds the
+      randomness fixed at the keys of a run with index 0 whose slots are the
+      reference's followed by the curriculum's.
+    config: optimizer config (`optim.make_optimizer`); SGD, momentum or Adam.
+    train_arrays: dict of arrays, row i = train example i.
+    test_arrays: dict of arrays of the M test examples.
+    reference_weights: float32[T, S] occurrence weights of the reference (None = 1).
+    curricula_weights: float32 like `curricula` (None = 1).
+    chunk_size: curricula per vmapped jvp (memory: chunk_size tangents of params
+      and optimizer state, and of one step's activations).
+    seed: seed of a stochastic loss's keys.
+    mesh: a chunk's curricula are split over the mesh's `runs` axis when it
+      divides `chunk_size` (default: all devices).
+
+  Returns:
+    `FirstOrderLosses(losses float32[R', T+1, M] (float32[T+1, M] for 2-D
+    curricula), reference_losses float32[T+1, M])`.
+
+  Raises:
+    ValueError: bad shapes, ids or weights, or different step counts.
+  """
+  who = "first_order_losses"
+  num_train = _num_examples(train_arrays, who, "train_arrays")
+  _num_examples(test_arrays, who, "test_arrays")
+  reference_ids, reference_weights, _ = _as_runs(
+      reference_batch_ids, reference_weights, num_train, who, "reference_batch_ids")
+  if reference_ids.shape[0] != 1 or np.ndim(reference_batch_ids) != 2:
+    raise ValueError(f"{who}: reference_batch_ids must be int[T, S], got shape "
+                     f"{list(np.shape(reference_batch_ids))}.")
+  curricula, curricula_weights, single = _as_runs(
+      curricula, curricula_weights, num_train, who, "curricula")
+  reference_ids, reference_weights = reference_ids[0], reference_weights[0]
+  num_steps, num_ref_slots = reference_ids.shape
+  num_curricula, curriculum_steps, _ = curricula.shape
+  if curriculum_steps != num_steps:
+    raise ValueError(f"{who}: curricula have T={curriculum_steps} steps, the "
+                     f"reference T={num_steps}.")
+  if int(chunk_size) <= 0:
+    raise ValueError(f"{who}: chunk_size must be positive, got {chunk_size}.")
+  chunk_size = min(int(chunk_size), num_curricula)
+
+  chunk_sharding, replicated = runs_lib.runs_shardings(chunk_size, mesh)
+  # Tangent coefficients of the curriculum's own slots: w·valid / num_valid.
+  coefficients, num_valid = jax.vmap(jax.vmap(step_lib.slot_coefficients))(
+      jnp.asarray(curricula), jnp.asarray(curricula_weights))
+  curriculum_coefficients = np.asarray(coefficients / num_valid[..., None])
+  compiled = _first_order_fn(loss_fn, _settings_key(config, num_steps), int(seed),
+                             chunk_sharding, replicated)
+  put = functools.partial(sharding_lib.put, sharding=replicated)
+  args = (put(sharding_lib.to_host(params0)), put(reference_ids),
+          put(reference_weights))
+  data = (put(train_arrays), put(test_arrays))
+  predictions, reference = [], None
+  for start in range(0, num_curricula, chunk_size):
+    # The last chunk is padded with copies of its last curriculum (static shapes).
+    index = np.minimum(np.arange(start, start + chunk_size), num_curricula - 1)
+    predicted, reference = compiled(
+        *args, sharding_lib.put(curricula[index], chunk_sharding),
+        sharding_lib.put(curriculum_coefficients[index], chunk_sharding), *data)
+    predictions.append(sharding_lib.to_host(predicted)[:num_curricula - start])
+  losses = np.concatenate(predictions).astype(np.float32)
+  reference = sharding_lib.to_host(reference).astype(np.float32)
+  return FirstOrderLosses(losses=losses[0] if single else losses,
+                          reference_losses=reference)

@@ -1,0 +1,270 @@
+"""Metagradients and first-order predictions against brute force on a tiny MLP.
+
+References: a dense `jax.jacfwd` through a hand-written training loop (no scan, no
+remat, no vmap of a pullback), central finite differences of real retraining with
+`train_runs`, and the effective-weight identities of the step objective. Every row
+(test example m) of every metagradient is checked.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from simfluence_jax import models
+from simfluence_jax import training
+
+NUM_TRAIN, NUM_TEST, DIM, NUM_CLASSES = 10, 4, 5, 3
+NUM_RUNS, NUM_STEPS, BATCH = 2, 5, 3
+CONFIGS = {
+    "sgd": dict(optimizer="sgd", learning_rate=0.5),
+    "momentum": dict(optimizer="momentum", learning_rate=0.2, momentum=0.8,
+                     lr_schedule="linear"),
+    "adam": dict(optimizer="adam", learning_rate=0.05, b1=0.8, b2=0.9),
+}
+
+
+class _TanhMLP(nn.Module):
+  """A smooth MLP: finite differences never straddle a ReLU kink.
+
+  Its `dead` ReLU units never fire (bias -1000), so their weights always have
+  gradient 0, numerically (through the ReLU's 0 slope): Adam's second moment stays
+  0 there, where jnp.sqrt's derivative would make every metagradient NaN.
+  """
+
+  @nn.compact
+  def __call__(self, x):
+    dead = nn.relu(nn.Dense(2, bias_init=nn.initializers.constant(-1e3),
+                            name="dead")(x))
+    return nn.Dense(NUM_CLASSES)(jnp.concatenate([jnp.tanh(nn.Dense(6)(x)), dead], -1))
+
+
+# One loss function for every test: the compiled metagradients are cached per loss.
+_LOSS_FN = training.make_loss_fn(_TanhMLP(), "classification")
+
+
+def _setup(seed=0):
+  rng = np.random.default_rng(seed)
+  make = lambda n: {
+      "inputs": rng.normal(size=(n, DIM)).astype(np.float32),
+      "labels": rng.integers(0, NUM_CLASSES, n).astype(np.int32)}
+  train, test = make(NUM_TRAIN), make(NUM_TEST)
+  params0 = models.init_variables(_TanhMLP(), train["inputs"], seed=seed)
+  batch_ids = rng.integers(0, NUM_TRAIN, (NUM_RUNS, NUM_STEPS, BATCH)).astype(np.int32)
+  batch_ids[0, 3, 2] = -1  # padding slots get 0
+  batch_ids[1, 4, 0] = -1
+  weights = rng.uniform(0.5, 1.5, batch_ids.shape).astype(np.float32)
+  return _LOSS_FN, params0, train, test, (batch_ids, weights)
+
+
+def _dense_reference(params0, train, test, config, batch_ids, weights):
+  """jacfwd of a plain Python loop of the step objective written out here."""
+  optimizer, _ = training.make_optimizer(config, num_steps=batch_ids.shape[1])
+
+  def final_losses(w, ids):
+    params, state = params0, optimizer.init(params0)
+    for t in range(ids.shape[0]):
+      valid = (ids[t] >= 0).astype(jnp.float32)
+      batch = jax.tree_util.tree_map(
+          lambda x, t=t: jnp.take(x, jnp.maximum(ids[t], 0), axis=0), train)
+      grads = jax.grad(lambda p, t=t, valid=valid: jnp.sum(
+          w[t] * valid * _LOSS_FN(p, batch)) / jnp.maximum(valid.sum(), 1.0))(params)
+      updates, state = optimizer.update(grads, state, params)
+      params = jax.tree_util.tree_map(jnp.add, params, updates)
+    return _LOSS_FN(params, test)
+
+  jacobian = jax.jit(jax.vmap(jax.jacfwd(final_losses)))(jnp.asarray(weights),
+                                                         jnp.asarray(batch_ids))
+  return np.moveaxis(np.array(jacobian), 1, -1)  # [R, M, T, B] -> [R, T, B, M]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_metagradients_equal_dense_jacfwd_every_row(name):
+  loss_fn, params0, train, test, (batch_ids, weights) = _setup()
+  config = CONFIGS[name]
+  grads = training.metagradients(params0, batch_ids, loss_fn=loss_fn, config=config,
+                                 train_arrays=train, test_arrays=test, weights=weights)
+  assert grads.shape == (NUM_RUNS, NUM_STEPS, BATCH, NUM_TEST)
+  assert grads.dtype == np.float32
+  expected = _dense_reference(params0, train, test, config, batch_ids, weights)
+  expected[batch_ids < 0] = 0.0
+  scale = np.abs(expected).max(axis=(1, 2), keepdims=True)  # per run and row m
+  assert np.all(scale > 1e-3)
+  np.testing.assert_allclose(grads / scale, expected / scale, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(grads[batch_ids < 0], 0.0)
+
+
+def test_vmapped_cotangents_segment_remat_and_single_run_give_the_same_rows():
+  loss_fn, params0, train, test, (batch_ids, weights) = _setup()
+  kwargs = dict(loss_fn=loss_fn, config=CONFIGS["momentum"], train_arrays=train,
+                test_arrays=test)
+  plain = training.metagradients(params0, batch_ids, weights=weights, **kwargs)
+  scale = np.abs(plain).max(axis=(1, 2), keepdims=True)
+  # M = 4 cotangents 3 at a time: one padded chunk; T = 5 in segments of 2 + 1.
+  batched = training.metagradients(params0, batch_ids, weights=weights,
+                                   cotangents_at_once=3, remat_every=2, **kwargs)
+  np.testing.assert_allclose(batched / scale, plain / scale, atol=1e-6, rtol=0)
+  alone = training.metagradients(params0, batch_ids[1], weights=weights[1], **kwargs)
+  assert alone.shape == (NUM_STEPS, BATCH, NUM_TEST)
+  np.testing.assert_allclose(alone / scale[1], plain[1] / scale[1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_metagradients_equal_finite_differences_of_retraining(name):
+  loss_fn, params0, train, test, (batch_ids, _) = _setup(1)
+  config = CONFIGS[name]
+  grads = training.metagradients(params0, batch_ids, loss_fn=loss_fn, config=config,
+                                 train_arrays=train, test_arrays=test)
+  # Occurrences at the first, a middle and the last step of both runs.
+  occurrences = [(0, 0, 1), (0, 2, 0), (0, NUM_STEPS - 1, 2), (1, 0, 2), (1, 3, 1),
+                 (1, NUM_STEPS - 1, 1)]
+  # Adam's first step is nearly sign(g): with h = 0.01 a small gradient coordinate
+  # already changes sign (the expansion is exact, the map has a kink nearby).
+  h = 0.003
+  ids, weights = [], []
+  for run, t, b in occurrences:
+    for sign in (1, -1):
+      w = np.ones((NUM_STEPS, BATCH), np.float32)
+      w[t, b] += sign * h
+      ids.append(batch_ids[run])
+      weights.append(w)
+  result = training.train_runs(params0, np.stack(ids), loss_fn=loss_fn, config=config,
+                               train_arrays=train, test_arrays=test,
+                               weights=np.stack(weights), progress=False)
+  final = result.trace.losses[:, -1].reshape(len(occurrences), 2, NUM_TEST)
+  finite_differences = (final[:, 0] - final[:, 1]) / (2 * h)  # [occurrences, M]
+  got = np.stack([grads[run, t, b] for run, t, b in occurrences])
+  assert np.abs(got).max(axis=0).min() > 1e-3  # every row m carries signal
+  np.testing.assert_allclose(got, finite_differences, rtol=0.05,
+                             atol=1e-3 * np.abs(got).max())
+
+
+def test_bad_inputs_are_refused():
+  loss_fn, params0, train, test, (batch_ids, weights) = _setup()
+  kwargs = dict(loss_fn=loss_fn, config=CONFIGS["sgd"], train_arrays=train,
+                test_arrays=test)
+  with pytest.raises(ValueError, match="weights must be float"):
+    training.metagradients(params0, batch_ids, weights=weights[:, :2], **kwargs)
+  bad = weights.copy()
+  bad[1, 2, 0] = np.nan
+  with pytest.raises(ValueError, match=r"weights\[1, 2, 0\]"):
+    training.metagradients(params0, batch_ids, weights=bad, **kwargs)
+  with pytest.raises(ValueError, match="batch_ids must be in"):
+    training.metagradients(params0, batch_ids + NUM_TRAIN, **kwargs)
+  with pytest.raises(ValueError, match="T=4 steps, the reference T=5"):
+    training.first_order_losses(params0, batch_ids[0], batch_ids[:, :4], **kwargs)
+  with pytest.raises(ValueError, match="reference_batch_ids must be int"):
+    training.first_order_losses(params0, batch_ids, batch_ids, **kwargs)
+
+
+def _combined_curriculum(reference_ids, curriculum_ids, curriculum_weights, epsilon):
+  """Batch ids [T, S+B] and weights whose effective weights are
+  (1-ε)·e_ref + ε·e_c (reference weights 1), for retraining with `train_runs`."""
+  ref_valid = (reference_ids >= 0).sum(1, keepdims=True).astype(np.float32)
+  own_valid = np.maximum((curriculum_ids >= 0).sum(1, keepdims=True), 1)
+  combined = np.concatenate([reference_ids, curriculum_ids], axis=1)
+  total = (combined >= 0).sum(1, keepdims=True).astype(np.float32)
+  weights = np.concatenate([
+      np.broadcast_to((1 - epsilon) * total / ref_valid, reference_ids.shape),
+      epsilon * curriculum_weights * total / own_valid], axis=1)
+  return combined, weights.astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_first_order_losses_of_a_full_batch_reference(name):
+  """Use (a): predict curricula from a full-batch run, no fitted runs."""
+  loss_fn, params0, train, test, (batch_ids, _) = _setup(3)
+  config = CONFIGS[name]
+  reference = np.tile(np.arange(NUM_TRAIN, dtype=np.int32), (NUM_STEPS, 1))
+  curricula = np.concatenate([batch_ids, batch_ids[:1, ::-1]])  # R' = 3, chunks of 2
+  kwargs = dict(loss_fn=loss_fn, config=config, train_arrays=train, test_arrays=test)
+  result = training.first_order_losses(params0, reference, curricula, chunk_size=2,
+                                       **kwargs)
+  assert result.losses.shape == (3, NUM_STEPS + 1, NUM_TEST)
+  assert result.reference_losses.shape == (NUM_STEPS + 1, NUM_TEST)
+  ref_run = training.train_runs(params0, reference[None], progress=False, **kwargs)
+  np.testing.assert_allclose(result.reference_losses, ref_run.trace.losses[0],
+                             atol=1e-5)
+  np.testing.assert_allclose(result.losses[:, 0],
+                             np.broadcast_to(ref_run.trace.losses[0, 0], (3, NUM_TEST)))
+
+  # Brute force: retrain along e(ε) = (1-ε)·e_ref + ε·e_c, central differences at 0
+  # (ε small: Adam's steps are nearly sign(g), with kinks at larger ε).
+  epsilon = 1e-3
+  ids, weights = [], []
+  for curriculum in curricula:
+    for sign in (1, -1):
+      combined, w = _combined_curriculum(reference, curriculum,
+                                         np.ones(curriculum.shape, np.float32),
+                                         sign * epsilon)
+      ids.append(combined)
+      weights.append(w)
+  retrained = training.train_runs(params0, np.stack(ids), weights=np.stack(weights),
+                                  progress=False, **kwargs).trace.losses
+  retrained = retrained.reshape(3, 2, NUM_STEPS + 1, NUM_TEST)
+  directional = (retrained[:, 0] - retrained[:, 1]) / (2 * epsilon)
+  predicted_change = result.losses - result.reference_losses[None]
+  scale = np.abs(directional[:, 1:]).max()
+  assert scale > 1e-3
+  np.testing.assert_allclose(predicted_change, directional, rtol=0, atol=0.02 * scale)
+  # The curricula differ from the reference, and from each other, to first order.
+  assert np.abs(predicted_change[:, -1]).max() > 10 * 0.02 * scale
+  assert np.abs(predicted_change[0, -1] - predicted_change[2, -1]).max() > 0.1 * scale
+
+  # Reverse mode agrees at the final step: Σ_{t,i} ∂L/∂e_t[i] (e_c − e_ref)_t[i], with
+  # ∂L/∂e_t[i] = N·∂L/∂w_{t,i} in the full batch (slot i holds example i).
+  grads = training.metagradients(params0, reference, **kwargs)
+  assert grads.shape == (NUM_STEPS, NUM_TRAIN, NUM_TEST)
+  delta = np.asarray(training.effective_weights(curricula, NUM_TRAIN)) - 1 / NUM_TRAIN
+  np.testing.assert_allclose(predicted_change[:, -1],
+                             np.einsum("tim,kti->km", NUM_TRAIN * grads, delta),
+                             atol=1e-4 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_first_order_losses_of_removals_match_retraining_and_metagradients(name):
+  """Use (b), MAGIC's removal: the same batch ids with some weights set to 0."""
+  loss_fn, params0, train, test, (batch_ids, _) = _setup(4)
+  config = CONFIGS[name]
+  kwargs = dict(loss_fn=loss_fn, config=config, train_arrays=train, test_arrays=test)
+  reference = batch_ids[0]
+  rng = np.random.default_rng(0)
+  removals = np.ones((4, NUM_STEPS, BATCH), np.float32)
+  for k in range(3):  # the last curriculum is the reference itself
+    removals[k].flat[rng.choice(NUM_STEPS * BATCH, 2, replace=False)] = 0.0
+  curricula = np.broadcast_to(reference, removals.shape)
+  result = training.first_order_losses(params0, reference, curricula,
+                                       curricula_weights=removals, **kwargs)
+  # Zero tangent: a curriculum equal to the reference is predicted as the reference.
+  np.testing.assert_allclose(result.losses[3], result.reference_losses, atol=1e-6)
+  ref_run = training.train_runs(params0, reference[None], progress=False, **kwargs)
+  np.testing.assert_allclose(result.reference_losses, ref_run.trace.losses[0],
+                             atol=1e-5)
+
+  # Final step: the same number as the metagradients of the reference run.
+  grads = training.metagradients(params0, reference, **kwargs)
+  np.testing.assert_allclose(
+      result.losses[:, -1] - result.reference_losses[-1],
+      np.einsum("tbm,ktb->km", grads, removals - 1),
+      atol=1e-5 * max(1.0, np.abs(grads).sum()), rtol=0)
+
+  # Brute force: retrain with weights 1 + s·(removal − 1) for s = ±ε; the error of
+  # the expansion at s = 0.2 and 0.1 shrinks like s² (ratio ≈ 4; not for Adam,
+  # whose nearly sign(g) steps have kinks at such perturbations).
+  epsilon = 1e-3
+  scales = [epsilon, -epsilon, 0.2, 0.1]
+  weights = np.concatenate([1 + s * (removals - 1) for s in scales])
+  retrained = training.train_runs(
+      params0, np.broadcast_to(reference, weights.shape), weights=weights,
+      progress=False, **kwargs).trace.losses.reshape(len(scales), 4, NUM_STEPS + 1,
+                                                     NUM_TEST)
+  directional = (retrained[0] - retrained[1]) / (2 * epsilon)
+  predicted_change = result.losses - result.reference_losses[None]
+  scale = np.abs(directional).max()
+  assert scale > 1e-3
+  np.testing.assert_allclose(predicted_change, directional, rtol=0, atol=0.02 * scale)
+  error = lambda k: np.abs(retrained[k] - result.reference_losses
+                           - scales[k] * predicted_change).max()
+  if name != "adam":
+    assert 3.0 < error(2) / error(3) < 5.0, (error(2), error(3))
