@@ -1,33 +1,52 @@
-"""simfluence_jax: training-data attribution by simulating training runs, in JAX."""
+"""simfluence_jax: training-data attribution by simulating training runs, in JAX.
+
+`pip install .` is the core: the jitted kernels (TracIn, EK-FAC), the simulators,
+`Trace`, training, the pipeline and the main job on the generated default data, with
+metrics.json and report.md. Everything else is an extra, named in the one-line error
+a feature raises (or logs) when its extra is missing (`simfluence_jax/_optional.py`).
+"""
 
 import setuptools
 
 INSTALL_REQUIRES = [
+    # jax also brings scipy (jax.scipy is built on it); the package imports no scipy.
     "jax>=0.4.30",
     "flax>=0.8",
     "optax>=0.2",
-    "orbax-checkpoint>=0.5",
+    "orbax-checkpoint>=0.5",  # base model, training and EK-FAC factor checkpoints
     "ml-collections>=0.1.1",
     "numpy>=1.24",
-    "scipy>=1.10",
-    "seqio>=0.0.19",
-    "tensorflow-datasets>=4.9",
-    "tensorflow>=2.15",
-    "scikit-learn>=1.3",  # bundled digits data and the Ridge baseline
-    "matplotlib>=3.7",  # report plots
-    "absl-py>=1.0",
-    "clu>=0.0.10",  # TensorBoard metrics (clu.metric_writers)
-    "tensorboard>=2.15",  # clu's summary writer imports it
+    "etils[epath]>=1.0",  # every workdir path (local or gs://)
+    "absl-py>=1.0",  # flags and logging of the entry points
 ]
 
+_SEQIO = ["seqio>=0.0.19", "tensorflow>=2.15", "tensorflow-datasets>=4.9"]
+# Plots (matplotlib) and TensorBoard event files. tensorboard writes them without
+# TensorFlow; clu's writers are used instead where TensorFlow is installed too.
+_REPORT = ["matplotlib>=3.7", "clu>=0.0.10", "tensorboard>=2.15"]
+_DIGITS = ["scikit-learn>=1.3"]  # configs/digits_mlp.py: sklearn's bundled digits
+_GRAIN = ["grain>=0.2", "array-record>=0.5"]
+
 EXTRAS_REQUIRE = {
-    # nbclient / nbformat / ipykernel: tests/colabs_test.py executes colabs/*.ipynb.
-    "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "chex>=0.1.85",
-             "nbclient>=0.8", "nbformat>=5", "ipykernel"],
+    # seqio Tasks and TFDS datasets (data/tasks.py, config.data.pipeline="seqio").
+    "seqio": _SEQIO,
+    "report": _REPORT,
+    "digits": _DIGITS,
+    # data.grain_source: users' own record files (ArrayRecord) without TensorFlow.
+    "grain": _GRAIN,
+    # TPU VMs, and `simfluence_jax.plan` (compiles for a TPU topology on a CPU
+    # machine). libtpu 0.0.52 is the release jax 0.10.2 was built against.
+    "tpu": ["libtpu==0.0.52"],
     # PyTorch peers for benchmarks/. On a CPU-only machine install the CPU wheel of
     # torch first (e.g. `pip install torch --index-url https://download.pytorch.org/whl/cpu`).
     "bench": ["torch>=2.1", "kronfluence>=1.0", "captum>=0.7"],
     "colab": ["jupyter", "nbclient>=0.8", "nbformat>=5", "ipykernel"],
+    # Everything CI needs to run every test: `pip install -e ".[test]"`.
+    # nbclient / nbformat / ipykernel: tests/colabs_test.py executes colabs/*.ipynb;
+    # scikit-learn: the digits data and the Ridge baseline of the solver tests.
+    "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "chex>=0.1.85",
+             "nbclient>=0.8", "nbformat>=5", "ipykernel", "ruff"]
+            + _SEQIO + _REPORT + _DIGITS + _GRAIN,
 }
 
 setuptools.setup(

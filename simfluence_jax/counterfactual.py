@@ -83,7 +83,8 @@ def simulate_curricula(sims: dict, batch_ids: np.ndarray, initial_losses: np.nda
 def plot_trajectories(path: str, trajectories: dict, targets: np.ndarray,
                       title: str = "") -> None:
   """PNG of the mean loss of `targets` per step, one panel per curriculum (≤ 4)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  from simfluence_jax import _optional  # pylint: disable=g-import-not-at-top
+  matplotlib = _optional.import_module("matplotlib", "report", "plot_trajectories")
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   num_curricula = next(iter(trajectories.values()))["mean"].shape[0]

@@ -16,7 +16,9 @@ from simfluence_jax.data import packing
 
 LM_SOURCES = ("synthetic_facts", "glue_rte", "super_glue_copa", "seqio")
 CLASSIFICATION_SOURCES = ("digits",)
-SOURCES = LM_SOURCES + CLASSIFICATION_SOURCES
+# "grain": users' ArrayRecord files (data/grain_source.py); LM or classification
+# as its decoder says.
+SOURCES = LM_SOURCES + CLASSIFICATION_SOURCES + ("grain",)
 BYTE_VOCAB_SIZE = 259  # seqio.ByteVocabulary: pad 0, EOS 1, UNK 2, bytes 3..258.
 _NUM_DIGITS = 1797
 
@@ -42,16 +44,35 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.num_pretrain_examples = 512
   # synthetic_facts: "numpy" (no TensorFlow) or "seqio" (its registered Task); equal arrays.
   config.pipeline = "numpy"
-  # name="seqio": your registered seqio Task, and the module that registers it on import.
+  # name="seqio": your registered seqio Task.
   config.seqio_task = ""
+  # name="seqio": the module that registers it on import ("" = already registered).
   config.seqio_module = ""
-  # name="seqio": the Task's features holding the prompt and the answer (scored) text.
+  # name="seqio" / "grain": the feature holding the prompt text.
   config.prompt_feature = "inputs"
+  # name="seqio" / "grain": the feature holding the answer (scored) text.
   config.answer_feature = "targets"
-  # name="seqio": splits the train and test examples are read from.
+  # name="seqio": split the train examples are read from.
   config.train_split = "train"
+  # name="seqio": split the test examples are read from.
   config.test_split = "validation"
+  # name="grain": comma-separated ArrayRecord files of the train examples.
+  config.grain_train = ""
+  # name="grain": comma-separated ArrayRecord files of the test examples.
+  config.grain_test = ""
+  # name="grain": "" = JSON text records, or "pkg.module:fn" returning a Decoder.
+  config.grain_decoder = ""
+  # name="grain": grain worker processes (0 = decode in this process).
+  config.grain_workers = 0
   return config
+
+
+def _tasks(config):
+  """data/tasks.py (seqio, TensorFlow, TFDS), or one line naming the seqio extra."""
+  from simfluence_jax import _optional  # pylint: disable=g-import-not-at-top
+  feature = (f"config.data.pipeline={config.pipeline!r}"
+             if config.name == "synthetic_facts" else f"config.data.name={config.name!r}")
+  return _optional.import_module("simfluence_jax.data.tasks", "seqio", feature)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -154,11 +175,16 @@ def get_dataset(config) -> Dataset:
     return _synthetic_facts(config)
   if config.name == "seqio":
     return _user_seqio_task(config)
+  if config.name == "grain":
+    from simfluence_jax.data import grain_source  # pylint: disable=g-import-not-at-top
+    return grain_source.get_dataset(config)
   return _tfds_lm(config)
 
 
 def _digits(config) -> Dataset:
-  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  from simfluence_jax import _optional  # pylint: disable=g-import-not-at-top
+  sk_datasets = _optional.import_module("sklearn.datasets", "digits",
+                                        "config.data.name='digits'")
   num_train, num_test = config.num_train_examples, config.num_test_examples
   if num_train + num_test > _NUM_DIGITS:
     raise _too_many("num_train_examples", num_train,
@@ -197,7 +223,7 @@ def _synthetic_facts(config) -> Dataset:
   arrays, texts = {}, {}
   splits = {"train": facts.train, "test": facts.test, "pretrain": facts.pretrain}
   if config.pipeline == "seqio":
-    from simfluence_jax.data import tasks  # pylint: disable=g-import-not-at-top
+    tasks = _tasks(config)
     task = tasks.register_synthetic_facts_task(facts)
   for split, examples in splits.items():
     if config.pipeline == "seqio":
@@ -216,7 +242,7 @@ def _synthetic_facts(config) -> Dataset:
 
 
 def _tfds_lm(config) -> Dataset:
-  from simfluence_jax.data import tasks  # pylint: disable=g-import-not-at-top
+  tasks = _tasks(config)
   task_name = {"glue_rte": tasks.GLUE_RTE_TASK,
                "super_glue_copa": tasks.SUPER_GLUE_COPA_TASK}[config.name]
   task = tasks.register_tfds_task(task_name, config.data_dir,
@@ -252,7 +278,7 @@ def _user_seqio_task(config) -> Dataset:
   loss is on the answer tokens); the vocabulary size comes from the Task.
   """
   import importlib  # pylint: disable=g-import-not-at-top
-  from simfluence_jax.data import tasks  # pylint: disable=g-import-not-at-top
+  tasks = _tasks(config)
   if not config.seqio_task:
     raise ValueError("config.data.seqio_task: name the registered seqio Task "
                      "(config.data.name='seqio').")

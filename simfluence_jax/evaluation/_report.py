@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from simfluence_jax import _io
+from simfluence_jax import _optional
 
 METRIC_COLUMNS = ("all_steps_mse", "final_step_mse", "spearman",
                   "spearman_across_runs")
@@ -353,14 +354,17 @@ def write_report(workdir: str, *, payload: dict, predictions: Optional[dict] = N
   # moved into the workdir atomically by `_io`.
   plot_dir = root / "plots"
   plots = []
-  if methods_of(payload):
-    plots.append(_metric_bars(plot_dir, payload))
-  if predictions:
-    plots += _trajectory_plots(plot_dir, predictions, bands, actual, test_texts)
-  if payload.get("learning_curve"):
-    plots.append(_learning_curve_plot(plot_dir, payload["learning_curve"]))
-  if payload.get("counterfactual"):
-    plots.append(_counterfactual_plot(plot_dir, payload["counterfactual"]))
+  if not _optional.available("matplotlib"):
+    _optional.skipped("Plots", "report")
+  else:
+    if methods_of(payload):
+      plots.append(_metric_bars(plot_dir, payload))
+    if predictions:
+      plots += _trajectory_plots(plot_dir, predictions, bands, actual, test_texts)
+    if payload.get("learning_curve"):
+      plots.append(_learning_curve_plot(plot_dir, payload["learning_curve"]))
+    if payload.get("counterfactual"):
+      plots.append(_counterfactual_plot(plot_dir, payload["counterfactual"]))
   report_path = root / "report.md"
   _io.write_text(report_path, "\n".join(report_lines(payload, plots)) + "\n")
   return {"metrics": os.fspath(metrics_path), "report": os.fspath(report_path),

@@ -14,6 +14,12 @@ Only process 0 writes event files; other processes get clu's logging-only writer
 (`create_default_writer(just_logging=True)`), as clu recommends for multi-host jobs.
 The per-run curves skip the logging writer (R·T log lines would drown the job log);
 everything else is also logged.
+
+TensorBoard is optional (the `report` extra), and imported only when written:
+clu's writers need TensorFlow, so without it the event files are written by
+tensorboard's own TensorFlow-free `tensorboard.summary.Writer` (the same scalar
+summaries); with neither, the job logs "TensorBoard skipped: pip install
+'simfluence_jax[report]'" once and writes nothing here.
 """
 
 import logging
@@ -23,7 +29,69 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 
+from simfluence_jax import _optional
+
 _logger = logging.getLogger(__name__)
+
+
+class _LoggingWriter:
+  """Scalars to the job's log, in the format of clu's `LoggingWriter`."""
+
+  def write_scalars(self, step: int, values: Mapping[str, float]) -> None:
+    text = ", ".join(f"{k}={v:.6g}" for k, v in sorted(values.items()))
+    _logger.info("[%d] %s", step, text)
+
+  def close(self) -> None:
+    pass
+
+
+class _TensorBoardWriter:
+  """Event files through `tensorboard.summary.Writer` (no TensorFlow), plus the log."""
+
+  def __init__(self, tensorboard_summary, logdir: str, log: bool):
+    self._events = tensorboard_summary.Writer(os.fspath(logdir))
+    self._log = _LoggingWriter() if log else None
+
+  def write_scalars(self, step: int, values: Mapping[str, float]) -> None:
+    for tag, value in values.items():
+      self._events.add_scalar(tag, value, step)
+    if self._log is not None:
+      self._log.write_scalars(step, values)
+
+  def close(self) -> None:
+    self._events.close()
+
+
+def _backend():
+  """("clu", clu.metric_writers) | ("tensorboard", tensorboard.summary) | None."""
+  try:
+    return "clu", _optional.import_module("clu.metric_writers", "report", "TensorBoard")
+  except _optional.MissingExtraError:
+    pass
+  try:
+    return "tensorboard", _optional.import_module("tensorboard.summary", "report",
+                                                  "TensorBoard")
+  except _optional.MissingExtraError:
+    _optional.skipped("TensorBoard", "report")
+    return None
+
+
+def _summary_writer(backend, logdir: str):
+  """Event files (process 0 only) and log lines, like clu's `create_default_writer`."""
+  kind, module = backend
+  primary = jax.process_index() == 0
+  if kind == "clu":
+    return module.create_default_writer(logdir, just_logging=not primary,
+                                        asynchronous=False)
+  return _TensorBoardWriter(module, logdir, log=True) if primary else _LoggingWriter()
+
+
+def _event_writer(backend, logdir: str):
+  """Event files only, no log lines (process 0 only)."""
+  kind, module = backend
+  if kind == "clu":
+    return module.SummaryWriter(os.fspath(logdir))
+  return _TensorBoardWriter(module, logdir, log=False)
 
 
 def _scalars(values: Mapping[str, Any]) -> dict:
@@ -49,22 +117,24 @@ def write_training_metrics(logdir: str, trace, train_losses: Optional[np.ndarray
     run_names: R names of the run subdirectories (default run_000, run_001, ...).
 
   Returns:
-    The number of scalar values written to event files (0 on processes other than 0).
+    The number of scalar values written to event files (0 on processes other than 0,
+    and without the `report` extra).
   """
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   test_loss = np.asarray(trace.losses, np.float64).mean(axis=2)  # [R, T+1]
   num_runs = test_loss.shape[0]
   train = None if train_losses is None else np.asarray(train_losses, np.float64)
   if train is not None and train.shape[0] != num_runs:
     raise ValueError(f"train_losses: expected {num_runs} runs, got shape {train.shape}.")
   names = run_names or [f"run_{r:03d}" for r in range(num_runs)]
-  summary = metric_writers.create_default_writer(
-      logdir, just_logging=jax.process_index() != 0, asynchronous=False)
+  backend = _backend()
+  if backend is None:
+    return 0
+  summary = _summary_writer(backend, logdir)
   written = 0
   try:
     if jax.process_index() == 0:
       for r in range(num_runs):
-        writer = metric_writers.SummaryWriter(os.path.join(logdir, "runs", names[r]))
+        writer = _event_writer(backend, os.path.join(logdir, "runs", names[r]))
         try:
           for step in range(test_loss.shape[1]):
             values = {"test_loss": test_loss[r, step]}
@@ -104,9 +174,12 @@ def write_evaluation_metrics(logdir: str, simulators: Mapping[str, Any],
     step: the step the values are written at.
 
   Returns:
-    The number of scalar values written to event files (0 on processes other than 0).
+    The number of scalar values written to event files (0 on processes other than 0,
+    and without the `report` extra).
   """
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  backend = _backend()
+  if backend is None:
+    return 0
   values = {}
   for name, sim in simulators.items():
     for key, value in _scalars(getattr(sim, "fit_info", {}) or {}).items():
@@ -114,8 +187,7 @@ def write_evaluation_metrics(logdir: str, simulators: Mapping[str, Any],
   for method, method_metrics in metrics.items():
     for key, value in _scalars(method_metrics).items():
       values[f"held_out/{method}/{key}"] = value
-  writer = metric_writers.create_default_writer(
-      logdir, just_logging=jax.process_index() != 0, asynchronous=False)
+  writer = _summary_writer(backend, logdir)
   try:
     writer.write_scalars(step, values)
   finally:

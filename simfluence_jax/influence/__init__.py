@@ -6,50 +6,13 @@ DenseGeneral / Conv and their NNX counterparts by default, Embed on request, mor
 with `register_layer_kind`), one `CurvatureBlock` per layer kind, and fits their
 factors; `ekfac_scores` and `tracin_scores` return float32[Q, N_train] scores where
 positive means the train example helps (a gradient step on it lowers the query loss).
+
+Names load on first use (PEP 562): `import simfluence_jax.influence` imports
+nothing; the first name read imports its module (jax, flax), never orbax (only
+`save_factors` / `load_factors` do), scipy, TensorFlow or the pipeline.
 """
 
-from simfluence_jax.influence._blocks import ConvBlock
-from simfluence_jax.influence._blocks import CurvatureBlock
-from simfluence_jax.influence._blocks import DenseBlock
-from simfluence_jax.influence._blocks import EmbedBlock
-from simfluence_jax.influence._blocks import register_layer_kind
-from simfluence_jax.influence._blocks import UnsupportedLayerError
-from simfluence_jax.influence._ekfac import add_statistics
-from simfluence_jax.influence._ekfac import check_factors
-from simfluence_jax.influence._ekfac import covariance_statistics
-from simfluence_jax.influence._ekfac import covariances
-from simfluence_jax.influence._ekfac import CovarianceStatistics
-from simfluence_jax.influence._ekfac import eigendecompose
-from simfluence_jax.influence._ekfac import eigenvalue_statistics
-from simfluence_jax.influence._ekfac import EigenvalueStatistics
-from simfluence_jax.influence._ekfac import ekfac_layer_scores
-from simfluence_jax.influence._ekfac import ekfac_scores
-from simfluence_jax.influence._ekfac import ekfac_self_influence
-from simfluence_jax.influence._ekfac import ekfac_token_scores
-from simfluence_jax.influence._ekfac import EKFACFactors
-from simfluence_jax.influence._ekfac import fit_ekfac
-from simfluence_jax.influence._ekfac import layer_damping
-from simfluence_jax.influence._ekfac import layer_gradients
-from simfluence_jax.influence._ekfac import LayerFactors
-from simfluence_jax.influence._ekfac import precondition
-from simfluence_jax.influence._io import load_factors
-from simfluence_jax.influence._io import save_factors
-from simfluence_jax.influence._layers import capture
-from simfluence_jax.influence._layers import find_layers
-from simfluence_jax.influence._layers import layer_grads_from_param_grads
-from simfluence_jax.influence._layers import param_fingerprint
-from simfluence_jax.influence._layers import param_grads_from_layer_grads
-from simfluence_jax.influence._layers import LayerActivations
-from simfluence_jax.influence._layers import LayerSpec
-from simfluence_jax.influence._tasks import ClassificationTask
-from simfluence_jax.influence._tasks import LanguageModelingTask
-from simfluence_jax.influence._tasks import Task
-from simfluence_jax.influence._tfidf import filter_batch
-from simfluence_jax.influence._tfidf import tfidf_filter
-from simfluence_jax.influence._tfidf import tfidf_similarity
-from simfluence_jax.influence._tfidf import tfidf_vectors
-from simfluence_jax.influence._tracin import tracin_scores
-from simfluence_jax.influence._tracin import tracin_self_influence
+from simfluence_jax import _optional
 
 __all__ = [
     "ConvBlock", "CurvatureBlock", "DenseBlock", "EmbedBlock", "UnsupportedLayerError",
@@ -66,3 +29,52 @@ __all__ = [
     "filter_batch", "load_factors", "save_factors", "tfidf_filter",
     "tfidf_similarity", "tfidf_vectors",
 ]
+
+__getattr__, __dir__ = _optional.lazy_exports(
+    globals(),
+    {
+        "ConvBlock": "_blocks",
+        "CurvatureBlock": "_blocks",
+        "DenseBlock": "_blocks",
+        "EmbedBlock": "_blocks",
+        "register_layer_kind": "_blocks",
+        "UnsupportedLayerError": "_blocks",
+        "add_statistics": "_ekfac",
+        "check_factors": "_ekfac",
+        "covariance_statistics": "_ekfac",
+        "covariances": "_ekfac",
+        "CovarianceStatistics": "_ekfac",
+        "eigendecompose": "_ekfac",
+        "eigenvalue_statistics": "_ekfac",
+        "EigenvalueStatistics": "_ekfac",
+        "ekfac_layer_scores": "_ekfac",
+        "ekfac_scores": "_ekfac",
+        "ekfac_self_influence": "_ekfac",
+        "ekfac_token_scores": "_ekfac",
+        "EKFACFactors": "_ekfac",
+        "fit_ekfac": "_ekfac",
+        "layer_damping": "_ekfac",
+        "layer_gradients": "_ekfac",
+        "LayerFactors": "_ekfac",
+        "precondition": "_ekfac",
+        "load_factors": "_io",
+        "save_factors": "_io",
+        "capture": "_layers",
+        "find_layers": "_layers",
+        "layer_grads_from_param_grads": "_layers",
+        "param_fingerprint": "_layers",
+        "param_grads_from_layer_grads": "_layers",
+        "LayerActivations": "_layers",
+        "LayerSpec": "_layers",
+        "ClassificationTask": "_tasks",
+        "LanguageModelingTask": "_tasks",
+        "Task": "_tasks",
+        "filter_batch": "_tfidf",
+        "tfidf_filter": "_tfidf",
+        "tfidf_similarity": "_tfidf",
+        "tfidf_vectors": "_tfidf",
+        "tracin_scores": "_tracin",
+        "tracin_self_influence": "_tracin",
+    },
+    submodules=("_blocks", "_common", "_ekfac", "_io", "_layers", "_tasks", "_tfidf",
+                "_tracin"))
