@@ -284,5 +284,6 @@ def test_command_line_negative_learning_rate(tmp_path):
        f"--workdir={tmp_path / 'work'}"],
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
-  assert "config.learning_rate=-1" in proc.stderr and "must be positive" in proc.stderr
+  assert proc.stderr == ("error: config.learning_rate=-1.0: must be a finite positive "
+                         "number.\n")
   assert "Traceback" not in proc.stderr

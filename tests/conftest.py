@@ -105,3 +105,18 @@ def tiny_job():
   return types.SimpleNamespace(
       repo=REPO, flags=TINY_FLAGS, num_devices=NUM_DEVICES, env=job_env,
       run=run_job, assert_same_metrics=assert_same_metrics)
+
+
+# Modules whose expensive module-scoped fixture (a whole job, or one subprocess
+# computing every case) must run once, not once per xdist worker: all their tests go
+# to one worker (`--dist loadgroup`, pytest.ini).
+_ONE_WORKER_MODULES = ("main_test", "influence_sharding_test", "multiprocess_test",
+                       "preemption_test", "sharding_test", "solver_sharding_test")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+    if module in _ONE_WORKER_MODULES:
+      item.add_marker(pytest.mark.xdist_group(module))

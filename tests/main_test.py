@@ -68,7 +68,7 @@ def test_outputs(tiny_run):
   # TensorBoard: per-run curves and the evaluation scalars (tests/writers_test.py).
   tensorboard = os.path.join(workdir, "tensorboard")
   assert len(os.listdir(os.path.join(tensorboard, "runs"))) == (
-      config.num_runs + config.num_held_out_runs)
+      config.num_runs + config.num_held_out_runs + config.unseen.num_runs)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tensorboard))
   # Shared workdirs: files readable by the group and others (umask 022 here).
   mode = os.stat(os.path.join(workdir, "trace", "losses.npy")).st_mode
@@ -131,10 +131,10 @@ def test_rerun_with_other_l2_recomputes_only_the_fits(tiny_run, tmp_path):
 def test_overwrite_discards_and_retrains(tiny_run, tmp_path):
   _, workdir, _ = tiny_run
   copy = _copy(workdir, tmp_path)
-  config = _config(learning_rate=0.001, **{"counterfactual.enabled": False})
+  config = _config(learning_rate=0.002, **{"counterfactual.enabled": False})
   result = pipeline.run(config, copy, overwrite=True)
   trace = sj.Trace.load(os.path.join(copy, "trace"))
-  np.testing.assert_allclose(trace.learning_rates, 0.001)
+  np.testing.assert_allclose(trace.learning_rates, 0.002)
   assert not result["stages"]["record_runs"]["reused"]
 
 
@@ -179,7 +179,7 @@ def test_stale_workdir_from_the_command_line(tiny_run, tmp_path):
        f"--workdir={copy}"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: ") and "learning_rate 0.003 -> 0.01" in last
+  assert last.startswith("error: ") and "learning_rate 0.001 -> 0.01" in last
   assert "--overwrite" in last and "Traceback" not in proc.stderr
 
 
