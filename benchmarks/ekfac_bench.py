@@ -36,8 +36,8 @@ DAMPING = 1e-3  # absolute λ, the same on both sides
 
 def _kronfluence_scores(net, inputs, labels, num_query, damping, batch_size=256):
   """Kronfluence EK-FAC pairwise scores [Q, N] (a fresh analyzer each call)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import kronfluence  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  # noqa: F401
+  import kronfluence  # pylint: disable=g-import-not-at-top  # noqa: F401
   from kronfluence import arguments  # pylint: disable=g-import-not-at-top
 
   class _Task(kronfluence.Task):
@@ -101,7 +101,7 @@ def cnn_agreement(num_train=128, num_query=8, damping=DAMPING):
     dict of `_common.agreement` (pearson, max_rel_err, norm_ratio) and the sizes;
     raises ImportError without torch / kronfluence.
   """
-  import kronfluence  # pylint: disable=g-import-not-at-top,unused-import
+  import kronfluence  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   inputs, labels = _common.cnn_data(num_train)
   params, ours_fn = _ours(_common.CNN(), inputs, labels, num_query, damping)
   ours = np.asarray(ours_fn())
@@ -137,8 +137,8 @@ def measure(size="full", peer=True, repeats=2):
   if not peer:
     return result
   try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-    import kronfluence  # pylint: disable=g-import-not-at-top,unused-import
+    import torch  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+    import kronfluence  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   except ImportError as e:
     return dict(result, peer_missing=str(e))
   logging.disable(logging.WARNING)

@@ -11,7 +11,6 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 
 from simfluence_jax import influence
 from simfluence_jax import kernels

@@ -30,7 +30,7 @@ CNN_SIZES = {"full": (256, 16, 2), "quick": (128, 8, 2), "smoke": (64, 4, 2)}  #
 def _captum_scores(net, checkpoints, rates, state_fn, inputs, labels, num_query,
                    directory, batch_size=256):
   """Captum TracInCP scores [Q, N]: `run()` after the one-time set-up."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  # noqa: F401
   from captum.influence import TracInCP  # pylint: disable=g-import-not-at-top
   paths = []
   for k, params in enumerate(checkpoints):
@@ -57,7 +57,7 @@ def cnn_agreement(num_train=64, num_query=4, num_checkpoints=2):
   Returns:
     dict of `_common.agreement` and the sizes; raises ImportError without captum.
   """
-  import captum.influence  # pylint: disable=g-import-not-at-top,unused-import
+  import captum.influence  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   inputs, labels = _common.cnn_data(num_train)
   model = _common.CNN()
   checkpoints = [model.init(jax.random.key(20 + k), inputs[:1])
@@ -106,8 +106,8 @@ def measure(size="full", peer=True):
   if not peer:
     return result
   try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-    import captum.influence  # pylint: disable=g-import-not-at-top,unused-import
+    import torch  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+    import captum.influence  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   except ImportError as e:
     return dict(result, peer_missing=str(e))
 

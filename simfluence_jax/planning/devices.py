@@ -24,7 +24,7 @@ def libtpu_available() -> bool:
   """Whether the libtpu package imports (it only sets TPU_LIBRARY_PATH; the
   compiler itself loads when a topology is first built)."""
   try:
-    import libtpu  # pylint: disable=g-import-not-at-top,import-outside-toplevel,unused-import
+    import libtpu  # pylint: disable=g-import-not-at-top,import-outside-toplevel,unused-import  # noqa: F401
   except ImportError:
     return False
   return True
