@@ -1,6 +1,6 @@
 """EK-FAC factors + pairwise scores: ours against Kronfluence, same models and data.
 
-Budget (DESIGN.md §7): ≥ 2× faster, same scores. Conventions matched: empirical
+Budget (docs/design.md §7): ≥ 2× faster, same scores. Conventions matched: empirical
 Fisher (`use_empirical_fisher=True`), summed per-example CE losses, loss as the
 measurement, all float32, and one explicit absolute damping λ = `DAMPING` on both
 sides (ours: `damping=DAMPING`; Kronfluence: `ScoreArguments(damping_factor=

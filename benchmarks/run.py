@@ -1,4 +1,4 @@
-r"""Every benchmark of DESIGN.md §7 side by side in one process: one table of ratios.
+r"""Every benchmark of docs/design.md §7 side by side in one process: one table of ratios.
 
   python benchmarks/run.py                 # full sizes (several minutes on 2 CPUs)
   python benchmarks/run.py --quick         # ~1-2 minutes

@@ -1,6 +1,6 @@
 """Influence scoring time against the plain per-example gradient passes it needs.
 
-Budget (DESIGN.md §7): scoring ≤ 3× the time of `kernels.per_example_grads` over the
+Budget (docs/design.md §7): scoring ≤ 3× the time of `kernels.per_example_grads` over the
 same train examples (TracIn-CP, one checkpoint; EK-FAC scores, factors fitted once).
 Timings on the shared 2-core CPU are noisy.
 

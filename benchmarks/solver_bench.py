@@ -1,4 +1,4 @@
-"""Simfluence-Linear fit vs scikit-learn `Ridge` on a sparse design (DESIGN.md §7).
+"""Simfluence-Linear fit vs scikit-learn `Ridge` on a sparse design (docs/design.md §7).
 
 Synthetic trace from the linear model (N train examples, M test examples, R·T
 steps, batch B, small noise). Both sides minimise the same objective

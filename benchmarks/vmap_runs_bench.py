@@ -1,6 +1,6 @@
 """R runs trained together (vmap) vs the same R runs one after another.
 
-Budget (DESIGN.md §7): training R runs together must be >= 3x faster per run than
+Budget (docs/design.md §7): training R runs together must be >= 3x faster per run than
 training them one after another. Both sides use the same jitted segment function
 of `simfluence_jax.training.runs` (scan over steps of the vmapped pure train step),
 the together side with all R runs, the sequential side with R=1 called R times (and,

@@ -1,6 +1,6 @@
 """Meshes and multi-process helpers shared by training, influence and the main job.
 
-Mesh axes (DESIGN.md §6):
+Mesh axes (docs/design.md §6):
 
 * `runs`: independent training runs (`training.train_runs` shards its run axis).
 * `data`: train examples of a score computation, or the batch of EK-FAC statistics

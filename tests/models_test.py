@@ -50,7 +50,7 @@ def test_reference_transformer_param_count():
   model = models.TransformerLM(vocab_size=VOCAB)
   variables = jax.eval_shape(
       lambda: models.init_variables(model, jnp.zeros((1, 32), jnp.int32)))
-  assert models.num_params(variables) == 135_555  # ≈ 136k, DESIGN.md §7
+  assert models.num_params(variables) == 135_555  # ≈ 136k, docs/design.md §7
 
 
 def test_every_linear_map_is_a_dense_layer():

@@ -482,7 +482,7 @@ def fit_cv(kind: str, trace: trace_lib.Trace,
           jnp.float32(problem.null_a), linear=spec.linear)
       scores[fold, g] = cv_score(metric, np.asarray(pred), held.losses)
   if unconverged:
-    _warn_unconverged(f"{kind}' (cv folds)", {
+    _warn_unconverged(f"{kind}, cv folds", {
         "converged": False, "relative_residual": max(unconverged), "tol": spec.tol},
                       spec.max_iters, stacklevel=2)
   with warnings.catch_warnings():
