@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from simfluence_jax import _io
 from simfluence_jax import sharding
 
 BASE_PARAMS_DIR = "base_params"
@@ -63,7 +64,7 @@ def abstract_tree(tree, sharding: Optional[jax.sharding.Sharding] = None):
 
 def save_params(path: str, params: Any) -> None:
   """Saves a parameter pytree to directory `path` (overwriting), blocking until done."""
-  path = os.path.abspath(os.fspath(path))
+  path = _io.as_path(path)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, _savable(params), force=True)
     checkpointer.wait_until_finished()
@@ -81,7 +82,7 @@ def load_params(path: str, like: Any = None) -> Any:
     The params as jax arrays, placed like `like`'s arrays or replicated over this
     process's devices (the saving topology is never assumed to still exist).
   """
-  path = os.path.abspath(os.fspath(path))
+  path = _io.as_path(path)
   with ocp.StandardCheckpointer() as checkpointer:
     if like is None:
       like = checkpointer.metadata(path).item_metadata.tree
@@ -103,10 +104,10 @@ def get_base_params(workdir: str, init_fn: Callable[[], Any]) -> Any:
     init_fn: zero-argument callable returning the base params (initialisation,
       possibly followed by `pretrain_base`); only called when nothing is saved.
   """
-  path = os.path.join(os.path.abspath(os.fspath(workdir)), BASE_PARAMS_DIR)
+  path = _io.as_path(workdir) / BASE_PARAMS_DIR
   # Orbax renames the finished directory into place, so it exists only when complete;
   # process 0 decides for every process (they must all save, or all load).
-  if sharding.agree(os.path.isdir(path)):
+  if sharding.agree(path.is_dir()):
     return load_params(path)
   params = init_fn()
   save_params(path, params)
@@ -120,7 +121,7 @@ def runs_manager(workdir: str) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
                                          enable_async_checkpointing=False)
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(os.fspath(workdir)), RUNS_CKPT_DIR),
+      _io.as_path(workdir) / RUNS_CKPT_DIR,
       options=options, item_names=("state", "trace", "meta"))
 
 
@@ -129,7 +130,7 @@ def tracin_manager(workdir: str) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                          enable_async_checkpointing=False)
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(os.fspath(workdir)), TRACIN_CKPT_DIR),
+      _io.as_path(workdir) / TRACIN_CKPT_DIR,
       options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 

@@ -13,7 +13,6 @@ same workdir resumes from the latest checkpoint and gives identical results.
 import dataclasses
 import json
 import logging
-import os
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -455,15 +454,15 @@ def _check_job_file(workdir: str, job: dict) -> None:
   diverged) before its first resumable checkpoint still holds its TracIn step-0
   params, which a job with other base params must not adopt.
   """
-  path = os.path.join(os.path.abspath(os.fspath(workdir)), JOB_FILE)
+  root = _io.as_path(workdir)  # local or a bucket (gs://...)
+  path = root / JOB_FILE
   # Decided on process 0 for every process (a collective), before it writes.
   has_job_file, has_checkpoints = (bool(x) for x in sharding_lib.agree(np.array([
-      os.path.exists(path),
-      any(os.path.isdir(os.path.join(workdir, name)) for name in (
+      path.exists(),
+      any((root / name).is_dir() for name in (
           checkpoints.TRACIN_CKPT_DIR, checkpoints.RUNS_CKPT_DIR))])))
   if has_job_file:
-    with open(path) as f:
-      _refuse_other_job(workdir, json.load(f), job)
+    _refuse_other_job(workdir, json.loads(path.read_text()), job)
   elif not has_checkpoints and sharding_lib.is_primary():
     # (A workdir of an older version has checkpoints but no job file: their meta
     # is checked on restore.)
