@@ -6,6 +6,7 @@ r"""Every benchmark of docs/design.md §7 side by side in one process: one table
 
 Runs `measure()` of vmap_runs_bench, solver_bench, ekfac_bench, tracin_bench,
 scoring_floor_bench (and, at full size, main_job_bench on `configs/default.py:tiny`),
+then roofline_bench (each hot loop's FLOP/s as a fraction of the matmul peak),
 prints one Markdown table
 
   benchmark | ours | peer / baseline | ratio | budget | met? | agreement
@@ -35,6 +36,7 @@ import numpy as np
 
 import ekfac_bench
 import main_job_bench
+import roofline_bench
 import scoring_floor_bench
 import solver_bench
 import tracin_bench
@@ -285,7 +287,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   mode = "smoke" if args.smoke else "quick" if args.quick else "full"
   only = [x for x in args.only.split(",") if x]
-  unknown = set(only) - {b[0] for b in BENCHES}
+  unknown = set(only) - {b[0] for b in BENCHES} - {"roofline"}
   if unknown:
     parser.error(f"--only: unknown {sorted(unknown)}")
   log = lambda message: print(message, file=sys.stderr, flush=True)
@@ -296,6 +298,12 @@ def main(argv=None):
         "are noisy")
   print()
   print(format_table(rows))
+  if mode != "smoke" and (not only or "roofline" in only):
+    # How close each hot loop gets to this machine's matmul peak (roofline_bench).
+    log("=== roofline ===")
+    result["roofline"] = roofline_bench.measure(mode)
+    print()
+    print(roofline_bench.table(result["roofline"]))
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   tmp = args.out + ".tmp"
   with open(tmp, "w") as f:

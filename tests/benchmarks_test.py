@@ -56,3 +56,21 @@ def test_smoke_run_writes_every_row(tmp_path, monkeypatch, capsys):
   assert len(table) == len(runner.ROWS) + 2  # header, rule, one line per row
   assert all(line.count(" | ") == 6 for line in table), table
   assert runner.PEER_HINT in printed
+
+
+def test_roofline_counts_every_loop_trip_and_divides_by_the_peak():
+  spec = importlib.util.spec_from_file_location(
+      "simfluence_roofline", os.path.join(REPO, "benchmarks", "roofline_bench.py"))
+  roofline = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  spec.loader.exec_module(roofline)
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  n, trips = 16, 5
+  a = jnp.ones((n, n), jnp.float32)
+  assert roofline.compiled_flops(jnp.matmul, a, a) == 2 * n ** 3
+  scanned = lambda x: jax.lax.scan(lambda c, _: (c @ a, None), x, None, length=trips)[0]
+  # (+ the loop counter's few adds)
+  assert abs(roofline.compiled_flops(scanned, a) - trips * 2 * n ** 3) <= 2 * trips
+  row = roofline._row(8e9, 2.0, peak=8e9)  # pylint: disable=protected-access
+  assert row["flop_per_s"] == 4e9 and row["fraction_of_peak"] == 0.5

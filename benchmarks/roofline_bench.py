@@ -1,0 +1,215 @@
+r"""How close each hot loop gets to this machine's matmul peak (docs/design.md §7).
+
+  python benchmarks/roofline_bench.py [--quick]
+
+Measures the peak once: the best FLOP/s of a jitted float32 matmul (n x n, 2n³ FLOPs).
+Then, for each hot loop, the FLOPs of its compiled program as XLA counts them, every
+loop trip included (`simfluence_jax.planning.costs.program_costs`), over its best warm
+time, as a fraction of that peak:
+
+* `train_segment`: the main job's vmapped, scanned training segment
+  (`training.runs.make_segment_fn`) on the default model (d=64, 2 layers), batch 32,
+  R runs x T steps;
+* `per_example_grads`: `kernels.per_example_grads` of the same model on a chunk;
+* `tracin_scoring`, `ekfac_scoring`: TracIn-CP and EK-FAC scores of N train examples
+  (MLP 64-128-10). Their Python loops over chunks call several programs, so their
+  FLOPs are those of materialised per-example gradient passes over the same N
+  examples (`per_example_grads` of the MLP): *effective* FLOP/s, the work a plain
+  implementation would do per second (the factored kernels may do less than that);
+* `solver`: the Simfluence-Linear fit (CG), FLOPs counted from its shapes and
+  iterations (two sparse matrix products per iteration, 2 FLOPs per stored entry and
+  column).
+
+A fraction well below 1 on a CPU is expected for small, memory-bound programs; what
+it shows is where the time goes and which loop to work on.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import _common
+from simfluence_jax import influence
+from simfluence_jax import kernels
+from simfluence_jax import models
+from simfluence_jax import simulators
+from simfluence_jax import trace as trace_lib
+from simfluence_jax import training
+from simfluence_jax.planning import costs
+from simfluence_jax.training import runs as runs_lib
+
+SIZES = {  # matmul n, (runs, steps), scoring N, solver (N, M, R, T, B)
+    "quick": dict(matmul=1024, runs=(4, 4), scoring=1024, solver=(500, 32, 64, 32, 8)),
+    "full": dict(matmul=2048, runs=(8, 8), scoring=4096, solver=(2000, 64, 312, 32, 8)),
+}
+SEQ_LEN, VOCAB, BATCH, NUM_TEST = 32, 259, 32, 32
+
+
+def best_of(fn, repeats):
+  """Best wall time of `fn()` (its result blocked on) after one warm-up call."""
+  jax.block_until_ready(fn())
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def compiled_flops(fn, *args) -> float:
+  """FLOPs of `jax.jit(fn)(*args)` with every loop trip counted."""
+  lowered = jax.jit(fn).lower(*args)
+  return float(costs.program_costs(lowered.compile(), lowered)["flops"])
+
+
+def matmul_peak(n: int, repeats: int) -> dict:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  seconds = best_of(lambda: matmul(a, b), repeats)
+  return {"n": n, "seconds": seconds, "flop_per_s": 2.0 * n ** 3 / seconds}
+
+
+def _row(flops, seconds, peak, **extra):
+  achieved = flops / seconds
+  return {"flops": flops, "seconds": seconds, "flop_per_s": achieved,
+          "fraction_of_peak": achieved / peak, **extra}
+
+
+def _lm_arrays(rng, n):
+  tokens = rng.integers(3, VOCAB, (n, SEQ_LEN + 1)).astype(np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "mask": np.ones((n, SEQ_LEN), np.float32)}
+
+
+def transformer_rows(num_runs, num_steps, peak, repeats):
+  """The training segment and per-example gradients of the default model."""
+  rng = np.random.default_rng(0)
+  train, test = _lm_arrays(rng, 256), _lm_arrays(rng, NUM_TEST)
+  model = models.TransformerLM(vocab_size=VOCAB, max_len=SEQ_LEN)
+  params0 = models.init_variables(model, train["inputs"])
+  loss_fn = training.make_loss_fn(model, "lm")
+  optimizer, schedule = training.make_optimizer(
+      {"optimizer": "sgd", "learning_rate": 0.001, "lr_schedule": "constant"})
+  train_step = training.make_train_step(loss_fn, optimizer, schedule)
+  run_sharding, _ = runs_lib.runs_shardings(num_runs)
+  segment = runs_lib.make_segment_fn(train_step, run_sharding)
+  ids = jnp.asarray(rng.integers(0, 256, (num_runs, num_steps, BATCH)).astype(np.int32))
+  stack = lambda x: jnp.repeat(x[None], num_runs, axis=0)
+  params = jax.tree_util.tree_map(stack, params0)
+  opt_state = jax.vmap(optimizer.init)(params)
+  train_dev, test_dev = jax.device_put(train), jax.device_put(test)
+  args = (params, opt_state, jnp.int32(0), ids, train_dev, test_dev)
+  # The segment donates params / opt_state: fresh copies for every call.
+  copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
+  flops = compiled_flops(segment.__wrapped__ if hasattr(segment, "__wrapped__")
+                         else segment, *args)
+  seconds = best_of(lambda: segment(copy(params), copy(opt_state), *args[2:]), repeats)
+  rows = {"train_segment": _row(flops, seconds, peak, runs=num_runs, steps=num_steps,
+                                batch=BATCH, num_params=models.num_params(params0))}
+  chunk = {k: v[:BATCH] for k, v in train.items()}
+  grads = lambda p, b: kernels.per_example_grads(
+      lambda p_, ex: loss_fn(p_, ex), p, b)
+  try:
+    flops = compiled_flops(grads, params0, chunk)
+    seconds = best_of(lambda: jax.jit(grads)(params0, chunk), repeats)
+    rows["per_example_grads"] = _row(flops, seconds, peak, chunk=BATCH)
+  except Exception as e:  # pylint: disable=broad-except
+    rows["per_example_grads"] = {"status": f"failed: {str(e).splitlines()[0]}"}
+  return rows
+
+
+def scoring_rows(num_train, peak, repeats):
+  """TracIn-CP and EK-FAC scoring; effective FLOPs (materialised gradient passes)."""
+  chunk, num_query = 256, 32
+  model = _common.MLP()
+  inputs = jax.random.normal(jax.random.key(0), (num_train, 64))
+  labels = jax.random.randint(jax.random.key(1), (num_train,), 0, 10)
+  params = model.init(jax.random.key(2), inputs)
+  task = influence.ClassificationTask(model.apply)
+  batches = [{"inputs": inputs[i:i + chunk], "labels": labels[i:i + chunk]}
+             for i in range(0, num_train, chunk)]
+  query = {"inputs": inputs[:num_query], "labels": labels[:num_query]}
+  grads = lambda p, b: kernels.flatten_per_example(kernels.per_example_grads(
+      task.loss, p, b))
+  pass_flops = compiled_flops(grads, params, batches[0]) * len(batches)
+  tracin = best_of(lambda: influence.tracin_scores(
+      task, [params], [1.0], query, batches, chunk_size=chunk), repeats)
+  factors = influence.fit_ekfac(task, params, batches)
+  ekfac = best_of(lambda: influence.ekfac_scores(
+      task, params, factors, query, batches, chunk_size=chunk), repeats)
+  note = "effective: FLOPs of materialised per-example gradient passes over N"
+  return {"tracin_scoring": _row(pass_flops, tracin, peak, num_train=num_train,
+                                 num_query=num_query, flops_counted=note),
+          "ekfac_scoring": _row(pass_flops, ekfac, peak, num_train=num_train,
+                                num_query=num_query, flops_counted=note)}
+
+
+def solver_row(num_train, num_test, num_runs, num_steps, batch, peak, repeats):
+  rng = np.random.default_rng(0)
+  batch_ids = rng.integers(0, num_train, (num_runs, num_steps, batch)).astype(np.int32)
+  losses = rng.uniform(1.0, 3.0, (num_runs, num_steps + 1, num_test)).astype(np.float32)
+  trace = trace_lib.Trace(batch_ids=batch_ids, losses=losses,
+                          learning_rates=np.full((num_runs, num_steps), 0.1, np.float32),
+                          num_train_examples=num_train)
+  fit = lambda: simulators.fit("linear", trace, l2=1.0, method="cg")
+  seconds = best_of(lambda: fit().A, repeats)
+  iterations = int(fit().fit_info["iterations"])
+  # Per CG iteration: X v and Xᵀ u with X [R·T, 2N] holding 2B entries per row, for
+  # M columns: 2 products x 2 FLOPs x R·T·2B entries x M.
+  flops = iterations * 2 * 2 * (num_runs * num_steps * 2 * batch) * num_test
+  return _row(float(flops), seconds, peak, iterations=iterations,
+              sizes=dict(N=num_train, M=num_test, R=num_runs, T=num_steps, B=batch),
+              flops_counted="from shapes and CG iterations")
+
+
+def measure(size="full", repeats=3):
+  """Every row: {name: {flops, seconds, flop_per_s, fraction_of_peak, ...}}."""
+  sizes = SIZES[size]
+  peak = matmul_peak(sizes["matmul"], repeats)
+  rows = {}
+  rows.update(transformer_rows(*sizes["runs"], peak["flop_per_s"], repeats))
+  rows.update(scoring_rows(sizes["scoring"], peak["flop_per_s"], repeats))
+  rows["solver"] = solver_row(*sizes["solver"], peak["flop_per_s"], repeats)
+  return {"peak": peak, "rows": rows}
+
+
+def table(result) -> str:
+  peak = result["peak"]
+  lines = [f"matmul peak: {peak['flop_per_s'] / 1e9:.1f} GFLOP/s "
+           f"(float32 {peak['n']}x{peak['n']}, {jax.default_backend()})",
+           "| hot loop | GFLOP | seconds | GFLOP/s | fraction of peak |",
+           "|---|---|---|---|---|"]
+  for name, row in result["rows"].items():
+    if "flops" not in row:
+      lines.append(f"| {name} | – | – | – | {row.get('status')} |")
+      continue
+    lines.append(f"| {name} | {row['flops'] / 1e9:.2f} | {row['seconds']:.4f} | "
+                 f"{row['flop_per_s'] / 1e9:.1f} | {row['fraction_of_peak']:.1%} |")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  result = measure("quick" if args.quick else "full", args.repeats)
+  print(table(result))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
