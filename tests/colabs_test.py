@@ -4,6 +4,10 @@ Notebooks are discovered (`colabs/*.ipynb`), so a new one is tested as soon as i
 added. They run with SJ_COLAB_CI=1, which each notebook reads to pick its smallest
 size, in a temporary working directory, on the `python3` kernel of the interpreter
 running the tests (jupyter_client substitutes `sys.executable` for "python").
+
+Compilation is most of a notebook's CPU time, and the notebooks train the same tiny
+model on the same config, so every kernel of a test session shares one persistent XLA
+compilation cache (fresh per session: nothing carries over from an earlier run).
 """
 
 import json
@@ -15,11 +19,22 @@ import pytest
 
 COLABS = pathlib.Path(__file__).resolve().parents[1] / "colabs"
 NOTEBOOKS = sorted(COLABS.glob("*.ipynb"))
-CELL_TIMEOUT_S = 300  # Per cell; a whole notebook takes ~30-90 s on 2 CPU cores.
+CELL_TIMEOUT_S = 300  # Per cell; a whole notebook takes ~10-60 s on 2 CPU cores.
 
 
 def _ids(paths):
   return [p.stem for p in paths]
+
+
+@pytest.fixture(scope="session")
+def xla_cache_dir(tmp_path_factory, request):
+  """The session's compilation cache directory, shared by pytest-xdist workers."""
+  root = tmp_path_factory.getbasetemp()
+  if hasattr(request.config, "workerinput"):  # an xdist worker: share with the others
+    root = root.parent
+  path = root / "colabs_xla_cache"
+  path.mkdir(exist_ok=True)
+  return path
 
 
 def test_notebooks_exist():
@@ -42,9 +57,13 @@ def test_outputs_stripped(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
-def test_notebook_executes(path, tmp_path, monkeypatch):
+def test_notebook_executes(path, tmp_path, monkeypatch, xla_cache_dir):
   monkeypatch.setenv("SJ_COLAB_CI", "1")  # the kernel inherits the environment
   monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
+  # Every compiled program, even the small ones, goes to the shared cache.
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(xla_cache_dir))
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
   monkeypatch.chdir(tmp_path)
   notebook = nbformat.read(str(path), as_version=4)
   client = nbclient.NotebookClient(
