@@ -1,7 +1,7 @@
-"""One sharded code path: the kernels on 1, 4 and 8 forced CPU devices agree to 1e-5.
+"""One sharded code path: the kernels on 1 and 8 forced CPU devices agree to 1e-5.
 
 XLA_FLAGS must be set before jax initialises, so one subprocess computes every case
-on meshes with `data` = 1, 4 and 8 (and with mesh=None, the default device) and
+on meshes with `data` = 1 and 8 (and with mesh=None, the default device) and
 writes the results; the tests compare them. Batches of 13 and 16 examples with
 chunks of 6 leave padded chunks on every mesh size, and the true Fisher samples
 per example, so even it does not depend on the mesh.
@@ -48,7 +48,6 @@ SCRIPT = textwrap.dedent("""
     out = {}
     meshes = {"default": None,
               "d1": sharding.make_mesh(runs=1, data=1, devices=jax.devices()[:1]),
-              "d4": sharding.make_mesh(runs=1, data=4, devices=jax.devices()[:4]),
               "d8": sharding.make_mesh(runs=1, data=8)}
     for name, mesh in meshes.items():
       kw = dict(chunk_size=6, mesh=mesh)
@@ -78,13 +77,13 @@ SCRIPT = textwrap.dedent("""
           rng=jax.random.key(5), **kw))
       out[f"tracin_self_{name}"] = np.asarray(influence.tracin_self_influence(
           task, [params, other], [0.1, 0.05], batches, **kw))
-    # Compiled once per kernel and chunk shape: 5 chunks per call, 4 meshes, and
+    # Compiled once per kernel and chunk shape: 5 chunks per call, 3 meshes, and
     # one compiled program per (kernel, mesh) in each jit cache.
     kernel = _ekfac._score_kernel(task, factors.layers, "total", meshes["d8"])
     out["score_kernel_cache_size"] = np.asarray(kernel._cache_size())
     plan = next(iter(_tracin._plans.values()))
     out["tracin_kernel_cache_size"] = np.asarray(
-        _tracin._chunk_kernel(task, plan, meshes["d4"])._cache_size())
+        _tracin._chunk_kernel(task, plan, meshes["d8"])._cache_size())
     np.savez(sys.argv[1], **out)
 """)
 
@@ -92,7 +91,8 @@ SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("influence_sharding") / "results.npz")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " +
+             os.environ.get("XLA_FLAGS", ""),
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", SCRIPT, path], env=env,
                         capture_output=True, text=True, timeout=900)
@@ -106,7 +106,7 @@ NAMES = ("eigenvalues_empirical", "precondition_empirical", "eigenvalues_true",
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("mesh", ["d1", "d4", "d8"])
+@pytest.mark.parametrize("mesh", ["d1", "d8"])
 def test_every_mesh_equals_the_default_device(results, name, mesh):
   expected, got = results[f"{name}_default"], results[f"{name}_{mesh}"]
   assert got.shape == expected.shape

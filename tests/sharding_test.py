@@ -116,7 +116,8 @@ SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("sharding") / "results.npz")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " +
+             os.environ.get("XLA_FLAGS", ""),
              JAX_PLATFORMS="cpu", SJ_SOLVER_SHARD_CPU="1")
   proc = subprocess.run([sys.executable, "-c", SCRIPT, path], env=env,
                         capture_output=True, text=True, timeout=600)

@@ -111,7 +111,11 @@ def test_solver_columns_may_have_their_own_l2():
     for g, l2 in enumerate(grid):
       alone, _ = sj.simulators.solve(ids, x, y, 12, float(l2), linear=True,
                                      method=method, tol=1e-8, max_iters=5000)
-      np.testing.assert_allclose(together[:, :, g], alone[:, :, 0], atol=1e-5,
+      # Float32 CG on the dual system stops at its noise floor (~5e-4 here at
+      # l2 = 0.01, depending on how XLA orders the sums); another column's l2 would
+      # move the solution by > 0.05.
+      np.testing.assert_allclose(together[:, :, g], alone[:, :, 0],
+                                 atol=2e-3 if method == "dual" else 1e-5,
                                  err_msg=method)
   with pytest.raises(ValueError, match="l2"):
     sj.simulators.solve(ids, x, y, 12, np.array([1.0, 2.0]), linear=True)

