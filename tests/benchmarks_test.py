@@ -34,7 +34,12 @@ def test_smoke_run_writes_every_row(tmp_path, monkeypatch, capsys):
       assert row["status"] == runner.PEER_HINT, row
       assert row["ratio"] is None
       assert row["raw"]["ours_s"] > 0  # our side still ran
-    elif name == "main_job_tiny":
+    elif name == "tracin_end_to_end":  # our side ran as a fresh process
+      assert row["status"] == runner.PEER_HINT, row
+      ours = row["raw"]["ours"]
+      assert 0 < ours["import_s"] < ours["end_to_end_s"] < ours["process_s"], ours
+      assert ours["first_call_s"] > 0 and ours["second_call_s"] > 0
+    elif name in ("main_job_tiny", "ekfac_end_to_end"):
       assert row["status"] == "skipped (--smoke)"
     else:
       assert row["status"] == "ok", row
