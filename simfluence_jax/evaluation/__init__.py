@@ -3,7 +3,7 @@
 Public API: all_steps_mse, final_step_mse, spearman, spearman_across_runs, lds,
 removal_lds, curriculum_blind, undefined_reasons, evaluate(simulator, held_out_trace),
 write_report(workdir, ...), METRICS, write_training_metrics /
-write_evaluation_metrics (TensorBoard via clu).
+write_evaluation_metrics (TensorBoard event files).
 """
 
 from simfluence_jax.evaluation._metrics import compute_metrics
