@@ -32,9 +32,11 @@ import math
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import flax.linen as nn
-from flax import nnx
 import jax
 import jax.numpy as jnp
+
+from simfluence_jax.influence import _nnx
+from simfluence_jax.influence._nnx import nnx  # flax.nnx once the user imports it
 
 # Identity eigenbasis of a diagonal Kronecker factor: a [0, 0] placeholder that
 # fails loudly if it is ever multiplied like a real [I, I] basis.
@@ -506,10 +508,12 @@ def register_layer_kind(module_class: type, block_class: type) -> None:
 
 def block_for_module(module) -> Optional[type]:
   """The block class registered for `type(module)`, or None."""
+  _register_nnx_kinds()
   return _BLOCKS_BY_MODULE.get(type(module))
 
 
 def block_for_module_class(module_class: type) -> Optional[type]:
+  _register_nnx_kinds()
   return _BLOCKS_BY_MODULE.get(module_class)
 
 
@@ -527,6 +531,7 @@ def block(spec) -> CurvatureBlock:
 
 
 def registered_module_classes() -> Tuple[type, ...]:
+  _register_nnx_kinds()
   return tuple(_BLOCKS_BY_MODULE)
 
 
@@ -538,10 +543,20 @@ def all_block_names() -> Tuple[str, ...]:
   return tuple(_BLOCKS_BY_NAME)
 
 
-for _module_class in (nn.Dense, nn.DenseGeneral, nnx.Linear, nnx.LinearGeneral):
-  register_layer_kind(_module_class, DenseBlock)
-for _module_class in (nn.Conv, nnx.Conv):
-  register_layer_kind(_module_class, ConvBlock)
-for _module_class in (nn.Embed, nnx.Embed):
-  register_layer_kind(_module_class, EmbedBlock)
-del _module_class
+for _module_class, _block_class in ((nn.Dense, DenseBlock), (nn.DenseGeneral, DenseBlock),
+                                    (nn.Conv, ConvBlock), (nn.Embed, EmbedBlock)):
+  register_layer_kind(_module_class, _block_class)
+del _module_class, _block_class
+# NNX kinds: registered once flax.nnx is imported (`_nnx.py`), by the first lookup
+# after that; a kind the user registered before stays theirs.
+_NNX_KINDS = (("Linear", DenseBlock), ("LinearGeneral", DenseBlock), ("Conv", ConvBlock),
+              ("Embed", EmbedBlock))
+_nnx_registered = [False]
+
+
+def _register_nnx_kinds() -> None:
+  if _nnx_registered[0] or not _nnx.imported():
+    return
+  _nnx_registered[0] = True
+  for class_name, block_class_ in _NNX_KINDS:
+    _BLOCKS_BY_MODULE.setdefault(getattr(nnx, class_name), block_class_)

@@ -35,12 +35,12 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 import warnings
 
 import flax.linen as nn
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from simfluence_jax.influence import _blocks
+from simfluence_jax.influence._nnx import nnx  # flax.nnx once the user imports it
 
 _warned_messages = set()
 

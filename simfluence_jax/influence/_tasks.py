@@ -17,13 +17,13 @@ when the task is made. Such tasks compare equal only to themselves.
 import dataclasses
 from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from simfluence_jax import losses
 from simfluence_jax import sharding as sharding_lib
+from simfluence_jax.influence._nnx import nnx  # flax.nnx once the user imports it
 
 Batch = Mapping[str, Any]
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
