@@ -6,7 +6,8 @@ r"""A grid of main jobs: where attribution works, and where no method does.
 Every cell of the grid is a full main job (`pipeline.run`) in `WORKDIR/<cell>/`
 (e.g. `batch_size=8,learning_rate=0.001/`), so a sweep resumes cell by cell and a
 rerun reuses finished cells. Writes `WORKDIR/sweep.json`, a list of
-`{"overrides": {...}, "metrics": {method: {metric: value}}}`, and `WORKDIR/sweep.png`:
+`{"overrides": {...}, "metrics": {method: {metric: value}}, "regime": {...}}` (the
+cell's mean test-loss drop and across-run std of final losses), and `WORKDIR/sweep.png`:
 heat maps (2 swept fields), lines (1) or bars (more) of every method's
 spearman_across_runs and all_steps_mse ratio to curriculum_blind.
 """
@@ -122,7 +123,8 @@ def run(config, workdir: str, specs: Sequence[str], overwrite: bool = False,
           file=sys.stderr, flush=True)
     payload = run_fn(cell_config(config, overrides),
                      os.path.join(os.fspath(workdir), cell_name(overrides)), overwrite)
-    results.append({"overrides": overrides, "metrics": _method_metrics(payload)})
+    results.append({"overrides": overrides, "metrics": _method_metrics(payload),
+                    "regime": payload.get("regime")})
   _io.write_text(os.path.join(os.fspath(workdir), "sweep.json"),
                  json.dumps(_report.clean_json(results), indent=2))
   plot(os.path.join(os.fspath(workdir), "sweep.png"), grid, results)

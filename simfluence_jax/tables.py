@@ -130,21 +130,38 @@ def goals(payload: dict, which: str) -> list:
           for goal, value, test in checks]
 
 
+def _cell_regime(sweep_dir: str, cell: dict) -> dict:
+  """The cell's regime: from sweep.json, else from the cell's own metrics.json."""
+  if cell.get("regime"):
+    return cell["regime"]
+  name = ",".join(f"{k}={v}" for k, v in cell["overrides"].items())  # sweep.cell_name
+  path = os.path.join(sweep_dir, name, "metrics.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f).get("regime") or {}
+
+
 def sweep_table(sweep_dir: str) -> list:
   with open(os.path.join(sweep_dir, "sweep.json")) as f:
     cells = json.load(f)
   methods = [m for m in cells[0]["metrics"] if m != "curriculum_blind"]
-  lines = ["| cell | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+  lines = ["| cell | loss drop | across-run std | " + " | ".join(methods) + " |",
+           "|---" * (len(methods) + 3) + "|"]
   for cell in cells:
     name = ", ".join(f"{k}={v}" for k, v in cell["overrides"].items())
-    values = []
+    regime = _cell_regime(sweep_dir, cell)
+    drop = regime.get("mean_loss_drop", np.nan)
+    values = [f"{_fmt(100 * drop, digits=0)}%",
+              _fmt(regime.get("final_loss_std_across_runs", np.nan), digits=2)]
     for method in methods:
       rho = _get(cell["metrics"], method, "spearman_across_runs")
       ratio = _get(cell["metrics"], method, "all_steps_mse_ratio")
       values.append(f"{_fmt(rho, digits=2)} / {_fmt(ratio, digits=2)}×")
     lines.append(f"| {name} | " + " | ".join(values) + " |")
-  return lines + ["", "Each cell: spearman_across_runs / all_steps_mse as a multiple "
-                  "of curriculum_blind's."]
+  return lines + ["", "Per method: spearman_across_runs / all_steps_mse as a multiple "
+                  "of curriculum_blind's. Loss drop: of the mean test loss over a run; "
+                  "across-run std: of the final test losses (the curriculum's effect)."]
 
 
 def render(payload: dict, which: str, source: str) -> str:

@@ -46,7 +46,9 @@ def test_every_cell_runs_once_with_its_overrides(tmp_path):
                                   "all_steps_mse_ratio": 0.5},
             "curriculum_blind": {"spearman_across_runs": float("nan"),
                                  "all_steps_mse_ratio": 1.0},
-            "timings": {"data": 1.0}}
+            "timings": {"data": 1.0},
+            "regime": {"mean_loss_drop": 0.01 * cell_config.batch_size,
+                       "final_loss_std_across_runs": cell_config.learning_rate}}
 
   results = sweep.run(config, str(tmp_path), ["batch_size:2,4",
                                               "learning_rate:0.001,0.003"],
@@ -62,6 +64,15 @@ def test_every_cell_runs_once_with_its_overrides(tmp_path):
   assert saved[0]["metrics"]["curriculum_blind"]["spearman_across_runs"] is None
   assert len(results) == 4 and "timings" not in saved[0]["metrics"]
   assert os.path.getsize(tmp_path / "sweep.png") > 0
+  assert saved[3]["regime"] == {"mean_loss_drop": 0.04,
+                                "final_loss_std_across_runs": 0.003}
+  # The README's regime map from it (tables defines its own --workdir flag: its own
+  # process).
+  printed = subprocess.run(
+      [sys.executable, "-m", "simfluence_jax.tables", f"--sweep={tmp_path}"], cwd=REPO,
+      capture_output=True, text=True, timeout=300, check=True).stdout.splitlines()
+  assert printed[0] == "| cell | loss drop | across-run std | simfluence_linear |"
+  assert printed[5] == "| batch_size=4, learning_rate=0.003 | 4% | 0.00 | 0.40 / 0.50× |"
 
 
 def test_an_invalid_cell_fails_before_any_cell_runs(tmp_path):
