@@ -186,8 +186,9 @@ def _kronfluence(data, num_query, directory):
 def child(workload, side, data_path, num_query):
   """Runs one side in this (fresh) process; returns its timings and scores' path."""
   start = time.time()
-  if side == "ours":
-    import simfluence_jax.influence  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+  if side == "ours":  # the kernels themselves (simfluence_jax.influence is lazy)
+    from simfluence_jax.influence import fit_ekfac, tracin_scores  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+    import flax.linen  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   else:
     importlib.import_module("captum.influence" if side == "captum" else "kronfluence")
   import_s = time.time() - start
