@@ -28,6 +28,7 @@ import numpy as np
 from simfluence_jax import influence
 
 import _common  # benchmarks/ is on sys.path when a script there runs
+import _peers
 
 SIZES = {"full": (2048, 64), "quick": (512, 16), "smoke": (256, 4)}  # N, Q
 CNN_SIZES = {"full": (512, 16), "quick": (128, 8), "smoke": (64, 4)}  # N, Q
@@ -40,20 +41,7 @@ def _kronfluence_scores(net, inputs, labels, num_query, damping, batch_size=256)
   import kronfluence  # pylint: disable=g-import-not-at-top  # noqa: F401
   from kronfluence import arguments  # pylint: disable=g-import-not-at-top
 
-  class _Task(kronfluence.Task):
-
-    def compute_train_loss(self, batch, model, sample=False):
-      x, y = batch
-      logits = model(x)
-      if sample:
-        with torch.no_grad():
-          y = torch.multinomial(torch.softmax(logits, -1), 1).flatten()
-      return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-
-    def compute_measurement(self, batch, model):
-      return self.compute_train_loss(batch, model)
-
-  task = _Task()
+  task = _peers.kronfluence_classification_task()
   net = kronfluence.prepare_model(net, task)
   train_set = torch.utils.data.TensorDataset(torch.tensor(inputs),
                                              torch.tensor(labels, dtype=torch.long))

@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+import _peers  # benchmarks/ is on sys.path when a script there runs (torch only)
+
 SIZES = {"full": (7188, 128, 3), "quick": (2048, 32, 3), "smoke": (256, 4, 2)}  # N, Q, K
 HIDDEN = (256, 256)
 NUM_FEATURES, NUM_CLASSES = 64, 10
@@ -149,20 +151,7 @@ def _kronfluence(data, num_query, directory):
   import kronfluence  # pylint: disable=g-import-not-at-top
   from kronfluence import arguments  # pylint: disable=g-import-not-at-top
 
-  class Task(kronfluence.Task):
-
-    def compute_train_loss(self, batch, model, sample=False):
-      x, y = batch
-      logits = model(x)
-      if sample:
-        with torch.no_grad():
-          y = torch.multinomial(torch.softmax(logits, -1), 1).flatten()
-      return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-
-    def compute_measurement(self, batch, model):
-      return self.compute_train_loss(batch, model)
-
-  task = Task()
+  task = _peers.kronfluence_classification_task()
   net = kronfluence.prepare_model(_torch_net(data, 0), task)
   inputs, labels = torch.tensor(data["inputs"]), torch.tensor(data["labels"])
   train_set = torch.utils.data.TensorDataset(inputs, labels)

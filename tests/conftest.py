@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import types
 
@@ -27,6 +28,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # subprocesses that keep os.environ's XLA_FLAGS (`with_xla_flags`).
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+# Many tests compile the same small programs (in both xdist workers, and in the
+# subprocesses they start): one persistent compilation cache for the whole session,
+# every program in it (-25% wall time on the training and metagradient tests). Fresh
+# per session, like a CI machine's: made by the first process (xdist's controller),
+# inherited by the workers through the environment, removed at the end.
+if "SJ_TEST_XLA_CACHE" not in os.environ:
+  os.environ["SJ_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="sj_test_xla_cache_")
+  _OWNS_XLA_CACHE = True
+else:
+  _OWNS_XLA_CACHE = False
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["SJ_TEST_XLA_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWNS_XLA_CACHE:
+    shutil.rmtree(os.environ["SJ_TEST_XLA_CACHE"], ignore_errors=True)
 # The tiny job without what neither scale-out nor resuming changes: no counterfactual
 # search, removal benchmark, learning curve or unseen-example runs, a fixed ridge
 # penalty (no CV). 8 fitted + 4 held-out runs, 8 steps, checkpoints at 4 and 8; the
