@@ -24,3 +24,27 @@ def kronfluence_classification_task():
       return self.compute_train_loss(batch, model)
 
   return Task()
+
+
+def kronfluence_pairwise(net, train_set, query_set, damping, batch_size, output_dir):
+  """`() -> float[Q, N]`: Kronfluence's EK-FAC factors on `train_set`, then pairwise
+  scores of `query_set` (every call refits, like one whole attribution)."""
+  import kronfluence  # pylint: disable=g-import-not-at-top
+  from kronfluence import arguments  # pylint: disable=g-import-not-at-top
+  task = kronfluence_classification_task()
+  net = kronfluence.prepare_model(net, task)
+  analyzer = kronfluence.Analyzer("bench", net, task, cpu=True, disable_tqdm=True,
+                                  output_dir=output_dir)
+  factor_args = arguments.FactorArguments(strategy="ekfac", use_empirical_fisher=True)
+  score_args = arguments.ScoreArguments(damping_factor=damping)
+
+  def run():
+    analyzer.fit_all_factors("factors", train_set, per_device_batch_size=batch_size,
+                             factor_args=factor_args, overwrite_output_dir=True)
+    analyzer.compute_pairwise_scores(
+        "scores", "factors", query_set, train_set,
+        per_device_query_batch_size=len(query_set),
+        per_device_train_batch_size=batch_size, score_args=score_args,
+        overwrite_output_dir=True)
+    return analyzer.load_pairwise_scores("scores")["all_modules"].numpy()
+  return run

@@ -37,32 +37,15 @@ DAMPING = 1e-3  # absolute λ, the same on both sides
 
 def _kronfluence_scores(net, inputs, labels, num_query, damping, batch_size=256):
   """Kronfluence EK-FAC pairwise scores [Q, N] (a fresh analyzer each call)."""
-  import torch  # pylint: disable=g-import-not-at-top  # noqa: F401
-  import kronfluence  # pylint: disable=g-import-not-at-top  # noqa: F401
-  from kronfluence import arguments  # pylint: disable=g-import-not-at-top
-
-  task = _peers.kronfluence_classification_task()
-  net = kronfluence.prepare_model(net, task)
+  import torch  # pylint: disable=g-import-not-at-top
   train_set = torch.utils.data.TensorDataset(torch.tensor(inputs),
                                              torch.tensor(labels, dtype=torch.long))
   query_set = torch.utils.data.TensorDataset(
       torch.tensor(inputs[:num_query]), torch.tensor(labels[:num_query],
                                                      dtype=torch.long))
-  factor_args = arguments.FactorArguments(strategy="ekfac", use_empirical_fisher=True)
-  score_args = arguments.ScoreArguments(damping_factor=damping)
   directory = tempfile.TemporaryDirectory()
-  analyzer = kronfluence.Analyzer("bench", net, task, cpu=True, disable_tqdm=True,
-                                  output_dir=directory.name)
-
-  def run():
-    analyzer.fit_all_factors("factors", train_set, per_device_batch_size=batch_size,
-                             factor_args=factor_args, overwrite_output_dir=True)
-    analyzer.compute_pairwise_scores(
-        "scores", "factors", query_set, train_set,
-        per_device_query_batch_size=num_query, per_device_train_batch_size=batch_size,
-        score_args=score_args, overwrite_output_dir=True)
-    return analyzer.load_pairwise_scores("scores")["all_modules"].numpy()
-
+  run = _peers.kronfluence_pairwise(net, train_set, query_set, damping, batch_size,
+                                    directory.name)
   return run, directory
 
 

@@ -148,28 +148,12 @@ def _captum(data, num_query, directory):
 
 def _kronfluence(data, num_query, directory):
   import torch  # pylint: disable=g-import-not-at-top
-  import kronfluence  # pylint: disable=g-import-not-at-top
-  from kronfluence import arguments  # pylint: disable=g-import-not-at-top
-
-  task = _peers.kronfluence_classification_task()
-  net = kronfluence.prepare_model(_torch_net(data, 0), task)
   inputs, labels = torch.tensor(data["inputs"]), torch.tensor(data["labels"])
   train_set = torch.utils.data.TensorDataset(inputs, labels)
   query_set = torch.utils.data.TensorDataset(inputs[:num_query], labels[:num_query])
-  analyzer = kronfluence.Analyzer("bench", net, task, cpu=True, disable_tqdm=True,
-                                  output_dir=os.path.join(directory, "kronfluence"))
-  factor_args = arguments.FactorArguments(strategy="ekfac", use_empirical_fisher=True)
-  score_args = arguments.ScoreArguments(damping_factor=DAMPING)
-
-  def run():
-    analyzer.fit_all_factors("factors", train_set, per_device_batch_size=BATCH,
-                             factor_args=factor_args, overwrite_output_dir=True)
-    analyzer.compute_pairwise_scores(
-        "scores", "factors", query_set, train_set,
-        per_device_query_batch_size=num_query, per_device_train_batch_size=BATCH,
-        score_args=score_args, overwrite_output_dir=True)
-    return analyzer.load_pairwise_scores("scores")["all_modules"].numpy()
-  return run
+  return _peers.kronfluence_pairwise(_torch_net(data, 0), train_set, query_set,
+                                     DAMPING, BATCH,
+                                     os.path.join(directory, "kronfluence"))
 
 
 def child(workload, side, data_path, num_query):
