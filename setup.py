@@ -26,6 +26,7 @@ _SEQIO = ["seqio>=0.0.19", "tensorflow>=2.15", "tensorflow-datasets>=4.9"]
 _REPORT = ["matplotlib>=3.7", "clu>=0.0.10", "tensorboard>=2.15"]
 _DIGITS = ["scikit-learn>=1.3"]  # configs/digits_mlp.py: sklearn's bundled digits
 _GRAIN = ["grain>=0.2", "array-record>=0.5"]
+_TPU = ["libtpu==0.0.52"]
 
 EXTRAS_REQUIRE = {
     # seqio Tasks and TFDS datasets (data/tasks.py, config.data.pipeline="seqio").
@@ -36,17 +37,18 @@ EXTRAS_REQUIRE = {
     "grain": _GRAIN,
     # TPU VMs, and `simfluence_jax.plan` (compiles for a TPU topology on a CPU
     # machine). libtpu 0.0.52 is the release jax 0.10.2 was built against.
-    "tpu": ["libtpu==0.0.52"],
+    "tpu": _TPU,
     # PyTorch peers for benchmarks/. On a CPU-only machine install the CPU wheel of
     # torch first (e.g. `pip install torch --index-url https://download.pytorch.org/whl/cpu`).
     "bench": ["torch>=2.1", "kronfluence>=1.0", "captum>=0.7"],
     "colab": ["jupyter", "nbclient>=0.8", "nbformat>=5", "ipykernel"],
     # Everything CI needs to run every test: `pip install -e ".[test]"`.
     # nbclient / nbformat / ipykernel: tests/colabs_test.py executes colabs/*.ipynb;
-    # scikit-learn: the digits data and the Ridge baseline of the solver tests.
+    # scikit-learn: the digits data and the Ridge baseline of the solver tests;
+    # libtpu: the plan tests compile for v5e:2x2 (in subprocesses only).
     "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "chex>=0.1.85",
              "nbclient>=0.8", "nbformat>=5", "ipykernel", "ruff"]
-            + _SEQIO + _REPORT + _DIGITS + _GRAIN,
+            + _SEQIO + _REPORT + _DIGITS + _GRAIN + _TPU,
 }
 
 setuptools.setup(
