@@ -57,6 +57,14 @@ def test_outputs_stripped(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_no_placeholder_repository_url(path):
+  """The repository URL comes from the user (or the environment), never a made-up one."""
+  text = path.read_text()
+  assert "YOUR_ORG" not in text and "github.com/" not in text, path.name
+  assert 'os.environ.get(\\"SIMFLUENCE_JAX_REPO_URL\\", \\"\\")' in text, path.name
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_notebook_executes(path, tmp_path, monkeypatch, xla_cache_dir):
   monkeypatch.setenv("SJ_COLAB_CI", "1")  # the kernel inherits the environment
   monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
