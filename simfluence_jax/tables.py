@@ -130,18 +130,6 @@ def goals(payload: dict, which: str) -> list:
           for goal, value, test in checks]
 
 
-def _cell_regime(sweep_dir: str, cell: dict) -> dict:
-  """The cell's regime: from sweep.json, else from the cell's own metrics.json."""
-  if cell.get("regime"):
-    return cell["regime"]
-  name = ",".join(f"{k}={v}" for k, v in cell["overrides"].items())  # sweep.cell_name
-  path = os.path.join(sweep_dir, name, "metrics.json")
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f).get("regime") or {}
-
-
 def sweep_table(sweep_dir: str) -> list:
   with open(os.path.join(sweep_dir, "sweep.json")) as f:
     cells = json.load(f)
@@ -150,7 +138,7 @@ def sweep_table(sweep_dir: str) -> list:
            "|---" * (len(methods) + 3) + "|"]
   for cell in cells:
     name = ", ".join(f"{k}={v}" for k, v in cell["overrides"].items())
-    regime = _cell_regime(sweep_dir, cell)
+    regime = cell.get("regime") or {}  # sweeps written before it was kept: –
     drop = regime.get("mean_loss_drop", np.nan)
     values = [f"{_fmt(100 * drop, digits=0)}%",
               _fmt(regime.get("final_loss_std_across_runs", np.nan), digits=2)]

@@ -547,16 +547,13 @@ for _module_class, _block_class in ((nn.Dense, DenseBlock), (nn.DenseGeneral, De
                                     (nn.Conv, ConvBlock), (nn.Embed, EmbedBlock)):
   register_layer_kind(_module_class, _block_class)
 del _module_class, _block_class
-# NNX kinds: registered once flax.nnx is imported (`_nnx.py`), by the first lookup
-# after that; a kind the user registered before stays theirs.
+# NNX kinds: registered once flax.nnx is imported (`_nnx.py`), by every lookup after
+# that (setdefault: a kind the user registered stays theirs).
 _NNX_KINDS = (("Linear", DenseBlock), ("LinearGeneral", DenseBlock), ("Conv", ConvBlock),
               ("Embed", EmbedBlock))
-_nnx_registered = [False]
 
 
 def _register_nnx_kinds() -> None:
-  if _nnx_registered[0] or not _nnx.imported():
-    return
-  _nnx_registered[0] = True
-  for class_name, block_class_ in _NNX_KINDS:
-    _BLOCKS_BY_MODULE.setdefault(getattr(nnx, class_name), block_class_)
+  if _nnx.imported():
+    for class_name, block_class_ in _NNX_KINDS:
+      _BLOCKS_BY_MODULE.setdefault(getattr(nnx, class_name), block_class_)
