@@ -28,8 +28,7 @@ def classification_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   Returns:
     float32[B].
   """
-  return _cross_entropy(
-      logits.astype(jnp.float32), labels)
+  return _cross_entropy(logits.astype(jnp.float32), labels)
 
 
 def language_modeling_loss(logits: jax.Array, targets: jax.Array,
@@ -44,6 +43,5 @@ def language_modeling_loss(logits: jax.Array, targets: jax.Array,
   Returns:
     float32[B].
   """
-  token_losses = _cross_entropy(
-      logits.astype(jnp.float32), targets)
+  token_losses = _cross_entropy(logits.astype(jnp.float32), targets)
   return jnp.sum(token_losses * mask.astype(jnp.float32), axis=-1)

@@ -47,6 +47,8 @@ def pytest_unconfigure(config):
   del config
   if _OWNS_XLA_CACHE:
     shutil.rmtree(os.environ["SJ_TEST_XLA_CACHE"], ignore_errors=True)
+
+
 # The tiny job without what neither scale-out nor resuming changes: no counterfactual
 # search, removal benchmark, learning curve or unseen-example runs, a fixed ridge
 # penalty (no CV). 8 fitted + 4 held-out runs, 8 steps, checkpoints at 4 and 8; the

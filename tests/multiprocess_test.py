@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
