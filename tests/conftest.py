@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Test programs are small, so XLA's LLVM optimisation is most of their CPU time:
 # compile them less optimised (about -25% on the suite, measured on 2 cores). Every
 # test process gets it (this runs before any test module imports jax), and so do the
-# subprocesses that keep os.environ's XLA_FLAGS (`with_xla_flags`).
+# subprocesses started with `job_env`.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 # Many tests compile the same small programs (in both xdist workers, and in the
@@ -72,14 +72,15 @@ TINY_METHODS = ("curriculum_blind", "simfluence_linear", "tracin_cp", "ekfac_if"
 NUM_DEVICES = 4
 
 
-def with_xla_flags(flags: str) -> str:
-  """`flags` plus the test suite's own XLA flags (for a subprocess's XLA_FLAGS)."""
-  return f"{flags} {TEST_XLA_FLAGS}"
-
-
 def job_env(local_devices: int, **extra) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=with_xla_flags(
-      f"--xla_force_host_platform_device_count={local_devices}"))
+  """The environment of a CPU subprocess with `local_devices` forced host devices.
+
+  It keeps this process's XLA_FLAGS (the suite's own flags above, and any of the
+  user's) after the device count.
+  """
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      f"--xla_force_host_platform_device_count={local_devices} "
+      f"{os.environ['XLA_FLAGS']}"))
   env.update(extra)
   return env
 
@@ -183,7 +184,8 @@ def tiny_reference(tmp_path_factory, request):
 
 @pytest.fixture(scope="session")
 def tiny_job():
-  """The helpers above for test modules (which must not import conftest)."""
+  """The helpers above for test modules (which must not import conftest); `env` is
+  also the environment of any forced-host-devices subprocess."""
   return types.SimpleNamespace(
       repo=REPO, flags=TINY_FLAGS, num_devices=NUM_DEVICES, env=job_env,
       start=start_job, finish=finish_job, assert_same_metrics=assert_same_metrics)

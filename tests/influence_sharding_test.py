@@ -7,7 +7,6 @@ chunks of 6 leave padded chunks on every mesh size, and the true Fisher samples
 per example, so even it does not depend on the mesh.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -89,11 +88,9 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, tiny_job):
   path = str(tmp_path_factory.mktemp("influence_sharding") / "results.npz")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " +
-             os.environ.get("XLA_FLAGS", ""),
-             JAX_PLATFORMS="cpu")
+  env = tiny_job.env(8)
   proc = subprocess.run([sys.executable, "-c", SCRIPT, path], env=env,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]

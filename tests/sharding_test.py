@@ -7,7 +7,6 @@ one subprocess computes every case on 8 devices and writes the results; the test
 compare them.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -114,11 +113,9 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, tiny_job):
   path = str(tmp_path_factory.mktemp("sharding") / "results.npz")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " +
-             os.environ.get("XLA_FLAGS", ""),
-             JAX_PLATFORMS="cpu", SJ_SOLVER_SHARD_CPU="1")
+  env = tiny_job.env(8, SJ_SOLVER_SHARD_CPU="1")
   proc = subprocess.run([sys.executable, "-c", SCRIPT, path], env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]

@@ -85,12 +85,8 @@ def _dense_ridge(ids, x, y, num_train, l2):
   return np.stack(out, -1).reshape(2, num_train, -1).transpose(1, 0, 2)
 
 
-def _run(directory, devices):
+def _run(directory, devices, env):
   path = os.path.join(str(directory), f"theta_{devices}.npz")
-  env = dict(os.environ,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} " +
-             os.environ.get("XLA_FLAGS", ""),
-             JAX_PLATFORMS="cpu")
   env.pop("SJ_SOLVER_SHARD_CPU", None)
   proc = subprocess.run([sys.executable, "-c", SCRIPT, path, TESTS], env=env,
                         capture_output=True, text=True, timeout=300)
@@ -111,9 +107,9 @@ def single():
 
 
 @pytest.mark.parametrize("devices", [2, 4])
-def test_sharded_solve_equals_single_device_and_dense(tmp_path, reference, single,
-                                                      devices):
-  sharded = _run(tmp_path, devices)
+def test_sharded_solve_equals_single_device_and_dense(tmp_path, tiny_job, reference,
+                                                      single, devices):
+  sharded = _run(tmp_path, devices, tiny_job.env(devices))
   scale = np.abs(reference).max()
   for key in single:
     np.testing.assert_allclose(single[key], reference, atol=2e-4 * scale, err_msg=key)
