@@ -5,6 +5,10 @@ Mesh axes (docs/design.md §6):
 * `runs`: independent training runs (`training.train_runs` shards its run axis).
 * `data`: train examples of a score computation, or the batch of EK-FAC statistics
   (`shard_scores`, `influence.covariance_statistics(..., axis_name="data")`).
+* `model`: each parameter (and optimizer state, EK-FAC factor, preconditioned
+  query) split along one of its dimensions, FSDP-style (`param_spec`): a run or a
+  model too large for one device spans `model` devices, and XLA gathers each
+  layer's weights where they are used. Size 1 (the default) replicates them.
 * `columns`: test-example columns of the Simfluence solver (process-local).
 
 The kernels stay pure functions of arrays, so a user can also `shard_map` them over
@@ -16,7 +20,7 @@ broadcast (`agree`), files are written by process 0 only (`is_primary`), and
 `barrier` keeps the processes in step where one reads what another wrote.
 """
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import jax
 from jax.experimental import multihost_utils
@@ -24,16 +28,23 @@ import numpy as np
 
 RUNS_AXIS = "runs"
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
 
 
 def make_mesh(runs: Optional[int] = None, data: Optional[int] = 1,
-              devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
-  """A ("runs", "data") mesh over `devices` (default: every device of the job).
+              devices: Optional[Sequence[jax.Device]] = None,
+              model: int = 1) -> jax.sharding.Mesh:
+  """A ("runs", "data", "model") mesh over `devices` (default: every device).
+
+  `model` is the innermost axis, so the devices sharing one run's (or one score
+  computation's) parameters are neighbours in `devices` (on a TPU slice, the
+  closest chips).
 
   Args:
-    runs: size of the `runs` axis; None = all devices not used by `data`.
-    data: size of the `data` axis; None = all devices not used by `runs`.
+    runs: size of the `runs` axis; None = all devices not used by the others.
+    data: size of the `data` axis; None = all devices not used by the others.
     devices: the devices (default `jax.devices()`, all processes).
+    model: size of the `model` axis (parameter sharding, `param_spec`).
 
   Raises:
     ValueError: the sizes do not multiply to the number of devices.
@@ -42,15 +53,66 @@ def make_mesh(runs: Optional[int] = None, data: Optional[int] = 1,
   count = len(devices)
   if runs is None and data is None:
     raise ValueError("make_mesh: give at least one of runs and data.")
+  if not isinstance(model, int) or isinstance(model, bool) or model < 1:
+    raise ValueError(f"make_mesh: model must be an integer >= 1, got {model!r}.")
+  rest = count // model if count % model == 0 else -1
   if runs is None:
-    runs = count // data if data and count % data == 0 else -1
+    runs = rest // data if data and rest > 0 and rest % data == 0 else -1
   if data is None:
-    data = count // runs if runs and count % runs == 0 else -1
-  if runs <= 0 or data <= 0 or runs * data != count:
-    raise ValueError(f"make_mesh: runs={runs} x data={data} does not match the "
-                     f"{count} devices.")
-  return jax.sharding.Mesh(np.array(devices).reshape(runs, data),
-                           (RUNS_AXIS, DATA_AXIS))
+    data = rest // runs if runs and rest > 0 and rest % runs == 0 else -1
+  if runs <= 0 or data <= 0 or runs * data * model != count:
+    raise ValueError(f"make_mesh: runs={runs} x data={data} x model={model} does "
+                     f"not match the {count} devices.")
+  return jax.sharding.Mesh(np.array(devices).reshape(runs, data, model),
+                           (RUNS_AXIS, DATA_AXIS, MODEL_AXIS))
+
+
+def model_size(mesh: Optional[jax.sharding.Mesh]) -> int:
+  """Size of the mesh's `model` axis (1 without one)."""
+  return 1 if mesh is None else int(dict(mesh.shape).get(MODEL_AXIS, 1))
+
+
+def param_spec(shape: Sequence[int], size: int) -> Tuple[Optional[str], ...]:
+  """FSDP rule: which dimension of an array of `shape` `model` splits.
+
+  The largest dimension divisible by `size` (the first of equal ones) is split over
+  the `model` axis; an array with none (or `size` 1) is replicated. The rule reads
+  the shape only, so params, their optimizer moments, gradients and EK-FAC factors
+  of one shape always share a layout.
+
+  Returns:
+    one entry per dimension: `MODEL_AXIS` or None.
+  """
+  shape = tuple(int(d) for d in shape)
+  spec = [None] * len(shape)
+  candidates = [i for i, d in enumerate(shape) if size > 1 and d % size == 0]
+  if candidates:
+    spec[max(candidates, key=lambda i: (shape[i], -i))] = MODEL_AXIS
+  return tuple(spec)
+
+
+def param_shardings(tree: Any, mesh: jax.sharding.Mesh,
+                    leading: Tuple[Optional[str], ...] = ()) -> Any:
+  """Shardings of a pytree of arrays (or ShapeDtypeStructs) by `param_spec`.
+
+  Args:
+    tree: the arrays; only their shapes are read.
+    mesh: a `make_mesh` mesh (a mesh without `model` replicates).
+    leading: mesh axes (or None) of each leaf's leading dimensions, which the rule
+      leaves alone: `(RUNS_AXIS,)` for the `[R, ...]` state of `train_runs`.
+
+  Returns:
+    a pytree of `NamedSharding`s with `tree`'s structure.
+  """
+  size = model_size(mesh)
+  spec = jax.sharding.PartitionSpec
+
+  def leaf(x):
+    shape = tuple(np.shape(x))
+    head = tuple(leading[:len(shape)])
+    return jax.sharding.NamedSharding(
+        mesh, spec(*head, *param_spec(shape[len(head):], size)))
+  return jax.tree_util.tree_map(leaf, tree)
 
 
 def is_primary() -> bool:
@@ -72,21 +134,24 @@ def agree(value: Any) -> Any:
                                 multihost_utils.broadcast_one_to_all(value))
 
 
-def put(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+def put(tree: Any, sharding: Any) -> Any:
   """Places a pytree with `sharding`, which may span several processes.
 
-  Host arrays and process-local jax arrays must hold the same values on every
-  process (each process fills the shards of its own devices from them); arrays that
-  already span processes are resharded.
+  `sharding` is one `Sharding` for every leaf, or a pytree of them with `tree`'s
+  structure (`param_shardings`). Host arrays and process-local jax arrays must hold
+  the same values on every process (each process fills the shards of its own
+  devices from them); arrays that already span processes are resharded.
   """
-  def leaf(x):
+  def leaf(x, sharding):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return jax.device_put(x, sharding)
     if jax.process_count() == 1:
       return jax.device_put(x, sharding)
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-  return jax.tree_util.tree_map(leaf, tree)
+  if isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree_util.tree_map(lambda x: leaf(x, sharding), tree)
+  return jax.tree_util.tree_map(leaf, tree, sharding)
 
 
 def to_host(tree: Any) -> Any:
@@ -113,6 +178,16 @@ def data_sharded(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
 
 def data_size(mesh: Optional[jax.sharding.Mesh]) -> int:
   return 1 if mesh is None else int(mesh.shape[DATA_AXIS])
+
+
+def manual_axes(mesh: jax.sharding.Mesh) -> frozenset:
+  """The axes a kernel's `shard_map` maps by hand: all but `model`.
+
+  The `model` axis stays automatic: arguments placed with `param_shardings` keep
+  their split inside the kernel and XLA inserts the gathers, so one kernel body
+  serves replicated and model-sharded params alike.
+  """
+  return frozenset(mesh.axis_names) - {MODEL_AXIS}
 
 
 def data_parallel(fn: Callable[..., Any], mesh: jax.sharding.Mesh,
@@ -148,6 +223,6 @@ def data_parallel(fn: Callable[..., Any], mesh: jax.sharding.Mesh,
       out_specs = jax.tree_util.tree_map(
           lambda a: spec(*([None] * a + [DATA_AXIS])), out_example_axis)
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=False)(*args)
+                         axis_names=manual_axes(mesh), check_vma=False)(*args)
 
   return jax.jit(wrapped)

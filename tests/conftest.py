@@ -28,6 +28,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # subprocesses started with `job_env`.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+# The suite runs on CPU. The `test` extra installs libtpu (for the plan's TPU
+# compiles, tests/plan_test.py, in subprocesses that load it explicitly); without
+# this every test process would also try to start a TPU runtime.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same small programs (in both xdist workers, and in the
 # subprocesses they start): one persistent compilation cache for the whole session,
 # every program in it (-25% wall time on the training and metagradient tests). Fresh

@@ -36,8 +36,18 @@ SCRIPT = textwrap.dedent("""
     ids = rng.integers(-1, 20, (8, 6, 4)).astype(np.int32)
     config = ml_collections.ConfigDict(dict(optimizer="momentum", learning_rate=0.1))
     meshes = {"one": sharding.make_mesh(runs=1, data=1, devices=jax.devices()[:1]),
-              "eight": sharding.make_mesh(runs=8, data=1)}
+              "eight": sharding.make_mesh(runs=8, data=1),
+              # Each run's params and momentum split over 2 and over 8 devices.
+              "model2": sharding.make_mesh(runs=4, data=1, model=2),
+              "model8": sharding.make_mesh(runs=1, data=1, model=8)}
     assert training.runs_shardings(8, meshes["eight"])[0].spec == P("runs")
+    for name in ("model2", "model8"):
+      run_sharding = training.runs_shardings(8, meshes[name])[0]
+      state = training.state_shardings(jax.tree_util.tree_map(
+          lambda x: np.zeros((8,) + x.shape), params0), run_sharding)
+      out[f"state_specs_{name}"] = np.array(sorted(
+          f"{jax.tree_util.keystr(k)}={tuple(v.spec)}"
+          for k, v in jax.tree_util.tree_leaves_with_path(state)))
     for name, mesh in meshes.items():
       result = training.train_runs(params0, ids, loss_fn=loss_fn, optimizer_config=config,
                                    train_arrays=train, test_arrays=test,
@@ -96,9 +106,24 @@ SCRIPT = textwrap.dedent("""
           [np.sort(np.asarray(sharding.to_host(f.eigenvalues)).ravel())
            for _, f in sorted(factors.factors.items())])
 
+    # Params and factors split over "model" (4) with the examples over "data" (2).
+    model_mesh = sharding.make_mesh(runs=1, data=2, model=4)
+    fits["model"] = influence.fit_ekfac(task, params, batches, mesh=model_mesh)
+    out["ekfac_factor_specs_model"] = np.array(sorted(
+        f"{layer}.{field}={tuple(getattr(f, field).sharding.spec)}"
+        for layer, f in fits["model"].factors.items() for field in f._fields))
+    for name in ("whole", "model"):
+      factors = fits[name]
+      pre = influence.precondition(factors, probe, damping=1e-3)
+      out[f"ekfac_precondition_fit_{name}"] = np.concatenate(
+          [np.asarray(sharding.to_host(pre[k])).ravel() for k in sorted(pre)])
+      out[f"ekfac_self_{name}"] = np.asarray(influence.ekfac_self_influence(
+          task, params, factors, batches, chunk_size=12,
+          mesh=None if name == "whole" else model_mesh))
+
     # Scores with the train examples split over "data" vs unsharded (same factors).
     factors = fits["whole"]
-    for name, mesh in (("whole", None), ("sharded", data_mesh)):
+    for name, mesh in (("whole", None), ("sharded", data_mesh), ("model", model_mesh)):
       out[f"ekfac_scores_{name}"] = np.asarray(influence.ekfac_scores(
           task, params, factors, queries, batches, chunk_size=12, mesh=mesh))
       out[f"ekfac_token_scores_{name}"] = np.asarray(influence.ekfac_token_scores(
@@ -132,7 +157,8 @@ def _close(results, name, a, b, rtol):
 
 def test_training_runs_sharded_over_8_devices_equal_one_device(results):
   for name in ("train_losses", "train_grads", "train_params"):
-    _close(results, name, "eight", "one", 1e-5)
+    for mesh in ("eight", "model2", "model8"):
+      _close(results, name, mesh, "one", 1e-5)
   assert results["train_losses_one"].shape == (8, 7, 6)
   # The runs really differ (distinct curricula), so a mix-up of runs would show.
   assert np.abs(np.diff(results["train_losses_one"][:, -1], axis=0)).max() > 1e-4
@@ -158,3 +184,23 @@ def test_scores_with_train_examples_sharded_equal_unsharded(results):
   assert results["ekfac_token_scores_whole"].shape == (5, 29, 6)
   for name in ("ekfac_scores", "ekfac_token_scores", "tracin_scores"):
     _close(results, name, "sharded", "whole", 1e-5)
+
+
+def test_model_axis_splits_each_runs_state_and_the_factors(results):
+  # FSDP rule: each leaf's largest dimension divisible by the axis size.
+  assert list(results["state_specs_model2"]) == [
+      "['params']['hidden_0']['bias']=('runs', 'model')",
+      "['params']['hidden_0']['kernel']=('runs', None, 'model')",
+      "['params']['logits']['bias']=('runs', None)",
+      "['params']['logits']['kernel']=('runs', 'model', None)"]
+  assert "['params']['logits']['kernel']=('runs', 'model', None)" in list(
+      results["state_specs_model8"])
+  specs = list(results["ekfac_factor_specs_model"])
+  assert sum("'model'" in spec for spec in specs) >= len(specs) // 2, specs
+
+
+def test_model_sharded_factors_and_scores_equal_unsharded(results):
+  _close(results, "ekfac_precondition_fit", "model", "whole", 1e-3)
+  _close(results, "ekfac_self", "model", "whole", 1e-4)
+  for name in ("ekfac_scores", "ekfac_token_scores", "tracin_scores"):
+    _close(results, name, "model", "whole", 1e-5)

@@ -151,6 +151,7 @@ def data_parallel(fn, mesh, in_specs, out_specs):
                 for axis, arg in zip(in_specs, args))
     outs = jax.tree_util.tree_map(to_spec, out_specs)
     return jax.shard_map(fn, mesh=mesh, in_specs=ins, out_specs=outs,
+                         axis_names=sharding_lib.manual_axes(mesh),
                          check_vma=False)(*args)
 
   return jax.jit(wrapped)
@@ -158,6 +159,12 @@ def data_parallel(fn, mesh, in_specs, out_specs):
 
 def put_replicated(tree, mesh):
   return sharding_lib.put(tree, sharding_lib.replicated(mesh))
+
+
+def put_params(tree, mesh):
+  """Params-like arrays (params, factors, queries) split over the mesh's `model`
+  axis by `sharding.param_spec`, replicated over the other axes."""
+  return sharding_lib.put(tree, sharding_lib.param_shardings(tree, mesh))
 
 
 def put_sharded(tree, mesh):

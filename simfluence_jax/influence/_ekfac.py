@@ -318,17 +318,17 @@ def _sum_shards(per_shard, mesh):
   job bit-identical to one process with the same devices.
   """
   if jax.default_backend() != "cpu":
-    return _device_sum(mesh)(per_shard)
+    total = jax.eval_shape(_shard_sum, per_shard)
+    return jax.jit(_shard_sum, out_shardings=sharding_lib.param_shardings(
+        total, mesh))(per_shard)
   per_shard = sharding_lib.to_host(per_shard)
   total = jax.tree_util.tree_map(lambda x: functools.reduce(np.add, list(x)),
                                  per_shard)
-  return _common.put_replicated(total, mesh)
+  return _common.put_params(total, mesh)
 
 
-@functools.lru_cache(maxsize=16)
-def _device_sum(mesh):
-  return jax.jit(lambda t: jax.tree_util.tree_map(lambda x: jnp.sum(x, 0), t),
-                 out_shardings=sharding_lib.replicated(mesh))
+def _shard_sum(per_shard):
+  return jax.tree_util.tree_map(lambda x: jnp.sum(x, 0), per_shard)
 
 
 def _prepare(task, params, batches, argument, chunk_size, mesh):
@@ -378,7 +378,7 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
     layers = _layers.find_layers(task.loss, params, batches[0])
   layers = tuple(layers)
   rng = jax.random.key(0) if rng is None else rng  # unused by the empirical Fisher
-  params, rng = _common.put_replicated((params, rng), mesh)
+  params, rng = _common.put_params(params, mesh), _common.put_replicated(rng, mesh)
   stats = _accumulate(task, params, batches, layers, fisher, rng, mesh, chunk_size,
                       "covariance", None, "fit_ekfac: covariances")
   decomposed = eigendecompose(stats)
@@ -393,12 +393,14 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
       eigenvalues = (jnp.maximum(s_values, 0.0)[:, None]
                      * jnp.maximum(a_values, 0.0)[None, :] * tokens_per_example)
       factors[spec.name] = LayerFactors(a_vectors, s_vectors, eigenvalues)
-    return EKFACFactors(layers, factors, fingerprint)
+    return EKFACFactors(layers, _common.put_params(factors, mesh), fingerprint)
 
-  eigenvectors = {name: (value[1], value[3]) for name, value in decomposed.items()}
+  # Eigenbases keep the params' `model` split (eigh runs replicated; its outputs
+  # are placed once, for the second pass and for the factors).
+  eigenvectors = _common.put_params(
+      {name: (value[1], value[3]) for name, value in decomposed.items()}, mesh)
   eigen_stats = _accumulate(task, params, batches, layers, fisher, rng, mesh,
-                            chunk_size, "eigenvalues",
-                            _common.put_replicated(eigenvectors, mesh),
+                            chunk_size, "eigenvalues", eigenvectors,
                             "fit_ekfac: eigenvalues")
   for spec in layers:
     a_vectors, s_vectors = eigenvectors[spec.name]
@@ -544,9 +546,11 @@ def _scores(task, params, factors, query_batch, train_batches, damping, chunk_si
   size = sharding_lib.data_size(mesh)
   progress = _common.Progress(f"ekfac_scores ({mode})",
                               _common.num_padded_chunks(batches, chunk_size, size))
-  # Queries and factors replicated; train examples split over the data axis.
-  params, layer_factors, query_batch, lambdas = _common.put_replicated(
-      (params, factors.factors, sharding_lib.to_host(query_batch), lambdas), mesh)
+  # Params and factors split over `model` (replicated without one), query examples
+  # replicated; train examples split over the data axis.
+  params, layer_factors = _common.put_params((params, factors.factors), mesh)
+  query_batch, lambdas = _common.put_replicated(
+      (sharding_lib.to_host(query_batch), lambdas), mesh)
   query = _query_kernel(task, factors.layers, query_rank)(
       params, layer_factors, query_batch, lambdas)
   kernel = _score_kernel(task, factors.layers, mode, mesh)
@@ -642,8 +646,8 @@ def ekfac_self_influence(task, params, factors: EKFACFactors, train_batches,
                                                "train_batches", chunk_size, mesh)
   check_factors(factors, params)
   size = sharding_lib.data_size(mesh)
-  params, layer_factors, lambdas = _common.put_replicated(
-      (params, factors.factors, lambdas), mesh)
+  params, layer_factors = _common.put_params((params, factors.factors), mesh)
+  lambdas = _common.put_replicated(lambdas, mesh)
   kernel = _self_kernel(task, factors.layers, mesh)
   pieces = []
   progress = _common.Progress("ekfac_self_influence",

@@ -278,8 +278,9 @@ def tracin_scores(task, checkpoints: Sequence, learning_rates, query_batch,
   _tasks.validate(task, checkpoints[0], [query_batch], "query_batch")
   size = sharding_lib.data_size(mesh)
   query_batch = sharding_lib.to_host(query_batch)
-  checkpoints, query_batch, rates = _common.put_replicated(
-      (checkpoints, query_batch, [np.float32(lr) for lr in learning_rates]), mesh)
+  checkpoints = _common.put_params(checkpoints, mesh)
+  query_batch, rates = _common.put_replicated(
+      (query_batch, [np.float32(lr) for lr in learning_rates]), mesh)
   if projection_dim is None:
     plan = _cached_plan(task, checkpoints[0], query_batch, batches[0],
                         _common.num_examples(query_batch))
@@ -319,8 +320,8 @@ def tracin_self_influence(task, checkpoints: Sequence, learning_rates,
   batches, chunk_size, mesh = _prepare(task, checkpoints, train_batches, chunk_size,
                                        mesh)
   size = sharding_lib.data_size(mesh)
-  checkpoints, rates = _common.put_replicated(
-      (checkpoints, [np.float32(lr) for lr in learning_rates]), mesh)
+  checkpoints = _common.put_params(checkpoints, mesh)
+  rates = _common.put_replicated([np.float32(lr) for lr in learning_rates], mesh)
   if projection_dim is None:
     plan = _cached_plan(task, checkpoints[0], batches[0], batches[0], 1)
     kernel = _self_kernel(task, plan, mesh)

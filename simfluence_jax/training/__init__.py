@@ -36,6 +36,7 @@ from simfluence_jax.training.pretrain import pretrain_base
 from simfluence_jax.training.runs import TrainResult
 from simfluence_jax.training.runs import make_segment_fn
 from simfluence_jax.training.runs import runs_shardings
+from simfluence_jax.training.runs import state_shardings
 from simfluence_jax.training.runs import train_runs
 from simfluence_jax.training.step import dropout_key
 from simfluence_jax.training.step import effective_weights
@@ -51,7 +52,7 @@ __all__ = [
     "load_params", "load_tracin_checkpoints", "load_tracin_params", "make_loss_fn",
     "make_segment_fn", "make_update", "metagradients",
     "make_optimizer", "make_schedule", "make_train_step", "pretrain_base",
-    "projection_key", "runs_shardings", "save_params", "tracin_steps", "train_runs",
+    "projection_key", "runs_shardings", "save_params", "state_shardings", "tracin_steps", "train_runs",
     "checkpoints", "fingerprint", "metagradients_lib", "optim", "pretrain", "runs",
     "step",
 ]

@@ -87,12 +87,27 @@ def runs_shardings(num_runs: int, mesh: Optional[jax.sharding.Mesh] = None
   return replicated, replicated
 
 
-def make_segment_fn(train_step, run_sharding):
+def state_shardings(tree: Any, run_sharding: jax.sharding.NamedSharding) -> Any:
+  """Shardings of run-batched state (params, optimizer state; leaves [R, ...]).
+
+  The run axis is placed as `run_sharding` places it (`runs_shardings`); the other
+  dimensions follow `sharding.param_spec` over the mesh's `model` axis, so with
+  `model` > 1 each run's parameters and optimizer moments are split over that many
+  devices (FSDP-style) and XLA gathers each weight where the step uses it.
+  """
+  spec = tuple(run_sharding.spec)
+  return sharding_lib.param_shardings(tree, run_sharding.mesh,
+                                      leading=(spec[0] if spec else None,))
+
+
+def make_segment_fn(train_step, run_sharding, shardings=None):
   """Jitted segment of S steps of R runs.
 
   Args:
     train_step: the single-run step of `step.make_train_step`.
     run_sharding: sharding of arrays with a leading run axis (`runs_shardings`).
+    shardings: (params shardings, opt_state shardings) pytrees the updated state
+      keeps (`state_shardings`); None = `run_sharding` for every leaf.
 
   Returns:
     `segment(params, opt_state, first_step, batch_ids, train_arrays, test_arrays,
@@ -130,7 +145,8 @@ def make_segment_fn(train_step, run_sharding):
     outputs = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), outputs)
     return params, opt_state, outputs
 
-  return jax.jit(segment, donate_argnums=(0, 1), out_shardings=run_sharding)
+  out_shardings = run_sharding if shardings is None else (*shardings, run_sharding)
+  return jax.jit(segment, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
 def broadcast_over_runs(arrays: Any, num_runs: int) -> Any:
@@ -205,8 +221,10 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
       a run was interrupted.
     grad_chunk_size: per-example gradients computed this many at a time.
     metadata: extra JSON-serialisable entries for `trace.metadata`.
-    mesh: mesh whose `runs` axis the runs are split over (`sharding.make_mesh`);
-      None = every device of the job. Results do not depend on it.
+    mesh: mesh whose `runs` axis the runs are split over and whose `model` axis
+      splits each run's params and optimizer state (`sharding.make_mesh`); None =
+      every device of the job on `runs`. Results do not depend on it (up to float
+      rounding of sharded sums).
     weights: float32[R, T, B] occurrence weights, each multiplying its example's
       loss in its step (None = ones, bit-for-bit the unweighted run). The step
       objective is Σ_b w_b·valid_b·ℓ_b / (number of valid slots): a weight-0 slot
@@ -273,14 +291,17 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
       loss_fn, optimizer, schedule, record_grads=record_grads,
       projection_dim=projection_dim, key=key, grad_chunk_size=grad_chunk_size,
       rng_key=step_lib.dropout_key(seed))
-  segment = make_segment_fn(train_step, run_sharding)
-
   train_dev = sharding_lib.put(train_arrays, replicated)
   test_dev = sharding_lib.put(test_arrays, replicated)
   host_params0 = sharding_lib.to_host(params0)
-  params = sharding_lib.put(jax.tree_util.tree_map(
-      lambda x: np.repeat(x[None], num_runs, axis=0), host_params0), run_sharding)
-  opt_state = jax.jit(jax.vmap(optimizer.init), out_shardings=run_sharding)(params)
+  run_params = jax.tree_util.tree_map(
+      lambda x: np.repeat(x[None], num_runs, axis=0), host_params0)
+  params_sharding = state_shardings(run_params, run_sharding)
+  params = sharding_lib.put(run_params, params_sharding)
+  init = jax.vmap(optimizer.init)
+  opt_sharding = state_shardings(jax.eval_shape(init, params), run_sharding)
+  opt_state = jax.jit(init, out_shardings=opt_sharding)(params)
+  segment = make_segment_fn(train_step, run_sharding, (params_sharding, opt_sharding))
 
   buffers = {
       "batch_ids": batch_ids,
