@@ -1,8 +1,8 @@
-r"""Simfluence at scale: a ~1.3B-parameter decoder fine-tuned in 256 runs on v5e-256.
+r"""Simfluence at scale: a ~1.3B-parameter decoder fine-tuned in 128 runs on v5e-256.
 
 What it is for: many fine-tuning runs of a 1B-class model that differ only in their
 curriculum (the data Simfluence-Linear and -Additive are fitted on), on a v5e pod
-slice of 256 chips, one run per chip. The data is the seqio Task
+slice of 256 chips, one Adam run per 2 chips. The data is the seqio Task
 `super_glue_boolq_v102` (BoolQ, registered by `t5.data.tasks`, T5's 32100-token
 SentencePiece vocabulary), so the main job needs `pip install t5`; the plan needs no
 data at all:
@@ -10,19 +10,19 @@ data at all:
   python -m simfluence_jax.plan --config=configs/scale_1b.py --topology=v5e:16x16
   python -m simfluence_jax.plan --config=configs/scale_1b.py:sgd --topology=v5e:16x16
 
-What the plan says (libtpu 0.0.52, jax 0.10.2, planned in ~5 min on 2 cores): with
-Adam (the default here, as users fine-tune with it) a run does NOT fit one per
-chip: 1.34B float32 params with Adam's two moments are 15 GiB of state alone and
-the compiler asks for 18.9 GiB against the 15.75 GiB it has; there is no
-fewer-runs-per-chip candidate left, and it fits with `optimizer=sgd` (`:sgd`: 11.2
-GiB per chip, 469 TFLOP per chip per 8-step segment, 2.4 s roofline). The fix that
-keeps Adam is a `model` mesh axis sharding each run's params over several chips
-(not in `sharding.make_mesh` yet). The Simfluence solver's kernels fail to compile
-on v5e:16x16: they run over one process's 4 chips, and XLA:TPU refuses a program on
-a subset of a v5e slice ("device assignment should include all slice devices").
-Per-step TracIn (per-example gradients of 1.3B params) and EK-FAC (24.4 GiB of
-replicated factors, the 32100² vocabulary factor alone 3.8 GiB) do not fit at
-this size and are off; `configs/scale_8b.py` plans those on v5p.
+What the plan says (libtpu 0.0.52, jax 0.10.2): with Adam (the default here, as
+users fine-tune with it) a run does NOT fit one per chip: 1.34B float32 params with
+Adam's two moments are 15 GiB of state alone, and the compiler asks for 18.9 GiB
+against the 15.75 GiB it has. So each run's params and Adam state are split over 2
+chips by the `model` mesh axis (`mesh_model = 2`, FSDP-style): 128 runs on 128 run
+slots, 11.3 GiB per chip (7.5 GiB arguments, 3.3 GiB temporaries), 235 TFLOP per
+chip per 8-step segment, 2.6 s roofline (segment compiled in 259 s on 2 cores).
+`:sgd` keeps one run per chip (256 runs, 11.2 GiB per chip). The Simfluence
+solver's kernels fail to compile on v5e:16x16: they run over one process's 4
+chips, and XLA:TPU refuses a program on a subset of a v5e slice ("device
+assignment should include all slice devices"). Per-step TracIn (per-example
+gradients of 1.3B params) and EK-FAC (the 32100² vocabulary factor alone is 3.8
+GiB) are off at this size; `configs/scale_8b.py` plans those on v5p.
 """
 
 from simfluence_jax import config_lib
@@ -42,15 +42,17 @@ def get_config(arg=None):
   config.num_test_examples = 64
   config.subset_size = 2048
 
-  # 256 runs = one per chip of v5e-256 (224 fitted + 32 held out): a run count that
-  # does not divide the chips would be replicated on every chip.
-  config.num_runs = 224
+  # Adam: 128 runs = one per 2 chips of v5e-256 (96 fitted + 32 held out), each
+  # run's state split over its 2 chips. SGD: 256 runs = one per chip (224 + 32). A
+  # run count that does not divide the run slots would be replicated on every slot.
+  config.mesh_model = 1 if args.sgd else 2
+  config.num_runs = 224 if args.sgd else 96
   config.num_held_out_runs = 32
   config.batch_size = 8
   config.num_steps = 64
   config.checkpoint_every = 8
   config.record_grads = False  # Per-example gradients of 1.3B params do not fit.
-  config.learning_curve = (56, 112, 224)
+  config.learning_curve = (56, 112, 224) if args.sgd else (24, 48, 96)
 
   # ~1.34B parameters: 24 blocks of width 2048 (16 heads, MLP 8192) + 2 x 32100 x 2048
   # embedding and head.

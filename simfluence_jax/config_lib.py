@@ -141,6 +141,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.influence.tracin_num_runs = 4  # Training runs whose checkpoints TracIn-CP uses.
   config.influence.fisher = "empirical"  # empirical | true (labels sampled from the model).
   config.influence.damping = ml_collections.config_dict.placeholder(float)  # None: 0.1 x mean eigenvalue.
+  config.influence.query_rank = ml_collections.config_dict.placeholder(int)  # EK-FAC queries kept rank-r per layer (Grosse et al.); None: dense [O, I].
   config.influence.chunk_size = 64  # Train examples per gradient chunk (bounds memory).
 
   # --- Metagradients (first-order expansion of the training run; no fitted runs) ------
@@ -167,6 +168,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Scale-out --------------------------------------------------------------------
   config.distributed = False  # Call jax.distributed.initialize() (multi-host).
+  config.mesh_model = 1  # Devices sharing one run's (and the scores') params, FSDP-style: the `model` mesh axis.
   config.compilation_cache_dir = "~/.cache/simfluence_jax/xla"  # Persistent XLA cache; "" = off.
   return config
 

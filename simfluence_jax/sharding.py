@@ -67,6 +67,18 @@ def make_mesh(runs: Optional[int] = None, data: Optional[int] = 1,
                            (RUNS_AXIS, DATA_AXIS, MODEL_AXIS))
 
 
+def runs_mesh(model: int = 1, devices: Optional[Sequence[jax.Device]] = None
+              ) -> jax.sharding.Mesh:
+  """The training runs' mesh: `model` devices per run slot, the rest on `runs`."""
+  return make_mesh(runs=None, data=1, model=model, devices=devices)
+
+
+def scores_mesh(model: int = 1, devices: Optional[Sequence[jax.Device]] = None
+                ) -> jax.sharding.Mesh:
+  """The score kernels' mesh: params over `model`, train examples over `data`."""
+  return make_mesh(runs=1, data=None, model=model, devices=devices)
+
+
 def model_size(mesh: Optional[jax.sharding.Mesh]) -> int:
   """Size of the mesh's `model` axis (1 without one)."""
   return 1 if mesh is None else int(dict(mesh.shape).get(MODEL_AXIS, 1))

@@ -2,10 +2,12 @@
 
 import pathlib
 
+import jax
 import pytest
 
 from simfluence_jax import config_lib
 from simfluence_jax import pipeline
+from simfluence_jax.pipeline import stages
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -50,9 +52,20 @@ def test_parse_arg():
     ("learning_rate", 0.0, "config.learning_rate=0.0: must be a finite positive number"),
     ("subset_size", 1000, "config.subset_size=1000: larger than"),
     ("num_held_out_runs", 9, "config.num_held_out_runs=9: more held-out runs"),
+    ("mesh_model", 0, "config.mesh_model=0: must be a positive integer"),
 ])
 def test_bad_config_values_are_named(field, value, message):
   config = load("default", "tiny")
   config[field] = value
   with pytest.raises(ValueError, match=message):
     pipeline.validate_config(config)
+
+
+def test_a_model_axis_that_does_not_divide_the_devices_is_refused():
+  config = load("default", "tiny")
+  config.mesh_model = jax.device_count() + 1
+  with pytest.raises(ValueError, match=f"config.mesh_model={config.mesh_model}: must "
+                     f"divide the job's {jax.device_count()} devices"):
+    stages._runs_mesh(config)  # pylint: disable=protected-access
+  config.mesh_model = 1
+  assert stages._runs_mesh(config).shape["model"] == 1  # pylint: disable=protected-access

@@ -20,6 +20,8 @@ import pytest
 
 from simfluence_jax import config_lib
 from simfluence_jax import data
+from simfluence_jax import models
+from simfluence_jax import sharding
 from simfluence_jax.influence import _common
 from simfluence_jax.planning import chips
 from simfluence_jax.planning import costs
@@ -58,15 +60,17 @@ def transformer_params(vocab, d, layers, d_ff, max_len):
 
 
 @needs_libtpu
-def test_segment_arguments_are_the_sharded_state(tmp_path):
-  """Argument bytes of the training segment = the arithmetic of R/D runs per chip
-  (params + Adam state + batch ids) plus the replicated example arrays."""
+@pytest.mark.parametrize("mesh_model", [1, 2])
+def test_segment_arguments_are_the_sharded_state(tmp_path, mesh_model):
+  """Argument bytes of the training segment = the arithmetic of R/D runs per run
+  slot (params + Adam state + batch ids), each state leaf split over `mesh_model`
+  chips where a dimension divides, plus the replicated example arrays."""
   d, d_ff, seq_len = 128, 256, 128
   status, _, plan = run_plan(
       tmp_path, f"--config={TINY}", "--topology=v5e:2x2", "--stages=record_runs",
       "--config.optimizer=adam", f"--config.model.d_model={d}",
       f"--config.model.d_ff={d_ff}", f"--config.data.seq_len={seq_len}",
-      "--nosuggest")
+      f"--config.mesh_model={mesh_model}", "--nosuggest")
   assert status == 0
   segment = row(plan, "record_runs/segment")
   config = config_lib.load_config(TINY)
@@ -76,19 +80,33 @@ def test_segment_arguments_are_the_sharded_state(tmp_path):
   # Every run but the gradient-recording ones is in this call.
   unseen = config.unseen.num_runs if config.unseen.num_examples else 0
   runs = config.num_runs + config.num_held_out_runs + unseen - config.num_grad_runs
-  devices = 4
-  assert runs % devices == 0
-  # Adam's moments and step count, and the schedule's step count (the job's
-  # learning rate is a schedule).
-  adam = jax.eval_shape(optax.adam(optax.constant_schedule(1e-3)).init,
-                        jnp.zeros((num_params,)))
-  opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(adam))
+  slots = 4 // mesh_model
+  assert runs % slots == 0
+  # Per leaf of the params, Adam's moments and step count, and the schedule's step
+  # count (the job's learning rate is a schedule): bytes on one chip, split in
+  # `mesh_model` where a dimension divides (the head's 259 does not).
+  model_config = config.model.copy_and_resolve_references()
+  model_config.d_model, model_config.d_ff = d, d_ff
+  module = models.get_model(model_config, vocab_size=data.BYTE_VOCAB_SIZE,
+                            num_classes=None, max_len=seq_len)
+  params = jax.eval_shape(lambda: models.init_variables(
+      module, jnp.zeros((1, seq_len), jnp.int32), seed=0))
+  assert models.num_params(params) == num_params
+  adam = jax.eval_shape(optax.adam(optax.constant_schedule(1e-3)).init, params)
+
+  def chip_bytes(tree):
+    return sum(x.size * x.dtype.itemsize
+               // (mesh_model if any(sharding.param_spec(x.shape, mesh_model)) else 1)
+               for x in jax.tree_util.tree_leaves(tree))
+
   steps = min(config.checkpoint_every, config.num_steps)  # per segment
-  per_run = 4 * num_params + opt_bytes + steps * config.batch_size * 4
+  per_run = chip_bytes(params) + chip_bytes(adam) + steps * config.batch_size * 4
   arrays = ((config.num_train_examples + config.num_test_examples) * seq_len
             * (4 + 4 + 4))  # inputs, targets (int32), mask (float32)
-  expected = runs // devices * per_run + 4 + arrays  # + the first-step scalar
+  expected = runs // slots * per_run + 4 + arrays  # + the first-step scalar
   assert segment["logical_argument_bytes"] == expected
+  if mesh_model > 1:  # the state really is halved: most of it splits
+    assert chip_bytes(params) < 0.55 * 4 * num_params
   # XLA's layout pads small minor dimensions to TPU tiles (here the 259-wide head),
   # but the runs are split: replicating them would be 4x the params.
   assert expected <= segment["memory"]["arguments"] <= 1.25 * expected

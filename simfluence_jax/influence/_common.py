@@ -133,13 +133,16 @@ def chunk_extras(length: int, valid: int, start: int):
   return weights, (start + np.arange(length)).astype(np.int32)
 
 
-def data_parallel(fn, mesh, in_specs, out_specs):
+def data_parallel(fn, mesh, in_specs, out_specs, params_out: bool = False):
   """`jax.jit(shard_map(fn))` over `mesh`; specs use "data" or None per argument.
 
   `in_specs` / `out_specs`: a tuple with, per argument / output, either None
   (replicated) or the axis (int) split over `data`. Built once per distinct
   (fn, mesh, specs): callers cache `fn` (a module-level function or a cached
-  partial), so repeated calls reuse one compiled kernel per shape.
+  partial), so repeated calls reuse one compiled kernel per shape. `params_out`:
+  the outputs (per-shard statistics, leading `data` axis) are params-like and keep
+  the `model` split of `sharding.param_spec` (a layer's factor is never whole on
+  one device when the mesh has a `model` axis).
   """
   spec = jax.sharding.PartitionSpec
 
@@ -150,11 +153,23 @@ def data_parallel(fn, mesh, in_specs, out_specs):
     ins = tuple(jax.tree_util.tree_map(lambda _, a=axis: to_spec(a), arg)
                 for axis, arg in zip(in_specs, args))
     outs = jax.tree_util.tree_map(to_spec, out_specs)
-    return jax.shard_map(fn, mesh=mesh, in_specs=ins, out_specs=outs,
-                         axis_names=sharding_lib.manual_axes(mesh),
-                         check_vma=False)(*args)
+    out = jax.shard_map(fn, mesh=mesh, in_specs=ins, out_specs=outs,
+                        axis_names=sharding_lib.manual_axes(mesh),
+                        check_vma=False)(*args)
+    if params_out:
+      out = constrain_params(out, mesh, leading=(sharding_lib.DATA_AXIS,))
+    return out
 
   return jax.jit(wrapped)
+
+
+def constrain_params(tree, mesh, leading=()):
+  """`tree` (traced) constrained to `sharding.param_shardings`: split over the
+  mesh's `model` axis; unchanged without one (or with no mesh)."""
+  if mesh is None or sharding_lib.model_size(mesh) == 1:
+    return tree
+  return jax.lax.with_sharding_constraint(
+      tree, sharding_lib.param_shardings(tree, mesh, leading))
 
 
 def put_replicated(tree, mesh):

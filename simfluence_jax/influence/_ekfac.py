@@ -288,7 +288,7 @@ def _statistics_kernel(which, task, layers, fisher, mesh):
   """Per-shard statistics of a chunk split over `data`: leaves [D, ...]."""
   return _common.data_parallel(
       functools.partial(_STATISTICS[which], task, layers, fisher), mesh,
-      in_specs=(None, None, 0, 0, 0, None), out_specs=0)
+      in_specs=(None, None, 0, 0, 0, None), out_specs=0, params_out=True)
 
 
 def _accumulate(task, params, batches, layers, fisher, rng, mesh, chunk_size,
@@ -464,17 +464,21 @@ def _low_rank(preconditioned: Dict[str, jax.Array], rank: int):
   return out
 
 
-def _query_side(task, layers, query_rank, params, factors, query_batch, lambdas):
+def _query_side(task, layers, query_rank, mesh, params, factors, query_batch,
+                lambdas):
   grads = layer_gradients(task.measurement, params, query_batch, layers)
   preconditioned = _precondition(layers, factors, grads, lambdas)
   if query_rank is not None:
-    return _low_rank(preconditioned, query_rank)
-  return preconditioned
+    preconditioned = _low_rank(preconditioned, query_rank)
+  # Dense queries are Q params-sized arrays: split over `model` like the params.
+  return _common.constrain_params(preconditioned, mesh)
 
 
 @functools.lru_cache(maxsize=64)
-def _query_kernel(task, layers, query_rank):
-  return jax.jit(functools.partial(_query_side, task, layers, query_rank))
+def _query_kernel(task, layers, query_rank, mesh=None):
+  """jit: (params, layer factors, query_batch, lambdas) -> preconditioned queries
+  (by layer, float32[Q, O, I], or (U·s, V) with `query_rank`)."""
+  return jax.jit(functools.partial(_query_side, task, layers, query_rank, mesh))
 
 
 def _train_scores(task, layers, mode, params, query, chunk):
@@ -551,7 +555,7 @@ def _scores(task, params, factors, query_batch, train_batches, damping, chunk_si
   params, layer_factors = _common.put_params((params, factors.factors), mesh)
   query_batch, lambdas = _common.put_replicated(
       (sharding_lib.to_host(query_batch), lambdas), mesh)
-  query = _query_kernel(task, factors.layers, query_rank)(
+  query = _query_kernel(task, factors.layers, query_rank, mesh)(
       params, layer_factors, query_batch, lambdas)
   kernel = _score_kernel(task, factors.layers, mode, mesh)
   pieces = []

@@ -111,7 +111,8 @@ def run_seed(config, workdir: str, overwrite: bool = False) -> dict:
   if "unseen" in result.metrics:
     payload["unseen_examples"] = result.metrics["unseen"]
   if config.learning_curve:
-    payload["learning_curve"] = stages.learning_curve(wd, config, runs, curricula)
+    payload["learning_curve"] = stages.learning_curve(
+        wd, config, runs, curricula, sims.get("simfluence_linear"))
   if config.removal.enabled:
     removals = stages.removal_runs(wd, config, dataset, model, curricula)
     payload["removal_lds"] = stages.removal_lds(wd, config, dataset, model, runs, sims,

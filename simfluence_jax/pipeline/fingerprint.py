@@ -38,7 +38,9 @@ import numpy as np
 
 # Config fields that change no stored output (how the job runs, not what it
 # computes); every other field must be read by at least one stage.
-UNCACHED_FIELDS = ("distributed", "num_seeds", "compilation_cache_dir")
+# `mesh_model` places the same computation on other devices (results equal up to
+# float rounding of sharded sums, as with the device count).
+UNCACHED_FIELDS = ("distributed", "num_seeds", "compilation_cache_dir", "mesh_model")
 
 
 class StaleWorkdirError(ValueError):

@@ -184,7 +184,8 @@ def _train(config, model: Model, dataset, batch_ids, workdir, record_grads):
       model.params, batch_ids, loss_fn=model.loss_fn, config=config,
       train_arrays=dataset.train, test_arrays=dataset.test, workdir=workdir,
       checkpoint_every=config.checkpoint_every, record_grads=record_grads,
-      projection_dim=config.projection_dim, seed=config.seed)
+      projection_dim=config.projection_dim, seed=config.seed,
+      mesh=_runs_mesh(config))
   return result, (time.perf_counter() - start) / len(batch_ids)
 
 
@@ -266,9 +267,24 @@ def _train_batches(config, dataset):
           for i in range(0, dataset.num_train_examples, chunk)]
 
 
-def _score_mesh():
-  # Train examples of the score kernels are split over every device of the job.
-  return sharding.make_mesh(runs=1, data=None) if jax.device_count() > 1 else None
+def _mesh(config, build):
+  """`build(config.mesh_model)` over every device of the job; a `mesh_model` that
+  does not divide them is refused naming the field."""
+  count = jax.device_count()
+  if count % config.mesh_model:
+    raise ValueError(f"config.mesh_model={config.mesh_model}: must divide the job's "
+                     f"{count} devices.")
+  return build(config.mesh_model)
+
+
+def _runs_mesh(config):
+  # Runs over `runs`, each run's params and optimizer state over `mesh_model`.
+  return _mesh(config, sharding.runs_mesh)
+
+
+def _score_mesh(config):
+  # Train examples of the score kernels over `data`, params and factors over `model`.
+  return _mesh(config, sharding.scores_mesh) if jax.device_count() > 1 else None
 
 
 def tracin_checkpoints(wd, config) -> list:
@@ -304,7 +320,8 @@ def tracin_cp(wd, config, dataset, model: Model) -> np.ndarray:
     checkpoints = tracin_checkpoints(wd, config)
     weights = [1.0 / len(checkpoints)] * len(checkpoints)
     return influence.tracin_scores(_task(model), checkpoints, weights, dataset.test,
-                                   _train_batches(config, dataset), mesh=_score_mesh())
+                                   _train_batches(config, dataset),
+                                   mesh=_score_mesh(config))
   return _cached_array(wd, "tracin_cp_scores", compute,
                        fields=("influence.tracin_num_runs", "influence.chunk_size"),
                        upstream=("record_runs",))
@@ -313,15 +330,17 @@ def tracin_cp(wd, config, dataset, model: Model) -> np.ndarray:
 def ekfac_if(wd, config, dataset, model: Model) -> np.ndarray:
   """float32[M, N] EK-FAC influence ⟨∇ℓ_q, (G+λI)^{-1} ∇ℓ_i⟩ at the base model."""
   def compute():
-    task, batches, mesh = _task(model), _train_batches(config, dataset), _score_mesh()
+    task, batches = _task(model), _train_batches(config, dataset)
+    mesh = _score_mesh(config)
     factors = influence.fit_ekfac(task, model.params, batches,
                                   fisher=config.influence.fisher,
                                   rng=jax.random.PRNGKey(config.seed), mesh=mesh)
     return influence.ekfac_scores(task, model.params, factors, dataset.test, batches,
-                                  damping=config.influence.damping, mesh=mesh)
+                                  damping=config.influence.damping, mesh=mesh,
+                                  query_rank=config.influence.query_rank)
   return _cached_array(wd, "ekfac_scores", compute,
                        fields=("influence.fisher", "influence.damping",
-                               "influence.chunk_size"),
+                               "influence.chunk_size", "influence.query_rank"),
                        upstream=("base_model",))
 
 
@@ -571,8 +590,14 @@ def counterfactual(wd, config, dataset, model: Model, runs: Runs,
                   outputs=("counterfactual", "counterfactual_runs"))
 
 
-def learning_curve(wd, config, runs: Runs, curricula: Curricula) -> dict:
+def learning_curve(wd, config, runs: Runs, curricula: Curricula,
+                   full_fit=None) -> dict:
   """Simfluence-Linear refitted on the first k fitted runs, for k in the config's grid.
+
+  Args:
+    full_fit: the `simfluence_linear` simulator of `fit_simulators` (fitted on every
+      fitted run with the same settings), reused as the curve's last point instead
+      of being fitted again; None = fit it here.
 
   Returns:
     {"num_runs": [k...], "spearman_across_runs": [...], "all_steps_mse": [...],
@@ -589,7 +614,8 @@ def learning_curve(wd, config, runs: Runs, curricula: Curricula) -> dict:
     curve = {"num_runs": counts, "spearman_across_runs": [], "all_steps_mse": [],
              "all_steps_mse_ratio": []}
     for k in counts:
-      sim = fit_ridge(config, "linear", fit_trace.select_runs(slice(0, k)))
+      sim = (full_fit if full_fit is not None and k == fit_trace.num_runs else
+             fit_ridge(config, "linear", fit_trace.select_runs(slice(0, k))))
       pred = np.asarray(sim.simulate(held.batch_ids, held.losses[:, 0]))
       mse = evaluation.all_steps_mse(pred, held.losses)
       curve["spearman_across_runs"].append(
@@ -601,7 +627,8 @@ def learning_curve(wd, config, runs: Runs, curricula: Curricula) -> dict:
   path = wd.path("learning_curve.json")
   return wd.stage(
       "learning_curve", fields=("learning_curve", "simulators"),
-      upstream=("record_runs",), compute=compute,
+      upstream=("record_runs",) + (("fit_simfluence_linear",) if full_fit is not None
+                                   else ()), compute=compute,
       save=lambda c: _io.write_json(path, c) if sharding.is_primary() else None,
       load=lambda: _io.read_json(path, "learning_curve"),
       outputs=("learning_curve.json",))
@@ -641,7 +668,8 @@ def metagradient(wd, config, dataset, model: Model, curricula: Curricula) -> dic
     result = training.first_order_losses(
         model.params, _reference_batch_ids(config), stacked, loss_fn=model.loss_fn,
         config=config, train_arrays=dataset.train, test_arrays=dataset.test,
-        chunk_size=config.metagradient.chunk_size, seed=config.seed)
+        chunk_size=config.metagradient.chunk_size, seed=config.seed,
+        mesh=_runs_mesh(config))
     predicted = np.asarray(result.losses, np.float64)
     if config.metagradient.space == "log":
       # The same expansion read as one of log L: L_ref·exp((L̂ − L_ref)/L_ref).
@@ -707,7 +735,8 @@ def removal_runs(wd, config, dataset, model: Model,
         model.params, np.repeat(reference_ids[None], len(stacked), 0),
         loss_fn=model.loss_fn, config=config, train_arrays=dataset.train,
         test_arrays=dataset.test, workdir=wd.path("removal", "runs"),
-        checkpoint_every=config.num_steps, seed=config.seed, weights=stacked)
+        checkpoint_every=config.num_steps, seed=config.seed, weights=stacked,
+        mesh=_runs_mesh(config))
     final = result.trace.losses[:, -1]
     # The reference is retrained in the same call, so both sides share round-off.
     change = final[1:] - final[:1]
@@ -758,7 +787,7 @@ def removal_lds(wd, config, dataset, model: Model, runs: Runs, sims: dict,
         wd, "removal_metagradients", lambda: training.metagradients(
             model.params, removals.reference_ids[None], loss_fn=model.loss_fn,
             config=config, train_arrays=dataset.train,
-            test_arrays=dataset.test)[0],
+            test_arrays=dataset.test, mesh=_runs_mesh(config))[0],
         fields=OPTIMIZER_FIELDS + CURRICULA_FIELDS, upstream=("base_model",))
   if "tracin_per_step" in config.methods and runs.grad_trace is not None:
     per_occurrence["tracin_per_step"] = _tracin_terms(runs.grad_trace, 0)

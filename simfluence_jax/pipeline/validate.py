@@ -36,7 +36,7 @@ def validate_config(config) -> None:
                "projection_dim", "num_seeds", "influence.tracin_num_runs",
                "influence.chunk_size", "simulators.num_band_samples",
                "simulators.cv_folds", "simulators.num_phases",
-               "simulators.feature_dim"):
+               "simulators.feature_dim", "mesh_model"):
     _positive_int(config, name)
   for name in ("num_grad_runs", "pretrain_steps", "unseen.num_examples",
                "unseen.num_runs", "seed"):
@@ -48,6 +48,8 @@ def validate_config(config) -> None:
       raise ValueError(f"config.simulators.l2_grid={tuple(config.simulators.l2_grid)!r}"
                        ": must be positive numbers.")
   _positive_float(config, "influence.damping", allow_none=True)
+  if config.influence.query_rank is not None:
+    _positive_int(config, "influence.query_rank")
   if config.optimizer not in optim.OPTIMIZERS:
     raise ValueError(f"config.optimizer={config.optimizer!r}: must be one of "
                      f"{optim.OPTIMIZERS}.")

@@ -17,6 +17,7 @@ import numpy as np
 
 from simfluence_jax import data
 from simfluence_jax import models
+from simfluence_jax import sharding as sharding_lib
 from simfluence_jax import training
 
 # Features per example of the bundled classification data (sklearn digits: 8x8).
@@ -53,6 +54,11 @@ class Job:
   @property
   def num_devices(self) -> int:
     return len(self.devices)
+
+  @property
+  def run_slots(self) -> int:
+    """Places for runs: `runs` axis size (devices over `mesh_model` per run)."""
+    return self.num_devices // self.config.mesh_model
 
   @property
   def num_params(self) -> int:
@@ -127,11 +133,23 @@ def build(config, devices: List[jax.Device]) -> Job:
              loss_fn=training.make_loss_fn(module, kind), params=params)
 
 
-def place(tree: Any, sharding: jax.sharding.Sharding, lead: tuple = ()) -> Any:
-  """`ShapeDtypeStruct`s of `tree`'s leaves with `sharding` (and extra leading axes)."""
-  return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(tuple(lead) + tuple(x.shape), x.dtype,
-                                     sharding=sharding), tree)
+def place(tree: Any, sharding: Any, lead: tuple = ()) -> Any:
+  """`ShapeDtypeStruct`s of `tree`'s leaves with `sharding` (and extra leading axes).
+
+  `sharding`: one `Sharding` for every leaf, or a pytree of them with `tree`'s
+  structure (`sharding.param_shardings`).
+  """
+  leaf = lambda x, s: jax.ShapeDtypeStruct(tuple(lead) + tuple(x.shape), x.dtype,
+                                           sharding=s)
+  if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree_util.tree_map(lambda x: leaf(x, sharding), tree)
+  return jax.tree_util.tree_map(leaf, tree, sharding)
+
+
+def place_params(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """`tree`'s leaves placed as the job places params: split over the mesh's
+  `model` axis by `sharding.param_spec`, replicated over its other axes."""
+  return place(tree, sharding_lib.param_shardings(tree, mesh))
 
 
 def replicated_on(devices) -> jax.sharding.NamedSharding:

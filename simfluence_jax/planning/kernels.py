@@ -9,6 +9,7 @@ program.
 
 Used (module: name):
   influence._tracin: _cached_plan, _query_kernel, _chunk_kernel
+  influence._ekfac: _statistics_kernel, _shard_sum, _query_kernel, _score_kernel
   simulators._solver: _kernels, _chunk_size, _DEFAULT_MEMORY_BUDGET, choose_method,
     column_mesh
   simulators._simulator: _rollout
@@ -16,6 +17,7 @@ Used (module: name):
 """
 
 # pylint: disable=protected-access
+from simfluence_jax.influence import _ekfac
 from simfluence_jax.influence import _tracin
 from simfluence_jax.simulators import _fit
 from simfluence_jax.simulators import _simulator
@@ -36,6 +38,28 @@ def tracin_query_kernel(task, plan):
 def tracin_chunk_kernel(task, plan, mesh):
   """jit(shard_map over `data`): (params, query, learning_rate, chunk) -> float32[Q, n]."""
   return _tracin._chunk_kernel(task, plan, mesh)
+
+
+def ekfac_statistics_kernel(which: str, task, layers, fisher: str, mesh):
+  """jit(shard_map over `data`): (params, eigenvectors or None, chunk, weights,
+  indices, rng) -> per-shard sums of `which` ("covariance" | "eigenvalues"),
+  leaves [D, ...], split over `model` like the params."""
+  return _ekfac._statistics_kernel(which, task, layers, fisher, mesh)
+
+
+def ekfac_shard_sum(per_shard):
+  """The per-shard statistics summed over their leading `data` axis (traceable)."""
+  return _ekfac._shard_sum(per_shard)
+
+
+def ekfac_query_kernel(task, layers, query_rank, mesh):
+  """jit: (params, layer factors, query_batch, lambdas) -> preconditioned queries."""
+  return _ekfac._query_kernel(task, layers, query_rank, mesh)
+
+
+def ekfac_score_kernel(task, layers, mesh):
+  """jit(shard_map over `data`): (params, queries, chunk) -> float32[Q, n]."""
+  return _ekfac._score_kernel(task, layers, "total", mesh)
 
 
 def solver_kernels(mesh, num_train: int, linear: bool):

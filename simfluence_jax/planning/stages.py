@@ -136,25 +136,31 @@ def segment_steps(config) -> int:
 
 def _segment(job: job_lib.Job, num_runs: int, record_grads: bool) -> Program:
   config = job.config
-  mesh = sharding.make_mesh(runs=None, data=1, devices=job.devices)
+  mesh = sharding.runs_mesh(config.mesh_model, devices=job.devices)
   run_sharding, replicated = training.runs_shardings(num_runs, mesh)
   optimizer, schedule = training.make_optimizer(config, num_steps=config.num_steps)
   train_step = training.make_train_step(
       job.loss_fn, optimizer, schedule, record_grads=record_grads,
       projection_dim=config.projection_dim,
       key=training.projection_key(config.seed))
-  segment = training.make_segment_fn(train_step, run_sharding)
   steps = segment_steps(config)
-  params = job_lib.place(job.params, run_sharding, (num_runs,))
-  opt_state = job_lib.place(jax.eval_shape(jax.vmap(optimizer.init), params),
-                            run_sharding)
+  # The state's layout of `train_runs`: runs over `runs`, each leaf over `model`.
+  params = job_lib.place(job.params, None, (num_runs,))
+  params_sharding = training.state_shardings(params, run_sharding)
+  params = job_lib.place(params, params_sharding)
+  opt_state = jax.eval_shape(jax.vmap(optimizer.init), params)
+  opt_sharding = training.state_shardings(opt_state, run_sharding)
+  opt_state = job_lib.place(opt_state, opt_sharding)
+  segment = training.make_segment_fn(train_step, run_sharding,
+                                     (params_sharding, opt_sharding))
   args = (params, opt_state, SDS((), jnp.int32, sharding=replicated),
           SDS((num_runs, steps, config.batch_size), jnp.int32, sharding=run_sharding),
           job_lib.place(job.train, replicated), job_lib.place(job.test, replicated))
-  size = mesh.shape[sharding.RUNS_AXIS]
-  placement = (f"{num_runs // size} run(s) per chip" if num_runs % size == 0 else
-               f"R={num_runs} does not divide {size} devices: every chip holds all "
-               "runs")
+  size, model = mesh.shape[sharding.RUNS_AXIS], mesh.shape[sharding.MODEL_AXIS]
+  where = "chip" if model == 1 else f"{model} chips"
+  placement = (f"{num_runs // size} run(s) per {where}" if num_runs % size == 0 else
+               f"R={num_runs} does not divide {size} run slots: every slot holds "
+               "all runs")
   return Program("segment", segment, args,
                  calls=-(-config.num_steps // steps),
                  note=f"R={num_runs}, {steps} steps of {config.batch_size}, "
@@ -177,7 +183,7 @@ def record_grad_runs(job: job_lib.Job) -> List[Program]:
 def _score_mesh(job: job_lib.Job):
   if job.num_devices == 1:
     return sharding.make_mesh(runs=1, data=1, devices=job.devices)
-  return sharding.make_mesh(runs=1, data=None, devices=job.devices)
+  return sharding.scores_mesh(job.config.mesh_model, devices=job.devices)
 
 
 def score_chunks(chunk_size: int, num_train: int, num_devices: int
@@ -212,64 +218,62 @@ def _score_inputs(job: job_lib.Job):
 
 
 def ekfac_if(job: job_lib.Job) -> List[Program]:
-  """EK-FAC at the base model: factor statistics over one chunk (two passes),
-  eigendecomposition, preconditioned queries, scores of one chunk."""
+  """EK-FAC at the base model, the library's own kernels: factor statistics over
+  one chunk (two passes, per-shard sums reduced on device), eigendecomposition,
+  preconditioned queries (rank `influence.query_rank` if set), scores of one chunk.
+  Params, statistics, factors and queries are split over the `model` axis."""
   config = job.config
   task, fisher = _task(job), config.influence.fisher
   mesh, length, num_chunks, chunk = _score_inputs(job)
   replicated, split = sharding.replicated(mesh), sharding.data_sharded(mesh)
-  layers = traced(lambda p, b: influence.find_layers(task.loss, p, b, warn=False),
-                  job.params, _rows(job.train, 1))
-  params = job_lib.place(job.params, replicated)
+  layers = tuple(traced(
+      lambda p, b: influence.find_layers(task.loss, p, b, warn=False),
+      job.params, _rows(job.train, 1)))
+  params = job_lib.place_params(job.params, mesh)
   weights = SDS((length,), jnp.float32, sharding=split)
   indices = SDS((length,), jnp.int32, sharding=split)
   rng = SDS((2,), jnp.uint32, sharding=replicated)
   per_chip = length // mesh.shape[sharding.DATA_AXIS]
   chunk_note = f"chunk of {length} ({per_chip} per chip), {num_chunks} chunks"
 
-  def covariance(params, chunk, weights, indices, rng):
-    return influence.covariance_statistics(
-        task, params, chunk, layers, fisher, rng, axis_name=sharding.DATA_AXIS,
-        example_weights=weights, example_indices=indices)
-
-  def eigenvalues(params, eigenvectors, chunk, weights, indices, rng):
-    return influence.eigenvalue_statistics(
-        task, params, chunk, layers, eigenvectors, fisher, rng,
-        axis_name=sharding.DATA_AXIS, example_weights=weights,
-        example_indices=indices)
-
-  def query_side(params, factors, query_batch):
-    grads = influence.layer_gradients(task.measurement, params, query_batch, layers)
-    return influence.precondition(factors, grads, config.influence.damping)
-
-  def scores(params, query, chunk):
-    # `DenseBlock.dot`: per-example weight gradients against the queries.
-    grads = influence.layer_gradients(task.loss, params, chunk, layers)
-    return sum(jnp.einsum("qoi,noi->qn", query[name], grads[name]) for name in grads)
-
-  cov_kernel = sharding.data_parallel(covariance, mesh, (1, 2, 3), reduced=True)
-  cov_args = (params, chunk, weights, indices, rng)
-  stats = job_lib.place(jax.eval_shape(cov_kernel, *cov_args), replicated)
+  cov_kernel = kernels.ekfac_statistics_kernel("covariance", task, layers, fisher,
+                                               mesh)
+  cov_args = (params, None, chunk, weights, indices, rng)
+  per_shard = jax.eval_shape(cov_kernel, *cov_args)
+  shard_sum = jax.jit(kernels.ekfac_shard_sum, out_shardings=sharding.param_shardings(
+      jax.eval_shape(kernels.ekfac_shard_sum, per_shard), mesh))
+  per_shard = job_lib.place(per_shard, sharding.param_shardings(
+      per_shard, mesh, leading=(sharding.DATA_AXIS,)))
+  stats = job_lib.place_params(jax.eval_shape(shard_sum, per_shard), mesh)
   eigh = jax.jit(influence.eigendecompose, out_shardings=replicated)
   decomposed = jax.eval_shape(eigh, stats)
-  eigenvectors = job_lib.place({n: (v[1], v[3]) for n, v in decomposed.items()},
-                               replicated)
-  eig_kernel = sharding.data_parallel(eigenvalues, mesh, (2, 3, 4), reduced=True)
+  eigenvectors = job_lib.place_params(
+      {n: (v[1], v[3]) for n, v in decomposed.items()}, mesh)
+  eig_kernel = kernels.ekfac_statistics_kernel("eigenvalues", task, layers, fisher,
+                                               mesh)
   eig_args = (params, eigenvectors, chunk, weights, indices, rng)
-  factors = influence.EKFACFactors(layers, {
+  factors = job_lib.place_params({
       spec.name: influence.LayerFactors(
-          eigenvectors[spec.name][0], eigenvectors[spec.name][1],
-          SDS((spec.output_dim, spec.augmented_input_dim), jnp.float32,
-              sharding=replicated)) for spec in layers})
+          *eigenvectors[spec.name],
+          SDS((spec.output_dim, spec.augmented_input_dim), jnp.float32))
+      for spec in layers}, mesh)
+  lambdas = job_lib.place({spec.name: SDS((), jnp.float32) for spec in layers},
+                          replicated)
   query_batch = job_lib.place(job.test, replicated)
-  query_kernel = jax.jit(query_side, out_shardings=replicated)
-  query = job_lib.place(jax.eval_shape(query_kernel, params, factors, query_batch),
-                        replicated)
-  score_kernel = sharding.data_parallel(scores, mesh, (2,), out_example_axis=1)
+  rank = config.influence.query_rank
+  query_kernel = kernels.ekfac_query_kernel(task, layers, rank, mesh)
+  query_args = (params, factors, query_batch, lambdas)
+  query = job_lib.place_params(jax.eval_shape(query_kernel, *query_args), mesh)
+  score_kernel = kernels.ekfac_score_kernel(task, layers, mesh)
   factor_bytes = sum(math.prod(x.shape) * 4 for x in jax.tree_util.tree_leaves(
-      factors.factors))
-  programs = [Program("covariance", cov_kernel, cov_args, calls=num_chunks,
-                      note=chunk_note)]
+      factors))
+  model = mesh.shape[sharding.MODEL_AXIS]
+  layout = f"split over {model} chips" if model > 1 else "replicated"
+  programs = [
+      Program("covariance", cov_kernel, cov_args, calls=num_chunks, note=chunk_note),
+      Program("reduce", shard_sum, (per_shard,), calls=2,
+              note="per-shard sums of each pass, on device"),
+  ]
   # The job runs `eigendecompose` op by op: one eigh program per distinct factor
   # shape, so one program per distinct (I, O) layer shape here, run per layer.
   by_shape = {}
@@ -288,11 +292,13 @@ def ekfac_if(job: job_lib.Job) -> List[Program]:
         f"eigendecompose_{dim_in}x{dim_out}", eigh, (one,), calls=len(specs),
         note=f"eigh of A [{dim_in}²] and S [{dim_out}²] of {len(specs)} layer(s); "
              "iterative (loop counted once)", skip=skip))
+  query_form = "dense [O, I]" if rank is None else f"rank {rank}"
   return programs + [
       Program("eigenvalues", eig_kernel, eig_args, calls=num_chunks, note=chunk_note),
-      Program("query", query_kernel, (params, factors, query_batch),
-              note=f"{job.config.num_test_examples} queries; {len(layers)} layers' "
-                   f"factors {factor_bytes / 2**30:.3g} GiB, replicated"),
+      Program("query", query_kernel, query_args,
+              note=f"{job.config.num_test_examples} queries, {query_form}; "
+                   f"{len(layers)} layers' factors {factor_bytes / 2**30:.3g} GiB, "
+                   f"{layout}"),
       Program("scores", score_kernel, (params, query, chunk), calls=num_chunks,
               note=chunk_note),
   ]
@@ -322,7 +328,7 @@ def tracin_cp(job: job_lib.Job) -> List[Program]:
   num_query = config.num_test_examples
   plan = traced(lambda p, q, t: kernels.tracin_plan(task, p, q, t, num_query),
                 job.params, job.test, _rows(job.train, 1))
-  params = job_lib.place(job.params, replicated)
+  params = job_lib.place_params(job.params, mesh)
   query_batch = job_lib.place(job.test, replicated)
   query_kernel = kernels.tracin_query_kernel(task, plan)
   query = job_lib.place(jax.eval_shape(query_kernel, params, query_batch), replicated)
@@ -457,36 +463,61 @@ def _halvings(value: int, floor: int = 1):
 
 
 def _per_chip(count: int, num_devices: int) -> int:
-  """Runs per chip of a run axis of `count` (replicated unless it divides)."""
+  """Runs per run slot of a run axis of `count` (replicated unless it divides)."""
   return count // num_devices if count % num_devices == 0 else count
 
 
-def _run_count_fixes(job: job_lib.Job) -> List[Fix]:
-  """Fewer runs per chip: every group of the call (fitted, held-out, unseen) scaled
-  alike to `devices × k` runs, k below the current runs per chip."""
-  config, devices = job.config, job.num_devices
+def _model_sizes(job: job_lib.Job):
+  """`mesh_model` values above the config's that divide the devices (doubling)."""
+  size = job.config.mesh_model * 2
+  while size <= job.num_devices:
+    if job.num_devices % size == 0:
+      yield size
+    size *= 2
+
+
+def _scaled_runs(job: job_lib.Job, slots: int, per_slot: int):
+  """(overrides, label) scaling every group of the no-gradient call (fitted,
+  held-out, unseen) alike to `slots × per_slot` runs; None if too few remain."""
+  config = job.config
   plain, grad = job.plain_runs(), job.grad_runs()
   held = config.num_held_out_runs
   unseen = job.held_out_runs() - held
-  now = _per_chip(plain, devices)
-  targets = ([max(1, plain // devices)] if plain % devices else []) + list(
+  total = slots * per_slot
+  scaled = lambda count: min(count, max(1, round(count * total / plain))) if (
+      count) else 0
+  new_held, new_unseen = scaled(held), scaled(unseen)
+  num_runs = total - new_held - new_unseen + grad
+  if num_runs - grad < 0 or num_runs < max(new_held,
+                                             config.influence.tracin_num_runs, 1):
+    return None
+  overrides = {"num_runs": num_runs, "num_held_out_runs": new_held}
+  label = f"num_runs={num_runs}, num_held_out_runs={new_held}"
+  if unseen:
+    overrides["unseen.num_runs"] = new_unseen
+    label += f", unseen.num_runs={new_unseen}"
+  return overrides, label
+
+
+def _run_count_fixes(job: job_lib.Job) -> List[Fix]:
+  """Fewer runs per run slot (k below the current), then a larger `model` axis
+  with one run per slot (each run's state split over more chips), then SGD."""
+  config, slots, plain = job.config, job.run_slots, job.plain_runs()
+  now = _per_chip(plain, slots)
+  targets = ([max(1, plain // slots)] if plain % slots else []) + list(
       _halvings(now))
+  where = ("chip" if config.mesh_model == 1 else
+           f"{config.mesh_model} chips")
   fixes = []
-  for per_chip in dict.fromkeys(t for t in targets if t < now or plain % devices):
-    total = devices * per_chip
-    scaled = lambda count: min(count, max(1, round(count * total / plain))) if (
-        count) else 0
-    new_held, new_unseen = scaled(held), scaled(unseen)
-    num_runs = total - new_held - new_unseen + grad
-    if num_runs - grad < 0 or num_runs < max(new_held,
-                                               config.influence.tracin_num_runs, 1):
-      continue
-    overrides = {"num_runs": num_runs, "num_held_out_runs": new_held}
-    label = f"num_runs={num_runs}, num_held_out_runs={new_held}"
-    if unseen:
-      overrides["unseen.num_runs"] = new_unseen
-      label += f", unseen.num_runs={new_unseen}"
-    fixes.append(Fix(f"{label} ({per_chip} run(s) per chip)", overrides))
+  for per_slot in dict.fromkeys(t for t in targets if t < now or plain % slots):
+    scaled = _scaled_runs(job, slots, per_slot)
+    if scaled:
+      fixes.append(Fix(f"{scaled[1]} ({per_slot} run(s) per {where})", scaled[0]))
+  for model in _model_sizes(job):
+    scaled = _scaled_runs(job, job.num_devices // model, 1)
+    if scaled:
+      fixes.append(Fix(f"mesh_model={model}, {scaled[1]} (one run per {model} "
+                       "chips)", {"mesh_model": model, **scaled[0]}))
   if config.optimizer != "sgd":
     fixes.append(Fix(f"optimizer=sgd (no {config.optimizer} state; changes the "
                      "experiment)", {"optimizer": "sgd"}))
@@ -494,19 +525,22 @@ def _run_count_fixes(job: job_lib.Job) -> List[Fix]:
 
 
 def _grad_run_fixes(job: job_lib.Job) -> List[Fix]:
-  devices, grad = job.num_devices, job.grad_runs()
-  now = _per_chip(grad, devices)
-  targets = ([max(1, grad // devices)] if grad % devices else []) + list(
+  slots, grad = job.run_slots, job.grad_runs()
+  now = _per_chip(grad, slots)
+  targets = ([max(1, grad // slots)] if grad % slots else []) + list(
       _halvings(now))
-  fixes = [Fix(f"num_grad_runs={devices * k} ({k} per chip)",
-               {"num_grad_runs": devices * k})
-           for k in dict.fromkeys(t for t in targets if devices * t < grad)]
+  fixes = [Fix(f"num_grad_runs={slots * k} ({k} per slot)",
+               {"num_grad_runs": slots * k})
+           for k in dict.fromkeys(t for t in targets if slots * t < grad)]
   return fixes + [Fix("record_grads=False (no per-step TracIn)",
                       {"record_grads": False})]
 
 
 def _chunk_fixes(job: job_lib.Job) -> List[Fix]:
-  config, data = job.config, job.num_devices
+  """Smaller chunks of train examples, then params (and factors, queries) split
+  over a larger `model` axis."""
+  config = job.config
+  data = job.num_devices // config.mesh_model
   seen = {score_chunks(config.influence.chunk_size, config.num_train_examples,
                        data)[0]}
   fixes = []
@@ -514,9 +548,11 @@ def _chunk_fixes(job: job_lib.Job) -> List[Fix]:
     length, _ = score_chunks(chunk, config.num_train_examples, data)
     if length not in seen:
       seen.add(length)
-      fixes.append(Fix(f"influence.chunk_size={chunk} ({length // data} per chip)",
-                       {"influence.chunk_size": chunk}))
-  return fixes
+      fixes.append(Fix(f"influence.chunk_size={chunk} ({length // data} per "
+                       "data slot)", {"influence.chunk_size": chunk}))
+  return fixes + [Fix(f"mesh_model={model} (params and factors split over {model} "
+                      "chips)", {"mesh_model": model})
+                  for model in _model_sizes(job)]
 
 
 def _pretrain_fixes(job: job_lib.Job) -> List[Fix]:
