@@ -7,7 +7,9 @@ Prints, from `WORKDIR/metrics.json` (a mean over seeds when the job ran several)
 the held-out table (mean ± std), the unseen-example and removal-LDS tables, the
 regime, and the goals of the fidelity issue with "met"/"missed" for each. With
 `--readme`, the text between `<!-- tables:NAME -->` and `<!-- /tables:NAME -->` in
-that file is replaced by the tables. `--sweep=DIR` adds the regime map of a sweep.
+that file is replaced by the tables. `--sweep=DIR` adds the regime map of a sweep;
+`--plans=A.json,B.json` the per-chip memory of each stage in plans written by
+`python -m simfluence_jax.plan ... --out=A.json`.
 """
 
 import json
@@ -19,12 +21,15 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from simfluence_jax import _io
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished main job's workdir.")
 _SWEEP = flags.DEFINE_string("sweep", None, "A finished sweep's workdir.")
 _NAME = flags.DEFINE_string("name", "default", "Marker name in the README.")
 _GOALS = flags.DEFINE_enum("goals", "default", ["default", "rough", "none"],
                            "Which goals to check.")
 _README = flags.DEFINE_string("readme", None, "Update this file in place.")
+_PLANS = flags.DEFINE_list("plans", None, "Plan JSON files (`plan --out=`).")
 
 COLUMNS = ("all_steps_mse", "final_step_mse", "spearman", "spearman_across_runs")
 
@@ -131,8 +136,7 @@ def goals(payload: dict, which: str) -> list:
 
 
 def sweep_table(sweep_dir: str) -> list:
-  with open(os.path.join(sweep_dir, "sweep.json")) as f:
-    cells = json.load(f)
+  cells = json.loads(_io.read_text(os.path.join(sweep_dir, "sweep.json")))
   methods = [m for m in cells[0]["metrics"] if m != "curriculum_blind"]
   lines = ["| cell | loss drop | across-run std | " + " | ".join(methods) + " |",
            "|---" * (len(methods) + 3) + "|"]
@@ -150,6 +154,45 @@ def sweep_table(sweep_dir: str) -> list:
   return lines + ["", "Per method: spearman_across_runs / all_steps_mse as a multiple "
                   "of curriculum_blind's. Loss drop: of the mean test loss over a run; "
                   "across-run std: of the final test losses (the curriculum's effect)."]
+
+
+def plans_table(plans: list) -> list:
+  """Rows of every stage: its largest program's GiB per chip in each plan ("–": the
+  config does not run it), "NO" where it does not fit, and the plan's header."""
+  stages, cells = [], []
+  for plan in plans:
+    by_stage = {}
+    for row in plan["rows"]:
+      stage = row["name"].split("/")[0]
+      if stage not in stages:
+        stages.append(stage)
+      total = (row.get("memory") or {}).get("total") or row.get("needed_bytes")
+      fits = row["status"] in ("fits", "not available", "not compiled")
+      old_total, old_fits = by_stage.get(stage, (None, True))
+      if total is not None and (old_total is None or total > old_total):
+        old_total = total
+      by_stage[stage] = (old_total, old_fits and fits)
+    cells.append(by_stage)
+  header = ["| stage | " + " | ".join(
+      f"`{os.path.basename(p['config'])}` on {p['topology']} ({p['num_devices']} x "
+      f"{p['chip']['hbm_bytes'] / 2**30:.0f} GiB, {p['num_params'] / 1e6:.0f}M params)"
+      for p in plans) + " |", "|---" * (len(plans) + 1) + "|"]
+  lines = []
+  for stage in stages:
+    values = []
+    for by_stage in cells:
+      if stage not in by_stage:
+        values.append("–")
+        continue
+      total, fits = by_stage[stage]
+      text = "n/a" if total is None else f"{total / 2**30:.2f}"
+      values.append(text if fits else f"**{text} NO**")
+    lines.append(f"| {stage} | " + " | ".join(values) + " |")
+  return header + lines + [
+      "", "GiB per chip of each stage's largest program (XLA's memory analysis of the "
+      "compiled TPU program; n/a: not compiled, e.g. large eigendecompositions, or "
+      "not available); **NO**: does not fit the chip's HBM. Planned in " + ", ".join(
+          f"{p['seconds'] / 60:.1f} min" for p in plans) + " on this 2-core machine."]
 
 
 def render(payload: dict, which: str, source: str) -> str:
@@ -194,13 +237,15 @@ def main(argv):
   try:
     parts = []
     if _WORKDIR.value:
-      with open(os.path.join(_WORKDIR.value, "metrics.json")) as f:
-        payload = json.load(f)
+      payload = json.loads(_io.read_text(os.path.join(_WORKDIR.value, "metrics.json")))
       parts.append(render(payload, _GOALS.value, _WORKDIR.value))
     if _SWEEP.value:
       parts.append("\n".join(sweep_table(_SWEEP.value)) + "\n")
+    if _PLANS.value:
+      plans = [json.loads(_io.read_text(path)) for path in _PLANS.value]
+      parts.append("\n".join(plans_table(plans)) + "\n")
     if not parts:
-      raise ValueError("give --workdir and/or --sweep.")
+      raise ValueError("give --workdir, --sweep and/or --plans.")
     text = "\n".join(parts)
     print(text)
     if _README.value:

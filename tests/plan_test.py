@@ -214,3 +214,27 @@ def test_out_of_memory_messages():
   assert costs.oom_bytes(old) == (20.5 * 2**30, 15.75 * 2**30)
   assert not costs.is_out_of_memory(ValueError("shapes do not match"))
   assert math.isclose(chips.CHIPS["v5e"].roofline_seconds(197e12, 0.0), 1.0)
+
+
+def test_readme_table_of_plans():
+  """`tables --plans`: per stage the largest program's GiB per chip per plan, NO
+  where it does not fit, – where the config does not run the stage."""
+  from simfluence_jax import tables  # pylint: disable=g-import-not-at-top
+  chip = {"hbm_bytes": 16 * 2**30}
+  gib = lambda x: {"total": x * 2**30}
+  small = {"config": "configs/default.py", "topology": "v5e:2x2", "num_devices": 4,
+           "chip": chip, "num_params": 136e3, "seconds": 60.0, "rows": [
+               {"name": "record_runs/segment", "status": "fits", "memory": gib(0.5)},
+               {"name": "ekfac_if/covariance", "status": "fits", "memory": gib(0.25)},
+               {"name": "ekfac_if/scores", "status": "fits", "memory": gib(0.75)},
+               {"name": "ekfac_if/eigendecompose_259", "status": "not compiled"}]}
+  large = dict(small, config="configs/scale_1b.py", topology="v5e:16x16",
+               num_devices=256, num_params=1.34e9, seconds=300.0, rows=[
+                   {"name": "record_runs/segment", "status": "out of memory",
+                    "needed_bytes": 18.9 * 2**30}])
+  lines = tables.plans_table([small, large])
+  assert "`default.py` on v5e:2x2 (4 x 16 GiB, 0M params)" in lines[0]
+  assert "`scale_1b.py` on v5e:16x16 (256 x 16 GiB, 1340M params)" in lines[0]
+  assert lines[2] == "| record_runs | 0.50 | **18.90 NO** |"
+  assert lines[3] == "| ekfac_if | 0.75 | – |"
+  assert "1.0 min, 5.0 min" in lines[-1]
