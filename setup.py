@@ -27,6 +27,9 @@ _REPORT = ["matplotlib>=3.7", "clu>=0.0.10", "tensorboard>=2.15"]
 _DIGITS = ["scikit-learn>=1.3"]  # configs/digits_mlp.py: sklearn's bundled digits
 _GRAIN = ["grain>=0.2", "array-record>=0.5"]
 _TPU = ["libtpu==0.0.52"]
+# gs:// workdirs: gcsfs is etils.epath's backend for gs:// where TensorFlow is not
+# installed; orbax asks the GCS client whether a bucket is hierarchical.
+_GCS = ["gcsfs", "google-cloud-storage"]
 
 EXTRAS_REQUIRE = {
     # seqio Tasks and TFDS datasets (data/tasks.py, config.data.pipeline="seqio").
@@ -38,6 +41,7 @@ EXTRAS_REQUIRE = {
     # TPU VMs, and `simfluence_jax.plan` (compiles for a TPU topology on a CPU
     # machine). libtpu 0.0.52 is the release jax 0.10.2 was built against.
     "tpu": _TPU,
+    "gcs": _GCS,
     # PyTorch peers for benchmarks/. On a CPU-only machine install the CPU wheel of
     # torch first (e.g. `pip install torch --index-url https://download.pytorch.org/whl/cpu`).
     "bench": ["torch>=2.1", "kronfluence>=1.0", "captum>=0.7"],

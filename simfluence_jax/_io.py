@@ -1,7 +1,9 @@
 """Workdir files: atomic writes, pickle-free arrays, local disks and buckets alike.
 
 Every path goes through `etils.epath` (the abstraction orbax and TFDS use), so a
-workdir can be a local directory or a bucket (`gs://...`, `s3://...`).
+workdir can be a local directory or a bucket (`gs://...`). For gs://, epath uses
+TensorFlow's gfile where TensorFlow is installed, else fsspec's gcsfs (`pip install
+'simfluence_jax[gcs]'`, which also brings the GCS client orbax asks on gs://).
 
 * Locally, a file or directory is written into a temporary sibling and renamed into
   place, so a reader never sees a half-written one: after a crash it finds the old
@@ -10,8 +12,14 @@ workdir can be a local directory or a bucket (`gs://...`, `s3://...`).
 * On an object store, writers still write into a local temporary directory; the
   finished file (or directory) is then uploaded. A single object upload is atomic;
   a directory upload is not, so a bucket workdir follows the single-writer rule of
-  `pipeline.workdir_lock` (one job per workdir; a killed job's partial uploads are
-  recomputed because its stage record says "running").
+  `pipeline.workdir_lock` (one job per workdir, kept by a lease file; a killed job's
+  partial uploads are recomputed because its stage record says "running").
+* Nothing here needs POSIX semantics of a bucket: no file locks, no appends, no
+  renames (a bucket "directory" is only a prefix of object names).
+* A bucket workdir must be gs:// (`check_workdir`): the orbax checkpoints in it
+  (base model, training state, TracIn checkpoints) are written by TensorStore,
+  which writes to gs:// and to local files only. The plain files here (a trace, a
+  curriculum, JSON) work on any bucket epath reaches.
 """
 
 import contextlib
@@ -40,6 +48,19 @@ def as_path(path: PathLike) -> epath.Path:
 def is_remote(path: PathLike) -> bool:
   """Whether `path` is on an object store rather than a POSIX filesystem."""
   return os.fspath(path).startswith(_REMOTE_SCHEMES)
+
+
+def check_workdir(path: PathLike) -> None:
+  """Raises ValueError if `path` is a bucket that cannot hold a workdir.
+
+  A workdir holds orbax checkpoints, whose arrays TensorStore writes to gs:// and
+  local paths only (s3://, az://, hf:// fail inside orbax, after minutes of work).
+  """
+  text = os.fspath(path)
+  if is_remote(text) and not text.startswith("gs://"):
+    raise ValueError(f"--workdir={text!r}: a workdir is a local directory or a gs:// "
+                     "bucket (its orbax checkpoints are written by TensorStore, which "
+                     "writes to gs:// and local files only).")
 
 
 def _umask() -> int:
@@ -153,12 +174,7 @@ def atomic_directory(path: PathLike) -> Iterator[str]:
     with tempfile.TemporaryDirectory() as tmp:
       yield tmp
       remove_tree(target)
-      for root, _, files in os.walk(tmp):
-        relative = os.path.relpath(root, tmp)
-        destination = target if relative == "." else target / relative
-        destination.mkdir(parents=True, exist_ok=True)
-        for name in files:
-          epath.Path(os.path.join(root, name)).copy(destination / name, overwrite=True)
+      _upload_tree(tmp, target)
     return
   path = os.fspath(target)
   parent = os.path.dirname(path)
@@ -178,6 +194,34 @@ def atomic_directory(path: PathLike) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _upload_tree(local: str, target: epath.Path) -> None:
+  """Copies every file under the local directory `local` to the same place under
+  `target` (over same-named files; others are kept)."""
+  for root, _, files in os.walk(local):
+    relative = os.path.relpath(root, local)
+    destination = target if relative == "." else target / relative
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in files:
+      epath.Path(os.path.join(root, name)).copy(destination / name, overwrite=True)
+
+
+@contextlib.contextmanager
+def local_directory(path: PathLike) -> Iterator[str]:
+  """A local directory for writers that only write local files (TensorBoard's).
+
+  A local `path` is yielded as it is (the writer writes in place); for a bucket
+  path, a local temporary directory whose files are uploaded into `path` when the
+  block ends, over same-named files, leaving the others (it adds files, where
+  `atomic_directory` replaces the directory).
+  """
+  if not is_remote(path):
+    yield os.fspath(path)
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    yield tmp
+    _upload_tree(tmp, as_path(path))
 
 
 def load_npy(file: PathLike, who: str, mmap: bool = False) -> np.ndarray:

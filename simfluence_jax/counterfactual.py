@@ -39,9 +39,10 @@ def load_simulators(workdir: str, methods: Optional[Sequence[str]] = None
     ValueError: a requested method is not among them.
   """
   root = os.path.join(workdir, SIMULATORS_DIR)
-  saved = sorted(name for name in os.listdir(root)
-                 if os.path.exists(os.path.join(root, name, "simulator.json"))
-                 ) if os.path.isdir(root) else []
+  directory = _io.as_path(root)
+  saved = sorted(child.name for child in directory.iterdir()
+                 if (child / "simulator.json").exists()
+                 ) if directory.is_dir() else []
   if not saved:
     raise FileNotFoundError(f"--workdir={workdir!r} holds no fitted simulators "
                             f"({root}/*/simulator.json); run simfluence_jax.main first.")

@@ -48,9 +48,9 @@ def run(workdir: str, curriculum_path: str, output_dir: Optional[str] = None,
                                                    num_band_samples, seed)
   stem = os.path.splitext(os.path.basename(curriculum_path))[0]
   output_dir = output_dir or os.path.join(workdir, "simulated", stem)
-  os.makedirs(output_dir, exist_ok=True)
+  _io.makedirs(output_dir)
   payload = {
-      "curriculum": os.path.abspath(curriculum_path),
+      "curriculum": os.fspath(_io.as_path(curriculum_path)),
       "batch_ids_shape": list(batch_ids.shape),
       "initial_losses": initial.tolist(),
       "targets": targets.tolist(),

@@ -13,8 +13,9 @@ A trace holds, for R runs of T steps with batch size B and M test examples:
   `test_grads: float32[R, T, M, K]` for the test examples.
 
 On disk a trace is a directory of `.npy` files plus `trace.json`, written atomically
-(temporary directory, then rename) and read with `allow_pickle=False`, optionally
-memory-mapped (`Trace.load(path, mmap=True)`) for traces larger than RAM.
+(temporary directory, then rename; `_io.atomic_directory`) and read with
+`allow_pickle=False`, optionally memory-mapped (`Trace.load(path, mmap=True)`) for
+traces larger than RAM. The directory may be in a bucket (gs://...; read whole).
 """
 
 from __future__ import annotations
@@ -205,14 +206,13 @@ class Trace:
     """
     path = os.fspath(path)
     meta_path = os.path.join(path, "trace.json")
-    if not os.path.isdir(path):
+    if not _io.as_path(path).is_dir():
       raise FileNotFoundError(f"Trace.load: no trace directory at {path!r}.")
-    if not os.path.exists(meta_path):
+    if not _io.exists(meta_path):
       raise FileNotFoundError(f"Trace.load: {meta_path!r} is missing (not a trace "
                               "directory, or an interrupted write).")
     try:
-      with open(meta_path) as f:
-        meta = json.load(f)
+      meta = json.loads(_io.read_text(meta_path))
     except json.JSONDecodeError as e:
       raise ValueError(f"Trace.load: {meta_path!r} is corrupt ({e}).") from e
     if not isinstance(meta, dict):
@@ -225,8 +225,8 @@ class Trace:
     arrays = {}
     for name in _ARRAY_FIELDS:
       file = os.path.join(path, name + ".npy")
-      if not os.path.exists(file) and name not in ("batch_ids", "losses",
-                                                   "learning_rates"):
+      if not _io.exists(file) and name not in ("batch_ids", "losses",
+                                               "learning_rates"):
         continue
       arrays[name] = _io.load_npy(file, "Trace.load", mmap=mmap)
     return cls(num_train_examples=meta["num_train_examples"],

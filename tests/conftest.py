@@ -199,7 +199,8 @@ def tiny_job():
 # computing every case) must run once, not once per xdist worker: all their tests go
 # to one worker (`--dist loadgroup`, pytest.ini).
 _ONE_WORKER_MODULES = ("main_test", "influence_sharding_test", "multiprocess_test",
-                       "preemption_test", "sharding_test", "solver_sharding_test")
+                       "preemption_test", "remote_workdir_test", "sharding_test",
+                       "solver_sharding_test")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the marks

@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from simfluence_jax import _io
+
 PADDING_ID = -1
 
 
@@ -133,7 +135,7 @@ def load_curriculum(path: str, num_train_examples: int) -> np.ndarray:
   Steps shorter than the longest are padded with -1.
 
   Args:
-    path: the file (`.json` or `.csv`).
+    path: the file (`.json` or `.csv`; local or in a bucket, gs://...).
     num_train_examples: N, from the trace the simulators were fitted on.
 
   Returns:
@@ -144,13 +146,12 @@ def load_curriculum(path: str, num_train_examples: int) -> np.ndarray:
     ValueError: naming the file and the position of a bad id, a bad shape, or an
       unsupported extension.
   """
-  if not os.path.isfile(path):
+  if not _io.as_path(path).is_file():
     raise FileNotFoundError(f"curriculum file {path!r} does not exist.")
   extension = os.path.splitext(path)[1].lower()
   if extension == ".json":
     try:
-      with open(path) as f:
-        value = json.load(f)
+      value = json.loads(_io.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise _curriculum_error(path, f"not valid JSON ({e}).") from e
     if isinstance(value, dict):
@@ -164,8 +165,8 @@ def load_curriculum(path: str, num_train_examples: int) -> np.ndarray:
         isinstance(step, list) for step in value[0]) else 2
     curricula = value if depth == 3 else [value]
   elif extension == ".csv":
-    with open(path) as f:
-      lines = [line.strip() for line in f]
+    # read_text reads with universal newlines, as iterating an open file does.
+    lines = [line.strip() for line in _io.read_text(path).split("\n")]
     steps = [[cell.strip() or "-1" for cell in line.split(",")]
              for line in lines if line and not line.startswith("#")]
     curricula = [steps]

@@ -86,7 +86,7 @@ def _trajectory_plots(plot_dir, predictions, bands, actual, test_texts,
       ax.set_xlabel("step")
     axes[0, 0].set_ylabel("loss (held-out run 0)")
     axes[0, 0].legend(fontsize=7)
-    path = os.path.join(plot_dir, f"trajectories_{method}.png")
+    path = plot_dir / f"trajectories_{method}.png"
     _io.save_figure(fig, path)
     written.append(path)
 
@@ -103,7 +103,7 @@ def _trajectory_plots(plot_dir, predictions, bands, actual, test_texts,
     ax.set_title(method, fontsize=9)
     ax.set_xlabel("actual final loss")
   axes[0, 0].set_ylabel("predicted final loss")
-  path = os.path.join(plot_dir, "final_loss_scatter.png")
+  path = plot_dir / "final_loss_scatter.png"
   _io.save_figure(fig, path)
   written.append(path)
   return written
@@ -129,7 +129,7 @@ def _metric_bars(plot_dir, payload):
     ax.set_xticklabels(methods, rotation=45, ha="right", fontsize=7)
     ax.set_title(name + (" (log)" if name.endswith("mse") else ""), fontsize=9)
   fig.tight_layout()
-  path = os.path.join(plot_dir, "metrics_bars.png")
+  path = plot_dir / "metrics_bars.png"
   _io.save_figure(fig, path)
   return path
 
@@ -147,7 +147,7 @@ def _learning_curve_plot(plot_dir, curve):
   ax_mse.legend(fontsize=7)
   fig.suptitle("Simfluence-Linear learning curve (held-out runs)", fontsize=9)
   fig.tight_layout()
-  path = os.path.join(plot_dir, "learning_curve.png")
+  path = plot_dir / "learning_curve.png"
   _io.save_figure(fig, path)
   return path
 
@@ -178,7 +178,7 @@ def _counterfactual_plot(plot_dir, result):
   ax_scatter.set_title("★ searched, · random curricula", fontsize=9)
   ax_scatter.legend(fontsize=7)
   fig.tight_layout()
-  path = os.path.join(plot_dir, "counterfactual.png")
+  path = plot_dir / "counterfactual.png"
   _io.save_figure(fig, path)
   return path
 

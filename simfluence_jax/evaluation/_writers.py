@@ -11,7 +11,10 @@ Layout under `logdir` (the main job uses `workdir/tensorboard`):
                       `held_out/<method>/<metric>` at step 0
 
 Only process 0 writes event files; other processes only log, as clu recommends for
-multi-host jobs (`create_default_writer(just_logging=True)`).
+multi-host jobs (`create_default_writer(just_logging=True)`). A bucket `logdir`
+(gs://...) gets its event files from a local directory when each call ends
+(`_io.local_directory`): the writers write local files only, so no TensorFlow or
+TensorBoard filesystem plugin is needed for the bucket.
 The per-run curves skip the logging writer (R·T log lines would drown the job log);
 everything else is also logged.
 
@@ -30,6 +33,7 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 
+from simfluence_jax import _io
 from simfluence_jax import _optional
 
 _logger = logging.getLogger(__name__)
@@ -135,11 +139,21 @@ def write_training_metrics(logdir: str, trace, train_losses: Optional[np.ndarray
   backend = _backend()
   if backend is None:
     return 0
+  with _io.local_directory(logdir) as local:
+    written = _write_training_metrics(backend, local, test_loss, train, names)
+  _logger.info("tensorboard: %d training scalars of %d runs in %s", written, num_runs,
+               logdir)
+  return written
+
+
+def _write_training_metrics(backend, logdir: str, test_loss: np.ndarray,
+                            train: Optional[np.ndarray], names: list) -> int:
+  """`write_training_metrics` into a local `logdir`; the number of scalars written."""
   summary = _summary_writer(backend, logdir)
   written = 0
   try:
     if jax.process_index() == 0:
-      for r in range(num_runs):
+      for r in range(test_loss.shape[0]):
         writer = _event_writer(backend, os.path.join(logdir, "runs", names[r]))
         try:
           for step in range(test_loss.shape[1]):
@@ -162,8 +176,6 @@ def write_training_metrics(logdir: str, trace, train_losses: Optional[np.ndarray
       summary.write_scalars(step, values)
   finally:
     summary.close()
-  _logger.info("tensorboard: %d training scalars of %d runs in %s", written, num_runs,
-               logdir)
   return written
 
 
@@ -193,9 +205,10 @@ def write_evaluation_metrics(logdir: str, simulators: Mapping[str, Any],
   for method, method_metrics in metrics.items():
     for key, value in _scalars(method_metrics).items():
       values[f"held_out/{method}/{key}"] = value
-  writer = _summary_writer(backend, logdir)
-  try:
-    writer.write_scalars(step, values)
-  finally:
-    writer.close()
+  with _io.local_directory(logdir) as local:
+    writer = _summary_writer(backend, local)
+    try:
+      writer.write_scalars(step, values)
+    finally:
+      writer.close()
   return len(values) if jax.process_index() == 0 else 0

@@ -11,23 +11,25 @@ Layout of a factors directory:
                        kernel shape, dtype and fingerprint, still load)
 
 Arrays are keyed by position rather than by layer name because layer names hold
-"/", which orbax would read as nesting. `factors.json` is written last, through a
-temporary file and `os.replace`, and removed first when overwriting: it is the
-commit marker, so a crash never leaves a directory that loads with stale specs.
-Saving is collective like any orbax save (call it on every process); only the
-primary process writes the JSON. orbax is imported when first needed, so that
-importing `simfluence_jax.influence` stays light.
+"/", which orbax would read as nesting. `factors.json` is written last, atomically
+(`_io.atomic_write`: a temporary file and `os.replace` locally, one whole object in
+a bucket), and removed first when overwriting: it is the commit marker, so a crash
+never leaves a directory that loads with stale specs. `path` may be local or a
+gs:// bucket (every access goes through `etils.epath`). Saving is collective like
+any orbax save (call it on every process); only the primary process writes the
+JSON. orbax is imported when first needed, so that importing
+`simfluence_jax.influence` stays light.
 """
 
 import dataclasses
 import json
 import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simfluence_jax import _io
 from simfluence_jax.influence import _ekfac
 from simfluence_jax.influence import _layers
 
@@ -64,7 +66,7 @@ def _spec_to_json(spec: _layers.LayerSpec) -> dict:
           for f in dataclasses.fields(spec)}
 
 
-def _spec_from_json(entry, path: str, version: int) -> _layers.LayerSpec:
+def _spec_from_json(entry, path, version: int) -> _layers.LayerSpec:
   required = set(_SPEC_FIELDS) - (set(_V2_FIELDS) if version == 1 else set())
   if not isinstance(entry, dict) or not required <= set(entry) <= set(_SPEC_FIELDS):
     raise ValueError(f"load_factors: corrupt {METADATA_FILE} in {path!r}: a layer "
@@ -73,19 +75,13 @@ def _spec_from_json(entry, path: str, version: int) -> _layers.LayerSpec:
   return _layers.LayerSpec(**{name: _freeze(value) for name, value in entry.items()})
 
 
-def _write_json_atomically(path: str, payload: dict) -> None:
-  directory = os.path.dirname(path)
-  fd, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-  try:
-    with os.fdopen(fd, "w") as f:
+def _write_json_atomically(path, payload: dict) -> None:
+  def write(temporary):
+    with open(temporary, "w") as f:  # a local temporary file (`_io.atomic_write`)
       json.dump(payload, f, indent=2, sort_keys=True)
       f.flush()
       os.fsync(f.fileno())
-    os.replace(temporary, path)
-  except BaseException:
-    if os.path.exists(temporary):
-      os.remove(temporary)
-    raise
+  _io.atomic_write(path, write)
 
 
 def save_factors(path, factors: _ekfac.EKFACFactors, *,
@@ -106,20 +102,21 @@ def save_factors(path, factors: _ekfac.EKFACFactors, *,
   if not isinstance(factors, _ekfac.EKFACFactors):
     raise ValueError(f"save_factors: factors must be EKFACFactors, got "
                      f"{type(factors).__name__}.")
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise NotADirectoryError(f"save_factors: {path!r} exists and is not a directory.")
-  if os.path.isdir(path) and os.listdir(path) and not overwrite:
-    raise FileExistsError(f"save_factors: {path!r} exists and is not empty; pass "
+  path = _io.as_path(path)
+  name = os.fspath(path)
+  if path.exists() and not path.is_dir():
+    raise NotADirectoryError(f"save_factors: {name!r} exists and is not a directory.")
+  if path.is_dir() and any(path.iterdir()) and not overwrite:
+    raise FileExistsError(f"save_factors: {name!r} exists and is not empty; pass "
                           f"overwrite=True to replace the factors saved there.")
   primary = jax.process_index() == 0
-  metadata_path = os.path.join(path, METADATA_FILE)
+  metadata_path = path / METADATA_FILE
   if primary:
-    os.makedirs(path, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
     # Removed first: between here and the final JSON write the directory is
     # "incomplete" to `load_factors`, never old specs with new arrays.
-    if os.path.exists(metadata_path):
-      os.remove(metadata_path)
+    if metadata_path.exists():
+      metadata_path.unlink()
   names = list(factors.factors)
   tree, empty = {}, {}
   for i, name in enumerate(names):
@@ -130,7 +127,7 @@ def save_factors(path, factors: _ekfac.EKFACFactors, *,
     empty[f"factor_{i}"] = {k: [list(np.shape(v)), str(np.dtype(v.dtype))]
                             for k, v in arrays.items() if not np.size(v)}
   with _checkpointer() as checkpointer:
-    checkpointer.save(os.path.join(path, ARRAYS_DIR), tree, force=True)
+    checkpointer.save(path / ARRAYS_DIR, tree, force=True)
     checkpointer.wait_until_finished()
   if primary:
     _write_json_atomically(metadata_path, {
@@ -141,13 +138,12 @@ def save_factors(path, factors: _ekfac.EKFACFactors, *,
 
 def _read_metadata(path: str) -> dict:
   metadata_path = os.path.join(path, METADATA_FILE)
-  if not os.path.exists(metadata_path):
+  if not _io.exists(metadata_path):
     raise ValueError(f"load_factors: {path!r} is not a complete EK-FAC factors "
                      f"directory (no {METADATA_FILE}; an interrupted save, or "
                      f"another kind of directory).")
   try:
-    with open(metadata_path) as f:
-      metadata = json.load(f)
+    metadata = json.loads(_io.read_text(metadata_path))
   except (OSError, ValueError) as error:
     raise ValueError(f"load_factors: corrupt {METADATA_FILE} in {path!r}: "
                      f"{error}") from error
@@ -179,10 +175,10 @@ def load_factors(path) -> _ekfac.EKFACFactors:
     ValueError: `path` is not a complete factors directory, or its metadata or
       arrays are corrupt or disagree with each other.
   """
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.exists(path):
+  path = os.fspath(_io.as_path(path))
+  if not _io.exists(path):
     raise FileNotFoundError(f"load_factors: no EK-FAC factors at {path!r}.")
-  if not os.path.isdir(path):
+  if not _io.as_path(path).is_dir():
     raise ValueError(f"load_factors: {path!r} is not a directory.")
   metadata = _read_metadata(path)
   layers = tuple(_spec_from_json(entry, path, metadata["version"])
@@ -193,7 +189,7 @@ def load_factors(path) -> _ekfac.EKFACFactors:
                      f"'fingerprint' must be a string, got {fingerprint!r}.")
   names = metadata["factor_names"]
   arrays_path = os.path.join(path, ARRAYS_DIR)
-  if not os.path.isdir(arrays_path):
+  if not _io.as_path(arrays_path).is_dir():
     raise ValueError(f"load_factors: {path!r} has no {ARRAYS_DIR}/ directory.")
   fields = _ekfac.LayerFactors._fields
   empty = metadata.get("empty_arrays", {})
@@ -202,7 +198,7 @@ def load_factors(path) -> _ekfac.EKFACFactors:
                      f"'empty_arrays' must be an object.")
   try:
     with _checkpointer() as checkpointer:
-      saved = checkpointer.metadata(arrays_path).item_metadata.tree
+      saved = checkpointer.metadata(_io.as_path(arrays_path)).item_metadata.tree
       expected = {f"factor_{i}" for i in range(len(names))}
       if (set(saved) != expected
           or any(set(saved[key]) | set(empty.get(key, {})) != set(fields)
@@ -213,7 +209,7 @@ def load_factors(path) -> _ekfac.EKFACFactors:
       # whatever device layout the factors were fitted on.
       target = jax.tree_util.tree_map(
           lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved)
-      restored = checkpointer.restore(arrays_path, target)
+      restored = checkpointer.restore(_io.as_path(arrays_path), target)
   except ValueError:
     raise
   except Exception as error:  # orbax raises assorted types on damaged files.

@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
@@ -31,7 +32,12 @@ from simfluence_jax.pipeline import fingerprint as fp
 _logger = logging.getLogger("simfluence_jax.pipeline")
 STAGES_DIR = "stages"
 _STATUS = ("missing", "done", "unfinished", "changed")
+# Bucket workdirs (`workdir_lock`): a lease older than this is stale (its job died);
+# the job renews its own every _REFRESH_SECONDS, and reads it back _SETTLE_SECONDS
+# after writing it (two jobs starting together: the store keeps one lease).
 _LEASE_SECONDS = 300.0
+_REFRESH_SECONDS = 60.0
+_SETTLE_SECONDS = 2.0
 
 
 @dataclasses.dataclass
@@ -51,6 +57,7 @@ class Workdir:
   """
 
   def __init__(self, root: _io.PathLike, config: Any, overwrite: bool = False):
+    _io.check_workdir(root)
     self.root = _io.as_path(root)
     self.config = config
     self.overwrite = overwrite
@@ -159,6 +166,89 @@ class Workdir:
     return value
 
 
+def _read_lease(lock) -> Optional[tuple[str, float]]:
+  """(holder, age in seconds) of a bucket workdir's lease file, or None if none.
+
+  An unreadable lease (a torn or foreign file) reads as infinitely old: stale.
+  """
+  try:
+    text = lock.read_text().strip()
+  except FileNotFoundError:
+    return None
+  holder, _, stamp = text.rpartition(" ")
+  try:
+    return holder, time.time() - float(stamp)
+  except ValueError:
+    return text, float("inf")
+
+
+@contextlib.contextmanager
+def _bucket_lease(workdir: _io.PathLike, root) -> Iterator[None]:
+  """The single-writer rule of a bucket workdir, kept by a lease file (see
+  `workdir_lock`)."""
+  lock = root / ".lock"
+  name = os.fspath(workdir)
+  owner = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:8]}"
+  lease = _read_lease(lock)
+  if lease is not None:
+    holder, age = lease
+    if age < _LEASE_SECONDS:
+      raise ValueError(
+          f"--workdir={name!r} is in use by another job ({holder}, lease renewed "
+          f"{age:.0f} s ago); a bucket workdir takes one job at a time. If that job "
+          f"is dead, its lease goes stale {_LEASE_SECONDS:.0f} s after its last "
+          f"renewal (or delete {os.fspath(lock)}).")
+    _logger.warning("--workdir=%s: taking over the stale lease of %s (renewed %.0f s "
+                    "ago; its job died)", name, holder, age)
+  _logger.info(
+      "--workdir=%s is on an object store, which has no file locks: one job at a "
+      "time (single-writer rule), kept by the lease %s (renewed every %.0f s, stale "
+      "after %.0f s)", name, os.fspath(lock), _REFRESH_SECONDS, _LEASE_SECONDS)
+
+  def write_lease():
+    lock.write_text(f"{owner} {time.time()}")
+
+  write_lease()
+  # Two jobs that both found no lease both wrote one; the object store keeps the
+  # last write, so after a pause each reads back whose it is and one goes on.
+  time.sleep(_SETTLE_SECONDS)
+  lease = _read_lease(lock)
+  if lease is None or lease[0] != owner:
+    raise ValueError(
+        f"--workdir={name!r}: another job ({lease[0] if lease else 'unknown'}) took "
+        "the workdir at the same time; a bucket workdir takes one job at a time.")
+  stop = threading.Event()
+
+  def refresh():
+    while not stop.wait(_REFRESH_SECONDS):
+      try:
+        lease = _read_lease(lock)
+        if lease is not None and lease[0] != owner:
+          _logger.error("--workdir=%s: another job (%s) took over this job's lease "
+                        "(this job stalled past %.0f s?): both may now write the "
+                        "workdir.", name, lease[0], _LEASE_SECONDS)
+          return
+        write_lease()
+      except Exception as e:  # pylint: disable=broad-except
+        _logger.warning("--workdir=%s: could not renew the lease (%s); retrying in "
+                        "%.0f s", name, e, _REFRESH_SECONDS)
+
+  thread = threading.Thread(target=refresh, daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    stop.set()
+    thread.join()
+    try:
+      lease = _read_lease(lock)
+      if lease is not None and lease[0] == owner:
+        lock.unlink()
+    except Exception as e:  # pylint: disable=broad-except
+      _logger.warning("--workdir=%s: could not remove the lease %s (%s); it goes "
+                      "stale in %.0f s", name, os.fspath(lock), e, _LEASE_SECONDS)
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: _io.PathLike) -> Iterator[None]:
   """Holds an exclusive lock on `workdir` so two jobs never write into it at once.
@@ -167,49 +257,33 @@ def workdir_lock(workdir: _io.PathLike) -> Iterator[None]:
   dies (a killed job never leaves it stale). Only process 0 of a multi-process job
   locks (all processes share the workdir).
 
-  Buckets have no locks: one job per bucket workdir is the rule. The job keeps
-  `.lock` (host, pid, time) fresh every minute and refuses to start while another
-  job's lock file is younger than `_LEASE_SECONDS`; a job that died stops
-  refreshing it, so a rerun after a preemption waits at most that long.
+  Buckets (gs://) have no locks, and their writes are whole objects with no atomic
+  rename of a directory, so the rule is one job per bucket workdir, kept by a lease:
+  `.lock` holds the job's host, pid, a random token and the time; the job renews it
+  every `_REFRESH_SECONDS` and refuses to start while another job's lease is
+  younger than `_LEASE_SECONDS`. Two jobs starting together both write a lease and
+  read it back after `_SETTLE_SECONDS`: only the one whose lease the store kept
+  goes on. A job that died stops renewing, so a rerun after a preemption waits at
+  most `_LEASE_SECONDS`; the job logs the rule when it takes the lease.
 
   Raises:
-    ValueError: another job holds the lock.
+    ValueError: another job holds the lock, or `workdir` is a bucket other than
+      gs:// (`_io.check_workdir`).
   """
+  _io.check_workdir(workdir)
   if jax.process_index() != 0:
     yield
     return
-  root = _io.makedirs(workdir)
-  lock = root / ".lock"
-  owner = f"{socket.gethostname()} pid {os.getpid()}"
+  try:
+    root = _io.makedirs(workdir)
+  except ImportError as e:  # epath has no filesystem for the bucket here
+    raise ValueError(f"--workdir={os.fspath(workdir)!r}: {e} (a gs:// workdir needs "
+                     "TensorFlow or gcsfs: pip install 'simfluence_jax[gcs]').") from e
   if _io.is_remote(root):
-    if lock.exists():
-      text = lock.read_text().strip()
-      holder, _, stamp = text.rpartition(" ")
-      try:
-        age = time.time() - float(stamp)
-      except ValueError:
-        age = float("inf")
-      if age < _LEASE_SECONDS and holder != owner:
-        raise ValueError(f"--workdir={os.fspath(workdir)!r} is in use by another job "
-                         f"({holder}, {age:.0f} s ago); a bucket workdir takes one job "
-                         "at a time.")
-    stop = threading.Event()
-
-    def refresh():
-      while True:
-        lock.write_text(f"{owner} {time.time()}")
-        if stop.wait(60.0):
-          return
-
-    thread = threading.Thread(target=refresh, daemon=True)
-    thread.start()
-    try:
+    with _bucket_lease(workdir, root):
       yield
-    finally:
-      stop.set()
-      thread.join()
-      _io.remove_tree(lock)
     return
+  lock = root / ".lock"
   with open(os.fspath(lock), "a+") as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -172,6 +172,6 @@ def load_tracin_checkpoints(workdir: str) -> Tuple[List[int], Any]:
   steps = tracin_steps(workdir)
   if not steps:
     raise FileNotFoundError(f"load_tracin_checkpoints: no TracIn checkpoints under "
-                            f"{os.path.join(workdir, TRACIN_CKPT_DIR)!r}.")
+                            f"{os.fspath(_io.as_path(workdir) / TRACIN_CKPT_DIR)!r}.")
   per_step = [load_tracin_params(workdir, step) for step in steps]
   return steps, jax.tree_util.tree_map(lambda *xs: np.stack(xs), *per_step)
