@@ -50,8 +50,9 @@ EXTRAS_REQUIRE = {
     # nbclient / nbformat / ipykernel: tests/colabs_test.py executes colabs/*.ipynb;
     # scikit-learn: the digits data and the Ridge baseline of the solver tests;
     # libtpu: the plan tests compile for v5e:2x2 (in subprocesses only).
+    # fsspec: tests/fake_bucket.py, the object-store filesystem of the gs:// tests.
     "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "chex>=0.1.85",
-             "nbclient>=0.8", "nbformat>=5", "ipykernel", "ruff"]
+             "nbclient>=0.8", "nbformat>=5", "ipykernel", "ruff", "fsspec"]
             + _SEQIO + _REPORT + _DIGITS + _GRAIN + _TPU,
 }
 
