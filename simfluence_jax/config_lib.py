@@ -128,6 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.simulators.cv_folds = 4  # K of that CV.
   config.simulators.num_phases = 1  # Step bins with their own A, B (2 helps with many runs).
   config.simulators.feature_dim = 32  # F: projected base-model gradients per example (featurized).
+  config.simulators.featurized_corrections = True  # Featurized: per-example A, B corrections centred on the feature model (False: features only, GPTfluence).
   config.simulators.num_band_samples = 32  # Posterior samples for uncertainty bands.
   config.learning_curve = (8, 16, 32)  # Fitted-run counts of the Simfluence-Linear learning curve.
 

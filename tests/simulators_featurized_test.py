@@ -138,3 +138,35 @@ def test_featurized_validation():
   with pytest.raises(ValueError, match="prior_A/prior_B"):
     sj.simulators.fit("featurized", trace, features=features,
                       prior_B=np.zeros((NUM_TRAIN, NUM_TEST)))
+
+
+def test_pipeline_corrections_fit_seen_examples_and_keep_features_for_unseen():
+  """`stages.featurized_simulator`: the feature model plus per-example corrections.
+  Seen examples deviate from any linear function of their features (planted); the
+  corrections recover them, while unseen examples keep the feature model's A, B."""
+  from simfluence_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.pipeline import stages  # pylint: disable=g-import-not-at-top
+  trace, features, truth = _planted(runs=60, steps=12)
+  rng = np.random.default_rng(3)
+  deviation = np.zeros((NUM_TRAIN, NUM_TEST), np.float32)
+  deviation[:NUM_SEEN] = rng.normal(scale=0.02, size=(NUM_SEEN, NUM_TEST))
+  truth = sj.simulators.Simulator(A=truth.A, B=truth.B + deviation, kind="linear")
+  losses = np.asarray(truth.simulate(trace.batch_ids, trace.losses[:, 0]))
+  trace = sj.Trace(batch_ids=trace.batch_ids, losses=losses,
+                   learning_rates=trace.learning_rates, num_train_examples=NUM_TRAIN)
+  config = config_lib.base_config()
+  config.simulators.l2 = 1e-4
+  config.simulators.featurized_corrections = False
+  features_only = stages.featurized_simulator(config, trace, features)
+  config.simulators.featurized_corrections = True
+  corrected = stages.featurized_simulator(config, trace, features)
+  assert corrected.name == "simfluence_featurized"
+  seen, unseen = slice(0, NUM_SEEN), slice(NUM_SEEN, NUM_TRAIN)
+  error = lambda sim: np.abs(np.asarray(sim.B)[seen] - np.asarray(truth.B)[seen]).max()
+  assert error(features_only) > 0.02  # no function of the features fits them
+  assert error(corrected) < 0.2 * error(features_only)
+  # No fitted run contains the unseen ids: the feature model's values stand.
+  np.testing.assert_allclose(np.asarray(corrected.A)[unseen],
+                             np.asarray(features_only.A)[unseen], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(corrected.B)[unseen],
+                             np.asarray(features_only.B)[unseen], atol=1e-5)

@@ -841,12 +841,30 @@ def features(wd, config, dataset, model: Model) -> np.ndarray:
                        fields=("simulators.feature_dim", "influence.chunk_size"))
 
 
+def featurized_simulator(config, fit_trace: trace_lib.Trace, phi: np.ndarray):
+  """Simfluence-Linear whose A, B are linear functions of the features `phi`.
+
+  With `simulators.featurized_corrections` (the default) each train example also
+  gets its own correction, fitted as a second ridge regression centred on the
+  feature model (`simulators.fit(..., prior_A=, prior_B=)`): where the fitted runs
+  show an example, the runs correct its A_i, B_i; where they never show it (unseen
+  examples) the feature model's A_i, B_i stand. Each ridge penalty is chosen by CV
+  (or is `simulators.l2`).
+  """
+  features_only = fit_ridge(config, "featurized", fit_trace, features=phi,
+                            name="simfluence_featurized")
+  if not config.simulators.featurized_corrections:
+    return features_only
+  return fit_ridge(config, "linear", fit_trace, name="simfluence_featurized",
+                   prior_A=np.asarray(features_only.A),
+                   prior_B=np.asarray(features_only.B))
+
+
 def fit_featurized(wd, config, runs: Runs, curricula: Curricula,
                    phi: np.ndarray) -> Any:
-  """Simfluence-Linear whose A, B are linear functions of the features `phi`."""
+  """The `featurized_simulator` of the fitted runs, as a stage."""
   fit_trace = runs.group(curricula, "fit")
   return _simulator_stage(
       wd, "simfluence_featurized",
-      lambda: fit_ridge(config, "featurized", fit_trace, features=phi,
-                        name="simfluence_featurized"),
+      lambda: featurized_simulator(config, fit_trace, phi),
       fields=("simulators",), upstream=("record_runs", "features"))
