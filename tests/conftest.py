@@ -201,6 +201,8 @@ def tiny_job():
 _ONE_WORKER_MODULES = ("main_test", "influence_sharding_test", "multiprocess_test",
                        "preemption_test", "remote_workdir_test", "sharding_test",
                        "solver_sharding_test")
+# Modules that read another module's fixture (`main_tiny_run`) go to its worker.
+_SAME_WORKER_AS = {"pipeline_test": "main_test"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the marks
@@ -208,5 +210,28 @@ def pytest_collection_modifyitems(config, items):
   del config
   for item in items:
     module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-    if module in _ONE_WORKER_MODULES:
-      item.add_marker(pytest.mark.xdist_group(module))
+    group = _SAME_WORKER_AS.get(module, module)
+    if group in _ONE_WORKER_MODULES:
+      item.add_marker(pytest.mark.xdist_group(group))
+
+
+# main_test's tiny job (configs/default.py:tiny, every stage), `(config, workdir)`,
+# once its `tiny_run` fixture has run in this process.
+_MAIN_TINY_RUN = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+  del request
+  value = yield
+  if (fixturedef.argname == "tiny_run" and
+      os.path.basename(fixturedef.baseid) == "main_test.py"):
+    _MAIN_TINY_RUN[:] = [tuple(value[:2])]
+  return value
+
+
+@pytest.fixture(scope="session")
+def main_tiny_run():
+  """`[(config, workdir)]` of main_test's finished tiny job when it ran earlier in
+  this process (tests/pipeline_test.py reads its stage records), else `[]`."""
+  return _MAIN_TINY_RUN

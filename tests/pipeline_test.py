@@ -1,0 +1,101 @@
+"""Every config field is recorded by a stage, or declared as shaping nothing stored.
+
+A stage's record, `workdir/stages/<stage>.json` (`pipeline/workdir.py`), keeps the
+config fields its fingerprint was computed from: its own and its upstream stages'.
+A field that shapes an output but that no stage records would let a rerun with
+another value reuse outputs computed from the old one. So every leaf of the job's
+config (`fingerprint.flatten_config`) must be recorded by some stage of a job that
+ran them all, or be named in `fingerprint.UNCACHED_FIELDS` (how the job runs, not
+what it computes).
+
+The workdir is main_test's tiny job (every stage) when it ran earlier in this
+process (conftest puts this module on main_test's xdist worker); run alone, this
+module runs that job itself.
+"""
+
+import json
+import os
+
+import pytest
+
+from simfluence_jax import config_lib
+from simfluence_jax import pipeline
+from simfluence_jax.pipeline import fingerprint as fp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "default.py:tiny")
+# Stages the tiny job must have run for the check to mean anything: its optional
+# ones too (every method, unseen-example runs, the removal benchmark, the learning
+# curve and the counterfactual search), whose fields no other stage reads.
+STAGES = ("data", "base_model", "record_runs", "tracin_cp_scores", "ekfac_scores",
+          "fit_simfluence_linear", "fit_simfluence_additive", "fit_tracin_cp",
+          "fit_tracin_per_step", "fit_ekfac_if", "features",
+          "fit_simfluence_featurized", "metagradient", "evaluate", "learning_curve",
+          "removal_runs", "removal_metagradients", "counterfactual")
+
+
+@pytest.fixture(scope="module")
+def tiny_workdir(main_tiny_run, tmp_path_factory):
+  """`(config, workdir)` of the tiny job with every stage, run to the end."""
+  if main_tiny_run:
+    return main_tiny_run[0]
+  config = config_lib.load_config(TINY)
+  workdir = str(tmp_path_factory.mktemp("tiny_all_stages") / "job")
+  pipeline.run(config, workdir)
+  return config, workdir
+
+
+def _records(workdir) -> dict:
+  """stage name -> its record, for every record in the workdir."""
+  directory = os.path.join(workdir, "stages")
+  records = {}
+  for name in sorted(os.listdir(directory)):
+    if name.endswith(".json"):
+      with open(os.path.join(directory, name)) as f:
+        records[name[:-len(".json")]] = json.load(f)
+  return records
+
+
+def _covered(field: str, names) -> bool:
+  """Whether `field` is one of `names` or inside a section one of them names."""
+  return any(field == name or field.startswith(name + ".") for name in names)
+
+
+def test_every_config_field_is_recorded_by_a_stage_or_uncached(tiny_workdir):
+  config, workdir = tiny_workdir
+  records = _records(workdir)
+  missing = sorted(set(STAGES) - set(records))
+  assert not missing, f"the tiny job ran no stage {missing}: {sorted(records)}"
+  unfinished = sorted(n for n, r in records.items() if r.get("status") != "done")
+  assert not unfinished, f"stages not done: {unfinished}"
+  flat = fp.flatten_config(config)
+  # The records are of this config (else the check below would prove nothing).
+  differ = sorted({f"{stage}: {field}" for stage, record in records.items()
+                   for field, value in record["fields"].items()
+                   if flat.get(field, "<not a config field>") != value})
+  assert not differ, f"recorded fields differ from the job's config: {differ}"
+  recorded = set().union(*(record["fields"] for record in records.values()))
+  uncovered = sorted(field for field in flat
+                     if not _covered(field, recorded)
+                     and not _covered(field, fp.UNCACHED_FIELDS))
+  assert not uncovered, (
+      f"config fields that no stage records and that are not in "
+      f"fingerprint.UNCACHED_FIELDS: {uncovered}. A rerun with another value would "
+      "reuse outputs computed from the old one: add each to the `fields` of the "
+      "stage that reads it (pipeline/stages.py), or to UNCACHED_FIELDS if it shapes "
+      "nothing stored.")
+
+
+def test_uncached_fields_are_config_fields_no_stage_records(tiny_workdir):
+  config, workdir = tiny_workdir
+  flat = fp.flatten_config(config)
+  unknown = [name for name in fp.UNCACHED_FIELDS
+             if not any(_covered(field, [name]) for field in flat)]
+  assert not unknown, f"UNCACHED_FIELDS names no config field: {unknown}"
+  read = {}  # UNCACHED_FIELDS name -> the stages that record it
+  for stage, record in _records(workdir).items():
+    for name in fp.UNCACHED_FIELDS:
+      if any(_covered(field, [name]) for field in record["fields"]):
+        read.setdefault(name, []).append(stage)
+  assert not read, (f"fields declared in UNCACHED_FIELDS are recorded by stages: "
+                    f"{read}; a field shaping a stored output is not uncached.")
