@@ -681,7 +681,9 @@ def metagradient(wd, config, dataset, model: Model, curricula: Curricula) -> dic
 
   predicted = _cached_array(
       wd, "metagradient", compute, upstream=("base_model",),
-      fields=OPTIMIZER_FIELDS + CURRICULA_FIELDS + ("metagradient",))
+      fields=OPTIMIZER_FIELDS + CURRICULA_FIELDS + (
+          "metagradient.reference_batch_size", "metagradient.chunk_size",
+          "metagradient.space"))
   bounds = np.cumsum([0] + [len(v) for v in sets.values()])
   return {name: predicted[bounds[i]:bounds[i + 1]] for i, name in enumerate(sets)}
 
@@ -787,7 +789,8 @@ def removal_lds(wd, config, dataset, model: Model, runs: Runs, sims: dict,
         wd, "removal_metagradients", lambda: training.metagradients(
             model.params, removals.reference_ids[None], loss_fn=model.loss_fn,
             config=config, train_arrays=dataset.train,
-            test_arrays=dataset.test, mesh=_runs_mesh(config))[0],
+            test_arrays=dataset.test, mesh=_runs_mesh(config),
+            cotangents_at_once=config.metagradient.cotangents_at_once)[0],
         fields=OPTIMIZER_FIELDS + CURRICULA_FIELDS, upstream=("base_model",))
   if "tracin_per_step" in config.methods and runs.grad_trace is not None:
     per_occurrence["tracin_per_step"] = _tracin_terms(runs.grad_trace, 0)

@@ -36,7 +36,8 @@ def validate_config(config) -> None:
                "projection_dim", "num_seeds", "influence.tracin_num_runs",
                "influence.chunk_size", "simulators.num_band_samples",
                "simulators.cv_folds", "simulators.num_phases",
-               "simulators.feature_dim", "mesh_model"):
+               "simulators.feature_dim", "mesh_model",
+               "metagradient.cotangents_at_once"):
     _positive_int(config, name)
   for name in ("num_grad_runs", "pretrain_steps", "unseen.num_examples",
                "unseen.num_runs", "seed"):
