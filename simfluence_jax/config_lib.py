@@ -144,6 +144,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.influence.damping = ml_collections.config_dict.placeholder(float)  # None: 0.1 x mean eigenvalue.
   config.influence.query_rank = ml_collections.config_dict.placeholder(int)  # EK-FAC queries kept rank-r per layer (Grosse et al.); None: dense [O, I].
   config.influence.chunk_size = 64  # Train examples per gradient chunk (bounds memory).
+  config.influence.mesh_model = ml_collections.config_dict.placeholder(int)  # `model` axis of the score kernels (factors, dense queries need more than training); None: mesh_model.
 
   # --- Metagradients (first-order expansion of the training run; no fitted runs) ------
   config.metagradient = ml_collections.ConfigDict()
@@ -173,6 +174,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh_model = 1  # Devices sharing one run's (and the scores') params, FSDP-style: the `model` mesh axis.
   config.compilation_cache_dir = "~/.cache/simfluence_jax/xla"  # Persistent XLA cache; "" = off.
   return config
+
+
+def score_mesh_model(config) -> int:
+  """Size of the score kernels' `model` axis: `influence.mesh_model`, else
+  `mesh_model` (the training runs')."""
+  return config.influence.get("mesh_model") or config.mesh_model
 
 
 def tfds_task_config(name: str) -> ml_collections.ConfigDict:

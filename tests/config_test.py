@@ -69,3 +69,15 @@ def test_a_model_axis_that_does_not_divide_the_devices_is_refused():
     stages._runs_mesh(config)  # pylint: disable=protected-access
   config.mesh_model = 1
   assert stages._runs_mesh(config).shape["model"] == 1  # pylint: disable=protected-access
+
+
+def test_score_model_axis_defaults_to_the_runs_and_is_validated():
+  config = load("default", "tiny")
+  config.mesh_model = 2
+  assert config_lib.score_mesh_model(config) == 2
+  config.influence.mesh_model = 4
+  assert config_lib.score_mesh_model(config) == 4
+  config.influence.mesh_model = 0
+  with pytest.raises(ValueError, match="config.influence.mesh_model=0: must be a "
+                     "positive integer"):
+    pipeline.validate_config(config)

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from simfluence_jax import _io
+from simfluence_jax import config_lib
 from simfluence_jax import data
 from simfluence_jax import influence
 from simfluence_jax import models
@@ -267,24 +268,26 @@ def _train_batches(config, dataset):
           for i in range(0, dataset.num_train_examples, chunk)]
 
 
-def _mesh(config, build):
-  """`build(config.mesh_model)` over every device of the job; a `mesh_model` that
-  does not divide them is refused naming the field."""
+def _mesh(build, size: int, field: str):
+  """`build(size)` over every device of the job; a `size` that does not divide
+  them is refused naming the config field it came from."""
   count = jax.device_count()
-  if count % config.mesh_model:
-    raise ValueError(f"config.mesh_model={config.mesh_model}: must divide the job's "
-                     f"{count} devices.")
-  return build(config.mesh_model)
+  if count % size:
+    raise ValueError(f"config.{field}={size}: must divide the job's {count} devices.")
+  return build(size)
 
 
 def _runs_mesh(config):
   # Runs over `runs`, each run's params and optimizer state over `mesh_model`.
-  return _mesh(config, sharding.runs_mesh)
+  return _mesh(sharding.runs_mesh, config.mesh_model, "mesh_model")
 
 
 def _score_mesh(config):
   # Train examples of the score kernels over `data`, params and factors over `model`.
-  return _mesh(config, sharding.scores_mesh) if jax.device_count() > 1 else None
+  if jax.device_count() == 1:
+    return None
+  field = "influence.mesh_model" if config.influence.mesh_model else "mesh_model"
+  return _mesh(sharding.scores_mesh, config_lib.score_mesh_model(config), field)
 
 
 def tracin_checkpoints(wd, config) -> list:

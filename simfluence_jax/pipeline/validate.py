@@ -49,8 +49,9 @@ def validate_config(config) -> None:
       raise ValueError(f"config.simulators.l2_grid={tuple(config.simulators.l2_grid)!r}"
                        ": must be positive numbers.")
   _positive_float(config, "influence.damping", allow_none=True)
-  if config.influence.query_rank is not None:
-    _positive_int(config, "influence.query_rank")
+  for name in ("influence.query_rank", "influence.mesh_model"):
+    if config.influence[name.split(".")[1]] is not None:
+      _positive_int(config, name)
   if config.optimizer not in optim.OPTIMIZERS:
     raise ValueError(f"config.optimizer={config.optimizer!r}: must be one of "
                      f"{optim.OPTIMIZERS}.")

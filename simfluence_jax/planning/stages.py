@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from simfluence_jax import config_lib
 from simfluence_jax import influence
 from simfluence_jax import sharding
 from simfluence_jax import training
@@ -183,7 +184,8 @@ def record_grad_runs(job: job_lib.Job) -> List[Program]:
 def _score_mesh(job: job_lib.Job):
   if job.num_devices == 1:
     return sharding.make_mesh(runs=1, data=1, devices=job.devices)
-  return sharding.scores_mesh(job.config.mesh_model, devices=job.devices)
+  return sharding.scores_mesh(config_lib.score_mesh_model(job.config),
+                              devices=job.devices)
 
 
 def score_chunks(chunk_size: int, num_train: int, num_devices: int
@@ -467,9 +469,10 @@ def _per_chip(count: int, num_devices: int) -> int:
   return count // num_devices if count % num_devices == 0 else count
 
 
-def _model_sizes(job: job_lib.Job):
-  """`mesh_model` values above the config's that divide the devices (doubling)."""
-  size = job.config.mesh_model * 2
+def _model_sizes(job: job_lib.Job, current: Optional[int] = None):
+  """`model` axis sizes above `current` (default: the config's `mesh_model`) that
+  divide the devices (doubling)."""
+  size = (current or job.config.mesh_model) * 2
   while size <= job.num_devices:
     if job.num_devices % size == 0:
       yield size
@@ -538,9 +541,10 @@ def _grad_run_fixes(job: job_lib.Job) -> List[Fix]:
 
 def _chunk_fixes(job: job_lib.Job) -> List[Fix]:
   """Smaller chunks of train examples, then params (and factors, queries) split
-  over a larger `model` axis."""
+  over a larger `model` axis of the score kernels."""
   config = job.config
-  data = job.num_devices // config.mesh_model
+  model = config_lib.score_mesh_model(config)
+  data = job.num_devices // model
   seen = {score_chunks(config.influence.chunk_size, config.num_train_examples,
                        data)[0]}
   fixes = []
@@ -550,9 +554,9 @@ def _chunk_fixes(job: job_lib.Job) -> List[Fix]:
       seen.add(length)
       fixes.append(Fix(f"influence.chunk_size={chunk} ({length // data} per "
                        "data slot)", {"influence.chunk_size": chunk}))
-  return fixes + [Fix(f"mesh_model={model} (params and factors split over {model} "
-                      "chips)", {"mesh_model": model})
-                  for model in _model_sizes(job)]
+  return fixes + [Fix(f"influence.mesh_model={size} (params, factors and queries "
+                      f"split over {size} chips)", {"influence.mesh_model": size})
+                  for size in _model_sizes(job, model)]
 
 
 def _pretrain_fixes(job: job_lib.Job) -> List[Fix]:
