@@ -1,0 +1,22 @@
+"""The recorded pieces of a finished `configs/default.py` main job, for experiments."""
+
+from simfluence_jax import config_lib
+from simfluence_jax.pipeline import stages
+from simfluence_jax.pipeline import workdir as workdir_lib
+
+
+def load(workdir: str, seed: int, config=None):
+  """(config, wd, dataset, model, curricula, runs) of the job's seed `seed`.
+
+  The stages are reused from `workdir` (computed there if missing); `config`
+  (default: `configs/default.py` with `seed`) must match the job's for reuse.
+  """
+  if config is None:
+    config = config_lib.load_config("configs/default.py")
+    config.seed = seed
+  wd = workdir_lib.Workdir(workdir, config)
+  dataset = stages.load_data(wd, config)
+  model = stages.base_model(wd, config, dataset)
+  curricula = stages.make_curricula(config)
+  runs = stages.record_runs(wd, config, dataset, model, curricula)
+  return config, wd, dataset, model, curricula, runs
