@@ -219,7 +219,7 @@ def test_out_of_memory_messages():
 def test_readme_table_of_plans():
   """`tables --plans`: per stage the largest program's GiB per chip per plan, NO
   where it does not fit, – where the config does not run the stage."""
-  from simfluence_jax import tables  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.planning import report  # pylint: disable=g-import-not-at-top
   chip = {"hbm_bytes": 16 * 2**30}
   gib = lambda x: {"total": x * 2**30}
   small = {"config": "configs/default.py", "topology": "v5e:2x2", "num_devices": 4,
@@ -232,7 +232,7 @@ def test_readme_table_of_plans():
                num_devices=256, num_params=1.34e9, seconds=300.0, rows=[
                    {"name": "record_runs/segment", "status": "out of memory",
                     "needed_bytes": 18.9 * 2**30}])
-  lines = tables.plans_table([small, large])
+  lines = report.plans_table([small, large])
   assert "`default.py` on v5e:2x2 (4 x 16 GiB, 0M params)" in lines[0]
   assert "`scale_1b.py` on v5e:16x16 (256 x 16 GiB, 1340M params)" in lines[0]
   assert lines[2] == "| record_runs | 0.50 | **18.90 NO** |"

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import logging
+import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -406,3 +407,43 @@ def format_markdown(result: Plan) -> str:
 def write_json(result: Plan, path: str) -> None:
   from simfluence_jax import _io  # pylint: disable=g-import-not-at-top
   _io.write_text(path, json.dumps(result.to_json(), indent=2))
+
+
+def plans_table(plans: List[dict]) -> List[str]:
+  """Markdown rows of every stage: its largest program's GiB per chip in each plan
+  (`Plan.to_json` dicts; "–": the config does not run it), "NO" where it does not
+  fit, and a header naming each plan's config, topology and chips."""
+  stages, cells = [], []
+  for plan in plans:
+    by_stage = {}
+    for row in plan["rows"]:
+      stage = row["name"].split("/")[0]
+      if stage not in stages:
+        stages.append(stage)
+      total = (row.get("memory") or {}).get("total") or row.get("needed_bytes")
+      fits = row["status"] in ("fits", "not available", "not compiled")
+      old_total, old_fits = by_stage.get(stage, (None, True))
+      if total is not None and (old_total is None or total > old_total):
+        old_total = total
+      by_stage[stage] = (old_total, old_fits and fits)
+    cells.append(by_stage)
+  header = ["| stage | " + " | ".join(
+      f"`{os.path.basename(p['config'])}` on {p['topology']} ({p['num_devices']} x "
+      f"{p['chip']['hbm_bytes'] / 2**30:.0f} GiB, {p['num_params'] / 1e6:.0f}M params)"
+      for p in plans) + " |", "|---" * (len(plans) + 1) + "|"]
+  lines = []
+  for stage in stages:
+    values = []
+    for by_stage in cells:
+      if stage not in by_stage:
+        values.append("–")
+        continue
+      total, fits = by_stage[stage]
+      text = "n/a" if total is None else f"{total / 2**30:.2f}"
+      values.append(text if fits else f"**{text} NO**")
+    lines.append(f"| {stage} | " + " | ".join(values) + " |")
+  return header + lines + [
+      "", "GiB per chip of each stage's largest program (XLA's memory analysis of the "
+      "compiled TPU program; n/a: not compiled, e.g. large eigendecompositions, or "
+      "not available); **NO**: does not fit the chip's HBM. Planned in " + ", ".join(
+          f"{p['seconds'] / 60:.1f} min" for p in plans) + " on this 2-core machine."]
