@@ -3,7 +3,9 @@ r"""Featurized simulators with and without per-example corrections (docs/experim
   python experiments/featurized_variants.py WORKDIR SEED 32,64
 
 Prints, per variant, (spearman_across_runs, all_steps_mse / curriculum_blind's) on
-the held-out runs and on the runs containing unseen train examples.
+the held-out runs and on the runs containing unseen train examples. It stores the
+features of each dimension in WORKDIR (the `features` stage), so the next main job
+there recomputes its own: run it on a copy.
 """
 
 import sys

@@ -16,7 +16,7 @@ import io
 import os
 import sys
 import tokenize
-from typing import Any
+from typing import Any, Tuple
 
 import ml_collections
 
@@ -176,10 +176,21 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def score_mesh_model(config) -> int:
-  """Size of the score kernels' `model` axis: `influence.mesh_model`, else
-  `mesh_model` (the training runs')."""
-  return config.influence.get("mesh_model") or config.mesh_model
+def mesh_model_sizes(config, num_devices: int) -> Tuple[int, int]:
+  """(`model` axis of the training runs, of the score kernels) on `num_devices`.
+
+  The score kernels' is `influence.mesh_model`, else `mesh_model`.
+
+  Raises:
+    ValueError: naming the field whose size does not divide `num_devices`.
+  """
+  scores = config.influence.get("mesh_model")
+  for field, size in (("mesh_model", config.mesh_model),
+                      ("influence.mesh_model", scores)):
+    if size and num_devices % size:
+      raise ValueError(f"config.{field}={size}: must divide the job's {num_devices} "
+                       "devices.")
+  return config.mesh_model, scores or config.mesh_model
 
 
 def tfds_task_config(name: str) -> ml_collections.ConfigDict:

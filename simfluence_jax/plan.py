@@ -26,6 +26,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from simfluence_jax import config_lib
 from simfluence_jax import main as main_lib
 
 _TOPOLOGY = flags.DEFINE_string(
@@ -63,6 +64,7 @@ def run(config, topology: str) -> int:
   if _MEASURE.value and name != "cpu":
     raise ValueError("--measure: programs can only run with --topology=cpu.")
   devices = planning.devices.topology_devices(name)
+  config_lib.mesh_model_sizes(config, len(devices))  # one line naming the field
   chip = (planning.chips.measure_host(devices[0]) if name == "cpu" else
           planning.chips.chip_of(devices))
   if chip is None:

@@ -4,7 +4,7 @@ Mesh axes (docs/design.md §6):
 
 * `runs`: independent training runs (`training.train_runs` shards its run axis).
 * `data`: train examples of a score computation, or the batch of EK-FAC statistics
-  (`shard_scores`, `influence.covariance_statistics(..., axis_name="data")`).
+  (`influence.covariance_statistics(..., axis_name="data")`).
 * `model`: each parameter (and optimizer state, EK-FAC factor, preconditioned
   query) split along one of its dimensions, FSDP-style (`param_spec`): a run or a
   model too large for one device spans `model` devices, and XLA gathers each
@@ -20,7 +20,7 @@ broadcast (`agree`), files are written by process 0 only (`is_primary`), and
 `barrier` keeps the processes in step where one reads what another wrote.
 """
 
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 from jax.experimental import multihost_utils
@@ -193,48 +193,12 @@ def data_size(mesh: Optional[jax.sharding.Mesh]) -> int:
 
 
 def manual_axes(mesh: jax.sharding.Mesh) -> frozenset:
-  """The axes a kernel's `shard_map` maps by hand: all but `model`.
+  """The axes a kernel's `shard_map` maps by hand: all but a `model` axis > 1.
 
   The `model` axis stays automatic: arguments placed with `param_shardings` keep
   their split inside the kernel and XLA inserts the gathers, so one kernel body
-  serves replicated and model-sharded params alike.
+  serves replicated and model-sharded params alike. Without a split (size 1) every
+  axis is manual, as without a `model` axis.
   """
-  return frozenset(mesh.axis_names) - {MODEL_AXIS}
-
-
-def data_parallel(fn: Callable[..., Any], mesh: jax.sharding.Mesh,
-                  sharded_args: Sequence[int], out_example_axis: Any = 0,
-                  reduced: bool = False) -> Callable[..., Any]:
-  """Jitted `shard_map` of a per-example kernel over the mesh's `data` axis.
-
-  Args:
-    fn: pure kernel `fn(*args)`; the arguments at `sharded_args` have a leading
-      example axis that is split over `data`, the others are replicated.
-    mesh: a mesh with a `data` axis (`make_mesh`).
-    sharded_args: positions of the example-sharded arguments.
-    out_example_axis: the output's example axis (an int, or a pytree of ints
-      matching the output); ignored when `reduced`.
-    reduced: the kernel `psum`s its output over `data` itself (e.g.
-      `covariance_statistics(..., axis_name="data")`): the output is replicated.
-
-  Returns:
-    `f(*args)`; call it with arguments placed by `put` (`data_sharded(mesh)` for the
-    sharded ones, `replicated(mesh)` for the rest).
-  """
-  spec = jax.sharding.PartitionSpec
-  sharded_args = set(sharded_args)
-
-  def wrapped(*args):
-    in_specs = tuple(
-        jax.tree_util.tree_map(lambda _: spec(DATA_AXIS) if i in sharded_args
-                               else spec(), arg)
-        for i, arg in enumerate(args))
-    if reduced:
-      out_specs = spec()
-    else:
-      out_specs = jax.tree_util.tree_map(
-          lambda a: spec(*([None] * a + [DATA_AXIS])), out_example_axis)
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                         axis_names=manual_axes(mesh), check_vma=False)(*args)
-
-  return jax.jit(wrapped)
+  axes = frozenset(mesh.axis_names)
+  return axes - {MODEL_AXIS} if model_size(mesh) > 1 else axes

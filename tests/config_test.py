@@ -63,20 +63,31 @@ def test_bad_config_values_are_named(field, value, message):
 
 def test_a_model_axis_that_does_not_divide_the_devices_is_refused():
   config = load("default", "tiny")
-  config.mesh_model = jax.device_count() + 1
-  with pytest.raises(ValueError, match=f"config.mesh_model={config.mesh_model}: must "
-                     f"divide the job's {jax.device_count()} devices"):
-    stages._runs_mesh(config)  # pylint: disable=protected-access
-  config.mesh_model = 1
-  assert stages._runs_mesh(config).shape["model"] == 1  # pylint: disable=protected-access
-
-
-def test_score_model_axis_defaults_to_the_runs_and_is_validated():
-  config = load("default", "tiny")
+  config.mesh_model = 3
+  with pytest.raises(ValueError, match="config.mesh_model=3: must divide the job's "
+                     "8 devices"):
+    config_lib.mesh_model_sizes(config, 8)
   config.mesh_model = 2
-  assert config_lib.score_mesh_model(config) == 2
-  config.influence.mesh_model = 4
-  assert config_lib.score_mesh_model(config) == 4
+  assert config_lib.mesh_model_sizes(config, 8) == (2, 2)
+  config.influence.mesh_model = 8
+  assert config_lib.mesh_model_sizes(config, 8) == (2, 8)
+  # On one device too: the score kernels' axis is checked, not skipped.
+  with pytest.raises(ValueError, match="config.influence.mesh_model=8: must divide "
+                     "the job's 1 devices"):
+    config_lib.mesh_model_sizes(dict_config(config, mesh_model=1), 1)
+  config.mesh_model = jax.device_count() + 1
+  with pytest.raises(ValueError, match=f"config.mesh_model={config.mesh_model}"):
+    stages._runs_mesh(config)  # pylint: disable=protected-access
+
+
+def dict_config(config, **overrides):
+  config = config.copy_and_resolve_references()
+  config.update(overrides)
+  return config
+
+
+def test_score_model_axis_is_validated():
+  config = load("default", "tiny")
   config.influence.mesh_model = 0
   with pytest.raises(ValueError, match="config.influence.mesh_model=0: must be a "
                      "positive integer"):

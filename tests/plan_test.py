@@ -227,14 +227,16 @@ def test_readme_table_of_plans():
                {"name": "record_runs/segment", "status": "fits", "memory": gib(0.5)},
                {"name": "ekfac_if/covariance", "status": "fits", "memory": gib(0.25)},
                {"name": "ekfac_if/scores", "status": "fits", "memory": gib(0.75)},
-               {"name": "ekfac_if/eigendecompose_259", "status": "not compiled"}]}
+               {"name": "ekfac_if/eigendecompose_259", "status": "not compiled"},
+               {"name": "simfluence_fit/linear_cg_init", "status": "error"}]}
   large = dict(small, config="configs/scale_1b.py", topology="v5e:16x16",
                num_devices=256, num_params=1.34e9, seconds=300.0, rows=[
                    {"name": "record_runs/segment", "status": "out of memory",
                     "needed_bytes": 18.9 * 2**30}])
   lines = report.plans_table([small, large])
-  assert "`default.py` on v5e:2x2 (4 x 16 GiB, 0M params)" in lines[0]
-  assert "`scale_1b.py` on v5e:16x16 (256 x 16 GiB, 1340M params)" in lines[0]
+  assert "`default.py` on v5e:2x2 (4 x 16 GiB, 136k params)" in lines[0]
+  assert "`scale_1b.py` on v5e:16x16 (256 x 16 GiB, 1.34B params)" in lines[0]
   assert lines[2] == "| record_runs | 0.50 | **18.90 NO** |"
   assert lines[3] == "| ekfac_if | 0.75 | – |"
+  assert lines[4] == "| simfluence_fit | n/a (error) | – |"
   assert "1.0 min, 5.0 min" in lines[-1]

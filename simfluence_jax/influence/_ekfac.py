@@ -310,7 +310,7 @@ def _accumulate(task, params, batches, layers, fisher, rng, mesh, chunk_size,
 
 
 def _sum_shards(per_shard, mesh):
-  """Per-shard statistics (leading axis D) -> statistics replicated over `mesh`.
+  """Per-shard statistics (leading axis D) -> their sum, placed like the params.
 
   On accelerators the shards are summed on device (one all-reduce per pass). On CPU
   they are gathered and summed on the host in shard order: gloo (multi-process) and
@@ -318,17 +318,19 @@ def _sum_shards(per_shard, mesh):
   job bit-identical to one process with the same devices.
   """
   if jax.default_backend() != "cpu":
-    total = jax.eval_shape(_shard_sum, per_shard)
-    return jax.jit(_shard_sum, out_shardings=sharding_lib.param_shardings(
-        total, mesh))(per_shard)
+    return _device_sum(mesh)(per_shard)
   per_shard = sharding_lib.to_host(per_shard)
   total = jax.tree_util.tree_map(lambda x: functools.reduce(np.add, list(x)),
                                  per_shard)
   return _common.put_params(total, mesh)
 
 
-def _shard_sum(per_shard):
-  return jax.tree_util.tree_map(lambda x: jnp.sum(x, 0), per_shard)
+@functools.lru_cache(maxsize=16)
+def _device_sum(mesh):
+  """jit: per-shard statistics (leading `data` axis) -> their sum, split over
+  `model` like the params (`sharding.param_spec`)."""
+  return jax.jit(lambda per_shard: _common.constrain_params(
+      jax.tree_util.tree_map(lambda x: jnp.sum(x, 0), per_shard), mesh))
 
 
 def _prepare(task, params, batches, argument, chunk_size, mesh):
@@ -470,12 +472,13 @@ def _query_side(task, layers, query_rank, mesh, params, factors, query_batch,
   preconditioned = _precondition(layers, factors, grads, lambdas)
   if query_rank is not None:
     preconditioned = _low_rank(preconditioned, query_rank)
-  # Dense queries are Q params-sized arrays: split over `model` like the params.
-  return _common.constrain_params(preconditioned, mesh)
+  # Dense queries are Q params-sized arrays: split over `model` like the params
+  # (after the query axis).
+  return _common.constrain_params(preconditioned, mesh, leading=(None,))
 
 
 @functools.lru_cache(maxsize=64)
-def _query_kernel(task, layers, query_rank, mesh=None):
+def _query_kernel(task, layers, query_rank, mesh):
   """jit: (params, layer factors, query_batch, lambdas) -> preconditioned queries
   (by layer, float32[Q, O, I], or (U·s, V) with `query_rank`)."""
   return jax.jit(functools.partial(_query_side, task, layers, query_rank, mesh))

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from simfluence_jax import _io
+from simfluence_jax import config_lib
 from simfluence_jax import sharding
 from simfluence_jax.pipeline import stages
 from simfluence_jax.pipeline import validate
@@ -82,6 +83,7 @@ def run_seed(config, workdir: str, overwrite: bool = False) -> dict:
   """One experiment (one seed) in `workdir`; returns the metrics payload."""
   from simfluence_jax import evaluation  # pylint: disable=g-import-not-at-top
   wd = workdir_lib.Workdir(workdir, config, overwrite)
+  config_lib.mesh_model_sizes(config, jax.device_count())  # refused before any work
   methods = config.methods
   dataset = stages.load_data(wd, config)
   model = stages.base_model(wd, config, dataset)

@@ -268,26 +268,16 @@ def _train_batches(config, dataset):
           for i in range(0, dataset.num_train_examples, chunk)]
 
 
-def _mesh(build, size: int, field: str):
-  """`build(size)` over every device of the job; a `size` that does not divide
-  them is refused naming the config field it came from."""
-  count = jax.device_count()
-  if count % size:
-    raise ValueError(f"config.{field}={size}: must divide the job's {count} devices.")
-  return build(size)
-
-
 def _runs_mesh(config):
   # Runs over `runs`, each run's params and optimizer state over `mesh_model`.
-  return _mesh(sharding.runs_mesh, config.mesh_model, "mesh_model")
+  runs, _ = config_lib.mesh_model_sizes(config, jax.device_count())
+  return sharding.runs_mesh(runs)
 
 
 def _score_mesh(config):
   # Train examples of the score kernels over `data`, params and factors over `model`.
-  if jax.device_count() == 1:
-    return None
-  field = "influence.mesh_model" if config.influence.mesh_model else "mesh_model"
-  return _mesh(sharding.scores_mesh, config_lib.score_mesh_model(config), field)
+  _, scores = config_lib.mesh_model_sizes(config, jax.device_count())
+  return sharding.scores_mesh(scores) if jax.device_count() > 1 else None
 
 
 def tracin_checkpoints(wd, config) -> list:
@@ -671,8 +661,7 @@ def metagradient(wd, config, dataset, model: Model, curricula: Curricula) -> dic
     result = training.first_order_losses(
         model.params, _reference_batch_ids(config), stacked, loss_fn=model.loss_fn,
         config=config, train_arrays=dataset.train, test_arrays=dataset.test,
-        chunk_size=config.metagradient.chunk_size, seed=config.seed,
-        mesh=_runs_mesh(config))
+        chunk_size=config.metagradient.chunk_size, seed=config.seed)
     predicted = np.asarray(result.losses, np.float64)
     if config.metagradient.space == "log":
       # The same expansion read as one of log L: L_ref·exp((L̂ − L_ref)/L_ref).
@@ -792,7 +781,7 @@ def removal_lds(wd, config, dataset, model: Model, runs: Runs, sims: dict,
         wd, "removal_metagradients", lambda: training.metagradients(
             model.params, removals.reference_ids[None], loss_fn=model.loss_fn,
             config=config, train_arrays=dataset.train,
-            test_arrays=dataset.test, mesh=_runs_mesh(config),
+            test_arrays=dataset.test,
             cotangents_at_once=config.metagradient.cotangents_at_once)[0],
         fields=OPTIMIZER_FIELDS + CURRICULA_FIELDS, upstream=("base_model",))
   if "tracin_per_step" in config.methods and runs.grad_trace is not None:

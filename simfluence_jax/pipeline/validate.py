@@ -8,10 +8,13 @@ METHODS = ("curriculum_blind", "simfluence_linear", "simfluence_additive",
            "metagradient", "simfluence_hybrid")
 
 
-def _positive_int(config, name: str, allow_zero: bool = False) -> None:
+def _positive_int(config, name: str, allow_zero: bool = False,
+                  allow_none: bool = False) -> None:
   value = config
   for part in name.split("."):
     value = value[part]
+  if value is None and allow_none:
+    return
   low = 0 if allow_zero else 1
   if isinstance(value, bool) or not isinstance(value, int) or value < low:
     kind = "a non-negative" if allow_zero else "a positive"
@@ -50,8 +53,7 @@ def validate_config(config) -> None:
                        ": must be positive numbers.")
   _positive_float(config, "influence.damping", allow_none=True)
   for name in ("influence.query_rank", "influence.mesh_model"):
-    if config.influence[name.split(".")[1]] is not None:
-      _positive_int(config, name)
+    _positive_int(config, name, allow_none=True)
   if config.optimizer not in optim.OPTIMIZERS:
     raise ValueError(f"config.optimizer={config.optimizer!r}: must be one of "
                      f"{optim.OPTIMIZERS}.")

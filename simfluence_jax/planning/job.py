@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simfluence_jax import config_lib
 from simfluence_jax import data
 from simfluence_jax import models
 from simfluence_jax import sharding as sharding_lib
@@ -56,9 +57,15 @@ class Job:
     return len(self.devices)
 
   @property
+  def mesh_model_sizes(self) -> tuple:
+    """(`model` axis of the runs, of the score kernels); ValueError naming the
+    config field that does not divide the devices."""
+    return config_lib.mesh_model_sizes(self.config, self.num_devices)
+
+  @property
   def run_slots(self) -> int:
     """Places for runs: `runs` axis size (devices over `mesh_model` per run)."""
-    return self.num_devices // self.config.mesh_model
+    return self.num_devices // self.mesh_model_sizes[0]
 
   @property
   def num_params(self) -> int:
@@ -146,10 +153,11 @@ def place(tree: Any, sharding: Any, lead: tuple = ()) -> Any:
   return jax.tree_util.tree_map(leaf, tree, sharding)
 
 
-def place_params(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+def place_params(tree: Any, mesh: jax.sharding.Mesh, leading: tuple = ()) -> Any:
   """`tree`'s leaves placed as the job places params: split over the mesh's
-  `model` axis by `sharding.param_spec`, replicated over its other axes."""
-  return place(tree, sharding_lib.param_shardings(tree, mesh))
+  `model` axis by `sharding.param_spec` (after `leading` dimensions, e.g. a query
+  axis), replicated over its other axes."""
+  return place(tree, sharding_lib.param_shardings(tree, mesh, leading))
 
 
 def replicated_on(devices) -> jax.sharding.NamedSharding:

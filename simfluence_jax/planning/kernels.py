@@ -9,7 +9,7 @@ program.
 
 Used (module: name):
   influence._tracin: _cached_plan, _query_kernel, _chunk_kernel
-  influence._ekfac: _statistics_kernel, _shard_sum, _query_kernel, _score_kernel
+  influence._ekfac: _statistics_kernel, _device_sum, _query_kernel, _score_kernel
   simulators._solver: _kernels, _chunk_size, _DEFAULT_MEMORY_BUDGET, choose_method,
     column_mesh
   simulators._simulator: _rollout
@@ -47,9 +47,10 @@ def ekfac_statistics_kernel(which: str, task, layers, fisher: str, mesh):
   return _ekfac._statistics_kernel(which, task, layers, fisher, mesh)
 
 
-def ekfac_shard_sum(per_shard):
-  """The per-shard statistics summed over their leading `data` axis (traceable)."""
-  return _ekfac._shard_sum(per_shard)
+def ekfac_shard_sum(mesh):
+  """jit: per-shard statistics -> their sum over `data`, split over `model` (the
+  on-device reduction of accelerators)."""
+  return _ekfac._device_sum(mesh)
 
 
 def ekfac_query_kernel(task, layers, query_rank, mesh):

@@ -409,6 +409,14 @@ def write_json(result: Plan, path: str) -> None:
   _io.write_text(path, json.dumps(result.to_json(), indent=2))
 
 
+def _count(number: float) -> str:
+  """1.34e9 -> "1.34B", 2.55e7 -> "25.5M", 1.36e5 -> "136k"."""
+  for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+    if number >= scale:
+      return f"{number / scale:.3g}{suffix}"
+  return f"{number:.0f}"
+
+
 def plans_table(plans: List[dict]) -> List[str]:
   """Markdown rows of every stage: its largest program's GiB per chip in each plan
   (`Plan.to_json` dicts; "–": the config does not run it), "NO" where it does not
@@ -421,15 +429,17 @@ def plans_table(plans: List[dict]) -> List[str]:
       if stage not in stages:
         stages.append(stage)
       total = (row.get("memory") or {}).get("total") or row.get("needed_bytes")
-      fits = row["status"] in ("fits", "not available", "not compiled")
-      old_total, old_fits = by_stage.get(stage, (None, True))
+      old_total, old_status = by_stage.get(stage, (None, FITS))
       if total is not None and (old_total is None or total > old_total):
         old_total = total
-      by_stage[stage] = (old_total, old_fits and fits)
+      # The worst status of the stage's programs: does not fit, then error.
+      status = next((s for s in (OOM, ERROR) if s in (row["status"], old_status)),
+                    FITS)
+      by_stage[stage] = (old_total, status)
     cells.append(by_stage)
   header = ["| stage | " + " | ".join(
       f"`{os.path.basename(p['config'])}` on {p['topology']} ({p['num_devices']} x "
-      f"{p['chip']['hbm_bytes'] / 2**30:.0f} GiB, {p['num_params'] / 1e6:.0f}M params)"
+      f"{p['chip']['hbm_bytes'] / 2**30:.0f} GiB, {_count(p['num_params'])} params)"
       for p in plans) + " |", "|---" * (len(plans) + 1) + "|"]
   lines = []
   for stage in stages:
@@ -438,12 +448,14 @@ def plans_table(plans: List[dict]) -> List[str]:
       if stage not in by_stage:
         values.append("–")
         continue
-      total, fits = by_stage[stage]
+      total, status = by_stage[stage]
       text = "n/a" if total is None else f"{total / 2**30:.2f}"
-      values.append(text if fits else f"**{text} NO**")
+      values.append({OOM: f"**{text} NO**", ERROR: f"{text} (error)"}.get(status,
+                                                                            text))
     lines.append(f"| {stage} | " + " | ".join(values) + " |")
   return header + lines + [
       "", "GiB per chip of each stage's largest program (XLA's memory analysis of the "
       "compiled TPU program; n/a: not compiled, e.g. large eigendecompositions, or "
-      "not available); **NO**: does not fit the chip's HBM. Planned in " + ", ".join(
+      "not available); **NO**: does not fit the chip's HBM; (error): a program failed "
+      "to compile (see the plan's notes). Planned in " + ", ".join(
           f"{p['seconds'] / 60:.1f} min" for p in plans) + " on this 2-core machine."]

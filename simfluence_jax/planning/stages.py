@@ -6,9 +6,9 @@ with (`Program.lower()` lowers it; nothing is allocated). `STAGES` is the regist
 which stages a config runs, and the config changes that could make a stage fit
 (`Fix`), cheapest first.
 
-Meshes are the job's: training runs over `sharding.make_mesh(runs=None, data=1)`
-(`train_runs`' default), score kernels over `make_mesh(runs=1, data=None)`
-(`pipeline.stages._score_mesh`), the Simfluence solver over the first process's
+Meshes are the job's: training runs over `sharding.runs_mesh(mesh_model)`, score
+kernels over `sharding.scores_mesh(influence.mesh_model or mesh_model)`
+(`pipeline.stages._runs_mesh`, `_score_mesh`), the Simfluence solver over the first process's
 devices (`simulators.solve`' default on accelerators); pre-training, per-step
 TracIn sums and rollouts run on one device, as in the job.
 """
@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from simfluence_jax import config_lib
 from simfluence_jax import influence
 from simfluence_jax import sharding
 from simfluence_jax import training
@@ -137,7 +136,7 @@ def segment_steps(config) -> int:
 
 def _segment(job: job_lib.Job, num_runs: int, record_grads: bool) -> Program:
   config = job.config
-  mesh = sharding.runs_mesh(config.mesh_model, devices=job.devices)
+  mesh = sharding.runs_mesh(job.mesh_model_sizes[0], devices=job.devices)
   run_sharding, replicated = training.runs_shardings(num_runs, mesh)
   optimizer, schedule = training.make_optimizer(config, num_steps=config.num_steps)
   train_step = training.make_train_step(
@@ -184,8 +183,7 @@ def record_grad_runs(job: job_lib.Job) -> List[Program]:
 def _score_mesh(job: job_lib.Job):
   if job.num_devices == 1:
     return sharding.make_mesh(runs=1, data=1, devices=job.devices)
-  return sharding.scores_mesh(config_lib.score_mesh_model(job.config),
-                              devices=job.devices)
+  return sharding.scores_mesh(job.mesh_model_sizes[1], devices=job.devices)
 
 
 def score_chunks(chunk_size: int, num_train: int, num_devices: int
@@ -242,8 +240,7 @@ def ekfac_if(job: job_lib.Job) -> List[Program]:
                                                mesh)
   cov_args = (params, None, chunk, weights, indices, rng)
   per_shard = jax.eval_shape(cov_kernel, *cov_args)
-  shard_sum = jax.jit(kernels.ekfac_shard_sum, out_shardings=sharding.param_shardings(
-      jax.eval_shape(kernels.ekfac_shard_sum, per_shard), mesh))
+  shard_sum = kernels.ekfac_shard_sum(mesh)
   per_shard = job_lib.place(per_shard, sharding.param_shardings(
       per_shard, mesh, leading=(sharding.DATA_AXIS,)))
   stats = job_lib.place_params(jax.eval_shape(shard_sum, per_shard), mesh)
@@ -265,7 +262,8 @@ def ekfac_if(job: job_lib.Job) -> List[Program]:
   rank = config.influence.query_rank
   query_kernel = kernels.ekfac_query_kernel(task, layers, rank, mesh)
   query_args = (params, factors, query_batch, lambdas)
-  query = job_lib.place_params(jax.eval_shape(query_kernel, *query_args), mesh)
+  query = job_lib.place_params(jax.eval_shape(query_kernel, *query_args), mesh,
+                               leading=(None,))
   score_kernel = kernels.ekfac_score_kernel(task, layers, mesh)
   factor_bytes = sum(math.prod(x.shape) * 4 for x in jax.tree_util.tree_leaves(
       factors))
@@ -464,9 +462,9 @@ def _halvings(value: int, floor: int = 1):
     value //= 2
 
 
-def _per_chip(count: int, num_devices: int) -> int:
+def _per_slot(count: int, slots: int) -> int:
   """Runs per run slot of a run axis of `count` (replicated unless it divides)."""
-  return count // num_devices if count % num_devices == 0 else count
+  return count // slots if count % slots == 0 else count
 
 
 def _model_sizes(job: job_lib.Job, current: Optional[int] = None):
@@ -506,7 +504,7 @@ def _run_count_fixes(job: job_lib.Job) -> List[Fix]:
   """Fewer runs per run slot (k below the current), then a larger `model` axis
   with one run per slot (each run's state split over more chips), then SGD."""
   config, slots, plain = job.config, job.run_slots, job.plain_runs()
-  now = _per_chip(plain, slots)
+  now = _per_slot(plain, slots)
   targets = ([max(1, plain // slots)] if plain % slots else []) + list(
       _halvings(now))
   where = ("chip" if config.mesh_model == 1 else
@@ -529,7 +527,7 @@ def _run_count_fixes(job: job_lib.Job) -> List[Fix]:
 
 def _grad_run_fixes(job: job_lib.Job) -> List[Fix]:
   slots, grad = job.run_slots, job.grad_runs()
-  now = _per_chip(grad, slots)
+  now = _per_slot(grad, slots)
   targets = ([max(1, grad // slots)] if grad % slots else []) + list(
       _halvings(now))
   fixes = [Fix(f"num_grad_runs={slots * k} ({k} per slot)",
@@ -543,7 +541,7 @@ def _chunk_fixes(job: job_lib.Job) -> List[Fix]:
   """Smaller chunks of train examples, then params (and factors, queries) split
   over a larger `model` axis of the score kernels."""
   config = job.config
-  model = config_lib.score_mesh_model(config)
+  model = job.mesh_model_sizes[1]
   data = job.num_devices // model
   seen = {score_chunks(config.influence.chunk_size, config.num_train_examples,
                        data)[0]}

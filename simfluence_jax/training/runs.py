@@ -75,14 +75,14 @@ def runs_shardings(num_runs: int, mesh: Optional[jax.sharding.Mesh] = None
   by its size; otherwise every device holds all runs (logged).
   """
   if mesh is None:
-    mesh = sharding_lib.make_mesh(runs=None, data=1)
+    mesh = sharding_lib.runs_mesh()
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   size = mesh.shape[RUNS_AXIS]
   if num_runs % size == 0:
     return jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(RUNS_AXIS)), replicated
-  _logger.warning("train_runs: R=%d runs do not divide evenly over %d devices; "
-                  "replicating the runs on every device instead of sharding them.",
+  _logger.warning("train_runs: R=%d runs do not divide evenly over %d run slots; "
+                  "replicating the runs on every slot instead of sharding them.",
                   num_runs, size)
   return replicated, replicated
 
