@@ -10,17 +10,18 @@ factors are fitted at the base model. Data: the seqio Task `super_glue_boolq_v10
 
   python -m simfluence_jax.plan --config=configs/scale_8b.py --topology=v5p-128
 
-What the plan says (libtpu 0.0.52, jax 0.10.2, ~13 min on 2 busy cores): the
-training segment (1 run per chip, SGD: 35.1 GiB per chip) and TracIn-CP fit:
-16 queries of 128 tokens make every layer's query side factored (activations, not
-[O, I] gradients), so a chip holds the replicated params (29 GiB) plus one chunk's
-activations (query 69.6 GiB, chunk 53.2 GiB per chip). EK-FAC does NOT fit:
-`fit_ekfac` and `ekfac_scores` replicate every factor on every chip, 152 GiB here
-(each MLP layer's 20480² factor is 1.6 GiB; the covariance pass asks for 153.6 GiB)
-against v5p's 95 GiB, and the dense preconditioned queries (16 x 7.8B floats, 464
-GiB) are larger still; no chunk size helps. Grosse et al. shard the factors over
-devices and keep queries low-rank (`ekfac_scores(..., query_rank=)` exists; the
-pipeline does not pass it yet): both are library changes, not config fields.
+What the plan says (libtpu 0.0.52, jax 0.10.2; `docs/experiments.md`): the training
+segment (1 run per chip, SGD: 35.1 GiB per chip) and TracIn-CP fit: 16 queries of 128
+tokens make every layer's query side factored (activations, not [O, I] gradients), so
+a chip holds the params plus one chunk's activations. EK-FAC's factors (152 GiB in
+all) are split over `influence.mesh_model = 64` chips, which the 16 dense
+preconditioned queries (16 x 7.8B floats) need; but the A-side factors of layers with
+a bias, (I + 1)² (e.g. 20481² for each MLP output, about 54 GiB for the model), have
+no dimension 64 divides and stay replicated, so EK-FAC still does not fit a v5p's
+95 GiB in every pass. Splitting those (padding I + 1 to the axis, or a layout of
+their own) is the missing piece; `ekfac_scores(..., query_rank=)` (Grosse et al.'s
+low-rank queries) shrinks the queries but its SVD does not compile on this machine
+in reasonable time at these sizes.
 """
 
 from simfluence_jax import config_lib
@@ -58,7 +59,8 @@ def get_config(arg=None):
   config.model.vocab_size = 32100  # T5's vocabulary; the job takes it from the Task.
 
   config.influence.tracin_num_runs = 4
-  config.influence.chunk_size = 256  # Train examples per chunk: 4 per chip.
+  config.influence.chunk_size = 64  # Train examples per chunk (one per data slot).
+  config.influence.mesh_model = 64  # Params, factors and dense queries over 64 chips.
   config.pretrain_steps = 0
   config.counterfactual.enabled = False
   config.distributed = True
