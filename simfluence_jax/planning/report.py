@@ -291,8 +291,13 @@ def plan(config, devices: Sequence[jax.Device], chip: chips_lib.ChipSpec, *,
     for program in programs:
       _logger.info("plan: compiling %s/%s", stage.name, program.name)
       row = compile_row(stage.name, program, chip, measure=measure)
-      _logger.info("plan: %s/%s: %s (compile %s)", stage.name, program.name,
-                   row.status, _seconds(row.compile_seconds))
+      # The per-chip memory is logged as soon as it is known, so a plan stopped
+      # during a later (long) compile still leaves every finished row's numbers.
+      needed = _needed(row)
+      _logger.info("plan: %s/%s: %s%s (compile %s)", stage.name, program.name,
+                   row.status, "" if needed is None else
+                   f", {costs.gib(needed):.3g} GiB per chip",
+                   _seconds(row.compile_seconds))
       if row.status == OOM and find_fixes:
         row.suggestion = suggest(stage, job, row, chip)
       rows.append(row)
