@@ -15,10 +15,12 @@ segment (1 run per chip, SGD: 35.1 GiB per chip) and TracIn-CP fit: 16 queries o
 tokens make every layer's query side factored (activations, not [O, I] gradients), so
 a chip holds the params plus one chunk's activations. EK-FAC's factors (152 GiB in
 all) are split over `influence.mesh_model = 64` chips, which the 16 dense
-preconditioned queries (16 x 7.8B floats) need; but the A-side factors of layers with
-a bias, (I + 1)² (e.g. 20481² for each MLP output, about 54 GiB for the model), have
-no dimension 64 divides and stay replicated, so EK-FAC still does not fit a v5p's
-95 GiB in every pass. Splitting those (padding I + 1 to the axis, or a layout of
+preconditioned queries (16 x 7.8B floats) need: the covariance pass (91.8 GiB per
+chip), the eigenvalue pass (81.6 GiB) and the queries (91.8 GiB) fit v5p's 95.7 GiB.
+But the A-side factors of layers with a bias, (I + 1)² (e.g. 20481² for each MLP
+output, about 54 GiB for the model), have no dimension 64 divides and stay
+replicated, so the on-device sum of the per-shard statistics needs 131 GiB: EK-FAC
+does not fit yet. Splitting those (padding I + 1 to the axis, or a layout of
 their own) is the missing piece; `ekfac_scores(..., query_rank=)` (Grosse et al.'s
 low-rank queries) shrinks the queries but its SVD does not compile on this machine
 in reasonable time at these sizes.
