@@ -272,7 +272,7 @@ def plot(rows, path):
     ax.text(max(v, low) * 1.05, yi, label, va="center", fontsize=8)
   ax.set_yticks(y)
   ax.set_yticklabels(names)
-  ax.set_xlabel("headroom over the DESIGN §7 budget (ratio / budget; ≤-budgets "
+  ax.set_xlabel("headroom over the docs/design.md §7 budget (ratio / budget; ≤-budgets "
                 "inverted; ≥ 1 = met)")
   ax.set_title("simfluence_jax benchmarks")
   fig.tight_layout()
