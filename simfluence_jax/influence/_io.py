@@ -175,10 +175,11 @@ def load_factors(path) -> _ekfac.EKFACFactors:
     ValueError: `path` is not a complete factors directory, or its metadata or
       arrays are corrupt or disagree with each other.
   """
-  path = os.fspath(_io.as_path(path))
-  if not _io.exists(path):
+  root = _io.as_path(path)
+  path = os.fspath(root)  # for messages
+  if not root.exists():
     raise FileNotFoundError(f"load_factors: no EK-FAC factors at {path!r}.")
-  if not _io.as_path(path).is_dir():
+  if not root.is_dir():
     raise ValueError(f"load_factors: {path!r} is not a directory.")
   metadata = _read_metadata(path)
   layers = tuple(_spec_from_json(entry, path, metadata["version"])
@@ -188,8 +189,8 @@ def load_factors(path) -> _ekfac.EKFACFactors:
     raise ValueError(f"load_factors: corrupt {METADATA_FILE} in {path!r}: "
                      f"'fingerprint' must be a string, got {fingerprint!r}.")
   names = metadata["factor_names"]
-  arrays_path = os.path.join(path, ARRAYS_DIR)
-  if not _io.as_path(arrays_path).is_dir():
+  arrays_path = root / ARRAYS_DIR
+  if not arrays_path.is_dir():
     raise ValueError(f"load_factors: {path!r} has no {ARRAYS_DIR}/ directory.")
   fields = _ekfac.LayerFactors._fields
   empty = metadata.get("empty_arrays", {})
@@ -198,22 +199,22 @@ def load_factors(path) -> _ekfac.EKFACFactors:
                      f"'empty_arrays' must be an object.")
   try:
     with _checkpointer() as checkpointer:
-      saved = checkpointer.metadata(_io.as_path(arrays_path)).item_metadata.tree
+      saved = checkpointer.metadata(arrays_path).item_metadata.tree
       expected = {f"factor_{i}" for i in range(len(names))}
       if (set(saved) != expected
           or any(set(saved[key]) | set(empty.get(key, {})) != set(fields)
                  for key in expected)):
-        raise ValueError(f"load_factors: arrays in {arrays_path!r} do not match "
+        raise ValueError(f"load_factors: arrays in {os.fspath(arrays_path)!r} do not match "
                          f"the {len(names)} factors listed in {METADATA_FILE}.")
       # Sharding-free targets restore as host numpy arrays with the saved dtypes,
       # whatever device layout the factors were fitted on.
       target = jax.tree_util.tree_map(
           lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved)
-      restored = checkpointer.restore(_io.as_path(arrays_path), target)
+      restored = checkpointer.restore(arrays_path, target)
   except ValueError:
     raise
   except Exception as error:  # orbax raises assorted types on damaged files.
-    raise ValueError(f"load_factors: cannot read the arrays in {arrays_path!r}: "
+    raise ValueError(f"load_factors: cannot read the arrays in {os.fspath(arrays_path)!r}: "
                      f"{error}") from error
   def array(key, field):
     if field in empty.get(key, {}):
