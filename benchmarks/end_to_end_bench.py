@@ -185,13 +185,24 @@ def child(workload, side, data_path, num_query):
           "first_done": first_done, "second_call_s": second_s, "scores": out}
 
 
-def _run_child(workload, side, data_path, num_query, timeout=1200):
+def _cache_env(cache_dir):
+  """JAX's persistent compilation cache in `cache_dir` (the environment variables of
+  the `jax_compilation_cache_dir` and `jax_persistent_cache_*` options; the main job
+  sets the same options from `config.compilation_cache_dir`). None = off."""
+  if cache_dir is None:
+    return {"JAX_COMPILATION_CACHE_DIR": ""}
+  return {"JAX_COMPILATION_CACHE_DIR": cache_dir,
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def _run_child(workload, side, data_path, num_query, timeout=1200, cache_dir=None):
   started = time.time()
   proc = subprocess.run(
       [sys.executable, os.path.abspath(__file__), "--child", f"--workload={workload}",
        f"--side={side}", f"--data={data_path}", f"--num_query={num_query}"],
       capture_output=True, text=True, timeout=timeout,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **_cache_env(cache_dir)))
   if proc.returncode != 0:
     raise RuntimeError(f"{workload}/{side} exited {proc.returncode}:\n"
                        f"{proc.stderr[-3000:]}")
@@ -213,11 +224,17 @@ def _peer_available(side):
 def measure(size="full", peer=True, workloads=("tracin", "ekfac")):
   """Both workloads, each side a fresh process: {workload: {...}}.
 
+  Ours runs twice, as a first and a repeat user: `ours` with an empty persistent
+  compilation cache (cold: every program compiles), `ours_cached` with the cache the
+  first process filled (what a second attribution on the same machine waits for;
+  tracing still runs, XLA's compilation is read back).
+
   Returns:
-    per workload: `ours` and (when installed and `peer`) `peer`, each with
-    `end_to_end_s`, `import_s`, `first_call_s`, `second_call_s`, `process_s`; then
-    `end_to_end_speedup` and `warm_speedup` (peer / ours), `pearson` of the scores
-    and the sizes; `peer_missing` names the import error otherwise.
+    per workload: `ours`, `ours_cached` and (when installed and `peer`) `peer`, each
+    with `end_to_end_s`, `import_s`, `first_call_s`, `second_call_s`, `process_s`;
+    then `end_to_end_speedup` (cold), `cached_speedup` and `warm_speedup` (peer /
+    ours), `pearson` of the scores and the sizes; `peer_missing` names the import
+    error otherwise.
   """
   num_train, num_query, num_checkpoints = SIZES[size]
   out = {}
@@ -225,9 +242,13 @@ def measure(size="full", peer=True, workloads=("tracin", "ekfac")):
     data_path = write_inputs(directory, size, peers=peer)
     for workload in workloads:
       ours_side, peer_side = SIDES[workload]
+      cache_dir = os.path.join(directory, f"xla_cache_{workload}")
       row = {"num_train": num_train, "num_query": num_query,
              "num_checkpoints": num_checkpoints if workload == "tracin" else 1,
-             "ours": _run_child(workload, ours_side, data_path, num_query)}
+             "ours": _run_child(workload, ours_side, data_path, num_query,
+                                cache_dir=cache_dir),
+             "ours_cached": _run_child(workload, ours_side, data_path, num_query,
+                                       cache_dir=cache_dir)}
       missing = _peer_available(peer_side) if peer else "--no_peers"
       if missing:
         row["peer_missing"] = missing
@@ -235,6 +256,8 @@ def measure(size="full", peer=True, workloads=("tracin", "ekfac")):
         row["peer"] = _run_child(workload, peer_side, data_path, num_query)
         row["end_to_end_speedup"] = (row["peer"]["end_to_end_s"] /
                                      row["ours"]["end_to_end_s"])
+        row["cached_speedup"] = (row["peer"]["end_to_end_s"] /
+                                 row["ours_cached"]["end_to_end_s"])
         row["warm_speedup"] = (row["peer"]["second_call_s"] /
                                row["ours"]["second_call_s"])
         ours = np.load(row["ours"]["scores"]).ravel()
@@ -260,14 +283,16 @@ def main():
   print(f"{'workload':<8}{'side':<13}{'end to end':>11}{'import':>8}{'1st call':>9}"
         f"{'2nd call':>9}")
   for workload, row in result.items():
-    for key in ("ours", "peer"):
+    for key in ("ours", "ours_cached", "peer"):
       if key in row:
         r = row[key]
-        name = "ours" if key == "ours" else SIDES[workload][1]
+        name = {"ours": "ours (cold)", "ours_cached": "ours (cache)"}.get(
+            key, SIDES[workload][1])
         print(f"{workload:<8}{name:<13}{r['end_to_end_s']:>10.2f}s{r['import_s']:>7.2f}s"
               f"{r['first_call_s']:>8.2f}s{r['second_call_s']:>8.2f}s")
     if "peer" in row:
-      print(f"  {workload}: {row['end_to_end_speedup']:.2f}x end to end, "
+      print(f"  {workload}: {row['end_to_end_speedup']:.2f}x end to end (cold), "
+            f"{row['cached_speedup']:.2f}x with the compilation cache, "
             f"{row['warm_speedup']:.2f}x warm, Pearson {row['pearson']:.6f}")
     else:
       print(f"  {workload}: peer skipped ({row['peer_missing']})")

@@ -39,6 +39,8 @@ def test_smoke_run_writes_every_row(tmp_path, monkeypatch, capsys):
       ours = row["raw"]["ours"]
       assert 0 < ours["import_s"] < ours["end_to_end_s"] < ours["process_s"], ours
       assert ours["first_call_s"] > 0 and ours["second_call_s"] > 0
+      cached = row["raw"]["ours_cached"]  # the repeat process, compilation cache filled
+      assert 0 < cached["import_s"] < cached["end_to_end_s"], cached
     elif name in ("main_job_tiny", "ekfac_end_to_end"):
       assert row["status"] == "skipped (--smoke)"
     else:

@@ -285,8 +285,11 @@ class _Locator:
 # --- discovery ---------------------------------------------------------------------------
 
 
-def _first_example(batch):
-  return jax.tree_util.tree_map(lambda x: x[:1], batch)
+def example_shapes(batch):
+  """Shape and dtype of a one-example batch (for `jax.eval_shape`; slicing a device
+  array would compile a program)."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), x.dtype), batch)
 
 
 def _describe_calls(fn, params, batch):
@@ -395,7 +398,7 @@ def find_layers(fn: Callable[..., jax.Array], params, batch, warn: bool = True,
   if unknown:
     raise ValueError(f"kinds: unknown layer kinds {unknown}; registered: "
                      f"{list(_blocks.all_block_names())} (or \"all\").")
-  calls, seen = _describe_calls(fn, params, _first_example(batch))
+  calls, seen = _describe_calls(fn, params, example_shapes(batch))
   leaf_paths = _leaf_paths(params)
   specs, problems, disabled, covered = [], [], [], set()
   for name, entry in calls.items():

@@ -23,6 +23,7 @@ import numpy as np
 
 from simfluence_jax import losses
 from simfluence_jax import sharding as sharding_lib
+from simfluence_jax.influence import _layers
 from simfluence_jax.influence._nnx import nnx  # flax.nnx once the user imports it
 
 Batch = Mapping[str, Any]
@@ -112,7 +113,7 @@ class _ApplyTask:
 
   def _num_outputs(self, params, inputs) -> int:
     """The logits' last dimension (one trace per task and shapes, then cached)."""
-    first = jax.tree_util.tree_map(lambda x: x[:1], inputs)
+    first = _layers.example_shapes(inputs)
     key = (self, _signature(params), _signature(first))
     try:
       return _NUM_OUTPUTS[key]

@@ -107,12 +107,19 @@ def _signature(tree):
   return treedef, tuple((tuple(np.shape(x)), str(np.dtype(x.dtype))) for x in leaves)
 
 
+def _example_signature(batch):
+  """`_signature` of one example of `batch` (no slicing: a device array's `x[:1]`
+  would compile a program of its own)."""
+  leaves, treedef = jax.tree_util.tree_flatten(batch)
+  return treedef, tuple((tuple(np.shape(x)[1:]), str(np.dtype(x.dtype)))
+                        for x in leaves)
+
+
 def _cached_plan(task, params, query_batch, train_batch, num_query) -> _Plan:
   """`_make_plan`, reused for the same task and shapes (it traces the model)."""
-  first = lambda batch: jax.tree_util.tree_map(lambda x: x[:1], batch)
   try:
-    key = (task, _signature(params), _signature(first(query_batch)),
-           _signature(first(train_batch)), num_query)
+    key = (task, _signature(params), _example_signature(query_batch),
+           _example_signature(train_batch), num_query)
     hash(key)
   except TypeError:
     return _make_plan(task, params, query_batch, train_batch, num_query)
@@ -139,10 +146,8 @@ def _make_plan(task, params, query_batch, train_batch, num_query) -> _Plan:
     tokens = lambda fn, batch: {name: act.output_grads.shape[1] for name, act in
                                 jax.eval_shape(lambda p, b: _layers.capture(
                                     fn, p, b, layers)[0], params, batch).items()}
-    first = jax.tree_util.tree_map(lambda x: x[:1], train_batch)
-    train_tokens = tokens(task.loss, first)
-    query_tokens = tokens(task.measurement,
-                          jax.tree_util.tree_map(lambda x: x[:1], query_batch))
+    train_tokens = tokens(task.loss, _layers.example_shapes(train_batch))
+    query_tokens = tokens(task.measurement, _layers.example_shapes(query_batch))
     for spec in layers:
       factored[spec.name] = _blocks.block(spec).use_factored(
           num_query, query_tokens[spec.name], train_tokens[spec.name])
@@ -213,7 +218,7 @@ def _self_kernel(task, plan, mesh):
 
 def _validate(checkpoints, learning_rates, projection_dim, rng):
   checkpoints = list(checkpoints)
-  learning_rates = [float(lr) for lr in jnp.ravel(jnp.asarray(learning_rates))]
+  learning_rates = [float(lr) for lr in np.ravel(np.asarray(learning_rates))]
   if not checkpoints:
     raise ValueError("checkpoints is empty.")
   if len(checkpoints) != len(learning_rates):
@@ -302,9 +307,10 @@ def tracin_scores(task, checkpoints: Sequence, learning_rates, query_batch,
     chunk = _common.put_sharded(chunk, mesh)
     total = None
     for params, query, rate, key in zip(checkpoints, queries, rates, keys):
-      scores = score(params, query, rate, key, chunk)
+      # Summed on the host: [Q, chunk] is small, and a device add compiles a program.
+      scores = sharding_lib.to_host(score(params, query, rate, key, chunk))
       total = scores if total is None else total + scores
-    pieces.append(sharding_lib.to_host(total)[:, :valid])
+    pieces.append(total[:, :valid])
     progress.update(len(pieces))
   return jnp.asarray(np.concatenate(pieces, axis=1))
 
@@ -337,8 +343,8 @@ def tracin_self_influence(task, checkpoints: Sequence, learning_rates,
     chunk = _common.put_sharded(chunk, mesh)
     total = None
     for params, rate, key in zip(checkpoints, rates, keys):
-      scores = score(params, rate, key, chunk)
+      scores = sharding_lib.to_host(score(params, rate, key, chunk))
       total = scores if total is None else total + scores
-    pieces.append(sharding_lib.to_host(total)[:valid])
+    pieces.append(total[:valid])
     progress.update(len(pieces))
   return jnp.asarray(np.concatenate(pieces))
