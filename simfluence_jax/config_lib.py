@@ -105,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.num_layers = 2  # Transformer blocks.
   config.model.num_heads = 4  # Attention heads.
   config.model.d_ff = 256  # MLP hidden width inside a block.
+  config.model.use_bias = True  # Transformer Dense biases (False: Llama-style; EK-FAC's A factors I x I).
   config.model.hidden_sizes = (64,)  # MLP classifier hidden layers.
 
   # --- Base model (initialised, briefly pre-trained once, saved with orbax) ---------

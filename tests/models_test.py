@@ -53,6 +53,30 @@ def test_reference_transformer_param_count():
   assert models.num_params(variables) == 135_555  # ≈ 136k, docs/design.md §7
 
 
+def test_transformer_without_biases_has_square_ekfac_a_factors():
+  """use_bias=False drops exactly the 13 Dense biases; EK-FAC's A factors are then
+  I x I (no bias row), which a model axis dividing the width can split."""
+  from simfluence_jax import influence  # pylint: disable=g-import-not-at-top
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, VOCAB, (4, 8)), jnp.int32)
+  with_bias = models.init_variables(_tiny_lm(), tokens)
+  model = _tiny_lm(use_bias=False)
+  variables = models.init_variables(model, tokens)
+  biases = 2 * (4 * 16 + 32 + 16) + VOCAB  # per block q/k/v/out, mlp_in, mlp_out; head
+  assert models.num_params(with_bias) - models.num_params(variables) == biases
+  assert not [p for p, _ in jax.tree_util.tree_leaves_with_path(variables["params"])
+              if p[-1].key == "bias" and "ln" not in str(p)]
+  task = influence.LanguageModelingTask(model.apply)
+  batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1),
+           "mask": jnp.ones(tokens.shape, jnp.float32)}
+  factors = influence.fit_ekfac(task, variables, [batch])
+  sizes = {"query": 16, "key": 16, "value": 16, "out": 16, "mlp_in": 16,
+           "mlp_out": 32, "head": 16}
+  for name, layer in factors.factors.items():
+    fan_in = sizes[name.split("/")[-1]]
+    shape = layer.activation_eigenvectors.shape
+    assert shape == (fan_in, fan_in), (name, shape)
+
+
 def test_every_linear_map_is_a_dense_layer():
   model = _tiny_lm()
   tokens = jnp.zeros((1, 8), jnp.int32)

@@ -39,7 +39,7 @@ def get_model(model_config: Any, *, vocab_size: Optional[int] = None,
   Args:
     model_config: the `config.model` section: `name` ("transformer" | "mlp") plus
       that model's hyperparameters (`d_model`, `num_layers`, `num_heads`, `d_ff`,
-      `max_len`, `dropout` | `hidden_sizes`). Missing fields take the defaults.
+      `max_len`, `dropout`, `use_bias` | `hidden_sizes`). Missing fields take the defaults.
     vocab_size: V for the Transformer.
     num_classes: C for the MLP.
     max_len: longest sequence for the Transformer.
@@ -62,7 +62,7 @@ def get_model(model_config: Any, *, vocab_size: Optional[int] = None,
       raise ValueError("config.model: the transformer needs a vocab_size (from the "
                        "dataset or config.model.vocab_size).")
     defaults = {field: getattr(TransformerLM, field) for field in (
-        "d_model", "num_layers", "num_heads", "d_ff", "max_len", "dropout")}
+        "d_model", "num_layers", "num_heads", "d_ff", "max_len", "dropout", "use_bias")}
     kwargs = {field: _field(model_config, field, default)
               for field, default in defaults.items()}
     if max_len:

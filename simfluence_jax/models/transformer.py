@@ -19,10 +19,12 @@ class CausalSelfAttention(nn.Module):
   Attributes:
     num_heads: number of attention heads; must divide the model width.
     dropout: dropout rate on the attention weights (0 = deterministic).
+    use_bias: biases on the q/k/v/out projections.
   """
 
   num_heads: int
   dropout: float = 0.0
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -33,9 +35,9 @@ class CausalSelfAttention(nn.Module):
                        f"num_heads={self.num_heads}.")
     head_dim = width // self.num_heads
     split = lambda y: jnp.reshape(y, (batch, length, self.num_heads, head_dim))
-    query = split(nn.Dense(width, name="query")(x))
-    key = split(nn.Dense(width, name="key")(x))
-    value = split(nn.Dense(width, name="value")(x))
+    query = split(nn.Dense(width, use_bias=self.use_bias, name="query")(x))
+    key = split(nn.Dense(width, use_bias=self.use_bias, name="key")(x))
+    value = split(nn.Dense(width, use_bias=self.use_bias, name="value")(x))
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / jnp.sqrt(
         jnp.asarray(head_dim, x.dtype))
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))
@@ -43,7 +45,8 @@ class CausalSelfAttention(nn.Module):
     weights = nn.softmax(logits, axis=-1)
     weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
     attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-    return nn.Dense(width, name="out")(jnp.reshape(attended, (batch, length, width)))
+    return nn.Dense(width, use_bias=self.use_bias, name="out")(
+        jnp.reshape(attended, (batch, length, width)))
 
 
 class Block(nn.Module):
@@ -52,16 +55,19 @@ class Block(nn.Module):
   num_heads: int
   d_ff: int
   dropout: float = 0.0
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     """float32[B, L, D] -> float32[B, L, D]."""
     width = x.shape[-1]
-    h = CausalSelfAttention(self.num_heads, self.dropout, name="attention")(
-        nn.LayerNorm(name="ln_attention")(x), deterministic)
+    h = CausalSelfAttention(self.num_heads, self.dropout, self.use_bias,
+                            name="attention")(nn.LayerNorm(name="ln_attention")(x),
+                                              deterministic)
     x = x + nn.Dropout(self.dropout)(h, deterministic=deterministic)
-    h = nn.Dense(self.d_ff, name="mlp_in")(nn.LayerNorm(name="ln_mlp")(x))
-    h = nn.Dense(width, name="mlp_out")(nn.gelu(h))
+    h = nn.Dense(self.d_ff, use_bias=self.use_bias, name="mlp_in")(
+        nn.LayerNorm(name="ln_mlp")(x))
+    h = nn.Dense(width, use_bias=self.use_bias, name="mlp_out")(nn.gelu(h))
     return x + nn.Dropout(self.dropout)(h, deterministic=deterministic)
 
 
@@ -80,6 +86,9 @@ class TransformerLM(nn.Module):
     max_len: longest sequence the learned position embedding covers.
     dropout: dropout rate; 0 keeps the model deterministic (the default, so that
       per-step losses depend only on the curriculum).
+    use_bias: biases on every Dense layer. Without them (as in Llama-style
+      decoders) a layer's EK-FAC A factor is I × I, not (I + 1)², so a model mesh
+      axis that divides the width can split it.
   """
 
   vocab_size: int
@@ -89,6 +98,7 @@ class TransformerLM(nn.Module):
   d_ff: int = 256
   max_len: int = 32
   dropout: float = 0.0
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, tokens, deterministic: bool = True):
@@ -111,9 +121,10 @@ class TransformerLM(nn.Module):
                      name="position_embedding")(jnp.arange(length))[None]
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     for layer in range(self.num_layers):
-      x = Block(self.num_heads, self.d_ff, self.dropout, name=f"block_{layer}")(
-          x, deterministic)
+      x = Block(self.num_heads, self.d_ff, self.dropout, self.use_bias,
+                name=f"block_{layer}")(x, deterministic)
     x = nn.LayerNorm(name="ln_final")(x)
     # An untied output head keeps the vocabulary projection a plain Dense layer that
     # EK-FAC can precondition like any other.
-    return nn.Dense(self.vocab_size, name="head")(x).astype(jnp.float32)
+    return nn.Dense(self.vocab_size, use_bias=self.use_bias, name="head")(x).astype(
+        jnp.float32)
