@@ -59,6 +59,10 @@ def get_config(arg=None):
   config.model.num_heads = 32
   config.model.d_ff = 20480
   config.model.vocab_size = 32100  # T5's vocabulary; the job takes it from the Task.
+  # No Dense biases, as in Llama-style decoders: every EK-FAC A factor is then I x I
+  # (4096² or 20480²), which the 64-way model axis splits; with biases the (I + 1)²
+  # factors stay replicated (about 54 GiB) and the statistics' reduce needs 131 GiB.
+  config.model.use_bias = False
 
   config.influence.tracin_num_runs = 4
   config.influence.chunk_size = 64  # Train examples per chunk (one per data slot).

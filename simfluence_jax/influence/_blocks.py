@@ -35,12 +35,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simfluence_jax import sharding as sharding_lib
 from simfluence_jax.influence import _nnx
 from simfluence_jax.influence._nnx import nnx  # flax.nnx once the user imports it
 
 # Identity eigenbasis of a diagonal Kronecker factor: a [0, 0] placeholder that
 # fails loudly if it is ever multiplied like a real [I, I] basis.
 IDENTITY_BASIS_SHAPE = (0, 0)
+
+
+def _model_split() -> bool:
+  """Whether this trace runs on a mesh whose `model` axis (size > 1) splits arrays."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and dict(mesh.shape).get(sharding_lib.MODEL_AXIS, 1) > 1
 
 
 class UnsupportedLayerError(ValueError):
@@ -159,6 +166,12 @@ class CurvatureBlock:
   def dot(self, query, act) -> jax.Array:
     """⟨P_q, G_i⟩: query float32[Q, O, I] -> float32[Q, B]."""
     grads = self.per_example_grads(act)
+    if _model_split():
+      # An einsum over (O, I): reshaping a dimension split over `model` into [O·I]
+      # makes XLA's SPMD partitioner reshard (the 8B plan's scores program did not
+      # compile in 25 min; with the einsum, 66 s). Each shard contracts its part.
+      return jnp.einsum("qoi,noi->qn", query, grads)
+    # One [Q, O·I] @ [O·I, B] GEMM: 15% faster than the einsum on XLA:CPU.
     return (jnp.reshape(query, (query.shape[0], -1))
             @ jnp.reshape(grads, (grads.shape[0], -1)).T)
 

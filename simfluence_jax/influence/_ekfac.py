@@ -104,9 +104,9 @@ class EKFACFactors:
 def add_statistics(left, right):
   """Sum of two `CovarianceStatistics` (or two `EigenvalueStatistics`).
 
-  Jitted, like every step between the statistics passes (`eigendecompose`,
-  `layer_damping`, the eigenvalue normalisation): run eagerly, each of their
-  per-layer ops compiled a program of its own — about 40 compilations, 1.6 s of a
+  Jitted, like every step between the statistics passes (`eigendecompose` per
+  layer shape, `layer_damping`, the eigenvalue normalisation): run eagerly, each of
+  their ops compiled a program of its own — about 40 compilations, 1.6 s of a
   3-layer MLP's 5 s first call (issue 16).
   """
   return jax.tree_util.tree_map(jnp.add, left, right)
@@ -212,28 +212,33 @@ def covariances(stats: CovarianceStatistics) -> Tuple[Dict[str, jax.Array],
           {n: s / counts[n] for n, s in stats.gradient_sums.items()})
 
 
-@jax.jit
 def eigendecompose(stats: CovarianceStatistics
                    ) -> Dict[str, Tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
   """By layer: (eigenvalues of A, Q_A, eigenvalues of S, Q_S), via `eigh`.
 
   A diagonal A (float32[I]) is its own eigenvalues with the identity basis, which
-  is returned as the float32[0, 0] placeholder.
+  is returned as the float32[0, 0] placeholder. One jitted program per layer shape
+  (`_eigh_layer`): layers of one shape share it, and no program holds every
+  layer's eigh (XLA:TPU's eigh compile time grows steeply with n).
   """
-  activation_cov, gradient_cov = covariances(stats)
-  out = {}
-  for name in activation_cov:
-    a = activation_cov[name]
-    if a.ndim == 1:
-      a_values = a
-      a_vectors = jnp.zeros(_blocks.IDENTITY_BASIS_SHAPE, jnp.float32)
-    else:
-      # Symmetrised: float32 sums are not exactly symmetric and eigh reads one half.
-      a_values, a_vectors = jnp.linalg.eigh(0.5 * (a + a.T))
-    s = gradient_cov[name]
-    s_values, s_vectors = jnp.linalg.eigh(0.5 * (s + s.T))
-    out[name] = (a_values, a_vectors, s_values, s_vectors)
-  return out
+  return {name: _eigh_layer(stats.activation_sums[name], stats.gradient_sums[name],
+                            stats.token_counts[name])
+          for name in stats.activation_sums}
+
+
+@jax.jit
+def _eigh_layer(activation_sum, gradient_sum, token_count):
+  """One layer's covariances (sums / tokens) -> (λ_A, Q_A, λ_S, Q_S)."""
+  count = jnp.maximum(token_count, 1.0)
+  a, s = activation_sum / count, gradient_sum / count
+  if a.ndim == 1:
+    a_values = a
+    a_vectors = jnp.zeros(_blocks.IDENTITY_BASIS_SHAPE, jnp.float32)
+  else:
+    # Symmetrised: float32 sums are not exactly symmetric and eigh reads one half.
+    a_values, a_vectors = jnp.linalg.eigh(0.5 * (a + a.T))
+  s_values, s_vectors = jnp.linalg.eigh(0.5 * (s + s.T))
+  return a_values, a_vectors, s_values, s_vectors
 
 
 def eigenvalue_statistics(task, params, batch, layers,

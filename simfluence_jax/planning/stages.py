@@ -274,8 +274,8 @@ def ekfac_if(job: job_lib.Job) -> List[Program]:
       Program("reduce", shard_sum, (per_shard,), calls=2,
               note="per-shard sums of each pass, on device"),
   ]
-  # The job runs `eigendecompose` op by op: one eigh program per distinct factor
-  # shape, so one program per distinct (I, O) layer shape here, run per layer.
+  # `eigendecompose` runs one jitted program per distinct layer shape, so one
+  # program per distinct (I, O) layer shape here, run per layer.
   by_shape = {}
   for spec in layers:
     by_shape.setdefault((spec.augmented_input_dim, spec.output_dim), []).append(spec)
