@@ -188,7 +188,8 @@ def child(workload, side, data_path, num_query):
 def _cache_env(cache_dir):
   """JAX's persistent compilation cache in `cache_dir` (the environment variables of
   the `jax_compilation_cache_dir` and `jax_persistent_cache_*` options; the main job
-  sets the same options from `config.compilation_cache_dir`). None = off."""
+  sets them from `config.compilation_cache_dir`, caching programs that took ≥ 0.5 s
+  to compile; here every program is cached). None = off."""
   if cache_dir is None:
     return {"JAX_COMPILATION_CACHE_DIR": ""}
   return {"JAX_COMPILATION_CACHE_DIR": cache_dir,

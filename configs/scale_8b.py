@@ -10,20 +10,21 @@ factors are fitted at the base model. Data: the seqio Task `super_glue_boolq_v10
 
   python -m simfluence_jax.plan --config=configs/scale_8b.py --topology=v5p-128
 
-What the plan says (libtpu 0.0.52, jax 0.10.2; `docs/experiments.md`): the training
-segment (1 run per chip, SGD: 35.1 GiB per chip) and TracIn-CP fit: 16 queries of 128
-tokens make every layer's query side factored (activations, not [O, I] gradients), so
-a chip holds the params plus one chunk's activations. EK-FAC's factors (152 GiB in
-all) are split over `influence.mesh_model = 64` chips, which the 16 dense
-preconditioned queries (16 x 7.8B floats) need: the covariance pass (91.8 GiB per
-chip), the eigenvalue pass (81.6 GiB) and the queries (91.8 GiB) fit v5p's 95.7 GiB.
-But the A-side factors of layers with a bias, (I + 1)² (e.g. 20481² for each MLP
-output, about 54 GiB for the model), have no dimension 64 divides and stay
-replicated, so the on-device sum of the per-shard statistics needs 131 GiB: EK-FAC
-does not fit yet. Splitting those (padding I + 1 to the axis, or a layout of
-their own) is the missing piece; `ekfac_scores(..., query_rank=)` (Grosse et al.'s
-low-rank queries) shrinks the queries but its SVD does not compile on this machine
-in reasonable time at these sizes.
+What the plan says (libtpu 0.0.52, jax 0.10.2; `docs/experiments.md`): every stage
+fits v5p's 95.7 GiB. The training segment (1 run per chip, SGD) and TracIn-CP fit one
+run per chip: 16 queries of 128 tokens make every layer's query side factored
+(activations, not [O, I] gradients), so a chip holds the params plus one chunk's
+activations. EK-FAC's factors (150 GiB in all) and the 16 dense preconditioned
+queries (16 x 7.8B floats) are split over `influence.mesh_model = 64` chips. That
+needs a model without Dense biases (`model.use_bias = False`, as in Llama-style
+decoders): a bias makes a layer's A factor (I + 1)², which no axis of 64 divides, and
+those replicated factors made the statistics' reduce need 131 GiB. Without them the
+covariance pass needs 30.9 GiB per chip, the reduce 11.5, the eigenvalue pass 16.4,
+the queries 29.5 and the scores 20.8. The eigendecompositions (n = 4096 to 32100) are
+not compiled (XLA:TPU's eigh compile time grows steeply with n; the plan reports their
+inputs and outputs as a lower bound). `ekfac_scores(..., query_rank=)` (Grosse et
+al.'s low-rank queries) shrinks the queries, but its SVD does not compile on this
+machine in reasonable time at these sizes.
 """
 
 from simfluence_jax import config_lib

@@ -38,6 +38,9 @@ _STAGES = flags.DEFINE_list("stages", None, "Plan only these stages (default: ev
                             "stage the config runs).")
 _SUGGEST = flags.DEFINE_bool("suggest", True, "Recompile candidate fixes of a stage "
                              "that does not fit.")
+_THREADS = flags.DEFINE_integer(
+    "compile_threads", None, "Programs compiled at once (default 1; each compile of "
+    "a large program holds GiB of host memory: 2 ran the 8B plan out of 24 GiB).")
 _MEASURE = flags.DEFINE_bool("measure", False, "With --topology=cpu: run every "
                              "program on zeros and report its measured time.")
 
@@ -72,7 +75,8 @@ def run(config, topology: str) -> int:
                      f"{devices[0].device_kind!r} (known: {sorted(planning.CHIPS)}).")
   result = planning.plan(config, devices, chip, topology=name,
                          config_name=_config_name(), stage_names=_STAGES.value,
-                         find_fixes=_SUGGEST.value, measure=_MEASURE.value)
+                         find_fixes=_SUGGEST.value, measure=_MEASURE.value,
+                         compile_threads=_THREADS.value)
   text = (planning.report.format_markdown(result) if _MARKDOWN.value else
           planning.report.format_text(result))
   print(text, flush=True)

@@ -121,8 +121,12 @@ def test_too_large_is_reported_with_a_fix_that_fits(tmp_path):
   status, output, plan = run_plan(
       tmp_path, f"--config={TINY}", "--topology=v5e:2x2",
       "--stages=record_runs,simulate,metagradient",
-      "--config.num_test_examples=196608", "--config.num_runs=8")
+      "--config.num_test_examples=196608", "--config.num_runs=8",
+      "--compile_threads=2")  # rows keep stage order when compiled concurrently
   assert status == 3, output
+  stages = [r["stage"] for r in plan["rows"]]
+  assert stages == sorted(stages, key=["record_runs", "simulate",
+                                       "metagradient"].index), stages
   assert "DOES NOT FIT: record_runs/segment" in output
   segment = row(plan, "record_runs/segment")
   assert segment["status"] == "out of memory"

@@ -305,12 +305,12 @@ def tracin_scores(task, checkpoints: Sequence, learning_rates, query_batch,
                               _common.num_padded_chunks(batches, chunk_size, size))
   for chunk, valid, _ in _common.iterate_padded_chunks(batches, chunk_size, size):
     chunk = _common.put_sharded(chunk, mesh)
-    total = None
-    for params, query, rate, key in zip(checkpoints, queries, rates, keys):
-      # Summed on the host: [Q, chunk] is small, and a device add compiles a program.
-      scores = sharding_lib.to_host(score(params, query, rate, key, chunk))
-      total = scores if total is None else total + scores
-    pieces.append(total[:, :valid])
+    # Summed on the host ([Q, chunk] each; a device add would compile a program),
+    # after every checkpoint's kernel is queued: one transfer per chunk.
+    per_checkpoint = sharding_lib.to_host([
+        score(params, query, rate, key, chunk)
+        for params, query, rate, key in zip(checkpoints, queries, rates, keys)])
+    pieces.append(functools.reduce(np.add, per_checkpoint)[:, :valid])
     progress.update(len(pieces))
   return jnp.asarray(np.concatenate(pieces, axis=1))
 
@@ -341,10 +341,9 @@ def tracin_self_influence(task, checkpoints: Sequence, learning_rates,
                               _common.num_padded_chunks(batches, chunk_size, size))
   for chunk, valid, _ in _common.iterate_padded_chunks(batches, chunk_size, size):
     chunk = _common.put_sharded(chunk, mesh)
-    total = None
-    for params, rate, key in zip(checkpoints, rates, keys):
-      scores = sharding_lib.to_host(score(params, rate, key, chunk))
-      total = scores if total is None else total + scores
-    pieces.append(total[:valid])
+    per_checkpoint = sharding_lib.to_host([
+        score(params, rate, key, chunk)
+        for params, rate, key in zip(checkpoints, rates, keys)])
+    pieces.append(functools.reduce(np.add, per_checkpoint)[:valid])
     progress.update(len(pieces))
   return jnp.asarray(np.concatenate(pieces))

@@ -46,6 +46,13 @@ UNCACHED_FIELDS = ("distributed", "num_seeds", "compilation_cache_dir", "mesh_mo
                    "influence.mesh_model", "metagradient.cotangents_at_once")
 
 
+# Fields added after workdirs existed, with the value that means what the code did
+# before them: a field at that value is left out of every record, so older workdirs
+# still match (a new field would otherwise make every precious stage refuse them);
+# any other value is recorded like every field.
+FIELDS_ADDED_LATER = {"model.use_bias": True}
+
+
 class StaleWorkdirError(ValueError):
   """A precious stage's stored outputs were computed from other inputs."""
 
@@ -77,6 +84,8 @@ def _plain(value: Any) -> Any:
 def select_fields(flat: Mapping[str, Any], fields: Iterable[str]) -> dict:
   """The entries of `flat` named by `fields` (a field or a section prefix).
 
+  A field of `FIELDS_ADDED_LATER` at its old-behaviour value is left out.
+
   Raises:
     KeyError: a declared field names nothing in the config (a typo in a stage).
   """
@@ -87,7 +96,8 @@ def select_fields(flat: Mapping[str, Any], fields: Iterable[str]) -> dict:
     if not matched:
       raise KeyError(f"stage field {field!r} is not a config field.")
     out.update(matched)
-  return dict(sorted(out.items()))
+  return dict(sorted((k, v) for k, v in out.items()
+                     if k not in FIELDS_ADDED_LATER or v != FIELDS_ADDED_LATER[k]))
 
 
 def digest(value: Any) -> str:

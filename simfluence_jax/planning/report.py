@@ -7,6 +7,7 @@ fit, the stage's candidate fixes are recompiled in order and the first that fits
 the row's suggestion.
 """
 
+import concurrent.futures
 import copy
 import dataclasses
 import json
@@ -193,6 +194,20 @@ def compile_row(stage: str, program: stages_lib.Program, chip: chips_lib.ChipSpe
   return row
 
 
+def _compile_logged(stage: str, program: stages_lib.Program, chip: chips_lib.ChipSpec,
+                    measure: bool) -> Row:
+  """`compile_row`, logged when it starts and as soon as its memory is known (so a
+  plan stopped during a later, long compile still leaves every finished row's
+  numbers in the log)."""
+  _logger.info("plan: compiling %s/%s", stage, program.name)
+  row = compile_row(stage, program, chip, measure=measure)
+  needed = _needed(row)
+  _logger.info("plan: %s/%s: %s%s (compile %s)", stage, program.name, row.status,
+               "" if needed is None else f", {costs.gib(needed):.3g} GiB per chip",
+               _seconds(row.compile_seconds))
+  return row
+
+
 def override(config, overrides: Dict[str, Any]):
   """A copy of `config` with dotted fields set."""
   changed = copy.deepcopy(config)
@@ -254,7 +269,7 @@ def suggest(stage: stages_lib.Stage, job: job_lib.Job, failing: Row,
 def plan(config, devices: Sequence[jax.Device], chip: chips_lib.ChipSpec, *,
          topology: str = "", config_name: str = "",
          stage_names: Optional[Sequence[str]] = None, find_fixes: bool = True,
-         measure: bool = False) -> Plan:
+         measure: bool = False, compile_threads: Optional[int] = None) -> Plan:
   """Compiles every stage of the job of `config` for `devices`.
 
   Args:
@@ -265,6 +280,11 @@ def plan(config, devices: Sequence[jax.Device], chip: chips_lib.ChipSpec, *,
     stage_names: plan only these stages (default: every stage the config runs).
     find_fixes: recompile the fixes of a program that does not fit.
     measure: also run every program on zeros (only for local devices).
+    compile_threads: programs compiled at once (XLA's compilers run mostly on one
+      core and release the GIL; a program's compile time is then its wall time
+      among the others). None = 1: each compile of a large program holds several
+      GiB of host memory, and 2 threads ran the 8B plan out of a 24 GiB machine's.
+      Always 1 with `measure` (timings).
 
   Returns:
     A `Plan`.
@@ -276,28 +296,30 @@ def plan(config, devices: Sequence[jax.Device], chip: chips_lib.ChipSpec, *,
   job = job_lib.build(config, list(devices))
   wanted = [stages_lib.get(name) for name in stage_names] if stage_names else list(
       stages_lib.STAGES)
-  rows = []
-  for stage in wanted:
-    if not stage.applies(job):
-      continue
-    try:
-      programs = stage.build(job)
-    except stages_lib.NotAvailable as e:
-      rows.append(Row(stage.name, "-", NOT_AVAILABLE, error=str(e)))
-      continue
-    except Exception as e:  # pylint: disable=broad-except
-      rows.append(Row(stage.name, "-", ERROR, error=_first_line(e)))
-      continue
-    for program in programs:
-      _logger.info("plan: compiling %s/%s", stage.name, program.name)
-      row = compile_row(stage.name, program, chip, measure=measure)
-      # The per-chip memory is logged as soon as it is known, so a plan stopped
-      # during a later (long) compile still leaves every finished row's numbers.
-      needed = _needed(row)
-      _logger.info("plan: %s/%s: %s%s (compile %s)", stage.name, program.name,
-                   row.status, "" if needed is None else
-                   f", {costs.gib(needed):.3g} GiB per chip",
-                   _seconds(row.compile_seconds))
+  compile_threads = 1 if measure or compile_threads is None else compile_threads
+  entries = []  # per row, in stage order: a finished Row, or (stage, future)
+  with concurrent.futures.ThreadPoolExecutor(max(1, compile_threads)) as pool:
+    for stage in wanted:
+      if not stage.applies(job):
+        continue
+      try:
+        programs = stage.build(job)
+      except stages_lib.NotAvailable as e:
+        entries.append(Row(stage.name, "-", NOT_AVAILABLE, error=str(e)))
+        continue
+      except Exception as e:  # pylint: disable=broad-except
+        entries.append(Row(stage.name, "-", ERROR, error=_first_line(e)))
+        continue
+      for program in programs:
+        future = pool.submit(_compile_logged, stage.name, program, chip, measure)
+        entries.append((stage, future))
+    rows = []
+    for entry in entries:
+      if isinstance(entry, Row):
+        rows.append(entry)
+        continue
+      stage, future = entry
+      row = future.result()
       if row.status == OOM and find_fixes:
         row.suggestion = suggest(stage, job, row, chip)
       rows.append(row)
