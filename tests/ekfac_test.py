@@ -218,6 +218,9 @@ class InverseTest(absltest.TestCase):
     task, params, batch = _lm_setup()
     factors = influence.fit_ekfac(task, params, [batch])
     layers = factors.layers
+    # Factors keep the layers' call order (saved factors are numbered by it).
+    self.assertEqual(list(factors.factors), [spec.name for spec in layers])
+    self.assertNotEqual(sorted(factors.factors), list(factors.factors))
     train = _loop_layer_grads(task, params, batch, layers)
     query = _loop_layer_grads(task, params, _slice(batch, 1), layers, "measurement")
     preconditioned = influence.precondition(factors, query)
