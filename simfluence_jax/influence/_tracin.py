@@ -107,19 +107,11 @@ def _signature(tree):
   return treedef, tuple((tuple(np.shape(x)), str(np.dtype(x.dtype))) for x in leaves)
 
 
-def _example_signature(batch):
-  """`_signature` of one example of `batch` (no slicing: a device array's `x[:1]`
-  would compile a program of its own)."""
-  leaves, treedef = jax.tree_util.tree_flatten(batch)
-  return treedef, tuple((tuple(np.shape(x)[1:]), str(np.dtype(x.dtype)))
-                        for x in leaves)
-
-
 def _cached_plan(task, params, query_batch, train_batch, num_query) -> _Plan:
   """`_make_plan`, reused for the same task and shapes (it traces the model)."""
   try:
-    key = (task, _signature(params), _example_signature(query_batch),
-           _example_signature(train_batch), num_query)
+    key = (task, _signature(params), _signature(_layers.example_shapes(query_batch)),
+           _signature(_layers.example_shapes(train_batch)), num_query)
     hash(key)
   except TypeError:
     return _make_plan(task, params, query_batch, train_batch, num_query)
