@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from simfluence_jax import influence
+from simfluence_jax.influence import _ekfac
 
 
 class _MLP(nn.Module):
@@ -231,6 +232,12 @@ class InverseTest(absltest.TestCase):
     np.testing.assert_allclose(got, expected, rtol=1e-3,
                                atol=1e-4 * np.abs(expected).max())
     self.assertTrue(np.isfinite(np.asarray(got)).all())
+    # Queries are preconditioned by one program per layer kind and shape, which
+    # the layers of one kind and shape (the two blocks', q/k/v) share.
+    kinds = {(s.kind, s.in_axes, s.kernel_shape, s.has_bias) for s in layers}
+    programs = {id(_ekfac._precondition_kernel(s, None, None)) for s in layers}
+    self.assertEqual(len(programs), len(kinds))
+    self.assertLess(len(programs), len(layers) / 2)
 
 
 if __name__ == "__main__":

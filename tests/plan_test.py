@@ -20,6 +20,7 @@ import pytest
 
 from simfluence_jax import config_lib
 from simfluence_jax import data
+from simfluence_jax import influence
 from simfluence_jax import models
 from simfluence_jax import sharding
 from simfluence_jax.influence import _common
@@ -152,6 +153,42 @@ def test_cpu_estimate_against_a_measured_run(tmp_path):
   assert 0.1 < ratio < 1e4
   # On CPU nothing pads: the arguments are exactly the arithmetic.
   assert segment["memory"]["arguments"] == segment["logical_argument_bytes"]
+
+
+def test_ekfac_preconditions_per_layer_shape_with_the_rest_resident(tmp_path):
+  """EK-FAC's queries are preconditioned by one program per layer shape, run once
+  per layer; each program's peak counts what the job holds beside it: the params,
+  every other layer's factors and query gradients (arithmetic of the tiny model)."""
+  status, output, plan = run_plan(tmp_path, f"--config={TINY}", "--topology=cpu",
+                                  "--stages=ekfac_if", "--nosuggest")
+  assert status == 0, output
+  config = config_lib.load_config(TINY)
+  seq_len = config.data.seq_len
+  module = models.get_model(config.model, vocab_size=data.BYTE_VOCAB_SIZE,
+                            num_classes=None, max_len=seq_len)
+  params = jax.eval_shape(lambda: models.init_variables(
+      module, jnp.zeros((1, seq_len), jnp.int32), seed=0))
+  task = influence.LanguageModelingTask(module.apply)
+  batch = {"inputs": jax.ShapeDtypeStruct((1, seq_len), jnp.int32),
+           "targets": jax.ShapeDtypeStruct((1, seq_len), jnp.int32),
+           "mask": jax.ShapeDtypeStruct((1, seq_len), jnp.float32)}
+  layers = stages.traced(lambda p, b: influence.find_layers(task.loss, p, b,
+                                                            warn=False),
+                         params, batch)
+  shapes = [(s.augmented_input_dim, s.output_dim) for s in layers]
+  rows = [r for r in plan["rows"] if "/precondition_" in r["name"]]
+  # Layers of one kind and shape share a program (the attention's query, key and
+  # value kernels here; its output kernel is shaped differently).
+  assert {r["name"].split("_")[2] for r in rows} == {f"{i}x{o}" for i, o in shapes}
+  assert sum(r["calls"] for r in rows) == len(layers) > len(rows)
+  factor_bytes = sum(4 * (i * i + o * o + o * i) for i, o in shapes)
+  query_bytes = sum(4 * config.num_test_examples * o * i for i, o in shapes)
+  held = 4 * models.num_params(params) + factor_bytes + query_bytes
+  for r in rows:  # its own factors, query gradients and λ, and the rest
+    assert r["status"] == "fits"
+    assert r["logical_argument_bytes"] + r["resident_bytes"] == held + 4, r["name"]
+    assert r["peak_bytes"] == r["memory"]["total"] + r["resident_bytes"]
+  assert row(plan, "ekfac_if/query_gradients")["status"] == "fits"
 
 
 def test_without_libtpu_one_line_and_nonzero(tmp_path):

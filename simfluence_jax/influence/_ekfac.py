@@ -496,22 +496,51 @@ def _low_rank(preconditioned: Dict[str, jax.Array], rank: int):
   return out
 
 
-def _query_side(task, layers, query_rank, mesh, params, factors, query_batch,
-                lambdas):
+def _query_gradients(task, layers, mesh, params, query_batch):
+  # Q params-sized arrays: split over `model` like the params (after the query axis).
   grads = layer_gradients(task.measurement, params, query_batch, layers)
-  preconditioned = _precondition(layers, factors, grads, lambdas)
-  if query_rank is not None:
-    preconditioned = _low_rank(preconditioned, query_rank)
-  # Dense queries are Q params-sized arrays: split over `model` like the params
-  # (after the query axis).
-  return _common.constrain_params(preconditioned, mesh, leading=(None,))
+  return _common.constrain_params(grads, mesh, leading=(None,))
 
 
 @functools.lru_cache(maxsize=64)
-def _query_kernel(task, layers, query_rank, mesh):
-  """jit: (params, layer factors, query_batch, lambdas) -> preconditioned queries
-  (by layer, float32[Q, O, I], or (U·s, V) with `query_rank`)."""
-  return jax.jit(functools.partial(_query_side, task, layers, query_rank, mesh))
+def _query_gradients_kernel(task, layers, mesh):
+  """jit: (params, query_batch) -> by layer, float32[Q, O, I] query gradients."""
+  return jax.jit(functools.partial(_query_gradients, task, layers, mesh))
+
+
+def _shape_key(spec: _layers.LayerSpec) -> _layers.LayerSpec:
+  """`spec` without what names one layer: layers of one kind and shape share it."""
+  return dataclasses.replace(spec, name="", kernel_path=(), bias_path=None)
+
+
+def _precondition_one(spec, query_rank, mesh, factors, grad, damping):
+  preconditioned = {spec.name: _blocks.block(spec).precondition(factors, grad,
+                                                                damping)}
+  if query_rank is not None:
+    preconditioned = _low_rank(preconditioned, query_rank)
+  return _common.constrain_params(preconditioned, mesh, leading=(None,))[spec.name]
+
+
+def _precondition_kernel(spec, query_rank, mesh):
+  """jit: (one layer's factors, its query gradients, λ) -> its preconditioned queries
+  (float32[Q, O, I], or (U·s, V) with `query_rank`). Layers of one kind and shape
+  share the program (`_shape_key`): a few small programs, not one holding every
+  layer's preconditioning (at 8B, 193 layers: 150 s of XLA:TPU compile)."""
+  return _precondition_program(_shape_key(spec), query_rank, mesh)
+
+
+@functools.lru_cache(maxsize=64)
+def _precondition_program(key, query_rank, mesh):
+  return jax.jit(functools.partial(_precondition_one, key, query_rank, mesh))
+
+
+def _preconditioned_queries(task, layers, query_rank, mesh, params, factors,
+                            query_batch, lambdas):
+  """By layer: the preconditioned query gradients (`_precondition_kernel`)."""
+  grads = _query_gradients_kernel(task, layers, mesh)(params, query_batch)
+  return {spec.name: _precondition_kernel(spec, query_rank, mesh)(
+      factors[spec.name], grads.pop(spec.name), lambdas[spec.name])
+          for spec in layers}  # pop: each layer's gradients are freed once used
 
 
 def _train_scores(task, layers, mode, params, query, chunk):
@@ -588,8 +617,8 @@ def _scores(task, params, factors, query_batch, train_batches, damping, chunk_si
   params, layer_factors = _common.put_params((params, factors.factors), mesh)
   query_batch, lambdas = _common.put_replicated(
       (sharding_lib.to_host(query_batch), lambdas), mesh)
-  query = _query_kernel(task, factors.layers, query_rank, mesh)(
-      params, layer_factors, query_batch, lambdas)
+  query = _preconditioned_queries(task, factors.layers, query_rank, mesh, params,
+                                  layer_factors, query_batch, lambdas)
   kernel = _score_kernel(task, factors.layers, mode, mesh)
   pieces = []
   for chunk, valid, _ in _common.iterate_padded_chunks(batches, chunk_size, size):

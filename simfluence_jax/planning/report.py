@@ -43,6 +43,8 @@ class Row:
       ERROR (failed to build or compile: `error`), NOT_AVAILABLE, NOT_COMPILED
       (sized from inputs and outputs: `error` says why).
     memory: per-chip `costs.Memory`, when it compiled.
+    resident_bytes: per-chip bytes the job holds outside the program's arguments
+      while it runs (`Program.resident`), counted into `peak_bytes`.
     logical_argument_bytes: per-chip argument bytes by arithmetic (no padding).
     needed_bytes: what an out-of-memory compile said it needed.
     flops, bytes_accessed: per chip per call, loops counted (`costs.loop_costs`).
@@ -60,6 +62,7 @@ class Row:
   status: str
   note: str = ""
   memory: Optional[costs.Memory] = None
+  resident_bytes: int = 0
   logical_argument_bytes: Optional[int] = None
   needed_bytes: Optional[float] = None
   flops: Optional[float] = None
@@ -78,6 +81,13 @@ class Row:
     return f"{self.stage}/{self.program}"
 
   @property
+  def peak_bytes(self) -> Optional[float]:
+    """Per-chip bytes at the program's peak: its compiled memory (or, uncompiled,
+    what it was sized at) plus what the job holds beside it."""
+    own = self.memory.total if self.memory is not None else self.needed_bytes
+    return None if own is None else float(own + self.resident_bytes)
+
+  @property
   def job_seconds(self) -> Optional[float]:
     if self.roofline_seconds is None or self.calls is None:
       return None
@@ -87,6 +97,7 @@ class Row:
     out = {k: v for k, v in dataclasses.asdict(self).items() if k != "memory"}
     out["name"] = self.name
     out["job_seconds"] = self.job_seconds
+    out["peak_bytes"] = self.peak_bytes
     if self.memory is not None:
       out["memory"] = {**dataclasses.asdict(self.memory), "total": self.memory.total}
     return out
@@ -153,18 +164,19 @@ def compile_row(stage: str, program: stages_lib.Program, chip: chips_lib.ChipSpe
                 measure: bool = False) -> Row:
   """Lowers and compiles one program; its row (never raises for a compile error)."""
   row = Row(stage, program.name, ERROR, note=program.note, calls=program.calls,
-            logical_argument_bytes=costs.logical_bytes(program.args))
+            logical_argument_bytes=costs.logical_bytes(program.args),
+            resident_bytes=costs.logical_bytes(program.resident))
   if program.skip:
     outputs = jax.eval_shape(program.fn, *program.args, **program.static)
     row.needed_bytes = float(row.logical_argument_bytes
                              + costs.logical_bytes(outputs))
-    row.status = NOT_COMPILED if row.needed_bytes <= chip.hbm_bytes else OOM
+    row.status = NOT_COMPILED if row.peak_bytes <= chip.hbm_bytes else OOM
     row.error = program.skip
     return row
-  if row.logical_argument_bytes > chip.hbm_bytes:
+  if row.logical_argument_bytes + row.resident_bytes > chip.hbm_bytes:
     # Nothing to learn from compiling (minutes for a large model): it cannot fit.
     row.status, row.needed_bytes = OOM, float(row.logical_argument_bytes)
-    row.error = (f"its arguments alone are {costs.gib(row.needed_bytes):.1f} GiB per "
+    row.error = (f"its arguments alone are {costs.gib(row.peak_bytes):.1f} GiB per "
                  f"chip (> {costs.gib(chip.hbm_bytes):.0f} GiB HBM); not compiled")
     return row
   start = time.perf_counter()
@@ -181,7 +193,7 @@ def compile_row(stage: str, program: stages_lib.Program, chip: chips_lib.ChipSpe
   row.compile_seconds = time.perf_counter() - start
   try:
     row.memory = costs.Memory.of(compiled)
-    row.status = FITS if row.memory.total <= chip.hbm_bytes else OOM
+    row.status = FITS if row.peak_bytes <= chip.hbm_bytes else OOM
     counted = costs.program_costs(compiled, lowered)
     row.flops, row.bytes_accessed = counted["flops"], counted["bytes accessed"]
     row.unknown_loop_trips = counted["unknown_trips"]
@@ -201,7 +213,7 @@ def _compile_logged(stage: str, program: stages_lib.Program, chip: chips_lib.Chi
   numbers in the log)."""
   _logger.info("plan: compiling %s/%s", stage, program.name)
   row = compile_row(stage, program, chip, measure=measure)
-  needed = _needed(row)
+  needed = row.peak_bytes
   _logger.info("plan: %s/%s: %s%s (compile %s)", stage, program.name, row.status,
                "" if needed is None else f", {costs.gib(needed):.3g} GiB per chip",
                _seconds(row.compile_seconds))
@@ -221,12 +233,6 @@ def override(config, overrides: Dict[str, Any]):
   return changed
 
 
-def _needed(row: Row) -> Optional[float]:
-  if row.memory is not None:
-    return float(row.memory.total)
-  return row.needed_bytes
-
-
 def suggest(stage: stages_lib.Stage, job: job_lib.Job, failing: Row,
             chip: chips_lib.ChipSpec) -> str:
   """The first of the stage's fixes under which program `failing.program` fits.
@@ -235,7 +241,7 @@ def suggest(stage: stages_lib.Stage, job: job_lib.Job, failing: Row,
   the larger fixes of the same config fields are skipped: that lever does not
   move what fills the chip.
   """
-  tried, dead, before = [], set(), _needed(failing)
+  tried, dead, before = [], set(), failing.peak_bytes
   try:
     fixes = stage.fixes(job)
   except Exception as e:  # pylint: disable=broad-except
@@ -253,9 +259,9 @@ def suggest(stage: stages_lib.Stage, job: job_lib.Job, failing: Row,
     row = compile_row(stage.name, program, chip)
     _logger.info("plan: %s with %s: %s", failing.name, fix.label, row.status)
     if row.status == FITS:
-      return (f"fits with {fix.label}: {costs.gib(row.memory.total):.2f} GiB per "
+      return (f"fits with {fix.label}: {costs.gib(row.peak_bytes):.2f} GiB per "
               "chip")
-    after = _needed(row)
+    after = row.peak_bytes
     tried.append(fix.label + ("" if after is None else
                               f" needs {costs.gib(after):.1f} GiB"))
     if before is not None and after is not None and after > 0.95 * before:
@@ -354,8 +360,7 @@ def table_rows(result: Plan) -> List[List[str]]:
   gib = float(1 << 30)
   out = []
   for row in result.rows:
-    memory = row.memory
-    total = memory.total if memory else row.needed_bytes
+    memory, total = row.memory, row.peak_bytes
     fits = {FITS: "yes", OOM: "NO", ERROR: "error", NOT_AVAILABLE: "n/a",
             NOT_COMPILED: "yes*"}[row.status]
     out.append([
@@ -455,7 +460,8 @@ def plans_table(plans: List[dict]) -> List[str]:
       stage = row["name"].split("/")[0]
       if stage not in stages:
         stages.append(stage)
-      total = (row.get("memory") or {}).get("total") or row.get("needed_bytes")
+      total = row.get("peak_bytes", (row.get("memory") or {}).get("total")
+                      or row.get("needed_bytes"))  # plans saved before peak_bytes
       old_total, old_status = by_stage.get(stage, (None, FITS))
       if total is not None and (old_total is None or total > old_total):
         old_total = total

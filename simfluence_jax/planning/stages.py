@@ -55,6 +55,9 @@ class Program:
     note: what the row counts, or how the job differs.
     skip: why it is sized from its inputs and outputs instead of compiled ("" =
       compile it).
+    resident: arrays (`ShapeDtypeStruct`s) the job holds on each chip while this
+      program runs, outside its arguments (e.g. the other layers' inputs of a
+      per-layer program); counted into its peak by arithmetic.
   """
 
   name: str
@@ -64,6 +67,7 @@ class Program:
   calls: Optional[int] = 1
   note: str = ""
   skip: str = ""
+  resident: Any = ()
 
   def lower(self):
     return self.fn.lower(*self.args, **self.static)
@@ -260,10 +264,13 @@ def ekfac_if(job: job_lib.Job) -> List[Program]:
                           replicated)
   query_batch = job_lib.place(job.test, replicated)
   rank = config.influence.query_rank
-  query_kernel = kernels.ekfac_query_kernel(task, layers, rank, mesh)
-  query_args = (params, factors, query_batch, lambdas)
-  query = job_lib.place_params(jax.eval_shape(query_kernel, *query_args), mesh,
-                               leading=(None,))
+  grads_kernel = kernels.ekfac_query_gradients_kernel(task, layers, mesh)
+  grads = job_lib.place_params(jax.eval_shape(grads_kernel, params, query_batch),
+                               mesh, leading=(None,))
+  query = {spec.name: jax.eval_shape(
+      kernels.ekfac_precondition_kernel(spec, rank, mesh), factors[spec.name],
+      grads[spec.name], lambdas[spec.name]) for spec in layers}
+  query = job_lib.place_params(query, mesh, leading=(None,))
   score_kernel = kernels.ekfac_score_kernel(task, layers, mesh)
   factor_bytes = sum(math.prod(x.shape) * 4 for x in jax.tree_util.tree_leaves(
       factors))
@@ -293,12 +300,33 @@ def ekfac_if(job: job_lib.Job) -> List[Program]:
         note=f"eigh of A [{dim_in}²] and S [{dim_out}²] of {len(specs)} layer(s); "
              "iterative (loop counted once)", skip=skip))
   query_form = "dense [O, I]" if rank is None else f"rank {rank}"
-  return programs + [
+  programs += [
       Program("eigenvalues", eig_kernel, eig_args, calls=num_chunks, note=chunk_note),
-      Program("query", query_kernel, query_args,
-              note=f"{job.config.num_test_examples} queries, {query_form}; "
-                   f"{len(layers)} layers' factors {factor_bytes / 2**30:.3g} GiB, "
-                   f"{layout}"),
+      Program("query_gradients", grads_kernel, (params, query_batch),
+              note=f"{job.config.num_test_examples} queries' gradients of "
+                   f"{len(layers)} layers, {layout}"),
+  ]
+  # `ekfac_scores` preconditions layer by layer, one jitted program per layer kind
+  # and shape, while the params, every layer's factors and the other layers'
+  # query gradients (or their preconditioned replacements) stay on the chips.
+  by_kind = {}
+  for spec in layers:
+    by_kind.setdefault(kernels.ekfac_shape_key(spec), []).append(spec)
+  for specs in by_kind.values():
+    name = specs[0].name
+    others = {n: g for n, g in grads.items() if n != name}
+    resident = (params, {n: f for n, f in factors.items() if n != name}, others)
+    short = sorted({spec.name.split("/")[-1] for spec in specs})
+    programs.append(Program(
+        f"precondition_{specs[0].augmented_input_dim}x{specs[0].output_dim}_"
+        f"{short[0]}", kernels.ekfac_precondition_kernel(specs[0], rank, mesh),
+        (factors[name], grads[name], lambdas[name]), calls=len(specs),
+        resident=resident,
+        note=f"{len(specs)} {specs[0].block} layer(s) ({', '.join(short)}), "
+             f"{query_form}; all layers' "
+             f"factors {factor_bytes / 2**30:.3g} GiB {layout}, held with the params "
+             "and the other layers' query gradients (counted in its total)"))
+  return programs + [
       Program("scores", score_kernel, (params, query, chunk), calls=num_chunks,
               note=chunk_note),
   ]
