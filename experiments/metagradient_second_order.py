@@ -32,9 +32,10 @@ from simfluence_jax.training import optim
 from simfluence_jax.training import step as step_lib
 
 
-def taylor_terms(params, loss_fn, config, reference_ids, curricula, train, test,
-                 chunk_size):
-  """(L(0) float32[T+1, M], L'(0) and L''(0) float32[R', T+1, M])."""
+def make_path(params, loss_fn, config, reference_ids, train, test):
+  """path(eps, ids_c, coefficients_c) -> float32[T+1, M]: the test losses of the run
+  trained on (1 − eps)·(the full-batch reference's coefficients) + eps·(curriculum
+  c's), with the reference's slots first (`first_order_losses`' parametrisation)."""
   num_steps, num_ref = reference_ids.shape
   optimizer, _ = optim.make_optimizer(optim.optimizer_settings(config, num_steps))
   ref_coefficients = jnp.full((num_steps, num_ref), 1.0 / num_ref, jnp.float32)
@@ -54,6 +55,14 @@ def taylor_terms(params, loss_fn, config, reference_ids, curricula, train, test,
     _, losses = jax.lax.scan(body, (params, optimizer.init(params)),
                              (reference_ids, ids_c, ref_coefficients, coefficients_c))
     return jnp.concatenate([loss_fn(params, test)[None], losses])
+
+  return run_losses
+
+
+def taylor_terms(params, loss_fn, config, reference_ids, curricula, train, test,
+                 chunk_size):
+  """(L(0) float32[T+1, M], L'(0) and L''(0) float32[R', T+1, M])."""
+  run_losses = make_path(params, loss_fn, config, reference_ids, train, test)
 
   def terms(ids_c, coefficients_c):
     path = functools.partial(run_losses, ids_c=ids_c, coefficients_c=coefficients_c)

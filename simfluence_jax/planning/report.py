@@ -450,7 +450,7 @@ def _count(number: float) -> str:
 
 
 def plans_table(plans: List[dict]) -> List[str]:
-  """Markdown rows of every stage: its largest program's GiB per chip in each plan
+  """Markdown rows of every stage: its programs' largest peak GiB per chip in each plan
   (`Plan.to_json` dicts; "–": the config does not run it), "NO" where it does not
   fit, and a header naming each plan's config, topology and chips."""
   stages, cells = [], []
@@ -487,8 +487,9 @@ def plans_table(plans: List[dict]) -> List[str]:
                                                                             text))
     lines.append(f"| {stage} | " + " | ".join(values) + " |")
   return header + lines + [
-      "", "GiB per chip of each stage's largest program (XLA's memory analysis of the "
-      "compiled TPU program; n/a: not compiled, e.g. large eigendecompositions, or "
+      "", "GiB per chip at each stage's largest peak (XLA's memory analysis of the "
+      "compiled TPU program, plus what the job holds beside a per-layer program; "
+      "n/a: not compiled, e.g. large eigendecompositions, or "
       "not available); **NO**: does not fit the chip's HBM; (error): a program failed "
       "to compile (see the plan's notes). Planned in " + ", ".join(
           f"{p['seconds'] / 60:.1f} min" for p in plans) + " on this 2-core machine."]
