@@ -5,6 +5,7 @@ test process, whose jax stays on the plain CPU backend. The TPU tests compile fo
 v5e:2x2 and are skipped when libtpu is not installed (`pip install libtpu`).
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -26,6 +27,7 @@ from simfluence_jax import sharding
 from simfluence_jax.influence import _common
 from simfluence_jax.planning import chips
 from simfluence_jax.planning import costs
+from simfluence_jax.planning import report
 from simfluence_jax.planning import stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,9 +158,10 @@ def test_cpu_estimate_against_a_measured_run(tmp_path):
 
 
 def test_ekfac_preconditions_per_layer_shape_with_the_rest_resident(tmp_path):
-  """EK-FAC's queries are preconditioned by one program per layer shape, run once
-  per layer; each program's peak counts what the job holds beside it: the params,
-  every other layer's factors and query gradients (arithmetic of the tiny model)."""
+  """EK-FAC forms and preconditions its query gradients with one program per layer
+  shape, run once per layer; each program's peak counts what the job holds beside
+  it: the params, every other layer's factors, query tokens and preconditioned
+  queries (arithmetic of the tiny model)."""
   status, output, plan = run_plan(tmp_path, f"--config={TINY}", "--topology=cpu",
                                   "--stages=ekfac_if", "--nosuggest")
   assert status == 0, output
@@ -177,18 +180,42 @@ def test_ekfac_preconditions_per_layer_shape_with_the_rest_resident(tmp_path):
                          params, batch)
   shapes = [(s.augmented_input_dim, s.output_dim) for s in layers]
   rows = [r for r in plan["rows"] if "/precondition_" in r["name"]]
-  # Layers of one kind and shape share a program (the attention's query, key and
-  # value kernels here; its output kernel is shaped differently).
+  # Layers of one kind and shape share a program (here the attention's four).
   assert {r["name"].split("_")[2] for r in rows} == {f"{i}x{o}" for i, o in shapes}
   assert sum(r["calls"] for r in rows) == len(layers) > len(rows)
-  factor_bytes = sum(4 * (i * i + o * o + o * i) for i, o in shapes)
-  query_bytes = sum(4 * config.num_test_examples * o * i for i, o in shapes)
-  held = 4 * models.num_params(params) + factor_bytes + query_bytes
-  for r in rows:  # its own factors, query gradients and λ, and the rest
+  q = config.num_test_examples
+  factors = {s: 4 * (i * i + o * o + o * i) for s, (i, o) in zip(layers, shapes)}
+  tokens = {s: 4 * q * seq_len * (i + o + 1) for s, (i, o) in zip(layers, shapes)}
+  queries = {s: 4 * q * o * i for s, (i, o) in zip(layers, shapes)}
+  params_bytes = 4 * models.num_params(params)
+  for r in rows:
+    spec = next(s for s in layers
+                if r["name"].startswith(f"ekfac_if/precondition_{s.augmented_input_dim}"
+                                        f"x{s.output_dim}_"))
     assert r["status"] == "fits"
-    assert r["logical_argument_bytes"] + r["resident_bytes"] == held + 4, r["name"]
+    # Its own factors, tokens and λ; beside it everything else, and every other
+    # layer's preconditioned query.
+    assert r["logical_argument_bytes"] == factors[spec] + tokens[spec] + 4, r["name"]
+    assert r["resident_bytes"] == (params_bytes + sum(factors.values())
+                                   + sum(tokens.values()) + sum(queries.values())
+                                   - factors[spec] - tokens[spec] - queries[spec])
     assert r["peak_bytes"] == r["memory"]["total"] + r["resident_bytes"]
-  assert row(plan, "ekfac_if/query_gradients")["status"] == "fits"
+  assert row(plan, "ekfac_if/query_tokens")["status"] == "fits"
+
+
+def test_resident_bytes_count_into_the_peak():
+  """What the job holds beside a program counts into its peak and decides whether
+  it fits."""
+  sds = jax.ShapeDtypeStruct
+  program = stages.Program("gram", jax.jit(lambda x: x @ x.T),
+                           (sds((64, 32), jnp.float32),),
+                           resident=(sds((256,), jnp.float32),))  # 1 KiB
+  chip = chips.ChipSpec("test", 2.0**30, 1e12, 1e11, "a test")
+  row = report.compile_row("s", program, chip)
+  assert row.status == report.FITS and row.resident_bytes == 1024
+  assert row.peak_bytes == row.memory.total + 1024
+  tight = dataclasses.replace(chip, hbm_bytes=row.memory.total + 1023)
+  assert report.compile_row("s", program, tight).status == report.OOM
 
 
 def test_without_libtpu_one_line_and_nonzero(tmp_path):

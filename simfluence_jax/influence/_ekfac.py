@@ -496,16 +496,17 @@ def _low_rank(preconditioned: Dict[str, jax.Array], rank: int):
   return out
 
 
-def _query_gradients(task, layers, mesh, params, query_batch):
-  # Q params-sized arrays: split over `model` like the params (after the query axis).
-  grads = layer_gradients(task.measurement, params, query_batch, layers)
-  return _common.constrain_params(grads, mesh, leading=(None,))
+def _query_captures(task, layers, mesh, params, query_batch):
+  # Per layer the queries' inputs [Q, T, I] and output gradients [Q, T, O], split
+  # over `model` like params (after the query axis): tokens, not [Q, O, I] gradients.
+  activations, _ = _layers.capture(task.measurement, params, query_batch, layers)
+  return _common.constrain_params(activations, mesh, leading=(None,))
 
 
 @functools.lru_cache(maxsize=64)
-def _query_gradients_kernel(task, layers, mesh):
-  """jit: (params, query_batch) -> by layer, float32[Q, O, I] query gradients."""
-  return jax.jit(functools.partial(_query_gradients, task, layers, mesh))
+def _query_captures_kernel(task, layers, mesh):
+  """jit: (params, query_batch) -> by layer, the queries' `LayerActivations`."""
+  return jax.jit(functools.partial(_query_captures, task, layers, mesh))
 
 
 def _shape_key(spec: _layers.LayerSpec) -> _layers.LayerSpec:
@@ -513,19 +514,21 @@ def _shape_key(spec: _layers.LayerSpec) -> _layers.LayerSpec:
   return dataclasses.replace(spec, name="", kernel_path=(), bias_path=None)
 
 
-def _precondition_one(spec, query_rank, mesh, factors, grad, damping):
-  preconditioned = {spec.name: _blocks.block(spec).precondition(factors, grad,
-                                                                damping)}
+def _precondition_one(spec, query_rank, mesh, factors, activations, damping):
+  block = _blocks.block(spec)
+  grads = block.per_example_grads(activations)  # [Q, O, I]
+  preconditioned = {spec.name: block.precondition(factors, grads, damping)}
   if query_rank is not None:
     preconditioned = _low_rank(preconditioned, query_rank)
   return _common.constrain_params(preconditioned, mesh, leading=(None,))[spec.name]
 
 
 def _precondition_kernel(spec, query_rank, mesh):
-  """jit: (one layer's factors, its query gradients, λ) -> its preconditioned queries
-  (float32[Q, O, I], or (U·s, V) with `query_rank`). Layers of one kind and shape
-  share the program (`_shape_key`): a few small programs, not one holding every
-  layer's preconditioning (at 8B, 193 layers: 150 s of XLA:TPU compile)."""
+  """jit: (one layer's factors, its queries' `LayerActivations`, λ) -> its
+  preconditioned query gradients (float32[Q, O, I], or (U·s, V) with `query_rank`).
+  Layers of one kind and shape share the program (`_shape_key`): a few small
+  programs, not one forming and preconditioning every layer's gradients (at 8B,
+  193 layers: that program took 233 s of XLA:TPU compile)."""
   return _precondition_program(_shape_key(spec), query_rank, mesh)
 
 
@@ -537,10 +540,10 @@ def _precondition_program(key, query_rank, mesh):
 def _preconditioned_queries(task, layers, query_rank, mesh, params, factors,
                             query_batch, lambdas):
   """By layer: the preconditioned query gradients (`_precondition_kernel`)."""
-  grads = _query_gradients_kernel(task, layers, mesh)(params, query_batch)
+  captures = _query_captures_kernel(task, layers, mesh)(params, query_batch)
   return {spec.name: _precondition_kernel(spec, query_rank, mesh)(
-      factors[spec.name], grads.pop(spec.name), lambdas[spec.name])
-          for spec in layers}  # pop: each layer's gradients are freed once used
+      factors[spec.name], captures.pop(spec.name), lambdas[spec.name])
+          for spec in layers}  # pop: each layer's tokens are freed once used
 
 
 def _train_scores(task, layers, mode, params, query, chunk):

@@ -9,7 +9,7 @@ program.
 
 Used (module: name):
   influence._tracin: _cached_plan, _query_kernel, _chunk_kernel
-  influence._ekfac: _statistics_kernel, _device_sum, _query_gradients_kernel,
+  influence._ekfac: _statistics_kernel, _device_sum, _query_captures_kernel,
     _precondition_kernel, _shape_key, _score_kernel
   simulators._solver: _kernels, _chunk_size, _DEFAULT_MEMORY_BUDGET, choose_method,
     column_mesh
@@ -54,14 +54,14 @@ def ekfac_shard_sum(mesh):
   return _ekfac._device_sum(mesh)
 
 
-def ekfac_query_gradients_kernel(task, layers, mesh):
-  """jit: (params, query_batch) -> by layer, float32[Q, O, I] query gradients."""
-  return _ekfac._query_gradients_kernel(task, layers, mesh)
+def ekfac_query_captures_kernel(task, layers, mesh):
+  """jit: (params, query_batch) -> by layer, the queries' `LayerActivations`."""
+  return _ekfac._query_captures_kernel(task, layers, mesh)
 
 
 def ekfac_precondition_kernel(spec, query_rank, mesh):
-  """jit: (one layer's factors, its query gradients, λ) -> its preconditioned
-  queries; one program per `ekfac_shape_key(spec)`."""
+  """jit: (one layer's factors, its queries' `LayerActivations`, λ) -> its
+  preconditioned queries; one program per `ekfac_shape_key(spec)`."""
   return _ekfac._precondition_kernel(spec, query_rank, mesh)
 
 

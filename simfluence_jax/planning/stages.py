@@ -264,12 +264,12 @@ def ekfac_if(job: job_lib.Job) -> List[Program]:
                           replicated)
   query_batch = job_lib.place(job.test, replicated)
   rank = config.influence.query_rank
-  grads_kernel = kernels.ekfac_query_gradients_kernel(task, layers, mesh)
-  grads = job_lib.place_params(jax.eval_shape(grads_kernel, params, query_batch),
-                               mesh, leading=(None,))
+  captures_kernel = kernels.ekfac_query_captures_kernel(task, layers, mesh)
+  captures = job_lib.place_params(
+      jax.eval_shape(captures_kernel, params, query_batch), mesh, leading=(None,))
   query = {spec.name: jax.eval_shape(
       kernels.ekfac_precondition_kernel(spec, rank, mesh), factors[spec.name],
-      grads[spec.name], lambdas[spec.name]) for spec in layers}
+      captures[spec.name], lambdas[spec.name]) for spec in layers}
   query = job_lib.place_params(query, mesh, leading=(None,))
   score_kernel = kernels.ekfac_score_kernel(task, layers, mesh)
   factor_bytes = sum(math.prod(x.shape) * 4 for x in jax.tree_util.tree_leaves(
@@ -302,30 +302,30 @@ def ekfac_if(job: job_lib.Job) -> List[Program]:
   query_form = "dense [O, I]" if rank is None else f"rank {rank}"
   programs += [
       Program("eigenvalues", eig_kernel, eig_args, calls=num_chunks, note=chunk_note),
-      Program("query_gradients", grads_kernel, (params, query_batch),
-              note=f"{job.config.num_test_examples} queries' gradients of "
-                   f"{len(layers)} layers, {layout}"),
+      Program("query_tokens", captures_kernel, (params, query_batch),
+              note=f"{job.config.num_test_examples} queries' layer inputs and output "
+                   f"gradients, {len(layers)} layers, {layout}"),
   ]
-  # `ekfac_scores` preconditions layer by layer, one jitted program per layer kind
-  # and shape, while the params, every layer's factors and the other layers'
-  # query gradients (or their preconditioned replacements) stay on the chips.
+  # `ekfac_scores` forms and preconditions each layer's query gradients in one
+  # jitted program per layer kind and shape. Beside it the job holds the params,
+  # every other layer's factors, and the other layers' query tokens (those still to
+  # come) and preconditioned queries (those done): both counted, an upper bound.
   by_kind = {}
   for spec in layers:
     by_kind.setdefault(kernels.ekfac_shape_key(spec), []).append(spec)
   for specs in by_kind.values():
     name = specs[0].name
-    others = {n: g for n, g in grads.items() if n != name}
-    resident = (params, {n: f for n, f in factors.items() if n != name}, others)
+    others = lambda tree: {n: x for n, x in tree.items() if n != name}  # pylint: disable=cell-var-from-loop
+    resident = (params, others(factors), others(captures), others(query))
     short = sorted({spec.name.split("/")[-1] for spec in specs})
     programs.append(Program(
         f"precondition_{specs[0].augmented_input_dim}x{specs[0].output_dim}_"
         f"{short[0]}", kernels.ekfac_precondition_kernel(specs[0], rank, mesh),
-        (factors[name], grads[name], lambdas[name]), calls=len(specs),
+        (factors[name], captures[name], lambdas[name]), calls=len(specs),
         resident=resident,
         note=f"{len(specs)} {specs[0].block} layer(s) ({', '.join(short)}), "
-             f"{query_form}; all layers' "
-             f"factors {factor_bytes / 2**30:.3g} GiB {layout}, held with the params "
-             "and the other layers' query gradients (counted in its total)"))
+             f"{query_form}; all layers' factors {factor_bytes / 2**30:.3g} GiB "
+             f"{layout}; its total counts what the job holds beside it"))
   return programs + [
       Program("scores", score_kernel, (params, query, chunk), calls=num_chunks,
               note=chunk_note),
