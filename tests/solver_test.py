@@ -82,3 +82,28 @@ def test_cg_reports_and_warns_when_it_stops_unconverged():
                             method=method)[1]["converged"] is True
   with pytest.raises(ValueError, match="max_iters"):
     simulators.solve(ids, x, y, num_train, 0.1, linear=True, max_iters=-1)
+
+
+@pytest.mark.parametrize("linear", [True, False])
+def test_block_preconditioner_inverts_the_gram_diagonal_blocks(linear):
+  """Without repeated ids in a batch, CG's preconditioner is exactly the inverse of
+  each train id's J×J diagonal block of XᵀX + l2·I (dense design)."""
+  ids, x, _, num_train = _problem()
+  for p in range(ids.shape[0]):  # no repeats: row p's ids are distinct
+    ids[p] = np.where(ids[p] >= 0, (np.arange(ids.shape[1]) + p) % num_train, -1)
+  l2 = np.array([0.1, 0.2, 0.3], np.float32)
+  inverse = np.asarray(simulators._solver._block_preconditioner(
+      ids, x, l2, num_train, linear))
+  counts = np.zeros((ids.shape[0], num_train))
+  for p, row in enumerate(ids):
+    counts[p, row[row >= 0]] = 1.0
+  for c in range(x.shape[1]):
+    design = np.concatenate([counts * x[:, c:c + 1], counts], 1) if linear else counts
+    gram = design.T @ design + l2[c] * np.eye(design.shape[1])
+    for i in range(num_train):
+      index = [i, num_train + i] if linear else [i]
+      expected = np.linalg.inv(gram[np.ix_(index, index)])
+      got = (np.array([[inverse[i, 0, c], inverse[i, 1, c]],
+                       [inverse[i, 1, c], inverse[i, 2, c]]]) if linear
+             else inverse[i, :, c][:, None])
+      np.testing.assert_allclose(got, expected, rtol=1e-4)
