@@ -57,12 +57,8 @@ def path_values(path_fn, curricula, point, chunk_size):
 
 
 def main(workdir, seed, chunk_size="8"):
-  config, _, dataset, model, curricula, runs = _workdir.load(workdir, int(seed))
-  held, fit = runs.group(curricula, "held_out"), runs.group(curricula, "fit")
-  if np.any(held.batch_ids < 0):
-    raise ValueError("this script assumes curricula without padding slots")
-  blind = evaluation.all_steps_mse(
-      evaluation.curriculum_blind(fit.losses, held.num_runs), held.losses)
+  config, dataset, model, held, _, blind = _workdir.held_out(workdir, int(seed),
+                                                             no_padding=True)
   reference_ids = jnp.asarray(stages._reference_batch_ids(config))  # pylint: disable=protected-access
   path_fn = metagradient_second_order.make_path(
       model.params, model.loss_fn, config, reference_ids, dataset.train, dataset.test)

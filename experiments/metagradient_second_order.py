@@ -85,12 +85,8 @@ def taylor_terms(params, loss_fn, config, reference_ids, curricula, train, test,
 
 
 def main(workdir, seed, chunk_size="8"):
-  config, _, dataset, model, curricula, runs = _workdir.load(workdir, int(seed))
-  held, fit = runs.group(curricula, "held_out"), runs.group(curricula, "fit")
-  if np.any(held.batch_ids < 0):
-    raise ValueError("this script assumes curricula without padding slots")
-  blind = evaluation.all_steps_mse(
-      evaluation.curriculum_blind(fit.losses, held.num_runs), held.losses)
+  config, dataset, model, held, _, blind = _workdir.held_out(workdir, int(seed),
+                                                             no_padding=True)
   reference_ids = stages._reference_batch_ids(config)  # pylint: disable=protected-access
   start = time.perf_counter()
   value, d1, d2 = taylor_terms(model.params, model.loss_fn, config,

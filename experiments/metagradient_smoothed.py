@@ -49,10 +49,7 @@ def smoothed_reference(num_train, curriculum, sigma):
 
 def main(workdir, seed, num_points="2", sigma="0.2"):
   num_points, sigma = int(num_points), float(sigma)
-  config, _, dataset, model, curricula, runs = _workdir.load(workdir, int(seed))
-  held, fit = runs.group(curricula, "held_out"), runs.group(curricula, "fit")
-  blind = evaluation.all_steps_mse(
-      evaluation.curriculum_blind(fit.losses, held.num_runs), held.losses)
+  config, dataset, model, held, fit, blind = _workdir.held_out(workdir, int(seed))
   num_train = config.num_train_examples
   common = dict(loss_fn=model.loss_fn, config=config, train_arrays=dataset.train,
                 test_arrays=dataset.test, chunk_size=config.metagradient.chunk_size,
