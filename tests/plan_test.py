@@ -188,19 +188,27 @@ def test_ekfac_preconditions_per_layer_shape_with_the_rest_resident(tmp_path):
   tokens = {s: 4 * q * seq_len * (i + o + 1) for s, (i, o) in zip(layers, shapes)}
   queries = {s: 4 * q * o * i for s, (i, o) in zip(layers, shapes)}
   params_bytes = 4 * models.num_params(params)
+  query_tokens = row(plan, "ekfac_if/query_tokens")
+  batch_bytes = query_tokens["logical_argument_bytes"] - params_bytes  # the queries
+  assert batch_bytes == config.num_test_examples * seq_len * (4 + 4 + 4)
+  all_factors, num_layers = sum(factors.values()), len(layers)
   for r in rows:
     spec = next(s for s in layers
                 if r["name"].startswith(f"ekfac_if/precondition_{s.augmented_input_dim}"
                                         f"x{s.output_dim}_"))
     assert r["status"] == "fits"
-    # Its own factors, tokens and λ; beside it everything else, and every other
-    # layer's preconditioned query.
+    # Its own factors, tokens and λ; beside it the params, the queries, and every
+    # other layer's factors, λ, tokens and preconditioned query.
     assert r["logical_argument_bytes"] == factors[spec] + tokens[spec] + 4, r["name"]
-    assert r["resident_bytes"] == (params_bytes + sum(factors.values())
-                                   + sum(tokens.values()) + sum(queries.values())
-                                   - factors[spec] - tokens[spec] - queries[spec])
+    assert r["resident_bytes"] == (
+        params_bytes + batch_bytes + all_factors - factors[spec]
+        + 4 * (num_layers - 1) + sum(tokens.values()) - tokens[spec]
+        + sum(queries.values()) - queries[spec])
     assert r["peak_bytes"] == r["memory"]["total"] + r["resident_bytes"]
-  assert row(plan, "ekfac_if/query_tokens")["status"] == "fits"
+  # The factors and λ stay on the chips from the queries to the last score.
+  for name in ("ekfac_if/query_tokens", "ekfac_if/scores"):
+    assert row(plan, name)["status"] == "fits"
+    assert row(plan, name)["resident_bytes"] == all_factors + 4 * num_layers
 
 
 def test_resident_bytes_count_into_the_peak():
@@ -294,7 +302,8 @@ def test_readme_table_of_plans():
            "chip": chip, "num_params": 136e3, "seconds": 60.0, "rows": [
                {"name": "record_runs/segment", "status": "fits", "memory": gib(0.5)},
                {"name": "ekfac_if/covariance", "status": "fits", "memory": gib(0.25)},
-               {"name": "ekfac_if/scores", "status": "fits", "memory": gib(0.75)},
+               {"name": "ekfac_if/scores", "status": "fits", "memory": gib(0.5),
+                "peak_bytes": 0.75 * 2**30},  # with what the job holds beside it
                {"name": "ekfac_if/eigendecompose_259", "status": "not compiled"},
                {"name": "simfluence_fit/linear_cg_init", "status": "error"}]}
   large = dict(small, config="configs/scale_1b.py", topology="v5e:16x16",

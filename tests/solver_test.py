@@ -107,3 +107,17 @@ def test_block_preconditioner_inverts_the_gram_diagonal_blocks(linear):
                        [inverse[i, 1, c], inverse[i, 2, c]]]) if linear
              else inverse[i, :, c][:, None])
       np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def test_block_preconditioner_positive_definite_when_x_barely_varies():
+  """x = 2.7 ± 1e-4 for every row: det G of a block cancels in float32, and the
+  preconditioner must stay positive definite (it went indefinite unclamped)."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 3, (5000, 1)).astype(np.int32)
+  x = (2.7 + 1e-4 * rng.uniform(-1, 1, (5000, 1))).astype(np.float32)
+  inverse = np.asarray(simulators._solver._block_preconditioner(
+      ids, x, np.float32([1e-5]), 3, True))
+  for i in range(3):
+    block = np.array([[inverse[i, 0, 0], inverse[i, 1, 0]],
+                      [inverse[i, 1, 0], inverse[i, 2, 0]]], np.float64)
+    assert np.all(np.linalg.eigvalsh(block) > 0), (i, block)

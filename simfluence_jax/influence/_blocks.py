@@ -61,6 +61,11 @@ def _dims(x) -> Tuple[int, ...]:
 class CurvatureBlock:
   """Base class of a layer kind; subclasses override what differs.
 
+  `per_example_grads` and `precondition` may read the spec's kind, shapes and
+  `config`, not its `name`, `kernel_path` or `bias_path`: EK-FAC compiles them
+  once per layer kind and shape, shared by the layers that agree on the rest
+  (`_ekfac._shape_key`).
+
   Attributes:
     spec: the layer's `LayerSpec` (static).
   """

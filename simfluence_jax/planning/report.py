@@ -176,8 +176,11 @@ def compile_row(stage: str, program: stages_lib.Program, chip: chips_lib.ChipSpe
   if row.logical_argument_bytes + row.resident_bytes > chip.hbm_bytes:
     # Nothing to learn from compiling (minutes for a large model): it cannot fit.
     row.status, row.needed_bytes = OOM, float(row.logical_argument_bytes)
-    row.error = (f"its arguments alone are {costs.gib(row.peak_bytes):.1f} GiB per "
-                 f"chip (> {costs.gib(chip.hbm_bytes):.0f} GiB HBM); not compiled")
+    beside = (f" with {costs.gib(row.resident_bytes):.1f} GiB the job holds beside "
+              "them" if row.resident_bytes else "")
+    row.error = (f"its arguments alone are {costs.gib(row.needed_bytes):.1f} GiB per "
+                 f"chip{beside} (> {costs.gib(chip.hbm_bytes):.0f} GiB HBM); not "
+                 "compiled")
     return row
   start = time.perf_counter()
   try:

@@ -302,25 +302,36 @@ def ekfac_if(job: job_lib.Job) -> List[Program]:
   query_form = "dense [O, I]" if rank is None else f"rank {rank}"
   programs += [
       Program("eigenvalues", eig_kernel, eig_args, calls=num_chunks, note=chunk_note),
+      # `ekfac_scores` holds every layer's factors and λ from here to its end.
       Program("query_tokens", captures_kernel, (params, query_batch),
+              resident=(factors, lambdas),
               note=f"{job.config.num_test_examples} queries' layer inputs and output "
-                   f"gradients, {len(layers)} layers, {layout}"),
+                   f"gradients, {len(layers)} layers, {layout}; its total counts the "
+                   "factors held beside it"),
   ]
   # `ekfac_scores` forms and preconditions each layer's query gradients in one
-  # jitted program per layer kind and shape. Beside it the job holds the params,
-  # every other layer's factors, and the other layers' query tokens (those still to
-  # come) and preconditioned queries (those done): both counted, an upper bound.
-  by_kind = {}
+  # jitted program per layer kind and shape (and, for layers of one key seeing
+  # other token counts, per token shape: jit compiles each). Beside it the job
+  # holds the params, the queries, every other layer's factors and λ, and the
+  # other layers' query tokens (those to come) and preconditioned queries (those
+  # done): both counted, an upper bound.
+  groups = {}
   for spec in layers:
-    by_kind.setdefault(kernels.ekfac_shape_key(spec), []).append(spec)
-  for specs in by_kind.values():
+    tokens = jax.tree_util.tree_map(lambda x: x.shape, tuple(captures[spec.name]))
+    groups.setdefault((kernels.ekfac_shape_key(spec), tokens), []).append(spec)
+  names = set()
+  for specs in groups.values():
     name = specs[0].name
     others = lambda tree: {n: x for n, x in tree.items() if n != name}  # pylint: disable=cell-var-from-loop
-    resident = (params, others(factors), others(captures), others(query))
+    resident = (params, query_batch, others(factors), others(lambdas),
+                others(captures), others(query))
     short = sorted({spec.name.split("/")[-1] for spec in specs})
+    label = (f"precondition_{specs[0].augmented_input_dim}x{specs[0].output_dim}_"
+             f"{short[0]}")
+    label = label if label not in names else f"{label}_{len(names)}"
+    names.add(label)
     programs.append(Program(
-        f"precondition_{specs[0].augmented_input_dim}x{specs[0].output_dim}_"
-        f"{short[0]}", kernels.ekfac_precondition_kernel(specs[0], rank, mesh),
+        label, kernels.ekfac_precondition_kernel(specs[0], rank, mesh),
         (factors[name], captures[name], lambdas[name]), calls=len(specs),
         resident=resident,
         note=f"{len(specs)} {specs[0].block} layer(s) ({', '.join(short)}), "
@@ -328,7 +339,8 @@ def ekfac_if(job: job_lib.Job) -> List[Program]:
              f"{layout}; its total counts what the job holds beside it"))
   return programs + [
       Program("scores", score_kernel, (params, query, chunk), calls=num_chunks,
-              note=chunk_note),
+              resident=(factors, lambdas),
+              note=f"{chunk_note}; its total counts the factors held beside it"),
   ]
 
 
