@@ -491,7 +491,7 @@ def plans_table(plans: List[dict]) -> List[str]:
     lines.append(f"| {stage} | " + " | ".join(values) + " |")
   return header + lines + [
       "", "GiB per chip at each stage's largest peak (XLA's memory analysis of the "
-      "compiled TPU program, plus what the job holds beside a per-layer program; "
+      "compiled TPU program, plus what the job holds beside it, e.g. EK-FAC factors; "
       "n/a: not compiled, e.g. large eigendecompositions, or "
       "not available); **NO**: does not fit the chip's HBM; (error): a program failed "
       "to compile (see the plan's notes). Planned in " + ", ".join(
