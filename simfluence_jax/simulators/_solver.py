@@ -114,6 +114,8 @@ def forward(theta: jax.Array, ids: jax.Array, x: jax.Array, linear: bool) -> jax
       total = total + table.at[slots[k]].get(mode="promise_in_bounds")
     return total
 
+  # Explicit combination: a features-product-and-reduce makes XLA fuse the gathers
+  # into the reduction, which is ~30x slower on CPU.
   return summed(0) * x + summed(1) if linear else summed(0)
 
 
