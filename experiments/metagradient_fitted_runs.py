@@ -47,11 +47,11 @@ def out_of_fold(config, fit, l2):
 
 def fitted_run_predictions(workdir, seed):
   """(metagradient, linear out-of-fold) float32[R, T+1, M] on the fitted runs."""
-  config, wd, dataset, model, curricula, runs = _workdir.load(workdir, seed)
   cache = os.path.join(workdir, "experiments", "fitted_runs.npz")
   if os.path.exists(cache):
     saved = np.load(cache)
     return saved["metagradient"], saved["linear_oof"]
+  config, wd, dataset, model, curricula, runs = _workdir.load(workdir, seed)
   fit = runs.group(curricula, "fit")
   linear = simulators.Simulator.load(wd.path("simulators", "simfluence_linear"))
   oof = out_of_fold(config, fit, linear.fit_info["cv"]["chosen_l2"])
