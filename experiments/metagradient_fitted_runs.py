@@ -45,15 +45,14 @@ def out_of_fold(config, fit, l2):
   return out
 
 
-def fitted_run_predictions(workdir, seed):
+def fitted_run_predictions(workdir, config, dataset, model, fit):
   """(metagradient, linear out-of-fold) float32[R, T+1, M] on the fitted runs."""
   cache = os.path.join(workdir, "experiments", "fitted_runs.npz")
   if os.path.exists(cache):
     saved = np.load(cache)
     return saved["metagradient"], saved["linear_oof"]
-  config, wd, dataset, model, curricula, runs = _workdir.load(workdir, seed)
-  fit = runs.group(curricula, "fit")
-  linear = simulators.Simulator.load(wd.path("simulators", "simfluence_linear"))
+  linear = simulators.Simulator.load(
+      os.path.join(workdir, "simulators", "simfluence_linear"))
   oof = out_of_fold(config, fit, linear.fit_info["cv"]["chosen_l2"])
   start = time.perf_counter()
   result = training.first_order_losses(
@@ -86,8 +85,8 @@ def _weight(rule, mg, lin, actual):
 
 def main(workdir, seed):
   seed = int(seed)
-  _, _, _, held, fit, blind = _workdir.held_out(workdir, seed)
-  mg_fit, lin_oof = fitted_run_predictions(workdir, seed)
+  config, dataset, model, held, fit, blind = _workdir.held_out(workdir, seed)
+  mg_fit, lin_oof = fitted_run_predictions(workdir, config, dataset, model, fit)
   pred = lambda name: np.load(os.path.join(workdir, "evaluation", f"pred_{name}.npy"))
   mg, lin = pred("metagradient"), pred("simfluence_linear")
   score = lambda p: (f"ρ {evaluation.spearman_across_runs(p, held.losses):.3f} "
