@@ -116,7 +116,13 @@ def base_config() -> ml_collections.ConfigDict:
   # --- Fine-tuning runs -------------------------------------------------------------
   config.optimizer = "sgd"  # sgd | momentum | adam (SGD makes TracIn's step size exact).
   config.learning_rate = 0.003  # Peak step size (losses are summed over tokens; 0.03 diverges).
-  config.lr_schedule = "constant"  # constant | linear (decay to 0).
+  config.lr_schedule = "constant"  # constant | linear (decay to end_learning_rate).
+  config.warmup_steps = 0  # Steps of linear ramp from 0 to learning_rate before the schedule.
+  config.end_learning_rate = 0.0  # Where the linear schedule ends at num_steps.
+  config.momentum = 0.9  # Heavy-ball coefficient (optimizer "momentum" only).
+  config.b1 = 0.9  # Adam's first-moment decay (optimizer "adam" only).
+  config.b2 = 0.999  # Adam's second-moment decay (optimizer "adam" only).
+  config.eps = 1e-8  # Adam's denominator offset (optimizer "adam" only).
   config.checkpoint_every = 8  # Steps between orbax checkpoints (resume + TracIn-CP).
   config.record_grads = True  # Record per-step projected gradients (per-step TracIn).
   config.num_grad_runs = 8  # Fitted runs that record them (each costs about 8 plain runs).

@@ -121,3 +121,42 @@ def test_fields_added_later_keep_old_records_and_record_other_values():
   old = fp.Inputs(fp.select_fields(before, stages.MODEL_FIELDS), {})
   assert fp.compare({"fingerprint": old.fingerprint, "status": "done"},
                     fp.Inputs(changed, {})) == "changed"
+
+
+class _Recording(dict):
+  """A config dict that records every name read through `get`."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.read = set()
+
+  def get(self, name, default=None):
+    self.read.add(name)
+    return super().get(name, default)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_every_optimizer_setting_is_a_config_field_the_runs_record(optimizer,
+                                                                   schedule):
+  """A field the updates read but no stage records (e.g. `warmup_steps` before it
+  was a config field) would let a rerun reuse runs trained with the old value."""
+  from simfluence_jax import training  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.pipeline import stages  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(TINY)
+  recording = _Recording(optimizer=optimizer, lr_schedule=schedule,
+                         learning_rate=0.1, num_steps=4)
+  settings = training.optim.optimizer_settings(recording)
+  read = recording.read - {"num_steps"}  # num_steps: a curricula field
+  assert set(settings) - {"num_steps"} <= read
+  assert read <= set(stages.OPTIMIZER_FIELDS), read - set(stages.OPTIMIZER_FIELDS)
+  flat = fp.flatten_config(config)
+  assert read <= set(flat), f"not config fields: {sorted(read - set(flat))}"
+  config.optimizer, config.lr_schedule = optimizer, schedule
+  before = fp.select_fields(fp.flatten_config(config), stages.RECORD_FIELDS)
+  for field in sorted(read - {"optimizer", "lr_schedule"}):
+    changed = config_lib.load_config(TINY)
+    changed.optimizer, changed.lr_schedule = optimizer, schedule
+    changed[field] = type(changed[field])(2 * changed[field] + 1)
+    after = fp.select_fields(fp.flatten_config(changed), stages.RECORD_FIELDS)
+    assert fp.Inputs(after, {}).fingerprint != fp.Inputs(before, {}).fingerprint, field

@@ -49,7 +49,9 @@ UNCACHED_FIELDS = ("distributed", "num_seeds", "compilation_cache_dir", "mesh_mo
 # before them: a field at that value is left out of every record, so older workdirs
 # still match (a new field would otherwise make every precious stage refuse them);
 # any other value is recorded like every field.
-FIELDS_ADDED_LATER = {"model.use_bias": True}
+FIELDS_ADDED_LATER = {"model.use_bias": True, "warmup_steps": 0,
+                      "end_learning_rate": 0.0, "momentum": 0.9, "b1": 0.9,
+                      "b2": 0.999, "eps": 1e-8}
 
 
 class StaleWorkdirError(ValueError):

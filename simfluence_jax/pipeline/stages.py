@@ -42,7 +42,7 @@ MODEL_FIELDS = ("model", "seed", "pretrain_steps", "pretrain_batch_size",
                 "pretrain_learning_rate")
 CURRICULA_FIELDS = ("seed", "num_train_examples", "subset_size", "num_runs",
                     "num_held_out_runs", "batch_size", "num_steps", "unseen")
-OPTIMIZER_FIELDS = ("optimizer", "learning_rate", "lr_schedule")
+OPTIMIZER_FIELDS = training.optim.CONFIG_FIELDS  # Every field the updates read.
 RECORD_FIELDS = OPTIMIZER_FIELDS + ("checkpoint_every", "record_grads",
                                     "num_grad_runs", "projection_dim")
 

@@ -33,6 +33,13 @@ def config_field(config: Any, name: str, default: Any = None) -> Any:
 OPTIMIZER_HYPERPARAMETERS = {"sgd": {}, "momentum": {"momentum": 0.9},
                              "adam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8}}
 
+# Every config field `optimizer_settings` may read: what a stored run's fingerprint
+# must cover (`pipeline.stages.OPTIMIZER_FIELDS`; `config_lib.base_config` holds
+# each, so a config can set it and a rerun with another value cannot reuse runs).
+CONFIG_FIELDS = ("optimizer", "learning_rate", "lr_schedule", "warmup_steps",
+                 "end_learning_rate") + tuple(
+                     sorted({f for h in OPTIMIZER_HYPERPARAMETERS.values() for f in h}))
+
 
 def optimizer_settings(config: Any, num_steps: Optional[int] = None) -> dict:
   """Every setting `make_optimizer` builds from, read from `config` (JSON values).
