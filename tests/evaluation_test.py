@@ -176,3 +176,20 @@ def test_evaluate_and_report(tmp_path):
   for p in paths["plots"]:
     assert os.path.getsize(p) > 0
   assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def test_report_and_tables_flag_each_seed_whose_removal_reference_amplifies():
+  from simfluence_jax import tables  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.evaluation import _report  # pylint: disable=g-import-not-at-top
+  regime = {"mean_loss_drop": 0.35, "final_loss_std_across_runs": 0.5,
+            "removal_derivative_growth": 3.5,
+            "removal_derivative_growth_by_seed": [8.5, 0.9, 1.2]}
+  payload = {"regime": regime, "seeds": [0, 1, 2]}
+  flags = [line for line in _report.report_lines(payload) if "amplifies perturbations" in line]
+  assert len(flags) == 1 and "(seed 0)" in flags[0] and "8.5×" in flags[0], flags
+  assert "8.50 / 0.90 / 1.20 (seeds)" in tables.render(payload, "none", "w")
+  stable = {"regime": dict(regime, removal_derivative_growth=0.9)}
+  del stable["regime"]["removal_derivative_growth_by_seed"]
+  assert not [line for line in _report.report_lines(stable)
+              if "amplifies perturbations" in line]
+  assert "0.90× (derivative growth" in "\n".join(_report.report_lines(stable))

@@ -66,6 +66,10 @@ def test_outputs(tiny_run):
               "all_steps_mse"])
       assert metrics["cost"][method]["run_equivalents"] > 0
   assert {"data", "record_runs", "evaluate"} <= set(metrics["timings"])
+  # The removal benchmark, and whether its reference run amplifies perturbations.
+  assert config.removal.enabled and "metagradient" in config.methods
+  assert set(metrics["removal_lds"]["metagradient"]) == {"1%", "5%"}
+  assert 0 < metrics["regime"]["removal_derivative_growth"] < np.inf
   assert not any(stage["reused"] for stage in metrics["stages"].values())
   report = open(os.path.join(workdir, "report.md")).read()
   assert "| curriculum_blind |" in report and "**total**" in report

@@ -270,3 +270,51 @@ def test_first_order_losses_of_removals_match_retraining_and_metagradients(name)
                            - scales[k] * predicted_change).max()
   if name != "adam":
     assert 3.0 < error(2) / error(3) < 5.0, (error(2), error(3))
+
+
+def _quadratic_growth(curvature, learning_rate, num_steps=8, batch=2):
+  """(derivative_growth of SGD on ℓ_i(θ) = λ(θ − y_i)²/2, its closed form)."""
+  rng = np.random.default_rng(0)
+  targets = rng.normal(size=6).astype(np.float32)
+  loss_fn = lambda params, data: 0.5 * curvature * (
+      params["params"]["theta"] - data["y"]) ** 2
+  ids = rng.integers(0, 6, (num_steps, batch)).astype(np.int32)
+  config = dict(optimizer="sgd", learning_rate=learning_rate)
+  table = training.metagradients(
+      {"params": {"theta": jnp.float32(0.3)}}, ids, loss_fn=loss_fn, config=config,
+      train_arrays={"y": targets}, test_arrays={"y": np.float32([1.0, -2.0])})
+  # Closed form: θ_{t+1} = θ_t − η·λ·mean_b(θ_t − y_b), so
+  # ∂L_T[m]/∂w_{t,b} = λ(θ_T − y_m)·(1 − ηλ)^{T−1−t}·(−ηλ/B)(θ_t − y_b).
+  theta = [np.float64(0.3)]
+  for t in range(num_steps):
+    theta.append(theta[-1] - learning_rate * curvature * np.mean(
+        theta[-1] - targets[ids[t]]))
+  size = [abs(1 - learning_rate * curvature) ** (num_steps - 1 - t) * curvature
+          * np.abs(theta[t] - targets[ids[t]]).sum() / batch for t in range(num_steps)]
+  expected = np.mean(size[:2]) / np.mean(size[-2:])  # T = 8: quarters of 2 steps
+  rates = np.full(num_steps, learning_rate, np.float32)
+  return training.derivative_growth(table, rates), expected
+
+
+@pytest.mark.parametrize("curvature", [0.5, 2.5])  # η·λ below and above 2
+def test_derivative_growth_of_sgd_on_a_quadratic_equals_the_closed_form(curvature):
+  growth, expected = _quadratic_growth(curvature, learning_rate=1.0)
+  assert growth == pytest.approx(expected, rel=1e-4)
+  # Stable (|1 − ηλ| = 0.5): early perturbations fade. Unstable (1.5): they grow,
+  # partly offset here by gradients that grow as θ diverges (3.3 for 1.5^6 = 11).
+  if curvature < 2:
+    assert growth < 0.1
+  else:
+    assert growth > training.metagradients_lib.GROWTH_WARNING
+
+
+def test_derivative_growth_divides_by_the_step_size_and_skips_zero_steps():
+  per_step = np.array([0.0, 1.0, 2.0, 4.0, 4.0, 8.0, 8.0, 8.0, 16.0])
+  rates = np.array([0.0, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0])
+  table = np.zeros((9, 3, 2))
+  table[:, 0, 1] = -per_step  # |·| summed over slots and test examples
+  # s_t = per_step / rate over steps 1..8 = 2, 4, 4, 4, 8, 8, 4, 8: quarters of 2.
+  assert training.derivative_growth(table, rates) == pytest.approx((2 + 4) / (4 + 8))
+  assert np.isnan(training.derivative_growth(table[:2], rates[:2]))
+  with pytest.raises(ValueError, match="learning_rates"):
+    training.derivative_growth(table, rates[:3])

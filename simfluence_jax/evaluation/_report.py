@@ -211,8 +211,29 @@ def _methods_table(entries: dict, std: dict, ratios: bool = True,
   return lines
 
 
+def growth_text(regime: dict) -> str:
+  """The removal reference run's derivative growth: per seed when there are several."""
+  by_seed = regime.get("removal_derivative_growth_by_seed")
+  if by_seed:
+    return " / ".join(f"{g:.2f}" for g in by_seed) + " (seeds)"
+  return f"{regime['removal_derivative_growth']:.2f}"
+
+
 def _warnings(payload: dict) -> list:
+  from simfluence_jax.training import metagradients_lib  # pylint: disable=g-import-not-at-top
   lines = []
+  regime = payload.get("regime") or {}
+  growth = regime.get("removal_derivative_growth_by_seed") or [
+      regime.get("removal_derivative_growth")]
+  seeds = payload.get("seeds") or [None] * len(growth)
+  for seed, value in zip(seeds, growth):
+    if value is not None and value > metagradients_lib.GROWTH_WARNING:
+      where = "" if seed is None else f" (seed {seed})"
+      lines.append(f"- The removal benchmark's reference run{where} amplifies "
+                   f"perturbations of its first steps {value:.1f}× "
+                   f"(`training.derivative_growth`; > {metagradients_lib.GROWTH_WARNING:g}: "
+                   "some curvature exceeds 2/η): first-order removal predictions "
+                   "(metagradient, TracIn) are unreliable around it.")
   for method in methods_of(payload):
     values = payload[method]
     if values.get("min_loss") is not None and values["min_loss"] < 0:
@@ -263,7 +284,10 @@ def report_lines(payload: dict, plots=()) -> list:
     lines += [f"Regime: the mean test loss drops by "
               f"{_cell(100 * r['mean_loss_drop'], 100 * r_std.get('mean_loss_drop', np.nan), '.1f')}"
               f"% over a run; the final loss of a test example varies across curricula "
-              f"by a std of {_cell(r['final_loss_std_across_runs'], r_std.get('final_loss_std_across_runs'), '.3f')}.", ""]
+              f"by a std of {_cell(r['final_loss_std_across_runs'], r_std.get('final_loss_std_across_runs'), '.3f')}."
+              + (f" The removal benchmark's reference run amplifies a perturbation of "
+                 f"its first steps {growth_text(r)}× (derivative growth; about 1 or "
+                 f"less: stable)." if "removal_derivative_growth" in r else ""), ""]
   lines += ["## Held-out runs", ""]
   lines += _methods_table(methods, std, cost=payload.get("cost"))
   lines += ["", "MSEs: lower is better, (×) = ratio to curriculum_blind, the mean "

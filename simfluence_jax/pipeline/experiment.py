@@ -61,7 +61,9 @@ def regime(runs: stages.Runs, curricula) -> dict:
 
   Returns:
     {"mean_loss_drop": 1 − mean L_T / mean L_0, "final_loss_std_across_runs": mean
-    over test examples of the std across runs of L_T}.
+    over test examples of the std across runs of L_T}; `run_seed` adds
+    "removal_derivative_growth" (`training.derivative_growth` of the removal
+    benchmark's reference run) when it runs that benchmark with metagradients.
   """
   losses = runs.group(curricula, "fit").losses
   return {"mean_loss_drop": float(1.0 - losses[:, -1].mean() / losses[:, 0].mean()),
@@ -117,8 +119,8 @@ def run_seed(config, workdir: str, overwrite: bool = False) -> dict:
         wd, config, runs, curricula, sims.get("simfluence_linear"))
   if config.removal.enabled:
     removals = stages.removal_runs(wd, config, dataset, model, curricula)
-    payload["removal_lds"] = stages.removal_lds(wd, config, dataset, model, runs, sims,
-                                                removals)
+    removal = stages.removal_lds(wd, config, dataset, model, runs, sims, removals)
+    payload["removal_lds"] = removal.lds
   counterfactual = stages.counterfactual(wd, config, dataset, model, runs, curricula,
                                          sims)
   if counterfactual is not None:
@@ -126,6 +128,8 @@ def run_seed(config, workdir: str, overwrite: bool = False) -> dict:
                                  if k != "batch_ids"}
   payload["cost"] = _cost(config, runs, wd, payload)
   payload["regime"] = regime(runs, curricula)
+  if config.removal.enabled and removal.derivative_growth is not None:
+    payload["regime"]["removal_derivative_growth"] = removal.derivative_growth
   payload["stages"] = {name: {"seconds": t.seconds, "reused": t.reused}
                        for name, t in wd.timings.items()}
   payload["timings"] = {name: t.seconds for name, t in wd.timings.items()}
@@ -182,6 +186,9 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
                  summary=dict(payloads[0]["summary"], seeds=seeds),
                  stages={f"seed_{k}/{name}": v for k, p in enumerate(payloads)
                          for name, v in p["stages"].items()})
+  growth = [p.get("regime", {}).get("removal_derivative_growth") for p in payloads]
+  if None not in growth:  # a flag per seed: their mean would hide one unstable run
+    payload["regime"]["removal_derivative_growth_by_seed"] = growth
   if sharding.is_primary():
     evaluation.write_report(workdir, payload=payload)
   return payload

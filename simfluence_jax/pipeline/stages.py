@@ -764,9 +764,24 @@ def _tracin_terms(grad_trace: trace_lib.Trace, run: int) -> np.ndarray:
   return (scale * dots * (ids >= 0)[:, :, None]).astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class RemovalScores:
+  """What `removal_lds` returns.
+
+  Attributes:
+    lds: method -> {fraction label -> LDS}.
+    derivative_growth: `training.derivative_growth` of the reference run's
+      metagradients (None without the metagradient method): well above 1, the run
+      amplifies perturbations and first-order removal predictions are unreliable.
+  """
+
+  lds: dict
+  derivative_growth: Optional[float]
+
+
 def removal_lds(wd, config, dataset, model: Model, runs: Runs, sims: dict,
-                removals: Removals) -> dict:
-  """method -> {fraction label -> LDS}: predicted vs retrained loss changes.
+                removals: Removals) -> RemovalScores:
+  """Predicted vs retrained loss changes of each removal set, per method.
 
   metagradient: exact reverse-mode derivatives of the reference run's final losses
   w.r.t. its occurrence weights, so a removal's first-order change is
@@ -805,7 +820,17 @@ def removal_lds(wd, config, dataset, model: Model, runs: Runs, sims: dict,
       predicted["simfluence_hybrid"] = hybrid(predicted)
     for name, change in predicted.items():
       result.setdefault(name, {})[label] = evaluation.removal_lds(change, actual)
-  return result
+  growth = None
+  if "metagradient" in per_occurrence:
+    growth = training.derivative_growth(per_occurrence["metagradient"],
+                                        runs.trace.learning_rates[0])
+    if growth > training.metagradients_lib.GROWTH_WARNING:
+      _logger.warning(
+          "removal: the reference run amplifies perturbations of its first steps "
+          "%.1fx (derivative growth, training.derivative_growth): first-order "
+          "removal predictions (metagradient, TracIn) are unreliable around it.",
+          growth)
+  return RemovalScores(result, growth)
 
 
 def features(wd, config, dataset, model: Model) -> np.ndarray:

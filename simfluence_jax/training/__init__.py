@@ -27,6 +27,7 @@ from simfluence_jax.training.checkpoints import load_tracin_params
 from simfluence_jax.training.checkpoints import save_params
 from simfluence_jax.training.checkpoints import tracin_steps
 from simfluence_jax.training.metagradients import FirstOrderLosses
+from simfluence_jax.training.metagradients import derivative_growth
 from simfluence_jax.training.metagradients import first_order_losses
 from simfluence_jax.training.metagradients import metagradients
 from simfluence_jax.training.optim import LEARNING_RATE_MEANING
@@ -47,7 +48,8 @@ from simfluence_jax.training.step import make_update
 from simfluence_jax.training.step import projection_key
 
 __all__ = [
-    "FirstOrderLosses", "LEARNING_RATE_MEANING", "TrainResult", "dropout_key",
+    "FirstOrderLosses", "LEARNING_RATE_MEANING", "TrainResult", "derivative_growth",
+    "dropout_key",
     "effective_weights", "first_order_losses", "gather_batch", "get_base_params",
     "load_params", "load_tracin_checkpoints", "load_tracin_params", "make_loss_fn",
     "make_segment_fn", "make_update", "metagradients",
