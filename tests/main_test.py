@@ -100,6 +100,10 @@ def test_rerun_reuses_every_stage_and_gives_same_numbers(tiny_run, tmp_path):
     for name in METRICS:
       assert second[method][name] == pytest.approx(first[method][name], rel=1e-6,
                                                    nan_ok=True)
+  # What each method cost is what it cost when computed, not the time to reload it.
+  for method, cost in first["cost"].items():
+    assert second["cost"][method] == pytest.approx(cost, rel=1e-6), method
+  assert second["cost"]["metagradient"]["seconds"] > 0
 
 
 @pytest.mark.parametrize("field, value", [

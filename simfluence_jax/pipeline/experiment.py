@@ -30,14 +30,18 @@ def _cost(config, runs: stages.Runs, wd: workdir_lib.Workdir, methods) -> dict:
 
   Runs used to fit count one each (a run recording gradients counts as the runs
   its time buys); the compute of the method's own stages is divided by the time of
-  one plain training run.
+  one plain training run. A reused stage counts the seconds it took when it was
+  computed (its record), so a rerun reports the same cost; NaN where unknown.
   """
   per_run = max(runs.seconds_per_run, 1e-9)
   grad_runs = 0.0
   if runs.seconds_per_grad_run and runs.grad_trace is not None:
     grad_runs = runs.grad_trace.num_runs * runs.seconds_per_grad_run / per_run
-  seconds = lambda *names: sum(wd.timings[n].seconds for n in names
-                               if n in wd.timings and not wd.timings[n].reused)
+
+  def seconds(*names):
+    computed = [wd.timings[n].computed_seconds for n in names if n in wd.timings]
+    return float("nan") if None in computed else float(sum(computed))
+
   fitted = float(config.num_runs)
   table = {
       "curriculum_blind": (fitted, 0.0),

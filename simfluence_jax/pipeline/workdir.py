@@ -42,8 +42,19 @@ _SETTLE_SECONDS = 2.0
 
 @dataclasses.dataclass
 class StageTiming:
+  """How long a stage took.
+
+  Attributes:
+    seconds: this job's time in the stage (loading its outputs, when reused).
+    reused: whether its stored outputs were reused.
+    computed_seconds: the time its outputs took to compute: this job's when it
+      computed them, else the seconds in the stage's record (None when the record
+      has none, or on a process other than the primary, which reads no records).
+  """
+
   seconds: float
   reused: bool
+  computed_seconds: Optional[float] = None
 
 
 class Workdir:
@@ -135,7 +146,8 @@ class Workdir:
     if status == "done" and load is not None:
       _logger.info("stage %s: reusing its outputs (inputs unchanged)", name)
       value = load()
-      self.timings[name] = StageTiming(time.perf_counter() - start, True)
+      self.timings[name] = StageTiming(time.perf_counter() - start, True,
+                                       (record or {}).get("seconds"))
       return value
     if status == "changed":
       changes = "; ".join(fp.describe_changes(record or {}, inputs)) if record else ""
@@ -161,7 +173,7 @@ class Workdir:
     sharding.barrier(f"saved {name}")
     seconds = time.perf_counter() - start
     self._write_record(name, inputs, "done", seconds)
-    self.timings[name] = StageTiming(seconds, False)
+    self.timings[name] = StageTiming(seconds, False, seconds)
     _logger.info("=== stage %s done in %.1fs ===", name, seconds)
     return value
 
