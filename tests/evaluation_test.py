@@ -179,7 +179,7 @@ def test_evaluate_and_report(tmp_path):
 
 
 def test_report_and_tables_flag_each_seed_whose_removal_reference_amplifies():
-  from simfluence_jax import tables  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.evaluation import _tables as tables  # pylint: disable=g-import-not-at-top
   from simfluence_jax.evaluation import _report  # pylint: disable=g-import-not-at-top
   regime = {"mean_loss_drop": 0.35, "final_loss_std_across_runs": 0.5,
             "removal_derivative_growth": 3.5,
@@ -193,3 +193,18 @@ def test_report_and_tables_flag_each_seed_whose_removal_reference_amplifies():
   assert not [line for line in _report.report_lines(stable)
               if "amplifies perturbations" in line]
   assert "0.90× (derivative growth" in "\n".join(_report.report_lines(stable))
+
+
+def test_goals_break_a_tie_at_three_decimals_by_the_lower_mse():
+  from simfluence_jax.evaluation import _tables as tables  # pylint: disable=g-import-not-at-top
+  entry = lambda rho, ratio: {"spearman_across_runs": rho, "all_steps_mse_ratio": ratio,
+                              "spearman": 0.97}
+  tied = {"metagradient": entry(0.93488, 0.38), "simfluence_hybrid": entry(0.93454, 0.19)}
+  checked = {goal: met for goal, _, met in tables.goals(tied, "default")}
+  assert ("best method (simfluence_hybrid; tied with metagradient at 3 decimals, "
+          "lower MSE) spearman_across_runs ≥ 0.9") in checked
+  assert checked["simfluence_hybrid: all_steps_mse ≤ 0.3 × curriculum_blind's"]
+  ahead = dict(tied, metagradient=entry(0.936, 0.38))
+  checked = {goal: met for goal, _, met in tables.goals(ahead, "default")}
+  assert "best method (metagradient) spearman_across_runs ≥ 0.9" in checked
+  assert not checked["metagradient: all_steps_mse ≤ 0.3 × curriculum_blind's"]

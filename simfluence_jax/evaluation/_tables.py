@@ -1,0 +1,185 @@
+"""The README's tables from a finished job's or sweep's outputs (no flags here).
+
+`python -m simfluence_jax.tables` is the command line around these functions: the
+held-out table (mean ± std), the unseen-example and removal-LDS tables, the regime,
+the goals of the fidelity issue with "met"/"missed" for each, and a sweep's regime
+map. They are importable without defining absl flags, unlike the entry points.
+"""
+
+import json
+import os
+import re
+
+import numpy as np
+
+from simfluence_jax import _io
+from simfluence_jax.evaluation import _report
+
+COLUMNS = ("all_steps_mse", "final_step_mse", "spearman", "spearman_across_runs")
+
+
+def _get(payload, *keys, default=np.nan):
+  value = payload
+  for key in keys:
+    if not isinstance(value, dict) or key not in value or value[key] is None:
+      return default
+    value = value[key]
+  return value
+
+
+def _fmt(mean, std=np.nan, digits=3):
+  if mean is None or not np.isfinite(mean):
+    return "–"
+  text = f"{mean:.{digits}f}"
+  if std is not None and np.isfinite(std) and std > 0:
+    text += f" ± {std:.{digits}f}"
+  return text
+
+
+def methods_table(payload: dict, section: str = None) -> list:
+  """Rows of every method: the four metrics (± std), MSEs also as ratio to blind."""
+  entries = payload if section is None else payload.get(section, {})
+  std = payload.get("std", {}) if section is None else payload.get("std", {}).get(
+      section, {})
+  methods = _report.methods_of(entries) if section is None else list(entries)
+  lines = ["| method | " + " | ".join(COLUMNS) + " | run-equivalents |",
+           "|---" * (len(COLUMNS) + 2) + "|"]
+  for method in methods:
+    cells = []
+    for name in COLUMNS:
+      text = _fmt(_get(entries, method, name), _get(std, method, name))
+      ratio = _get(entries, method, name + "_ratio")
+      if name.endswith("mse") and method != "curriculum_blind" and np.isfinite(ratio):
+        text += f" ({ratio:.2f}×)"
+      cells.append(text)
+    cells.append(_fmt(_get(payload, "cost", method, "run_equivalents"), digits=1))
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def removal_table(payload: dict) -> list:
+  removal = payload.get("removal_lds") or {}
+  if not removal:
+    return []
+  labels = sorted({k for v in removal.values() for k in v}, key=lambda s: float(
+      s.rstrip("%")))
+  std = payload.get("std", {}).get("removal_lds", {})
+  lines = ["| method | " + " | ".join(f"removal LDS {label}" for label in labels) + " |",
+           "|---" * (len(labels) + 1) + "|"]
+  for method, values in removal.items():
+    lines.append(f"| {method} | " + " | ".join(
+        _fmt(_get(values, label), _get(std, method, label)) for label in labels) + " |")
+  return lines
+
+
+def _best(payload: dict, metric: str, section: str = None):
+  """(method, value) with the highest `metric`. Values equal at the tables' 3
+  decimals are a tie, which the lower all_steps_mse ratio breaks."""
+  entries = payload if section is None else payload.get(section, {})
+  methods = _report.methods_of(entries) if section is None else list(entries)
+  scored = [(m, _get(entries, m, metric)) for m in methods
+            if np.isfinite(_get(entries, m, metric))]
+  if not scored:
+    return None, np.nan
+  mse = lambda m: _get(entries, m, "all_steps_mse_ratio", default=np.inf)
+  return max(scored, key=lambda p: (round(p[1], 3), -mse(p[0])))
+
+
+def goals(payload: dict, which: str) -> list:
+  """(goal, value, met) of the fidelity issue's "done when" list."""
+  best, best_rho = _best(payload, "spearman_across_runs")
+  tied = [m for m in _report.methods_of(payload) if m != best and np.isfinite(best_rho)
+          and round(_get(payload, m, "spearman_across_runs"), 3) == round(best_rho, 3)]
+  label = best + (f"; tied with {', '.join(tied)} at 3 decimals, lower MSE"
+                  if tied else "") if best else best
+  checks = []
+  if which == "default":
+    checks += [
+        ("mean test loss drops ≥ 30%", _get(payload, "regime", "mean_loss_drop"),
+         lambda v: v >= 0.30),
+        ("across-run std of final test losses ≥ 0.3",
+         _get(payload, "regime", "final_loss_std_across_runs"), lambda v: v >= 0.3),
+        (f"best method ({label}) spearman_across_runs ≥ 0.9", best_rho,
+         lambda v: v >= 0.9),
+        (f"{best}: all_steps_mse ≤ 0.3 × curriculum_blind's",
+         _get(payload, best, "all_steps_mse_ratio") if best else np.nan,
+         lambda v: v <= 0.3),
+        (f"{best}: spearman ≥ 0.95", _get(payload, best, "spearman") if best else
+         np.nan, lambda v: v >= 0.95),
+        ("metagradient (no fitted runs) spearman_across_runs ≥ 0.85",
+         _get(payload, "metagradient", "spearman_across_runs"), lambda v: v >= 0.85),
+        ("metagradient removal LDS at 1% ≥ 0.9",
+         _get(payload, "removal_lds", "metagradient", "1%"), lambda v: v >= 0.9),
+        ("simfluence_featurized on unseen examples: spearman_across_runs ≥ 0.5",
+         _get(payload, "unseen_examples", "simfluence_featurized",
+              "spearman_across_runs"), lambda v: v >= 0.5),
+        ("simfluence_featurized on unseen examples: all_steps_mse < blind's",
+         _get(payload, "unseen_examples", "simfluence_featurized",
+              "all_steps_mse_ratio"), lambda v: v < 1.0),
+    ]
+  elif which == "rough":
+    checks.append((f"best method ({label}) spearman_across_runs ≥ 0.7", best_rho,
+                   lambda v: v >= 0.7))
+  return [(goal, value, bool(np.isfinite(value) and test(value)))
+          for goal, value, test in checks]
+
+
+def sweep_table(sweep_dir: str) -> list:
+  cells = json.loads(_io.read_text(os.path.join(sweep_dir, "sweep.json")))
+  methods = [m for m in cells[0]["metrics"] if m != "curriculum_blind"]
+  lines = ["| cell | loss drop | across-run std | " + " | ".join(methods) + " |",
+           "|---" * (len(methods) + 3) + "|"]
+  for cell in cells:
+    name = ", ".join(f"{k}={v}" for k, v in cell["overrides"].items())
+    regime = cell.get("regime") or {}  # sweeps written before it was kept: –
+    drop = regime.get("mean_loss_drop", np.nan)
+    values = [f"{_fmt(100 * drop, digits=0)}%",
+              _fmt(regime.get("final_loss_std_across_runs", np.nan), digits=2)]
+    for method in methods:
+      rho = _get(cell["metrics"], method, "spearman_across_runs")
+      ratio = _get(cell["metrics"], method, "all_steps_mse_ratio")
+      values.append(f"{_fmt(rho, digits=2)} / {_fmt(ratio, digits=2)}×")
+    lines.append(f"| {name} | " + " | ".join(values) + " |")
+  return lines + ["", "Per method: spearman_across_runs / all_steps_mse as a multiple "
+                  "of curriculum_blind's. Loss drop: of the mean test loss over a run; "
+                  "across-run std: of the final test losses (the curriculum's effect)."]
+
+
+def render(payload: dict, which: str, source: str) -> str:
+  seeds = payload.get("seeds")
+  lines = [f"Generated by `python -m simfluence_jax.tables` from `{source}` "
+           + (f"(mean ± std over seeds {seeds})." if seeds else "(one seed).")]
+  regime = payload.get("regime")
+  if regime:
+    lines += ["", f"Regime: mean test loss drops "
+              f"{_fmt(100 * regime['mean_loss_drop'], digits=1)}%; across-run std of "
+              f"final test losses {_fmt(regime['final_loss_std_across_runs'])}."
+              + (" Derivative growth of the removal reference run "
+                 "(`training.derivative_growth`, about 1 or less: stable): "
+                 + _report.growth_text(regime) + "."
+                 if "removal_derivative_growth" in regime else "")]
+  lines += ["", "Held-out runs:", ""] + methods_table(payload)
+  if payload.get("unseen_examples"):
+    lines += ["", "Runs containing train examples no fitted run contained:", ""]
+    lines += methods_table(payload, "unseen_examples")
+  removal = removal_table(payload)
+  if removal:
+    lines += ["", "MAGIC's removal benchmark (around fitted run 0):", ""] + removal
+  checked = goals(payload, which)
+  if checked:
+    lines += ["", "| goal | value | |", "|---|---|---|"]
+    lines += [f"| {goal} | {_fmt(value)} | {'met' if met else '**missed**'} |"
+              for goal, value, met in checked]
+  return "\n".join(lines) + "\n"
+
+
+def update_readme(path: str, name: str, text: str) -> None:
+  with open(path) as f:
+    readme = f.read()
+  start, end = f"<!-- tables:{name} -->", f"<!-- /tables:{name} -->"
+  pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+  if not pattern.search(readme):
+    raise ValueError(f"--readme={path!r}: no {start} ... {end} block.")
+  readme = pattern.sub(lambda _: f"{start}\n{text}{end}", readme)
+  with open(path, "w") as f:
+    f.write(readme)
