@@ -187,7 +187,7 @@ def test_unknown_config_field_is_one_clear_line(tmp_path):
 
 
 def test_stale_workdir_from_the_command_line(tiny_run, tmp_path):
-  _, workdir, _ = tiny_run
+  config, workdir, _ = tiny_run
   copy = _copy(workdir, tmp_path)
   proc = subprocess.run(
       [sys.executable, "-m", "simfluence_jax.main",
@@ -195,7 +195,8 @@ def test_stale_workdir_from_the_command_line(tiny_run, tmp_path):
        f"--workdir={copy}"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: ") and "learning_rate 0.001 -> 0.01" in last
+  assert (last.startswith("error: ")
+          and f"learning_rate {config.learning_rate!r} -> 0.01" in last), last
   assert "--overwrite" in last and "Traceback" not in proc.stderr
 
 
