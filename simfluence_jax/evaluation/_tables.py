@@ -90,8 +90,9 @@ def goals(payload: dict, which: str) -> list:
   best, best_rho = _best(payload, "spearman_across_runs")
   tied = [m for m in _report.methods_of(payload) if m != best and np.isfinite(best_rho)
           and round(_get(payload, m, "spearman_across_runs"), 3) == round(best_rho, 3)]
-  label = best + (f"; tied with {', '.join(tied)} at 3 decimals, lower MSE"
-                  if tied else "") if best else best
+  label = best
+  if tied:
+    label += f"; tied with {', '.join(tied)} at 3 decimals, lower MSE"
   checks = []
   if which == "default":
     checks += [
