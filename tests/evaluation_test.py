@@ -192,7 +192,8 @@ def test_report_and_tables_flag_each_seed_whose_removal_reference_amplifies():
   del stable["regime"]["removal_derivative_growth_by_seed"]
   assert not [line for line in _report.report_lines(stable)
               if "amplifies perturbations" in line]
-  assert "0.90× (derivative growth" in "\n".join(_report.report_lines(stable))
+  assert "first steps; about 1 or less: stable): 0.90." in "\n".join(
+      _report.report_lines(stable))
 
 
 def test_goals_break_a_tie_at_three_decimals_by_the_lower_mse():

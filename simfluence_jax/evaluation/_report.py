@@ -285,9 +285,10 @@ def report_lines(payload: dict, plots=()) -> list:
               f"{_cell(100 * r['mean_loss_drop'], 100 * r_std.get('mean_loss_drop', np.nan), '.1f')}"
               f"% over a run; the final loss of a test example varies across curricula "
               f"by a std of {_cell(r['final_loss_std_across_runs'], r_std.get('final_loss_std_across_runs'), '.3f')}."
-              + (f" The removal benchmark's reference run amplifies a perturbation of "
-                 f"its first steps {growth_text(r)}× (derivative growth; about 1 or "
-                 f"less: stable)." if "removal_derivative_growth" in r else ""), ""]
+              + (f" Derivative growth of the removal benchmark's reference run (how "
+                 f"much it amplifies a perturbation of its first steps; about 1 or "
+                 f"less: stable): {growth_text(r)}."
+                 if "removal_derivative_growth" in r else ""), ""]
   lines += ["## Held-out runs", ""]
   lines += _methods_table(methods, std, cost=payload.get("cost"))
   lines += ["", "MSEs: lower is better, (×) = ratio to curriculum_blind, the mean "
