@@ -209,3 +209,25 @@ def test_goals_break_a_tie_at_three_decimals_by_the_lower_mse():
   checked = {goal: met for goal, _, met in tables.goals(ahead, "default")}
   assert "best method (metagradient) spearman_across_runs ≥ 0.9" in checked
   assert not checked["metagradient: all_steps_mse ≤ 0.3 × curriculum_blind's"]
+
+
+def test_sweep_table_shows_derivative_growth_only_where_cells_have_it(tmp_path):
+  from simfluence_jax.evaluation import _tables as tables  # pylint: disable=g-import-not-at-top
+  metrics = {"curriculum_blind": {}, "simfluence_linear": {
+      "spearman_across_runs": 0.9, "all_steps_mse_ratio": 0.2}}
+  cells = [{"overrides": {"learning_rate": 0.001}, "metrics": metrics,
+            "regime": {"mean_loss_drop": 0.35, "final_loss_std_across_runs": 0.5,
+                       "removal_derivative_growth": 8.53}},
+           {"overrides": {"learning_rate": 0.0007}, "metrics": metrics,
+            "regime": {"mean_loss_drop": 0.3, "final_loss_std_across_runs": 0.4}}]
+  (tmp_path / "sweep.json").write_text(json.dumps(cells))
+  lines = tables.sweep_table(str(tmp_path))
+  assert lines[0] == ("| cell | loss drop | across-run std | derivative growth | "
+                      "simfluence_linear |")
+  assert lines[2] == "| learning_rate=0.001 | 35% | 0.50 | 8.53 | 0.90 / 0.20× |"
+  assert lines[3] == "| learning_rate=0.0007 | 30% | 0.40 | – | 0.90 / 0.20× |"
+  del cells[0]["regime"]["removal_derivative_growth"]
+  (tmp_path / "sweep.json").write_text(json.dumps(cells))
+  lines = tables.sweep_table(str(tmp_path))
+  assert "derivative growth" not in lines[0] and "Derivative growth" not in lines[-1]
+  assert lines[2] == "| learning_rate=0.001 | 35% | 0.50 | 0.90 / 0.20× |"

@@ -128,14 +128,19 @@ def goals(payload: dict, which: str) -> list:
 def sweep_table(sweep_dir: str) -> list:
   cells = json.loads(_io.read_text(os.path.join(sweep_dir, "sweep.json")))
   methods = [m for m in cells[0]["metrics"] if m != "curriculum_blind"]
-  lines = ["| cell | loss drop | across-run std | " + " | ".join(methods) + " |",
-           "|---" * (len(methods) + 3) + "|"]
+  # With the removal benchmark and metagradients in the cells: their stability.
+  growth = any("removal_derivative_growth" in (c.get("regime") or {}) for c in cells)
+  regime_columns = ["loss drop", "across-run std"] + (["derivative growth"] * growth)
+  lines = ["| cell | " + " | ".join(regime_columns + methods) + " |",
+           "|---" * (len(methods) + len(regime_columns) + 1) + "|"]
   for cell in cells:
     name = ", ".join(f"{k}={v}" for k, v in cell["overrides"].items())
     regime = cell.get("regime") or {}  # sweeps written before it was kept: –
     drop = regime.get("mean_loss_drop", np.nan)
     values = [f"{_fmt(100 * drop, digits=0)}%",
               _fmt(regime.get("final_loss_std_across_runs", np.nan), digits=2)]
+    if growth:
+      values.append(_fmt(regime.get("removal_derivative_growth", np.nan), digits=2))
     for method in methods:
       rho = _get(cell["metrics"], method, "spearman_across_runs")
       ratio = _get(cell["metrics"], method, "all_steps_mse_ratio")
@@ -143,7 +148,10 @@ def sweep_table(sweep_dir: str) -> list:
     lines.append(f"| {name} | " + " | ".join(values) + " |")
   return lines + ["", "Per method: spearman_across_runs / all_steps_mse as a multiple "
                   "of curriculum_blind's. Loss drop: of the mean test loss over a run; "
-                  "across-run std: of the final test losses (the curriculum's effect)."]
+                  "across-run std: of the final test losses (the curriculum's effect)."
+                  + (" Derivative growth: of the removal benchmark's reference run "
+                     "(above 1.5 it amplifies perturbations of its first steps, and "
+                     "first-order predictions overshoot)." if growth else "")]
 
 
 def render(payload: dict, which: str, source: str) -> str:
