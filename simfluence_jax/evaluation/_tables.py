@@ -72,24 +72,25 @@ def removal_table(payload: dict) -> list:
   return lines
 
 
-def _best(payload: dict, metric: str, section: str = None):
-  """(method, value) with the highest `metric`. Values equal at the tables' 3
-  decimals are a tie, which the lower all_steps_mse ratio breaks."""
-  entries = payload if section is None else payload.get(section, {})
-  methods = _report.methods_of(entries) if section is None else list(entries)
-  scored = [(m, _get(entries, m, metric)) for m in methods
-            if np.isfinite(_get(entries, m, metric))]
+def _best(payload: dict, metric: str):
+  """(method, value, the other methods tied with it) for the highest `metric`.
+
+  Values equal at the tables' 3 decimals are a tie, which the lower all_steps_mse
+  ratio breaks.
+  """
+  scored = [(m, _get(payload, m, metric)) for m in _report.methods_of(payload)
+            if np.isfinite(_get(payload, m, metric))]
   if not scored:
-    return None, np.nan
-  mse = lambda m: _get(entries, m, "all_steps_mse_ratio", default=np.inf)
-  return max(scored, key=lambda p: (round(p[1], 3), -mse(p[0])))
+    return None, np.nan, []
+  mse = lambda m: _get(payload, m, "all_steps_mse_ratio", default=np.inf)
+  best, value = max(scored, key=lambda p: (round(p[1], 3), -mse(p[0])))
+  tied = [m for m, v in scored if m != best and round(v, 3) == round(value, 3)]
+  return best, value, tied
 
 
 def goals(payload: dict, which: str) -> list:
   """(goal, value, met) of the fidelity issue's "done when" list."""
-  best, best_rho = _best(payload, "spearman_across_runs")
-  tied = [m for m in _report.methods_of(payload) if m != best and np.isfinite(best_rho)
-          and round(_get(payload, m, "spearman_across_runs"), 3) == round(best_rho, 3)]
+  best, best_rho, tied = _best(payload, "spearman_across_runs")
   label = best
   if tied:
     label += f"; tied with {', '.join(tied)} at 3 decimals, lower MSE"
