@@ -215,6 +215,28 @@ class InverseTest(absltest.TestCase):
     self.assertGreater(block_correlation, 0.95)
     self.assertGreater(correlation, 0.8)
 
+  def _assert_scores_equal_preconditioned_loop(self, task, params, batch, factors,
+                                               queries):
+    """ekfac_scores == Σ_layers ⟨precondition(query grads), train grads⟩ (loops)."""
+    layers = factors.layers
+    train = _loop_layer_grads(task, params, batch, layers)
+    query = _loop_layer_grads(task, params, queries, layers, "measurement")
+    preconditioned = influence.precondition(factors, query)
+    expected = sum(np.einsum("qoi,noi->qn", preconditioned[n], train[n])
+                   for n in train)
+    got = influence.ekfac_scores(task, params, factors, queries, [batch],
+                                 chunk_size=4)
+    np.testing.assert_allclose(got, expected, rtol=1e-3,
+                               atol=1e-4 * np.abs(expected).max())
+    self.assertTrue(np.isfinite(np.asarray(got)).all())
+
+  def test_scores_equal_preconditioned_jax_grads_on_mlp(self):
+    # One token per example: scores take `DenseBlock.dot`'s g_iᵀ P_q a_i form.
+    task, params, batch = _mlp_setup(10)
+    factors = influence.fit_ekfac(task, params, [batch])
+    self._assert_scores_equal_preconditioned_loop(
+        task, params, batch, factors, jax.tree_util.tree_map(lambda x: x[:3], batch))
+
   def test_scores_equal_preconditioned_jax_grads_on_transformer(self):
     task, params, batch = _lm_setup()
     factors = influence.fit_ekfac(task, params, [batch])
@@ -222,16 +244,8 @@ class InverseTest(absltest.TestCase):
     # Factors keep the layers' call order (saved factors are numbered by it).
     self.assertEqual(list(factors.factors), [spec.name for spec in layers])
     self.assertNotEqual(sorted(factors.factors), list(factors.factors))
-    train = _loop_layer_grads(task, params, batch, layers)
-    query = _loop_layer_grads(task, params, _slice(batch, 1), layers, "measurement")
-    preconditioned = influence.precondition(factors, query)
-    expected = sum(np.einsum("qoi,noi->qn", preconditioned[n], train[n])
-                   for n in train)
-    got = influence.ekfac_scores(task, params, factors, _slice(batch, 1),
-                                 [batch], chunk_size=4)
-    np.testing.assert_allclose(got, expected, rtol=1e-3,
-                               atol=1e-4 * np.abs(expected).max())
-    self.assertTrue(np.isfinite(np.asarray(got)).all())
+    self._assert_scores_equal_preconditioned_loop(task, params, batch, factors,
+                                                  _slice(batch, 1))
     # The run preconditioned its queries with one program per layer kind and
     # shape, which the layers of one kind and shape (the two blocks', q/k/v) share.
     _ekfac._precondition_program.cache_clear()
