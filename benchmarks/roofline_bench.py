@@ -8,8 +8,9 @@ loop trip included (`simfluence_jax.planning.costs.program_costs`), over its bes
 time, as a fraction of that peak:
 
 * `train_segment`: the main job's vmapped, scanned training segment
-  (`training.runs.make_segment_fn`) on the default model (d=64, 2 layers), batch 32,
-  R runs x T steps;
+  (`training.runs.make_segment_fn`, runs in groups of
+  `runs.default_runs_per_group()` as `train_runs` trains them) on the default model
+  (d=64, 2 layers), batch 32, R runs x T steps;
 * `per_example_grads`: `kernels.per_example_grads` of the same model on a chunk;
 * `tracin_scoring`, `ekfac_scoring`: TracIn-CP and EK-FAC scores of N train examples
   (MLP 64-128-10). Their Python loops over chunks call several programs, so their
@@ -91,8 +92,14 @@ def _lm_arrays(rng, n):
           "mask": np.ones((n, SEQ_LEN), np.float32)}
 
 
-def transformer_rows(num_runs, num_steps, peak, repeats):
-  """The training segment and per-example gradients of the default model."""
+def training_segment(num_runs, num_steps):
+  """The default model's jitted training segment and what it needs.
+
+  Returns:
+    (segment, args, fresh, params0, loss_fn, train): call
+    `segment(*fresh(), *args)`; `fresh()` gives new copies of the donated params
+    and optimizer state [R, ...] for every call.
+  """
   rng = np.random.default_rng(0)
   train, test = _lm_arrays(rng, 256), _lm_arrays(rng, NUM_TEST)
   model = models.TransformerLM(vocab_size=VOCAB, max_len=SEQ_LEN)
@@ -102,18 +109,25 @@ def transformer_rows(num_runs, num_steps, peak, repeats):
       {"optimizer": "sgd", "learning_rate": 0.001, "lr_schedule": "constant"})
   train_step = training.make_train_step(loss_fn, optimizer, schedule)
   run_sharding, _ = runs_lib.runs_shardings(num_runs)
-  segment = runs_lib.make_segment_fn(train_step, run_sharding)
+  segment = runs_lib.make_segment_fn(
+      train_step, run_sharding, runs_per_group=runs_lib.default_runs_per_group())
   ids = jnp.asarray(rng.integers(0, 256, (num_runs, num_steps, BATCH)).astype(np.int32))
   stack = lambda x: jnp.repeat(x[None], num_runs, axis=0)
   params = jax.tree_util.tree_map(stack, params0)
   opt_state = jax.vmap(optimizer.init)(params)
-  train_dev, test_dev = jax.device_put(train), jax.device_put(test)
-  args = (params, opt_state, jnp.int32(0), ids, train_dev, test_dev)
+  args = (jnp.int32(0), ids, jax.device_put(train), jax.device_put(test))
   # The segment donates params / opt_state: fresh copies for every call.
-  copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
+  fresh = lambda: jax.tree_util.tree_map(jnp.copy, (params, opt_state))
+  return segment, args, fresh, params0, loss_fn, train
+
+
+def transformer_rows(num_runs, num_steps, peak, repeats):
+  """The training segment and per-example gradients of the default model."""
+  segment, args, fresh, params0, loss_fn, train = training_segment(num_runs,
+                                                                    num_steps)
   flops = compiled_flops(segment.__wrapped__ if hasattr(segment, "__wrapped__")
-                         else segment, *args)
-  seconds = best_of(lambda: segment(copy(params), copy(opt_state), *args[2:]), repeats)
+                         else segment, *fresh(), *args)
+  seconds = best_of(lambda: segment(*fresh(), *args), repeats)
   rows = {"train_segment": _row(flops, seconds, peak, runs=num_runs, steps=num_steps,
                                 batch=BATCH, num_params=models.num_params(params0))}
   chunk = {k: v[:BATCH] for k, v in train.items()}

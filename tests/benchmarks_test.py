@@ -81,3 +81,23 @@ def test_roofline_counts_every_loop_trip_and_divides_by_the_peak():
   assert abs(roofline.compiled_flops(scanned, a) - trips * 2 * n ** 3) <= 2 * trips
   row = roofline._row(8e9, 2.0, peak=8e9)  # pylint: disable=protected-access
   assert row["flop_per_s"] == 4e9 and row["fraction_of_peak"] == 0.5
+
+
+def test_segment_profile_reads_every_op_of_the_trace():
+  spec = importlib.util.spec_from_file_location(
+      "simfluence_segment_profile",
+      os.path.join(REPO, "benchmarks", "segment_profile.py"))
+  profile = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  spec.loader.exec_module(profile)
+  wall, flops, ops = profile.profile(num_runs=2, num_steps=1)
+  assert wall > 0 and flops > 0
+  kinds = {kind for kind, _, _, _ in ops.values()}
+  assert "matmul" in kinds and kinds <= {"matmul", "copy / transpose", "broadcast",
+                                         "elementwise / reduce"}, kinds
+  # Every pass of a step shows up, named from the JAX source op of its ops.
+  passes = {profile._pass(source) for _, source, _, _ in ops.values()}  # pylint: disable=protected-access
+  assert {"train forward", "train backward", "test-loss forward"} <= passes, passes
+  assert all(micros >= 0 and calls >= 1 for _, _, micros, calls in ops.values())
+  assert profile._pass("jit(segment)/while/body/vmap(transpose(jvp(TransformerLM)))/x") == (  # pylint: disable=protected-access
+      "train backward")

@@ -45,9 +45,9 @@ SCRIPT = textwrap.dedent("""
     # with, captured where it builds the segment.
     from simfluence_jax.training import runs as runs_lib
     make_segment_fn, captured = runs_lib.make_segment_fn, {}
-    def capturing(train_step, run_sharding, shardings=None):
+    def capturing(train_step, run_sharding, shardings=None, **kwargs):
       captured["state"] = shardings
-      return make_segment_fn(train_step, run_sharding, shardings)
+      return make_segment_fn(train_step, run_sharding, shardings, **kwargs)
     runs_lib.make_segment_fn = capturing
     for name, mesh in meshes.items():
       result = training.train_runs(params0, ids, loss_fn=loss_fn, optimizer_config=config,

@@ -131,6 +131,30 @@ def test_vmapped_runs_equal_runs_trained_one_by_one():
   assert np.abs(together.trace.losses[0, -1] - together.trace.losses[1, -1]).max() > 1e-4
 
 
+@pytest.mark.parametrize("runs_per_group", [1, 2, 5])
+def test_runs_trained_in_groups_equal_runs_trained_one_by_one(runs_per_group):
+  # 5 runs in groups of 1, of 2 (the last group of 1 is a remainder) or all at once.
+  _, loss_fn, params0, train, test = _setup()
+  batch_ids = np.concatenate([_batch_ids(0), _batch_ids(1)[:2]])
+  kwargs = dict(loss_fn=loss_fn, optimizer_config=_config("adam", 0.05, "linear"),
+                train_arrays=train, test_arrays=test, progress=False)
+  grouped = training.train_runs(params0, batch_ids, steps_per_segment=4,
+                                runs_per_group=runs_per_group, **kwargs)
+  for run in range(len(batch_ids)):
+    alone = training.train_runs(params0, batch_ids[run:run + 1], **kwargs)
+    np.testing.assert_allclose(grouped.trace.losses[run], alone.trace.losses[0],
+                               atol=1e-5)
+    np.testing.assert_allclose(grouped.train_losses[run], alone.train_losses[0],
+                               atol=1e-5)
+    np.testing.assert_allclose(grouped.trace.learning_rates[run],
+                               alone.trace.learning_rates[0], rtol=1e-6)
+    _assert_trees_close(jax.tree_util.tree_map(lambda x, r=run: x[r], grouped.params),
+                        jax.tree_util.tree_map(lambda x: x[0], alone.params),
+                        atol=1e-5)
+  with pytest.raises(ValueError, match="runs_per_group must be a positive integer"):
+    training.train_runs(params0, batch_ids, runs_per_group=0, **kwargs)
+
+
 def test_recorded_grads_are_projected_per_example_grads():
   _, loss_fn, params0, train, test = _setup()
   batch_ids = _batch_ids()[:2, :3]
@@ -277,8 +301,12 @@ def test_runs_sharded_over_two_host_devices_match_one_device():
                     train_arrays=train, test_arrays=test, progress=False)
       sharded = t.training.train_runs(params0, ids, **kwargs)
       odd = t.training.train_runs(params0, t._batch_ids(), **kwargs)  # replicated
+      # 6 runs, 3 per device, trained one at a time on each (the grouped path).
+      six = np.concatenate([t._batch_ids(0), t._batch_ids(1)])
+      grouped = t.training.train_runs(params0, six, runs_per_group=1, **kwargs)
       np.save(sys.argv[1], np.concatenate([sharded.trace.losses.ravel(),
-                                           odd.trace.losses.ravel()]))
+                                           odd.trace.losses.ravel(),
+                                           grouped.trace.losses.ravel()]))
   """) % os.path.dirname(os.path.abspath(__file__))
   out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sharded_{os.getpid()}.npy")
   subprocess.run([sys.executable, "-c", script, out], check=True, timeout=120,
@@ -290,7 +318,9 @@ def test_runs_sharded_over_two_host_devices_match_one_device():
                 train_arrays=train, test_arrays=test, progress=False)
   single = np.concatenate([
       training.train_runs(params0, _batch_ids()[:2], **kwargs).trace.losses.ravel(),
-      training.train_runs(params0, _batch_ids(), **kwargs).trace.losses.ravel()])
+      training.train_runs(params0, _batch_ids(), **kwargs).trace.losses.ravel(),
+      training.train_runs(params0, np.concatenate([_batch_ids(0), _batch_ids(1)]),
+                          runs_per_group=6, **kwargs).trace.losses.ravel()])
   np.testing.assert_allclose(multi, single, atol=1e-5)
 
 

@@ -100,7 +100,27 @@ def state_shardings(tree: Any, run_sharding: jax.sharding.NamedSharding) -> Any:
                                       leading=(spec[0] if spec else None,))
 
 
-def make_segment_fn(train_step, run_sharding, shardings=None):
+# Runs per vmapped group on a CPU backend (`train_runs(runs_per_group=None)`). The
+# default model's segment took 14.5 s for 88 runs × 8 steps all vmapped at once, 11.8
+# s in groups of 8, 10.9 s of 4 and 10.6 s of 2 (2-core CPU; docs/experiments.md):
+# a small group's params and activations stay in cache. Accelerators vmap every run
+# at once, which keeps their matmuls large.
+CPU_RUNS_PER_GROUP = 2
+
+
+def default_runs_per_group() -> Optional[int]:
+  """`CPU_RUNS_PER_GROUP` on a CPU backend, None (all runs at once) elsewhere."""
+  return CPU_RUNS_PER_GROUP if jax.default_backend() == "cpu" else None
+
+
+def _runs_axis_size(run_sharding: jax.sharding.NamedSharding) -> int:
+  """Devices the run axis is split over (1 when every device holds every run)."""
+  spec = tuple(run_sharding.spec)
+  return run_sharding.mesh.shape[RUNS_AXIS] if spec and spec[0] == RUNS_AXIS else 1
+
+
+def make_segment_fn(train_step, run_sharding, shardings=None,
+                    runs_per_group: Optional[int] = None):
   """Jitted segment of S steps of R runs.
 
   Args:
@@ -108,6 +128,10 @@ def make_segment_fn(train_step, run_sharding, shardings=None):
     run_sharding: sharding of arrays with a leading run axis (`runs_shardings`).
     shardings: (params shardings, opt_state shardings) pytrees the updated state
       keeps (`state_shardings`); None = `run_sharding` for every leaf.
+    runs_per_group: G: each device trains its runs G at a time (vmapped), one
+      group after another (`lax.map`), each group all S steps; None = all of its
+      runs at once. The runs are independent, so G changes float rounding only.
+      Ignored (all at once) when the mesh splits a run's params over `model`.
 
   Returns:
     `segment(params, opt_state, first_step, batch_ids, train_arrays, test_arrays,
@@ -117,19 +141,12 @@ def make_segment_fn(train_step, run_sharding, shardings=None):
     [R, S, ...]. Run r of the segment is run index r of a stochastic loss's keys.
   """
   vmapped_step = jax.vmap(train_step, in_axes=(0, 0, None, 0, None, 0, 0, 0))
+  devices = _runs_axis_size(run_sharding)
+  if run_sharding.mesh.shape.get(sharding_lib.MODEL_AXIS, 1) > 1:
+    runs_per_group = None
 
-  def segment(params, opt_state, first_step, batch_ids, train_arrays, test_arrays,
-              weights=None):
-    num_runs = batch_ids.shape[0]
-    if weights is None:
-      weights = jnp.ones(batch_ids.shape, jnp.float32)
-    # The test examples are batched over runs like the params: JAX's batching rule
-    # of a grouped convolution (the weight gradient of a per-example conv gradient)
-    # raises NotImplementedError when only the kernel is batched and the arrays
-    # carry a mesh sharding.
-    test_arrays = broadcast_over_runs(test_arrays, num_runs)
-    runs = jnp.arange(num_runs, dtype=jnp.int32)
-
+  def all_at_once(params, opt_state, first_step, batch_ids, weights, runs,
+                  train_arrays, test_arrays):
     def body(carry, xs):
       params, opt_state, step = carry
       batch_ids_t, weights_t = xs
@@ -144,6 +161,50 @@ def make_segment_fn(train_step, run_sharding, shardings=None):
     # Back to run-major [R, S, ...] so the outputs stay sharded over runs.
     outputs = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), outputs)
     return params, opt_state, outputs
+
+  def in_groups(params, opt_state, first_step, batch_ids, weights, runs,
+                train_arrays, test_arrays):
+    def one_run(xs):
+      params, opt_state, ids, run_weights, run, test = xs
+
+      def body(carry, step_xs):
+        params, opt_state, step = carry
+        params, opt_state, test_losses, extras = train_step(
+            params, opt_state, step, step_xs[0], train_arrays, test, step_xs[1],
+            run)
+        return (params, opt_state, step + 1), (test_losses, extras)
+
+      (params, opt_state, _), outputs = jax.lax.scan(
+          body, (params, opt_state, first_step), (ids, run_weights))
+      return params, opt_state, outputs
+
+    xs = (params, opt_state, batch_ids, weights, runs, test_arrays)
+    if devices == 1:
+      return jax.lax.map(one_run, xs, batch_size=runs_per_group)
+    # [R, ...] -> [D, R/D, ...]: the leading axis is the one split over devices
+    # (vmapped, so partitioned), and each device maps over its own runs.
+    split = lambda x: jnp.reshape(x, (devices, -1) + x.shape[1:])
+    merged = jax.vmap(lambda local: jax.lax.map(one_run, local,
+                                                batch_size=runs_per_group))(
+                                                    jax.tree_util.tree_map(split, xs))
+    return jax.tree_util.tree_map(lambda x: jnp.reshape(x, (-1,) + x.shape[2:]),
+                                  merged)
+
+  def segment(params, opt_state, first_step, batch_ids, train_arrays, test_arrays,
+              weights=None):
+    num_runs = batch_ids.shape[0]
+    if weights is None:
+      weights = jnp.ones(batch_ids.shape, jnp.float32)
+    # The test examples are batched over runs like the params: JAX's batching rule
+    # of a grouped convolution (the weight gradient of a per-example conv gradient)
+    # raises NotImplementedError when only the kernel is batched and the arrays
+    # carry a mesh sharding.
+    test_arrays = broadcast_over_runs(test_arrays, num_runs)
+    runs = jnp.arange(num_runs, dtype=jnp.int32)
+    grouped = runs_per_group is not None and runs_per_group < num_runs // devices
+    return (in_groups if grouped else all_at_once)(
+        params, opt_state, first_step, batch_ids, weights, runs, train_arrays,
+        test_arrays)
 
   out_shardings = run_sharding if shardings is None else (*shardings, run_sharding)
   return jax.jit(segment, donate_argnums=(0, 1), out_shardings=out_shardings)
@@ -188,7 +249,8 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
                grad_chunk_size: Optional[int] = None,
                metadata: Optional[dict] = None,
                mesh: Optional[jax.sharding.Mesh] = None,
-               weights: Any = None) -> TrainResult:
+               weights: Any = None,
+               runs_per_group: Optional[int] = None) -> TrainResult:
   """Trains R runs from the same base params, one curriculum each, and records them.
 
   Args:
@@ -230,6 +292,11 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
       objective is Σ_b w_b·valid_b·ℓ_b / (number of valid slots): a weight-0 slot
       keeps its place in the denominator (MAGIC's convention; a removed example
       does not renormalise the batch), see `step.py`.
+    runs_per_group: runs each device trains at a time, vmapped, one group after
+      another (`make_segment_fn`); None = `default_runs_per_group()` (2 on a CPU
+      backend: 80 default-model runs 1.38× faster on 2 cores; every run at once on
+      accelerators), and every run at once when recording gradients. Results do
+      not depend on it (up to float rounding).
 
   Resuming: a workdir is only resumed by a call with the same fingerprint
   (`JOB_FILE`): optimizer and all its hyperparameters, loss/model description,
@@ -301,7 +368,18 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
   init = jax.vmap(optimizer.init)
   opt_sharding = state_shardings(jax.eval_shape(init, params), run_sharding)
   opt_state = jax.jit(init, out_shardings=opt_sharding)(params)
-  segment = make_segment_fn(train_step, run_sharding, (params_sharding, opt_sharding))
+  if runs_per_group is None:
+    # Recording runs vmap all at once: in groups of 2 the default job's 8 recording
+    # runs took 84 s instead of 40, likely because each group draws the
+    # random projection of the recorded gradients again (vmapped, all runs share
+    # one draw per step).
+    runs_per_group = None if record_grads else default_runs_per_group()
+  elif isinstance(runs_per_group, bool) or not isinstance(
+      runs_per_group, (int, np.integer)) or runs_per_group < 1:
+    raise ValueError(f"train_runs: runs_per_group must be a positive integer or "
+                     f"None, got {runs_per_group!r}.")
+  segment = make_segment_fn(train_step, run_sharding, (params_sharding, opt_sharding),
+                            runs_per_group=runs_per_group)
 
   buffers = {
       "batch_ids": batch_ids,
