@@ -131,26 +131,27 @@ def test_vmapped_runs_equal_runs_trained_one_by_one():
   assert np.abs(together.trace.losses[0, -1] - together.trace.losses[1, -1]).max() > 1e-4
 
 
-@pytest.mark.parametrize("runs_per_group", [1, 2, 5])
-def test_runs_trained_in_groups_equal_runs_trained_one_by_one(runs_per_group):
+def test_runs_trained_in_groups_equal_runs_trained_one_by_one():
   # 5 runs in groups of 1, of 2 (the last group of 1 is a remainder) or all at once.
   _, loss_fn, params0, train, test = _setup()
   batch_ids = np.concatenate([_batch_ids(0), _batch_ids(1)[:2]])
   kwargs = dict(loss_fn=loss_fn, optimizer_config=_config("adam", 0.05, "linear"),
                 train_arrays=train, test_arrays=test, progress=False)
-  grouped = training.train_runs(params0, batch_ids, steps_per_segment=4,
-                                runs_per_group=runs_per_group, **kwargs)
-  for run in range(len(batch_ids)):
-    alone = training.train_runs(params0, batch_ids[run:run + 1], **kwargs)
-    np.testing.assert_allclose(grouped.trace.losses[run], alone.trace.losses[0],
-                               atol=1e-5)
-    np.testing.assert_allclose(grouped.train_losses[run], alone.train_losses[0],
-                               atol=1e-5)
-    np.testing.assert_allclose(grouped.trace.learning_rates[run],
-                               alone.trace.learning_rates[0], rtol=1e-6)
-    _assert_trees_close(jax.tree_util.tree_map(lambda x, r=run: x[r], grouped.params),
-                        jax.tree_util.tree_map(lambda x: x[0], alone.params),
-                        atol=1e-5)
+  alone = [training.train_runs(params0, batch_ids[run:run + 1], **kwargs)
+           for run in range(len(batch_ids))]
+  for runs_per_group in (1, 2, 5):
+    grouped = training.train_runs(params0, batch_ids, steps_per_segment=4,
+                                  runs_per_group=runs_per_group, **kwargs)
+    for run, one in enumerate(alone):
+      np.testing.assert_allclose(grouped.trace.losses[run], one.trace.losses[0],
+                                 atol=1e-5)
+      np.testing.assert_allclose(grouped.train_losses[run], one.train_losses[0],
+                                 atol=1e-5)
+      np.testing.assert_allclose(grouped.trace.learning_rates[run],
+                                 one.trace.learning_rates[0], rtol=1e-6)
+      _assert_trees_close(
+          jax.tree_util.tree_map(lambda x, r=run: x[r], grouped.params),
+          jax.tree_util.tree_map(lambda x: x[0], one.params), atol=1e-5)
   with pytest.raises(ValueError, match="runs_per_group must be a positive integer"):
     training.train_runs(params0, batch_ids, runs_per_group=0, **kwargs)
 

@@ -2,7 +2,9 @@
 
 Every run starts from the same base params and differs only in its curriculum
 (`batch_ids[r]`). A segment of steps is one jitted call: `lax.scan` over the steps,
-`vmap` over the runs of the pure `train_step`. The run axis is sharded over the
+`vmap` over the runs of the pure `train_step` (on a CPU, runs that record no
+gradients in vmapped groups of `CPU_RUNS_PER_GROUP`, one group after another, which
+keeps a group in cache; `make_segment_fn`). The run axis is sharded over the
 devices of a `Mesh` axis named "runs" when R divides evenly, so the same code runs
 on one CPU or on every chip of a pod. Between segments the host copies the
 recorded losses into the trace buffers, checks them, logs progress and writes
