@@ -8,8 +8,8 @@ loop trip included (`simfluence_jax.planning.costs.program_costs`), over its bes
 time, as a fraction of that peak:
 
 * `train_segment`: the main job's vmapped, scanned training segment
-  (`training.runs.make_segment_fn`, runs in groups of
-  `runs.default_runs_per_group()` as `train_runs` trains them) on the default model
+  (`training.runs.make_segment_fn`, grouped as `train_runs` would group runs
+  that record no gradients, `runs.default_runs_per_group`) on the default model
   (d=64, 2 layers), batch 32, R runs x T steps;
 * `per_example_grads`: `kernels.per_example_grads` of the same model on a chunk;
 * `tracin_scoring`, `ekfac_scoring`: TracIn-CP and EK-FAC scores of N train examples
@@ -109,8 +109,10 @@ def training_segment(num_runs, num_steps):
       {"optimizer": "sgd", "learning_rate": 0.001, "lr_schedule": "constant"})
   train_step = training.make_train_step(loss_fn, optimizer, schedule)
   run_sharding, _ = runs_lib.runs_shardings(num_runs)
+  param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params0))
   segment = runs_lib.make_segment_fn(
-      train_step, run_sharding, runs_per_group=runs_lib.default_runs_per_group())
+      train_step, run_sharding,
+      runs_per_group=runs_lib.default_runs_per_group(param_bytes, num_runs))
   ids = jnp.asarray(rng.integers(0, 256, (num_runs, num_steps, BATCH)).astype(np.int32))
   stack = lambda x: jnp.repeat(x[None], num_runs, axis=0)
   params = jax.tree_util.tree_map(stack, params0)

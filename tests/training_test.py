@@ -156,6 +156,30 @@ def test_runs_trained_in_groups_equal_runs_trained_one_by_one():
     training.train_runs(params0, batch_ids, runs_per_group=0, **kwargs)
 
 
+def test_cpu_trains_runs_in_groups_only_when_they_are_large(monkeypatch):
+  from simfluence_jax.training import runs as runs_lib  # pylint: disable=g-import-not-at-top
+  threshold, group = runs_lib.CPU_GROUP_MIN_BYTES, runs_lib.CPU_RUNS_PER_GROUP
+  assert runs_lib.default_runs_per_group(threshold // 4, 4) == group
+  assert runs_lib.default_runs_per_group(threshold // 4, 3) is None
+  chosen = []
+  make_segment_fn = runs_lib.make_segment_fn
+
+  def capturing(*args, runs_per_group=None, **kwargs):
+    chosen.append(runs_per_group)
+    return make_segment_fn(*args, runs_per_group=runs_per_group, **kwargs)
+
+  monkeypatch.setattr(runs_lib, "make_segment_fn", capturing)
+  _, loss_fn, params0, train, test = _setup()
+  kwargs = dict(loss_fn=loss_fn, optimizer_config=_config(), train_arrays=train,
+                test_arrays=test, progress=False)
+  training.train_runs(params0, _batch_ids(), **kwargs)  # a few bytes of params
+  monkeypatch.setattr(runs_lib, "CPU_GROUP_MIN_BYTES", 1)  # every run is "large"
+  training.train_runs(params0, _batch_ids(), **kwargs)
+  training.train_runs(params0, _batch_ids(), record_grads=True, **kwargs)
+  training.train_runs(params0, _batch_ids(), runs_per_group=1, **kwargs)
+  assert chosen == [None, group, None, 1]
+
+
 def test_recorded_grads_are_projected_per_example_grads():
   _, loss_fn, params0, train, test = _setup()
   batch_ids = _batch_ids()[:2, :3]
