@@ -32,6 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 
+from simfluence_jax.planning import costs
+
 import roofline_bench
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = (.*)$", re.MULTILINE)
@@ -83,10 +85,9 @@ def op_times(trace_dir: str, hlo_text: str):
 def profile(num_runs: int = 8, num_steps: int = 8):
   """Returns (wall seconds, program FLOPs, op_times) of one warm segment call."""
   segment, args, fresh, *_ = roofline_bench.training_segment(num_runs, num_steps)
-  compiled = segment.lower(*fresh(), *args).compile()
-  flops = roofline_bench.compiled_flops(
-      segment.__wrapped__ if hasattr(segment, "__wrapped__") else segment,
-      *fresh(), *args)
+  lowered = segment.lower(*fresh(), *args)
+  compiled = lowered.compile()  # one compile: its HLO names the ops, its costs the FLOPs
+  flops = float(costs.program_costs(compiled, lowered)["flops"])
   for _ in range(2):
     jax.block_until_ready(segment(*fresh(), *args))
   state = fresh()
