@@ -109,10 +109,9 @@ def training_segment(num_runs, num_steps):
       {"optimizer": "sgd", "learning_rate": 0.001, "lr_schedule": "constant"})
   train_step = training.make_train_step(loss_fn, optimizer, schedule)
   run_sharding, _ = runs_lib.runs_shardings(num_runs)
-  param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params0))
   segment = runs_lib.make_segment_fn(
       train_step, run_sharding,
-      runs_per_group=runs_lib.default_runs_per_group(param_bytes, num_runs))
+      runs_per_group=runs_lib.default_runs_per_group(params0, num_runs))
   ids = jnp.asarray(rng.integers(0, 256, (num_runs, num_steps, BATCH)).astype(np.int32))
   stack = lambda x: jnp.repeat(x[None], num_runs, axis=0)
   params = jax.tree_util.tree_map(stack, params0)

@@ -159,8 +159,9 @@ def test_runs_trained_in_groups_equal_runs_trained_one_by_one():
 def test_cpu_trains_runs_in_groups_only_when_they_are_large(monkeypatch):
   from simfluence_jax.training import runs as runs_lib  # pylint: disable=g-import-not-at-top
   threshold, group = runs_lib.CPU_GROUP_MIN_BYTES, runs_lib.CPU_RUNS_PER_GROUP
-  assert runs_lib.default_runs_per_group(threshold // 4, 4) == group
-  assert runs_lib.default_runs_per_group(threshold // 4, 3) is None
+  quarter = {"w": np.zeros(threshold // 16, np.float32)}  # threshold / 4 bytes
+  assert runs_lib.default_runs_per_group(quarter, 4) == group
+  assert runs_lib.default_runs_per_group(quarter, 3) is None
   chosen = []
   make_segment_fn = runs_lib.make_segment_fn
 

@@ -114,9 +114,11 @@ CPU_RUNS_PER_GROUP = 2
 CPU_GROUP_MIN_BYTES = 8 << 20
 
 
-def default_runs_per_group(bytes_per_run: int, num_runs: int) -> Optional[int]:
-  """`CPU_RUNS_PER_GROUP` on a CPU backend when `num_runs` runs of `bytes_per_run`
-  bytes of params reach `CPU_GROUP_MIN_BYTES`; None (all runs at once) otherwise."""
+def default_runs_per_group(params: Any, num_runs: int) -> Optional[int]:
+  """`CPU_RUNS_PER_GROUP` on a CPU backend when `num_runs` runs of `params` (one
+  run's, any pytree of arrays) reach `CPU_GROUP_MIN_BYTES`; None (all runs at once)
+  otherwise."""
+  bytes_per_run = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(params))
   large = bytes_per_run * num_runs >= CPU_GROUP_MIN_BYTES
   return CPU_RUNS_PER_GROUP if large and jax.default_backend() == "cpu" else None
 
@@ -382,10 +384,8 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
     # runs took 84 s instead of 40, likely because each group draws the
     # random projection of the recorded gradients again (vmapped, all runs share
     # one draw per step).
-    param_bytes = sum(np.asarray(x).nbytes
-                      for x in jax.tree_util.tree_leaves(host_params0))
     local_runs = num_runs // _runs_axis_size(run_sharding)
-    runs_per_group = None if record_grads else default_runs_per_group(param_bytes,
+    runs_per_group = None if record_grads else default_runs_per_group(host_params0,
                                                                      local_runs)
   elif isinstance(runs_per_group, bool) or not isinstance(
       runs_per_group, (int, np.integer)) or runs_per_group < 1:
