@@ -227,13 +227,10 @@ def _warnings(payload: dict) -> list:
       regime.get("removal_derivative_growth")]
   seeds = payload.get("seeds") or [None] * len(growth)
   for seed, value in zip(seeds, growth):
-    if value is not None and value > metagradients_lib.GROWTH_WARNING:
-      where = "" if seed is None else f" (seed {seed})"
-      lines.append(f"- The removal benchmark's reference run{where} amplifies "
-                   f"perturbations of its first steps {value:.1f}× "
-                   f"(`training.derivative_growth`; > {metagradients_lib.GROWTH_WARNING:g}: "
-                   "some curvature exceeds 2/η): first-order removal predictions "
-                   "(metagradient, TracIn) are unreliable around it.")
+    warning = metagradients_lib.growth_warning(
+        value, "" if seed is None else f" (seed {seed})")
+    if warning:
+      lines.append(f"- {warning}")
   for method in methods_of(payload):
     values = payload[method]
     if values.get("min_loss") is not None and values["min_loss"] < 0:

@@ -826,12 +826,9 @@ def removal_lds(wd, config, dataset, model: Model, runs: Runs, sims: dict,
   if "metagradient" in per_occurrence:
     growth = training.derivative_growth(per_occurrence["metagradient"],
                                         runs.trace.learning_rates[0])
-    if growth > training.metagradients_lib.GROWTH_WARNING:
-      _logger.warning(
-          "removal: the reference run amplifies perturbations of its first steps "
-          "%.1fx (derivative growth, training.derivative_growth): first-order "
-          "removal predictions (metagradient, TracIn) are unreliable around it.",
-          growth)
+    warning = training.metagradients_lib.growth_warning(growth)
+    if warning:
+      _logger.warning("removal: %s", warning)
   return RemovalScores(result, growth)
 
 

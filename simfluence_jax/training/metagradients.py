@@ -264,6 +264,18 @@ def metagradients(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
 GROWTH_WARNING = 1.5
 
 
+def growth_warning(growth: Optional[float], where: str = "") -> Optional[str]:
+  """The sentence the main job logs and its report shows for a removal reference
+  run (`where`, e.g. " (seed 0)") whose `derivative_growth` exceeds
+  `GROWTH_WARNING`; None otherwise (also for None or NaN)."""
+  if growth is None or not growth > GROWTH_WARNING:
+    return None
+  return (f"The removal benchmark's reference run{where} amplifies perturbations of "
+          f"its first steps {growth:.1f}× (`training.derivative_growth`; > "
+          f"{GROWTH_WARNING:g}: some curvature exceeds 2/η): first-order removal "
+          "predictions (metagradient, TracIn) are unreliable around it.")
+
+
 def derivative_growth(metagradients_table: Any, learning_rates: Any) -> float:
   """How much one run amplifies a perturbation of its early steps.
 
