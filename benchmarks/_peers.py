@@ -48,3 +48,27 @@ def kronfluence_pairwise(net, train_set, query_set, damping, batch_size, output_
         overwrite_output_dir=True)
     return analyzer.load_pairwise_scores("scores")["all_modules"].numpy()
   return run
+
+
+def kronfluence_self(net, train_set, damping, batch_size, output_dir):
+  """`() -> float[N]`: Kronfluence's EK-FAC self-influence of `train_set`; the
+  factors are fitted once, here, and every call computes the scores only."""
+  import kronfluence  # pylint: disable=g-import-not-at-top
+  from kronfluence import arguments  # pylint: disable=g-import-not-at-top
+  task = kronfluence_classification_task()
+  net = kronfluence.prepare_model(net, task)
+  analyzer = kronfluence.Analyzer("bench_self", net, task, cpu=True, disable_tqdm=True,
+                                  output_dir=output_dir)
+  analyzer.fit_all_factors(
+      "factors", train_set, per_device_batch_size=batch_size,
+      factor_args=arguments.FactorArguments(strategy="ekfac",
+                                            use_empirical_fisher=True),
+      overwrite_output_dir=True)
+
+  def run():
+    analyzer.compute_self_scores(
+        "self", "factors", train_set, per_device_train_batch_size=batch_size,
+        score_args=arguments.ScoreArguments(damping_factor=damping),
+        overwrite_output_dir=True)
+    return analyzer.load_self_scores("self")["all_modules"].numpy()
+  return run

@@ -11,8 +11,10 @@ is `damping_factor=None`), so comparing defaults would compare different damping
 Two models: the MLP 64-128-10 (timed) and, for agreement only, the CNN of
 `_common.CNN` (Conv-Conv-Dense-Dense on 8x8 inputs) with Kronfluence tracking
 every `Conv2d` and `Linear` (its unfold patches are ours: channels major, then the
-kernel's offsets, a ones column for the bias). Timings on the shared 2-core CPU are
-noisy.
+kernel's offsets, a ones column for the bias). Then self-influence
+`⟨∇ℓ_i, (G+λI)^{-1} ∇ℓ_i⟩` of every train example on the MLP against Kronfluence's
+`compute_self_scores` (factors fitted once on each side, untimed). Timings on the
+shared 2-core CPU are noisy.
 
   python benchmarks/ekfac_bench.py [--quick]
 """
@@ -128,6 +130,48 @@ def measure(size="full", peer=True, repeats=2):
               **{f"cnn_{k}": cnn[k] for k in ("pearson", "max_rel_err", "norm_ratio")})
 
 
+def measure_self(size="full", repeats=2):
+  """Times EK-FAC self-influence `⟨∇ℓ_i, (G+λI)^{-1} ∇ℓ_i⟩` of every train example
+  (factors fitted once, outside the timing), ours against Kronfluence's
+  `compute_self_scores` on the same MLP, data and λ.
+
+  Returns:
+    dict: `ours_s`, `peer_s` (best warm calls), `speedup` and the agreement of the
+    [N] scores; `peer_missing` without torch / kronfluence.
+  """
+  num_train, _ = SIZES[size]
+  inputs = np.asarray(jax.random.normal(jax.random.key(0), (num_train, 64)))
+  labels = np.asarray(jax.random.randint(jax.random.key(1), (num_train,), 0, 10))
+  model = _common.MLP()
+  params = model.init(jax.random.key(2), inputs[:1])
+  task = influence.ClassificationTask(model.apply)
+  batches = [{"inputs": jnp.asarray(inputs[i:i + 256]),
+              "labels": jnp.asarray(labels[i:i + 256])}
+             for i in range(0, num_train, 256)]
+  factors = influence.fit_ekfac(task, params, batches)
+  ours_time, _, ours = _common.best_of(lambda: jax.block_until_ready(
+      influence.ekfac_self_influence(task, params, factors, batches,
+                                     damping=DAMPING)), repeats)
+  result = {"num_train": num_train, "ours_s": ours_time}
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import kronfluence  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+  except ImportError as e:
+    return dict(result, peer_missing=str(e))
+  logging.disable(logging.WARNING)
+  try:
+    with tempfile.TemporaryDirectory() as directory:
+      train_set = torch.utils.data.TensorDataset(
+          torch.tensor(inputs), torch.tensor(labels, dtype=torch.long))
+      run = _peers.kronfluence_self(_common.torch_mlp(params), train_set, DAMPING,
+                                    256, directory)
+      peer_time, _, theirs = _common.best_of(run, repeats)
+  finally:
+    logging.disable(logging.NOTSET)
+  return dict(result, peer_s=peer_time, speedup=peer_time / ours_time,
+              **_common.agreement(ours, theirs))
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--quick", action="store_true")
@@ -149,6 +193,11 @@ def main():
   print(f"CNN (Conv-Conv-Dense-Dense, every layer tracked): Pearson "
         f"{r['cnn_pearson']:.6f}, max |diff| / max |score| {r['cnn_max_rel_err']:.2e}, "
         f"ratio of norms {r['cnn_norm_ratio']:.4f}")
+  r = measure_self("quick" if args.quick else "full")
+  print(f"EK-FAC self-influence of N={r['num_train']} (factors fitted once, untimed): "
+        f"ours {r['ours_s']:.3f} s, kronfluence {r['peer_s']:.3f} s, speed-up "
+        f"{r['speedup']:.1f}x; Pearson {r['pearson']:.6f}, max |diff| / max |score| "
+        f"{r['max_rel_err']:.2e}")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ BUDGETS = {
     "vmap_runs": (3.0, ">="),
     "simfluence_linear_fit": (20.0, ">="),
     "ekfac_vs_kronfluence": (2.0, ">="),
+    "ekfac_self_vs_kronfluence": (2.0, ">="),
     "tracin_vs_captum": (20.0, ">="),
     "tracin_end_to_end": (5.0, ">="),
     "ekfac_end_to_end": (10.0, ">="),
@@ -123,6 +124,21 @@ def _ekfac_rows(mode, peers):
   return _peer_rows("ekfac_vs_kronfluence", ekfac_bench, "Kronfluence", mode, peers)
 
 
+def _ekfac_self_rows(mode, peers):
+  name = "ekfac_self_vs_kronfluence"
+  if not peers:
+    return [_skipped(name, "EK-FAC self-influence", "skipped (--no_peers)")]
+  r = ekfac_bench.measure_self(mode)
+  description = f"EK-FAC self-influence (factors given), MLP 64-128-10, N={r['num_train']}"
+  if "peer_s" not in r:
+    row = _skipped(name, description, PEER_HINT, r)
+    row["ours"] = f"{r['ours_s']:.3f} s"
+    return [row]
+  return [_row(name, description, f"{r['ours_s']:.3f} s",
+               f"Kronfluence {r['peer_s']:.3f} s", r["speedup"],
+               f"Pearson {r['pearson']:.6f}", r)]
+
+
 def _tracin_rows(mode, peers):
   return _peer_rows("tracin_vs_captum", tracin_bench, "Captum TracInCP", mode, peers)
 
@@ -189,6 +205,7 @@ def _main_job_rows(mode, peers):
 BENCHES = (("vmap_runs", ("vmap_runs",), _vmap_rows),
            ("solver", ("simfluence_linear_fit",), _solver_rows),
            ("ekfac", ("ekfac_vs_kronfluence",), _ekfac_rows),
+           ("ekfac_self", ("ekfac_self_vs_kronfluence",), _ekfac_self_rows),
            ("tracin", ("tracin_vs_captum",), _tracin_rows),
            ("end_to_end", ("tracin_end_to_end", "ekfac_end_to_end"), _end_to_end_rows),
            ("scoring_floor", ("tracin_scoring_floor", "ekfac_scoring_floor"),

@@ -30,7 +30,7 @@ def test_smoke_run_writes_every_row(tmp_path, monkeypatch, capsys):
   assert result["mode"] == "smoke"
   assert set(result["rows"]) == set(runner.ROWS)
   for name, row in result["rows"].items():
-    if name in ("ekfac_vs_kronfluence", "tracin_vs_captum"):
+    if name in ("ekfac_vs_kronfluence", "ekfac_self_vs_kronfluence", "tracin_vs_captum"):
       assert row["status"] == runner.PEER_HINT, row
       assert row["ratio"] is None
       assert row["raw"]["ours_s"] > 0  # our side still ran

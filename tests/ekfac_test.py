@@ -229,6 +229,13 @@ class InverseTest(absltest.TestCase):
     np.testing.assert_allclose(got, expected, rtol=1e-3,
                                atol=1e-4 * np.abs(expected).max())
     self.assertTrue(np.isfinite(np.asarray(got)).all())
+    # Self-influence (train loss on both sides) against the same loops.
+    own = influence.precondition(factors, train)
+    expected_self = sum(np.einsum("noi,noi->n", own[n], train[n]) for n in train)
+    got_self = influence.ekfac_self_influence(task, params, factors, [batch],
+                                              chunk_size=4)
+    np.testing.assert_allclose(got_self, expected_self, rtol=1e-3,
+                               atol=1e-4 * np.abs(expected_self).max())
 
   def test_scores_equal_preconditioned_jax_grads_on_mlp(self):
     # One token per example: scores take `DenseBlock.dot`'s g_iᵀ P_q a_i form.

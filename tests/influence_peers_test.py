@@ -2,7 +2,7 @@
 
 EK-FAC against Kronfluence tracking every Conv2d and Linear (empirical Fisher, the
 same absolute damping on both sides) and TracIn-CP against Captum's TracInCP, on
-the same weights: Pearson ≥ 0.999 and max |ours − theirs| / max |theirs| ≤ 1e-2.
+the same weights, and EK-FAC self-influence against Kronfluence's on the MLP: Pearson ≥ 0.999 and max |ours − theirs| / max |theirs| ≤ 1e-2.
 """
 
 import os
@@ -29,6 +29,13 @@ def benches():
 def test_ekfac_equals_kronfluence_on_cnn(benches):
   pytest.importorskip("kronfluence")
   r = benches[0].cnn_agreement(num_train=32, num_query=4)
+  assert r["pearson"] >= 0.999, r
+  assert r["max_rel_err"] <= 1e-2, r
+
+
+def test_ekfac_self_influence_equals_kronfluence(benches):
+  pytest.importorskip("kronfluence")
+  r = benches[0].measure_self("smoke", repeats=1)
   assert r["pearson"] >= 0.999, r
   assert r["max_rel_err"] <= 1e-2, r
 

@@ -162,6 +162,24 @@ class CurvatureBlock:
     rotated = rotated / (factors.eigenvalues + damping)
     return q_s @ rotated @ jnp.swapaxes(q_a, 0, 1)
 
+  def self_preconditioned(self, factors, act, damping) -> jax.Array:
+    """⟨G_i, (G + λI)^{-1} G_i⟩ of this layer: float32[B].
+
+    The eigenbases are orthogonal, so it is Σ (Q_Sᵀ G_i Q_A)² / (Λ + λ): the tokens
+    are rotated (B·T·(O² + I²) multiply-adds) instead of every G_i, into the
+    eigenbasis and back (2·B·O·I·(O + I)), and a one-token G_i = g aᵀ is never
+    formed: Σ_oi (Q_Sᵀg)²_o (Q_Aᵀa)²_i / (Λ + λ)_oi.
+    """
+    q_a, q_s = factors.activation_eigenvectors, factors.gradient_eigenvectors
+    inverse = 1.0 / (factors.eigenvalues + damping)
+    rotated_inputs = act.inputs @ q_a
+    rotated_grads = act.output_grads @ q_s
+    if act.inputs.shape[1] == 1:
+      return jnp.einsum("bo,oi,bi->b", rotated_grads[:, 0] ** 2, inverse,
+                        rotated_inputs[:, 0] ** 2)
+    rotated = jnp.einsum("bto,bti->boi", rotated_grads, rotated_inputs)
+    return jnp.einsum("boi,oi->b", rotated ** 2, inverse)
+
   # --- inner products ------------------------------------------------------------------
 
   def token_dot(self, query, act) -> jax.Array:
@@ -467,6 +485,11 @@ class EmbedBlock(CurvatureBlock):
     q_s = factors.gradient_eigenvectors
     rotated = (jnp.swapaxes(q_s, 0, 1) @ grad) / (factors.eigenvalues + damping)
     return q_s @ rotated
+
+  def self_preconditioned(self, factors, act, damping):
+    # The activation basis is the identity: precondition the sparse gradients.
+    grads = self.per_example_grads(act)
+    return jnp.sum(self.precondition(factors, grads, damping) * grads, axis=(1, 2))
 
   def token_dot(self, query, act):
     # P_q[:, id_t] · g_t: a gather of the query's columns, no one-hot.

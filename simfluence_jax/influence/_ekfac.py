@@ -691,10 +691,8 @@ def _self_scores(task, layers, params, factors, lambdas, chunk):
   activations, _ = _layers.capture(task.loss, params, chunk, layers)
   total = 0.0
   for spec in layers:
-    block = _blocks.block(spec)
-    grads = block.per_example_grads(activations[spec.name])
-    preconditioned = block.precondition(factors[spec.name], grads, lambdas[spec.name])
-    total = total + jnp.sum(preconditioned * grads, axis=(1, 2))
+    total = total + _blocks.block(spec).self_preconditioned(
+        factors[spec.name], activations[spec.name], lambdas[spec.name])
   return total
 
 
