@@ -22,6 +22,7 @@ shared 2-core CPU are noisy.
 import argparse
 import logging
 import tempfile
+import types
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,7 @@ def _kronfluence_scores(net, inputs, labels, num_query, damping, batch_size=256)
 
 
 def _ours(model, inputs, labels, num_query, damping, batch_size=256):
+  """Our side: `.params`, `.task`, `.batches` and `.run()` (factors + pairwise)."""
   params = model.init(jax.random.key(2), inputs[:1])
   task = influence.ClassificationTask(model.apply)
   batches = [{"inputs": jnp.asarray(inputs[i:i + batch_size]),
@@ -64,31 +66,46 @@ def _ours(model, inputs, labels, num_query, damping, batch_size=256):
     factors = influence.fit_ekfac(task, params, batches)
     return jax.block_until_ready(influence.ekfac_scores(
         task, params, factors, query, batches, damping=damping))
-  return params, run
+  return types.SimpleNamespace(params=params, task=task, batches=batches, run=run)
+
+
+def _self_influence(ours, factors, damping):
+  return jax.block_until_ready(influence.ekfac_self_influence(
+      ours.task, ours.params, factors, ours.batches, damping=damping))
 
 
 def cnn_agreement(num_train=128, num_query=8, damping=DAMPING):
-  """Ours vs Kronfluence EK-FAC on `_common.CNN` (every Conv2d and Linear tracked).
+  """Ours vs Kronfluence EK-FAC on `_common.CNN` (every Conv2d and Linear tracked):
+  pairwise scores, and self-influence from factors fitted again on each side.
 
   Returns:
-    dict of `_common.agreement` (pearson, max_rel_err, norm_ratio) and the sizes;
+    dict of `_common.agreement` (pearson, max_rel_err, norm_ratio) of the pairwise
+    scores, the same with a `self_` prefix for self-influence, and the sizes;
     raises ImportError without torch / kronfluence.
   """
-  import kronfluence  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
+  import torch  # pylint: disable=g-import-not-at-top
   inputs, labels = _common.cnn_data(num_train)
-  params, ours_fn = _ours(_common.CNN(), inputs, labels, num_query, damping)
-  ours = np.asarray(ours_fn())
+  ours = _ours(_common.CNN(), inputs, labels, num_query, damping)
+  pairwise = np.asarray(ours.run())
+  own = _self_influence(ours, influence.fit_ekfac(ours.task, ours.params,
+                                                  ours.batches), damping)
+  torch_inputs = np.transpose(inputs, (0, 3, 1, 2))
   logging.disable(logging.WARNING)
   try:
-    run, directory = _kronfluence_scores(_common.torch_cnn(params),
-                                         np.transpose(inputs, (0, 3, 1, 2)), labels,
-                                         num_query, damping)
+    run, directory = _kronfluence_scores(_common.torch_cnn(ours.params), torch_inputs,
+                                         labels, num_query, damping)
     with directory:
       theirs = run()
+    with tempfile.TemporaryDirectory() as directory:
+      train_set = torch.utils.data.TensorDataset(
+          torch.tensor(torch_inputs), torch.tensor(labels, dtype=torch.long))
+      their_own = _peers.kronfluence_self(_common.torch_cnn(ours.params), train_set,
+                                          damping, 256, directory)()
   finally:
     logging.disable(logging.NOTSET)
-  return dict(_common.agreement(ours, theirs), num_train=num_train,
-              num_query=num_query, damping=damping)
+  return dict(_common.agreement(pairwise, theirs),
+              **{f"self_{k}": v for k, v in _common.agreement(own, their_own).items()},
+              num_train=num_train, num_query=num_query, damping=damping)
 
 
 def measure(size="full", peer=True, repeats=2):
@@ -103,8 +120,9 @@ def measure(size="full", peer=True, repeats=2):
   num_train, num_query = SIZES[size]
   inputs = np.asarray(jax.random.normal(jax.random.key(0), (num_train, 64)))
   labels = np.asarray(jax.random.randint(jax.random.key(1), (num_train,), 0, 10))
-  params, ours_fn = _ours(_common.MLP(), inputs, labels, num_query, DAMPING)
-  ours_time, _, ours = _common.best_of(ours_fn)
+  ours = _ours(_common.MLP(), inputs, labels, num_query, DAMPING)
+  params = ours.params
+  ours_time, _, ours = _common.best_of(ours.run)
   result = {"num_train": num_train, "num_query": num_query, "ours_s": ours_time,
             "damping": DAMPING}
   if not peer:
@@ -127,7 +145,8 @@ def measure(size="full", peer=True, repeats=2):
   cnn = cnn_agreement(*CNN_SIZES[size])
   return dict(result, peer_s=kron_time, peer_first_call_s=first,
               speedup=kron_time / ours_time, **_common.agreement(ours, theirs),
-              **{f"cnn_{k}": cnn[k] for k in ("pearson", "max_rel_err", "norm_ratio")})
+              **{f"cnn_{k}": cnn[k] for k in ("pearson", "max_rel_err", "norm_ratio",
+                                              "self_pearson", "self_max_rel_err")})
 
 
 def measure_self(size="full", repeats=2):
@@ -142,16 +161,10 @@ def measure_self(size="full", repeats=2):
   num_train, _ = SIZES[size]
   inputs = np.asarray(jax.random.normal(jax.random.key(0), (num_train, 64)))
   labels = np.asarray(jax.random.randint(jax.random.key(1), (num_train,), 0, 10))
-  model = _common.MLP()
-  params = model.init(jax.random.key(2), inputs[:1])
-  task = influence.ClassificationTask(model.apply)
-  batches = [{"inputs": jnp.asarray(inputs[i:i + 256]),
-              "labels": jnp.asarray(labels[i:i + 256])}
-             for i in range(0, num_train, 256)]
-  factors = influence.fit_ekfac(task, params, batches)
-  ours_time, _, ours = _common.best_of(lambda: jax.block_until_ready(
-      influence.ekfac_self_influence(task, params, factors, batches,
-                                     damping=DAMPING)), repeats)
+  ours = _ours(_common.MLP(), inputs, labels, 1, DAMPING)
+  factors = influence.fit_ekfac(ours.task, ours.params, ours.batches)
+  ours_time, _, own = _common.best_of(lambda: _self_influence(ours, factors, DAMPING),
+                                      repeats)
   result = {"num_train": num_train, "ours_s": ours_time}
   try:
     import torch  # pylint: disable=g-import-not-at-top
@@ -163,13 +176,13 @@ def measure_self(size="full", repeats=2):
     with tempfile.TemporaryDirectory() as directory:
       train_set = torch.utils.data.TensorDataset(
           torch.tensor(inputs), torch.tensor(labels, dtype=torch.long))
-      run = _peers.kronfluence_self(_common.torch_mlp(params), train_set, DAMPING,
-                                    256, directory)
+      run = _peers.kronfluence_self(_common.torch_mlp(ours.params), train_set,
+                                    DAMPING, 256, directory)
       peer_time, _, theirs = _common.best_of(run, repeats)
   finally:
     logging.disable(logging.NOTSET)
   return dict(result, peer_s=peer_time, speedup=peer_time / ours_time,
-              **_common.agreement(ours, theirs))
+              **_common.agreement(own, theirs))
 
 
 def main():
@@ -192,7 +205,9 @@ def main():
         f"{r['max_rel_err']:.2e}, ratio of norms {r['norm_ratio']:.4f}")
   print(f"CNN (Conv-Conv-Dense-Dense, every layer tracked): Pearson "
         f"{r['cnn_pearson']:.6f}, max |diff| / max |score| {r['cnn_max_rel_err']:.2e}, "
-        f"ratio of norms {r['cnn_norm_ratio']:.4f}")
+        f"ratio of norms {r['cnn_norm_ratio']:.4f}; self-influence Pearson "
+        f"{r['cnn_self_pearson']:.6f}, max |diff| / max |score| "
+        f"{r['cnn_self_max_rel_err']:.2e}")
   r = measure_self("quick" if args.quick else "full")
   print(f"EK-FAC self-influence of N={r['num_train']} (factors fitted once, untimed): "
         f"ours {r['ours_s']:.3f} s, kronfluence {r['peer_s']:.3f} s, speed-up "
