@@ -318,3 +318,66 @@ def test_derivative_growth_divides_by_the_step_size_and_skips_zero_steps():
   assert np.isnan(training.derivative_growth(table[:2], rates[:2]))
   with pytest.raises(ValueError, match="learning_rates"):
     training.derivative_growth(table, rates[:3])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_final_losses_from_one_reverse_table_equal_the_jvps(name):
+  """`first_order_final_losses`: the table route (one reverse pass per test example,
+  then a gather-sum per curriculum) against the jvp route, on a reference whose slots
+  are permuted per step, padded and weighted, and weighted, padded curricula."""
+  loss_fn, params0, train, test, (batch_ids, weights) = _setup(5)
+  rng = np.random.default_rng(5)
+  reference = np.stack([rng.permutation(NUM_TRAIN) for _ in range(NUM_STEPS)])
+  reference = np.concatenate([reference, np.full((NUM_STEPS, 1), -1)], 1)
+  reference = reference.astype(np.int32)  # [T, N + 1]: slot s does not hold id s
+  reference_weights = rng.uniform(0.5, 1.5, reference.shape).astype(np.float32)
+  curricula = np.concatenate([batch_ids, batch_ids[:1, ::-1]])  # R' = 3
+  curricula_weights = np.concatenate([weights, weights[:1, ::-1]])
+  kwargs = dict(loss_fn=loss_fn, config=CONFIGS[name], train_arrays=train,
+                test_arrays=test, reference_weights=reference_weights,
+                curricula_weights=curricula_weights)
+  jvp = training.first_order_final_losses(params0, reference, curricula, route="jvp",
+                                          chunk_size=2, **kwargs)
+  table = training.first_order_final_losses(params0, reference, curricula,
+                                            route="table", cotangents_at_once=2,
+                                            **kwargs)
+  assert (jvp.route, table.route) == ("jvp", "table")
+  assert table.losses.shape == (3, NUM_TEST)
+  np.testing.assert_allclose(table.reference_losses, jvp.reference_losses, atol=1e-5)
+  change = jvp.losses - jvp.reference_losses
+  scale = np.abs(change).max()
+  assert scale > 1e-3 and np.abs(change[0] - change[2]).max() > 0.1 * scale
+  np.testing.assert_allclose(table.losses, jvp.losses, rtol=0, atol=1e-4 * scale)
+  one = training.first_order_final_losses(params0, reference, curricula[2],
+                                          route="table", **{
+                                              **kwargs, "curricula_weights":
+                                                  curricula_weights[2]})
+  np.testing.assert_allclose(one.losses, table.losses[2], atol=1e-6)
+  auto = training.first_order_final_losses(params0, reference, curricula, chunk_size=2,
+                                           **kwargs)
+  assert auto.route == "jvp"  # 3 curricula < 1.8 × 4 test examples
+  np.testing.assert_allclose(auto.losses, jvp.losses)
+
+  # A curriculum using an example the reference's step does not hold: refused.
+  absent = int(curricula[1, 2, 0])
+  reference[2, reference[2] == absent] = -1
+  with pytest.raises(ValueError, match=rf"curricula\[\d, 2, \d\] = example {absent}, "
+                     r"which the reference's step 2 does not hold"):
+    training.first_order_final_losses(params0, reference, curricula, route="table",
+                                      **kwargs)
+  with pytest.raises(ValueError, match="route must be"):
+    training.first_order_final_losses(params0, reference, curricula, route="fast",
+                                      **kwargs)
+  stochastic = lambda p, batch, rng=None: loss_fn(p, batch)
+  with pytest.raises(ValueError, match="deterministic loss"):
+    training.first_order_final_losses(params0, reference, curricula, route="table",
+                                      **{**kwargs, "loss_fn": stochastic})
+
+
+def test_route_choice_weighs_the_table_rows_against_the_jvps():
+  choose = training.metagradients_lib.choose_route
+  # The default job: 40 curricula, M = 32 (break-even 1.8·M ≈ 58).
+  assert choose(40, 32) == "jvp"
+  assert choose(4 * 300 * 64, 32) == "table"  # a curriculum search's proposals
+  assert choose(60, 32) == "table"
+  assert choose(3, 1) == "table" and choose(1, 1) == "jvp"

@@ -7,7 +7,8 @@ checkpoints; `pretrain_base`, `get_base_params` and `save_params`/`load_params`
 produce and persist that base model. `metagradients` differentiates the final test
 losses with respect to the occurrence weights (reverse mode through the run) and
 `first_order_losses` expands a reference run's loss trajectory to first order in
-the per-example weights (forward mode).
+the per-example weights (forward mode); `first_order_final_losses` gives its final
+step by forward mode or from one reverse-mode table, whichever costs less.
 
 Params convention: `params` is always the flax variables dict `{"params": ...}` that
 `model.apply` takes directly.
@@ -26,10 +27,13 @@ from simfluence_jax.training.checkpoints import load_tracin_checkpoints
 from simfluence_jax.training.checkpoints import load_tracin_params
 from simfluence_jax.training.checkpoints import save_params
 from simfluence_jax.training.checkpoints import tracin_steps
+from simfluence_jax.training.metagradients import FirstOrderFinalLosses
 from simfluence_jax.training.metagradients import FirstOrderLosses
 from simfluence_jax.training.metagradients import derivative_growth
+from simfluence_jax.training.metagradients import first_order_final_losses
 from simfluence_jax.training.metagradients import first_order_losses
 from simfluence_jax.training.metagradients import metagradients
+from simfluence_jax.training.metagradients import predict_from_table
 from simfluence_jax.training.optim import LEARNING_RATE_MEANING
 from simfluence_jax.training.optim import make_optimizer
 from simfluence_jax.training.optim import make_schedule
@@ -48,11 +52,11 @@ from simfluence_jax.training.step import make_update
 from simfluence_jax.training.step import projection_key
 
 __all__ = [
-    "FirstOrderLosses", "LEARNING_RATE_MEANING", "TrainResult", "derivative_growth",
-    "dropout_key",
-    "effective_weights", "first_order_losses", "gather_batch", "get_base_params",
+    "FirstOrderFinalLosses", "FirstOrderLosses", "LEARNING_RATE_MEANING", "TrainResult",
+    "derivative_growth", "dropout_key", "effective_weights", "first_order_final_losses",
+    "first_order_losses", "gather_batch", "get_base_params",
     "load_params", "load_tracin_checkpoints", "load_tracin_params", "make_loss_fn",
-    "make_segment_fn", "make_update", "metagradients",
+    "make_segment_fn", "make_update", "metagradients", "predict_from_table",
     "make_optimizer", "make_schedule", "make_train_step", "pretrain_base",
     "projection_key", "runs_shardings", "save_params", "state_shardings", "tracin_steps", "train_runs",
     "checkpoints", "fingerprint", "metagradients_lib", "optim", "pretrain", "runs",

@@ -15,6 +15,8 @@ e ↦ test-loss trajectory, taken around one training run:
   the scanned training run (MAGIC, Ilyas & Engstrom 2025).
 * `first_order_losses`: the first-order Taylor expansion of the whole test-loss
   trajectory around a reference run, evaluated at other curricula, by forward mode.
+* `first_order_final_losses`: its final step, by forward mode or from the reference
+  run's `metagradients` table (`predict_from_table`), whichever costs less.
 
 Both work for SGD, momentum and Adam (`optim.make_optimizer`) and any schedule.
 
@@ -504,3 +506,172 @@ def first_order_losses(params0: Any, reference_batch_ids: Any, curricula: Any, *
   reference = sharding_lib.to_host(reference).astype(np.float32)
   return FirstOrderLosses(losses=losses[0] if single else losses,
                           reference_losses=reference)
+
+
+class FirstOrderFinalLosses(NamedTuple):
+  """What `first_order_final_losses` returns.
+
+  Attributes:
+    losses: float32[R', M], the first-order prediction of each curriculum's final
+      test losses (float32[M] for 2-D curricula).
+    reference_losses: float32[M], the reference run's final test losses (exact).
+    route: "jvp" (forward mode per curriculum) or "table" (one reverse-mode table).
+  """
+
+  losses: np.ndarray
+  reference_losses: np.ndarray
+  route: str
+
+
+# What one test example's row of the reverse-mode table costs, in jvps of one
+# curriculum (both routes step through the same reference run, so the ratio does not
+# depend on its width S). Measured on the default workload (S = N = 200, T = 32,
+# M = 32, 8 test examples a reverse pass): table 297 s, jvp 5.08 s per curriculum
+# (`experiments/metagradient_table.py`, docs/experiments.md); one test example a
+# pass costs 1.45× more (the removal metagradients' measurement).
+TABLE_JVPS_PER_TEST_EXAMPLE = 1.8
+
+
+def choose_route(num_curricula: int, num_test: int) -> str:
+  """"table" when one reverse-mode table (M rows) costs less than R' jvps."""
+  return ("table" if num_curricula > TABLE_JVPS_PER_TEST_EXAMPLE * num_test
+          else "jvp")
+
+
+def predict_from_table(table: Any, reference_batch_ids: Any, reference_final: Any,
+                       curricula: Any, *, num_train_examples: int,
+                       reference_weights: Any = None, curricula_weights: Any = None,
+                       chunk: int = 1024) -> np.ndarray:
+  """First-order final losses of curricula from a reference run's metagradients.
+
+  With G[t, s, m] = ∂L_T[m]/∂w_{t,s} of the reference run (`metagradients` on its
+  int32[T, S] batches), the derivative with respect to example i's effective weight
+  in step t is num_valid_t·G[t, s, m] for any valid slot s holding i (the same for
+  every such slot), so a curriculum c is predicted as
+
+      L_T(c) ≈ L_T(ref) + Σ_t [Σ_b (w_b/num_valid^c_t)·num_valid_t·G[t, s(id_b)]
+                              − Σ_s w_s·G[t, s]].
+
+  Exact to first order, equal to `first_order_losses`' last step for a
+  deterministic loss. Every example a curriculum uses with a nonzero weight in step t
+  must be in the reference's step t (true of a full-batch reference).
+
+  Args:
+    table: float[T, S, M] metagradients of the reference run.
+    reference_batch_ids: int[T, S] (-1 = padding).
+    reference_final: float[M], the reference run's final test losses.
+    curricula: int[R', T, B] (-1 = padding).
+    num_train_examples: N.
+    reference_weights: float[T, S] (None = ones), the weights G was taken at.
+    curricula_weights: float like `curricula` (None = ones).
+    chunk: curricula gathered at a time (memory chunk·T·B·M floats).
+
+  Returns:
+    float32[R', M].
+
+  Raises:
+    ValueError: shapes disagree, or a curriculum uses an example its step's
+      reference slots do not hold (named: curriculum, step, id).
+  """
+  who = "predict_from_table"
+  table = np.asarray(table, np.float64)
+  ref_ids, ref_w, _ = _as_runs(reference_batch_ids, reference_weights,
+                               num_train_examples, who, "reference_batch_ids")
+  ref_ids, ref_w = ref_ids[0], ref_w[0]
+  ids, weights, _ = _as_runs(curricula, curricula_weights, num_train_examples, who,
+                             "curricula")
+  num_steps, num_slots = ref_ids.shape
+  if table.shape[:2] != (num_steps, num_slots) or table.ndim != 3:
+    raise ValueError(f"{who}: table must be float[T={num_steps}, S={num_slots}, M], "
+                     f"got {list(table.shape)}.")
+  if ids.shape[1] != num_steps:
+    raise ValueError(f"{who}: curricula have T={ids.shape[1]} steps, the reference "
+                     f"T={num_steps}.")
+  ref_valid = ref_ids >= 0
+  num_valid = np.maximum(ref_valid.sum(1), 1).astype(np.float64)  # [T]
+  # D[t, i] = num_valid_t·G[t, s(i)]; the slot of i in step t (-1 = absent).
+  slot_of = np.full((num_steps, num_train_examples), -1, np.int64)
+  t_index, s_index = np.nonzero(ref_valid)
+  slot_of[t_index, ref_ids[t_index, s_index]] = s_index
+  derivative = table * num_valid[:, None, None]  # [T, S, M]
+  baseline = np.asarray(reference_final, np.float64) - np.einsum(
+      "ts,tsm->m", ref_w * ref_valid, table)
+  valid = ids >= 0
+  slots = slot_of[np.arange(num_steps)[None, :, None], np.maximum(ids, 0)]
+  coefficients = weights * valid / np.maximum(valid.sum(2, keepdims=True), 1)
+  missing = valid & (slots < 0) & (coefficients != 0)
+  if missing.any():
+    r, t, b = (int(x) for x in np.argwhere(missing)[0])
+    raise ValueError(f"{who}: curricula[{r}, {t}, {b}] = example {ids[r, t, b]}, "
+                     f"which the reference's step {t} does not hold: its derivative "
+                     f"is not in the table (use first_order_losses).")
+  out = np.empty((ids.shape[0], table.shape[2]), np.float64)
+  steps = np.arange(num_steps)[None, :, None]
+  for start in range(0, ids.shape[0], chunk):
+    part = slice(start, start + chunk)
+    gathered = derivative[steps, np.maximum(slots[part], 0)]  # [r, T, B, M]
+    out[part] = baseline + np.einsum("rtb,rtbm->rm", coefficients[part], gathered)
+  return out.astype(np.float32)
+
+
+def first_order_final_losses(params0: Any, reference_batch_ids: Any, curricula: Any,
+                             *, loss_fn: step_lib.LossFn, config: Any,
+                             train_arrays: Dict[str, Any], test_arrays: Dict[str, Any],
+                             reference_weights: Any = None,
+                             curricula_weights: Any = None, route: str = "auto",
+                             chunk_size: int = 8, cotangents_at_once: int = 8,
+                             seed: int = 0, mesh: Optional[jax.sharding.Mesh] = None
+                             ) -> FirstOrderFinalLosses:
+  """The final test losses of `first_order_losses`, by the cheaper of two routes.
+
+  * "jvp": `first_order_losses` (one forward-mode pass per curriculum, `chunk_size`
+    at a time), its last step;
+  * "table": the reference run's `metagradients` (⌈M/cotangents_at_once⌉ reverse
+    passes, once) and its final losses (one run), then every curriculum is a
+    gather-sum (`predict_from_table`): thousands of curricula (a curriculum search)
+    for the price of the table;
+  * "auto": the one `choose_route` expects to cost less; "jvp" for a stochastic
+    loss, whose per-slot keys the table cannot give a curriculum's own slots.
+
+  Both give the same first-order prediction (tested). Arguments as in
+  `first_order_losses`; `cotangents_at_once` as in `metagradients`.
+
+  Raises:
+    ValueError: bad arguments, route "table" with a stochastic loss, or (table) a
+      curriculum using an example its step's reference slots do not hold.
+  """
+  who = "first_order_final_losses"
+  if route not in ("auto", "jvp", "table"):
+    raise ValueError(f"{who}: route must be 'auto', 'jvp' or 'table', got {route!r}.")
+  stochastic = step_lib.takes_rng(loss_fn)
+  if route == "table" and stochastic:
+    raise ValueError(f"{who}: route='table' needs a deterministic loss (a stochastic "
+                     f"one draws per-slot keys a curriculum's own slots would not "
+                     f"share); use route='jvp'.")
+  num_train = _num_examples(train_arrays, who, "train_arrays")
+  num_test = _num_examples(test_arrays, who, "test_arrays")
+  ref_ids, ref_w, _ = _as_runs(reference_batch_ids, reference_weights, num_train,
+                               who, "reference_batch_ids")
+  ids, weights, single = _as_runs(curricula, curricula_weights, num_train, who,
+                                  "curricula")
+  if route == "auto":
+    route = "jvp" if stochastic else choose_route(ids.shape[0], num_test)
+  common = dict(loss_fn=loss_fn, config=config, train_arrays=train_arrays,
+                test_arrays=test_arrays, seed=seed, mesh=mesh)
+  if route == "jvp":
+    result = first_order_losses(params0, ref_ids[0], ids, reference_weights=ref_w[0],
+                                curricula_weights=weights, chunk_size=chunk_size,
+                                **common)
+    losses, reference = result.losses[:, -1], result.reference_losses[-1]
+  else:
+    table = metagradients(params0, ref_ids[0], weights=ref_w[0],
+                          cotangents_at_once=cotangents_at_once, **common)
+    run = runs_lib.train_runs(params0, ref_ids, weights=ref_w, progress=False,
+                              **common)
+    reference = np.asarray(run.trace.losses[0, -1], np.float32)
+    losses = predict_from_table(table, ref_ids[0], reference, ids,
+                                num_train_examples=num_train,
+                                reference_weights=ref_w[0],
+                                curricula_weights=weights)
+  return FirstOrderFinalLosses(losses=losses[0] if single else losses,
+                               reference_losses=reference, route=route)
