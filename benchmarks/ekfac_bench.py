@@ -38,22 +38,20 @@ CNN_SIZES = {"full": (512, 16), "quick": (128, 8), "smoke": (64, 4)}  # N, Q
 DAMPING = 1e-3  # absolute λ, the same on both sides
 
 
-def _kronfluence_scores(net, inputs, labels, num_query, damping, batch_size=256):
-  """Kronfluence EK-FAC pairwise scores [Q, N] (a fresh analyzer each call)."""
+def _torch_sets(inputs, labels, num_query):
+  """(train set, query set of the first `num_query`) as torch datasets."""
   import torch  # pylint: disable=g-import-not-at-top
   train_set = torch.utils.data.TensorDataset(torch.tensor(inputs),
                                              torch.tensor(labels, dtype=torch.long))
   query_set = torch.utils.data.TensorDataset(
       torch.tensor(inputs[:num_query]), torch.tensor(labels[:num_query],
                                                      dtype=torch.long))
-  directory = tempfile.TemporaryDirectory()
-  run = _peers.kronfluence_pairwise(net, train_set, query_set, damping, batch_size,
-                                    directory.name)
-  return run, directory
+  return train_set, query_set
 
 
 def _ours(model, inputs, labels, num_query, damping, batch_size=256):
-  """Our side: `.params`, `.task`, `.batches` and `.run()` (factors + pairwise)."""
+  """Our side: `.params`, `.task`, `.batches`, `.fit()`, `.scores(factors)` and
+  `.run()` (factors + pairwise scores)."""
   params = model.init(jax.random.key(2), inputs[:1])
   task = influence.ClassificationTask(model.apply)
   batches = [{"inputs": jnp.asarray(inputs[i:i + batch_size]),
@@ -61,12 +59,11 @@ def _ours(model, inputs, labels, num_query, damping, batch_size=256):
              for i in range(0, len(inputs), batch_size)]
   query = {"inputs": jnp.asarray(inputs[:num_query]),
            "labels": jnp.asarray(labels[:num_query])}
-
-  def run():
-    factors = influence.fit_ekfac(task, params, batches)
-    return jax.block_until_ready(influence.ekfac_scores(
-        task, params, factors, query, batches, damping=damping))
-  return types.SimpleNamespace(params=params, task=task, batches=batches, run=run)
+  fit = lambda: influence.fit_ekfac(task, params, batches)
+  scores = lambda factors: jax.block_until_ready(influence.ekfac_scores(
+      task, params, factors, query, batches, damping=damping))
+  return types.SimpleNamespace(params=params, task=task, batches=batches, fit=fit,
+                               scores=scores, run=lambda: scores(fit()))
 
 
 def _self_influence(ours, factors, damping):
@@ -76,31 +73,28 @@ def _self_influence(ours, factors, damping):
 
 def cnn_agreement(num_train=128, num_query=8, damping=DAMPING):
   """Ours vs Kronfluence EK-FAC on `_common.CNN` (every Conv2d and Linear tracked):
-  pairwise scores, and self-influence from factors fitted again on each side.
+  pairwise scores and self-influence, from one fit of the factors on each side.
 
   Returns:
     dict of `_common.agreement` (pearson, max_rel_err, norm_ratio) of the pairwise
     scores, the same with a `self_` prefix for self-influence, and the sizes;
     raises ImportError without torch / kronfluence.
   """
-  import torch  # pylint: disable=g-import-not-at-top
   inputs, labels = _common.cnn_data(num_train)
   ours = _ours(_common.CNN(), inputs, labels, num_query, damping)
-  pairwise = np.asarray(ours.run())
-  own = _self_influence(ours, influence.fit_ekfac(ours.task, ours.params,
-                                                  ours.batches), damping)
-  torch_inputs = np.transpose(inputs, (0, 3, 1, 2))
+  factors = ours.fit()
+  pairwise, own = np.asarray(ours.scores(factors)), _self_influence(ours, factors,
+                                                                     damping)
+  train_set, query_set = _torch_sets(np.transpose(inputs, (0, 3, 1, 2)), labels,
+                                     num_query)
   logging.disable(logging.WARNING)
   try:
-    run, directory = _kronfluence_scores(_common.torch_cnn(ours.params), torch_inputs,
-                                         labels, num_query, damping)
-    with directory:
-      theirs = run()
     with tempfile.TemporaryDirectory() as directory:
-      train_set = torch.utils.data.TensorDataset(
-          torch.tensor(torch_inputs), torch.tensor(labels, dtype=torch.long))
-      their_own = _peers.kronfluence_self(_common.torch_cnn(ours.params), train_set,
-                                          damping, 256, directory)()
+      peer = _peers.KronfluenceEKFAC(_common.torch_cnn(ours.params), damping, 256,
+                                     directory)
+      peer.fit(train_set)
+      theirs, their_own = peer.pairwise(query_set, train_set), peer.self_scores(
+          train_set)
   finally:
     logging.disable(logging.NOTSET)
   return dict(_common.agreement(pairwise, theirs),
@@ -132,11 +126,12 @@ def measure(size="full", peer=True, repeats=2):
     import kronfluence  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   except ImportError as e:
     return dict(result, peer_missing=str(e))
+  train_set, query_set = _torch_sets(inputs, labels, num_query)
   logging.disable(logging.WARNING)
   try:
-    run, directory = _kronfluence_scores(_common.torch_mlp(params), inputs, labels,
-                                         num_query, DAMPING)
-    with directory:
+    with tempfile.TemporaryDirectory() as directory:
+      run = _peers.kronfluence_pairwise(_common.torch_mlp(params), train_set,
+                                        query_set, DAMPING, 256, directory)
       # Both sides timed warm (best of `repeats` after a first call: our compile,
       # torch's one-time set-up); the first call is kept as peer_first_call_s.
       kron_time, first, theirs = _common.best_of(run, repeats)
@@ -162,23 +157,24 @@ def measure_self(size="full", repeats=2):
   inputs = np.asarray(jax.random.normal(jax.random.key(0), (num_train, 64)))
   labels = np.asarray(jax.random.randint(jax.random.key(1), (num_train,), 0, 10))
   ours = _ours(_common.MLP(), inputs, labels, 1, DAMPING)
-  factors = influence.fit_ekfac(ours.task, ours.params, ours.batches)
+  factors = ours.fit()
   ours_time, _, own = _common.best_of(lambda: _self_influence(ours, factors, DAMPING),
                                       repeats)
   result = {"num_train": num_train, "ours_s": ours_time}
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
     import kronfluence  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   except ImportError as e:
     return dict(result, peer_missing=str(e))
+  train_set, _ = _torch_sets(inputs, labels, 1)
   logging.disable(logging.WARNING)
   try:
     with tempfile.TemporaryDirectory() as directory:
-      train_set = torch.utils.data.TensorDataset(
-          torch.tensor(inputs), torch.tensor(labels, dtype=torch.long))
-      run = _peers.kronfluence_self(_common.torch_mlp(ours.params), train_set,
-                                    DAMPING, 256, directory)
-      peer_time, _, theirs = _common.best_of(run, repeats)
+      peer = _peers.KronfluenceEKFAC(_common.torch_mlp(ours.params), DAMPING, 256,
+                                     directory)
+      peer.fit(train_set)
+      peer_time, _, theirs = _common.best_of(lambda: peer.self_scores(train_set),
+                                             repeats)
   finally:
     logging.disable(logging.NOTSET)
   return dict(result, peer_s=peer_time, speedup=peer_time / ours_time,
