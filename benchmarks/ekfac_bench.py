@@ -20,6 +20,7 @@ shared 2-core CPU are noisy.
 """
 
 import argparse
+import contextlib
 import logging
 import tempfile
 import types
@@ -47,6 +48,20 @@ def _torch_sets(inputs, labels, num_query):
       torch.tensor(inputs[:num_query]), torch.tensor(labels[:num_query],
                                                      dtype=torch.long))
   return train_set, query_set
+
+
+@contextlib.contextmanager
+def _fitted_kronfluence(net, train_set, damping):
+  """Kronfluence's EK-FAC on `net` with factors fitted on `train_set` (in a
+  temporary output directory, its warnings muted)."""
+  logging.disable(logging.WARNING)
+  try:
+    with tempfile.TemporaryDirectory() as directory:
+      peer = _peers.KronfluenceEKFAC(net, damping, 256, directory)
+      peer.fit(train_set)
+      yield peer
+  finally:
+    logging.disable(logging.NOTSET)
 
 
 def _ours(model, inputs, labels, num_query, damping, batch_size=256):
@@ -87,16 +102,8 @@ def cnn_agreement(num_train=128, num_query=8, damping=DAMPING):
                                                                      damping)
   train_set, query_set = _torch_sets(np.transpose(inputs, (0, 3, 1, 2)), labels,
                                      num_query)
-  logging.disable(logging.WARNING)
-  try:
-    with tempfile.TemporaryDirectory() as directory:
-      peer = _peers.KronfluenceEKFAC(_common.torch_cnn(ours.params), damping, 256,
-                                     directory)
-      peer.fit(train_set)
-      theirs, their_own = peer.pairwise(query_set, train_set), peer.self_scores(
-          train_set)
-  finally:
-    logging.disable(logging.NOTSET)
+  with _fitted_kronfluence(_common.torch_cnn(ours.params), train_set, damping) as peer:
+    theirs, their_own = peer.pairwise(query_set, train_set), peer.self_scores(train_set)
   return dict(_common.agreement(pairwise, theirs),
               **{f"self_{k}": v for k, v in _common.agreement(own, their_own).items()},
               num_train=num_train, num_query=num_query, damping=damping)
@@ -167,16 +174,9 @@ def measure_self(size="full", repeats=2):
   except ImportError as e:
     return dict(result, peer_missing=str(e))
   train_set, _ = _torch_sets(inputs, labels, 1)
-  logging.disable(logging.WARNING)
-  try:
-    with tempfile.TemporaryDirectory() as directory:
-      peer = _peers.KronfluenceEKFAC(_common.torch_mlp(ours.params), DAMPING, 256,
-                                     directory)
-      peer.fit(train_set)
-      peer_time, _, theirs = _common.best_of(lambda: peer.self_scores(train_set),
-                                             repeats)
-  finally:
-    logging.disable(logging.NOTSET)
+  with _fitted_kronfluence(_common.torch_mlp(ours.params), train_set, DAMPING) as peer:
+    peer_time, _, theirs = _common.best_of(lambda: peer.self_scores(train_set),
+                                           repeats)
   return dict(result, peer_s=peer_time, speedup=peer_time / ours_time,
               **_common.agreement(own, theirs))
 
