@@ -18,7 +18,7 @@ e ↦ test-loss trajectory, taken around one training run:
 * `first_order_final_losses`: its final step, by forward mode or from the reference
   run's `metagradients` table (`predict_from_table`), whichever costs less.
 
-Both work for SGD, momentum and Adam (`optim.make_optimizer`) and any schedule.
+All work for SGD, momentum and Adam (`optim.make_optimizer`) and any schedule.
 
 Why not `jax.jacrev`: on jax 0.10.2 / XLA CPU, `vmap` over the cotangents of the
 scanned run's pullback (what `jacrev` does) returns wrong rows (row 0 right, the
