@@ -1,6 +1,7 @@
 """EK-FAC factors + pairwise scores: ours against Kronfluence, same models and data.
 
-Budget (docs/design.md §7): ≥ 2× faster, same scores. Conventions matched: empirical
+Budget (benchmarks/run.py): ≥ 2× faster warm, same scores (docs/design.md §7 judges
+EK-FAC as whole processes, `end_to_end_bench.py`). Conventions matched: empirical
 Fisher (`use_empirical_fisher=True`), summed per-example CE losses, loss as the
 measurement, all float32, and one explicit absolute damping λ = `DAMPING` on both
 sides (ours: `damping=DAMPING`; Kronfluence: `ScoreArguments(damping_factor=
