@@ -368,6 +368,11 @@ def test_final_losses_from_one_reverse_table_equal_the_jvps(name="adam"):
                      r"which the reference's step 2 does not hold"):
     training.first_order_final_losses(params0, reference, curricula, route="table",
                                       cotangents_at_once=1, **kwargs)
+  # A reference of several runs is refused, not read as its first run.
+  with pytest.raises(ValueError, match=r"reference_batch_ids must be int\[T, S\]"):
+    training.first_order_final_losses(params0, np.stack([reference] * 2), curricula,
+                                      route="table", **{**kwargs, "reference_weights":
+                                                        np.stack([reference_weights] * 2)})
   with pytest.raises(ValueError, match="route must be"):
     training.first_order_final_losses(params0, reference, curricula, route="fast",
                                       **kwargs)

@@ -106,6 +106,26 @@ def _num_examples(arrays: Dict[str, Any], who: str, name: str) -> int:
   return int(np.shape(leaves[0])[0])
 
 
+def _reference_and_curricula(reference_batch_ids, reference_weights, curricula,
+                             curricula_weights, num_train: int, who: str):
+  """(reference int32[T, S], its weights float32[T, S], curricula int32[R', T, B],
+  their weights, whether one curriculum [T, B] was given), checked: the reference
+  is one run and has the curricula's number of steps."""
+  reference_ids, reference_weights, _ = _as_runs(
+      reference_batch_ids, reference_weights, num_train, who, "reference_batch_ids")
+  if reference_ids.shape[0] != 1 or np.ndim(reference_batch_ids) != 2:
+    raise ValueError(f"{who}: reference_batch_ids must be int[T, S], got shape "
+                     f"{list(np.shape(reference_batch_ids))}.")
+  curricula, curricula_weights, single = _as_runs(
+      curricula, curricula_weights, num_train, who, "curricula")
+  num_steps, curriculum_steps = reference_ids.shape[1], curricula.shape[1]
+  if curriculum_steps != num_steps:
+    raise ValueError(f"{who}: curricula have T={curriculum_steps} steps, the "
+                     f"reference T={num_steps}.")
+  return (reference_ids[0], reference_weights[0], curricula, curricula_weights,
+          single)
+
+
 def _scan_steps(step_fn, carry, xs, remat_every: Optional[int]):
   """`lax.scan` of `carry = step_fn(carry, x)`, rematerialised for reverse mode.
 
@@ -466,19 +486,10 @@ def first_order_losses(params0: Any, reference_batch_ids: Any, curricula: Any, *
   who = "first_order_losses"
   num_train = _num_examples(train_arrays, who, "train_arrays")
   _num_examples(test_arrays, who, "test_arrays")
-  reference_ids, reference_weights, _ = _as_runs(
-      reference_batch_ids, reference_weights, num_train, who, "reference_batch_ids")
-  if reference_ids.shape[0] != 1 or np.ndim(reference_batch_ids) != 2:
-    raise ValueError(f"{who}: reference_batch_ids must be int[T, S], got shape "
-                     f"{list(np.shape(reference_batch_ids))}.")
-  curricula, curricula_weights, single = _as_runs(
-      curricula, curricula_weights, num_train, who, "curricula")
-  reference_ids, reference_weights = reference_ids[0], reference_weights[0]
-  num_steps, num_ref_slots = reference_ids.shape
-  num_curricula, curriculum_steps, _ = curricula.shape
-  if curriculum_steps != num_steps:
-    raise ValueError(f"{who}: curricula have T={curriculum_steps} steps, the "
-                     f"reference T={num_steps}.")
+  reference_ids, reference_weights, curricula, curricula_weights, single = (
+      _reference_and_curricula(reference_batch_ids, reference_weights, curricula,
+                               curricula_weights, num_train, who))
+  num_steps, num_curricula = reference_ids.shape[0], curricula.shape[0]
   if int(chunk_size) <= 0:
     raise ValueError(f"{who}: chunk_size must be positive, got {chunk_size}.")
   chunk_size = min(int(chunk_size), num_curricula)
@@ -575,18 +586,13 @@ def predict_from_table(table: Any, reference_batch_ids: Any, reference_final: An
   """
   who = "predict_from_table"
   table = np.asarray(table, np.float64)
-  ref_ids, ref_w, _ = _as_runs(reference_batch_ids, reference_weights,
-                               num_train_examples, who, "reference_batch_ids")
-  ref_ids, ref_w = ref_ids[0], ref_w[0]
-  ids, weights, _ = _as_runs(curricula, curricula_weights, num_train_examples, who,
-                             "curricula")
+  ref_ids, ref_w, ids, weights, _ = _reference_and_curricula(
+      reference_batch_ids, reference_weights, curricula, curricula_weights,
+      num_train_examples, who)
   num_steps, num_slots = ref_ids.shape
   if table.shape[:2] != (num_steps, num_slots) or table.ndim != 3:
     raise ValueError(f"{who}: table must be float[T={num_steps}, S={num_slots}, M], "
                      f"got {list(table.shape)}.")
-  if ids.shape[1] != num_steps:
-    raise ValueError(f"{who}: curricula have T={ids.shape[1]} steps, the reference "
-                     f"T={num_steps}.")
   ref_valid = ref_ids >= 0
   num_valid = np.maximum(ref_valid.sum(1), 1).astype(np.float64)  # [T]
   # D[t, i] = num_valid_t·G[t, s(i)]; the slot of i in step t (-1 = absent).
@@ -650,28 +656,27 @@ def first_order_final_losses(params0: Any, reference_batch_ids: Any, curricula: 
                      f"share); use route='jvp'.")
   num_train = _num_examples(train_arrays, who, "train_arrays")
   num_test = _num_examples(test_arrays, who, "test_arrays")
-  ref_ids, ref_w, _ = _as_runs(reference_batch_ids, reference_weights, num_train,
-                               who, "reference_batch_ids")
-  ids, weights, single = _as_runs(curricula, curricula_weights, num_train, who,
-                                  "curricula")
+  ref_ids, ref_w, ids, weights, single = _reference_and_curricula(
+      reference_batch_ids, reference_weights, curricula, curricula_weights, num_train,
+      who)
   if route == "auto":
     route = "jvp" if stochastic else choose_route(ids.shape[0], num_test)
   common = dict(loss_fn=loss_fn, config=config, train_arrays=train_arrays,
                 test_arrays=test_arrays, seed=seed, mesh=mesh)
   if route == "jvp":
-    result = first_order_losses(params0, ref_ids[0], ids, reference_weights=ref_w[0],
+    result = first_order_losses(params0, ref_ids, ids, reference_weights=ref_w,
                                 curricula_weights=weights, chunk_size=chunk_size,
                                 **common)
     losses, reference = result.losses[:, -1], result.reference_losses[-1]
   else:
-    table = metagradients(params0, ref_ids[0], weights=ref_w[0],
+    table = metagradients(params0, ref_ids, weights=ref_w,
                           cotangents_at_once=cotangents_at_once, **common)
-    run = runs_lib.train_runs(params0, ref_ids, weights=ref_w, progress=False,
-                              **common)
+    run = runs_lib.train_runs(params0, ref_ids[None], weights=ref_w[None],
+                              progress=False, **common)
     reference = np.asarray(run.trace.losses[0, -1], np.float32)
-    losses = predict_from_table(table, ref_ids[0], reference, ids,
+    losses = predict_from_table(table, ref_ids, reference, ids,
                                 num_train_examples=num_train,
-                                reference_weights=ref_w[0],
+                                reference_weights=ref_w,
                                 curricula_weights=weights)
   return FirstOrderFinalLosses(losses=losses[0] if single else losses,
                                reference_losses=reference, route=route)
