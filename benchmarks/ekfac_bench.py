@@ -122,9 +122,8 @@ def measure(size="full", peer=True, repeats=2):
   num_train, num_query = SIZES[size]
   inputs = np.asarray(jax.random.normal(jax.random.key(0), (num_train, 64)))
   labels = np.asarray(jax.random.randint(jax.random.key(1), (num_train,), 0, 10))
-  ours = _ours(_common.MLP(), inputs, labels, num_query, DAMPING)
-  params = ours.params
-  ours_time, _, ours = _common.best_of(ours.run)
+  side = _ours(_common.MLP(), inputs, labels, num_query, DAMPING)
+  ours_time, _, ours = _common.best_of(side.run)
   result = {"num_train": num_train, "num_query": num_query, "ours_s": ours_time,
             "damping": DAMPING}
   if not peer:
@@ -138,7 +137,7 @@ def measure(size="full", peer=True, repeats=2):
   logging.disable(logging.WARNING)
   try:
     with tempfile.TemporaryDirectory() as directory:
-      run = _peers.kronfluence_pairwise(_common.torch_mlp(params), train_set,
+      run = _peers.kronfluence_pairwise(_common.torch_mlp(side.params), train_set,
                                         query_set, DAMPING, 256, directory)
       # Both sides timed warm (best of `repeats` after a first call: our compile,
       # torch's one-time set-up); the first call is kept as peer_first_call_s.
