@@ -41,12 +41,7 @@ import _workdir  # pylint: disable=g-import-not-at-top
 def _linear_rollout(linear, ids, start_losses, first, last):
   """Simfluence-Linear's losses [R, last-first+1, M] over steps first..last of
   `ids` [R, T, B], from `start_losses` [R, M] at step `first`."""
-  alpha = np.asarray(linear.A)[ids].sum(2)  # [R, T, M]; padding is not used here
-  beta = np.asarray(linear.B)[ids].sum(2)
-  out = [start_losses]
-  for t in range(first, last):
-    out.append(alpha[:, t] * out[-1] + beta[:, t])
-  return np.stack(out, 1)
+  return np.asarray(linear.simulate(ids[:, first:last], start_losses))
 
 
 def main(workdir, seed, config_path="configs/default.py:rough", ks="2,4,8,16",
