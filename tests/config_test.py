@@ -92,3 +92,19 @@ def test_score_model_axis_is_validated():
   with pytest.raises(ValueError, match="config.influence.mesh_model=0: must be a "
                      "positive integer"):
     pipeline.validate_config(config)
+
+
+def test_counterfactual_methods_are_validated():
+  config = load("default", "tiny")
+  for bad in ("curriculum_blind", "simfluence_hybrid", "ekfac"):
+    config.counterfactual.methods = ("simfluence_linear", bad)
+    with pytest.raises(ValueError, match=rf"counterfactual.methods: \['{bad}'\] cannot"):
+      pipeline.validate_config(config)
+  # The metagradient's table needs every example at every reference step.
+  config.counterfactual.methods = ("metagradient",)
+  config.metagradient.reference_batch_size = 16
+  with pytest.raises(ValueError, match="reference_batch_size=16: the counterfactual "
+                     "search on the metagradient needs the full-batch reference"):
+    pipeline.validate_config(config)
+  config.counterfactual.enabled = False
+  pipeline.validate_config(config)

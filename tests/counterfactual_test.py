@@ -65,6 +65,37 @@ def test_linear_search_matches_brute_force_over_subsets_and_orders():
   np.testing.assert_allclose(rollout[:, -1].mean(-1), result.objective, rtol=1e-5)
 
 
+def _step_simulator(b, final_only=False, initial=None):
+  """An additive simulator with one phase per step: b float32[T, N, M]."""
+  info = {} if initial is None else {"initial_losses": list(map(float, initial))}
+  return sj.simulators.Simulator(
+      A=None, B=jnp.asarray(b.mean(0)), kind="additive", phase_B=jnp.asarray(b),
+      phase_starts=tuple(range(len(b))), final_only=final_only,
+      batch_size=1 if final_only else None, num_steps=len(b) if final_only else None,
+      fit_info_items=sj.simulators._simulator.fit_info_items(info))  # pylint: disable=protected-access
+
+
+def test_search_with_one_phase_per_step_reorders_to_the_brute_force_best():
+  """Where an example sits matters when every step has its own effects (the
+  metagradient table's simulator): the search swaps positions by default. With
+  the pool restricted to the starting subset, only order moves can help."""
+  b = np.random.default_rng(3).normal(size=(4, 7, 2)).astype(np.float32)
+  sim = _step_simulator(b)
+  initial = np.array([2.0, 1.0], np.float32)
+  start = data.make_curricula(1, 7, 4, 1, 1, seed=0)
+  subset = np.unique(start)
+  value = lambda order: float(initial.mean() + sum(b[t, i].mean()
+                                                   for t, i in enumerate(order)))
+  best = min(value(order) for order in itertools.permutations(subset))
+  kwargs = dict(pool=subset, num_iters=100, num_proposals=16, loss_floor=None)
+  result = sj.simulators.search_curriculum(sim, initial, start, [0, 1], **kwargs)
+  np.testing.assert_allclose(result.objective, best, rtol=1e-5)
+  fixed = sj.simulators.search_curriculum(sim, initial, start, [0, 1], reorder=False,
+                                          **kwargs)
+  np.testing.assert_allclose(fixed.objective, value(start[0, :, 0]), rtol=1e-5)
+  assert fixed.objective[0] > best + 1e-3
+
+
 def test_search_clips_simulated_losses_at_the_floor():
   """A simulator that extrapolates below zero cannot reward going further below."""
   b = np.zeros((6, 1), np.float32)
@@ -77,6 +108,14 @@ def test_search_clips_simulated_losses_at_the_floor():
                                          num_iters=40, num_proposals=8, loss_floor=None)
   np.testing.assert_allclose(clipped.objective, 0.0)
   np.testing.assert_allclose(free.objective, 1.0 - 3.0 - 1.0)
+  # A final-only simulator's intermediate steps are not predictions: only its final
+  # loss is clipped (1 − 3 + 2.5 = 0.5, where clipping after step 0 would give 2.5).
+  b = np.zeros((2, 6, 1), np.float32)
+  b[0, 2], b[1, 3] = -3.0, 2.5
+  final_only = _step_simulator(b, final_only=True, initial=[1.0])
+  result = sj.simulators.search_curriculum(final_only, np.ones(1, np.float32), start,
+                                           [0], num_iters=1, num_proposals=1)
+  np.testing.assert_allclose(result.initial_objective, 0.5)
 
 
 def test_search_keeps_the_shape_padding_size_and_pool():

@@ -389,3 +389,79 @@ def test_route_choice_weighs_the_table_rows_against_the_jvps():
   assert choose(4 * 300 * 64, 32) == "table"  # a curriculum search's proposals
   assert choose(60, 32) == "table"
   assert choose(3, 1) == "table" and choose(1, 1) == "jvp"
+
+
+def test_table_simulator_predicts_the_jvps_final_losses_and_refuses_the_rest(tmp_path):
+  """`table_simulator`: the reverse-mode table as a final-only additive simulator
+  with one phase per step, against the jvp route's final losses, on a full-batch
+  reference whose slots are permuted and weighted; a table of two of the four test
+  examples (columns 1 and 3) leaves the others NaN. Then what it refuses, a search
+  on it, and a save/load round trip."""
+  from simfluence_jax import simulators  # pylint: disable=g-import-not-at-top
+  loss_fn, params0, train, test, _ = _setup(6)
+  rng = np.random.default_rng(6)
+  reference = np.stack([rng.permutation(NUM_TRAIN) for _ in range(NUM_STEPS)])
+  reference = reference.astype(np.int32)
+  reference_weights = rng.uniform(0.5, 1.5, reference.shape).astype(np.float32)
+  curricula = np.stack([np.stack([rng.choice(NUM_TRAIN, BATCH, replace=False)
+                                  for _ in range(NUM_STEPS)]) for _ in range(3)])
+  curricula = np.concatenate([curricula, curricula[:1, ::-1]]).astype(np.int32)
+  kwargs = dict(loss_fn=loss_fn, config=CONFIGS["adam"], train_arrays=train,
+                test_arrays=test)
+  jvp = training.first_order_final_losses(params0, reference, curricula, route="jvp",
+                                          chunk_size=2,
+                                          reference_weights=reference_weights, **kwargs)
+  table = training.metagradients(params0, reference, weights=reference_weights,
+                                 **kwargs)
+  run = training.train_runs(params0, reference[None], weights=reference_weights[None],
+                            progress=False, **kwargs).trace.losses[0]
+  columns = np.array([1, 3])
+  sim = training.table_simulator(
+      table[..., columns], reference, run[-1, columns], run[0, columns],
+      num_train_examples=NUM_TRAIN, batch_size=BATCH,
+      reference_weights=reference_weights, test_columns=columns,
+      num_test_examples=NUM_TEST)
+  assert sim.final_only and sim.kind == "additive" and sim.num_phases == NUM_STEPS
+  initial = np.repeat(run[:1], len(curricula), 0)
+  simulated = np.asarray(sim.simulate(curricula, initial))
+  assert simulated.shape == (len(curricula), NUM_STEPS + 1, NUM_TEST)
+  np.testing.assert_array_equal(simulated[:, 0], initial)
+  assert np.isnan(simulated[:, 1:-1]).all() and np.isnan(simulated[:, -1, [0, 2]]).all()
+  change = jvp.losses[:, columns] - jvp.reference_losses[columns]
+  scale = np.abs(change).max()
+  # The reversed curriculum (row 3) has the same examples as row 0: order matters.
+  assert scale > 1e-3 and np.abs(change[0] - change[3]).max() > 0.05 * scale
+  np.testing.assert_allclose(simulated[:, -1, columns], jvp.losses[:, columns],
+                             rtol=0, atol=1e-4 * scale)
+
+  with pytest.raises(ValueError, match="exactly 5 full batches; got 4 steps"):
+    sim.simulate(curricula[:, :-1], initial)
+  padded = curricula.copy()
+  padded[0, 1, 0] = -1
+  with pytest.raises(ValueError, match="with padding"):
+    sim.simulate(padded, initial)
+  with pytest.raises(ValueError, match="unweighted curricula only"):
+    sim.simulate(curricula, initial, weights=np.full(curricula.shape, 0.5))
+  with pytest.raises(ValueError, match="predicts final losses from the base model's"):
+    sim.simulate(curricula, initial + 0.1)
+
+  search = simulators.search_curriculum(sim, run[0], curricula[:2], [1, 3],
+                                        num_iters=20, num_proposals=8, loss_floor=None)
+  found = np.asarray(sim.simulate(search.batch_ids, initial[:2]))[:, -1, columns]
+  np.testing.assert_allclose(search.objective, found.mean(-1), rtol=1e-5)
+  assert np.all(search.objective <= search.initial_objective)
+  assert np.any(search.batch_ids != curricula[:2])
+  with pytest.raises(ValueError, match=r"no finite parameters for test examples \[0\]"):
+    simulators.search_curriculum(sim, run[0], curricula[:2], [0, 1], num_iters=2)
+
+  sim.save(str(tmp_path / "sim"))
+  loaded = simulators.Simulator.load(str(tmp_path / "sim"))
+  assert loaded.final_only and loaded.fit_info == sim.fit_info
+  np.testing.assert_array_equal(np.asarray(loaded.simulate(curricula, initial)),
+                                simulated)
+
+  # A reference step without some example has no derivative for it: refused.
+  with pytest.raises(ValueError, match="step 0 does not hold example 4"):
+    training.table_simulator(table, np.where(reference == 4, -1, reference), run[-1],
+                             run[0], num_train_examples=NUM_TRAIN, batch_size=BATCH,
+                             reference_weights=reference_weights)

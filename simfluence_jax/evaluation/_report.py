@@ -262,6 +262,23 @@ def _counterfactual_lines(result):
   return lines + [""]
 
 
+def counterfactual_summary_table(summary: dict, std: dict) -> list:
+  """Markdown rows of a `counterfactual_summary` (± its std over seeds, if any)."""
+  def cell(method, key, fmt):
+    value, spread = summary[method][key], std.get(method, {}).get(key)
+    text = format(value, fmt)
+    return text + (f" ± {spread:{fmt.lstrip('+')}}" if spread else "")
+
+  lines = ["| searched on | actual final target loss | actual improvement | "
+           "simulated improvement | beats median random |", "|---|---|---|---|---|"]
+  for method in sorted(k for k in summary if k != "median_random"):
+    lines.append(f"| {method} | {cell(method, 'actual_final', '.3f')} | "
+                 f"{cell(method, 'actual_improvement', '+.3f')} | "
+                 f"{cell(method, 'simulated_improvement', '+.3f')} | "
+                 f"{cell(method, 'fraction_beating_median', '.0%')} |")
+  return lines
+
+
 def report_lines(payload: dict, plots=()) -> list:
   """The markdown lines of report.md for a metrics payload (one seed or a mean)."""
   std = payload.get("std", {})
@@ -323,6 +340,13 @@ def report_lines(payload: dict, plots=()) -> list:
     lines += [""]
   if payload.get("counterfactual"):
     lines += _counterfactual_lines(payload["counterfactual"])
+  elif payload.get("counterfactual_summary"):
+    summary = payload["counterfactual_summary"]
+    lines += ["## Counterfactual curricula (searched on each simulator, then retrained)",
+              "", f"Median random curriculum's actual final target loss "
+              f"{summary['median_random']:.3f}; per seed in `seed_<k>/report.md`.", ""]
+    lines += counterfactual_summary_table(
+        summary, std.get("counterfactual_summary", {})) + [""]
   stages = payload.get("stages", {})
   if stages:
     total = sum(v["seconds"] for v in stages.values())

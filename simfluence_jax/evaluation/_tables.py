@@ -175,6 +175,18 @@ def render(payload: dict, which: str, source: str) -> str:
   removal = removal_table(payload)
   if removal:
     lines += ["", "MAGIC's removal benchmark (around fitted run 0):", ""] + removal
+  summary = payload.get("counterfactual_summary")
+  if summary:
+    num_targets = _get(payload, "summary", "config", "counterfactual", "num_targets",
+                       default="the")
+    lines += ["", "Counterfactual curricula: searched on each simulator to lower the "
+              f"final loss of {num_targets} test examples whose final loss varies "
+              "most across the fitted runs, then "
+              "retrained (improvement = median random curriculum's actual final "
+              f"target loss, {_fmt(summary['median_random'])}, minus the searched "
+              "ones' mean):", ""]
+    lines += _report.counterfactual_summary_table(
+        summary, payload.get("std", {}).get("counterfactual_summary", {}))
   checked = goals(payload, which)
   if checked:
     lines += ["", "| goal | value | |", "|---|---|---|"]

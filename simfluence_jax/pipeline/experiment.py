@@ -74,6 +74,24 @@ def regime(runs: stages.Runs, curricula) -> dict:
           "final_loss_std_across_runs": float(losses[:, -1].std(axis=0).mean())}
 
 
+def counterfactual_summary(result: dict) -> dict:
+  """The numbers of a counterfactual result that a mean over seeds keeps.
+
+  Returns:
+    {"median_random": the median random curriculum's actual final target loss,
+     method: {"actual_final" (mean over its searched curricula),
+              "actual_improvement", "simulated_improvement",
+              "fraction_beating_median"}}.
+  """
+  out = {"median_random": result["random"]["median_actual"]}
+  for method, values in result["searched"].items():
+    out[method] = {"actual_final": float(np.mean(values["actual_final"])),
+                   **{k: values[k] for k in ("actual_improvement",
+                                             "simulated_improvement",
+                                             "fraction_beating_median")}}
+  return out
+
+
 def _summary(config, dataset, runs: stages.Runs, curricula) -> dict:
   return {"config": config.to_dict(), "dataset": dataset.name,
           "num_train_runs": len(curricula.fit),
@@ -130,6 +148,7 @@ def run_seed(config, workdir: str, overwrite: bool = False) -> dict:
   if counterfactual is not None:
     payload["counterfactual"] = {k: v for k, v in counterfactual.items()
                                  if k != "batch_ids"}
+    payload["counterfactual_summary"] = counterfactual_summary(counterfactual)
   payload["cost"] = _cost(config, runs, wd, payload)
   payload["regime"] = regime(runs, curricula)
   if config.removal.enabled and removal.derivative_growth is not None:

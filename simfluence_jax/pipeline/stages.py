@@ -533,15 +533,50 @@ def evaluate(wd, config, runs: Runs, curricula: Curricula, sims: dict,
                   save=save, load=load, outputs=("evaluation",))
 
 
+def metagradient_table_simulator(config, dataset, model: Model, test_ids):
+  """The metagradient's final-loss prediction as a final-only simulator.
+
+  The first-order expansion around the full-batch reference (`metagradient`'s), read
+  from one reverse-mode table of the final losses of test examples `test_ids` (⌈k /
+  `metagradient.cotangents_at_once`⌉ reverse passes, plus the reference run), as a
+  simulator over all M test examples that predicts those k
+  (`training.table_simulator`); what the curriculum search needs for thousands of
+  curricula.
+  """
+  test_ids = np.asarray(test_ids, np.int32)
+  reference = _reference_batch_ids(config)
+  kwargs = dict(loss_fn=model.loss_fn, config=config, train_arrays=dataset.train,
+                test_arrays=jax.tree_util.tree_map(lambda x: x[test_ids], dataset.test),
+                seed=config.seed)
+  table = training.metagradients(
+      model.params, reference,
+      cotangents_at_once=config.metagradient.cotangents_at_once, **kwargs)
+  losses = training.train_runs(model.params, reference[None], progress=False,
+                               **kwargs).trace.losses[0]
+  return training.table_simulator(
+      table, reference, losses[-1], losses[0],
+      num_train_examples=config.num_train_examples, batch_size=config.batch_size,
+      test_columns=test_ids, num_test_examples=dataset.num_test_examples,
+      name="metagradient")
+
+
 def counterfactual(wd, config, dataset, model: Model, runs: Runs,
                    curricula: Curricula, sims: dict) -> Optional[dict]:
-  """Searches curricula on each simulator and retrains them (`counterfactual.py`)."""
+  """Searches curricula on each simulator and retrains them (`counterfactual.py`).
+
+  Searched: the `counterfactual.methods` that `config.methods` computes.
+  "metagradient" searches on its first-order prediction of the targets' final
+  losses (`metagradient_table_simulator`, built here: one reverse pass per 8
+  targets through the full-batch reference run).
+  """
   from simfluence_jax import counterfactual as cf_lib  # pylint: disable=g-import-not-at-top
   cf = config.counterfactual
-  methods = [m for m in cf.methods if m in sims]
+  methods = [m for m in cf.methods if m in sims or (
+      m == "metagradient" and "metagradient" in config.methods)]
   if not cf.enabled or not methods:
     return None
   fit_trace, held = runs.group(curricula, "fit"), runs.group(curricula, "held_out")
+  targets = cf_lib.choose_targets(fit_trace.losses, cf.num_targets)
   num_epochs = -(-config.num_steps // curricula.steps_per_epoch)
   start_ids = data.make_curricula(
       cf.num_searched, config.num_train_examples, config.subset_size, num_epochs,
@@ -554,11 +589,14 @@ def counterfactual(wd, config, dataset, model: Model, runs: Runs,
     return result.trace.losses
 
   def compute():
+    searched = {m: sims[m] for m in methods if m != "metagradient"}
+    if "metagradient" in methods:
+      searched["metagradient"] = metagradient_table_simulator(config, dataset, model,
+                                                              targets)
     return cf_lib.search_and_verify(
-        {m: sims[m] for m in methods}, initial_losses=fit_trace.losses[0, 0],
+        searched, initial_losses=fit_trace.losses[0, 0],
         start_batch_ids=start_ids, random_batch_ids=held.batch_ids,
-        random_losses=held.losses,
-        targets=cf_lib.choose_targets(fit_trace.losses, cf.num_targets),
+        random_losses=held.losses, targets=targets,
         retrain=retrain, methods=methods, num_iters=cf.num_iters,
         num_proposals=cf.num_proposals, epoch_steps=curricula.steps_per_epoch,
         seed=config.seed)
@@ -579,8 +617,11 @@ def counterfactual(wd, config, dataset, model: Model, runs: Runs,
         for m in result["searched"]}
     return result
 
-  return wd.stage("counterfactual", fields=("counterfactual",),
-                  upstream=("record_runs",) + tuple(f"fit_{m}" for m in methods),
+  table_fields = (("metagradient.reference_batch_size",) if "metagradient" in methods
+                  else ())
+  return wd.stage("counterfactual", fields=("counterfactual",) + table_fields,
+                  upstream=("record_runs",) + tuple(
+                      f"fit_{m}" for m in methods if m != "metagradient"),
                   compute=compute, save=save, load=load,
                   outputs=("counterfactual", "counterfactual_runs"))
 

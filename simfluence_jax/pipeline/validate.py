@@ -71,6 +71,22 @@ def validate_config(config) -> None:
       "metagradient", "simfluence_linear"} <= set(config.methods):
     raise ValueError("config.methods: simfluence_hybrid averages metagradient and "
                      "simfluence_linear; list both.")
+  if config.counterfactual.enabled:
+    # Searched: those of these that config.methods computes.
+    searchable = set(METHODS) - {"curriculum_blind", "simfluence_hybrid"}
+    bad = sorted(set(config.counterfactual.methods) - searchable)
+    if bad:
+      raise ValueError(f"config.counterfactual.methods: {bad} cannot be searched; "
+                       f"known simulators: {sorted(searchable)} (curriculum_blind and "
+                       "simfluence_hybrid are not simulators).")
+    reference = config.metagradient.reference_batch_size
+    if ("metagradient" in config.counterfactual.methods and
+        "metagradient" in config.methods and reference and
+        reference < config.num_train_examples):
+      raise ValueError(f"config.metagradient.reference_batch_size={reference}: the "
+                       "counterfactual search on the metagradient needs the "
+                       "full-batch reference (0), whose table holds every example "
+                       "at every step.")
   if config.num_held_out_runs > config.num_runs:
     raise ValueError(f"config.num_held_out_runs={config.num_held_out_runs}: more "
                      f"held-out runs than the config.num_runs={config.num_runs} fitted "

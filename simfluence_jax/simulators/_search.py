@@ -103,9 +103,10 @@ def _split_curricula(batch_ids: np.ndarray):
 
 
 @functools.partial(jax.jit, static_argnames=("linear", "num_iters", "num_proposals",
-                                             "reorder", "epoch_steps", "floor"))
+                                             "reorder", "epoch_steps", "floor",
+                                             "floor_each_step"))
 def _search(a, b, phases, loss0, weights, subsets, schedules, pool, key, *, linear,
-            num_iters, num_proposals, reorder, epoch_steps, floor):
+            num_iters, num_proposals, reorder, epoch_steps, floor, floor_each_step):
   """Jitted local search, vmapped over restarts; see `search_curriculum`.
 
   a, b: float32[P, N, M'] per-phase parameters; phases: int32[T].
@@ -115,7 +116,8 @@ def _search(a, b, phases, loss0, weights, subsets, schedules, pool, key, *, line
   def objective(subset, schedule):
     ids = jnp.where(schedule >= 0, subset[jnp.maximum(schedule, 0)], -1)
     return weights @ _simulator.final_losses(a, b, ids, loss0, linear=linear,
-                                             phases=phases, floor=floor)
+                                             phases=phases, floor=floor,
+                                             floor_each_step=floor_each_step)
 
   def one_restart(subset, schedule, key):
     num_slots = subset.shape[0]
@@ -186,13 +188,16 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
     pool: train ids the search may bring in (default: all N).
     num_iters: iterations of the local search.
     num_proposals: random moves simulated (in parallel) per iteration.
-    reorder: propose order swaps too; default: only for linear simulators (an
-      additive simulator's final loss does not depend on the order).
+    reorder: propose order swaps too; default: for linear simulators and those with
+      phases (a one-phase additive simulator's final loss does not depend on the
+      order).
     epoch_steps: steps per epoch; order swaps stay within an epoch (default: the
       whole curriculum is one epoch).
     loss_floor: during the search every simulated step's loss is clipped at this
       value (default 0: no loss goes below zero), so the search cannot exploit a
-      simulator's extrapolation to impossible losses; None: no clipping.
+      simulator's extrapolation to impossible losses (a final-only simulator: the
+      final loss alone, its intermediate steps are not predictions); None: no
+      clipping.
     seed: seed of the random moves.
     allow_extrapolation: allow curricula longer than the simulator's fitted number
       of steps (as in `Simulator.simulate`).
@@ -202,7 +207,8 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
 
   Raises:
     ValueError: naming the bad argument (shapes, ids out of range, a batch width or
-      length the simulator was not fitted on, bad targets).
+      length the simulator was not fitted on, bad targets, targets the simulator has
+      no finite parameters for).
   """
   num_train, num_test = simulator.num_train_examples, simulator.num_test_examples
   start = np.asarray(start_batch_ids)
@@ -214,6 +220,7 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
   if initial_losses.shape != (num_test,) or not np.all(np.isfinite(initial_losses)):
     raise ValueError(f"initial_losses: expected finite float32[{num_test}], got shape "
                      f"{initial_losses.shape}.")
+  simulator.check_initial_losses(initial_losses)
   weights = target_weights(targets, num_test)
   pool = np.arange(num_train) if pool is None else np.unique(np.asarray(pool))
   if pool.size == 0 or not np.issubdtype(pool.dtype, np.integer) or (
@@ -226,18 +233,24 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
       raise ValueError(f"{name}={value!r}: must be a positive integer.")
   subsets, schedules = _split_curricula(start)
   linear = simulator.kind == "linear"
-  reorder = linear if reorder is None else bool(reorder)
+  reorder = (linear or simulator.num_phases > 1) if reorder is None else bool(reorder)
   # Only the target columns matter: simulate those alone.
   columns = np.flatnonzero(weights > 0)
   a, b = simulator.phase_parameters()
   a, b = a[:, :, columns], b[:, :, columns]
+  unknown = columns[~np.all(np.isfinite(np.asarray(b)), axis=(0, 1))]
+  if unknown.size:
+    raise ValueError(f"targets: simulator {simulator.name!r} has no finite parameters "
+                     f"for test examples {unknown.tolist()} (e.g. a table computed for "
+                     "other test examples).")
   phases = jnp.asarray(simulator.phase_of_steps(start.shape[1]))
   ids, value, start_value, history = _search(
       a, b, phases, jnp.asarray(initial_losses[columns]), jnp.asarray(weights[columns]),
       jnp.asarray(subsets), jnp.asarray(schedules), jnp.asarray(pool, jnp.int32),
       jax.random.key(seed), linear=linear, num_iters=num_iters,
       num_proposals=num_proposals, reorder=reorder, epoch_steps=epoch_steps,
-      floor=None if loss_floor is None else float(loss_floor))
+      floor=None if loss_floor is None else float(loss_floor),
+      floor_each_step=not simulator.final_only)
   return SearchResult(batch_ids=np.asarray(ids, np.int32),
                       objective=np.asarray(value, np.float32),
                       initial_objective=np.asarray(start_value, np.float32),

@@ -25,6 +25,12 @@ of valid ids per fitted batch), so removing an example does not also shrink the 
 Phase-dependent simulators (`fit(..., num_phases=P)`) hold one (A, B) per contiguous
 bin of steps; step t uses the phase whose bin contains t (steps past the fitted T
 use the last phase).
+
+Final-only simulators (`final_only=True`, e.g. `training.table_simulator`, the
+metagradient's first-order expansion with one phase per step) predict only the loss
+after exactly T full, unweighted batches from the base model's losses
+(`fit_info["initial_losses"]`): their intermediate rollout is not a prediction, so
+`simulate` returns NaN at steps 1..T−1 and refuses anything else.
 """
 
 from __future__ import annotations
@@ -131,10 +137,11 @@ def _step_effects(a, b, step_ids, step_w, step_valid, phase, null_a, linear):
 
 
 def final_losses(a, b, ids, loss0, *, linear, null_a=0.0, weights=None, phases=None,
-                 floor=None):
+                 floor=None, floor_each_step=True):
   """float32[M] loss after the last step of one curriculum ids int32[T, B].
 
-  Shared by `search_curriculum`; `floor` clips every step's loss (None: no clip).
+  Shared by `search_curriculum`; `floor` clips every step's loss, or only the final
+  one when not `floor_each_step` (None: no clip).
   """
   valid = (ids >= 0).astype(jnp.float32)
   safe = jnp.maximum(ids, 0)
@@ -144,10 +151,11 @@ def final_losses(a, b, ids, loss0, *, linear, null_a=0.0, weights=None, phases=N
   def step(loss, inputs):
     alpha, beta = _step_effects(a, b, *inputs, null_a, linear)
     loss = alpha * loss + beta
-    return (loss if floor is None else jnp.maximum(loss, floor)), None
+    clip = floor is not None and floor_each_step
+    return (jnp.maximum(loss, floor) if clip else loss), None
 
   loss, _ = jax.lax.scan(step, loss0, (safe, weights, valid, phases))
-  return loss
+  return loss if floor is None or floor_each_step else jnp.maximum(loss, floor)
 
 
 @functools.partial(jax.jit, static_argnames=("linear",))
@@ -215,6 +223,9 @@ class Simulator:
     phase_B: None, or float32[P, N, M] the B of every phase.
     phase_starts: () for one phase, else the first step of every phase (P ints,
       starting with 0).
+    final_only: the simulator predicts only the final loss of curricula of exactly
+      `num_steps` full batches of `batch_size`, unweighted, from the initial losses
+      `fit_info["initial_losses"]` (see the module docstring).
   """
 
   A: Optional[Any]
@@ -231,6 +242,7 @@ class Simulator:
   phase_A: Optional[Any] = None
   phase_B: Optional[Any] = None
   phase_starts: tuple = dataclasses.field(metadata=dict(static=True), default=())
+  final_only: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
   def __post_init__(self):
     # Only what transforms cannot change: pytree leaves may legitimately be tracers,
@@ -250,6 +262,10 @@ class Simulator:
         self.kind == "linear" and (self.phase_A is None) != (self.phase_B is None)):
       raise ValueError("phase_A/phase_B/phase_starts: give all of them (phases) or "
                        "none.")
+    if self.final_only and (self.batch_size is None or self.num_steps is None or
+                            "initial_losses" not in self.fit_info):
+      raise ValueError("final_only: needs batch_size, num_steps and "
+                       "fit_info['initial_losses'].")
 
   def check_shapes(self) -> "Simulator":
     """Raises ValueError unless A, B (and the phase arrays) have consistent shapes."""
@@ -309,6 +325,7 @@ class Simulator:
               "num_steps": self.num_steps, "num_train_examples": self.num_train_examples,
               "num_test_examples": self.num_test_examples, "null_a": self.null_a,
               "phase_starts": list(self.phase_starts),
+              "final_only": self.final_only,
               "posterior": None if self.posterior is None else {
                   "l2": self.posterior.l2, "method": self.posterior.method}}
       with open(os.path.join(tmp, "simulator.json"), "w") as f:
@@ -372,7 +389,8 @@ class Simulator:
                  null_a=meta.get("null_a"),
                  phase_A=to_jax(optional("phase_A")) if phase_starts else None,
                  phase_B=to_jax(optional("phase_B")) if phase_starts else None,
-                 phase_starts=phase_starts).check_shapes()
+                 phase_starts=phase_starts,
+                 final_only=bool(meta.get("final_only", False))).check_shapes()
     except ValueError as e:
       raise ValueError(f"Simulator.load: {path!r} is inconsistent ({e})") from e
 
@@ -384,7 +402,8 @@ class Simulator:
     Returns the ids as int32. Raises ValueError naming `who` for a bad rank or dtype,
     ids out of [-1, N), a batch width ≠ the fitted batch size, or T' > the fitted
     number of steps without `allow_extrapolation` (and naming A / B / phase_* when
-    the simulator's own arrays disagree in shape).
+    the simulator's own arrays disagree in shape); a final-only simulator also
+    refuses padding and T' ≠ T.
     """
     self.check_shapes()
     batch_ids = np.asarray(batch_ids)
@@ -407,6 +426,11 @@ class Simulator:
           f"{who}: {num_steps} steps, more than the {self.num_steps} that simulator "
           f"{self.name!r} was fitted on; pass allow_extrapolation=True to roll out "
           "past them.")
+    if self.final_only and (num_steps != self.num_steps or np.any(batch_ids < 0)):
+      raise ValueError(
+          f"{who}: simulator {self.name!r} predicts only the final loss of "
+          f"curricula of exactly {self.num_steps} full batches; got {num_steps} "
+          f"steps{' with padding (-1)' if np.any(batch_ids < 0) else ''}.")
     return batch_ids.astype(np.int32)
 
   def _check_inputs(self, batch_ids, initial_losses, weights=None,
@@ -419,6 +443,10 @@ class Simulator:
                        f"{initial_losses.shape}.")
     if not np.all(np.isfinite(initial_losses)):
       raise ValueError("initial_losses: contains NaN or inf.")
+    self.check_initial_losses(initial_losses)
+    if self.final_only and weights is not None and np.any(np.asarray(weights) != 1):
+      raise ValueError(f"weights: simulator {self.name!r} predicts unweighted "
+                       "curricula only (final_only).")
     if weights is None:
       weights = np.ones(batch_ids.shape, np.float32)
     else:
@@ -432,6 +460,23 @@ class Simulator:
         raise ValueError("weights: contains NaN or inf.")
       weights = weights.astype(np.float32)
     return (jnp.asarray(batch_ids), jnp.asarray(initial_losses), jnp.asarray(weights))
+
+  def check_initial_losses(self, initial_losses) -> None:
+    """Raises ValueError if a final-only simulator gets other initial losses than
+    the ones its predictions assume (`fit_info["initial_losses"]`, None where it
+    predicts nothing); no-op otherwise.
+    """
+    if not self.final_only:
+      return
+    assumed = np.array([np.nan if v is None else v
+                        for v in self.fit_info["initial_losses"]], np.float32)
+    given = np.asarray(initial_losses, np.float32)
+    known = np.isfinite(assumed)  # None: a column the simulator does not predict
+    if given.shape[-1:] != assumed.shape or not np.allclose(
+        given[..., known], assumed[known], rtol=1e-4, atol=1e-4):
+      raise ValueError(f"initial_losses: simulator {self.name!r} predicts final losses "
+                       "from the base model's test losses (fit_info['initial_losses'])"
+                       "; these differ.")
 
   def resolved_null_a(self, width: int) -> float:
     """a₀ of a removed occurrence in curricula of batch width `width`."""
@@ -464,15 +509,19 @@ class Simulator:
       allow_extrapolation: allow T' beyond the fitted number of steps.
 
     Returns:
-      float32[R', T'+1, M], `[:, 0]` = initial_losses.
+      float32[R', T'+1, M], `[:, 0]` = initial_losses (final-only: NaN at steps
+      1..T'−1).
     """
     batch_ids, initial_losses, weights = self._check_inputs(
         batch_ids, initial_losses, weights, allow_extrapolation)
     a, b = self.phase_parameters()
     phases = jnp.asarray(self.phase_of_steps(batch_ids.shape[1]))
     null_a = jnp.float32(self.resolved_null_a(batch_ids.shape[2]))
-    return _rollout(a, b, batch_ids, weights, phases, initial_losses, null_a,
-                    linear=self.kind == "linear")
+    losses = _rollout(a, b, batch_ids, weights, phases, initial_losses, null_a,
+                      linear=self.kind == "linear")
+    if self.final_only:
+      losses = losses.at[:, 1:-1].set(jnp.nan)
+    return losses
 
   def sample_parameters(self, num_samples: int, rng: Any = 0):
     """Posterior samples of (A, B) by perturb-and-MAP with the fit's solver.

@@ -34,6 +34,7 @@ from simfluence_jax.training.metagradients import first_order_final_losses
 from simfluence_jax.training.metagradients import first_order_losses
 from simfluence_jax.training.metagradients import metagradients
 from simfluence_jax.training.metagradients import predict_from_table
+from simfluence_jax.training.metagradients import table_simulator
 from simfluence_jax.training.optim import LEARNING_RATE_MEANING
 from simfluence_jax.training.optim import make_optimizer
 from simfluence_jax.training.optim import make_schedule
@@ -57,6 +58,7 @@ __all__ = [
     "first_order_losses", "gather_batch", "get_base_params",
     "load_params", "load_tracin_checkpoints", "load_tracin_params", "make_loss_fn",
     "make_segment_fn", "make_update", "metagradients", "predict_from_table",
+    "table_simulator",
     "make_optimizer", "make_schedule", "make_train_step", "pretrain_base",
     "projection_key", "runs_shardings", "save_params", "state_shardings", "tracin_steps", "train_runs",
     "checkpoints", "fingerprint", "metagradients_lib", "optim", "pretrain", "runs",

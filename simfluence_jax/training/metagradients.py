@@ -549,6 +549,133 @@ def choose_route(num_curricula: int, num_test: int) -> str:
           else "jvp")
 
 
+def _table_terms(table, ref_ids, ref_w, reference_final, num_train, who):
+  """What a first-order prediction from a reverse-mode table needs.
+
+  Returns (slot_of int64[T, N]: the slot of example i in reference step t, −1 if
+  absent; derivative float64[T, S, M] = num_valid_t·G[t, s], the derivative with
+  respect to the effective weight of the example in slot s; baseline float64[M] =
+  L_T(ref) − Σ_{t,s} w_s·G[t, s], the prediction's curriculum-independent part).
+  """
+  table = np.asarray(table, np.float64)
+  num_steps, num_slots = ref_ids.shape
+  if table.shape[:2] != (num_steps, num_slots) or table.ndim != 3:
+    raise ValueError(f"{who}: table must be float[T={num_steps}, S={num_slots}, M], "
+                     f"got {list(table.shape)}.")
+  reference_final = np.asarray(reference_final, np.float64)
+  if reference_final.shape != table.shape[2:]:
+    raise ValueError(f"{who}: reference_final must be float[M={table.shape[2]}], got "
+                     f"{list(reference_final.shape)}.")
+  ref_valid = ref_ids >= 0
+  num_valid = np.maximum(ref_valid.sum(1), 1).astype(np.float64)  # [T]
+  slot_of = np.full((num_steps, num_train), -1, np.int64)
+  t_index, s_index = np.nonzero(ref_valid)
+  slot_of[t_index, ref_ids[t_index, s_index]] = s_index
+  derivative = table * num_valid[:, None, None]
+  baseline = reference_final - np.einsum("ts,tsm->m", ref_w * ref_valid, table)
+  return slot_of, derivative, baseline
+
+
+def table_simulator(table: Any, reference_batch_ids: Any, reference_final: Any,
+                    initial_losses: Any, *, num_train_examples: int, batch_size: int,
+                    reference_weights: Any = None, test_columns: Any = None,
+                    num_test_examples: Optional[int] = None,
+                    name: str = "metagradient_table"):
+  """A reference run's metagradient table as a final-only `simulators.Simulator`.
+
+  `predict_from_table` of a curriculum of T full batches of B examples is additive
+  in its occurrences, with one effect per step:
+
+      L_T(c) = L_0 + Σ_t Σ_{i∈c_t} β[t, i],
+      β[t, i] = num_valid_t·G[t, s(i)] / B + (baseline − L_0) / (T·B),
+
+  an additive simulator with one phase per step (`phase_B` = β), so
+  `simulators.search_curriculum` searches curricula on it (order swaps included:
+  where an example sits matters) and `Simulator.simulate` gives their final losses.
+  It is final-only: the rollout's intermediate steps are not predictions (NaN), and
+  it refuses padded, weighted or shorter curricula and other initial losses.
+
+  Args:
+    table: float[T, S, M'] `metagradients` of the reference run (M' test examples).
+    reference_batch_ids: int[T, S]; every train example must be in every step (a
+      full-batch reference), since β needs each example's derivative at each step.
+    reference_final: float[M'] the reference run's final test losses.
+    initial_losses: float[M'] the test losses before the first step (the base
+      model's; every curriculum starts there).
+    num_train_examples: N.
+    batch_size: B of the curricula the simulator predicts.
+    reference_weights: float[T, S] (None = ones), the weights G was taken at.
+    test_columns: None (the table's M' test examples are the simulator's M), or
+      int[M'] the columns of a simulator over `num_test_examples` test examples that
+      the table holds; the other columns are NaN (no prediction), and a search with
+      targets among them is refused.
+    num_test_examples: M, with `test_columns`.
+    name: label for reports.
+
+  Returns:
+    `Simulator(kind="additive", final_only=True)` over N train examples, with
+    batch_size B, num_steps T and `fit_info["initial_losses"]` (M floats, None off
+    the table's columns).
+
+  Raises:
+    ValueError: shapes disagree, an example is missing from a reference step, or
+      bad columns.
+  """
+  from simfluence_jax.simulators import _simulator  # pylint: disable=g-import-not-at-top
+  who = "table_simulator"
+  ref_ids = np.asarray(reference_batch_ids)
+  if ref_ids.ndim != 2 or not np.issubdtype(ref_ids.dtype, np.integer):
+    raise ValueError(f"{who}: reference_batch_ids must be int[T, S], got "
+                     f"{ref_ids.dtype} {list(ref_ids.shape)}.")
+  num_train = int(num_train_examples)
+  if ref_ids.size and (ref_ids.min() < -1 or ref_ids.max() >= num_train):
+    raise ValueError(f"{who}: reference_batch_ids must be in [-1, {num_train}).")
+  ref_w = (np.ones(ref_ids.shape) if reference_weights is None
+           else np.asarray(reference_weights, np.float64))
+  if ref_w.shape != ref_ids.shape:
+    raise ValueError(f"{who}: reference_weights must be float{list(ref_ids.shape)}, "
+                     f"got {list(ref_w.shape)}.")
+  slot_of, derivative, baseline = _table_terms(table, ref_ids, ref_w, reference_final,
+                                               num_train, who)
+  missing = np.argwhere(slot_of < 0)
+  if missing.size:
+    t, i = (int(x) for x in missing[0])
+    raise ValueError(f"{who}: the reference's step {t} does not hold example {i} "
+                     "(and maybe others); the simulator needs every example at every "
+                     "step (a full-batch reference).")
+  num_steps, num_cols = derivative.shape[0], derivative.shape[2]
+  initial = np.asarray(initial_losses, np.float64)
+  if initial.shape != (num_cols,) or not np.all(np.isfinite(initial)):
+    raise ValueError(f"{who}: initial_losses must be finite float[M={num_cols}], got "
+                     f"shape {list(initial.shape)}.")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or (
+      batch_size < 1):
+    raise ValueError(f"{who}: batch_size must be a positive integer, got "
+                     f"{batch_size!r}.")
+  effects = derivative[np.arange(num_steps)[:, None], slot_of]  # [T, N, M']
+  beta = effects / batch_size + (baseline - initial) / (num_steps * batch_size)
+  if test_columns is not None:
+    columns = np.asarray(test_columns)
+    if (num_test_examples is None or columns.shape != (num_cols,) or
+        not np.issubdtype(columns.dtype, np.integer) or
+        len(np.unique(columns)) != num_cols or columns.min() < 0 or
+        columns.max() >= num_test_examples):
+      raise ValueError(f"{who}: test_columns must be {num_cols} distinct ids in "
+                       f"[0, num_test_examples={num_test_examples}).")
+    full = np.full(beta.shape[:2] + (num_test_examples,), np.nan)
+    full[..., columns], beta = beta, full
+    full = np.full(num_test_examples, np.nan)
+    full[columns], initial = initial, full
+  beta = beta.astype(np.float32)
+  return _simulator.Simulator(
+      A=None, B=jnp.asarray(beta.mean(0)), kind="additive", name=name,
+      fit_info_items=_simulator.fit_info_items(
+          {"source": "metagradient table",
+           "initial_losses": [None if np.isnan(v) else float(v) for v in initial]}),
+      batch_size=int(batch_size), num_steps=num_steps, phase_B=jnp.asarray(beta),
+      phase_starts=tuple(range(num_steps)), final_only=True).check_shapes()
+
+
 def predict_from_table(table: Any, reference_batch_ids: Any, reference_final: Any,
                        curricula: Any, *, num_train_examples: int,
                        reference_weights: Any = None, curricula_weights: Any = None,
@@ -585,23 +712,12 @@ def predict_from_table(table: Any, reference_batch_ids: Any, reference_final: An
       reference slots do not hold (named: curriculum, step, id).
   """
   who = "predict_from_table"
-  table = np.asarray(table, np.float64)
   ref_ids, ref_w, ids, weights, _ = _reference_and_curricula(
       reference_batch_ids, reference_weights, curricula, curricula_weights,
       num_train_examples, who)
-  num_steps, num_slots = ref_ids.shape
-  if table.shape[:2] != (num_steps, num_slots) or table.ndim != 3:
-    raise ValueError(f"{who}: table must be float[T={num_steps}, S={num_slots}, M], "
-                     f"got {list(table.shape)}.")
-  ref_valid = ref_ids >= 0
-  num_valid = np.maximum(ref_valid.sum(1), 1).astype(np.float64)  # [T]
-  # D[t, i] = num_valid_t·G[t, s(i)]; the slot of i in step t (-1 = absent).
-  slot_of = np.full((num_steps, num_train_examples), -1, np.int64)
-  t_index, s_index = np.nonzero(ref_valid)
-  slot_of[t_index, ref_ids[t_index, s_index]] = s_index
-  derivative = table * num_valid[:, None, None]  # [T, S, M]
-  baseline = np.asarray(reference_final, np.float64) - np.einsum(
-      "ts,tsm->m", ref_w * ref_valid, table)
+  slot_of, derivative, baseline = _table_terms(table, ref_ids, ref_w, reference_final,
+                                               num_train_examples, who)
+  num_steps = ref_ids.shape[0]
   valid = ids >= 0
   slots = slot_of[np.arange(num_steps)[None, :, None], np.maximum(ids, 0)]
   coefficients = weights * valid / np.maximum(valid.sum(2, keepdims=True), 1)
