@@ -231,3 +231,49 @@ def test_sweep_table_shows_derivative_growth_only_where_cells_have_it(tmp_path):
   lines = tables.sweep_table(str(tmp_path))
   assert "derivative growth" not in lines[0] and "Derivative growth" not in lines[-1]
   assert lines[2] == "| learning_rate=0.001 | 35% | 0.50 | 0.90 / 0.20× |"
+
+
+def test_counterfactual_summary_is_averaged_over_seeds_and_tabled_not_a_method():
+  from simfluence_jax.evaluation import _report  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.evaluation import _tables as tables  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.pipeline import experiment  # pylint: disable=g-import-not-at-top
+
+  def seed_payload(median, finals):
+    result = {"random": {"median_actual": median, "actual_final": [median] * 3},
+              "searched": {"metagradient": {
+                  "actual_final": finals, "actual_improvement": median - np.mean(finals),
+                  "simulated_improvement": 2.0, "fraction_beating_median": 1.0,
+                  "mean_curve": [3.0, 2.0]}}}
+    return {"fit": {"all_steps_mse": 0.1, "spearman": 0.9},
+            "counterfactual": result,
+            "counterfactual_summary": experiment.counterfactual_summary(result)}
+
+  payloads = [seed_payload(3.0, [1.0, 2.0]), seed_payload(4.0, [2.0, 2.0])]
+  assert payloads[0]["counterfactual_summary"]["metagradient"]["actual_final"] == 1.5
+  mean, std = experiment._mean_and_std(payloads)  # pylint: disable=protected-access
+  assert "counterfactual" not in mean  # per-seed curves and lists stay per seed
+  summary = mean["counterfactual_summary"]
+  assert summary["median_random"] == 3.5
+  assert summary["metagradient"]["actual_improvement"] == pytest.approx(1.75)
+  assert std["counterfactual_summary"]["metagradient"]["actual_improvement"] == (
+      pytest.approx(0.25))
+  payload = dict(mean, std=std, seeds=[0, 1])
+  assert _report.methods_of(payload) == ["fit"]
+  text = tables.render(payload, "none", "w")
+  assert "| metagradient | 1.750 ± 0.250 | +1.750 ± 0.250 | +2.000 | 100% |" in text
+  assert "| counterfactual_summary |" not in text
+  report = "\n".join(_report.report_lines(payload))
+  assert "| metagradient | 1.750 ± 0.250 | +1.750 ± 0.250 |" in report
+
+
+def test_methods_of_a_payload_are_the_entries_holding_metrics():
+  from simfluence_jax.evaluation import _report  # pylint: disable=g-import-not-at-top
+  payload = {"linear": {"all_steps_mse": 0.1, "spearman": 0.9},
+             "diverged": {"all_steps_mse": None, "spearman": None},
+             "learning_curve": {"num_runs": [4, 8], "all_steps_mse": [0.2, 0.1]},
+             "counterfactual_summary": {"median_random": 3.0,
+                                        "linear": {"actual_improvement": 1.0}},
+             "cost": {"linear": {"run_equivalents": 50.0}},
+             "removal_lds": {"linear": {"1%": 0.7}}, "regime": {"mean_loss_drop": 0.3},
+             "seeds": [0, 1]}
+  assert _report.methods_of(payload) == ["linear", "diverged"]

@@ -37,7 +37,9 @@ def _config(**overrides):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("tiny") / "job")
-  config = _config()
+  # Every stage, and the counterfactual search on the metagradient too (off in :tiny).
+  config = _config(**{"counterfactual.methods": ("simfluence_linear", "tracin_cp",
+                                                 "metagradient")})
   return config, workdir, pipeline.run(config, workdir)
 
 
@@ -71,8 +73,14 @@ def test_outputs(tiny_run):
   assert set(metrics["removal_lds"]["metagradient"]) == {"1%", "5%"}
   assert 0 < metrics["regime"]["removal_derivative_growth"] < np.inf
   assert not any(stage["reused"] for stage in metrics["stages"].values())
+  # Curricula searched on the metagradient's table too, retrained, summarised.
+  searched = metrics["counterfactual"]["searched"]
+  assert set(searched) == {"simfluence_linear", "tracin_cp", "metagradient"}
+  assert np.all(np.isfinite(searched["metagradient"]["simulated_final"]))
+  assert set(metrics["counterfactual_summary"]) == set(searched) | {"median_random"}
   report = open(os.path.join(workdir, "report.md")).read()
   assert "| curriculum_blind |" in report and "**total**" in report
+  assert "| counterfactual_summary |" not in report
   assert any(f.endswith(".png") for f in os.listdir(os.path.join(workdir, "plots")))
   # TensorBoard: per-run curves and the evaluation scalars (tests/writers_test.py).
   tensorboard = os.path.join(workdir, "tensorboard")

@@ -21,10 +21,6 @@ from simfluence_jax import _optional
 
 METRIC_COLUMNS = ("all_steps_mse", "final_step_mse", "spearman",
                   "spearman_across_runs")
-# Top-level entries of the payload that are not methods.
-NON_METHOD_KEYS = ("timings", "stages", "cost", "unseen_examples", "removal_lds",
-                   "learning_curve", "counterfactual", "std", "seeds", "num_seeds",
-                   "summary", "regime")
 
 
 def json_float(value):
@@ -47,8 +43,12 @@ def clean_json(value):
 
 
 def methods_of(payload: dict) -> list:
-  return [k for k, v in payload.items()
-          if k not in NON_METHOD_KEYS and isinstance(v, dict)]
+  """The payload's method entries: the dicts holding a held-out metric as a number
+  (or None: undefined). No other top-level entry does: cost, regime, removal_lds,
+  counterfactual, ... hold none, the learning curve holds lists of them."""
+  return [k for k, v in payload.items() if isinstance(v, dict) and any(
+      c in v and (v[c] is None or isinstance(v[c], (int, float)))
+      for c in METRIC_COLUMNS)]
 
 
 def _matplotlib():

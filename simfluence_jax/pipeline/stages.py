@@ -545,6 +545,9 @@ def metagradient_table_simulator(config, dataset, model: Model, test_ids):
   """
   test_ids = np.asarray(test_ids, np.int32)
   reference = _reference_batch_ids(config)
+  _logger.info("counterfactual: metagradient table of %d target test examples "
+               "(reverse mode through the %d-step full-batch reference run)",
+               len(test_ids), len(reference))
   kwargs = dict(loss_fn=model.loss_fn, config=config, train_arrays=dataset.train,
                 test_arrays=jax.tree_util.tree_map(lambda x: x[test_ids], dataset.test),
                 seed=config.seed)
