@@ -116,8 +116,9 @@ def test_vmapped_cotangents_segment_remat_and_single_run_give_the_same_rows():
 def test_metagradients_equal_finite_differences_of_retraining(name):
   loss_fn, params0, train, test, (batch_ids, _) = _setup(1)
   config = CONFIGS[name]
-  grads = training.metagradients(params0, batch_ids, loss_fn=loss_fn, config=config,
-                                 train_arrays=train, test_arrays=test)
+  grads, final_losses = training.metagradients(
+      params0, batch_ids, loss_fn=loss_fn, config=config, train_arrays=train,
+      test_arrays=test, return_final_losses=True)
   # Occurrences at the first, a middle and the last step of both runs.
   occurrences = [(0, 0, 1), (0, 2, 0), (0, NUM_STEPS - 1, 2), (1, 0, 2), (1, 3, 1),
                  (1, NUM_STEPS - 1, 1)]
@@ -131,10 +132,14 @@ def test_metagradients_equal_finite_differences_of_retraining(name):
       w[t, b] += sign * h
       ids.append(batch_ids[run])
       weights.append(w)
+  ids += list(batch_ids)  # and both runs unperturbed
+  weights += [np.ones((NUM_STEPS, BATCH), np.float32)] * len(batch_ids)
   result = training.train_runs(params0, np.stack(ids), loss_fn=loss_fn, config=config,
                                train_arrays=train, test_arrays=test,
                                weights=np.stack(weights), progress=False)
-  final = result.trace.losses[:, -1].reshape(len(occurrences), 2, NUM_TEST)
+  # The reverse pass's primal output is the runs' final test losses.
+  np.testing.assert_allclose(final_losses, result.trace.losses[-2:, -1], atol=1e-5)
+  final = result.trace.losses[:-2, -1].reshape(len(occurrences), 2, NUM_TEST)
   finite_differences = (final[:, 0] - final[:, 1]) / (2 * h)  # [occurrences, M]
   got = np.stack([grads[run, t, b] for run, t, b in occurrences])
   assert np.abs(got).max(axis=0).min() > 1e-3  # every row m carries signal
@@ -411,10 +416,11 @@ def test_table_simulator_predicts_the_jvps_final_losses_and_refuses_the_rest(tmp
   jvp = training.first_order_final_losses(params0, reference, curricula, route="jvp",
                                           chunk_size=2,
                                           reference_weights=reference_weights, **kwargs)
-  table = training.metagradients(params0, reference, weights=reference_weights,
-                                 **kwargs)
+  table, final = training.metagradients(params0, reference, weights=reference_weights,
+                                        return_final_losses=True, **kwargs)
   run = training.train_runs(params0, reference[None], weights=reference_weights[None],
                             progress=False, **kwargs).trace.losses[0]
+  np.testing.assert_allclose(final, run[-1], atol=1e-5)  # one run: [M]
   columns = np.array([1, 3])
   sim = training.table_simulator(
       table[..., columns], reference, run[-1, columns], run[0, columns],

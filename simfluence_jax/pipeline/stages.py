@@ -533,12 +533,14 @@ def evaluate(wd, config, runs: Runs, curricula: Curricula, sims: dict,
                   save=save, load=load, outputs=("evaluation",))
 
 
-def metagradient_table_simulator(config, dataset, model: Model, test_ids):
+def metagradient_table_simulator(config, dataset, model: Model, test_ids,
+                                 initial_losses):
   """The metagradient's final-loss prediction as a final-only simulator.
 
   The first-order expansion around the full-batch reference (`metagradient`'s), read
   from one reverse-mode table of the final losses of test examples `test_ids` (⌈k /
-  `metagradient.cotangents_at_once`⌉ reverse passes, plus the reference run), as a
+  `metagradient.cotangents_at_once`⌉ reverse passes), from `initial_losses`
+  float32[M] (the base model's test losses, where every curriculum starts), as a
   simulator over all M test examples that predicts those k
   (`training.table_simulator`); what the curriculum search needs for thousands of
   curricula.
@@ -551,13 +553,11 @@ def metagradient_table_simulator(config, dataset, model: Model, test_ids):
   kwargs = dict(loss_fn=model.loss_fn, config=config, train_arrays=dataset.train,
                 test_arrays=jax.tree_util.tree_map(lambda x: x[test_ids], dataset.test),
                 seed=config.seed)
-  table = training.metagradients(
-      model.params, reference,
+  table, final = training.metagradients(
+      model.params, reference, return_final_losses=True,
       cotangents_at_once=config.metagradient.cotangents_at_once, **kwargs)
-  losses = training.train_runs(model.params, reference[None], progress=False,
-                               **kwargs).trace.losses[0]
   return training.table_simulator(
-      table, reference, losses[-1], losses[0],
+      table, reference, final, np.asarray(initial_losses, np.float32)[test_ids],
       num_train_examples=config.num_train_examples, batch_size=config.batch_size,
       test_columns=test_ids, num_test_examples=dataset.num_test_examples,
       name="metagradient")
@@ -594,8 +594,8 @@ def counterfactual(wd, config, dataset, model: Model, runs: Runs,
   def compute():
     searched = {m: sims[m] for m in methods if m != "metagradient"}
     if "metagradient" in methods:
-      searched["metagradient"] = metagradient_table_simulator(config, dataset, model,
-                                                              targets)
+      searched["metagradient"] = metagradient_table_simulator(
+          config, dataset, model, targets, fit_trace.losses[0, 0])
     return cf_lib.search_and_verify(
         searched, initial_losses=fit_trace.losses[0, 0],
         start_batch_ids=start_ids, random_batch_ids=held.batch_ids,

@@ -191,7 +191,7 @@ def _metagradients_fn(loss_fn, settings_key, remat_every, cotangents_at_once, se
     else:
       rows = jax.lax.map(jax.vmap(row), test_ids)
     rows = rows.reshape((-1,) + rows.shape[2:])[:num_test]  # [M, T, B]
-    return jnp.moveaxis(rows, 0, -1) * (ids >= 0)[..., None]
+    return jnp.moveaxis(rows, 0, -1) * (ids >= 0)[..., None], losses
 
   def all_runs(params, ids, run_weights, train, test):
     count = ids.shape[0]
@@ -208,7 +208,8 @@ def metagradients(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
                   test_arrays: Dict[str, Any], weights: Any = None,
                   remat_every: Optional[int] = None, seed: int = 0,
                   mesh: Optional[jax.sharding.Mesh] = None,
-                  cotangents_at_once: int = 1) -> np.ndarray:
+                  cotangents_at_once: int = 1,
+                  return_final_losses: bool = False) -> Any:
   """∂(final test loss m of run r) / ∂(weight of occurrence (r, t, b)).
 
   Exact for the run `train_runs(params0, batch_ids, ..., weights=weights)` trains
@@ -245,10 +246,13 @@ def metagradients(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
       on the pass being compiled without XLA's loop-invariant code motion (done
       here; see the module docstring), is faster by sharing the recomputed
       forward, and costs that many reverse passes' memory.
+    return_final_losses: also return the runs' final test losses, the primal
+      output of the reverse pass (no extra training run).
 
   Returns:
     numpy float32[R, T, B, M] (float32[T, S, M] for 2-D `batch_ids`); exactly 0 at
-    padding slots.
+    padding slots. With `return_final_losses`: (that, float32[R, M] (float32[M])
+    final test losses).
 
   Raises:
     ValueError: bad shapes, ids or weights.
@@ -270,13 +274,16 @@ def metagradients(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
   compiled = _metagradients_fn(
       loss_fn, _settings_key(config, num_steps), remat_every, cotangents_at_once,
       int(seed), run_sharding)
-  grads = compiled(sharding_lib.put(sharding_lib.to_host(params0), replicated),
-                   sharding_lib.put(batch_ids, run_sharding),
-                   sharding_lib.put(weights, run_sharding),
-                   sharding_lib.put(train_arrays, replicated),
-                   sharding_lib.put(test_arrays, replicated))
+  grads, losses = compiled(sharding_lib.put(sharding_lib.to_host(params0), replicated),
+                           sharding_lib.put(batch_ids, run_sharding),
+                           sharding_lib.put(weights, run_sharding),
+                           sharding_lib.put(train_arrays, replicated),
+                           sharding_lib.put(test_arrays, replicated))
   grads = sharding_lib.to_host(grads).astype(np.float32)
-  return grads[0] if single else grads
+  losses = sharding_lib.to_host(losses).astype(np.float32)
+  if single:
+    grads, losses = grads[0], losses[0]
+  return (grads, losses) if return_final_losses else grads
 
 
 # `derivative_growth` above which the main job and its report flag a run as
@@ -749,7 +756,7 @@ def first_order_final_losses(params0: Any, reference_batch_ids: Any, curricula: 
   * "jvp": `first_order_losses` (one forward-mode pass per curriculum, `chunk_size`
     at a time), its last step;
   * "table": the reference run's `metagradients` (⌈M/cotangents_at_once⌉ reverse
-    passes, once) and its final losses (one run), then every curriculum is a
+    passes, once; their primal output is its final losses), then every curriculum is a
     gather-sum (`predict_from_table`): thousands of curricula (a curriculum search)
     for the price of the table;
   * "auto": the one `choose_route` expects to cost less; "jvp" for a stochastic
@@ -785,11 +792,9 @@ def first_order_final_losses(params0: Any, reference_batch_ids: Any, curricula: 
                                 **common)
     losses, reference = result.losses[:, -1], result.reference_losses[-1]
   else:
-    table = metagradients(params0, ref_ids, weights=ref_w,
-                          cotangents_at_once=cotangents_at_once, **common)
-    run = runs_lib.train_runs(params0, ref_ids[None], weights=ref_w[None],
-                              progress=False, **common)
-    reference = np.asarray(run.trace.losses[0, -1], np.float32)
+    table, reference = metagradients(params0, ref_ids, weights=ref_w,
+                                     cotangents_at_once=cotangents_at_once,
+                                     return_final_losses=True, **common)
     losses = predict_from_table(table, ref_ids, reference, ids,
                                 num_train_examples=num_train,
                                 reference_weights=ref_w,
