@@ -25,7 +25,6 @@ import numpy as np
 
 from simfluence_jax import _io
 from simfluence_jax import counterfactual as cf_lib
-from simfluence_jax import data
 from simfluence_jax.pipeline import stages
 
 sys.path.insert(0, "experiments")
@@ -38,11 +37,7 @@ def main(workdir, seed):
   cf = config.counterfactual
   fit, held = runs.group(curricula, "fit"), runs.group(curricula, "held_out")
   targets = cf_lib.choose_targets(fit.losses, cf.num_targets)
-  num_epochs = -(-config.num_steps // curricula.steps_per_epoch)
-  start_ids = data.make_curricula(
-      cf.num_searched, config.num_train_examples, config.subset_size, num_epochs,
-      config.batch_size, config.seed, first_run=len(curricula.all_runs())
-  )[:, :config.num_steps]
+  start_ids = stages.counterfactual_starts(config, curricula)
   job = _io.read_json(f"{root}/counterfactual/result.json", "counterfactual")
   assert job["targets"] == targets.tolist(), "another job's targets"
 

@@ -563,6 +563,16 @@ def metagradient_table_simulator(config, dataset, model: Model, test_ids,
       name="metagradient")
 
 
+def counterfactual_starts(config, curricula: Curricula) -> np.ndarray:
+  """int32[C, T, B] the random curricula every method's search starts from (the
+  runs after all of `curricula`'s, so none is a training run)."""
+  num_epochs = -(-config.num_steps // curricula.steps_per_epoch)
+  return data.make_curricula(
+      config.counterfactual.num_searched, config.num_train_examples,
+      config.subset_size, num_epochs, config.batch_size, config.seed,
+      first_run=len(curricula.all_runs()))[:, :config.num_steps]
+
+
 def counterfactual(wd, config, dataset, model: Model, runs: Runs,
                    curricula: Curricula, sims: dict) -> Optional[dict]:
   """Searches curricula on each simulator and retrains them (`counterfactual.py`).
@@ -580,11 +590,7 @@ def counterfactual(wd, config, dataset, model: Model, runs: Runs,
     return None
   fit_trace, held = runs.group(curricula, "fit"), runs.group(curricula, "held_out")
   targets = cf_lib.choose_targets(fit_trace.losses, cf.num_targets)
-  num_epochs = -(-config.num_steps // curricula.steps_per_epoch)
-  start_ids = data.make_curricula(
-      cf.num_searched, config.num_train_examples, config.subset_size, num_epochs,
-      config.batch_size, config.seed, first_run=len(curricula.all_runs())
-  )[:, :config.num_steps]
+  start_ids = counterfactual_starts(config, curricula)
 
   def retrain(searched_ids):
     result, _ = _train(config, model, dataset, searched_ids,
