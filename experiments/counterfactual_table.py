@@ -10,7 +10,9 @@ curricula, runs on the metagradient's first-order prediction around the full-bat
 reference: one reverse-mode table of the targets' final losses
 (`training.metagradients`, one pass of 8 cotangents), read as a step-dependent
 additive simulator (`training.table_simulator`). Its searched curricula are
-retrained and compared with the job's (`counterfactual/result.json`).
+retrained and compared with the job's (`counterfactual/result.json`). Jobs run since
+the metagradient joined the default search hold its row too ("(job)": the stage
+searches it with the seed of its place among the methods, this script with the first).
 
 Prints, per method: the actual and simulated improvement over the median random
 curriculum, and the searched curricula's actual target losses; and the table's cost.
@@ -66,8 +68,10 @@ def main(workdir, seed):
   print(f"seed {seed}: table {table_seconds:.1f} s, search and "
         f"retraining {search_seconds:.1f} s; max |table − jvp| on the held-out "
         f"targets {agreement:.2e}; median random {job['random']['median_actual']:.3f}")
-  for method, value in {**result["searched"], **job["searched"]}.items():
-    print(f"  {method:19s} actual improvement {value['actual_improvement']:.3f} "
+  rows = {"metagradient (here)": result["searched"]["metagradient"],
+          **{f"{m} (job)": v for m, v in job["searched"].items()}}
+  for method, value in rows.items():
+    print(f"  {method:26s} actual improvement {value['actual_improvement']:.3f} "
           f"simulated {value['simulated_improvement']:.3f}  actual "
           f"{np.round(value['actual_final'], 3).tolist()}", flush=True)
   jax.clear_caches()
