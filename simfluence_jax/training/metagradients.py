@@ -106,24 +106,30 @@ def _num_examples(arrays: Dict[str, Any], who: str, name: str) -> int:
   return int(np.shape(leaves[0])[0])
 
 
-def _reference_and_curricula(reference_batch_ids, reference_weights, curricula,
-                             curricula_weights, num_train: int, who: str):
-  """(reference int32[T, S], its weights float32[T, S], curricula int32[R', T, B],
-  their weights, whether one curriculum [T, B] was given), checked: the reference
-  is one run and has the curricula's number of steps."""
+def _one_reference(reference_batch_ids, reference_weights, num_train: int, who: str):
+  """(reference int32[T, S], its weights float32[T, S]), checked to be one run."""
   reference_ids, reference_weights, _ = _as_runs(
       reference_batch_ids, reference_weights, num_train, who, "reference_batch_ids")
   if reference_ids.shape[0] != 1 or np.ndim(reference_batch_ids) != 2:
     raise ValueError(f"{who}: reference_batch_ids must be int[T, S], got shape "
                      f"{list(np.shape(reference_batch_ids))}.")
+  return reference_ids[0], reference_weights[0]
+
+
+def _reference_and_curricula(reference_batch_ids, reference_weights, curricula,
+                             curricula_weights, num_train: int, who: str):
+  """(reference int32[T, S], its weights float32[T, S], curricula int32[R', T, B],
+  their weights, whether one curriculum [T, B] was given), checked: the reference
+  is one run and has the curricula's number of steps."""
+  reference_ids, reference_weights = _one_reference(
+      reference_batch_ids, reference_weights, num_train, who)
   curricula, curricula_weights, single = _as_runs(
       curricula, curricula_weights, num_train, who, "curricula")
-  num_steps, curriculum_steps = reference_ids.shape[1], curricula.shape[1]
+  num_steps, curriculum_steps = reference_ids.shape[0], curricula.shape[1]
   if curriculum_steps != num_steps:
     raise ValueError(f"{who}: curricula have T={curriculum_steps} steps, the "
                      f"reference T={num_steps}.")
-  return (reference_ids[0], reference_weights[0], curricula, curricula_weights,
-          single)
+  return reference_ids, reference_weights, curricula, curricula_weights, single
 
 
 def _scan_steps(step_fn, carry, xs, remat_every: Optional[int]):
@@ -630,18 +636,9 @@ def table_simulator(table: Any, reference_batch_ids: Any, reference_final: Any,
   """
   from simfluence_jax.simulators import _simulator  # pylint: disable=g-import-not-at-top
   who = "table_simulator"
-  ref_ids = np.asarray(reference_batch_ids)
-  if ref_ids.ndim != 2 or not np.issubdtype(ref_ids.dtype, np.integer):
-    raise ValueError(f"{who}: reference_batch_ids must be int[T, S], got "
-                     f"{ref_ids.dtype} {list(ref_ids.shape)}.")
   num_train = int(num_train_examples)
-  if ref_ids.size and (ref_ids.min() < -1 or ref_ids.max() >= num_train):
-    raise ValueError(f"{who}: reference_batch_ids must be in [-1, {num_train}).")
-  ref_w = (np.ones(ref_ids.shape) if reference_weights is None
-           else np.asarray(reference_weights, np.float64))
-  if ref_w.shape != ref_ids.shape:
-    raise ValueError(f"{who}: reference_weights must be float{list(ref_ids.shape)}, "
-                     f"got {list(ref_w.shape)}.")
+  ref_ids, ref_w = _one_reference(reference_batch_ids, reference_weights, num_train,
+                                  who)
   slot_of, derivative, baseline = _table_terms(table, ref_ids, ref_w, reference_final,
                                                num_train, who)
   missing = np.argwhere(slot_of < 0)
