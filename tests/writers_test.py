@@ -2,16 +2,19 @@
 
 import glob
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import simfluence_jax as sj
 
 
 def _read_scalars(directory):
   """{tag: {step: value}} of every event file directly in `directory`."""
+  # Imported here, not at collection: TF takes ~5 s to import in every xdist worker.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   out = {}
   for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
     for event in tf.compat.v1.train.summary_iterator(path):
@@ -71,3 +74,22 @@ def test_only_process_zero_writes_files(tmp_path, monkeypatch):
   monkeypatch.setattr(sj.evaluation._writers.jax, "process_index", lambda: 1)
   assert sj.evaluation.write_training_metrics(str(tmp_path / "tb"), _trace()) == 0
   assert not glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
+
+
+def test_writing_event_files_does_not_import_tensorflow(tmp_path):
+  # TensorFlow is installed here (the test extra), and tensorboard's own event file
+  # writer would import it: seconds of every job's start-up.
+  code = ("import sys, numpy as np\n"
+          "from simfluence_jax import evaluation\n"
+          "from simfluence_jax.trace import Trace\n"
+          "trace = Trace(batch_ids=np.zeros((1, 2, 1), np.int32),\n"
+          "              losses=np.ones((1, 3, 2), np.float32),\n"
+          "              learning_rates=np.full((1, 2), 0.1, np.float32),\n"
+          "              num_train_examples=1)\n"
+          f"assert evaluation.write_training_metrics({str(tmp_path)!r}, trace) == 6\n"
+          "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert _read_scalars(tmp_path)["test_loss/mean_over_runs"] == {0: 1.0, 1: 1.0,
+                                                                 2: 1.0}

@@ -19,15 +19,19 @@ The per-run curves skip the logging writer (R·T log lines would drown the job l
 everything else is also logged.
 
 TensorBoard is optional (the `report` extra), and imported only when written. The
-event files come from tensorboard's own TensorFlow-free `tensorboard.summary.Writer`;
+event files come from tensorboard's own `tensorboard.summary.Writer`, written with
+plain file I/O (its event file writer would import TensorFlow where installed);
 `clu.metric_writers` (which imports TensorFlow, seconds of start-up) writes the same
 scalar summaries where only clu is installed; with neither, the job logs
 "TensorBoard skipped: pip install 'simfluence_jax[report]'" once and writes nothing
 here.
 """
 
+import itertools
 import logging
 import os
+import socket
+import time
 from typing import Any, Mapping, Optional
 
 import jax
@@ -50,11 +54,46 @@ class _LoggingWriter:
     pass
 
 
+_EVENT_FILES = itertools.count()
+
+
+class _LocalEventFile:
+  """An event file in a local directory, written with plain Python file I/O.
+
+  What `tensorboard.summary.writer.EventFileWriter` writes (a `brain.Event:2` file
+  version record, then one record per event), without its `tf.io.gfile`: where
+  TensorFlow is installed, that import alone costs seconds of every job's start-up.
+  """
+
+  def __init__(self, logdir: str):
+    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    from tensorboard.summary.writer import record_writer  # pylint: disable=g-import-not-at-top
+    os.makedirs(logdir, exist_ok=True)
+    name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+            f"{os.getpid()}.{next(_EVENT_FILES)}")
+    self._records = record_writer.RecordWriter(open(os.path.join(logdir, name), "wb"))
+    self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def add_event(self, event) -> None:
+    self._records.write(event.SerializeToString())
+
+  def flush(self) -> None:
+    self._records.flush()
+
+  def close(self) -> None:
+    self._records.close()
+
+
 class _TensorBoardWriter:
   """Event files through `tensorboard.summary.Writer` (no TensorFlow), plus the log."""
 
   def __init__(self, tensorboard_summary, logdir: str, log: bool):
-    self._events = tensorboard_summary.Writer(os.fspath(logdir))
+    # tensorboard's own `DirectoryOutput` (the summaries it builds), writing through
+    # `_LocalEventFile` instead of its gfile-based event file writer.
+    output = tensorboard_summary.DirectoryOutput.__new__(
+        tensorboard_summary.DirectoryOutput)
+    output._ev_writer = _LocalEventFile(os.fspath(logdir))  # pylint: disable=protected-access
+    self._events = tensorboard_summary.Writer(output)
     self._log = _LoggingWriter() if log else None
 
   def write_scalars(self, step: int, values: Mapping[str, float]) -> None:
