@@ -22,6 +22,11 @@ import ml_collections
 
 from simfluence_jax import data
 
+# Where the main job keeps JAX's persistent compilation cache unless
+# $JAX_COMPILATION_CACHE_DIR (JAX's own setting, which every JAX program reads) says
+# otherwise; `--config.compilation_cache_dir=` turns it off.
+DEFAULT_COMPILATION_CACHE_DIR = "~/.cache/simfluence_jax/xla"
+
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """Parses `"tiny,num_runs=8"` into a ConfigDict, with `defaults` for missing keys.
@@ -179,7 +184,8 @@ def base_config() -> ml_collections.ConfigDict:
   # --- Scale-out --------------------------------------------------------------------
   config.distributed = False  # Call jax.distributed.initialize() (multi-host).
   config.mesh_model = 1  # Devices sharing one run's (and the scores') params, FSDP-style: the `model` mesh axis.
-  config.compilation_cache_dir = "~/.cache/simfluence_jax/xla"  # Persistent XLA cache; "" = off.
+  config.compilation_cache_dir = os.environ.get(
+      "JAX_COMPILATION_CACHE_DIR", DEFAULT_COMPILATION_CACHE_DIR)  # Persistent XLA cache ($JAX_COMPILATION_CACHE_DIR when set); "" = off.
   return config
 
 

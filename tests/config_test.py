@@ -108,3 +108,29 @@ def test_counterfactual_methods_are_validated():
     pipeline.validate_config(config)
   config.counterfactual.enabled = False
   pipeline.validate_config(config)
+
+
+def test_compilation_cache_follows_jax_settings_in_the_environment(monkeypatch):
+  min_time = "jax_persistent_cache_min_compile_time_secs"
+  saved = {name: getattr(jax.config, name) for name in (
+      "jax_compilation_cache_dir", min_time, "jax_persistent_cache_min_entry_size_bytes")}
+  try:
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere/xla")
+    monkeypatch.setenv(min_time.upper(), "0")
+    config = load("default")
+    assert config.compilation_cache_dir == "/somewhere/xla"
+    jax.config.update(min_time, 0.0)
+    config.compilation_cache_dir = "gs://bucket/xla"  # remote: no directory made
+    pipeline.enable_compilation_cache(config)
+    assert jax.config.jax_compilation_cache_dir == "gs://bucket/xla"
+    assert getattr(jax.config, min_time) == 0.0  # the environment's setting stays
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.delenv(min_time.upper())
+    config = load("default")
+    assert config.compilation_cache_dir == config_lib.DEFAULT_COMPILATION_CACHE_DIR
+    config.compilation_cache_dir = "gs://bucket/xla"
+    pipeline.enable_compilation_cache(config)
+    assert getattr(jax.config, min_time) == 0.5  # the job's default
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)

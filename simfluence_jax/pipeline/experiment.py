@@ -221,7 +221,9 @@ def enable_compilation_cache(config) -> None:
   """JAX's persistent compilation cache in `config.compilation_cache_dir` (None = off).
 
   Compiled programs are reused across processes, so a second run of the job (or a
-  sweep's next cell) skips most compilation.
+  sweep's next cell) skips most compilation. Programs that compiled in under 0.5 s
+  are not stored, unless $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise
+  (JAX's own settings in the environment win over these defaults).
   """
   directory = config.get("compilation_cache_dir")
   if not directory:
@@ -230,5 +232,7 @@ def enable_compilation_cache(config) -> None:
   if not _io.is_remote(directory):
     os.makedirs(directory, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  for name, value in (("jax_persistent_cache_min_compile_time_secs", 0.5),
+                      ("jax_persistent_cache_min_entry_size_bytes", 0)):
+    if name.upper() not in os.environ:
+      jax.config.update(name, value)
