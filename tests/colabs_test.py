@@ -6,8 +6,9 @@ size, in a temporary working directory, on the `python3` kernel of the interpret
 running the tests (jupyter_client substitutes `sys.executable` for "python").
 
 Compilation is most of a notebook's CPU time, and the notebooks train the same tiny
-model on the same config, so every kernel of a test session shares one persistent XLA
-compilation cache (fresh per session: nothing carries over from an earlier run).
+model on the same config as other tests, so every kernel inherits the test session's
+persistent XLA compilation cache (tests/conftest.py: every program, fresh per session,
+shared with the other tests and their subprocesses).
 """
 
 import json
@@ -24,17 +25,6 @@ CELL_TIMEOUT_S = 300  # Per cell; a whole notebook takes ~10-60 s on 2 CPU cores
 
 def _ids(paths):
   return [p.stem for p in paths]
-
-
-@pytest.fixture(scope="session")
-def xla_cache_dir(tmp_path_factory, request):
-  """The session's compilation cache directory, shared by pytest-xdist workers."""
-  root = tmp_path_factory.getbasetemp()
-  if hasattr(request.config, "workerinput"):  # an xdist worker: share with the others
-    root = root.parent
-  path = root / "colabs_xla_cache"
-  path.mkdir(exist_ok=True)
-  return path
 
 
 def test_notebooks_exist():
@@ -65,13 +55,9 @@ def test_no_placeholder_repository_url(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
-def test_notebook_executes(path, tmp_path, monkeypatch, xla_cache_dir):
+def test_notebook_executes(path, tmp_path, monkeypatch):
   monkeypatch.setenv("SJ_COLAB_CI", "1")  # the kernel inherits the environment
   monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
-  # Every compiled program, even the small ones, goes to the shared cache.
-  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(xla_cache_dir))
-  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
   monkeypatch.chdir(tmp_path)
   notebook = nbformat.read(str(path), as_version=4)
   client = nbclient.NotebookClient(

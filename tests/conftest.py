@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import types
 
 import numpy as np
@@ -148,42 +147,27 @@ def _file_lock(path):
 def tiny_reference(tmp_path_factory, request):
   """`() -> (workdir, metrics)` of the tiny job run once, uninterrupted, in one process.
 
-  The job starts in the background when the fixture is set up, so it runs while the
-  test runs its own jobs; calling the function waits for it. The first module to get
-  here runs the job (under pytest-xdist the workers share the session's temp root),
-  the others wait on a file lock and read its outputs. Keyed by the flags.
+  Computed when the fixture is set up, before the module starts its own jobs: those
+  then reuse the reference's compiled programs (the session's compilation cache)
+  instead of compiling the same programs alongside it. The first module to get here
+  runs the job (under pytest-xdist the workers share the session's temp root; the
+  modules using it share one worker, `_GROUPS`), the others wait on a file lock and
+  read its outputs. Keyed by the flags.
   """
   root = tmp_path_factory.getbasetemp()
   if hasattr(request.config, "workerinput"):  # an xdist worker: share with the others
     root = root.parent
   key = hashlib.sha1("\n".join(TINY_FLAGS).encode()).hexdigest()[:12]
   workdir, done = root / f"reference_{key}", root / f"reference_{key}.done"
-  outcome = {}
-
-  def compute():
-    try:
-      with _file_lock(str(root / f"reference_{key}.lock")):
-        if not done.exists():
-          shutil.rmtree(workdir, ignore_errors=True)  # left by a run that failed
-          log = root / f"reference_{key}.log"
-          finish_job(start_job(str(workdir), log), log)
-          done.touch()
-      with open(workdir / "metrics.json") as f:
-        outcome["value"] = str(workdir), json.load(f)
-    except BaseException as e:  # re-raised in the test by get()
-      outcome["error"] = e
-
-  thread = threading.Thread(target=compute, daemon=True)
-  thread.start()
-
-  def get():
-    thread.join()
-    if "error" in outcome:
-      raise outcome["error"]
-    return outcome["value"]
-
-  yield get
-  thread.join()  # never leave the job running past the module
+  with _file_lock(str(root / f"reference_{key}.lock")):
+    if not done.exists():
+      shutil.rmtree(workdir, ignore_errors=True)  # left by a run that failed
+      log = root / f"reference_{key}.log"
+      finish_job(start_job(str(workdir), log), log)
+      done.touch()
+  with open(workdir / "metrics.json") as f:
+    value = str(workdir), json.load(f)
+  return lambda: value
 
 
 @pytest.fixture(scope="session")
@@ -197,12 +181,15 @@ def tiny_job():
 
 # Modules whose expensive module-scoped fixture (a whole job, or one subprocess
 # computing every case) must run once, not once per xdist worker: all their tests go
-# to one worker (`--dist loadgroup`, pytest.ini).
-_ONE_WORKER_MODULES = ("main_test", "influence_sharding_test", "multiprocess_test",
-                       "preemption_test", "remote_workdir_test", "sharding_test",
-                       "solver_sharding_test")
-# Modules that read another module's fixture (`main_tiny_run`) go to its worker.
-_SAME_WORKER_AS = {"pipeline_test": "main_test"}
+# to one worker (`--dist loadgroup`, pytest.ini), by group. Modules that read another
+# module's fixture (`main_tiny_run`) go to its worker; those comparing with the tiny
+# reference job share one worker, so it runs once, before any of their own jobs.
+_GROUPS = {"main_test": "main_test", "pipeline_test": "main_test",
+           "multiprocess_test": "tiny_reference", "preemption_test": "tiny_reference",
+           "remote_workdir_test": "tiny_reference",
+           "influence_sharding_test": "influence_sharding_test",
+           "sharding_test": "sharding_test",
+           "solver_sharding_test": "solver_sharding_test"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the marks
@@ -210,9 +197,8 @@ def pytest_collection_modifyitems(config, items):
   del config
   for item in items:
     module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-    group = _SAME_WORKER_AS.get(module, module)
-    if group in _ONE_WORKER_MODULES:
-      item.add_marker(pytest.mark.xdist_group(group))
+    if module in _GROUPS:
+      item.add_marker(pytest.mark.xdist_group(_GROUPS[module]))
 
 
 # main_test's tiny job (configs/default.py:tiny, every stage), `(config, workdir)`,

@@ -27,7 +27,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, tiny_job, tiny_reference):
   """(workdir, port, [log of process 0, log of process 1]) of the 2-process job."""
-  del tiny_reference  # set up first: the single-process job runs alongside this one
+  del tiny_reference  # set up first: this job then reuses its compiled programs
   root = tmp_path_factory.mktemp("two_processes")
   workdir, port = str(root / "job"), _free_port()
   env = tiny_job.env(tiny_job.num_devices // 2, SJ_PORT=str(port),
