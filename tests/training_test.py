@@ -549,3 +549,39 @@ def test_batch_stats_pass_through_undifferentiated(optimizer):
   expected = jax.tree_util.tree_map(lambda p, g: p - step(g), variables["params"],
                                     grads)
   _assert_trees_close(final["params"], expected, atol=1e-5)
+
+
+def test_repeated_calls_reuse_the_segment_and_every_setting_is_in_its_key(monkeypatch):
+  from simfluence_jax.training import runs as runs_lib  # pylint: disable=g-import-not-at-top
+  built = []
+  make_segment_fn = runs_lib.make_segment_fn
+
+  def counting(*args, **kwargs):
+    built.append(1)
+    return make_segment_fn(*args, **kwargs)
+
+  monkeypatch.setattr(runs_lib, "make_segment_fn", counting)
+  _, loss_fn, params0, train, test = _setup()
+  batch_ids = _batch_ids(0)
+
+  def train_once(config, seed=0):
+    return training.train_runs(params0, batch_ids, loss_fn=loss_fn,
+                               optimizer_config=ml_collections.ConfigDict(config),
+                               train_arrays=train, test_arrays=test, progress=False,
+                               seed=seed).trace.losses
+
+  base = dict(optimizer="momentum", learning_rate=0.1, momentum=0.9,
+              lr_schedule="linear", end_learning_rate=0.0)
+  first = train_once(base)
+  np.testing.assert_array_equal(train_once(base), first)
+  assert len(built) == 1  # the second call reused the compiled segment
+  # Every setting that shapes the updates: a segment of its own. A stale one would
+  # train exactly the first runs again (same params0, batch ids and data).
+  for change in (dict(learning_rate=0.05), dict(momentum=0.5),
+                 dict(end_learning_rate=0.05), dict(optimizer="sgd")):
+    count = len(built)
+    assert np.abs(train_once(dict(base, **change)) - first).max() > 1e-5, change
+    assert len(built) == count + 1, change
+  # The seed (projection and dropout keys; neither used by this model's runs).
+  np.testing.assert_array_equal(train_once(base, seed=1), first)
+  assert len(built) == 6

@@ -13,6 +13,7 @@ same workdir resumes from the latest checkpoint and gives identical results.
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -220,6 +221,25 @@ def make_segment_fn(train_step, run_sharding, shardings=None,
   return jax.jit(segment, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
+@functools.lru_cache(maxsize=16)
+def _segment_fn(loss_fn, settings_key, record_grads, projection_dim, seed,
+                grad_chunk_size, run_sharding, state_treedef, state_leaves,
+                runs_per_group):
+  """The jitted segment of `train_runs`, cached: a call with the same loss function,
+  optimizer settings (`optim.optimizer_settings`, every field the optimizer is built
+  from), recording, seed (projection and dropout keys), shardings and grouping reuses
+  the compiled program instead of tracing and compiling it again (the shapes of its
+  arguments are jax.jit's own cache key)."""
+  optimizer, schedule = optim.make_optimizer(dict(settings_key))
+  train_step = step_lib.make_train_step(
+      loss_fn, optimizer, schedule, record_grads=record_grads,
+      projection_dim=projection_dim, key=step_lib.projection_key(seed),
+      grad_chunk_size=grad_chunk_size, rng_key=step_lib.dropout_key(seed))
+  return make_segment_fn(train_step, run_sharding,
+                         jax.tree_util.tree_unflatten(state_treedef, state_leaves),
+                         runs_per_group=runs_per_group)
+
+
 def broadcast_over_runs(arrays: Any, num_runs: int) -> Any:
   """Leaves [n, ...] -> [R, n, ...] (inside a jit: no copy until XLA needs one)."""
   return jax.tree_util.tree_map(
@@ -362,13 +382,8 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
   tracin_every = checkpoint_every or num_steps
   tracin_due = lambda s: s % tracin_every == 0 or s == num_steps
 
-  optimizer, schedule = optim.make_optimizer(optimizer_config, num_steps=num_steps)
+  optimizer, _ = optim.make_optimizer(optimizer_config, num_steps=num_steps)
   run_sharding, replicated = runs_shardings(num_runs, mesh)
-  key = step_lib.projection_key(seed)
-  train_step = step_lib.make_train_step(
-      loss_fn, optimizer, schedule, record_grads=record_grads,
-      projection_dim=projection_dim, key=key, grad_chunk_size=grad_chunk_size,
-      rng_key=step_lib.dropout_key(seed))
   train_dev = sharding_lib.put(train_arrays, replicated)
   test_dev = sharding_lib.put(test_arrays, replicated)
   host_params0 = sharding_lib.to_host(params0)
@@ -391,8 +406,13 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
       runs_per_group, (int, np.integer)) or runs_per_group < 1:
     raise ValueError(f"train_runs: runs_per_group must be a positive integer or "
                      f"None, got {runs_per_group!r}.")
-  segment = make_segment_fn(train_step, run_sharding, (params_sharding, opt_sharding),
-                            runs_per_group=runs_per_group)
+  state_leaves, state_treedef = jax.tree_util.tree_flatten(
+      (params_sharding, opt_sharding))
+  segment = _segment_fn(
+      loss_fn, tuple(sorted(optim.optimizer_settings(optimizer_config,
+                                                     num_steps).items())),
+      bool(record_grads), int(projection_dim), int(seed), grad_chunk_size,
+      run_sharding, state_treedef, tuple(state_leaves), runs_per_group)
 
   buffers = {
       "batch_ids": batch_ids,
