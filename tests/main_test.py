@@ -153,7 +153,11 @@ def test_rerun_with_other_l2_recomputes_only_the_fits(tiny_run, tmp_path):
 def test_overwrite_discards_and_retrains(tiny_run, tmp_path):
   _, workdir, _ = tiny_run
   copy = _copy(workdir, tmp_path)
+  # No gradient-recording or unseen-example runs: their segments would compile again
+  # for the new learning rate, and neither shows more of what overwriting does.
   config = _config(learning_rate=0.002, methods=("curriculum_blind", "simfluence_linear"),
+                   record_grads=False, **{"unseen.num_examples": 0,
+                                          "unseen.num_runs": 0},
                    **_NO_EXTRA_STAGES)
   result = pipeline.run(config, copy, overwrite=True)
   trace = sj.Trace.load(os.path.join(copy, "trace"))
