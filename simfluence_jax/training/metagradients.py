@@ -156,11 +156,6 @@ def _scan_steps(step_fn, carry, xs, remat_every: Optional[int]):
   return carry
 
 
-def _settings_key(config: Any, num_steps: int):
-  """Hashable optimizer settings (`optim.optimizer_settings`) of a T-step run."""
-  return tuple(sorted(optim.optimizer_settings(config, num_steps).items()))
-
-
 @functools.lru_cache(maxsize=16)
 def _metagradients_fn(loss_fn, settings_key, remat_every, cotangents_at_once, seed,
                       run_sharding):
@@ -278,7 +273,7 @@ def metagradients(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
   num_runs, num_steps, _ = batch_ids.shape
   run_sharding, replicated = runs_lib.runs_shardings(num_runs, mesh)
   compiled = _metagradients_fn(
-      loss_fn, _settings_key(config, num_steps), remat_every, cotangents_at_once,
+      loss_fn, optim.settings_key(config, num_steps), remat_every, cotangents_at_once,
       int(seed), run_sharding)
   grads, losses = compiled(sharding_lib.put(sharding_lib.to_host(params0), replicated),
                            sharding_lib.put(batch_ids, run_sharding),
@@ -512,7 +507,7 @@ def first_order_losses(params0: Any, reference_batch_ids: Any, curricula: Any, *
   coefficients, num_valid = jax.vmap(jax.vmap(step_lib.slot_coefficients))(
       jnp.asarray(curricula), jnp.asarray(curricula_weights))
   curriculum_coefficients = np.asarray(coefficients / num_valid[..., None])
-  compiled = _first_order_fn(loss_fn, _settings_key(config, num_steps), int(seed),
+  compiled = _first_order_fn(loss_fn, optim.settings_key(config, num_steps), int(seed),
                              chunk_sharding, replicated)
   put = functools.partial(sharding_lib.put, sharding=replicated)
   args = (put(sharding_lib.to_host(params0)), put(reference_ids),

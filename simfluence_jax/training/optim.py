@@ -78,6 +78,12 @@ def optimizer_settings(config: Any, num_steps: Optional[int] = None) -> dict:
   return settings
 
 
+def settings_key(config: Any, num_steps: Optional[int] = None) -> tuple:
+  """`optimizer_settings` as a hashable key (of the compiled-program caches of
+  `train_runs` and `metagradients`); `make_optimizer(dict(key))` rebuilds it."""
+  return tuple(sorted(optimizer_settings(config, num_steps).items()))
+
+
 def make_schedule(config: Any,
                   num_steps: Optional[int] = None) -> Callable[[Any], Any]:
   """Learning-rate schedule `step -> float32[]` (step 0 = the first update).

@@ -409,10 +409,9 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
   state_leaves, state_treedef = jax.tree_util.tree_flatten(
       (params_sharding, opt_sharding))
   segment = _segment_fn(
-      loss_fn, tuple(sorted(optim.optimizer_settings(optimizer_config,
-                                                     num_steps).items())),
-      bool(record_grads), int(projection_dim), int(seed), grad_chunk_size,
-      run_sharding, state_treedef, tuple(state_leaves), runs_per_group)
+      loss_fn, optim.settings_key(optimizer_config, num_steps), bool(record_grads),
+      int(projection_dim), int(seed), grad_chunk_size, run_sharding, state_treedef,
+      tuple(state_leaves), runs_per_group)
 
   buffers = {
       "batch_ids": batch_ids,
