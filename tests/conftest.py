@@ -145,7 +145,7 @@ def _file_lock(path):
 
 @pytest.fixture(scope="module")
 def tiny_reference(tmp_path_factory, request):
-  """`() -> (workdir, metrics)` of the tiny job run once, uninterrupted, in one process.
+  """`(workdir, metrics)` of the tiny job run once, uninterrupted, in one process.
 
   Computed when the fixture is set up, before the module starts its own jobs: those
   then reuse the reference's compiled programs (the session's compilation cache)
@@ -166,8 +166,7 @@ def tiny_reference(tmp_path_factory, request):
       finish_job(start_job(str(workdir), log), log)
       done.touch()
   with open(workdir / "metrics.json") as f:
-    value = str(workdir), json.load(f)
-  return lambda: value
+    return str(workdir), json.load(f)
 
 
 @pytest.fixture(scope="session")

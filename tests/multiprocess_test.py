@@ -51,7 +51,7 @@ def two_processes(tmp_path_factory, tiny_job, tiny_reference):
 
 def test_metrics_equal_one_process(two_processes, tiny_job, tiny_reference):
   with open(os.path.join(two_processes[0], "metrics.json")) as f:
-    tiny_job.assert_same_metrics(json.load(f), tiny_reference()[1])
+    tiny_job.assert_same_metrics(json.load(f), tiny_reference[1])
 
 
 @pytest.mark.parametrize("path", [
@@ -61,7 +61,7 @@ def test_metrics_equal_one_process(two_processes, tiny_job, tiny_reference):
 ])
 def test_arrays_equal_one_process(two_processes, tiny_reference, path):
   got = np.load(os.path.join(two_processes[0], path))
-  want = np.load(os.path.join(tiny_reference()[0], path))
+  want = np.load(os.path.join(tiny_reference[0], path))
   assert got.shape == want.shape
   assert np.isfinite(got).all()
   # Sums over devices may be reduced in another order by gloo: float32 round-off.

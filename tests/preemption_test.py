@@ -115,7 +115,7 @@ def test_killed_job_resumes_to_the_same_results(tmp_path, tiny_job, tiny_referen
   assert reused["record_runs"] and reused["tracin_cp_scores"]
   assert not reused["ekfac_scores"] and not reused["evaluate"]
 
-  reference_dir, reference_metrics = tiny_reference()
+  reference_dir, reference_metrics = tiny_reference
   tiny_job.assert_same_metrics(metrics, reference_metrics)
   for path in ("trace/losses.npy", "grad_trace/losses.npy",
                "grad_trace/train_grads.npy", "grad_trace/test_grads.npy",

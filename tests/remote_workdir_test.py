@@ -88,7 +88,7 @@ def test_main_job_in_a_bucket_matches_a_local_run(bucket_job, bucket, tiny_job,
   assert os.listdir(cwd) == []
   root = epath.Path(WORKDIR)
   metrics = _metrics()
-  _, reference = tiny_reference()
+  _, reference = tiny_reference
   tiny_job.assert_same_metrics(metrics, reference)
   report = (root / "report.md").read_text()
   assert "| curriculum_blind |" in report and "| ekfac_if |" in report
@@ -112,7 +112,7 @@ def test_rerun_reuses_every_stage_from_the_bucket(bucket_job, bucket, tiny_job,
     assert f"stage {stage}: reusing its outputs" in rerun, stage
   stages = _metrics()["stages"]
   assert all(stages[name]["reused"] for name in STORED_STAGES), stages
-  _, reference = tiny_reference()
+  _, reference = tiny_reference
   tiny_job.assert_same_metrics(_metrics(), reference)
 
 
