@@ -6,6 +6,8 @@ remat, no vmap of a pullback), central finite differences of real retraining wit
 (test example m) of every metagradient is checked.
 """
 
+import importlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ import pytest
 
 from simfluence_jax import models
 from simfluence_jax import training
+from simfluence_jax.training import optim
 
 NUM_TRAIN, NUM_TEST, DIM, NUM_CLASSES = 10, 4, 5, 3
 NUM_RUNS, NUM_STEPS, BATCH = 2, 5, 3
@@ -40,8 +43,17 @@ class _TanhMLP(nn.Module):
     return nn.Dense(NUM_CLASSES)(jnp.concatenate([jnp.tanh(nn.Dense(6)(x)), dead], -1))
 
 
+# The module (`training.metagradients` is also the name of its function).
+metagradients_lib = importlib.import_module("simfluence_jax.training.metagradients")
+
 # One loss function for every test: the compiled metagradients are cached per loss.
 _LOSS_FN = training.make_loss_fn(_TanhMLP(), "classification")
+
+
+def _other_numbers(config):
+  """`config` with every number the compiled programs take as an argument changed
+  (`optim.RUNTIME_FIELDS`: learning rate, momentum, Adam's b1 and b2)."""
+  return {k: (v * 0.6 if k in optim.RUNTIME_FIELDS else v) for k, v in config.items()}
 
 
 def _setup(seed=0):
@@ -95,6 +107,17 @@ def test_metagradients_equal_dense_jacfwd_every_row(name):
   # (1.01e-5 on one Xeon); a wrong row (the vmapped-vjp bug) is off by O(1).
   np.testing.assert_allclose(grads / scale, expected / scale, atol=2e-5, rtol=0)
   np.testing.assert_array_equal(grads[batch_ids < 0], 0.0)
+  # Other numbers (learning rate, momentum, b1, b2): the same compiled program, with
+  # the new values (a stale one would return the rows above).
+  programs = metagradients_lib._metagradients_fn.cache_info().misses  # pylint: disable=protected-access
+  other = _other_numbers(config)
+  grads = training.metagradients(params0, batch_ids, loss_fn=loss_fn, config=other,
+                                 train_arrays=train, test_arrays=test, weights=weights)
+  assert metagradients_lib._metagradients_fn.cache_info().misses == programs  # pylint: disable=protected-access
+  expected_other = _dense_reference(params0, train, test, other, batch_ids, weights)
+  expected_other[batch_ids < 0] = 0.0
+  assert np.abs(expected_other - expected).max() > 0.1 * scale.max()
+  np.testing.assert_allclose(grads / scale, expected_other / scale, atol=2e-5, rtol=0)
 
 
 def test_vmapped_cotangents_segment_remat_and_single_run_give_the_same_rows():
@@ -227,6 +250,17 @@ def test_first_order_losses_of_a_full_batch_reference(name):
   np.testing.assert_allclose(predicted_change[:, -1],
                              np.einsum("tim,kti->km", NUM_TRAIN * grads, delta),
                              atol=1e-4 * scale, rtol=0)
+
+  # Other numbers: the same compiled program; its reference run is the new one.
+  programs = metagradients_lib._first_order_fn.cache_info().misses  # pylint: disable=protected-access
+  kwargs["config"] = _other_numbers(config)
+  other = training.first_order_losses(params0, reference, curricula, chunk_size=2,
+                                      **kwargs)
+  assert metagradients_lib._first_order_fn.cache_info().misses == programs  # pylint: disable=protected-access
+  other_run = training.train_runs(params0, reference[None], progress=False, **kwargs)
+  assert np.abs(other_run.trace.losses[0] - ref_run.trace.losses[0]).max() > 1e-3
+  np.testing.assert_allclose(other.reference_losses, other_run.trace.losses[0],
+                             atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -551,14 +551,33 @@ def test_batch_stats_pass_through_undifferentiated(optimizer):
   _assert_trees_close(final["params"], expected, atol=1e-5)
 
 
+def _losses_one_by_one(loss_fn, params0, batch_ids, train, test, config):
+  """Test losses [R, T+1, M] of runs trained one step at a time by `make_train_step`
+  with `make_optimizer`'s numbers compiled in: the reference of `train_runs`, whose
+  segment takes them as arguments."""
+  optimizer, schedule = training.make_optimizer(config, num_steps=batch_ids.shape[1])
+  step = jax.jit(training.make_train_step(loss_fn, optimizer, schedule))
+  runs = []
+  for ids in batch_ids:
+    params, opt_state, losses_r = params0, optimizer.init(params0), [loss_fn(params0,
+                                                                            test)]
+    for t, ids_t in enumerate(ids):
+      params, opt_state, test_losses, _ = step(params, opt_state, jnp.int32(t),
+                                               jnp.asarray(ids_t), train, test)
+      losses_r.append(test_losses)
+    runs.append(np.stack(losses_r))
+  return np.stack(runs)
+
+
 def test_repeated_calls_reuse_the_segment_and_every_setting_is_in_its_key(monkeypatch):
   from simfluence_jax.training import runs as runs_lib  # pylint: disable=g-import-not-at-top
-  built = []
+  built, segments = [], []
   make_segment_fn = runs_lib.make_segment_fn
 
   def counting(*args, **kwargs):
     built.append(1)
-    return make_segment_fn(*args, **kwargs)
+    segments.append(make_segment_fn(*args, **kwargs))
+    return segments[-1]
 
   monkeypatch.setattr(runs_lib, "make_segment_fn", counting)
   _, loss_fn, params0, train, test = _setup()
@@ -575,13 +594,26 @@ def test_repeated_calls_reuse_the_segment_and_every_setting_is_in_its_key(monkey
   first = train_once(base)
   np.testing.assert_array_equal(train_once(base), first)
   assert len(built) == 1  # the second call reused the compiled segment
-  # Every setting that shapes the updates: a segment of its own. A stale one would
-  # train exactly the first runs again (same params0, batch ids and data).
+  compiled = segments[0]._cache_size()  # pylint: disable=protected-access
+  # The optimizer's numbers are arguments of the segment: the same program, neither
+  # rebuilt nor compiled again, trains with the new value, as a step with the value
+  # compiled in does. A stale value would train exactly the first runs again.
   for change in (dict(learning_rate=0.05), dict(momentum=0.5),
-                 dict(end_learning_rate=0.05), dict(optimizer="sgd")):
+                 dict(end_learning_rate=0.05)):
+    losses = train_once(dict(base, **change))
+    assert np.abs(losses - first).max() > 1e-3, change
+    np.testing.assert_allclose(losses, _losses_one_by_one(
+        loss_fn, params0, batch_ids, train, test, dict(base, **change)), atol=2e-5)
+    assert (len(built), segments[0]._cache_size()) == (1, compiled), change  # pylint: disable=protected-access
+  # Every setting that shapes the program: a segment of its own.
+  for change in (dict(optimizer="sgd"), dict(lr_schedule="constant"),
+                 dict(warmup_steps=2)):
     count = len(built)
-    assert np.abs(train_once(dict(base, **change)) - first).max() > 1e-5, change
+    losses = train_once(dict(base, **change))
+    assert np.abs(losses - first).max() > 1e-3, change
+    np.testing.assert_allclose(losses, _losses_one_by_one(
+        loss_fn, params0, batch_ids, train, test, dict(base, **change)), atol=2e-5)
     assert len(built) == count + 1, change
   # The seed (projection and dropout keys; neither used by this model's runs).
   np.testing.assert_array_equal(train_once(base, seed=1), first)
-  assert len(built) == 6
+  assert len(built) == 5

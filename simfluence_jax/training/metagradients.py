@@ -157,15 +157,16 @@ def _scan_steps(step_fn, carry, xs, remat_every: Optional[int]):
 
 
 @functools.lru_cache(maxsize=16)
-def _metagradients_fn(loss_fn, settings_key, remat_every, cotangents_at_once, seed,
+def _metagradients_fn(loss_fn, structure, remat_every, cotangents_at_once, seed,
                       run_sharding):
-  """The jitted metagradients of R runs (cached: repeated calls do not recompile)."""
-  optimizer, _ = optim.make_optimizer(dict(settings_key))
-  update = step_lib.make_update(loss_fn, optimizer,
-                                rng_key=step_lib.dropout_key(seed))
+  """The jitted metagradients of R runs (cached: repeated calls do not recompile;
+  the optimizer's numbers are an argument, `optim.split_settings`)."""
   test_loss = lambda params, test: loss_fn(params, test)
 
-  def one_run(params, ids, run_weights, run, train, test):
+  def one_run(params, ids, run_weights, run, train, test, hyperparameters):
+    optimizer, _ = optim.build_optimizer({**dict(structure), **hyperparameters})
+    update = step_lib.make_update(loss_fn, optimizer,
+                                  rng_key=step_lib.dropout_key(seed))
     num_steps = ids.shape[0]
     opt_state = optimizer.init(params)
 
@@ -194,11 +195,11 @@ def _metagradients_fn(loss_fn, settings_key, remat_every, cotangents_at_once, se
     rows = rows.reshape((-1,) + rows.shape[2:])[:num_test]  # [M, T, B]
     return jnp.moveaxis(rows, 0, -1) * (ids >= 0)[..., None], losses
 
-  def all_runs(params, ids, run_weights, train, test):
+  def all_runs(params, ids, run_weights, train, test, hyperparameters):
     count = ids.shape[0]
-    return jax.vmap(one_run, in_axes=(None, 0, 0, 0, None, 0))(
+    return jax.vmap(one_run, in_axes=(None, 0, 0, 0, None, 0, None))(
         params, ids, run_weights, jnp.arange(count, dtype=jnp.int32), train,
-        runs_lib.broadcast_over_runs(test, count))
+        runs_lib.broadcast_over_runs(test, count), hyperparameters)
 
   return jax.jit(all_runs, out_shardings=run_sharding,
                  compiler_options=_COMPILER_OPTIONS)
@@ -272,14 +273,14 @@ def metagradients(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
                      f"{remat_every}.")
   num_runs, num_steps, _ = batch_ids.shape
   run_sharding, replicated = runs_lib.runs_shardings(num_runs, mesh)
-  compiled = _metagradients_fn(
-      loss_fn, optim.settings_key(config, num_steps), remat_every, cotangents_at_once,
-      int(seed), run_sharding)
+  structure, hyperparameters = optim.split_settings(config, num_steps)
+  compiled = _metagradients_fn(loss_fn, structure, remat_every, cotangents_at_once,
+                               int(seed), run_sharding)
   grads, losses = compiled(sharding_lib.put(sharding_lib.to_host(params0), replicated),
                            sharding_lib.put(batch_ids, run_sharding),
                            sharding_lib.put(weights, run_sharding),
                            sharding_lib.put(train_arrays, replicated),
-                           sharding_lib.put(test_arrays, replicated))
+                           sharding_lib.put(test_arrays, replicated), hyperparameters)
   grads = sharding_lib.to_host(grads).astype(np.float32)
   losses = sharding_lib.to_host(losses).astype(np.float32)
   if single:
@@ -363,13 +364,15 @@ def _float_leaves(tree):
 
 
 @functools.lru_cache(maxsize=16)
-def _first_order_fn(loss_fn, settings_key, seed, chunk_sharding, replicated):
-  """The jitted first-order predictions of one chunk of curricula (cached)."""
-  optimizer, _ = optim.make_optimizer(dict(settings_key))
+def _first_order_fn(loss_fn, structure, seed, chunk_sharding, replicated):
+  """The jitted first-order predictions of one chunk of curricula (cached; the
+  optimizer's numbers are an argument, `optim.split_settings`)."""
   stochastic = step_lib.takes_rng(loss_fn)
   rng_key = step_lib.dropout_key(seed)
 
-  def chunk_fn(params, ref_ids, ref_weights, ids, tangent_coefficients, train, test):
+  def chunk_fn(params, ref_ids, ref_weights, ids, tangent_coefficients, train, test,
+               hyperparameters):
+    optimizer, _ = optim.build_optimizer({**dict(structure), **hyperparameters})
     chunk_size = ids.shape[0]
     num_steps, num_ref_slots = ref_ids.shape
     opt_state = optimizer.init(params)
@@ -507,12 +510,12 @@ def first_order_losses(params0: Any, reference_batch_ids: Any, curricula: Any, *
   coefficients, num_valid = jax.vmap(jax.vmap(step_lib.slot_coefficients))(
       jnp.asarray(curricula), jnp.asarray(curricula_weights))
   curriculum_coefficients = np.asarray(coefficients / num_valid[..., None])
-  compiled = _first_order_fn(loss_fn, optim.settings_key(config, num_steps), int(seed),
-                             chunk_sharding, replicated)
+  structure, hyperparameters = optim.split_settings(config, num_steps)
+  compiled = _first_order_fn(loss_fn, structure, int(seed), chunk_sharding, replicated)
   put = functools.partial(sharding_lib.put, sharding=replicated)
   args = (put(sharding_lib.to_host(params0)), put(reference_ids),
           put(reference_weights))
-  data = (put(train_arrays), put(test_arrays))
+  data = (put(train_arrays), put(test_arrays), hyperparameters)
   predictions, reference = [], None
   for start in range(0, num_curricula, chunk_size):
     # The last chunk is padded with copies of its last curriculum (static shapes).

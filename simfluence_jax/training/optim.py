@@ -1,9 +1,10 @@
 """Optimizers and learning-rate schedules from a config."""
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -45,8 +46,9 @@ def optimizer_settings(config: Any, num_steps: Optional[int] = None) -> dict:
   """Every setting `make_optimizer` builds from, read from `config` (JSON values).
 
   The single place the optimizer fields are read: `make_optimizer` uses nothing
-  else, so the resume fingerprint of `train_runs` and the compiled-function caches
-  of `metagradients` cover exactly what shapes the updates. Fields an optimizer
+  else, so the resume fingerprint of `train_runs` and the compiled programs of
+  `train_runs` and `metagradients` (keyed on its structure, given its numbers as
+  arguments: `split_settings`) cover exactly what shapes the updates. Fields an optimizer
   ignores (e.g. `momentum` for "sgd") are left out.
 
   Raises:
@@ -78,10 +80,31 @@ def optimizer_settings(config: Any, num_steps: Optional[int] = None) -> dict:
   return settings
 
 
-def settings_key(config: Any, num_steps: Optional[int] = None) -> tuple:
-  """`optimizer_settings` as a hashable key (of the compiled-program caches of
-  `train_runs` and `metagradients`); `make_optimizer(dict(key))` rebuilds it."""
-  return tuple(sorted(optimizer_settings(config, num_steps).items()))
+# The settings that are numbers: the compiled programs of `train_runs` and
+# `metagradients` take them as arguments (`split_settings`), so runs that differ only
+# in these (a learning-rate sweep, a rerun with another momentum) share one program.
+RUNTIME_FIELDS = ("learning_rate", "end_learning_rate", "momentum", "b1", "b2", "eps")
+
+
+def split_settings(config: Any, num_steps: Optional[int] = None
+                   ) -> Tuple[tuple, Dict[str, np.float32]]:
+  """`optimizer_settings` split into what a compiled program is built from and what
+  it takes as arguments.
+
+  Returns:
+    (structure, hyperparameters): `structure` a hashable key of the settings that
+    change the program (optimizer, schedule kind, warm-up and decay steps; the key
+    of the compiled-program caches of `train_runs` and `metagradients`), and
+    `hyperparameters` `{field: float32 scalar}` of its `RUNTIME_FIELDS`.
+    `build_optimizer({**dict(structure), **hyperparameters})` is
+    `make_optimizer(config, num_steps)`, with the numbers as traced arguments
+    inside a jitted function.
+  """
+  settings = optimizer_settings(config, num_steps)
+  structure = tuple(sorted((k, v) for k, v in settings.items()
+                           if k not in RUNTIME_FIELDS))
+  return structure, {k: np.float32(v) for k, v in settings.items()
+                     if k in RUNTIME_FIELDS}
 
 
 def make_schedule(config: Any,
@@ -99,7 +122,11 @@ def make_schedule(config: Any,
   Raises:
     ValueError: unknown schedule, or a linear schedule without a step count.
   """
-  settings = optimizer_settings(config, num_steps)
+  return _schedule(optimizer_settings(config, num_steps))
+
+
+def _schedule(settings: dict) -> Callable[[Any], Any]:
+  """The schedule of `optimizer_settings`'s `settings` (numbers may be traced)."""
   learning_rate = settings["learning_rate"]
   warmup_steps = settings["warmup_steps"]
   if settings["lr_schedule"] == "constant":
@@ -134,8 +161,14 @@ def make_optimizer(config: Any, num_steps: Optional[int] = None
   Raises:
     ValueError: unknown `config.optimizer` or schedule.
   """
-  settings = optimizer_settings(config, num_steps)
-  schedule = make_schedule(settings)
+  return build_optimizer(optimizer_settings(config, num_steps))
+
+
+def build_optimizer(settings: dict
+                    ) -> Tuple[optax.GradientTransformation, Callable[[Any], Any]]:
+  """`make_optimizer` from a dict of `optimizer_settings`, read as is: the numbers
+  (`RUNTIME_FIELDS`) may be traced float32 scalars (`split_settings`)."""
+  schedule = _schedule(settings)
   name = settings["optimizer"]
   if name == "sgd":
     tx = optax.sgd(schedule)

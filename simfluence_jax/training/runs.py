@@ -146,18 +146,29 @@ def make_segment_fn(train_step, run_sharding, shardings=None,
 
   Returns:
     `segment(params, opt_state, first_step, batch_ids, train_arrays, test_arrays,
-    weights=None) -> (params, opt_state, (test_losses, extras))` with
-    params/opt_state leaves [R, ...] (donated), batch_ids int32[R, S, B], weights
-    float32[R, S, B] (None = ones), test_losses float32[R, S, M] and extras leaves
-    [R, S, ...]. Run r of the segment is run index r of a stochastic loss's keys.
+    weights=None, hyperparameters=None) -> (params, opt_state, (test_losses,
+    extras))` with params/opt_state leaves [R, ...] (donated), batch_ids
+    int32[R, S, B], weights float32[R, S, B] (None = ones), test_losses
+    float32[R, S, M] and extras leaves [R, S, ...]. Run r of the segment is run
+    index r of a stochastic loss's keys. `hyperparameters` (any pytree, the same
+    for every run; e.g. `optim.split_settings`'s numbers) is passed to every
+    `train_step` call as a last argument when given: values a step takes as
+    arguments rather than compiled-in constants.
   """
-  vmapped_step = jax.vmap(train_step, in_axes=(0, 0, None, 0, None, 0, 0, 0))
+  def bind(hyperparameters):
+    if hyperparameters is None:
+      return train_step
+    return lambda *args: train_step(*args, hyperparameters)
+
   devices = _runs_axis_size(run_sharding)
   if run_sharding.mesh.shape.get(sharding_lib.MODEL_AXIS, 1) > 1:
     runs_per_group = None
 
   def all_at_once(params, opt_state, first_step, batch_ids, weights, runs,
-                  train_arrays, test_arrays):
+                  train_arrays, test_arrays, hyperparameters):
+    vmapped_step = jax.vmap(bind(hyperparameters),
+                            in_axes=(0, 0, None, 0, None, 0, 0, 0))
+
     def body(carry, xs):
       params, opt_state, step = carry
       batch_ids_t, weights_t = xs
@@ -174,13 +185,15 @@ def make_segment_fn(train_step, run_sharding, shardings=None,
     return params, opt_state, outputs
 
   def in_groups(params, opt_state, first_step, batch_ids, weights, runs,
-                train_arrays, test_arrays):
+                train_arrays, test_arrays, hyperparameters):
+    one_step = bind(hyperparameters)
+
     def one_run(xs):
       params, opt_state, ids, run_weights, run, test = xs
 
       def body(carry, step_xs):
         params, opt_state, step = carry
-        params, opt_state, test_losses, extras = train_step(
+        params, opt_state, test_losses, extras = one_step(
             params, opt_state, step, step_xs[0], train_arrays, test, step_xs[1],
             run)
         return (params, opt_state, step + 1), (test_losses, extras)
@@ -202,7 +215,7 @@ def make_segment_fn(train_step, run_sharding, shardings=None,
                                   merged)
 
   def segment(params, opt_state, first_step, batch_ids, train_arrays, test_arrays,
-              weights=None):
+              weights=None, hyperparameters=None):
     num_runs = batch_ids.shape[0]
     if weights is None:
       weights = jnp.ones(batch_ids.shape, jnp.float32)
@@ -215,26 +228,34 @@ def make_segment_fn(train_step, run_sharding, shardings=None,
     grouped = runs_per_group is not None and runs_per_group < num_runs // devices
     return (in_groups if grouped else all_at_once)(
         params, opt_state, first_step, batch_ids, weights, runs, train_arrays,
-        test_arrays)
+        test_arrays, hyperparameters)
 
   out_shardings = run_sharding if shardings is None else (*shardings, run_sharding)
   return jax.jit(segment, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
 @functools.lru_cache(maxsize=16)
-def _segment_fn(loss_fn, settings_key, record_grads, projection_dim, seed,
+def _segment_fn(loss_fn, structure, record_grads, projection_dim, seed,
                 grad_chunk_size, run_sharding, state_treedef, state_leaves,
                 runs_per_group):
   """The jitted segment of `train_runs`, cached: a call with the same loss function,
-  optimizer settings (`optim.optimizer_settings`, every field the optimizer is built
-  from), recording, seed (projection and dropout keys), shardings and grouping reuses
-  the compiled program instead of tracing and compiling it again (the shapes of its
-  arguments are jax.jit's own cache key)."""
-  optimizer, schedule = optim.make_optimizer(dict(settings_key))
-  train_step = step_lib.make_train_step(
-      loss_fn, optimizer, schedule, record_grads=record_grads,
-      projection_dim=projection_dim, key=step_lib.projection_key(seed),
-      grad_chunk_size=grad_chunk_size, rng_key=step_lib.dropout_key(seed))
+  optimizer structure (`optim.split_settings`: its numbers, the learning rates
+  among them, are the segment's `hyperparameters` argument), recording, seed
+  (projection and dropout keys), shardings and grouping reuses the compiled
+  program instead of tracing and compiling it again (the shapes of its arguments
+  are jax.jit's own cache key)."""
+
+  def train_step(params, opt_state, step, batch_ids_t, train_arrays, test_arrays,
+                 weights_t, run, hyperparameters):
+    optimizer, schedule = optim.build_optimizer({**dict(structure),
+                                                 **hyperparameters})
+    return step_lib.make_train_step(
+        loss_fn, optimizer, schedule, record_grads=record_grads,
+        projection_dim=projection_dim, key=step_lib.projection_key(seed),
+        grad_chunk_size=grad_chunk_size, rng_key=step_lib.dropout_key(seed))(
+            params, opt_state, step, batch_ids_t, train_arrays, test_arrays,
+            weights_t, run)
+
   return make_segment_fn(train_step, run_sharding,
                          jax.tree_util.tree_unflatten(state_treedef, state_leaves),
                          runs_per_group=runs_per_group)
@@ -408,8 +429,9 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
                      f"None, got {runs_per_group!r}.")
   state_leaves, state_treedef = jax.tree_util.tree_flatten(
       (params_sharding, opt_sharding))
+  structure, hyperparameters = optim.split_settings(optimizer_config, num_steps)
   segment = _segment_fn(
-      loss_fn, optim.settings_key(optimizer_config, num_steps), bool(record_grads),
+      loss_fn, structure, bool(record_grads),
       int(projection_dim), int(seed), grad_chunk_size, run_sharding, state_treedef,
       tuple(state_leaves), runs_per_group)
 
@@ -472,7 +494,8 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
       params, opt_state, outputs = segment(
           params, opt_state, jnp.int32(step),
           sharding_lib.put(batch_ids[:, step:end], run_sharding),
-          train_dev, test_dev, sharding_lib.put(weights[:, step:end], run_sharding))
+          train_dev, test_dev, sharding_lib.put(weights[:, step:end], run_sharding),
+          hyperparameters)
       test_losses, extras = sharding_lib.to_host(outputs)
       elapsed = time.perf_counter() - start_time
       _check_finite("training loss", extras["train_loss"], step)
