@@ -159,10 +159,15 @@ def save_npy(path: PathLike, array: Any) -> None:
 
 
 def save_figure(fig, path: PathLike) -> None:
-  """Saves a matplotlib figure as PNG atomically and closes it."""
+  """Saves a matplotlib figure as PNG atomically and closes it.
+
+  The figure is drawn once, at its own size: `bbox_inches="tight"` would draw it a
+  second time to measure it (2.8 of the 4.8 s the tiny job spent saving its 13
+  figures, under cProfile). Figures lay themselves out (`tight_layout`, or fixed
+  margins: `evaluation._report._set_margins`).
+  """
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png",
-                                             bbox_inches="tight"))
+  atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
   plt.close(fig)
 
 

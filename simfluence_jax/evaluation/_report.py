@@ -58,6 +58,15 @@ def _matplotlib():
   return plt
 
 
+def _set_margins(fig, left=0.75, right=0.2, bottom=0.55, top=0.35, wspace=0.3):
+  """Room in inches for tick labels, axis labels and titles, set without measuring
+  text: `tight_layout` (and `bbox_inches="tight"`) render the figure to measure it,
+  which for the one-row panels of a report costs as much as saving it."""
+  width, height = fig.get_size_inches()
+  fig.subplots_adjust(left=left / width, right=1 - right / width,
+                      bottom=bottom / height, top=1 - top / height, wspace=wspace)
+
+
 def _trajectory_plots(plot_dir, predictions, bands, actual, test_texts,
                       num_examples=4):
   plt = _matplotlib()
@@ -86,6 +95,7 @@ def _trajectory_plots(plot_dir, predictions, bands, actual, test_texts,
       ax.set_xlabel("step")
     axes[0, 0].set_ylabel("loss (held-out run 0)")
     axes[0, 0].legend(fontsize=7)
+    _set_margins(fig)
     path = plot_dir / f"trajectories_{method}.png"
     _io.save_figure(fig, path)
     written.append(path)
@@ -103,6 +113,7 @@ def _trajectory_plots(plot_dir, predictions, bands, actual, test_texts,
     ax.set_title(method, fontsize=9)
     ax.set_xlabel("actual final loss")
   axes[0, 0].set_ylabel("predicted final loss")
+  _set_margins(fig)
   path = plot_dir / "final_loss_scatter.png"
   _io.save_figure(fig, path)
   written.append(path)
