@@ -327,3 +327,26 @@ def test_choose_targets_picks_the_most_variable_examples():
   np.testing.assert_array_equal(counterfactual.choose_targets(losses, 2), [0, 2])
   with pytest.raises(ValueError, match="num_targets=5"):
     counterfactual.choose_targets(losses, 5)
+
+
+# --- the main job's stage ----------------------------------------------------------------
+
+def test_stage_says_which_requested_methods_it_does_not_search(caplog):
+  """A counterfactual method the job does not compute is named in a warning, not
+  dropped silently; with none left the stage returns before any work."""
+  from simfluence_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.pipeline import stages  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+      "default.py:tiny"))
+  config.methods = ("curriculum_blind", "simfluence_linear")
+  config.counterfactual.enabled = True
+  config.counterfactual.methods = ("tracin_cp", "metagradient")
+  with caplog.at_level("WARNING", logger="simfluence_jax.pipeline"):
+    assert stages.counterfactual(None, config, None, None, None, None, sims={}) is None
+  assert ("counterfactual: not searching on ['tracin_cp', 'metagradient']: not in "
+          "config.methods (searching on none).") in caplog.messages
+  caplog.clear()
+  config.counterfactual.enabled = False
+  assert stages.counterfactual(None, config, None, None, None, None, sims={}) is None
+  assert not caplog.messages

@@ -586,7 +586,13 @@ def counterfactual(wd, config, dataset, model: Model, runs: Runs,
   cf = config.counterfactual
   methods = [m for m in cf.methods if m in sims or (
       m == "metagradient" and "metagradient" in config.methods)]
-  if not cf.enabled or not methods:
+  if not cf.enabled:
+    return None
+  skipped = [m for m in cf.methods if m not in methods]
+  if skipped:
+    _logger.warning("counterfactual: not searching on %s: not in config.methods "
+                    "(searching on %s).", skipped, methods or "none")
+  if not methods:
     return None
   fit_trace, held = runs.group(curricula, "fit"), runs.group(curricula, "held_out")
   targets = cf_lib.choose_targets(fit_trace.losses, cf.num_targets)
