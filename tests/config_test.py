@@ -134,3 +134,28 @@ def test_compilation_cache_follows_jax_settings_in_the_environment(monkeypatch):
   finally:
     for name, value in saved.items():
       jax.config.update(name, value)
+
+
+def test_tiny_compiles_with_most_optimizations_off_only_while_it_runs(monkeypatch):
+  from jax._src import compiler  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.pipeline import experiment  # pylint: disable=g-import-not-at-top
+
+  def expensive_passes_off():
+    options = compiler.get_compile_options(num_replicas=1, num_partitions=1)
+    return options.executable_build_options.debug_options.xla_llvm_disable_expensive_passes
+
+  assert load("default").compile_optimizations
+  tiny = load("default", "tiny")
+  assert not tiny.compile_optimizations
+  seen = []
+  monkeypatch.setattr(experiment, "_run", lambda *args: seen.append(
+      expensive_passes_off()) or {"done": True})
+  assert not expensive_passes_off()
+  assert pipeline.run(tiny, "/nonexistent") == {"done": True}
+  assert pipeline.run(load("default"), "/nonexistent") == {"done": True}
+  assert seen == [True, False]  # what each job's programs compiled with
+  assert not expensive_passes_off()  # restored after the tiny job
+  monkeypatch.setattr(experiment, "_run", lambda *args: 1 / 0)
+  with pytest.raises(ZeroDivisionError):
+    pipeline.run(tiny, "/nonexistent")
+  assert not expensive_passes_off()  # and after one that failed

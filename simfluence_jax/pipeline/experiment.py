@@ -8,6 +8,7 @@ seeds of every metric, `metrics.json["std"]` and a report of mean ± std.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -197,8 +198,29 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
     ValueError: a bad config field (named), or a workdir holding runs of other
       settings (`fingerprint.StaleWorkdirError`).
   """
-  from simfluence_jax import evaluation  # pylint: disable=g-import-not-at-top
   validate.validate_config(config)
+  with compile_optimizations(config):
+    return _run(config, workdir, overwrite)
+
+
+@contextlib.contextmanager
+def compile_optimizations(config):
+  """XLA compiles the job's programs with most optimisations off while the block runs
+  when `config.compile_optimizations` is False (`jax_disable_most_optimizations`;
+  part of the persistent cache's key, not of jax.jit's in-memory one). Restored
+  afterwards, so a later job in the same process compiles what it has not compiled
+  yet as its own config says."""
+  before = jax.config.read("jax_disable_most_optimizations")
+  if not config.get("compile_optimizations", True):
+    jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+def _run(config, workdir: str, overwrite: bool) -> dict:
+  from simfluence_jax import evaluation  # pylint: disable=g-import-not-at-top
   if config.num_seeds == 1:
     return run_seed(config, workdir, overwrite)
   seeds = [config.seed + k for k in range(config.num_seeds)]

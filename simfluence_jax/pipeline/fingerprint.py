@@ -39,10 +39,12 @@ import numpy as np
 # Config fields that change no stored output (how the job runs, not what it
 # computes); every other field must be read by at least one stage.
 # `mesh_model` and `influence.mesh_model` place the same computation on other
-# devices, and `metagradient.cotangents_at_once` batches the same reverse passes
-# (results equal up to float rounding, as with the device count).
-UNCACHED_FIELDS = ("distributed", "num_seeds", "compilation_cache_dir", "mesh_model",
-                   "influence.mesh_model", "metagradient.cotangents_at_once")
+# devices, `metagradient.cotangents_at_once` batches the same reverse passes and
+# `compile_optimizations` compiles the same programs with fewer XLA passes (results
+# equal up to float rounding, as with the device count).
+UNCACHED_FIELDS = ("distributed", "num_seeds", "compilation_cache_dir",
+                   "compile_optimizations", "mesh_model", "influence.mesh_model",
+                   "metagradient.cotangents_at_once")
 
 
 # Fields added after workdirs existed, with the value that means what the code did
