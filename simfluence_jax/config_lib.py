@@ -230,7 +230,7 @@ def apply_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.batch_size = 4
   config.num_steps = 8
   config.pretrain_steps = 0  # Compiling a pre-training loop costs more than it teaches.
-  # Compiling is most of a toy job's time: 52.9 → 39.6 s cold (docs/experiments.md).
+  # Compiling is most of a toy job's time: 53.9 → 40.3 s cold (docs/experiments.md).
   config.compile_optimizations = False
   config.data.num_pretrain_examples = 0
   config.checkpoint_every = 4
