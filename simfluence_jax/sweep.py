@@ -100,10 +100,13 @@ def cell_config(config, overrides: dict):
   return cell
 
 
-def _method_metrics(payload: dict) -> dict:
+def _method_metrics(payload: dict, part: dict = None) -> dict:
+  """`{method: {metric: number}}` of `part` (default `payload`: the means; or
+  `payload["std"]`), for the methods of `payload`."""
   from simfluence_jax.evaluation import _report  # pylint: disable=g-import-not-at-top
-  return {m: {k: v for k, v in payload[m].items() if isinstance(v, (int, float))}
-          for m in _report.methods_of(payload)}
+  part = payload if part is None else part
+  return {m: {k: v for k, v in part[m].items() if isinstance(v, (int, float))}
+          for m in _report.methods_of(payload) if m in part}
 
 
 def run(config, workdir: str, specs: Sequence[str], overwrite: bool = False,
@@ -123,8 +126,12 @@ def run(config, workdir: str, specs: Sequence[str], overwrite: bool = False,
           file=sys.stderr, flush=True)
     payload = run_fn(cell_config(config, overrides),
                      os.path.join(os.fspath(workdir), cell_name(overrides)), overwrite)
-    results.append({"overrides": overrides, "metrics": _method_metrics(payload),
-                    "regime": payload.get("regime")})
+    cell = {"overrides": overrides, "metrics": _method_metrics(payload),
+            "regime": payload.get("regime")}
+    if "std" in payload:  # config.num_seeds > 1: the metrics are means over seeds
+      cell.update(std=_method_metrics(payload, payload["std"]),
+                  seeds=payload.get("seeds"))
+    results.append(cell)
   _io.write_text(os.path.join(os.fspath(workdir), "sweep.json"),
                  json.dumps(_report.clean_json(results), indent=2))
   plot(os.path.join(os.fspath(workdir), "sweep.png"), grid, results)

@@ -231,6 +231,15 @@ def test_sweep_table_shows_derivative_growth_only_where_cells_have_it(tmp_path):
   lines = tables.sweep_table(str(tmp_path))
   assert "derivative growth" not in lines[0] and "Derivative growth" not in lines[-1]
   assert lines[2] == "| learning_rate=0.001 | 35% | 0.50 | 0.90 / 0.20× |"
+  assert "(one seed)" in lines[-1]
+  # Cells of several seeds: ρ as mean ± std, and the seeds named.
+  for cell in cells:
+    cell.update(std={"simfluence_linear": {"spearman_across_runs": 0.031}},
+                seeds=[0, 1, 2])
+  (tmp_path / "sweep.json").write_text(json.dumps(cells))
+  lines = tables.sweep_table(str(tmp_path))
+  assert lines[2] == "| learning_rate=0.001 | 35% | 0.50 | 0.90 ± 0.03 / 0.20× |"
+  assert "(mean ± std over seeds [0, 1, 2])" in lines[-1]
 
 
 def test_counterfactual_summary_is_averaged_over_seeds_and_tabled_not_a_method():

@@ -66,6 +66,7 @@ def test_every_cell_runs_once_with_its_overrides(tmp_path):
   assert os.path.getsize(tmp_path / "sweep.png") > 0
   assert saved[3]["regime"] == {"mean_loss_drop": 0.04,
                                 "final_loss_std_across_runs": 0.003}
+  assert "std" not in saved[3] and "seeds" not in saved[3]  # one seed per cell
   # The README's regime map from it (tables defines its own --workdir flag: its own
   # process).
   printed = subprocess.run(
@@ -73,6 +74,30 @@ def test_every_cell_runs_once_with_its_overrides(tmp_path):
       capture_output=True, text=True, timeout=300, check=True).stdout.splitlines()
   assert printed[0] == "| cell | loss drop | across-run std | simfluence_linear |"
   assert printed[5] == "| batch_size=4, learning_rate=0.003 | 4% | 0.00 | 0.40 / 0.50× |"
+
+
+def test_cells_of_several_seeds_keep_the_std_and_the_seeds(tmp_path):
+  config = config_lib.load_config(TINY)
+  config.num_seeds = 2
+
+  def fake_run(cell_config, workdir, overwrite):
+    del workdir, overwrite
+    assert cell_config.num_seeds == 2
+    mean = {"spearman_across_runs": cell_config.learning_rate,
+            "all_steps_mse_ratio": 0.5}
+    return {"simfluence_linear": mean, "curriculum_blind": {"all_steps_mse": 1.0},
+            "std": {"simfluence_linear": {"spearman_across_runs": 0.02,
+                                          "all_steps_mse_ratio": 0.1},
+                    "regime": {"mean_loss_drop": 0.01}},
+            "seeds": [0, 1], "regime": {"mean_loss_drop": 0.3}}
+
+  sweep.run(config, str(tmp_path), ["learning_rate:0.5,0.7"], run_fn=fake_run)
+  saved = json.loads((tmp_path / "sweep.json").read_text())
+  assert saved[1]["metrics"]["simfluence_linear"]["spearman_across_runs"] == 0.7
+  # The methods' stds (the regime's std is not a method's).
+  assert saved[1]["std"] == {"simfluence_linear": {"spearman_across_runs": 0.02,
+                                                   "all_steps_mse_ratio": 0.1}}
+  assert saved[1]["seeds"] == [0, 1]
 
 
 def test_an_invalid_cell_fails_before_any_cell_runs(tmp_path):

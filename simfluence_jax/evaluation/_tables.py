@@ -145,9 +145,17 @@ def sweep_table(sweep_dir: str) -> list:
     for method in methods:
       rho = _get(cell["metrics"], method, "spearman_across_runs")
       ratio = _get(cell["metrics"], method, "all_steps_mse_ratio")
-      values.append(f"{_fmt(rho, digits=2)} / {_fmt(ratio, digits=2)}×")
+      spread = ""
+      if "std" in cell:
+        spread = f" ± {_fmt(_get(cell['std'], method, 'spearman_across_runs'), digits=2)}"
+      values.append(f"{_fmt(rho, digits=2)}{spread} / {_fmt(ratio, digits=2)}×")
     lines.append(f"| {name} | " + " | ".join(values) + " |")
-  return lines + ["", "Per method: spearman_across_runs / all_steps_mse as a multiple "
+  seeds = {tuple(c["seeds"]) for c in cells if c.get("seeds")}
+  return lines + ["", "Per method: spearman_across_runs"
+                  + (" (mean ± std over seeds "
+                     + " / ".join(str(list(s)) for s in sorted(seeds)) + ")"
+                     if seeds else " (one seed)")
+                  + " / all_steps_mse as a multiple "
                   "of curriculum_blind's. Loss drop: of the mean test loss over a run; "
                   "across-run std: of the final test losses (the curriculum's effect)."
                   + (" Derivative growth: of the removal benchmark's reference run "
