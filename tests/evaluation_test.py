@@ -240,6 +240,12 @@ def test_sweep_table_shows_derivative_growth_only_where_cells_have_it(tmp_path):
   lines = tables.sweep_table(str(tmp_path))
   assert lines[2] == "| learning_rate=0.001 | 35% | 0.50 | 0.90 ± 0.03 / 0.20× |"
   assert "(mean ± std over seeds [0, 1, 2])" in lines[-1]
+  # Method columns in alphabetical order, whatever order a cell lists them in.
+  cells[0]["metrics"] = {"simfluence_linear": {}, "curriculum_blind": {},
+                         "simfluence_additive": {}}
+  (tmp_path / "sweep.json").write_text(json.dumps(cells))
+  assert tables.sweep_table(str(tmp_path))[0].endswith(
+      "| simfluence_additive | simfluence_linear |")
 
 
 def test_counterfactual_summary_is_averaged_over_seeds_and_tabled_not_a_method():

@@ -128,7 +128,9 @@ def goals(payload: dict, which: str) -> list:
 
 def sweep_table(sweep_dir: str) -> list:
   cells = json.loads(_io.read_text(os.path.join(sweep_dir, "sweep.json")))
-  methods = [m for m in cells[0]["metrics"] if m != "curriculum_blind"]
+  # Alphabetical, as in the held-out tables (a multi-seed cell's mean payload keeps
+  # its metrics file's sorted keys, a one-seed cell the order it computed them in).
+  methods = sorted(m for m in cells[0]["metrics"] if m != "curriculum_blind")
   # With the removal benchmark and metagradients in the cells: their stability.
   growth = any("removal_derivative_growth" in (c.get("regime") or {}) for c in cells)
   regime_columns = ["loss drop", "across-run std"] + (["derivative growth"] * growth)
