@@ -48,8 +48,8 @@ def optimizer_settings(config: Any, num_steps: Optional[int] = None) -> dict:
   The single place the optimizer fields are read: `make_optimizer` uses nothing
   else, so the resume fingerprint of `train_runs` and the compiled programs of
   `train_runs` and `metagradients` (keyed on its structure, given its numbers as
-  arguments: `split_settings`) cover exactly what shapes the updates. Fields an optimizer
-  ignores (e.g. `momentum` for "sgd") are left out.
+  arguments: `split_settings`) cover exactly what shapes the updates. Fields an
+  optimizer ignores (e.g. `momentum` for "sgd") are left out.
 
   Raises:
     ValueError: unknown optimizer or schedule, or a linear schedule without a step
