@@ -403,7 +403,9 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
   tracin_every = checkpoint_every or num_steps
   tracin_due = lambda s: s % tracin_every == 0 or s == num_steps
 
-  optimizer, _ = optim.make_optimizer(optimizer_config, num_steps=num_steps)
+  # Read once: the segment is keyed on the structure and takes the numbers.
+  structure, hyperparameters = optim.split_settings(optimizer_config, num_steps)
+  optimizer, _ = optim.build_optimizer({**dict(structure), **hyperparameters})
   run_sharding, replicated = runs_shardings(num_runs, mesh)
   train_dev = sharding_lib.put(train_arrays, replicated)
   test_dev = sharding_lib.put(test_arrays, replicated)
@@ -429,7 +431,6 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
                      f"None, got {runs_per_group!r}.")
   state_leaves, state_treedef = jax.tree_util.tree_flatten(
       (params_sharding, opt_sharding))
-  structure, hyperparameters = optim.split_settings(optimizer_config, num_steps)
   segment = _segment_fn(
       loss_fn, structure, bool(record_grads),
       int(projection_dim), int(seed), grad_chunk_size, run_sharding, state_treedef,
