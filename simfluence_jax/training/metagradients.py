@@ -164,7 +164,7 @@ def _metagradients_fn(loss_fn, structure, remat_every, cotangents_at_once, seed,
   test_loss = lambda params, test: loss_fn(params, test)
 
   def one_run(params, ids, run_weights, run, train, test, hyperparameters):
-    optimizer, _ = optim.build_optimizer({**dict(structure), **hyperparameters})
+    optimizer, _ = optim.joined_optimizer(structure, hyperparameters)
     update = step_lib.make_update(loss_fn, optimizer,
                                   rng_key=step_lib.dropout_key(seed))
     num_steps = ids.shape[0]
@@ -372,7 +372,7 @@ def _first_order_fn(loss_fn, structure, seed, chunk_sharding, replicated):
 
   def chunk_fn(params, ref_ids, ref_weights, ids, tangent_coefficients, train, test,
                hyperparameters):
-    optimizer, _ = optim.build_optimizer({**dict(structure), **hyperparameters})
+    optimizer, _ = optim.joined_optimizer(structure, hyperparameters)
     chunk_size = ids.shape[0]
     num_steps, num_ref_slots = ref_ids.shape
     opt_state = optimizer.init(params)

@@ -96,7 +96,7 @@ def split_settings(config: Any, num_steps: Optional[int] = None
     change the program (optimizer, schedule kind, warm-up and decay steps; the key
     of the compiled-program caches of `train_runs` and `metagradients`), and
     `hyperparameters` `{field: float32 scalar}` of its `RUNTIME_FIELDS`.
-    `build_optimizer({**dict(structure), **hyperparameters})` is
+    `joined_optimizer(structure, hyperparameters)` is
     `make_optimizer(config, num_steps)`, with the numbers as traced arguments
     inside a jitted function.
   """
@@ -105,6 +105,13 @@ def split_settings(config: Any, num_steps: Optional[int] = None
                            if k not in RUNTIME_FIELDS))
   return structure, {k: np.float32(v) for k, v in settings.items()
                      if k in RUNTIME_FIELDS}
+
+
+def joined_optimizer(structure: tuple, hyperparameters: Dict[str, Any]
+                     ) -> Tuple[optax.GradientTransformation, Callable[[Any], Any]]:
+  """`build_optimizer` of `split_settings`' two parts joined again (the numbers may
+  be traced)."""
+  return build_optimizer({**dict(structure), **hyperparameters})
 
 
 def make_schedule(config: Any,

@@ -247,8 +247,7 @@ def _segment_fn(loss_fn, structure, record_grads, projection_dim, seed,
 
   def train_step(params, opt_state, step, batch_ids_t, train_arrays, test_arrays,
                  weights_t, run, hyperparameters):
-    optimizer, schedule = optim.build_optimizer({**dict(structure),
-                                                 **hyperparameters})
+    optimizer, schedule = optim.joined_optimizer(structure, hyperparameters)
     return step_lib.make_train_step(
         loss_fn, optimizer, schedule, record_grads=record_grads,
         projection_dim=projection_dim, key=step_lib.projection_key(seed),
@@ -405,7 +404,7 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
 
   # Read once: the segment is keyed on the structure and takes the numbers.
   structure, hyperparameters = optim.split_settings(optimizer_config, num_steps)
-  optimizer, _ = optim.build_optimizer({**dict(structure), **hyperparameters})
+  optimizer, _ = optim.joined_optimizer(structure, hyperparameters)
   run_sharding, replicated = runs_shardings(num_runs, mesh)
   train_dev = sharding_lib.put(train_arrays, replicated)
   test_dev = sharding_lib.put(test_arrays, replicated)
