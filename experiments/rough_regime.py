@@ -18,10 +18,17 @@ Reads a finished main job (`WORKDIR/seed_<SEED>` of `CONFIG`, default
    test set's loss, a proxy of the parameters) or c·t/T (phase-dependent effects),
    rolled out from L_0. The grid's best l2 is shown, chosen on the held-out runs
    themselves (optimistic).
+5. *State and curvature with more runs* (hypotheses 7 and 8; only where
+   `experiments/rollout_fit.py` has cached `extra_runs_192.npz` for the seed): the
+   same ridge with, added, a drift of each test loss on the whole vector L_t and a
+   constant ("coupled", M + 1 numbers per test example, shared by all curricula) or
+   c·L_t² ("quadratic"), fitted on the 48 fitted runs and on those plus the 192
+   extra ones.
 
 The numbers are in docs/experiments.md ("The rough regime: ...").
 """
 
+import os
 import sys
 
 import numpy as np
@@ -29,6 +36,7 @@ import numpy as np
 from simfluence_jax import config_lib
 from simfluence_jax import evaluation
 from simfluence_jax import simulators
+from simfluence_jax.trace import Trace
 
 sys.path.insert(0, "experiments")
 import _workdir  # pylint: disable=g-import-not-at-top
@@ -66,6 +74,14 @@ def _features(counts, losses, start, num_steps, extra):
   if extra == "phase":
     phase = (start + np.arange(losses.shape[1])) / num_steps
     parts.append(np.broadcast_to(c * phase[None, :, None, None], shape))
+  if extra == "quadratic":
+    # An example's effect that curves with the test loss it meets (c·L_t²).
+    parts.append(c * losses[..., None] ** 2)
+  if extra == "coupled":
+    # A drift in every test example's loss, shared by all curricula: each test
+    # loss L_m moves with the whole vector L_t (M numbers) and a constant.
+    state = np.concatenate([losses, np.ones(losses.shape[:-1] + (1,))], -1)
+    parts.append(np.broadcast_to(state[:, :, None, :], losses.shape + state.shape[-1:]))
   return np.concatenate(parts, -1)
 
 
@@ -142,6 +158,21 @@ def main(workdir, seed, config_path="configs/default.py:rough"):
     rho, l2 = _state_model(fit, held, num_train, extra)
     lines.append(f"  4. ridge simulator, state L_t{'' if extra == 'none' else ' + ' + extra}: "
                  f"ρ {rho:.3f} (l2 {l2})")
+  extra_path = f"{workdir}/seed_{seed}/extra_runs_192.npz"
+  if os.path.exists(extra_path):
+    more = np.load(extra_path)
+    pools = {"48": fit, "240": Trace(
+        batch_ids=np.concatenate([fit.batch_ids, more["batch_ids"]]),
+        losses=np.concatenate([fit.losses, more["losses"]]),
+        learning_rates=np.concatenate([fit.learning_rates, more["learning_rates"]]),
+        num_train_examples=num_train)}
+    for name, pool in pools.items():
+      for extra in ("none", "coupled", "quadratic"):
+        rho, l2 = _state_model(pool, held, num_train, extra, (0.01, 0.1, 1.0, 10.0))
+        lines.append(f"  5. {name} fitted runs, state L_t"
+                     f"{'' if extra == 'none' else ' + ' + extra}: " + (
+                         f"ρ {rho:.3f} (l2 {l2})" if l2 is not None else
+                         "the rollout diverges at every l2"))
   print("\n".join(lines), flush=True)
 
 
