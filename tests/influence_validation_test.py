@@ -1,5 +1,10 @@
-"""Bad inputs to the influence kernels: a ValueError naming the field, never a number."""
+"""Bad inputs to the influence kernels: a ValueError naming the field, never a number.
 
+Inputs only the computation shows to be bad (NaN params or examples) raise
+FloatingPointError naming the first train example whose scores are NaN or inf.
+"""
+
+import dataclasses
 import functools
 import json
 import os
@@ -12,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from simfluence_jax import influence
 
@@ -184,6 +190,152 @@ class FingerprintTest(absltest.TestCase):
       json.dump(content, f)
     with self.assertRaisesRegex(ValueError, "fingerprint 0000000000000000 in the factors"):
       influence.ekfac_scores(task, params, influence.load_factors(path), batch, [batch])
+
+
+# --- Refused because the answer would be NaN (pytest style) ---
+
+
+class _MaybeDeadMLP(nn.Module):
+  dead: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    hidden = nn.tanh(nn.Dense(4)(x))
+    out = nn.Dense(3)(hidden)
+    if self.dead:  # a third layer whose output never reaches the loss
+      out = out + 0.0 * nn.Dense(3)(hidden)
+    return out
+
+
+def _plain_setup(dead=False, num=6):
+  model = _MaybeDeadMLP(dead)
+  inputs = np.asarray(jax.random.normal(jax.random.key(0), (num, 2)))
+  batch = {"inputs": inputs, "labels": np.arange(num, dtype=np.int32) % 3}
+  params = model.init(jax.random.key(1), inputs)
+  return influence.ClassificationTask(model.apply), params, batch
+
+
+def test_zero_curvature_layer_refuses_the_default_damping_and_scores_with_one_given():
+  task, params, batch = _plain_setup(dead=True)
+  factors = influence.fit_ekfac(task, params, [batch])
+  with pytest.raises(ValueError, match=r"damping: the default .* is 0.0 for layer "
+                                       r"'Dense_2'"):
+    influence.ekfac_scores(task, params, factors, batch, [batch])
+  with pytest.raises(ValueError, match="layer 'Dense_2'"):
+    influence.ekfac_self_influence(task, params, factors, [batch])
+  # Given a damping, the dead layer contributes exactly 0 and the total is the sum
+  # of the live layers' scores.
+  layers = np.asarray(influence.ekfac_layer_scores(task, params, factors, batch,
+                                                   [batch], damping=1e-3))
+  names = [spec.name for spec in factors.layers]
+  total = influence.ekfac_scores(task, params, factors, batch, [batch], damping=1e-3)
+  np.testing.assert_array_equal(layers[names.index("Dense_2")], 0.0)
+  np.testing.assert_allclose(np.asarray(total),
+                             layers[names.index("Dense_0")]
+                             + layers[names.index("Dense_1")], rtol=1e-5, atol=1e-6)
+  assert np.all(np.isfinite(np.asarray(total)))
+
+
+def test_default_damping_is_a_tenth_of_each_layers_mean_eigenvalue():
+  task, params, batch = _plain_setup()
+  factors = influence.fit_ekfac(task, params, [batch])
+  damping = influence.layer_damping(factors)
+  for name, f in factors.factors.items():
+    assert damping[name] == pytest.approx(0.1 * float(np.mean(f.eigenvalues)),
+                                          rel=1e-6)
+  assert influence.layer_damping(factors, 0.5) == {name: 0.5 for name in damping}
+
+
+def test_nan_in_params_or_an_input_is_refused_naming_the_layer_or_example():
+  task, params, batch = _plain_setup()
+  bad_params = jax.tree_util.tree_map(lambda x: x.at[0].set(jnp.nan), params)
+  with pytest.raises(ValueError, match=r"fit_ekfac: layer 'Dense_\d' has NaN or inf"):
+    influence.fit_ekfac(task, bad_params, [batch])
+  factors = influence.fit_ekfac(task, params, [batch])
+  nan_batch = {**batch, "inputs": batch["inputs"].copy()}
+  nan_batch["inputs"][3, 1] = np.nan
+  # Chunks of 2: example 3 is in the chunk [2, 4), one query row each.
+  with pytest.raises(FloatingPointError, match=r"ekfac_scores \(total\): 6 of 12 "
+                     r"scores of train examples \[2, 4\) .* train example 3"):
+    influence.ekfac_scores(task, params, factors, batch, [nan_batch], chunk_size=2)
+  with pytest.raises(FloatingPointError, match=r"tracin_scores: .* train example 3"):
+    influence.tracin_scores(task, [params], [0.1], batch, [nan_batch], chunk_size=2)
+  with pytest.raises(FloatingPointError, match=r"tracin_self_influence: 1 of 2 .*"
+                                               r"train example 3"):
+    influence.tracin_self_influence(task, [params], [0.1], [nan_batch], chunk_size=2)
+  with pytest.raises(FloatingPointError, match=r"ekfac_self_influence: .* train "
+                                               r"example 3"):
+    influence.ekfac_self_influence(task, params, factors, [nan_batch], chunk_size=2)
+
+
+def test_non_finite_factors_are_refused_even_with_a_given_damping():
+  task, params, batch = _plain_setup()
+  factors = influence.fit_ekfac(task, params, [batch])
+  layer = factors.factors["Dense_1"]
+  bad = dataclasses.replace(factors, factors={
+      **factors.factors,
+      "Dense_1": layer._replace(eigenvalues=layer.eigenvalues.at[0, 0].set(jnp.inf))})
+  with pytest.raises(ValueError, match="factors: layer 'Dense_1' has NaN or inf"):
+    influence.ekfac_scores(task, params, bad, batch, [batch], damping=0.1)
+
+
+def test_language_model_masks_and_ids_are_checked():
+  class LM(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(5)(nn.tanh(nn.Embed(5, 4)(x)))
+
+  tokens = np.asarray(jax.random.randint(jax.random.key(2), (3, 5), 0, 5), np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "mask": np.ones((3, 4), np.float32)}
+  model = LM()
+  params = model.init(jax.random.key(0), batch["inputs"])
+  task = influence.LanguageModelingTask(model.apply)
+  with pytest.raises(ValueError, match=r"batches: layer 'Dense_0' saw no token"):
+    influence.fit_ekfac(task, params, [{**batch, "mask": np.zeros((3, 4))}])
+  with pytest.raises(ValueError, match=r"mask: values must be ≥ 0 .* train_batches"):
+    influence.tracin_scores(task, [params], [1.0], batch,
+                            [{**batch, "mask": -np.ones((3, 4))}])
+  with pytest.raises(ValueError, match=r"mask: values must be finite .* query_batch"):
+    influence.tracin_scores(task, [params], [1.0],
+                            {**batch, "mask": np.full((3, 4), np.nan)}, [batch])
+  negative = batch["inputs"].copy()
+  negative[1, 2] = -1
+  with pytest.raises(ValueError, match=r"inputs: token ids must be ≥ 0 in "
+                                       r"train_batches, got -1"):
+    influence.tracin_scores(task, [params], [1.0], batch,
+                            [{**batch, "inputs": negative}])
+  # A fractional mask is a token weight: the score is that weight's share of the
+  # unit mask's (the train loss is linear in each token's weight).
+  half = {**batch, "mask": np.full((3, 4), 0.5, np.float32)}
+  np.testing.assert_allclose(
+      np.asarray(influence.tracin_scores(task, [params], [1.0], batch, [half])),
+      0.5 * np.asarray(influence.tracin_scores(task, [params], [1.0], batch,
+                                               [batch])), rtol=1e-5, atol=1e-6)
+
+
+def test_tracin_checkpoints_and_learning_rates_must_match():
+  task, params, batch = _plain_setup()
+  other = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+  with pytest.raises(ValueError, match=r"checkpoints\[1\]: its tree, shapes or "
+                                       r"dtypes differ"):
+    influence.tracin_scores(task, [params, other], [0.1, 0.1], batch, [batch])
+  wider = _MaybeDeadMLP().init(jax.random.key(1), np.zeros((1, 3), np.float32))
+  with pytest.raises(ValueError, match=r"checkpoints\[2\]"):
+    influence.tracin_self_influence(task, [params, params, wider], [0.1] * 3,
+                                    [batch])
+  with pytest.raises(ValueError, match=r"learning_rates must be float\[K\]"):
+    influence.tracin_scores(task, [params] * 4, [[0.1, 0.1], [0.1, 0.1]], batch,
+                            [batch])
+  with pytest.raises(ValueError, match=r"learning_rates must be finite and ≥ 0"):
+    influence.tracin_scores(task, [params], [-0.1], batch, [batch])
+  # Checkpoints of one model with rates (0.3, 0): the sum is the first one's alone,
+  # and a zero rate (the end of a decay to 0) is accepted.
+  np.testing.assert_allclose(
+      np.asarray(influence.tracin_scores(task, [params, params], [0.3, 0.0], batch,
+                                         [batch])),
+      np.asarray(influence.tracin_scores(task, [params], [0.3], batch, [batch])),
+      rtol=1e-6)
 
 
 if __name__ == "__main__":

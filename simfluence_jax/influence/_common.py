@@ -121,6 +121,24 @@ def iterate_padded_chunks(batches: List[Any], chunk_size: int, multiple: int = 1
     offset += size
 
 
+def check_finite_scores(kernel: str, scores: np.ndarray, first: int,
+                        example_axis: int = -1) -> None:
+  """Raises FloatingPointError if a chunk's host scores hold NaN or inf.
+
+  `scores` has the chunk's train examples (the first `first` + 0, 1, ...) on
+  `example_axis`; the message names the first bad one and how many are bad.
+  """
+  bad = ~np.isfinite(scores)
+  if not bad.any():
+    return
+  index = first + int(np.argwhere(bad)[0][example_axis])
+  raise FloatingPointError(
+      f"{kernel}: {int(bad.sum())} of {bad.size} scores of train examples "
+      f"[{first}, {first + scores.shape[example_axis]}) are NaN or inf (the first at "
+      f"train example {index}): NaN/inf in the params, checkpoints, factors, "
+      f"query_batch or train_batches.")
+
+
 def num_padded_chunks(batches: List[Any], chunk_size: int, multiple: int = 1) -> int:
   """How many chunks `iterate_padded_chunks` yields."""
   step = min(chunk_size, chunk_length(batches, chunk_size, multiple))

@@ -25,7 +25,7 @@ refused with a message naming the layer that differs.
 
 import dataclasses
 import functools
-from typing import Dict, Iterable, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -388,7 +388,8 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
 
   Raises:
     ValueError: bad `fisher`, fisher="true" without `rng`, bad `chunk_size`,
-      empty batches, labels out of range, or no usable layer.
+      empty batches, labels out of range, no usable layer, a layer that saw no
+      token with mask > 0, or NaN/inf factors.
   """
   _check_fisher(fisher, rng)
   params, batches, chunk_size, mesh = _prepare(task, params, batches, "batches",
@@ -400,6 +401,10 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
   params, rng = _common.put_params(params, mesh), _common.put_replicated(rng, mesh)
   stats = _accumulate(task, params, batches, layers, fisher, rng, mesh, chunk_size,
                       "covariance", None, "fit_ekfac: covariances")
+  for name, count in sharding_lib.to_host(stats.token_counts).items():
+    if not count > 0:
+      raise ValueError(f"batches: layer {name!r} saw no token with weight > 0 (every "
+                       f"mask is 0?), so its factors would be zero.")
   decomposed = eigendecompose(stats)
   fingerprint = _layers.param_fingerprint(params)
   factors = {}
@@ -412,7 +417,8 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
       eigenvalues = (jnp.maximum(s_values, 0.0)[:, None]
                      * jnp.maximum(a_values, 0.0)[None, :] * tokens_per_example)
       factors[spec.name] = LayerFactors(a_vectors, s_vectors, eigenvalues)
-    return EKFACFactors(layers, _common.put_params(factors, mesh), fingerprint)
+    return _check_fitted(EKFACFactors(layers, _common.put_params(factors, mesh),
+                                      fingerprint))
 
   # Eigenbases keep the params' `model` split (eigh runs replicated; its outputs
   # are placed once, for the second pass and for the factors).
@@ -422,9 +428,19 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
                             chunk_size, "eigenvalues", eigenvectors,
                             "fit_ekfac: eigenvalues")
   eigenvalues = _mean_eigenvalues(eigen_stats)
-  return EKFACFactors(layers, {
+  return _check_fitted(EKFACFactors(layers, {
       spec.name: LayerFactors(*eigenvectors[spec.name], eigenvalues[spec.name])
-      for spec in layers}, fingerprint)
+      for spec in layers}, fingerprint))
+
+
+def _check_fitted(factors: EKFACFactors) -> EKFACFactors:
+  """`factors`, unless a layer's are NaN or inf (refused, naming the layer)."""
+  for name, (_, finite) in sharding_lib.to_host(
+      _factor_summary(factors.factors)).items():
+    if not finite:
+      raise ValueError(f"fit_ekfac: layer {name!r} has NaN or inf factors (NaN/inf "
+                       f"in the params or batches).")
+  return factors
 
 
 @jax.jit
@@ -436,22 +452,38 @@ def _mean_eigenvalues(eigen_stats: EigenvalueStatistics) -> Dict[str, jax.Array]
 
 
 def layer_damping(factors: EKFACFactors, damping: Optional[float] = None
-                  ) -> Dict[str, Union[jax.Array, np.float32]]:
-  """By layer: λ (absolute), default `0.1 × mean(Λ)` of the layer (float32 device
-  scalars); a given `damping` is returned as host `np.float32` scalars.
+                  ) -> Dict[str, np.float32]:
+  """By layer: λ (absolute), default `0.1 × mean(Λ)` of the layer; host float32
+  scalars.
 
   Raises:
-    ValueError: `damping` is not None and not a finite number > 0.
+    ValueError: `damping` is not None and not a finite number > 0; a layer's
+      factors hold NaN or inf; or the default λ of a layer is 0 (its gradients
+      were zero on the data `fit_ekfac` saw, and 1/(Λ + 0) would make every score
+      NaN).
   """
   damping = _common.check_damping(damping)
+  summary = sharding_lib.to_host(_factor_summary(factors.factors))
+  for name, (default, finite) in summary.items():
+    if not finite:
+      raise ValueError(f"factors: layer {name!r} has NaN or inf eigenvalues or "
+                       f"eigenvectors (NaN/inf in the params or batches fit_ekfac "
+                       f"saw).")
+    if damping is None and not default > 0:
+      raise ValueError(f"damping: the default {DEFAULT_DAMPING_SCALE} × mean(Λ) is "
+                       f"{float(default)} for layer {name!r} (its gradients were zero "
+                       f"on the data fit_ekfac saw); pass damping > 0.")
   if damping is None:
-    return _default_damping(factors.factors)
+    return {name: np.float32(default) for name, (default, _) in summary.items()}
   return {name: np.float32(damping) for name in factors.factors}
 
 
 @jax.jit
-def _default_damping(layer_factors: Dict[str, LayerFactors]) -> Dict[str, jax.Array]:
-  return {name: DEFAULT_DAMPING_SCALE * jnp.mean(f.eigenvalues)
+def _factor_summary(layer_factors: Dict[str, LayerFactors]):
+  """By layer: (the default damping `0.1 × mean(Λ)`, whether every factor is
+  finite), one program for all layers."""
+  return {name: (DEFAULT_DAMPING_SCALE * jnp.mean(f.eigenvalues),
+                 jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in f])))
           for name, f in layer_factors.items()}
 
 
@@ -624,10 +656,13 @@ def _scores(task, params, factors, query_batch, train_batches, damping, chunk_si
                                   layer_factors, query_batch, lambdas)
   kernel = _score_kernel(task, factors.layers, mode, mesh)
   pieces = []
-  for chunk, valid, _ in _common.iterate_padded_chunks(batches, chunk_size, size):
+  for chunk, valid, first in _common.iterate_padded_chunks(batches, chunk_size,
+                                                           size):
     scores = sharding_lib.to_host(kernel(params, query,
                                          _common.put_sharded(chunk, mesh)))
     pieces.append(np.take(scores, np.arange(valid), axis=example_axis))
+    _common.check_finite_scores(f"ekfac_scores ({mode})", pieces[-1], first,
+                                example_axis)
     progress.update(len(pieces))
   return jnp.asarray(np.concatenate(pieces, axis=example_axis))
 
@@ -719,9 +754,11 @@ def ekfac_self_influence(task, params, factors: EKFACFactors, train_batches,
   pieces = []
   progress = _common.Progress("ekfac_self_influence",
                               _common.num_padded_chunks(batches, chunk_size, size))
-  for chunk, valid, _ in _common.iterate_padded_chunks(batches, chunk_size, size):
+  for chunk, valid, first in _common.iterate_padded_chunks(batches, chunk_size,
+                                                           size):
     scores = sharding_lib.to_host(kernel(params, layer_factors, lambdas,
                                          _common.put_sharded(chunk, mesh)))
     pieces.append(scores[:valid])
+    _common.check_finite_scores("ekfac_self_influence", pieces[-1], first)
     progress.update(len(pieces))
   return jnp.asarray(np.concatenate(pieces))

@@ -202,7 +202,8 @@ class LanguageModelingTask(_ApplyTask):
                                          batch["targets"], batch["mask"])
 
   def validate(self, params, batches, argument: str) -> None:
-    """Raises ValueError unless targets are in [0, V) and mask matches targets."""
+    """Raises ValueError unless targets are in [0, V), mask matches targets and is
+    finite and ≥ 0, and integer input ids are ≥ 0."""
     self.check_params(params)
     vocab = self._num_outputs(params, batches[0]["inputs"])
     for i, batch in enumerate(batches):
@@ -212,6 +213,17 @@ class LanguageModelingTask(_ApplyTask):
         raise ValueError(f"mask: expected the shape of targets "
                          f"{np.shape(batch['targets'])} in {where}, got "
                          f"{np.shape(batch.get('mask'))}.")
+      mask = np.asarray(sharding_lib.to_host(batch["mask"]), np.float64)
+      if not np.all(np.isfinite(mask)):
+        raise ValueError(f"mask: values must be finite (token weights ≥ 0) in {where}, "
+                         f"got NaN or inf.")
+      if mask.size and mask.min() < 0:
+        raise ValueError(f"mask: values must be ≥ 0 (token weights) in {where}, got "
+                         f"values in [{mask.min()}, {mask.max()}].")
+      inputs = np.asarray(sharding_lib.to_host(batch["inputs"]))
+      if np.issubdtype(inputs.dtype, np.integer) and inputs.size and inputs.min() < 0:
+        raise ValueError(f"inputs: token ids must be ≥ 0 in {where}, got "
+                         f"{inputs.min()} (an embedding lookup would wrap it).")
 
   def measurement(self, params, batch: Batch) -> jax.Array:
     """float32[B]: the loss."""

@@ -103,8 +103,11 @@ _plans = {}
 
 
 def _signature(tree):
+  """The tree structure and every leaf's shape and dtype (None for a leaf without
+  one, e.g. an NNX module passed whole)."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
-  return treedef, tuple((tuple(np.shape(x)), str(np.dtype(x.dtype))) for x in leaves)
+  return treedef, tuple((tuple(np.shape(x)), str(getattr(x, "dtype", None)))
+                        for x in leaves)
 
 
 def _cached_plan(task, params, query_batch, train_batch, num_query) -> _Plan:
@@ -210,14 +213,24 @@ def _self_kernel(task, plan, mesh):
 
 def _validate(checkpoints, learning_rates, projection_dim, rng):
   checkpoints = list(checkpoints)
+  if np.ndim(learning_rates) > 1:
+    raise ValueError(f"learning_rates must be float[K] (one per checkpoint), got "
+                     f"shape {np.shape(learning_rates)}.")
   learning_rates = [float(lr) for lr in np.ravel(np.asarray(learning_rates))]
   if not checkpoints:
     raise ValueError("checkpoints is empty.")
   if len(checkpoints) != len(learning_rates):
     raise ValueError(f"learning_rates has {len(learning_rates)} entries but there are "
                      f"{len(checkpoints)} checkpoints.")
-  if not all(np.isfinite(learning_rates)):
-    raise ValueError(f"learning_rates must be finite, got {learning_rates}.")
+  if not all(np.isfinite(learning_rates)) or min(learning_rates) < 0:
+    raise ValueError(f"learning_rates must be finite and ≥ 0 (a schedule's step "
+                     f"sizes), got {learning_rates}.")
+  checkpoints = [_layers.unbox(c) for c in checkpoints]
+  first = _signature(checkpoints[0])
+  for k, checkpoint in enumerate(checkpoints[1:], 1):
+    if _signature(checkpoint) != first:
+      raise ValueError(f"checkpoints[{k}]: its tree, shapes or dtypes differ from "
+                       f"checkpoints[0]'s (every checkpoint must be the same model).")
   if projection_dim is not None:
     if (isinstance(projection_dim, bool) or not isinstance(projection_dim, int)
         or projection_dim <= 0):
@@ -228,7 +241,7 @@ def _validate(checkpoints, learning_rates, projection_dim, rng):
                        "projection).")
   keys = [None if rng is None else jax.random.fold_in(rng, k)
           for k in range(len(checkpoints))]
-  return [_layers.unbox(c) for c in checkpoints], learning_rates, keys
+  return checkpoints, learning_rates, keys
 
 
 def _prepare(task, checkpoints, train_batches, chunk_size, mesh):
@@ -295,7 +308,8 @@ def tracin_scores(task, checkpoints: Sequence, learning_rates, query_batch,
   pieces = []
   progress = _common.Progress("tracin_scores",
                               _common.num_padded_chunks(batches, chunk_size, size))
-  for chunk, valid, _ in _common.iterate_padded_chunks(batches, chunk_size, size):
+  for chunk, valid, first in _common.iterate_padded_chunks(batches, chunk_size,
+                                                           size):
     chunk = _common.put_sharded(chunk, mesh)
     # Summed on the host ([Q, chunk] each; a device add would compile a program),
     # after every checkpoint's kernel is queued: one transfer per chunk.
@@ -303,6 +317,7 @@ def tracin_scores(task, checkpoints: Sequence, learning_rates, query_batch,
         score(params, query, rate, key, chunk)
         for params, query, rate, key in zip(checkpoints, queries, rates, keys)])
     pieces.append(functools.reduce(np.add, per_checkpoint)[:, :valid])
+    _common.check_finite_scores("tracin_scores", pieces[-1], first)
     progress.update(len(pieces))
   return jnp.asarray(np.concatenate(pieces, axis=1))
 
@@ -331,11 +346,13 @@ def tracin_self_influence(task, checkpoints: Sequence, learning_rates,
   pieces = []
   progress = _common.Progress("tracin_self_influence",
                               _common.num_padded_chunks(batches, chunk_size, size))
-  for chunk, valid, _ in _common.iterate_padded_chunks(batches, chunk_size, size):
+  for chunk, valid, first in _common.iterate_padded_chunks(batches, chunk_size,
+                                                           size):
     chunk = _common.put_sharded(chunk, mesh)
     per_checkpoint = sharding_lib.to_host([
         score(params, rate, key, chunk)
         for params, rate, key in zip(checkpoints, rates, keys)])
     pieces.append(functools.reduce(np.add, per_checkpoint)[:valid])
+    _common.check_finite_scores("tracin_self_influence", pieces[-1], first)
     progress.update(len(pieces))
   return jnp.asarray(np.concatenate(pieces))
