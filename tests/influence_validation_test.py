@@ -314,6 +314,24 @@ def test_language_model_masks_and_ids_are_checked():
                                                [batch])), rtol=1e-5, atol=1e-6)
 
 
+def test_layers_found_on_another_model_are_refused_by_fit_ekfac():
+  task, params, batch = _plain_setup()
+  wider = _MaybeDeadMLP().init(jax.random.key(1), np.zeros((1, 3), np.float32))
+  layers = influence.find_layers(task.loss, wider, {
+      "inputs": np.zeros((2, 3), np.float32), "labels": np.zeros(2, np.int32)})
+  with pytest.raises(ValueError, match=r"layers: found on a different model: layer "
+                     r"'Dense_0' \(Dense\): kernel shape \(3, 4\) in the layers, "
+                     r"\(2, 4\) in params"):
+    influence.fit_ekfac(task, params, [batch], layers=layers)
+  # This model's own layers, given, fit the same factors as found ones.
+  own = influence.find_layers(task.loss, params, batch)
+  np.testing.assert_array_equal(
+      np.asarray(influence.fit_ekfac(task, params, [batch], layers=own)
+                 .factors["Dense_1"].eigenvalues),
+      np.asarray(influence.fit_ekfac(task, params, [batch])
+                 .factors["Dense_1"].eigenvalues))
+
+
 def test_tracin_checkpoints_and_learning_rates_must_match():
   task, params, batch = _plain_setup()
   other = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)

@@ -396,6 +396,8 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
                                                chunk_size, mesh)
   if layers is None:
     layers = _layers.find_layers(task.loss, params, batches[0])
+  else:
+    _layers.check_layers_match(tuple(layers), params, "layers")
   layers = tuple(layers)
   rng = jax.random.key(0) if rng is None else rng  # unused by the empirical Fisher
   params, rng = _common.put_params(params, mesh), _common.put_replicated(rng, mesh)

@@ -696,18 +696,19 @@ def param_grads_from_layer_grads(layers: Tuple[LayerSpec, ...],
 def check_layers_match(layers: Tuple[LayerSpec, ...], params, argument: str,
                        fingerprint: Optional[str] = None) -> None:
   """Raises ValueError naming the first layer whose leaves differ from `params`."""
+  origin = "found on" if argument == "layers" else "fitted on"
   leaves = _leaf_paths(params)
   for spec in layers:
     kernel = leaves.get(spec.kernel_path)
-    where = f"{argument}: fitted on a different model: layer {spec.name!r} ({spec.kind})"
+    where = f"{argument}: {origin} a different model: layer {spec.name!r} ({spec.kind})"
     if kernel is None:
       raise ValueError(f"{where} has no leaf {'/'.join(spec.kernel_path)} in params.")
     shape, dtype = tuple(np.shape(kernel)), str(np.dtype(kernel.dtype))
     if spec.kernel_shape and shape != tuple(spec.kernel_shape):
       raise ValueError(f"{where}: kernel shape {tuple(spec.kernel_shape)} in the "
-                       f"factors, {shape} in params.")
+                       f"{argument}, {shape} in params.")
     if dtype != spec.param_dtype:
-      raise ValueError(f"{where}: kernel dtype {spec.param_dtype} in the factors, "
+      raise ValueError(f"{where}: kernel dtype {spec.param_dtype} in the {argument}, "
                        f"{dtype} in params.")
     if spec.has_bias and spec.bias_path not in leaves:
       raise ValueError(f"{where} has no bias leaf {'/'.join(spec.bias_path)} in params.")
