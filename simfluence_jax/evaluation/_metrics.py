@@ -213,5 +213,7 @@ def evaluate(simulator, held_out_trace: trace_lib.Trace) -> dict:
   """
   if not isinstance(held_out_trace, trace_lib.Trace):
     raise ValueError("held_out_trace: expected a simfluence_jax.Trace.")
-  pred = simulator.simulate(held_out_trace.batch_ids, held_out_trace.losses[:, 0])
+  # A diverging rollout is scored NaN with its reason, not refused.
+  pred = simulator.simulate(held_out_trace.batch_ids, held_out_trace.losses[:, 0],
+                            allow_nonfinite=True)
   return compute_metrics(pred, held_out_trace.losses)

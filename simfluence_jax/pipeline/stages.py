@@ -494,7 +494,9 @@ def evaluate(wd, config, runs: Runs, curricula: Curricula, sims: dict,
         preds["curriculum_blind"] = evaluation.curriculum_blind(fit_trace.losses,
                                                                 held.num_runs)
       for name, sim in sims.items():
-        preds[name] = np.asarray(sim.simulate(held.batch_ids, held.losses[:, 0]))
+        # A diverging rollout is scored NaN with its reason (`evaluation`).
+        preds[name] = np.asarray(sim.simulate(held.batch_ids, held.losses[:, 0],
+                                              allow_nonfinite=True))
       for name, by_set in direct.items():
         preds[name] = np.asarray(by_set[set_name])
       if "simfluence_hybrid" in config.methods:
@@ -506,7 +508,7 @@ def evaluate(wd, config, runs: Runs, curricula: Curricula, sims: dict,
     bands = {name: tuple(np.asarray(x) for x in sims[name].simulate_with_bands(
         held.batch_ids, held.losses[:, 0],
         num_samples=config.simulators.num_band_samples,
-        rng=jax.random.PRNGKey(config.seed)))
+        rng=jax.random.PRNGKey(config.seed), allow_nonfinite=True))
              for name in ("simfluence_linear", "simfluence_additive") if name in sims}
     return Evaluation(metrics, predictions, bands, held.losses)
 
@@ -667,7 +669,8 @@ def learning_curve(wd, config, runs: Runs, curricula: Curricula,
     for k in counts:
       sim = (full_fit if full_fit is not None and k == fit_trace.num_runs else
              fit_ridge(config, "linear", fit_trace.select_runs(slice(0, k))))
-      pred = np.asarray(sim.simulate(held.batch_ids, held.losses[:, 0]))
+      pred = np.asarray(sim.simulate(held.batch_ids, held.losses[:, 0],
+                                     allow_nonfinite=True))
       mse = evaluation.all_steps_mse(pred, held.losses)
       curve["spearman_across_runs"].append(
           evaluation.spearman_across_runs(pred, held.losses))
@@ -870,9 +873,9 @@ def removal_lds(wd, config, dataset, model: Model, runs: Runs, sims: dict,
       if name in predicted:
         continue
       repeated = np.repeat(ref_ids, len(weights), 0)
-      base = np.asarray(sim.simulate(ref_ids, initial))[:, -1]
+      base = np.asarray(sim.simulate(ref_ids, initial, allow_nonfinite=True))[:, -1]
       removed = np.asarray(sim.simulate(repeated, np.repeat(initial, len(weights), 0),
-                                        weights=weights))[:, -1]
+                                        weights=weights, allow_nonfinite=True))[:, -1]
       predicted[name] = removed - base
     if "simfluence_hybrid" in config.methods:
       predicted["simfluence_hybrid"] = hybrid(predicted)

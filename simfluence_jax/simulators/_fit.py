@@ -143,7 +143,8 @@ class _Problem:
   """The regression rows of one trace, relative to the prior centre θ₀.
 
   Attributes:
-    ids: int32[P, B] batch ids; with phases, id i of a step in phase k is k·N + i.
+    ids: int32[P, B] batch ids of the non-empty steps (see `_problem`); with phases,
+      id i of a step in phase k is k·N + i.
     x: float32[P, M] losses before each step.
     target: float32[P, M] loss after each step minus X·θ₀.
     prior_a: a₀ (scalar A centre; 0 if additive).
@@ -166,21 +167,34 @@ class _Problem:
 
 
 def _problem(spec: _Spec, trace: trace_lib.Trace) -> _Problem:
+  """The regression rows of `trace`: one per non-empty step of every run.
+
+  An empty step (every slot padding) has no row: the simulators roll it out as a
+  no-op (α = 1, β = 0; see `_simulator`), its features are all zero so it carries
+  nothing to learn, and its "residual" L_t would only inflate the noise estimate of
+  the posterior. b̄ (hence a₀ = 1/b̄) is the mean over the kept, non-empty batches.
+  """
   num_train, num_test = trace.num_train_examples, trace.num_test_examples
   ids = np.asarray(trace.batch_ids).reshape(-1, trace.batch_size)
   losses = np.asarray(trace.losses, np.float32)
   x = losses[:, :-1].reshape(-1, num_test)
   y = losses[:, 1:].reshape(-1, num_test)
   counts = np.sum(ids >= 0, axis=1).astype(np.float32)
-  null_a = 1.0 / max(float(np.mean(counts)), 1.0)
-  prior_a = spec.prior_alpha * null_a if spec.linear else 0.0
-  summed = centre_a = centre_b = None
+  keep = counts > 0
+  if not np.any(keep):  # `Trace` refuses a run without a valid id; kept as a guard
+    raise ValueError("trace: every step of every run is padding (-1); nothing to fit.")
+  row_phase = np.zeros(len(ids), np.int32)
   starts = ()
   if spec.num_phases > 1:
     starts = phase_starts(trace.num_steps, spec.num_phases)
     step_phase = _simulator.phase_of_steps(starts, trace.num_steps)
-    row_phase = np.tile(step_phase, trace.num_runs)[:, None]
-    ids = np.where(ids >= 0, ids + row_phase * num_train, -1).astype(np.int32)
+    row_phase = np.tile(step_phase, trace.num_runs)
+  ids, x, y, counts, row_phase = (v[keep] for v in (ids, x, y, counts, row_phase))
+  null_a = 1.0 / max(float(np.mean(counts)), 1.0)
+  prior_a = spec.prior_alpha * null_a if spec.linear else 0.0
+  summed = centre_a = centre_b = None
+  if spec.num_phases > 1:
+    ids = np.where(ids >= 0, ids + row_phase[:, None] * num_train, -1).astype(np.int32)
   if spec.kind == "featurized":
     summed = _featurized.summed_features(ids, spec.features)
   if spec.prior_A is not None or spec.prior_B is not None:
@@ -260,7 +274,8 @@ def fit(kind: str, trace: trace_lib.Trace, l2: float = 1e-3, *,
   """Fits a simulator by ridge regression on every recorded step of `trace`.
 
   Objective, independently for every test example m (rows = all steps t of all runs r
-  of `trace`, n_i = multiplicity of id i in the batch c_t, padding ids ignored):
+  of `trace` except empty ones, n_i = multiplicity of id i in the batch c_t, padding
+  ids ignored; an all-padding step is a no-op of every simulator, so it has no row):
 
     linear:    Σ_{r,t} (L_t − Σ_i n_i A_i·L_{t−1} − Σ_i n_i B_i)²
                    + l2·(‖A − A₀‖² + ‖B − B₀‖²)
@@ -269,10 +284,10 @@ def fit(kind: str, trace: trace_lib.Trace, l2: float = 1e-3, *,
       (φ̃_i = (φ_i, 1) with `intercept`; see `_featurized`); base additive: B only.
 
   The prior centre of A is A₀ = a₀ = prior_alpha / b̄ (b̄ = mean number of valid ids
-  per batch); the default prior_alpha = 1 centres α(c_t) ≈ 1, i.e. shrinks towards
-  the "nothing changes" simulator L_t = L_{t−1} (shrinking A to 0 instead would
-  predict the loss collapses to β for batches of rarely seen examples). prior_alpha
-  = 0 gives plain ridge. `prior_A` / `prior_B` replace the centres by per-example
+  per non-empty batch); the default prior_alpha = 1 centres α(c_t) ≈ 1, i.e. shrinks
+  towards the "nothing changes" simulator L_t = L_{t−1} (shrinking A to 0 instead
+  would predict the loss collapses to β for batches of rarely seen examples).
+  prior_alpha = 0 gives plain ridge. `prior_A` / `prior_B` replace the centres by per-example
   ones from another method (e.g. metagradient- or TracIn-derived effects), so the
   runs correct them where they have evidence and keep them where they have none.
 

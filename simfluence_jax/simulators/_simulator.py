@@ -22,6 +22,16 @@ of valid ids per fitted batch), so removing an example does not also shrink the 
 (padding ids −1 contribute to neither, as without weights). Additive: β likewise,
 α ≡ 1.
 
+Empty steps (every slot padding) are no-ops, α = 1 and β = 0 (L_t = L_{t−1}), in
+both kinds: `train_runs` takes such a step with a zero gradient (its objective is a
+sum over no slot, divided by max(0, 1)), so with SGD neither the parameters nor the
+test losses move (momentum or Adam still apply their state, which no simulator
+models); Σ_{i∈c_t} A_i over no example would instead predict L_t = 0. `fit` drops
+such steps' regression rows (zero features: there is nothing to learn from them).
+
+Weights must be ≥ 0 (1 = present, 0 = removed, in between partly removed, > 1
+repeated); a negative weight, gradient ascent on an example, is refused.
+
 Phase-dependent simulators (`fit(..., num_phases=P)`) hold one (A, B) per contiguous
 bin of steps; step t uses the phase whose bin contains t (steps past the fitted T
 use the last phase).
@@ -133,7 +143,10 @@ def _step_effects(a, b, step_ids, step_w, step_valid, phase, null_a, linear):
   if not linear:
     return 1.0, beta
   alpha = present @ a[phase, step_ids] + null_a * jnp.sum((1.0 - step_w) * step_valid)
-  return alpha, beta
+  # An empty step (no valid slot) is a no-op, as in training (a zero gradient) and in
+  # the additive form: α = 1 (β is already 0), not Σ over no example = 0, which
+  # would predict the loss drops to 0. See the module docstring.
+  return jnp.where(jnp.sum(step_valid) > 0, alpha, 1.0), beta
 
 
 def final_losses(a, b, ids, loss0, *, linear, null_a=0.0, weights=None, phases=None,
@@ -458,6 +471,10 @@ class Simulator:
                          f"batch_ids, got {weights.dtype} {list(weights.shape)}.")
       if not np.all(np.isfinite(weights)):
         raise ValueError("weights: contains NaN or inf.")
+      if np.any(weights < 0):
+        bad = tuple(int(i) for i in np.argwhere(weights < 0)[0])
+        raise ValueError(f"weights: must be non-negative (1 = present, 0 = removed), "
+                         f"found {float(weights[bad]):g} at {list(bad)}.")
       weights = weights.astype(np.float32)
     return (jnp.asarray(batch_ids), jnp.asarray(initial_losses), jnp.asarray(weights))
 
@@ -496,21 +513,53 @@ class Simulator:
     b = jnp.asarray(self.B)[None]
     return (b if self.kind == "additive" else jnp.asarray(self.A)[None]), b
 
+  def _check_finite(self, losses, allow_nonfinite: bool, what: str = "losses"):
+    """Raises ValueError naming the first run of `losses` [R', T'+1, M] that is not
+    finite (a diverging rollout, or overflow from huge weights / initial losses),
+    unless `allow_nonfinite`; skipped under tracing (no values to check). A final-only
+    simulator's columns without a prediction (initial loss None) are NaN by design
+    and not checked."""
+    if allow_nonfinite or isinstance(losses, jax.core.Tracer):
+      return
+    losses = np.asarray(losses)  # on the host: no program to compile per shape
+    columns = np.arange(losses.shape[-1])
+    if self.final_only:
+      columns = np.flatnonzero([v is not None for v in self.fit_info["initial_losses"]])
+      losses = losses[..., columns]
+    finite = np.all(np.isfinite(losses), axis=(1, 2))
+    if np.all(finite):
+      return
+    run = int(np.flatnonzero(~finite)[0])
+    bad = np.argwhere(~np.isfinite(losses[run]))[0]
+    step, column = int(bad[0]), int(columns[bad[1]])
+    raise ValueError(
+        f"simulate: run {run} of batch_ids gives non-finite {what} (first at step "
+        f"{step}, test example {column}) with simulator {self.name!r}: it diverges on "
+        "this curriculum, its A/B are not finite, or the weights/initial_losses "
+        "overflow float32; pass allow_nonfinite=True to get the inf/NaN values.")
+
   def simulate(self, batch_ids, initial_losses, weights=None, *,
-               allow_extrapolation: bool = False) -> jax.Array:
+               allow_extrapolation: bool = False,
+               allow_nonfinite: bool = False) -> jax.Array:
     """Rolls the simulator out autoregressively (never teacher-forced).
 
     Args:
       batch_ids: int32[R', T', B] any curricula, -1 = padding; B must be the fitted
         batch size and T' ≤ the fitted T (when known).
       initial_losses: float32[R', M] losses before the first step.
-      weights: optional float32[R', T', B] occurrence weights (1 = present, 0 =
-        removed; see the module docstring); ignored at padding.
+      weights: optional float32[R', T', B] occurrence weights, ≥ 0 (1 = present,
+        0 = removed; see the module docstring); ignored at padding.
       allow_extrapolation: allow T' beyond the fitted number of steps.
+      allow_nonfinite: return a diverging (inf/NaN) rollout instead of raising
+        (e.g. for `evaluation`, which scores it NaN with a reason).
 
     Returns:
       float32[R', T'+1, M], `[:, 0]` = initial_losses (final-only: NaN at steps
       1..T'−1).
+
+    Raises:
+      ValueError: bad inputs (naming the argument), or, unless `allow_nonfinite`, a
+        run whose simulated losses are not finite (naming the run).
     """
     batch_ids, initial_losses, weights = self._check_inputs(
         batch_ids, initial_losses, weights, allow_extrapolation)
@@ -519,6 +568,7 @@ class Simulator:
     null_a = jnp.float32(self.resolved_null_a(batch_ids.shape[2]))
     losses = _rollout(a, b, batch_ids, weights, phases, initial_losses, null_a,
                       linear=self.kind == "linear")
+    self._check_finite(losses, allow_nonfinite)
     if self.final_only:
       losses = losses.at[:, 1:-1].set(jnp.nan)
     return losses
@@ -580,7 +630,8 @@ class Simulator:
 
   def simulate_with_bands(self, batch_ids, initial_losses, num_samples: int = 32,
                           rng: Any = 0, *, weights=None,
-                          allow_extrapolation: bool = False):
+                          allow_extrapolation: bool = False,
+                          allow_nonfinite: bool = False):
     """Posterior mean and std of simulated trajectories (parameter uncertainty).
 
     Args:
@@ -590,6 +641,7 @@ class Simulator:
       rng: int seed or PRNG key.
       weights: optional float32[R', T', B] occurrence weights, as in `simulate`.
       allow_extrapolation: as in `simulate`.
+      allow_nonfinite: as in `simulate` (checked on the mean and std).
 
     Returns:
       (mean, std), each float32[R', T'+1, M].
@@ -606,4 +658,7 @@ class Simulator:
                                               linear=linear))(
                                                   jnp.asarray(a_samples),
                                                   jnp.asarray(b_samples))
-    return jnp.mean(rollouts, axis=0), jnp.std(rollouts, axis=0)
+    mean, std = jnp.mean(rollouts, axis=0), jnp.std(rollouts, axis=0)
+    self._check_finite(mean, allow_nonfinite, "mean losses")
+    self._check_finite(std, allow_nonfinite, "loss std")
+    return mean, std

@@ -480,6 +480,47 @@ def _check_l2(l2, num_columns):
   return values.astype(np.float32)
 
 
+def _check_problem(ids, x, y, num_train, linear):
+  """(ids int32[P, B], x float32[P, C], y float32[P, C]) of `solve`, validated.
+
+  Host side, before anything is placed or compiled: every solver would otherwise
+  drop or clamp out-of-range ids, truncate float ids, broadcast a short x (CG) or
+  answer θ = 0, "converged", for a NaN row (CG's residual test is false for NaN).
+  """
+  if isinstance(num_train, bool) or not isinstance(num_train, (int, np.integer)) or (
+      num_train < 1):
+    raise ValueError(f"num_train: expected a positive integer, got {num_train!r}.")
+  ids = np.asarray(ids)
+  if ids.ndim != 2 or 0 in ids.shape or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"ids: expected int[P, B] with P, B ≥ 1, got {ids.dtype} "
+                     f"{list(ids.shape)}.")
+  low, high = int(ids.min()), int(ids.max())
+  if low < -1 or high >= num_train:
+    raise ValueError(f"ids: must be in [-1, num_train={num_train}), found "
+                     f"[{low}, {high}].")
+  arrays = {}
+  for name, value in (("y", y), ("x", x)):
+    array = np.asarray(value)
+    if not (np.issubdtype(array.dtype, np.floating) or
+            np.issubdtype(array.dtype, np.integer)) or array.ndim != 2:
+      raise ValueError(f"{name}: expected float32[P, C], got {array.dtype} "
+                       f"{list(array.shape)}.")
+    arrays[name] = array.astype(np.float32)
+  x, y = arrays["x"], arrays["y"]
+  if y.shape[0] != ids.shape[0] or y.shape[1] == 0:
+    raise ValueError(f"y: expected float32[P={ids.shape[0]}, C ≥ 1] (one row per row "
+                     f"of ids), got {list(y.shape)}.")
+  if x.shape != y.shape:
+    raise ValueError(f"x: expected float32{list(y.shape)} like y, got "
+                     f"{list(x.shape)}.")
+  for name, array in (("y", y), ("x", x)) if linear else (("y", y),):
+    if not np.all(np.isfinite(array)):
+      row, column = (int(i) for i in np.argwhere(~np.isfinite(array))[0])
+      raise ValueError(f"{name}: contains NaN or inf (first at row {row}, column "
+                       f"{column}).")
+  return ids.astype(np.int32), x, y
+
+
 def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: Any, *,
           linear: bool, method: str = "auto", tol: float = 1e-5, max_iters: int = 2000,
           memory_budget_bytes: Optional[int] = None,
@@ -487,10 +528,11 @@ def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: Any
   """Solves the ridge problem of every column.
 
   Args:
-    ids: int32[P, B] train ids of every row, -1 = padding.
-    x: float32[P, C] previous losses (the A features' scale; ignored if additive).
-    y: float32[P, C] targets.
-    num_train: N.
+    ids: int32[P, B] train ids of every row, in [-1, N), -1 = padding.
+    x: float32[P, C] previous losses (the A features' scale; its values are ignored
+      if additive, its shape is not).
+    y: float32[P, C] targets, finite (x too when `linear`).
+    num_train: N ≥ 1.
     l2: ridge strength, > 0: a scalar, or float32[C], one per column.
     linear: fit (A, B) if True, else B only.
     method: "auto" | "normal" | "cg" | "dual".
@@ -507,6 +549,11 @@ def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: Any
     the recomputed float32 residual), "converged" (CG: every column met `tol` within
     `max_iters`; exact methods: True), "tol", "chunk_size", "num_chunks",
     "num_devices").
+
+  Raises:
+    ValueError: naming the argument: ids not integer or out of [-1, N), x or y not
+      float[P, C] of the same shape with P = the rows of ids, NaN/inf in y (or in x
+      when `linear`), N < 1, a bad l2, method, tol or max_iters.
   """
   if method not in METHODS:
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}.")
@@ -515,9 +562,7 @@ def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: Any
     raise ValueError(f"max_iters: expected a non-negative integer, got {max_iters!r}.")
   if not np.isfinite(tol) or tol < 0:
     raise ValueError(f"tol: expected a non-negative number, got {tol!r}.")
-  ids = np.asarray(ids, np.int32)
-  x = np.asarray(x, np.float32)
-  y = np.asarray(y, np.float32)
+  ids, x, y = _check_problem(ids, x, y, num_train, linear)
   num_rows, batch = ids.shape
   num_columns = y.shape[1]
   l2 = _check_l2(l2, num_columns)
