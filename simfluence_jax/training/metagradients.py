@@ -99,11 +99,32 @@ def _as_runs(batch_ids: Any, weights: Any, num_train: int, who: str, name: str):
   return batch_ids, weights, single
 
 
-def _num_examples(arrays: Dict[str, Any], who: str, name: str) -> int:
-  leaves = jax.tree_util.tree_leaves(arrays)
-  if not leaves:
-    raise ValueError(f"{who}: {name} has no arrays.")
-  return int(np.shape(leaves[0])[0])
+def _first_nonfinite(values: np.ndarray) -> Optional[tuple]:
+  """The index of the first NaN/inf of `values` (host numpy), or None."""
+  bad = ~np.isfinite(values)
+  return tuple(int(i) for i in np.argwhere(bad)[0]) if bad.any() else None
+
+
+def _check_metagradients(who: str, grads: np.ndarray, losses: np.ndarray,
+                         single: bool) -> None:
+  """FloatingPointError naming the first non-finite final test loss [R, M] (checked
+  first: a diverged run) or metagradient [R, T, B, M] of a `metagradients` call."""
+  run = lambda r: "" if single else f"run {r}, "
+  bad = _first_nonfinite(losses)
+  if bad is not None:
+    r, m = bad
+    raise FloatingPointError(
+        f"{who}: non-finite final test loss ({run(r)}test example {m}: "
+        f"{losses[bad]}); the run diverged or an input (learning rate, params0, "
+        "train/test arrays) is not finite.")
+  bad = _first_nonfinite(grads)
+  if bad is not None:
+    r, t, b, m = bad
+    slot = f"batch_ids[{t}, {b}]" if single else f"batch_ids[{r}, {t}, {b}]"
+    raise FloatingPointError(
+        f"{who}: non-finite metagradient ({run(r)}step {t}, {slot}, test example "
+        f"{m}: {grads[bad]}); the reverse pass overflowed (a run that diverges "
+        "under perturbation: try a smaller learning rate).")
 
 
 def _one_reference(reference_batch_ids, reference_weights, num_train: int, who: str):
@@ -257,11 +278,15 @@ def metagradients(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
     final test losses).
 
   Raises:
-    ValueError: bad shapes, ids or weights.
+    ValueError: bad shapes, ids or weights, arrays whose leading sizes differ,
+      labels / targets out of range (`runs.check_arrays`), or a learning rate that
+      is not a finite positive number.
+    FloatingPointError: a non-finite final test loss or metagradient (checked on
+      the host copies; names run, step, slot and test example).
   """
   who = "metagradients"
-  num_train = _num_examples(train_arrays, who, "train_arrays")
-  _num_examples(test_arrays, who, "test_arrays")
+  num_train, _ = runs_lib.check_arrays(who, loss_fn, params0, train_arrays,
+                                       test_arrays)
   batch_ids, weights, single = _as_runs(batch_ids, weights, num_train, who,
                                         "batch_ids")
   if int(cotangents_at_once) <= 0:
@@ -273,7 +298,7 @@ def metagradients(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
                      f"{remat_every}.")
   num_runs, num_steps, _ = batch_ids.shape
   run_sharding, replicated = runs_lib.runs_shardings(num_runs, mesh)
-  structure, hyperparameters = optim.split_settings(config, num_steps)
+  structure, hyperparameters = runs_lib.checked_split_settings(who, config, num_steps)
   compiled = _metagradients_fn(loss_fn, structure, remat_every, cotangents_at_once,
                                int(seed), run_sharding)
   grads, losses = compiled(sharding_lib.put(sharding_lib.to_host(params0), replicated),
@@ -283,6 +308,7 @@ def metagradients(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
                            sharding_lib.put(test_arrays, replicated), hyperparameters)
   grads = sharding_lib.to_host(grads).astype(np.float32)
   losses = sharding_lib.to_host(losses).astype(np.float32)
+  _check_metagradients(who, grads, losses, single)
   if single:
     grads, losses = grads[0], losses[0]
   return (grads, losses) if return_final_losses else grads
@@ -492,11 +518,15 @@ def first_order_losses(params0: Any, reference_batch_ids: Any, curricula: Any, *
     curricula), reference_losses float32[T+1, M])`.
 
   Raises:
-    ValueError: bad shapes, ids or weights, or different step counts.
+    ValueError: bad shapes, ids or weights, different step counts, arrays whose
+      leading sizes differ, labels / targets out of range (`runs.check_arrays`),
+      or a learning rate that is not a finite positive number.
+    FloatingPointError: a non-finite reference or predicted test loss (checked on
+      each chunk's host copy; names curriculum, step and test example).
   """
   who = "first_order_losses"
-  num_train = _num_examples(train_arrays, who, "train_arrays")
-  _num_examples(test_arrays, who, "test_arrays")
+  num_train, _ = runs_lib.check_arrays(who, loss_fn, params0, train_arrays,
+                                       test_arrays)
   reference_ids, reference_weights, curricula, curricula_weights, single = (
       _reference_and_curricula(reference_batch_ids, reference_weights, curricula,
                                curricula_weights, num_train, who))
@@ -510,7 +540,7 @@ def first_order_losses(params0: Any, reference_batch_ids: Any, curricula: Any, *
   coefficients, num_valid = jax.vmap(jax.vmap(step_lib.slot_coefficients))(
       jnp.asarray(curricula), jnp.asarray(curricula_weights))
   curriculum_coefficients = np.asarray(coefficients / num_valid[..., None])
-  structure, hyperparameters = optim.split_settings(config, num_steps)
+  structure, hyperparameters = runs_lib.checked_split_settings(who, config, num_steps)
   compiled = _first_order_fn(loss_fn, structure, int(seed), chunk_sharding, replicated)
   put = functools.partial(sharding_lib.put, sharding=replicated)
   args = (put(sharding_lib.to_host(params0)), put(reference_ids),
@@ -523,7 +553,23 @@ def first_order_losses(params0: Any, reference_batch_ids: Any, curricula: Any, *
     predicted, reference = compiled(
         *args, sharding_lib.put(curricula[index], chunk_sharding),
         sharding_lib.put(curriculum_coefficients[index], chunk_sharding), *data)
-    predictions.append(sharding_lib.to_host(predicted)[:num_curricula - start])
+    predicted = sharding_lib.to_host(predicted)[:num_curricula - start]
+    if start == 0:
+      bad = _first_nonfinite(sharding_lib.to_host(reference))
+      if bad is not None:
+        raise FloatingPointError(
+            f"{who}: non-finite reference test loss (step {bad[0]}, test example "
+            f"{bad[1]}); the reference run diverged or an input (learning rate, "
+            "params0, train/test arrays) is not finite.")
+    bad = _first_nonfinite(predicted)
+    if bad is not None:
+      r, t, m = bad
+      raise FloatingPointError(
+          f"{who}: non-finite predicted test loss (curriculum {start + r}, step {t}, "
+          f"test example {m}); the tangents overflowed (huge curricula_weights, or a "
+          "reference run that amplifies perturbations: try a smaller learning "
+          "rate).")
+    predictions.append(predicted)
   losses = np.concatenate(predictions).astype(np.float32)
   reference = sharding_lib.to_host(reference).astype(np.float32)
   return FirstOrderLosses(losses=losses[0] if single else losses,
@@ -577,6 +623,11 @@ def _table_terms(table, ref_ids, ref_w, reference_final, num_train, who):
   if reference_final.shape != table.shape[2:]:
     raise ValueError(f"{who}: reference_final must be float[M={table.shape[2]}], got "
                      f"{list(reference_final.shape)}.")
+  for name, values in (("table", table), ("reference_final", reference_final)):
+    bad = _first_nonfinite(values)
+    if bad is not None:
+      raise ValueError(f"{who}: {name} must be finite, got {values[bad]} at "
+                       f"{name}{list(bad)}.")
   ref_valid = ref_ids >= 0
   num_valid = np.maximum(ref_valid.sum(1), 1).astype(np.float64)  # [T]
   slot_of = np.full((num_steps, num_train), -1, np.int64)
@@ -629,8 +680,8 @@ def table_simulator(table: Any, reference_batch_ids: Any, reference_final: Any,
     the table's columns).
 
   Raises:
-    ValueError: shapes disagree, an example is missing from a reference step, or
-      bad columns.
+    ValueError: shapes disagree, a non-finite table / reference_final /
+      initial_losses, an example is missing from a reference step, or bad columns.
   """
   from simfluence_jax.simulators import _simulator  # pylint: disable=g-import-not-at-top
   who = "table_simulator"
@@ -710,8 +761,9 @@ def predict_from_table(table: Any, reference_batch_ids: Any, reference_final: An
     float32[R', M].
 
   Raises:
-    ValueError: shapes disagree, or a curriculum uses an example its step's
-      reference slots do not hold (named: curriculum, step, id).
+    ValueError: shapes disagree, a non-finite table or reference_final, or a
+      curriculum uses an example its step's reference slots do not hold (named:
+      curriculum, step, id).
   """
   who = "predict_from_table"
   ref_ids, ref_w, ids, weights, _ = _reference_and_curricula(
@@ -763,6 +815,7 @@ def first_order_final_losses(params0: Any, reference_batch_ids: Any, curricula: 
   Raises:
     ValueError: bad arguments, route "table" with a stochastic loss, or (table) a
       curriculum using an example its step's reference slots do not hold.
+    FloatingPointError: a non-finite prediction, reference loss or metagradient.
   """
   who = "first_order_final_losses"
   if route not in ("auto", "jvp", "table"):
@@ -772,11 +825,12 @@ def first_order_final_losses(params0: Any, reference_batch_ids: Any, curricula: 
     raise ValueError(f"{who}: route='table' needs a deterministic loss (a stochastic "
                      f"one draws per-slot keys a curriculum's own slots would not "
                      f"share); use route='jvp'.")
-  num_train = _num_examples(train_arrays, who, "train_arrays")
-  num_test = _num_examples(test_arrays, who, "test_arrays")
+  num_train, num_test = runs_lib.check_arrays(who, loss_fn, params0, train_arrays,
+                                               test_arrays)
   ref_ids, ref_w, ids, weights, single = _reference_and_curricula(
       reference_batch_ids, reference_weights, curricula, curricula_weights, num_train,
       who)
+  runs_lib.checked_split_settings(who, config, ref_ids.shape[0])  # named `who`
   if route == "auto":
     route = "jvp" if stochastic else choose_route(ids.shape[0], num_test)
   common = dict(loss_fn=loss_fn, config=config, train_arrays=train_arrays,

@@ -17,7 +17,7 @@ import functools
 import json
 import logging
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -288,6 +288,102 @@ def _check_finite(name: str, values: np.ndarray, first_step: int) -> None:
         "before this segment are kept.")
 
 
+def _leaf_name(path) -> str:
+  """"labels" for the path of `arrays["labels"]`; "a/b" for nested containers."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts) or "(the array)"
+
+
+def _leading_size(who: str, arrays: Any, argument: str, axis: str) -> int:
+  """The number of examples of `arrays` (N or M): every leaf's leading size, which
+  must be one and the same (ValueError naming each leaf's otherwise)."""
+  leaves = jax.tree_util.tree_flatten_with_path(arrays)[0]
+  if not leaves:
+    raise ValueError(f"{who}: {argument} has no arrays.")
+  sizes = [(_leaf_name(path), int(np.shape(x)[0]) if np.ndim(x) else None)
+           for path, x in leaves]
+  if None in {size for _, size in sizes} or len({size for _, size in sizes}) != 1:
+    got = ", ".join(f"{name} {'(a scalar)' if size is None else size}"
+                    for name, size in sizes)
+    raise ValueError(f"{who}: {argument}: every array needs the same leading axis "
+                     f"{axis}, got {got}.")
+  return sizes[0][1]
+
+
+def _check_class_ids(who: str, loss_fn: step_lib.LossFn, params: Any,
+                     arrays: Any, argument: str) -> None:
+  """Refuses integer class ids (`arrays["labels"]`, or LM `"targets"`) outside
+  [0, C). The losses of `step.make_loss_fn` say which key and C
+  (`loss_fn.class_ids_key`, `loss_fn.num_classes(params, inputs)`: the logits'
+  last dimension, from shapes); for another loss only negative "labels" /
+  "targets" are refused. Out of range, the cross-entropy's gather wraps a
+  negative id to class C + id and gives NaN for an id ≥ C. Padded LM targets are
+  0 under mask 0 (`data/packing.py`): no id is negative by convention."""
+  if not isinstance(arrays, Mapping):
+    return
+  declared = getattr(loss_fn, "class_ids_key", None)
+  for key in (declared,) if declared else ("labels", "targets"):
+    if key not in arrays:
+      continue
+    ids = np.asarray(sharding_lib.to_host(arrays[key]))
+    if not np.issubdtype(ids.dtype, np.integer) or not ids.size:
+      continue
+    num_classes = None
+    if declared and "inputs" in arrays:
+      num_classes = loss_fn.num_classes(params, arrays["inputs"])
+    if ids.min() >= 0 and (num_classes is None or ids.max() < num_classes):
+      continue
+    bad = (ids < 0) if num_classes is None else (ids < 0) | (ids >= num_classes)
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    where = f"row {index[0]}" + (f" (index {list(index)})" if len(index) > 1 else "")
+    allowed = ("non-negative class ids" if num_classes is None
+               else f"in [0, {num_classes})")
+    raise ValueError(f'{who}: {argument}["{key}"] must be {allowed}, got '
+                     f"{ids[index]} at {where}.")
+
+
+def check_arrays(who: str, loss_fn: step_lib.LossFn, params0: Any,
+                 train_arrays: Any, test_arrays: Any) -> Tuple[int, int]:
+  """(N, M) of `train_arrays` / `test_arrays`, checked before anything is computed.
+
+  Every array of each needs the same leading axis (N, resp. M), and integer
+  class ids must be ones the loss can score (`_check_class_ids`: in [0, C) for
+  `step.make_loss_fn`'s losses, ≥ 0 for another loss's "labels" / "targets").
+  ValueError naming the array otherwise.
+  """
+  num_train = _leading_size(who, train_arrays, "train_arrays", "N")
+  num_test = _leading_size(who, test_arrays, "test_arrays", "M")
+  _check_class_ids(who, loss_fn, params0, train_arrays, "train_arrays")
+  _check_class_ids(who, loss_fn, params0, test_arrays, "test_arrays")
+  return num_train, num_test
+
+
+def checked_split_settings(who: str, config: Any, num_steps: int
+                           ) -> Tuple[tuple, Dict[str, np.float32]]:
+  """`optim.split_settings`, refusing a learning rate that is not a finite positive
+  number (as the command line does) and a negative or non-finite end_learning_rate:
+  either trains something else than asked without a NaN to show it."""
+  structure, hyperparameters = optim.split_settings(config, num_steps)
+  rate = hyperparameters["learning_rate"]
+  if not (np.isfinite(rate) and rate > 0):
+    raise ValueError(f"{who}: config.learning_rate="
+                     f"{float(optim.config_field(config, 'learning_rate'))!r}: must be "
+                     "a finite positive number.")
+  end = hyperparameters.get("end_learning_rate")
+  if end is not None and not (np.isfinite(end) and end >= 0):
+    raise ValueError(f"{who}: config.end_learning_rate="
+                     f"{float(optim.config_field(config, 'end_learning_rate'))!r}: "
+                     "must be a finite non-negative number.")
+  return structure, hyperparameters
+
+
 def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
                train_arrays: Dict[str, Any], test_arrays: Dict[str, Any],
                optimizer_config: Any = None, config: Any = None,
@@ -307,10 +403,14 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
     params0: base variables `{"params": ...}` (unbatched), shared by all runs.
     batch_ids: int32[R, T, B] train ids per run and step, -1 = padding.
     loss_fn: per-example loss `(params, batch) -> float32[n]` (`make_loss_fn`).
-    train_arrays: dict of arrays, row i = train example i (N rows).
-    test_arrays: dict of arrays of the M test examples.
+    train_arrays: dict of arrays, row i = train example i (N rows, every array).
+      Integer "labels" (LM "targets") must be in [0, C), C the logits' last
+      dimension, for `make_loss_fn`'s losses; for another loss only negative
+      "labels" / "targets" are refused (`check_arrays`).
+    test_arrays: dict of arrays of the M test examples (checked alike).
     optimizer_config: config for `optim.make_optimizer` (`optimizer`,
-      `learning_rate`, `lr_schedule`, ...); the linear schedule decays over T.
+      `learning_rate` > 0, `lr_schedule`, ...); the linear schedule decays over T
+      (to `end_learning_rate` ≥ 0).
     config: alias of `optimizer_config` (e.g. the experiment config, whose
       top-level fields hold the optimizer settings); give exactly one.
     workdir: directory for resumable checkpoints (`runs_ckpt/`) and TracIn
@@ -362,7 +462,9 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
 
   Raises:
     FloatingPointError: a NaN/inf training or test loss (names run and step).
-    ValueError: bad shapes or weights, or a workdir holding a different job.
+    ValueError: bad shapes or weights, arrays whose leading sizes differ, labels /
+      targets out of range, a learning rate that is not a finite positive number,
+      or a workdir holding a different job.
   """
   if (optimizer_config is None) == (config is None):
     raise ValueError("train_runs: give exactly one of optimizer_config and config.")
@@ -373,8 +475,8 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
                      f"{batch_ids.dtype}{list(batch_ids.shape)}.")
   batch_ids = batch_ids.astype(np.int32)
   num_runs, num_steps, batch_size = batch_ids.shape
-  num_train = jax.tree_util.tree_leaves(train_arrays)[0].shape[0]
-  num_test = jax.tree_util.tree_leaves(test_arrays)[0].shape[0]
+  num_train, num_test = check_arrays("train_runs", loss_fn, params0, train_arrays,
+                                     test_arrays)
   if batch_ids.min() < -1 or batch_ids.max() >= num_train:
     raise ValueError(f"train_runs: batch_ids must be in [-1, N={num_train}), found "
                      f"[{batch_ids.min()}, {batch_ids.max()}].")
@@ -403,7 +505,8 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
   tracin_due = lambda s: s % tracin_every == 0 or s == num_steps
 
   # Read once: the segment is keyed on the structure and takes the numbers.
-  structure, hyperparameters = optim.split_settings(optimizer_config, num_steps)
+  structure, hyperparameters = checked_split_settings("train_runs",
+                                                      optimizer_config, num_steps)
   optimizer, _ = optim.joined_optimizer(structure, hyperparameters)
   run_sharding, replicated = runs_shardings(num_runs, mesh)
   train_dev = sharding_lib.put(train_arrays, replicated)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from simfluence_jax import losses
@@ -109,6 +110,18 @@ def make_loss_fn(model: nn.Module, kind: str, *,
       rngs = {name: jax.random.fold_in(rng, k) for k, name in enumerate(rng_names)}
       return loss_of(apply(params, batch["inputs"], rngs=rngs, **train_kwargs), batch)
 
+  def num_classes(params, inputs) -> int:
+    """C of the batch's class ids (labels, or LM targets): the logits' last
+    dimension, from shapes only (`jax.eval_shape`, nothing compiled or run)."""
+    first = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct((1,) + np.shape(x)[1:], jnp.result_type(x)),
+        inputs)
+    return int(jax.eval_shape(lambda p, x: apply(p, x, **eval_kwargs), params,
+                              first).shape[-1])
+
+  # `train_runs` / `metagradients` refuse class ids outside [0, C) with it.
+  loss_fn.class_ids_key = "targets" if kind == "lm" else "labels"
+  loss_fn.num_classes = num_classes
   # What the resume fingerprint of `train_runs` records about the loss; object
   # addresses (functions held by the module) differ between processes.
   loss_fn.description = re.sub(r" at 0x[0-9a-fA-F]+", "", (
