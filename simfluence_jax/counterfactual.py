@@ -28,17 +28,90 @@ from simfluence_jax import trace as trace_lib
 
 
 SIMULATORS_DIR = "simulators"
+# The main job's stage records (`pipeline.workdir.STAGES_DIR`; not imported from
+# there: `simfluence_jax.pipeline` imports every stage's libraries).
+_STAGES_DIR = "stages"
+
+
+def _seed_dirs(workdir: str) -> list:
+  """The `seed_<k>` directories of `workdir` (a multi-seed job's), sorted by k."""
+  root = _io.as_path(workdir)
+  found = [c.name for c in root.iterdir() if c.name.startswith("seed_")
+           and c.name[5:].isdigit() and c.is_dir()] if root.is_dir() else []
+  return [os.path.join(workdir, n) for n in sorted(found, key=lambda n: int(n[5:]))]
+
+
+def _check_current(workdir: str, names: Sequence[str], metrics) -> None:
+  """Raises ValueError naming the first of `names` whose saved simulator is not the
+  one the workdir's last main job fitted (see `load_simulators`)."""
+  stages = _io.as_path(workdir) / _STAGES_DIR
+  seeds = _seed_dirs(workdir) if metrics is None else []
+  if seeds:
+    raise ValueError(
+        f"--workdir={workdir!r}: its last main job did not finish (no metrics.json) "
+        "and it holds the seed_<k>/ workdirs of a multi-seed job, so its own "
+        "simulators may be an older job's; use one seed's workdir "
+        f"({', '.join(seeds)}) or rerun simfluence_jax.main.")
+  # The methods of the job that wrote metrics.json; without one (a job that did not
+  # finish, or stages called one by one from a colab), the records alone decide.
+  methods = (((metrics or {}).get("summary") or {}).get("config") or {}).get(
+      "methods")
+  runs_path = stages / "record_runs.json"
+  runs = _io.read_json(runs_path, "simulate") if runs_path.exists() else None
+  for name in names:
+    stale = f"simulators/{name} in --workdir={workdir!r} is stale"
+    if methods is not None and name not in methods:
+      raise ValueError(
+          f"{stale}: {name} is not in the config.methods {list(methods)} of the job "
+          f"that wrote metrics.json; pass --methods without it, or delete "
+          f"simulators/{name}.")
+    path = stages / f"fit_{name}.json"
+    record = _io.read_json(path, "simulate") if path.exists() else None
+    if record is None or record.get("status") != "done":
+      status = "missing" if record is None else f"{record.get('status')!r}"
+      raise ValueError(f"{stale}: its stage record {_STAGES_DIR}/fit_{name}.json is "
+                       f"{status}, not 'done'; rerun simfluence_jax.main.")
+    if runs is None or runs.get("status") != "done":
+      status = "missing" if runs is None else f"{runs.get('status')!r}"
+      raise ValueError(f"{stale}: the stage record {_STAGES_DIR}/record_runs.json is "
+                       f"{status}, not 'done'; rerun simfluence_jax.main.")
+    fitted_on = (record.get("upstream") or {}).get("record_runs")
+    if fitted_on != runs.get("fingerprint"):
+      raise ValueError(
+          f"{stale}: it was fitted on other runs (record_runs {fitted_on} in "
+          f"{_STAGES_DIR}/fit_{name}.json, {runs.get('fingerprint')} in "
+          f"{_STAGES_DIR}/record_runs.json); rerun simfluence_jax.main.")
 
 
 def load_simulators(workdir: str, methods: Optional[Sequence[str]] = None
                     ) -> dict[str, simulators_lib.Simulator]:
   """The simulators the main job saved in `workdir/simulators/<method>/`.
 
+  In a workdir of the main job (it has `stages/`), a simulator is loaded only if its
+  `stages/fit_<method>.json` is done and was fitted on the runs of the current
+  `stages/record_runs.json` (done; the record's upstream fingerprint), and, when the
+  workdir has a metrics.json (the last job finished: a job removes it when it
+  starts), the method is in that job's `config.methods`. Without metrics.json, a
+  workdir holding `seed_<k>/` directories (a multi-seed job that did not finish) is
+  refused. A directory without `stages/` holds simulators saved by hand, loaded as
+  they are.
+
   Raises:
     FileNotFoundError: the workdir holds no saved simulators (main job not finished).
-    ValueError: a requested method is not among them.
+    ValueError: a requested method is not among them; a saved simulator is stale
+      (named, with why); `workdir` is the top level of a multi-seed job (its
+      simulators are in `seed_<k>/`).
   """
   root = os.path.join(workdir, SIMULATORS_DIR)
+  metrics_path = _io.as_path(workdir) / "metrics.json"
+  metrics = (_io.read_json(metrics_path, "simulate") if metrics_path.exists()
+             else None)
+  if isinstance(metrics, dict) and metrics.get("seeds"):
+    raise ValueError(
+        f"--workdir={workdir!r} is the top level of a {len(metrics['seeds'])}-seed "
+        "job (metrics.json has \"seeds\"), which fits no simulator; use one seed's "
+        "workdir: " + ", ".join(os.path.join(workdir, f"seed_{k}")
+                                for k in range(len(metrics["seeds"]))) + ".")
   directory = _io.as_path(root)
   saved = sorted(child.name for child in directory.iterdir()
                  if (child / "simulator.json").exists()
@@ -51,6 +124,8 @@ def load_simulators(workdir: str, methods: Optional[Sequence[str]] = None
   if unknown:
     raise ValueError(f"--methods: {unknown} not fitted in {workdir!r}; available: "
                      f"{saved}.")
+  if (_io.as_path(workdir) / _STAGES_DIR).is_dir():
+    _check_current(workdir, methods, metrics)
   return {name: simulators_lib.Simulator.load(os.path.join(root, name))
           for name in methods}
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from simfluence_jax import _io
 from simfluence_jax import main as main_lib
+from simfluence_jax import sharding
 
 _SWEEP = flags.DEFINE_multi_string(
     "sweep", [], "FIELD:V1,V2,... (dotted config field and its values); repeat the "
@@ -120,6 +121,11 @@ def run(config, workdir: str, specs: Sequence[str], overwrite: bool = False,
            for values in itertools.product(*[v for _, v in grid])]
   for overrides in cells:  # every cell validates before any runs
     pipeline.validate_config(cell_config(config, overrides))
+  # The last sweep's results go first: a sweep that stops before the end leaves none
+  # that reads as current (`tables --sweep` refuses a missing sweep.json).
+  if sharding.is_primary():
+    for name in ("sweep.json", "sweep.png"):
+      _io.remove_tree(os.path.join(os.fspath(workdir), name))
   results = []
   for index, overrides in enumerate(cells):
     print(f"sweep: cell {index + 1}/{len(cells)}: {cell_name(overrides)}",

@@ -11,6 +11,9 @@ that file is replaced by the tables. `--sweep=DIR` adds the regime map of a swee
 `--plans=A.json,B.json` the per-chip memory of each stage in plans written by
 `python -m simfluence_jax.plan ... --out=A.json`. The tables themselves are built by
 `simfluence_jax.evaluation._tables`, which defines no flags.
+
+A job removes its metrics.json (a sweep its sweep.json) when it starts and writes it
+when it finishes, so a missing one is refused: the last job there did not finish.
 """
 
 import json
@@ -34,15 +37,27 @@ _README = flags.DEFINE_string("readme", None, "Update this file in place.")
 _PLANS = flags.DEFINE_list("plans", None, "Plan JSON files (`plan --out=`).")
 
 
+def _finished(directory: str, name: str, flag: str, job: str) -> str:
+  """`directory/name`; ValueError if missing: a job removes its result when it
+  starts and writes it when it finishes, so the last job there did not finish."""
+  path = os.path.join(directory, name)
+  if not _io.exists(path):
+    raise ValueError(f"--{flag}={directory!r} has no {name}: its last {job} did not "
+                     "finish (or never ran there); rerun it.")
+  return path
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   try:
     parts = []
     if _WORKDIR.value:
-      payload = json.loads(_io.read_text(os.path.join(_WORKDIR.value, "metrics.json")))
+      payload = json.loads(_io.read_text(_finished(_WORKDIR.value, "metrics.json",
+                                                   "workdir", "main job")))
       parts.append(render(payload, _GOALS.value, _WORKDIR.value))
     if _SWEEP.value:
+      _finished(_SWEEP.value, "sweep.json", "sweep", "sweep")
       parts.append("\n".join(sweep_table(_SWEEP.value)) + "\n")
     if _PLANS.value:
       # pylint: disable-next=g-import-not-at-top

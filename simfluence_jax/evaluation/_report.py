@@ -380,6 +380,9 @@ def write_report(workdir: str, *, payload: dict, predictions: Optional[dict] = N
                  test_texts: Optional[list] = None) -> dict:
   """Writes workdir/metrics.json, workdir/report.md and workdir/plots/*.png.
 
+  plots/ is the report's own folder: it is cleared first, so it holds this report's
+  plots only. metrics.json is written last: it is there once the report is whole.
+
   Args:
     workdir: output directory.
     payload: the metrics dict (module docstring); written as metrics.json.
@@ -406,10 +409,12 @@ def write_report(workdir: str, *, payload: dict, predictions: Optional[dict] = N
                        f"{len(test_texts)}.")
   payload = clean_json(payload)
   metrics_path = root / "metrics.json"
-  _io.write_text(metrics_path, json.dumps(payload, indent=2, sort_keys=True))
   # Plots are drawn into a local directory first (matplotlib writes files), then
-  # moved into the workdir atomically by `_io`.
+  # moved into the workdir atomically by `_io`. plots/ is the report's own: cleared
+  # first, so no plot of an earlier report (a method since dropped, another number
+  # of seeds) stays beside the new ones.
   plot_dir = root / "plots"
+  _io.remove_tree(plot_dir)
   plots = []
   if not _optional.available("matplotlib"):
     _optional.skipped("Plots", "report")
@@ -424,5 +429,7 @@ def write_report(workdir: str, *, payload: dict, predictions: Optional[dict] = N
       plots.append(_counterfactual_plot(plot_dir, payload["counterfactual"]))
   report_path = root / "report.md"
   _io.write_text(report_path, "\n".join(report_lines(payload, plots)) + "\n")
+  # Last: a workdir's metrics.json says its job finished (`tables`, `simulate`).
+  _io.write_text(metrics_path, json.dumps(payload, indent=2, sort_keys=True))
   return {"metrics": os.fspath(metrics_path), "report": os.fspath(report_path),
           "plots": [os.fspath(p) for p in plots]}

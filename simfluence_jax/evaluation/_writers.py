@@ -1,14 +1,21 @@
 """TensorBoard metrics of the main job: scalar event files and their log lines.
 
-Layout under `logdir` (the main job uses `workdir/tensorboard`):
+Layout under `logdir` of `write_training_metrics` (the main job's
+`workdir/tensorboard`):
 
   runs/run_000/ ...   per run r: `train_loss` (mean loss of each step's batch, before
                       its update) and `test_loss` (mean over the M test examples after
                       the step; step 0 = the base model), step = training step
-  ./                  `train_loss/mean_over_runs`, `test_loss/mean_over_runs` per step;
-                      `fit/<simulator>/<key>` (numeric `Simulator.fit_info`: solver
-                      iterations, relative residual, noise std, l2, ...) and
-                      `held_out/<method>/<metric>` at step 0
+  ./                  `train_loss/mean_over_runs`, `test_loss/mean_over_runs` per step
+
+and under `logdir` of `write_evaluation_metrics` (the main job's
+`workdir/tensorboard/evaluation`): `fit/<simulator>/<key>` (numeric
+`Simulator.fit_info`: solver iterations, relative residual, noise std, l2, ...) and
+`held_out/<method>/<metric>` at step 0.
+
+Each call adds an event file. The main job clears a folder before writing it again
+(when the stage it shows was recomputed: `pipeline.experiment._tensorboard_part`),
+so a folder never shows discarded runs' curves beside new ones.
 
 Only process 0 writes event files; other processes only log, as clu recommends for
 multi-host jobs (`create_default_writer(just_logging=True)`). A bucket `logdir`

@@ -4,6 +4,9 @@
 `config.num_seeds = K > 1` it runs the experiment for seeds seed..seed+K−1 in
 `workdir/seed_<k>/` (full outputs each) and writes into `workdir` the mean over
 seeds of every metric, `metrics.json["std"]` and a report of mean ± std.
+
+A job first removes the result of the last one (metrics.json, report.md, plots/:
+`clear_results`), so a job that stops early leaves none that reads as current.
 """
 
 from __future__ import annotations
@@ -104,18 +107,84 @@ def _summary(config, dataset, runs: stages.Runs, curricula) -> dict:
           "seconds_per_run": runs.seconds_per_run, "devices": str(jax.devices())}
 
 
+# What a finished job leaves as its result (`evaluation.write_report`): removed when
+# a job starts, so a job that stops early (killed, refused, failed) leaves none that
+# reads as current (`python -m simfluence_jax.tables` refuses a missing metrics.json).
+RESULT_FILES = ("metrics.json", "report.md", "plots")
+TENSORBOARD_DIR = "tensorboard"
+# tensorboard/<this>: which stage fingerprints the event files there were written
+# from (`_tensorboard_part`); TensorBoard reads event files only.
+_TENSORBOARD_SOURCES = "written_from.json"
+
+
+def clear_results(workdir: str) -> None:
+  """Removes `workdir`'s metrics.json, report.md and plots/ (process 0 only)."""
+  if sharding.is_primary():
+    for name in RESULT_FILES:
+      _io.remove_tree(_io.as_path(workdir) / name)
+
+
+def _tensorboard_part(wd: workdir_lib.Workdir, stage: str, logdir, write) -> None:
+  """Writes one part of `wd`'s TensorBoard folder unless it shows `stage`'s outputs.
+
+  `write()` writes event files into `logdir` (tensorboard/ or a folder in it) from
+  the outputs of `stage` and returns how many scalars it wrote; when the stage's
+  fingerprint differs from the one `logdir` was written from (or it never was),
+  `logdir` is cleared first, so its curves are never those of discarded outputs
+  beside the new ones, and a rerun that reuses the stage appends no second copy.
+  The fingerprint is recorded only once the event files are written: a job killed
+  before that leaves `logdir` unclaimed, and the next writes it again.
+  """
+  root = wd.path(TENSORBOARD_DIR)
+  sources_path = root / _TENSORBOARD_SOURCES
+  fingerprint = wd.fingerprint(stage)
+  sources = {}
+  if sharding.is_primary() and sources_path.exists():
+    try:
+      sources = _io.read_json(sources_path, "tensorboard")
+    except ValueError:
+      sources = {}  # a torn record: rewrite the part
+    if not isinstance(sources, dict):
+      sources = {}
+  current = int(sources.get(stage) == fingerprint)
+  if int(sharding.agree(current)):
+    return
+  if sharding.is_primary():
+    # The claim goes first (a job killed while clearing or writing leaves none);
+    # clearing the whole folder clears every part in it.
+    sources = {} if logdir == root else {
+        name: value for name, value in sources.items() if name != stage}
+    _write_sources(sources_path, sources)
+    _io.remove_tree(logdir)
+  written = write()
+  if sharding.is_primary() and written:  # none: TensorBoard is not installed
+    _write_sources(sources_path, dict(sources, **{stage: fingerprint}))
+
+
+def _write_sources(path, sources: dict) -> None:
+  if sources:
+    _io.write_json(path, sources)
+  else:
+    _io.remove_tree(path)
+
+
 def run_seed(config, workdir: str, overwrite: bool = False) -> dict:
   """One experiment (one seed) in `workdir`; returns the metrics payload."""
   from simfluence_jax import evaluation  # pylint: disable=g-import-not-at-top
   wd = workdir_lib.Workdir(workdir, config, overwrite)
   config_lib.mesh_model_sizes(config, jax.device_count())  # refused before any work
+  clear_results(workdir)
   methods = config.methods
   dataset = stages.load_data(wd, config)
   model = stages.base_model(wd, config, dataset)
   curricula = stages.make_curricula(config)
   runs = stages.record_runs(wd, config, dataset, model, curricula)
-  if not wd.timings["record_runs"].reused:
-    evaluation.write_training_metrics(os.fspath(wd.path("tensorboard")), runs.trace)
+  # TensorBoard: tensorboard/ (runs/ and the means over runs) shows record_runs'
+  # outputs, tensorboard/evaluation/ those of evaluate; each is rewritten when its
+  # stage's outputs change (the whole folder with the runs).
+  _tensorboard_part(wd, "record_runs", wd.path(TENSORBOARD_DIR),
+                    lambda: evaluation.write_training_metrics(
+                        os.fspath(wd.path(TENSORBOARD_DIR)), runs.trace))
   scores = {}
   if "tracin_cp" in methods:
     scores["tracin_cp"] = stages.tracin_cp(wd, config, dataset, model)
@@ -132,8 +201,11 @@ def run_seed(config, workdir: str, overwrite: bool = False) -> dict:
     direct["metagradient"] = stages.metagradient(wd, config, dataset, model, curricula)
     upstream += ("metagradient",)
   result = stages.evaluate(wd, config, runs, curricula, sims, direct, upstream)
-  evaluation.write_evaluation_metrics(os.fspath(wd.path("tensorboard")), sims,
-                                      result.metrics["held_out"])
+  evaluation_logdir = wd.path(TENSORBOARD_DIR, "evaluation")
+  _tensorboard_part(wd, "evaluate", evaluation_logdir,
+                    lambda: evaluation.write_evaluation_metrics(
+                        os.fspath(evaluation_logdir), sims,
+                        result.metrics["held_out"]))
   payload = dict(result.metrics["held_out"])
   if "unseen" in result.metrics:
     payload["unseen_examples"] = result.metrics["unseen"]
@@ -223,12 +295,16 @@ def _run(config, workdir: str, overwrite: bool) -> dict:
   from simfluence_jax import evaluation  # pylint: disable=g-import-not-at-top
   if config.num_seeds == 1:
     return run_seed(config, workdir, overwrite)
+  config_lib.mesh_model_sizes(config, jax.device_count())  # refused before any work
+  clear_results(workdir)
   seeds = [config.seed + k for k in range(config.num_seeds)]
   payloads = [run_seed(_seed_config(config, seed), os.path.join(
       os.fspath(workdir), f"seed_{k}"), overwrite) for k, seed in enumerate(seeds)]
   mean, std = _mean_and_std(payloads)
   payload = dict(mean, std=std, seeds=seeds, num_seeds=len(seeds),
-                 summary=dict(payloads[0]["summary"], seeds=seeds),
+                 # The job's config (num_seeds K, the first seed), not seed 0's.
+                 summary=dict(payloads[0]["summary"], seeds=seeds,
+                              config=config.to_dict()),
                  stages={f"seed_{k}/{name}": v for k, p in enumerate(payloads)
                          for name, v in p["stages"].items()})
   growth = [p.get("regime", {}).get("removal_derivative_growth") for p in payloads]

@@ -32,6 +32,18 @@ def _positive_float(config, name: str, allow_none: bool = False) -> None:
     raise ValueError(f"config.{name}={value!r}: must be a finite positive number.")
 
 
+def _no_duplicates(config, name: str) -> None:
+  """Refuses a tuple field naming a method twice (`--config.methods=...` given twice
+  on the command line joins the two tuples)."""
+  value = config
+  for part in name.split("."):
+    value = value[part]
+  repeated = sorted({m for m in value if list(value).count(m) > 1})
+  if repeated:
+    raise ValueError(f"config.{name}={tuple(value)!r}: {repeated} listed more than "
+                     "once (was the flag given twice?).")
+
+
 def validate_config(config) -> None:
   """Raises ValueError naming the first bad field of `config`."""
   for name in ("num_train_examples", "num_test_examples", "subset_size", "num_runs",
@@ -67,11 +79,13 @@ def validate_config(config) -> None:
   if unknown or not config.methods:
     raise ValueError(f"config.methods={tuple(config.methods)!r}: unknown {unknown}; "
                      f"known: {METHODS}.")
+  _no_duplicates(config, "methods")
   if "simfluence_hybrid" in config.methods and not {
       "metagradient", "simfluence_linear"} <= set(config.methods):
     raise ValueError("config.methods: simfluence_hybrid averages metagradient and "
                      "simfluence_linear; list both.")
   if config.counterfactual.enabled:
+    _no_duplicates(config, "counterfactual.methods")
     # Searched: those of these that config.methods computes.
     searchable = set(METHODS) - {"curriculum_blind", "simfluence_hybrid"}
     bad = sorted(set(config.counterfactual.methods) - searchable)

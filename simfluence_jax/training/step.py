@@ -110,14 +110,19 @@ def make_loss_fn(model: nn.Module, kind: str, *,
       rngs = {name: jax.random.fold_in(rng, k) for k, name in enumerate(rng_names)}
       return loss_of(apply(params, batch["inputs"], rngs=rngs, **train_kwargs), batch)
 
+  known = {}
+
   def num_classes(params, inputs) -> int:
     """C of the batch's class ids (labels, or LM targets): the logits' last
-    dimension, from shapes only (`jax.eval_shape`, nothing compiled or run)."""
-    first = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct((1,) + np.shape(x)[1:], jnp.result_type(x)),
-        inputs)
-    return int(jax.eval_shape(lambda p, x: apply(p, x, **eval_kwargs), params,
-                              first).shape[-1])
+    dimension, from shapes only (`jax.eval_shape`: nothing compiled or run; one
+    trace per shapes of params and inputs)."""
+    shape = lambda x: jax.ShapeDtypeStruct((1,) + np.shape(x)[1:], jnp.result_type(x))
+    first = jax.tree_util.tree_map(shape, inputs)
+    key = str(jax.tree_util.tree_map(shape, (params, first)))
+    if key not in known:
+      known[key] = int(jax.eval_shape(lambda p, x: apply(p, x, **eval_kwargs), params,
+                                      first).shape[-1])
+    return known[key]
 
   # `train_runs` / `metagradients` refuse class ids outside [0, C) with it.
   loss_fn.class_ids_key = "targets" if kind == "lm" else "labels"
