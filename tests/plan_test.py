@@ -24,6 +24,7 @@ from simfluence_jax import data
 from simfluence_jax import influence
 from simfluence_jax import models
 from simfluence_jax import sharding
+from simfluence_jax import training
 from simfluence_jax.influence import _common
 from simfluence_jax.planning import chips
 from simfluence_jax.planning import costs
@@ -103,10 +104,19 @@ def test_segment_arguments_are_the_sharded_state(tmp_path, mesh_model):
                for x in jax.tree_util.tree_leaves(tree))
 
   steps = min(config.checkpoint_every, config.num_steps)  # per segment
-  per_run = chip_bytes(params) + chip_bytes(adam) + steps * config.batch_size * 4
+  # Batch ids (int32) and occurrence weights (float32) of every step, as train_runs
+  # passes them.
+  per_run = (chip_bytes(params) + chip_bytes(adam)
+             + steps * config.batch_size * (4 + 4))
   arrays = ((config.num_train_examples + config.num_test_examples) * seq_len
             * (4 + 4 + 4))  # inputs, targets (int32), mask (float32)
-  expected = runs // slots * per_run + 4 + arrays  # + the first-step scalar
+  # The optimizer's numbers are arguments too (float32 scalars, replicated).
+  adam_config = config.copy_and_resolve_references()
+  adam_config.optimizer = "adam"
+  _, numbers = training.optim.split_settings(adam_config, config.num_steps)
+  assert {"learning_rate", "b1", "b2", "eps"} <= set(numbers)
+  expected = (runs // slots * per_run + 4  # + the first-step scalar
+              + arrays + 4 * len(numbers))
   assert segment["logical_argument_bytes"] == expected
   if mesh_model > 1:  # the state really is halved: most of it splits
     assert chip_bytes(params) < 0.55 * 4 * num_params

@@ -128,6 +128,14 @@ def test_a_custom_loss_refuses_only_negative_labels():
         [0, 7, -3, 40], np.int32)}, **kwargs)
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 3), (2, 0, 3), (2, 3, 0)])
+def test_train_runs_refuses_an_empty_axis_of_batch_ids(shape):
+  params0, train, test, _ = _setup()
+  with pytest.raises(ValueError, match=r"^train_runs: batch_ids must be int\[R, T, B\] "
+                                       r"with R, T, B ≥ 1, got int32\["):
+    _CALLS["train_runs"](params0, np.zeros(shape, np.int32), train, test, _config())
+
+
 @pytest.mark.parametrize("who", sorted(_CALLS))
 def test_arrays_whose_leading_sizes_differ_are_refused(who):
   params0, train, test, batch_ids = _setup()

@@ -19,6 +19,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from simfluence_jax import influence
@@ -142,24 +143,27 @@ def _segment(job: job_lib.Job, num_runs: int, record_grads: bool) -> Program:
   config = job.config
   mesh = sharding.runs_mesh(job.mesh_model_sizes[0], devices=job.devices)
   run_sharding, replicated = training.runs_shardings(num_runs, mesh)
-  optimizer, schedule = training.make_optimizer(config, num_steps=config.num_steps)
-  train_step = training.make_train_step(
-      job.loss_fn, optimizer, schedule, record_grads=record_grads,
-      projection_dim=config.projection_dim,
-      key=training.projection_key(config.seed))
   steps = segment_steps(config)
-  # The state's layout of `train_runs`: runs over `runs`, each leaf over `model`.
+  # `train_runs`' own program and layouts: runs over `runs`, each leaf over `model`
+  # (all runs at once, as train_runs does on accelerators); the optimizer's numbers
+  # are an argument, like the occurrence weights.
   params = job_lib.place(job.params, None, (num_runs,))
-  params_sharding = training.state_shardings(params, run_sharding)
-  params = job_lib.place(params, params_sharding)
-  opt_state = jax.eval_shape(jax.vmap(optimizer.init), params)
-  opt_sharding = training.state_shardings(opt_state, run_sharding)
-  opt_state = job_lib.place(opt_state, opt_sharding)
-  segment = training.make_segment_fn(train_step, run_sharding,
-                                     (params_sharding, opt_sharding))
+  program = training.segment_program(
+      job.loss_fn, config, config.num_steps, params, run_sharding,
+      record_grads=record_grads, projection_dim=config.projection_dim,
+      seed=config.seed)
+  params = job_lib.place(params, program.params_sharding)
+  opt_state = job_lib.place(jax.eval_shape(program.init, params),
+                            program.opt_sharding)
+  ids = (num_runs, steps, config.batch_size)
   args = (params, opt_state, SDS((), jnp.int32, sharding=replicated),
-          SDS((num_runs, steps, config.batch_size), jnp.int32, sharding=run_sharding),
-          job_lib.place(job.train, replicated), job_lib.place(job.test, replicated))
+          SDS(ids, jnp.int32, sharding=run_sharding),
+          job_lib.place(job.train, replicated), job_lib.place(job.test, replicated),
+          SDS(ids, jnp.float32, sharding=run_sharding),
+          jax.tree_util.tree_map(
+              lambda x: SDS(np.shape(x), np.asarray(x).dtype, sharding=replicated),
+              program.hyperparameters))
+  segment = program.fn
   size, model = mesh.shape[sharding.RUNS_AXIS], mesh.shape[sharding.MODEL_AXIS]
   where = "chip" if model == 1 else f"{model} chips"
   placement = (f"{num_runs // size} run(s) per {where}" if num_runs % size == 0 else

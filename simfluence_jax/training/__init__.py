@@ -40,8 +40,10 @@ from simfluence_jax.training.optim import make_optimizer
 from simfluence_jax.training.optim import make_schedule
 from simfluence_jax.training.pretrain import pretrain_base
 from simfluence_jax.training.runs import TrainResult
+from simfluence_jax.training.runs import Segment
 from simfluence_jax.training.runs import make_segment_fn
 from simfluence_jax.training.runs import runs_shardings
+from simfluence_jax.training.runs import segment_program
 from simfluence_jax.training.runs import state_shardings
 from simfluence_jax.training.runs import train_runs
 from simfluence_jax.training.step import dropout_key
@@ -53,14 +55,16 @@ from simfluence_jax.training.step import make_update
 from simfluence_jax.training.step import projection_key
 
 __all__ = [
-    "FirstOrderFinalLosses", "FirstOrderLosses", "LEARNING_RATE_MEANING", "TrainResult",
+    "FirstOrderFinalLosses", "FirstOrderLosses", "LEARNING_RATE_MEANING", "Segment",
+    "TrainResult",
     "derivative_growth", "dropout_key", "effective_weights", "first_order_final_losses",
     "first_order_losses", "gather_batch", "get_base_params",
     "load_params", "load_tracin_checkpoints", "load_tracin_params", "make_loss_fn",
     "make_segment_fn", "make_update", "metagradients", "predict_from_table",
     "table_simulator",
     "make_optimizer", "make_schedule", "make_train_step", "pretrain_base",
-    "projection_key", "runs_shardings", "save_params", "state_shardings", "tracin_steps", "train_runs",
+    "projection_key", "runs_shardings", "save_params", "segment_program",
+    "state_shardings", "tracin_steps", "train_runs",
     "checkpoints", "fingerprint", "metagradients_lib", "optim", "pretrain", "runs",
     "step",
 ]

@@ -17,7 +17,7 @@ import functools
 import json
 import logging
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -260,6 +260,50 @@ def _segment_fn(loss_fn, structure, record_grads, projection_dim, seed,
                          runs_per_group=runs_per_group)
 
 
+class Segment(NamedTuple):
+  """`train_runs`' compiled training segment and what it is called with.
+
+  Attributes:
+    fn: the jitted segment of `make_segment_fn`, `fn(params, opt_state,
+      first_step, batch_ids, train_arrays, test_arrays, weights, hyperparameters)`.
+    hyperparameters: its last argument, the optimizer's numbers
+      (`optim.split_settings`; float32 scalars).
+    init: `params [R, ...] -> opt_state [R, ...]`, the optimizer's state (vmapped).
+    params_sharding: the runs' params layout (`state_shardings`).
+    opt_sharding: the optimizer state's layout.
+  """
+
+  fn: Any
+  hyperparameters: Dict[str, np.float32]
+  init: Any
+  params_sharding: Any
+  opt_sharding: Any
+
+
+def segment_program(loss_fn: step_lib.LossFn, optimizer_config: Any, num_steps: int,
+                    run_params: Any, run_sharding: jax.sharding.NamedSharding, *,
+                    record_grads: bool = False, projection_dim: int = 0,
+                    seed: int = 0, grad_chunk_size: Optional[int] = None,
+                    runs_per_group: Optional[int] = None,
+                    who: str = "train_runs") -> Segment:
+  """The segment `train_runs` trains `run_params` with, and its layouts: the one
+  place it is built, so the TPU plan (`planning.stages`) compiles this very
+  program. `run_params` leaves [R, ...] (arrays or shapes); the optimizer settings
+  are read once (`checked_split_settings`): the cached program (`_segment_fn`) is
+  keyed on their structure and takes their numbers as `hyperparameters`."""
+  structure, hyperparameters = checked_split_settings(who, optimizer_config,
+                                                      num_steps)
+  optimizer, _ = optim.joined_optimizer(structure, hyperparameters)
+  params_sharding = state_shardings(run_params, run_sharding)
+  init = jax.vmap(optimizer.init)
+  opt_sharding = state_shardings(jax.eval_shape(init, run_params), run_sharding)
+  leaves, treedef = jax.tree_util.tree_flatten((params_sharding, opt_sharding))
+  fn = _segment_fn(loss_fn, structure, bool(record_grads), int(projection_dim),
+                   int(seed), grad_chunk_size, run_sharding, treedef, tuple(leaves),
+                   runs_per_group)
+  return Segment(fn, hyperparameters, init, params_sharding, opt_sharding)
+
+
 def broadcast_over_runs(arrays: Any, num_runs: int) -> Any:
   """Leaves [n, ...] -> [R, n, ...] (inside a jit: no copy until XLA needs one)."""
   return jax.tree_util.tree_map(
@@ -470,9 +514,10 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
     raise ValueError("train_runs: give exactly one of optimizer_config and config.")
   optimizer_config = config if optimizer_config is None else optimizer_config
   batch_ids = np.asarray(batch_ids)
-  if batch_ids.ndim != 3 or not np.issubdtype(batch_ids.dtype, np.integer):
-    raise ValueError(f"train_runs: batch_ids must be int[R, T, B], got "
-                     f"{batch_ids.dtype}{list(batch_ids.shape)}.")
+  if (batch_ids.ndim != 3 or not np.issubdtype(batch_ids.dtype, np.integer)
+      or 0 in batch_ids.shape):
+    raise ValueError(f"train_runs: batch_ids must be int[R, T, B] with R, T, B ≥ 1, "
+                     f"got {batch_ids.dtype}{list(batch_ids.shape)}.")
   batch_ids = batch_ids.astype(np.int32)
   num_runs, num_steps, batch_size = batch_ids.shape
   num_train, num_test = check_arrays("train_runs", loss_fn, params0, train_arrays,
@@ -504,21 +549,10 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
   tracin_every = checkpoint_every or num_steps
   tracin_due = lambda s: s % tracin_every == 0 or s == num_steps
 
-  # Read once: the segment is keyed on the structure and takes the numbers.
-  structure, hyperparameters = checked_split_settings("train_runs",
-                                                      optimizer_config, num_steps)
-  optimizer, _ = optim.joined_optimizer(structure, hyperparameters)
   run_sharding, replicated = runs_shardings(num_runs, mesh)
-  train_dev = sharding_lib.put(train_arrays, replicated)
-  test_dev = sharding_lib.put(test_arrays, replicated)
   host_params0 = sharding_lib.to_host(params0)
   run_params = jax.tree_util.tree_map(
       lambda x: np.repeat(x[None], num_runs, axis=0), host_params0)
-  params_sharding = state_shardings(run_params, run_sharding)
-  params = sharding_lib.put(run_params, params_sharding)
-  init = jax.vmap(optimizer.init)
-  opt_sharding = state_shardings(jax.eval_shape(init, params), run_sharding)
-  opt_state = jax.jit(init, out_shardings=opt_sharding)(params)
   if runs_per_group is None:
     # Recording runs vmap all at once: in groups of 2 the default job's 8 recording
     # runs took 84 s instead of 40, likely because each group draws the
@@ -531,12 +565,18 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
       runs_per_group, (int, np.integer)) or runs_per_group < 1:
     raise ValueError(f"train_runs: runs_per_group must be a positive integer or "
                      f"None, got {runs_per_group!r}.")
-  state_leaves, state_treedef = jax.tree_util.tree_flatten(
-      (params_sharding, opt_sharding))
-  segment = _segment_fn(
-      loss_fn, structure, bool(record_grads),
-      int(projection_dim), int(seed), grad_chunk_size, run_sharding, state_treedef,
-      tuple(state_leaves), runs_per_group)
+  # The optimizer settings are read once: the segment is keyed on their structure
+  # and takes their numbers.
+  program = segment_program(loss_fn, optimizer_config, num_steps, run_params,
+                            run_sharding, record_grads=record_grads,
+                            projection_dim=projection_dim, seed=seed,
+                            grad_chunk_size=grad_chunk_size,
+                            runs_per_group=runs_per_group)
+  segment, hyperparameters = program.fn, program.hyperparameters
+  train_dev = sharding_lib.put(train_arrays, replicated)
+  test_dev = sharding_lib.put(test_arrays, replicated)
+  params = sharding_lib.put(run_params, program.params_sharding)
+  opt_state = jax.jit(program.init, out_shardings=program.opt_sharding)(params)
 
   buffers = {
       "batch_ids": batch_ids,
