@@ -268,14 +268,21 @@ def test_nan_in_params_or_an_input_is_refused_naming_the_layer_or_example():
     influence.ekfac_self_influence(task, params, factors, [nan_batch], chunk_size=2)
 
 
-def test_non_finite_factors_are_refused_even_with_a_given_damping():
+def test_non_finite_factors_are_refused_with_either_damping():
+  """Default damping: its mean eigenvalue is the check (naming the layer). A given
+  damping reads no factor before scoring: the NaN scores are refused instead."""
   task, params, batch = _plain_setup()
   factors = influence.fit_ekfac(task, params, [batch])
   layer = factors.factors["Dense_1"]
   bad = dataclasses.replace(factors, factors={
       **factors.factors,
-      "Dense_1": layer._replace(eigenvalues=layer.eigenvalues.at[0, 0].set(jnp.inf))})
+      "Dense_1": layer._replace(eigenvalues=layer.eigenvalues.at[0, 0].set(jnp.nan))})
   with pytest.raises(ValueError, match="factors: layer 'Dense_1' has NaN or inf"):
+    influence.ekfac_scores(task, params, bad, batch, [batch])
+  with pytest.raises(ValueError, match="factors: layer 'Dense_1' has NaN or inf"):
+    influence.layer_damping(bad)
+  with pytest.raises(FloatingPointError, match=r"ekfac_scores \(total\): .* NaN or "
+                                               r"inf"):
     influence.ekfac_scores(task, params, bad, batch, [batch], damping=0.1)
 
 

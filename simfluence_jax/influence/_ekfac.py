@@ -436,10 +436,11 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
 
 
 def _check_fitted(factors: EKFACFactors) -> EKFACFactors:
-  """`factors`, unless a layer's are NaN or inf (refused, naming the layer)."""
-  for name, (_, finite) in sharding_lib.to_host(
-      _factor_summary(factors.factors)).items():
-    if not finite:
+  """`factors`, unless a layer's eigenvalues are NaN or inf (refused, naming the
+  layer; their mean is the default damping's program, reused when scoring)."""
+  for name, default in sharding_lib.to_host(
+      _default_damping(factors.factors)).items():
+    if not np.isfinite(default):
       raise ValueError(f"fit_ekfac: layer {name!r} has NaN or inf factors (NaN/inf "
                        f"in the params or batches).")
   return factors
@@ -459,33 +460,32 @@ def layer_damping(factors: EKFACFactors, damping: Optional[float] = None
   scalars.
 
   Raises:
-    ValueError: `damping` is not None and not a finite number > 0; a layer's
-      factors hold NaN or inf; or the default λ of a layer is 0 (its gradients
-      were zero on the data `fit_ekfac` saw, and 1/(Λ + 0) would make every score
-      NaN).
+    ValueError: `damping` is not None and not a finite number > 0; or, for the
+      default, a layer's mean eigenvalue is NaN or inf (non-finite factors) or 0
+      (its gradients were zero on the data `fit_ekfac` saw, and 1/(Λ + 0) would
+      make every score NaN). With a given damping, non-finite factors show as
+      non-finite scores, which the score kernels refuse.
   """
   damping = _common.check_damping(damping)
-  summary = sharding_lib.to_host(_factor_summary(factors.factors))
-  for name, (default, finite) in summary.items():
-    if not finite:
-      raise ValueError(f"factors: layer {name!r} has NaN or inf eigenvalues or "
-                       f"eigenvectors (NaN/inf in the params or batches fit_ekfac "
-                       f"saw).")
-    if damping is None and not default > 0:
+  if damping is not None:
+    return {name: np.float32(damping) for name in factors.factors}
+  defaults = sharding_lib.to_host(_default_damping(factors.factors))
+  for name, default in defaults.items():
+    if not np.isfinite(default):
+      raise ValueError(f"factors: layer {name!r} has NaN or inf eigenvalues (NaN/inf "
+                       f"in the params or batches fit_ekfac saw).")
+    if not default > 0:
       raise ValueError(f"damping: the default {DEFAULT_DAMPING_SCALE} × mean(Λ) is "
                        f"{float(default)} for layer {name!r} (its gradients were zero "
                        f"on the data fit_ekfac saw); pass damping > 0.")
-  if damping is None:
-    return {name: np.float32(default) for name, (default, _) in summary.items()}
-  return {name: np.float32(damping) for name in factors.factors}
+  return {name: np.float32(default) for name, default in defaults.items()}
 
 
 @jax.jit
-def _factor_summary(layer_factors: Dict[str, LayerFactors]):
-  """By layer: (the default damping `0.1 × mean(Λ)`, whether every factor is
-  finite), one program for all layers."""
-  return {name: (DEFAULT_DAMPING_SCALE * jnp.mean(f.eigenvalues),
-                 jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in f])))
+def _default_damping(layer_factors: Dict[str, LayerFactors]) -> Dict[str, jax.Array]:
+  """By layer: `0.1 × mean(Λ)`; non-finite iff some Λ is (Λ ≥ 0: no cancellation),
+  so it is also the factors' finiteness check (one small program for both)."""
+  return {name: DEFAULT_DAMPING_SCALE * jnp.mean(f.eigenvalues)
           for name, f in layer_factors.items()}
 
 
