@@ -16,6 +16,7 @@ any curricula with all of them (`simulate_curricula`, `plot_trajectories`), whic
 `python -m simfluence_jax.simulate` runs on a curriculum file.
 """
 
+import logging
 import os
 from typing import Callable, Dict, Optional, Sequence
 
@@ -96,11 +97,15 @@ def load_simulators(workdir: str, methods: Optional[Sequence[str]] = None
   refused. A directory without `stages/` holds simulators saved by hand, loaded as
   they are.
 
+  Without `methods`, every current simulator is loaded and a stale one is left out
+  with a warning (refused when it is the only one); a stale one that `methods`
+  names is refused.
+
   Raises:
     FileNotFoundError: the workdir holds no saved simulators (main job not finished).
-    ValueError: a requested method is not among them; a saved simulator is stale
-      (named, with why); `workdir` is the top level of a multi-seed job (its
-      simulators are in `seed_<k>/`).
+    ValueError: a requested method is not among them; a named saved simulator (or,
+      without `methods`, every one) is stale (named, with why); `workdir` is the top
+      level of a multi-seed job (its simulators are in `seed_<k>/`).
   """
   root = os.path.join(workdir, SIMULATORS_DIR)
   metrics_path = _io.as_path(workdir) / "metrics.json"
@@ -119,13 +124,28 @@ def load_simulators(workdir: str, methods: Optional[Sequence[str]] = None
   if not saved:
     raise FileNotFoundError(f"--workdir={workdir!r} holds no fitted simulators "
                             f"({root}/*/simulator.json); run simfluence_jax.main first.")
-  methods = saved if methods is None else list(methods)
+  named = methods is not None
+  methods = list(methods) if named else saved
   unknown = sorted(set(methods) - set(saved))
   if unknown:
     raise ValueError(f"--methods: {unknown} not fitted in {workdir!r}; available: "
                      f"{saved}.")
   if (_io.as_path(workdir) / _STAGES_DIR).is_dir():
-    _check_current(workdir, methods, metrics)
+    if named:
+      _check_current(workdir, methods, metrics)
+    else:
+      # Every saved one that is current; a stale one (e.g. of a method the last job
+      # dropped) is left out, said, and refused only when named.
+      current = []
+      for name in methods:
+        try:
+          _check_current(workdir, [name], metrics)
+          current.append(name)
+        except ValueError as error:
+          logging.warning("simulate: leaving out %s", error)
+      if not current:
+        _check_current(workdir, methods, metrics)  # raises, naming the first
+      methods = current
   return {name: simulators_lib.Simulator.load(os.path.join(root, name))
           for name in methods}
 
@@ -149,10 +169,22 @@ def simulate_curricula(sims: dict, batch_ids: np.ndarray, initial_losses: np.nda
     if sim.posterior is not None and num_band_samples > 0:
       mean, std = sim.simulate_with_bands(batch_ids, initial,
                                           num_samples=num_band_samples,
-                                          rng=seed)
+                                          rng=seed, allow_nonfinite=True)
       out[name] = {"mean": np.asarray(mean), "std": np.asarray(std)}
     else:
-      out[name] = {"mean": np.asarray(sim.simulate(batch_ids, initial)), "std": None}
+      out[name] = {"mean": np.asarray(sim.simulate(batch_ids, initial,
+                                                   allow_nonfinite=True)),
+                   "std": None}
+    # One method diverging on a curriculum does not stop the others: its
+    # trajectory keeps the inf/NaN, and this says where.
+    mean = out[name]["mean"]
+    # (A final-only simulator's NaN steps and columns are by design.)
+    bad = np.isinf(mean) if sim.final_only else ~np.isfinite(mean)
+    if bad.any():
+      run, step, column = (int(i) for i in np.argwhere(bad)[0])
+      logging.warning("simulate: %s diverges on curriculum %d (non-finite loss of "
+                      "test example %d from step %d); its trajectory keeps the "
+                      "inf/NaN values.", name, run, column, step)
   return out
 
 
@@ -255,8 +287,11 @@ def search_and_verify(
     return np.asarray(losses)[:, -1][:, targets].mean(-1)
 
   def simulated_final(sim, batch_ids):
+    # Only the targets are read; a simulator diverging on one of them reports NaN
+    # there (as `evaluation` scores a diverging rollout), not an error after the
+    # searched curricula were retrained.
     initial = np.repeat(initial_losses[None], len(batch_ids), axis=0)
-    return target_final(sim.simulate(batch_ids, initial))
+    return target_final(sim.simulate(batch_ids, initial, allow_nonfinite=True))
 
   searched_ids = {}
   for i, method in enumerate(methods):

@@ -3,7 +3,8 @@
 A trace holds, for R runs of T steps with batch size B and M test examples:
 
 * `batch_ids: int32[R, T, B]`: train example ids of each step's batch, `-1` = padding
-  (a step may be all padding, a no-op; every run needs at least one valid id).
+  (a step may be all padding, a no-op; so may a whole run, e.g. a control run
+  trained on nothing).
 * `losses: float32[R, T+1, M]`: loss of each test example before the first step
   (`losses[:, 0]`) and after every step (`losses[:, t]` is after step t).
 * `learning_rates: float32[R, T]`: the step size used at each step.
@@ -122,13 +123,6 @@ class Trace:
       raise ValueError(
           f"Trace.batch_ids: ids must be in [-1, num_train_examples="
           f"{self.num_train_examples}), found {bad}.")
-    empty_runs = np.flatnonzero(~np.any(batch_ids >= 0, axis=(1, 2)))
-    if empty_runs.size:
-      # Every step of such a run is a no-op (no valid id): it records nothing that a
-      # simulator could be fitted on or evaluated against.
-      raise ValueError(
-          f"Trace.batch_ids: run {int(empty_runs[0])} has no valid id (every slot is "
-          f"padding -1; {empty_runs.size} such run(s) of {num_runs}).")
     _check_finite("losses", losses)
     _check_finite("learning_rates", learning_rates)
     set_("batch_ids", batch_ids)

@@ -320,6 +320,47 @@ def test_search_and_verify_with_an_exact_simulator():
   json.dumps({k: v for k, v in result.items() if k != "batch_ids"})  # serialisable
 
 
+def test_a_simulator_diverging_off_the_targets_does_not_stop_the_search(caplog):
+  """Column 2 (not a target) overflows under α = 2 per step: the search and its
+  verification read the targets only, and their simulated finals are the exact
+  (constant) ones; `simulate_curricula` keeps the inf and says where."""
+  num_train, num_test, num_steps, batch = 20, 3, 200, 4
+  a = np.full((num_train, num_test), 1.0 / batch, np.float32)  # α = 1: unchanged
+  a[:, 2] = 0.5  # α = 2: overflows within 200 steps
+  sim = sj.simulators.Simulator(
+      A=jnp.asarray(a), B=jnp.zeros((num_train, num_test), jnp.float32),
+      kind="linear", name="simfluence_linear", batch_size=batch,
+      num_steps=num_steps).check_shapes()
+  rng = np.random.default_rng(0)
+  ids = lambda runs: rng.integers(0, num_train, (runs, num_steps, batch)).astype(
+      np.int32)
+  initial = np.full(num_test, 2.0, np.float32)
+  constant = lambda runs: np.broadcast_to(initial, (runs, num_steps + 1, num_test))
+  retrained = []
+
+  def retrain(batch_ids):
+    retrained.append(len(batch_ids))
+    return constant(len(batch_ids))
+
+  random_ids = ids(4)
+  result = counterfactual.search_and_verify(
+      {"simfluence_linear": sim}, initial_losses=initial, start_batch_ids=ids(2),
+      random_batch_ids=random_ids, random_losses=constant(4), targets=[0, 1],
+      retrain=retrain, num_iters=3, num_proposals=4)
+  assert retrained == [2]
+  np.testing.assert_allclose(result["searched"]["simfluence_linear"]
+                             ["simulated_final"], 2.0, rtol=1e-6)
+  np.testing.assert_allclose(result["random"]["simulated_final"]["simfluence_linear"],
+                             2.0, rtol=1e-6)
+  with caplog.at_level("WARNING"):
+    out = counterfactual.simulate_curricula({"simfluence_linear": sim}, random_ids,
+                                            initial, num_band_samples=0)
+  assert np.isinf(out["simfluence_linear"]["mean"][:, -1, 2]).all()
+  np.testing.assert_array_equal(out["simfluence_linear"]["mean"][:, :, :2], 2.0)
+  assert "simfluence_linear diverges on curriculum 0 (non-finite loss of test " \
+         "example 2" in caplog.text
+
+
 def test_choose_targets_picks_the_most_variable_examples():
   losses = np.ones((5, 3, 4), np.float32)
   losses[:, -1, 2] = np.arange(5)

@@ -147,16 +147,25 @@ def test_cv_folds_fit_and_score_traces_with_empty_steps():
 
 # --- Trace: runs without any valid id -------------------------------------------
 
-def test_trace_refuses_a_run_with_no_valid_id():
+def test_a_run_of_padding_only_is_a_control_run_every_simulator_keeps_constant():
+  """A run with no valid id (trained on nothing: a no-op in training) is a valid
+  trace row; every simulator keeps its losses at their initial values, and the fit
+  of the other runs is the fit without it (it has no row)."""
   trace = _trace()
   ids = trace.batch_ids.copy()
   ids[2] = -1
-  with pytest.raises(ValueError, match=r"Trace\.batch_ids: run 2 has no valid id"):
-    sj.Trace(batch_ids=ids, losses=trace.losses, learning_rates=trace.learning_rates,
-             num_train_examples=NUM_TRAIN)
-  with pytest.raises(ValueError, match=r"Trace\.batch_ids: run 0 has no valid id"):
-    sj.Trace(batch_ids=np.full_like(ids, -1), losses=trace.losses,
-             learning_rates=trace.learning_rates, num_train_examples=NUM_TRAIN)
+  losses = trace.losses.copy()
+  losses[2] = losses[2, :1]
+  control = sj.Trace(batch_ids=ids, losses=losses,
+                     learning_rates=trace.learning_rates, num_train_examples=NUM_TRAIN)
+  rest = np.array([r for r in range(trace.num_runs) if r != 2])
+  for kind in ("linear", "additive"):
+    sim = simulators.fit(kind, control, l2=1.0)
+    alone = simulators.fit(kind, control.select_runs(rest), l2=1.0)
+    np.testing.assert_allclose(np.asarray(sim.B), np.asarray(alone.B), rtol=1e-5,
+                               atol=1e-6)
+    pred = np.asarray(sim.simulate(ids[2:3], losses[2:3, 0]))
+    np.testing.assert_array_equal(pred, np.broadcast_to(losses[2:3, :1], pred.shape))
 
 
 # --- solve: inputs ---------------------------------------------------------------
@@ -285,7 +294,8 @@ def test_final_only_checks_only_the_columns_it_predicts():
 
 
 def test_fit_guards_a_trace_without_any_valid_id():
-  trace = _trace()  # `Trace` refuses this; the fit checks again (e.g. a mutated one)
-  object.__setattr__(trace, "batch_ids", np.full_like(trace.batch_ids, -1))
+  trace = _trace()
+  trace = sj.Trace(batch_ids=np.full_like(trace.batch_ids, -1), losses=trace.losses,
+                   learning_rates=trace.learning_rates, num_train_examples=NUM_TRAIN)
   with pytest.raises(ValueError, match="trace: every step of every run is padding"):
     simulators.fit("linear", trace)

@@ -98,16 +98,18 @@ def test_a_simulator_fitted_on_older_runs_is_refused(tmp_path):
   # refitting one simulator.
   metrics = (tmp_path / "metrics.json").read_text()
   _job(tmp_path, 0.2, BOTH, fit=["simfluence_linear"], finish=False)
-  message = _refusal(tmp_path)
+  message = _refusal(tmp_path, ["simfluence_additive"])
   assert message.startswith(f"simulators/simfluence_additive in --workdir="
                             f"{str(tmp_path)!r} is stale: it was fitted on other runs")
   assert "rerun simfluence_jax.main" in message
   assert sorted(counterfactual.load_simulators(str(tmp_path), ["simfluence_linear"])
                 ) == ["simfluence_linear"]
+  # Unnamed, the stale one is left out (with a warning), the current one loads.
+  assert list(counterfactual.load_simulators(str(tmp_path))) == ["simfluence_linear"]
   # The same with the older job's metrics.json left in place (what a job did before
   # it removed its metrics.json on starting).
   (tmp_path / "metrics.json").write_text(metrics)
-  assert _refusal(tmp_path) == message
+  assert _refusal(tmp_path, ["simfluence_additive"]) == message
 
 
 def test_a_fit_whose_record_is_not_done_is_refused(tmp_path):
@@ -117,20 +119,25 @@ def test_a_fit_whose_record_is_not_done_is_refused(tmp_path):
     _job(tmp_path, 0.1, BOTH, finish=False, fail="simfluence_additive")
   (tmp_path / "metrics.json").write_text(metrics)
   assert "stages/fit_simfluence_additive.json is 'running', not 'done'" in _refusal(
-      tmp_path)
+      tmp_path, BOTH)
   os.remove(tmp_path / "stages" / "fit_simfluence_additive.json")
-  assert "fit_simfluence_additive.json is missing" in _refusal(tmp_path)
+  assert "fit_simfluence_additive.json is missing" in _refusal(tmp_path, BOTH)
 
 
 def test_a_method_dropped_from_the_config_is_refused(tmp_path):
   _job(tmp_path, 0.1, BOTH)
   _job(tmp_path, 0.1, ["simfluence_linear"])  # the same runs: only the methods changed
-  message = _refusal(tmp_path)
+  message = _refusal(tmp_path, ["simfluence_additive"])
   assert "simulators/simfluence_additive" in message
   assert "is not in the config.methods ['simfluence_linear']" in message
-  assert "simfluence_additive" in _refusal(tmp_path, ["simfluence_additive"])
   assert list(counterfactual.load_simulators(str(tmp_path), ["simfluence_linear"])
               ) == ["simfluence_linear"]
+  assert list(counterfactual.load_simulators(str(tmp_path))) == ["simfluence_linear"]
+  # Every saved one stale: refused, naming the first.
+  _job(tmp_path, 0.1, ["simfluence_linear"], fit=[], finish=False)
+  (tmp_path / "stages" / "fit_simfluence_linear.json").unlink()
+  _write_metrics(tmp_path, {"summary": {"config": {"methods": ["simfluence_linear"]}}})
+  assert "simulators/simfluence_additive" in _refusal(tmp_path)
 
 
 def test_stages_called_one_by_one_load(tmp_path):
@@ -168,8 +175,8 @@ def test_simulate_refuses_in_one_line(tmp_path):
   curriculum.write_text(json.dumps([[0, 1]] * 4))
   proc = subprocess.run(
       [sys.executable, "-m", "simfluence_jax.simulate", f"--workdir={tmp_path}",
-       f"--curriculum={curriculum}"], cwd=REPO, capture_output=True, text=True,
-      timeout=300)
+       f"--curriculum={curriculum}", "--methods=simfluence_additive"], cwd=REPO,
+      capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: simulators/simfluence_additive in --workdir="), last
@@ -251,34 +258,39 @@ def _tables(*flags):
                         cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-def test_a_refused_rerun_leaves_no_result_that_looks_current(fake_stages, tmp_path):
+def test_a_refused_rerun_keeps_the_result_of_what_the_workdir_holds(fake_stages,
+                                                                    tmp_path):
+  """Refused by a precious stage, a rerun changes nothing stored: the last result
+  still describes the workdir and stays (tables reads it)."""
   workdir = str(tmp_path)
   pipeline.run(_config(), workdir)
-  assert {"metrics.json", "report.md", "plots"} <= set(os.listdir(workdir))
+  before = open(os.path.join(workdir, "metrics.json")).read()
   with pytest.raises(pipeline.StaleWorkdirError, match="learning_rate"):
     pipeline.run(_config(learning_rate=0.5), workdir)
+  assert open(os.path.join(workdir, "metrics.json")).read() == before
+  assert {"report.md", "plots"} <= set(os.listdir(workdir))
+  assert _tables(f"--workdir={workdir}").returncode == 0
+  pipeline.run(_config(learning_rate=0.5), workdir, overwrite=True)
+  assert open(os.path.join(workdir, "metrics.json")).read() != before
+
+
+def test_a_job_that_fails_after_its_runs_leaves_no_result(fake_stages, monkeypatch,
+                                                          tmp_path):
+  workdir = str(tmp_path)
+  pipeline.run(_config(), workdir)
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(stages, "evaluate", killed)
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run(_config(), workdir)
   assert not {"metrics.json", "report.md", "plots"} & set(os.listdir(workdir))
-  assert os.path.exists(os.path.join(workdir, "trace"))  # the runs are kept
   proc = _tables(f"--workdir={workdir}")
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == (
       f"error: --workdir={workdir!r} has no metrics.json: its last main job did not "
       "finish (or never ran there); rerun it.")
-  pipeline.run(_config(learning_rate=0.5), workdir, overwrite=True)
-  assert os.path.exists(os.path.join(workdir, "metrics.json"))
-
-
-def test_a_job_that_fails_early_leaves_no_result(fake_stages, monkeypatch, tmp_path):
-  workdir = str(tmp_path)
-  pipeline.run(_config(), workdir)
-
-  def killed(*args):
-    raise KeyboardInterrupt
-
-  monkeypatch.setattr(stages, "load_data", killed)
-  with pytest.raises(KeyboardInterrupt):
-    pipeline.run(_config(), workdir)
-  assert not {"metrics.json", "report.md", "plots"} & set(os.listdir(workdir))
 
 
 def _events(directory) -> list:
@@ -349,12 +361,12 @@ def test_a_bucket_workdir_too(fake_stages, bucket):
   assert events
   pipeline.run(_config(), workdir)  # simfluence_additive dropped
   assert not (root / "plots" / "trajectories_simfluence_additive.png").exists()
-  assert "simulators/simfluence_additive" in _refusal(workdir)
+  assert "simulators/simfluence_additive" in _refusal(workdir, ["simfluence_additive"])
+  assert list(counterfactual.load_simulators(workdir)) == ["simfluence_linear"]
   assert len(_events(tensorboard)) == len(events)
   with pytest.raises(pipeline.StaleWorkdirError):
-    pipeline.run(_config(learning_rate=0.5), workdir)
-  assert not any((root / name).exists() for name in ("metrics.json", "report.md",
-                                                     "plots"))
+    pipeline.run(_config(learning_rate=0.5), workdir)  # refused: the result stays
+  assert all((root / name).exists() for name in ("metrics.json", "report.md", "plots"))
 
 
 def test_the_report_clears_plots_of_dropped_methods(tmp_path):

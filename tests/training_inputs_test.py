@@ -109,23 +109,55 @@ def test_language_model_targets_outside_the_vocabulary_are_refused():
                         progress=False)
 
 
-def test_a_custom_loss_refuses_only_negative_labels():
-  """A custom loss using integer "labels" as regression targets: it declares no
-  number of classes (`make_loss_fn`'s losses do), so only negative labels are
-  refused (documented)."""
-  loss_fn = lambda params, batch: (params["params"]["w"]
-                                   - batch["labels"].astype(jnp.float32)) ** 2
+def test_a_custom_loss_is_given_its_labels_as_they_are():
+  """A custom loss declares no classes (`make_loss_fn`'s losses do): its labels
+  are its own business, e.g. -100 that it masks (Hugging Face's ignore index)."""
+  def loss_fn(params, batch):
+    labels = batch["labels"]
+    return jnp.where(labels >= 0, (params["params"]["w"]
+                                   - labels.astype(jnp.float32)) ** 2, 0.0)
+
   params0 = {"params": {"w": jnp.float32(0.5)}}
-  arrays = {"labels": np.array([0, 7, 2, 40], np.int32)}
+  arrays = {"labels": np.array([0, -100, 2, 40], np.int32)}
   assert not hasattr(loss_fn, "num_classes")
-  kwargs = dict(loss_fn=loss_fn, config=_config(), test_arrays=arrays, progress=False)
-  ids = np.array([[[0, 1], [2, 3]]], np.int32)
-  result = training.train_runs(params0, ids, train_arrays=arrays, **kwargs)
-  assert np.all(np.isfinite(result.trace.losses))
-  with pytest.raises(ValueError, match=r'train_arrays\["labels"\] must be '
-                                       r"non-negative class ids, got -3 at row 2\."):
-    training.train_runs(params0, ids, train_arrays={"labels": np.array(
-        [0, 7, -3, 40], np.int32)}, **kwargs)
+  result = training.train_runs(params0, np.array([[[0, 1], [2, 3]]], np.int32),
+                               loss_fn=loss_fn, config=_config(), train_arrays=arrays,
+                               test_arrays=arrays, progress=False)
+  # Plain SGD by hand: step 1 on examples 0 and -100 (masked: contributes 0),
+  # step 2 on 2 and 40; the test loss of the masked example stays 0.
+  w = 0.5
+  for labels in ((0.0,), (2.0, 40.0)):
+    w -= 0.1 * sum(2 * (w - y) for y in labels) / 2
+  np.testing.assert_allclose(result.trace.losses[0, -1],
+                             [(w - 0) ** 2, 0.0, (w - 2) ** 2, (w - 40) ** 2],
+                             rtol=1e-5)
+
+
+def test_language_model_padding_under_mask_zero_may_hold_any_id():
+  """Targets count where the mask is > 0: -1 padding under mask 0 trains exactly
+  as 0 padding does; the same -1 where the mask is 1 is refused."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 50, (4, 7)).astype(np.int32)
+  mask = np.ones((4, 6), np.float32)
+  mask[:, 4:] = 0.0
+  arrays = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:].copy(), "mask": mask}
+  arrays["targets"][:, 4:] = 0
+  padded = {**arrays, "targets": np.where(mask > 0, arrays["targets"], -1)}
+  model = models.TransformerLM(vocab_size=53, d_model=8, num_layers=1, num_heads=2,
+                               d_ff=16, max_len=6)
+  params0 = models.init_variables(model, arrays["inputs"])
+  loss_fn = training.make_loss_fn(model, "lm")
+  run = lambda train: training.train_runs(
+      params0, np.array([[[0, 1], [2, 3]]], np.int32), loss_fn=loss_fn,
+      config=_config(), train_arrays=train, test_arrays=arrays,
+      progress=False).trace.losses
+  np.testing.assert_array_equal(run(padded), run(arrays))
+  counted = {**arrays, "targets": arrays["targets"].copy()}
+  counted["targets"][1, 2] = -1
+  with pytest.raises(ValueError, match=(r'^train_runs: train_arrays\["targets"\] must '
+                                        r"be in \[0, 53\) where the mask is > 0, got "
+                                        r"-1 at row 1 \(index \[1, 2\]\)\.$")):
+    run(counted)
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 3), (2, 0, 3), (2, 3, 0)])

@@ -5,8 +5,11 @@
 `workdir/seed_<k>/` (full outputs each) and writes into `workdir` the mean over
 seeds of every metric, `metrics.json["std"]` and a report of mean ± std.
 
-A job first removes the result of the last one (metrics.json, report.md, plots/:
-`clear_results`), so a job that stops early leaves none that reads as current.
+Once its recorded runs are settled (the precious stages reused, recomputed or
+trained), a job removes the last one's result (metrics.json, report.md, plots/:
+`clear_results`), so a job that stops after that leaves none that reads as current;
+a job refused before it (a precious stage recorded with other settings) leaves the
+last result, which still describes what the workdir holds.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import copy
 import logging
 import os
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -107,9 +111,10 @@ def _summary(config, dataset, runs: stages.Runs, curricula) -> dict:
           "seconds_per_run": runs.seconds_per_run, "devices": str(jax.devices())}
 
 
-# What a finished job leaves as its result (`evaluation.write_report`): removed when
-# a job starts, so a job that stops early (killed, refused, failed) leaves none that
-# reads as current (`python -m simfluence_jax.tables` refuses a missing metrics.json).
+# What a finished job leaves as its result (`evaluation.write_report`): removed once
+# a job's recorded runs are settled, so a job that stops after that (killed, failed)
+# leaves none that reads as current (`python -m simfluence_jax.tables` refuses a
+# missing metrics.json); one refused by a precious stage leaves the last result.
 RESULT_FILES = ("metrics.json", "report.md", "plots")
 TENSORBOARD_DIR = "tensorboard"
 # tensorboard/<this>: which stage fingerprints the event files there were written
@@ -168,17 +173,25 @@ def _write_sources(path, sources: dict) -> None:
     _io.remove_tree(path)
 
 
-def run_seed(config, workdir: str, overwrite: bool = False) -> dict:
-  """One experiment (one seed) in `workdir`; returns the metrics payload."""
+def run_seed(config, workdir: str, overwrite: bool = False,
+             runs_settled: Optional[Callable[[], None]] = None) -> dict:
+  """One experiment (one seed) in `workdir`; returns the metrics payload.
+
+  `runs_settled()` is called once the recorded runs are (a multi-seed job clears
+  its own top-level result then).
+  """
   from simfluence_jax import evaluation  # pylint: disable=g-import-not-at-top
   wd = workdir_lib.Workdir(workdir, config, overwrite)
   config_lib.mesh_model_sizes(config, jax.device_count())  # refused before any work
-  clear_results(workdir)
   methods = config.methods
   dataset = stages.load_data(wd, config)
   model = stages.base_model(wd, config, dataset)
   curricula = stages.make_curricula(config)
   runs = stages.record_runs(wd, config, dataset, model, curricula)
+  # The precious stages passed: from here on the last result is this job's to replace.
+  clear_results(workdir)
+  if runs_settled is not None:
+    runs_settled()
   # TensorBoard: tensorboard/ (runs/ and the means over runs) shows record_runs'
   # outputs, tensorboard/evaluation/ those of evaluate; each is rewritten when its
   # stage's outputs change (the whole folder with the runs).
@@ -296,10 +309,11 @@ def _run(config, workdir: str, overwrite: bool) -> dict:
   if config.num_seeds == 1:
     return run_seed(config, workdir, overwrite)
   config_lib.mesh_model_sizes(config, jax.device_count())  # refused before any work
-  clear_results(workdir)
   seeds = [config.seed + k for k in range(config.num_seeds)]
   payloads = [run_seed(_seed_config(config, seed), os.path.join(
-      os.fspath(workdir), f"seed_{k}"), overwrite) for k, seed in enumerate(seeds)]
+      os.fspath(workdir), f"seed_{k}"), overwrite,
+                       runs_settled=lambda: clear_results(workdir))
+              for k, seed in enumerate(seeds)]
   mean, std = _mean_and_std(payloads)
   payload = dict(mean, std=std, seeds=seeds, num_seeds=len(seeds),
                  # The job's config (num_seeds K, the first seed), not seed 0's.

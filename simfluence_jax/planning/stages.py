@@ -151,7 +151,7 @@ def _segment(job: job_lib.Job, num_runs: int, record_grads: bool) -> Program:
   program = training.segment_program(
       job.loss_fn, config, config.num_steps, params, run_sharding,
       record_grads=record_grads, projection_dim=config.projection_dim,
-      seed=config.seed)
+      seed=config.seed, who="plan")
   params = job_lib.place(params, program.params_sharding)
   opt_state = job_lib.place(jax.eval_shape(program.init, params),
                             program.opt_sharding)

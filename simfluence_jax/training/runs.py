@@ -363,44 +363,42 @@ def _leading_size(who: str, arrays: Any, argument: str, axis: str) -> int:
 
 def _check_class_ids(who: str, loss_fn: step_lib.LossFn, params: Any,
                      arrays: Any, argument: str) -> None:
-  """Refuses integer class ids (`arrays["labels"]`, or LM `"targets"`) outside
-  [0, C). The losses of `step.make_loss_fn` say which key and C
-  (`loss_fn.class_ids_key`, `loss_fn.num_classes(params, inputs)`: the logits'
-  last dimension, from shapes); for another loss only negative "labels" /
-  "targets" are refused. Out of range, the cross-entropy's gather wraps a
-  negative id to class C + id and gives NaN for an id ≥ C. Padded LM targets are
-  0 under mask 0 (`data/packing.py`): no id is negative by convention."""
-  if not isinstance(arrays, Mapping):
+  """Refuses class ids the loss would read wrongly: for `step.make_loss_fn`'s
+  losses (`loss_fn.class_ids_key`: classification "labels", LM "targets";
+  `loss_fn.num_classes(params, inputs)`: C, the logits' last dimension) every id
+  that counts must be in [0, C). Out of range, the cross-entropy's gather wraps a
+  negative id to class C + id (a silent wrong loss) and gives NaN for one ≥ C. LM
+  targets count where the mask is > 0: padding under mask 0 may hold anything
+  (e.g. -1 or -100) without changing the loss. Another loss's arrays are its own
+  business (e.g. labels -100 that it masks): nothing is checked."""
+  key = getattr(loss_fn, "class_ids_key", None)
+  if not key or not isinstance(arrays, Mapping) or key not in arrays or (
+      "inputs" not in arrays):
     return
-  declared = getattr(loss_fn, "class_ids_key", None)
-  for key in (declared,) if declared else ("labels", "targets"):
-    if key not in arrays:
-      continue
-    ids = np.asarray(sharding_lib.to_host(arrays[key]))
-    if not np.issubdtype(ids.dtype, np.integer) or not ids.size:
-      continue
-    num_classes = None
-    if declared and "inputs" in arrays:
-      num_classes = loss_fn.num_classes(params, arrays["inputs"])
-    if ids.min() >= 0 and (num_classes is None or ids.max() < num_classes):
-      continue
-    bad = (ids < 0) if num_classes is None else (ids < 0) | (ids >= num_classes)
-    index = tuple(int(i) for i in np.argwhere(bad)[0])
-    where = f"row {index[0]}" + (f" (index {list(index)})" if len(index) > 1 else "")
-    allowed = ("non-negative class ids" if num_classes is None
-               else f"in [0, {num_classes})")
-    raise ValueError(f'{who}: {argument}["{key}"] must be {allowed}, got '
-                     f"{ids[index]} at {where}.")
+  ids = np.asarray(sharding_lib.to_host(arrays[key]))
+  if not np.issubdtype(ids.dtype, np.integer) or not ids.size:
+    return
+  counts = np.ones(ids.shape, bool)
+  if "mask" in arrays and np.shape(arrays["mask"]) == ids.shape:
+    counts = np.asarray(sharding_lib.to_host(arrays["mask"])) > 0
+  num_classes = loss_fn.num_classes(params, arrays["inputs"])
+  bad = counts & ((ids < 0) | (ids >= num_classes))
+  if not bad.any():
+    return
+  index = tuple(int(i) for i in np.argwhere(bad)[0])
+  where = f"row {index[0]}" + (f" (index {list(index)})" if len(index) > 1 else "")
+  raise ValueError(f'{who}: {argument}["{key}"] must be in [0, {num_classes})'
+                   + (" where the mask is > 0" if counts.ndim and not counts.all()
+                      else "") + f", got {ids[index]} at {where}.")
 
 
 def check_arrays(who: str, loss_fn: step_lib.LossFn, params0: Any,
                  train_arrays: Any, test_arrays: Any) -> Tuple[int, int]:
   """(N, M) of `train_arrays` / `test_arrays`, checked before anything is computed.
 
-  Every array of each needs the same leading axis (N, resp. M), and integer
-  class ids must be ones the loss can score (`_check_class_ids`: in [0, C) for
-  `step.make_loss_fn`'s losses, ≥ 0 for another loss's "labels" / "targets").
-  ValueError naming the array otherwise.
+  Every array of each needs the same leading axis (N, resp. M), and the class ids
+  of `step.make_loss_fn`'s losses must be in [0, C) where they count
+  (`_check_class_ids`). ValueError naming the array otherwise.
   """
   num_train = _leading_size(who, train_arrays, "train_arrays", "N")
   num_test = _leading_size(who, test_arrays, "test_arrays", "M")
@@ -448,9 +446,9 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
     batch_ids: int32[R, T, B] train ids per run and step, -1 = padding.
     loss_fn: per-example loss `(params, batch) -> float32[n]` (`make_loss_fn`).
     train_arrays: dict of arrays, row i = train example i (N rows, every array).
-      Integer "labels" (LM "targets") must be in [0, C), C the logits' last
-      dimension, for `make_loss_fn`'s losses; for another loss only negative
-      "labels" / "targets" are refused (`check_arrays`).
+      Integer "labels" (LM "targets" where the mask is > 0) must be in [0, C), C
+      the logits' last dimension, for `make_loss_fn`'s losses; another loss's
+      arrays are not checked (`check_arrays`).
     test_arrays: dict of arrays of the M test examples (checked alike).
     optimizer_config: config for `optim.make_optimizer` (`optimizer`,
       `learning_rate` > 0, `lr_schedule`, ...); the linear schedule decays over T
