@@ -12,8 +12,9 @@ that file is replaced by the tables. `--sweep=DIR` adds the regime map of a swee
 `python -m simfluence_jax.plan ... --out=A.json`. The tables themselves are built by
 `simfluence_jax.evaluation._tables`, which defines no flags.
 
-A job removes its metrics.json (a sweep its sweep.json) when it starts and writes it
-when it finishes, so a missing one is refused: the last job there did not finish.
+A job removes its metrics.json once its runs are settled (a sweep its sweep.json when
+it starts) and writes it when it finishes, so a missing one is refused: the last job
+there did not finish.
 """
 
 import json
@@ -38,8 +39,9 @@ _PLANS = flags.DEFINE_list("plans", None, "Plan JSON files (`plan --out=`).")
 
 
 def _finished(directory: str, name: str, flag: str, job: str) -> str:
-  """`directory/name`; ValueError if missing: a job removes its result when it
-  starts and writes it when it finishes, so the last job there did not finish."""
+  """`directory/name`; ValueError if missing: a job removes its result before it
+  replaces it and writes it when it finishes, so the last job there did not
+  finish."""
   path = os.path.join(directory, name)
   if not _io.exists(path):
     raise ValueError(f"--{flag}={directory!r} has no {name}: its last {job} did not "

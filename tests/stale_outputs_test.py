@@ -3,8 +3,9 @@
 * `counterfactual.load_simulators` (the simulate CLI) refuses a saved simulator that
   is not the last job's: an unfinished job, a method since dropped, a fit record not
   done or fitted on other runs, the top level of a multi-seed job.
-* A job removes its metrics.json, report.md and plots/ when it starts (a sweep its
-  sweep.json), so one that stops early leaves none; `tables` refuses a missing one.
+* A job removes its metrics.json, report.md and plots/ once its runs are settled (a
+  sweep its sweep.json when it starts), so one that stops after that leaves none;
+  `tables` refuses a missing one; one refused by a precious stage keeps them.
 * The report clears plots/; TensorBoard folders are rewritten, not appended to, when
   the stage they show is recomputed; a multi-seed summary holds the job's config;
   duplicate methods are refused.

@@ -181,7 +181,7 @@ def _problem(spec: _Spec, trace: trace_lib.Trace) -> _Problem:
   y = losses[:, 1:].reshape(-1, num_test)
   counts = np.sum(ids >= 0, axis=1).astype(np.float32)
   keep = counts > 0
-  if not np.any(keep):  # `Trace` refuses a run without a valid id; kept as a guard
+  if not np.any(keep):  # e.g. a trace of control runs only (padding everywhere)
     raise ValueError("trace: every step of every run is padding (-1); nothing to fit.")
   row_phase = np.zeros(len(ids), np.int32)
   starts = ()
