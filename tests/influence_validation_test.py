@@ -312,6 +312,27 @@ def test_language_model_masks_and_ids_are_checked():
                                        r"train_batches, got -1"):
     influence.tracin_scores(task, [params], [1.0], batch,
                             [{**batch, "inputs": negative}])
+  # Padding under mask 0 may hold any id the gather reads (here -1 and -5 of V = 5):
+  # the scores equal those of padding with 0; an id outside [-5, 5) reads NaN even
+  # there, and is refused.
+  mask = np.ones((3, 4), np.float32)
+  mask[:, 3] = 0.0
+  zero_padded = {**batch, "targets": np.where(mask > 0, batch["targets"], 0),
+                 "mask": mask}
+  for pad in (-1, -5):
+    padded = {**zero_padded, "targets": np.where(mask > 0, batch["targets"], pad)}
+    np.testing.assert_array_equal(
+        np.asarray(influence.tracin_scores(task, [params], [1.0], batch, [padded])),
+        np.asarray(influence.tracin_scores(task, [params], [1.0], batch,
+                                           [zero_padded])))
+  with pytest.raises(ValueError, match=r"targets: values must be in \[-5, 5\) even "
+                                       r"where the mask is 0"):
+    influence.tracin_scores(task, [params], [1.0], batch, [
+        {**zero_padded, "targets": np.where(mask > 0, batch["targets"], -100)}])
+  with pytest.raises(ValueError, match=r"targets: values must be in \[0, 5\) \(the "
+                                       r"logits' last dimension\) where the mask is > 0"):
+    influence.tracin_scores(task, [params], [1.0], batch, [
+        {**zero_padded, "targets": np.where(mask > 0, -1, 0)}])
   # A fractional mask is a token weight: the score is that weight's share of the
   # unit mask's (the train loss is linear in each token's weight).
   half = {**batch, "mask": np.full((3, 4), 0.5, np.float32)}

@@ -152,6 +152,12 @@ def test_language_model_padding_under_mask_zero_may_hold_any_id():
       config=_config(), train_arrays=train, test_arrays=arrays,
       progress=False).trace.losses
   np.testing.assert_array_equal(run(padded), run(arrays))
+  outside = {**arrays, "targets": np.where(mask > 0, arrays["targets"], -100)}
+  with pytest.raises(ValueError, match=(r'^train_runs: train_arrays\["targets"\] must '
+                                        r"be in \[-53, 53\) even where the mask is 0 "
+                                        r"\(outside, the loss reads NaN\), got -100 at "
+                                        r"row 0 \(index \[0, 4\]\)\.$")):
+    run(outside)
   counted = {**arrays, "targets": arrays["targets"].copy()}
   counted["targets"][1, 2] = -1
   with pytest.raises(ValueError, match=(r'^train_runs: train_arrays\["targets"\] must '

@@ -135,15 +135,27 @@ def _signature(tree):
   return treedef, tuple((tuple(np.shape(x)), str(np.dtype(x.dtype))) for x in leaves)
 
 
-def _check_ids(batch, key: str, limit: int, what: str, argument: str) -> None:
+def _check_ids(batch, key: str, limit: int, what: str, argument: str,
+               counts: Optional[np.ndarray] = None) -> None:
+  """Integer ids in [0, limit) (only where `counts`, e.g. LM targets under mask > 0:
+  padding under mask 0 may hold any id, e.g. -100, without changing the loss)."""
   if key not in batch:
     raise ValueError(f"{argument}: batch has no {key!r} (keys {sorted(batch)}).")
   ids = np.asarray(sharding_lib.to_host(batch[key]))
   if not np.issubdtype(ids.dtype, np.integer):
     raise ValueError(f"{key}: expected integer ids in {argument}, got dtype "
                      f"{ids.dtype}.")
-  if ids.size and (ids.min() < 0 or ids.max() >= limit):
-    raise ValueError(f"{key}: values must be in [0, {limit}) ({what}), got values in "
+  counted = ids if counts is None else ids[counts]
+  if counted.size and (counted.min() < 0 or counted.max() >= limit):
+    raise ValueError(f"{key}: values must be in [0, {limit}) ({what})"
+                     + ("" if counts is None else " where the mask is > 0")
+                     + f", got values in [{counted.min()}, {counted.max()}] in "
+                     f"{argument}.")
+  # Under mask 0 an id still goes through the gather: outside [-limit, limit) it
+  # reads NaN, and NaN × 0 is NaN.
+  if ids.size and (ids.min() < -limit or ids.max() >= limit):
+    raise ValueError(f"{key}: values must be in [-{limit}, {limit}) even where the "
+                     f"mask is 0 (outside, the loss reads NaN), got values in "
                      f"[{ids.min()}, {ids.max()}] in {argument}.")
 
 
@@ -202,13 +214,14 @@ class LanguageModelingTask(_ApplyTask):
                                          batch["targets"], batch["mask"])
 
   def validate(self, params, batches, argument: str) -> None:
-    """Raises ValueError unless targets are in [0, V), mask matches targets and is
-    finite and ≥ 0, and integer input ids are ≥ 0."""
+    """Raises ValueError unless mask matches targets and is finite and ≥ 0,
+    targets are in [0, V) where the mask is > 0, and integer input ids are ≥ 0."""
     self.check_params(params)
     vocab = self._num_outputs(params, batches[0]["inputs"])
     for i, batch in enumerate(batches):
       where = argument if len(batches) == 1 else f"{argument}[{i}]"
-      _check_ids(batch, "targets", vocab, "the logits' last dimension", where)
+      if "targets" not in batch:
+        raise ValueError(f"{where}: batch has no 'targets' (keys {sorted(batch)}).")
       if "mask" not in batch or np.shape(batch["mask"]) != np.shape(batch["targets"]):
         raise ValueError(f"mask: expected the shape of targets "
                          f"{np.shape(batch['targets'])} in {where}, got "
@@ -220,6 +233,8 @@ class LanguageModelingTask(_ApplyTask):
       if mask.size and mask.min() < 0:
         raise ValueError(f"mask: values must be ≥ 0 (token weights) in {where}, got "
                          f"values in [{mask.min()}, {mask.max()}].")
+      _check_ids(batch, "targets", vocab, "the logits' last dimension", where,
+                 counts=mask > 0)
       inputs = np.asarray(sharding_lib.to_host(batch["inputs"]))
       if np.issubdtype(inputs.dtype, np.integer) and inputs.size and inputs.min() < 0:
         raise ValueError(f"inputs: token ids must be ≥ 0 in {where}, got "
