@@ -4,8 +4,11 @@ Both return one loss per example so that the same numbers are trained on, record
 in traces, and differentiated by the attribution kernels.
 """
 
+from typing import Optional, Tuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -16,6 +19,23 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """
   label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
   return jax.nn.logsumexp(logits, axis=-1) - label_logits
+
+
+def misread_class_ids(ids, num_classes: int, counts: Optional[np.ndarray] = None
+                      ) -> Tuple[np.ndarray, np.ndarray]:
+  """Where `_cross_entropy`'s gather would read host class ids wrongly: (bad ids
+  that count, bad ids that do not), two bool arrays shaped like `ids`.
+
+  An id that counts (where `counts`, e.g. an LM target under mask > 0; every id
+  without `counts`) must be in [0, C): the gather wraps a negative one to class
+  C + id (a silent wrong loss) and reads NaN for one ≥ C. One that does not count
+  (padding under mask 0) may hold any id in [-C, C): outside, the gather reads NaN,
+  and NaN × 0 is NaN.
+  """
+  ids = np.asarray(ids)
+  counts = np.ones(ids.shape, bool) if counts is None else np.asarray(counts, bool)
+  outside = (ids < -num_classes) | (ids >= num_classes)
+  return counts & (outside | (ids < 0)), ~counts & outside
 
 
 def classification_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -31,3 +31,31 @@ def test_losses_per_example():
                              (token * mask).sum(-1), rtol=1e-5)
   np.testing.assert_allclose(losses.classification_loss(logits[:, 0], targets[:, 0]),
                              token[:, 0], rtol=1e-5)
+
+
+def test_misread_class_ids_is_what_the_gather_does():
+  """Against the loss itself: an id outside [-C, C) makes the loss NaN (masked or
+  not: NaN × 0 is NaN); one in [-C, 0) reads class C + id; [0, C) reads itself."""
+  num_classes = 5
+  ids = np.arange(-12, 12).astype(np.int32)
+  logits = np.random.default_rng(0).normal(size=(len(ids), num_classes)).astype(
+      np.float32)
+  loss = np.asarray(losses.classification_loss(logits, ids))
+  wrapped = np.asarray(losses.classification_loss(logits, ids % num_classes))
+  inside = (ids >= -num_classes) & (ids < num_classes)
+  np.testing.assert_array_equal(np.isnan(loss), ~inside)
+  np.testing.assert_array_equal(loss[inside], wrapped[inside])
+  counted_bad, padding_bad = losses.misread_class_ids(ids, num_classes)
+  np.testing.assert_array_equal(counted_bad, (ids < 0) | (ids >= num_classes))
+  assert not padding_bad.any()
+  # The same ids as masked LM targets: only the NaN ones change the loss.
+  masked = np.asarray(losses.language_modeling_loss(
+      logits[None], ids[None], np.zeros((1, len(ids)), np.float32)))
+  assert np.isnan(masked[0])
+  counted_bad, padding_bad = losses.misread_class_ids(ids, num_classes,
+                                                      np.zeros(ids.shape, bool))
+  assert not counted_bad.any()
+  np.testing.assert_array_equal(padding_bad, ~inside)
+  fine = ids[inside]
+  assert np.asarray(losses.language_modeling_loss(
+      logits[None, inside], fine[None], np.zeros((1, len(fine)), np.float32)))[0] == 0

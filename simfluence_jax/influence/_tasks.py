@@ -137,23 +137,23 @@ def _signature(tree):
 
 def _check_ids(batch, key: str, limit: int, what: str, argument: str,
                counts: Optional[np.ndarray] = None) -> None:
-  """Integer ids in [0, limit) (only where `counts`, e.g. LM targets under mask > 0:
-  padding under mask 0 may hold any id, e.g. -100, without changing the loss)."""
+  """Integer ids the loss reads rightly (`losses.misread_class_ids`): in [0, limit)
+  where they count (`counts`, e.g. LM targets under mask > 0), in [-limit, limit)
+  elsewhere (padding, e.g. -100, that does not change the loss)."""
   if key not in batch:
     raise ValueError(f"{argument}: batch has no {key!r} (keys {sorted(batch)}).")
   ids = np.asarray(sharding_lib.to_host(batch[key]))
   if not np.issubdtype(ids.dtype, np.integer):
     raise ValueError(f"{key}: expected integer ids in {argument}, got dtype "
                      f"{ids.dtype}.")
-  counted = ids if counts is None else ids[counts]
-  if counted.size and (counted.min() < 0 or counted.max() >= limit):
+  counted_bad, padding_bad = losses.misread_class_ids(ids, limit, counts)
+  if counted_bad.any():
+    counted = ids if counts is None else ids[counts]
     raise ValueError(f"{key}: values must be in [0, {limit}) ({what})"
                      + ("" if counts is None else " where the mask is > 0")
                      + f", got values in [{counted.min()}, {counted.max()}] in "
                      f"{argument}.")
-  # Under mask 0 an id still goes through the gather: outside [-limit, limit) it
-  # reads NaN, and NaN × 0 is NaN.
-  if ids.size and (ids.min() < -limit or ids.max() >= limit):
+  if padding_bad.any():
     raise ValueError(f"{key}: values must be in [-{limit}, {limit}) even where the "
                      f"mask is 0 (outside, the loss reads NaN), got values in "
                      f"[{ids.min()}, {ids.max()}] in {argument}.")

@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from simfluence_jax import _io
+from simfluence_jax import losses
 from simfluence_jax import sharding as sharding_lib
 from simfluence_jax import trace as trace_lib
 from simfluence_jax.training import checkpoints
@@ -366,12 +367,10 @@ def _check_class_ids(who: str, loss_fn: step_lib.LossFn, params: Any,
   """Refuses class ids the loss would read wrongly: for `step.make_loss_fn`'s
   losses (`loss_fn.class_ids_key`: classification "labels", LM "targets";
   `loss_fn.num_classes(params, inputs)`: C, the logits' last dimension) every id
-  that counts must be in [0, C). Out of range, the cross-entropy's gather wraps a
-  negative id to class C + id (a silent wrong loss) and gives NaN for one ≥ C. LM
-  targets count where the mask is > 0: padding under mask 0 may hold any id in
-  [-C, C) (e.g. -1, or -100 when C > 100) without changing the loss; outside, the
-  gather reads NaN even there. Another loss's arrays are its own business (e.g.
-  labels -100 that it masks): nothing is checked."""
+  that counts must be in [0, C), padding in [-C, C) (`losses.misread_class_ids`:
+  LM targets count where the mask is > 0, so padding under mask 0 may hold -1, or
+  -100 when C > 100). Another loss's arrays are its own business (e.g. labels -100
+  that it masks): nothing is checked."""
   key = getattr(loss_fn, "class_ids_key", None)
   if not key or not isinstance(arrays, Mapping) or key not in arrays or (
       "inputs" not in arrays):
@@ -383,16 +382,14 @@ def _check_class_ids(who: str, loss_fn: step_lib.LossFn, params: Any,
   if "mask" in arrays and np.shape(arrays["mask"]) == ids.shape:
     counts = np.asarray(sharding_lib.to_host(arrays["mask"])) > 0
   num_classes = loss_fn.num_classes(params, arrays["inputs"])
-  # Under mask 0 an id still goes through the gather: outside [-C, C) it reads NaN,
-  # and NaN × 0 is NaN.
-  bad = (ids < -num_classes) | (ids >= num_classes) | (
-      counts & (ids < 0))
+  counted_bad, padding_bad = losses.misread_class_ids(ids, num_classes, counts)
+  bad = counted_bad | padding_bad
   if not bad.any():
     return
   index = tuple(int(i) for i in np.argwhere(bad)[0])
   where = f"row {index[0]}" + (f" (index {list(index)})" if len(index) > 1 else "")
   masked = counts.ndim and not counts.all()
-  if masked and not counts[index]:
+  if padding_bad[index]:
     raise ValueError(f'{who}: {argument}["{key}"] must be in [-{num_classes}, '
                      f"{num_classes}) even where the mask is 0 (outside, the loss "
                      f"reads NaN), got {ids[index]} at {where}.")
