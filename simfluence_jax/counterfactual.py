@@ -177,11 +177,9 @@ def simulate_curricula(sims: dict, batch_ids: np.ndarray, initial_losses: np.nda
                    "std": None}
     # One method diverging on a curriculum does not stop the others: its
     # trajectory keeps the inf/NaN, and this says where.
-    mean = out[name]["mean"]
-    # (A final-only simulator's NaN steps and columns are by design.)
-    bad = np.isinf(mean) if sim.final_only else ~np.isfinite(mean)
-    if bad.any():
-      run, step, column = (int(i) for i in np.argwhere(bad)[0])
+    where = sim.first_nonfinite(out[name]["mean"], ends_only=sim.final_only)
+    if where is not None:
+      run, step, column = where
       logging.warning("simulate: %s diverges on curriculum %d (non-finite loss of "
                       "test example %d from step %d); its trajectory keeps the "
                       "inf/NaN values.", name, run, column, step)

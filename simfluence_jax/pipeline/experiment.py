@@ -308,7 +308,6 @@ def _run(config, workdir: str, overwrite: bool) -> dict:
   from simfluence_jax import evaluation  # pylint: disable=g-import-not-at-top
   if config.num_seeds == 1:
     return run_seed(config, workdir, overwrite)
-  config_lib.mesh_model_sizes(config, jax.device_count())  # refused before any work
   seeds = [config.seed + k for k in range(config.num_seeds)]
   payloads = [run_seed(_seed_config(config, seed), os.path.join(
       os.fspath(workdir), f"seed_{k}"), overwrite,

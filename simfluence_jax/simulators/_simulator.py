@@ -49,7 +49,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -513,25 +513,37 @@ class Simulator:
     b = jnp.asarray(self.B)[None]
     return (b if self.kind == "additive" else jnp.asarray(self.A)[None]), b
 
-  def _check_finite(self, losses, allow_nonfinite: bool, what: str = "losses"):
-    """Raises ValueError naming the first run of `losses` [R', T'+1, M] that is not
-    finite (a diverging rollout, or overflow from huge weights / initial losses),
-    unless `allow_nonfinite`; skipped under tracing (no values to check). A final-only
-    simulator's columns without a prediction (initial loss None) are NaN by design
-    and not checked."""
-    if allow_nonfinite or isinstance(losses, jax.core.Tracer):
-      return
+  def first_nonfinite(self, losses, ends_only: bool = False
+                      ) -> Optional[Tuple[int, int, int]]:
+    """(run, step, test example) of the first non-finite loss of a rollout
+    `losses` [R', T'+1, M] of this simulator (host values), or None. A final-only
+    simulator is read in its columns with an initial loss (the others are NaN by
+    design); `ends_only`: at steps 0 and T' only (what `simulate` returns of a
+    final-only simulator: its other steps are NaN by design)."""
     losses = np.asarray(losses)  # on the host: no program to compile per shape
     columns = np.arange(losses.shape[-1])
+    steps = np.arange(losses.shape[1])
     if self.final_only:
       columns = np.flatnonzero([v is not None for v in self.fit_info["initial_losses"]])
-      losses = losses[..., columns]
-    finite = np.all(np.isfinite(losses), axis=(1, 2))
-    if np.all(finite):
+    if ends_only:
+      steps = np.array([0, losses.shape[1] - 1])
+    bad = ~np.isfinite(losses[:, steps][..., columns])
+    if not bad.any():
+      return None
+    run, step, column = (int(i) for i in np.argwhere(bad)[0])
+    return run, int(steps[step]), int(columns[column])
+
+  def _check_finite(self, losses, allow_nonfinite: bool, what: str = "losses"):
+    """Raises ValueError naming the first run of `losses` [R', T'+1, M] that is not
+    finite (a diverging rollout, or overflow from huge weights / initial losses;
+    `first_nonfinite`), unless `allow_nonfinite`; skipped under tracing (no values
+    to check)."""
+    if allow_nonfinite or isinstance(losses, jax.core.Tracer):
       return
-    run = int(np.flatnonzero(~finite)[0])
-    bad = np.argwhere(~np.isfinite(losses[run]))[0]
-    step, column = int(bad[0]), int(columns[bad[1]])
+    where = self.first_nonfinite(losses)
+    if where is None:
+      return
+    run, step, column = where
     raise ValueError(
         f"simulate: run {run} of batch_ids gives non-finite {what} (first at step "
         f"{step}, test example {column}) with simulator {self.name!r}: it diverges on "
