@@ -84,3 +84,63 @@ def test_unknown_seqio_task_is_named(tmp_path):
   config.data.seqio_task = "nope_task"
   with pytest.raises(ValueError, match="config.data.seqio_task='nope_task'"):
     pipeline.run(config, str(tmp_path / "job"))
+
+
+def _base_model(config, workdir):
+  wd = pipeline.Workdir(workdir, config)
+  return wd, pipeline.stages.base_model(wd, config, pipeline.stages.load_data(wd, config))
+
+
+@pytest.mark.parametrize("edit", ["activation", "init"])
+def test_a_factory_model_edited_under_the_same_name_is_refused(tmp_path, monkeypatch,
+                                                                edit):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import user_project  # pylint: disable=g-import-not-at-top
+  config, workdir = _user_config(), str(tmp_path / "job")
+  _base_model(config, workdir)
+  # The same code again: the stored base model is reused.
+  wd, _ = _base_model(config, workdir)
+  assert wd.timings["base_model"].reused
+  # Same config, same parameter shapes, other computation: the runs of the old
+  # model must not be reused.
+  if edit == "activation":
+    monkeypatch.setattr(user_project, "ACTIVATION", nn.gelu)
+  else:
+    monkeypatch.setattr(user_project, "KERNEL_INIT", nn.initializers.zeros)
+  with pytest.raises(pipeline.StaleWorkdirError,
+                     match=r"model.factory computation changed.*--overwrite"):
+    _base_model(config, workdir)
+  # From a checkpoint, the initialiser no longer shapes anything: not refused.
+  if edit == "init":
+    monkeypatch.undo()
+    config = _user_config(checkpoint=str(tmp_path / "ckpt"))
+    module = models.get_model(config.model, vocab_size=259)
+    training.save_params(str(tmp_path / "ckpt"), models.init_variables(
+        module, np.zeros((1, 24), np.int32), seed=3))
+    _base_model(config, str(tmp_path / "from_ckpt"))
+    monkeypatch.setattr(user_project, "KERNEL_INIT", nn.initializers.zeros)
+    wd, _ = _base_model(config, str(tmp_path / "from_ckpt"))
+    assert wd.timings["base_model"].reused
+
+
+def test_computation_digest_ignores_where_the_code_lives():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.pipeline import fingerprint  # pylint: disable=g-import-not-at-top
+
+  def make(scale):
+    @jax.custom_jvp
+    def f(x):
+      return jnp.sin(x) * scale
+    f.defjvp(lambda p, t: (f(p[0]), jnp.cos(p[0]) * t[0] * scale))
+    table = jnp.arange(3.0) * scale
+    return lambda x: f(x) + table
+
+  x = jax.ShapeDtypeStruct((3,), jnp.float32)
+  # Two function objects (other addresses) computing the same: one digest.
+  assert (fingerprint.computation_digest(make(2.0), x) ==
+          fingerprint.computation_digest(make(2.0), x))
+  # Another closed-over constant, or another input shape: another digest.
+  assert (fingerprint.computation_digest(make(2.0), x) !=
+          fingerprint.computation_digest(make(3.0), x))
+  assert (fingerprint.computation_digest(make(2.0), x) !=
+          fingerprint.computation_digest(make(2.0), jax.ShapeDtypeStruct((2, 3), x.dtype)))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import ml_collections
@@ -124,6 +125,25 @@ def tree_digest(tree: Any) -> str:
   import jax  # pylint: disable=g-import-not-at-top
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   return digest([str(treedef), array_digest(*[np.asarray(x) for x in leaves])])
+
+
+def computation_digest(fn: Any, *args: Any) -> str:
+  """Hex SHA-256 of what `fn(*args)` computes: its jaxpr and closed-over constants.
+
+  `args` may be arrays or `jax.ShapeDtypeStruct`s (only traced, never run). Two
+  functions with the same operations on the same shapes have the same digest,
+  wherever their code lives and whatever its comments say; a changed layer, initialiser,
+  activation or constant table changes it. The printed jaxpr depends on the JAX
+  version too, so a digest may change with an upgrade of JAX (never between
+  processes or runs of one installation).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  closed = jax.make_jaxpr(fn)(*args)
+  # Callables in parameters (custom_jvp / custom_vjp rules) print as `<lambda>` or
+  # `<function f at 0x...>`: the address differs between processes.
+  text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed))
+  consts = [np.asarray(c) for c in closed.consts if hasattr(c, "shape")]
+  return digest([text, array_digest(*consts) if consts else ""])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -150,12 +150,32 @@ def base_model(wd: workdir_lib.Workdir, config, dataset: data.Dataset) -> Model:
   if config.model.checkpoint:
     # The checkpoint's contents, not just its path, shape every run.
     extra["checkpoint"] = fp.tree_digest(training.load_params(config.model.checkpoint))
+  if config.model.factory:
+    # A user's model is code the config only names: what it computes (its loss and,
+    # without a checkpoint, its initialisation) is fingerprinted instead, so a model
+    # edited under the same factory name never reuses runs of the old one. (The
+    # built-in models are covered by the stages' code versions.)
+    extra["model.factory computation"] = _factory_digest(
+        module, loss_fn, dataset, config.seed, with_init=not config.model.checkpoint)
   params = wd.stage(
       "base_model", fields=MODEL_FIELDS, upstream=("data",), compute=compute,
       extra=extra,
       save=lambda params: training.save_params(path, params),
       load=lambda: training.load_params(path), outputs=("base",), precious=True)
   return Model(module, loss_fn, params, dataset.kind)
+
+
+def _factory_digest(module, loss_fn, dataset: data.Dataset, seed: int,
+                   with_init: bool) -> str:
+  """`fingerprint.computation_digest` of a factory model's loss on one train
+  example (and of its initialisation when `with_init`); traced, never run."""
+  example = {name: np.asarray(array[:1]) for name, array in dataset.train.items()}
+  key = jax.random.PRNGKey(seed)
+  params = jax.eval_shape(module.init, key, example["inputs"])
+  parts = [fp.computation_digest(loss_fn, params, example)]
+  if with_init:
+    parts.append(fp.computation_digest(module.init, key, example["inputs"]))
+  return fp.digest(parts)
 
 
 def make_curricula(config) -> Curricula:

@@ -10,6 +10,9 @@ import seqio
 import tensorflow as tf
 
 TASK = "user_project_copy_task"
+# What a researcher edits between two jobs (tests/user_model_test.py swaps them).
+ACTIVATION = nn.relu
+KERNEL_INIT = nn.initializers.lecun_normal()
 
 
 class TinyLM(nn.Module):
@@ -21,7 +24,7 @@ class TinyLM(nn.Module):
   @nn.compact
   def __call__(self, tokens):
     x = nn.Embed(self.vocab_size, self.width)(tokens)
-    x = nn.relu(nn.Dense(self.width, name="hidden")(x))
+    x = ACTIVATION(nn.Dense(self.width, kernel_init=KERNEL_INIT, name="hidden")(x))
     return nn.Dense(self.vocab_size, name="logits")(x)
 
 
