@@ -53,10 +53,26 @@ def test_parse_arg():
     ("subset_size", 1000, "config.subset_size=1000: larger than"),
     ("num_held_out_runs", 9, "config.num_held_out_runs=9: more held-out runs"),
     ("mesh_model", 0, "config.mesh_model=0: must be a positive integer"),
+    ("warmup_steps", -1, "config.warmup_steps=-1: must be a non-negative integer"),
 ])
 def test_bad_config_values_are_named(field, value, message):
   config = load("default", "tiny")
   config[field] = value
+  with pytest.raises(ValueError, match=message):
+    pipeline.validate_config(config)
+
+
+@pytest.mark.parametrize("optimizer, field, value, message", [
+    ("momentum", "momentum", 1.0, r"config.momentum=1.0: must be in \[0, 1\)"),
+    ("adam", "eps", -1e-8, "config.eps=-1e-08: must be a finite positive number"),
+    ("adam", "b2", 1.0, r"config.b2=1.0: must be in \[0, 1\)"),
+])
+def test_bad_numbers_of_the_chosen_optimizer_are_named(optimizer, field, value,
+                                                        message):
+  config = load("default", "tiny")
+  config[field] = value
+  pipeline.validate_config(config)  # plain SGD reads none of them
+  config.optimizer = optimizer
   with pytest.raises(ValueError, match=message):
     pipeline.validate_config(config)
 

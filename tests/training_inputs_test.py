@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from simfluence_jax import models
@@ -204,6 +205,43 @@ def test_a_negative_end_learning_rate_is_refused():
   with pytest.raises(ValueError, match=r"^train_runs: config\.end_learning_rate="
                                        r"-0\.01: must be a finite non-negative"):
     _CALLS["train_runs"](params0, batch_ids, train, test, config)
+
+
+@pytest.mark.parametrize("who", sorted(_CALLS))
+@pytest.mark.parametrize("changes,message", [
+    (dict(optimizer="momentum", momentum=1.0), r"config\.momentum=1\.0: must be in \[0, 1\)"),
+    (dict(optimizer="momentum", momentum=-0.5), r"config\.momentum=-0\.5: must be in"),
+    (dict(optimizer="adam", b1=1.0), r"config\.b1=1\.0: must be in \[0, 1\)"),
+    (dict(optimizer="adam", b2=float("nan")), r"config\.b2=nan: must be in"),
+    (dict(optimizer="adam", eps=0.0), r"config\.eps=0\.0: must be a finite positive"),
+    (dict(warmup_steps=-2), r"config\.warmup_steps=-2: must be a non-negative integer"),
+    (dict(warmup_steps=1.5), r"config\.warmup_steps=1\.5: must be a non-negative"),
+])
+def test_optimizer_numbers_out_of_range_are_refused(who, changes, message):
+  params0, train, test, batch_ids = _setup()
+  with pytest.raises(ValueError, match=rf"^{who}: {message}"):
+    _CALLS[who](params0, batch_ids, train, test, _config(**changes))
+
+
+def test_optimizer_numbers_at_the_ends_of_their_ranges_train():
+  """momentum 0 (plain SGD), b1 0 and warm-up 0 are valid: the same steps as
+  optax's own optimizers."""
+  params0, train, test, batch_ids = _setup()
+  for changes, tx in [(dict(optimizer="momentum", momentum=0.0), optax.sgd(0.1)),
+                      (dict(optimizer="adam", b1=0.0, warmup_steps=0),
+                       optax.adam(0.1, b1=0.0))]:
+    got = _CALLS["train_runs"](params0, batch_ids[:1], train, test,
+                               _config(**changes)).trace.losses[0]
+    params, state = params0, tx.init(params0)
+    want = [_LOSS_FN(params, test)]
+    for ids in batch_ids[0]:
+      valid = ids[ids >= 0]
+      batch = {k: v[valid] for k, v in train.items()}
+      grads = jax.grad(lambda p: _LOSS_FN(p, batch).mean())(params)
+      updates, state = tx.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+      want.append(_LOSS_FN(params, test))
+    np.testing.assert_allclose(got, np.stack(want), rtol=2e-5, atol=2e-6)
 
 
 def _overflowing_derivatives():

@@ -72,6 +72,8 @@ def validate_config(config) -> None:
   if config.lr_schedule not in optim.SCHEDULES:
     raise ValueError(f"config.lr_schedule={config.lr_schedule!r}: must be one of "
                      f"{optim.SCHEDULES}.")
+  # The optimizer's numbers (momentum, b1, b2, eps, warmup_steps), as training reads them.
+  optim.optimizer_settings(config, config.num_steps)
   if not config.model.factory and config.model.name not in models.MODEL_NAMES:
     raise ValueError(f"config.model.name={config.model.name!r}: must be one of "
                      f"{models.MODEL_NAMES}.")

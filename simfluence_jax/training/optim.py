@@ -52,8 +52,9 @@ def optimizer_settings(config: Any, num_steps: Optional[int] = None) -> dict:
   optimizer ignores (e.g. `momentum` for "sgd") are left out.
 
   Raises:
-    ValueError: unknown optimizer or schedule, or a linear schedule without a step
-      count.
+    ValueError: unknown optimizer or schedule, a linear schedule without a step
+      count, or a number out of its range (momentum, b1, b2 in [0, 1), eps > 0,
+      warmup_steps a non-negative integer), naming the config field.
   """
   name = config_field(config, "optimizer", "sgd")
   if name not in OPTIMIZER_HYPERPARAMETERS:
@@ -63,6 +64,7 @@ def optimizer_settings(config: Any, num_steps: Optional[int] = None) -> dict:
   if schedule not in SCHEDULES:
     raise ValueError(f"config.lr_schedule: unknown schedule {schedule!r}; expected "
                      f"one of {SCHEDULES}.")
+  _check_warmup(config_field(config, "warmup_steps", 0))
   settings = {"optimizer": name,
               "learning_rate": float(config_field(config, "learning_rate")),
               "lr_schedule": schedule,
@@ -77,7 +79,35 @@ def optimizer_settings(config: Any, num_steps: Optional[int] = None) -> dict:
                                                        0.0))
   for field, default in OPTIMIZER_HYPERPARAMETERS[name].items():
     settings[field] = float(config_field(config, field, default))
+  _check_ranges(settings)
   return settings
+
+
+# The open or half-open range each optimizer number must lie in: outside it the
+# optimizer trains something else than its name says without a NaN to show it
+# (momentum 1 never forgets, a negative one oscillates; b1 or b2 of 1 divides by 0
+# in Adam's bias correction, eps ≤ 0 divides 0 by 0 where a gradient is 0).
+_RANGES = {"momentum": (0.0, 1.0, "[0, 1)"), "b1": (0.0, 1.0, "[0, 1)"),
+           "b2": (0.0, 1.0, "[0, 1)")}
+
+
+def _check_ranges(settings: dict) -> None:
+  """Refuses an optimizer number out of its range, naming the config field."""
+  for field, (low, high, text) in _RANGES.items():
+    if field in settings and not low <= settings[field] < high:
+      raise ValueError(f"config.{field}={settings[field]!r}: must be in {text}.")
+  if "eps" in settings and not (np.isfinite(settings["eps"]) and settings["eps"] > 0):
+    raise ValueError(f"config.eps={settings['eps']!r}: must be a finite positive "
+                     "number.")
+
+
+def _check_warmup(warmup_steps: Any) -> None:
+  warmup_steps = 0 if warmup_steps is None else warmup_steps
+  if (isinstance(warmup_steps, bool) or not isinstance(
+      warmup_steps, (int, float, np.number)) or not warmup_steps >= 0
+      or not float(warmup_steps).is_integer()):
+    raise ValueError(f"config.warmup_steps={warmup_steps!r}: must be a non-negative "
+                     "integer.")
 
 
 # The settings that are numbers: the compiled programs of `train_runs` and

@@ -416,9 +416,14 @@ def check_arrays(who: str, loss_fn: step_lib.LossFn, params0: Any,
 def checked_split_settings(who: str, config: Any, num_steps: int
                            ) -> Tuple[tuple, Dict[str, np.float32]]:
   """`optim.split_settings`, refusing a learning rate that is not a finite positive
-  number (as the command line does) and a negative or non-finite end_learning_rate:
-  either trains something else than asked without a NaN to show it."""
-  structure, hyperparameters = optim.split_settings(config, num_steps)
+  number (as the command line does), a negative or non-finite end_learning_rate and
+  the optimizer numbers `optim.optimizer_settings` refuses (momentum, b1, b2, eps,
+  warmup_steps out of range): each trains something else than asked without a NaN
+  to show it. Every message starts with `who`."""
+  try:
+    structure, hyperparameters = optim.split_settings(config, num_steps)
+  except ValueError as e:  # an unknown optimizer, a number out of its range
+    raise ValueError(f"{who}: {e}") from None
   rate = hyperparameters["learning_rate"]
   if not (np.isfinite(rate) and rate > 0):
     raise ValueError(f"{who}: config.learning_rate="
