@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from simfluence_jax import _checks
 from simfluence_jax import _io
 
 _FORMAT_VERSION = 1
@@ -66,10 +67,9 @@ def _as_array(name: str, value: Any, dtype: Any, ndim: int) -> np.ndarray:
 
 
 def _check_finite(name: str, array: np.ndarray) -> None:
-  if not np.all(np.isfinite(array)):
-    bad = np.argwhere(~np.isfinite(array))[0]
-    raise ValueError(
-        f"Trace.{name}: contains NaN or inf (first at index {tuple(int(i) for i in bad)}).")
+  bad = _checks.first_nonfinite(array)
+  if bad is not None:
+    raise ValueError(f"Trace.{name}: contains NaN or inf (first at index {bad}).")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -417,7 +417,9 @@ def test_weights_none_equals_ones_bit_for_bit_and_bad_weights_are_refused():
   assert not np.allclose(training.train_runs(params0, batch_ids, weights=halved,
                                              **kwargs).trace.losses,
                          plain.trace.losses)
-  with pytest.raises(ValueError, match=r"weights must be float\[R, T, B\]"):
+  shape = ", ".join(str(n) for n in batch_ids.shape)
+  with pytest.raises(ValueError, match=rf"^train_runs: weights must be float\[{shape}\] "
+                                       r"like batch_ids, got float32\["):
     training.train_runs(params0, batch_ids, weights=halved[:, :2], **kwargs)
   halved[1, 3, 0] = np.inf
   with pytest.raises(ValueError, match=r"weights\[1, 3, 0\] = inf"):

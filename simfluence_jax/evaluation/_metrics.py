@@ -11,6 +11,7 @@ says why a metric is NaN.
 
 import numpy as np
 
+from simfluence_jax import _checks
 from simfluence_jax import trace as trace_lib
 
 MIN_RUNS_FOR_RHO = 3
@@ -169,7 +170,7 @@ def undefined_reasons(pred, actual) -> dict:
   pred, actual = _check(pred, actual)
   reasons = {}
   if not _finite(pred):
-    bad = np.argwhere(~np.isfinite(pred))[0]
+    bad = _checks.first_nonfinite(pred)
     why = (f"the prediction is non-finite (first at run {bad[0]}, step {bad[1]}, "
            f"test example {bad[2]})")
     return {name: why for name in METRICS}

@@ -17,6 +17,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 import jax
 import numpy as np
 
+from simfluence_jax import _checks
 from simfluence_jax import sharding as sharding_lib
 
 _logger = logging.getLogger("simfluence_jax.influence")
@@ -128,12 +129,13 @@ def check_finite_scores(kernel: str, scores: np.ndarray, first: int,
   `scores` has the chunk's train examples (the first `first` + 0, 1, ...) on
   `example_axis`; the message names the first bad one and how many are bad.
   """
-  bad = ~np.isfinite(scores)
-  if not bad.any():
+  where = _checks.first_nonfinite(scores)
+  if where is None:
     return
-  index = first + int(np.argwhere(bad)[0][example_axis])
+  index = first + where[example_axis]
+  count = int(np.sum(~np.isfinite(scores)))
   raise FloatingPointError(
-      f"{kernel}: {int(bad.sum())} of {bad.size} scores of train examples "
+      f"{kernel}: {count} of {scores.size} scores of train examples "
       f"[{first}, {first + scores.shape[example_axis]}) are NaN or inf (the first at "
       f"train example {index}): NaN/inf in the params, checkpoints, factors, "
       f"query_batch or train_batches.")

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simfluence_jax import _checks
 from simfluence_jax import losses
 from simfluence_jax import sharding as sharding_lib
 from simfluence_jax.influence import _layers
@@ -114,7 +115,7 @@ class _ApplyTask:
   def _num_outputs(self, params, inputs) -> int:
     """The logits' last dimension (one trace per task and shapes, then cached)."""
     first = _layers.example_shapes(inputs)
-    key = (self, _signature(params), _signature(first))
+    key = (self, _checks.tree_signature(params), _checks.tree_signature(first))
     try:
       return _NUM_OUTPUTS[key]
     except TypeError:
@@ -128,11 +129,6 @@ class _ApplyTask:
 
 
 _NUM_OUTPUTS = {}
-
-
-def _signature(tree):
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  return treedef, tuple((tuple(np.shape(x)), str(np.dtype(x.dtype))) for x in leaves)
 
 
 def _check_ids(batch, key: str, limit: int, what: str, argument: str,

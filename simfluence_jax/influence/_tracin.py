@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simfluence_jax import _checks
 from simfluence_jax import kernels
 from simfluence_jax import sharding as sharding_lib
 from simfluence_jax.influence import _blocks
@@ -102,19 +103,11 @@ def _discover(fn, params, batch):
 _plans = {}
 
 
-def _signature(tree):
-  """The tree structure and every leaf's shape and dtype (None for a leaf without
-  one, e.g. an NNX module passed whole)."""
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  return treedef, tuple((tuple(np.shape(x)), str(getattr(x, "dtype", None)))
-                        for x in leaves)
-
-
 def _cached_plan(task, params, query_batch, train_batch, num_query) -> _Plan:
   """`_make_plan`, reused for the same task and shapes (it traces the model)."""
   try:
-    key = (task, _signature(params), _signature(_layers.example_shapes(query_batch)),
-           _signature(_layers.example_shapes(train_batch)), num_query)
+    key = (task, _checks.tree_signature(params), _checks.tree_signature(_layers.example_shapes(query_batch)),
+           _checks.tree_signature(_layers.example_shapes(train_batch)), num_query)
     hash(key)
   except TypeError:
     return _make_plan(task, params, query_batch, train_batch, num_query)
@@ -226,9 +219,9 @@ def _validate(checkpoints, learning_rates, projection_dim, rng):
     raise ValueError(f"learning_rates must be finite and ≥ 0 (a schedule's step "
                      f"sizes), got {learning_rates}.")
   checkpoints = [_layers.unbox(c) for c in checkpoints]
-  first = _signature(checkpoints[0])
+  first = _checks.tree_signature(checkpoints[0])
   for k, checkpoint in enumerate(checkpoints[1:], 1):
-    if _signature(checkpoint) != first:
+    if _checks.tree_signature(checkpoint) != first:
       raise ValueError(f"checkpoints[{k}]: its tree, shapes or dtypes differ from "
                        f"checkpoints[0]'s (every checkpoint must be the same model).")
   if projection_dim is not None:

@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simfluence_jax import _checks
 from simfluence_jax import _io
 from simfluence_jax.simulators import _solver
 
@@ -527,10 +528,10 @@ class Simulator:
       columns = np.flatnonzero([v is not None for v in self.fit_info["initial_losses"]])
     if ends_only:
       steps = np.array([0, losses.shape[1] - 1])
-    bad = ~np.isfinite(losses[:, steps][..., columns])
-    if not bad.any():
+    bad = _checks.first_nonfinite(losses[:, steps][..., columns])
+    if bad is None:
       return None
-    run, step, column = (int(i) for i in np.argwhere(bad)[0])
+    run, step, column = bad
     return run, int(steps[step]), int(columns[column])
 
   def _check_finite(self, losses, allow_nonfinite: bool, what: str = "losses"):

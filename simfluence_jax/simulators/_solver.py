@@ -58,6 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simfluence_jax import _checks
+
 METHODS = ("auto", "normal", "cg", "dual")
 _EXACT_MAX_SIZE = 128
 _DEFAULT_MEMORY_BUDGET = 1 << 28  # bytes of float32 working set per chunk
@@ -514,8 +516,9 @@ def _check_problem(ids, x, y, num_train, linear):
     raise ValueError(f"x: expected float32{list(y.shape)} like y, got "
                      f"{list(x.shape)}.")
   for name, array in (("y", y), ("x", x)) if linear else (("y", y),):
-    if not np.all(np.isfinite(array)):
-      row, column = (int(i) for i in np.argwhere(~np.isfinite(array))[0])
+    bad = _checks.first_nonfinite(array)
+    if bad is not None:
+      row, column = bad
       raise ValueError(f"{name}: contains NaN or inf (first at row {row}, column "
                        f"{column}).")
   return ids.astype(np.int32), x, y

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from simfluence_jax import _checks
 from simfluence_jax import sharding as sharding_lib
 from simfluence_jax.training import optim
 from simfluence_jax.training import runs as runs_lib
@@ -80,29 +81,10 @@ def _as_runs(batch_ids: Any, weights: Any, num_train: int, who: str, name: str):
   batch_ids = batch_ids.astype(np.int32)
   weights_name = name.replace("batch_ids", "weights").replace("curricula",
                                                               "curricula_weights")
-  if weights is None:
-    weights = np.ones(batch_ids.shape, np.float32)
-  else:
-    weights = np.asarray(weights)
-    if weights.shape != batch_ids.shape or not (
-        np.issubdtype(weights.dtype, np.floating)
-        or np.issubdtype(weights.dtype, np.integer)):
-      raise ValueError(f"{who}: {weights_name} must be float{list(batch_ids.shape)} "
-                       f"like {name}, got {weights.dtype}{list(weights.shape)}.")
-    weights = weights.astype(np.float32)
-    if not np.all(np.isfinite(weights)):
-      bad = tuple(int(i) for i in np.argwhere(~np.isfinite(weights))[0])
-      raise ValueError(f"{who}: {weights_name} must be finite; "
-                       f"{weights_name}{list(bad)} = {weights[bad]}.")
+  weights = runs_lib.checked_weights(who, weights, batch_ids, weights_name, name)
   if single:
     batch_ids, weights = batch_ids[None], weights[None]
   return batch_ids, weights, single
-
-
-def _first_nonfinite(values: np.ndarray) -> Optional[tuple]:
-  """The index of the first NaN/inf of `values` (host numpy), or None."""
-  bad = ~np.isfinite(values)
-  return tuple(int(i) for i in np.argwhere(bad)[0]) if bad.any() else None
 
 
 def _check_metagradients(who: str, grads: np.ndarray, losses: np.ndarray,
@@ -110,14 +92,14 @@ def _check_metagradients(who: str, grads: np.ndarray, losses: np.ndarray,
   """FloatingPointError naming the first non-finite final test loss [R, M] (checked
   first: a diverged run) or metagradient [R, T, B, M] of a `metagradients` call."""
   run = lambda r: "" if single else f"run {r}, "
-  bad = _first_nonfinite(losses)
+  bad = _checks.first_nonfinite(losses)
   if bad is not None:
     r, m = bad
     raise FloatingPointError(
         f"{who}: non-finite final test loss ({run(r)}test example {m}: "
         f"{losses[bad]}); the run diverged or an input (learning rate, params0, "
         "train/test arrays) is not finite.")
-  bad = _first_nonfinite(grads)
+  bad = _checks.first_nonfinite(grads)
   if bad is not None:
     r, t, b, m = bad
     slot = f"batch_ids[{t}, {b}]" if single else f"batch_ids[{r}, {t}, {b}]"
@@ -555,13 +537,13 @@ def first_order_losses(params0: Any, reference_batch_ids: Any, curricula: Any, *
         sharding_lib.put(curriculum_coefficients[index], chunk_sharding), *data)
     predicted = sharding_lib.to_host(predicted)[:num_curricula - start]
     if start == 0:
-      bad = _first_nonfinite(sharding_lib.to_host(reference))
+      bad = _checks.first_nonfinite(sharding_lib.to_host(reference))
       if bad is not None:
         raise FloatingPointError(
             f"{who}: non-finite reference test loss (step {bad[0]}, test example "
             f"{bad[1]}); the reference run diverged or an input (learning rate, "
             "params0, train/test arrays) is not finite.")
-    bad = _first_nonfinite(predicted)
+    bad = _checks.first_nonfinite(predicted)
     if bad is not None:
       r, t, m = bad
       raise FloatingPointError(
@@ -624,7 +606,7 @@ def _table_terms(table, ref_ids, ref_w, reference_final, num_train, who):
     raise ValueError(f"{who}: reference_final must be float[M={table.shape[2]}], got "
                      f"{list(reference_final.shape)}.")
   for name, values in (("table", table), ("reference_final", reference_final)):
-    bad = _first_nonfinite(values)
+    bad = _checks.first_nonfinite(values)
     if bad is not None:
       raise ValueError(f"{who}: {name} must be finite, got {values[bad]} at "
                        f"{name}{list(bad)}.")

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from simfluence_jax import _checks
 from simfluence_jax.training import step as step_lib
 
 _logger = logging.getLogger(__name__)
@@ -57,9 +58,9 @@ def pretrain_base(params: Any, loss_fn: step_lib.LossFn, arrays: Dict[str, Any],
 
   params, step_losses = run(params, arrays, jnp.asarray(batch_ids, jnp.int32))
   step_losses = np.asarray(step_losses)
-  if not np.all(np.isfinite(step_losses)):
-    bad = int(np.argmax(~np.isfinite(step_losses)))
-    raise FloatingPointError(f"pretrain_base: non-finite loss at step {bad}.")
+  bad = _checks.first_nonfinite(step_losses)
+  if bad is not None:
+    raise FloatingPointError(f"pretrain_base: non-finite loss at step {bad[0]}.")
   _logger.info("pretrain_base: %d steps, loss %.4f -> %.4f (mean of first/last 10).",
                num_steps, float(step_losses[:10].mean()), float(step_losses[-10:].mean()))
   return params

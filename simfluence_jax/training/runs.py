@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from simfluence_jax import _checks
 from simfluence_jax import _io
 from simfluence_jax import losses
 from simfluence_jax import sharding as sharding_lib
@@ -413,6 +414,27 @@ def check_arrays(who: str, loss_fn: step_lib.LossFn, params0: Any,
   return num_train, num_test
 
 
+def checked_weights(who: str, weights: Any, batch_ids: np.ndarray,
+                    name: str = "weights", ids_name: str = "batch_ids") -> np.ndarray:
+  """Occurrence weights like `batch_ids` as float32 (ones when None), refusing
+  another shape, a non-numeric dtype and NaN/inf (naming the first). Any finite
+  sign is allowed: a negative weight ascends that example's loss (unlearning)."""
+  if weights is None:
+    return np.ones(batch_ids.shape, np.float32)
+  weights = np.asarray(weights)
+  if weights.shape != batch_ids.shape or not (
+      np.issubdtype(weights.dtype, np.floating)
+      or np.issubdtype(weights.dtype, np.integer)):
+    raise ValueError(f"{who}: {name} must be float{list(batch_ids.shape)} like "
+                     f"{ids_name}, got {weights.dtype}{list(weights.shape)}.")
+  weights = weights.astype(np.float32)
+  bad = _checks.first_nonfinite(weights)
+  if bad is not None:
+    raise ValueError(f"{who}: {name} must be finite; {name}{list(bad)} = "
+                     f"{weights[bad]}.")
+  return weights
+
+
 def checked_split_settings(who: str, config: Any, num_steps: int
                            ) -> Tuple[tuple, Dict[str, np.float32]]:
   """`optim.split_settings`, refusing a learning rate that is not a finite positive
@@ -534,21 +556,7 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
   if batch_ids.min() < -1 or batch_ids.max() >= num_train:
     raise ValueError(f"train_runs: batch_ids must be in [-1, N={num_train}), found "
                      f"[{batch_ids.min()}, {batch_ids.max()}].")
-  if weights is None:
-    weights = np.ones(batch_ids.shape, np.float32)
-  else:
-    weights = np.asarray(weights)
-    if weights.shape != batch_ids.shape or not (
-        np.issubdtype(weights.dtype, np.floating)
-        or np.issubdtype(weights.dtype, np.integer)):
-      raise ValueError(f"train_runs: weights must be float[R, T, B] = "
-                       f"{list(batch_ids.shape)} like batch_ids, got "
-                       f"{weights.dtype}{list(weights.shape)}.")
-    weights = weights.astype(np.float32)
-    if not np.all(np.isfinite(weights)):
-      bad = tuple(int(i) for i in np.argwhere(~np.isfinite(weights))[0])
-      raise ValueError(f"train_runs: weights must be finite; weights{list(bad)} = "
-                       f"{weights[bad]}.")
+  weights = checked_weights("train_runs", weights, batch_ids)
   if checkpoint_every is not None and checkpoint_every <= 0:
     raise ValueError(f"train_runs: checkpoint_every must be positive, got "
                      f"{checkpoint_every}.")
