@@ -72,6 +72,26 @@ def test_synthetic_mask_covers_exactly_the_answer():
     assert text == f"{ds.metadata['test_key'][m]} is {ds.metadata['test_value'][m]}."
 
 
+def test_pack_cuts_a_long_prompt_in_its_middle_and_refuses_a_long_answer():
+  from simfluence_jax.data import packing  # pylint: disable=g-import-not-at-top
+  prompt, answer = np.arange(10, 22), np.array([30, 31, 1])  # 12 + 3 tokens
+  row = packing.pack([prompt], [answer], 8)
+  # 5 prompt tokens kept (1 from its start, 4 from its end), then the whole answer.
+  np.testing.assert_array_equal(row["targets"][0], [10, 18, 19, 20, 21, 30, 31, 1])
+  np.testing.assert_array_equal(row["mask"][0], [0, 0, 0, 0, 0, 1, 1, 1])
+  np.testing.assert_array_equal(row["inputs"][0], [0, 10, 18, 19, 20, 21, 30, 31])
+  # An answer that fills L exactly is kept when there is no prompt to drop.
+  row = packing.pack([np.zeros(0, np.int32)], [np.arange(5, 13)], 8)
+  np.testing.assert_array_equal(row["mask"][0], np.ones(8))
+  # Refused: an answer cut (EOS lost), or one leaving no room for its prompt.
+  for prompt, answer in ((np.zeros(0, np.int32), np.arange(5, 14)),
+                         (np.array([4]), np.arange(5, 13))):
+    with pytest.raises(ValueError, match=(
+        rf"^config.data.seq_len=8: example 1's answer has {len(answer)} tokens "
+        rf"\(with EOS\) and its prompt {len(prompt)}; the answer would be cut")):
+      packing.pack([np.array([4]), prompt], [np.array([5, 1]), answer], 8)
+
+
 def test_synthetic_is_deterministic_and_seed_dependent():
   a, b = _synthetic(0), data.get_dataset(_config(seed=0))
   for key in a.train:

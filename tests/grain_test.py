@@ -242,3 +242,15 @@ def test_lost_or_repeated_records_raise():
 def test_bad_config_raises_naming_the_field(files, overrides, message):
   with pytest.raises(ValueError, match=message):
     grain_source.get_dataset(_grain_config(files, **overrides))
+
+
+def test_a_record_whose_answer_does_not_fit_is_refused_naming_it():
+  record = json.dumps({"inputs": "Translate: the cat sat.",
+                       "targets": " Le chat etait assis sur le tapis."})
+  with pytest.raises(ValueError, match=(
+      r"^config.data.seq_len=32: example 0's answer has 35 tokens \(with EOS\).*"
+      r"\(the record whose targets starts ' Le chat etait assis sur le tapis.'\)$")):
+    grain_source._decode_json_text(record.encode(), "inputs", "targets", 32)  # pylint: disable=protected-access
+  # With room for it, the prompt's end and the whole answer are kept.
+  row = grain_source._decode_json_text(record.encode(), "inputs", "targets", 48)  # pylint: disable=protected-access
+  assert row["mask"].sum() == 35

@@ -84,8 +84,12 @@ def _decode_json_text(record, prompt_feature: str, answer_feature: str,
     raise ValueError(f"config.data.prompt_feature/answer_feature: record has no "
                      f"string field(s) {missing} (fields: {sorted(example)}).")
   prompt, answer = example[prompt_feature], example[answer_feature]
-  row = packing.pack([packing.tokenize_bytes(prompt)],
-                     [packing.tokenize_bytes(answer, add_eos=True)], seq_len)
+  try:
+    row = packing.pack([packing.tokenize_bytes(prompt)],
+                       [packing.tokenize_bytes(answer, add_eos=True)], seq_len)
+  except ValueError as e:  # "example 0" is this record
+    raise ValueError(f"{e} (the record whose {answer_feature} starts "
+                     f"{answer[:40]!r})") from None
   return {**{key: value[0] for key, value in row.items()}, _TEXT_KEY: prompt + answer}
 
 

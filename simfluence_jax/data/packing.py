@@ -37,14 +37,24 @@ def pack(prompts, answers, seq_len: int) -> dict:
     seq_len: L.
 
   Returns:
-    {"inputs": int32[n, L], "targets": int32[n, L], "mask": float32[n, L]}.
+    {"inputs": int32[n, L], "targets": int32[n, L], "mask": float32[n, L]}. A
+    prompt too long for what the answer leaves is cut in its middle.
+
+  Raises:
+    ValueError: an answer that does not fit in L, or leaves no room for any of its
+      prompt (the loss would be on a cut answer, or on an answer given nothing).
   """
   num = len(prompts)
   targets = np.zeros((num, seq_len), np.int32)
   mask = np.zeros((num, seq_len), np.float32)
   for i, (prompt, answer) in enumerate(zip(prompts, answers)):
-    answer = np.asarray(answer)[:seq_len]
-    prompt = _truncate_middle(np.asarray(prompt), seq_len - len(answer))
+    answer, prompt = np.asarray(answer), np.asarray(prompt)
+    if len(answer) > seq_len or (len(prompt) and len(answer) >= seq_len):
+      raise ValueError(
+          f"config.data.seq_len={seq_len}: example {i}'s answer has {len(answer)} "
+          f"tokens (with EOS) and its prompt {len(prompt)}; the answer would be cut "
+          "or its whole prompt dropped. Raise config.data.seq_len.")
+    prompt = _truncate_middle(prompt, seq_len - len(answer))
     tokens = np.concatenate([prompt, answer])
     targets[i, :len(tokens)] = tokens
     mask[i, len(prompt):len(tokens)] = 1.0
