@@ -254,3 +254,11 @@ def test_a_record_whose_answer_does_not_fit_is_refused_naming_it():
   # With room for it, the prompt's end and the whole answer are kept.
   row = grain_source._decode_json_text(record.encode(), "inputs", "targets", 48)  # pylint: disable=protected-access
   assert row["mask"].sum() == 35
+
+
+def test_test_records_from_the_train_files_are_refused(files):
+  both = f"{files['test']},{files['train']}"
+  with pytest.raises(ValueError, match=(
+      r"^config.data.grain_test: shares \[.*\] with config.data.grain_train; the test "
+      "examples would be train examples.$")):
+    grain_source.get_dataset(_grain_config(files, grain_test=both))

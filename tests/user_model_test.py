@@ -79,6 +79,15 @@ def test_bad_factory_is_named():
     models.get_model(config.model, vocab_size=259)
 
 
+def test_a_test_split_that_is_the_train_split_is_refused():
+  from simfluence_jax import data  # pylint: disable=g-import-not-at-top
+  config = _user_config()
+  config.data.test_split = config.data.train_split
+  with pytest.raises(ValueError, match=(
+      r"^config.data.test_split='train': the same split as config.data.train_split")):
+    data.get_dataset(config.data)
+
+
 def test_unknown_seqio_task_is_named(tmp_path):
   config = _user_config()
   config.data.seqio_task = "nope_task"

@@ -295,6 +295,10 @@ def _user_seqio_task(config) -> Dataset:
     raise ValueError(f"config.data.prompt_feature/answer_feature: {missing} are not "
                      f"output features of {config.seqio_task!r} "
                      f"({sorted(task.output_features)}).")
+  if config.test_split == config.train_split:
+    raise ValueError(f"config.data.test_split={config.test_split!r}: the same split "
+                     "as config.data.train_split; the test examples would be train "
+                     "examples 0..M-1.")
   arrays, texts = {}, {}
   for split, key in ((config.train_split, "num_train_examples"),
                      (config.test_split, "num_test_examples")):

@@ -369,6 +369,11 @@ def get_dataset(config) -> dataset_lib.Dataset:
     if count > len(source):
       raise ValueError(f"config.data.{count_field}={count}: {paths_field} has "
                        f"{len(source)} records.")
+    if split == "test" and set(paths) & set(sources["train"]):
+      raise ValueError(f"config.data.grain_test: shares "
+                       f"{sorted(set(paths) & set(sources['train']))} with "
+                       "config.data.grain_train; the test examples would be train "
+                       "examples.")
     splits[split] = read_arrays(source, decoder.decode, num_records=count,
                                 num_workers=workers)
     sources[split] = paths
