@@ -172,12 +172,25 @@ class Trace:
   def has_grads(self) -> bool:
     return self.train_grads is not None
 
-  def select_runs(self, runs: Any) -> "Trace":
-    """Returns the trace of a subset of runs (an index array, slice or boolean mask)."""
-    pick = lambda a: None if a is None else np.asarray(a[runs])
-    batch_ids = pick(self.batch_ids)
-    if batch_ids.ndim != 3 or batch_ids.shape[0] == 0:
+  def select_runs(self, runs: Any, allow_repeats: bool = False) -> "Trace":
+    """Returns the trace of a subset of runs (an index array, slice or boolean mask).
+
+    An index array that names a run twice is refused unless `allow_repeats` (a
+    resample with replacement): an integer 0/1 array meant as a mask would
+    otherwise select runs 0 and 1 over and over, and a fit or metric on them count
+    runs twice.
+    """
+    index = np.arange(len(self.batch_ids))[runs]
+    if np.ndim(index) != 1 or len(index) == 0:
       raise ValueError(f"Trace.select_runs: runs={runs!r} selects no run.")
+    values, counts = np.unique(index, return_counts=True)
+    if not allow_repeats and counts.max() > 1:
+      raise ValueError(
+          f"Trace.select_runs: runs={runs!r} names run {int(values[counts > 1][0])} "
+          f"{int(counts.max())} times (a 0/1 mask must be dtype bool; pass "
+          "allow_repeats=True to resample runs).")
+    pick = lambda a: None if a is None else np.asarray(a[index])
+    batch_ids = pick(self.batch_ids)
     return Trace(batch_ids=batch_ids, losses=pick(self.losses),
                  learning_rates=pick(self.learning_rates),
                  num_train_examples=self.num_train_examples,

@@ -57,6 +57,21 @@ def test_shape_accessors_and_select_runs():
   assert np.array_equal(sub.train_grads, trace.train_grads[1:3])
   with pytest.raises(ValueError, match="selects no run"):
     trace.select_runs(slice(5, 9))
+  # A boolean mask and an index array select the same runs, in the order given.
+  mask = np.array([True, False, True, False])
+  np.testing.assert_array_equal(trace.select_runs(mask).losses, trace.losses[[0, 2]])
+  np.testing.assert_array_equal(trace.select_runs([3, 0]).test_grads,
+                                trace.test_grads[[3, 0]])
+  # The same mask as 0/1 integers would index runs 1, 0, 1, 0: refused.
+  with pytest.raises(ValueError, match=(
+      r"^Trace.select_runs: runs=array\(\[1, 0, 1, 0\]\) names run 0 2 times "
+      r"\(a 0/1 mask must be dtype bool")):
+    trace.select_runs(mask.astype(np.int64))
+  # A resample with replacement, asked for.
+  boot = trace.select_runs([2, 2, 1], allow_repeats=True)
+  np.testing.assert_array_equal(boot.batch_ids, trace.batch_ids[[2, 2, 1]])
+  with pytest.raises(IndexError):
+    trace.select_runs([4])
 
 
 def _kwargs():
