@@ -63,6 +63,11 @@ SCRIPT = textwrap.dedent("""
         out[f"eigenvalues_{fisher}_{name}"] = np.concatenate(
             [np.sort(np.asarray(f.eigenvalues).ravel())
              for _, f in sorted(factors.factors.items())])
+      # Where the params are placed (split over 8 devices or not) must not change
+      # the checksum the factors compare them by.
+      out[f"values_checksum_{name}"] = np.array(
+          [int(factors.values_checksum[i:i + 8], 16)
+           for i in range(0, len(factors.values_checksum), 8)], np.int64)
       out[f"ekfac_scores_{name}"] = np.asarray(influence.ekfac_scores(
           task, params, factors, queries, batches, **kw))
       out[f"ekfac_token_scores_{name}"] = np.asarray(influence.ekfac_token_scores(
@@ -111,6 +116,14 @@ def test_every_mesh_equals_the_default_device(results, name, mesh):
   tolerance = 1e-4 if name.startswith(("eigenvalues", "precondition")) else 1e-5
   np.testing.assert_allclose(got, expected, rtol=tolerance,
                              atol=tolerance * np.abs(expected).max(), err_msg=name)
+
+
+def test_the_values_checksum_is_the_same_on_every_mesh(results):
+  expected = results["values_checksum_default"]
+  # Two sums per parameter leaf (zero for the zero-initialised biases).
+  assert expected.size % 2 == 0 and np.count_nonzero(expected) >= expected.size // 2
+  for mesh in ("d1", "d8"):
+    np.testing.assert_array_equal(results[f"values_checksum_{mesh}"], expected)
 
 
 def test_shapes_and_compile_once(results):

@@ -191,6 +191,68 @@ class FingerprintTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "fingerprint 0000000000000000 in the factors"):
       influence.ekfac_scores(task, params, influence.load_factors(path), batch, [batch])
 
+  def test_factors_of_other_parameter_values_are_refused_unless_asked(self):
+    task, params, batch, factors = _setup()
+    # The smallest change there is: one float32 ulp of one element.
+    kernel = params["params"]["Dense_0"]["kernel"]
+    nudged = jax.tree_util.tree_map(lambda x: x, params)
+    nudged["params"]["Dense_0"]["kernel"] = kernel.at[1, 2].set(
+        jnp.nextafter(kernel[1, 2], jnp.inf))
+    message = (r"^factors: fitted on other values of this model's parameters "
+               r"\(checksum [0-9a-f]{16} in the factors, [0-9a-f]{16} for params\): "
+               r"refit them on these params, or pass factors.for_other_params\(\)")
+    for call in (lambda f, p: influence.ekfac_scores(task, p, f, batch, [batch]),
+                 lambda f, p: influence.ekfac_layer_scores(task, p, f, batch, [batch]),
+                 lambda f, p: influence.ekfac_self_influence(task, p, f, [batch])):
+      with self.assertRaisesRegex(ValueError, message):
+        call(factors, nudged)
+      # Asked for: scored at the new values; at the fitted values the check changes
+      # no number.
+      self.assertTrue(np.isfinite(np.asarray(call(factors.for_other_params(),
+                                                  nudged))).all())
+      np.testing.assert_array_equal(np.asarray(call(factors.for_other_params(), params)),
+                                    np.asarray(call(factors, params)))
+    # The checksum survives save and load; factors saved without one load unchecked.
+    path = os.path.join(self._tempdir(), "factors")
+    influence.save_factors(path, factors)
+    loaded = influence.load_factors(path)
+    self.assertEqual(loaded.values_checksum, factors.values_checksum)
+    with self.assertRaisesRegex(ValueError, message):
+      influence.ekfac_scores(task, nudged, loaded, batch, [batch])
+    with open(os.path.join(path, "factors.json")) as f:
+      content = json.load(f)
+    del content["values_checksum"]
+    with open(os.path.join(path, "factors.json"), "w") as f:
+      json.dump(content, f)
+    old = influence.load_factors(path)
+    self.assertIsNone(old.values_checksum)
+    influence.ekfac_scores(task, nudged, old, batch, [batch])
+
+
+def test_param_values_checksum_equals_a_numpy_reference():
+  rng = np.random.default_rng(0)
+  params = {"b": {"w": rng.normal(size=(3, 5)).astype(np.float32)},
+            "a": rng.normal(size=7).astype(jnp.bfloat16),
+            "c": rng.integers(-9, 9, 4).astype(np.int32)}
+
+  def reference(x):
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]
+    bits = x.view(unsigned).astype(np.uint64).ravel()
+    k = np.arange(bits.size, dtype=np.uint64)
+    mod = np.uint64(2**32)
+    w1 = ((k * np.uint64(2654435761) + np.uint64(1)) % mod) | np.uint64(1)
+    w2 = (((k ^ np.uint64(0x9E3779B9)) * np.uint64(40503)) % mod) | np.uint64(1)
+    return [int(np.sum(bits * w % mod) % mod) for w in (w1, w2)]
+
+  expected = "".join(f"{v:08x}" for name in ("a", "b", "c")  # sorted paths
+                     for v in reference(params[name]["w"] if name == "b"
+                                        else params[name]))
+  assert influence.param_values_checksum(
+      jax.tree_util.tree_map(jnp.asarray, params)) == expected
+  # Any one element changed, by one bit, changes it.
+  flipped = dict(params, c=params["c"] ^ np.int32(1 << 30))
+  assert influence.param_values_checksum(flipped) != expected
+
 
 # --- Refused because the answer would be NaN (pytest style) ---
 

@@ -17,6 +17,7 @@ from simfluence_jax import _optional
 __all__ = [
     "ConvBlock", "CurvatureBlock", "DenseBlock", "EmbedBlock", "UnsupportedLayerError",
     "check_factors", "param_fingerprint", "param_grads_from_layer_grads",
+    "param_values_checksum",
     "register_layer_kind",
     "CovarianceStatistics", "ClassificationTask", "EKFACFactors",
     "EigenvalueStatistics", "LanguageModelingTask", "LayerActivations",
@@ -63,6 +64,7 @@ __getattr__, __dir__ = _optional.lazy_exports(
         "find_layers": "_layers",
         "layer_grads_from_param_grads": "_layers",
         "param_fingerprint": "_layers",
+        "param_values_checksum": "_layers",
         "param_grads_from_layer_grads": "_layers",
         "LayerActivations": "_layers",
         "LayerSpec": "_layers",

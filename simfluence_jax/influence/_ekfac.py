@@ -17,10 +17,11 @@ or one device): chunks of train examples are split over its `data` axis, padding
 examples carry weight 0, and each kernel compiles once per chunk shape.
 
 Factors carry a fingerprint of what they were fitted on (every layer's name, kind,
-dims, kernel shape and dtype, and a hash of the paths, shapes and dtypes of all
-parameter leaves; not of their values, so factors fitted at one checkpoint can be
-applied at another of the same model). Scoring with factors of another model is
-refused with a message naming the layer that differs.
+dims, kernel shape and dtype, a hash of the paths, shapes and dtypes of all
+parameter leaves, and a checksum of their values). Scoring with factors of another
+model is refused with a message naming the layer that differs, and with factors
+fitted on other values of the same model (another seed or checkpoint) unless the
+caller asks for it (`EKFACFactors.for_other_params()`).
 """
 
 import dataclasses
@@ -82,7 +83,8 @@ class LayerFactors(NamedTuple):
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["factors"], meta_fields=["layers", "fingerprint"])
+                   data_fields=["factors"],
+                   meta_fields=["layers", "fingerprint", "values_checksum"])
 @dataclasses.dataclass(frozen=True)
 class EKFACFactors:
   """Fitted EK-FAC factors: a pytree of arrays with the layer specs as metadata.
@@ -93,11 +95,22 @@ class EKFACFactors:
     fingerprint: `param_fingerprint` of the parameters they were fitted on (paths,
       shapes, dtypes of every leaf; not values); None = unknown (only the layers'
       own leaves are checked).
+    values_checksum: `param_values_checksum` of those parameters' values: scoring
+      with other values (another seed, another checkpoint) is refused; None = not
+      checked (factors saved before it, or `for_other_params()`).
   """
 
   layers: Tuple[_layers.LayerSpec, ...]
   factors: Dict[str, LayerFactors]
   fingerprint: Optional[str] = None
+  values_checksum: Optional[str] = None
+
+  def for_other_params(self) -> "EKFACFactors":
+    """These factors, to score with other values of the same model's parameters
+    (e.g. factors fitted once at the final checkpoint, applied at earlier ones):
+    an approximation you choose, so it is never the default. The model's layout is
+    still checked."""
+    return dataclasses.replace(self, values_checksum=None)
 
 
 @jax.jit
@@ -409,6 +422,7 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
                        f"mask is 0?), so its factors would be zero.")
   decomposed = eigendecompose(stats)
   fingerprint = _layers.param_fingerprint(params)
+  checksum = _layers.param_values_checksum(params)
   factors = {}
   if kfac:
     for spec in layers:
@@ -420,7 +434,7 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
                      * jnp.maximum(a_values, 0.0)[None, :] * tokens_per_example)
       factors[spec.name] = LayerFactors(a_vectors, s_vectors, eigenvalues)
     return _check_fitted(EKFACFactors(layers, _common.put_params(factors, mesh),
-                                      fingerprint))
+                                      fingerprint, checksum))
 
   # Eigenbases keep the params' `model` split (eigh runs replicated; its outputs
   # are placed once, for the second pass and for the factors).
@@ -432,7 +446,7 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
   eigenvalues = _mean_eigenvalues(eigen_stats)
   return _check_fitted(EKFACFactors(layers, {
       spec.name: LayerFactors(*eigenvectors[spec.name], eigenvalues[spec.name])
-      for spec in layers}, fingerprint))
+      for spec in layers}, fingerprint, checksum))
 
 
 def _check_fitted(factors: EKFACFactors) -> EKFACFactors:
@@ -620,11 +634,20 @@ def _score_kernel(task, layers, mode, mesh):
 
 
 def check_factors(factors, params, argument: str = "factors") -> None:
-  """Raises ValueError unless `factors` were fitted on a model shaped like `params`."""
+  """Raises ValueError unless `factors` were fitted on a model shaped like `params`
+  and, where they carry a `values_checksum`, on these very values."""
   if not isinstance(factors, EKFACFactors):
     raise ValueError(f"{argument}: expected EKFACFactors (from fit_ekfac), got "
                      f"{type(factors).__name__}.")
   _layers.check_layers_match(factors.layers, params, argument, factors.fingerprint)
+  if factors.values_checksum is not None:
+    checksum = _layers.param_values_checksum(params)
+    if checksum != factors.values_checksum:
+      raise ValueError(
+          f"{argument}: fitted on other values of this model's parameters (checksum "
+          f"{factors.values_checksum[:16]} in the factors, {checksum[:16]} for "
+          "params): refit them on these params, or pass "
+          f"{argument}.for_other_params() to apply them here on purpose.")
   for spec in factors.layers:
     f = factors.factors.get(spec.name)
     expected = (spec.output_dim, spec.augmented_input_dim)

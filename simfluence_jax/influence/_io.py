@@ -6,9 +6,11 @@ Layout of a factors directory:
                            "activation_eigenvectors", "gradient_eigenvectors",
                            "eigenvalues"}} for the i-th entry of `factor_names`
     path/factors.json  {"format", "version", "factor_names", "fingerprint",
-                       "layers": [LayerSpec fields]}: the static part of
-                       `EKFACFactors` (version 1 files, without block, config,
-                       kernel shape, dtype and fingerprint, still load)
+                       "values_checksum", "layers": [LayerSpec fields]}: the
+                       static part of `EKFACFactors` (version 1 files, without
+                       block, config, kernel shape, dtype and fingerprint, and
+                       files without values_checksum, still load; the latter
+                       unchecked against the params' values)
 
 Arrays are keyed by position rather than by layer name because layer names hold
 "/", which orbax would read as nesting. `factors.json` is written last, atomically
@@ -132,7 +134,8 @@ def save_factors(path, factors: _ekfac.EKFACFactors, *,
   if primary:
     _write_json_atomically(metadata_path, {
         "format": _FORMAT, "version": _VERSION, "factor_names": names,
-        "fingerprint": factors.fingerprint, "empty_arrays": empty,
+        "fingerprint": factors.fingerprint,
+        "values_checksum": factors.values_checksum, "empty_arrays": empty,
         "layers": [_spec_to_json(spec) for spec in factors.layers]})
 
 
@@ -188,6 +191,10 @@ def load_factors(path) -> _ekfac.EKFACFactors:
   if fingerprint is not None and not isinstance(fingerprint, str):
     raise ValueError(f"load_factors: corrupt {METADATA_FILE} in {path!r}: "
                      f"'fingerprint' must be a string, got {fingerprint!r}.")
+  checksum = metadata.get("values_checksum")
+  if checksum is not None and not isinstance(checksum, str):
+    raise ValueError(f"load_factors: corrupt {METADATA_FILE} in {path!r}: "
+                     f"'values_checksum' must be a string, got {checksum!r}.")
   names = metadata["factor_names"]
   arrays_path = root / ARRAYS_DIR
   if not arrays_path.is_dir():
@@ -225,4 +232,4 @@ def load_factors(path) -> _ekfac.EKFACFactors:
   factors = {name: _ekfac.LayerFactors(**{
       field: array(f"factor_{i}", field) for field in fields})
              for i, name in enumerate(names)}
-  return _ekfac.EKFACFactors(layers, factors, fingerprint)
+  return _ekfac.EKFACFactors(layers, factors, fingerprint, checksum)
