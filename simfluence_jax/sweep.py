@@ -6,10 +6,18 @@ r"""A grid of main jobs: where attribution works, and where no method does.
 Every cell of the grid is a full main job (`pipeline.run`) in `WORKDIR/<cell>/`
 (e.g. `batch_size=8,learning_rate=0.001/`), so a sweep resumes cell by cell and a
 rerun reuses finished cells. Writes `WORKDIR/sweep.json`, a list of
-`{"overrides": {...}, "metrics": {method: {metric: value}}, "regime": {...}}` (the
-cell's mean test-loss drop and across-run std of final losses), and `WORKDIR/sweep.png`:
-heat maps (2 swept fields), lines (1) or bars (more) of every method's
-spearman_across_runs and all_steps_mse ratio to curriculum_blind.
+`{"overrides": {...}, "metrics": {method: {metric: value}}, "regime": {...},
+"workdir": "<cell>", "metrics_digest": ...}` (the cell's mean test-loss drop and
+across-run std of final losses; the digest of the cell's metrics.json when the sweep
+wrote sweep.json, which `tables --sweep` compares with the cell's metrics.json now:
+a cell rerun alone since is refused), and `WORKDIR/sweep.png`: heat maps (2 swept
+fields), lines (1) or bars (more) of every method's spearman_across_runs and
+all_steps_mse ratio to curriculum_blind.
+
+A swept field is set in each cell's copy of the config and must read back as given:
+a field that is a reference to another (`config.data.seed` is `config.seed`) is
+refused, naming the field to sweep instead, and so is a cell whose overrides do not
+all read back (two tied fields).
 """
 
 import copy
@@ -21,6 +29,7 @@ from typing import Any, Sequence
 
 from absl import app
 from absl import flags
+from ml_collections import config_dict
 import numpy as np
 
 from simfluence_jax import _io
@@ -43,29 +52,69 @@ def _field_value(config, field: str):
   return section
 
 
-def _convert(field: str, text: str, default: Any):
-  """`text` as the type of the config field's current value."""
+def _leaves(config, prefix: str = ""):
+  """(dotted name, stored value) of every leaf; a reference stays a FieldReference."""
+  for key, value in config.items(preserve_field_references=True):
+    if isinstance(value, config_dict.ConfigDict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _reference(config, field: str):
+  """The FieldReference stored at `field`, or None if it holds a plain value."""
+  *parents, leaf = field.split(".")
+  section = config
+  for part in parents:
+    section = section[part]
+  value = dict(section.items(preserve_field_references=True))[leaf]
+  return value if isinstance(value, config_dict.FieldReference) else None
+
+
+def _tied_to(config, field: str):
+  """The field `field` is a reference to (`data.seed` -> `seed`), or None.
+
+  Fields holding the same FieldReference are one value: setting one sets all. The
+  one with the fewest dots (the section's own field, e.g. top-level `seed`) is the
+  field to sweep; the others are tied to it.
+  """
+  reference = _reference(config, field)
+  if reference is None:
+    return None
+  names = [name for name, value in _leaves(config) if value is reference]
+  owner = min(names, key=lambda name: (name.count("."), names.index(name)))
+  return None if owner == field else owner
+
+
+def _convert(field: str, text: str, default: Any, kind: type = None):
+  """`text` as the type of the config field's current value (of `kind`, a
+  placeholder's declared type, where that value is None)."""
+  kind = type(default) if default is not None or kind is None else kind
+  if kind in (type(None), object):
+    kind = float
   try:
-    if isinstance(default, bool):
+    if issubclass(kind, bool):
       if text.lower() not in ("true", "false", "1", "0"):
         raise ValueError(text)
       return text.lower() in ("true", "1")
-    if isinstance(default, int):
+    if issubclass(kind, int):
       return int(text)
-    if isinstance(default, float) or default is None:
+    if issubclass(kind, float):
       return float(text)
-    return type(default)(text)
+    return kind(text)
   except ValueError as e:
     raise ValueError(f"--sweep={field}:...: {text!r} is not a "
-                     f"{type(default).__name__}.") from e
+                     f"{kind.__name__}.") from e
 
 
 def parse_sweeps(specs: Sequence[str], config) -> list[tuple[str, list]]:
   """`["batch_size:8,32"]` -> `[("batch_size", [8, 32])]`, values typed like the
-  config's field.
+  config's field (a placeholder's by its declared type: `influence.query_rank:4`
+  is an int).
 
   Raises:
-    ValueError: a malformed spec, an unknown field, a value of the wrong type.
+    ValueError: a malformed spec, an unknown field, a value of the wrong type, a
+      field that is a reference to another (sweep that one).
   """
   if not specs:
     raise ValueError("--sweep: give at least one FIELD:V1,V2,...")
@@ -77,7 +126,13 @@ def parse_sweeps(specs: Sequence[str], config) -> list[tuple[str, list]]:
     default = _field_value(config, field)
     if isinstance(default, (dict, tuple, list)) or hasattr(default, "keys"):
       raise ValueError(f"--sweep={spec!r}: {field} is not a scalar field.")
-    grid.append((field, [_convert(field, v.strip(), default)
+    owner = _tied_to(config, field)
+    if owner is not None:
+      raise ValueError(f"--sweep={field}: tied to config.{owner} (a reference); "
+                       f"sweep {owner} instead.")
+    reference = _reference(config, field)
+    kind = reference.get_type() if reference is not None else None
+    grid.append((field, [_convert(field, v.strip(), default, kind)
                          for v in values.split(",") if v.strip()]))
   fields = [f for f, _ in grid]
   if len(set(fields)) != len(fields):
@@ -89,15 +144,43 @@ def cell_name(overrides: dict) -> str:
   return ",".join(f"{k}={v}" for k, v in overrides.items())
 
 
+def _reads_back(got: Any, value: Any) -> bool:
+  if isinstance(value, float) and np.isnan(value):
+    return isinstance(got, float) and bool(np.isnan(got))
+  return got == value and isinstance(got, bool) == isinstance(value, bool)
+
+
 def cell_config(config, overrides: dict):
+  """A copy of `config` with `overrides` set.
+
+  Raises:
+    ValueError: a value the field does not take, or an override that does not read
+      back as given once every earlier one is set (two fields tied by a reference:
+      the cell would silently run other settings than its name says).
+  """
   cell = copy.deepcopy(config)
   with cell.unlocked():
-    for field, value in overrides.items():
+    for index, (field, value) in enumerate(overrides.items()):
       *parents, leaf = field.split(".")
       section = cell
       for part in parents:
         section = section[part]
-      section[leaf] = value
+      try:
+        section[leaf] = value
+      except TypeError as e:
+        raise ValueError(f"--sweep={field}: the field does not take {value!r} "
+                         f"({e}).") from e
+      for earlier, wanted in list(overrides.items())[:index + 1]:
+        got = _field_value(cell, earlier)
+        if _reads_back(got, wanted):
+          continue
+        if earlier == field:
+          raise ValueError(f"--sweep={field}: set to {value!r}, it reads back "
+                           f"{got!r} (cell {cell_name(overrides)}).")
+        raise ValueError(f"--sweep={field}: setting it to {value!r} set "
+                         f"{earlier}={got!r}, not {wanted!r} (cell "
+                         f"{cell_name(overrides)}): the two are tied; sweep one "
+                         "of them.")
   return cell
 
 
@@ -115,6 +198,7 @@ def run(config, workdir: str, specs: Sequence[str], overwrite: bool = False,
   """Runs every cell (main jobs), writes sweep.json and sweep.png; returns the list."""
   from simfluence_jax import pipeline  # pylint: disable=g-import-not-at-top
   from simfluence_jax.evaluation import _report  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.evaluation import _tables  # pylint: disable=g-import-not-at-top
   run_fn = run_fn or pipeline.run
   grid = parse_sweeps(specs, config)
   cells = [dict(zip([f for f, _ in grid], values))
@@ -137,10 +221,17 @@ def run(config, workdir: str, specs: Sequence[str], overwrite: bool = False,
     if "std" in payload:  # config.num_seeds > 1: the metrics are means over seeds
       cell.update(std=_method_metrics(payload, payload["std"]),
                   seeds=payload.get("seeds"))
+    # What the cell's metrics.json held when these numbers were taken from it:
+    # `tables --sweep` refuses a cell rerun alone since (None: no metrics.json here,
+    # nothing to check).
+    cell.update(workdir=cell_name(overrides),
+                metrics_digest=_tables.metrics_digest(os.path.join(
+                    os.fspath(workdir), cell_name(overrides))))
     results.append(cell)
-  _io.write_text(os.path.join(os.fspath(workdir), "sweep.json"),
-                 json.dumps(_report.clean_json(results), indent=2))
-  plot(os.path.join(os.fspath(workdir), "sweep.png"), grid, results)
+  if sharding.is_primary():
+    _io.write_text(os.path.join(os.fspath(workdir), "sweep.json"),
+                   json.dumps(_report.clean_json(results), indent=2))
+    plot(os.path.join(os.fspath(workdir), "sweep.png"), grid, results)
   return results
 
 

@@ -14,7 +14,10 @@ that file is replaced by the tables. `--sweep=DIR` adds the regime map of a swee
 
 A job removes its metrics.json once its runs are settled (a sweep its sweep.json when
 it starts) and writes it when it finishes, so a missing one is refused: the last job
-there did not finish.
+there did not finish. A summary whose parts were rerun alone since it was written is
+refused too, naming the part and what to rerun: a multi-seed job's metrics.json when
+a `seed_<k>/` was, a sweep's sweep.json when a cell (or a cell's seed) was; a file
+written before these checks renders with a warning.
 """
 
 import json
@@ -25,6 +28,7 @@ from absl import app
 from absl import flags
 
 from simfluence_jax import _io
+from simfluence_jax.evaluation._tables import load_metrics
 from simfluence_jax.evaluation._tables import render
 from simfluence_jax.evaluation._tables import sweep_table
 from simfluence_jax.evaluation._tables import update_readme
@@ -55,8 +59,8 @@ def main(argv):
   try:
     parts = []
     if _WORKDIR.value:
-      payload = json.loads(_io.read_text(_finished(_WORKDIR.value, "metrics.json",
-                                                   "workdir", "main job")))
+      _finished(_WORKDIR.value, "metrics.json", "workdir", "main job")
+      payload = load_metrics(_WORKDIR.value)  # refused if a seed was rerun since
       parts.append(render(payload, _GOALS.value, _WORKDIR.value))
     if _SWEEP.value:
       _finished(_SWEEP.value, "sweep.json", "sweep", "sweep")

@@ -4,11 +4,21 @@
 held-out table (mean ± std), the unseen-example and removal-LDS tables, the regime,
 the goals of the fidelity issue with "met"/"missed" for each, and a sweep's regime
 map. They are importable without defining absl flags, unlike the entry points.
+
+A summary is never rendered from results rerun since it was written: a multi-seed
+job's metrics.json records the digest of each `seed_<k>/metrics.json`
+(`SEED_DIGESTS`), a sweep's sweep.json that of each cell's metrics.json
+(`metrics_digest`); `load_metrics` and `sweep_table` compare them with the files
+now and refuse one that differs or is missing, naming it and what to rerun. A file
+written before these records renders with one warning (nothing to check against).
 """
 
+import hashlib
 import json
 import os
 import re
+import sys
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -126,8 +136,123 @@ def goals(payload: dict, which: str) -> list:
           for goal, value, test in checks]
 
 
-def sweep_table(sweep_dir: str) -> list:
+# A multi-seed job's metrics.json: {"seed_<k>": metrics_digest of seed_<k>/}.
+SEED_DIGESTS = "seed_metrics_digests"
+# Bookkeeping of how a job ran, not what it computed (a rerun that reuses every
+# stage rewrites them): left out of the digest.
+_UNDIGESTED = ("timings", "stages")
+
+
+def _warn(message: str) -> None:
+  print(f"warning: {message}", file=sys.stderr)
+
+
+def metrics_digest(workdir: str) -> Optional[str]:
+  """A digest of what `workdir/metrics.json` holds now (None: there is none).
+
+  Everything but `timings` and `stages`: a rerun that computes the same results
+  keeps it, one that changes any number a table shows changes it.
+  """
+  path = os.path.join(os.fspath(workdir), "metrics.json")
+  if not _io.exists(path):
+    return None
+  payload = json.loads(_io.read_text(path))
+  if isinstance(payload, dict):
+    payload = {k: v for k, v in payload.items() if k not in _UNDIGESTED}
+  text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_seeds(workdir: str, payload: dict, where: str,
+                rerun: str = "rerun the job (its other seeds are reused).",
+                warn: Callable[[str], None] = _warn) -> None:
+  """Refuses a multi-seed `payload` (workdir's metrics.json) whose seeds changed.
+
+  Args:
+    workdir: the job's directory, holding `seed_<k>/`.
+    payload: its metrics.json.
+    where: the start of a message (`--workdir='DIR'`).
+    rerun: the end of a refusal: what to rerun.
+    warn: called once when the payload has no digests to check (written before
+      they were recorded).
+
+  Raises:
+    ValueError: a `seed_<k>/metrics.json` missing or rerun since `payload` was
+      written (its mean ± std is stale).
+  """
+  if not payload.get("seeds"):
+    return  # one seed: the job's own results
+  digests = payload.get(SEED_DIGESTS)
+  if not digests:
+    warn(f"{where}: metrics.json predates its seeds' digests ({SEED_DIGESTS}); "
+         "cannot check that no seed_<k>/ was rerun since (rerun the job to record "
+         "them).")
+    return
+  for name, recorded in digests.items():
+    now = metrics_digest(os.path.join(os.fspath(workdir), name))
+    if now is None:
+      raise ValueError(f"{where}: {name}/ has no metrics.json: its last main job did "
+                       f"not finish; {rerun}")
+    if now != recorded:
+      raise ValueError(f"{where}: {name}/ was rerun after metrics.json was written "
+                       f"(its mean over seeds is stale); {rerun}")
+
+
+def load_metrics(workdir: str, warn: Callable[[str], None] = _warn) -> dict:
+  """`workdir/metrics.json`, refused when one of its seeds was rerun since."""
+  payload = json.loads(_io.read_text(os.path.join(os.fspath(workdir),
+                                                  "metrics.json")))
+  check_seeds(workdir, payload, f"--workdir={workdir!r}", warn=warn)
+  return payload
+
+
+def check_cells(sweep_dir: str, cells: list,
+                warn: Callable[[str], None] = _warn) -> None:
+  """Refuses sweep.json's `cells` when a cell's metrics.json changed since.
+
+  A cell with a digest is compared with its metrics.json now, and a multi-seed
+  cell's seeds with it (`check_seeds`); cells without one (a sweep.json written
+  before they were recorded) give one warning.
+
+  Raises:
+    ValueError: naming the first cell missing its metrics.json or rerun since.
+  """
+  where = f"--sweep={sweep_dir!r}"
+  rerun = "rerun the sweep (its other cells are reused)."
+  unchecked, seeds_unchecked = False, []
+  for cell in cells:
+    recorded = cell.get("metrics_digest")
+    if recorded is None:
+      unchecked = True
+      continue
+    name = cell.get("workdir") or ",".join(f"{k}={v}" for k, v in
+                                          cell["overrides"].items())
+    workdir = os.path.join(os.fspath(sweep_dir), name)
+    now = metrics_digest(workdir)
+    if now is None:
+      raise ValueError(f"{where}: cell {name} has no metrics.json: its last main "
+                       f"job did not finish; {rerun}")
+    if now != recorded:
+      raise ValueError(f"{where}: cell {name} was rerun after sweep.json was "
+                       f"written; {rerun}")
+    payload = json.loads(_io.read_text(os.path.join(workdir, "metrics.json")))
+    check_seeds(workdir, payload, f"{where}: cell {name}", rerun,
+                warn=lambda _, name=name: seeds_unchecked.append(name))
+  if unchecked:
+    warn(f"{where}: sweep.json has no digest of some cells' metrics.json (written "
+         "before they were recorded, or a cell wrote none); cannot check that they "
+         "were not rerun since (rerun the sweep to record them).")
+  if seeds_unchecked:
+    warn(f"{where}: the metrics.json of cells {', '.join(seeds_unchecked)} predates "
+         f"their seeds' digests ({SEED_DIGESTS}); cannot check that no seed_<k>/ "
+         "was rerun since (rerun the sweep to record them).")
+
+
+def sweep_table(sweep_dir: str, warn: Callable[[str], None] = _warn) -> list:
+  """The regime map of a sweep; refused when a cell was rerun since sweep.json
+  (`check_cells`)."""
   cells = json.loads(_io.read_text(os.path.join(sweep_dir, "sweep.json")))
+  check_cells(sweep_dir, cells, warn)
   # Alphabetical, as in the held-out tables (a multi-seed cell's mean payload keeps
   # its metrics file's sorted keys, a one-seed cell the order it computed them in).
   methods = sorted(m for m in cells[0]["metrics"] if m != "curriculum_blind")
@@ -142,8 +267,9 @@ def sweep_table(sweep_dir: str) -> list:
     drop = regime.get("mean_loss_drop", np.nan)
     values = [f"{_fmt(100 * drop, digits=0)}%",
               _fmt(regime.get("final_loss_std_across_runs", np.nan), digits=2)]
-    if growth:
-      values.append(_fmt(regime.get("removal_derivative_growth", np.nan), digits=2))
+    if growth:  # per seed, as in the report: a mean would hide one unstable seed
+      values.append(_report.growth_text(regime)
+                    if "removal_derivative_growth" in regime else "–")
     for method in methods:
       rho = _get(cell["metrics"], method, "spearman_across_runs")
       ratio = _get(cell["metrics"], method, "all_steps_mse_ratio")
@@ -160,7 +286,8 @@ def sweep_table(sweep_dir: str) -> list:
                   + " / all_steps_mse as a multiple "
                   "of curriculum_blind's. Loss drop: of the mean test loss over a run; "
                   "across-run std: of the final test losses (the curriculum's effect)."
-                  + (" Derivative growth: of the removal benchmark's reference run "
+                  + (" Derivative growth: of the removal benchmark's reference run, "
+                     "per seed where a cell ran several "
                      "(above 1.5 it amplifies perturbations of its first steps, and "
                      "first-order predictions overshoot)." if growth else "")]
 

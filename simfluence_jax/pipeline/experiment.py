@@ -3,7 +3,10 @@
 `run(config, workdir)` is what `python -m simfluence_jax.main` calls. With
 `config.num_seeds = K > 1` it runs the experiment for seeds seed..seed+K−1 in
 `workdir/seed_<k>/` (full outputs each) and writes into `workdir` the mean over
-seeds of every metric, `metrics.json["std"]` and a report of mean ± std.
+seeds of every metric, `metrics.json["std"]` and a report of mean ± std, with the
+digest of each seed's metrics.json it was taken from
+(`metrics.json["seed_metrics_digests"]`: `tables` refuses the mean once a seed is
+rerun alone).
 
 Once its recorded runs are settled (the precious stages reused, recomputed or
 trained), a job removes the last one's result (metrics.json, report.md, plots/:
@@ -306,6 +309,7 @@ def compile_optimizations(config):
 
 def _run(config, workdir: str, overwrite: bool) -> dict:
   from simfluence_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.evaluation import _tables  # pylint: disable=g-import-not-at-top
   if config.num_seeds == 1:
     return run_seed(config, workdir, overwrite)
   seeds = [config.seed + k for k in range(config.num_seeds)]
@@ -324,6 +328,12 @@ def _run(config, workdir: str, overwrite: bool) -> dict:
   if None not in growth:  # a flag per seed: their mean would hide one unstable run
     payload["regime"]["removal_derivative_growth_by_seed"] = growth
   if sharding.is_primary():
+    # What each seed_<k>/metrics.json held when the mean was taken: `tables`
+    # refuses this mean once a seed is rerun alone (its metrics.json changes).
+    payload[_tables.SEED_DIGESTS] = {
+        f"seed_{k}": _tables.metrics_digest(os.path.join(os.fspath(workdir),
+                                                         f"seed_{k}"))
+        for k in range(len(seeds))}
     evaluation.write_report(workdir, payload=payload)
   return payload
 
