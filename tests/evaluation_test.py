@@ -127,6 +127,27 @@ def test_curriculum_blind_is_the_mean_fitted_trajectory():
       "spearman_across_runs"]
 
 
+def test_rounding_noise_across_runs_is_not_ranked():
+  """An order-blind prediction on runs that differ only in order differs by float32
+  rounding: ρ over that noise is undefined, not a weak signal; a real spread of
+  1e-3 still ranks, equal to scipy's."""
+  rng = np.random.default_rng(5)
+  actual = 30.0 + rng.normal(size=(8, 4, 3))
+  blind = np.broadcast_to(actual.mean(0), actual.shape).copy()
+  noisy = (blind.astype(np.float32)
+           + rng.choice([-2, 0, 2], blind.shape) * np.float32(30.0 * 2**-23))
+  assert np.ptp(noisy[:, -1], axis=0).max() > 0  # not exactly constant
+  assert np.isnan(ev.spearman_across_runs(noisy, actual))
+  assert "only by float rounding" in ev.undefined_reasons(noisy, actual)[
+      "spearman_across_runs"]
+  # One test example with a real spread: ρ over it alone.
+  real = noisy.astype(np.float64)
+  real[:, -1, 1] = 30.0 + 1e-3 * (actual[:, -1, 1] + rng.normal(size=8))
+  expected = scipy.stats.spearmanr(real[:, -1, 1], actual[:, -1, 1])[0]
+  assert ev.spearman_across_runs(real, actual) == pytest.approx(expected)
+  assert "spearman_across_runs" not in ev.undefined_reasons(real, actual)
+
+
 def test_removal_lds_matches_scipy():
   rng = np.random.default_rng(3)
   actual = rng.normal(size=(32, 5))
