@@ -191,10 +191,11 @@ def test_custom_decoder_classification_and_exact_64_bit_gather(tmp_path, monkeyp
   records = [np.append(f, label).astype(np.float64).tobytes()
              for f, label in zip(features, labels)]
   path = _write(tmp_path / "digits.array_record", records)
+  test_path = _write(tmp_path / "digits_test.array_record", records[5:])
   config = data_lib.default_data_config()
   with config.unlocked():
     config.name, config.num_train_examples, config.num_test_examples = "grain", 5, 2
-    config.grain_train, config.grain_test = path, path
+    config.grain_train, config.grain_test = path, test_path
     config.grain_decoder = "grain_test:make_classification_decoder"
     config.grain_workers = 0
   dataset = grain_source.get_dataset(config)
@@ -202,7 +203,7 @@ def test_custom_decoder_classification_and_exact_64_bit_gather(tmp_path, monkeyp
       "classification", 3, None)
   np.testing.assert_array_equal(dataset.train["inputs"], features[:5])
   np.testing.assert_array_equal(dataset.train["labels"], labels[:5])
-  np.testing.assert_array_equal(dataset.test["labels"], labels[:2])
+  np.testing.assert_array_equal(dataset.test["labels"], labels[5:])
   assert dataset.train_texts is None
   source = grain.sources.ArrayRecordDataSource(path)
   results = _run_as_processes(monkeypatch, 3, lambda p: grain_source.read_arrays(
@@ -262,3 +263,35 @@ def test_test_records_from_the_train_files_are_refused(files):
       r"^config.data.grain_test: shares \[.*\] with config.data.grain_train; the test "
       "examples would be train examples.$")):
     grain_source.get_dataset(_grain_config(files, grain_test=both))
+
+
+def _int_tokens_example(record):
+  tokens = np.frombuffer(record, np.int32)
+  # A decoder bug a user could write: the mask of a record starting with 5 is 0.
+  mask = np.full(len(tokens), 0.0 if tokens[0] == 5 else 1.0, np.float32)
+  return {"inputs": np.r_[0, tokens[:-1]].astype(np.int32), "targets": tokens,
+          "mask": mask}
+
+
+def make_masking_decoder(data_config):
+  del data_config
+  return grain_source.Decoder(decode=_int_tokens_example, kind="lm", vocab_size=16)
+
+
+def test_language_model_examples_with_no_scored_token_are_refused(tmp_path):
+  records = [np.array([first, 7, 8, 1], np.int32).tobytes() for first in (3, 4, 5, 6)]
+  config = data_lib.default_data_config()
+  with config.unlocked():
+    config.name, config.num_train_examples, config.num_test_examples = "grain", 2, 2
+    config.grain_train = _write(tmp_path / "train.array_record", records[:2])
+    config.grain_test = _write(tmp_path / "test.array_record", records[2:])
+    config.grain_decoder = "grain_test:make_masking_decoder"
+    config.grain_workers = 0
+  with pytest.raises(ValueError, match=(
+      r"^config.data.name='grain': test examples \[0\] \(1 in all\) have an empty "
+      r"loss mask")):
+    data_lib.get_dataset(config)
+  # Scored everywhere: loads, every mask as decoded.
+  config.grain_test = _write(tmp_path / "test2.array_record", records[:1] + records[3:])
+  dataset = data_lib.get_dataset(config)
+  np.testing.assert_array_equal(dataset.test["mask"], np.ones((2, 4)))

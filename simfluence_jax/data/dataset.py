@@ -165,20 +165,47 @@ def get_dataset(config) -> Dataset:
     A `Dataset` whose rows are the example ids.
 
   Raises:
-    ValueError: naming the field, for an unknown name, non-positive sizes, or more
-      examples than the source provides.
+    ValueError: naming the field, for an unknown name, non-positive sizes, more
+      examples than the source provides, or a language-model example with no
+      scored token (`check_lm_masks`).
   """
   config = _data_config(config)
   if config.name == "digits":
     return _digits(config)
   if config.name == "synthetic_facts":
-    return _synthetic_facts(config)
-  if config.name == "seqio":
-    return _user_seqio_task(config)
-  if config.name == "grain":
+    dataset = _synthetic_facts(config)
+  elif config.name == "seqio":
+    dataset = _user_seqio_task(config)
+  elif config.name == "grain":
     from simfluence_jax.data import grain_source  # pylint: disable=g-import-not-at-top
-    return grain_source.get_dataset(config)
-  return _tfds_lm(config)
+    dataset = grain_source.get_dataset(config)
+  else:
+    dataset = _tfds_lm(config)
+  if dataset.kind == "lm":
+    check_lm_masks(dataset, config.name)
+  return dataset
+
+
+def check_lm_masks(dataset: Dataset, source: str) -> None:
+  """Refuses LM examples whose loss mask is negative, not finite, or all 0: a test
+  example scored on no token has loss 0 whatever the curriculum, a train example
+  trains nothing (a user's grain decoder can produce either)."""
+  for split in ("train", "test", "pretrain"):
+    arrays = getattr(dataset, split)
+    if arrays is None:
+      continue
+    mask = np.asarray(arrays["mask"], np.float64)
+    bad = ~np.isfinite(mask) | (mask < 0)
+    if bad.any():
+      row = int(np.argwhere(bad)[0][0])
+      raise ValueError(f"config.data.name={source!r}: {split} example {row}'s mask "
+                       "holds a negative or non-finite weight.")
+    empty = np.flatnonzero(mask.reshape(len(mask), -1).sum(1) <= 0)
+    if len(empty):
+      raise ValueError(f"config.data.name={source!r}: {split} examples "
+                       f"{empty[:5].tolist()}{' ...' if len(empty) > 5 else ''} "
+                       f"({len(empty)} in all) have an empty loss mask (no token "
+                       "scored).")
 
 
 def _digits(config) -> Dataset:
