@@ -62,6 +62,22 @@ def test_bad_config_values_are_named(field, value, message):
     pipeline.validate_config(config)
 
 
+@pytest.mark.parametrize("fractions, message", [
+    ((0.01, 1.0), r"each must be in \(0, 1\)"),
+    ((0.0,), r"each must be in \(0, 1\)"),
+    # :tiny has N = 48: 1% and 2% both remove 1 example.
+    ((0.01, 0.02), r"0.01 and 0.02 both remove 1 of the num_train_examples=48"),
+])
+def test_removal_fractions_must_remove_distinct_counts(fractions, message):
+  config = load("default", "tiny")
+  assert config.num_train_examples == 48
+  config.removal.fractions = fractions
+  with pytest.raises(ValueError, match=rf"^config.removal.fractions=.*{message}"):
+    pipeline.validate_config(config)
+  config.removal.enabled = False  # not read then
+  pipeline.validate_config(config)
+
+
 @pytest.mark.parametrize("optimizer, field, value, message", [
     ("momentum", "momentum", 1.0, r"config.momentum=1.0: must be in \[0, 1\)"),
     ("adam", "eps", -1e-8, "config.eps=-1e-08: must be a finite positive number"),

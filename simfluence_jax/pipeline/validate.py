@@ -44,6 +44,24 @@ def _no_duplicates(config, name: str) -> None:
                      "once (was the flag given twice?).")
 
 
+def _removal_fractions(config) -> None:
+  """Each fraction in (0, 1), removing a number of examples no other one removes
+  (k = max(1, round(f·N)); two with the same k would be one benchmark twice under
+  two labels, and two equal labels overwrite each other)."""
+  fractions = tuple(config.removal.fractions)
+  sizes = {}
+  for f in fractions:
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
+      raise ValueError(f"config.removal.fractions={fractions!r}: each must be in "
+                       "(0, 1).")
+    k = max(1, int(round(f * config.num_train_examples)))
+    if k in sizes:
+      raise ValueError(
+          f"config.removal.fractions={fractions!r}: {sizes[k]:g} and {f:g} both remove "
+          f"{k} of the num_train_examples={config.num_train_examples} examples.")
+    sizes[k] = f
+
+
 def validate_config(config) -> None:
   """Raises ValueError naming the first bad field of `config`."""
   for name in ("num_train_examples", "num_test_examples", "subset_size", "num_runs",
@@ -103,6 +121,8 @@ def validate_config(config) -> None:
                        "counterfactual search on the metagradient needs the "
                        "full-batch reference (0), whose table holds every example "
                        "at every step.")
+  if config.removal.enabled:
+    _removal_fractions(config)
   if config.num_held_out_runs > config.num_runs:
     raise ValueError(f"config.num_held_out_runs={config.num_held_out_runs}: more "
                      f"held-out runs than the config.num_runs={config.num_runs} fitted "
