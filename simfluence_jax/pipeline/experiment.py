@@ -272,6 +272,7 @@ def _mean_and_std(payloads: list) -> tuple[dict, dict]:
       return ({k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()})
     if isinstance(first, (int, float)) and not isinstance(first, bool):
       array = np.asarray([np.nan if v is None else v for v in values], np.float64)
+      # ddof 0: the spread of these K seeds (the README and report say so).
       return float(np.mean(array)), float(np.std(array))
     return None
   skip = ("summary", "stages", "counterfactual", "learning_curve", "timings")
