@@ -6,6 +6,7 @@ remat, no vmap of a pullback), central finite differences of real retraining wit
 (test example m) of every metagradient is checked.
 """
 
+import functools
 import importlib
 
 import flax.linen as nn
@@ -71,10 +72,21 @@ def _setup(seed=0):
 
 
 def _dense_reference(params0, train, test, config, batch_ids, weights):
-  """jacfwd of a plain Python loop of the step objective written out here."""
-  optimizer, _ = training.make_optimizer(config, num_steps=batch_ids.shape[1])
+  """jacfwd of a plain Python loop of the step objective written out here.
 
-  def final_losses(w, ids):
+  The optimizer's numbers are arguments of the jitted reference (compiled once per
+  optimizer kind, as the programs under test are), its build
+  `training.make_optimizer`'s own (`optim.joined_optimizer`)."""
+  structure, numbers = optim.split_settings(config, batch_ids.shape[1])
+  jacobian = _dense_program(structure)(params0, train, test, numbers,
+                                       jnp.asarray(weights), jnp.asarray(batch_ids))
+  return np.moveaxis(np.array(jacobian), 1, -1)  # [R, M, T, B] -> [R, T, B, M]
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_program(structure):
+  def final_losses(params0, train, test, numbers, w, ids):
+    optimizer, _ = optim.joined_optimizer(structure, numbers)
     params, state = params0, optimizer.init(params0)
     for t in range(ids.shape[0]):
       valid = (ids[t] >= 0).astype(jnp.float32)
@@ -86,9 +98,8 @@ def _dense_reference(params0, train, test, config, batch_ids, weights):
       params = jax.tree_util.tree_map(jnp.add, params, updates)
     return _LOSS_FN(params, test)
 
-  jacobian = jax.jit(jax.vmap(jax.jacfwd(final_losses)))(jnp.asarray(weights),
-                                                         jnp.asarray(batch_ids))
-  return np.moveaxis(np.array(jacobian), 1, -1)  # [R, M, T, B] -> [R, T, B, M]
+  return jax.jit(jax.vmap(jax.jacfwd(final_losses, argnums=4),
+                          in_axes=(None, None, None, None, 0, 0)))
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
