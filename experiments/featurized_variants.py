@@ -25,7 +25,8 @@ def main(workdir, seed, dims):
   def score(label, sim):
     out = {}
     for name, held in sets.items():
-      pred = np.asarray(sim.simulate(held.batch_ids, held.losses[:, 0]))
+      pred = np.asarray(sim.simulate(held.batch_ids, held.losses[:, 0],
+                                     allow_unfitted_ids=True))
       blind = evaluation.all_steps_mse(
           evaluation.curriculum_blind(fit.losses, held.num_runs), held.losses)
       out[name] = (round(float(evaluation.spearman_across_runs(pred, held.losses)), 3),

@@ -156,9 +156,33 @@ def base_initial_losses(workdir: str) -> np.ndarray:
   return np.array(trace.losses[0, 0], np.float32)
 
 
+def fit_fingerprints(workdir: str, names: Sequence[str]) -> dict:
+  """method -> the "fingerprint" of `workdir/stages/fit_<method>.json` (the fit
+  its saved simulator came from), None where there is no such record (simulators
+  saved by hand)."""
+  stages = _io.as_path(workdir) / _STAGES_DIR
+  out = {}
+  for name in names:
+    path = stages / f"fit_{name}.json"
+    record = _io.read_json(path, "simulate") if path.exists() else None
+    out[name] = (record or {}).get("fingerprint")
+  return out
+
+
+def unfitted_ids(sims: dict, batch_ids: np.ndarray) -> dict:
+  """method -> int32[k] the ids of `batch_ids` its simulator has no fitted run
+  for (`Simulator.unfitted_ids`), for the methods that have any."""
+  found = {name: sim.unfitted_ids(batch_ids) for name, sim in sims.items()}
+  return {name: ids for name, ids in found.items() if ids.size}
+
+
 def simulate_curricula(sims: dict, batch_ids: np.ndarray, initial_losses: np.ndarray,
-                       num_band_samples: int = 32, seed: int = 0) -> dict:
+                       num_band_samples: int = 32, seed: int = 0, *,
+                       allow_unfitted_ids: bool = False) -> dict:
   """Every simulator's trajectories of `batch_ids` int32[R', T, B] from float32[M].
+
+  `allow_unfitted_ids`: as in `Simulator.simulate` (without it, a simulator whose
+  fitted runs never contained an id of `batch_ids` refuses, naming the ids).
 
   Returns:
     method -> {"mean": float32[R', T+1, M], "std": float32[R', T+1, M] or None}.
@@ -169,12 +193,13 @@ def simulate_curricula(sims: dict, batch_ids: np.ndarray, initial_losses: np.nda
     if sim.posterior is not None and num_band_samples > 0:
       mean, std = sim.simulate_with_bands(batch_ids, initial,
                                           num_samples=num_band_samples,
-                                          rng=seed, allow_nonfinite=True)
+                                          rng=seed, allow_nonfinite=True,
+                                          allow_unfitted_ids=allow_unfitted_ids)
       out[name] = {"mean": np.asarray(mean), "std": np.asarray(std)}
     else:
-      out[name] = {"mean": np.asarray(sim.simulate(batch_ids, initial,
-                                                   allow_nonfinite=True)),
-                   "std": None}
+      out[name] = {"mean": np.asarray(sim.simulate(
+          batch_ids, initial, allow_nonfinite=True,
+          allow_unfitted_ids=allow_unfitted_ids)), "std": None}
     # One method diverging on a curriculum does not stop the others: its
     # trajectory keeps the inf/NaN, and this says where.
     where = sim.first_nonfinite(out[name]["mean"], ends_only=sim.final_only)
@@ -230,10 +255,70 @@ def choose_targets(train_losses: np.ndarray, num_targets: int) -> np.ndarray:
   return np.sort(np.argsort(-spread, kind="stable")[:int(num_targets)]).astype(np.int32)
 
 
+def _ids_text(ids) -> str:
+  ids = [int(i) for i in ids]
+  return "[" + ", ".join(map(str, ids[:10])) + (", ...]" if len(ids) > 10 else "]")
+
+
+def _check_verify_inputs(methods, fitted, initial_losses, start_batch_ids,
+                         random_batch_ids, random_losses, targets) -> dict:
+  """Validates `search_and_verify`'s arrays (one line naming the argument);
+  returns method -> int[C, T, B] its start curricula."""
+  num_test = initial_losses.shape[0] if initial_losses.ndim == 1 else None
+  if num_test is None or not np.all(np.isfinite(initial_losses)):
+    raise ValueError(f"initial_losses: expected finite float32[M], got shape "
+                     f"{list(initial_losses.shape)}.")
+  if random_batch_ids.ndim != 3 or not np.issubdtype(random_batch_ids.dtype,
+                                                     np.integer):
+    raise ValueError(f"random_batch_ids: expected int[R', T, B], got "
+                     f"{random_batch_ids.dtype} {list(random_batch_ids.shape)}.")
+  runs, num_steps, width = random_batch_ids.shape
+  if random_losses.ndim != 3 or random_losses.shape[0] != runs:
+    raise ValueError(f"random_losses: expected float32[R'={runs}, T+1, M] (R' runs "
+                     f"like random_batch_ids), got shape {list(random_losses.shape)}.")
+  if random_losses.shape[1:] != (num_steps + 1, num_test):
+    raise ValueError(f"random_losses: expected [R', T+1={num_steps + 1}, M={num_test}]"
+                     f" (random_batch_ids has T={num_steps} steps, initial_losses M="
+                     f"{num_test}), got shape {list(random_losses.shape)}.")
+  if (targets.ndim != 1 or targets.size == 0 or not np.issubdtype(targets.dtype,
+                                                                    np.integer)):
+    raise ValueError(f"targets: expected a non-empty int[k] of test examples, got "
+                     f"{targets.dtype} {list(targets.shape)}.")
+  if targets.min() < 0 or targets.max() >= num_test:
+    bad = targets[(targets < 0) | (targets >= num_test)]
+    raise ValueError(f"targets: test examples must be in [0, M={num_test}), got "
+                     f"{bad.tolist()}.")
+  starts = (dict(start_batch_ids) if isinstance(start_batch_ids, dict) else
+            {m: start_batch_ids for m in methods})
+  missing = [m for m in methods if m not in starts]
+  if missing:
+    raise ValueError(f"start_batch_ids: no start curricula for methods {missing}.")
+  count = None
+  for method in methods:
+    start = np.asarray(starts[method])
+    who = ("start_batch_ids" if not isinstance(start_batch_ids, dict) else
+           f"start_batch_ids[{method!r}]")
+    if start.ndim != 3 or start.shape[1:] != (num_steps, width):
+      raise ValueError(f"{who}: expected int[C, T={num_steps}, B={width}] like "
+                       f"random_batch_ids, got shape {list(start.shape)}.")
+    if count is not None and len(start) != count:
+      raise ValueError(f"{who}: {len(start)} curricula, but another method has "
+                       f"{count}; every method searches as many.")
+    count = len(start)
+    unfitted = fitted[method].unfitted_ids(start)
+    if unfitted.size:
+      raise ValueError(
+          f"{who}: holds train ids {_ids_text(unfitted)} ({unfitted.size} in all) "
+          f"that no fitted run of simulator {method!r} contained; draw its starts "
+          "from its Simulator.fitted_ids.")
+    starts[method] = start
+  return starts
+
+
 def search_and_verify(
     fitted: Dict[str, simulators_lib.Simulator], *,
     initial_losses: np.ndarray,
-    start_batch_ids: np.ndarray,
+    start_batch_ids,
     random_batch_ids: np.ndarray,
     random_losses: np.ndarray,
     targets: Sequence[int],
@@ -249,10 +334,18 @@ def search_and_verify(
     fitted: method name -> fitted `Simulator`.
     initial_losses: float32[M] base-model test losses (start of every curriculum).
     start_batch_ids: int32[C, T, B] random curricula the searches start from (each
-      method gets the same C starts).
+      method gets the same C starts), or method -> int32[C, T, B] (its own starts).
+      A simulator with `fitted_ids` (fitted per id on runs) searches only among
+      those ids (the `pool` of `search_curriculum`), and its starts must hold no
+      other id (refused, naming it); draw them from the pool of the random
+      curricula, so the search and its baseline draw from the same ids.
     random_batch_ids: int32[R', T, B] random curricula of the same size...
     random_losses: float32[R', T+1, M] ...and their actual losses (really trained).
-    targets: int[k] the test examples whose final loss the search minimises.
+      Their simulated finals are rolled out even where they hold ids a simulator
+      has no fitted run for; such ids are listed per method in
+      "random_unfitted_ids" (and warned about).
+    targets: int[k] the test examples whose final loss the search minimises, in
+      [0, M).
     retrain: `batch_ids int32[C', T, B] -> losses float32[C', T+1, M]`, the real
       training code; called once with every method's curricula stacked
       (C' = len(methods) · C, method-major).
@@ -265,21 +358,35 @@ def search_and_verify(
     "curve_low"/"curve_high" [T+1] (10th/90th percentile)}; "searched" {method:
     {"actual_final" [C], "simulated_final" [C], "start_simulated_final" [C],
     "actual_improvement", "simulated_improvement", "fraction_beating_median",
-    "mean_curve" [T+1]}}; plus "batch_ids" {method: int32[C, T, B]} (arrays, not
-    JSON) for saving.
+    "mean_curve" [T+1], "pool_size" (ids the search drew from), "random_unfitted_ids"
+    [ids of the random curricula outside its fitted_ids]}}; plus "batch_ids"
+    {method: int32[C, T, B]} (arrays, not JSON) for saving.
+
+  Raises:
+    ValueError: naming the argument: unknown methods, start curricula of another
+      T or B than random_batch_ids (or holding ids outside the simulator's
+      fitted_ids), random_losses not [R', T+1, M], targets outside [0, M).
   """
   methods = list(fitted) if methods is None else list(methods)
   unknown = sorted(set(methods) - set(fitted))
   if unknown:
     raise ValueError(f"counterfactual methods {unknown} are not fitted; fitted: "
                      f"{sorted(fitted)}.")
-  targets = np.asarray(targets, np.int32)
+  targets = np.asarray(targets)
   random_batch_ids = np.asarray(random_batch_ids)
   random_losses = np.asarray(random_losses, np.float32)
   initial_losses = np.asarray(initial_losses, np.float32)
-  if random_losses.shape[0] != random_batch_ids.shape[0]:
-    raise ValueError(f"random_losses: {random_losses.shape[0]} runs but random_batch_ids "
-                     f"has {random_batch_ids.shape[0]}.")
+  starts = _check_verify_inputs(methods, fitted, initial_losses, start_batch_ids,
+                                random_batch_ids, random_losses, targets)
+  targets = targets.astype(np.int32)
+  random_unfitted = {m: fitted[m].unfitted_ids(random_batch_ids) for m in methods}
+  for method, ids in random_unfitted.items():
+    if ids.size:
+      logging.warning(
+          "counterfactual: the random curricula hold train ids %s (%d in all) that "
+          "no fitted run of %s contained; its simulated finals of them use its "
+          "prior there (its search does not move them in).", _ids_text(ids),
+          ids.size, method)
 
   def target_final(losses):  # float[R, T+1, M] -> float[R]
     return np.asarray(losses)[:, -1][:, targets].mean(-1)
@@ -287,14 +394,19 @@ def search_and_verify(
   def simulated_final(sim, batch_ids):
     # Only the targets are read; a simulator diverging on one of them reports NaN
     # there (as `evaluation` scores a diverging rollout), not an error after the
-    # searched curricula were retrained.
+    # searched curricula were retrained. Unfitted ids: only the random curricula
+    # can hold them (checked, listed and warned above).
     initial = np.repeat(initial_losses[None], len(batch_ids), axis=0)
-    return target_final(sim.simulate(batch_ids, initial, allow_nonfinite=True))
+    return target_final(sim.simulate(batch_ids, initial, allow_nonfinite=True,
+                                     allow_unfitted_ids=True))
 
-  searched_ids = {}
+  searched_ids, pool_sizes = {}, {}
   for i, method in enumerate(methods):
+    sim = fitted[method]
+    pool = None if sim.fitted_ids is None else np.asarray(sim.fitted_ids, np.int32)
+    pool_sizes[method] = (sim.num_train_examples if pool is None else len(pool))
     result = simulators_lib.search_curriculum(
-        fitted[method], initial_losses, start_batch_ids, targets,
+        sim, initial_losses, starts[method], targets, pool=pool,
         num_iters=num_iters, num_proposals=num_proposals, epoch_steps=epoch_steps,
         seed=seed + i)
     searched_ids[method] = result.batch_ids
@@ -310,7 +422,7 @@ def search_and_verify(
   out = {
       "targets": targets.tolist(),
       "num_random": int(len(random_actual)),
-      "num_searched_per_method": int(len(start_batch_ids)),
+      "num_searched_per_method": int(len(starts[methods[0]])) if methods else 0,
       "random": {
           "actual_final": random_actual.tolist(),
           "median_actual": median_actual,
@@ -322,7 +434,7 @@ def search_and_verify(
       },
       "searched": {},
   }
-  per_method = len(start_batch_ids)
+  per_method = out["num_searched_per_method"]
   for i, method in enumerate(methods):
     losses = actual[i * per_method:(i + 1) * per_method]
     sim_final = simulated_final(fitted[method], searched_ids[method])
@@ -332,11 +444,13 @@ def search_and_verify(
         "actual_final": act_final.tolist(),
         "simulated_final": sim_final.tolist(),
         "start_simulated_final": simulated_final(fitted[method],
-                                                 start_batch_ids).tolist(),
+                                                 starts[method]).tolist(),
         "actual_improvement": median_actual - float(np.mean(act_final)),
         "simulated_improvement": sim_random_median - float(np.mean(sim_final)),
         "fraction_beating_median": float(np.mean(act_final < median_actual)),
         "mean_curve": losses[:, :, targets].mean(-1).mean(0).tolist(),
+        "pool_size": int(pool_sizes[method]),
+        "random_unfitted_ids": random_unfitted[method].tolist(),
     }
   out["batch_ids"] = searched_ids
   return out

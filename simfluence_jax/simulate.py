@@ -9,12 +9,26 @@ starts from the base model, so the initial test losses are the trace's
 
 * `trajectories.json`: per method, the simulated losses `mean` float[R', T+1, M] and,
   for simulators with a posterior (Simfluence-Linear / -Additive), `std` (parameter
-  uncertainty; `null` otherwise);
+  uncertainty; `null` otherwise); `curriculum` (the file, absolute), `fits` (per
+  method, the fingerprint of the `stages/fit_<method>.json` its simulator came
+  from, null for simulators saved by hand: a main job that refits a simulator
+  changes it, so a trajectory whose fingerprint differs from the current record
+  is an older fit's) and `unfitted_ids` (per method, the curriculum's ids its fitted
+  runs never contained; rolled out only with `--allow_unfitted_ids`);
 * `trajectories.png`: the mean loss of the chosen test examples per step, one line per
   method with ±2σ bands.
+
+Refused, in one line: a curriculum holding train ids that no fitted run of a chosen
+simulator contained (e.g. the main job's unseen examples, `summary.unseen_ids`):
+Simfluence-Linear / -Additive and per-step TracIn hold only their prior for them
+(`Simulator.fitted_ids`); leave those methods out with `--methods`, or pass
+`--allow_unfitted_ids`. Also refused: a default output folder that already holds
+the trajectories of another curriculum file with the same stem (`c.json` and
+`c.csv` both map to `simulated/c`); pass `--output_dir`.
 """
 
 import json
+import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -27,14 +41,65 @@ from simfluence_jax import _io
 from simfluence_jax import counterfactual
 from simfluence_jax import data
 
+def _full_path(path: str) -> str:
+  """An absolute local path (a URL such as gs://... as it is)."""
+  text = os.fspath(_io.as_path(path))
+  return text if "://" in text else os.path.abspath(text)
+
+
+def _check_unfitted(sims: dict, batch_ids, curriculum_path: str) -> None:
+  """Raises ValueError naming the file if its ids are outside a simulator's
+  fitted runs (`counterfactual.unfitted_ids`)."""
+  found = counterfactual.unfitted_ids(sims, batch_ids)
+  if not found:
+    return
+  union = np.unique(np.concatenate(list(found.values())))
+  shown = ", ".join(map(str, union[:10].tolist())) + (", ..." if union.size > 10
+                                                       else "")
+  others = [m for m in sims if m not in found]
+  leave_out = (f"--methods={','.join(others)} leaves them out; " if others else "")
+  raise ValueError(
+      f"--curriculum={curriculum_path}: holds train ids [{shown}] ({union.size} in "
+      f"all) that no fitted run contained; simulators {sorted(found)} have only their "
+      "prior for them (simfluence_featurized, tracin_cp, ekfac_if and metagradient "
+      f"can predict them); {leave_out}pass --allow_unfitted_ids to roll out anyway.")
+
+
+def _check_output_dir(output_dir: str, curriculum: str) -> None:
+  """Refuses a default output folder holding another curriculum file's output."""
+  path = os.path.join(output_dir, "trajectories.json")
+  if not _io.exists(path):
+    return
+  try:
+    previous = json.loads(_io.read_text(path)).get("curriculum")
+  except (ValueError, AttributeError):
+    previous = None
+  if previous is not None and _full_path(previous) != curriculum:
+    raise ValueError(
+        f"--curriculum={curriculum}: its default output folder {output_dir} holds "
+        f"the trajectories of another curriculum file ({previous}) with the same "
+        "stem; pass --output_dir, or delete that folder.")
+
+
 def run(workdir: str, curriculum_path: str, output_dir: Optional[str] = None,
         methods: Optional[Sequence[str]] = None,
         targets: Optional[Sequence[int]] = None, num_band_samples: int = 32,
-        seed: int = 0) -> dict:
-  """Loads, validates, simulates, writes; returns {"output_dir", "trajectories"}."""
+        seed: int = 0, allow_unfitted_ids: bool = False) -> dict:
+  """Loads, validates, simulates, writes; returns {"output_dir", "trajectories"}.
+
+  Raises:
+    ValueError: in one line: a curriculum holding ids outside a chosen simulator's
+      fitted runs (naming the file, the ids and the simulators) unless
+      `allow_unfitted_ids`; a default output folder holding another curriculum
+      file's trajectories; bad targets; what `load_simulators` and
+      `data.load_curriculum` refuse.
+  """
   sims = counterfactual.load_simulators(workdir, methods)
   any_sim = next(iter(sims.values()))
   batch_ids = data.load_curriculum(curriculum_path, any_sim.num_train_examples)
+  unfitted = counterfactual.unfitted_ids(sims, batch_ids)
+  if not allow_unfitted_ids:
+    _check_unfitted(sims, batch_ids, curriculum_path)
   initial = counterfactual.base_initial_losses(workdir)
   num_test = any_sim.num_test_examples
   if targets is None:
@@ -44,13 +109,24 @@ def run(workdir: str, curriculum_path: str, output_dir: Optional[str] = None,
     if targets.size == 0 or targets.min() < 0 or targets.max() >= num_test:
       raise ValueError(f"--targets: indices must be in [0, {num_test}), got "
                        f"{targets.tolist()}.")
-  trajectories = counterfactual.simulate_curricula(sims, batch_ids, initial,
-                                                   num_band_samples, seed)
+  curriculum = _full_path(curriculum_path)
   stem = os.path.splitext(os.path.basename(curriculum_path))[0]
-  output_dir = output_dir or os.path.join(workdir, "simulated", stem)
+  if not output_dir:
+    output_dir = os.path.join(workdir, "simulated", stem)
+    _check_output_dir(output_dir, curriculum)
+  for name, ids in unfitted.items():
+    logging.warning("simulate: %s has no fitted run with train ids %s (%d in all); "
+                    "its trajectories roll them out on its prior "
+                    "(--allow_unfitted_ids).", name, ids[:10].tolist(), ids.size)
+  trajectories = counterfactual.simulate_curricula(
+      sims, batch_ids, initial, num_band_samples, seed,
+      allow_unfitted_ids=allow_unfitted_ids)
   _io.makedirs(output_dir)
   payload = {
-      "curriculum": os.fspath(_io.as_path(curriculum_path)),
+      "curriculum": curriculum,
+      "fits": counterfactual.fit_fingerprints(workdir, list(sims)),
+      "unfitted_ids": {name: unfitted[name].tolist() if name in unfitted else []
+                       for name in sims},
       "batch_ids_shape": list(batch_ids.shape),
       "initial_losses": initial.tolist(),
       "targets": targets.tolist(),
@@ -77,6 +153,10 @@ def _define_flags() -> None:
   flags.DEFINE_integer("num_band_samples", 32,
                        "Posterior samples for the uncertainty bands.")
   flags.DEFINE_integer("seed", 0, "Seed of the posterior samples.")
+  flags.DEFINE_bool("allow_unfitted_ids", False,
+                    "Roll out curricula holding train ids no fitted run contained, "
+                    "on the prior of the simulators fitted per id (listed in "
+                    "trajectories.json's unfitted_ids).")
 
 
 def main(argv):
@@ -88,7 +168,7 @@ def main(argv):
     sys.exit(2)
   try:
     result = run(f.workdir, f.curriculum, f.output_dir, f.methods, f.targets,
-                 f.num_band_samples, f.seed)
+                 f.num_band_samples, f.seed, f.allow_unfitted_ids)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -47,9 +47,12 @@ def test_recovers_a_planted_model_and_simulates_unseen_examples(method):
   init = np.full((4, NUM_TEST), 2.5, np.float32)
   np.testing.assert_allclose(sim.simulate(unseen, init), truth.simulate(unseen, init),
                              atol=1e-3)
-  # Per-example Simfluence cannot: unseen ids keep the prior (A = a₀, B = 0).
+  # Per-example Simfluence cannot: unseen ids keep the prior (A = a₀, B = 0), and
+  # it refuses them unless asked.
   plain = sj.simulators.fit("linear", trace, l2=1e-6)
-  plain_err = np.abs(np.asarray(plain.simulate(unseen, init))
+  with pytest.raises(ValueError, match="that no fitted run contained"):
+    plain.simulate(unseen, init)
+  plain_err = np.abs(np.asarray(plain.simulate(unseen, init, allow_unfitted_ids=True))
                      - np.asarray(truth.simulate(unseen, init))).max()
   assert plain_err > 100 * np.abs(np.asarray(sim.simulate(unseen, init))
                                   - np.asarray(truth.simulate(unseen, init))).max()

@@ -227,8 +227,12 @@ def curriculum_blind(fit_losses, num_runs: int) -> np.ndarray:
   return np.repeat(mean[None], num_runs, axis=0)
 
 
-def evaluate(simulator, held_out_trace: trace_lib.Trace) -> dict:
+def evaluate(simulator, held_out_trace: trace_lib.Trace,
+             allow_unfitted_ids: bool = False) -> dict:
   """Simulates the held-out curricula from their actual initial losses; all metrics.
+
+  `allow_unfitted_ids`: score a per-id simulator on runs holding ids its fitted
+  runs did not contain (its prior there; `Simulator.simulate` refuses otherwise).
 
   Returns:
     dict metric name -> float (keys of `METRICS`).
@@ -237,5 +241,6 @@ def evaluate(simulator, held_out_trace: trace_lib.Trace) -> dict:
     raise ValueError("held_out_trace: expected a simfluence_jax.Trace.")
   # A diverging rollout is scored NaN with its reason, not refused.
   pred = simulator.simulate(held_out_trace.batch_ids, held_out_trace.losses[:, 0],
-                            allow_nonfinite=True)
+                            allow_nonfinite=True,
+                            allow_unfitted_ids=allow_unfitted_ids)
   return compute_metrics(pred, held_out_trace.losses)

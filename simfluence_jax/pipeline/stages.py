@@ -411,12 +411,14 @@ def fit_simulators(wd, config, runs: Runs, curricula: Curricula,
   """
   fit_trace = runs.group(curricula, "fit")
   methods, sims = config.methods, {}
+  # Version 2: the saved simulators record the ids of the fitted runs
+  # (`Simulator.fitted_ids`), which `simulate` checks curricula against.
   for kind in ("linear", "additive"):
     name = f"simfluence_{kind}"
     if name in methods:
       sims[name] = _simulator_stage(
           wd, name, lambda kind=kind: fit_ridge(config, kind, fit_trace),
-          fields=("simulators",), upstream=("record_runs",))
+          fields=("simulators",), upstream=("record_runs",), version=2)
   mean_lr = float(np.mean(fit_trace.learning_rates))
   if "tracin_cp" in methods:
     # A step on batch c_t moves the loss by −(η/|c_t|)·Σ_i ⟨g_i, g_q⟩ (SGD on the mean).
@@ -428,7 +430,7 @@ def fit_simulators(wd, config, runs: Runs, curricula: Curricula,
   if "tracin_per_step" in methods and runs.grad_trace is not None:
     sims["tracin_per_step"] = _simulator_stage(
         wd, "tracin_per_step", lambda: simulators.tracin_per_step(runs.grad_trace),
-        fields=(), upstream=("record_runs",))
+        fields=(), upstream=("record_runs",), version=2)
   if "ekfac_if" in methods:
     step_scores = -scores["ekfac_if"].T
     sims["ekfac_if"] = _simulator_stage(
@@ -514,9 +516,13 @@ def evaluate(wd, config, runs: Runs, curricula: Curricula, sims: dict,
         preds["curriculum_blind"] = evaluation.curriculum_blind(fit_trace.losses,
                                                                 held.num_runs)
       for name, sim in sims.items():
-        # A diverging rollout is scored NaN with its reason (`evaluation`).
+        # A diverging rollout is scored NaN with its reason (`evaluation`). Ids no
+        # fitted run contained (the unseen examples; by chance, a held-out id no
+        # fitted or gradient run drew) are rolled out on the simulator's prior:
+        # measuring that is the point of these sets.
         preds[name] = np.asarray(sim.simulate(held.batch_ids, held.losses[:, 0],
-                                              allow_nonfinite=True))
+                                              allow_nonfinite=True,
+                                              allow_unfitted_ids=True))
       for name, by_set in direct.items():
         preds[name] = np.asarray(by_set[set_name])
       if "simfluence_hybrid" in config.methods:
@@ -528,7 +534,8 @@ def evaluate(wd, config, runs: Runs, curricula: Curricula, sims: dict,
     bands = {name: tuple(np.asarray(x) for x in sims[name].simulate_with_bands(
         held.batch_ids, held.losses[:, 0],
         num_samples=config.simulators.num_band_samples,
-        rng=jax.random.PRNGKey(config.seed), allow_nonfinite=True))
+        rng=jax.random.PRNGKey(config.seed), allow_nonfinite=True,
+        allow_unfitted_ids=True))
              for name in ("simfluence_linear", "simfluence_additive") if name in sims}
     return Evaluation(metrics, predictions, bands, held.losses)
 
@@ -585,14 +592,25 @@ def metagradient_table_simulator(config, dataset, model: Model, test_ids,
       name="metagradient")
 
 
-def counterfactual_starts(config, curricula: Curricula) -> np.ndarray:
-  """int32[C, T, B] the random curricula every method's search starts from (the
-  runs after all of `curricula`'s, so none is a training run)."""
+def counterfactual_starts(config, curricula: Curricula, pool=None) -> np.ndarray:
+  """int32[C, T, B] the random curricula a method's search starts from (the runs
+  after all of `curricula`'s, so none is a training run), drawn from `pool` (the
+  ids a searched simulator was fitted on, `Simulator.fitted_ids`; None: all N).
+
+  Raises:
+    ValueError: `pool` holds fewer ids than `subset_size`.
+  """
   num_epochs = -(-config.num_steps // curricula.steps_per_epoch)
+  if pool is not None and len(pool) < config.subset_size:
+    raise ValueError(f"counterfactual: the searched simulator was fitted on "
+                     f"{len(pool)} train ids, fewer than subset_size="
+                     f"{config.subset_size}: a start curriculum of that size would "
+                     "hold ids it has no data for.")
   return data.make_curricula(
       config.counterfactual.num_searched, config.num_train_examples,
       config.subset_size, num_epochs, config.batch_size, config.seed,
-      first_run=len(curricula.all_runs()))[:, :config.num_steps]
+      first_run=len(curricula.all_runs()),
+      pool=None if pool is None else np.asarray(pool, np.int64))[:, :config.num_steps]
 
 
 def counterfactual(wd, config, dataset, model: Model, runs: Runs,
@@ -602,7 +620,12 @@ def counterfactual(wd, config, dataset, model: Model, runs: Runs,
   Searched: the `counterfactual.methods` that `config.methods` computes.
   "metagradient" searches on its first-order prediction of the targets' final
   losses (`metagradient_table_simulator`, built here: one reverse pass per 8
-  targets through the full-batch reference run).
+  targets through the full-batch reference run). A simulator fitted per id on the
+  fitted runs (`Simulator.fitted_ids`: Simfluence-Linear / -Additive, per-step
+  TracIn) starts from curricula drawn from those ids and moves only among them
+  (so it never searches over the unseen examples it knows nothing of, and draws
+  from the pool of the held-out runs it is compared with); the others (scores of
+  all N ids, the metagradient's table) start from curricula of all N ids.
   """
   from simfluence_jax import counterfactual as cf_lib  # pylint: disable=g-import-not-at-top
   cf = config.counterfactual
@@ -630,9 +653,12 @@ def counterfactual(wd, config, dataset, model: Model, runs: Runs,
     if "metagradient" in methods:
       searched["metagradient"] = metagradient_table_simulator(
           config, dataset, model, targets, fit_trace.losses[0, 0])
+    starts = {m: start_ids if searched[m].fitted_ids is None else
+              counterfactual_starts(config, curricula, pool=searched[m].fitted_ids)
+              for m in methods}
     return cf_lib.search_and_verify(
         searched, initial_losses=fit_trace.losses[0, 0],
-        start_batch_ids=start_ids, random_batch_ids=held.batch_ids,
+        start_batch_ids=starts, random_batch_ids=held.batch_ids,
         random_losses=held.losses, targets=targets,
         retrain=retrain, methods=methods, num_iters=cf.num_iters,
         num_proposals=cf.num_proposals, epoch_steps=curricula.steps_per_epoch,
@@ -656,11 +682,12 @@ def counterfactual(wd, config, dataset, model: Model, runs: Runs,
 
   table_fields = (("metagradient.reference_batch_size",) if "metagradient" in methods
                   else ())
+  # Version 2: a simulator with `fitted_ids` searches only those ids.
   return wd.stage("counterfactual", fields=("counterfactual",) + table_fields,
                   upstream=("record_runs",) + tuple(
                       f"fit_{m}" for m in methods if m != "metagradient"),
                   compute=compute, save=save, load=load,
-                  outputs=("counterfactual", "counterfactual_runs"))
+                  outputs=("counterfactual", "counterfactual_runs"), version=2)
 
 
 def learning_curve(wd, config, runs: Runs, curricula: Curricula,
@@ -689,8 +716,9 @@ def learning_curve(wd, config, runs: Runs, curricula: Curricula,
     for k in counts:
       sim = (full_fit if full_fit is not None and k == fit_trace.num_runs else
              fit_ridge(config, "linear", fit_trace.select_runs(slice(0, k))))
+      # The first k runs may miss held-out ids: the curve measures that too.
       pred = np.asarray(sim.simulate(held.batch_ids, held.losses[:, 0],
-                                     allow_nonfinite=True))
+                                     allow_nonfinite=True, allow_unfitted_ids=True))
       mse = evaluation.all_steps_mse(pred, held.losses)
       curve["spearman_across_runs"].append(
           evaluation.spearman_across_runs(pred, held.losses))

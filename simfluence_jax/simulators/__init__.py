@@ -7,14 +7,21 @@ Public API:
   fit_cv(kind, trace, l2_grid=DEFAULT_L2_GRID, *, num_folds=5,
          metric="all_steps_mse", **fit_kwargs) -> Simulator: l2 by K-fold
       cross-validation with runs as folds (fit_info["cv"]).
-  additive_from_scores(B, name, *, batch_size=None, num_steps=None) -> Simulator
+  additive_from_scores(B, name, *, batch_size=None, num_steps=None,
+      fitted_ids=None) -> Simulator
   tracin_per_step(trace, name) -> Simulator
-  Simulator: .kind, .A, .B, .batch_size, .num_steps, .simulate(batch_ids,
-    initial_losses, weights=None, *, allow_extrapolation=False),
-    .simulate_with_bands(...), .fit_info, .save(path) / Simulator.load(path).
+  Simulator: .kind, .A, .B, .batch_size, .num_steps, .fitted_ids, .simulate(batch_ids,
+    initial_losses, weights=None, *, allow_extrapolation=False,
+    allow_nonfinite=False, allow_unfitted_ids=False), .simulate_with_bands(...),
+    .fit_info, .save(path) / Simulator.load(path).
   solve(...): the sparse, column-vectorised (and column-sharded) ridge solver.
   search_curriculum(sim, initial_losses, start_batch_ids, targets) -> SearchResult:
     curricula minimising the simulated final loss of target test examples.
+
+A simulator fitted per id on recorded runs (Linear / Additive without per-example
+prior centres, per-step TracIn) records the ids those runs contained
+(`fitted_ids`): for any other id it has only its prior, so `simulate` and
+`search_curriculum` refuse such ids unless `allow_unfitted_ids=True`.
 """
 
 from simfluence_jax.simulators._fit import additive_from_scores

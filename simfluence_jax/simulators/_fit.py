@@ -322,7 +322,12 @@ def fit(kind: str, trace: trace_lib.Trace, l2: float = 1e-3, *,
     A, B for every train example with features) that knows the trace's batch size
     and number of steps, with `fit_info` (method, iterations, relative_residual,
     converged, tol, l2, prior_a, null_a, noise_std_mean, num_phases, ...). Featurized
-    simulators have no posterior (no bands).
+    simulators have no posterior (no bands). A linear / additive fit without
+    per-example prior centres records `fitted_ids`, the ids the trace's runs contain:
+    for any other id it holds only the prior (A = a₀, B = 0), so `simulate` refuses
+    curricula holding one unless `allow_unfitted_ids=True`. With `prior_A` /
+    `prior_B` (e.g. the featurized corrections) or kind "featurized" every id has
+    a prediction (the centre or the features'): `fitted_ids` is None.
 
   Raises:
     ValueError: naming the bad argument (kind, l2, prior_alpha NaN/inf, prior shapes,
@@ -371,6 +376,10 @@ def fit(kind: str, trace: trace_lib.Trace, l2: float = 1e-3, *,
     mean_b = np.sum(share * b, 0)
   else:
     mean_a, mean_b = (None if a is None else a[0]), b[0]
+  # Ids no run contains keep the prior centre: the "no change" prior is no
+  # prediction (refused by `simulate`), per-example centres or features are one.
+  covers_all = (spec.kind == "featurized" or spec.prior_A is not None or
+                spec.prior_B is not None)
   return _simulator.Simulator(
       A=None if mean_a is None else jnp.asarray(mean_a), B=jnp.asarray(mean_b),
       posterior=posterior, kind="linear" if spec.linear else "additive",
@@ -379,7 +388,14 @@ def fit(kind: str, trace: trace_lib.Trace, l2: float = 1e-3, *,
       batch_size=trace.batch_size, num_steps=trace.num_steps, null_a=problem.null_a,
       phase_A=jnp.asarray(a) if phased and a is not None else None,
       phase_B=jnp.asarray(b) if phased else None,
-      phase_starts=problem.phase_starts)
+      phase_starts=problem.phase_starts,
+      fitted_ids=None if covers_all else _trace_ids(trace))
+
+
+def _trace_ids(trace: trace_lib.Trace) -> tuple:
+  """The sorted distinct train ids (no padding) of `trace`'s batches."""
+  ids = np.unique(np.asarray(trace.batch_ids))
+  return tuple(int(i) for i in ids[ids >= 0])
 
 
 # -- cross-validation ------------------------------------------------------------------
@@ -521,7 +537,9 @@ def fit_cv(kind: str, trace: trace_lib.Trace,
 # -- scores as simulators -----------------------------------------------------------
 
 def additive_from_scores(B, name: str = "scores", *, batch_size: Optional[int] = None,
-                         num_steps: Optional[int] = None) -> _simulator.Simulator:
+                         num_steps: Optional[int] = None,
+                         fitted_ids: Optional[Sequence[int]] = None
+                         ) -> _simulator.Simulator:
   """Wraps per-step loss changes as an additive simulator L_t = L_{t−1} + Σ_{i∈c_t} B_i.
 
   Args:
@@ -531,12 +549,16 @@ def additive_from_scores(B, name: str = "scores", *, batch_size: Optional[int] =
       of TracIn); when given, curricula of another width are refused.
     num_steps: the number of steps the scores are meant for; when given, longer
       curricula need `allow_extrapolation=True`.
+    fitted_ids: None when the scores cover every train id (e.g. influence scores
+      of all N examples), else the ids they were computed for: curricula holding
+      another id are refused by `simulate` unless `allow_unfitted_ids=True`.
   """
   b = np.asarray(B, np.float32)
   if b.ndim != 2 or not np.all(np.isfinite(b)):
     raise ValueError(f"B: expected finite float[N, M], got shape {b.shape}.")
   return _simulator.Simulator(A=None, B=jnp.asarray(b), kind="additive", name=name,
-                              batch_size=batch_size, num_steps=num_steps)
+                              batch_size=batch_size, num_steps=num_steps,
+                              fitted_ids=fitted_ids).check_shapes()
 
 
 @jax.jit
@@ -556,9 +578,11 @@ def tracin_per_step(trace: trace_lib.Trace, name: str = "tracin_per_step"
   −(η_{r,t} / |c_{r,t}|)·⟨g_{r,t,k}, g^test_{r,t,m}⟩: the first-order loss change of
   test example m from one SGD step on the batch-mean loss when i is in the batch,
   with both gradients taken at the parameters before step t and |c_{r,t}| the number
-  of valid ids. Train examples never seen get 0. With an adaptive optimizer η_t is
-  the recorded learning rate (the preconditioner is ignored). The simulator knows the
-  trace's batch size and number of steps.
+  of valid ids. Train examples never seen get 0, which is no prediction: the
+  simulator records the ids seen (`fitted_ids`) and `simulate` refuses others unless
+  `allow_unfitted_ids=True`. With an adaptive optimizer η_t is the recorded
+  learning rate (the preconditioner is ignored). The simulator knows the trace's
+  batch size and number of steps.
 
   Args:
     trace: a trace with `train_grads` / `test_grads`.
@@ -580,4 +604,5 @@ def tracin_per_step(trace: trace_lib.Trace, name: str = "tracin_per_step"
     np.add.at(counts, ids[keep], 1.0)
   b = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1.0)[:, None], 0.0)
   return additive_from_scores(b.astype(np.float32), name=name,
-                              batch_size=trace.batch_size, num_steps=trace.num_steps)
+                              batch_size=trace.batch_size, num_steps=trace.num_steps,
+                              fitted_ids=np.flatnonzero(counts > 0))

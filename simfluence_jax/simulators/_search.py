@@ -175,7 +175,8 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
                       epoch_steps: Optional[int] = None,
                       loss_floor: Optional[float] = 0.0,
                       seed: int = 0,
-                      allow_extrapolation: bool = False) -> SearchResult:
+                      allow_extrapolation: bool = False,
+                      allow_unfitted_ids: bool = False) -> SearchResult:
   """Searches for curricula minimising the simulated final loss of target examples.
 
   Args:
@@ -185,7 +186,9 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
       ones from `data.make_curricula`); all must use the same number S of distinct
       examples. The result keeps their shape, S and padding.
     targets: test example indices int[k] (equal weights) or weights float32[M].
-    pool: train ids the search may bring in (default: all N).
+    pool: train ids the search may bring in (default: the simulator's
+      `fitted_ids` where it records them, else all N). Ids outside `fitted_ids`
+      are refused in `start_batch_ids` and `pool` unless `allow_unfitted_ids`.
     num_iters: iterations of the local search.
     num_proposals: random moves simulated (in parallel) per iteration.
     reorder: propose order swaps too; default: for linear simulators and those with
@@ -201,6 +204,8 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
     seed: seed of the random moves.
     allow_extrapolation: allow curricula longer than the simulator's fitted number
       of steps (as in `Simulator.simulate`).
+    allow_unfitted_ids: search with ids no fitted run contained, for which a
+      per-id simulator has only its prior (as in `Simulator.simulate`).
 
   Returns:
     A `SearchResult`; `result.batch_ids[result.best]` is the best curriculum found.
@@ -216,6 +221,14 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
     start = start[None]
   start = simulator.check_curricula(start, allow_extrapolation=allow_extrapolation,
                                     who="start_batch_ids")
+  if not allow_unfitted_ids:
+    simulator.check_fitted_ids(start, who="start_batch_ids",
+                               caller="search_curriculum")
+    if pool is None and simulator.fitted_ids is not None:
+      pool = simulator.fitted_ids
+    elif pool is not None:
+      simulator.check_fitted_ids(np.asarray(pool), who="pool",
+                                 caller="search_curriculum")
   initial_losses = np.asarray(initial_losses, np.float32)
   if initial_losses.shape != (num_test,) or not np.all(np.isfinite(initial_losses)):
     raise ValueError(f"initial_losses: expected finite float32[{num_test}], got shape "

@@ -36,6 +36,19 @@ Phase-dependent simulators (`fit(..., num_phases=P)`) hold one (A, B) per contig
 bin of steps; step t uses the phase whose bin contains t (steps past the fitted T
 use the last phase).
 
+Fitted coverage (`fitted_ids`): a simulator whose per-example parameters are fitted
+from recorded runs (`fit("linear" | "additive")` without per-example prior centres,
+`tracin_per_step`) records the sorted train ids those runs contained. For any other id
+it holds only its prior (Linear: A = a₀, B = 0; Additive and per-step TracIn: B = 0),
+which is no prediction: `simulate` and `simulate_with_bands` refuse curricula holding
+such ids unless `allow_unfitted_ids=True` (the main job's unseen-example evaluation
+passes it, to measure exactly that). Simulators whose parameters cover every id by
+construction (influence scores of all N examples: TracIn-CP, EK-FAC, the
+metagradient's table; the featurized simulator, whose features cover every id) have
+`fitted_ids = None`: nothing is checked. Simulators saved before coverage was recorded
+load with `fitted_ids = None` too (unknown: unchecked). With phases the coverage is
+per id over all phases (an id a phase never saw keeps that phase's prior, unchecked).
+
 Final-only simulators (`final_only=True`, e.g. `training.table_simulator`, the
 metagradient's first-order expansion with one phase per step) predict only the loss
 after exactly T full, unweighted batches from the base model's losses
@@ -202,6 +215,26 @@ def phase_of_steps(phase_starts: tuple, num_steps: int) -> np.ndarray:
                           side="right") - 1).astype(np.int32)
 
 
+def _id_tuple(ids) -> tuple:
+  """Sorted distinct ints of a sequence of train ids (`Simulator.fitted_ids`)."""
+  ids = np.asarray(ids)
+  if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+    raise ValueError(f"fitted_ids: expected a sequence of integer train ids, got "
+                     f"{ids.dtype} of shape {list(ids.shape)}.")
+  return tuple(int(i) for i in np.unique(ids))
+
+
+def _format_ids(ids, shown: int = 10) -> str:
+  """`[2, 5, ...]`: the first `shown` of sorted ids."""
+  ids = [int(i) for i in ids]
+  return "[" + ", ".join(map(str, ids[:shown])) + (", ...]" if len(ids) > shown
+                                                   else "]")
+
+
+# Methods whose parameters cover every train id (named by the refusal).
+COVERING_METHODS = "simfluence_featurized, tracin_cp, ekfac_if and metagradient"
+
+
 def _is_real(value):
   return not isinstance(value, bool) and isinstance(value, (int, float, np.number))
 
@@ -240,6 +273,10 @@ class Simulator:
     final_only: the simulator predicts only the final loss of curricula of exactly
       `num_steps` full batches of `batch_size`, unweighted, from the initial losses
       `fit_info["initial_losses"]` (see the module docstring).
+    fitted_ids: None (every id is predicted, or unknown: not checked), or the sorted
+      distinct train ids (a tuple of ints in [0, N)) the fitted runs contained; for
+      the others the simulator has only its prior, and `simulate` refuses them
+      unless `allow_unfitted_ids=True` (see the module docstring).
   """
 
   A: Optional[Any]
@@ -257,6 +294,8 @@ class Simulator:
   phase_B: Optional[Any] = None
   phase_starts: tuple = dataclasses.field(metadata=dict(static=True), default=())
   final_only: bool = dataclasses.field(metadata=dict(static=True), default=False)
+  fitted_ids: Optional[tuple] = dataclasses.field(metadata=dict(static=True),
+                                                  default=None)
 
   def __post_init__(self):
     # Only what transforms cannot change: pytree leaves may legitimately be tracers,
@@ -280,6 +319,9 @@ class Simulator:
                             "initial_losses" not in self.fit_info):
       raise ValueError("final_only: needs batch_size, num_steps and "
                        "fit_info['initial_losses'].")
+    if self.fitted_ids is not None and not isinstance(self.fitted_ids, tuple):
+      # Static metadata must be hashable: any sequence of ids becomes a sorted tuple.
+      object.__setattr__(self, "fitted_ids", _id_tuple(self.fitted_ids))
 
   def check_shapes(self) -> "Simulator":
     """Raises ValueError unless A, B (and the phase arrays) have consistent shapes."""
@@ -296,6 +338,10 @@ class Simulator:
         if value is not None and tuple(np.shape(value)) != expected:
           raise ValueError(f"{name}: expected shape {expected}, got "
                            f"{tuple(np.shape(value))}.")
+    ids = self.fitted_ids
+    if ids is not None and ids and (ids[0] < 0 or ids[-1] >= shape[0]):
+      raise ValueError(f"fitted_ids: expected train ids in [0, N={shape[0]}), found "
+                       f"[{ids[0]}, {ids[-1]}].")
     return self
 
   @property
@@ -320,11 +366,15 @@ class Simulator:
     """Writes the simulator (and its posterior, if any) to directory `path` atomically.
 
     Layout: A.npy (linear only), B.npy, phase_A.npy / phase_B.npy (phases only),
-    posterior_*.npy and simulator.json (format 2: kind, name, fit_info, batch_size,
-    num_steps, N, M, null_a, phase_starts); read back with `Simulator.load`.
+    fitted_ids.npy (int32[K], with `fitted_ids` only), posterior_*.npy and
+    simulator.json (format 2: kind, name, fit_info, batch_size, num_steps, N, M,
+    null_a, phase_starts, num_fitted_ids: K or null); read back with
+    `Simulator.load`.
     """
     with _io.atomic_directory(path) as tmp:
       arrays = {"B": self.B}
+      if self.fitted_ids is not None:
+        arrays["fitted_ids"] = np.asarray(self.fitted_ids, np.int32)
       for name in ("A", "phase_A", "phase_B"):
         if getattr(self, name) is not None:
           arrays[name] = getattr(self, name)
@@ -340,6 +390,8 @@ class Simulator:
               "num_test_examples": self.num_test_examples, "null_a": self.null_a,
               "phase_starts": list(self.phase_starts),
               "final_only": self.final_only,
+              "num_fitted_ids": (None if self.fitted_ids is None else
+                                 len(self.fitted_ids)),
               "posterior": None if self.posterior is None else {
                   "l2": self.posterior.l2, "method": self.posterior.method}}
       with open(os.path.join(tmp, "simulator.json"), "w") as f:
@@ -351,7 +403,9 @@ class Simulator:
 
     A format-1 simulator did not record its number of steps (not checked after
     loading) nor its null term (weights use 1/batch_size); its batch size is read
-    from its posterior's rows when it has one.
+    from its posterior's rows when it has one. One saved before `fitted_ids` was
+    recorded (no `num_fitted_ids` in simulator.json) loads with `fitted_ids = None`:
+    its curricula's ids are not checked against its fitted runs.
 
     Raises:
       FileNotFoundError: `path` or one of its files is missing.
@@ -395,6 +449,15 @@ class Simulator:
     if version == 1 and posterior is not None:
       batch_size = int(posterior.ids.shape[1])
     phase_starts = tuple(int(s) for s in meta.get("phase_starts") or ())
+    fitted_ids = None
+    if meta.get("num_fitted_ids") is not None:
+      ids = load("fitted_ids")
+      if ids.ndim != 1 or len(ids) != meta["num_fitted_ids"] or (
+          ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise ValueError(f"Simulator.load: {path!r} holds fitted_ids {ids.dtype} "
+                         f"{list(ids.shape)} but simulator.json says "
+                         f"{meta['num_fitted_ids']} ids.")
+      fitted_ids = _id_tuple(ids)
     to_jax = lambda v: None if v is None else jnp.asarray(v)
     try:
       return cls(A=to_jax(a), B=jnp.asarray(b), posterior=posterior, kind=kind,
@@ -404,7 +467,8 @@ class Simulator:
                  phase_A=to_jax(optional("phase_A")) if phase_starts else None,
                  phase_B=to_jax(optional("phase_B")) if phase_starts else None,
                  phase_starts=phase_starts,
-                 final_only=bool(meta.get("final_only", False))).check_shapes()
+                 final_only=bool(meta.get("final_only", False)),
+                 fitted_ids=fitted_ids).check_shapes()
     except ValueError as e:
       raise ValueError(f"Simulator.load: {path!r} is inconsistent ({e})") from e
 
@@ -447,9 +511,36 @@ class Simulator:
           f"steps{' with padding (-1)' if np.any(batch_ids < 0) else ''}.")
     return batch_ids.astype(np.int32)
 
+  def unfitted_ids(self, batch_ids) -> np.ndarray:
+    """int32[k] the sorted distinct ids of `batch_ids` (any shape, -1 = padding)
+    that no fitted run contained (outside `fitted_ids`); empty when `fitted_ids` is
+    None (every id predicted, or unknown)."""
+    if self.fitted_ids is None:
+      return np.zeros(0, np.int32)
+    used = np.unique(np.asarray(batch_ids))
+    used = used[used >= 0]
+    fitted = np.fromiter(self.fitted_ids, np.int64, len(self.fitted_ids))
+    return used[~np.isin(used, fitted)].astype(np.int32)
+
+  def check_fitted_ids(self, batch_ids, *, who: str = "batch_ids",
+                       caller: str = "simulate") -> None:
+    """Raises ValueError, naming `who` and the ids, if `batch_ids` hold train ids
+    that no fitted run contained (`unfitted_ids`): for them this simulator has only
+    its prior, no prediction."""
+    missing = self.unfitted_ids(batch_ids)
+    if missing.size:
+      raise ValueError(
+          f"{caller}: {who} hold train ids {_format_ids(missing)} ({missing.size} in "
+          f"all) that no fitted run contained; simulator {self.name!r} has only its "
+          f"prior for them ({COVERING_METHODS} can predict them); pass "
+          "allow_unfitted_ids=True to roll out anyway.")
+
   def _check_inputs(self, batch_ids, initial_losses, weights=None,
-                    allow_extrapolation=False):
+                    allow_extrapolation=False, allow_unfitted_ids=False,
+                    caller="simulate"):
     batch_ids = self.check_curricula(batch_ids, allow_extrapolation=allow_extrapolation)
+    if not allow_unfitted_ids:
+      self.check_fitted_ids(batch_ids, caller=caller)
     initial_losses = np.asarray(initial_losses, np.float32)
     expected = (batch_ids.shape[0], self.num_test_examples)
     if initial_losses.shape != expected:
@@ -553,7 +644,8 @@ class Simulator:
 
   def simulate(self, batch_ids, initial_losses, weights=None, *,
                allow_extrapolation: bool = False,
-               allow_nonfinite: bool = False) -> jax.Array:
+               allow_nonfinite: bool = False,
+               allow_unfitted_ids: bool = False) -> jax.Array:
     """Rolls the simulator out autoregressively (never teacher-forced).
 
     Args:
@@ -565,17 +657,22 @@ class Simulator:
       allow_extrapolation: allow T' beyond the fitted number of steps.
       allow_nonfinite: return a diverging (inf/NaN) rollout instead of raising
         (e.g. for `evaluation`, which scores it NaN with a reason).
+      allow_unfitted_ids: roll out curricula holding train ids that no fitted run
+        contained (outside `fitted_ids`), for which the simulator has only its
+        prior (e.g. to measure exactly that, as the main job's unseen-example
+        evaluation does).
 
     Returns:
       float32[R', T'+1, M], `[:, 0]` = initial_losses (final-only: NaN at steps
       1..T'−1).
 
     Raises:
-      ValueError: bad inputs (naming the argument), or, unless `allow_nonfinite`, a
+      ValueError: bad inputs (naming the argument), ids outside `fitted_ids`
+        without `allow_unfitted_ids` (naming them), or, unless `allow_nonfinite`, a
         run whose simulated losses are not finite (naming the run).
     """
     batch_ids, initial_losses, weights = self._check_inputs(
-        batch_ids, initial_losses, weights, allow_extrapolation)
+        batch_ids, initial_losses, weights, allow_extrapolation, allow_unfitted_ids)
     a, b = self.phase_parameters()
     phases = jnp.asarray(self.phase_of_steps(batch_ids.shape[1]))
     null_a = jnp.float32(self.resolved_null_a(batch_ids.shape[2]))
@@ -644,7 +741,8 @@ class Simulator:
   def simulate_with_bands(self, batch_ids, initial_losses, num_samples: int = 32,
                           rng: Any = 0, *, weights=None,
                           allow_extrapolation: bool = False,
-                          allow_nonfinite: bool = False):
+                          allow_nonfinite: bool = False,
+                          allow_unfitted_ids: bool = False):
     """Posterior mean and std of simulated trajectories (parameter uncertainty).
 
     Args:
@@ -655,12 +753,14 @@ class Simulator:
       weights: optional float32[R', T', B] occurrence weights, as in `simulate`.
       allow_extrapolation: as in `simulate`.
       allow_nonfinite: as in `simulate` (checked on the mean and std).
+      allow_unfitted_ids: as in `simulate`.
 
     Returns:
       (mean, std), each float32[R', T'+1, M].
     """
     batch_ids, initial_losses, weights = self._check_inputs(
-        batch_ids, initial_losses, weights, allow_extrapolation)
+        batch_ids, initial_losses, weights, allow_extrapolation, allow_unfitted_ids,
+        caller="simulate_with_bands")
     a_samples, b_samples = self._sample_phase_parameters(num_samples, rng)
     linear = self.kind == "linear"
     a_samples = b_samples if a_samples is None else a_samples
