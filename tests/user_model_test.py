@@ -31,6 +31,8 @@ def _user_config(checkpoint=""):
   config.learning_curve = ()
   config.methods = ("curriculum_blind", "simfluence_linear", "tracin_cp", "ekfac_if")
   config.counterfactual.enabled = False
+  # Of 24 examples the default 1% and 5% would both remove one.
+  config.removal.fractions = (0.05, 0.2)
   return config
 
 

@@ -58,7 +58,8 @@ def _removal_fractions(config) -> None:
     if k in sizes:
       raise ValueError(
           f"config.removal.fractions={fractions!r}: {sizes[k]:g} and {f:g} both remove "
-          f"{k} of the num_train_examples={config.num_train_examples} examples.")
+          f"{k} of the num_train_examples={config.num_train_examples} examples; choose "
+          "shares that remove different counts (or config.removal.enabled=False).")
     sizes[k] = f
 
 
