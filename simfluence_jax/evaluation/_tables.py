@@ -189,13 +189,20 @@ def check_seeds(workdir: str, payload: dict, where: str,
          "them).")
     return
   for name, recorded in digests.items():
-    now = metrics_digest(os.path.join(os.fspath(workdir), name))
-    if now is None:
-      raise ValueError(f"{where}: {name}/ has no metrics.json: its last main job did "
-                       f"not finish; {rerun}")
-    if now != recorded:
-      raise ValueError(f"{where}: {name}/ was rerun after metrics.json was written "
-                       f"(its mean over seeds is stale); {rerun}")
+    _check_digest(os.path.join(os.fspath(workdir), name), recorded, f"{name}/",
+                  "metrics.json was written (its mean over seeds is stale)",
+                  where, rerun)
+
+
+def _check_digest(workdir: str, recorded: str, what: str, since: str, where: str,
+                  rerun: str) -> None:
+  """Refuses `workdir`'s metrics.json when missing or other than `recorded`."""
+  now = metrics_digest(workdir)
+  if now is None:
+    raise ValueError(f"{where}: {what} has no metrics.json: its last main job did "
+                     f"not finish; {rerun}")
+  if now != recorded:
+    raise ValueError(f"{where}: {what} was rerun after {since}; {rerun}")
 
 
 def load_metrics(workdir: str, warn: Callable[[str], None] = _warn) -> dict:
@@ -228,13 +235,8 @@ def check_cells(sweep_dir: str, cells: list,
     name = cell.get("workdir") or ",".join(f"{k}={v}" for k, v in
                                           cell["overrides"].items())
     workdir = os.path.join(os.fspath(sweep_dir), name)
-    now = metrics_digest(workdir)
-    if now is None:
-      raise ValueError(f"{where}: cell {name} has no metrics.json: its last main "
-                       f"job did not finish; {rerun}")
-    if now != recorded:
-      raise ValueError(f"{where}: cell {name} was rerun after sweep.json was "
-                       f"written; {rerun}")
+    _check_digest(workdir, recorded, f"cell {name}", "sweep.json was written",
+                  where, rerun)
     payload = json.loads(_io.read_text(os.path.join(workdir, "metrics.json")))
     check_seeds(workdir, payload, f"{where}: cell {name}", rerun,
                 warn=lambda _, name=name: seeds_unchecked.append(name))
