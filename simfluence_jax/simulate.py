@@ -40,6 +40,8 @@ import numpy as np
 from simfluence_jax import _io
 from simfluence_jax import counterfactual
 from simfluence_jax import data
+from simfluence_jax.simulators import _simulator
+
 
 def _full_path(path: str) -> str:
   """An absolute local path (a URL such as gs://... as it is)."""
@@ -61,8 +63,8 @@ def _check_unfitted(sims: dict, batch_ids, curriculum_path: str) -> None:
   raise ValueError(
       f"--curriculum={curriculum_path}: holds train ids [{shown}] ({union.size} in "
       f"all) that no fitted run contained; simulators {sorted(found)} have only their "
-      "prior for them (simfluence_featurized, tracin_cp, ekfac_if and metagradient "
-      f"can predict them); {leave_out}pass --allow_unfitted_ids to roll out anyway.")
+      f"prior for them ({_simulator.COVERING_METHODS} can predict them); "
+      f"{leave_out}pass --allow_unfitted_ids to roll out anyway.")
 
 
 def _check_output_dir(output_dir: str, curriculum: str) -> None:
