@@ -217,6 +217,26 @@ def test_report_and_tables_flag_each_seed_whose_removal_reference_amplifies():
       _report.report_lines(stable))
 
 
+def test_report_and_tables_name_what_computed_a_result():
+  """The same code and seeds on two machines gave other numbers (README: Results):
+  a result names its packages and CPU; a payload from before says nothing."""
+  from simfluence_jax.evaluation import _tables as tables  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.evaluation import _report  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.pipeline import experiment  # pylint: disable=g-import-not-at-top
+  env = experiment.environment()
+  import jax  # pylint: disable=g-import-not-at-top
+  assert env["packages"]["jax"] == jax.__version__
+  assert env["packages"]["numpy"] == np.__version__
+  assert env["python"].count(".") == 2 and env["cpu"]
+  payload = {"summary": {"environment": env}}
+  sentence = (f"Computed with Python {env['python']}, jax {jax.__version__}, ")
+  assert sentence in tables.render(payload, "none", "w")
+  assert any(line.startswith(sentence.strip()) for line in
+             _report.report_lines(payload))
+  assert "Computed with" not in tables.render({}, "none", "w")
+  assert not any("Computed with" in line for line in _report.report_lines({}))
+
+
 def test_goals_break_a_tie_at_three_decimals_by_the_lower_mse():
   from simfluence_jax.evaluation import _tables as tables  # pylint: disable=g-import-not-at-top
   entry = lambda rho, ratio: {"spearman_across_runs": rho, "all_steps_mse_ratio": ratio,

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -79,6 +80,9 @@ def test_outputs(tiny_run):
   assert set(metrics["counterfactual_summary"]) == set(searched) | {"median_random"}
   report = open(os.path.join(workdir, "report.md")).read()
   assert "| curriculum_blind |" in report and "**total**" in report
+  # What computed it: the packages and the CPU (tests/evaluation_test.py).
+  assert metrics["summary"]["environment"]["packages"]["jax"] == jax.__version__
+  assert "Computed with Python" in report
   assert "| counterfactual_summary |" not in report
   assert any(f.endswith(".png") for f in os.listdir(os.path.join(workdir, "plots")))
   # TensorBoard: per-run curves and the evaluation scalars (tests/writers_test.py).

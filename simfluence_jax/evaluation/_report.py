@@ -290,6 +290,18 @@ def counterfactual_summary_table(summary: dict, std: dict) -> list:
   return lines
 
 
+def environment_text(payload: dict) -> str:
+  """" Computed with jax 0.10.2, flax ..., on <CPU>." from a payload's
+  `summary.environment`, or "" (a job from before it was recorded)."""
+  env = payload.get("summary", {}).get("environment")
+  if not env:
+    return ""
+  packages = ", ".join(f"{name} {version}" for name, version in
+                       env.get("packages", {}).items() if version)
+  return (f" Computed with Python {env.get('python')}, {packages}, on "
+          f"{env.get('cpu') or env.get('machine')}.")
+
+
 def report_lines(payload: dict, plots=()) -> list:
   """The markdown lines of report.md for a metrics payload (one seed or a mean)."""
   std = payload.get("std", {})
@@ -300,6 +312,8 @@ def report_lines(payload: dict, plots=()) -> list:
   if seeds:
     lines += [f"Mean ± std over {len(seeds)} seeds {seeds} (each a full experiment in "
               "`seed_<k>/`).", ""]
+  if environment_text(payload):
+    lines += [environment_text(payload).strip(), ""]
   lines += [f"Every method predicts {summary.get('num_held_out_runs', '?')} held-out "
             f"runs ({summary.get('num_steps', '?')} steps, "
             f"{summary.get('num_test_examples', '?')} test examples) that no simulator "

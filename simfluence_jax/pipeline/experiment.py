@@ -111,7 +111,35 @@ def _summary(config, dataset, runs: stages.Runs, curricula) -> dict:
           "unseen_ids": curricula.unseen_ids.tolist(),
           "num_steps": config.num_steps,
           "num_test_examples": config.num_test_examples,
-          "seconds_per_run": runs.seconds_per_run, "devices": str(jax.devices())}
+          "seconds_per_run": runs.seconds_per_run, "devices": str(jax.devices()),
+          "environment": environment()}
+
+
+# Packages whose numerics shape a job's numbers: the same code and seeds on two
+# machines gave other base models and runs (README: Results), so a result names them.
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint")
+
+
+def environment() -> dict:
+  """What computed a result besides the code and config: Python, the packages of
+  `_PACKAGES` (None if absent), the machine and its CPU model."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import platform  # pylint: disable=g-import-not-at-top
+  packages = {}
+  for name in _PACKAGES:
+    try:
+      packages[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      packages[name] = None
+  cpu = platform.processor() or None
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f
+                  if line.startswith("model name")), cpu)
+  except OSError:
+    pass
+  return {"python": platform.python_version(), "machine": platform.machine(),
+          "cpu": cpu, "packages": packages}
 
 
 # What a finished job leaves as its result (`evaluation.write_report`): removed once
