@@ -25,6 +25,7 @@ import numpy as np
 from simfluence_jax import _io
 from simfluence_jax import simulators as simulators_lib
 from simfluence_jax import trace as trace_lib
+from simfluence_jax.simulators import _simulator
 
 
 
@@ -32,6 +33,12 @@ SIMULATORS_DIR = "simulators"
 # The main job's stage records (`pipeline.workdir.STAGES_DIR`; not imported from
 # there: `simfluence_jax.pipeline` imports every stage's libraries).
 _STAGES_DIR = "stages"
+
+
+def _stage_record(workdir: str, stage: str) -> Optional[dict]:
+  """`workdir/stages/<stage>.json`, or None when there is none."""
+  path = _io.as_path(workdir) / _STAGES_DIR / f"{stage}.json"
+  return _io.read_json(path, "simulate") if path.exists() else None
 
 
 def _seed_dirs(workdir: str) -> list:
@@ -45,7 +52,6 @@ def _seed_dirs(workdir: str) -> list:
 def _check_current(workdir: str, names: Sequence[str], metrics) -> None:
   """Raises ValueError naming the first of `names` whose saved simulator is not the
   one the workdir's last main job fitted (see `load_simulators`)."""
-  stages = _io.as_path(workdir) / _STAGES_DIR
   seeds = _seed_dirs(workdir) if metrics is None else []
   if seeds:
     raise ValueError(
@@ -57,8 +63,7 @@ def _check_current(workdir: str, names: Sequence[str], metrics) -> None:
   # finish, or stages called one by one from a colab), the records alone decide.
   methods = (((metrics or {}).get("summary") or {}).get("config") or {}).get(
       "methods")
-  runs_path = stages / "record_runs.json"
-  runs = _io.read_json(runs_path, "simulate") if runs_path.exists() else None
+  runs = _stage_record(workdir, "record_runs")
   for name in names:
     stale = f"simulators/{name} in --workdir={workdir!r} is stale"
     if methods is not None and name not in methods:
@@ -66,8 +71,7 @@ def _check_current(workdir: str, names: Sequence[str], metrics) -> None:
           f"{stale}: {name} is not in the config.methods {list(methods)} of the job "
           f"that wrote metrics.json; pass --methods without it, or delete "
           f"simulators/{name}.")
-    path = stages / f"fit_{name}.json"
-    record = _io.read_json(path, "simulate") if path.exists() else None
+    record = _stage_record(workdir, f"fit_{name}")
     if record is None or record.get("status") != "done":
       status = "missing" if record is None else f"{record.get('status')!r}"
       raise ValueError(f"{stale}: its stage record {_STAGES_DIR}/fit_{name}.json is "
@@ -160,13 +164,8 @@ def fit_fingerprints(workdir: str, names: Sequence[str]) -> dict:
   """method -> the "fingerprint" of `workdir/stages/fit_<method>.json` (the fit
   its saved simulator came from), None where there is no such record (simulators
   saved by hand)."""
-  stages = _io.as_path(workdir) / _STAGES_DIR
-  out = {}
-  for name in names:
-    path = stages / f"fit_{name}.json"
-    record = _io.read_json(path, "simulate") if path.exists() else None
-    out[name] = (record or {}).get("fingerprint")
-  return out
+  return {name: (_stage_record(workdir, f"fit_{name}") or {}).get("fingerprint")
+          for name in names}
 
 
 def unfitted_ids(sims: dict, batch_ids: np.ndarray) -> dict:
@@ -255,11 +254,6 @@ def choose_targets(train_losses: np.ndarray, num_targets: int) -> np.ndarray:
   return np.sort(np.argsort(-spread, kind="stable")[:int(num_targets)]).astype(np.int32)
 
 
-def _ids_text(ids) -> str:
-  ids = [int(i) for i in ids]
-  return "[" + ", ".join(map(str, ids[:10])) + (", ...]" if len(ids) > 10 else "]")
-
-
 def _check_verify_inputs(methods, fitted, initial_losses, start_batch_ids,
                          random_batch_ids, random_losses, targets) -> dict:
   """Validates `search_and_verify`'s arrays (one line naming the argument);
@@ -308,7 +302,8 @@ def _check_verify_inputs(methods, fitted, initial_losses, start_batch_ids,
     unfitted = fitted[method].unfitted_ids(start)
     if unfitted.size:
       raise ValueError(
-          f"{who}: holds train ids {_ids_text(unfitted)} ({unfitted.size} in all) "
+          f"{who}: holds train ids {_simulator.format_ids(unfitted)} "
+          f"({unfitted.size} in all) "
           f"that no fitted run of simulator {method!r} contained; draw its starts "
           "from its Simulator.fitted_ids.")
     starts[method] = start
@@ -385,8 +380,8 @@ def search_and_verify(
       logging.warning(
           "counterfactual: the random curricula hold train ids %s (%d in all) that "
           "no fitted run of %s contained; its simulated finals of them use its "
-          "prior there (its search does not move them in).", _ids_text(ids),
-          ids.size, method)
+          "prior there (its search does not move them in).",
+          _simulator.format_ids(ids), ids.size, method)
 
   def target_final(losses):  # float[R, T+1, M] -> float[R]
     return np.asarray(losses)[:, -1][:, targets].mean(-1)

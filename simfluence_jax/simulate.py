@@ -56,12 +56,11 @@ def _check_unfitted(sims: dict, batch_ids, curriculum_path: str) -> None:
   if not found:
     return
   union = np.unique(np.concatenate(list(found.values())))
-  shown = ", ".join(map(str, union[:10].tolist())) + (", ..." if union.size > 10
-                                                       else "")
   others = [m for m in sims if m not in found]
   leave_out = (f"--methods={','.join(others)} leaves them out; " if others else "")
   raise ValueError(
-      f"--curriculum={curriculum_path}: holds train ids [{shown}] ({union.size} in "
+      f"--curriculum={curriculum_path}: holds train ids "
+      f"{_simulator.format_ids(union)} ({union.size} in "
       f"all) that no fitted run contained; simulators {sorted(found)} have only their "
       f"prior for them ({_simulator.COVERING_METHODS} can predict them); "
       f"{leave_out}pass --allow_unfitted_ids to roll out anyway.")

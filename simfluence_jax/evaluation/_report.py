@@ -312,8 +312,9 @@ def report_lines(payload: dict, plots=()) -> list:
   if seeds:
     lines += [f"Mean ± std over {len(seeds)} seeds {seeds} (each a full experiment in "
               "`seed_<k>/`).", ""]
-  if environment_text(payload):
-    lines += [environment_text(payload).strip(), ""]
+  environment = environment_text(payload).strip()
+  if environment:
+    lines += [environment, ""]
   lines += [f"Every method predicts {summary.get('num_held_out_runs', '?')} held-out "
             f"runs ({summary.get('num_steps', '?')} steps, "
             f"{summary.get('num_test_examples', '?')} test examples) that no simulator "

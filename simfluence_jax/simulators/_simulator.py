@@ -224,7 +224,7 @@ def _id_tuple(ids) -> tuple:
   return tuple(int(i) for i in np.unique(ids))
 
 
-def _format_ids(ids, shown: int = 10) -> str:
+def format_ids(ids, shown: int = 10) -> str:
   """`[2, 5, ...]`: the first `shown` of sorted ids."""
   ids = [int(i) for i in ids]
   return "[" + ", ".join(map(str, ids[:shown])) + (", ...]" if len(ids) > shown
@@ -530,7 +530,7 @@ class Simulator:
     missing = self.unfitted_ids(batch_ids)
     if missing.size:
       raise ValueError(
-          f"{caller}: {who} hold train ids {_format_ids(missing)} ({missing.size} in "
+          f"{caller}: {who} hold train ids {format_ids(missing)} ({missing.size} in "
           f"all) that no fitted run contained; simulator {self.name!r} has only its "
           f"prior for them ({COVERING_METHODS} can predict them); pass "
           "allow_unfitted_ids=True to roll out anyway.")
