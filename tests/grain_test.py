@@ -295,3 +295,36 @@ def test_language_model_examples_with_no_scored_token_are_refused(tmp_path):
   config.grain_test = _write(tmp_path / "test2.array_record", records[:1] + records[3:])
   dataset = data_lib.get_dataset(config)
   np.testing.assert_array_equal(dataset.test["mask"], np.ones((2, 4)))
+
+
+def _copying_example(record):
+  tokens = np.frombuffer(record, np.int32)
+  # A decoder bug a user could write: targets not shifted, so the model learns to
+  # copy its input.
+  return {"inputs": tokens, "targets": tokens, "mask": np.ones(len(tokens), np.float32)}
+
+
+def make_copying_decoder(data_config):
+  del data_config
+  return grain_source.Decoder(decode=_copying_example, kind="lm", vocab_size=16)
+
+
+def test_targets_equal_to_inputs_are_refused(tmp_path):
+  records = [np.array([first, 7, 8, 1], np.int32).tobytes() for first in (3, 4, 6, 2)]
+  config = data_lib.default_data_config()
+  with config.unlocked():
+    config.name, config.num_train_examples, config.num_test_examples = "grain", 2, 2
+    config.grain_train = _write(tmp_path / "train.array_record", records[:2])
+    config.grain_test = _write(tmp_path / "test.array_record", records[2:])
+    config.grain_decoder = "grain_test:make_copying_decoder"
+    config.grain_workers = 0
+  with pytest.raises(ValueError, match=(
+      r"^config.data.name='grain': every train example's targets equal its inputs at "
+      r"every scored token; the targets must be the next tokens")):
+    data_lib.get_dataset(config)
+  # Shifted targets (the masking decoder's; no record starts with 5, so every
+  # mask is 1) load as decoded.
+  config.grain_decoder = "grain_test:make_masking_decoder"
+  dataset = data_lib.get_dataset(config)
+  np.testing.assert_array_equal(dataset.train["targets"][0], [3, 7, 8, 1])
+  np.testing.assert_array_equal(dataset.train["inputs"][0], [0, 3, 7, 8])

@@ -189,7 +189,9 @@ def get_dataset(config) -> Dataset:
 def check_lm_masks(dataset: Dataset, source: str) -> None:
   """Refuses LM examples whose loss mask is negative, not finite, or all 0: a test
   example scored on no token has loss 0 whatever the curriculum, a train example
-  trains nothing (a user's grain decoder can produce either)."""
+  trains nothing (a user's grain decoder can produce either). Refuses a split whose
+  targets equal its inputs at every scored token too: a decoder that forgot to shift
+  the targets by one, whose model learns to copy its input."""
   for split in ("train", "test", "pretrain"):
     arrays = getattr(dataset, split)
     if arrays is None:
@@ -206,6 +208,11 @@ def check_lm_masks(dataset: Dataset, source: str) -> None:
                        f"{empty[:5].tolist()}{' ...' if len(empty) > 5 else ''} "
                        f"({len(empty)} in all) have an empty loss mask (no token "
                        "scored).")
+    inputs, targets = np.asarray(arrays["inputs"]), np.asarray(arrays["targets"])
+    if inputs.shape == targets.shape and np.all((inputs == targets) | (mask == 0)):
+      raise ValueError(f"config.data.name={source!r}: every {split} example's targets "
+                       "equal its inputs at every scored token; the targets must be "
+                       "the next tokens (inputs shifted by one).")
 
 
 def _digits(config) -> Dataset:
