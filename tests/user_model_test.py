@@ -155,3 +155,32 @@ def test_computation_digest_ignores_where_the_code_lives():
           fingerprint.computation_digest(make(3.0), x))
   assert (fingerprint.computation_digest(make(2.0), x) !=
           fingerprint.computation_digest(make(2.0), jax.ShapeDtypeStruct((2, 3), x.dtype)))
+
+
+def test_factory_digest_traces_the_init_once_and_equals_the_two_trace_digest(
+    tmp_path, monkeypatch):
+  from simfluence_jax.pipeline import fingerprint  # pylint: disable=g-import-not-at-top
+  config = _user_config()
+  wd = pipeline.Workdir(str(tmp_path / "job"), config)
+  dataset = pipeline.stages.load_data(wd, config)
+  module = models.get_model(config.model, vocab_size=dataset.vocab_size)
+  loss_fn = training.make_loss_fn(module, dataset.kind)
+  example = {k: np.asarray(v[:1]) for k, v in dataset.train.items()}
+  key = jax.random.PRNGKey(config.seed)
+  # The digest as two separate traces compute it (what workdirs already record).
+  params = jax.eval_shape(module.init, key, example["inputs"])
+  want = fingerprint.digest([
+      fingerprint.computation_digest(loss_fn, params, example),
+      fingerprint.computation_digest(module.init, key, example["inputs"])])
+  traces = {"init": 0}
+  original = type(module).init
+
+  def counting_init(self, *args, **kwargs):
+    traces["init"] += 1
+    return original(self, *args, **kwargs)
+
+  monkeypatch.setattr(type(module), "init", counting_init)
+  got = pipeline.stages._factory_digest(module, loss_fn, dataset, config.seed,  # pylint: disable=protected-access
+                                        with_init=True)
+  assert got == want
+  assert traces["init"] == 1

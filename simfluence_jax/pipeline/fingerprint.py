@@ -127,7 +127,7 @@ def tree_digest(tree: Any) -> str:
   return digest([str(treedef), array_digest(*[np.asarray(x) for x in leaves])])
 
 
-def computation_digest(fn: Any, *args: Any) -> str:
+def computation_digest(fn: Any, *args: Any, return_shape: bool = False):
   """Hex SHA-256 of what `fn(*args)` computes: its jaxpr and closed-over constants.
 
   `args` may be arrays or `jax.ShapeDtypeStruct`s (only traced, never run). Two
@@ -136,14 +136,18 @@ def computation_digest(fn: Any, *args: Any) -> str:
   activation or constant table changes it. The printed jaxpr depends on the JAX
   version too, so a digest may change with an upgrade of JAX (never between
   processes or runs of one installation).
+
+  With `return_shape`, `(digest, out)`: `out` the `jax.ShapeDtypeStruct` tree of
+  `fn(*args)`, from the same trace (no second one).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  closed = jax.make_jaxpr(fn)(*args)
+  closed, out = jax.make_jaxpr(fn, return_shape=True)(*args)
   # Callables in parameters (custom_jvp / custom_vjp rules) print as `<lambda>` or
   # `<function f at 0x...>`: the address differs between processes.
   text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed))
   consts = [np.asarray(c) for c in closed.consts if hasattr(c, "shape")]
-  return digest([text, array_digest(*consts) if consts else ""])
+  result = digest([text, array_digest(*consts) if consts else ""])
+  return (result, out) if return_shape else result
 
 
 @dataclasses.dataclass(frozen=True)

@@ -171,11 +171,13 @@ def _factory_digest(module, loss_fn, dataset: data.Dataset, seed: int,
   example (and of its initialisation when `with_init`); traced, never run."""
   example = {name: np.asarray(array[:1]) for name, array in dataset.train.items()}
   key = jax.random.PRNGKey(seed)
-  params = jax.eval_shape(module.init, key, example["inputs"])
+  if with_init:  # the params' shapes from the init's own trace (traced once)
+    init_digest, params = fp.computation_digest(module.init, key, example["inputs"],
+                                                return_shape=True)
+  else:
+    init_digest, params = None, jax.eval_shape(module.init, key, example["inputs"])
   parts = [fp.computation_digest(loss_fn, params, example)]
-  if with_init:
-    parts.append(fp.computation_digest(module.init, key, example["inputs"]))
-  return fp.digest(parts)
+  return fp.digest(parts + ([init_digest] if with_init else []))
 
 
 def make_curricula(config) -> Curricula:
