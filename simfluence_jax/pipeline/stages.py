@@ -128,11 +128,21 @@ def load_data(wd: workdir_lib.Workdir, config) -> data.Dataset:
 
 
 def base_model(wd: workdir_lib.Workdir, config, dataset: data.Dataset) -> Model:
-  """The model every run starts from: initialised, briefly pre-trained, saved (orbax)."""
+  """The model every run starts from: initialised, briefly pre-trained, saved (orbax).
+
+  A built-in Transformer with `config.model.dropout` > 0 trains with dropout: its
+  `loss_fn` takes the per-slot key `train_runs` (and the metagradients) pass and
+  applies the model with `deterministic=False`; without a key (test losses,
+  pre-training, features, influence) it runs deterministically.
+  """
   module = models.get_model(config.model, vocab_size=dataset.vocab_size,
                             num_classes=dataset.num_classes,
                             max_len=config.data.seq_len)
-  loss_fn = training.make_loss_fn(module, dataset.kind)
+  dropout = float(getattr(module, "dropout", 0.0) or 0.0)
+  trains_with_dropout = not config.model.factory and dropout > 0
+  loss_fn = training.make_loss_fn(
+      module, dataset.kind,
+      train_kwargs={"deterministic": False} if trains_with_dropout else None)
   path = wd.path("base")
 
   def compute():
@@ -147,6 +157,11 @@ def base_model(wd: workdir_lib.Workdir, config, dataset: data.Dataset) -> Model:
     return params
 
   extra = {}
+  if trains_with_dropout:
+    # Jobs before dropout was applied trained these settings deterministically:
+    # their runs must not be reused as dropout runs (base_model is precious: a
+    # workdir holding them is refused, or recomputed with --overwrite).
+    extra["model.dropout"] = "applied in training"
   if config.model.checkpoint:
     # The checkpoint's contents, not just its path, shape every run.
     extra["checkpoint"] = fp.tree_digest(training.load_params(config.model.checkpoint))
