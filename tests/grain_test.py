@@ -278,15 +278,23 @@ def make_masking_decoder(data_config):
   return grain_source.Decoder(decode=_int_tokens_example, kind="lm", vocab_size=16)
 
 
-def test_language_model_examples_with_no_scored_token_are_refused(tmp_path):
-  records = [np.array([first, 7, 8, 1], np.int32).tobytes() for first in (3, 4, 5, 6)]
+def _lm_records_config(tmp_path, firsts, decoder):
+  """(records, data config): 2 train and 2 test records [first, 7, 8, 1] (int32),
+  read by `decoder` ("grain_test:<function>")."""
+  records = [np.array([first, 7, 8, 1], np.int32).tobytes() for first in firsts]
   config = data_lib.default_data_config()
   with config.unlocked():
     config.name, config.num_train_examples, config.num_test_examples = "grain", 2, 2
     config.grain_train = _write(tmp_path / "train.array_record", records[:2])
     config.grain_test = _write(tmp_path / "test.array_record", records[2:])
-    config.grain_decoder = "grain_test:make_masking_decoder"
+    config.grain_decoder = decoder
     config.grain_workers = 0
+  return records, config
+
+
+def test_language_model_examples_with_no_scored_token_are_refused(tmp_path):
+  records, config = _lm_records_config(tmp_path, (3, 4, 5, 6),
+                                       "grain_test:make_masking_decoder")
   with pytest.raises(ValueError, match=(
       r"^config.data.name='grain': test examples \[0\] \(1 in all\) have an empty "
       r"loss mask")):
@@ -310,14 +318,8 @@ def make_copying_decoder(data_config):
 
 
 def test_targets_equal_to_inputs_are_refused(tmp_path):
-  records = [np.array([first, 7, 8, 1], np.int32).tobytes() for first in (3, 4, 6, 2)]
-  config = data_lib.default_data_config()
-  with config.unlocked():
-    config.name, config.num_train_examples, config.num_test_examples = "grain", 2, 2
-    config.grain_train = _write(tmp_path / "train.array_record", records[:2])
-    config.grain_test = _write(tmp_path / "test.array_record", records[2:])
-    config.grain_decoder = "grain_test:make_copying_decoder"
-    config.grain_workers = 0
+  _, config = _lm_records_config(tmp_path, (3, 4, 6, 2),
+                                 "grain_test:make_copying_decoder")
   with pytest.raises(ValueError, match=(
       r"^config.data.name='grain': every train example's targets equal its inputs at "
       r"every scored token; the targets must be the next tokens")):
