@@ -38,6 +38,13 @@ def misread_class_ids(ids, num_classes: int, counts: Optional[np.ndarray] = None
   return counts & (outside | (ids < 0)), ~counts & outside
 
 
+def _check_shape(name: str, array, expected: Tuple[int, ...], of: str) -> None:
+  """Static (trace-time) shape check: a mismatch would broadcast into a wrong loss."""
+  if tuple(np.shape(array)) != tuple(expected):
+    raise ValueError(f"{name}: expected shape {tuple(expected)} ({of}), got "
+                     f"{tuple(np.shape(array))}.")
+
+
 def classification_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Softmax cross-entropy per example.
 
@@ -47,7 +54,11 @@ def classification_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
   Returns:
     float32[B].
+
+  Raises:
+    ValueError: labels.shape is not logits.shape[:-1] (checked at trace time).
   """
+  _check_shape("labels", labels, np.shape(logits)[:-1], "logits.shape[:-1]")
   return _cross_entropy(logits.astype(jnp.float32), labels)
 
 
@@ -62,6 +73,12 @@ def language_modeling_loss(logits: jax.Array, targets: jax.Array,
 
   Returns:
     float32[B].
+
+  Raises:
+    ValueError: targets.shape is not logits.shape[:-1], or mask.shape is not
+      targets.shape (checked at trace time).
   """
+  _check_shape("targets", targets, np.shape(logits)[:-1], "logits.shape[:-1]")
+  _check_shape("mask", mask, np.shape(targets), "targets.shape")
   token_losses = _cross_entropy(logits.astype(jnp.float32), targets)
   return jnp.sum(token_losses * mask.astype(jnp.float32), axis=-1)

@@ -93,9 +93,16 @@ def validate_config(config) -> None:
                      f"{optim.SCHEDULES}.")
   # The optimizer's numbers (momentum, b1, b2, eps, warmup_steps), as training reads them.
   optim.optimizer_settings(config, config.num_steps)
-  if not config.model.factory and config.model.name not in models.MODEL_NAMES:
-    raise ValueError(f"config.model.name={config.model.name!r}: must be one of "
-                     f"{models.MODEL_NAMES}.")
+  if not config.model.factory:
+    if config.model.name not in models.MODEL_NAMES:
+      raise ValueError(f"config.model.name={config.model.name!r}: must be one of "
+                       f"{models.MODEL_NAMES}.")
+    # The built-in model's fields (typos, sizes, dropout), before the data stage: the
+    # sizes the dataset gives are stood in for by valid ones (the base_model stage
+    # checks the real ones).
+    models.get_model(config.model, vocab_size=config.model.get("vocab_size") or 2,
+                     num_classes=config.model.get("num_classes") or 2,
+                     max_len=config.data.seq_len)
   unknown = sorted(set(config.methods) - set(METHODS))
   if unknown or not config.methods:
     raise ValueError(f"config.methods={tuple(config.methods)!r}: unknown {unknown}; "

@@ -370,8 +370,9 @@ def _check_class_ids(who: str, loss_fn: step_lib.LossFn, params: Any,
   `loss_fn.num_classes(params, inputs)`: C, the logits' last dimension) every id
   that counts must be in [0, C), padding in [-C, C) (`losses.misread_class_ids`:
   LM targets count where the mask is > 0, so padding under mask 0 may hold -1, or
-  -100 when C > 100). Another loss's arrays are its own business (e.g. labels -100
-  that it masks): nothing is checked."""
+  -100 when C > 100). For the LM loss, integer `inputs` token ids must be in
+  [0, V) everywhere (`_check_input_ids`). Another loss's arrays are its own
+  business (e.g. labels -100 that it masks): nothing is checked."""
   key = getattr(loss_fn, "class_ids_key", None)
   if not key or not isinstance(arrays, Mapping) or key not in arrays or (
       "inputs" not in arrays):
@@ -386,6 +387,8 @@ def _check_class_ids(who: str, loss_fn: step_lib.LossFn, params: Any,
   counted_bad, padding_bad = losses.misread_class_ids(ids, num_classes, counts)
   bad = counted_bad | padding_bad
   if not bad.any():
+    if key == "targets":
+      _check_input_ids(who, arrays["inputs"], num_classes, argument)
     return
   index = tuple(int(i) for i in np.argwhere(bad)[0])
   where = f"row {index[0]}" + (f" (index {list(index)})" if len(index) > 1 else "")
@@ -397,6 +400,24 @@ def _check_class_ids(who: str, loss_fn: step_lib.LossFn, params: Any,
   raise ValueError(f'{who}: {argument}["{key}"] must be in [0, {num_classes})'
                    + (" where the mask is > 0" if masked else "")
                    + f", got {ids[index]} at {where}.")
+
+
+def _check_input_ids(who: str, inputs: Any, vocab_size: int, argument: str) -> None:
+  """Refuses integer LM input token ids outside [0, V) (V: the logits' last
+  dimension), masked or not: the embedding lookup wraps a negative id to row V + id
+  (a silent wrong loss) and reads NaN past V. Inputs that are not an integer array
+  (features, a pytree) are the model's own business."""
+  if not hasattr(inputs, "dtype") or not np.issubdtype(inputs.dtype, np.integer):
+    return
+  ids = np.asarray(sharding_lib.to_host(inputs))
+  bad = (ids < 0) | (ids >= vocab_size)
+  if not ids.size or not bad.any():
+    return
+  index = tuple(int(i) for i in np.argwhere(bad)[0])
+  where = f"row {index[0]}" + (f" (index {list(index)})" if len(index) > 1 else "")
+  raise ValueError(f'{who}: {argument}["inputs"] must be in [0, {vocab_size}) '
+                   f"(token ids; the embedding would wrap a negative one), got "
+                   f"{ids[index]} at {where}.")
 
 
 def check_arrays(who: str, loss_fn: step_lib.LossFn, params0: Any,
