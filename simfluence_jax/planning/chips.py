@@ -4,7 +4,13 @@ Each TPU entry is the per-chip figure of Google's Cloud TPU system-architecture 
 for that generation (cited per entry). The pages write HBM capacity as "GB" but mean
 GiB (the v5p page's own table says "HBM capacity per chip (GiB) 95", and XLA:TPU
 reports 15.75 GiB available on a 16 "GB" v5e: the capacity less its reserve), so
-capacities are GiB here; a stage can fail to compile a little below `hbm_bytes`.
+capacities are GiB here. A plan compares against what XLA can use per device
+(`chip_of` reads it from XLA:TPU's own out-of-memory message: 15.75 GiB on a v5e), not
+the capacity.
+
+A chip's figures are shared by the devices on it: libtpu makes each of a v4 chip's
+two TensorCores a device (same `coords`, `core_on_chip` 0 and 1), each with half the
+chip's HBM, FLOP/s and bandwidth; a v5p, v5e or v6e chip is one device.
 
 A topology name is what `jax.experimental.topologies.get_topology_desc` takes
 ("v5e:16x16", "v5p:4x4x4"); `topology_name` also accepts a Cloud accelerator type
@@ -22,20 +28,25 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from simfluence_jax.planning import costs
+
 _GIB = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
 class ChipSpec:
-  """Per-chip capacity and speed.
+  """Capacity and speed of one chip (`CHIPS`) or of one device (`chip_of`).
 
   Attributes:
     name: generation ("v5e", ...), or "cpu" for this machine.
-    hbm_bytes: device memory per chip.
-    peak_flops: bf16 peak FLOP/s per chip (XLA:TPU runs float32 matmuls at the
-      default precision in bf16 passes, so this is the float32 matmul rate too).
-    hbm_bandwidth: bytes/s per chip.
+    hbm_bytes: device memory (of one chip in `CHIPS`; what one device can use in
+      `chip_of` / `measure_host`: what every fit check compares with).
+    peak_flops: bf16 peak FLOP/s (XLA:TPU runs float32 matmuls at the default
+      precision in bf16 passes, so this is the float32 matmul rate too).
+    hbm_bandwidth: bytes/s.
     source: where the numbers come from.
+    devices_per_chip: devices sharing one chip (its figures divided among them).
+    hbm_source: where `hbm_bytes` comes from ("" = `source`).
   """
 
   name: str
@@ -43,6 +54,8 @@ class ChipSpec:
   peak_flops: float
   hbm_bandwidth: float
   source: str
+  devices_per_chip: int = 1
+  hbm_source: str = ""
 
   def roofline_seconds(self, flops: float, bytes_accessed: float) -> float:
     """max(FLOPs / peak, bytes / bandwidth): the time bound of a memory- or
@@ -105,6 +118,9 @@ def topology_name(name: str) -> str:
   kind, count = match.group(1), int(match.group(2))
   generation = {"v5litepod": "v5e"}.get(kind, kind)
   # v4-N and v5p-N count TensorCores, two per chip.
+  if generation in ("v4", "v5p") and count % 2:
+    raise ValueError(f"--topology={name!r}: {kind}-N counts TensorCores, two per "
+                     f"chip; {count} is odd.")
   chips = count // 2 if generation in ("v4", "v5p") else count
   shapes = _SHAPES_3D if generation in ("v4", "v5p") else _SHAPES_2D
   if chips not in shapes:
@@ -114,15 +130,65 @@ def topology_name(name: str) -> str:
   return f"{generation}:{shapes[chips]}"
 
 
-def chip_of(devices: Sequence[jax.Device]) -> Optional[ChipSpec]:
-  """The spec of the devices' chip (by `device_kind`), or None if unknown."""
-  kind = devices[0].device_kind
+def _chip_spec(kind: str) -> Optional[ChipSpec]:
   if kind in _DEVICE_KINDS:
     return CHIPS[_DEVICE_KINDS[kind]]
   for prefix, name in sorted(_DEVICE_KINDS.items(), key=lambda kv: -len(kv[0])):
     if kind.startswith(prefix):
       return CHIPS[name]
   return None
+
+
+def devices_per_chip(devices: Sequence[jax.Device]) -> int:
+  """Most devices on one chip: devices with the same `coords` (and slice) share it
+  (a v4's two TensorCores); 1 for devices without coords (CPU)."""
+  counts = {}
+  for device in devices:
+    coords = getattr(device, "coords", None)
+    if coords is None:
+      return 1
+    key = (getattr(device, "slice_index", 0), tuple(coords))
+    counts[key] = counts.get(key, 0) + 1
+  return max(counts.values()) if counts else 1
+
+
+def xla_hbm_limit(device: jax.Device) -> Optional[float]:
+  """Bytes XLA can use on `device`, from its own out-of-memory message for a 1 TiB
+  program (compiled, never run: well under a second), or None if it names none."""
+  placed = jax.sharding.SingleDeviceSharding(device)
+  big = jax.ShapeDtypeStruct((256, 1 << 30), jnp.float32, sharding=placed)
+  try:
+    jax.jit(lambda x: x[:, :2] * 2).lower(big).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    return costs.oom_bytes(e)[1]
+  return None
+
+
+def chip_of(devices: Sequence[jax.Device], read_limit: bool = True
+            ) -> Optional[ChipSpec]:
+  """What one of `devices` has (by `device_kind`), or None if the kind is unknown.
+
+  The chip's HBM, FLOP/s and bandwidth are divided among the devices on one chip
+  (`devices_per_chip`); with `read_limit`, `hbm_bytes` is what XLA can use on a
+  device (`xla_hbm_limit`), else (or if XLA names no limit) the chip's share, and
+  `hbm_source` says which.
+  """
+  chip = _chip_spec(devices[0].device_kind)
+  if chip is None:
+    return None
+  share = devices_per_chip(devices)
+  hbm = chip.hbm_bytes / share
+  hbm_source = (f"the chip's {chip.hbm_bytes / _GIB:.0f} GiB" + (
+      f" / {share} devices per chip" if share > 1 else ""))
+  limit = xla_hbm_limit(devices[0]) if read_limit else None
+  if limit is not None:
+    hbm, hbm_source = limit, f"usable per device, read from XLA; {hbm_source}"
+  elif read_limit:
+    hbm_source += " (XLA named no usable limit)"
+  return dataclasses.replace(
+      chip, hbm_bytes=hbm, peak_flops=chip.peak_flops / share,
+      hbm_bandwidth=chip.hbm_bandwidth / share, devices_per_chip=share,
+      hbm_source=hbm_source)
 
 
 def _best_seconds(fn, *args, repeats: int = 5) -> float:
@@ -139,7 +205,9 @@ def measure_host(device: Optional[jax.Device] = None) -> ChipSpec:
   """This machine's CPU as a chip: measured float32 matmul FLOP/s and copy bandwidth.
 
   A 1024² matmul gives the peak (best of 5), a jitted `x + 1` over 64 MiB the
-  bandwidth (read + write); memory is the host's RAM. About a second.
+  bandwidth (read + write); memory is the host's RAM divided by the local CPU
+  devices (`--xla_force_host_platform_device_count` devices share it). About a
+  second.
   """
   device = device or jax.devices("cpu")[0]
   size = 1024
@@ -156,5 +224,8 @@ def measure_host(device: Optional[jax.Device] = None) -> ChipSpec:
 
   bandwidth = 2 * state[0].nbytes / _best_seconds(step)
   memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  return ChipSpec("cpu", float(memory), peak, bandwidth,
-                  "measured on this machine (1024² float32 matmul, 64 MiB x + 1)")
+  sharing = len(jax.local_devices(backend="cpu"))
+  return ChipSpec("cpu", float(memory) / sharing, peak, bandwidth,
+                  "measured on this machine (1024² float32 matmul, 64 MiB x + 1)",
+                  hbm_source=f"RAM {memory / _GIB:.1f} GiB / {sharing} local CPU "
+                             "device(s)")

@@ -96,16 +96,32 @@ def _lm_split(num: int, seq_len: int) -> Dict[str, jax.ShapeDtypeStruct]:
 
 
 def _vocab_size(config) -> int:
-  """The LM vocabulary the dataset would report: bytes for the bundled sources; a
-  user's seqio Task's own vocabulary, which the plan cannot open, from the config."""
+  """The LM vocabulary the job's dataset reports (`pipeline.base_model` builds the
+  model with it): bytes for the bundled sources, the decoder's for grain; a user's
+  seqio Task's own vocabulary, which the plan cannot open, from
+  `config.model.vocab_size`. A `config.model.vocab_size` the dataset contradicts is
+  refused: the job would not use it."""
   given = config.model.get("vocab_size")
-  if given:
-    return int(given)
   if config.data.name == "seqio":
-    raise ValueError("config.model.vocab_size: the plan needs the seqio Task's "
-                     f"vocabulary size ({config.data.seqio_task!r} is not opened); "
-                     "set it, e.g. --config.model.vocab_size=32100.")
-  return data.BYTE_VOCAB_SIZE
+    if not given:
+      raise ValueError("config.model.vocab_size: the plan needs the seqio Task's "
+                       f"vocabulary size ({config.data.seqio_task!r} is not "
+                       "opened); set it, e.g. --config.model.vocab_size=32100.")
+    return int(given)
+  if config.data.name == "grain":
+    from simfluence_jax.data import grain_source  # pylint: disable=g-import-not-at-top
+    decoder = grain_source.make_decoder(config.data)
+    if decoder.kind != "lm":
+      raise ValueError("config.data.grain_decoder: the plan sizes language-model "
+                       f"grain data only (this decoder's kind is {decoder.kind!r}).")
+    actual, source = int(decoder.vocab_size), "its grain decoder's vocabulary"
+  else:
+    actual, source = data.BYTE_VOCAB_SIZE, "its byte vocabulary"
+  if given and int(given) != actual:
+    raise ValueError(f"config.model.vocab_size={given}: the job's dataset "
+                     f"(config.data.name={config.data.name!r}) has {source} of "
+                     f"{actual}, which the job uses; unset it or set {actual}.")
+  return actual
 
 
 def build(config, devices: List[jax.Device]) -> Job:

@@ -117,7 +117,8 @@ class Plan:
 
   @property
   def fits(self) -> bool:
-    return not self.failing()
+    """Every row fits (a plan with no rows planned nothing: not "fits")."""
+    return bool(self.rows) and not self.failing()
 
   def failing(self) -> List[Row]:
     return [row for row in self.rows
@@ -179,7 +180,7 @@ def compile_row(stage: str, program: stages_lib.Program, chip: chips_lib.ChipSpe
     beside = (f" with {costs.gib(row.resident_bytes):.1f} GiB the job holds beside "
               "them" if row.resident_bytes else "")
     row.error = (f"its arguments alone are {costs.gib(row.needed_bytes):.1f} GiB per "
-                 f"chip{beside} (> {costs.gib(chip.hbm_bytes):.0f} GiB HBM); not "
+                 f"chip{beside} (> {costs.gib(chip.hbm_bytes):.2f} GiB HBM); not "
                  "compiled")
     return row
   start = time.perf_counter()
@@ -240,11 +241,12 @@ def suggest(stage: stages_lib.Stage, job: job_lib.Job, failing: Row,
             chip: chips_lib.ChipSpec) -> str:
   """The first of the stage's fixes under which program `failing.program` fits.
 
-  Fixes are tried cheapest first; once a fix leaves the memory (nearly) unchanged,
-  the larger fixes of the same config fields are skipped: that lever does not
-  move what fills the chip.
+  Fixes are tried cheapest first. A lever (the fixes setting the same config
+  fields) is given up only when a fix of a strictly smaller `Fix.setting` than one
+  of it already tried left the memory (nearly) unchanged: it does not move what
+  fills the chip. A setting whose memory rose says nothing about smaller ones.
   """
-  tried, dead, before = [], set(), failing.peak_bytes
+  tried, dead, last = [], set(), {}  # last: lever -> (setting, peak) tried
   try:
     fixes = stage.fixes(job)
   except Exception as e:  # pylint: disable=broad-except
@@ -267,9 +269,13 @@ def suggest(stage: stages_lib.Stage, job: job_lib.Job, failing: Row,
     after = row.peak_bytes
     tried.append(fix.label + ("" if after is None else
                               f" needs {costs.gib(after):.1f} GiB"))
-    if before is not None and after is not None and after > 0.95 * before:
+    if fix.setting is None or after is None:
+      continue
+    setting, before = last.get(fields, (None, None))
+    if (setting is not None and fix.setting < setting
+        and after > 0.95 * before):
       dead.add(fields)
-    before = after if after is not None else before
+    last[fields] = (fix.setting, after)
   if tried:
     return "no candidate fits (tried: " + "; ".join(tried) + ")"
   return "no config candidate for this stage"
@@ -299,12 +305,18 @@ def plan(config, devices: Sequence[jax.Device], chip: chips_lib.ChipSpec, *,
     A `Plan`.
 
   Raises:
-    ValueError: a config the plan cannot size (named field), or an unknown stage.
+    ValueError: a config the plan cannot size (named field), or an unknown stage
+      or one this config does not run in `stage_names`.
   """
   start = time.perf_counter()
   job = job_lib.build(config, list(devices))
   wanted = [stages_lib.get(name) for name in stage_names] if stage_names else list(
       stages_lib.STAGES)
+  for stage in wanted:
+    if stage_names and not stage.applies(job):
+      runs = [s.name for s in stages_lib.STAGES if s.applies(job)]
+      raise ValueError(f"--stages: {stage.name!r} is not run by this config (it "
+                       f"runs {', '.join(runs)}).")
   compile_threads = 1 if measure or compile_threads is None else compile_threads
   entries = []  # per row, in stage order: a finished Row, or (stage, future)
   with concurrent.futures.ThreadPoolExecutor(max(1, compile_threads)) as pool:
@@ -381,9 +393,13 @@ def table_rows(result: Plan) -> List[List[str]]:
 
 def header(result: Plan) -> str:
   chip = result.chip
+  shared = (f" ({chip.devices_per_chip} per chip)" if chip.devices_per_chip > 1
+            else "")
+  hbm_source = f" ({chip.hbm_source})" if chip.hbm_source else ""
   return (f"plan of {result.config_name or 'config'} on {result.topology} "
-          f"({result.num_devices} x {chip.name}: {chip.hbm_bytes / 2**30:.2f} GiB "
-          f"HBM, {chip.peak_flops / 1e12:.3g} TFLOP/s, "
+          f"({result.num_devices} x {chip.name}{shared}: "
+          f"{chip.hbm_bytes / 2**30:.2f} GiB HBM{hbm_source}, "
+          f"{chip.peak_flops / 1e12:.3g} TFLOP/s, "
           f"{chip.hbm_bandwidth / 1e9:.0f} GB/s; {chip.source}); "
           f"model {result.num_params / 1e6:.2f}M params; "
           f"planned in {result.seconds:.0f}s")
@@ -422,6 +438,9 @@ def format_text(result: Plan) -> str:
   lines += notes(result)
   lines.append("")
   failing = result.failing()
+  if not result.rows:
+    lines.append("NOTHING PLANNED: no stage to compile")
+    return "\n".join(lines)
   lines.append("FITS" if not failing else "DOES NOT FIT: " + ", ".join(
       r.name + (" (failed to compile)" if r.status == ERROR else "")
       for r in failing))
@@ -475,7 +494,7 @@ def plans_table(plans: List[dict]) -> List[str]:
     cells.append(by_stage)
   header = ["| stage | " + " | ".join(
       f"`{os.path.basename(p['config'])}` on {p['topology']} ({p['num_devices']} x "
-      f"{p['chip']['hbm_bytes'] / 2**30:.0f} GiB, {_count(p['num_params'])} params)"
+      f"{p['chip']['hbm_bytes'] / 2**30:.4g} GiB, {_count(p['num_params'])} params)"
       for p in plans) + " |", "|---" * (len(plans) + 1) + "|"]
   lines = []
   for stage in stages:

@@ -76,10 +76,17 @@ class Program:
 
 @dataclasses.dataclass(frozen=True)
 class Fix:
-  """A config change that may make a stage fit: `overrides` {dotted field: value}."""
+  """A config change that may make a stage fit: `overrides` {dotted field: value}.
+
+  `setting`: its size along its lever (the fixes setting the same fields), smaller
+  expected to need less memory (runs per slot, chunk length, 1 / model axis, batch);
+  None: not comparable. `report.suggest` gives a lever up only when a strictly
+  smaller setting than one already tried did not lower the memory.
+  """
 
   label: str
   overrides: dict
+  setting: Optional[float] = None
 
 
 def traced(fn: Callable, *abstract_args):
@@ -407,8 +414,35 @@ def tracin_per_step(job: job_lib.Job) -> List[Program]:
 # --- simulators ------------------------------------------------------------------------
 
 
+def ridge_solves(config) -> List[Tuple[str, int, int, int, int]]:
+  """(label, rows P, unknowns per block N·K, columns, solves) of each problem shape
+  `pipeline.stages.fit_ridge` hands `simulators.solve`, per kind: with
+  `simulators.l2 = None` first one solve per CV fold on the other folds' runs (run r
+  in fold r mod K) with the whole `l2_grid` as columns (G·M), then the final fit on
+  every fitted run (M columns); K = `simulators.num_phases` phases give each train
+  id K unknowns per block. P counts every step (the job drops empty ones)."""
+  sim = config.simulators
+  runs, steps = config.num_runs, config.num_steps
+  unknowns = sim.num_phases * config.num_train_examples
+  num_test = config.num_test_examples
+  solves = []
+  if sim.l2 is None:
+    folds = min(sim.cv_folds, runs)
+    by_size = {}
+    for fold in range(folds):
+      train_runs = runs - len(range(fold, runs, folds))
+      by_size[train_runs] = by_size.get(train_runs, 0) + 1
+    for train_runs, count in sorted(by_size.items(), reverse=True):
+      label = "cv" if len(by_size) == 1 else f"cv{train_runs}"
+      solves.append((label, train_runs * steps, unknowns,
+                     len(sim.l2_grid) * num_test, count))
+  solves.append(("", runs * steps, unknowns, num_test, 1))
+  return solves
+
+
 def simfluence_fit(job: job_lib.Job) -> List[Program]:
-  """The ridge solver's kernels on the fitted runs' trace shapes, per kind."""
+  """The ridge solver's kernels on each problem shape the job solves per kind
+  (`ridge_solves`: CV folds over the l2 grid, the final fit; phases)."""
   config = job.config
   local = devices_lib.primary_devices(list(job.devices))
   mesh = kernels.column_mesh(local)
@@ -417,48 +451,60 @@ def simfluence_fit(job: job_lib.Job) -> List[Program]:
   rep, per_column = place(jax.sharding.PartitionSpec()), place(col)
   rows_by_column = place(jax.sharding.PartitionSpec(None, "columns"))
   by_theta = place(jax.sharding.PartitionSpec(None, None, "columns"))
-  num_train, batch = config.num_train_examples, config.batch_size
-  num_rows = config.num_runs * config.num_steps
+  batch = config.batch_size
   programs = []
   for kind in ("linear", "additive"):
     if f"simfluence_{kind}" not in config.methods:
       continue
     linear = kind == "linear"
     blocks = 2 if linear else 1
-    method, columns = kernels.solver_layout(num_train, num_rows, batch,
-                                            config.num_test_examples, linear,
-                                            len(local))
-    num_chunks = -(-config.num_test_examples // columns)
-    solver = kernels.solver_kernels(mesh, num_train, linear)
-    ids = SDS((num_rows, batch), jnp.int32, sharding=rep)
-    x = SDS((num_rows, columns), jnp.float32, sharding=rows_by_column)
-    l2 = SDS((columns,), jnp.float32, sharding=per_column)
-    theta = SDS((num_train, blocks, columns), jnp.float32, sharding=by_theta)
-    note = (f"{method}: P={num_rows} rows, {columns} columns per chunk over "
-            f"{len(local)} local devices")
-    if method == "cg":
-      scalar = SDS((columns,), jnp.float32, sharding=per_column)
-      inverse = SDS((num_train, 3 if linear else 1, columns), jnp.float32,
-                    sharding=by_theta)
-      programs += [
-          Program(f"{kind}_cg_init", solver.cg_init,
-                  (ids, x, x, l2, SDS((), jnp.float32, sharding=rep)),
-                  calls=num_chunks, note=note),
-          Program(f"{kind}_forward", solver.forward, (theta, ids, x), calls=None,
-                  note="X·direction, once per CG iteration"),
-          Program(f"{kind}_cg_step", solver.cg_step,
-                  (x, theta, theta, theta, scalar, scalar, inverse, ids, x, l2),
-                  calls=None, note="once per CG iteration"),
-      ]
-    else:
-      programs.append(Program(f"{kind}_{method}", getattr(solver, method),
-                              (ids, x, x, l2), calls=num_chunks, note=note))
+    for label, num_rows, num_train, num_columns, solves in ridge_solves(config):
+      prefix = f"{kind}_{label}_" if label else f"{kind}_"
+      programs += _solver_programs(
+          prefix, num_rows, num_train, num_columns, solves, batch, linear, blocks,
+          mesh, len(local), rep, per_column, rows_by_column, by_theta,
+          what=(f"{solves} CV fold solve(s) over {len(config.simulators.l2_grid)} "
+                "l2 values" if label else "final fit")
+          + (f", {config.simulators.num_phases} phases"
+             if config.simulators.num_phases > 1 else ""))
   if len(local) < len(job.devices):
     # Multi-host: the library solves on each host's CPU (simulators.default_devices).
     programs = [dataclasses.replace(
         p, skip="multi-host: runs on each host's CPU, not the TPU slice")
                 for p in programs]
   return programs
+
+
+def _solver_programs(prefix, num_rows, num_train, num_columns, solves, batch, linear,
+                     blocks, mesh, num_local, rep, per_column, rows_by_column,
+                     by_theta, what) -> List[Program]:
+  """The programs of `solves` calls of `simulators.solve` on one problem shape."""
+  method, columns = kernels.solver_layout(num_train, num_rows, batch, num_columns,
+                                          linear, num_local)
+  num_chunks = -(-num_columns // columns) * solves
+  solver = kernels.solver_kernels(mesh, num_train, linear)
+  ids = SDS((num_rows, batch), jnp.int32, sharding=rep)
+  x = SDS((num_rows, columns), jnp.float32, sharding=rows_by_column)
+  l2 = SDS((columns,), jnp.float32, sharding=per_column)
+  theta = SDS((num_train, blocks, columns), jnp.float32, sharding=by_theta)
+  note = (f"{method}: P={num_rows} rows, {num_train} unknowns per block, {columns} "
+          f"columns per chunk over {num_local} local devices; {what}")
+  if method == "cg":
+    scalar = SDS((columns,), jnp.float32, sharding=per_column)
+    inverse = SDS((num_train, 3 if linear else 1, columns), jnp.float32,
+                  sharding=by_theta)
+    return [
+        Program(f"{prefix}cg_init", solver.cg_init,
+                (ids, x, x, l2, SDS((), jnp.float32, sharding=rep)),
+                calls=num_chunks, note=note),
+        Program(f"{prefix}forward", solver.forward, (theta, ids, x), calls=None,
+                note="X·direction, once per CG iteration"),
+        Program(f"{prefix}cg_step", solver.cg_step,
+                (x, theta, theta, theta, scalar, scalar, inverse, ids, x, l2),
+                calls=None, note="once per CG iteration"),
+    ]
+  return [Program(f"{prefix}{method}", getattr(solver, method), (ids, x, x, l2),
+                  calls=num_chunks, note=note)]
 
 
 def simulate(job: job_lib.Job) -> List[Program]:
@@ -468,7 +514,9 @@ def simulate(job: job_lib.Job) -> List[Program]:
   num_runs, steps = job.held_out_runs(), config.num_steps
   num_train, num_test, batch = (config.num_train_examples, config.num_test_examples,
                                 config.batch_size)
-  params = SDS((1, num_train, num_test), jnp.float32, sharding=on_one)
+  # a, b: float32[K, N, M], one per phase (`simulators.num_phases`).
+  params = SDS((config.simulators.num_phases, num_train, num_test), jnp.float32,
+               sharding=on_one)
   args = (params, params,
           SDS((num_runs, steps, batch), jnp.int32, sharding=on_one),
           SDS((num_runs, steps, batch), jnp.float32, sharding=on_one),
@@ -544,25 +592,38 @@ def _scaled_runs(job: job_lib.Job, slots: int, per_slot: int):
   return overrides, label
 
 
+def run_counts_per_slot(plain: int, slots: int) -> List[int]:
+  """Runs per slot k to try for `plain` runs over `slots` run slots, largest first:
+  k = floor(plain / slots) when the runs do not divide the slots (now every slot
+  holds all of them), then its halvings; never more runs in all (slots·k ≤ plain)
+  and fewer per slot than now."""
+  base = plain // slots
+  targets = ([base] if plain % slots else []) + list(_halvings(base))
+  return [k for k in dict.fromkeys(targets) if 1 <= k and slots * k <= plain
+          and k < _per_slot(plain, slots)]
+
+
 def _run_count_fixes(job: job_lib.Job) -> List[Fix]:
-  """Fewer runs per run slot (k below the current), then a larger `model` axis
-  with one run per slot (each run's state split over more chips), then SGD."""
+  """Fewer runs per run slot (k below the current, never more runs in all), then a
+  larger `model` axis with one run per slot (each run's state split over more
+  chips), then SGD."""
   config, slots, plain = job.config, job.run_slots, job.plain_runs()
-  now = _per_slot(plain, slots)
-  targets = ([max(1, plain // slots)] if plain % slots else []) + list(
-      _halvings(now))
   where = ("chip" if config.mesh_model == 1 else
            f"{config.mesh_model} chips")
   fixes = []
-  for per_slot in dict.fromkeys(t for t in targets if t < now or plain % slots):
+  for per_slot in run_counts_per_slot(plain, slots):
     scaled = _scaled_runs(job, slots, per_slot)
     if scaled:
-      fixes.append(Fix(f"{scaled[1]} ({per_slot} run(s) per {where})", scaled[0]))
+      fixes.append(Fix(f"{scaled[1]} ({per_slot} run(s) per {where})", scaled[0],
+                       setting=per_slot))
   for model in _model_sizes(job):
+    if job.num_devices // model > plain:  # would add runs
+      continue
     scaled = _scaled_runs(job, job.num_devices // model, 1)
     if scaled:
       fixes.append(Fix(f"mesh_model={model}, {scaled[1]} (one run per {model} "
-                       "chips)", {"mesh_model": model, **scaled[0]}))
+                       "chips)", {"mesh_model": model, **scaled[0]},
+                       setting=1 / model))
   if config.optimizer != "sgd":
     fixes.append(Fix(f"optimizer=sgd (no {config.optimizer} state; changes the "
                      "experiment)", {"optimizer": "sgd"}))
@@ -575,7 +636,7 @@ def _grad_run_fixes(job: job_lib.Job) -> List[Fix]:
   targets = ([max(1, grad // slots)] if grad % slots else []) + list(
       _halvings(now))
   fixes = [Fix(f"num_grad_runs={slots * k} ({k} per slot)",
-               {"num_grad_runs": slots * k})
+               {"num_grad_runs": slots * k}, setting=k)
            for k in dict.fromkeys(t for t in targets if slots * t < grad)]
   return fixes + [Fix("record_grads=False (no per-step TracIn)",
                       {"record_grads": False})]
@@ -595,14 +656,16 @@ def _chunk_fixes(job: job_lib.Job) -> List[Fix]:
     if length not in seen:
       seen.add(length)
       fixes.append(Fix(f"influence.chunk_size={chunk} ({length // data} per "
-                       "data slot)", {"influence.chunk_size": chunk}))
+                       "data slot)", {"influence.chunk_size": chunk},
+                       setting=length))
   return fixes + [Fix(f"influence.mesh_model={size} (params, factors and queries "
-                      f"split over {size} chips)", {"influence.mesh_model": size})
+                      f"split over {size} chips)", {"influence.mesh_model": size},
+                      setting=1 / size)
                   for size in _model_sizes(job, model)]
 
 
 def _pretrain_fixes(job: job_lib.Job) -> List[Fix]:
-  return [Fix(f"pretrain_batch_size={b}", {"pretrain_batch_size": b})
+  return [Fix(f"pretrain_batch_size={b}", {"pretrain_batch_size": b}, setting=b)
           for b in _halvings(job.config.pretrain_batch_size)]
 
 
