@@ -370,8 +370,8 @@ def _check_class_ids(who: str, loss_fn: step_lib.LossFn, params: Any,
   `loss_fn.num_classes(params, inputs)`: C, the logits' last dimension) every id
   that counts must be in [0, C), padding in [-C, C) (`losses.misread_class_ids`:
   LM targets count where the mask is > 0, so padding under mask 0 may hold -1, or
-  -100 when C > 100). For the LM loss, integer `inputs` token ids must be in
-  [0, V) everywhere (`_check_input_ids`). Another loss's arrays are its own
+  -100 when C > 100). For the LM loss, integer `inputs` token ids must be ≥ 0
+  everywhere (`_check_input_ids`). Another loss's arrays are its own
   business (e.g. labels -100 that it masks): nothing is checked."""
   key = getattr(loss_fn, "class_ids_key", None)
   if not key or not isinstance(arrays, Mapping) or key not in arrays or (
@@ -388,7 +388,7 @@ def _check_class_ids(who: str, loss_fn: step_lib.LossFn, params: Any,
   bad = counted_bad | padding_bad
   if not bad.any():
     if key == "targets":
-      _check_input_ids(who, arrays["inputs"], num_classes, argument)
+      _check_input_ids(who, arrays["inputs"], argument)
     return
   index = tuple(int(i) for i in np.argwhere(bad)[0])
   where = f"row {index[0]}" + (f" (index {list(index)})" if len(index) > 1 else "")
@@ -402,22 +402,24 @@ def _check_class_ids(who: str, loss_fn: step_lib.LossFn, params: Any,
                    + f", got {ids[index]} at {where}.")
 
 
-def _check_input_ids(who: str, inputs: Any, vocab_size: int, argument: str) -> None:
-  """Refuses integer LM input token ids outside [0, V) (V: the logits' last
-  dimension), masked or not: the embedding lookup wraps a negative id to row V + id
-  (a silent wrong loss) and reads NaN past V. Inputs that are not an integer array
-  (features, a pytree) are the model's own business."""
+def _check_input_ids(who: str, inputs: Any, argument: str) -> None:
+  """Refuses negative integer LM input token ids, masked or not: the embedding
+  lookup wraps a negative id to row V + id (a silent wrong loss). Ids ≥ the output
+  vocabulary are left alone: a model may embed more input tokens than it predicts
+  (e.g. a BOS), and the built-in Transformer reads NaN there, which training
+  refuses. Inputs that are not an integer array (features, a pytree) are the
+  model's own business."""
   if not hasattr(inputs, "dtype") or not np.issubdtype(inputs.dtype, np.integer):
     return
   ids = np.asarray(sharding_lib.to_host(inputs))
-  bad = (ids < 0) | (ids >= vocab_size)
+  bad = ids < 0
   if not ids.size or not bad.any():
     return
   index = tuple(int(i) for i in np.argwhere(bad)[0])
   where = f"row {index[0]}" + (f" (index {list(index)})" if len(index) > 1 else "")
-  raise ValueError(f'{who}: {argument}["inputs"] must be in [0, {vocab_size}) '
-                   f"(token ids; the embedding would wrap a negative one), got "
-                   f"{ids[index]} at {where}.")
+  raise ValueError(f'{who}: {argument}["inputs"] must be ≥ 0 (token ids; the '
+                   f"embedding would wrap a negative one), got {ids[index]} at "
+                   f"{where}.")
 
 
 def check_arrays(who: str, loss_fn: step_lib.LossFn, params0: Any,
