@@ -62,3 +62,24 @@ def test_a_workdir_that_ignored_dropout_is_refused(tmp_path):
   wd = pipeline.Workdir(str(tmp_path / "job_0.3"), config)
   with pytest.raises(pipeline.StaleWorkdirError, match="base_model"):
     pipeline.stages.base_model(wd, config, pipeline.stages.load_data(wd, config))
+
+
+def test_dropout_is_refused_with_the_metagradient_and_the_removal_benchmark():
+  """Each run's dropout keys follow its index, so a copy of the reference run
+  differs from it, and the first-order expansion gives a curriculum's own slots
+  other keys than the reference's: refused, not computed from key noise."""
+  config = config_lib.load_config(TINY)
+  with config.unlocked():
+    config.model.dropout = 0.1
+  with pytest.raises(ValueError, match=(
+      r"^config.model.dropout=0.1: the metagradient method and the removal "
+      r"benchmark need runs that differ only in their weights")):
+    pipeline.validate.validate_config(config)
+  config.methods = tuple(m for m in config.methods
+                         if m not in ("metagradient", "simfluence_hybrid"))
+  config.counterfactual.methods = tuple(m for m in config.counterfactual.methods
+                                        if m != "metagradient")
+  with pytest.raises(ValueError, match=r"^config.model.dropout=0.1: "):
+    pipeline.validate.validate_config(config)
+  config.removal.enabled = False
+  pipeline.validate.validate_config(config)  # the rest runs with dropout

@@ -103,6 +103,17 @@ def validate_config(config) -> None:
     models.get_model(config.model, vocab_size=config.model.get("vocab_size") or 2,
                      num_classes=config.model.get("num_classes") or 2,
                      max_len=config.data.seq_len)
+    dropout = config.model.get("dropout") or 0
+    if dropout > 0 and ("metagradient" in config.methods or config.removal.enabled):
+      # Each run's dropout keys follow its index in the call, and the first-order
+      # expansion gives a curriculum's own slots other keys than the reference's: a
+      # removal's retrained change and the metagradient's predictions would mix in
+      # key noise (a copy of the reference run already differs from it).
+      raise ValueError(
+          f"config.model.dropout={dropout}: the metagradient method and the removal "
+          "benchmark need runs that differ only in their weights, and dropout draws "
+          "other masks per run; leave out 'metagradient' and set "
+          "removal.enabled=False, or set config.model.dropout=0.")
   unknown = sorted(set(config.methods) - set(METHODS))
   if unknown or not config.methods:
     raise ValueError(f"config.methods={tuple(config.methods)!r}: unknown {unknown}; "

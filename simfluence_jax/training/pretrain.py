@@ -30,9 +30,20 @@ def pretrain_base(params: Any, loss_fn: step_lib.LossFn, arrays: Dict[str, Any],
 
   Returns:
     The pre-trained variables, same structure as `params`.
+
+  Raises:
+    ValueError: what `train_runs` refuses in its arrays (leading sizes that
+      differ, class ids or negative LM input ids the loss would misread), or a
+      batch_size < 1.
   """
   if num_steps <= 0:
     return params
+  from simfluence_jax.training import runs as runs_lib  # pylint: disable=g-import-not-at-top
+  runs_lib.check_arrays("pretrain_base", loss_fn, params, arrays, arrays)
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+      or batch_size < 1:
+    raise ValueError(f"pretrain_base: batch_size must be a positive integer, got "
+                     f"{batch_size!r}.")
   num_examples = jax.tree_util.tree_leaves(arrays)[0].shape[0]
   batch_size = min(batch_size, num_examples)
   batches_per_epoch = num_examples // batch_size

@@ -653,6 +653,11 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
     runs_manager = checkpoints.runs_manager(workdir)
     tracin_manager = checkpoints.tracin_manager(workdir)
     latest = runs_manager.latest_step()
+    if latest is not None and latest > stop:
+      # Resuming would return `latest` steps where `max_steps` asked for fewer.
+      raise ValueError(f"train_runs: max_steps={max_steps}, but {workdir!r} already "
+                       f"holds step {latest} of these runs; use another workdir, or "
+                       f"max_steps >= {latest}.")
     if latest is not None:
       params, opt_state, buffers = _restore(runs_manager, latest, params, opt_state,
                                             buffers, job, workdir)

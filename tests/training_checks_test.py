@@ -1,0 +1,63 @@
+"""What `train_runs` and `pretrain_base` refuse beyond their input arrays' shapes.
+
+* `train_runs(max_steps=k)` on a workdir already holding a later step: refused
+  (resuming returned every stored step, not k).
+* `pretrain_base` checks its arrays as `train_runs` does (a label -1 pre-trained as
+  class C-1, bit for bit), and a batch size < 1.
+"""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from simfluence_jax import models
+from simfluence_jax import training
+
+N, M, D, C = 10, 3, 4, 3
+
+
+def _setup():
+  rng = np.random.default_rng(0)
+  make = lambda n: {"inputs": rng.normal(size=(n, D)).astype(np.float32),
+                    "labels": rng.integers(0, C, n).astype(np.int32)}
+  train, test = make(N), make(M)
+  model = models.MLPClassifier(hidden_sizes=(4,), num_classes=C)
+  params0 = models.init_variables(model, train["inputs"])
+  ids = rng.integers(0, N, (2, 4, 3)).astype(np.int32)
+  return training.make_loss_fn(model, "classification"), params0, train, test, ids
+
+
+def test_max_steps_below_the_workdirs_step_is_refused(tmp_path):
+  loss_fn, params0, train, test, ids = _setup()
+  kwargs = dict(loss_fn=loss_fn, train_arrays=train, test_arrays=test,
+                config=ml_collections.ConfigDict(dict(optimizer="sgd",
+                                                      learning_rate=0.1)),
+                progress=False, workdir=str(tmp_path / "job"))
+  full = training.train_runs(params0, ids, **kwargs)
+  with pytest.raises(ValueError, match=(
+      r"^train_runs: max_steps=2, but .* already holds step 4 of these runs; use "
+      r"another workdir, or max_steps >= 4\.$")):
+    training.train_runs(params0, ids, max_steps=2, **kwargs)
+  # At or past the stored step it resumes to the same result.
+  again = training.train_runs(params0, ids, max_steps=4, **kwargs)
+  np.testing.assert_array_equal(again.trace.losses, full.trace.losses)
+
+
+def test_pretrain_base_checks_its_arrays_like_train_runs():
+  loss_fn, params0, train, _, _ = _setup()
+  bad = {**train, "labels": np.full(N, -1, np.int32)}
+  with pytest.raises(ValueError, match=(
+      r'^pretrain_base: train_arrays\["labels"\] must be in \[0, 3\)')):
+    training.pretrain_base(params0, loss_fn, bad, num_steps=2, batch_size=4)
+  short = {**train, "labels": train["labels"][:-1]}
+  with pytest.raises(ValueError, match=r"^pretrain_base: "):
+    training.pretrain_base(params0, loss_fn, short, num_steps=2, batch_size=4)
+  with pytest.raises(ValueError, match=(
+      r"^pretrain_base: batch_size must be a positive integer, got 0\.$")):
+    training.pretrain_base(params0, loss_fn, train, num_steps=2, batch_size=0)
+  # Valid arrays pre-train as before: finite, and params move.
+  params = training.pretrain_base(params0, loss_fn, train, num_steps=2, batch_size=4)
+  diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
+      jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params0))]
+  assert max(diffs) > 0 and all(np.isfinite(diffs))
