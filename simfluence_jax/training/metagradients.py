@@ -405,7 +405,9 @@ def _first_order_fn(loss_fn, structure, seed, chunk_sharding, replicated):
       def per_curriculum(params_dot_c, floats_dot_c, ids_c, coefficients_c):
         grads, hvp = jax.jvp(ref_grad, (params_t,), (params_dot_c,))
         batch_c, _ = step_lib.gather_batch(train, ids_c)
-        keys_c = (step_lib.slot_keys(rng_key, 0, t, ids_c.shape[0], num_ref_slots)
+        # The keys `train_runs` gives this curriculum trained as run 0 (slots from
+        # 0): a curriculum equal to the reference then predicts the reference.
+        keys_c = (step_lib.slot_keys(rng_key, 0, t, ids_c.shape[0])
                   if stochastic else None)
         own_grads = jax.grad(lambda q: jnp.sum(step_lib.example_losses(
             loss_fn, q, batch_c, keys_c) * coefficients_c))(params_t)
@@ -482,8 +484,10 @@ def first_order_losses(params0: Any, reference_batch_ids: Any, curricula: Any, *
     reference_batch_ids: int32[T, S] (-1 = padding).
     curricula: int32[R', T, B] (-1 = padding), or int32[T, B] for one.
     loss_fn: per-example loss (`step.make_loss_fn`); a stochastic one holds the
-      randomness fixed at the keys of a run with index 0 whose slots are the
-      reference's followed by the curriculum's.
+      randomness fixed at the keys `train_runs(seed=seed)` gives run 0: the
+      reference's slots and each curriculum's slots are keyed from slot 0, so a
+      curriculum equal to the reference predicts exactly the reference (with keys
+      S, S+1, ... for the curriculum's slots, as before 2026-12-06, it did not).
     config: optimizer config (`optim.make_optimizer`); SGD, momentum or Adam.
     train_arrays: dict of arrays, row i = train example i.
     test_arrays: dict of arrays of the M test examples.
