@@ -299,3 +299,33 @@ def test_fit_guards_a_trace_without_any_valid_id():
                    learning_rates=trace.learning_rates, num_train_examples=NUM_TRAIN)
   with pytest.raises(ValueError, match="trace: every step of every run is padding"):
     simulators.fit("linear", trace)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_load_refuses_a_posterior_that_lost_its_prior_centres(tmp_path, legacy):
+  """A saved fit with per-example prior centres that lost a centre file sampled its
+  bands around prior_a / 0 instead (posterior mean B 0.72 -> 0.42 in the review's
+  reproduction): refused. `legacy`: a save from before the list of optional arrays
+  was recorded falls back to the fit's own prior flags."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  trace = _trace(empty=())
+  prior_a = np.full((NUM_TRAIN, NUM_TEST), 0.6, np.float32)
+  prior_b = np.full((NUM_TRAIN, NUM_TEST), 0.3, np.float32)
+  sim = simulators.fit("linear", trace, l2=0.5, method="normal", prior_A=prior_a,
+                       prior_B=prior_b)
+  path = str(tmp_path / "sim")
+  sim.save(path)
+  # Intact: loads with the same centres and bands.
+  loaded = simulators.Simulator.load(path)
+  np.testing.assert_array_equal(loaded.posterior.prior_B, sim.posterior.prior_B)
+  if legacy:
+    meta_path = os.path.join(path, "simulator.json")
+    with open(meta_path) as f:
+      meta = json.load(f)
+    del meta["posterior"]["optional_arrays"]
+    with open(meta_path, "w") as f:
+      json.dump(meta, f)
+  os.remove(os.path.join(path, "posterior_prior_B.npy"))
+  with pytest.raises(FileNotFoundError, match=r"posterior_prior_B\.npy' is missing"):
+    simulators.Simulator.load(path)

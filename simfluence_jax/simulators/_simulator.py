@@ -393,7 +393,11 @@ class Simulator:
               "num_fitted_ids": (None if self.fitted_ids is None else
                                  len(self.fitted_ids)),
               "posterior": None if self.posterior is None else {
-                  "l2": self.posterior.l2, "method": self.posterior.method}}
+                  "l2": self.posterior.l2, "method": self.posterior.method,
+                  # The optional arrays it holds: `load` then refuses a copy that
+                  # lost one instead of sampling around the wrong centres.
+                  "optional_arrays": [field for field in _POSTERIOR_OPTIONAL if
+                                      getattr(self.posterior, field) is not None]}}
       with open(os.path.join(tmp, "simulator.json"), "w") as f:
         json.dump(meta, f, indent=2, default=_json_value)
 
@@ -441,7 +445,12 @@ class Simulator:
     posterior = None
     if meta.get("posterior"):
       fields = {field: load("posterior_" + field) for field in _POSTERIOR_ARRAYS}
-      fields.update({field: optional("posterior_" + field)
+      held = meta["posterior"].get("optional_arrays")
+      if held is None:  # saved before the list was recorded: the fit's own flags
+        fit_info = meta.get("fit_info") or {}
+        held = [field for field in _POSTERIOR_OPTIONAL if fit_info.get(field)]
+      fields.update({field: load("posterior_" + field) if field in held
+                     else optional("posterior_" + field)
                      for field in _POSTERIOR_OPTIONAL})
       posterior = Posterior(**fields, l2=float(meta["posterior"]["l2"]),
                             method=str(meta["posterior"]["method"]))
