@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from simfluence_jax import losses
 from simfluence_jax import models
 from simfluence_jax import training
 
@@ -96,3 +97,36 @@ def test_first_order_losses_of_the_reference_itself_with_dropout_are_the_referen
   grads = training.metagradients(params0, reference[None], **kwargs)
   np.testing.assert_allclose(predicted.losses[0, -1] - same.reference_losses[-1],
                              -grads[0, 1, 0], rtol=1e-3, atol=1e-5)
+
+
+def test_a_custom_loss_of_other_constants_does_not_resume_the_workdir(tmp_path):
+  """Two closures of one factory share a name; their computation differs (another
+  temperature): refused, naming loss_computation. The same closure resumes, and a
+  job file written before the field existed still resumes."""
+  import json  # pylint: disable=g-import-not-at-top
+  _, params0, train, test, ids = _setup()
+  model = models.MLPClassifier(hidden_sizes=(4,), num_classes=C)
+
+  def make_loss(temperature):
+    def loss(params, batch):
+      return losses.classification_loss(
+          model.apply(params, batch["inputs"]) / temperature, batch["labels"])
+    return loss
+
+  workdir = str(tmp_path / "job")
+  kwargs = dict(train_arrays=train, test_arrays=test, progress=False, workdir=workdir,
+                config=ml_collections.ConfigDict(dict(optimizer="sgd",
+                                                      learning_rate=0.1)))
+  training.train_runs(params0, ids, loss_fn=make_loss(1.0), max_steps=2, **kwargs)
+  with pytest.raises(ValueError, match=r"holds checkpoints of a different job.*"
+                                       r"loss_computation: '"):
+    training.train_runs(params0, ids, loss_fn=make_loss(5.0), **kwargs)
+  # An old job file and checkpoints without the field: resumed, as before.
+  job_path = tmp_path / "job" / training.runs.JOB_FILE
+  stored = json.loads(job_path.read_text())
+  del stored[training.runs.LOSS_COMPUTATION]
+  job_path.write_text(json.dumps(stored))
+  resumed = training.train_runs(params0, ids, loss_fn=make_loss(1.0), **kwargs)
+  fresh = training.train_runs(params0, ids, loss_fn=make_loss(1.0),
+                              **{**kwargs, "workdir": None})
+  np.testing.assert_allclose(resumed.trace.losses, fresh.trace.losses, rtol=1e-6)

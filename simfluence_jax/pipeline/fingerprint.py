@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import ml_collections
@@ -140,12 +139,8 @@ def computation_digest(fn: Any, *args: Any, return_shape: bool = False):
   With `return_shape`, `(digest, out)`: `out` the `jax.ShapeDtypeStruct` tree of
   `fn(*args)`, from the same trace (no second one).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  closed, out = jax.make_jaxpr(fn, return_shape=True)(*args)
-  # Callables in parameters (custom_jvp / custom_vjp rules) print as `<lambda>` or
-  # `<function f at 0x...>`: the address differs between processes.
-  text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed))
-  consts = [np.asarray(c) for c in closed.consts if hasattr(c, "shape")]
+  from simfluence_jax.training import fingerprint as training_fp  # pylint: disable=g-import-not-at-top
+  text, consts, out = training_fp.traced_computation(fn, *args)
   result = digest([text, array_digest(*consts) if consts else ""])
   return (result, out) if return_shape else result
 

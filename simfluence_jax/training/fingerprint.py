@@ -8,7 +8,8 @@ values, computed on the host, identical on every process.
 """
 
 import hashlib
-from typing import Any, Dict, List
+import re
+from typing import Any, Dict, List, Tuple
 
 import jax
 import numpy as np
@@ -30,6 +31,30 @@ def digest(tree: Any) -> str:
 def optimizer_fields(config: Any, num_steps: int) -> Dict[str, Any]:
   """The optimizer settings a run is trained with (`optim.optimizer_settings`)."""
   return optim.optimizer_settings(config, num_steps)
+
+
+def traced_computation(fn: Any, *args: Any) -> Tuple[str, List[np.ndarray], Any]:
+  """(jaxpr text, closed-over constant arrays, output shapes) of `fn(*args)`, traced
+  only: what a function computes, whatever its name or where its code lives.
+
+  `args` may be `jax.ShapeDtypeStruct`s. Addresses of callables in parameters
+  (custom_jvp / custom_vjp rules print as `<function f at 0x...>`) are dropped, so
+  the text is the same in every process. It can change with the JAX version.
+  """
+  closed, out = jax.make_jaxpr(fn, return_shape=True)(*args)
+  text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed))
+  return text, [np.asarray(c) for c in closed.consts if hasattr(c, "shape")], out
+
+
+def loss_computation(loss_fn: Any, params: Any, batch: Any) -> str:
+  """`digest` of what a loss computes on `params` and one example of `batch`
+  (`traced_computation`): two losses with one name (closures of one factory) but
+  other constants or operations differ."""
+  spec = lambda shape, x: jax.ShapeDtypeStruct(shape, np.result_type(x))
+  one = jax.tree_util.tree_map(lambda x: spec((1,) + np.shape(x)[1:], x), batch)
+  shapes = jax.tree_util.tree_map(lambda x: spec(np.shape(x), x), params)
+  text, consts, _ = traced_computation(loss_fn, shapes, one)
+  return digest([np.frombuffer(text.encode(), np.uint8)] + consts)
 
 
 def loss_description(loss_fn: Any) -> str:

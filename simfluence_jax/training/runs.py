@@ -644,6 +644,11 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
          "test_arrays": fingerprint_lib.digest(sharding_lib.to_host(test_arrays)),
          "batch_ids": fingerprint_lib.digest(batch_ids),
          "weights": fingerprint_lib.digest(weights)}
+  if workdir is not None and not getattr(loss_fn, "description", None):
+    # A loss not built by `make_loss_fn` is named by its __qualname__ only: two
+    # closures of one factory (another temperature) would resume each other's runs.
+    job[LOSS_COMPUTATION] = fingerprint_lib.loss_computation(
+        loss_fn, host_params0, sharding_lib.to_host(test_arrays))
 
   step = 0
   runs_manager = tracin_manager = None
@@ -780,8 +785,14 @@ def _restore(manager, step, params, opt_state, buffers, job, workdir):
   return state["params"], state["opt_state"], trace_buffers
 
 
+# The job-file field of a custom loss's computation (`fingerprint.loss_computation`).
+LOSS_COMPUTATION = "loss_computation"
+
+
 def _refuse_other_job(workdir: str, stored: dict, job: dict) -> None:
   """ValueError naming every field in which `stored` (the workdir's) differs."""
+  if LOSS_COMPUTATION not in stored:  # written before it was recorded
+    job = {k: v for k, v in job.items() if k != LOSS_COMPUTATION}
   changed = fingerprint_lib.differences(stored, job)
   if changed:
     raise ValueError(
