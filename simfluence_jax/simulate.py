@@ -49,10 +49,9 @@ def _full_path(path: str) -> str:
   return text if "://" in text else os.path.abspath(text)
 
 
-def _check_unfitted(sims: dict, batch_ids, curriculum_path: str) -> None:
-  """Raises ValueError naming the file if its ids are outside a simulator's
-  fitted runs (`counterfactual.unfitted_ids`)."""
-  found = counterfactual.unfitted_ids(sims, batch_ids)
+def _check_unfitted(sims: dict, found: dict, curriculum_path: str) -> None:
+  """Raises ValueError naming the file if `found` (`counterfactual.unfitted_ids` of
+  its curricula) lists ids outside a simulator's fitted runs."""
   if not found:
     return
   union = np.unique(np.concatenate(list(found.values())))
@@ -100,7 +99,7 @@ def run(workdir: str, curriculum_path: str, output_dir: Optional[str] = None,
   batch_ids = data.load_curriculum(curriculum_path, any_sim.num_train_examples)
   unfitted = counterfactual.unfitted_ids(sims, batch_ids)
   if not allow_unfitted_ids:
-    _check_unfitted(sims, batch_ids, curriculum_path)
+    _check_unfitted(sims, unfitted, curriculum_path)
   initial = counterfactual.base_initial_losses(workdir)
   num_test = any_sim.num_test_examples
   if targets is None:

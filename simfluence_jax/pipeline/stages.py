@@ -190,9 +190,11 @@ def _factory_digest(module, loss_fn, dataset: data.Dataset, seed: int,
     init_digest, params = fp.computation_digest(module.init, key, example["inputs"],
                                                 return_shape=True)
   else:
-    init_digest, params = None, jax.eval_shape(module.init, key, example["inputs"])
+    params = jax.eval_shape(module.init, key, example["inputs"])
   parts = [fp.computation_digest(loss_fn, params, example)]
-  return fp.digest(parts + ([init_digest] if with_init else []))
+  if with_init:
+    parts.append(init_digest)
+  return fp.digest(parts)
 
 
 def make_curricula(config) -> Curricula:

@@ -37,6 +37,8 @@ from simfluence_jax.training import step as step_lib
 RUNS_AXIS = sharding_lib.RUNS_AXIS
 # The resume fingerprint of a workdir (also in every checkpoint's meta/).
 JOB_FILE = "train_runs_job.json"
+# The job-file field of a custom loss's computation (`fingerprint.loss_computation`).
+LOSS_COMPUTATION = "loss_computation"
 
 _logger = logging.getLogger(__name__)
 
@@ -390,8 +392,7 @@ def _check_class_ids(who: str, loss_fn: step_lib.LossFn, params: Any,
     if key == "targets":
       _check_input_ids(who, arrays["inputs"], argument)
     return
-  index = tuple(int(i) for i in np.argwhere(bad)[0])
-  where = f"row {index[0]}" + (f" (index {list(index)})" if len(index) > 1 else "")
+  index, where = _first_bad(bad)
   masked = counts.ndim and not counts.all()
   if padding_bad[index]:
     raise ValueError(f'{who}: {argument}["{key}"] must be in [-{num_classes}, '
@@ -400,6 +401,13 @@ def _check_class_ids(who: str, loss_fn: step_lib.LossFn, params: Any,
   raise ValueError(f'{who}: {argument}["{key}"] must be in [0, {num_classes})'
                    + (" where the mask is > 0" if masked else "")
                    + f", got {ids[index]} at {where}.")
+
+
+def _first_bad(bad: np.ndarray) -> Tuple[Tuple[int, ...], str]:
+  """(index, "row r (index [r, c])") of the first True of `bad`, in C order."""
+  index = tuple(int(i) for i in np.argwhere(bad)[0])
+  return index, f"row {index[0]}" + (f" (index {list(index)})" if len(index) > 1
+                                     else "")
 
 
 def _check_input_ids(who: str, inputs: Any, argument: str) -> None:
@@ -415,8 +423,7 @@ def _check_input_ids(who: str, inputs: Any, argument: str) -> None:
   bad = ids < 0
   if not ids.size or not bad.any():
     return
-  index = tuple(int(i) for i in np.argwhere(bad)[0])
-  where = f"row {index[0]}" + (f" (index {list(index)})" if len(index) > 1 else "")
+  index, where = _first_bad(bad)
   raise ValueError(f'{who}: {argument}["inputs"] must be ≥ 0 (token ids; the '
                    f"embedding would wrap a negative one), got {ids[index]} at "
                    f"{where}.")
@@ -783,10 +790,6 @@ def _restore(manager, step, params, opt_state, buffers, job, workdir):
                      "use a fresh workdir.")
   state = restored["state"]
   return state["params"], state["opt_state"], trace_buffers
-
-
-# The job-file field of a custom loss's computation (`fingerprint.loss_computation`).
-LOSS_COMPUTATION = "loss_computation"
 
 
 def _refuse_other_job(workdir: str, stored: dict, job: dict) -> None:
