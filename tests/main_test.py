@@ -1,10 +1,12 @@
 """The main job end to end on the tiny config: outputs, reruns, refusals, CLI errors."""
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -152,6 +154,50 @@ def test_rerun_with_other_l2_recomputes_only_the_fits(tiny_run, tmp_path):
                                                               rel=1e-5)
   assert result["simfluence_linear"]["all_steps_mse"] != pytest.approx(
       first["simfluence_linear"]["all_steps_mse"])
+
+
+def test_recorded_runs_of_other_curricula_are_refused(tiny_run, tmp_path,
+                                                      monkeypatch):
+  # The curricula are drawn again from the seed on every job; a NumPy whose random
+  # stream changed would draw others, and every method would be scored on runs it
+  # did not predict. Stand-in: the fitted runs drawn in another order.
+  _, workdir, _ = tiny_run
+  copy = _copy(workdir, tmp_path)
+  draw = pipeline.stages.make_curricula
+  monkeypatch.setattr(pipeline.stages, "make_curricula", lambda config: (
+      dataclasses.replace(draw(config), fit=draw(config).fit[::-1].copy())))
+  with open(os.path.join(copy, "metrics.json")) as f:
+    before = f.read()
+  with pytest.raises(ValueError, match=r"^record_runs: the recorded runs' curricula "
+                     r"differ from the ones drawn from this config's seed \(run 0;"):
+    pipeline.run(_config(**_NO_EXTRA_STAGES), copy)
+  with open(os.path.join(copy, "metrics.json")) as f:
+    assert f.read() == before
+
+
+def test_a_resumed_run_times_one_whole_run(monkeypatch):
+  # A job killed after training 3 of 4 steps resumes and trains 1: that step's
+  # time is one run's quarter, and every method's cost is in units of one run.
+  clock, calls = None, []
+  monkeypatch.setattr(pipeline.stages.time, "perf_counter", lambda: next(clock))
+
+  def train_runs(params, batch_ids, **kwargs):
+    del params, kwargs
+    calls.append(batch_ids.shape)
+    return types.SimpleNamespace(resumed_step=case["resumed"])
+
+  monkeypatch.setattr(pipeline.stages.training, "train_runs", train_runs)
+  config = _config()
+  model = types.SimpleNamespace(params=None, loss_fn=None)
+  dataset = types.SimpleNamespace(train=None, test=None)
+  batch_ids = np.zeros((2, 4, 3), np.int32)
+  for case in ({"resumed": 0, "want": 3.0}, {"resumed": 3, "want": 12.0},
+               {"resumed": 4, "want": float("nan")}):
+    clock = iter([10.0, 16.0])
+    _, seconds = pipeline.stages._train(config, model, dataset, batch_ids, None,
+                                        False)
+    np.testing.assert_equal(seconds, case["want"])
+  assert calls == [(2, 4, 3)] * 3
 
 
 def test_overwrite_discards_and_retrains(tiny_run, tmp_path):

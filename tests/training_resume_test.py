@@ -127,6 +127,8 @@ def test_the_same_job_resumes_to_the_uninterrupted_numbers(partial_workdir):
   one_go = _train(**_job())
   resumed = _train(**_job(), workdir=partial_workdir)
   np.testing.assert_array_equal(resumed.trace.losses, one_go.trace.losses)
+  # What the main job scales a resumed stage's time by (steps trained = 4 − 2).
+  assert (one_go.resumed_step, resumed.resumed_step) == (0, 2)
 
 
 def test_a_diverged_run_is_kept_but_not_resumed_with_another_learning_rate(tmp_path):

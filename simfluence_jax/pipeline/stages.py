@@ -221,6 +221,13 @@ def make_curricula(config) -> Curricula:
 
 
 def _train(config, model: Model, dataset, batch_ids, workdir, record_grads):
+  """(TrainResult, seconds per run): the wall time of one whole run of T steps.
+
+  A call that resumed from step s of T trained T − s steps: its time is scaled by
+  T / (T − s) (an estimate, logged), and is NaN (unknown) when nothing was left to
+  train, so that a resumed job does not report every method's cost in units of a
+  fraction of a run.
+  """
   start = time.perf_counter()
   result = training.train_runs(
       model.params, batch_ids, loss_fn=model.loss_fn, config=config,
@@ -228,7 +235,17 @@ def _train(config, model: Model, dataset, batch_ids, workdir, record_grads):
       checkpoint_every=config.checkpoint_every, record_grads=record_grads,
       projection_dim=config.projection_dim, seed=config.seed,
       mesh=_runs_mesh(config))
-  return result, (time.perf_counter() - start) / len(batch_ids)
+  seconds = (time.perf_counter() - start) / len(batch_ids)
+  num_steps, resumed = batch_ids.shape[1], result.resumed_step
+  if resumed:
+    trained = num_steps - resumed
+    seconds = seconds * num_steps / trained if trained else float("nan")
+    _logger.warning(
+        "record_runs: resumed at step %d of %d; the time of one run (the unit of "
+        "every method's cost) is %s.", resumed, num_steps,
+        f"estimated from the last {trained} steps" if trained else
+        "unknown (nothing was left to train)")
+  return result, seconds
 
 
 def record_runs(wd: workdir_lib.Workdir, config, dataset, model: Model,
@@ -274,7 +291,20 @@ def record_runs(wd: workdir_lib.Workdir, config, dataset, model: Model,
   def load():
     timing = _io.read_json(wd.path("trace", "timing.json"), "record_runs")
     grad_path = wd.path("grad_trace")
-    return Runs(trace_lib.Trace.load(wd.path("trace")),
+    trace = trace_lib.Trace.load(wd.path("trace"))
+    # The curricula are drawn again from the seed on every job (NumPy's Generator
+    # stream is not promised across versions): a recorded trace of other
+    # curricula would have every method scored on runs it did not predict.
+    recorded = np.asarray(trace.batch_ids)
+    if recorded.shape != batch_ids.shape or not np.array_equal(recorded, batch_ids):
+      first = ("shape " + str(recorded.shape) + " != " + str(batch_ids.shape)
+               if recorded.shape != batch_ids.shape else
+               "run " + str(int(np.argwhere(recorded != batch_ids)[0][0])))
+      raise ValueError(
+          f"record_runs: the recorded runs' curricula differ from the ones drawn "
+          f"from this config's seed ({first}; another NumPy random stream?): "
+          f"rerun with --overwrite, or use the NumPy that recorded them.")
+    return Runs(trace,
                 trace_lib.Trace.load(grad_path) if grad_path.exists() else None,
                 timing["seconds_per_run"], timing["seconds_per_grad_run"])
 

@@ -57,6 +57,9 @@ class TrainResult:
     workdir: where the checkpoints live, or None (then they are kept in memory).
     checkpoint_params: when workdir is None, numpy leaves [K, R, ...] aligned with
       `checkpoint_steps`; None otherwise (use `tracin_checkpoints()`).
+    resumed_step: the step this call resumed from (the workdir's latest
+      checkpoint), 0 when it trained from the start: this call trained
+      T' − resumed_step steps.
   """
 
   trace: trace_lib.Trace
@@ -65,6 +68,7 @@ class TrainResult:
   checkpoint_steps: List[int]
   workdir: Optional[str] = None
   checkpoint_params: Any = None
+  resumed_step: int = 0
 
   def tracin_checkpoints(self) -> Tuple[List[int], Any]:
     """(steps, params with leaves [K, R, ...]), from memory or from the workdir."""
@@ -657,7 +661,7 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
     job[LOSS_COMPUTATION] = fingerprint_lib.loss_computation(
         loss_fn, host_params0, sharding_lib.to_host(test_arrays))
 
-  step = 0
+  step = resumed_step = 0
   runs_manager = tracin_manager = None
   memory_checkpoints = {}
   if workdir is not None:
@@ -673,7 +677,7 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
     if latest is not None:
       params, opt_state, buffers = _restore(runs_manager, latest, params, opt_state,
                                             buffers, job, workdir)
-      step = latest
+      step = resumed_step = latest
       _logger.info("train_runs: resumed %d runs from step %d/%d in %s.", num_runs,
                    step, num_steps, workdir)
     if 0 not in tracin_manager.all_steps():
@@ -771,7 +775,7 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
   return TrainResult(trace=trace, params=sharding_lib.to_host(params),
                      train_losses=buffers["train_losses"][:, :step].copy(),
                      checkpoint_steps=checkpoint_steps, workdir=workdir,
-                     checkpoint_params=checkpoint_params)
+                     checkpoint_params=checkpoint_params, resumed_step=resumed_step)
 
 
 def _restore(manager, step, params, opt_state, buffers, job, workdir):
