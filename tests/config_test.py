@@ -142,6 +142,47 @@ def test_counterfactual_methods_are_validated():
   pipeline.validate_config(config)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"counterfactual.num_searched": 0},
+     r"^config.counterfactual.num_searched=0: must be a positive integer"),
+    ({"counterfactual.num_targets": 0}, r"^config.counterfactual.num_targets=0"),
+    ({"counterfactual.num_iters": 0}, r"^config.counterfactual.num_iters=0"),
+    ({"counterfactual.num_proposals": -1}, r"^config.counterfactual.num_proposals=-1"),
+    ({"counterfactual.num_targets": 10 ** 6},
+     r"^config.counterfactual.num_targets=1000000: more than the "
+     r"config.num_test_examples="),
+    ({"counterfactual.methods": ("metagradient",), "subset_size": 30},
+     r"^config.subset_size=30: the counterfactual search on the metagradient needs "
+     r"whole batches"),
+    ({"record_grads": False}, r"^config.methods: tracin_per_step needs recorded "
+     r"gradients \(config.record_grads=False"),
+    ({"num_grad_runs": 0}, r"^config.methods: tracin_per_step needs recorded "
+     r"gradients \(config.record_grads=True, config.num_grad_runs=0\)"),
+])
+def test_settings_refused_before_anything_runs(overrides, message):
+  # Each was accepted and then failed after every run was trained (the search's
+  # sizes, the metagradient table's whole batches) or left its method out of every
+  # output (tracin_per_step without recorded gradients).
+  config = load("default", "tiny")
+  config.counterfactual.enabled = True
+  config.methods = tuple(dict.fromkeys(config.methods + ("tracin_per_step",
+                                                         "metagradient")))
+  pipeline.validate_config(config)
+  for name, value in overrides.items():
+    section = config
+    *parents, leaf = name.split(".")
+    for part in parents:
+      section = section[part]
+    section[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    pipeline.validate_config(config)
+  if "record_grads" in overrides or "num_grad_runs" in overrides:
+    config.methods = tuple(m for m in config.methods if m != "tracin_per_step")
+  else:
+    config.counterfactual.enabled = False
+  pipeline.validate_config(config)
+
+
 def test_compilation_cache_follows_jax_settings_in_the_environment(monkeypatch):
   min_time = "jax_persistent_cache_min_compile_time_secs"
   saved = {name: getattr(jax.config, name) for name in (

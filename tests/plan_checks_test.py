@@ -214,6 +214,22 @@ def test_run_count_candidates_never_add_runs():
       assert changed.plain_runs() <= job.plain_runs(), fix.label
 
 
+def test_every_fix_is_a_config_the_job_accepts():
+  """A proposed fix the job then refuses would send the user round in circles:
+  record_grads=False left tracin_per_step in the methods, which the job refuses."""
+  from simfluence_jax import pipeline  # pylint: disable=g-import-not-at-top
+  config = tiny_runs(8, 4, grad=4)
+  config.methods = tuple(dict.fromkeys(config.methods + ("tracin_per_step",)))
+  pipeline.validate_config(config)
+  job = fake_job(config, 4)
+  seen = set()
+  for stage in stages.STAGES:
+    for fix in stage.fixes(job):
+      seen.add(fix.label)
+      pipeline.validate_config(report.override(config, fix.overrides))
+  assert "record_grads=False (no per-step TracIn)" in seen, seen
+
+
 def suggest_with(monkeypatch, fixes, peak_of, hbm):
   """`report.suggest` with fake builds and compiles: `peak_of(config)` bytes."""
   monkeypatch.setattr(report.job_lib, "build",

@@ -123,7 +123,22 @@ def validate_config(config) -> None:
       "metagradient", "simfluence_linear"} <= set(config.methods):
     raise ValueError("config.methods: simfluence_hybrid averages metagradient and "
                      "simfluence_linear; list both.")
+  if "tracin_per_step" in config.methods and not (config.record_grads and
+                                                  config.num_grad_runs):
+    # It scores the projected gradients of the runs that record them: without any
+    # it would be left out of every output without a word.
+    raise ValueError(
+        f"config.methods: tracin_per_step needs recorded gradients "
+        f"(config.record_grads={config.record_grads}, config.num_grad_runs="
+        f"{config.num_grad_runs}); set record_grads=True and num_grad_runs >= 1, or "
+        "leave it out.")
   if config.counterfactual.enabled:
+    for name in ("num_searched", "num_targets", "num_iters", "num_proposals"):
+      _positive_int(config, "counterfactual." + name)
+    if config.counterfactual.num_targets > config.num_test_examples:
+      raise ValueError(f"config.counterfactual.num_targets="
+                       f"{config.counterfactual.num_targets}: more than the "
+                       f"config.num_test_examples={config.num_test_examples}.")
     _no_duplicates(config, "counterfactual.methods")
     # Searched: those of these that config.methods computes.
     searchable = set(METHODS) - {"curriculum_blind", "simfluence_hybrid"}
@@ -140,6 +155,17 @@ def validate_config(config) -> None:
                        "counterfactual search on the metagradient needs the "
                        "full-batch reference (0), whose table holds every example "
                        "at every step.")
+    if ("metagradient" in config.counterfactual.methods and
+        "metagradient" in config.methods and
+        config.subset_size % config.batch_size):
+      # The table simulator predicts full batches only (its additive step effects
+      # are per example of a batch of B); a partial last batch of an epoch is
+      # refused there, after every run is trained.
+      raise ValueError(
+          f"config.subset_size={config.subset_size}: the counterfactual search on "
+          f"the metagradient needs whole batches, a multiple of config.batch_size="
+          f"{config.batch_size} (or leave metagradient out of "
+          "config.counterfactual.methods).")
   if config.removal.enabled:
     _removal_fractions(config)
   if config.num_held_out_runs > config.num_runs:

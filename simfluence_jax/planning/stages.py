@@ -638,8 +638,10 @@ def _grad_run_fixes(job: job_lib.Job) -> List[Fix]:
   fixes = [Fix(f"num_grad_runs={slots * k} ({k} per slot)",
                {"num_grad_runs": slots * k}, setting=k)
            for k in dict.fromkeys(t for t in targets if slots * t < grad)]
+  # Without recorded gradients the job refuses tracin_per_step (validate_config).
+  methods = tuple(m for m in job.config.methods if m != "tracin_per_step")
   return fixes + [Fix("record_grads=False (no per-step TracIn)",
-                      {"record_grads": False})]
+                      {"record_grads": False, "methods": methods})]
 
 
 def _chunk_fixes(job: job_lib.Job) -> List[Fix]:
