@@ -47,10 +47,15 @@ def make_mesh(runs: Optional[int] = None, data: Optional[int] = 1,
     model: size of the `model` axis (parameter sharding, `param_spec`).
 
   Raises:
-    ValueError: the sizes do not multiply to the number of devices.
+    ValueError: the sizes do not multiply to the number of devices, or a device
+      is listed twice.
   """
   devices = list(jax.devices() if devices is None else devices)
   count = len(devices)
+  if len(set(devices)) != count:
+    twice = next(d for d in devices if devices.count(d) > 1)
+    raise ValueError(f"make_mesh: device {twice} is listed more than once; a mesh "
+                     "holds each device once.")
   if runs is None and data is None:
     raise ValueError("make_mesh: give at least one of runs and data.")
   if not isinstance(model, int) or isinstance(model, bool) or model < 1:

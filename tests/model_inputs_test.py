@@ -8,7 +8,7 @@ built none, a str `hidden_sizes` was read per character), a dropout outside [0, 
 label / target / mask shapes that would broadcast into a wrong loss; pytree leaves
 with another example count (regrouped into the first leaf's rows); a projection
 block size < 1 or a bool dimension; negative LM input token ids (the embedding
-wraps -1 to row V − 1).
+wraps -1 to row V − 1); a mesh listing a device twice.
 """
 
 import math
@@ -24,6 +24,7 @@ from simfluence_jax import config_lib
 from simfluence_jax import kernels
 from simfluence_jax import losses
 from simfluence_jax import models
+from simfluence_jax import sharding
 from simfluence_jax import training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -337,3 +338,14 @@ def test_the_main_job_refuses_bad_model_fields_before_any_stage(tmp_path, field,
   with pytest.raises(ValueError, match=message):
     pipeline.run(config, str(tmp_path / "job"))
   assert not (tmp_path / "job").exists()  # refused before anything was written
+
+
+def test_a_mesh_listing_a_device_twice_is_refused():
+  # JAX accepted the mesh and failed later, placing an array, with "safe_zip()
+  # argument 1 has length 2 but argument 0 has length 1".
+  device = jax.devices()[0]
+  with pytest.raises(ValueError, match=r"^make_mesh: device .* is listed more than "
+                     "once"):
+    sharding.make_mesh(runs=2, data=1, devices=[device, device])
+  mesh = sharding.make_mesh(runs=1, data=1, devices=[device])
+  assert mesh.devices.shape == (1, 1, 1)
