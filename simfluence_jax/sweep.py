@@ -12,7 +12,12 @@ across-run std of final losses; the digest of the cell's metrics.json when the s
 wrote sweep.json, which `tables --sweep` compares with the cell's metrics.json now:
 a cell rerun alone since is refused), and `WORKDIR/sweep.png`: heat maps (2 swept
 fields), lines (1) or bars (more) of every method's spearman_across_runs and
-all_steps_mse ratio to curriculum_blind.
+all_steps_mse ratio to curriculum_blind (with `config.num_seeds` > 1, the ratio of
+the cell's mean MSEs over seeds), for the methods of any cell.
+
+Values are typed like the field: an empty value (`model.checkpoint:,/ckpt`) is the
+empty string of a string field and refused for any other; two values that parse
+equal (`learning_rate:1e-3,0.001`) are refused (they would be one cell run twice).
 
 A swept field is set in each cell's copy of the config and must read back as given:
 a field that is a reference to another (`config.data.seed` is `config.seed`) is
@@ -88,10 +93,14 @@ def _tied_to(config, field: str):
 
 def _convert(field: str, text: str, default: Any, kind: type = None):
   """`text` as the type of the config field's current value (of `kind`, a
-  placeholder's declared type, where that value is None)."""
+  placeholder's declared type, where that value is None); "" is a string field's
+  empty string, refused for any other type."""
   kind = type(default) if default is not None or kind is None else kind
   if kind in (type(None), object):
     kind = float
+  if not text and not issubclass(kind, str):
+    raise ValueError(f"--sweep={field}:...: an empty value is not a "
+                     f"{kind.__name__}.")
   try:
     if issubclass(kind, bool):
       if text.lower() not in ("true", "false", "1", "0"):
@@ -113,8 +122,9 @@ def parse_sweeps(specs: Sequence[str], config) -> list[tuple[str, list]]:
   is an int).
 
   Raises:
-    ValueError: a malformed spec, an unknown field, a value of the wrong type, a
-      field that is a reference to another (sweep that one).
+    ValueError: a malformed spec, an unknown field, a value of the wrong type (an
+      empty one for a field that is not a string), two values that parse equal
+      (one cell twice), a field that is a reference to another (sweep that one).
   """
   if not specs:
     raise ValueError("--sweep: give at least one FIELD:V1,V2,...")
@@ -132,8 +142,14 @@ def parse_sweeps(specs: Sequence[str], config) -> list[tuple[str, list]]:
                        f"sweep {owner} instead.")
     reference = _reference(config, field)
     kind = reference.get_type() if reference is not None else None
-    grid.append((field, [_convert(field, v.strip(), default, kind)
-                         for v in values.split(",") if v.strip()]))
+    texts = [v.strip() for v in values.split(",")]
+    parsed = [_convert(field, text, default, kind) for text in texts]
+    for j, value in enumerate(parsed):
+      for i in range(j):
+        if _reads_back(parsed[i], value) or str(parsed[i]) == str(value):
+          raise ValueError(f"--sweep={field}:...: {texts[i]!r} and {texts[j]!r} are "
+                           f"the same value ({value!r}): each value is one cell.")
+    grid.append((field, parsed))
   fields = [f for f, _ in grid]
   if len(set(fields)) != len(fields):
     raise ValueError(f"--sweep: a field is given twice ({fields}).")
@@ -235,13 +251,22 @@ def run(config, workdir: str, specs: Sequence[str], overwrite: bool = False,
   return results
 
 
+def plotted_methods(results: list) -> list:
+  """The methods of `plot`'s panels: those of every cell holding a `PLOTTED` metric,
+  in order of first appearance (a cell lacking one is NaN in its panels)."""
+  methods = []
+  for result in results:
+    methods += [m for m, values in result["metrics"].items() if m not in methods
+                and any(k in values for k in PLOTTED)]
+  return methods
+
+
 def plot(path: str, grid: list, results: list) -> None:
   """Heat maps (two swept fields), lines (one) or bars (more), per method and metric."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  methods = [m for m in results[0]["metrics"]
-             if any(k in results[0]["metrics"][m] for k in PLOTTED)]
+  methods = plotted_methods(results)
   fig, axes = plt.subplots(len(PLOTTED), len(methods),
                            figsize=(2.8 * len(methods), 2.6 * len(PLOTTED)),
                            squeeze=False)

@@ -161,12 +161,21 @@ def removal_lds(predicted_change, actual_change) -> float:
   Returns:
     The mean over test examples (constant ones skipped); NaN if a prediction is
     non-finite or S < `MIN_RUNS_FOR_RHO`.
+
+  Raises:
+    ValueError: shapes that differ or are not [S, M], or a non-finite
+      `actual_change` (a diverged retrain: ranking its NaN would score it as the
+      largest change), as the held-out metrics refuse a non-finite actual.
   """
   predicted_change = np.asarray(predicted_change, np.float64)
   actual_change = np.asarray(actual_change, np.float64)
   if predicted_change.shape != actual_change.shape or predicted_change.ndim != 2:
     raise ValueError(f"predicted_change: expected shape {actual_change.shape} "
                      f"[S, M], got {predicted_change.shape}.")
+  if not _finite(actual_change):
+    bad = _checks.first_nonfinite(actual_change)
+    raise ValueError(f"actual_change: contains NaN or inf (first at removal {bad[0]}, "
+                     f"test example {bad[1]}: a diverged retrain).")
   if not _finite(predicted_change) or predicted_change.shape[0] < MIN_RUNS_FOR_RHO:
     return float("nan")
   return _nanmean(_rowwise_spearman(predicted_change.T, actual_change.T))

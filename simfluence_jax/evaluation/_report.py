@@ -5,7 +5,9 @@ dict that goes to metrics.json), so a report can be regenerated from a workdir:
 
 * per method (held-out runs): every metric of `METRICS`, each MSE also as a ratio to
   `curriculum_blind`, `min_loss` (a simulated loss below 0 is impossible and
-  flagged) and `undefined` (metric -> why it is NaN);
+  flagged) and `undefined` (metric -> why it is NaN); in a mean over seeds
+  (`pipeline.experiment`) a ratio is that of the mean MSEs, `min_loss` the lowest
+  over seeds and `undefined` each seed's reasons, named by its `seed_<k>/`;
 * `unseen_examples`, `removal_lds`, `cost`, `learning_curve`, `counterfactual`,
   `stages` (seconds, reused) and, for a mean over seeds, `std` and `seeds`.
 """
@@ -175,10 +177,13 @@ def _counterfactual_plot(plot_dir, result):
   for i, (method, values) in enumerate(result["searched"].items()):
     ax_curve.plot(steps, values["mean_curve"], color=f"C{i}",
                   label=f"searched on {method}")
-    ax_scatter.scatter(rand["simulated_final"][method], rand["actual_final"],
-                       color=f"C{i}", marker=".", alpha=0.4)
-    ax_scatter.scatter(values["simulated_final"], values["actual_final"],
-                       color=f"C{i}", marker="*", s=80, label=method)
+    # None: a NaN in metrics.json (a diverging simulator's finals): not drawn.
+    ax_scatter.scatter(_floats(rand["simulated_final"][method]),
+                       _floats(rand["actual_final"]), color=f"C{i}", marker=".",
+                       alpha=0.4)
+    ax_scatter.scatter(_floats(values["simulated_final"]),
+                       _floats(values["actual_final"]), color=f"C{i}", marker="*",
+                       s=80, label=method)
   ax_scatter.axhline(rand["median_actual"], color="0.4", ls="--", lw=0.8,
                      label="median random (actual)")
   ax_curve.set_xlabel("step")
@@ -192,6 +197,23 @@ def _counterfactual_plot(plot_dir, result):
   path = plot_dir / "counterfactual.png"
   _io.save_figure(fig, path)
   return path
+
+
+def _finite_number(value) -> bool:
+  """A real number that is neither NaN nor inf (None: JSON's NaN, is not)."""
+  return (isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+          and bool(np.isfinite(value)))
+
+
+def _number(value, fmt: str) -> str:
+  """`value` formatted, or "–" for None/NaN/inf (a NaN a payload holds on purpose,
+  e.g. a diverging simulator's simulated finals; None once in metrics.json)."""
+  return format(value, fmt) if _finite_number(value) else "–"
+
+
+def _floats(values) -> np.ndarray:
+  """float64 array of a list from metrics.json (None, JSON's NaN, back to NaN)."""
+  return np.asarray([np.nan if v is None else v for v in values], np.float64)
 
 
 def _cell(value, std=None, fmt=".4g"):
@@ -223,11 +245,12 @@ def _methods_table(entries: dict, std: dict, ratios: bool = True,
 
 
 def growth_text(regime: dict) -> str:
-  """The removal reference run's derivative growth: per seed when there are several."""
+  """The removal reference run's derivative growth: per seed when there are several;
+  "–" for one that is NaN (`training.derivative_growth`: too few steps) or None."""
   by_seed = regime.get("removal_derivative_growth_by_seed")
   if by_seed:
-    return " / ".join(f"{g:.2f}" for g in by_seed) + " (seeds)"
-  return f"{regime['removal_derivative_growth']:.2f}"
+    return " / ".join(_number(g, ".2f") for g in by_seed) + " (seeds)"
+  return _number(regime.get("removal_derivative_growth"), ".2f")
 
 
 def _warnings(payload: dict) -> list:
@@ -261,24 +284,28 @@ def _counterfactual_lines(result):
            f"{result['num_searched_per_method']} curricula of the same size as the "
            f"random ones, which were then really trained; the baseline is the "
            f"{result['num_random']} random held-out curricula (median actual final "
-           f"target loss {rand['median_actual']:.4f}). Improvement = median random − "
+           f"target loss {_number(rand['median_actual'], '.4f')}). Improvement = "
+           "median random − "
            "mean searched final target loss (positive = better than random).", "",
            "| searched on | actual final | actual improvement | simulated improvement |"
            " beats median random |", "|---|---|---|---|---|"]
   for method, values in result["searched"].items():
     lines.append(
-        f"| {method} | {np.mean(values['actual_final']):.4f} | "
-        f"{values['actual_improvement']:+.4f} | {values['simulated_improvement']:+.4f} "
-        f"| {values['fraction_beating_median']:.0%} |")
+        f"| {method} | {_number(np.mean(_floats(values['actual_final'])), '.4f')} | "
+        f"{_number(values['actual_improvement'], '+.4f')} | "
+        f"{_number(values['simulated_improvement'], '+.4f')} "
+        f"| {_number(values['fraction_beating_median'], '.0%')} |")
   return lines + [""]
 
 
 def counterfactual_summary_table(summary: dict, std: dict) -> list:
   """Markdown rows of a `counterfactual_summary` (± its std over seeds, if any)."""
   def cell(method, key, fmt):
-    value, spread = summary[method][key], std.get(method, {}).get(key)
-    text = format(value, fmt)
-    return text + (f" ± {spread:{fmt.lstrip('+')}}" if spread else "")
+    value, spread = summary[method].get(key), std.get(method, {}).get(key)
+    text = _number(value, fmt)
+    if text != "–" and _finite_number(spread) and spread:
+      text += f" ± {spread:{fmt.lstrip('+')}}"
+    return text
 
   lines = ["| searched on | actual final target loss | actual improvement | "
            "simulated improvement | beats median random |", "|---|---|---|---|---|"]
@@ -331,7 +358,10 @@ def report_lines(payload: dict, plots=()) -> list:
                  if "removal_derivative_growth" in r else ""), ""]
   lines += ["## Held-out runs", ""]
   lines += _methods_table(methods, std, cost=payload.get("cost"))
-  lines += ["", "MSEs: lower is better, (×) = ratio to curriculum_blind, the mean "
+  lines += ["", "MSEs: lower is better, (×) = ratio to curriculum_blind"
+            + (" (the ratio of the mean MSEs over seeds; its std over seeds is "
+               "`std`'s `<mse>_ratio` in metrics.json)" if seeds else "")
+            + ", the mean "
             "trajectory of the fitted runs, which knows nothing of the curriculum. "
             "Spearman: higher is better; `spearman` ranks test examples (mostly *which "
             "example*: blind scores high), `spearman_across_runs` ranks curricula (the "
@@ -370,7 +400,8 @@ def report_lines(payload: dict, plots=()) -> list:
     summary = payload["counterfactual_summary"]
     lines += ["## Counterfactual curricula (searched on each simulator, then retrained)",
               "", f"Median random curriculum's actual final target loss "
-              f"{summary['median_random']:.3f}; per seed in `seed_<k>/report.md`.", ""]
+              f"{_number(summary.get('median_random'), '.3f')}; per seed in "
+              "`seed_<k>/report.md`.", ""]
     lines += counterfactual_summary_table(
         summary, std.get("counterfactual_summary", {})) + [""]
   stages = payload.get("stages", {})

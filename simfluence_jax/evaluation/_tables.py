@@ -47,7 +47,8 @@ def _fmt(mean, std=np.nan, digits=3):
 
 
 def methods_table(payload: dict, section: str = None) -> list:
-  """Rows of every method: the four metrics (± std), MSEs also as ratio to blind."""
+  """Rows of every method: the four metrics (± std), MSEs also as ratio to blind
+  (in a mean over seeds the ratio of the mean MSEs: `ratio_legend`)."""
   entries = payload if section is None else payload.get(section, {})
   std = payload.get("std", {}) if section is None else payload.get("std", {}).get(
       section, {})
@@ -65,6 +66,14 @@ def methods_table(payload: dict, section: str = None) -> list:
     cells.append(_fmt(_get(payload, "cost", method, "run_equivalents"), digits=1))
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
   return lines
+
+
+def ratio_legend(payload: dict) -> str:
+  """What the (×) after an MSE in `methods_table` is, for this payload."""
+  return ("(×): the MSE as a multiple of curriculum_blind's"
+          + ("; over seeds, the ratio of the mean MSEs (metrics.json's `std` holds "
+             "the std over seeds of the per-seed ratios)." if payload.get("seeds")
+             else "."))
 
 
 def removal_table(payload: dict) -> list:
@@ -255,9 +264,10 @@ def sweep_table(sweep_dir: str, warn: Callable[[str], None] = _warn) -> list:
   (`check_cells`)."""
   cells = json.loads(_io.read_text(os.path.join(sweep_dir, "sweep.json")))
   check_cells(sweep_dir, cells, warn)
-  # Alphabetical, as in the held-out tables (a multi-seed cell's mean payload keeps
-  # its metrics file's sorted keys, a one-seed cell the order it computed them in).
-  methods = sorted(m for m in cells[0]["metrics"] if m != "curriculum_blind")
+  # Every cell's methods (a cell may lack one: –), alphabetical, as in the held-out
+  # tables (a multi-seed cell's mean payload keeps its metrics file's sorted keys, a
+  # one-seed cell the order it computed them in).
+  methods = sorted({m for c in cells for m in c["metrics"]} - {"curriculum_blind"})
   # With the removal benchmark and metagradients in the cells: their stability.
   growth = any("removal_derivative_growth" in (c.get("regime") or {}) for c in cells)
   regime_columns = ["loss drop", "across-run std"] + (["derivative growth"] * growth)
@@ -273,6 +283,9 @@ def sweep_table(sweep_dir: str, warn: Callable[[str], None] = _warn) -> list:
       values.append(_report.growth_text(regime)
                     if "removal_derivative_growth" in regime else "–")
     for method in methods:
+      if method not in cell["metrics"]:
+        values.append("–")
+        continue
       rho = _get(cell["metrics"], method, "spearman_across_runs")
       ratio = _get(cell["metrics"], method, "all_steps_mse_ratio")
       spread = ""
@@ -285,8 +298,10 @@ def sweep_table(sweep_dir: str, warn: Callable[[str], None] = _warn) -> list:
                   + (" (mean ± std over seeds "
                      + " / ".join(str(list(s)) for s in sorted(seeds)) + ")"
                      if seeds else " (one seed)")
-                  + " / all_steps_mse as a multiple "
-                  "of curriculum_blind's. Loss drop: of the mean test loss over a run; "
+                  + " / all_steps_mse as a multiple of curriculum_blind's"
+                  + (" (over seeds, the ratio of the mean MSEs)" if seeds else "")
+                  + "; – where a cell has no such method. Loss drop: of the mean "
+                  "test loss over a run; "
                   "across-run std: of the final test losses (the curriculum's effect)."
                   + (" Derivative growth: of the removal benchmark's reference run, "
                      "per seed where a cell ran several "
@@ -312,6 +327,7 @@ def render(payload: dict, which: str, source: str) -> str:
   if payload.get("unseen_examples"):
     lines += ["", "Runs containing train examples no fitted run contained:", ""]
     lines += methods_table(payload, "unseen_examples")
+  lines += ["", ratio_legend(payload)]
   removal = removal_table(payload)
   if removal:
     lines += ["", "MAGIC's removal benchmark (around fitted run 0):", ""] + removal

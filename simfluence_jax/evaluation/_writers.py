@@ -170,17 +170,35 @@ def write_training_metrics(logdir: str, trace, train_losses: Optional[np.ndarray
     logdir: the TensorBoard directory.
     trace: the recorded `Trace` (losses float[R, T+1, M]).
     train_losses: optional float[R, T'] (T' ≤ T), `TrainResult.train_losses`.
-    run_names: R names of the run subdirectories (default run_000, run_001, ...).
+    run_names: R distinct names of the run subdirectories (default run_000,
+      run_001, ...).
 
   Returns:
     The number of scalar values written to event files (0 on processes other than 0,
     and without the `report` extra).
+
+  Raises:
+    ValueError: `train_losses` not [R, T'] with T' ≤ T (more steps than the trace
+      would be dropped), or `run_names` not R distinct names (two runs would write
+      into one folder).
   """
   test_loss = np.asarray(trace.losses, np.float64).mean(axis=2)  # [R, T+1]
-  num_runs = test_loss.shape[0]
+  num_runs, num_steps = test_loss.shape[0], test_loss.shape[1] - 1
   train = None if train_losses is None else np.asarray(train_losses, np.float64)
-  if train is not None and train.shape[0] != num_runs:
-    raise ValueError(f"train_losses: expected {num_runs} runs, got shape {train.shape}.")
+  if train is not None and (train.ndim != 2 or train.shape[0] != num_runs
+                            or train.shape[1] > num_steps):
+    raise ValueError(f"train_losses: expected float[{num_runs}, T'] with T' ≤ "
+                     f"{num_steps} (the trace's runs and steps), got shape "
+                     f"{train.shape}.")
+  if run_names is not None:
+    run_names = list(run_names)
+    if len(run_names) != num_runs:
+      raise ValueError(f"run_names: expected {num_runs} names (one per run of the "
+                       f"trace), got {len(run_names)}.")
+    repeated = sorted({str(n) for n in run_names if run_names.count(n) > 1})
+    if repeated:
+      raise ValueError(f"run_names: {repeated} given more than once (two runs would "
+                       "write into one folder).")
   names = run_names or [f"run_{r:03d}" for r in range(num_runs)]
   backend = _backend()
   if backend is None:

@@ -3,7 +3,9 @@
 `run(config, workdir)` is what `python -m simfluence_jax.main` calls. With
 `config.num_seeds = K > 1` it runs the experiment for seeds seed..seed+K−1 in
 `workdir/seed_<k>/` (full outputs each) and writes into `workdir` the mean over
-seeds of every metric, `metrics.json["std"]` and a report of mean ± std, with the
+seeds of every metric (per method, the ratio of the mean MSEs to curriculum_blind's,
+the lowest `min_loss` and each seed's `undefined` reasons: `_mean_and_std`),
+`metrics.json["std"]` and a report of mean ± std, with the
 digest of each seed's metrics.json it was taken from
 (`metrics.json["seed_metrics_digests"]`: `tables` refuses the mean once a seed is
 rerun alone).
@@ -289,23 +291,120 @@ def _seed_config(config, seed: int):
   return seed_config
 
 
-def _mean_and_std(payloads: list) -> tuple[dict, dict]:
-  """Mean and std over seeds of every number at the same place in the payloads."""
+# Where the mean over seeds is not the mean of the seeds' numbers (`_mean_and_std`).
+_MISSING = object()
+
+
+def _mean_and_std(payloads: list, labels: Optional[list] = None
+                  ) -> tuple[dict, dict]:
+  """Mean and std over seeds of every number at the same place in the payloads.
+
+  A number that is None, missing or NaN in some seed is NaN in the mean. Per method
+  (held-out and unseen-example runs), unlike the plain mean:
+  * `<mse>_ratio` (to curriculum_blind) is the ratio of the mean MSEs, the mean of
+    the method's `<mse>` over that of curriculum_blind's (NaN where that is not
+    above 0, as for one seed), so it matches the mean MSEs beside it; its std is
+    that of the per-seed ratios. (A payload holding a ratio without both MSEs,
+    which the pipeline never writes, keeps the mean of the per-seed ratios.)
+  * `min_loss` is the lowest over seeds (NaN only where every seed's is): a seed
+    simulating a loss below 0 stays flagged.
+  * `undefined` holds every seed's reasons, `{metric: "seed_0/: why; seed_1/:
+    why"}` (seeds giving one reason share it), and names a seed lacking a number
+    the others have.
+
+  Args:
+    payloads: each seed's metrics payload (`run_seed`).
+    labels: how `undefined` names each seed (default `seed_<k>/`, its folder).
+
+  Raises:
+    ValueError: the seeds' methods differ (they are not the same experiment).
+  """
+  from simfluence_jax.evaluation import _report  # pylint: disable=g-import-not-at-top
+  labels = labels or [f"seed_{k}/" for k in range(len(payloads))]
+  skip = ("summary", "stages", "counterfactual", "learning_curve", "timings")
+  payloads = [{k: v for k, v in p.items() if k not in skip} for p in payloads]
+
+  def number(value) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(
+        value, (bool, np.bool_))
+
   def walk(values):
-    first = values[0]
-    if isinstance(first, dict):
-      keys = [k for k in first if all(isinstance(v, dict) and k in v for v in values)]
-      pairs = {k: walk([v[k] for v in values]) for k in keys}
+    """values: one per seed (`_MISSING` where a seed has none) -> (mean, std)."""
+    present = [v for v in values if v is not _MISSING]
+    if any(isinstance(v, dict) for v in present):
+      keys = []
+      for v in present:
+        if isinstance(v, dict):
+          keys += [k for k in v if k not in keys]
+      pairs = {k: walk([v.get(k, _MISSING) if isinstance(v, dict) else _MISSING
+                        for v in values]) for k in keys}
       pairs = {k: p for k, p in pairs.items() if p is not None}
       return ({k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()})
-    if isinstance(first, (int, float)) and not isinstance(first, bool):
-      array = np.asarray([np.nan if v is None else v for v in values], np.float64)
+    if present and all(number(v) or v is None for v in present):
+      array = np.asarray([v if number(v) else np.nan for v in values], np.float64)
       # ddof 0: the spread of these K seeds (the README and report say so).
       return float(np.mean(array)), float(np.std(array))
-    return None
-  skip = ("summary", "stages", "counterfactual", "learning_curve", "timings")
-  mean, std = walk([{k: v for k, v in p.items() if k not in skip} for p in payloads])
+    return None  # strings, bools, lists: per seed only
+
+  def section(payload, key):
+    """The dict of method entries at `key` (None: the payload's own)."""
+    part = payload if key is None else payload.get(key)
+    return part if isinstance(part, dict) else {}
+
+  # The method entries: the held-out runs' (the payload's own) and unseen examples'.
+  keys = [None] + (["unseen_examples"] * any(
+      isinstance(p.get("unseen_examples"), dict) for p in payloads))
+  for key in keys:
+    method_sets = [_report.methods_of(section(p, key)) for p in payloads]
+    for label, methods in zip(labels, method_sets):
+      if set(methods) != set(method_sets[0]):
+        raise ValueError(
+            f"payloads: {'' if key is None else key + ' of '}{labels[0]} has "
+            f"methods {sorted(method_sets[0])}, of {label} {sorted(methods)}: the "
+            "seeds' methods differ.")
+  mean, std = walk(payloads)
+  for key in keys:
+    blind = section(mean, key).get("curriculum_blind")
+    for method in _report.methods_of(section(payloads[0], key)):
+      values, spread = section(mean, key)[method], section(std, key)[method]
+      seeds = [section(p, key)[method] for p in payloads]
+      values.pop("undefined", None)  # strings: collected from the seeds below
+      spread.pop("undefined", None)
+      if "min_loss" in values:
+        lowest = np.asarray([v["min_loss"] if number(v.get("min_loss")) else np.nan
+                             for v in seeds], np.float64)
+        values["min_loss"] = (float(np.nanmin(lowest)) if np.any(np.isfinite(lowest))
+                              else float("nan"))
+      for name in [k[:-len("_ratio")] for k in values if k.endswith("_ratio")]:
+        if isinstance(blind, dict) and name in values and name in blind:
+          values[name + "_ratio"] = (float(values[name] / blind[name])
+                                     if blind[name] > 0 else float("nan"))
+      undefined = _seed_reasons(seeds, labels, values, number)
+      if undefined:
+        values["undefined"] = undefined
   return mean, std
+
+
+def _seed_reasons(seeds: list, labels: list, mean: dict, number) -> dict:
+  """`undefined` of a method's mean over seeds: metric -> each seed's reason."""
+  reasons = {}  # metric -> {reason: [labels]}
+  for label, entry in zip(labels, seeds):
+    given = entry.get("undefined") or {}
+    for metric, reason in given.items():
+      reasons.setdefault(metric, {}).setdefault(str(reason), []).append(label)
+    for metric in mean:
+      if metric in given or metric == "undefined":
+        continue
+      if metric not in entry:
+        why = "missing from its results"
+      elif entry[metric] is None:
+        why = "no value (None)"
+      else:
+        continue
+      reasons.setdefault(metric, {}).setdefault(why, []).append(label)
+  return {metric: "; ".join(f"{', '.join(names)}: {reason}"
+                            for reason, names in by_reason.items())
+          for metric, by_reason in reasons.items()}
 
 
 def run(config, workdir: str, overwrite: bool = False) -> dict:
