@@ -31,7 +31,7 @@ from simfluence_jax import config_lib
 
 
 def get_config(arg=None):
-  del arg
+  config_lib.parse_arg(arg)  # No variants: any argument (`:tiny`) is refused.
   config = config_lib.base_config()
   config.methods = ("curriculum_blind", "tracin_cp", "ekfac_if")
 

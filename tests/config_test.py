@@ -1,5 +1,6 @@
 """Configs load, variants shrink them, bad values are named."""
 
+import dataclasses
 import pathlib
 
 import jax
@@ -232,3 +233,91 @@ def test_tiny_compiles_with_most_optimizations_off_only_while_it_runs(monkeypatc
   with pytest.raises(ZeroDivisionError):
     pipeline.run(tiny, "/nonexistent")
   assert not expensive_passes_off()  # and after one that failed
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.py")))
+def test_every_config_refuses_an_unknown_argument(name):
+  # scale_8b.py threw its argument away: `:tiny` gave the 8B job without a word.
+  with pytest.raises(ValueError, match="config argument 'bogus' is unknown"):
+    load(name, "bogus")
+
+
+@pytest.mark.parametrize("field, message", [
+    ("num_step", r"^config.num_step: not a field of the main job \(a typo\?\)"),
+    ("simulators.l2grid", r"^config.simulators.l2grid: not a field"),
+])
+def test_a_config_files_unknown_field_is_refused(field, message):
+  # The command line refuses unknown fields; a config file's typo kept the default.
+  config = load("default", "tiny")
+  pipeline.validate_config(config)
+  section, *rest = field.split(".")
+  with config.unlocked():
+    if rest:
+      config[section][rest[0]] = 1.0
+    else:
+      config[section] = 64
+  with pytest.raises(ValueError, match=message):
+    pipeline.validate_config(config)
+
+
+def test_data_sizes_untied_from_the_config_are_refused():
+  # A config file rebuilding config.data (as default_data_config invites) untied
+  # them: runs drew ids 0..47 of a 200-example dataset, the rest never trained.
+  from simfluence_jax import data  # pylint: disable=g-import-not-at-top
+  config = load("default", "tiny")
+  config.data = data.default_data_config()
+  config.data.num_pretrain_examples = 0
+  config.data.seed = config.seed = 3
+  with pytest.raises(ValueError, match=r"^config.data.num_train_examples=200: must "
+                     r"equal config.num_train_examples=48"):
+    pipeline.validate_config(config)
+  config.data.num_train_examples, config.data.num_test_examples = 48, 8
+  pipeline.validate_config(config)
+  config.data.seed = 4
+  with pytest.raises(ValueError, match=r"^config.data.seed=4: must equal "
+                     r"config.seed=3"):
+    pipeline.validate_config(config)
+
+
+@pytest.mark.parametrize("flag", ["--config.data.seed=5", "--config.data.num_train_examples",
+                                  "--config.data.num_test_examples=4"])
+def test_a_flag_of_a_tied_data_field_is_refused(flag, capsys):
+  # `--config.seed=1 --config.data.seed=5` set both to 5 (one field), and
+  # `--config.data.seed` alone reseeded the model and the curricula too.
+  from simfluence_jax import main  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as exit_:
+    main.parse_flags(["main", "--config=configs/default.py:tiny", "--config.seed=1",
+                      flag, "--workdir=/tmp/unused"])
+  assert exit_.value.code == 2
+  name = flag.split("=")[0]
+  assert capsys.readouterr().err == (
+      f"error: {name} is the same field as {name.replace('.data', '')} (it follows "
+      f"it); set {name.replace('.data', '')} instead.\n")
+
+
+def test_the_dataset_must_be_what_the_config_says():
+  from simfluence_jax import data  # pylint: disable=g-import-not-at-top
+  config = load("default", "tiny")
+  dataset = data.get_dataset(config)
+  # The model is built with the dataset's vocabulary: a config saying another one
+  # (which the plan sizes the job by) is refused, the same one accepted.
+  with config.unlocked():
+    config.model.vocab_size = dataset.vocab_size + 5
+  with pytest.raises(ValueError, match=rf"^config.model.vocab_size="
+                     rf"{dataset.vocab_size + 5}: the dataset's vocabulary has "
+                     rf"{dataset.vocab_size} ids"):
+    stages.base_model(None, config, dataset)
+  config.model.vocab_size = dataset.vocab_size
+  # Pre-training steps with no pre-training split trained nothing, without a word.
+  config.pretrain_steps = 5
+  assert dataset.pretrain is None
+  with pytest.raises(ValueError, match=r"^config.pretrain_steps=5: the "
+                     r"'synthetic_facts' data has no pre-training split"):
+    stages.base_model(None, config, dataset)
+  # A dataset of other sizes than the config's (a source's own sizes).
+  smaller = dataclasses.replace(dataset, train={
+      k: v[:40] for k, v in dataset.train.items()})
+  with pytest.raises(ValueError, match=r"^config.num_train_examples=48: the dataset "
+                     r"has 40"):
+    stages.check_dataset_sizes(config, smaller)
+  stages.check_dataset_sizes(config, dataset)

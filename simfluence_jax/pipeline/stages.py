@@ -108,6 +108,18 @@ class Runs:
     return self.trace.select_runs(slice(start, start + sizes[name]))
 
 
+def check_dataset_sizes(config, dataset: data.Dataset) -> None:
+  """Refuses a dataset whose N or M is not the config's: curricula and removals draw
+  ids from `config.num_train_examples`, traces and influence scores index the
+  dataset's rows, so the two must be the same examples."""
+  for field in ("num_train_examples", "num_test_examples"):
+    got = getattr(dataset, field)
+    if got != config[field]:
+      raise ValueError(f"config.{field}={config[field]}: the dataset has {got} "
+                       f"(config.data.{field}={config.data[field]}): they must "
+                       "agree.")
+
+
 def load_data(wd: workdir_lib.Workdir, config) -> data.Dataset:
   """The train/test examples (generated or read each time; not stored).
 
@@ -117,6 +129,7 @@ def load_data(wd: workdir_lib.Workdir, config) -> data.Dataset:
   """
   start = time.perf_counter()
   dataset = data.get_dataset(config)
+  check_dataset_sizes(config, dataset)
   digest = fp.tree_digest((dataset.train, dataset.test, dataset.pretrain))
   seconds = time.perf_counter() - start
   wd.stage("data", fields=DATA_FIELDS, compute=lambda: dataset,
@@ -135,6 +148,18 @@ def base_model(wd: workdir_lib.Workdir, config, dataset: data.Dataset) -> Model:
   applies the model with `deterministic=False`; without a key (test losses,
   pre-training, features, influence) it runs deterministically.
   """
+  wanted_vocab = config.model.get("vocab_size")
+  if wanted_vocab and wanted_vocab != dataset.vocab_size:
+    # The model is built with the dataset's vocabulary; the plan sizes a job by it.
+    raise ValueError(f"config.model.vocab_size={wanted_vocab}: the dataset's "
+                     f"vocabulary has {dataset.vocab_size} ids; set it to that, or "
+                     "leave it unset (the job takes the dataset's).")
+  if (config.pretrain_steps and dataset.pretrain is None and
+      not config.model.checkpoint):
+    raise ValueError(f"config.pretrain_steps={config.pretrain_steps}: the "
+                     f"{config.data.name!r} data has no pre-training split (or "
+                     "config.data.num_pretrain_examples=0), so nothing would be "
+                     "pre-trained; set config.pretrain_steps=0.")
   module = models.get_model(config.model, vocab_size=dataset.vocab_size,
                             num_classes=dataset.num_classes,
                             max_len=config.data.seq_len)
@@ -149,7 +174,7 @@ def base_model(wd: workdir_lib.Workdir, config, dataset: data.Dataset) -> Model:
     if config.model.checkpoint:
       return training.load_params(config.model.checkpoint)
     params = models.init_variables(module, dataset.train["inputs"], seed=config.seed)
-    if config.pretrain_steps and dataset.pretrain is not None:
+    if config.pretrain_steps:
       params = training.pretrain_base(
           params, loss_fn, dataset.pretrain, num_steps=config.pretrain_steps,
           batch_size=config.pretrain_batch_size,

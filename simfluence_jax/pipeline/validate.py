@@ -63,8 +63,40 @@ def _removal_fractions(config) -> None:
     sizes[k] = f
 
 
+def _unknown_fields(config, base, prefix: str = "") -> list:
+  """Dotted fields of `config` that `base` (the job's full config) does not have.
+
+  `model` (a factory model reads fields of its own; `models.get_model` checks the
+  built-in models') and `data` (`data.get_dataset` checks it, per source) are
+  left to their owners.
+  """
+  unknown = []
+  for key in config.keys():
+    if not prefix and key in ("model", "data"):
+      continue
+    if key not in base:
+      unknown.append(prefix + key)
+    elif isinstance(config[key], type(config)) and isinstance(base[key], type(config)):
+      unknown += _unknown_fields(config[key], base[key], f"{prefix}{key}.")
+  return unknown
+
+
 def validate_config(config) -> None:
   """Raises ValueError naming the first bad field of `config`."""
+  from simfluence_jax import config_lib  # pylint: disable=g-import-not-at-top
+  unknown = _unknown_fields(config, config_lib.base_config())
+  if unknown:
+    # A config file's typo (`config.num_step = 64`) kept the default without a word
+    # (the command line refuses unknown fields itself).
+    raise ValueError(f"config.{unknown[0]}: not a field of the main job (a typo?); "
+                     "`python -m simfluence_jax.config_lib CONFIG` lists them all.")
+  for field in ("seed", "num_train_examples", "num_test_examples"):
+    if config.data.get(field) != config[field]:
+      # Tied in base_config (one value); a config file that rebuilt config.data
+      # untied them, and the runs would draw ids the dataset does not index alike.
+      raise ValueError(f"config.data.{field}={config.data.get(field)!r}: must equal "
+                       f"config.{field}={config[field]!r} (set config.{field}; "
+                       f"config.data.{field} follows it).")
   for name in ("num_train_examples", "num_test_examples", "subset_size", "num_runs",
                "num_held_out_runs", "batch_size", "num_steps", "checkpoint_every",
                "projection_dim", "num_seeds", "influence.tracin_num_runs",
