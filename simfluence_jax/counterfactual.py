@@ -25,6 +25,7 @@ import numpy as np
 from simfluence_jax import _io
 from simfluence_jax import simulators as simulators_lib
 from simfluence_jax import trace as trace_lib
+from simfluence_jax.simulators import _search
 from simfluence_jax.simulators import _simulator
 
 
@@ -86,6 +87,33 @@ def _check_current(workdir: str, names: Sequence[str], metrics) -> None:
           f"{stale}: it was fitted on other runs (record_runs {fitted_on} in "
           f"{_STAGES_DIR}/fit_{name}.json, {runs.get('fingerprint')} in "
           f"{_STAGES_DIR}/record_runs.json); rerun simfluence_jax.main.")
+    _check_upstream(workdir, f"fit_{name}", record, stale)
+
+
+def _check_upstream(workdir: str, stage: str, record: dict, stale: str) -> None:
+  """Raises ValueError (starting with `stale`) naming the first stage upstream of
+  `stage` (whose stage record is `record`), at any depth, whose current record is
+  not done or has another fingerprint than the one `stage` was computed from (e.g.
+  ekfac_scores recomputed with another influence.damping by a job that stopped
+  before refitting the simulator)."""
+  pending, seen = [(stage, record)], set()
+  while pending:
+    child, child_record = pending.pop(0)
+    for parent, used in sorted((child_record.get("upstream") or {}).items()):
+      current = _stage_record(workdir, parent)
+      where = f"{_STAGES_DIR}/{parent}.json"
+      if current is None or current.get("status") != "done":
+        status = "missing" if current is None else f"{current.get('status')!r}"
+        raise ValueError(f"{stale}: the stage record {where} (upstream of {child}) "
+                         f"is {status}, not 'done'; rerun simfluence_jax.main.")
+      if current.get("fingerprint") != used:
+        raise ValueError(
+            f"{stale}: stage {parent} was recomputed since {child} used it "
+            f"({parent} {used} in {_STAGES_DIR}/{child}.json, "
+            f"{current.get('fingerprint')} in {where}); rerun simfluence_jax.main.")
+      if parent not in seen:
+        seen.add(parent)
+        pending.append((parent, current))
 
 
 def load_simulators(workdir: str, methods: Optional[Sequence[str]] = None
@@ -94,7 +122,9 @@ def load_simulators(workdir: str, methods: Optional[Sequence[str]] = None
 
   In a workdir of the main job (it has `stages/`), a simulator is loaded only if its
   `stages/fit_<method>.json` is done and was fitted on the runs of the current
-  `stages/record_runs.json` (done; the record's upstream fingerprint), and, when the
+  `stages/record_runs.json` (done; the record's upstream fingerprint) and on the
+  current outputs of every other stage upstream of it, at any depth (e.g.
+  `ekfac_scores`, `features`: each done, with the fingerprint recorded), and, when the
   workdir has a metrics.json (the last job finished: a job removes it when it
   starts), the method is in that job's `config.methods`. Without metrics.json, a
   workdir holding `seed_<k>/` directories (a multi-seed job that did not finish) is
@@ -130,6 +160,9 @@ def load_simulators(workdir: str, methods: Optional[Sequence[str]] = None
                             f"({root}/*/simulator.json); run simfluence_jax.main first.")
   named = methods is not None
   methods = list(methods) if named else saved
+  if not methods:
+    raise ValueError(f"--methods: empty; name at least one of the fitted simulators "
+                     f"{saved}, or leave it out for all.")
   unknown = sorted(set(methods) - set(saved))
   if unknown:
     raise ValueError(f"--methods: {unknown} not fitted in {workdir!r}; available: "
@@ -182,10 +215,15 @@ def simulate_curricula(sims: dict, batch_ids: np.ndarray, initial_losses: np.nda
 
   `allow_unfitted_ids`: as in `Simulator.simulate` (without it, a simulator whose
   fitted runs never contained an id of `batch_ids` refuses, naming the ids).
+  `num_band_samples`: posterior draws of the bands, an integer >= 0 (0: no bands).
 
   Returns:
     method -> {"mean": float32[R', T+1, M], "std": float32[R', T+1, M] or None}.
   """
+  if (isinstance(num_band_samples, bool)
+      or not isinstance(num_band_samples, (int, np.integer)) or num_band_samples < 0):
+    raise ValueError(f"num_band_samples={num_band_samples!r}: must be an integer >= 0 "
+                     "(0: no bands).")
   initial = np.repeat(np.asarray(initial_losses, np.float32)[None], len(batch_ids), 0)
   out = {}
   for name, sim in sims.items():
@@ -244,18 +282,30 @@ def choose_targets(train_losses: np.ndarray, num_targets: int) -> np.ndarray:
   curriculum search can move.
 
   Args:
-    train_losses: float[R, T+1, M] losses of the training runs.
-    num_targets: k, at most M.
+    train_losses: float[R, T+1, M] losses of R >= 2 training runs.
+    num_targets: k, an integer in [1, M].
+
+  Raises:
+    ValueError: naming the argument: train_losses not [R, T+1, M] with R >= 2 (one
+      run has no spread to rank by), num_targets not an integer in [1, M].
   """
+  train_losses = np.asarray(train_losses)
+  if train_losses.ndim != 3 or train_losses.shape[0] < 2:
+    raise ValueError(f"train_losses: expected float[R, T+1, M] of R >= 2 runs (the "
+                     f"spread of their final losses ranks the test examples), got "
+                     f"shape {list(train_losses.shape)}.")
   num_test = train_losses.shape[-1]
-  if isinstance(num_targets, bool) or not 0 < int(num_targets) <= num_test:
-    raise ValueError(f"num_targets={num_targets!r}: must be in [1, M={num_test}].")
-  spread = np.std(np.asarray(train_losses)[:, -1], axis=0)
+  if (isinstance(num_targets, bool) or not isinstance(num_targets, (int, np.integer))
+      or not 0 < num_targets <= num_test):
+    raise ValueError(f"num_targets={num_targets!r}: must be an integer in "
+                     f"[1, M={num_test}].")
+  spread = np.std(train_losses[:, -1], axis=0)
   return np.sort(np.argsort(-spread, kind="stable")[:int(num_targets)]).astype(np.int32)
 
 
 def _check_verify_inputs(methods, fitted, initial_losses, start_batch_ids,
-                         random_batch_ids, random_losses, targets) -> dict:
+                         random_batch_ids, random_losses, targets,
+                         epoch_steps) -> dict:
   """Validates `search_and_verify`'s arrays (one line naming the argument);
   returns method -> int[C, T, B] its start curricula."""
   num_test = initial_losses.shape[0] if initial_losses.ndim == 1 else None
@@ -274,6 +324,17 @@ def _check_verify_inputs(methods, fitted, initial_losses, start_batch_ids,
     raise ValueError(f"random_losses: expected [R', T+1={num_steps + 1}, M={num_test}]"
                      f" (random_batch_ids has T={num_steps} steps, initial_losses M="
                      f"{num_test}), got shape {list(random_losses.shape)}.")
+  # Every curriculum starts from the base model: the random runs' first losses are
+  # initial_losses (evaluated by the same model; a float tolerance for another
+  # batching of the evaluation).
+  if not np.allclose(random_losses[:, 0], initial_losses[None], rtol=1e-4,
+                     atol=1e-5):
+    run, column = (int(i) for i in np.argwhere(~np.isclose(
+        random_losses[:, 0], initial_losses[None], rtol=1e-4, atol=1e-5))[0])
+    raise ValueError(
+        f"random_losses: run {run} starts at loss {random_losses[run, 0, column]:.6g} "
+        f"of test example {column}, not initial_losses[{column}]="
+        f"{initial_losses[column]:.6g}; both must be the base model's losses.")
   if (targets.ndim != 1 or targets.size == 0 or not np.issubdtype(targets.dtype,
                                                                     np.integer)):
     raise ValueError(f"targets: expected a non-empty int[k] of test examples, got "
@@ -282,6 +343,14 @@ def _check_verify_inputs(methods, fitted, initial_losses, start_batch_ids,
     bad = targets[(targets < 0) | (targets >= num_test)]
     raise ValueError(f"targets: test examples must be in [0, M={num_test}), got "
                      f"{bad.tolist()}.")
+  values, counts = np.unique(targets, return_counts=True)
+  if (counts > 1).any():
+    raise ValueError(f"targets: repeats test example {int(values[counts > 1][0])}; "
+                     "give each once.")
+  if epoch_steps is not None and (isinstance(epoch_steps, bool) or not isinstance(
+      epoch_steps, int) or epoch_steps < 1):
+    raise ValueError(f"epoch_steps={epoch_steps!r}: must be a positive integer or "
+                     "None.")
   starts = (dict(start_batch_ids) if isinstance(start_batch_ids, dict) else
             {m: start_batch_ids for m in methods})
   missing = [m for m in methods if m not in starts]
@@ -299,6 +368,8 @@ def _check_verify_inputs(methods, fitted, initial_losses, start_batch_ids,
       raise ValueError(f"{who}: {len(start)} curricula, but another method has "
                        f"{count}; every method searches as many.")
     count = len(start)
+    if _search.reorders(fitted[method]):  # as search_curriculum checks them
+      _search.check_epochs(start, epoch_steps, who)
     unfitted = fitted[method].unfitted_ids(start)
     if unfitted.size:
       raise ValueError(
@@ -345,7 +416,9 @@ def search_and_verify(
       training code; called once with every method's curricula stacked
       (C' = len(methods) · C, method-major).
     methods: which simulators to search with (default: all of `fitted`).
-    num_iters, num_proposals, epoch_steps, seed: of `simulators.search_curriculum`.
+    num_iters, num_proposals, epoch_steps, seed: of `simulators.search_curriculum`
+      (`epoch_steps`: the start curricula's steps per epoch; None: each is one
+      epoch, so none may hold an id twice).
 
   Returns:
     A JSON-serialisable dict: "targets"; "random" {"actual_final" [R'],
@@ -358,11 +431,21 @@ def search_and_verify(
     {method: int32[C, T, B]} (arrays, not JSON) for saving.
 
   Raises:
-    ValueError: naming the argument: unknown methods, start curricula of another
-      T or B than random_batch_ids (or holding ids outside the simulator's
-      fitted_ids), random_losses not [R', T+1, M], targets outside [0, M).
+    ValueError: naming the argument: unknown, repeated or no methods, start
+      curricula of another T or B than random_batch_ids (or holding ids outside the
+      simulator's fitted_ids, or whose epochs are not those of `epoch_steps`:
+      `simulators._search.check_epochs`), random_losses not [R', T+1, M] or not
+      starting at initial_losses, targets outside [0, M) or repeated; retrain's
+      losses not [C', T+1, M].
   """
   methods = list(fitted) if methods is None else list(methods)
+  if not methods:
+    raise ValueError("methods: empty; name at least one fitted simulator "
+                     f"({sorted(fitted)}), or None for all.")
+  repeated = sorted({m for m in methods if methods.count(m) > 1})
+  if repeated:
+    raise ValueError(f"methods: {repeated} named more than once; each is searched "
+                     "and retrained once.")
   unknown = sorted(set(methods) - set(fitted))
   if unknown:
     raise ValueError(f"counterfactual methods {unknown} are not fitted; fitted: "
@@ -372,7 +455,8 @@ def search_and_verify(
   random_losses = np.asarray(random_losses, np.float32)
   initial_losses = np.asarray(initial_losses, np.float32)
   starts = _check_verify_inputs(methods, fitted, initial_losses, start_batch_ids,
-                                random_batch_ids, random_losses, targets)
+                                random_batch_ids, random_losses, targets,
+                                epoch_steps)
   targets = targets.astype(np.int32)
   random_unfitted = {m: fitted[m].unfitted_ids(random_batch_ids) for m in methods}
   for method, ids in random_unfitted.items():
@@ -407,9 +491,12 @@ def search_and_verify(
     searched_ids[method] = result.batch_ids
   stacked = np.concatenate([searched_ids[m] for m in methods], axis=0)
   actual = np.asarray(retrain(stacked), np.float32)
-  if actual.shape[:2] != (stacked.shape[0], stacked.shape[1] + 1):
-    raise ValueError(f"retrain returned losses of shape {actual.shape}; expected "
-                     f"[{stacked.shape[0]}, {stacked.shape[1] + 1}, M].")
+  expected = (stacked.shape[0], stacked.shape[1] + 1, initial_losses.shape[0])
+  if actual.shape != expected:
+    raise ValueError(f"retrain returned losses of shape {list(actual.shape)}; "
+                     f"expected {list(expected)} (C'={expected[0]} curricula, T+1="
+                     f"{expected[1]}, M={expected[2]} test examples like "
+                     "random_losses).")
 
   random_actual = target_final(random_losses)
   median_actual = float(np.median(random_actual))

@@ -30,6 +30,7 @@ the trajectories of another curriculum file with the same stem (`c.json` and
 import json
 import logging
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -81,6 +82,29 @@ def _check_output_dir(output_dir: str, curriculum: str) -> None:
         "stem; pass --output_dir, or delete that folder.")
 
 
+def _parse_targets(targets: Sequence, num_test: int) -> np.ndarray:
+  """int[k] the distinct test example indices of --targets, in [0, M)."""
+  parsed = []
+  for value in targets:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+      parsed.append(int(value))
+    elif isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+      parsed.append(int(value))
+    else:
+      raise ValueError(f"--targets: {value!r} is not a test example index (an "
+                       f"integer in [0, {num_test})).")
+  targets = np.asarray(parsed, object)
+  if targets.size == 0 or min(parsed) < 0 or max(parsed) >= num_test:
+    raise ValueError(f"--targets: indices must be in [0, {num_test}), got "
+                     f"{targets.tolist()}.")
+  targets = targets.astype(np.int64)
+  values, counts = np.unique(targets, return_counts=True)
+  if (counts > 1).any():
+    raise ValueError(f"--targets: repeats test example {int(values[counts > 1][0])}; "
+                     "give each once.")
+  return targets
+
+
 def run(workdir: str, curriculum_path: str, output_dir: Optional[str] = None,
         methods: Optional[Sequence[str]] = None,
         targets: Optional[Sequence[int]] = None, num_band_samples: int = 32,
@@ -91,9 +115,14 @@ def run(workdir: str, curriculum_path: str, output_dir: Optional[str] = None,
     ValueError: in one line: a curriculum holding ids outside a chosen simulator's
       fitted runs (naming the file, the ids and the simulators) unless
       `allow_unfitted_ids`; a default output folder holding another curriculum
-      file's trajectories; bad targets; what `load_simulators` and
+      file's trajectories; targets that are not distinct indices in [0, M);
+      num_band_samples not an integer >= 0; what `load_simulators` and
       `data.load_curriculum` refuse.
   """
+  if (isinstance(num_band_samples, bool)
+      or not isinstance(num_band_samples, (int, np.integer)) or num_band_samples < 0):
+    raise ValueError(f"--num_band_samples={num_band_samples!r}: must be an integer "
+                     ">= 0 (0: no bands).")
   sims = counterfactual.load_simulators(workdir, methods)
   any_sim = next(iter(sims.values()))
   batch_ids = data.load_curriculum(curriculum_path, any_sim.num_train_examples)
@@ -102,13 +131,8 @@ def run(workdir: str, curriculum_path: str, output_dir: Optional[str] = None,
     _check_unfitted(sims, unfitted, curriculum_path)
   initial = counterfactual.base_initial_losses(workdir)
   num_test = any_sim.num_test_examples
-  if targets is None:
-    targets = np.arange(num_test)
-  else:
-    targets = np.asarray([int(t) for t in targets])
-    if targets.size == 0 or targets.min() < 0 or targets.max() >= num_test:
-      raise ValueError(f"--targets: indices must be in [0, {num_test}), got "
-                       f"{targets.tolist()}.")
+  targets = (np.arange(num_test) if targets is None else
+             _parse_targets(targets, num_test))
   curriculum = _full_path(curriculum_path)
   stem = os.path.splitext(os.path.basename(curriculum_path))[0]
   if not output_dir:

@@ -305,7 +305,7 @@ def test_search_and_verify_with_an_exact_simulator():
       {"truth": truth, "additive": sj.simulators.additive_from_scores(truth.B)},
       initial_losses=initial, start_batch_ids=start, random_batch_ids=random_ids,
       random_losses=retrain(random_ids), targets=[1, 2], retrain=retrain,
-      methods=["truth"], num_iters=60, num_proposals=16)
+      methods=["truth"], num_iters=60, num_proposals=16, epoch_steps=4)
   searched = result["searched"]["truth"]
   assert list(result["searched"]) == ["truth"]
   assert searched["actual_improvement"] > 0
@@ -344,9 +344,10 @@ def test_a_simulator_diverging_off_the_targets_does_not_stop_the_search(caplog):
 
   random_ids = ids(4)
   result = counterfactual.search_and_verify(
-      {"simfluence_linear": sim}, initial_losses=initial, start_batch_ids=ids(2),
+      {"simfluence_linear": sim}, initial_losses=initial,
+      start_batch_ids=data.make_curricula(2, num_train, num_train, 40, batch, seed=0),
       random_batch_ids=random_ids, random_losses=constant(4), targets=[0, 1],
-      retrain=retrain, num_iters=3, num_proposals=4)
+      retrain=retrain, num_iters=3, num_proposals=4, epoch_steps=5)
   assert retrained == [2]
   np.testing.assert_allclose(result["searched"]["simfluence_linear"]
                              ["simulated_final"], 2.0, rtol=1e-6)

@@ -56,8 +56,10 @@ def test_recovers_a_planted_model_and_simulates_unseen_examples(method):
                      - np.asarray(truth.simulate(unseen, init))).max()
   assert plain_err > 100 * np.abs(np.asarray(sim.simulate(unseen, init))
                                   - np.asarray(truth.simulate(unseen, init))).max()
-  result = sj.simulators.search_curriculum(sim, init[0], unseen[:1], [0], num_iters=3,
-                                           num_proposals=4)
+  start = sj.data.make_curricula(1, NUM_TRAIN, 10, 4, BATCH, seed=0,
+                                 pool=np.arange(NUM_SEEN, NUM_TRAIN))[:, :10]
+  result = sj.simulators.search_curriculum(sim, init[0], start, [0], num_iters=3,
+                                           num_proposals=4, epoch_steps=3)
   assert result.batch_ids.shape == (1, 10, BATCH)
 
 

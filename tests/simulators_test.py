@@ -449,8 +449,10 @@ def test_phases_recover_a_planted_two_phase_model_and_roll_out_by_phase(tmp_path
   np.testing.assert_allclose(mean, sim.simulate(ids[:, :12], init), atol=1e-3)
   a_samples, _ = sim.sample_parameters(2)
   assert a_samples.shape == (2, 2, 8, 2)
-  result = sj.simulators.search_curriculum(sim, init[0], ids[:1, :12], [0],
-                                           num_iters=2, num_proposals=2)
+  start = sj.data.make_curricula(1, 8, 6, 6, 3, seed=0)  # 2 steps per epoch
+  result = sj.simulators.search_curriculum(sim, init[0], start, [0],
+                                           num_iters=2, num_proposals=2,
+                                           epoch_steps=2)
   final = np.asarray(sim.simulate(result.batch_ids, init[:1]))[0, -1, 0]
   np.testing.assert_allclose(result.objective[0], final, rtol=1e-5)
   with pytest.raises(ValueError, match="num_phases"):

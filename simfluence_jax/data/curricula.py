@@ -110,15 +110,19 @@ def _curriculum_error(path: str, message: str) -> ValueError:
   return ValueError(f"curriculum file {path!r}: {message}")
 
 
-def _parse_id(path: str, where: str, value) -> int:
+def _parse_id(path: str, where: str, value, num_train_examples: int) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, float, str)):
     raise _curriculum_error(path, f"{where}: {value!r} is not an example id.")
   try:
-    number = float(value)
+    number = value if isinstance(value, int) else float(value)
   except ValueError as e:
     raise _curriculum_error(path, f"{where}: {value!r} is not an integer id.") from e
-  if not number.is_integer():
+  if isinstance(number, float) and not number.is_integer():
     raise _curriculum_error(path, f"{where}: {value!r} is not an integer id.")
+  # Checked here, before it meets an int64 array (1e20 would overflow it).
+  if not PADDING_ID <= number < num_train_examples:
+    raise _curriculum_error(path, f"{where}: id {value} is outside "
+                            f"[0, {num_train_examples}) (-1 = padding).")
   return int(number)
 
 
@@ -183,8 +187,8 @@ def load_curriculum(path: str, num_train_examples: int) -> np.ndarray:
       if not isinstance(step, list):
         raise _curriculum_error(path, f"curriculum {r}, step {t}: expected a list of "
                                 f"ids, got {step!r}.")
-      rows.append([_parse_id(path, f"curriculum {r}, step {t}, slot {b}", v)
-                   for b, v in enumerate(step)])
+      rows.append([_parse_id(path, f"curriculum {r}, step {t}, slot {b}", v,
+                             num_train_examples) for b, v in enumerate(step)])
     parsed.append(rows)
   num_steps = {len(rows) for rows in parsed}
   if len(num_steps) != 1:

@@ -61,8 +61,8 @@ def target_weights(targets: Union[Sequence[int], np.ndarray], num_test: int
   """float32[M] weights summing to 1 from test indices int[k] or weights float[M].
 
   Raises:
-    ValueError: empty targets, indices out of [0, M), or weights of the wrong shape,
-      negative or all zero.
+    ValueError: empty targets, indices out of [0, M) or repeated, or weights of the
+      wrong shape, negative or all zero.
   """
   targets = np.asarray(targets)
   if targets.size == 0:
@@ -71,6 +71,10 @@ def target_weights(targets: Union[Sequence[int], np.ndarray], num_test: int
     if targets.ndim != 1 or targets.min() < 0 or targets.max() >= num_test:
       raise ValueError(f"targets: indices must be a 1-D list in [0, {num_test}), got "
                        f"{targets.tolist()}.")
+    values, counts = np.unique(targets, return_counts=True)
+    if (counts > 1).any():
+      raise ValueError(f"targets: repeats test example {int(values[counts > 1][0])}; "
+                       "give each index once (or float weights [M]).")
     weights = np.zeros(num_test, np.float32)
     weights[targets] = 1.0
   else:
@@ -81,6 +85,50 @@ def target_weights(targets: Union[Sequence[int], np.ndarray], num_test: int
       raise ValueError("targets: weights must be non-negative and not all zero.")
     weights = targets.astype(np.float32)
   return weights / weights.sum()
+
+
+def reorders(simulator: _simulator.Simulator) -> bool:
+  """Whether `search_curriculum` proposes order swaps by default: where the order
+  matters (linear simulators, and those with phases)."""
+  return simulator.kind == "linear" or simulator.num_phases > 1
+
+
+def check_epochs(batch_ids: np.ndarray, epoch_steps: Optional[int],
+                 who: str = "start_batch_ids") -> None:
+  """Refuses start curricula int[C, T, B] that are not one pass over their ids per
+  epoch of `epoch_steps` steps (None: the whole curriculum is one epoch).
+
+  Order swaps stay within a declared epoch, so a start whose real epochs differ
+  from the declared ones would come back holding an id twice in one real epoch,
+  even in one batch (a curriculum `data.make_curricula` never draws). Every
+  declared epoch must hold no id twice, and every full one (all but a shorter last
+  one) each of the curriculum's ids once. (Checked where the search reorders;
+  membership moves alone replace every occurrence of an id, keeping each epoch's
+  structure.)
+
+  Raises:
+    ValueError: naming `who`, the curriculum, the id or epoch, and `epoch_steps`.
+  """
+  batch_ids = np.asarray(batch_ids)
+  num_steps = batch_ids.shape[1]
+  length = num_steps if epoch_steps is None else epoch_steps
+  fix = ("pass the curricula's epoch length (steps per pass over their ids) as "
+         "epoch_steps.")
+  for c, ids in enumerate(batch_ids):
+    distinct = np.unique(ids[ids >= 0]).size
+    for first in range(0, num_steps, length):
+      last = min(first + length, num_steps) - 1
+      epoch = (f"the whole curriculum (epoch_steps=None: one epoch of {num_steps} "
+               "steps)" if epoch_steps is None else
+               f"the epoch of epoch_steps={epoch_steps} at steps {first}-{last}")
+      chunk = ids[first:last + 1]
+      values, counts = np.unique(chunk[chunk >= 0], return_counts=True)
+      if (counts > 1).any():
+        raise ValueError(f"{who}: curriculum {c} repeats id "
+                         f"{int(values[counts > 1][0])} within {epoch}: {fix}")
+      if last + 1 - first == length and values.size != distinct:
+        raise ValueError(f"{who}: curriculum {c} holds {values.size} of its "
+                         f"{distinct} ids in {epoch}, not each once: {fix}")
 
 
 def _split_curricula(batch_ids: np.ndarray):
@@ -194,8 +242,11 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
     reorder: propose order swaps too; default: for linear simulators and those with
       phases (a one-phase additive simulator's final loss does not depend on the
       order).
-    epoch_steps: steps per epoch; order swaps stay within an epoch (default: the
-      whole curriculum is one epoch).
+    epoch_steps: steps per epoch of `start_batch_ids`; order swaps stay within an
+      epoch (default: the whole curriculum is one epoch). Where the search
+      reorders, every epoch of a start must hold each of its ids once (a shorter
+      last epoch: at most once), as `data.make_curricula` draws them; refused
+      otherwise, naming epoch_steps (`check_epochs`).
     loss_floor: during the search every simulated step's loss is clipped at this
       value (default 0: no loss goes below zero), so the search cannot exploit a
       simulator's extrapolation to impossible losses (a final-only simulator: the
@@ -213,7 +264,7 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
   Raises:
     ValueError: naming the bad argument (shapes, ids out of range, a batch width or
       length the simulator was not fitted on, bad targets, targets the simulator has
-      no finite parameters for).
+      no finite parameters for, starts whose epochs are not those of `epoch_steps`).
   """
   num_train, num_test = simulator.num_train_examples, simulator.num_test_examples
   start = np.asarray(start_batch_ids)
@@ -239,14 +290,13 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
   if pool.size == 0 or not np.issubdtype(pool.dtype, np.integer) or (
       pool.min() < 0 or pool.max() >= num_train):
     raise ValueError(f"pool: expected train ids in [0, {num_train}).")
-  epoch_steps = start.shape[1] if epoch_steps is None else epoch_steps
   for name, value in (("num_iters", num_iters), ("num_proposals", num_proposals),
-                      ("epoch_steps", epoch_steps)):
+                      ("epoch_steps", 1 if epoch_steps is None else epoch_steps)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{name}={value!r}: must be a positive integer.")
   subsets, schedules = _split_curricula(start)
   linear = simulator.kind == "linear"
-  reorder = (linear or simulator.num_phases > 1) if reorder is None else bool(reorder)
+  reorder = reorders(simulator) if reorder is None else bool(reorder)
   # Only the target columns matter: simulate those alone.
   columns = np.flatnonzero(weights > 0)
   a, b = simulator.phase_parameters()
@@ -256,6 +306,9 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
     raise ValueError(f"targets: simulator {simulator.name!r} has no finite parameters "
                      f"for test examples {unknown.tolist()} (e.g. a table computed for "
                      "other test examples).")
+  if reorder:  # Membership moves alone keep every epoch's ids as they are.
+    check_epochs(start, epoch_steps)
+  epoch_steps = start.shape[1] if epoch_steps is None else epoch_steps
   phases = jnp.asarray(simulator.phase_of_steps(start.shape[1]))
   ids, value, start_value, history = _search(
       a, b, phases, jnp.asarray(initial_losses[columns]), jnp.asarray(weights[columns]),
