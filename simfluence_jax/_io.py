@@ -155,7 +155,13 @@ def read_json(path: PathLike, who: str) -> Any:
 def save_npy(path: PathLike, array: Any) -> None:
   """np.save without pickle, atomically."""
   array = np.asarray(array)
-  atomic_write(path, lambda tmp: np.save(tmp, array, allow_pickle=False))
+
+  def write(tmp):
+    # Through an open file: np.save given a name not ending in ".npy" appends
+    # ".npy" to it, and the (empty) temporary file would be published.
+    with open(tmp, "wb") as f:
+      np.save(f, array, allow_pickle=False)
+  atomic_write(path, write)
 
 
 def save_figure(fig, path: PathLike) -> None:
@@ -246,7 +252,7 @@ def load_npy(file: PathLike, who: str, mmap: bool = False) -> np.ndarray:
       return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
     return np.load(os.fspath(path), mmap_mode="r" if mmap else None,
                    allow_pickle=False)
-  except ValueError as e:  # pickled object arrays, truncated headers or data
+  except (ValueError, EOFError) as e:  # pickled arrays, empty or truncated files
     raise ValueError(f"{who}: {os.fspath(file)!r} is corrupt or not a plain array "
                      f"({e}).") from e
   except OSError as e:

@@ -321,3 +321,12 @@ def test_the_dataset_must_be_what_the_config_says():
                      r"has 40"):
     stages.check_dataset_sizes(config, smaller)
   stages.check_dataset_sizes(config, dataset)
+
+
+def test_a_data_field_the_source_ignores_is_refused_before_anything_runs():
+  # `data.get_dataset` refuses it too, but only once the data stage runs.
+  config = load("default", "tiny")
+  config.data.seqio_task = "my_task"
+  with pytest.raises(ValueError, match=r"^config.data.seqio_task='my_task': only read "
+                     r"by config.data.name='seqio'"):
+    pipeline.validate_config(config)

@@ -126,8 +126,33 @@ def _too_many(name: str, value: int, source: str, available: int) -> ValueError:
                     f"{available}.")
 
 
-def _data_config(config) -> ml_collections.ConfigDict:
-  """Accepts the full config (with `.data`) or the data config itself."""
+# The sources that read each source-specific `config.data` field. Under any other
+# source the field must keep its default: `seqio_task='t'` with the default
+# name='synthetic_facts' would otherwise train on the synthetic facts without a word.
+_TFDS_SOURCES = ("glue_rte", "super_glue_copa")
+_SOURCE_FIELDS = {
+    "seq_len": LM_SOURCES + ("grain",),
+    "num_pretrain_examples": ("synthetic_facts",),
+    "pipeline": ("synthetic_facts",),
+    "data_dir": _TFDS_SOURCES,
+    "tfds_download": _TFDS_SOURCES,
+    "seqio_task": ("seqio",),
+    "seqio_module": ("seqio",),
+    "prompt_feature": ("seqio", "grain"),
+    "answer_feature": ("seqio", "grain"),
+    "train_split": ("seqio",),
+    "test_split": ("seqio",),
+    "grain_train": ("grain",),
+    "grain_test": ("grain",),
+    "grain_decoder": ("grain",),
+    "grain_workers": ("grain",),
+}
+
+
+def check_data_config(config) -> None:
+  """Refuses, naming the field, a `config.data` field the data config does not have
+  (a config file's typo: `config.data.seq_length`) and a source-specific field set
+  while `config.data.name` selects a source that ignores it."""
   if "data" in config:
     config = config.data
   defaults = default_data_config()
@@ -135,12 +160,41 @@ def _data_config(config) -> ml_collections.ConfigDict:
     if key not in config:
       raise ValueError(f"config.data.{key}: missing (start from "
                        "data.default_data_config()).")
-  if config.pipeline not in ("numpy", "seqio"):
-    raise ValueError(f"config.data.pipeline={config.pipeline!r}: must be 'numpy' or "
-                     "'seqio'.")
+  for key in config.keys():
+    if key not in defaults:
+      raise ValueError(f"config.data.{key}: not a field of the data config (a "
+                       "typo?); data.default_data_config() lists them all.")
   if config.name not in SOURCES:
     raise ValueError(f"config.data.name={config.name!r}: unknown, expected one of "
                      f"{SOURCES}.")
+  for key, sources in _SOURCE_FIELDS.items():
+    value = config[key]
+    # 0 pretrain examples (what `:tiny` sets for every source) is no pretrain split,
+    # which is what every other source has.
+    if (config.name in sources or value == defaults[key] or
+        (key == "num_pretrain_examples" and value == 0)):
+      continue
+    readers = f"={sources[0]!r}" if len(sources) == 1 else f" in {sources}"
+    raise ValueError(f"config.data.{key}={value!r}: only read by config.data.name"
+                     f"{readers}; config.data.name={config.name!r} would ignore it "
+                     f"(leave it at {defaults[key]!r}, or set config.data.name).")
+  if config.pipeline not in ("numpy", "seqio"):
+    raise ValueError(f"config.data.pipeline={config.pipeline!r}: must be 'numpy' or "
+                     "'seqio'.")
+  # (A grain decoder of the user's own may not read the two features.)
+  reads_features = config.name == "seqio" or (config.name == "grain" and
+                                              not config.grain_decoder)
+  if reads_features and config.prompt_feature == config.answer_feature:
+    raise ValueError(f"config.data.prompt_feature={config.prompt_feature!r}: the same "
+                     "feature as config.data.answer_feature; the answer would be "
+                     "given in its own prompt.")
+
+
+def _data_config(config) -> ml_collections.ConfigDict:
+  """Accepts the full config (with `.data`) or the data config itself."""
+  if "data" in config:
+    config = config.data
+  check_data_config(config)
   for key in ("num_train_examples", "num_test_examples", "seq_len"):
     _check_positive_int(key, config[key])
   seed = config.seed
@@ -165,9 +219,13 @@ def get_dataset(config) -> Dataset:
     A `Dataset` whose rows are the example ids.
 
   Raises:
-    ValueError: naming the field, for an unknown name, non-positive sizes, more
-      examples than the source provides, or a language-model example with no
-      scored token (`check_lm_masks`).
+    ValueError: naming the field, for an unknown name or field, a field the
+      chosen source ignores (`check_data_config`), non-positive sizes, more
+      examples than the source provides, a language-model example with no scored
+      token (`check_lm_masks`) or a token id outside the vocabulary
+      (`check_lm_ids`); for name="seqio", a prompt feature that is the answer
+      feature or has another vocabulary, and test rows equal to train rows when
+      both splits are slices of one split.
   """
   config = _data_config(config)
   if config.name == "digits":
@@ -183,7 +241,48 @@ def get_dataset(config) -> Dataset:
     dataset = _tfds_lm(config)
   if dataset.kind == "lm":
     check_lm_masks(dataset, config.name)
+    check_lm_ids(dataset, config.name)
   return dataset
+
+
+def check_lm_ids(dataset: Dataset, source: str) -> None:
+  """Refuses a token id outside 0..vocab_size-1: the embedding lookup would return
+  NaN (or another token's row) for it, without an error."""
+  for split in ("train", "test", "pretrain"):
+    arrays = getattr(dataset, split)
+    if arrays is None:
+      continue
+    for key in ("inputs", "targets"):
+      ids = np.asarray(arrays[key])
+      bad = (ids < 0) | (ids >= dataset.vocab_size)
+      if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"config.data.name={source!r}: {split} example {row}'s "
+                         f"{key} holds token id {int(ids[row, col])}, outside the "
+                         f"vocabulary of {dataset.vocab_size} ids.")
+
+
+def _base_splits(split: str) -> set:
+  """The dataset splits a (TFDS-style) split spec reads: "train[:4]+validation" ->
+  {"train", "validation"}."""
+  return {part.split("[")[0].strip() for part in str(split).split("+")}
+
+
+def _check_disjoint(train: dict, test: dict, train_split: str,
+                    test_split: str) -> None:
+  """Refuses test rows identical (inputs, targets and mask) to a train row."""
+  def keys(arrays):
+    return [b"".join(np.ascontiguousarray(arrays[k][i]).tobytes()
+                     for k in ("inputs", "targets", "mask"))
+            for i in range(len(arrays["inputs"]))]
+  train_keys = set(keys(train))
+  shared = [i for i, key in enumerate(keys(test)) if key in train_keys]
+  if shared:
+    raise ValueError(f"config.data.test_split={test_split!r}: test examples "
+                     f"{shared[:5]}{' ...' if len(shared) > 5 else ''} "
+                     f"({len(shared)} in all) are train examples of "
+                     f"config.data.train_split={train_split!r} (slices of one split "
+                     "that overlap); choose disjoint slices.")
 
 
 def check_lm_masks(dataset: Dataset, source: str) -> None:
@@ -309,7 +408,8 @@ def _user_seqio_task(config) -> Dataset:
 
   The prompt and answer features (`config.data.prompt_feature` / `answer_feature`)
   are taken tokenized by the Task's own vocabulary and packed decoder-only (the
-  loss is on the answer tokens); the vocabulary size comes from the Task.
+  loss is on the answer tokens); the vocabulary size comes from the Task, and both
+  features must share it (`tasks.shared_vocabulary`).
   """
   import importlib  # pylint: disable=g-import-not-at-top
   tasks = _tasks(config)
@@ -329,6 +429,7 @@ def _user_seqio_task(config) -> Dataset:
     raise ValueError(f"config.data.prompt_feature/answer_feature: {missing} are not "
                      f"output features of {config.seqio_task!r} "
                      f"({sorted(task.output_features)}).")
+  vocab = tasks.shared_vocabulary(task, *features)
   if config.test_split == config.train_split:
     raise ValueError(f"config.data.test_split={config.test_split!r}: the same split "
                      "as config.data.train_split; the test examples would be train "
@@ -343,7 +444,16 @@ def _user_seqio_task(config) -> Dataset:
     count = config[key]
     arrays[key] = packing.pack(prompts[:count], answers[:count], config.seq_len)
     texts[key] = split_texts[:count]
-  vocab = task.output_features[config.answer_feature].vocabulary
+  if _base_splits(config.train_split) & _base_splits(config.test_split):
+    # Slices of one split ("train" and "train[:4]"): the user's partition, so a test
+    # row equal to a train row means the slices overlap (or the split repeats an
+    # example across them: that test example is trained on all the same). Splits
+    # that are different splits of the dataset are its own partition and are not
+    # compared: real benchmarks repeat a few texts across them, and
+    # tfds.testing.mock_data generates the same examples for every split, so
+    # refusing there would refuse valid data.
+    _check_disjoint(arrays["num_train_examples"], arrays["num_test_examples"],
+                    config.train_split, config.test_split)
   return Dataset(
       name=config.seqio_task, kind="lm", train=arrays["num_train_examples"],
       test=arrays["num_test_examples"], train_texts=texts["num_train_examples"],

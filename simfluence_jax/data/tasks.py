@@ -108,6 +108,31 @@ def get_task(name: str) -> seqio.Task:
   return seqio.get_mixture_or_task(name)
 
 
+def shared_vocabulary(task: seqio.Task, prompt_feature: str,
+                      answer_feature: str) -> seqio.Vocabulary:
+  """The vocabulary of both the prompt and the answer feature of `task`.
+
+  They are packed into one token sequence read through one embedding, whose size is
+  the answer vocabulary's: a prompt in another vocabulary would be read through the
+  wrong rows (or past the end of the table). Equal means the same class and equal
+  by the class's `__eq__` (seqio's ByteVocabulary compares equal to any subclass).
+
+  Raises:
+    ValueError: naming config.data.prompt_feature, if the vocabularies differ.
+  """
+  prompt = task.output_features[prompt_feature].vocabulary
+  answer = task.output_features[answer_feature].vocabulary
+  same_class = type(prompt) is type(answer)  # pylint: disable=unidiomatic-typecheck
+  if prompt is not answer and not (same_class and prompt == answer == prompt):
+    raise ValueError(
+        f"config.data.prompt_feature={prompt_feature!r}: its vocabulary "
+        f"({type(prompt).__name__}, {prompt.vocab_size} ids) is not the vocabulary "
+        f"of config.data.answer_feature={answer_feature!r} "
+        f"({type(answer).__name__}, {answer.vocab_size} ids); both are read through "
+        f"one embedding, so Task {task.name!r} must tokenize them alike.")
+  return answer
+
+
 def materialize(task: seqio.Task, split: str, keep_fn=None,
                 features=("prompt", "answer")):
   """Reads a whole split in order: (prompt ids, answer ids, prompt+answer texts).

@@ -1,6 +1,7 @@
 """Checks of a main-job config, run before anything is written to the workdir."""
 
 from simfluence_jax import models
+from simfluence_jax.data import dataset as data_lib
 from simfluence_jax.training import optim
 
 METHODS = ("curriculum_blind", "simfluence_linear", "simfluence_additive",
@@ -90,6 +91,8 @@ def validate_config(config) -> None:
     # (the command line refuses unknown fields itself).
     raise ValueError(f"config.{unknown[0]}: not a field of the main job (a typo?); "
                      "`python -m simfluence_jax.config_lib CONFIG` lists them all.")
+  # config.data's own fields, per source (`data.get_dataset` checks them again).
+  data_lib.check_data_config(config)
   for field in ("seed", "num_train_examples", "num_test_examples"):
     if config.data.get(field) != config[field]:
       # Tied in base_config (one value); a config file that rebuilt config.data
