@@ -168,11 +168,51 @@ def test_recorded_runs_of_other_curricula_are_refused(tiny_run, tmp_path,
       dataclasses.replace(draw(config), fit=draw(config).fit[::-1].copy())))
   with open(os.path.join(copy, "metrics.json")) as f:
     before = f.read()
-  with pytest.raises(ValueError, match=r"^record_runs: the recorded runs' curricula "
-                     r"differ from the ones drawn from this config's seed \(run 0;"):
+  # The record holds the curricula's digest (stages/record_runs.json "checks").
+  with pytest.raises(ValueError, match=r"stage record_runs was computed with other "
+                     r"settings \(curricula [0-9a-f]+ -> [0-9a-f]+ \(drawn again"):
     pipeline.run(_config(**_NO_EXTRA_STAGES), copy)
   with open(os.path.join(copy, "metrics.json")) as f:
     assert f.read() == before
+  # A record written before the digest existed: the stored trace is compared.
+  record_path = os.path.join(copy, "stages", "record_runs.json")
+  with open(record_path) as f:
+    record = json.load(f)
+  del record["checks"]
+  with open(record_path, "w") as f:
+    json.dump(record, f)
+  with pytest.raises(ValueError, match=r"stage record_runs holds runs of other "
+                     r"curricula than this config's seed draws \(run 0;"):
+    pipeline.run(_config(**_NO_EXTRA_STAGES), copy)
+  # --overwrite discards every record from record_runs on (none says which
+  # curricula it was computed from), so the job retrains and recomputes them all.
+  config = _config(**_NO_EXTRA_STAGES)
+  wd = pipeline.workdir.Workdir(copy, config, overwrite=True)
+  batch_ids = pipeline.stages.make_curricula(config).all_runs()
+  pipeline.stages._check_legacy_curricula(wd, batch_ids)
+  assert sorted(os.listdir(os.path.join(copy, "stages"))) == [
+      "base_model.json", "data.json"]
+
+
+def test_stages_computed_from_drawn_inputs_record_their_digests(tiny_run):
+  # What a rerun compares (fingerprint.Inputs.checks): each stage that reads the
+  # curricula, the removal sets or the metagradient's reference, and every stage
+  # downstream of one, holds their digests; stages before the runs hold none.
+  config, workdir, _ = tiny_run
+  checks = {}
+  for name in os.listdir(os.path.join(workdir, "stages")):
+    with open(os.path.join(workdir, "stages", name)) as f:
+      checks[name[:-len(".json")]] = set(json.load(f)["checks"])
+  assert checks["data"] == checks["base_model"] == checks["features"] == set()
+  assert checks["record_runs"] == checks["fit_simfluence_linear"] == {"curricula"}
+  assert "curricula" in checks["evaluate"] & checks["counterfactual"]
+  assert checks["metagradient"] == {"curricula", "metagradient_reference"}
+  assert checks["removal_runs"] == checks["removal_metagradients"] == {
+      "curricula", "removal_sets"}
+  with open(os.path.join(workdir, "stages", "record_runs.json")) as f:
+    recorded = json.load(f)["checks"]["curricula"]
+  assert recorded == pipeline.fingerprint.array_digest(
+      pipeline.stages.make_curricula(config).all_runs())
 
 
 def test_a_resumed_run_times_one_whole_run(monkeypatch):

@@ -160,3 +160,40 @@ def test_every_optimizer_setting_is_a_config_field_the_runs_record(optimizer,
     changed[field] = type(changed[field])(2 * changed[field] + 1)
     after = fp.select_fields(fp.flatten_config(changed), stages.RECORD_FIELDS)
     assert fp.Inputs(after, {}).fingerprint != fp.Inputs(before, {}).fingerprint, field
+
+
+def test_a_check_drawn_again_refuses_or_recomputes_every_stage_below_it(tmp_path):
+  """`checks` (the curricula's digest): not in the fingerprint, so records written
+  before it existed stay valid; another value is "changed" for the stage and every
+  stage downstream of it (NumPy's stream changed under the same config)."""
+  from simfluence_jax.pipeline import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(TINY)
+  calls = []
+
+  def job(draw, overwrite=False):
+    wd = workdir_lib.Workdir(str(tmp_path / "job"), config, overwrite)
+    for name, kwargs in (("runs", dict(precious=True, checks={"curricula": draw})),
+                         ("fit", dict(upstream=("runs",))), ("other", {})):
+      wd.stage(name, fields=("seed",), compute=lambda name=name: calls.append(name),
+               load=lambda: None, **kwargs)
+
+  job("a")
+  assert calls == ["runs", "fit", "other"]
+  calls.clear()
+  job("a")
+  assert not calls
+  with pytest.raises(fp.StaleWorkdirError, match=r"stage runs was computed with "
+                     r"other settings \(curricula a -> b \(drawn again from the seed"):
+    job("b")
+  job("b", overwrite=True)
+  assert calls == ["runs", "fit"]  # "other" does not read the curricula
+  path = os.path.join(tmp_path, "job", "stages", "runs.json")
+  with open(path) as f:
+    record = json.load(f)
+  assert record["checks"] == {"curricula": "b"}
+  del record["checks"]  # as written before the checks existed
+  with open(path, "w") as f:
+    json.dump(record, f)
+  calls.clear()
+  job("b")
+  assert not calls

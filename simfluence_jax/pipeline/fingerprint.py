@@ -154,12 +154,17 @@ class Inputs:
     upstream: `{stage name: fingerprint}` of the stages whose outputs it takes.
     version: the stage's code version.
     extra: other inputs (e.g. digests of data a user passed in).
+    checks: digests of inputs drawn again on every job (the curricula, from the
+      seed), the stage's own and every upstream stage's. Not part of the
+      fingerprint, so records written before a check existed stay valid; a record
+      holding a check with another value is "changed" (`compare`).
   """
 
   fields: dict
   upstream: dict
   version: int = 1
   extra: dict = dataclasses.field(default_factory=dict)
+  checks: dict = dataclasses.field(default_factory=dict)
 
   @property
   def fingerprint(self) -> str:
@@ -168,7 +173,15 @@ class Inputs:
 
   def to_json(self) -> dict:
     return {"fingerprint": self.fingerprint, "fields": self.fields,
-            "upstream": self.upstream, "version": self.version, "extra": self.extra}
+            "upstream": self.upstream, "version": self.version, "extra": self.extra,
+            "checks": self.checks}
+
+
+def changed_checks(record: Mapping[str, Any], inputs: Inputs) -> list[str]:
+  """Names of the checks both `record` and `inputs` hold, with other values."""
+  recorded = record.get("checks") or {}
+  return sorted(k for k, v in inputs.checks.items()
+                if k in recorded and recorded[k] != v)
 
 
 def _short(value: Any) -> str:
@@ -194,6 +207,9 @@ def describe_changes(old: Mapping[str, Any], new: Inputs,
   for name, value in sorted(new.extra.items()):
     if old.get("extra", {}).get(name) != value:
       changes.append(f"{name} changed")
+  for name in changed_checks(old, new):
+    changes.append(f"{name} {old['checks'][name]} -> {new.checks[name]} (drawn "
+                   "again from the seed: another NumPy random stream?)")
   if not changes:
     for name in sorted(set(old.get("upstream", {})) | set(new.upstream)):
       if old.get("upstream", {}).get(name) != new.upstream.get(name):
@@ -207,7 +223,7 @@ def compare(record: Optional[Mapping[str, Any]], inputs: Inputs) -> str:
   """"missing" (no record), "done" / "unfinished" (same fingerprint), or "changed"."""
   if record is None:
     return "missing"
-  if record.get("fingerprint") != inputs.fingerprint:
+  if record.get("fingerprint") != inputs.fingerprint or changed_checks(record, inputs):
     return "changed"
   return "done" if record.get("status") == "done" else "unfinished"
 

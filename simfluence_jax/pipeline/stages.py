@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any, Optional
 
@@ -317,28 +318,59 @@ def record_runs(wd: workdir_lib.Workdir, config, dataset, model: Model,
     timing = _io.read_json(wd.path("trace", "timing.json"), "record_runs")
     grad_path = wd.path("grad_trace")
     trace = trace_lib.Trace.load(wd.path("trace"))
-    # The curricula are drawn again from the seed on every job (NumPy's Generator
-    # stream is not promised across versions): a recorded trace of other
-    # curricula would have every method scored on runs it did not predict.
-    recorded = np.asarray(trace.batch_ids)
-    if recorded.shape != batch_ids.shape or not np.array_equal(recorded, batch_ids):
-      first = ("shape " + str(recorded.shape) + " != " + str(batch_ids.shape)
-               if recorded.shape != batch_ids.shape else
-               "run " + str(int(np.argwhere(recorded != batch_ids)[0][0])))
-      raise ValueError(
-          f"record_runs: the recorded runs' curricula differ from the ones drawn "
-          f"from this config's seed ({first}; another NumPy random stream?): "
-          f"rerun with --overwrite, or use the NumPy that recorded them.")
     return Runs(trace,
                 trace_lib.Trace.load(grad_path) if grad_path.exists() else None,
                 timing["seconds_per_run"], timing["seconds_per_grad_run"])
 
+  _check_legacy_curricula(wd, batch_ids)
   return wd.stage("record_runs", fields=RECORD_FIELDS + CURRICULA_FIELDS,
                   upstream=("base_model",), compute=compute, save=save, load=load,
-                  outputs=("runs", "trace", "grad_trace"), precious=True)
+                  outputs=("runs", "trace", "grad_trace"), precious=True,
+                  checks=curricula_checks(curricula))
 
 
-def _cached_array(wd, name: str, compute, *, fields, upstream, version=1):
+def curricula_checks(curricula: Curricula) -> dict:
+  """The `checks` of a stage computed from the curricula (`fp.Inputs.checks`).
+
+  They are drawn again from the seed on every job, and NumPy does not promise its
+  Generator stream across versions: a stage computed from other curricula under the
+  same config is "changed" (refused if precious, else recomputed, and so is every
+  stage downstream of it), never reused.
+  """
+  return {"curricula": fp.array_digest(curricula.all_runs())}
+
+
+def _check_legacy_curricula(wd: workdir_lib.Workdir, batch_ids: np.ndarray) -> None:
+  """A `record_runs` record written before `curricula_checks` existed holds no
+  digest of its curricula: compares the stored trace's with this job's. Other ones
+  are refused, or with `--overwrite` the record of every stage from record_runs on
+  is discarded (none of them says which curricula it was computed from)."""
+  first = ""  # where the curricula differ (process 0 reads; all agree)
+  record = wd.read_record("record_runs")
+  if (record is not None and "curricula" not in (record.get("checks") or {}) and
+      record.get("status") == "done" and wd.path("trace", "batch_ids.npy").exists()):
+    recorded = _io.load_npy(wd.path("trace", "batch_ids.npy"), "record_runs")
+    if recorded.shape != batch_ids.shape:
+      first = f"shape {recorded.shape} != {batch_ids.shape}"
+    elif not np.array_equal(recorded, batch_ids):
+      first = f"run {int(np.argwhere(recorded != batch_ids)[0][0])}"
+  if not int(sharding.agree(int(bool(first)))):
+    return
+  first = first or "see process 0's log"
+  if not wd.overwrite:
+    raise fp.StaleWorkdirError(
+        f"--workdir={os.fspath(wd.root)!r}: stage record_runs holds runs of other "
+        f"curricula than this config's seed draws ({first}; another NumPy random "
+        "stream?); use a fresh --workdir, or --overwrite to discard every stage from "
+        "record_runs on.")
+  _logger.warning("record_runs: the recorded runs' curricula are not this job's "
+                  "(%s): --overwrite discards every stage from record_runs on.",
+                  first)
+  wd.discard_records(keep=("data", "base_model"))
+
+
+def _cached_array(wd, name: str, compute, *, fields, upstream, version=1,
+                  checks=None):
   """A stage whose output is one array, stored as `arrays/<name>.npy`."""
   path = wd.path("arrays", name + ".npy")
 
@@ -349,7 +381,7 @@ def _cached_array(wd, name: str, compute, *, fields, upstream, version=1):
   return wd.stage(name, fields=fields, upstream=upstream,
                   compute=lambda: np.asarray(sharding.to_host(compute())),
                   save=save, load=lambda: _io.load_npy(path, f"stage {name}"),
-                  outputs=(f"arrays/{name}.npy",), version=version)
+                  outputs=(f"arrays/{name}.npy",), version=version, checks=checks)
 
 
 def _task(model: Model):
@@ -858,7 +890,9 @@ def metagradient(wd, config, dataset, model: Model, curricula: Curricula) -> dic
       wd, "metagradient", compute, upstream=("base_model",),
       fields=OPTIMIZER_FIELDS + CURRICULA_FIELDS + (
           "metagradient.reference_batch_size", "metagradient.chunk_size",
-          "metagradient.space"))
+          "metagradient.space"),
+      checks=dict(curricula_checks(curricula), metagradient_reference=fp.array_digest(
+          _reference_batch_ids(config))))
   bounds = np.cumsum([0] + [len(v) for v in sets.values()])
   return {name: predicted[bounds[i]:bounds[i + 1]] for i, name in enumerate(sets)}
 
@@ -932,7 +966,8 @@ def removal_runs(wd, config, dataset, model: Model,
       upstream=("base_model",), compute=compute, save=save,
       load=lambda: {label: _io.load_npy(path(label), "removal_runs")
                     for label in labels},
-      outputs=("removal",))
+      outputs=("removal",), checks=dict(curricula_checks(curricula), removal_sets=(
+          fp.array_digest(*[removed[label] for label in labels]))))
   return Removals(reference_ids, weights, removed, changes)
 
 
@@ -981,7 +1016,8 @@ def removal_lds(wd, config, dataset, model: Model, runs: Runs, sims: dict,
             config=config, train_arrays=dataset.train,
             test_arrays=dataset.test,
             cotangents_at_once=config.metagradient.cotangents_at_once)[0],
-        fields=OPTIMIZER_FIELDS + CURRICULA_FIELDS, upstream=("base_model",))
+        fields=OPTIMIZER_FIELDS + CURRICULA_FIELDS, upstream=("base_model",),
+        checks=wd.inputs("removal_runs").checks)
   if "tracin_per_step" in config.methods and runs.grad_trace is not None:
     per_occurrence["tracin_per_step"] = _tracin_terms(runs.grad_trace, 0)
   initial = runs.trace.losses[:1, 0]

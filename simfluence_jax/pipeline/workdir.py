@@ -97,6 +97,21 @@ class Workdir:
     except ValueError:
       return None  # a torn record: treat the stage as never run
 
+  def read_record(self, name: str) -> Optional[dict]:
+    """The stored record of stage `name` (None if there is none, or on a process
+    other than the primary)."""
+    return self._read_record(name) if sharding.is_primary() else None
+
+  def discard_records(self, keep: Sequence[str] = ()) -> None:
+    """Deletes the record of every stage but those of `keep`: each then runs as if
+    never run (a precious one clears its outputs first). For `--overwrite` of a
+    workdir whose records cannot say what they were computed from."""
+    if sharding.is_primary() and self.path(STAGES_DIR).exists():
+      for path in self.path(STAGES_DIR).iterdir():
+        if path.name.endswith(".json") and path.name[:-len(".json")] not in keep:
+          path.unlink()
+    sharding.barrier("discarded stage records")
+
   def _write_record(self, name: str, inputs: fp.Inputs, status: str,
                     seconds: Optional[float] = None) -> None:
     if sharding.is_primary():
@@ -111,7 +126,7 @@ class Workdir:
             save: Optional[Callable[[Any], None]] = None,
             outputs: Sequence[str] = (),
             precious: bool = False, version: int = 1,
-            extra: Optional[dict] = None) -> Any:
+            extra: Optional[dict] = None, checks: Optional[dict] = None) -> Any:
     """Runs (or reuses) one stage and returns its value.
 
     Args:
@@ -129,6 +144,8 @@ class Workdir:
         changed inputs refuse unless `overwrite`.
       version: the stage's code version (part of the fingerprint).
       extra: further inputs for the fingerprint (e.g. digests of data files).
+      checks: digests of inputs drawn again on every job (`fp.Inputs.checks`),
+        compared where a record holds them; inherited by downstream stages.
 
     Raises:
       fingerprint.StaleWorkdirError: a precious stage's inputs changed.
@@ -138,7 +155,10 @@ class Workdir:
         fields=fp.stage_fields(self.flat_config, fields,
                                [u.fields for u in upstream_inputs]),
         upstream={u: self._inputs[u].fingerprint for u in upstream},
-        version=version, extra=dict(extra or {}))
+        version=version, extra=dict(extra or {}),
+        checks=dict(sorted(({k: v for u in upstream_inputs
+                             for k, v in u.checks.items()}
+                            | dict(checks or {})).items())))
     self._inputs[name] = inputs
     record = self._read_record(name) if sharding.is_primary() else None
     status = _STATUS[int(sharding.agree(_STATUS.index(fp.compare(record, inputs))))]
