@@ -663,9 +663,12 @@ def evaluate(wd, config, runs: Runs, curricula: Curricula, sims: dict,
              for name in ("simfluence_linear", "simfluence_additive") if name in sims}
     return Evaluation(metrics, predictions, bands, sets["held_out"].losses)
 
+  # Version 2: ranked metrics skip rows that differ only by float rounding
+  # (4fd73af); a record from before kept the old values where no fit_* upstream
+  # changed (a review's reproduction).
   return wd.stage("evaluate", fields=("methods", "simulators.num_band_samples"),
                   upstream=("record_runs",) + tuple(upstream), compute=compute,
-                  save=save, load=load, outputs=("evaluation",))
+                  save=save, load=load, outputs=("evaluation",), version=2)
 
 
 def metagradient_table_simulator(config, dataset, model: Model, test_ids,
@@ -839,7 +842,7 @@ def learning_curve(wd, config, runs: Runs, curricula: Curricula,
                                    else ()), compute=compute,
       save=lambda c: _io.write_json(path, c) if sharding.is_primary() else None,
       load=lambda: _io.read_json(path, "learning_curve"),
-      outputs=("learning_curve.json",))
+      outputs=("learning_curve.json",), version=2)  # 2: as evaluate's
 
 
 def _reference_batch_ids(config) -> np.ndarray:
