@@ -230,8 +230,11 @@ def run(config, workdir: str, specs: Sequence[str], overwrite: bool = False,
   for index, overrides in enumerate(cells):
     print(f"sweep: cell {index + 1}/{len(cells)}: {cell_name(overrides)}",
           file=sys.stderr, flush=True)
-    payload = run_fn(cell_config(config, overrides),
-                     os.path.join(os.fspath(workdir), cell_name(overrides)), overwrite)
+    cell_dir = os.path.join(os.fspath(workdir), cell_name(overrides))
+    # A cell is a workdir of its own (rerun alone): its lock keeps such a job and
+    # this sweep from writing it at once.
+    with pipeline.workdir_lock(cell_dir):
+      payload = run_fn(cell_config(config, overrides), cell_dir, overwrite)
     cell = {"overrides": overrides, "metrics": _method_metrics(payload),
             "regime": payload.get("regime")}
     if "std" in payload:  # config.num_seeds > 1: the metrics are means over seeds

@@ -312,6 +312,16 @@ def test_workdir_lock_refuses_a_second_job(tmp_path):
     pass
 
 
+def test_a_seed_folder_in_use_refuses_the_multi_seed_job(tmp_path):
+  # A seed rerun alone (`--workdir=DIR/seed_0`) and the multi-seed job on DIR each
+  # took only their own folder's lock, and wrote seed_0/ at the same time.
+  config = _config(num_seeds=2, **_NO_EXTRA_STAGES)
+  with pipeline.workdir_lock(str(tmp_path / "seed_0")):
+    with pytest.raises(ValueError, match=r"seed_0'? is in use by another job"):
+      pipeline.run(config, str(tmp_path))
+  assert not (tmp_path / "seed_0" / "stages").exists()
+
+
 def test_diverged_run_stops_with_run_and_step_named(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "simfluence_jax.main",

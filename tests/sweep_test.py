@@ -117,3 +117,16 @@ def test_command_line_error_is_one_line(tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1] == (
       "error: --sweep=batch_size:...: 'x' is not a int.")
+
+
+def test_a_cell_in_use_refuses_the_sweep(tmp_path):
+  # A cell rerun alone and the sweep each took only their own folder's lock, and
+  # wrote the cell at the same time.
+  from simfluence_jax import pipeline  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(TINY)
+  ran = []
+  with pipeline.workdir_lock(str(tmp_path / "batch_size=4")):
+    with pytest.raises(ValueError, match=r"batch_size=4'? is in use by another job"):
+      sweep.run(config, str(tmp_path), ["batch_size:2,4"],
+                run_fn=lambda cell, workdir, overwrite: ran.append(workdir) or {})
+  assert [os.path.basename(w) for w in ran] == ["batch_size=2"]

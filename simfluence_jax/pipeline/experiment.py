@@ -441,10 +441,14 @@ def _run(config, workdir: str, overwrite: bool) -> dict:
   if config.num_seeds == 1:
     return run_seed(config, workdir, overwrite)
   seeds = [config.seed + k for k in range(config.num_seeds)]
-  payloads = [run_seed(_seed_config(config, seed), os.path.join(
-      os.fspath(workdir), f"seed_{k}"), overwrite,
-                       runs_settled=lambda: clear_results(workdir))
-              for k, seed in enumerate(seeds)]
+  payloads = []
+  for k, seed in enumerate(seeds):
+    seed_dir = os.path.join(os.fspath(workdir), f"seed_{k}")
+    # A seed's folder is a workdir of its own (rerun alone, as `tables` expects):
+    # its lock keeps a job on it and this one from writing it at once.
+    with workdir_lib.workdir_lock(seed_dir):
+      payloads.append(run_seed(_seed_config(config, seed), seed_dir, overwrite,
+                               runs_settled=lambda: clear_results(workdir)))
   mean, std = _mean_and_std(payloads)
   payload = dict(mean, std=std, seeds=seeds, num_seeds=len(seeds),
                  # The job's config (num_seeds K, the first seed), not seed 0's.
