@@ -215,6 +215,26 @@ def test_stages_computed_from_drawn_inputs_record_their_digests(tiny_run):
       pipeline.stages.make_curricula(config).all_runs())
 
 
+def test_an_overwrite_that_dies_in_training_leaves_no_result(tiny_run, tmp_path,
+                                                             monkeypatch):
+  # --overwrite deleted the old runs and died retraining: the old metrics.json and
+  # report stayed, and `tables` rendered them as the workdir's result.
+  _, workdir, _ = tiny_run
+  copy = _copy(workdir, tmp_path)
+
+  def killed(*args, **kwargs):
+    del args, kwargs
+    raise RuntimeError("killed while training")
+
+  monkeypatch.setattr(pipeline.stages.training, "train_runs", killed)
+  with pytest.raises(RuntimeError, match="killed while training"):
+    pipeline.run(_config(learning_rate=0.002, **_NO_EXTRA_STAGES), copy,
+                 overwrite=True)
+  assert not os.path.exists(os.path.join(copy, "trace"))
+  for name in ("metrics.json", "report.md", "plots"):
+    assert not os.path.exists(os.path.join(copy, name)), name
+
+
 def test_a_resumed_run_times_one_whole_run(monkeypatch):
   # A job killed after training 3 of 4 steps resumes and trains 1: that step's
   # time is one run's quarter, and every method's cost is in units of one run.

@@ -210,11 +210,18 @@ def run_seed(config, workdir: str, overwrite: bool = False,
              runs_settled: Optional[Callable[[], None]] = None) -> dict:
   """One experiment (one seed) in `workdir`; returns the metrics payload.
 
-  `runs_settled()` is called once the recorded runs are (a multi-seed job clears
-  its own top-level result then).
+  `runs_settled()` is called once the recorded runs are, and before a precious
+  stage deletes its outputs (a multi-seed job clears its own top-level result
+  then).
   """
   from simfluence_jax import evaluation  # pylint: disable=g-import-not-at-top
-  wd = workdir_lib.Workdir(workdir, config, overwrite)
+
+  def discard():  # a precious stage is about to delete what the result came from
+    clear_results(workdir)
+    if runs_settled is not None:
+      runs_settled()
+
+  wd = workdir_lib.Workdir(workdir, config, overwrite, on_discard=discard)
   config_lib.mesh_model_sizes(config, jax.device_count())  # refused before any work
   methods = config.methods
   dataset = stages.load_data(wd, config)

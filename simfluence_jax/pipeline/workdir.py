@@ -67,8 +67,13 @@ class Workdir:
     timings: stage name -> `StageTiming`, in the order the stages ran.
   """
 
-  def __init__(self, root: _io.PathLike, config: Any, overwrite: bool = False):
+  def __init__(self, root: _io.PathLike, config: Any, overwrite: bool = False,
+               on_discard: Optional[Callable[[], None]] = None):
+    """`on_discard()` is called before a precious stage deletes its outputs (with
+    `overwrite`, or outputs no record claims): the job's result files, computed
+    from them, must not outlive them if the job then dies."""
     _io.check_workdir(root)
+    self.on_discard = on_discard
     self.root = _io.as_path(root)
     self.config = config
     self.overwrite = overwrite
@@ -181,6 +186,8 @@ class Workdir:
     if status == "changed" or (precious and status == "missing"):
       # A precious stage without a record may still have outputs from a job that
       # predates records, or was killed before writing one: never resume those.
+      if precious and self.on_discard is not None:
+        self.on_discard()
       if sharding.is_primary():
         for output in outputs:
           _io.remove_tree(self.path(output))
