@@ -197,3 +197,36 @@ def test_a_check_drawn_again_refuses_or_recomputes_every_stage_below_it(tmp_path
   calls.clear()
   job("b")
   assert not calls
+
+
+def test_a_reused_stage_names_the_packages_that_computed_it(tmp_path):
+  """The report said "computed with" this job's packages for numbers an earlier job
+  computed under others (stages reused across a package upgrade)."""
+  from simfluence_jax.evaluation import _report  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.pipeline import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(TINY)
+  old = {"python": "3.11", "machine": "x86_64", "cpu": "A",
+         "packages": {"jax": "0.4.1", "numpy": "1.21.0"}}
+  new = dict(old, packages={"jax": "0.10.2", "numpy": "2.4.6"})
+
+  def job(env, names):
+    wd = workdir_lib.Workdir(str(tmp_path / "job"), config, environment=env)
+    for name in names:
+      wd.stage(name, fields=("seed",), compute=lambda: None, load=lambda: None)
+    return wd
+
+  assert job(old, ["runs"]).other_environments() == {}
+  wd = job(new, ["runs", "fit"])  # runs reused (old packages), fit computed now
+  assert wd.other_environments() == {"runs": old}
+  text = _report.environment_text({"summary": {
+      "environment": new, "other_environments": wd.other_environments()}})
+  assert text == (" Computed with Python 3.11, jax 0.10.2, numpy 2.4.6, on A. Reused "
+                  "stages computed with Python 3.11, jax 0.4.1, numpy 1.21.0, on A: "
+                  "runs.")
+  path = os.path.join(tmp_path, "job", "stages", "runs.json")
+  with open(path) as f:
+    record = json.load(f)
+  del record["environment"]  # a record from before environments were recorded
+  with open(path, "w") as f:
+    json.dump(record, f)
+  assert job(new, ["runs"]).other_environments() == {"runs": "not recorded"}

@@ -323,10 +323,22 @@ def environment_text(payload: dict) -> str:
   env = payload.get("summary", {}).get("environment")
   if not env:
     return ""
-  packages = ", ".join(f"{name} {version}" for name, version in
-                       env.get("packages", {}).items() if version)
-  return (f" Computed with Python {env.get('python')}, {packages}, on "
-          f"{env.get('cpu') or env.get('machine')}.")
+  def describe(env):
+    packages = ", ".join(f"{name} {version}" for name, version in
+                         env.get("packages", {}).items() if version)
+    return f"Python {env.get('python')}, {packages}, on {env.get('cpu') or env.get('machine')}"
+
+  text = f" Computed with {describe(env)}."
+  others = payload.get("summary", {}).get("other_environments") or {}
+  unknown = sorted(k for k, v in others.items() if not isinstance(v, dict))
+  known = {k: v for k, v in others.items() if isinstance(v, dict)}
+  for variant in {describe(v) for v in known.values()}:
+    stages = sorted(k for k, v in known.items() if describe(v) == variant)
+    text += f" Reused stages computed with {variant}: {', '.join(stages)}."
+  if unknown:
+    text += (f" {len(unknown)} reused stage(s) were computed before environments "
+             "were recorded (`summary.other_environments`).")
+  return text
 
 
 def report_lines(payload: dict, plots=()) -> list:

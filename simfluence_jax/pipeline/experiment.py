@@ -105,7 +105,11 @@ def counterfactual_summary(result: dict) -> dict:
   return out
 
 
-def _summary(config, dataset, runs: stages.Runs, curricula) -> dict:
+def _summary(config, dataset, runs: stages.Runs, curricula,
+             wd: workdir_lib.Workdir) -> dict:
+  """What the payload's numbers were computed from: the config, sizes, devices,
+  `environment` (this job's) and `other_environments` (the stages it reused that an
+  earlier job computed with other packages or on another machine)."""
   return {"config": config.to_dict(), "dataset": dataset.name,
           "num_train_runs": len(curricula.fit),
           "num_held_out_runs": len(curricula.held_out),
@@ -114,7 +118,8 @@ def _summary(config, dataset, runs: stages.Runs, curricula) -> dict:
           "num_steps": config.num_steps,
           "num_test_examples": config.num_test_examples,
           "seconds_per_run": runs.seconds_per_run, "devices": str(jax.devices()),
-          "environment": environment()}
+          "environment": wd.environment,
+          "other_environments": wd.other_environments()}
 
 
 # Packages whose numerics shape a job's numbers: the same code and seeds on two
@@ -221,7 +226,8 @@ def run_seed(config, workdir: str, overwrite: bool = False,
     if runs_settled is not None:
       runs_settled()
 
-  wd = workdir_lib.Workdir(workdir, config, overwrite, on_discard=discard)
+  wd = workdir_lib.Workdir(workdir, config, overwrite, on_discard=discard,
+                          environment=environment())
   config_lib.mesh_model_sizes(config, jax.device_count())  # refused before any work
   methods = config.methods
   dataset = stages.load_data(wd, config)
@@ -282,7 +288,7 @@ def run_seed(config, workdir: str, overwrite: bool = False,
   payload["stages"] = {name: {"seconds": t.seconds, "reused": t.reused}
                        for name, t in wd.timings.items()}
   payload["timings"] = {name: t.seconds for name, t in wd.timings.items()}
-  payload["summary"] = _summary(config, dataset, runs, curricula)
+  payload["summary"] = _summary(config, dataset, runs, curricula, wd)
   if sharding.is_primary():
     evaluation.write_report(os.fspath(wd.root), payload=payload,
                             predictions=result.predictions, bands=result.bands,
@@ -460,7 +466,11 @@ def _run(config, workdir: str, overwrite: bool) -> dict:
   payload = dict(mean, std=std, seeds=seeds, num_seeds=len(seeds),
                  # The job's config (num_seeds K, the first seed), not seed 0's.
                  summary=dict(payloads[0]["summary"], seeds=seeds,
-                              config=config.to_dict()),
+                              config=config.to_dict(), other_environments={
+                                  f"seed_{k}/{name}": env
+                                  for k, p in enumerate(payloads)
+                                  for name, env in p["summary"].get(
+                                      "other_environments", {}).items()}),
                  stages={f"seed_{k}/{name}": v for k, p in enumerate(payloads)
                          for name, v in p["stages"].items()})
   growth = [p.get("regime", {}).get("removal_derivative_growth") for p in payloads]

@@ -68,12 +68,17 @@ class Workdir:
   """
 
   def __init__(self, root: _io.PathLike, config: Any, overwrite: bool = False,
-               on_discard: Optional[Callable[[], None]] = None):
+               on_discard: Optional[Callable[[], None]] = None,
+               environment: Optional[dict] = None):
     """`on_discard()` is called before a precious stage deletes its outputs (with
     `overwrite`, or outputs no record claims): the job's result files, computed
-    from them, must not outlive them if the job then dies."""
+    from them, must not outlive them if the job then dies. `environment` (the
+    packages and machine, `experiment.environment()`) is written into the record
+    of every stage computed here, so a result can name what computed its reused
+    stages (`other_environments`)."""
     _io.check_workdir(root)
     self.on_discard = on_discard
+    self.environment = environment
     self.root = _io.as_path(root)
     self.config = config
     self.overwrite = overwrite
@@ -122,7 +127,20 @@ class Workdir:
     if sharding.is_primary():
       _io.write_json(self._record_path(name), dict(
           inputs.to_json(), stage=name, status=status, seconds=seconds,
-          host=socket.gethostname(), time=time.strftime("%Y-%m-%d %H:%M:%S")))
+          host=socket.gethostname(), time=time.strftime("%Y-%m-%d %H:%M:%S"),
+          **({} if self.environment is None else {"environment": self.environment})))
+
+  def other_environments(self) -> dict:
+    """stage -> the environment its record names, for the stages this job used
+    (`timings`) computed under another one than `environment` ("not recorded" for
+    records from before environments were)."""
+    out = {}
+    for name in self.timings:
+      record = self.read_record(name) or {}
+      recorded = record.get("environment", "not recorded")
+      if recorded != self.environment:
+        out[name] = recorded
+    return out
 
   def stage(self, name: str, *, fields: Sequence[str],
             compute: Callable[[], Any],
