@@ -209,6 +209,30 @@ def test_a_lease_another_job_took_over_is_left_to_it(lease):
   assert "other-host" in lease.read_text()
 
 
+def test_a_job_whose_lease_was_taken_over_stops_writing(lease, monkeypatch):
+  # It only logged an error and went on writing stage records beside the job that
+  # took the workdir over (a review's reproduction).
+  from simfluence_jax import config_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(workdir_lib, "_REFRESH_SECONDS", 0.05)
+  workdir = os.fspath(lease.parent)
+  config = config_lib.load_config(os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+      "default.py:tiny"))
+  with pipeline.workdir_lock(workdir):
+    wd = workdir_lib.Workdir(workdir + "/seed_0", config)
+    wd.stage("before", fields=("seed",), compute=lambda: None)
+    lease.write_text(f"other-host pid 9 feedf00d {time.time()}")
+    deadline = time.time() + 30
+    while not workdir_lib._LOST_LEASES:  # pylint: disable=protected-access
+      assert time.time() < deadline, "the takeover was not noticed"
+      time.sleep(0.05)
+    with pytest.raises(ValueError, match=r"another job \(other-host pid 9 feedf00d\) "
+                       r"took over this job's lease"):
+      wd.stage("after", fields=("seed",), compute=lambda: None)
+  assert not (lease.parent / "seed_0" / "stages" / "after.json").exists()
+  assert not workdir_lib._LOST_LEASES  # pylint: disable=protected-access
+
+
 def test_a_workdir_in_another_kind_of_bucket_is_refused():
   with pytest.raises(ValueError, match="gs:// bucket"):
     with pipeline.workdir_lock("s3://bucket/job"):

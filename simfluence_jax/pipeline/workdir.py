@@ -124,6 +124,7 @@ class Workdir:
 
   def _write_record(self, name: str, inputs: fp.Inputs, status: str,
                     seconds: Optional[float] = None) -> None:
+    check_lease(self.root)
     if sharding.is_primary():
       _io.write_json(self._record_path(name), dict(
           inputs.to_json(), stage=name, status=status, seconds=seconds,
@@ -173,6 +174,7 @@ class Workdir:
     Raises:
       fingerprint.StaleWorkdirError: a precious stage's inputs changed.
     """
+    check_lease(self.root)
     upstream_inputs = [self._inputs[u] for u in upstream]
     inputs = fp.Inputs(
         fields=fp.stage_fields(self.flat_config, fields,
@@ -239,6 +241,22 @@ def _read_lease(lock) -> Optional[tuple[str, float]]:
     return text, float("inf")
 
 
+# Bucket workdirs whose lease another job took over while this one held it: root
+# -> that job. `Workdir` refuses to run or record a stage there from then on.
+_LOST_LEASES: dict[str, str] = {}
+
+
+def check_lease(root) -> None:
+  """Raises ValueError if this job's lease of bucket workdir `root` (or of one
+  above it) was taken over by another job (`_bucket_lease`)."""
+  path = os.fspath(root).rstrip("/")
+  for lost, holder in list(_LOST_LEASES.items()):
+    if path == lost.rstrip("/") or path.startswith(lost.rstrip("/") + "/"):
+      raise ValueError(f"--workdir={lost!r}: another job ({holder}) took over this "
+                       "job's lease (it stalled past the lease's "
+                       f"{_LEASE_SECONDS:.0f} s); this job stops writing there.")
+
+
 @contextlib.contextmanager
 def _bucket_lease(workdir: _io.PathLike, root) -> Iterator[None]:
   """The single-writer rule of a bucket workdir, kept by a lease file (see
@@ -282,8 +300,9 @@ def _bucket_lease(workdir: _io.PathLike, root) -> Iterator[None]:
         lease = _read_lease(lock)
         if lease is not None and lease[0] != owner:
           _logger.error("--workdir=%s: another job (%s) took over this job's lease "
-                        "(this job stalled past %.0f s?): both may now write the "
-                        "workdir.", name, lease[0], _LEASE_SECONDS)
+                        "(this job stalled past %.0f s?): this job writes no more "
+                        "stage records there.", name, lease[0], _LEASE_SECONDS)
+          _LOST_LEASES[os.fspath(root)] = lease[0]
           return
         write_lease()
       except Exception as e:  # pylint: disable=broad-except
@@ -297,6 +316,7 @@ def _bucket_lease(workdir: _io.PathLike, root) -> Iterator[None]:
   finally:
     stop.set()
     thread.join()
+    _LOST_LEASES.pop(os.fspath(root), None)
     try:
       lease = _read_lease(lock)
       if lease is not None and lease[0] == owner:
