@@ -317,8 +317,7 @@ def record_runs(wd: workdir_lib.Workdir, config, dataset, model: Model,
   def load():
     timing = _io.read_json(wd.path("trace", "timing.json"), "record_runs")
     grad_path = wd.path("grad_trace")
-    trace = trace_lib.Trace.load(wd.path("trace"))
-    return Runs(trace,
+    return Runs(trace_lib.Trace.load(wd.path("trace")),
                 trace_lib.Trace.load(grad_path) if grad_path.exists() else None,
                 timing["seconds_per_run"], timing["seconds_per_grad_run"])
 

@@ -79,6 +79,7 @@ class Workdir:
     _io.check_workdir(root)
     self.on_discard = on_discard
     self.environment = environment
+    self._reused_environments: dict[str, Any] = {}
     self.root = _io.as_path(root)
     self.config = config
     self.overwrite = overwrite
@@ -132,16 +133,11 @@ class Workdir:
           **({} if self.environment is None else {"environment": self.environment})))
 
   def other_environments(self) -> dict:
-    """stage -> the environment its record names, for the stages this job used
-    (`timings`) computed under another one than `environment` ("not recorded" for
-    records from before environments were)."""
-    out = {}
-    for name in self.timings:
-      record = self.read_record(name) or {}
-      recorded = record.get("environment", "not recorded")
-      if recorded != self.environment:
-        out[name] = recorded
-    return out
+    """stage -> the environment its record names, for the stages this job reused
+    that were computed under another one than `environment` ("not recorded" for
+    records from before environments were; process 0's view)."""
+    return {name: env for name, env in self._reused_environments.items()
+            if env != self.environment}
 
   def stage(self, name: str, *, fields: Sequence[str],
             compute: Callable[[], Any],
@@ -185,11 +181,13 @@ class Workdir:
                              for k, v in u.checks.items()}
                             | dict(checks or {})).items())))
     self._inputs[name] = inputs
-    record = self._read_record(name) if sharding.is_primary() else None
+    record = self.read_record(name)
     status = _STATUS[int(sharding.agree(_STATUS.index(fp.compare(record, inputs))))]
     start = time.perf_counter()
     if status == "done" and load is not None:
       _logger.info("stage %s: reusing its outputs (inputs unchanged)", name)
+      self._reused_environments[name] = (record or {}).get("environment",
+                                                           "not recorded")
       value = load()
       self.timings[name] = StageTiming(time.perf_counter() - start, True,
                                        (record or {}).get("seconds"))
