@@ -1,8 +1,19 @@
 """What the PyTorch peers of the benchmarks share; imports only torch and the peers.
 
 (`_common.py` imports flax and jax: a peer's whole-process timing must not pay for
-them.)
+them.) `time_in_child` times Kronfluence in a process of its own: it calls
+`gc.collect()` about ten times per call, and in the benchmark's process each
+collection also walks every object JAX and flax made (1.3-1.6x its time).
+
+  python benchmarks/_peers.py DIR   (the child; `time_in_child` writes DIR)
 """
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
 
 
 def kronfluence_classification_task():
@@ -74,3 +85,84 @@ def kronfluence_pairwise(net, train_set, query_set, damping, batch_size, output_
     peer.fit(train_set)
     return peer.pairwise(query_set, train_set)
   return run
+
+
+def _best_of(fn, repeats):
+  """(fastest of `repeats` timed calls after one warm-up call, first call, last
+  result): `_common.best_of`, which this process may not import."""
+  start = time.perf_counter()
+  result = fn()
+  first = time.perf_counter() - start
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    result = fn()
+    best = min(best, time.perf_counter() - start)
+  return best, first, result
+
+
+def time_in_child(kind, state, inputs, labels, num_query, damping, repeats,
+                  batch_size=256):
+  """Times Kronfluence on the MLP 64-128-10 with torch `state` (numpy arrays of
+  `_common.torch_state`) in a fresh process that imports only numpy, torch and
+  Kronfluence, as a user's would.
+
+  Args:
+    kind: "pairwise" (factors + pairwise scores of the first `num_query` examples,
+      refitted every call) or "self" (self-influence from factors fitted once,
+      untimed).
+
+  Returns:
+    (best warm seconds, first call's seconds, scores: float[Q, N] or float[N]).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as directory:
+    np.savez(os.path.join(directory, "inputs.npz"), inputs=inputs, labels=labels,
+             **{f"state/{k}": v for k, v in state.items()})
+    with open(os.path.join(directory, "job.json"), "w") as f:
+      json.dump({"kind": kind, "num_query": int(num_query), "damping": damping,
+                 "repeats": int(repeats), "batch_size": int(batch_size)}, f)
+    subprocess.run([sys.executable, os.path.abspath(__file__), directory],
+                   check=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    with open(os.path.join(directory, "timing.json")) as f:
+      timing = json.load(f)
+    scores = np.load(os.path.join(directory, "scores.npy"))
+  return timing["best"], timing["first"], scores
+
+
+def _child(directory):
+  import logging  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  logging.disable(logging.WARNING)
+  with open(os.path.join(directory, "job.json")) as f:
+    job = json.load(f)
+  arrays = np.load(os.path.join(directory, "inputs.npz"))
+  torch.set_num_threads(2)
+  net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                            torch.nn.Linear(128, 10))
+  with torch.no_grad():
+    net.load_state_dict({k[len("state/"):]: torch.tensor(arrays[k])
+                         for k in arrays.files if k.startswith("state/")})
+  inputs, labels = arrays["inputs"], arrays["labels"]
+  train_set = torch.utils.data.TensorDataset(torch.tensor(inputs),
+                                             torch.tensor(labels, dtype=torch.long))
+  query_set = torch.utils.data.TensorDataset(
+      torch.tensor(inputs[:job["num_query"]]),
+      torch.tensor(labels[:job["num_query"]], dtype=torch.long))
+  output = os.path.join(directory, "kronfluence")
+  if job["kind"] == "pairwise":
+    run = kronfluence_pairwise(net, train_set, query_set, job["damping"],
+                               job["batch_size"], output)
+  else:
+    peer = KronfluenceEKFAC(net, job["damping"], job["batch_size"], output)
+    peer.fit(train_set)
+    run = lambda: peer.self_scores(train_set)
+  best, first, scores = _best_of(run, job["repeats"])
+  np.save(os.path.join(directory, "scores.npy"), np.asarray(scores))
+  with open(os.path.join(directory, "timing.json"), "w") as f:
+    json.dump({"best": best, "first": first}, f)
+
+
+if __name__ == "__main__":
+  _child(sys.argv[1])

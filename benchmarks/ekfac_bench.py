@@ -82,6 +82,11 @@ def _ours(model, inputs, labels, num_query, damping, batch_size=256):
                                scores=scores, run=lambda: scores(fit()))
 
 
+def _state_arrays(params):
+  """`_common.torch_state` as numpy arrays (for `_peers.time_in_child`)."""
+  return {k: v.numpy() for k, v in _common.torch_state(params).items()}
+
+
 def _self_influence(ours, factors, damping):
   return jax.block_until_ready(influence.ekfac_self_influence(
       ours.task, ours.params, factors, ours.batches, damping=damping))
@@ -123,7 +128,7 @@ def measure(size="full", peer=True, repeats=2):
   inputs = np.asarray(jax.random.normal(jax.random.key(0), (num_train, 64)))
   labels = np.asarray(jax.random.randint(jax.random.key(1), (num_train,), 0, 10))
   side = _ours(_common.MLP(), inputs, labels, num_query, DAMPING)
-  ours_time, _, ours = _common.best_of(side.run)
+  ours_time, _, ours = _common.best_of(side.run, repeats)  # as many as the peer's
   result = {"num_train": num_train, "num_query": num_query, "ours_s": ours_time,
             "damping": DAMPING}
   if not peer:
@@ -133,17 +138,13 @@ def measure(size="full", peer=True, repeats=2):
     import kronfluence  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   except ImportError as e:
     return dict(result, peer_missing=str(e))
-  train_set, query_set = _torch_sets(inputs, labels, num_query)
-  logging.disable(logging.WARNING)
-  try:
-    with tempfile.TemporaryDirectory() as directory:
-      run = _peers.kronfluence_pairwise(_common.torch_mlp(side.params), train_set,
-                                        query_set, DAMPING, 256, directory)
-      # Both sides timed warm (best of `repeats` after a first call: our compile,
-      # torch's one-time set-up); the first call is kept as peer_first_call_s.
-      kron_time, first, theirs = _common.best_of(run, repeats)
-  finally:
-    logging.disable(logging.NOTSET)
+  # Both sides timed warm (best of `repeats` after a first call: our compile,
+  # torch's one-time set-up); the first call is kept as peer_first_call_s. The
+  # peer runs in a process of its own (`_peers.time_in_child`: in this one its
+  # gc.collect() calls would also walk JAX's objects).
+  kron_time, first, theirs = _peers.time_in_child(
+      "pairwise", _state_arrays(side.params), inputs, labels, num_query, DAMPING,
+      repeats)
   cnn = cnn_agreement(*CNN_SIZES[size])
   return dict(result, peer_s=kron_time, peer_first_call_s=first,
               speedup=kron_time / ours_time, **_common.agreement(ours, theirs),
@@ -173,10 +174,8 @@ def measure_self(size="full", repeats=2):
     import kronfluence  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   except ImportError as e:
     return dict(result, peer_missing=str(e))
-  train_set, _ = _torch_sets(inputs, labels, 1)
-  with _fitted_kronfluence(_common.torch_mlp(ours.params), train_set, DAMPING) as peer:
-    peer_time, _, theirs = _common.best_of(lambda: peer.self_scores(train_set),
-                                           repeats)
+  peer_time, _, theirs = _peers.time_in_child(
+      "self", _state_arrays(ours.params), inputs, labels, 1, DAMPING, repeats)
   return dict(result, peer_s=peer_time, speedup=peer_time / ours_time,
               **_common.agreement(own, theirs))
 
