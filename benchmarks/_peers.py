@@ -87,9 +87,10 @@ def kronfluence_pairwise(net, train_set, query_set, damping, batch_size, output_
   return run
 
 
-def _best_of(fn, repeats):
-  """(fastest of `repeats` timed calls after one warm-up call, first call, last
-  result): `_common.best_of`, which this process may not import."""
+def best_of(fn, repeats):
+  """(fastest of `repeats` timed calls after one warm-up call, first call's
+  seconds, last result). `_common.best_of` is this one; it lives here so that a
+  peer's own process (`time_in_child`) need not import jax to use it."""
   start = time.perf_counter()
   result = fn()
   first = time.perf_counter() - start
@@ -158,7 +159,7 @@ def _child(directory):
     peer = KronfluenceEKFAC(net, job["damping"], job["batch_size"], output)
     peer.fit(train_set)
     run = lambda: peer.self_scores(train_set)
-  best, first, scores = _best_of(run, job["repeats"])
+  best, first, scores = best_of(run, job["repeats"])
   np.save(os.path.join(directory, "scores.npy"), np.asarray(scores))
   with open(os.path.join(directory, "timing.json"), "w") as f:
     json.dump({"best": best, "first": first}, f)
