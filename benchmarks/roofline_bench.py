@@ -13,19 +13,22 @@ time, as a fraction of that peak:
   (d=64, 2 layers), batch 32, R runs x T steps;
 * `per_example_grads`: `kernels.per_example_grads` of the same model on a chunk;
 * `tracin_scoring`, `ekfac_scoring`: TracIn-CP and EK-FAC scores of N train examples
-  (MLP 64-128-10). Their Python loops over chunks call several programs, so their
-  FLOPs are those of materialised per-example gradient passes over the same N
-  examples (`per_example_grads` of the MLP): *effective* FLOP/s, the work a plain
-  implementation would do per second (the factored kernels may do less than that);
-* `solver`: the Simfluence-Linear fit (CG), FLOPs counted from its shapes and
-  iterations (two sparse matrix products per iteration, 2 FLOPs per stored entry and
-  column).
+  (MLP 64-128-10). Their Python loops over chunks call several programs; their FLOPs
+  are those of the per-chunk score kernel, times the chunks (the query side, done
+  once, is left out). `effective_fraction` also counts, as before 2026-12-06, the
+  FLOPs of materialised per-example gradient passes over the same N examples (the
+  work a plain implementation would do): the EK-FAC kernel executes about 20 times
+  those, so that rate read 1.6% where the kernel runs at about a third of peak;
+* `solver`: the Simfluence-Linear fit (CG): XLA's FLOPs of its init and, per
+  iteration, of its two kernels (X·d and the PCG update), times the iterations (a
+  count from shapes had 1.47 times XLA's).
 
 A fraction well below 1 on a CPU is expected for small, memory-bound programs; what
 it shows is where the time goes and which loop to work on.
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -45,7 +48,11 @@ from simfluence_jax import models
 from simfluence_jax import simulators
 from simfluence_jax import trace as trace_lib
 from simfluence_jax import training
+from simfluence_jax.influence import _common as influence_common
+from simfluence_jax.influence import _ekfac
+from simfluence_jax.influence import _tracin
 from simfluence_jax.planning import costs
+from simfluence_jax.simulators import _solver
 from simfluence_jax.training import runs as runs_lib
 
 SIZES = {  # matmul n, (runs, steps), scoring N, solver (N, M, R, T, B)
@@ -162,11 +169,25 @@ def scoring_rows(num_train, peak, repeats):
   factors = influence.fit_ekfac(task, params, batches)
   ekfac = best_of(lambda: influence.ekfac_scores(
       task, params, factors, query, batches, chunk_size=chunk), repeats)
-  note = "effective: FLOPs of materialised per-example gradient passes over N"
-  return {"tracin_scoring": _row(pass_flops, tracin, peak, num_train=num_train,
-                                 num_query=num_query, flops_counted=note),
-          "ekfac_scoring": _row(pass_flops, ekfac, peak, num_train=num_train,
-                                num_query=num_query, flops_counted=note)}
+  # The per-chunk kernels the two scorers run (private: a benchmark's business).
+  plan = _tracin._cached_plan(task, params, query, batches[0], num_query)  # pylint: disable=protected-access
+  tracin_query = _tracin._query_kernel(task, plan)(params, query)  # pylint: disable=protected-access
+  tracin_flops = compiled_flops(functools.partial(
+      _tracin._chunk_scores, task, plan), params, tracin_query, jnp.float32(1.0),  # pylint: disable=protected-access
+      batches[0]) * len(batches)
+  lambdas = _ekfac.layer_damping(factors, None)
+  ekfac_query = _ekfac._preconditioned_queries(  # pylint: disable=protected-access
+      task, factors.layers, None, influence_common.resolve_mesh(None), params,
+      factors.factors, query, lambdas)
+  ekfac_flops = compiled_flops(functools.partial(
+      _ekfac._train_scores, task, factors.layers, "total"), params, ekfac_query,  # pylint: disable=protected-access
+      batches[0]) * len(batches)
+  note = "XLA's FLOPs of the per-chunk score kernel x chunks"
+  return {name: _row(flops, seconds, peak, num_train=num_train, num_query=num_query,
+                     flops_counted=note,
+                     effective_fraction=pass_flops / seconds / peak)
+          for name, flops, seconds in (("tracin_scoring", tracin_flops, tracin),
+                                       ("ekfac_scoring", ekfac_flops, ekfac))}
 
 
 def solver_row(num_train, num_test, num_runs, num_steps, batch, peak, repeats):
@@ -179,12 +200,26 @@ def solver_row(num_train, num_test, num_runs, num_steps, batch, peak, repeats):
   fit = lambda: simulators.fit("linear", trace, l2=1.0, method="cg")
   seconds = best_of(lambda: fit().A, repeats)
   iterations = int(fit().fit_info["iterations"])
-  # Per CG iteration: X v and Xᵀ u with X [R·T, 2N] holding 2B entries per row, for
-  # M columns: 2 products x 2 FLOPs x R·T·2B entries x M.
-  flops = iterations * 2 * 2 * (num_runs * num_steps * 2 * batch) * num_test
+  # XLA's FLOPs of the CG kernels on the fit's own problem: the init once, then per
+  # iteration X·direction (`forward`) and the PCG update (`_cg_step`).
+  ids = jnp.asarray(batch_ids.reshape(-1, batch))
+  x = jnp.asarray(losses[:, :-1].reshape(-1, num_test))
+  y = jnp.asarray(losses[:, 1:].reshape(-1, num_test))
+  l2 = jnp.full((num_test,), 1.0, jnp.float32)
+  init = functools.partial(_solver._cg_init, num_train=num_train, linear=True)  # pylint: disable=protected-access
+  state = jax.jit(init)(ids, x, y, l2, jnp.float32(1e-5))
+  theta, residual, direction, rz, target, inverse = state[:6]
+  forward = functools.partial(_solver.forward, linear=True)
+  predicted = jax.jit(forward)(direction, ids, x)
+  step_flops = (compiled_flops(forward, direction, ids, x) + compiled_flops(
+      functools.partial(_solver._cg_step, linear=True), predicted, theta, residual,  # pylint: disable=protected-access
+      direction, rz, target, inverse, ids, x, l2))
+  flops = compiled_flops(init, ids, x, y, l2, jnp.float32(1e-5)) + (
+      iterations * step_flops)
   return _row(float(flops), seconds, peak, iterations=iterations,
               sizes=dict(N=num_train, M=num_test, R=num_runs, T=num_steps, B=batch),
-              flops_counted="from shapes and CG iterations")
+              flops_counted="XLA's FLOPs of the CG init + iterations x (forward, "
+                            "PCG step)")
 
 
 def measure(size="full", repeats=3):
