@@ -28,6 +28,12 @@ from simfluence_jax import data
 DEFAULT_COMPILATION_CACHE_DIR = "~/.cache/simfluence_jax/xla"
 
 
+# config.data's fields that are references to the top-level ones of the same name
+# (`base_config`): one value each, set at the top (`main` refuses the data flags,
+# `validate_config` a config file that untied them).
+TIED_DATA_FIELDS = ("num_train_examples", "num_test_examples", "seed")
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """Parses `"tiny,num_runs=8"` into a ConfigDict, with `defaults` for missing keys.
 
@@ -97,9 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Data (fields and comments: data.default_data_config) ----------------------
   config.data = data.default_data_config()
-  config.data.num_train_examples = config.get_ref("num_train_examples")
-  config.data.num_test_examples = config.get_ref("num_test_examples")
-  config.data.seed = config.get_ref("seed")
+  for name in TIED_DATA_FIELDS:
+    config.data[name] = config.get_ref(name)
 
   # --- Model ----------------------------------------------------------------------
   config.model = ml_collections.ConfigDict()

@@ -54,22 +54,20 @@ def _quiet_orbax(record) -> bool:
   return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
-# Fields of config.data that are references to top-level ones (`config_lib`): a flag
-# setting one sets both (the later of two flags won without a word, and
-# `--config.data.seed` alone reseeded the model and the curricula too).
-TIED_FLAGS = {f"--config.data.{name}": f"--config.{name}"
-              for name in ("seed", "num_train_examples", "num_test_examples")}
-
-
 def parse_flags(argv):
   """absl flag parsing, with one `error:` line instead of a traceback for a bad flag
   (an unknown `--config.field`, a value of the wrong type, a missing config file, a
-  field that is a reference to another: `TIED_FLAGS`)."""
+  field that is a reference to another: `config_lib.TIED_DATA_FIELDS`; a flag
+  setting one set both, the later of two flags won without a word, and
+  `--config.data.seed` alone reseeded the model and the curricula too)."""
+  from simfluence_jax import config_lib  # pylint: disable=g-import-not-at-top
+  tied = {f"--config.data.{name}": f"--config.{name}"
+          for name in config_lib.TIED_DATA_FIELDS}
   for arg in argv[1:]:
     name = arg.split("=", 1)[0]
-    if name in TIED_FLAGS:
-      print(f"error: {name} is the same field as {TIED_FLAGS[name]} (it follows it); "
-            f"set {TIED_FLAGS[name]} instead.", file=sys.stderr)
+    if name in tied:
+      print(f"error: {name} is the same field as {tied[name]} (it follows it); "
+            f"set {tied[name]} instead.", file=sys.stderr)
       sys.exit(2)
   try:
     return flags.FLAGS(argv)

@@ -93,7 +93,7 @@ def validate_config(config) -> None:
                      "`python -m simfluence_jax.config_lib CONFIG` lists them all.")
   # config.data's own fields, per source (`data.get_dataset` checks them again).
   data_lib.check_data_config(config)
-  for field in ("seed", "num_train_examples", "num_test_examples"):
+  for field in config_lib.TIED_DATA_FIELDS:
     if config.data.get(field) != config[field]:
       # Tied in base_config (one value); a config file that rebuilt config.data
       # untied them, and the runs would draw ids the dataset does not index alike.
