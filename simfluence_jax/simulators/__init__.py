@@ -21,7 +21,9 @@ Public API:
 A simulator fitted per id on recorded runs (Linear / Additive without per-example
 prior centres, per-step TracIn) records the ids those runs contained
 (`fitted_ids`): for any other id it has only its prior, so `simulate` and
-`search_curriculum` refuse such ids unless `allow_unfitted_ids=True`.
+`search_curriculum` refuse such ids unless `allow_unfitted_ids=True`. With phases
+the coverage is per phase (`phase_fitted_ids`; `fitted_ids`: the ids of every
+phase), and each step's ids are checked against its phase.
 """
 
 from simfluence_jax.simulators._fit import additive_from_scores

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simfluence_jax import _checks
+
 METHODS = ("auto", "normal", "cg")
 _NORMAL_MAX_SIZE = 256  # unknowns per column; CG (dense matmuls) wins above
 _DEFAULT_MEMORY_BUDGET = 1 << 28
@@ -86,9 +88,14 @@ def _rmatvec(residual, summed, x, linear):
   return summed.T @ residual
 
 
-@functools.partial(jax.jit, static_argnames=("linear", "max_iters"))
-def _solve_cg(summed, x, y, l2, tol, *, linear, max_iters):
-  """Jacobi-preconditioned CG on the normal equations; (W, iterations, live)."""
+@functools.partial(jax.jit, static_argnames=("linear",))
+def _solve_cg(summed, x, y, l2, tol, theta, restart, max_iters, *, linear):
+  """Jacobi-preconditioned CG on the normal equations from θ, in the columns
+  `restart` (bool[C]; the others stay as they are); (W, iterations per column,
+  steps run).
+
+  Stops on CG's recursive residual; `_cg_with_restarts` checks the true one.
+  """
   squares = summed * summed
   diag = (jnp.concatenate([squares.T @ (x * x), jnp.broadcast_to(
       jnp.sum(squares, 0)[:, None], (summed.shape[1], x.shape[1]))])
@@ -120,11 +127,14 @@ def _solve_cg(summed, x, y, l2, tol, *, linear, max_iters):
     return (it + 1, theta, residual, z + beta * direction, rz_new,
             iterations + live.astype(jnp.int32))
 
-  z = inverse * rhs
-  state = (jnp.int32(0), jnp.zeros_like(rhs), rhs, z, jnp.sum(rhs * z, 0),
+  # The true residual at θ (rhs from θ = 0): a restart replaces CG's recursive
+  # residual by it (residual replacement).
+  residual = jnp.where(restart, rhs - apply(theta), 0.0)
+  z = inverse * residual
+  state = (jnp.int32(0), theta, residual, z, jnp.sum(residual * z, 0),
            jnp.zeros(x.shape[1], jnp.int32))
-  _, theta, residual, _, _, iterations = jax.lax.while_loop(cond, body, state)
-  return theta, iterations, jnp.any(jnp.linalg.norm(residual, axis=0) > target)
+  steps, theta, _, _, _, iterations = jax.lax.while_loop(cond, body, state)
+  return theta, iterations, steps
 
 
 @functools.partial(jax.jit, static_argnames=("linear",))
@@ -134,6 +144,72 @@ def _relative_residual(theta, summed, x, y, l2, *, linear):
   den = jnp.linalg.norm(rhs, axis=0)
   return jnp.where(den > 0, jnp.linalg.norm(gap, axis=0) / jnp.where(den > 0, den, 1.0),
                    0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("linear",))
+def _residual_floor(theta, summed, x, y, l2, *, linear):
+  """float32[C] the float32 rounding bound of `_relative_residual` (as
+  `_solver._residual_floor`): ε·‖|X|ᵀ|X||θ| + l2|θ| + |X|ᵀ|y|‖ / ‖Xᵀy‖."""
+  abs_s, abs_x = jnp.abs(summed), jnp.abs(x)
+  bound = (_rmatvec(_matvec(jnp.abs(theta), abs_s, abs_x, linear), abs_s, abs_x,
+                    linear) + l2 * jnp.abs(theta)
+           + _rmatvec(jnp.abs(y), abs_s, abs_x, linear))
+  den = jnp.linalg.norm(_rmatvec(y, summed, x, linear), axis=0)
+  eps = jnp.finfo(jnp.float32).eps
+  return jnp.where(den > 0, eps * jnp.linalg.norm(bound, axis=0)
+                   / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+_MAX_RESTARTS = 3  # as `_solver._MAX_RESTARTS`
+
+
+def _cg_with_restarts(summed, x, y, l2, tol, max_iters, linear):
+  """CG from W = 0, restarted from W on the true residual (residual replacement)
+  in the columns where the recomputed relative residual misses max(tol, its float32
+  rounding bound), up to `_MAX_RESTARTS` times while that improves them and
+  iterations remain; a column a restart did not improve keeps its W from before it
+  (as `_solver._solve_cg`).
+
+  Returns (W, iterations int[C], the rounding bound float32[C] at W).
+  """
+  theta = jnp.zeros((summed.shape[1] * (2 if linear else 1), x.shape[1]), jnp.float32)
+  restart = np.ones(x.shape[1], bool)
+  iterations = np.zeros(x.shape[1], np.int64)
+  done, previous = 0, None  # previous: (W, residual, bound) before the last restart
+  for attempt in range(_MAX_RESTARTS + 1):
+    theta, iters, steps = _solve_cg(summed, x, y, l2, jnp.float32(tol), theta,
+                                    jnp.asarray(restart), jnp.int32(max_iters - done),
+                                    linear=linear)
+    iterations += np.asarray(iters)
+    done += int(steps)
+    gap = np.asarray(_relative_residual(theta, summed, x, y, l2, linear=linear))
+    floor = np.asarray(_residual_floor(theta, summed, x, y, l2, linear=linear))
+    floor = np.where(np.isfinite(floor), floor, 0.0)  # overflow: tol alone
+    stalled = False
+    if previous is not None:  # after a restart, every column keeps its better W
+      revert = ~(gap < previous[1])
+      theta = jnp.where(revert, previous[0], theta)
+      gap, floor = (np.where(revert, old, new) for old, new in
+                    zip(previous[1:], (gap, floor)))
+    restart = ~(gap <= np.maximum(tol, floor))  # NaN (overflow) is never met
+    if previous is not None:
+      stalled = bool(np.all(revert[restart]))  # the restart helped no unmet column
+    if (not restart.any() or done >= max_iters or attempt == _MAX_RESTARTS or
+        stalled):
+      break
+    previous = (theta, gap, floor)
+  return theta, iterations, floor
+
+
+def _refuse_nonfinite(what: str, values, method: str, l2) -> None:
+  """Raises ValueError naming `what` and its first NaN/inf (`_checks`), if any."""
+  bad = _checks.first_nonfinite(values)
+  if bad is not None:
+    raise ValueError(
+        f"featurized solve: the {method!r} solve gave non-finite {what} (first at "
+        f"{list(bad)}): the features or losses overflow float32 in the normal "
+        f"equations, or they are ill-conditioned at l2={float(np.min(l2)):g}; "
+        "rescale the features or use a larger l2.")
 
 
 def choose_method(num_features: int, linear: bool) -> str:
@@ -160,7 +236,15 @@ def solve(summed: np.ndarray, x: np.ndarray, y: np.ndarray, l2: np.ndarray, *,
 
   Returns:
     (W float32[J·F', C] (W_A rows first), info dict: method, iterations,
-    relative_residual, converged, chunk_size, num_chunks).
+    relative_residual (recomputed from W), converged (CG: every column's
+    relative_residual ≤ tol, or ≤ its float32 rounding bound where larger, as in
+    `_solver.solve`; "normal": True), residual_floor (CG only), chunk_size,
+    num_chunks).
+
+  Raises:
+    ValueError: a bad method; NaN/inf in summed, y or (linear) x, naming it and
+      the first bad entry; or a solve whose W or relative residual is not finite
+      (float32 overflow of the normal equations, e.g. from huge features).
   """
   if method not in METHODS:
     raise ValueError(f"method: expected one of {METHODS} for a featurized fit, got "
@@ -168,6 +252,13 @@ def solve(summed: np.ndarray, x: np.ndarray, y: np.ndarray, l2: np.ndarray, *,
   summed = np.asarray(summed, np.float32)
   x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
   l2 = np.asarray(l2, np.float32)
+  # As `_solver._check_problem`: a NaN row would otherwise give W = 0, "converged".
+  for name, array in (("summed", summed), ("y", y)) + ((("x", x),) if linear else ()):
+    bad = _checks.first_nonfinite(array)
+    if bad is not None:
+      row, column = bad
+      raise ValueError(f"{name}: contains NaN or inf (first at row {row}, column "
+                       f"{column}).")
   num_rows, width = summed.shape
   num_columns = y.shape[1]
   if method == "auto":
@@ -180,27 +271,38 @@ def solve(summed: np.ndarray, x: np.ndarray, y: np.ndarray, l2: np.ndarray, *,
     per_column = 4 * (4 * num_rows + 8 * dim)
   chunk = int(max(1, min(num_columns, budget // per_column)))
   summed_j = jnp.asarray(summed)
-  thetas, iterations, residuals, converged = [], [], [], True
+  thetas, iterations, residuals, floors, converged = [], [], [], [], True
   for start in range(0, num_columns, chunk):
     stop = min(start + chunk, num_columns)
     pad = (0, chunk - (stop - start))
     x_c = jnp.asarray(np.pad(x[:, start:stop], ((0, 0), pad)))
     y_c = jnp.asarray(np.pad(y[:, start:stop], ((0, 0), pad)))
     l2_c = jnp.asarray(np.pad(l2[start:stop], pad, constant_values=1.0))
+    columns = stop - start
     if method == "normal":
       theta = _solve_normal(summed_j, x_c, y_c, l2_c, linear=linear)
     else:
-      theta, iters, live = _solve_cg(summed_j, x_c, y_c, l2_c, jnp.float32(tol),
-                                     linear=linear, max_iters=int(max_iters))
-      iterations.append(int(np.max(np.asarray(iters))))
-      converged = converged and not bool(live)
-    residuals.append(float(np.max(np.asarray(_relative_residual(
-        theta, summed_j, x_c, y_c, l2_c, linear=linear))[:stop - start])))
-    thetas.append(np.asarray(theta)[:, :stop - start])
+      theta, iters, floor = _cg_with_restarts(summed_j, x_c, y_c, l2_c, tol,
+                                              max_iters, linear)
+      iterations.append(int(np.max(iters)))
+    _refuse_nonfinite("W", np.asarray(theta)[:, :columns], method, l2[start:stop])
+    gap = np.asarray(_relative_residual(theta, summed_j, x_c, y_c, l2_c,
+                                        linear=linear))[:columns]
+    _refuse_nonfinite("relative residuals", gap, method, l2[start:stop])
+    residuals.append(float(np.max(gap)))
+    if method == "cg":
+      # Met where the residual recomputed from W is within tol, or within float32
+      # rounding where tol is below that (as `_solver.solve`).
+      floor = floor[:columns]
+      floors.append(float(np.max(floor)))
+      converged = converged and bool(np.all(gap <= np.maximum(tol, floor)))
+    thetas.append(np.asarray(theta)[:, :columns])
   info = {"method": method, "iterations": max(iterations, default=0),
           "relative_residual": max(residuals), "converged": bool(converged),
           "tol": float(tol), "chunk_size": chunk,
           "num_chunks": math.ceil(num_columns / chunk)}
+  if floors:
+    info["residual_floor"] = max(floors)
   return np.concatenate(thetas, axis=1), info
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simfluence_jax import _checks
 from simfluence_jax import trace as trace_lib
 from simfluence_jax.simulators import _featurized
 from simfluence_jax.simulators import _simulator
@@ -236,6 +237,12 @@ def _solve(spec: _Spec, problem: _Problem, l2_values: np.ndarray, num_train: int
     width = spec.features.shape[1]
     weights = raw.reshape(-1, width, grid, num_test)  # [J, F', G, M]
     effects = np.einsum("nf,jfgm->gjnm", spec.features, weights)[:, :, None]
+    bad = _checks.first_nonfinite(effects)
+    if bad is not None:  # finite W, features too large: A, B = features·W overflow
+      raise ValueError(
+          f"features: the fitted {'AB'[bad[1]] if spec.linear else 'B'} = features·W "
+          f"is not finite (first at train id {bad[3]}, test example {bad[4]}): the "
+          "features overflow float32; rescale them.")
     b = effects[:, -1]
     a = effects[:, 0] + problem.prior_a if spec.linear else None
     return a, b, raw, info
@@ -255,12 +262,17 @@ def _solve(spec: _Spec, problem: _Problem, l2_values: np.ndarray, num_train: int
 
 
 def _warn_unconverged(kind, info, max_iters, stacklevel=3):
+  """Warns when the solve's `converged` is False (decided on the recomputed
+  residual: `_solver.unconverged_message` says whether CG ran out of iterations or
+  its recursive residual drifted below tol while the true one did not)."""
   if not info["converged"]:
-    warnings.warn(
-        f"simulators.fit({kind!r}): CG stopped unconverged at max_iters={max_iters}: "
-        f"relative residual {info['relative_residual']:.3g}, tol={info['tol']:g} "
-        "(raise max_iters or l2, or use method='normal' for small problems); "
-        "fit_info['converged'] is False.", RuntimeWarning, stacklevel=stacklevel)
+    why = (f"CG stopped unconverged at max_iters={max_iters}: relative residual "
+           f"{info['relative_residual']:.3g}, tol={info['tol']:g} (raise max_iters "
+           "or l2, or use method='normal' for small problems)"
+           if info.get("iterations", max_iters) >= max_iters else
+           _solver.unconverged_message(info, max_iters))
+    warnings.warn(f"simulators.fit({kind!r}): {why}; fit_info['converged'] is False.",
+                  RuntimeWarning, stacklevel=stacklevel)
 
 
 def fit(kind: str, trace: trace_lib.Trace, l2: float = 1e-3, *,
@@ -309,9 +321,13 @@ def fit(kind: str, trace: trace_lib.Trace, l2: float = 1e-3, *,
     num_phases: P, bins of steps with their own A, B (not featurized).
     method: solver, "auto" | "normal" | "cg" | "dual" (see `_solver`); featurized:
       "auto" | "normal" | "cg" (see `_featurized`).
-    tol: CG relative-residual tolerance.
-    max_iters: CG iteration cap; stopping there unconverged warns (RuntimeWarning)
-      and records fit_info["converged"] = False.
+    tol: CG relative-residual tolerance, checked on the residual recomputed from
+      the solution (float32 rounding allowed where it exceeds tol; see
+      `_solver.solve`).
+    max_iters: CG iteration cap. A CG fit whose recomputed residual misses tol
+      (stopped at max_iters, or its recursive residual drifted below tol while the
+      true one did not) warns (RuntimeWarning) and records fit_info["converged"] =
+      False.
     memory_budget_bytes: working-set bound per chunk of test examples.
     devices: devices the solver shards test examples over (default: one on CPU, all
       local accelerators otherwise).
@@ -325,9 +341,12 @@ def fit(kind: str, trace: trace_lib.Trace, l2: float = 1e-3, *,
     simulators have no posterior (no bands). A linear / additive fit without
     per-example prior centres records `fitted_ids`, the ids the trace's runs contain:
     for any other id it holds only the prior (A = a₀, B = 0), so `simulate` refuses
-    curricula holding one unless `allow_unfitted_ids=True`. With `prior_A` /
-    `prior_B` (e.g. the featurized corrections) or kind "featurized" every id has
-    a prediction (the centre or the features'): `fitted_ids` is None.
+    curricula holding one unless `allow_unfitted_ids=True`. With phases it records
+    `phase_fitted_ids`, per phase the ids of the trace's steps in that phase (every
+    other id has only the prior there), and `fitted_ids` is the ids of every
+    phase. With `prior_A` / `prior_B` (e.g. the featurized corrections) or kind
+    "featurized" every id has a prediction (the centre or the features'):
+    `fitted_ids` is None.
 
   Raises:
     ValueError: naming the bad argument (kind, l2, prior_alpha NaN/inf, prior shapes,
@@ -389,13 +408,23 @@ def fit(kind: str, trace: trace_lib.Trace, l2: float = 1e-3, *,
       phase_A=jnp.asarray(a) if phased and a is not None else None,
       phase_B=jnp.asarray(b) if phased else None,
       phase_starts=problem.phase_starts,
-      fitted_ids=None if covers_all else _trace_ids(trace))
+      fitted_ids=None if covers_all or phased else _trace_ids(trace.batch_ids),
+      phase_fitted_ids=(None if covers_all or not phased else
+                        _phase_trace_ids(trace, problem.phase_starts)))
 
 
-def _trace_ids(trace: trace_lib.Trace) -> tuple:
-  """The sorted distinct train ids (no padding) of `trace`'s batches."""
-  ids = np.unique(np.asarray(trace.batch_ids))
+def _trace_ids(batch_ids: np.ndarray) -> tuple:
+  """The sorted distinct train ids (no padding) of batches `batch_ids`."""
+  ids = np.unique(np.asarray(batch_ids))
   return tuple(int(i) for i in ids[ids >= 0])
+
+
+def _phase_trace_ids(trace: trace_lib.Trace, starts: tuple) -> tuple:
+  """Per phase, the sorted distinct train ids of `trace`'s steps in that phase: the
+  ids whose parameter row k·N + i the fit had data for (`phase_fitted_ids`)."""
+  step_phase = _simulator.phase_of_steps(starts, trace.num_steps)
+  return tuple(_trace_ids(np.asarray(trace.batch_ids)[:, step_phase == k])
+               for k in range(len(starts)))
 
 
 # -- cross-validation ------------------------------------------------------------------
@@ -496,14 +525,14 @@ def fit_cv(kind: str, trace: trace_lib.Trace,
   spec = _spec(kind, trace, **spec_kwargs)
   fold_of_run = np.arange(trace.num_runs) % num_folds
   scores = np.zeros((num_folds, len(grid)))
-  unconverged = []  # relative residuals of folds whose CG stopped at max_iters
+  unconverged = []  # (relative residual, iterations) of folds that did not converge
   for fold in range(num_folds):
     train = trace.select_runs(np.flatnonzero(fold_of_run != fold))
     held = trace.select_runs(np.flatnonzero(fold_of_run == fold))
     problem = _problem(spec, train)
     a, b, _, info = _solve(spec, problem, np.asarray(grid), trace.num_train_examples)
     if not info["converged"]:
-      unconverged.append(info["relative_residual"])
+      unconverged.append((info["relative_residual"], info["iterations"]))
     phases = _simulator.phase_of_steps(problem.phase_starts, held.num_steps)
     for g in range(len(grid)):
       pred = _simulator._rollout(  # pylint: disable=protected-access
@@ -514,7 +543,8 @@ def fit_cv(kind: str, trace: trace_lib.Trace,
       scores[fold, g] = cv_score(metric, np.asarray(pred), held.losses)
   if unconverged:
     _warn_unconverged(f"{kind}, cv folds", {
-        "converged": False, "relative_residual": max(unconverged), "tol": spec.tol},
+        "converged": False, "relative_residual": max(r for r, _ in unconverged),
+        "iterations": max(i for _, i in unconverged), "tol": spec.tol},
                       spec.max_iters, stacklevel=2)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns

@@ -216,6 +216,23 @@ def _search(a, b, phases, loss0, weights, subsets, schedules, pool, key, *, line
   return jax.vmap(one_restart)(subsets, schedules, keys)
 
 
+def _check_reordered_phases(simulator, start, epoch_steps: int) -> None:
+  """Refuses start ids that an order swap could move into a phase that never saw
+  them: a swap moves an id to any step of its epoch, so each id must have been
+  fitted in every phase its epoch's steps span (`Simulator.phase_fitted_ids`)."""
+  num_steps = start.shape[1]
+  spread = []  # every step holds all ids of its epoch: where a swap can put them
+  for first in range(0, num_steps, epoch_steps):
+    epoch = start[:, first:first + epoch_steps]
+    ids = epoch.reshape(len(start), 1, -1)
+    spread.append(np.repeat(ids, epoch.shape[1], axis=1))
+  width = max(part.shape[2] for part in spread)
+  spread = np.concatenate([np.pad(part, ((0, 0), (0, 0), (0, width - part.shape[2])),
+                                  constant_values=-1) for part in spread], axis=1)
+  simulator.check_fitted_ids(spread, who="start_batch_ids (order swaps move ids "
+                             "within their epoch)", caller="search_curriculum")
+
+
 def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
                       start_batch_ids: Any, targets: Union[Sequence[int], np.ndarray],
                       *, pool: Optional[Sequence[int]] = None, num_iters: int = 300,
@@ -309,6 +326,8 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
   if reorder:  # Membership moves alone keep every epoch's ids as they are.
     check_epochs(start, epoch_steps)
   epoch_steps = start.shape[1] if epoch_steps is None else epoch_steps
+  if reorder and not allow_unfitted_ids and simulator.phase_fitted_ids is not None:
+    _check_reordered_phases(simulator, start, epoch_steps)
   phases = jnp.asarray(simulator.phase_of_steps(start.shape[1]))
   ids, value, start_value, history = _search(
       a, b, phases, jnp.asarray(initial_losses[columns]), jnp.asarray(weights[columns]),

@@ -46,8 +46,18 @@ passes it, to measure exactly that). Simulators whose parameters cover every id 
 construction (influence scores of all N examples: TracIn-CP, EK-FAC, the
 metagradient's table; the featurized simulator, whose features cover every id) have
 `fitted_ids = None`: nothing is checked. Simulators saved before coverage was recorded
-load with `fitted_ids = None` too (unknown: unchecked). With phases the coverage is
-per id over all phases (an id a phase never saw keeps that phase's prior, unchecked).
+load with `fitted_ids = None` too (unknown: unchecked).
+
+With phases the coverage is per (phase, id): `phase_fitted_ids[k]` holds the ids the
+fitted runs contained in steps of phase k (an id phase k never saw keeps phase k's
+prior, however often other phases saw it). A curriculum's id is checked against the
+phase of each step holding it (`phase_of_steps`; steps past T: the last phase), and
+the refusal names the ids and the phases. `fitted_ids` is then the ids fitted in
+every phase: ids without a step (a search pool, which may go to any step) are
+checked against it. A phased simulator saved before per-phase coverage was recorded
+(no `num_phase_fitted_ids` in simulator.json) loads as before: `phase_fitted_ids =
+None`, and its `fitted_ids` (ids fitted in any phase) is checked per id over all
+phases (an id a phase never saw is not caught).
 
 Final-only simulators (`final_only=True`, e.g. `training.table_simulator`, the
 metagradient's first-order expansion with one phase per step) predict only the loss
@@ -215,13 +225,35 @@ def phase_of_steps(phase_starts: tuple, num_steps: int) -> np.ndarray:
                           side="right") - 1).astype(np.int32)
 
 
-def _id_tuple(ids) -> tuple:
+def _id_tuple(ids, name: str = "fitted_ids") -> tuple:
   """Sorted distinct ints of a sequence of train ids (`Simulator.fitted_ids`)."""
   ids = np.asarray(ids)
   if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-    raise ValueError(f"fitted_ids: expected a sequence of integer train ids, got "
+    raise ValueError(f"{name}: expected a sequence of integer train ids, got "
                      f"{ids.dtype} of shape {list(ids.shape)}.")
   return tuple(int(i) for i in np.unique(ids))
+
+
+def _phase_id_tuples(per_phase) -> tuple:
+  """`Simulator.phase_fitted_ids`: one sorted tuple of distinct train ids per phase."""
+  if isinstance(per_phase, tuple) and all(
+      isinstance(ids, tuple) and all(a < b for a, b in zip(ids, ids[1:]))
+      for ids in per_phase):
+    return per_phase  # already normalised (e.g. rebuilt from a pytree)
+  if isinstance(per_phase, np.ndarray) or not isinstance(per_phase, (list, tuple)):
+    raise ValueError("phase_fitted_ids: expected one sequence of train ids per phase, "
+                     f"got {type(per_phase).__name__}.")
+  return tuple(_id_tuple(ids, f"phase_fitted_ids[{k}]")
+               for k, ids in enumerate(per_phase))
+
+
+@functools.lru_cache(maxsize=64)
+def _common_ids(per_phase: tuple) -> tuple:
+  """The ids of every phase's tuple (`fitted_ids` of a phased simulator)."""
+  common = set(per_phase[0])
+  for ids in per_phase[1:]:
+    common.intersection_update(ids)
+  return tuple(sorted(common))
 
 
 def format_ids(ids, shown: int = 10) -> str:
@@ -229,6 +261,20 @@ def format_ids(ids, shown: int = 10) -> str:
   ids = [int(i) for i in ids]
   return "[" + ", ".join(map(str, ids[:shown])) + (", ...]" if len(ids) > shown
                                                    else "]")
+
+
+def _outside(ids, fitted: tuple) -> np.ndarray:
+  """int32[k] the sorted distinct ids of `ids` (any shape, -1 = padding) not in
+  `fitted`."""
+  used = np.unique(np.asarray(ids))
+  used = used[used >= 0]
+  return used[~np.isin(used, np.asarray(fitted, np.int64))].astype(np.int32)
+
+
+def _phase_id_rows(per_phase: tuple) -> np.ndarray:
+  """int32[K, 2] the (phase, id) rows of `Simulator.phase_fitted_ids` (as saved)."""
+  rows = [(k, i) for k, ids in enumerate(per_phase) for i in ids]
+  return np.asarray(rows, np.int32).reshape(-1, 2)
 
 
 # Methods whose parameters cover every train id (named by the refusal).
@@ -276,7 +322,14 @@ class Simulator:
     fitted_ids: None (every id is predicted, or unknown: not checked), or the sorted
       distinct train ids (a tuple of ints in [0, N)) the fitted runs contained; for
       the others the simulator has only its prior, and `simulate` refuses them
-      unless `allow_unfitted_ids=True` (see the module docstring).
+      unless `allow_unfitted_ids=True` (see the module docstring). With
+      `phase_fitted_ids`: the ids fitted in every phase (derived from it when
+      None; any other value is refused).
+    phase_fitted_ids: None (no per-phase coverage: one phase, coverage unknown or
+      not checked, or a phased simulator saved before it was recorded, checked
+      per id over all phases by `fitted_ids`), or with phases, for every phase k
+      the sorted train ids the fitted runs contained in steps of phase k (a tuple
+      of P tuples): curricula are checked per step against its phase.
   """
 
   A: Optional[Any]
@@ -296,6 +349,8 @@ class Simulator:
   final_only: bool = dataclasses.field(metadata=dict(static=True), default=False)
   fitted_ids: Optional[tuple] = dataclasses.field(metadata=dict(static=True),
                                                   default=None)
+  phase_fitted_ids: Optional[tuple] = dataclasses.field(metadata=dict(static=True),
+                                                        default=None)
 
   def __post_init__(self):
     # Only what transforms cannot change: pytree leaves may legitimately be tracers,
@@ -322,6 +377,18 @@ class Simulator:
     if self.fitted_ids is not None and not isinstance(self.fitted_ids, tuple):
       # Static metadata must be hashable: any sequence of ids becomes a sorted tuple.
       object.__setattr__(self, "fitted_ids", _id_tuple(self.fitted_ids))
+    if self.phase_fitted_ids is not None:
+      per_phase = _phase_id_tuples(self.phase_fitted_ids)
+      if len(per_phase) != len(starts) or not starts:
+        raise ValueError(f"phase_fitted_ids: expected one sequence of ids per phase "
+                         f"({len(starts)} phases), got {len(per_phase)}"
+                         f"{'' if starts else '; without phases use fitted_ids'}.")
+      common = _common_ids(per_phase)
+      if self.fitted_ids is not None and tuple(self.fitted_ids) != common:
+        raise ValueError("fitted_ids: with phase_fitted_ids it is the ids fitted in "
+                         "every phase (leave it None to derive it); got other ids.")
+      object.__setattr__(self, "phase_fitted_ids", per_phase)
+      object.__setattr__(self, "fitted_ids", common)
 
   def check_shapes(self) -> "Simulator":
     """Raises ValueError unless A, B (and the phase arrays) have consistent shapes."""
@@ -338,10 +405,13 @@ class Simulator:
         if value is not None and tuple(np.shape(value)) != expected:
           raise ValueError(f"{name}: expected shape {expected}, got "
                            f"{tuple(np.shape(value))}.")
-    ids = self.fitted_ids
-    if ids is not None and ids and (ids[0] < 0 or ids[-1] >= shape[0]):
-      raise ValueError(f"fitted_ids: expected train ids in [0, N={shape[0]}), found "
-                       f"[{ids[0]}, {ids[-1]}].")
+    named = [("fitted_ids", self.fitted_ids)] + [
+        (f"phase_fitted_ids[{k}]", ids)
+        for k, ids in enumerate(self.phase_fitted_ids or ())]
+    for name, ids in named:
+      if ids is not None and ids and (ids[0] < 0 or ids[-1] >= shape[0]):
+        raise ValueError(f"{name}: expected train ids in [0, N={shape[0]}), found "
+                         f"[{ids[0]}, {ids[-1]}].")
     return self
 
   @property
@@ -366,15 +436,18 @@ class Simulator:
     """Writes the simulator (and its posterior, if any) to directory `path` atomically.
 
     Layout: A.npy (linear only), B.npy, phase_A.npy / phase_B.npy (phases only),
-    fitted_ids.npy (int32[K], with `fitted_ids` only), posterior_*.npy and
-    simulator.json (format 2: kind, name, fit_info, batch_size, num_steps, N, M,
-    null_a, phase_starts, num_fitted_ids: K or null); read back with
-    `Simulator.load`.
+    fitted_ids.npy (int32[K], with `fitted_ids` only), phase_fitted_ids.npy
+    (int32[K', 2] rows (phase, id), with `phase_fitted_ids` only), posterior_*.npy
+    and simulator.json (format 2: kind, name, fit_info, batch_size, num_steps, N, M,
+    null_a, phase_starts, num_fitted_ids: K or null, num_phase_fitted_ids: K' or
+    null); read back with `Simulator.load`.
     """
     with _io.atomic_directory(path) as tmp:
       arrays = {"B": self.B}
       if self.fitted_ids is not None:
         arrays["fitted_ids"] = np.asarray(self.fitted_ids, np.int32)
+      if self.phase_fitted_ids is not None:
+        arrays["phase_fitted_ids"] = _phase_id_rows(self.phase_fitted_ids)
       for name in ("A", "phase_A", "phase_B"):
         if getattr(self, name) is not None:
           arrays[name] = getattr(self, name)
@@ -392,6 +465,9 @@ class Simulator:
               "final_only": self.final_only,
               "num_fitted_ids": (None if self.fitted_ids is None else
                                  len(self.fitted_ids)),
+              "num_phase_fitted_ids": (
+                  None if self.phase_fitted_ids is None else
+                  len(arrays["phase_fitted_ids"])),
               "posterior": None if self.posterior is None else {
                   "l2": self.posterior.l2, "method": self.posterior.method,
                   # The optional arrays it holds: `load` then refuses a copy that
@@ -409,7 +485,10 @@ class Simulator:
     loading) nor its null term (weights use 1/batch_size); its batch size is read
     from its posterior's rows when it has one. One saved before `fitted_ids` was
     recorded (no `num_fitted_ids` in simulator.json) loads with `fitted_ids = None`:
-    its curricula's ids are not checked against its fitted runs.
+    its curricula's ids are not checked against its fitted runs. A phased one saved
+    before per-phase coverage was recorded (no `num_phase_fitted_ids`) loads with
+    `phase_fitted_ids = None`: its ids are checked as before, per id over all phases
+    (see the module docstring).
 
     Raises:
       FileNotFoundError: `path` or one of its files is missing.
@@ -467,6 +546,21 @@ class Simulator:
                          f"{list(ids.shape)} but simulator.json says "
                          f"{meta['num_fitted_ids']} ids.")
       fitted_ids = _id_tuple(ids)
+    phase_fitted_ids = None
+    if meta.get("num_phase_fitted_ids") is not None:
+      rows = load("phase_fitted_ids")
+      well_formed = (rows.ndim == 2 and rows.shape[1] == 2 and
+                     len(rows) == meta["num_phase_fitted_ids"])
+      if well_formed and rows.size:
+        well_formed = (np.issubdtype(rows.dtype, np.integer) and
+                       rows[:, 0].min() >= 0 and rows[:, 0].max() < len(phase_starts))
+      if not well_formed:
+        raise ValueError(f"Simulator.load: {path!r} holds phase_fitted_ids "
+                         f"{rows.dtype} {list(rows.shape)} but simulator.json says "
+                         f"{meta['num_phase_fitted_ids']} (phase, id) rows of "
+                         f"{len(phase_starts)} phases.")
+      phase_fitted_ids = tuple(_id_tuple(rows[rows[:, 0] == k, 1])
+                               for k in range(len(phase_starts)))
     to_jax = lambda v: None if v is None else jnp.asarray(v)
     try:
       return cls(A=to_jax(a), B=jnp.asarray(b), posterior=posterior, kind=kind,
@@ -477,7 +571,8 @@ class Simulator:
                  phase_B=to_jax(optional("phase_B")) if phase_starts else None,
                  phase_starts=phase_starts,
                  final_only=bool(meta.get("final_only", False)),
-                 fitted_ids=fitted_ids).check_shapes()
+                 fitted_ids=fitted_ids,
+                 phase_fitted_ids=phase_fitted_ids).check_shapes()
     except ValueError as e:
       raise ValueError(f"Simulator.load: {path!r} is inconsistent ({e})") from e
 
@@ -520,29 +615,60 @@ class Simulator:
           f"steps{' with padding (-1)' if np.any(batch_ids < 0) else ''}.")
     return batch_ids.astype(np.int32)
 
+  def unfitted_by_phase(self, batch_ids) -> list:
+    """[(phase, int32[k] sorted ids)] the ids of `batch_ids` (-1 = padding) that
+    no fitted run contained where they are, for the phases that have any.
+
+    Without `phase_fitted_ids`: at most one entry, (None, the ids outside
+    `fitted_ids`). With it: curricula int[R', T', B] are read per step (step t
+    in phase `phase_of_steps(T')[t]`, past T the last), so each entry holds the
+    ids of phase k's steps outside `phase_fitted_ids[k]`; ids of any other shape
+    (e.g. a search pool, without steps) may go to any step: each entry holds the
+    ids outside phase k's. Empty when `fitted_ids` is None.
+    """
+    if self.fitted_ids is None:
+      return []
+    batch_ids = np.asarray(batch_ids)
+    if self.phase_fitted_ids is None:
+      missing = _outside(batch_ids, self.fitted_ids)
+      return [(None, missing)] if missing.size else []
+    if batch_ids.ndim == 3:
+      step_phase = self.phase_of_steps(batch_ids.shape[1])
+      parts = [(k, batch_ids[:, step_phase == k]) for k in range(self.num_phases)]
+    else:
+      parts = [(k, batch_ids) for k in range(self.num_phases)]
+    found = [(k, _outside(ids, self.phase_fitted_ids[k])) for k, ids in parts]
+    return [(k, ids) for k, ids in found if ids.size]
+
   def unfitted_ids(self, batch_ids) -> np.ndarray:
     """int32[k] the sorted distinct ids of `batch_ids` (any shape, -1 = padding)
     that no fitted run contained (outside `fitted_ids`); empty when `fitted_ids` is
-    None (every id predicted, or unknown)."""
-    if self.fitted_ids is None:
-      return np.zeros(0, np.int32)
-    used = np.unique(np.asarray(batch_ids))
-    used = used[used >= 0]
-    fitted = np.fromiter(self.fitted_ids, np.int64, len(self.fitted_ids))
-    return used[~np.isin(used, fitted)].astype(np.int32)
+    None (every id predicted, or unknown). With `phase_fitted_ids`, the ids that
+    no fitted run contained in the phase of a step holding them (any phase, for
+    ids not shaped as curricula int[R', T', B]; see `unfitted_by_phase`)."""
+    found = [ids for _, ids in self.unfitted_by_phase(batch_ids)]
+    return (np.unique(np.concatenate(found)).astype(np.int32) if found else
+            np.zeros(0, np.int32))
 
   def check_fitted_ids(self, batch_ids, *, who: str = "batch_ids",
                        caller: str = "simulate") -> None:
     """Raises ValueError, naming `who` and the ids, if `batch_ids` hold train ids
     that no fitted run contained (`unfitted_ids`): for them this simulator has only
-    its prior, no prediction."""
+    its prior, no prediction. With phases it also names each phase and its ids."""
+    found = self.unfitted_by_phase(batch_ids)
+    if not found:
+      return
     missing = self.unfitted_ids(batch_ids)
-    if missing.size:
-      raise ValueError(
-          f"{caller}: {who} hold train ids {format_ids(missing)} ({missing.size} in "
-          f"all) that no fitted run contained; simulator {self.name!r} has only its "
-          f"prior for them ({COVERING_METHODS} can predict them); pass "
-          "allow_unfitted_ids=True to roll out anyway.")
+    where = ""
+    if self.phase_fitted_ids is not None:  # curricula: per step; else: any phase
+      where = (" in the phase of their steps (" if np.ndim(batch_ids) == 3 else
+               " in some phase, and they may go to any step (missing from ")
+      where += "; ".join(f"phase {k}: {format_ids(ids)}" for k, ids in found) + ")"
+    raise ValueError(
+        f"{caller}: {who} hold train ids {format_ids(missing)} ({missing.size} in "
+        f"all) that no fitted run contained{where}; simulator {self.name!r} has only "
+        f"its prior for them ({COVERING_METHODS} can predict them); pass "
+        "allow_unfitted_ids=True to roll out anyway.")
 
   def _check_inputs(self, batch_ids, initial_losses, weights=None,
                     allow_extrapolation=False, allow_unfitted_ids=False,

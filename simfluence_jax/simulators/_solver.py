@@ -23,7 +23,10 @@ and a row scatter-add per batch slot k serve every column at once. Solvers:
   2×2 block of each train id (exact unless a batch repeats an id; A_i and B_i are
   nearly collinear because x varies slowly, which is what makes plain Jacobi
   slow). Memory O((P·B + N)·J·C).
-  The iteration loop runs on the host over jitted halves (see `_solve_cg`).
+  The iteration loop runs on the host over jitted halves (see `_solve_cg`). CG
+  stops on its recursive residual, which drifts from the true one in float32, so
+  the true residual is recomputed at the end: columns that miss tol restart from
+  their solution on it (residual replacement), and `converged` is read from it.
 * "normal": the D×D Gram matrix (D = J·N) per column built by scatter-add of the
   (B·J)² feature pairs of every row, solved by Cholesky. Memory O(D²·C): small N.
 * "dual": θ = Xᵀ(XXᵀ + l2·I)⁻¹y with the P×P kernel
@@ -246,7 +249,39 @@ def _cg_step(predicted, theta, residual, direction, rz, target, inverse, ids, x,
   return theta, residual, direction, rz_new, jnp.any(still_live)[None], live
 
 
-def _solve_cg(kernels, ids, x, y, l2, tol, *, max_iters):
+def _cg_restart(predicted, theta, restart, inverse, target, ids, x, y, l2, *,
+                num_train, linear):
+  """Residual replacement: CG's state restarted at θ from its true residual
+  Xᵀy − (XᵀX + l2·I)θ (`predicted` = Xθ) in the columns `restart` (bool[C]); the
+  others get residual 0, i.e. stay frozen.
+
+  Returns (residual, direction, rzᵀ, bool[1] whether any column of this shard is
+  live), as `_cg_init`.
+  """
+  del num_train  # the layout of `_cg_init`'s arguments
+  rhs = transpose(y, ids, x, theta.shape[0], linear)
+  residual = rhs - transpose(predicted, ids, x, theta.shape[0], linear) - l2 * theta
+  residual = jnp.where(restart, residual, 0.0)
+  z = _apply_preconditioner(inverse, residual)
+  live = jnp.sqrt(_dot(residual, residual)) > target
+  return residual, z, _dot(residual, z), jnp.any(live)[None]
+
+
+# Residual replacements after CG's recursive residual met tol but the recomputed one
+# did not (see `_solve_cg`).
+_MAX_RESTARTS = 3
+
+
+def _true_residual(kernels, theta, ids, x, y, l2):
+  """(relative residual, float32 rounding bound) float32[C] of θ, on the host."""
+  predicted = kernels.forward(theta, ids, x)
+  gap = np.asarray(kernels.gap(predicted, theta, ids, x, y, l2))
+  floor = np.asarray(kernels.floor(kernels.forward(jnp.abs(theta), ids, jnp.abs(x)),
+                                   theta, ids, x, y, l2))
+  return gap, np.where(np.isfinite(floor), floor, 0.0)  # overflow: tol alone
+
+
+def _solve_cg(kernels, ids, x, y, l2, tol, *, max_iters, restart_sharding=None):
   """Block-Jacobi preconditioned CG, all columns at once.
 
   The loop runs on the host over two jitted halves (X·d, then Xᵀ(·) and the
@@ -255,31 +290,58 @@ def _solve_cg(kernels, ids, x, y, l2, tol, *, max_iters):
   reports its own liveness flag (bool[num_devices]); the host stops when all are
   down, so no step needs a cross-device reduction.
 
+  CG stops on its recursive residual, which in float32 drifts from the true
+  Xᵀy − (XᵀX + l2·I)θ. So the true residual is then recomputed (`_true_residual`);
+  in columns where it misses max(tol, its float32 rounding bound) CG restarts
+  from θ on the true residual (the others stay frozen), up to `_MAX_RESTARTS`
+  times, while that improves them and iterations remain; a column a restart did
+  not improve keeps its θ from before it.
+
   Returns:
-    (θ float32[N, J, C], iterations int32[C], converged: bool (every column met tol)).
+    (θ float32[N, J, C], iterations int[C], relative residual float32[C] and its
+    float32 rounding bound float32[C], both recomputed from θ).
   """
   theta, residual, direction, rz, target, inverse, live_shards = kernels.cg_init(
       ids, x, y, l2, tol)
   iterations = np.zeros(y.shape[1], np.int64)
-  any_live = bool(np.any(np.asarray(live_shards)))
-  steps = []
-  for it in range(max_iters):
-    if not any_live:
-      break
-    predicted = kernels.forward(direction, ids, x)
-    theta, residual, direction, rz, live_shards, live = kernels.cg_step(
-        predicted, theta, residual, direction, rz, target, inverse, ids, x, l2)
-    steps.append(live)
-    # Sync with the host only every few steps to keep dispatch asynchronous;
-    # converged columns are frozen (step 0), so extra steps change nothing.
-    if it % 4 == 3:
-      any_live = bool(np.any(np.asarray(live_shards)))
+  done, previous = 0, None  # previous: (θ, residual, bound) before the last restart
+  for attempt in range(_MAX_RESTARTS + 1):
+    any_live = bool(np.any(np.asarray(live_shards)))
+    steps = []
+    while any_live and done < max_iters:
+      predicted = kernels.forward(direction, ids, x)
+      theta, residual, direction, rz, live_shards, live = kernels.cg_step(
+          predicted, theta, residual, direction, rz, target, inverse, ids, x, l2)
+      steps.append(live)
+      done += 1
+      # Sync with the host only every few steps to keep dispatch asynchronous;
+      # converged columns are frozen (step 0), so extra steps change nothing.
+      if len(steps) == 4:
+        any_live = bool(np.any(np.asarray(live_shards)))
+        iterations += np.sum([np.asarray(s) for s in steps], axis=0, dtype=np.int64)
+        steps = []
+    if steps:
       iterations += np.sum([np.asarray(s) for s in steps], axis=0, dtype=np.int64)
-      steps = []
-  if steps:
-    iterations += np.sum([np.asarray(s) for s in steps], axis=0, dtype=np.int64)
-  converged = not bool(np.any(np.asarray(live_shards)))
-  return theta, iterations, converged
+    gap, floor = _true_residual(kernels, theta, ids, x, y, l2)
+    stalled = False
+    if previous is not None:  # after a restart, every column keeps its better θ
+      revert = ~(gap < previous[1])
+      theta = kernels.select(jax.device_put(revert, restart_sharding), previous[0],
+                             theta)
+      gap, floor = (np.where(revert, old, new) for old, new in
+                    zip(previous[1:], (gap, floor)))
+    unmet = ~(gap <= np.maximum(float(np.asarray(tol)), floor))  # NaN: never met
+    if previous is not None:
+      stalled = bool(np.all(revert[unmet]))  # the restart helped no unmet column
+    if (not unmet.any() or done >= max_iters or attempt == _MAX_RESTARTS or
+        stalled):
+      break
+    previous = (theta, gap, floor)
+    restart = jax.device_put(unmet, restart_sharding)
+    residual, direction, rz, live_shards = kernels.cg_restart(
+        kernels.forward(theta, ids, x), theta, restart, inverse, target, ids, x, y,
+        l2)
+  return theta, iterations, gap, floor
 
 
 def _map_columns(fn, args, serial):
@@ -361,6 +423,28 @@ def _normal_equation_gap(predicted, theta, ids, x, y, l2, *, linear):
   num = jnp.sqrt(jnp.sum(gap * gap, axis=(0, 1)))
   den = jnp.sqrt(jnp.sum(rhs * rhs, axis=(0, 1)))
   return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def _residual_floor(magnitude, theta, ids, x, y, l2, *, linear):
+  """float32[C] how far float32 rounding alone can move the relative residual
+  `_normal_equation_gap` of θ: ε·‖|X|ᵀ|X||θ| + l2|θ| + |X|ᵀ|y|‖ / ‖Xᵀy‖.
+
+  The entries of (XᵀX + l2·I)θ − Xᵀy are sums of terms bounded by those of
+  |X|ᵀ|X||θ| + l2|θ| + |X|ᵀ|y| (the usual bound of rounded dot products, ε the
+  float32 machine epsilon): even the exact ridge solution, rounded to float32,
+  measures up to about this (0.06–0.25 of it on dense tests), so a `tol` below it
+  cannot be verified. `magnitude` is `forward(|θ|, ids, |x|)`, computed apart like
+  `predicted` (see `_solve_cg`).
+  """
+  num_train = theta.shape[0]
+  abs_x = jnp.abs(x)
+  bound = (transpose(magnitude, ids, abs_x, num_train, linear) + l2 * jnp.abs(theta)
+           + transpose(jnp.abs(y), ids, abs_x, num_train, linear))
+  rhs = transpose(y, ids, x, num_train, linear)
+  num = jnp.sqrt(jnp.sum(bound * bound, axis=(0, 1)))
+  den = jnp.sqrt(jnp.sum(rhs * rhs, axis=(0, 1)))
+  eps = jnp.finfo(jnp.float32).eps
+  return jnp.where(den > 0, eps * num / jnp.where(den > 0, den, 1.0), 0.0)
 
 
 def relative_residual(theta, ids, x, y, l2, *, linear):
@@ -460,6 +544,13 @@ class _Kernels:
                         (rep, rows, rows, col), theta)
     self.gap = sharded(functools.partial(_normal_equation_gap, linear=linear),
                        (rows, theta, rep, rows, rows, col), col)
+    self.floor = sharded(functools.partial(_residual_floor, linear=linear),
+                         (rows, theta, rep, rows, rows, col), col)
+    self.select = sharded(lambda keep, a, b: jnp.where(keep, a, b),
+                          (col, theta, theta), theta)
+    self.cg_restart = sharded(functools.partial(_cg_restart, **static),
+                              (rows, theta, col, theta, col, rep, rows, rows, col),
+                              (theta, theta, col, col))
 
 
 @functools.lru_cache(maxsize=32)
@@ -544,14 +635,17 @@ def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: Any
     memory_budget_bytes: working-set bound per chunk of columns.
     devices: the devices the columns of each chunk are split over (a one-axis mesh
       "columns"); default `default_devices()`. The result does not depend on them.
-    warn: `warnings.warn` when CG stops at `max_iters` before every column met `tol`.
+    warn: `warnings.warn` when CG ends unconverged (see "converged" below).
 
   Returns:
     (θ float32[N, J, C] as a numpy array, info dict with "method", "iterations"
     (max over columns, 0 for exact methods), "relative_residual" (max over columns of
-    the recomputed float32 residual), "converged" (CG: every column met `tol` within
-    `max_iters`; exact methods: True), "tol", "chunk_size", "num_chunks",
-    "num_devices").
+    the float32 residual recomputed from the returned θ), "converged" (CG: every
+    column's recomputed relative residual is ≤ `tol`, or ≤ its float32 rounding
+    bound where that is larger (`_residual_floor`); CG's own stopping test reads
+    its recursive residual, which can drift below tol while the true one stays
+    above; exact methods: True), "residual_floor" (CG only: max over columns of
+    that bound), "tol", "chunk_size", "num_chunks", "num_devices").
 
   Raises:
     ValueError: naming the argument: ids not integer or out of [-1, N), x or y not
@@ -582,7 +676,7 @@ def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: Any
   ids_placed = jax.device_put(ids, jax.sharding.NamedSharding(mesh, _REPLICATED))
   tol_placed = jax.device_put(np.float32(tol),
                               jax.sharding.NamedSharding(mesh, _REPLICATED))
-  thetas, iterations, residuals, converged = [], [], [], True
+  thetas, iterations, residuals, floors, converged = [], [], [], [], True
   for start in range(0, num_columns, chunk):
     stop = min(start + chunk, num_columns)
     # Zero-pad the last chunk: a zero column has θ = 0 and costs no recompile.
@@ -591,22 +685,27 @@ def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: Any
     y_chunk = jax.device_put(np.pad(y[:, start:stop], ((0, 0), pad)), by_column)
     l2_chunk = jax.device_put(np.pad(l2[start:stop], pad, constant_values=1.0),
                               per_column)
+    columns = stop - start
     if method == "cg":
-      theta, iters, chunk_converged = _solve_cg(kernels, ids_placed, x_chunk, y_chunk,
-                                                l2_chunk, tol_placed,
-                                                max_iters=max_iters)
+      # `converged` reads the residual recomputed from θ (CG's own stopping test
+      # reads its recursive one, which drifts from it in float32): met where it
+      # is within tol, or within float32 rounding where tol is below that.
+      theta, iters, gap, floor = _solve_cg(
+          kernels, ids_placed, x_chunk, y_chunk, l2_chunk, tol_placed,
+          max_iters=max_iters, restart_sharding=per_column)
+      gap, floor = gap[:columns], floor[:columns]
       iterations.append(int(np.max(iters)))
-      converged = converged and chunk_converged
-    elif method == "normal":
-      theta = kernels.normal(ids_placed, x_chunk, y_chunk, l2_chunk)
+      floors.append(float(np.max(floor)))
+      converged = converged and bool(np.all(gap <= np.maximum(tol, floor)))
     else:
-      theta = kernels.dual(ids_placed, x_chunk, y_chunk, l2_chunk)
-    # Host-side reductions: a jnp.max over the sharded columns would be a collective.
-    predicted = kernels.forward(theta, ids_placed, x_chunk)
-    gap = np.asarray(kernels.gap(predicted, theta, ids_placed, x_chunk, y_chunk,
-                                 l2_chunk))
-    residuals.append(float(np.max(gap[:stop - start])))
-    thetas.append(np.asarray(theta)[:, :, :stop - start])
+      theta = (kernels.normal if method == "normal" else kernels.dual)(
+          ids_placed, x_chunk, y_chunk, l2_chunk)
+      # Host-side reductions: a jnp.max over the sharded columns is a collective.
+      predicted = kernels.forward(theta, ids_placed, x_chunk)
+      gap = np.asarray(kernels.gap(predicted, theta, ids_placed, x_chunk, y_chunk,
+                                   l2_chunk))[:columns]
+    residuals.append(float(np.max(gap)))
+    thetas.append(np.asarray(theta)[:, :, :columns])
     if not np.all(np.isfinite(thetas[-1])):
       # float32 Cholesky of an ill-conditioned system: never hand back NaN θ.
       raise ValueError(
@@ -617,10 +716,26 @@ def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: Any
           "relative_residual": max(residuals), "converged": bool(converged),
           "tol": float(tol), "chunk_size": chunk,
           "num_chunks": math.ceil(num_columns / chunk), "num_devices": num_devices}
+  if floors:
+    info["residual_floor"] = max(floors)
   if not converged and warn:
-    warnings.warn(
-        f"simulators.solve: CG stopped at max_iters={max_iters} before every column "
-        f"converged: relative residual {info['relative_residual']:.3g}, tol={tol:g} "
-        "(raise max_iters or l2, or pick method='normal'/'dual' for small problems).",
-        RuntimeWarning, stacklevel=2)
+    warnings.warn(f"simulators.solve: {unconverged_message(info, max_iters)}.",
+                  RuntimeWarning, stacklevel=2)
   return np.concatenate(thetas, axis=-1), info
+
+
+def unconverged_message(info: dict, max_iters: int) -> str:
+  """Why a CG solve's `info` has converged False, and what to do: it ran out of
+  iterations, or its recursive residual met tol while the recomputed one did not
+  (float32 drift that restarting from its solution did not cure)."""
+  found = (f"relative residual {info['relative_residual']:.3g}, tol={info['tol']:g}"
+           + (f" (float32 rounding: {info['residual_floor']:.2g})"
+              if "residual_floor" in info else ""))
+  if info.get("iterations", max_iters) >= max_iters:
+    return (f"CG stopped at max_iters={max_iters} before every column converged: "
+            f"{found} (raise max_iters or l2, or pick method='normal'/'dual' for "
+            "small problems)")
+  return (f"CG's recursive residual met tol after {info['iterations']} iterations "
+          f"but the residual recomputed from its solution did not, nor after "
+          f"restarts from it: {found} (raise l2 or tol, or pick method='normal'/"
+          "'dual' for small problems)")
