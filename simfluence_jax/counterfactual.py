@@ -218,7 +218,13 @@ def simulate_curricula(sims: dict, batch_ids: np.ndarray, initial_losses: np.nda
   `num_band_samples`: posterior draws of the bands, an integer >= 0 (0: no bands).
 
   Returns:
-    method -> {"mean": float32[R', T+1, M], "std": float32[R', T+1, M] or None}.
+    method -> {"mean": float32[R', T+1, M] the point prediction (`Simulator.simulate`,
+    the rollout of the fitted parameters: the numbers the main job's `evaluate`
+    scores; the key keeps its old name), "std": float32[R', T+1, M] the std of the
+    rollouts of `num_band_samples` posterior samples of the parameters, and
+    "posterior_sample_mean": float32[R', T+1, M] their mean (not the point
+    prediction: the rollout is not linear in the parameters, and the samples are
+    few); both None for a simulator without a posterior or with no bands}.
   """
   if (isinstance(num_band_samples, bool)
       or not isinstance(num_band_samples, (int, np.integer)) or num_band_samples < 0):
@@ -227,30 +233,41 @@ def simulate_curricula(sims: dict, batch_ids: np.ndarray, initial_losses: np.nda
   initial = np.repeat(np.asarray(initial_losses, np.float32)[None], len(batch_ids), 0)
   out = {}
   for name, sim in sims.items():
+    point = np.asarray(sim.simulate(batch_ids, initial, allow_nonfinite=True,
+                                    allow_unfitted_ids=allow_unfitted_ids))
+    out[name] = {"mean": point, "std": None, "posterior_sample_mean": None}
     if sim.posterior is not None and num_band_samples > 0:
-      mean, std = sim.simulate_with_bands(batch_ids, initial,
-                                          num_samples=num_band_samples,
-                                          rng=seed, allow_nonfinite=True,
-                                          allow_unfitted_ids=allow_unfitted_ids)
-      out[name] = {"mean": np.asarray(mean), "std": np.asarray(std)}
-    else:
-      out[name] = {"mean": np.asarray(sim.simulate(
-          batch_ids, initial, allow_nonfinite=True,
-          allow_unfitted_ids=allow_unfitted_ids)), "std": None}
+      sample_mean, std = sim.simulate_with_bands(
+          batch_ids, initial, num_samples=num_band_samples, rng=seed,
+          allow_nonfinite=True, allow_unfitted_ids=allow_unfitted_ids)
+      out[name]["std"] = np.asarray(std)
+      out[name]["posterior_sample_mean"] = np.asarray(sample_mean)
     # One method diverging on a curriculum does not stop the others: its
     # trajectory keeps the inf/NaN, and this says where.
-    where = sim.first_nonfinite(out[name]["mean"], ends_only=sim.final_only)
+    where = sim.first_nonfinite(point, ends_only=sim.final_only)
     if where is not None:
       run, step, column = where
       logging.warning("simulate: %s diverges on curriculum %d (non-finite loss of "
                       "test example %d from step %d); its trajectory keeps the "
                       "inf/NaN values.", name, run, column, step)
+    elif out[name]["std"] is not None and not (
+        np.all(np.isfinite(out[name]["std"]))
+        and np.all(np.isfinite(out[name]["posterior_sample_mean"]))):
+      logging.warning("simulate: %s's point prediction is finite but some of its %d "
+                      "posterior samples diverge; its band (std, "
+                      "posterior_sample_mean) keeps the inf/NaN values.", name,
+                      num_band_samples)
   return out
 
 
 def plot_trajectories(path: str, trajectories: dict, targets: np.ndarray,
                       title: str = "") -> None:
-  """PNG of the mean loss of `targets` per step, one panel per curriculum (≤ 4)."""
+  """PNG of the mean loss of `targets` per step, one panel per curriculum (≤ 4).
+
+  A line is a method's point prediction (`simulate_curricula`'s "mean"); its band,
+  where it has one, the posterior samples' mean ± 2 std (centred where the samples
+  are, which need not be on the line).
+  """
   from simfluence_jax import _optional  # pylint: disable=g-import-not-at-top
   matplotlib = _optional.import_module("matplotlib", "report", "plot_trajectories")
   matplotlib.use("Agg")
@@ -260,17 +277,21 @@ def plot_trajectories(path: str, trajectories: dict, targets: np.ndarray,
   fig, axes = plt.subplots(1, shown, figsize=(5 * shown, 3.5), squeeze=False)
   for r, ax in enumerate(axes[0]):
     for i, (name, values) in enumerate(trajectories.items()):
-      mean = values["mean"][r][:, targets].mean(-1)
-      steps = np.arange(mean.shape[0])
-      ax.plot(steps, mean, color=f"C{i}", label=name)
+      point = values["mean"][r][:, targets].mean(-1)
+      steps = np.arange(point.shape[0])
+      ax.plot(steps, point, color=f"C{i}", label=name)
       if values["std"] is not None:
         # Band of the target mean; per-example stds combined as if independent.
         std = np.sqrt((values["std"][r][:, targets] ** 2).sum(-1)) / len(targets)
-        ax.fill_between(steps, mean - 2 * std, mean + 2 * std, color=f"C{i}", alpha=0.2)
+        centre = values.get("posterior_sample_mean")
+        centre = point if centre is None else centre[r][:, targets].mean(-1)
+        ax.fill_between(steps, centre - 2 * std, centre + 2 * std, color=f"C{i}",
+                        alpha=0.2)
     ax.set_title(f"{title} curriculum {r}", fontsize=9)
     ax.set_xlabel("step")
   axes[0, 0].set_ylabel(f"mean simulated loss of {len(targets)} test examples")
-  axes[0, 0].legend(fontsize=7)
+  axes[0, 0].legend(fontsize=7, title="point prediction; band: posterior ±2σ",
+                    title_fontsize=7)
   fig.tight_layout()
   _io.save_figure(fig, path)
 

@@ -7,16 +7,24 @@ The curriculum file holds train example ids per step (`data.load_curriculum`: JS
 starts from the base model, so the initial test losses are the trace's
 `losses[0, 0]`. Writes into `--output_dir` (default `WORKDIR/simulated/<file stem>`):
 
-* `trajectories.json`: per method, the simulated losses `mean` float[R', T+1, M] and,
-  for simulators with a posterior (Simfluence-Linear / -Additive), `std` (parameter
-  uncertainty; `null` otherwise); `curriculum` (the file, absolute), `fits` (per
+* `trajectories.json`: per method, `mean` float[R', T+1, M] the point prediction of
+  the losses (`Simulator.simulate`, the rollout of the fitted parameters: the same
+  numbers the main job's `evaluate` stage scores; the field keeps its old name) and,
+  for simulators with a posterior (Simfluence-Linear / -Additive) when
+  `--num_band_samples` > 0, `std` (the std of the rollouts of that many posterior
+  samples of the parameters: parameter uncertainty) and `posterior_sample_mean`
+  (their mean, which is not `mean`: the rollout is not linear in the parameters;
+  both `null` otherwise); `curriculum` (the file, absolute), `fits` (per
   method, the fingerprint of the `stages/fit_<method>.json` its simulator came
   from, null for simulators saved by hand: a main job that refits a simulator
   changes it, so a trajectory whose fingerprint differs from the current record
   is an older fit's) and `unfitted_ids` (per method, the curriculum's ids its fitted
   runs never contained; rolled out only with `--allow_unfitted_ids`);
 * `trajectories.png`: the mean loss of the chosen test examples per step, one line per
-  method with ±2σ bands.
+  method (its point prediction) with a band of its posterior samples' mean ±2σ.
+
+The printed table holds, per method and curriculum, the point prediction of the final
+loss averaged over the chosen test examples (`mean`'s, as `evaluate` scores).
 
 Refused, in one line: a curriculum holding train ids that no fitted run of a chosen
 simulator contained (e.g. the main job's unseen examples, `summary.unseen_ids`):
@@ -197,8 +205,9 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   targets = result["targets"]
-  print(f"{'method':22s} final mean loss of {len(targets)} test examples "
-        "(per curriculum)")
+  print(f"{'method':22s} final loss, point prediction (as the main job's evaluate "
+        f"scores), mean over {len(targets)} test examples (per curriculum; posterior "
+        "bands: std in trajectories.json)")
   for name, values in result["trajectories"].items():
     finals = values["mean"][:, -1][:, targets].mean(-1)
     print(f"{name:22s} " + "  ".join(f"{v:.4f}" for v in finals))

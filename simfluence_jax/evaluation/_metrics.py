@@ -6,7 +6,8 @@ step) and average over held-out runs (or test examples for across-run metrics).
 Nothing is hidden: a non-finite prediction makes every metric NaN (a Spearman ρ
 over ranks would otherwise turn an exploded simulator into a perfect one), and a ρ
 across runs needs at least `MIN_RUNS_FOR_RHO` held-out runs; `undefined_reasons`
-says why a metric is NaN.
+says why a metric is NaN, and `spearman_across_runs_skipped` how many test examples
+`spearman_across_runs` left out of its mean (constant across runs: ρ undefined).
 """
 
 import numpy as np
@@ -126,12 +127,35 @@ def spearman_across_runs(pred, actual) -> float:
   curricula: the counterfactual question "which curriculum gives the lower loss".
   NaN with fewer than `MIN_RUNS_FOR_RHO` runs or a non-finite prediction; test
   examples with a constant prediction or outcome across runs (to float rounding,
-  `ROUNDING_RTOL`: ranking rounding noise is not a prediction) are skipped.
+  `ROUNDING_RTOL`: ranking rounding noise is not a prediction) are skipped, and
+  counted by `spearman_across_runs_skipped` (reported beside this metric).
   """
+  rho = _across_runs_rho(pred, actual)
+  return float("nan") if rho is None else _nanmean(rho)
+
+
+def _across_runs_rho(pred, actual):
+  """float[M] each test example's ρ across runs (NaN: constant, skipped), or None
+  when `spearman_across_runs` is undefined as a whole (non-finite prediction, fewer
+  than `MIN_RUNS_FOR_RHO` runs)."""
   pred, actual = _check(pred, actual)
   if not _finite(pred) or pred.shape[0] < MIN_RUNS_FOR_RHO:
-    return float("nan")
-  return _nanmean(_rowwise_spearman(pred[:, -1].T, actual[:, -1].T, ROUNDING_RTOL))
+    return None
+  return _rowwise_spearman(pred[:, -1].T, actual[:, -1].T, ROUNDING_RTOL)
+
+
+def spearman_across_runs_skipped(pred, actual) -> int:
+  """How many of the M test examples `spearman_across_runs` leaves out of its mean.
+
+  Those whose predicted or actual final loss is the same for every held-out run (to
+  float rounding, `ROUNDING_RTOL`): ρ across runs is undefined for them, so the
+  metric is the mean over the other M − skipped. M: every one is, and the metric is
+  NaN (`undefined_reasons` says why). 0 where the metric is NaN as a whole (a
+  non-finite prediction, fewer than `MIN_RUNS_FOR_RHO` runs): nothing was ranked,
+  and `undefined_reasons` says why.
+  """
+  rho = _across_runs_rho(pred, actual)
+  return 0 if rho is None else int(np.sum(np.isnan(rho)))
 
 
 def lds(pred, actual) -> float:
@@ -212,8 +236,23 @@ def undefined_reasons(pred, actual) -> dict:
         f"{ROUNDING_RTOL:g} of the loss): it ignores the curriculum, here the order")
   elif np.all(constant_rows(actual[:, -1].T, ROUNDING_RTOL)):
     reasons["spearman_across_runs"] = "the actual final losses do not vary across runs"
+  elif spearman_across_runs_skipped(pred, actual) == pred.shape[2]:
+    # Each test example constant on one side or the other: none left to average.
+    flat_pred = int(np.sum(constant_rows(pred[:, -1].T, ROUNDING_RTOL)))
+    flat_actual = int(np.sum(constant_rows(actual[:, -1].T, ROUNDING_RTOL)))
+    reasons["spearman_across_runs"] = (
+        f"every test example is constant across runs in the prediction "
+        f"({flat_pred} of {pred.shape[2]}) or in the actual final loss "
+        f"({flat_actual}): ρ is undefined for each")
   if np.all(constant_rows(pred[:, -1], ROUNDING_RTOL)):
     reasons["spearman"] = "the prediction is the same for every test example"
+  elif np.isnan(spearman(pred, actual)):
+    flat_pred = int(np.sum(constant_rows(pred[:, -1], ROUNDING_RTOL)))
+    flat_actual = int(np.sum(constant_rows(actual[:, -1], ROUNDING_RTOL)))
+    reasons["spearman"] = (
+        f"every run is constant across test examples in the prediction "
+        f"({flat_pred} of {pred.shape[0]}) or in the actual final loss "
+        f"({flat_actual}): ρ is undefined for each")
   return reasons
 
 

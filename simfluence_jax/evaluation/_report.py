@@ -5,9 +5,12 @@ dict that goes to metrics.json), so a report can be regenerated from a workdir:
 
 * per method (held-out runs): every metric of `METRICS`, each MSE also as a ratio to
   `curriculum_blind`, `min_loss` (a simulated loss below 0 is impossible and
-  flagged) and `undefined` (metric -> why it is NaN); in a mean over seeds
+  flagged), `spearman_across_runs_skipped` (an int: the test examples constant
+  across runs that `spearman_across_runs` leaves out of its mean; flagged when
+  above 0) and `undefined` (metric -> why it is NaN); in a mean over seeds
   (`pipeline.experiment`) a ratio is that of the mean MSEs, `min_loss` the lowest
-  over seeds and `undefined` each seed's reasons, named by its `seed_<k>/`;
+  over seeds, `spearman_across_runs_skipped` the mean count over seeds (a float)
+  and `undefined` each seed's reasons, named by its `seed_<k>/`;
 * `unseen_examples`, `removal_lds`, `cost`, `learning_curve`, `counterfactual`,
   `stages` (seconds, reused) and, for a mean over seeds, `std` and `seeds`.
 """
@@ -253,6 +256,26 @@ def growth_text(regime: dict) -> str:
   return _number(regime.get("removal_derivative_growth"), ".2f")
 
 
+SKIPPED = "spearman_across_runs_skipped"
+
+
+def skipped_text(values: dict, num_test=None, seeds=None) -> str:
+  """The flag of a method entry whose `spearman_across_runs` left test examples out
+  of its mean (`SKIPPED` above 0), or "" (none left out; or the metric is NaN, which
+  `undefined` explains)."""
+  skipped = values.get(SKIPPED)
+  if (not _finite_number(skipped) or skipped <= 0
+      or not _finite_number(values.get("spearman_across_runs"))):
+    return ""
+  count = str(int(skipped)) if float(skipped).is_integer() else f"{skipped:.2f}"
+  of = f" of {num_test}" if _finite_number(num_test) else ""
+  return (f"`spearman_across_runs` leaves out {count}{of} test examples"
+          + (" on average over seeds" if seeds else "")
+          + ": their predicted or actual final loss is the same in every run (to "
+          "float rounding), so they have no ρ across runs; it is the mean over the "
+          f"others (`{SKIPPED}`)")
+
+
 def _warnings(payload: dict) -> list:
   from simfluence_jax.training import metagradients_lib  # pylint: disable=g-import-not-at-top
   lines = []
@@ -273,6 +296,14 @@ def _warnings(payload: dict) -> list:
                    "cross-entropy loss; its MSEs include extrapolation.")
     for metric, reason in values.get("undefined", {}).items():
       lines.append(f"- {method}: `{metric}` is undefined: {reason}.")
+  num_test = (payload.get("summary") or {}).get("num_test_examples")
+  unseen = payload.get("unseen_examples")
+  for where, entries in [("", payload)] + (
+      [(" (unseen-example runs)", unseen)] if isinstance(unseen, dict) else []):
+    for method in methods_of(entries):
+      text = skipped_text(entries[method], num_test, payload.get("seeds"))
+      if text:
+        lines.append(f"- {method}{where}: {text}.")
   return lines
 
 

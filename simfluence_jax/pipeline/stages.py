@@ -553,7 +553,9 @@ class Evaluation:
   Attributes:
     metrics: evaluation set ("held_out", "unseen") -> method -> metric -> value
       (the metrics of `evaluation.METRICS`, each MSE also as `<mse>_ratio` to
-      curriculum_blind's, `min_loss`, and `undefined`: metric -> reason).
+      curriculum_blind's, `min_loss`, `spearman_across_runs_skipped`: the test
+      examples constant across runs that ρ across runs leaves out, and
+      `undefined`: metric -> reason).
     predictions: method -> float32[R', T+1, M] on the held-out runs.
     bands: method -> (mean, std) posterior bands on the held-out runs.
     actual: float32[R', T+1, M] the held-out runs' losses.
@@ -571,6 +573,8 @@ def _set_metrics(predictions: dict, actual: np.ndarray) -> dict:
   for method, pred in predictions.items():
     values = evaluation.compute_metrics(pred, actual)
     values["min_loss"] = evaluation.min_loss(pred)
+    values["spearman_across_runs_skipped"] = evaluation.spearman_across_runs_skipped(
+        pred, actual)
     undefined = evaluation.undefined_reasons(pred, actual)
     if undefined:
       values["undefined"] = undefined
@@ -667,7 +671,8 @@ def evaluate(wd, config, runs: Runs, curricula: Curricula, sims: dict,
   # changed (a review's reproduction).
   return wd.stage("evaluate", fields=("methods", "simulators.num_band_samples"),
                   upstream=("record_runs",) + tuple(upstream), compute=compute,
-                  save=save, load=load, outputs=("evaluation",), version=2)
+                  save=save, load=load, outputs=("evaluation",),
+                  version=3)  # 3: spearman_across_runs_skipped
 
 
 def metagradient_table_simulator(config, dataset, model: Model, test_ids,
