@@ -3,17 +3,29 @@
 A Task turns `(params, batch)` into one loss per example. `params` is whatever the
 task's `apply_fn` takes as its first argument: the variables dict `{"params": ...}`
 for `model.apply`, or the raw parameter tree for `lambda p, x: model.apply({"params":
-p}, x)`. Both are accepted; gradients are taken with respect to all of it (so pass
-only trainable collections if the variables dict also holds e.g. `batch_stats`).
-Boxed parameters (`nn.with_logical_partitioning`) are unboxed by the kernels.
+p}, x)`. Gradients are taken with respect to all of it, so the kernels refuse a
+variables dict holding other collections (e.g. `batch_stats`): pass
+`{"params": variables["params"]}` and close over the rest in `apply_fn`. Boxed
+parameters (`nn.with_logical_partitioning`) are unboxed by the kernels.
 
 An `nnx.Module` can stand in for `apply_fn`: `ClassificationTask(module)`. The
 task then takes `params = nnx.state(module, nnx.Param)` (or the module itself) and
-applies `nnx.merge(graphdef, params, rest)(inputs)`, where `graphdef` and the
-non-parameter state `rest` (batch statistics, RNG counters, ...) are snapshotted
-when the task is made. Such tasks compare equal only to themselves.
+applies `nnx.merge(graphdef, params, rest)(inputs)`, where `graphdef` and a copy of
+the non-parameter state `rest` (batch statistics, RNG counters, ...) are snapshotted
+when the task is made: later updates of the module do not reach the task. Given
+the module's current parameters (the module itself, or `nnx.state(module,
+nnx.Param)` holding its current arrays) after its non-parameter state or its
+static attributes (`train()` / `eval()`) changed, the kernels refuse, naming the
+variable: make a new task to score with the module's current state. Such tasks
+compare equal only to themselves.
+
+Every kernel checks (`validate`) that the task's loss treats examples
+independently: the loss of the first two examples together must equal their
+losses alone (train-mode batch norm, or randomness drawn per batch, would make the
+scores depend on `chunk_size`).
 """
 
+import collections.abc
 import dataclasses
 from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
 
@@ -41,7 +53,11 @@ class Task(Protocol):
   token positions that count in the EK-FAC covariances of sequence models, and
   `validate(params, batches, argument)`: raise ValueError on batches it cannot
   score (the built-in tasks check labels / targets against the logits' last
-  dimension), called by every kernel before it computes anything.
+  dimension), called by every kernel before it computes anything, and
+  `check_params(params, argument)`: raise ValueError on params it cannot take
+  (TracIn calls it for every checkpoint). Every kernel also checks that `loss`
+  (`measurement` on the query batch) treats examples independently
+  (`check_independent_examples`).
   """
 
   def loss(self, params, batch: Batch) -> jax.Array:
@@ -60,17 +76,84 @@ def token_mask(task, batch: Batch) -> Optional[jax.Array]:
   return None if mask_fn is None else mask_fn(batch)
 
 
+def _snapshot_leaf(x):
+  # jax arrays are immutable (an NNX update replaces a variable's array): sharing
+  # them is a snapshot, without a second copy of large state (frozen weights,
+  # caches). numpy arrays can be written in place: those are copied.
+  return np.array(x, copy=True) if isinstance(x, np.ndarray) else x
+
+
+def _host_value(x) -> np.ndarray:
+  """A variable's value on the host, PRNG keys as their key data."""
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  return np.asarray(sharding_lib.to_host(x))
+
+
+def _same_values(left, right) -> bool:
+  left, right = jax.tree_util.tree_leaves(left), jax.tree_util.tree_leaves(right)
+  if len(left) != len(right):
+    return False
+  for a, b in zip(left, right):
+    if a is b:
+      continue
+    a, b = _host_value(a), _host_value(b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+      return False
+    if not np.array_equal(a, b, equal_nan=np.issubdtype(a.dtype, np.inexact)):
+      return False
+  return True
+
+
 class _NNXApply:
-  """`(params, inputs) -> module(inputs)` for a snapshot of an NNX module."""
+  """`(params, inputs) -> module(inputs)` for a snapshot of an NNX module.
+
+  `rest` is a snapshot of the module's non-parameter state (a pytree of arrays)
+  taken when the task is made: new variables holding its arrays (jax arrays are
+  immutable; numpy ones are copied). Every call merges fresh variables holding
+  it, so neither the module's later updates nor a call that writes state reach it.
+  """
 
   def __init__(self, module):
-    self.graphdef, params, self.rest = nnx.split(module, nnx.Param, ...)
+    self.module = module
+    self.graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     self.params_structure = jax.tree_util.tree_structure(params)
+    self.rest = jax.tree_util.tree_map(_snapshot_leaf, rest)  # new variables
 
   def __call__(self, params, inputs):
     if isinstance(params, nnx.Module):
+      self.check_current(params, "params")
       params = nnx.state(params, nnx.Param)
-    return nnx.merge(self.graphdef, params, self.rest)(inputs)
+    rest = jax.tree_util.tree_map(lambda x: x, self.rest)  # fresh variables
+    return nnx.merge(self.graphdef, params, rest)(inputs)
+
+  def holds_current_params(self, params) -> bool:
+    """Whether `params` holds the very arrays of the module's current parameters."""
+    current = jax.tree_util.tree_leaves(nnx.state(self.module, nnx.Param))
+    given = jax.tree_util.tree_leaves(params)
+    return bool(current) and len(current) == len(given) and all(
+        a is b for a, b in zip(current, given))
+
+  def check_current(self, module, argument: str) -> None:
+    """Raises ValueError if `module` differs from the snapshot in anything but its
+    parameter values: static attributes (train/eval mode) or non-parameter state."""
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    if (graphdef != self.graphdef
+        or jax.tree_util.tree_structure(params) != self.params_structure):
+      raise ValueError(
+          f"{argument}: the module's structure or static attributes (e.g. its "
+          f"train()/eval() mode) changed since the task was made, and the task "
+          f"applies the module as it was then: make a new task of the module.")
+    now, then = dict(nnx.to_flat_state(rest)), dict(nnx.to_flat_state(self.rest))
+    for path in sorted(set(now) | set(then), key=str):
+      if path in now and path in then and _same_values(now[path], then[path]):
+        continue
+      name = ".".join(map(str, path))
+      kind = type(now.get(path, then.get(path))).__name__
+      raise ValueError(
+          f"{argument}: the module's {name} ({kind}) changed since the task was "
+          f"made, and the task applies the non-parameter state it copied then: "
+          f"make a new task of the module to score with its current state.")
 
 
 class _ApplyTask:
@@ -96,9 +179,14 @@ class _ApplyTask:
     return hash((type(self).__name__,) + self._key())
 
   def check_params(self, params, argument: str = "params") -> None:
-    """For an NNX task: params must be shaped like nnx.state(module, nnx.Param)."""
+    """For an NNX task: params must be shaped like nnx.state(module, nnx.Param),
+    and if they are the module (or its current parameter arrays), the module's
+    non-parameter state must still be the task's snapshot."""
     nnx_apply = self.__dict__.get("_nnx_apply")
-    if nnx_apply is None or isinstance(params, nnx.Module):
+    if nnx_apply is None:
+      return
+    if isinstance(params, nnx.Module):
+      nnx_apply.check_current(params, argument)
       return
     variables = jax.tree_util.tree_leaves(
         params, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -111,6 +199,8 @@ class _ApplyTask:
           f"(or the module), got a {type(params).__name__} with "
           f"{len(variables)} leaves" + (f" holding {others}" if others else "")
           + " that does not match it.")
+    if nnx_apply.holds_current_params(params):
+      nnx_apply.check_current(nnx_apply.module, argument)
 
   def _num_outputs(self, params, inputs) -> int:
     """The logits' last dimension (one trace per task and shapes, then cached)."""
@@ -155,6 +245,20 @@ def _check_ids(batch, key: str, limit: int, what: str, argument: str,
                      f"[{ids.min()}, {ids.max()}] in {argument}.")
 
 
+def _check_input_ids(batch, where: str) -> None:
+  """Integer inputs (every integer leaf of `batch["inputs"]`) must be ≥ 0."""
+  for leaf in jax.tree_util.tree_leaves(batch.get("inputs")):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+      dtype = np.asarray(leaf).dtype
+    if not np.issubdtype(dtype, np.integer):
+      continue
+    ids = np.asarray(sharding_lib.to_host(leaf))
+    if ids.size and ids.min() < 0:
+      raise ValueError(f"inputs: token ids must be ≥ 0 in {where}, got "
+                       f"{ids.min()} (an embedding lookup would wrap it).")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ClassificationTask(_ApplyTask):
   """Softmax cross-entropy per example.
@@ -174,12 +278,14 @@ class ClassificationTask(_ApplyTask):
                                       batch["labels"])
 
   def validate(self, params, batches, argument: str) -> None:
-    """Raises ValueError unless every batch's labels are in [0, C)."""
+    """Raises ValueError unless every batch's labels are in [0, C) and integer
+    inputs are ≥ 0."""
     self.check_params(params)
     num_classes = self._num_outputs(params, batches[0]["inputs"])
     for i, batch in enumerate(batches):
       where = argument if len(batches) == 1 else f"{argument}[{i}]"
       _check_ids(batch, "labels", num_classes, "the logits' last dimension", where)
+      _check_input_ids(batch, where)
 
   def measurement(self, params, batch: Batch) -> jax.Array:
     """float32[B]: the loss."""
@@ -231,10 +337,7 @@ class LanguageModelingTask(_ApplyTask):
                          f"values in [{mask.min()}, {mask.max()}].")
       _check_ids(batch, "targets", vocab, "the logits' last dimension", where,
                  counts=mask > 0)
-      inputs = np.asarray(sharding_lib.to_host(batch["inputs"]))
-      if np.issubdtype(inputs.dtype, np.integer) and inputs.size and inputs.min() < 0:
-        raise ValueError(f"inputs: token ids must be ≥ 0 in {where}, got "
-                         f"{inputs.min()} (an embedding lookup would wrap it).")
+      _check_input_ids(batch, where)
 
   def measurement(self, params, batch: Batch) -> jax.Array:
     """float32[B]: the loss."""
@@ -251,12 +354,111 @@ class LanguageModelingTask(_ApplyTask):
     return jnp.asarray(batch["mask"], jnp.float32)
 
 
+def check_collections(params, argument: str = "params") -> None:
+  """Refuses a linen variables dict holding collections besides "params".
+
+  The kernels differentiate every leaf of `params`; BatchNorm's `batch_stats` (or
+  any other collection) is not trained by gradient steps, and its gradients would
+  be added to the scores.
+  """
+  if (not isinstance(params, collections.abc.Mapping)
+      or isinstance(params, nnx.State) or "params" not in params or len(params) < 2):
+    return
+  others = sorted(str(key) for key in params if key != "params")
+  raise ValueError(
+      f"{argument}: a linen variables dict with the collection(s) {others} besides "
+      f"'params': the kernels would differentiate them too; pass "
+      f"{{'params': variables['params']}} and close over the others in apply_fn "
+      f"(e.g. lambda p, x: model.apply({{**p, {others[0]!r}: ...}}, x)).")
+
+
+def check_params(task, params, argument: str = "params") -> None:
+  """`check_collections`, then the task's own `check_params(params, argument)` if
+  it defines one (an NNX task: the module's state; see the module docstring)."""
+  check_collections(params, argument)
+  check = getattr(task, "check_params", None)
+  if check is not None:
+    check(params, argument)
+
+
+def _first_examples(batches, count: int):
+  """The first `count` examples of `batches` as one host batch, or None."""
+  pieces, have = [], 0
+  for batch in batches:
+    take = min(count - have, int(np.shape(jax.tree_util.tree_leaves(batch)[0])[0]))
+    pieces.append(sharding_lib.to_host(
+        jax.tree_util.tree_map(lambda x, n=take: x[:n], batch)))
+    have += take
+    if have == count:
+      break
+  if have < count:
+    return None
+  return jax.tree_util.tree_map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]),
+                                *pieces)
+
+
+def _together_and_alone(task, which, params, pair):
+  """Per-example `task.<which>` (loss or measurement) of a 2-example batch, and of
+  each example alone (batches of one). Run eagerly: op by op, each op's program
+  cached by JAX across tasks, where a jitted check compiled the whole model once
+  more per task (+17% on the influence tests)."""
+  fn = getattr(task, which)
+  alone = jnp.stack([jnp.ravel(fn(params, jax.tree_util.tree_map(
+      lambda x, i=i: x[i:i + 1], pair)))[0] for i in range(2)])
+  return fn(params, pair), alone
+
+
+def _rounding_tolerance(params, pair) -> float:
+  """Relative tolerance for the same loss computed on batches of 2 and 1: float
+  rounding (reduction orders) of the lowest float precision of params and inputs."""
+  eps = np.finfo(np.float32).eps
+  for leaf in jax.tree_util.tree_leaves((params, pair)):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+      eps = max(eps, float(jnp.finfo(dtype).eps))
+  return max(1e-4, 4 * eps)
+
+
+def check_independent_examples(task, params, batches, argument: str) -> None:
+  """Raises ValueError if the task's loss of an example depends on the other
+  examples of its batch (on the first two examples: together vs each alone). The
+  query batch (`argument` "query_batch") is checked with the task's measurement.
+
+  The kernels compute per-example quantities from batched passes (EK-FAC's probes)
+  or per-example ones (TracIn): with interacting examples (train-mode batch norm,
+  randomness drawn per batch) the scores would depend on `chunk_size`. Costs one
+  forward pass of 2 examples and two of 1, run eagerly (no whole-model compile).
+  """
+  pair = _first_examples(batches, 2)
+  if pair is None:
+    return
+  which = "measurement" if argument == "query_batch" else "loss"
+  together, alone = (np.asarray(x, np.float64) for x in sharding_lib.to_host(
+      _together_and_alone(task, which, params, pair)))
+  if together.shape != alone.shape:
+    raise ValueError(f"{argument}: the task's {which} returned shape "
+                     f"{together.shape} for 2 examples, expected (2,) (one value per "
+                     f"example).")
+  tolerance = _rounding_tolerance(params, pair)
+  if np.allclose(together, alone, rtol=tolerance, atol=tolerance, equal_nan=True):
+    return
+  raise ValueError(
+      f"{argument}: examples interact in the batch (e.g. train-mode batch norm, or "
+      f"randomness drawn per batch): the {which} of examples 0 and 1 is "
+      f"{np.array2string(together, precision=6)} together and "
+      f"{np.array2string(alone, precision=6)} each alone, so scores would depend "
+      f"on chunk_size; apply the model in eval mode.")
+
+
 def validate(task, params, batches, argument: str) -> None:
   """Checks batches before any kernel runs (never a silent wrong answer).
 
   Every batch must hold at least one example, with all leaves agreeing on the
-  number; a task that defines `validate(params, batches, argument)` (the built-in
-  ones: labels / targets within the logits' last dimension) checks the rest.
+  number; `params` must not be a linen variables dict with collections besides
+  "params" (`check_collections`); a task that defines `validate(params, batches,
+  argument)` (the built-in ones: labels / targets within the logits' last
+  dimension) checks the rest; and the task's loss must treat examples
+  independently (`check_independent_examples`).
   """
   for i, batch in enumerate(batches):
     where = argument if len(batches) == 1 else f"{argument}[{i}]"
@@ -270,6 +472,8 @@ def validate(task, params, batches, argument: str) -> None:
                        + (" and scalars" if None in sizes else "") + ".")
     if sizes == {0}:
       raise ValueError(f"{where}: the batch is empty (0 examples).")
+  check_collections(params)
   check = getattr(task, "validate", None)
   if check is not None:
     check(params, batches, argument)
+  check_independent_examples(task, params, batches, argument)

@@ -29,6 +29,7 @@ from simfluence_jax.influence import _blocks
 from simfluence_jax.influence import _common
 from simfluence_jax.influence import _layers
 from simfluence_jax.influence import _tasks
+from simfluence_jax.influence._nnx import nnx  # flax.nnx once the user imports it
 
 DEFAULT_CHUNK_SIZE = 256
 
@@ -204,6 +205,31 @@ def _self_kernel(task, plan, mesh):
 # --- drivers -----------------------------------------------------------------------------
 
 
+def _nnx_variables(checkpoint):
+  """ids of the nnx.Variable objects of an NNX checkpoint (state or module)."""
+  if isinstance(checkpoint, nnx.Module):
+    checkpoint = nnx.state(checkpoint, nnx.Param)
+  return {id(leaf) for leaf in jax.tree_util.tree_leaves(
+      checkpoint, is_leaf=lambda x: isinstance(x, nnx.Variable))
+          if isinstance(leaf, nnx.Variable)}
+
+
+def _check_not_aliased(checkpoints) -> None:
+  """Refuses NNX checkpoints sharing nnx.Variable objects: `nnx.state(module,
+  nnx.Param)` holds the module's live variables, so states taken during training
+  all read the latest values."""
+  seen = {}
+  for k, checkpoint in enumerate(checkpoints):
+    for variable in _nnx_variables(checkpoint):
+      if variable in seen and seen[variable] != k:
+        raise ValueError(
+            f"checkpoints[{k}]: holds the same nnx.Variable objects as "
+            f"checkpoints[{seen[variable]}] (nnx.state(module, nnx.Param) is the "
+            f"module's live state, which training overwrites): keep a copy per "
+            f"checkpoint, jax.tree.map(jnp.copy, nnx.state(module, nnx.Param)).")
+      seen[variable] = k
+
+
 def _validate(checkpoints, learning_rates, projection_dim, rng):
   checkpoints = list(checkpoints)
   if np.ndim(learning_rates) > 1:
@@ -218,6 +244,7 @@ def _validate(checkpoints, learning_rates, projection_dim, rng):
   if not all(np.isfinite(learning_rates)) or min(learning_rates) < 0:
     raise ValueError(f"learning_rates must be finite and ≥ 0 (a schedule's step "
                      f"sizes), got {learning_rates}.")
+  _check_not_aliased(checkpoints)
   checkpoints = [_layers.unbox(c) for c in checkpoints]
   first = _checks.tree_signature(checkpoints[0])
   for k, checkpoint in enumerate(checkpoints[1:], 1):
@@ -241,7 +268,9 @@ def _prepare(task, checkpoints, train_batches, chunk_size, mesh):
   chunk_size = _common.check_chunk_size(chunk_size)
   mesh = _common.resolve_mesh(mesh)
   batches = _common.as_batch_list(train_batches, "train_batches")
-  _tasks.validate(task, checkpoints[0], batches, "train_batches")
+  _tasks.validate(task, checkpoints[0], batches, "train_batches")  # and its params
+  for k, checkpoint in enumerate(checkpoints[1:], 1):
+    _tasks.check_params(task, checkpoint, f"checkpoints[{k}]")
   return batches, chunk_size, mesh
 
 
@@ -271,8 +300,11 @@ def tracin_scores(task, checkpoints: Sequence, learning_rates, query_batch,
 
   Raises:
     ValueError: mismatched `checkpoints` / `learning_rates`, bad `projection_dim`,
-      `projection_dim` without `rng`, bad `chunk_size`, empty batches or labels
-      out of range.
+      `projection_dim` without `rng`, bad `chunk_size`, empty batches, labels
+      out of range, negative integer inputs, a linen variables dict with
+      collections besides "params", NNX checkpoints sharing variables (or the
+      task's module after its non-parameter state changed), or a loss whose
+      examples interact in the batch (`_tasks.validate`).
   """
   checkpoints, learning_rates, keys = _validate(checkpoints, learning_rates,
                                                 projection_dim, rng)

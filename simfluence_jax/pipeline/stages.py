@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
@@ -384,9 +384,34 @@ def _cached_array(wd, name: str, compute, *, fields, upstream, version=1,
 
 
 def _task(model: Model):
+  """The influence task of the job's model, applied to `_trainable(params)`.
+
+  The kernels differentiate every leaf they are given, so they get the `"params"`
+  collection alone; any other collection of the variables dict (BatchNorm
+  `batch_stats`: frozen in training, `training.make_loss_fn`) is the base model's,
+  closed over here (the influence kernels refuse a variables dict holding them).
+  """
   task_cls = (influence.LanguageModelingTask if model.kind == "lm" else
               influence.ClassificationTask)
-  return task_cls(model.module.apply)
+  frozen = _frozen_collections(model.params)
+  if not frozen:
+    return task_cls(model.module.apply)
+
+  def apply(variables, *args, **kwargs):
+    return model.module.apply({**variables, **frozen}, *args, **kwargs)
+  return task_cls(apply)
+
+
+def _frozen_collections(params) -> dict:
+  """The collections of a linen variables dict other than `"params"` ({} if none)."""
+  if not isinstance(params, Mapping) or "params" not in params:
+    return {}
+  return {k: v for k, v in params.items() if k != "params"}
+
+
+def _trainable(params):
+  """`params` as the influence kernels take them: the `"params"` collection alone."""
+  return {"params": params["params"]} if _frozen_collections(params) else params
 
 
 def _train_batches(config, dataset):
@@ -437,7 +462,7 @@ def tracin_checkpoints(wd, config) -> list:
 def tracin_cp(wd, config, dataset, model: Model) -> np.ndarray:
   """float32[M, N] mean over checkpoints of ⟨∇ℓ_i(θ_k), ∇ℓ_q(θ_k)⟩."""
   def compute():
-    checkpoints = tracin_checkpoints(wd, config)
+    checkpoints = [_trainable(c) for c in tracin_checkpoints(wd, config)]
     weights = [1.0 / len(checkpoints)] * len(checkpoints)
     return influence.tracin_scores(_task(model), checkpoints, weights, dataset.test,
                                    _train_batches(config, dataset),
@@ -452,10 +477,11 @@ def ekfac_if(wd, config, dataset, model: Model) -> np.ndarray:
   def compute():
     task, batches = _task(model), _train_batches(config, dataset)
     mesh = _score_mesh(config)
-    factors = influence.fit_ekfac(task, model.params, batches,
+    params = _trainable(model.params)
+    factors = influence.fit_ekfac(task, params, batches,
                                   fisher=config.influence.fisher,
                                   rng=jax.random.PRNGKey(config.seed), mesh=mesh)
-    return influence.ekfac_scores(task, model.params, factors, dataset.test, batches,
+    return influence.ekfac_scores(task, params, factors, dataset.test, batches,
                                   damping=config.influence.damping, mesh=mesh,
                                   query_rank=config.influence.query_rank)
   return _cached_array(wd, "ekfac_scores", compute,
