@@ -18,25 +18,32 @@ examples carry weight 0, and each kernel compiles once per chunk shape.
 
 Factors carry a fingerprint of what they were fitted on (every layer's name, kind,
 dims, kernel shape and dtype, a hash of the paths, shapes and dtypes of all
-parameter leaves, and a checksum of their values). Scoring with factors of another
-model is refused with a message naming the layer that differs, and with factors
-fitted on other values of the same model (another seed or checkpoint) unless the
-caller asks for it (`EKFACFactors.for_other_params()`).
+parameter leaves, a checksum of their values and of an NNX task's non-parameter
+state, and a digest of the task's traced loss). Scoring with factors of another
+model is refused with a message naming the layer that differs; with factors fitted
+on other values of the same model (another seed or checkpoint, other batch
+statistics) unless the caller asks for it (`EKFACFactors.for_other_params()`); and
+with factors fitted for another loss function (another apply_fn on the same
+parameters) unless asked for (`EKFACFactors.for_other_loss()`).
 """
 
 import dataclasses
 import functools
+import hashlib
+import re
 from typing import Dict, Iterable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simfluence_jax import _checks
 from simfluence_jax import sharding as sharding_lib
 from simfluence_jax.influence import _blocks
 from simfluence_jax.influence import _common
 from simfluence_jax.influence import _layers
 from simfluence_jax.influence import _tasks
+from simfluence_jax.influence._nnx import nnx  # flax.nnx once the user imports it
 
 _FISHERS = ("empirical", "true")
 DEFAULT_DAMPING_SCALE = 0.1
@@ -51,7 +58,8 @@ class CovarianceStatistics(NamedTuple):
       factor, e.g. Embed's, as float32[I]).
     gradient_sums: by layer, float32[O, O] = Σ_tokens w g gᵀ.
     token_counts: by layer, float32[] = Σ_tokens w.
-    num_examples: float32[] examples seen.
+    num_examples: float32[] examples seen: Σ w over examples with some token of
+      weight > 0 (`_counted_examples`; a row whose mask is all 0 is padding).
   """
 
   activation_sums: Dict[str, jax.Array]
@@ -84,7 +92,8 @@ class LayerFactors(NamedTuple):
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["factors"],
-                   meta_fields=["layers", "fingerprint", "values_checksum"])
+                   meta_fields=["layers", "fingerprint", "values_checksum",
+                                "loss_fingerprint", "loss_example"])
 @dataclasses.dataclass(frozen=True)
 class EKFACFactors:
   """Fitted EK-FAC factors: a pytree of arrays with the layer specs as metadata.
@@ -95,22 +104,126 @@ class EKFACFactors:
     fingerprint: `param_fingerprint` of the parameters they were fitted on (paths,
       shapes, dtypes of every leaf; not values); None = unknown (only the layers'
       own leaves are checked).
-    values_checksum: `param_values_checksum` of those parameters' values: scoring
-      with other values (another seed, another checkpoint) is refused; None = not
-      checked (factors saved before it, or `for_other_params()`).
+    values_checksum: `values_checksum(task, params)`: `param_values_checksum` of
+      those parameters' values, followed, for a task with non-parameter state (an
+      NNX module's batch statistics), by `"+state:"` and `task_state_checksum`:
+      scoring with other values (another seed, another checkpoint, other batch
+      statistics) is refused; None = not checked (factors saved before it, or
+      `for_other_params()`).
+    loss_fingerprint: `loss_fingerprint` of the task's loss: a digest of its jaxpr
+      at `loss_example`'s shapes, prefixed with the JAX version that printed it.
+      Scoring with a task whose loss traces to other operations (another apply_fn,
+      activation, mode) is refused; None = not checked (factors saved before it,
+      a batch that is not a dict of arrays, or `for_other_loss()`); a fingerprint
+      printed by another JAX version is not compared (jaxprs may print otherwise).
+    loss_example: the one-example batch shapes the loss was traced at, per leaf
+      (dict keys, shape, dtype); None with `loss_fingerprint` None.
   """
 
   layers: Tuple[_layers.LayerSpec, ...]
   factors: Dict[str, LayerFactors]
   fingerprint: Optional[str] = None
   values_checksum: Optional[str] = None
+  loss_fingerprint: Optional[str] = None
+  loss_example: Optional[Tuple[Tuple[Tuple[str, ...], Tuple[int, ...], str],
+                               ...]] = None
 
   def for_other_params(self) -> "EKFACFactors":
     """These factors, to score with other values of the same model's parameters
-    (e.g. factors fitted once at the final checkpoint, applied at earlier ones):
-    an approximation you choose, so it is never the default. The model's layout is
-    still checked."""
+    (e.g. factors fitted once at the final checkpoint, applied at earlier ones) or
+    of an NNX module's batch statistics: an approximation you choose, so it is
+    never the default. The model's layout is still checked."""
     return dataclasses.replace(self, values_checksum=None)
+
+  def for_other_loss(self) -> "EKFACFactors":
+    """These factors, to score with a task whose loss is another function of the
+    same parameters (e.g. fitted with a train-mode apply, applied with an
+    eval-mode one): an approximation you choose, so it is never the default."""
+    return dataclasses.replace(self, loss_fingerprint=None, loss_example=None)
+
+
+_STATE_SEPARATOR = "+state:"
+
+
+def task_state_checksum(task) -> str:
+  """`param_values_checksum` of the non-parameter state `task` applies its model
+  with: an NNX task's snapshot of the module's other variables (`rest`: batch
+  statistics, ...), RNG keys and counters left out (they do not change what a
+  deterministic model computes). "" for a task without such state (linen tasks,
+  custom tasks), so their checksums are those of their parameters alone."""
+  rest = getattr(getattr(task, "_nnx_apply", None), "rest", None)
+  if rest is None:
+    return ""
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      rest, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  arrays = {}
+  for path, leaf in flat:
+    if isinstance(leaf, nnx.RngState):
+      continue
+    for inner, x in jax.tree_util.tree_flatten_with_path(leaf)[0]:
+      x = jnp.asarray(x)
+      if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        continue
+      arrays["/".join(_layers._path_names(path + inner))] = x  # pylint: disable=protected-access
+  return _layers.param_values_checksum(arrays) if arrays else ""
+
+
+def values_checksum(task, params) -> str:
+  """The `values_checksum` of factors fitted with `task` on `params`."""
+  state = task_state_checksum(task)
+  return _layers.param_values_checksum(params) + (
+      _STATE_SEPARATOR + state if state else "")
+
+
+def _example_spec(batch):
+  """Per leaf (dict keys, one-example shape, dtype) of a batch of nested dicts;
+  None for any other pytree (its loss is then not fingerprinted)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(batch)
+  spec = []
+  for path, leaf in flat:
+    if not path or not all(isinstance(k, jax.tree_util.DictKey)
+                           and isinstance(k.key, str) for k in path):
+      return None
+    spec.append((tuple(k.key for k in path), (1,) + tuple(np.shape(leaf)[1:]),
+                 str(np.dtype(leaf.dtype))))
+  return tuple(spec)
+
+
+def _example_batch(spec):
+  batch = {}
+  for keys, shape, dtype in spec:
+    node = batch
+    for key in keys[:-1]:
+      node = node.setdefault(key, {})
+    node[keys[-1]] = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+  return batch
+
+
+_LOSS_FINGERPRINTS = {}
+
+
+def loss_fingerprint(task, params, example_spec) -> str:
+  """`"jax-<version>:<hex>"`: a digest of the jaxpr of `task.loss(params, batch)`
+  for the one-example batch `example_spec` describes (`EKFACFactors.loss_example`),
+  traced only. The text is the same for the same operations on the same shapes in
+  every process (addresses of callables dropped, as `pipeline.fingerprint` does);
+  parameter and state values are arguments or constants, not part of it. Cached
+  per task, parameter layout and example shapes (one trace)."""
+  try:
+    key = (task, _checks.tree_signature(params), example_spec)
+    cached = _LOSS_FINGERPRINTS.get(key)
+  except TypeError:
+    key = cached = None
+  if cached is None:
+    closed = jax.make_jaxpr(task.loss)(params, _example_batch(example_spec))
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed))
+    cached = (f"jax-{jax.__version__}:"
+              + hashlib.sha256(text.encode()).hexdigest()[:16])
+    if key is not None:
+      if len(_LOSS_FINGERPRINTS) > 256:
+        _LOSS_FINGERPRINTS.clear()
+      _LOSS_FINGERPRINTS[key] = cached
+  return cached
 
 
 @jax.jit
@@ -178,6 +291,18 @@ def _example_weights(example_weights, num):
   return jnp.asarray(example_weights, jnp.float32)
 
 
+def _counted_examples(task, batch, weights):
+  """Σ of the example weights over the examples that count: with a token mask,
+  those with some token weight > 0. A row whose mask is all 0 (padding to a fixed
+  batch size) adds no token to A or S and a zero gradient to Λ's sums; counted as
+  an example it would dilute Λ (and K-FAC's tokens per example)."""
+  mask = _tasks.token_mask(task, batch)
+  if mask is None:
+    return jnp.sum(weights)
+  mask = jnp.reshape(jnp.asarray(mask, jnp.float32), (weights.shape[0], -1))
+  return jnp.sum(weights * (jnp.sum(mask, axis=1) > 0))
+
+
 def covariance_statistics(task, params, batch, layers, fisher: str = "empirical",
                           rng: Optional[jax.Array] = None,
                           axis_name: Optional[str] = None,
@@ -214,7 +339,7 @@ def covariance_statistics(task, params, batch, layers, fisher: str = "empirical"
     gradient_sums[spec.name] = block.gradient_sum(act)
     token_counts[spec.name] = jnp.sum(act.token_weights)
   stats = CovarianceStatistics(activation_sums, gradient_sums, token_counts,
-                               jnp.sum(weights))
+                               _counted_examples(task, batch, weights))
   return _psum(stats, axis_name)
 
 
@@ -227,7 +352,9 @@ def covariances(stats: CovarianceStatistics) -> Tuple[Dict[str, jax.Array],
 
 
 def _per_token(total, token_count):
-  return total / jnp.maximum(token_count, 1.0)
+  # A count in (0, 1) (small fractional token weights) is a count like any other;
+  # 0 (no token seen) is refused by `fit_ekfac`, and gives 0 here, not NaN.
+  return total / jnp.where(token_count > 0, token_count, 1.0)
 
 
 def eigendecompose(stats: CovarianceStatistics
@@ -284,7 +411,7 @@ def eigenvalue_statistics(task, params, batch, layers,
     q_a, q_s = eigenvectors[spec.name]
     sums[spec.name] = _blocks.block(spec).rotated_square_sum(
         activations[spec.name], q_a, q_s, weights)
-  stats = EigenvalueStatistics(sums, jnp.sum(weights))
+  stats = EigenvalueStatistics(sums, _counted_examples(task, batch, weights))
   return _psum(stats, axis_name)
 
 
@@ -407,6 +534,9 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
   _check_fisher(fisher, rng)
   params, batches, chunk_size, mesh = _prepare(task, params, batches, "batches",
                                                chunk_size, mesh)
+  example_spec = _example_spec(batches[0])
+  loss_digest = (None if example_spec is None
+                 else loss_fingerprint(task, params, example_spec))
   if layers is None:
     layers = _layers.find_layers(task.loss, params, batches[0])
   else:
@@ -420,9 +550,13 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
     if not count > 0:
       raise ValueError(f"batches: layer {name!r} saw no token with weight > 0 (every "
                        f"mask is 0?), so its factors would be zero.")
+  if not float(sharding_lib.to_host(stats.num_examples)) > 0:
+    raise ValueError("batches: no example has a token with mask > 0, so there are "
+                     "no examples to average the eigenvalues over.")
   decomposed = eigendecompose(stats)
   fingerprint = _layers.param_fingerprint(params)
-  checksum = _layers.param_values_checksum(params)
+  checksum = values_checksum(task, params)
+  identity = (fingerprint, checksum, loss_digest, example_spec)
   factors = {}
   if kfac:
     for spec in layers:
@@ -434,7 +568,7 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
                      * jnp.maximum(a_values, 0.0)[None, :] * tokens_per_example)
       factors[spec.name] = LayerFactors(a_vectors, s_vectors, eigenvalues)
     return _check_fitted(EKFACFactors(layers, _common.put_params(factors, mesh),
-                                      fingerprint, checksum))
+                                      *identity))
 
   # Eigenbases keep the params' `model` split (eigh runs replicated; its outputs
   # are placed once, for the second pass and for the factors).
@@ -446,7 +580,7 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
   eigenvalues = _mean_eigenvalues(eigen_stats)
   return _check_fitted(EKFACFactors(layers, {
       spec.name: LayerFactors(*eigenvectors[spec.name], eigenvalues[spec.name])
-      for spec in layers}, fingerprint, checksum))
+      for spec in layers}, *identity))
 
 
 def _check_fitted(factors: EKFACFactors) -> EKFACFactors:
@@ -633,21 +767,51 @@ def _score_kernel(task, layers, mode, mesh):
       in_specs=(None, None, 0), out_specs=_EXAMPLE_AXIS[mode])
 
 
-def check_factors(factors, params, argument: str = "factors") -> None:
+def check_factors(factors, params, argument: str = "factors", task=None) -> None:
   """Raises ValueError unless `factors` were fitted on a model shaped like `params`
-  and, where they carry a `values_checksum`, on these very values."""
+  and, where they carry a `values_checksum`, on these very values; with `task`,
+  also under its non-parameter state and (where they carry a `loss_fingerprint`)
+  for a loss that traces to the same operations."""
   if not isinstance(factors, EKFACFactors):
     raise ValueError(f"{argument}: expected EKFACFactors (from fit_ekfac), got "
                      f"{type(factors).__name__}.")
   _layers.check_layers_match(factors.layers, params, argument, factors.fingerprint)
   if factors.values_checksum is not None:
+    fitted, _, fitted_state = factors.values_checksum.partition(_STATE_SEPARATOR)
     checksum = _layers.param_values_checksum(params)
-    if checksum != factors.values_checksum:
+    if checksum != fitted:
       raise ValueError(
           f"{argument}: fitted on other values of this model's parameters (checksum "
-          f"{factors.values_checksum[:16]} in the factors, {checksum[:16]} for "
+          f"{fitted[:16]} in the factors, {checksum[:16]} for "
           "params): refit them on these params, or pass "
           f"{argument}.for_other_params() to apply them here on purpose.")
+    state = None if task is None else task_state_checksum(task)
+    if state is not None and state != fitted_state:
+      raise ValueError(
+          f"{argument}: fitted under other values of the task's non-parameter state "
+          f"(the NNX module's batch statistics or other non-Param variables; "
+          f"checksum {fitted_state[:16] or 'none'} in the factors, "
+          f"{state[:16] or 'none'} for the task): refit them under this state, or "
+          f"pass {argument}.for_other_params() to apply them here on purpose.")
+  if (task is not None and factors.loss_fingerprint is not None
+      and factors.loss_example is not None
+      and factors.loss_fingerprint.split(":")[0] == f"jax-{jax.__version__}"):
+    try:
+      digest = loss_fingerprint(task, params, factors.loss_example)
+    except Exception as error:  # pylint: disable=broad-except
+      raise ValueError(
+          f"{argument}: fitted for another loss function: the task's loss cannot be "
+          f"traced at the fit's example shapes ({type(error).__name__}: {error}): "
+          f"refit them with this task, or pass {argument}.for_other_loss() to apply "
+          "them here on purpose.") from error
+    if digest != factors.loss_fingerprint:
+      raise ValueError(
+          f"{argument}: fitted for another loss function: the task's loss traces to "
+          f"other operations at the fit's example shapes (loss_fingerprint "
+          f"{factors.loss_fingerprint.split(':')[-1]} in the factors, "
+          f"{digest.split(':')[-1]} for the task; another apply_fn, activation or "
+          f"mode?): refit them with this task, or pass {argument}.for_other_loss() "
+          "to apply them here on purpose.")
   for spec in factors.layers:
     f = factors.factors.get(spec.name)
     expected = (spec.output_dim, spec.augmented_input_dim)
@@ -667,7 +831,7 @@ def _scores(task, params, factors, query_batch, train_batches, damping, chunk_si
   params, batches, chunk_size, mesh = _prepare(task, params, train_batches,
                                                "train_batches", chunk_size, mesh)
   _tasks.validate(task, params, [query_batch], "query_batch")
-  check_factors(factors, params)
+  check_factors(factors, params, task=task)
   example_axis = _EXAMPLE_AXIS[mode]
   size = sharding_lib.data_size(mesh)
   progress = _common.Progress(f"ekfac_scores ({mode})",
@@ -771,7 +935,7 @@ def ekfac_self_influence(task, params, factors: EKFACFactors, train_batches,
       factors, EKFACFactors) else None
   params, batches, chunk_size, mesh = _prepare(task, params, train_batches,
                                                "train_batches", chunk_size, mesh)
-  check_factors(factors, params)
+  check_factors(factors, params, task=task)
   size = sharding_lib.data_size(mesh)
   params, layer_factors = _common.put_params((params, factors.factors), mesh)
   lambdas = _common.put_replicated(lambdas, mesh)

@@ -6,11 +6,12 @@ Layout of a factors directory:
                            "activation_eigenvectors", "gradient_eigenvectors",
                            "eigenvalues"}} for the i-th entry of `factor_names`
     path/factors.json  {"format", "version", "factor_names", "fingerprint",
-                       "values_checksum", "layers": [LayerSpec fields]}: the
-                       static part of `EKFACFactors` (version 1 files, without
-                       block, config, kernel shape, dtype and fingerprint, and
-                       files without values_checksum, still load; the latter
-                       unchecked against the params' values)
+                       "values_checksum", "loss_fingerprint", "loss_example",
+                       "layers": [LayerSpec fields]}: the static part of
+                       `EKFACFactors` (version 1 files, without block, config,
+                       kernel shape, dtype and fingerprint, and files without
+                       values_checksum or loss_fingerprint, still load; those
+                       unchecked against the params' values or the task's loss)
 
 Arrays are keyed by position rather than by layer name because layer names hold
 "/", which orbax would read as nesting. `factors.json` is written last, atomically
@@ -135,7 +136,9 @@ def save_factors(path, factors: _ekfac.EKFACFactors, *,
     _write_json_atomically(metadata_path, {
         "format": _FORMAT, "version": _VERSION, "factor_names": names,
         "fingerprint": factors.fingerprint,
-        "values_checksum": factors.values_checksum, "empty_arrays": empty,
+        "values_checksum": factors.values_checksum,
+        "loss_fingerprint": factors.loss_fingerprint,
+        "loss_example": _to_json(factors.loss_example), "empty_arrays": empty,
         "layers": [_spec_to_json(spec) for spec in factors.layers]})
 
 
@@ -195,6 +198,7 @@ def load_factors(path) -> _ekfac.EKFACFactors:
   if checksum is not None and not isinstance(checksum, str):
     raise ValueError(f"load_factors: corrupt {METADATA_FILE} in {path!r}: "
                      f"'values_checksum' must be a string, got {checksum!r}.")
+  loss_digest, loss_example = _loss_identity(metadata, path)
   names = metadata["factor_names"]
   arrays_path = root / ARRAYS_DIR
   if not arrays_path.is_dir():
@@ -232,4 +236,29 @@ def load_factors(path) -> _ekfac.EKFACFactors:
   factors = {name: _ekfac.LayerFactors(**{
       field: array(f"factor_{i}", field) for field in fields})
              for i, name in enumerate(names)}
-  return _ekfac.EKFACFactors(layers, factors, fingerprint, checksum)
+  return _ekfac.EKFACFactors(layers, factors, fingerprint, checksum, loss_digest,
+                             loss_example)
+
+
+def _loss_identity(metadata: dict, path: str):
+  """(loss_fingerprint, loss_example) of the metadata; (None, None) when absent
+  (files saved before them: the loss is then not checked)."""
+  digest, example = metadata.get("loss_fingerprint"), metadata.get("loss_example")
+  if digest is None and example is None:
+    return None, None
+  corrupt = (f"load_factors: corrupt {METADATA_FILE} in {path!r}: 'loss_fingerprint' "
+             f"must be a string and 'loss_example' a list of [keys, shape, dtype], "
+             f"got {digest!r} and {example!r}.")
+  if not isinstance(digest, str) or not isinstance(example, list):
+    raise ValueError(corrupt)
+  entries = []
+  for entry in example:
+    if not (isinstance(entry, list) and len(entry) == 3
+            and isinstance(entry[0], list) and entry[0]
+            and all(isinstance(k, str) for k in entry[0])
+            and isinstance(entry[1], list)
+            and all(isinstance(n, int) and n >= 0 for n in entry[1])
+            and isinstance(entry[2], str)):
+      raise ValueError(corrupt)
+    entries.append((tuple(entry[0]), tuple(entry[1]), entry[2]))
+  return digest, tuple(entries)

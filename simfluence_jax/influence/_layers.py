@@ -14,7 +14,9 @@ Layers are named by their module path (linen) or by the path of their kernel in
 `params` (NNX, found by identity of the `nnx.Param` the merged module holds).
 Covered by default: Dense / DenseGeneral / Conv (linen) and Linear / LinearGeneral /
 Conv (NNX); Embed with `kinds=`. A module called several times counts each call as
-extra tokens. Not covered (zero contribution to EK-FAC scores, as in Grosse et al.
+extra tokens; so do NNX modules sharing one kernel and one bias (or none) with one
+configuration, while modules sharing a kernel but not their biases (or with other
+configurations) cannot be one block: that layer is refused or left out (`strict`). Not covered (zero contribution to EK-FAC scores, as in Grosse et al.
 2023 and Kronfluence): normalisation layers and any other parameter; a warning
 lists them once. Boxed parameters (`nn.Partitioned`, `nn.LogicallyPartitioned`,
 anything `nn.meta.unbox` strips) are unboxed first.
@@ -350,15 +352,20 @@ def _describe_calls(fn, params, batch):
       name, kernel_path, bias_path = locator.locate(module, block_class)
       entry = calls.setdefault(name, dict(module=None, foreign=set(), num_calls=0))
       entry["num_calls"] += 1
+      try:
+        description, problem = block_class.describe(module, inputs, outputs), None
+      except _blocks.UnsupportedLayerError as error:
+        description, problem = None, str(error)
+      call_kind = _kind_name(module)
       if entry["module"] is None:
-        try:
-          description, problem = block_class.describe(module, inputs, outputs), None
-        except _blocks.UnsupportedLayerError as error:
-          description, problem = None, str(error)
-        entry.update(module=module, kind=_kind_name(module), block=block_class,
+        entry.update(module=module, kind=call_kind, block=block_class,
                      description=description, problem=problem,
                      kernel_path=kernel_path, bias_path=bias_path,
-                     nnx=isinstance(module, nnx.Module))
+                     nnx=isinstance(module, nnx.Module), conflict=None)
+      elif entry["conflict"] is None:
+        entry["conflict"] = problem or _call_conflict(
+            block_class, (entry["kind"], entry["bias_path"], entry["description"]),
+            (call_kind, bias_path, description))
       return outputs
 
     with intercept(handler):
@@ -366,6 +373,30 @@ def _describe_calls(fn, params, batch):
 
   jax.eval_shape(traced, params, batch)
   return calls, seen
+
+
+def _call_conflict(block_class, first, other) -> Optional[str]:
+  """Why two calls named as one layer (NNX modules sharing one kernel Variable)
+  cannot be one Kronecker block, or None when they are calls of one layer.
+
+  `first` and `other` are (kind, bias path, description) of the calls. Calls of
+  one module, or of modules sharing the kernel and the bias with one
+  configuration, are one layer called twice. Modules with their own biases (or one
+  with a bias and one without) are not: the block's bias column would sum both
+  calls' gradients and credit them to the first module's bias.
+  """
+  (kind, bias_path, description), (other_kind, other_bias, other_description) = (
+      first, other)
+  shared = f"modules sharing its {block_class.kernel_name}"
+  if bias_path != other_bias:
+    show = lambda path: "no bias" if path is None else "/".join(path)
+    return (f"{shared} have different biases ({show(bias_path)} vs "
+            f"{show(other_bias)}); one block cannot hold their separate bias "
+            f"gradients")
+  if kind != other_kind or description != other_description:
+    return (f"{shared} are called with different configurations ({kind} "
+            f"{description} vs {other_kind} {other_description})")
+  return None
 
 
 def _layer_problem(entry, leaf_paths) -> Optional[str]:
@@ -377,6 +408,8 @@ def _layer_problem(entry, leaf_paths) -> Optional[str]:
             f"embedding); captured calls would miss part of the gradient")
   if entry["problem"]:
     return entry["problem"]
+  if entry["conflict"]:
+    return entry["conflict"]
   block_class, description = entry["block"], entry["description"]
   if entry["kernel_path"] is None:
     if entry["nnx"]:
