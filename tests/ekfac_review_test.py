@@ -24,6 +24,7 @@ import numpy as np
 
 from simfluence_jax import influence
 from simfluence_jax.influence import _ekfac
+import nnx_models
 
 VOCAB = 7
 
@@ -272,15 +273,6 @@ class SharedKernelTest(absltest.TestCase):
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-4 * np.abs(want).max())
 
 
-class _BatchNormNet(nnx.Module):
-
-  def __init__(self, rngs):
-    self.l1 = nnx.Linear(3, 4, rngs=rngs)
-    self.bn = nnx.BatchNorm(4, momentum=0.0, rngs=rngs)
-    self.l2 = nnx.Linear(4, 2, rngs=rngs)
-
-  def __call__(self, x):
-    return self.l2(nnx.tanh(self.bn(self.l1(x))))
 
 
 class _DropoutNet(nnx.Module):
@@ -297,7 +289,7 @@ class _DropoutNet(nnx.Module):
 class NonParameterStateTest(absltest.TestCase):
 
   def test_factors_fitted_under_other_batch_statistics_are_refused(self):
-    net = _BatchNormNet(nnx.Rngs(0))
+    net = nnx_models.BatchNormNet(nnx.Rngs(0))
     net.eval()
     x = jax.random.normal(jax.random.key(1), (6, 3))
     batch = {"inputs": x, "labels": jnp.array([0, 1, 0, 1, 1, 0])}

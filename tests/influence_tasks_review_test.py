@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from simfluence_jax import influence
+import nnx_models
 
 _NNX_CHANGED = ("the module's bn.mean (BatchStat) changed since the task was made, "
                 "and the task applies the non-parameter state it copied then: make a "
@@ -40,19 +41,10 @@ def _close(got, want):
 # --- 1. NNX tasks: a real snapshot of the non-parameter state --------------------------
 
 
-class _BNNet(nnx.Module):
-
-  def __init__(self, rngs):
-    self.l1 = nnx.Linear(3, 4, rngs=rngs)
-    self.bn = nnx.BatchNorm(4, momentum=0.0, rngs=rngs)
-    self.l2 = nnx.Linear(4, 2, rngs=rngs)
-
-  def __call__(self, x):
-    return self.l2(nnx.tanh(self.bn(self.l1(x))))
 
 
 def _nnx_setup():
-  net = _BNNet(nnx.Rngs(0))
+  net = nnx_models.BatchNormNet(nnx.Rngs(0))
   net.eval()
   x = jax.random.normal(jax.random.key(1), (6, 3))
   batch = {"inputs": x, "labels": jnp.array([0, 1, 0, 1, 1, 0])}

@@ -398,14 +398,24 @@ def _first_examples(batches, count: int):
 
 
 def _together_and_alone(task, which, params, pair):
-  """Per-example `task.<which>` (loss or measurement) of a 2-example batch, and of
-  each example alone (batches of one). Run eagerly: op by op, each op's program
-  cached by JAX across tasks, where a jitted check compiled the whole model once
+  """`task.<which>` (loss or measurement) of a 2-example batch, and of each example
+  alone (batches of one): float[2], float[2]. Run eagerly, op by op (each op's
+  program cached by JAX across tasks): a jitted check compiled the whole model once
   more per task (+17% on the influence tests)."""
   fn = getattr(task, which)
-  alone = jnp.stack([jnp.ravel(fn(params, jax.tree_util.tree_map(
-      lambda x, i=i: x[i:i + 1], pair)))[0] for i in range(2)])
-  return fn(params, pair), alone
+  together = jnp.ravel(fn(params, pair))
+  alone = [jnp.ravel(fn(params, jax.tree_util.tree_map(lambda x, i=i: x[i:i + 1],
+                                                        pair))) for i in range(2)]
+  if together.shape != (2,) or any(a.shape != (1,) for a in alone):
+    raise ValueError(f"the task's {which} returned shapes {together.shape} and "
+                     f"{alone[0].shape} for 2 and 1 examples (one value per example "
+                     "expected)")
+  return together, jnp.concatenate(alone)
+
+
+# (task, which, params and batch signatures) already found independent: the
+# property is the model's, so one check per task and shapes.
+_INDEPENDENT = set()
 
 
 def _rounding_tolerance(params, pair) -> float:
@@ -426,21 +436,31 @@ def check_independent_examples(task, params, batches, argument: str) -> None:
 
   The kernels compute per-example quantities from batched passes (EK-FAC's probes)
   or per-example ones (TracIn): with interacting examples (train-mode batch norm,
-  randomness drawn per batch) the scores would depend on `chunk_size`. Costs one
-  forward pass of 2 examples and two of 1, run eagerly (no whole-model compile).
+  randomness drawn per batch) the scores would depend on `chunk_size`. Costs a
+  forward pass of 2 examples and two of 1, run eagerly (no whole-model compile),
+  once per task and shapes.
   """
   pair = _first_examples(batches, 2)
   if pair is None:
     return
   which = "measurement" if argument == "query_batch" else "loss"
-  together, alone = (np.asarray(x, np.float64) for x in sharding_lib.to_host(
-      _together_and_alone(task, which, params, pair)))
-  if together.shape != alone.shape:
-    raise ValueError(f"{argument}: the task's {which} returned shape "
-                     f"{together.shape} for 2 examples, expected (2,) (one value per "
-                     f"example).")
+  try:
+    key = (task, which, _checks.tree_signature(params), _checks.tree_signature(pair))
+    if key in _INDEPENDENT:
+      return
+  except TypeError:  # an unhashable task: checked every time
+    key = None
+  try:
+    together, alone = (np.asarray(x, np.float64) for x in sharding_lib.to_host(
+        _together_and_alone(task, which, params, pair)))
+  except ValueError as error:
+    raise ValueError(f"{argument}: {error}.") from None
   tolerance = _rounding_tolerance(params, pair)
   if np.allclose(together, alone, rtol=tolerance, atol=tolerance, equal_nan=True):
+    if key is not None:
+      if len(_INDEPENDENT) > 1024:
+        _INDEPENDENT.clear()
+      _INDEPENDENT.add(key)
     return
   raise ValueError(
       f"{argument}: examples interact in the batch (e.g. train-mode batch norm, or "

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from simfluence_jax import _checks
+from simfluence_jax.simulators import _solver
 
 METHODS = ("auto", "normal", "cg")
 _NORMAL_MAX_SIZE = 256  # unknowns per column; CG (dense matmuls) wins above
@@ -185,15 +186,8 @@ def _cg_with_restarts(summed, x, y, l2, tol, max_iters, linear):
     gap = np.asarray(_relative_residual(theta, summed, x, y, l2, linear=linear))
     floor = np.asarray(_residual_floor(theta, summed, x, y, l2, linear=linear))
     floor = np.where(np.isfinite(floor), floor, 0.0)  # overflow: tol alone
-    stalled = False
-    if previous is not None:  # after a restart, every column keeps its better W
-      revert = ~(gap < previous[1])
-      theta = jnp.where(revert, previous[0], theta)
-      gap, floor = (np.where(revert, old, new) for old, new in
-                    zip(previous[1:], (gap, floor)))
-    restart = ~(gap <= np.maximum(tol, floor))  # NaN (overflow) is never met
-    if previous is not None:
-      stalled = bool(np.all(revert[restart]))  # the restart helped no unmet column
+    theta, gap, floor, restart, stalled = _solver.restart_outcome(
+        previous, theta, gap, floor, tol, jnp.where)
     if (not restart.any() or done >= max_iters or attempt == _MAX_RESTARTS or
         stalled):
       break

@@ -272,6 +272,26 @@ def _cg_restart(predicted, theta, restart, inverse, target, ids, x, y, l2, *,
 _MAX_RESTARTS = 3
 
 
+def restart_outcome(previous, theta, gap, floor, tol: float, select):
+  """Where CG stands after a run (shared with the featurized CG).
+
+  `previous`: None, or (θ, gap, floor) before the last restart: every column
+  keeps its better θ (`select(bool[C] keep_old, old, new)`). Returns (θ, gap,
+  floor, unmet bool[C]: the recomputed relative residual misses max(tol, its float32
+  rounding bound), NaN never meets it; stalled: the restart improved no unmet
+  column).
+  """
+  revert = None
+  if previous is not None:
+    revert = ~(gap < previous[1])
+    theta = select(revert, previous[0], theta)
+    gap, floor = (np.where(revert, old, new) for old, new in
+                  zip(previous[1:], (gap, floor)))
+  unmet = ~(gap <= np.maximum(tol, floor))
+  stalled = revert is not None and bool(np.all(revert[unmet]))
+  return theta, gap, floor, unmet, stalled
+
+
 def _true_residual(kernels, theta, ids, x, y, l2):
   """(relative residual, float32 rounding bound) float32[C] of θ, on the host."""
   predicted = kernels.forward(theta, ids, x)
@@ -323,16 +343,10 @@ def _solve_cg(kernels, ids, x, y, l2, tol, *, max_iters, restart_sharding=None):
     if steps:
       iterations += np.sum([np.asarray(s) for s in steps], axis=0, dtype=np.int64)
     gap, floor = _true_residual(kernels, theta, ids, x, y, l2)
-    stalled = False
-    if previous is not None:  # after a restart, every column keeps its better θ
-      revert = ~(gap < previous[1])
-      theta = kernels.select(jax.device_put(revert, restart_sharding), previous[0],
-                             theta)
-      gap, floor = (np.where(revert, old, new) for old, new in
-                    zip(previous[1:], (gap, floor)))
-    unmet = ~(gap <= np.maximum(float(np.asarray(tol)), floor))  # NaN: never met
-    if previous is not None:
-      stalled = bool(np.all(revert[unmet]))  # the restart helped no unmet column
+    theta, gap, floor, unmet, stalled = restart_outcome(
+        previous, theta, gap, floor, float(np.asarray(tol)),
+        lambda keep, old, new: kernels.select(
+            jax.device_put(keep, restart_sharding), old, new))
     if (not unmet.any() or done >= max_iters or attempt == _MAX_RESTARTS or
         stalled):
       break
