@@ -311,3 +311,4 @@ def test_query_batch_is_checked_with_the_measurement():
       p, {"inputs": x[i:i + 1]})[0])(params)) for i in range(3)])
   _close(influence.tracin_scores(task, [params], [1.0], query, train),
          query_grads @ train_grads.T)
+

@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import hashlib
 import re
+import weakref
 from typing import Dict, Iterable, NamedTuple, Optional, Tuple
 
 import jax
@@ -199,7 +200,9 @@ def _example_batch(spec):
   return batch
 
 
-_LOSS_FINGERPRINTS = {}
+# task -> {(params signature, example spec): digest}; weakly keyed, so the cache
+# never keeps a task (and the model it holds) alive.
+_LOSS_FINGERPRINTS = weakref.WeakKeyDictionary()
 
 
 def loss_fingerprint(task, params, example_spec) -> str:
@@ -209,20 +212,18 @@ def loss_fingerprint(task, params, example_spec) -> str:
   every process (addresses of callables dropped, as `pipeline.fingerprint` does);
   parameter and state values are arguments or constants, not part of it. Cached
   per task, parameter layout and example shapes (one trace)."""
+  key = (_checks.tree_signature(params), example_spec)
   try:
-    key = (task, _checks.tree_signature(params), example_spec)
-    cached = _LOSS_FINGERPRINTS.get(key)
-  except TypeError:
-    key = cached = None
+    known = _LOSS_FINGERPRINTS.setdefault(task, {})
+  except TypeError:  # a task without weak references or hash: traced every time
+    known = {}
+  cached = known.get(key)
   if cached is None:
     closed = jax.make_jaxpr(task.loss)(params, _example_batch(example_spec))
     text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed))
     cached = (f"jax-{jax.__version__}:"
               + hashlib.sha256(text.encode()).hexdigest()[:16])
-    if key is not None:
-      if len(_LOSS_FINGERPRINTS) > 256:
-        _LOSS_FINGERPRINTS.clear()
-      _LOSS_FINGERPRINTS[key] = cached
+    known[key] = cached
   return cached
 
 

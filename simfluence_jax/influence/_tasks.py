@@ -27,6 +27,7 @@ scores depend on `chunk_size`).
 
 import collections.abc
 import dataclasses
+import weakref
 from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
 
 import jax
@@ -413,9 +414,10 @@ def _together_and_alone(task, which, params, pair):
   return together, jnp.concatenate(alone)
 
 
-# (task, which, params and batch signatures) already found independent: the
-# property is the model's, so one check per task and shapes.
-_INDEPENDENT = set()
+# task -> {(which, params and batch signatures)} already found independent: the
+# property is the model's, so one check per task and shapes. Weakly keyed, so the
+# cache never keeps a task (and the model it holds) alive.
+_INDEPENDENT = weakref.WeakKeyDictionary()
 
 
 def _rounding_tolerance(params, pair) -> float:
@@ -444,12 +446,13 @@ def check_independent_examples(task, params, batches, argument: str) -> None:
   if pair is None:
     return
   which = "measurement" if argument == "query_batch" else "loss"
+  key = (which, _checks.tree_signature(params), _checks.tree_signature(pair))
   try:
-    key = (task, which, _checks.tree_signature(params), _checks.tree_signature(pair))
-    if key in _INDEPENDENT:
-      return
-  except TypeError:  # an unhashable task: checked every time
-    key = None
+    seen = _INDEPENDENT.setdefault(task, set())
+  except TypeError:  # a task without weak references or hash: checked every time
+    seen = set()
+  if key in seen:
+    return
   try:
     together, alone = (np.asarray(x, np.float64) for x in sharding_lib.to_host(
         _together_and_alone(task, which, params, pair)))
@@ -457,10 +460,7 @@ def check_independent_examples(task, params, batches, argument: str) -> None:
     raise ValueError(f"{argument}: {error}.") from None
   tolerance = _rounding_tolerance(params, pair)
   if np.allclose(together, alone, rtol=tolerance, atol=tolerance, equal_nan=True):
-    if key is not None:
-      if len(_INDEPENDENT) > 1024:
-        _INDEPENDENT.clear()
-      _INDEPENDENT.add(key)
+    seen.add(key)
     return
   raise ValueError(
       f"{argument}: examples interact in the batch (e.g. train-mode batch norm, or "
