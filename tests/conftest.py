@@ -21,12 +21,15 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Test programs are small, so XLA's LLVM optimisation is most of their CPU time:
-# compile them less optimised (about -25% on the suite, measured on 2 cores). Every
-# test process gets it (this runs before any test module imports jax), and so do the
-# subprocesses started with `job_env`.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+# Test programs are small, so compiling them is most of their CPU time: compile them
+# less optimised (LLVM at -O0: about -25% on the suite), and with XLA:CPU's older
+# loop emitters instead of its MLIR fusion emitters (the same 56 tests of
+# training_test, metagradients_test and curvature_blocks_test: 117 s -> 55-62 s with
+# -n 2 on 2 cores, 2026-12-06). Every test process gets them (this runs before any
+# test module imports jax), and so do the subprocesses started with `job_env`.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit it
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 # The suite runs on CPU. The `test` extra installs libtpu (for the plan's TPU
 # compiles, tests/plan_test.py, in subprocesses that load it explicitly); without
 # this every test process would also try to start a TPU runtime.

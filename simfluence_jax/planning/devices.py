@@ -6,6 +6,7 @@ for them, nothing can run on them. The runtime backend stays the CPU
 (`jax_platforms="cpu"`), as MaxText's `train_compile.py` and axlearn's AOT tools do.
 """
 
+import logging
 import os
 from typing import List
 
@@ -43,6 +44,19 @@ def use_cpu_runtime() -> None:
   jax.config.update("jax_platforms", "cpu")
 
 
+def _drop_cpu_only_flags() -> None:
+  """Removes XLA:CPU's own flags (`--xla_cpu_*`) from `XLA_FLAGS` before libtpu
+  loads: libtpu parses the same variable and aborts the process on a flag it does
+  not know ("Unknown flags in XLA_FLAGS"). The CPU backend here only hosts the plan,
+  so it loses nothing that matters; the dropped flags are logged."""
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  dropped = [f for f in flags if f.lstrip("-").startswith("xla_cpu_")]
+  if dropped:
+    os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f not in dropped)
+    logging.info("XLA_FLAGS: dropped the XLA:CPU-only %s (libtpu refuses them)",
+                 " ".join(dropped))
+
+
 def topology_devices(name: str) -> List[jax.Device]:
   """The compile-only devices of TPU topology `name` ("v5e:16x16"), or, for
   "cpu", this process's CPU devices (real ones: a plan can also run on them).
@@ -55,6 +69,7 @@ def topology_devices(name: str) -> List[jax.Device]:
     return list(jax.devices("cpu"))
   if not libtpu_available():
     raise LibtpuMissingError(INSTALL_HINT)
+  _drop_cpu_only_flags()
   try:
     return list(topologies.get_topology_desc(platform="tpu",
                                              topology_name=name).devices)
