@@ -15,16 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from simfluence_jax import influence
+import _influence_fixtures as fixtures
 
 
 def _slice(batch, i):
   return jax.tree_util.tree_map(lambda x: x[i:i + 1], batch)
 
 
-def _loop_grads(fn, params, batch):
-  grad = jax.jit(jax.grad(lambda p, example: fn(p, example)[0]))
-  return [grad(params, _slice(batch, i))
-          for i in range(jax.tree_util.tree_leaves(batch)[0].shape[0])]
+def _layer_grads(fn, params, batch, layers):
+  """By layer, numpy [B, O, I]: explicit per-example jax.grad of `fn` (vmapped)."""
+  return fixtures.per_example_layer_grads(fn, params, batch, layers)
 
 
 class _ConvNet(nn.Module):
@@ -57,9 +57,10 @@ _CONV_CASES = [
 
 def _conv_setup(conv, spatial, num_examples=4, channels=2):
   model = _ConvNet(conv, spatial)
-  inputs = jax.random.normal(jax.random.key(0), (num_examples,) + spatial + (channels,))
-  batch = {"inputs": inputs, "labels": jnp.arange(num_examples) % 3}
-  params = model.init(jax.random.key(1), inputs)
+  # Data and parameters drawn on the host (no program per random shape).
+  inputs = fixtures.normal(0, (num_examples,) + spatial + (channels,))
+  batch = {"inputs": inputs, "labels": np.arange(num_examples, dtype=np.int32) % 3}
+  params = fixtures.host_init(model, inputs[:1], seed=1)
   return influence.ClassificationTask(model.apply), params, batch
 
 
@@ -87,17 +88,26 @@ class ConvBlockTest(parameterized.TestCase):
     layers = influence.find_layers(task.loss, params, batch)
     self.assertEqual([s.kind for s in layers], ["Conv", "Dense"])
     got = influence.layer_gradients(task.loss, params, batch, layers)
-    for i, grads in enumerate(_loop_grads(task.loss, params, batch)):
-      expected = influence.layer_grads_from_param_grads(layers, grads)
-      for name in expected:
-        np.testing.assert_allclose(got[name][i], expected[name], rtol=1e-4, atol=1e-5,
-                                   err_msg=name)
-      # [O, I] back to the leaves: the kernel and bias of the module exactly.
-      back = influence.param_grads_from_layer_grads(layers, expected)
-      leaves = {tuple(k.key for k in path): leaf for path, leaf in
-                jax.tree_util.tree_flatten_with_path(grads)[0]}
-      for path, value in back.items():
-        np.testing.assert_array_equal(value, leaves[path])
+
+    @jax.jit
+    def brute_force(params, batch):
+      # Per example: jax.grad of its loss, laid out as [O, I], and back to leaves.
+      grads = fixtures.per_example_param_grads(task.loss, params, batch)
+      expected = influence.layer_grads_from_param_grads(layers, grads, batched=True)
+      back = jax.vmap(functools.partial(influence.param_grads_from_layer_grads,
+                                        layers))(expected)
+      return grads, expected, back
+
+    grads, expected, back = brute_force(params, batch)
+    for name in expected:
+      np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-5,
+                                 err_msg=name)
+    # [O, I] back to the leaves: the kernel and bias of the module exactly.
+    leaves = {tuple(k.key for k in path): leaf for path, leaf in
+              jax.tree_util.tree_flatten_with_path(grads)[0]}
+    self.assertLen(back, 4 if conv.get("use_bias", True) else 3)
+    for path, value in back.items():
+      np.testing.assert_array_equal(value, leaves[path], err_msg=str(path))
 
   def test_covariances_equal_explicit_im2col(self):
     task, params, batch = _conv_setup(dict(features=3, kernel_size=(3, 3)), (5, 4))
@@ -122,7 +132,7 @@ class ConvBlockTest(parameterized.TestCase):
       return jnp.sum(influence.ClassificationTask(lambda _, z: z).loss(
           None, {"inputs": logits, "labels": batch["labels"]}))
 
-    g = np.asarray(jax.grad(loss_of_outputs)(outputs)).reshape(-1, 3)
+    g = np.asarray(jax.jit(jax.grad(loss_of_outputs))(outputs)).reshape(-1, 3)
     np.testing.assert_allclose(gradient_cov["conv"], g.T @ g / len(g), rtol=1e-4,
                                atol=1e-7)
 
@@ -131,21 +141,18 @@ class ConvBlockTest(parameterized.TestCase):
                                            strides=2), (5, 4), num_examples=6)
     factors = influence.fit_ekfac(task, params, [batch])
     layers = factors.layers
-    grads = [influence.layer_grads_from_param_grads(layers, g)
-             for g in _loop_grads(task.loss, params, batch)]
+    grads = _layer_grads(task.loss, params, batch, layers)
     for spec in layers:
       f = factors.factors[spec.name]
-      rotated = [f.gradient_eigenvectors.T @ g[spec.name] @ f.activation_eigenvectors
-                 for g in grads]
+      rotated = np.einsum("so,nsi,ij->noj", np.asarray(f.gradient_eigenvectors),
+                          grads[spec.name], np.asarray(f.activation_eigenvectors))
       np.testing.assert_allclose(f.eigenvalues, np.mean(np.square(rotated), 0),
                                  rtol=1e-3, atol=1e-7)
     damping = 1e-3
-    expected = np.zeros((6, 6))
-    for q in range(6):
-      preconditioned = influence.precondition(factors, grads[q], damping)
-      for i in range(6):
-        expected[q, i] = sum(float(jnp.vdot(preconditioned[n], grads[i][n]))
-                             for n in preconditioned)
+    # Every example's gradient preconditioned (one call), dotted with every other's.
+    preconditioned = fixtures.precondition(factors, grads, damping)
+    expected = sum(np.einsum("qoi,noi->qn", np.asarray(preconditioned[n], np.float64),
+                             np.asarray(grads[n], np.float64)) for n in grads)
     got = influence.ekfac_scores(task, params, factors, batch, [batch], damping=damping,
                                  chunk_size=4)
     np.testing.assert_allclose(got, expected, rtol=1e-3,
@@ -179,10 +186,11 @@ class _EmbedLM(nn.Module):
 @functools.lru_cache(maxsize=None)
 def _embed_setup(tied=False):
   model = _EmbedLM(tied=tied)
-  tokens = jax.random.randint(jax.random.key(2), (6, 6), 0, 7)
-  mask = jnp.ones((6, 5)).at[0, -2:].set(0.0)
+  tokens = fixtures.randint(2, (6, 6), 7)
+  mask = np.ones((6, 5), np.float32)
+  mask[0, -2:] = 0.0
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
-  params = model.init(jax.random.key(3), batch["inputs"])
+  params = fixtures.host_init(model, batch["inputs"][:1], seed=3)
   return influence.LanguageModelingTask(model.apply), params, batch
 
 
@@ -207,32 +215,31 @@ class EmbedBlockTest(absltest.TestCase):
     self.assertEqual(stats.activation_sums["embed"].shape, (7,))  # never [V, V]
     np.testing.assert_allclose(stats.activation_sums["embed"], counts, rtol=1e-6)
     factors = influence.fit_ekfac(task, params, [batch], layers=layers)
-    grads = [influence.layer_grads_from_param_grads(layers, g)
-             for g in _loop_grads(task.loss, params, batch)]
+    grads = _layer_grads(task.loss, params, batch, layers)
     f = factors.factors["embed"]
     self.assertEqual(f.activation_eigenvectors.shape, (0, 0))  # identity basis
-    rotated = [f.gradient_eigenvectors.T @ g["embed"] for g in grads]
+    q_s = np.asarray(f.gradient_eigenvectors)
+    rotated = np.einsum("so,nsi->noi", q_s, grads["embed"])
     np.testing.assert_allclose(f.eigenvalues, np.mean(np.square(rotated), 0),
                                rtol=1e-3, atol=1e-8)
     query = _slice(batch, 2)
-    query_grads = influence.layer_grads_from_param_grads(
-        layers, _loop_grads(task.measurement, params, query)[0])
-    preconditioned = influence.precondition(factors, query_grads, 1e-3)
+    query_grads = _layer_grads(task.measurement, params, query, layers)
+    preconditioned = {n: g[0] for n, g in fixtures.precondition(
+        factors, query_grads, 1e-3).items()}
     # The embedding block against a dense one-hot K-FAC basis: identity Q_A.
-    dense_embed = f.gradient_eigenvectors @ (
-        (f.gradient_eigenvectors.T @ query_grads["embed"]) / (f.eigenvalues + 1e-3))
+    dense_embed = q_s @ ((q_s.T @ query_grads["embed"][0]) / (f.eigenvalues + 1e-3))
     np.testing.assert_allclose(preconditioned["embed"], dense_embed, rtol=1e-5,
                                atol=1e-7)
-    expected = np.array([sum(float(jnp.vdot(preconditioned[n], g[n])) for n in g)
-                         for g in grads])
+    by_name = {n: np.einsum("oi,noi->n", np.asarray(preconditioned[n], np.float64),
+                            np.asarray(g, np.float64)) for n, g in grads.items()}
+    expected = sum(by_name.values())
     got = influence.ekfac_scores(task, params, factors, query, [batch], damping=1e-3)
     np.testing.assert_allclose(got[0], expected, rtol=1e-3,
                                atol=1e-4 * np.abs(expected).max())
     by_layer = influence.ekfac_layer_scores(task, params, factors, query, [batch],
                                             damping=1e-3)
     embed_index = [s.name for s in layers].index("embed")
-    expected_embed = [float(jnp.vdot(preconditioned["embed"], g["embed"]))
-                      for g in grads]
+    expected_embed = by_name["embed"]
     np.testing.assert_allclose(by_layer[embed_index, 0], expected_embed, rtol=1e-3,
                                atol=1e-4 * np.abs(expected_embed).max())
     low_rank = influence.ekfac_scores(task, params, factors, query, [batch],
@@ -297,9 +304,9 @@ class RegistrationTest(absltest.TestCase):
 
   def test_registered_kind_is_found_and_exact(self):
     model = _AffineNet()
-    inputs = jax.random.normal(jax.random.key(0), (5, 4))
-    batch = {"inputs": inputs, "labels": jnp.arange(5) % 3}
-    params = model.init(jax.random.key(1), inputs)
+    inputs = fixtures.normal(0, (5, 4))
+    batch = {"inputs": inputs, "labels": np.arange(5, dtype=np.int32) % 3}
+    params = fixtures.host_init(model, inputs[:1], seed=1)
     task = influence.ClassificationTask(model.apply)
     self.assertEqual([s.name for s in influence.find_layers(
         task.loss, params, batch, warn=False)], ["dense"])
@@ -311,10 +318,8 @@ class RegistrationTest(absltest.TestCase):
     self.assertEqual([(s.name, s.block) for s in layers],
                      [("dense", "dense"), ("custom", "test_affine")])
     got = influence.layer_gradients(task.loss, params, batch, layers)
-    for i, grads in enumerate(_loop_grads(task.loss, params, batch)):
-      expected = influence.layer_grads_from_param_grads(layers, grads)
-      np.testing.assert_allclose(got["custom"][i], expected["custom"], rtol=1e-5,
-                                 atol=1e-6)
+    expected = _layer_grads(task.loss, params, batch, layers)
+    np.testing.assert_allclose(got["custom"], expected["custom"], rtol=1e-5, atol=1e-6)
     self.assertEqual(got["custom"].shape, (5, 3, 6))
     self.assertTrue(math.isfinite(float(jnp.sum(influence.ekfac_scores(
         task, params, influence.fit_ekfac(task, params, [batch], layers=layers),

@@ -10,6 +10,7 @@
   refused, naming the field.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import numpy as np
 
 from simfluence_jax import influence
 from simfluence_jax.influence import _ekfac
+import _influence_fixtures as fixtures
 import nnx_models
 
 VOCAB = 7
@@ -37,25 +39,50 @@ class _LM(nn.Module):
     return nn.Dense(VOCAB)(nn.tanh(nn.Dense(5)(x)))
 
 
+_LM_MODEL = _LM()
+_LM_TASK = influence.LanguageModelingTask(_LM_MODEL.apply)
+
+
+@functools.lru_cache(maxsize=None)
+def _lm_params():
+  # A draw whose factors have well-separated eigenvalues (the padding test compares
+  # eigenvectors up to sign; some draws, of flax's init too, have a near-tie).
+  return fixtures.host_init(_LM_MODEL, np.zeros((1, 4), np.int32), seed=2)
+
+
+@functools.lru_cache(maxsize=None)
 def _lm(rows=8, length=4, seed=0):
-  tokens = jax.random.randint(jax.random.key(seed), (rows, length + 1), 0, VOCAB)
+  """One model, task and parameters for every batch shape (shared programs); data
+  and parameters drawn on the host (no program per random shape)."""
+  tokens = fixtures.randint(seed, (rows, length + 1), VOCAB)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-           "mask": jnp.ones((rows, length))}
-  model = _LM()
-  params = model.init(jax.random.key(1), batch["inputs"])
-  return model, influence.LanguageModelingTask(model.apply), params, batch
+           "mask": np.ones((rows, length), np.float32)}
+  return _LM_MODEL, _LM_TASK, _lm_params(), batch
+
+
+def _padded():
+  """`_lm()`'s 8 rows followed by 8 padding rows (all-0 mask)."""
+  _, _, _, real = _lm()
+  return jax.tree_util.tree_map(lambda a: np.concatenate([a, np.zeros_like(a)]), real)
+
+
+@functools.lru_cache(maxsize=None)
+def _factors(padded: bool, kfac: bool = False):
+  """Factors of `_lm()` (fitted alone, or with padding rows in chunks of 5: a chunk
+  of real and padding rows, one of padding rows only, a padded remainder)."""
+  _, task, params, real = _lm()
+  if padded:
+    return influence.fit_ekfac(task, params, [_padded()], kfac=kfac, chunk_size=5)
+  return influence.fit_ekfac(task, params, [real], kfac=kfac)
 
 
 def _slice(batch, i):
   return jax.tree_util.tree_map(lambda x: x[i:i + 1], batch)
 
 
-def _loop_layer_grads(task, params, batch, layers):
-  """By layer [B, O, I] per-example loss gradients from a Python loop of jax.grad."""
-  grad = jax.jit(jax.grad(lambda p, example: task.loss(p, example)[0]))
-  rows = [influence.layer_grads_from_param_grads(layers, grad(params, _slice(batch, i)))
-          for i in range(len(batch["inputs"]))]
-  return {name: np.stack([np.asarray(r[name]) for r in rows]) for name in rows[0]}
+def _brute_layer_grads(task, params, batch, layers):
+  """By layer [B, O, I]: explicit per-example jax.grad of the loss (vmapped)."""
+  return fixtures.per_example_layer_grads(task.loss, params, batch, layers)
 
 
 def _brute_ekfac_scores(query_grads, train_grads, q_a, q_s, eigenvalues, damping):
@@ -70,18 +97,15 @@ class PaddingRowsTest(absltest.TestCase):
 
   def test_padding_rows_change_nothing_and_eigenvalues_equal_brute_force(self):
     _, task, params, real = _lm()
-    padding = jax.tree_util.tree_map(jnp.zeros_like, real)
-    padded = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), real,
-                                    padding)
+    padded = _padded()
     layers = influence.find_layers(task.loss, params, real)
     stats = influence.covariance_statistics(task, params, padded, layers)
     self.assertEqual(float(stats.num_examples), 8.0)
-    grads = _loop_layer_grads(task, params, real, layers)
+    grads = _brute_layer_grads(task, params, real, layers)
     query = _slice(real, 0)
     for kfac in (False, True):
-      alone = influence.fit_ekfac(task, params, [real], kfac=kfac)
-      with_padding = influence.fit_ekfac(task, params, [padded], kfac=kfac,
-                                         chunk_size=5)
+      alone = _factors(padded=False, kfac=kfac)
+      with_padding = _factors(padded=True, kfac=kfac)
       for spec in layers:
         f, g = alone.factors[spec.name], with_padding.factors[spec.name]
         scale = float(np.max(f.eigenvalues))  # (a 2x dilution is far outside)
@@ -112,11 +136,10 @@ class PaddingRowsTest(absltest.TestCase):
     # The dense EK-FAC of the real rows alone, built by hand, gives the scores of
     # factors fitted with padding rows.
     _, task, params, real = _lm()
-    padded = jax.tree_util.tree_map(
-        lambda a: jnp.concatenate([a, jnp.zeros_like(a)]), real)
-    layers = influence.find_layers(task.loss, params, real)
-    factors = influence.fit_ekfac(task, params, [padded], layers=layers)
-    grads = _loop_layer_grads(task, params, real, layers)
+    factors = _factors(padded=True)
+    layers = factors.layers
+    self.assertEqual(layers, tuple(influence.find_layers(task.loss, params, real)))
+    grads = _brute_layer_grads(task, params, real, layers)
     damping = 1e-3
     want = 0.0
     for spec in layers:
@@ -135,7 +158,7 @@ class PaddingRowsTest(absltest.TestCase):
   def test_only_padding_rows_are_refused(self):
     _, task, params, real = _lm()
     layers = influence.find_layers(task.loss, params, real)
-    zero = {**real, "mask": jnp.zeros_like(real["mask"])}
+    zero = {**real, "mask": np.zeros_like(real["mask"])}
     with self.assertRaisesRegex(ValueError, "saw no token with weight > 0"):
       influence.fit_ekfac(task, params, [zero], layers=layers)
 
@@ -154,7 +177,7 @@ class FractionalTokenWeightTest(absltest.TestCase):
     _, s_full = influence.covariances(
         influence.covariance_statistics(task, params, batch, layers))
     for weight in (0.01, 0.04, 1.0):
-      weighted = {**batch, "mask": jnp.full(batch["mask"].shape, weight)}
+      weighted = {**batch, "mask": np.full(batch["mask"].shape, weight, np.float32)}
       stats = influence.covariance_statistics(task, params, weighted, layers)
       np.testing.assert_allclose(float(stats.token_counts[inner.name]), 32 * weight,
                                  rtol=1e-6)
@@ -189,26 +212,34 @@ class _SharedKernelNet(nnx.Module):
     return self.c(nnx.tanh(self.b(nnx.tanh(self.a(x)))))
 
 
+@functools.lru_cache(maxsize=None)
 def _shared_setup(**kwargs):
+  """(net, task, params, batch), shared (read only) by the tests of a variant."""
   net = _SharedKernelNet(nnx.Rngs(0), **kwargs)
-  x = jax.random.normal(jax.random.key(1), (6, 3))
-  batch = {"inputs": x, "labels": jnp.array([0, 1, 2, 0, 1, 2])}
+  x = fixtures.normal(1, (6, 3))
+  batch = {"inputs": x, "labels": np.array([0, 1, 2, 0, 1, 2], np.int32)}
   return net, influence.ClassificationTask(net), nnx.state(net, nnx.Param), batch
 
 
-def _brute_param_grads(net, batch):
-  """[N, P] per-example gradients of every parameter, by an explicit loop."""
+def _brute_grads(net, batch, select=lambda grads: grads):
+  """`select` of the per-example gradients of every parameter: jax.grad of each
+  example's cross-entropy through the merged module (vmapped over examples)."""
   graphdef, params, rest = nnx.split(net, nnx.Param, ...)
 
-  def loss(p, i):
-    logits = nnx.merge(graphdef, p, rest)(batch["inputs"][i:i + 1])
-    return -jax.nn.log_softmax(logits)[0, batch["labels"][i]]
+  def loss(p, x, label):
+    logits = nnx.merge(graphdef, p, rest)(x[None])
+    return -jax.nn.log_softmax(logits)[0, label]
 
-  rows = []
-  for i in range(len(batch["labels"])):
-    grads = jax.grad(loss)(params, i)
-    rows.append(np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(grads)]))
-  return np.stack(rows)
+  return jax.jit(jax.vmap(lambda p, x, label: select(jax.grad(loss)(p, x, label)),
+                          in_axes=(None, 0, 0)))(params, batch["inputs"],
+                                                 batch["labels"])
+
+
+def _brute_param_grads(net, batch):
+  """[N, P] per-example gradients of every parameter (leaves flattened)."""
+  grads = _brute_grads(net, batch)
+  return np.concatenate([np.asarray(g).reshape(len(batch["labels"]), -1)
+                         for g in jax.tree_util.tree_leaves(grads)], axis=1)
 
 
 class SharedKernelTest(absltest.TestCase):
@@ -251,17 +282,10 @@ class SharedKernelTest(absltest.TestCase):
     factors = influence.fit_ekfac(task, state, [batch], layers=layers)
     self.assertEqual([s.name for s in factors.layers], ["c"])
     # Layer c by hand: a = [h, 1] (its input), g = ∂ℓ/∂ outputs = ∂ℓ/∂ bias.
-    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
     x = batch["inputs"]
     h = np.asarray(jnp.tanh(net.b(jnp.tanh(net.a(x)))))
     a = np.concatenate([h, np.ones((len(h), 1))], 1)
-
-    def loss(p, i):
-      logits = nnx.merge(graphdef, p, rest)(x[i:i + 1])
-      return -jax.nn.log_softmax(logits)[0, batch["labels"][i]]
-
-    g = np.stack([np.asarray(jax.grad(loss)(params, i)["c"]["bias"][...])
-                  for i in range(6)])
+    g = np.asarray(_brute_grads(net, batch, lambda grads: grads["c"]["bias"][...]))
     grads = np.einsum("no,ni->noi", g, a)
     _, q_a = np.linalg.eigh(a.T @ a / 6)
     _, q_s = np.linalg.eigh(g.T @ g / 6)
@@ -291,8 +315,8 @@ class NonParameterStateTest(absltest.TestCase):
   def test_factors_fitted_under_other_batch_statistics_are_refused(self):
     net = nnx_models.BatchNormNet(nnx.Rngs(0))
     net.eval()
-    x = jax.random.normal(jax.random.key(1), (6, 3))
-    batch = {"inputs": x, "labels": jnp.array([0, 1, 0, 1, 1, 0])}
+    x = fixtures.normal(1, (6, 3))
+    batch = {"inputs": x, "labels": np.array([0, 1, 0, 1, 1, 0], np.int32)}
     before = influence.ClassificationTask(net)
     factors = influence.fit_ekfac(before, nnx.state(net, nnx.Param), [batch])
     # Same task, same state: accepted (the check is stable across calls).
@@ -349,10 +373,10 @@ class LossFingerprintTest(absltest.TestCase):
     return path
 
   def test_factors_of_another_apply_fn_are_refused(self):
-    x = jax.random.normal(jax.random.key(0), (8, 2))
-    batch = {"inputs": x, "labels": jnp.arange(8) % 3}
+    x = fixtures.normal(0, (8, 2))
+    batch = {"inputs": x, "labels": np.arange(8, dtype=np.int32) % 3}
     relu, tanh = _MLP("relu"), _MLP("tanh")
-    params = relu.init(jax.random.key(1), x)
+    params = fixtures.host_init(relu, x[:1], seed=1)
     t_relu = influence.ClassificationTask(relu.apply)
     t_tanh = influence.ClassificationTask(tanh.apply)
     f_relu = influence.fit_ekfac(t_relu, params, [batch])
@@ -402,10 +426,12 @@ class LossFingerprintTest(absltest.TestCase):
       influence.load_factors(path)
 
   def test_sequence_lengths_other_than_the_fits_are_accepted(self):
-    _, task, params, batch = _lm(length=6)
-    factors = influence.fit_ekfac(task, params, [batch])
+    # Fitted on sequences of 4 tokens; scored on 3 and 6.
+    _, task, params, _ = _lm()
+    factors = _factors(padded=False)
+    _, _, _, longer = _lm(length=6)
     _, _, _, shorter = _lm(rows=5, length=3, seed=4)
-    influence.ekfac_scores(task, params, factors, shorter, [shorter, batch])
+    influence.ekfac_scores(task, params, factors, shorter, [shorter, longer])
     other = influence.LanguageModelingTask(_LM().apply)
     influence.ekfac_scores(other, params, factors, shorter, [shorter])
 

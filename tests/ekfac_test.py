@@ -1,5 +1,7 @@
 """EK-FAC against brute force: factor definitions, exact inverses, dense Fisher."""
 
+import functools
+
 from absl.testing import absltest
 import flax.linen as nn
 import jax
@@ -8,6 +10,7 @@ import numpy as np
 
 from simfluence_jax import influence
 from simfluence_jax.influence import _ekfac
+import _influence_fixtures as fixtures
 
 
 class _MLP(nn.Module):
@@ -38,35 +41,50 @@ class _LM(nn.Module):
     return nn.Dense(self.vocab)(nn.LayerNorm()(x))
 
 
+_MLP_MODEL = _MLP()
+_MLP_TASK = influence.ClassificationTask(_MLP_MODEL.apply)
+
+
+# Setups are shared (read only) by the tests: one task and one set of parameters
+# per model, whatever the batch size, so the kernels' programs are reused. Data and
+# parameters are drawn on the host (no program per random shape).
+@functools.lru_cache(maxsize=None)
+def _mlp_params():
+  return fixtures.host_init(_MLP_MODEL, np.zeros((1, 4), np.float32), seed=1)
+
+
+@functools.lru_cache(maxsize=None)
 def _mlp_setup(num_examples=24):
-  model = _MLP()
-  inputs = jax.random.normal(jax.random.key(0), (num_examples, 4))
-  batch = {"inputs": inputs, "labels": jnp.arange(num_examples) % 3}
-  return influence.ClassificationTask(model.apply), model.init(
-      jax.random.key(1), inputs), batch
+  batch = {"inputs": fixtures.normal(0, (num_examples, 4)),
+           "labels": np.arange(num_examples, dtype=np.int32) % 3}
+  return _MLP_TASK, _mlp_params(), batch
 
 
+@functools.lru_cache(maxsize=None)
+def _mlp_factors():
+  """Empirical-Fisher factors of `_mlp_setup()`."""
+  task, params, batch = _mlp_setup()
+  return influence.fit_ekfac(task, params, [batch])
+
+
+@functools.lru_cache(maxsize=None)
 def _lm_setup(num_examples=6, length=7):
   model = _LM()
-  tokens = jax.random.randint(jax.random.key(2), (num_examples, length + 1), 0, 11)
-  mask = jnp.ones((num_examples, length)).at[0, -2:].set(0.0)
+  tokens = fixtures.randint(2, (num_examples, length + 1), 11)
+  mask = np.ones((num_examples, length), np.float32)
+  mask[0, -2:] = 0.0
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
-  return influence.LanguageModelingTask(model.apply), model.init(
-      jax.random.key(3), batch["inputs"]), batch
+  return influence.LanguageModelingTask(model.apply), fixtures.host_init(
+      model, batch["inputs"][:1], seed=3), batch
 
 
 def _slice(batch, i):
   return jax.tree_util.tree_map(lambda x: x[i:i + 1], batch)
 
 
-def _loop_layer_grads(task, params, batch, layers, fn="loss"):
-  """By layer [B, O, I] from an explicit Python loop of jax.grad."""
-  grad = jax.jit(jax.grad(lambda p, example: getattr(task, fn)(p, example)[0]))
-  per_example = []
-  for i in range(batch["inputs"].shape[0]):
-    grads = grad(params, _slice(batch, i))
-    per_example.append(influence.layer_grads_from_param_grads(layers, grads))
-  return {name: np.stack([g[name] for g in per_example]) for name in per_example[0]}
+def _brute_layer_grads(task, params, batch, layers, fn="loss"):
+  """By layer [B, O, I]: explicit jax.grad of each one-example batch (vmapped)."""
+  return fixtures.per_example_layer_grads(getattr(task, fn), params, batch, layers)
 
 
 def _flat(layer_grads, layers):
@@ -88,10 +106,10 @@ class LayerDiscoveryTest(absltest.TestCase):
     self.assertEqual((out.input_dim, out.output_dim, out.in_axes), (8, 8, (-2, -1)))
 
   def test_captured_gradients_equal_jax_grad(self):
-    for task, params, batch in (_mlp_setup(6), _lm_setup()):
+    for task, params, batch in (_mlp_setup(), _lm_setup()):
       layers = influence.find_layers(task.loss, params, batch)
       got = influence.layer_gradients(task.loss, params, batch, layers)
-      expected = _loop_layer_grads(task, params, batch, layers)
+      expected = _brute_layer_grads(task, params, batch, layers)
       for name in expected:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-6)
 
@@ -100,27 +118,28 @@ class FactorTest(absltest.TestCase):
 
   def test_kronecker_factors_equal_definitions(self):
     task, variables, batch = _mlp_setup()
-    p = variables["params"]
+    p = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64),
+                               variables["params"])
     layers = influence.find_layers(task.loss, variables, batch)
     stats = influence.covariance_statistics(task, variables, batch, layers)
     a_cov, s_cov = influence.covariances(stats)
-    x = batch["inputs"]
+    x = np.asarray(batch["inputs"], np.float64)
     # Dense(3) is constructed first in the compact MLP, so it is "Dense_0".
     pre_hidden = x @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
-    hidden = jnp.tanh(pre_hidden)
+    hidden = np.tanh(pre_hidden)
 
-    def loss_of_outputs(pre_hidden, logits):
-      del pre_hidden
+    def loss_of_logits(logits):
       return jnp.sum(influence.ClassificationTask(lambda _, z: z).loss(
           None, {"inputs": logits, "labels": batch["labels"]}))
 
     logits = hidden @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
-    g_logits = jax.grad(loss_of_outputs, argnums=1)(pre_hidden, logits)
+    g_logits = np.asarray(jax.jit(jax.grad(loss_of_logits))(
+        logits.astype(np.float32)), np.float64)
     g_hidden = (g_logits @ p["Dense_0"]["kernel"].T) * (1 - hidden ** 2)
-    ones = jnp.ones((x.shape[0], 1))
+    ones = np.ones((x.shape[0], 1))
     n = x.shape[0]
     for name, a, g in (("Dense_1", x, g_hidden), ("Dense_0", hidden, g_logits)):
-      a = jnp.concatenate([a, ones], axis=1)
+      a = np.concatenate([a, ones], axis=1)
       np.testing.assert_allclose(a_cov[name], a.T @ a / n, rtol=1e-5, atol=1e-6)
       np.testing.assert_allclose(s_cov[name], g.T @ g / n, rtol=1e-4, atol=1e-7)
 
@@ -129,7 +148,7 @@ class FactorTest(absltest.TestCase):
     layers = influence.find_layers(task.loss, params, batch)
     stats = influence.covariance_statistics(task, params, batch, layers)
     head = layers[-1].name
-    self.assertEqual(float(stats.token_counts[head]), float(jnp.sum(batch["mask"])))
+    self.assertEqual(float(stats.token_counts[head]), float(np.sum(batch["mask"])))
     self.assertEqual(float(stats.num_examples), 6.0)
 
   def test_psum_over_shards_equals_full_batch(self):
@@ -137,8 +156,9 @@ class FactorTest(absltest.TestCase):
     layers = influence.find_layers(task.loss, params, batch)
     full = influence.covariance_statistics(task, params, batch, layers)
     shards = jax.tree_util.tree_map(lambda x: x.reshape((2, -1) + x.shape[1:]), batch)
-    sharded = jax.vmap(lambda b: influence.covariance_statistics(
-        task, params, b, layers, axis_name="data"), axis_name="data")(shards)
+    # Jitted: vmapped eagerly, every op compiled a program of its own.
+    sharded = jax.jit(jax.vmap(lambda b: influence.covariance_statistics(
+        task, params, b, layers, axis_name="data"), axis_name="data"))(shards)
     jax.tree_util.tree_map(
         lambda s, f: np.testing.assert_allclose(s[0], f, rtol=1e-5, atol=1e-6),
         sharded, full)
@@ -153,7 +173,7 @@ class FactorTest(absltest.TestCase):
                                 rng=jax.random.key(0))
     second = influence.fit_ekfac(task, params, [batch], fisher="true",
                                  rng=jax.random.key(0))
-    empirical = influence.fit_ekfac(task, params, [batch])
+    empirical = _mlp_factors()
     name = first.layers[-1].name
     np.testing.assert_array_equal(first.factors[name].eigenvalues,
                                   second.factors[name].eigenvalues)
@@ -167,14 +187,14 @@ class InverseTest(absltest.TestCase):
     # Same input, different labels: every G = g aᵀ shares a, so the Fisher is
     # exactly a aᵀ ⊗ E[g gᵀ] and EK-FAC (and K-FAC) invert it exactly.
     model = nn.Dense(4)
-    inputs = jnp.tile(jax.random.normal(jax.random.key(4), (1, 3)), (8, 1))
-    batch = {"inputs": inputs, "labels": jnp.arange(8) % 4}
-    params = model.init(jax.random.key(5), inputs)
+    inputs = np.tile(fixtures.normal(4, (1, 3)), (8, 1))
+    batch = {"inputs": inputs, "labels": np.arange(8, dtype=np.int32) % 4}
+    params = fixtures.host_init(model, inputs[:1], seed=5)
     task = influence.ClassificationTask(model.apply)
     layers = influence.find_layers(task.loss, params, batch)
-    grads = _flat(_loop_layer_grads(task, params, batch, layers), layers)
+    grads = _flat(_brute_layer_grads(task, params, batch, layers), layers)
     fisher = grads.T @ grads / 8
-    vector = jax.random.normal(jax.random.key(6), (2, 4, 4))
+    vector = fixtures.normal(6, (2, 4, 4))
     damping = 1e-2
     exact = np.linalg.solve(fisher + damping * np.eye(16),
                             np.reshape(vector, (2, 16)).T).T
@@ -188,7 +208,7 @@ class InverseTest(absltest.TestCase):
     task, params, batch = _mlp_setup(64)
     layers = influence.find_layers(task.loss, params, batch)
     factors = influence.fit_ekfac(task, params, [batch])
-    train = _flat(_loop_layer_grads(task, params, batch, layers), layers)
+    train = _flat(_brute_layer_grads(task, params, batch, layers), layers)
     fisher = train.T @ train / 64
     damping = float(np.mean([influence.layer_damping(factors)[s.name]
                              for s in layers]))
@@ -215,34 +235,39 @@ class InverseTest(absltest.TestCase):
     self.assertGreater(block_correlation, 0.95)
     self.assertGreater(correlation, 0.8)
 
-  def _assert_scores_equal_preconditioned_loop(self, task, params, batch, factors,
-                                               queries):
-    """ekfac_scores == Σ_layers ⟨precondition(query grads), train grads⟩ (loops)."""
+  def _assert_scores_equal_preconditioned_brute_force(self, task, params, batch,
+                                                      factors, queries, chunk_size=4):
+    """ekfac_scores == Σ_layers ⟨precondition(query grads), train grads⟩; chunks of
+    `chunk_size` train examples, the last one padded."""
     layers = factors.layers
-    train = _loop_layer_grads(task, params, batch, layers)
-    query = _loop_layer_grads(task, params, queries, layers, "measurement")
-    preconditioned = influence.precondition(factors, query)
+    train = _brute_layer_grads(task, params, batch, layers)
+    query = _brute_layer_grads(task, params, queries, layers, "measurement")
+    # Queries and train examples preconditioned in one call (one shape to compile).
+    both = influence.precondition(
+        factors, {n: np.concatenate([query[n], train[n]]) for n in train})
+    num_queries = len(jax.tree_util.tree_leaves(queries)[0])
+    preconditioned = {n: np.asarray(g[:num_queries]) for n, g in both.items()}
+    own = {n: np.asarray(g[num_queries:]) for n, g in both.items()}
     expected = sum(np.einsum("qoi,noi->qn", preconditioned[n], train[n])
                    for n in train)
     got = influence.ekfac_scores(task, params, factors, queries, [batch],
-                                 chunk_size=4)
+                                 chunk_size=chunk_size)
     np.testing.assert_allclose(got, expected, rtol=1e-3,
                                atol=1e-4 * np.abs(expected).max())
     self.assertTrue(np.isfinite(np.asarray(got)).all())
-    # Self-influence (train loss on both sides) against the same loops.
-    own = influence.precondition(factors, train)
+    # Self-influence (train loss on both sides) against the same gradients.
     expected_self = sum(np.einsum("noi,noi->n", own[n], train[n]) for n in train)
     got_self = influence.ekfac_self_influence(task, params, factors, [batch],
-                                              chunk_size=4)
+                                              chunk_size=chunk_size)
     np.testing.assert_allclose(got_self, expected_self, rtol=1e-3,
                                atol=1e-4 * np.abs(expected_self).max())
 
   def test_scores_equal_preconditioned_jax_grads_on_mlp(self):
     # One token per example: scores take `DenseBlock.dot`'s g_iᵀ P_q a_i form.
-    task, params, batch = _mlp_setup(10)
-    factors = influence.fit_ekfac(task, params, [batch])
-    self._assert_scores_equal_preconditioned_loop(
-        task, params, batch, factors, jax.tree_util.tree_map(lambda x: x[:3], batch))
+    task, params, batch = _mlp_setup()
+    self._assert_scores_equal_preconditioned_brute_force(
+        task, params, batch, _mlp_factors(),
+        jax.tree_util.tree_map(lambda x: x[:3], batch), chunk_size=5)
 
   def test_scores_equal_preconditioned_jax_grads_on_transformer(self):
     task, params, batch = _lm_setup()
@@ -251,8 +276,8 @@ class InverseTest(absltest.TestCase):
     # Factors keep the layers' call order (saved factors are numbered by it).
     self.assertEqual(list(factors.factors), [spec.name for spec in layers])
     self.assertNotEqual(sorted(factors.factors), list(factors.factors))
-    self._assert_scores_equal_preconditioned_loop(task, params, batch, factors,
-                                                  _slice(batch, 1))
+    self._assert_scores_equal_preconditioned_brute_force(task, params, batch,
+                                                         factors, _slice(batch, 1))
     # The run preconditioned its queries with one program per layer kind and
     # shape, which the layers of one kind and shape (the two blocks', q/k/v) share.
     _ekfac._precondition_program.cache_clear()

@@ -19,6 +19,7 @@ from simfluence_jax import influence
 from simfluence_jax import kernels
 from simfluence_jax.influence import _blocks
 from simfluence_jax.influence import _tracin
+import _influence_fixtures as fixtures
 
 
 class _MLP(nn.Module):
@@ -53,26 +54,34 @@ class _CNN(nn.Module):
 
 @functools.lru_cache(maxsize=None)
 def _setup(kind):
-  rng = jax.random.key(0)
+  # Data and the two checkpoints drawn on the host (no program per random shape).
   if kind == "mlp":
-    model, inputs = _MLP(), jax.random.normal(rng, (12, 5))
+    model, inputs = _MLP(), fixtures.normal(0, (12, 5))
   elif kind == "cnn":
-    model, inputs = _CNN(), jax.random.normal(rng, (12, 8, 8, 2))
+    model, inputs = _CNN(), fixtures.normal(0, (12, 8, 8, 2))
   else:
     model = _LM()
-    tokens = jax.random.randint(rng, (12, 7), 0, 11)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-             "mask": jnp.ones((12, 6)).at[0, -1].set(0.0)}
-    checkpoints = [model.init(jax.random.key(k), batch["inputs"]) for k in (1, 2)]
+    tokens = fixtures.randint(0, (12, 7), 11)
+    mask = np.ones((12, 6), np.float32)
+    mask[0, -1] = 0.0
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+    checkpoints = [fixtures.host_init(model, batch["inputs"][:1], seed=k)
+                   for k in (1, 2)]
     return influence.LanguageModelingTask(model.apply), checkpoints, batch
-  batch = {"inputs": inputs, "labels": jnp.arange(12) % 3}
-  checkpoints = [model.init(jax.random.key(k), inputs) for k in (1, 2)]
+  batch = {"inputs": inputs, "labels": np.arange(12, dtype=np.int32) % 3}
+  checkpoints = [fixtures.host_init(model, inputs[:1], seed=k) for k in (1, 2)]
   return influence.ClassificationTask(model.apply), checkpoints, batch
 
 
+@functools.lru_cache(maxsize=None)
+def _materialised_program(fn):
+  return jax.jit(lambda p, b: kernels.flatten_per_example(
+      kernels.per_example_grads(fn, p, b)))
+
+
 def _materialised(task, params, batch, fn="loss"):
-  grads = jax.jit(lambda p, b: kernels.flatten_per_example(
-      kernels.per_example_grads(getattr(task, fn), p, b)))(params, batch)
+  # One program per function and shapes, shared by the two checkpoints.
+  grads = _materialised_program(getattr(task, fn))(params, batch)
   return np.asarray(grads, np.float64)
 
 
@@ -124,20 +133,23 @@ class BlockInnerProductTest(parameterized.TestCase):
                                num_feature_axes=1, input_dim=6, output_dim=4,
                                has_bias=True, kernel_path=("k",), bias_path=("b",))
     block = _blocks.DenseBlock(spec)
-    keys = jax.random.split(jax.random.key(3), 4)
-    act = lambda k1, k2, n, t: influence.LayerActivations(
-        jax.random.normal(k1, (n, t, 7)), jax.random.normal(k2, (n, t, 4)),
-        jnp.ones((n, t)))
-    query, train = act(keys[0], keys[1], 2, query_tokens), act(keys[2], keys[3], 3,
-                                                               train_tokens)
-    dense = block.dot(block.per_example_grads(query), train)
-    np.testing.assert_allclose(block.factored_products(query, train), dense,
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(block.inner_products(query, train), dense, rtol=1e-5,
-                               atol=1e-5)
-    grads = block.per_example_grads(train)
-    np.testing.assert_allclose(block.self_inner_products(train),
-                               jnp.sum(grads ** 2, axis=(1, 2)), rtol=1e-5)
+    rng = np.random.default_rng(3)  # host data: no program per random shape
+    act = lambda n, t: influence.LayerActivations(
+        rng.normal(size=(n, t, 7)).astype(np.float32),
+        rng.normal(size=(n, t, 4)).astype(np.float32), np.ones((n, t), np.float32))
+    query, train = act(2, query_tokens), act(3, train_tokens)
+
+    @jax.jit  # one program (eagerly, each op compiled a program of its own)
+    def products(query, train):
+      grads = block.per_example_grads(train)
+      return (block.dot(block.per_example_grads(query), train),
+              block.factored_products(query, train), block.inner_products(query, train),
+              block.self_inner_products(train), jnp.sum(grads ** 2, axis=(1, 2)))
+
+    dense, factored, inner, self_products, squares = products(query, train)
+    np.testing.assert_allclose(factored, dense, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(inner, dense, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(self_products, squares, rtol=1e-5)
 
 
 if __name__ == "__main__":

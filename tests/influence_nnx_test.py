@@ -13,10 +13,10 @@ from absl.testing import absltest
 import flax.linen as nn
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from simfluence_jax import influence
+import _influence_fixtures as fixtures
 
 VOCAB = 9
 
@@ -66,13 +66,15 @@ class _NNXNet(nnx.Module):
 
 @functools.lru_cache(maxsize=None)
 def _setup():
-  tokens = jax.random.randint(jax.random.key(0), (8, 6), 0, VOCAB)
-  mask = jnp.ones((8, 5)).at[0, -2:].set(0.0)
+  tokens = fixtures.randint(0, (8, 6), VOCAB)  # data and weights drawn on the host
+  mask = np.ones((8, 5), np.float32)
+  mask[0, -2:] = 0.0
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
   linen = _LinenNet()
-  params = linen.init(jax.random.key(1), batch["inputs"])
-  module = _NNXNet(nnx.Rngs(2))
-  # The linen weights into the NNX module, leaf by leaf (same names, same shapes).
+  params = fixtures.host_init(linen, batch["inputs"][:1], seed=1)
+  # Built abstractly (nothing drawn), then every weight set from the linen
+  # weights, leaf by leaf (same names, same shapes).
+  module = nnx.eval_shape(lambda: _NNXNet(nnx.Rngs(2)))
   flat = {tuple(k.key for k in path): leaf for path, leaf in
           jax.tree_util.tree_flatten_with_path(params["params"])[0]}
   for path, value in flat.items():
@@ -80,6 +82,8 @@ def _setup():
     for name in path[:-1]:
       owner = getattr(owner, name)
     getattr(owner, path[-1]).set_value(value)
+  assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(
+      nnx.state(module)))  # every variable was set
   return (influence.LanguageModelingTask(linen.apply), params,
           influence.LanguageModelingTask(module), nnx.state(module, nnx.Param),
           module, batch)
@@ -134,8 +138,11 @@ class NNXTest(absltest.TestCase):
                                        query, [batch], chunk_size=3)
     _close(influence.tracin_scores(nnx_task, [state, other], [1.0, 0.5], query,
                                    [batch], chunk_size=3), expected)
-    _close(influence.tracin_scores(nnx_task, [module], [1.0], query, [batch]),
-           influence.tracin_scores(linen_task, [params], [1.0], query, [batch]))
+    # Chunks of 3 as above: the module is scored by the same programs as its state.
+    _close(influence.tracin_scores(nnx_task, [module], [1.0], query, [batch],
+                                   chunk_size=3),
+           influence.tracin_scores(linen_task, [params], [1.0], query, [batch],
+                                   chunk_size=3))
     _close(influence.tracin_self_influence(nnx_task, [state], [1.0], [batch]),
            influence.tracin_self_influence(linen_task, [params], [1.0], [batch]))
 

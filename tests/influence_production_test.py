@@ -4,8 +4,9 @@ The model is a small decoder-only Transformer LM written in the style of flax's 
 example and T5X: every kernel is `nn.with_logical_partitioning`-boxed, attention
 projects with `DenseGeneral` (q/k/v to `(heads, head_dim)`, the output contracting
 `axis=(-2, -1)`), and the parameters go to the kernels straight from `model.init`.
-References are brute force: explicit per-example `jax.grad` loops, preconditioned
-with the same factors, and per-example gradients of every leaf for TracIn.
+References are brute force: explicit per-example `jax.grad`s (vmapped over the
+examples), preconditioned with the same factors, and per-example gradients of every
+leaf for TracIn.
 """
 
 import functools
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from simfluence_jax import influence
+import _influence_fixtures as fixtures
 
 VOCAB, LENGTH, DIM, HEADS, HEAD_DIM, MLP_DIM = 13, 6, 8, 2, 4, 16
 
@@ -76,26 +78,26 @@ class TransformerLM(nn.Module):
 @functools.lru_cache(maxsize=None)
 def _setup():
   model = TransformerLM()
-  tokens = jax.random.randint(jax.random.key(0), (10, LENGTH + 1), 0, VOCAB)
-  mask = jnp.ones((10, LENGTH)).at[0, -2:].set(0.0)
+  tokens = fixtures.randint(1, (10, LENGTH + 1), VOCAB)  # drawn on the host
+  mask = np.ones((10, LENGTH), np.float32)
+  mask[0, -2:] = 0.0
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
-  boxed = model.init(jax.random.key(1), batch["inputs"])
+  boxed = fixtures.init(model, jax.random.key(1), batch["inputs"])
   return influence.LanguageModelingTask(model.apply), boxed, batch
 
 
-def _slice(batch, start, stop=None):
-  stop = start + 1 if stop is None else stop
-  return jax.tree_util.tree_map(lambda x: x[start:stop], batch)
+@functools.lru_cache(maxsize=None)
+def _factors():
+  """`fit_ekfac` on the boxed params of `_setup()` (read only by the tests)."""
+  task, boxed, batch = _setup()
+  return influence.fit_ekfac(task, boxed, [batch])
 
 
-def _per_example_grads(fn, params, batch):
-  """Explicit Python loop of jax.grad: one unboxed params pytree per example."""
-  grad = jax.jit(jax.grad(lambda p, example: fn(p, example)[0]))
-  return [grad(params, _slice(batch, i)) for i in range(batch["inputs"].shape[0])]
-
-
-def _flat(grads):
-  return np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(grads)])
+def _flat_grads(fn, params, batch):
+  """[B, P]: explicit per-example jax.grad of every (unboxed) leaf, flattened."""
+  grads = fixtures.per_example_param_grads(fn, params, batch)
+  return np.concatenate([np.asarray(g).reshape(g.shape[0], -1)
+                         for g in jax.tree_util.tree_leaves(grads)], axis=1)
 
 
 class BoxedTransformerTest(absltest.TestCase):
@@ -118,27 +120,24 @@ class BoxedTransformerTest(absltest.TestCase):
   def test_ekfac_on_boxed_params_equals_preconditioned_jax_grads(self):
     task, boxed, batch = _setup()
     params = nn.meta.unbox(boxed)
-    factors = influence.fit_ekfac(task, boxed, [batch])
+    factors = _factors()
     layers = factors.layers
-    query = _slice(batch, 1, 3)
-    train = [influence.layer_grads_from_param_grads(layers, g)
-             for g in _per_example_grads(task.loss, params, batch)]
-    queries = [influence.layer_grads_from_param_grads(layers, g)
-               for g in _per_example_grads(task.measurement, params, query)]
+    # Every example is a query (the masked example 0 too): all-pairs scores, the
+    # programs the dense-Fisher test below reuses.
+    query = batch
+    train = fixtures.per_example_layer_grads(task.loss, params, batch, layers)
+    queries = fixtures.per_example_layer_grads(task.measurement, params, query, layers)
     damping = 1e-3
-    expected = np.zeros((2, 10))
-    for q, grads in enumerate(queries):
-      preconditioned = influence.precondition(factors, grads, damping)
-      for i, train_grads in enumerate(train):
-        expected[q, i] = sum(float(jnp.vdot(preconditioned[n], train_grads[n]))
-                             for n in train_grads)
+    preconditioned = fixtures.precondition(factors, queries, damping)
+    expected = sum(np.einsum("qoi,noi->qn", np.asarray(preconditioned[n], np.float64),
+                             np.asarray(train[n], np.float64)) for n in train)
     got = influence.ekfac_scores(task, boxed, factors, query, [batch], damping=damping,
                                  chunk_size=4)
     np.testing.assert_allclose(got, expected, rtol=1e-3,
                                atol=1e-4 * np.abs(expected).max())
     by_token = influence.ekfac_token_scores(task, boxed, factors, query, [batch],
                                             damping=damping)
-    self.assertEqual(by_token.shape, (2, 10, LENGTH))
+    self.assertEqual(by_token.shape, (10, 10, LENGTH))
     np.testing.assert_allclose(by_token.sum(-1), expected, rtol=1e-3,
                                atol=1e-4 * np.abs(expected).max())
     # The masked-out target positions of example 0 contribute nothing.
@@ -152,33 +151,32 @@ class BoxedTransformerTest(absltest.TestCase):
     # eigenvalue-corrected Kronecker approximation, so scores correlate strongly.
     task, boxed, batch = _setup()
     params = nn.meta.unbox(boxed)
-    factors = influence.fit_ekfac(task, boxed, [batch])
+    factors = _factors()
     layers = factors.layers
-    grads = [influence.layer_grads_from_param_grads(layers, g)
-             for g in _per_example_grads(task.loss, params, batch)]
+    grads = fixtures.per_example_layer_grads(task.loss, params, batch, layers)
     damping = 1e-2
     scores = np.zeros((10, 10))
     for spec in layers:
-      g = np.stack([np.ravel(x[spec.name]) for x in grads])
+      g = np.reshape(grads[spec.name], (10, -1)).astype(np.float64)
       fisher = g.T @ g / len(g)
       scores += g @ np.linalg.solve(fisher + damping * np.eye(len(fisher)), g.T)
-    got = influence.ekfac_scores(task, boxed, factors, batch, [batch], damping=damping)
+    got = influence.ekfac_scores(task, boxed, factors, batch, [batch], damping=damping,
+                                 chunk_size=4)
     correlation = np.corrcoef(np.ravel(got), np.ravel(scores))[0, 1]
     self.assertGreater(correlation, 0.9)
 
   def test_tracin_on_boxed_params_equals_per_example_grads_of_all_leaves(self):
     task, boxed, batch = _setup()
     params = nn.meta.unbox(boxed)
-    other = jax.tree_util.tree_map(lambda x: 0.8 * x, boxed)
-    query = _slice(batch, 0, 3)
+    other = jax.jit(functools.partial(jax.tree_util.tree_map, lambda x: 0.8 * x))(
+        boxed)  # one program, not one per leaf shape
+    query = batch  # every example (the programs of the EK-FAC test's references)
     got = influence.tracin_scores(task, [boxed, other], [0.5, 0.25], query, [batch],
                                   chunk_size=4)
-    expected = np.zeros((3, 10))
+    expected = np.zeros((10, 10))
     for checkpoint, rate in ((params, 0.5), (nn.meta.unbox(other), 0.25)):
-      train = np.stack([_flat(g) for g in _per_example_grads(task.loss, checkpoint,
-                                                              batch)])
-      queries = np.stack([_flat(g) for g in _per_example_grads(
-          task.measurement, checkpoint, query)])
+      train = _flat_grads(task.loss, checkpoint, batch)
+      queries = _flat_grads(task.measurement, checkpoint, query)
       expected += rate * queries @ train.T
     np.testing.assert_allclose(got, expected, rtol=1e-4,
                                atol=1e-5 * np.abs(expected).max())
@@ -206,13 +204,13 @@ class _Scanned(nn.Module):
 class DiagnosticsTest(absltest.TestCase):
 
   def _batch(self):
-    x = jax.random.normal(jax.random.key(0), (4, 3))
-    return {"inputs": x, "labels": jnp.arange(4) % 3}
+    x = fixtures.normal(0, (4, 3))
+    return {"inputs": x, "labels": np.arange(4, dtype=np.int32) % 3}
 
   def test_jitted_apply_is_named_as_the_cause(self):
     model = nn.Dense(3)
     batch = self._batch()
-    params = model.init(jax.random.key(0), batch["inputs"])
+    params = fixtures.host_init(model, batch["inputs"][:1])
     apply = jax.jit(model.apply)
     apply(params, batch["inputs"])  # traced once: later traces replay the cache
     task = influence.ClassificationTask(apply)
@@ -222,14 +220,14 @@ class DiagnosticsTest(absltest.TestCase):
   def test_no_supported_layer_names_the_modules_called(self):
     model = _NoLayers()
     batch = self._batch()
-    params = model.init(jax.random.key(0), batch["inputs"])
+    params = fixtures.host_init(model, batch["inputs"][:1])
     with self.assertRaisesRegex(ValueError, "LayerNorm.*register_layer_kind"):
       influence.fit_ekfac(influence.ClassificationTask(model.apply), params, [batch])
 
   def test_unusable_layers_are_named_with_the_reason(self):
     model = _Scanned()
     batch = self._batch()
-    params = model.init(jax.random.key(0), batch["inputs"])
+    params = fixtures.host_init(model, batch["inputs"][:1])
     with self.assertRaisesRegex(ValueError, "Dense_0.*shape.*nn.scan"):
       influence.find_layers(influence.ClassificationTask(model.apply).loss, params,
                             batch)

@@ -1,5 +1,7 @@
 """Public API of simfluence_jax.influence: breakdowns, query batching, self-influence."""
 
+import functools
+
 from absl.testing import absltest
 import flax.linen as nn
 import jax
@@ -7,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from simfluence_jax import influence
+import _influence_fixtures as fixtures
 
 
 class _LM(nn.Module):
@@ -19,12 +22,14 @@ class _LM(nn.Module):
     return nn.Dense(9)(nn.relu(nn.Dense(12)(x)))
 
 
+@functools.lru_cache(maxsize=None)
 def _setup():
+  """Task, params, batch and fitted factors, shared (read only) by the tests."""
   model = _LM()
-  tokens = jax.random.randint(jax.random.key(0), (8, 6), 0, 9)
+  tokens = fixtures.randint(0, (8, 6), 9)  # data and params drawn on the host
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-           "mask": jnp.ones((8, 5))}
-  params = model.init(jax.random.key(1), batch["inputs"])
+           "mask": np.ones((8, 5), np.float32)}
+  params = fixtures.host_init(model, batch["inputs"][:1], seed=1)
   task = influence.LanguageModelingTask(model.apply)
   return task, params, batch, influence.fit_ekfac(task, params, [batch])
 
@@ -50,10 +55,13 @@ class InfluenceApiTest(absltest.TestCase):
   def test_query_batching_full_rank_equals_unbatched(self):
     task, params, batch, factors = _setup()
     query = jax.tree_util.tree_map(lambda x: x[:3], batch)
-    exact = influence.ekfac_scores(task, params, factors, query, [batch])
-    full = influence.ekfac_scores(task, params, factors, query, [batch], query_rank=64)
+    # Chunks of 3 (a padded remainder), like the breakdowns' scores.
+    exact = influence.ekfac_scores(task, params, factors, query, [batch], chunk_size=3)
+    full = influence.ekfac_scores(task, params, factors, query, [batch], query_rank=64,
+                                  chunk_size=3)
     np.testing.assert_allclose(full, exact, atol=1e-4 * float(jnp.abs(exact).max()))
-    low = influence.ekfac_scores(task, params, factors, query, [batch], query_rank=2)
+    low = influence.ekfac_scores(task, params, factors, query, [batch], query_rank=2,
+                                 chunk_size=3)
     self.assertGreater(np.corrcoef(np.ravel(low), np.ravel(exact))[0, 1], 0.5)
 
   def test_self_influence_is_diagonal_of_pairwise(self):

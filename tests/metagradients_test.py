@@ -1,9 +1,10 @@
 """Metagradients and first-order predictions against brute force on a tiny MLP.
 
-References: a dense `jax.jacfwd` through a hand-written training loop (no scan, no
-remat, no vmap of a pullback), central finite differences of real retraining with
-`train_runs`, and the effective-weight identities of the step objective. Every row
-(test example m) of every metagradient is checked.
+References: dense forward mode (a jvp per weight, as `jax.jacfwd`) through a
+hand-written training loop (no scan, no remat, no vmap of a pullback), central
+finite differences of real retraining with `train_runs`, and the effective-weight
+identities of the step objective. Every row (test example m) of every metagradient
+is checked.
 """
 
 import functools
@@ -18,6 +19,10 @@ import pytest
 from simfluence_jax import models
 from simfluence_jax import training
 from simfluence_jax.training import optim
+
+# Every test of this module in one xdist worker (pytest.ini: --dist loadgroup):
+# they share its setup and compiled programs, compiled once, not in both workers.
+pytestmark = pytest.mark.xdist_group("metagradients_test")
 
 NUM_TRAIN, NUM_TEST, DIM, NUM_CLASSES = 10, 4, 5, 3
 NUM_RUNS, NUM_STEPS, BATCH = 2, 5, 3
@@ -58,6 +63,15 @@ def _other_numbers(config):
 
 
 def _setup(seed=0):
+  """loss_fn, params0, train, test, (batch_ids, weights): fresh copies of the arrays
+  around one initialisation per seed (compiled once, not once per test)."""
+  params0, train, test, (batch_ids, weights) = _setup_once(seed)
+  copy = lambda arrays: {k: v.copy() for k, v in arrays.items()}
+  return _LOSS_FN, params0, copy(train), copy(test), (batch_ids.copy(), weights.copy())
+
+
+@functools.lru_cache(maxsize=None)
+def _setup_once(seed):
   rng = np.random.default_rng(seed)
   make = lambda n: {
       "inputs": rng.normal(size=(n, DIM)).astype(np.float32),
@@ -68,38 +82,83 @@ def _setup(seed=0):
   batch_ids[0, 3, 2] = -1  # padding slots get 0
   batch_ids[1, 4, 0] = -1
   weights = rng.uniform(0.5, 1.5, batch_ids.shape).astype(np.float32)
-  return _LOSS_FN, params0, train, test, (batch_ids, weights)
+  return params0, train, test, (batch_ids, weights)
 
 
 def _dense_reference(params0, train, test, config, batch_ids, weights):
-  """jacfwd of a plain Python loop of the step objective written out here.
+  """Forward mode through a plain Python loop of the step objective written out
+  here: one tangent per weight w[t, b] (a dense jacfwd, [R, T, B, M]).
 
-  The optimizer's numbers are arguments of the jitted reference (compiled once per
-  optimizer kind, as the programs under test are), its build
-  `training.make_optimizer`'s own (`optim.joined_optimizer`)."""
+  The loop stays in Python, its one step a jitted jvp (vmapped over the T·B tangents
+  and the runs) called T times: jacfwd of the whole unrolled loop compiled every
+  step into one program (2.4 s for Adam, against 0.5). The optimizer's numbers are
+  arguments of the programs (compiled once per optimizer kind, as the programs under
+  test are), its build `training.make_optimizer`'s own (`optim.joined_optimizer`)."""
   structure, numbers = optim.split_settings(config, batch_ids.shape[1])
-  jacobian = _dense_program(structure)(params0, train, test, numbers,
-                                       jnp.asarray(weights), jnp.asarray(batch_ids))
-  return np.moveaxis(np.array(jacobian), 1, -1)  # [R, M, T, B] -> [R, T, B, M]
+  init, step, final = _dense_programs(structure)
+  num_runs, num_steps, batch = batch_ids.shape
+  # Tangent d = t·B + b is 1 at w[t, b] and 0 at every other weight.
+  directions = np.eye(num_steps * batch, dtype=np.float32).reshape(-1, num_steps, batch)
+  carry, tangents = init(params0, numbers, num_runs, len(directions))
+  for t in range(num_steps):
+    carry, tangents = step(carry, tangents, numbers, train, weights[:, t],
+                           directions[:, t], batch_ids[:, t])
+  jacobian = np.array(final(carry, tangents, test))  # [R, T·B, M]
+  return jacobian.reshape(num_runs, num_steps, batch, -1)
 
 
 @functools.lru_cache(maxsize=None)
-def _dense_program(structure):
-  def final_losses(params0, train, test, numbers, w, ids):
+def _dense_programs(structure):
+  """(init, step, final) of `_dense_reference` for one optimizer kind."""
+  def train_step(params, state, numbers, train, w_t, ids_t):
     optimizer, _ = optim.joined_optimizer(structure, numbers)
-    params, state = params0, optimizer.init(params0)
-    for t in range(ids.shape[0]):
-      valid = (ids[t] >= 0).astype(jnp.float32)
-      batch = jax.tree_util.tree_map(
-          lambda x, t=t: jnp.take(x, jnp.maximum(ids[t], 0), axis=0), train)
-      grads = jax.grad(lambda p, t=t, valid=valid: jnp.sum(
-          w[t] * valid * _LOSS_FN(p, batch)) / jnp.maximum(valid.sum(), 1.0))(params)
-      updates, state = optimizer.update(grads, state, params)
-      params = jax.tree_util.tree_map(jnp.add, params, updates)
-    return _LOSS_FN(params, test)
+    valid = (ids_t >= 0).astype(jnp.float32)
+    batch = jax.tree_util.tree_map(
+        lambda x: jnp.take(x, jnp.maximum(ids_t, 0), axis=0), train)
+    grads = jax.grad(lambda p: jnp.sum(w_t * valid * _LOSS_FN(p, batch))
+                     / jnp.maximum(valid.sum(), 1.0))(params)
+    updates, state = optimizer.update(grads, state, params)
+    return jax.tree_util.tree_map(jnp.add, params, updates), state
 
-  return jax.jit(jax.vmap(jax.jacfwd(final_losses, argnums=4),
-                          in_axes=(None, None, None, None, 0, 0)))
+  # Tangents of the float leaves of (params, optimizer state); the optimizer's step
+  # counts (int) have none.
+  is_float = lambda x: jnp.issubdtype(x.dtype, jnp.floating)
+  floats = lambda tree: [x for x in jax.tree_util.tree_leaves(tree) if is_float(x)]
+
+  def with_floats(tree, values):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    values = iter(values)
+    return jax.tree_util.tree_unflatten(
+        treedef, [next(values) if is_float(x) else x for x in leaves])
+
+  def init(params0, numbers, num_runs, num_tangents):
+    optimizer, _ = optim.joined_optimizer(structure, numbers)
+    carry = (params0, optimizer.init(params0))
+    tangents = [jnp.zeros((num_tangents,) + x.shape, x.dtype) for x in floats(carry)]
+    return jax.tree_util.tree_map(
+        lambda x: jnp.broadcast_to(x, (num_runs,) + x.shape), (carry, tangents))
+
+  def step(carry, tangents, numbers, train, w_t, w_dots, ids_t):
+    """One run's step: its new carry, and the new tangents of every direction."""
+    def f(values, w):
+      new = train_step(*with_floats(carry, values), numbers, train, w, ids_t)
+      return floats(new), new
+
+    def one(tangent, w_dot):
+      _, new_tangent, new = jax.jvp(f, (floats(carry), w_t), (tangent, w_dot),
+                                    has_aux=True)
+      return new, new_tangent
+
+    return jax.vmap(one, out_axes=(None, 0))(tangents, w_dots)
+
+  def final(carry, tangents, test):
+    f = lambda values: _LOSS_FN(with_floats(carry, values)[0], test)
+    return jax.vmap(lambda tangent: jax.jvp(f, (floats(carry),), (tangent,))[1])(
+        tangents)
+
+  return (jax.jit(init, static_argnums=(2, 3)),
+          jax.jit(jax.vmap(step, in_axes=(0, 0, None, None, 0, None, 0))),
+          jax.jit(jax.vmap(final, in_axes=(0, 0, None))))
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -153,9 +212,11 @@ def test_metagradients_equal_finite_differences_of_retraining(name):
   grads, final_losses = training.metagradients(
       params0, batch_ids, loss_fn=loss_fn, config=config, train_arrays=train,
       test_arrays=test, return_final_losses=True)
-  # Occurrences at the first, a middle and the last step of both runs.
-  occurrences = [(0, 0, 1), (0, 2, 0), (0, NUM_STEPS - 1, 2), (1, 0, 2), (1, 3, 1),
-                 (1, NUM_STEPS - 1, 1)]
+  # Occurrences at the first, middle and last steps of both runs: 7, so that with
+  # both runs unperturbed 16 runs are retrained, as in the removal test (one
+  # compiled program for both).
+  occurrences = [(0, 0, 1), (0, 1, 1), (0, 2, 0), (0, NUM_STEPS - 1, 2), (1, 0, 2),
+                 (1, 3, 1), (1, NUM_STEPS - 1, 1)]
   # Adam's first step is nearly sign(g): with h = 0.01 a small gradient coordinate
   # already changes sign (the expansion is exact, the map has a kink nearby).
   h = 0.003
@@ -224,16 +285,14 @@ def test_first_order_losses_of_a_full_batch_reference(name):
                                        **kwargs)
   assert result.losses.shape == (3, NUM_STEPS + 1, NUM_TEST)
   assert result.reference_losses.shape == (NUM_STEPS + 1, NUM_TEST)
-  ref_run = training.train_runs(params0, reference[None], progress=False, **kwargs)
-  np.testing.assert_allclose(result.reference_losses, ref_run.trace.losses[0],
-                             atol=1e-5)
-  np.testing.assert_allclose(result.losses[:, 0],
-                             np.broadcast_to(ref_run.trace.losses[0, 0], (3, NUM_TEST)))
 
   # Brute force: retrain along e(ε) = (1-ε)·e_ref + ε·e_c, central differences at 0
-  # (ε small: Adam's steps are nearly sign(g), with kinks at larger ε).
+  # (ε small: Adam's steps are nearly sign(g), with kinks at larger ε). The reference
+  # run itself is retrained with them, its [T, N] batches padded to their width
+  # N + B (padding counts for nothing): one compiled program, not one more for R = 1.
   epsilon = 1e-3
-  ids, weights = [], []
+  padded_reference = np.pad(reference, ((0, 0), (0, BATCH)), constant_values=-1)
+  ids, weights = [padded_reference], [np.ones(padded_reference.shape, np.float32)]
   for curriculum in curricula:
     for sign in (1, -1):
       combined, w = _combined_curriculum(reference, curriculum,
@@ -241,9 +300,15 @@ def test_first_order_losses_of_a_full_batch_reference(name):
                                          sign * epsilon)
       ids.append(combined)
       weights.append(w)
-  retrained = training.train_runs(params0, np.stack(ids), weights=np.stack(weights),
-                                  progress=False, **kwargs).trace.losses
-  retrained = retrained.reshape(3, 2, NUM_STEPS + 1, NUM_TEST)
+  retrain = lambda **settings: training.train_runs(
+      params0, np.stack(ids), weights=np.stack(weights), progress=False,
+      **settings).trace.losses
+  runs = retrain(**kwargs)
+  ref_run, retrained = runs[0], runs[1:].reshape(3, 2, NUM_STEPS + 1, NUM_TEST)
+  np.testing.assert_allclose(result.reference_losses, ref_run, atol=1e-5)
+  np.testing.assert_allclose(result.losses[:, 0],
+                             np.broadcast_to(ref_run[0], (3, NUM_TEST)))
+
   directional = (retrained[:, 0] - retrained[:, 1]) / (2 * epsilon)
   predicted_change = result.losses - result.reference_losses[None]
   scale = np.abs(directional[:, 1:]).max()
@@ -268,10 +333,9 @@ def test_first_order_losses_of_a_full_batch_reference(name):
   other = training.first_order_losses(params0, reference, curricula, chunk_size=2,
                                       **kwargs)
   assert metagradients_lib._first_order_fn.cache_info().misses == programs  # pylint: disable=protected-access
-  other_run = training.train_runs(params0, reference[None], progress=False, **kwargs)
-  assert np.abs(other_run.trace.losses[0] - ref_run.trace.losses[0]).max() > 1e-3
-  np.testing.assert_allclose(other.reference_losses, other_run.trace.losses[0],
-                             atol=1e-5)
+  other_run = retrain(**kwargs)[0]
+  assert np.abs(other_run - ref_run).max() > 1e-3
+  np.testing.assert_allclose(other.reference_losses, other_run, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -290,9 +354,6 @@ def test_first_order_losses_of_removals_match_retraining_and_metagradients(name)
                                        curricula_weights=removals, **kwargs)
   # Zero tangent: a curriculum equal to the reference is predicted as the reference.
   np.testing.assert_allclose(result.losses[3], result.reference_losses, atol=1e-6)
-  ref_run = training.train_runs(params0, reference[None], progress=False, **kwargs)
-  np.testing.assert_allclose(result.reference_losses, ref_run.trace.losses[0],
-                             atol=1e-5)
 
   # Final step: the same number as the metagradients of the reference run.
   grads = training.metagradients(params0, reference, **kwargs)
@@ -311,6 +372,11 @@ def test_first_order_losses_of_removals_match_retraining_and_metagradients(name)
       params0, np.broadcast_to(reference, weights.shape), weights=weights,
       progress=False, **kwargs).trace.losses.reshape(len(scales), 4, NUM_STEPS + 1,
                                                      NUM_TEST)
+  # Curriculum 3 removes nothing (weights 1 at every scale): the reference run itself,
+  # retrained alongside the others (one compiled program, not one more for R = 1).
+  assert np.all(weights.reshape(len(scales), 4, -1)[:, 3] == 1.0)
+  for ref_run in retrained[:, 3]:
+    np.testing.assert_allclose(result.reference_losses, ref_run, atol=1e-5)
   directional = (retrained[0] - retrained[1]) / (2 * epsilon)
   predicted_change = result.losses - result.reference_losses[None]
   scale = np.abs(directional).max()

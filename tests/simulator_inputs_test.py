@@ -11,6 +11,10 @@ import simfluence_jax as sj
 from simfluence_jax import simulators
 from simfluence_jax.simulators import _simulator
 
+# Every test of this module in one xdist worker (pytest.ini: --dist loadgroup):
+# they share its setup and compiled programs, compiled once, not in both workers.
+pytestmark = pytest.mark.xdist_group("simulator_inputs_test")
+
 NUM_TRAIN, NUM_TEST, BATCH = 6, 2, 3
 
 

@@ -13,6 +13,10 @@ import pytest
 
 import simfluence_jax as sj
 
+# Every test of this module in one xdist worker (pytest.ini: --dist loadgroup):
+# they share its setup and compiled programs, compiled once, not in both workers.
+pytestmark = pytest.mark.xdist_group("simulators_test")
+
 
 def _synthetic(seed=0, runs=40, steps=30, batch=3, num_train=8, num_test=2, noise=0.0,
                A=None, B=None):
@@ -92,14 +96,14 @@ def test_simulate_equals_loop():
 
 
 def test_validation():
-  trace, _, _ = _synthetic(runs=3, steps=5)
+  trace, _, _ = _synthetic(runs=4, steps=6)  # the shape of the tests below: one fit
   with pytest.raises(ValueError, match="kind"):
     sj.simulators.fit("quadratic", trace)
   with pytest.raises(ValueError, match="l2"):
     sj.simulators.fit("linear", trace, l2=0.0)
   sim = sj.simulators.fit("additive", trace)
   with pytest.raises(ValueError, match="batch_ids"):
-    sim.simulate(np.full((3, 5, 3), 8), trace.losses[:, 0])
+    sim.simulate(np.full((4, 6, 3), 8), trace.losses[:, 0])
   with pytest.raises(ValueError, match="batch_ids"):
     sim.simulate(trace.batch_ids[0], trace.losses[:, 0])
   with pytest.raises(ValueError, match="initial_losses"):
@@ -247,7 +251,8 @@ def test_prior_alpha_must_be_finite(value):
 
 
 def test_unconverged_cg_warns_and_records_it():
-  trace, _, _ = _synthetic(runs=20, steps=12)
+  # The prior-centre tests' shape: the same compiled CG programs.
+  trace, _, _ = _synthetic(runs=20, steps=5)
   with pytest.warns(RuntimeWarning, match=r"max_iters=2: relative residual "
                                           r"[0-9.e-]+, tol=1e-09") as record:
     sim = sj.simulators.fit("linear", trace, l2=1e-6, method="cg", max_iters=2,
@@ -283,7 +288,7 @@ def _loop_weighted(A, B, batch_ids, weights, initial, null_a):
 
 
 def test_weighted_occurrences_equal_explicit_loop():
-  trace, _, _ = _synthetic(runs=3, steps=7)
+  trace, _, _ = _synthetic(runs=4, steps=6)  # the shape of the tests above: one fit
   rng = np.random.default_rng(4)
   ids = trace.batch_ids.copy()
   ids[0, 2] = [1, 1, -1]
@@ -377,7 +382,8 @@ def test_prior_centres_equal_dense_ridge_with_the_prior(method):
 
 
 def test_posterior_samples_are_centred_on_the_prior_where_data_is_silent():
-  trace, _, _ = _synthetic(runs=10, steps=5, noise=1e-2)
+  # The prior-centre tests' shape: the same compiled fit.
+  trace, _, _ = _synthetic(runs=20, steps=5, noise=1e-2)
   rng = np.random.default_rng(3)
   prior_A = (1 / 3 + rng.normal(scale=0.05, size=(8, 2))).astype(np.float32)
   prior_B = rng.normal(scale=0.05, size=(8, 2)).astype(np.float32)

@@ -7,6 +7,7 @@ would pair with rows of another), a learning rate that is not a finite positive
 number, non-finite metagradients / predictions, and non-finite metagradient tables.
 """
 
+import functools
 import importlib
 
 import jax
@@ -19,6 +20,10 @@ import pytest
 from simfluence_jax import models
 from simfluence_jax import training
 from simfluence_jax.training import optim
+
+# Every test of this module in one xdist worker (pytest.ini: --dist loadgroup):
+# they share its setup and compiled programs, compiled once, not in both workers.
+pytestmark = pytest.mark.xdist_group("training_inputs_test")
 
 NUM_TRAIN, NUM_TEST, DIM, NUM_CLASSES = 12, 4, 5, 3
 NUM_RUNS, NUM_STEPS, BATCH = 2, 3, 3
@@ -37,6 +42,15 @@ def _config(**changes):
 
 
 def _setup():
+  """params0, train, test, batch_ids: fresh copies of the arrays (tests edit them)
+  around one initialisation (compiled once, not once per test)."""
+  params0, train, test, batch_ids = _setup_once()
+  copy = lambda arrays: {k: v.copy() for k, v in arrays.items()}
+  return params0, copy(train), copy(test), batch_ids.copy()
+
+
+@functools.lru_cache(maxsize=None)
+def _setup_once():
   rng = np.random.default_rng(0)
   make = lambda n: {
       "inputs": rng.normal(size=(n, DIM)).astype(np.float32),
@@ -88,16 +102,22 @@ def test_labels_outside_the_classes_are_refused(who, argument, row, value):
     _CALLS[who](params0, batch_ids, train, test, _config())
 
 
-def test_language_model_targets_outside_the_vocabulary_are_refused():
-  """C is the vocabulary (the logits' last dimension) for "targets" [N, L]."""
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, 50, (4, 7)).astype(np.int32)
-  arrays = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "mask": np.ones((4, 6), np.float32)}
+@functools.lru_cache(maxsize=None)
+def _tiny_lm():
+  """tokens int32[4, 7], and a Transformer LM of vocabulary 53 (initialised once for
+  both language-model tests): (tokens, params0, loss_fn)."""
+  tokens = np.random.default_rng(0).integers(0, 50, (4, 7)).astype(np.int32)
   model = models.TransformerLM(vocab_size=53, d_model=8, num_layers=1, num_heads=2,
                                d_ff=16, max_len=6)
-  params0 = models.init_variables(model, arrays["inputs"])
-  loss_fn = training.make_loss_fn(model, "lm")
+  params0 = models.init_variables(model, tokens[:, :-1])
+  return tokens, params0, training.make_loss_fn(model, "lm")
+
+
+def test_language_model_targets_outside_the_vocabulary_are_refused():
+  """C is the vocabulary (the logits' last dimension) for "targets" [N, L]."""
+  tokens, params0, loss_fn = _tiny_lm()
+  arrays = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:].copy(),
+            "mask": np.ones((4, 6), np.float32)}
   assert loss_fn.class_ids_key == "targets"
   assert loss_fn.num_classes(params0, arrays["inputs"]) == 53
   bad = {**arrays, "targets": arrays["targets"].copy()}
@@ -137,17 +157,12 @@ def test_a_custom_loss_is_given_its_labels_as_they_are():
 def test_language_model_padding_under_mask_zero_may_hold_any_id():
   """Targets count where the mask is > 0: -1 padding under mask 0 trains exactly
   as 0 padding does; the same -1 where the mask is 1 is refused."""
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, 50, (4, 7)).astype(np.int32)
+  tokens, params0, loss_fn = _tiny_lm()
   mask = np.ones((4, 6), np.float32)
   mask[:, 4:] = 0.0
   arrays = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:].copy(), "mask": mask}
   arrays["targets"][:, 4:] = 0
   padded = {**arrays, "targets": np.where(mask > 0, arrays["targets"], -1)}
-  model = models.TransformerLM(vocab_size=53, d_model=8, num_layers=1, num_heads=2,
-                               d_ff=16, max_len=6)
-  params0 = models.init_variables(model, arrays["inputs"])
-  loss_fn = training.make_loss_fn(model, "lm")
   run = lambda train: training.train_runs(
       params0, np.array([[[0, 1], [2, 3]]], np.int32), loss_fn=loss_fn,
       config=_config(), train_arrays=train, test_arrays=arrays,
@@ -232,16 +247,23 @@ def test_optimizer_numbers_at_the_ends_of_their_ranges_train():
                        optax.adam(0.1, b1=0.0))]:
     got = _CALLS["train_runs"](params0, batch_ids[:1], train, test,
                                _config(**changes)).trace.losses[0]
-    params, state = params0, tx.init(params0)
-    want = [_LOSS_FN(params, test)]
-    for ids in batch_ids[0]:
-      valid = ids[ids >= 0]
-      batch = {k: v[valid] for k, v in train.items()}
-      grads = jax.grad(lambda p: _LOSS_FN(p, batch).mean())(params)
+    batches = [{k: v[ids[ids >= 0]] for k, v in train.items()} for ids in batch_ids[0]]
+    np.testing.assert_allclose(got, _optax_losses(tx, params0, batches, test),
+                               rtol=2e-5, atol=2e-6)
+
+
+def _optax_losses(tx, params0, batches, test):
+  """Test losses [T+1, M] of optax's `tx` stepping on the mean loss of each batch
+  (a Python loop, unrolled in one jitted program rather than run op by op)."""
+  def losses(params, batches):
+    state, out = tx.init(params), [_LOSS_FN(params, test)]
+    for batch in batches:
+      grads = jax.grad(lambda p, b=batch: _LOSS_FN(p, b).mean())(params)
       updates, state = tx.update(grads, state, params)
       params = optax.apply_updates(params, updates)
-      want.append(_LOSS_FN(params, test))
-    np.testing.assert_allclose(got, np.stack(want), rtol=2e-5, atol=2e-6)
+      out.append(_LOSS_FN(params, test))
+    return jnp.stack(out)
+  return np.asarray(jax.jit(losses)(params0, batches))
 
 
 def _overflowing_derivatives():
@@ -339,16 +361,21 @@ def test_valid_runs_give_the_same_numbers_as_a_hand_written_sgd_loop():
   result = _CALLS["train_runs"](params0, batch_ids,
                                 jax.tree_util.tree_map(jnp.asarray, train), test,
                                 _config(learning_rate=lr))
-  for run in range(NUM_RUNS):
-    params, expected = params0, [_LOSS_FN(params0, test)]
-    for ids in batch_ids[run]:
-      valid = ids >= 0
-      batch = jax.tree_util.tree_map(lambda x, i=ids: x[np.maximum(i, 0)], train)
+  @jax.jit  # the loop below unrolled in one program (compiled once for both runs)
+  def sgd_losses(params, train, ids):
+    expected = [_LOSS_FN(params, test)]
+    for t in range(NUM_STEPS):
+      valid = (ids[t] >= 0).astype(jnp.float32)
+      batch = jax.tree_util.tree_map(lambda x, t=t: x[jnp.maximum(ids[t], 0)], train)
       grads = jax.grad(lambda p, b=batch, v=valid: jnp.sum(_LOSS_FN(p, b) * v)
                        / v.sum())(params)
       params = jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads)
       expected.append(_LOSS_FN(params, test))
-    np.testing.assert_allclose(result.trace.losses[run], np.stack(expected),
+    return jnp.stack(expected)
+
+  for run in range(NUM_RUNS):
+    np.testing.assert_allclose(result.trace.losses[run],
+                               sgd_losses(params0, train, batch_ids[run]),
                                rtol=2e-5, atol=1e-6)
 
 

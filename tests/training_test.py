@@ -1,5 +1,6 @@
 """Tests of the training step, multi-run training, checkpoints and resumption."""
 
+import functools
 import logging
 import os
 import subprocess
@@ -17,6 +18,10 @@ from simfluence_jax import losses
 from simfluence_jax import models
 from simfluence_jax import training
 from simfluence_jax.kernels import projection
+
+# Every test of this module in one xdist worker (pytest.ini: --dist loadgroup):
+# they share its setup and compiled programs, compiled once, not in both workers.
+pytestmark = pytest.mark.xdist_group("training_test")
 
 NUM_TRAIN, NUM_TEST, DIM, NUM_CLASSES = 12, 4, 5, 3
 NUM_RUNS, NUM_STEPS, BATCH = 3, 6, 3
@@ -36,10 +41,20 @@ def _arrays(seed=0):
 
 
 def _setup(seed=0):
-  model = models.MLPClassifier(hidden_sizes=(4,), num_classes=NUM_CLASSES)
+  """model, loss_fn, params0, train, test: fresh copies of the arrays (tests edit
+  them) around one model, initialisation and loss function per seed, so that tests
+  training runs of the same shapes share their compiled programs (cached per loss
+  function). Tests that count the programs built make a loss function of their own."""
+  model, loss_fn, params0 = _model_once(seed)
   train, test = _arrays(seed)
-  params0 = models.init_variables(model, train["inputs"], seed=seed)
-  return model, training.make_loss_fn(model, "classification"), params0, train, test
+  return model, loss_fn, params0, train, test
+
+
+@functools.lru_cache(maxsize=None)
+def _model_once(seed):
+  model = models.MLPClassifier(hidden_sizes=(4,), num_classes=NUM_CLASSES)
+  params0 = models.init_variables(model, _arrays(seed)[0]["inputs"], seed=seed)
+  return model, training.make_loss_fn(model, "classification"), params0
 
 
 def _batch_ids(seed=0, pad=True):
@@ -73,22 +88,26 @@ def test_sgd_step_is_minus_lr_times_mean_gradient():
       params, optimizer.init(params), jnp.int32(0), ids, train, test)
 
   batch = jax.tree_util.tree_map(lambda x: x[np.asarray(ids)], train)
-  grads = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
-  expected = jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads)
+
+  @jax.jit  # the reference in one program (op by op, each op compiled its own)
+  def reference(params):
+    train_loss, grads = jax.value_and_grad(lambda p: jnp.mean(loss_fn(p, batch)))(
+        params)
+    expected = jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads)
+    return expected, loss_fn(expected, test), train_loss, loss_fn(params, test)
+
+  expected, expected_test, train_loss, initial_test = reference(params)
   _assert_trees_close(new_params, expected, atol=1e-6)
-  np.testing.assert_allclose(test_losses, loss_fn(expected, test), atol=1e-6)
-  np.testing.assert_allclose(extras["train_loss"], jnp.mean(loss_fn(params, batch)),
-                             atol=1e-6)
+  np.testing.assert_allclose(test_losses, expected_test, atol=1e-6)
+  np.testing.assert_allclose(extras["train_loss"], train_loss, atol=1e-6)
   assert float(extras["learning_rate"]) == pytest.approx(lr)
 
   # The same step through train_runs (R=1, T=1) records the same numbers.
   result = training.train_runs(params, np.asarray(ids)[None, None], loss_fn=loss_fn,
                                config=_config("sgd", lr), train_arrays=train,
                                test_arrays=test, progress=False)
-  np.testing.assert_allclose(result.trace.losses[0, 0], loss_fn(params, test),
-                             atol=1e-6)
-  np.testing.assert_allclose(result.trace.losses[0, 1], loss_fn(expected, test),
-                             atol=1e-6)
+  np.testing.assert_allclose(result.trace.losses[0, 0], initial_test, atol=1e-6)
+  np.testing.assert_allclose(result.trace.losses[0, 1], expected_test, atol=1e-6)
   np.testing.assert_allclose(result.trace.learning_rates, [[lr]])
   _assert_trees_close(jax.tree_util.tree_map(lambda x: x[0], result.params), expected,
                       atol=1e-6)
@@ -140,7 +159,10 @@ def test_runs_trained_in_groups_equal_runs_trained_one_by_one():
   alone = [training.train_runs(params0, batch_ids[run:run + 1], **kwargs)
            for run in range(len(batch_ids))]
   for runs_per_group in (1, 2, 5):
-    grouped = training.train_runs(params0, batch_ids, steps_per_segment=4,
+    # Two segments of 3 steps: the state of every group carried across a segment
+    # boundary, in one compiled program per grouping (a segment of another length,
+    # the remainder of 6 steps in 4 + 2, is test_vmapped_runs_...'s).
+    grouped = training.train_runs(params0, batch_ids, steps_per_segment=3,
                                   runs_per_group=runs_per_group, **kwargs)
     for run, one in enumerate(alone):
       np.testing.assert_allclose(grouped.trace.losses[run], one.trace.losses[0],
@@ -170,7 +192,9 @@ def test_cpu_trains_runs_in_groups_only_when_they_are_large(monkeypatch):
     return make_segment_fn(*args, runs_per_group=runs_per_group, **kwargs)
 
   monkeypatch.setattr(runs_lib, "make_segment_fn", capturing)
-  _, loss_fn, params0, train, test = _setup()
+  model, _, params0, train, test = _setup()
+  # A loss function of its own: every segment below is built here, none reused.
+  loss_fn = training.make_loss_fn(model, "classification")
   kwargs = dict(loss_fn=loss_fn, optimizer_config=_config(), train_arrays=train,
                 test_arrays=test, progress=False)
   training.train_runs(params0, _batch_ids(), **kwargs)  # a few bytes of params
@@ -202,30 +226,33 @@ def test_recorded_grads_are_projected_per_example_grads():
   assert steps == [0, 1, 2, 3]
   key = training.projection_key(seed)
 
-  # One jax.grad per example, independent of the vmapped per-example kernel.
-  grad_one = jax.jit(lambda p, example: jax.grad(lambda q: loss_fn(q, example)[0])(p))
-
-  def explicit(params, arrays, ids):
-    grads = [grad_one(params, jax.tree_util.tree_map(lambda x, i=i: x[i:i + 1], arrays))
-             for i in ids]
+  # One jax.grad per example, independent of the vmapped per-example kernel (in one
+  # program per number of examples: op by op, each op compiled a program of its own).
+  @jax.jit
+  def explicit(params, rows):
+    grads = [jax.grad(lambda q, i=i: loss_fn(q, jax.tree_util.tree_map(
+        lambda x: x[i:i + 1], rows))[0])(params)
+             for i in range(len(rows["labels"]))]
     stacked = jax.tree_util.tree_map(lambda *g: jnp.stack(g), *grads)
-    return np.asarray(projection.project_pytree(stacked, key, dim))
+    return projection.project_pytree(stacked, key, dim)
 
   for run in range(2):
     for step in range(3):
       params = jax.tree_util.tree_map(lambda x, r=run, s=step: x[s, r],
                                       checkpoint_params)
       valid = batch_ids[run, step] >= 0
-      ids = [int(i) for i in batch_ids[run, step][valid]]
-      np.testing.assert_allclose(trace.train_grads[run, step][valid],
-                                 explicit(params, train, ids), atol=1e-5, rtol=1e-5)
-      expected_test = explicit(params, test, range(NUM_TEST))
+      ids = batch_ids[run, step][valid]
+      expected_train = np.asarray(explicit(params, jax.tree_util.tree_map(
+          lambda x, i=ids: x[i], train)))
+      np.testing.assert_allclose(trace.train_grads[run, step][valid], expected_train,
+                                 atol=1e-5, rtol=1e-5)
+      expected_test = np.asarray(explicit(params, test))
       np.testing.assert_allclose(trace.test_grads[run, step], expected_test,
                                  atol=1e-5, rtol=1e-5)
       # Train/test dot products (what per-step TracIn uses) agree as well.
       np.testing.assert_allclose(
           trace.train_grads[run, step][valid] @ trace.test_grads[run, step].T,
-          explicit(params, train, ids) @ expected_test.T, atol=1e-4, rtol=1e-4)
+          expected_train @ expected_test.T, atol=1e-4, rtol=1e-4)
 
 
 def test_resume_gives_identical_trace(tmp_path):
@@ -369,10 +396,11 @@ def test_language_model_runs_record_losses_and_grads():
                                record_grads=True, projection_dim=4, progress=False)
   trace = result.trace
   assert trace.losses.shape == (2, 3, 2) and trace.test_grads.shape == (2, 2, 2, 4)
-  logits = model.apply(params0, jnp.asarray(test["inputs"]))
-  expected = -np.sum(np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)),
-                                        test["targets"][..., None], -1)[..., 0]
-                     * test["mask"], axis=-1)
+  # The model's log-probabilities in one program (op by op, each op compiled its own).
+  log_probs = np.asarray(jax.jit(lambda p, x: jax.nn.log_softmax(model.apply(p, x)))(
+      params0, test["inputs"]))
+  expected = -np.sum(np.take_along_axis(log_probs, test["targets"][..., None],
+                                        -1)[..., 0] * test["mask"], axis=-1)
   np.testing.assert_allclose(trace.losses[:, 0], np.broadcast_to(expected, (2, 2)),
                              rtol=1e-5)
   assert trace.metadata["optimizer"] == "adam"
@@ -388,13 +416,17 @@ def test_weighted_step_keeps_the_valid_count_as_denominator():
                                config=_config("sgd", lr), train_arrays=train,
                                test_arrays=test, progress=False)
   batch = jax.tree_util.tree_map(lambda x: x[[4, 7, 1]], train)
-  grads = jax.grad(lambda p: jnp.sum(jnp.array([2.0, 0.0, 0.5]) * loss_fn(p, batch))
-                   / 3.0)(params)
-  expected = jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads)
+
+  @jax.jit  # the step by hand in one program (op by op, each op compiled its own)
+  def reference(params):
+    objective = lambda p: jnp.sum(jnp.array([2.0, 0.0, 0.5]) * loss_fn(p, batch)) / 3.0
+    train_loss, grads = jax.value_and_grad(objective)(params)
+    return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), train_loss
+
+  expected, train_loss = reference(params)
   _assert_trees_close(jax.tree_util.tree_map(lambda x: x[0], result.params), expected,
                       atol=1e-6)
-  np.testing.assert_allclose(result.train_losses[0, 0], jnp.sum(
-      jnp.array([2.0, 0.0, 0.5]) * loss_fn(params, batch)) / 3.0, rtol=1e-6)
+  np.testing.assert_allclose(result.train_losses[0, 0], train_loss, rtol=1e-6)
   np.testing.assert_allclose(training.effective_weights(ids, NUM_TRAIN)[0, 0, [4, 7, 1]],
                              [1 / 3] * 3, rtol=1e-6)
   np.testing.assert_allclose(training.effective_weights(ids, NUM_TRAIN, weights)[
@@ -440,7 +472,7 @@ def test_cnn_runs_record_grads():
                     "labels": rng.integers(0, NUM_CLASSES, n).astype(np.int32)}
   train, test = make(NUM_TRAIN), make(NUM_TEST)
   model = _CNN()
-  params0 = model.init(jax.random.PRNGKey(0), train["inputs"][:1])
+  params0 = models.init_variables(model, train["inputs"])  # model.init, jitted
   loss_fn = training.make_loss_fn(model, "classification")
   batch_ids = _batch_ids()[:2, :2]
   kwargs = dict(loss_fn=loss_fn, config=_config("sgd", 0.1), train_arrays=train,
@@ -450,16 +482,20 @@ def test_cnn_runs_record_grads():
   plain = training.train_runs(params0, batch_ids, **kwargs)
   np.testing.assert_allclose(result.trace.losses, plain.trace.losses, atol=1e-6)
   key = training.projection_key(0)
-  grad_one = lambda example: jax.grad(lambda p: loss_fn(p, example)[0])(params0)
+
+  @jax.jit  # one jax.grad per example, in one program per number of examples
+  def explicit(rows):
+    grads = [jax.grad(lambda p, i=i: loss_fn(p, jax.tree_util.tree_map(
+        lambda x: x[i:i + 1], rows))[0])(params0) for i in range(len(rows["labels"]))]
+    stacked = jax.tree_util.tree_map(lambda *g: jnp.stack(g), *grads)
+    return projection.project_pytree(stacked, key, 6)
+
   for arrays, recorded, ids in ((test, result.trace.test_grads[1, 0],
-                                 range(NUM_TEST)),
+                                 np.arange(NUM_TEST)),
                                 (train, result.trace.train_grads[1, 0],
                                  batch_ids[1, 0])):
-    grads = [grad_one(jax.tree_util.tree_map(lambda x, i=i: x[i:i + 1], arrays))
-             for i in ids]
-    stacked = jax.tree_util.tree_map(lambda *g: jnp.stack(g), *grads)
-    np.testing.assert_allclose(recorded, projection.project_pytree(stacked, key, 6),
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(recorded, explicit(jax.tree_util.tree_map(
+        lambda x, i=ids: x[i], arrays)), atol=1e-5, rtol=1e-5)
 
 
 class _DropoutMLP(nn.Module):
@@ -483,16 +519,21 @@ def test_dropout_keys_are_per_run_step_and_slot_reproducible_and_resumable(tmp_p
   # Step 0 of run 2 by hand: slot b's dropout mask from
   # fold_in(fold_in(fold_in(dropout_key(seed), run), step), slot), eval-mode test loss.
   run, base = 2, training.dropout_key(seed)
-  keys = [jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base, run), 0), b)
-          for b in range(BATCH)]
-  def objective(p):
-    losses = [loss_fn(p, jax.tree_util.tree_map(lambda x, i=i: x[i:i + 1], train),
-                      rng=k)[0] for i, k in zip(batch_ids[run, 0], keys)]
-    return sum(losses) / BATCH
-  expected = jax.tree_util.tree_map(lambda p, g: p - lr * g, params0,
-                                    jax.grad(objective)(params0))
-  np.testing.assert_allclose(one_go.trace.losses[run, 1], loss_fn(expected, test),
-                             atol=1e-5)
+
+  @jax.jit  # the step by hand in one program (op by op, each op compiled its own)
+  def expected_test_losses(params):
+    keys = [jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base, run), 0),
+                               b) for b in range(BATCH)]
+    def objective(p):
+      losses = [loss_fn(p, jax.tree_util.tree_map(lambda x, i=i: x[i:i + 1], train),
+                        rng=k)[0] for i, k in zip(batch_ids[run, 0], keys)]
+      return sum(losses) / BATCH
+    expected = jax.tree_util.tree_map(lambda p, g: p - lr * g, params,
+                                      jax.grad(objective)(params))
+    return loss_fn(expected, test)
+
+  np.testing.assert_allclose(one_go.trace.losses[run, 1],
+                             expected_test_losses(params0), atol=1e-5)
   eval_mode = training.make_loss_fn(model, "classification")
   deterministic = training.train_runs(params0, batch_ids, **dict(kwargs,
                                                                  loss_fn=eval_mode))
@@ -522,16 +563,23 @@ class _BatchNormMLP(nn.Module):
     return nn.Dense(NUM_CLASSES)(nn.relu(x))
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_batch_stats_pass_through_undifferentiated(optimizer):
-  _, _, _, train, test = _setup()
+@functools.lru_cache(maxsize=None)
+def _batch_norm_model():
+  """model, variables (random running statistics), loss_fn: built once for both
+  optimizers (one initialisation, one loss function's programs)."""
   model = _BatchNormMLP()
-  variables = models.init_variables(model, train["inputs"])
+  variables = models.init_variables(model, _arrays()[0]["inputs"])
   rng = np.random.default_rng(1)
   variables = {"params": variables["params"], "batch_stats": {"BatchNorm_0": {
       "mean": rng.normal(size=6).astype(np.float32),
       "var": rng.uniform(0.5, 2.0, 6).astype(np.float32)}}}
-  loss_fn = training.make_loss_fn(model, "classification")
+  return model, variables, training.make_loss_fn(model, "classification")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_batch_stats_pass_through_undifferentiated(optimizer):
+  _, _, _, train, test = _setup()
+  model, variables, loss_fn = _batch_norm_model()
   lr = 0.1
   ids = np.array([[[2, 5, 8]]], np.int32)
   result = training.train_runs(variables, ids, loss_fn=loss_fn,
@@ -545,11 +593,12 @@ def test_batch_stats_pass_through_undifferentiated(optimizer):
     logits = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
                          batch["inputs"])
     return jnp.mean(losses.classification_loss(logits, batch["labels"]))
-  grads = jax.grad(objective)(variables["params"])
   step = (lambda g: lr * g) if optimizer == "sgd" else (
       lambda g: lr * g / (jnp.abs(g) + 1e-8))  # Adam's first step
-  expected = jax.tree_util.tree_map(lambda p, g: p - step(g), variables["params"],
-                                    grads)
+  # In one program (op by op, each op compiled its own).
+  expected = jax.jit(lambda params: jax.tree_util.tree_map(
+      lambda p, g: p - step(g), params, jax.grad(objective)(params)))(
+          variables["params"])
   _assert_trees_close(final["params"], expected, atol=1e-5)
 
 
@@ -582,7 +631,9 @@ def test_repeated_calls_reuse_the_segment_and_every_setting_is_in_its_key(monkey
     return segments[-1]
 
   monkeypatch.setattr(runs_lib, "make_segment_fn", counting)
-  _, loss_fn, params0, train, test = _setup()
+  model, _, params0, train, test = _setup()
+  # A loss function of its own: every segment below is built here, none reused.
+  loss_fn = training.make_loss_fn(model, "classification")
   batch_ids = _batch_ids(0)
 
   def train_once(config, seed=0):

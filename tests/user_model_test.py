@@ -12,6 +12,10 @@ from simfluence_jax import models
 from simfluence_jax import pipeline
 from simfluence_jax import training
 
+# Every test of this module in one xdist worker (pytest.ini: --dist loadgroup):
+# its seqio Task imports TensorFlow (seconds) once, not in both workers.
+pytestmark = pytest.mark.xdist_group("user_model_test")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
