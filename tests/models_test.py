@@ -128,10 +128,19 @@ def test_dropout_needs_rng_only_when_not_deterministic():
 
 def test_mlp_classifier():
   model = models.MLPClassifier(hidden_sizes=(8, 4), num_classes=3)
-  x = jnp.ones((5, 6), jnp.float32)
+  # [5, 2, 3]: trailing feature axes are flattened to 6.
+  x = np.random.default_rng(0).normal(size=(5, 2, 3)).astype(np.float32)
   variables = models.init_variables(model, x)
-  assert jax.jit(model.apply)(variables, x).shape == (5, 3)
+  logits = np.asarray(jax.jit(model.apply)(variables, x))
+  assert logits.shape == (5, 3)
   assert models.num_params(variables) == (6 * 8 + 8) + (8 * 4 + 4) + (4 * 3 + 3)
+  # The forward pass in numpy: relu(x W + b) per hidden layer, then x W + b.
+  p = jax.tree_util.tree_map(np.asarray, variables["params"])
+  h = x.reshape(5, 6)
+  for name in ("hidden_0", "hidden_1"):
+    h = np.maximum(h @ p[name]["kernel"] + p[name]["bias"], 0)
+  expected = h @ p["logits"]["kernel"] + p["logits"]["bias"]
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_get_model_from_config():
