@@ -10,11 +10,14 @@
   refused, naming the field.
 """
 
+import collections
+import dataclasses
 import functools
 import json
 import os
 import shutil
 import tempfile
+from typing import Any
 
 from absl.testing import absltest
 import flax.linen as nn
@@ -365,6 +368,32 @@ class _MLP(nn.Module):
     return nn.Dense(3)(getattr(nn, self.act)(nn.Dense(4)(x)))
 
 
+@dataclasses.dataclass(frozen=True)
+class _PairTask:
+  """Classification on `(inputs, labels)` (tuple, list or a dict's "pair"), or on
+  inputs alone (`one_array`: the label is 1 where the first input is positive)."""
+  apply_fn: Any
+  one_array: bool = False
+
+  def _split(self, batch):
+    if self.one_array:
+      return batch, (batch[:, 0] > 0).astype(jnp.int32)
+    if isinstance(batch, dict):
+      batch = batch["pair"]
+    return batch[0], batch[1]
+
+  def loss(self, params, batch):
+    inputs, labels = self._split(batch)
+    logits = self.apply_fn(params, inputs)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)[:, 0]
+
+  def measurement(self, params, batch):
+    return self.loss(params, batch)
+
+  def sample_targets(self, params, batch, rng):
+    raise NotImplementedError
+
+
 class LossFingerprintTest(absltest.TestCase):
 
   def _tempdir(self):
@@ -424,6 +453,38 @@ class LossFingerprintTest(absltest.TestCase):
       json.dump(content, f)
     with self.assertRaisesRegex(ValueError, "corrupt factors.json.*'loss_fingerprint'"):
       influence.load_factors(path)
+
+  def test_tuple_and_one_array_batches_are_fingerprinted_too(self):
+    # Users' own tasks often take (inputs, labels) tuples, or one array: their
+    # factors carry a fingerprint as dict batches' do, and keep it through a file.
+    x = fixtures.normal(0, (8, 2))
+    labels = np.arange(8, dtype=np.int32) % 3
+    params = fixtures.host_init(_MLP("relu"), x[:1], seed=1)
+    for batch, fields in (((x, labels), ((0,), (1,))), ([x, labels], ((0,), (1,))),
+                          ({"pair": (x, labels)}, (("pair", 0), ("pair", 1))),
+                          (x, ((),))):
+      t_relu, t_tanh = (_PairTask(_MLP(act).apply, isinstance(batch, np.ndarray))
+                        for act in ("relu", "tanh"))
+      factors = influence.fit_ekfac(t_relu, params, [batch])
+      self.assertEqual(tuple(keys for keys, _, _ in factors.loss_example), fields)
+      self.assertEqual(factors.loss_example[0][1], (1, 2))
+      path = os.path.join(self._tempdir(), "factors")
+      influence.save_factors(path, factors)
+      loaded = influence.load_factors(path)
+      self.assertEqual(loaded.loss_example, factors.loss_example)
+      for f in (factors, loaded):
+        with self.assertRaisesRegex(ValueError, "^factors: fitted for another loss "
+                                    "function: the task's loss traces to other"):
+          influence.ekfac_scores(t_tanh, params, f, batch, [batch], damping=1e-3)
+        np.testing.assert_allclose(
+            influence.ekfac_scores(t_relu, params, f, batch, [batch], damping=1e-3),
+            influence.ekfac_scores(t_relu, params, factors.for_other_loss(), batch,
+                                   [batch], damping=1e-3), rtol=1e-6)
+    # Containers the spec cannot rebuild (a namedtuple) stay unchecked, not wrong.
+    pair = collections.namedtuple("Pair", "inputs labels")(x, labels)
+    factors = influence.fit_ekfac(_PairTask(_MLP("relu").apply, False), params, [pair])
+    self.assertIsNone(factors.loss_fingerprint)
+    self.assertIsNone(factors.loss_example)
 
   def test_sequence_lengths_other_than_the_fits_are_accepted(self):
     # Fitted on sequences of 4 tokens; scored on 3 and 6.

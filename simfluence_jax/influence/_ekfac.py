@@ -32,7 +32,7 @@ import functools
 import hashlib
 import re
 import weakref
-from typing import Dict, Iterable, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -115,10 +115,13 @@ class EKFACFactors:
       at `loss_example`'s shapes, prefixed with the JAX version that printed it.
       Scoring with a task whose loss traces to other operations (another apply_fn,
       activation, mode) is refused; None = not checked (factors saved before it,
-      a batch that is not a dict of arrays, or `for_other_loss()`); a fingerprint
-      printed by another JAX version is not compared (jaxprs may print otherwise).
+      a batch of other containers than dicts with string keys, tuples and lists,
+      or `for_other_loss()`); a fingerprint printed by another JAX version is not
+      compared (jaxprs may print otherwise).
     loss_example: the one-example batch shapes the loss was traced at, per leaf
-      (dict keys, shape, dtype); None with `loss_fingerprint` None.
+      (path, shape, dtype); a path holds a string per dict key and an int per
+      tuple or list position (`()`: the batch is one array); None with
+      `loss_fingerprint` None.
   """
 
   layers: Tuple[_layers.LayerSpec, ...]
@@ -126,8 +129,8 @@ class EKFACFactors:
   fingerprint: Optional[str] = None
   values_checksum: Optional[str] = None
   loss_fingerprint: Optional[str] = None
-  loss_example: Optional[Tuple[Tuple[Tuple[str, ...], Tuple[int, ...], str],
-                               ...]] = None
+  loss_example: Optional[Tuple[Tuple[Tuple[Union[str, int], ...], Tuple[int, ...],
+                                     str], ...]] = None
 
   def for_other_params(self) -> "EKFACFactors":
     """These factors, to score with other values of the same model's parameters
@@ -176,28 +179,66 @@ def values_checksum(task, params) -> str:
       _STATE_SEPARATOR + state if state else "")
 
 
+def _path_key(key):
+  """A path element of `_example_spec`: the dict key (a string) or the tuple or
+  list position (an int); None for anything else."""
+  if isinstance(key, jax.tree_util.DictKey) and isinstance(key.key, str):
+    return key.key
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return int(key.idx)
+  return None
+
+
 def _example_spec(batch):
-  """Per leaf (dict keys, one-example shape, dtype) of a batch of nested dicts;
-  None for any other pytree (its loss is then not fingerprinted)."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(batch)
-  spec = []
-  for path, leaf in flat:
-    if not path or not all(isinstance(k, jax.tree_util.DictKey)
-                           and isinstance(k.key, str) for k in path):
+  """Per leaf (path, one-example shape, dtype) of a batch of nested dicts (string
+  keys), tuples and lists, or of one array (path `()`); None for any other pytree
+  (a dataclass, a namedtuple, None leaves: its loss is then not fingerprinted)."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(batch)
+  if not flat:
+    return None
+  if treedef.num_nodes == 1:  # the batch is one array
+    path_keys = [()]
+  else:
+    path_keys = [tuple(_path_key(k) for k in path) for path, _ in flat]
+    if any(None in keys for keys in path_keys):
       return None
-    spec.append((tuple(k.key for k in path), (1,) + tuple(np.shape(leaf)[1:]),
-                 str(np.dtype(leaf.dtype))))
-  return tuple(spec)
+  spec = tuple((keys, (1,) + tuple(np.shape(leaf)[1:]), str(np.dtype(leaf.dtype)))
+               for keys, (_, leaf) in zip(path_keys, flat))
+  # What `_example_batch` rebuilds must be the batch's structure (lists as tuples:
+  # they trace alike), or the fingerprint would be of another batch.
+  if (jax.tree_util.tree_structure(_example_batch(spec))
+      != jax.tree_util.tree_structure(_lists_as_tuples(batch))):
+    return None
+  return spec
+
+
+def _lists_as_tuples(tree):
+  if isinstance(tree, dict):
+    return {key: _lists_as_tuples(value) for key, value in tree.items()}
+  if type(tree) in (list, tuple):  # pylint: disable=unidiomatic-typecheck
+    return tuple(_lists_as_tuples(value) for value in tree)
+  return tree
 
 
 def _example_batch(spec):
-  batch = {}
+  """The batch of `jax.ShapeDtypeStruct`s an `_example_spec` describes: dicts for
+  string keys, tuples for positions."""
+  if len(spec) == 1 and not spec[0][0]:
+    return jax.ShapeDtypeStruct(tuple(spec[0][1]), jnp.dtype(spec[0][2]))
+  root = {}
   for keys, shape, dtype in spec:
-    node = batch
+    node = root
     for key in keys[:-1]:
       node = node.setdefault(key, {})
     node[keys[-1]] = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
-  return batch
+
+  def build(node):
+    if not isinstance(node, dict):
+      return node
+    if node and all(isinstance(key, int) for key in node):
+      return tuple(build(node[i]) for i in range(len(node)))
+    return {key: build(value) for key, value in node.items()}
+  return build(root)
 
 
 # task -> {(params signature, example spec): digest}; weakly keyed, so the cache

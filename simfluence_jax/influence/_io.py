@@ -247,15 +247,18 @@ def _loss_identity(metadata: dict, path: str):
   if digest is None and example is None:
     return None, None
   corrupt = (f"load_factors: corrupt {METADATA_FILE} in {path!r}: 'loss_fingerprint' "
-             f"must be a string and 'loss_example' a list of [keys, shape, dtype], "
+             f"must be a string and 'loss_example' a list of [path, shape, dtype] "
+             f"(a path of dict keys and positions, empty only for a one-array batch), "
              f"got {digest!r} and {example!r}.")
-  if not isinstance(digest, str) or not isinstance(example, list):
+  if not isinstance(digest, str) or not isinstance(example, list) or not example:
     raise ValueError(corrupt)
   entries = []
   for entry in example:
     if not (isinstance(entry, list) and len(entry) == 3
-            and isinstance(entry[0], list) and entry[0]
-            and all(isinstance(k, str) for k in entry[0])
+            and isinstance(entry[0], list) and (entry[0] or len(example) == 1)
+            and all(isinstance(k, str) or (isinstance(k, int) and
+                                           not isinstance(k, bool) and k >= 0)
+                    for k in entry[0])
             and isinstance(entry[1], list)
             and all(isinstance(n, int) and n >= 0 for n in entry[1])
             and isinstance(entry[2], str)):
