@@ -1,11 +1,12 @@
 """The resume fingerprint of `train_runs`: a workdir is only resumed by the same job.
 
 Every setting that shapes a run (optimizer and hyperparameters, base params, data,
-curricula, weights, recording, seed) is compared; a mismatch raises one ValueError
+curricula, weights, recording, seed) and the checkpoint spacing are compared; a mismatch raises one ValueError
 line naming each changed field with old → new values, and the workdir's checkpoints
 are left untouched.
 """
 
+import json
 import logging
 import os
 
@@ -86,6 +87,10 @@ def _changed(name):
     job["record_grads"] = True
   elif name == "seed":
     job["seed"] = 1
+  elif name == "checkpoint_every":
+    job["checkpoint_every"] = 4
+  elif name == "no_checkpoint_every":  # None: checkpoints at T only
+    job["checkpoint_every"] = None
   return job
 
 
@@ -102,6 +107,8 @@ CASES = [
     ("batch_ids", "batch_ids: '"),
     ("record_grads", "record_grads: False → True"),
     ("seed", "seed: 0 → 1"),
+    ("checkpoint_every", "checkpoint_every: 2 → 4"),
+    ("no_checkpoint_every", "checkpoint_every: 2 → 4"),
 ]
 
 
@@ -146,3 +153,18 @@ def test_a_diverged_run_is_kept_but_not_resumed_with_another_learning_rate(tmp_p
   with pytest.raises(ValueError, match="learning_rate: 1e[+]30 → 0.1"):
     _train(**_job(), workdir=workdir)
   assert _listing(workdir) == before
+
+
+def test_a_job_file_written_before_checkpoint_every_was_recorded_resumes(tmp_path):
+  workdir = str(tmp_path / "job")
+  _train(**_job(), workdir=workdir, max_steps=2)
+  job_path = os.path.join(workdir, training.runs.JOB_FILE)
+  with open(job_path) as f:
+    stored = json.load(f)
+  assert stored["checkpoint_every"] == 2
+  del stored["checkpoint_every"]
+  with open(job_path, "w") as f:
+    json.dump(stored, f)
+  resumed = _train(**_job(), workdir=workdir)
+  assert resumed.resumed_step == 2 and resumed.checkpoint_steps == [0, 2, 4]
+  np.testing.assert_array_equal(resumed.trace.losses, _train(**_job()).trace.losses)

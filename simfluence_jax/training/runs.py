@@ -39,6 +39,11 @@ RUNS_AXIS = sharding_lib.RUNS_AXIS
 JOB_FILE = "train_runs_job.json"
 # The job-file field of a custom loss's computation (`fingerprint.loss_computation`).
 LOSS_COMPUTATION = "loss_computation"
+# Job-file fields added after workdirs were first written: a workdir whose job file
+# (or checkpoint meta) lacks one was written before it and is compared without it.
+# `checkpoint_every`: resumed with another spacing, the TracIn checkpoints of one
+# workdir would mix two spacings (0, 8, 16 then 20, 24, 28).
+_ADDED_LATER = (LOSS_COMPUTATION, "checkpoint_every")
 
 _logger = logging.getLogger(__name__)
 
@@ -524,7 +529,9 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
       top-level fields hold the optimizer settings); give exactly one.
     workdir: directory for resumable checkpoints (`runs_ckpt/`) and TracIn
       checkpoints (`tracin_ckpt/`); None keeps everything in memory. If it holds a
-      checkpoint of the same job, training resumes from the latest one.
+      checkpoint of the same job, training resumes from the latest one (the same
+      job: optimizer settings, base params, data, curricula, weights, recording,
+      seed and checkpoint_every; another is refused naming the changed fields).
     checkpoint_every: k; the state is checkpointed and the TracIn params are kept
       at steps 0, k, 2k, ..., T. None: only at 0 and T.
     record_grads: record projected per-example gradients (train and test) at the
@@ -654,7 +661,8 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
          "train_arrays": fingerprint_lib.digest(sharding_lib.to_host(train_arrays)),
          "test_arrays": fingerprint_lib.digest(sharding_lib.to_host(test_arrays)),
          "batch_ids": fingerprint_lib.digest(batch_ids),
-         "weights": fingerprint_lib.digest(weights)}
+         "weights": fingerprint_lib.digest(weights),
+         "checkpoint_every": int(tracin_every)}
   if workdir is not None and not getattr(loss_fn, "description", None):
     # A loss not built by `make_loss_fn` is named by its __qualname__ only: two
     # closures of one factory (another temperature) would resume each other's runs.
@@ -798,8 +806,7 @@ def _restore(manager, step, params, opt_state, buffers, job, workdir):
 
 def _refuse_other_job(workdir: str, stored: dict, job: dict) -> None:
   """ValueError naming every field in which `stored` (the workdir's) differs."""
-  if LOSS_COMPUTATION not in stored:  # written before it was recorded
-    job = {k: v for k, v in job.items() if k != LOSS_COMPUTATION}
+  job = {k: v for k, v in job.items() if k in stored or k not in _ADDED_LATER}
   changed = fingerprint_lib.differences(stored, job)
   if changed:
     raise ValueError(
