@@ -157,7 +157,16 @@ def parse_sweeps(specs: Sequence[str], config) -> list[tuple[str, list]]:
 
 
 def cell_name(overrides: dict) -> str:
+  """`field=value,...`: how a cell is shown."""
   return ",".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def cell_folder(overrides: dict) -> str:
+  """The cell's folder in the sweep's workdir: `cell_name` with "%" and "/" escaped
+  as in URLs ("%25", "%2F"), so that a value holding a path (`model.checkpoint`) or a
+  dataset name ("glue/sst2") neither nests one cell's folder in another's nor
+  leaves the sweep's workdir."""
+  return cell_name(overrides).replace("%", "%25").replace("/", "%2F")
 
 
 def _reads_back(got: Any, value: Any) -> bool:
@@ -230,7 +239,7 @@ def run(config, workdir: str, specs: Sequence[str], overwrite: bool = False,
   for index, overrides in enumerate(cells):
     print(f"sweep: cell {index + 1}/{len(cells)}: {cell_name(overrides)}",
           file=sys.stderr, flush=True)
-    cell_dir = os.path.join(os.fspath(workdir), cell_name(overrides))
+    cell_dir = os.path.join(os.fspath(workdir), cell_folder(overrides))
     # A cell is a workdir of its own (rerun alone): its lock keeps such a job and
     # this sweep from writing it at once.
     with pipeline.workdir_lock(cell_dir):
@@ -243,9 +252,8 @@ def run(config, workdir: str, specs: Sequence[str], overwrite: bool = False,
     # What the cell's metrics.json held when these numbers were taken from it:
     # `tables --sweep` refuses a cell rerun alone since (None: no metrics.json here,
     # nothing to check).
-    cell.update(workdir=cell_name(overrides),
-                metrics_digest=_tables.metrics_digest(os.path.join(
-                    os.fspath(workdir), cell_name(overrides))))
+    cell.update(workdir=cell_folder(overrides),
+                metrics_digest=_tables.metrics_digest(cell_dir))
     results.append(cell)
   if sharding.is_primary():
     _io.write_text(os.path.join(os.fspath(workdir), "sweep.json"),

@@ -130,3 +130,25 @@ def test_a_cell_in_use_refuses_the_sweep(tmp_path):
       sweep.run(config, str(tmp_path), ["batch_size:2,4"],
                 run_fn=lambda cell, workdir, overwrite: ran.append(workdir) or {})
   assert [os.path.basename(w) for w in ran] == ["batch_size=2"]
+
+
+def test_values_holding_slashes_get_sibling_folders(tmp_path):
+  # A path (or a dataset name like "glue/sst2") as a value: one folder per cell,
+  # side by side in the sweep's workdir, not one cell's folder inside another's.
+  config = config_lib.load_config(TINY)
+  seen = []
+
+  def fake_run(cell_config, workdir, overwrite):
+    del overwrite
+    seen.append((cell_config.model.checkpoint, workdir))
+    return {"simfluence_linear": {"spearman_across_runs": 0.5,
+                                  "all_steps_mse_ratio": 0.5}}
+
+  sweep.run(config, str(tmp_path), ["model.checkpoint:ckpt,ckpt/b,100%/c"],
+            run_fn=fake_run)
+  folders = ["model.checkpoint=ckpt", "model.checkpoint=ckpt%2Fb",
+             "model.checkpoint=100%25%2Fc"]
+  assert seen == [(value, os.path.join(str(tmp_path), folder)) for value, folder in
+                  zip(("ckpt", "ckpt/b", "100%/c"), folders)]
+  with open(tmp_path / "sweep.json") as f:
+    assert [cell["workdir"] for cell in json.load(f)] == folders
