@@ -13,6 +13,8 @@ from typing import List
 import jax
 from jax.experimental import topologies
 
+_logger = logging.getLogger(__name__)
+
 INSTALL_HINT = ('the TPU compiler is not installed: pip install -e ".[tpu]" '
                 "(or pip install libtpu), then rerun.")
 
@@ -53,7 +55,7 @@ def _drop_cpu_only_flags() -> None:
   dropped = [f for f in flags if f.lstrip("-").startswith("xla_cpu_")]
   if dropped:
     os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f not in dropped)
-    logging.info("XLA_FLAGS: dropped the XLA:CPU-only %s (libtpu refuses them)",
+    _logger.info("XLA_FLAGS: dropped the XLA:CPU-only %s (libtpu refuses them)",
                  " ".join(dropped))
 
 
