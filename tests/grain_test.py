@@ -6,6 +6,8 @@ arrays `data.get_dataset` builds, for any worker and (emulated) process count.
 """
 
 import json
+import os
+import re
 import threading
 
 import numpy as np
@@ -230,6 +232,49 @@ def test_lost_or_repeated_records_raise():
     grain_source.assemble(np.array([0, 1]), [example, {"inputs": np.zeros(3)}], 2)
 
 
+def test_a_value_the_first_example_s_dtype_would_change_is_refused(monkeypatch):
+  """Rows are stored in example 0's dtype: a cast that changes a value (a float mask
+  into ints, 300 into uint8) is refused, in one process and across processes; float
+  rounding (float64 into float32) is not a change."""
+  cases = [("mask", np.array([1, 1]), np.array([0.5, 0.25])),
+           ("labels", np.uint8(2), np.int64(300)),
+           ("labels", np.int32(1), 2.7)]
+  for key, first, other in cases:
+    with pytest.raises(ValueError, match=(
+        rf"^decode: '{key}' of example 1 \(.*\) does not fit example 0's dtype")):
+      grain_source.assemble(np.array([0, 1]), [{key: first}, {key: other}], 2)
+  arrays, _ = grain_source.assemble(
+      np.array([0, 1]), [{"x": np.float32([0.5])}, {"x": np.float64([0.1])}], 2)
+  assert arrays["x"].dtype == np.float32 and arrays["x"][1, 0] == np.float32(0.1)
+  source = [{"mask": np.array([1, 1])}, {"mask": np.array([0.5, 0.25])}]
+  with pytest.raises(ValueError, match="'mask' of example 1 .* does not fit the first"):
+    _run_as_processes(monkeypatch, 2, lambda p: grain_source.read_arrays(
+        source, lambda record: record, num_records=2, process_index=p,
+        process_count=2))
+
+
+def test_examples_disagreeing_on_text_and_empty_texts_across_processes(monkeypatch):
+  with pytest.raises(ValueError, match=r"^decode: example 1 has keys \['x'\], "
+                     r"example 0 has \['text', 'x'\]"):
+    grain_source.assemble(np.array([0, 1]), [{"x": 0, "text": "a"}, {"x": 1}], 2)
+  source = [{"x": np.int32(i), "text": ""} for i in range(4)]
+  for arrays, texts in _run_as_processes(monkeypatch, 2, lambda p: (
+      grain_source.read_arrays(source, lambda record: record, num_records=4,
+                               process_index=p, process_count=2))):
+    np.testing.assert_array_equal(arrays["x"], np.arange(4))
+    assert texts == ["", "", "", ""]
+
+
+@pytest.mark.parametrize("record, message", [
+    (b"\xff\xfe", "a record is not UTF-8 JSON"),
+    (b"[1, 2]", "a record is a JSON list, not an object"),
+])
+def test_records_that_are_not_json_objects_are_refused_naming_the_field(record,
+                                                                       message):
+  with pytest.raises(ValueError, match=rf"^config.data.grain_decoder='' .*{message}"):
+    grain_source._decode_json_text(record, "inputs", "targets", 32)  # pylint: disable=protected-access
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"grain_train": ""}, "config.data.grain_train=''"),
     ({"num_train_examples": NUM_TRAIN + 1},
@@ -263,6 +308,14 @@ def test_test_records_from_the_train_files_are_refused(files):
       r"^config.data.grain_test: shares \[.*\] with config.data.grain_train; the test "
       "examples would be train examples.$")):
     grain_source.get_dataset(_grain_config(files, grain_test=both))
+  # The same file under another name (relative, "..") is the same file.
+  second = files["train"].split(",")[1]
+  folder = os.path.dirname(second)
+  other_name = os.path.join(folder, "..", os.path.basename(folder), ".",
+                            os.path.basename(second))
+  with pytest.raises(ValueError, match=(
+      rf"^config.data.grain_test: shares \['{re.escape(other_name)}'\]")):
+    grain_source.get_dataset(_grain_config(files, grain_test=other_name))
 
 
 def _int_tokens_example(record):

@@ -30,6 +30,8 @@ import dataclasses
 import functools
 import importlib
 import json
+import os
+import posixpath
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -77,7 +79,17 @@ class Decoder:
 
 def _decode_json_text(record, prompt_feature: str, answer_feature: str,
                       seq_len: int) -> dict:
-  example = json.loads(record.decode("utf-8") if isinstance(record, bytes) else record)
+  try:
+    example = json.loads(record.decode("utf-8") if isinstance(record, bytes)
+                         else record)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"config.data.grain_decoder='' (JSON text records): a record "
+                     f"is not UTF-8 JSON ({e}); name a decoder for this format "
+                     "in config.data.grain_decoder.") from None
+  if not isinstance(example, dict):
+    raise ValueError(f"config.data.grain_decoder='' (JSON text records): a record "
+                     f"is a JSON {type(example).__name__}, not an object with "
+                     f"fields {prompt_feature!r} and {answer_feature!r}.")
   missing = [f for f in (prompt_feature, answer_feature)
              if not isinstance(example.get(f), str)]
   if missing:
@@ -186,20 +198,22 @@ def assemble(ids: np.ndarray, examples: Sequence[dict], num_records: int
                      f"ids {missing}, repeated ids {repeated} (first five).")
   if not num_records:
     return {}, None
-  keys = sorted(k for k in examples[0] if k != _TEXT_KEY)
+  keys = sorted(examples[0])
+  for row, example in zip(ids, examples):
+    if sorted(example) != keys:
+      raise ValueError(f"decode: example {row} has keys {sorted(example)}, "
+                       f"example {ids[0]} has {keys}.")
+  keys = [k for k in keys if k != _TEXT_KEY]
   arrays = {}
   for key in keys:
     first = np.asarray(examples[0][key])
     out = np.zeros((num_records,) + first.shape, first.dtype)
     for row, example in zip(ids, examples):
-      if sorted(k for k in example if k != _TEXT_KEY) != keys:
-        raise ValueError(f"decode: example {row} has keys {sorted(example)}, "
-                         f"example {ids[0]} has {keys}.")
       value = np.asarray(example[key])
       if value.shape != first.shape:
         raise ValueError(f"decode: {key!r} of example {row} has shape "
                          f"{value.shape}, of example {ids[0]} {first.shape}.")
-      out[row] = value
+      out[row] = _exact_cast(value, first.dtype, key, row, f"example {ids[0]}")
     arrays[key] = out
   texts = None
   if _TEXT_KEY in examples[0]:
@@ -207,6 +221,24 @@ def assemble(ids: np.ndarray, examples: Sequence[dict], num_records: int
     for row, example in zip(ids, examples):
       texts[row] = str(example[_TEXT_KEY])
   return arrays, texts
+
+
+def _exact_cast(value: np.ndarray, dtype, key: str, row, reference: str) -> np.ndarray:
+  """`value` as `dtype` (`reference`'s: the first example's), refused where that
+  changes a value (a float mask 0.5 stored as int 0, a label 300 as uint8 44)."""
+  cast = value.astype(dtype)
+  if value.dtype == dtype:
+    return cast
+  if np.issubdtype(value.dtype, np.floating) and np.issubdtype(dtype, np.floating):
+    changed = np.any(np.isfinite(value) & ~np.isfinite(cast))  # rounding is fine
+  else:
+    changed = not np.array_equal(cast.astype(value.dtype), value, equal_nan=bool(
+        np.issubdtype(value.dtype, np.inexact)))
+  if changed:
+    raise ValueError(f"decode: {key!r} of example {row} ({value.dtype}) does not "
+                     f"fit {reference}'s dtype ({dtype}) without changing values; "
+                     "make the decoder return one dtype per key.")
+  return cast
 
 
 def _as_bytes(array: np.ndarray) -> np.ndarray:
@@ -228,18 +260,24 @@ def _allgather_shards(ids: np.ndarray, examples: list, template: dict,
   rows = -(-num_records // process_count)
   keys = sorted(k for k in template if k != _TEXT_KEY)
   specs = {k: (np.shape(template[k]), np.asarray(template[k]).dtype) for k in keys}
+  for row, example in zip(ids, examples):
+    if sorted(example) != sorted(template):
+      raise ValueError(f"decode: example {row} has keys {sorted(example)}, the "
+                       f"first example has {sorted(template)}.")
   padded_ids = np.full(rows, -1, np.int32)  # num_records < 2**31: ids fit
   padded_ids[:len(ids)] = ids
   payload = {}
   for k, (shape, dtype) in specs.items():
     values = np.zeros((rows,) + shape, dtype)
-    for j, example in enumerate(examples):
-      values[j] = example[k]
+    for j, (row, example) in enumerate(zip(ids, examples)):
+      values[j] = _exact_cast(np.asarray(example[k]), dtype, k, row,
+                              "the first example")
     payload[k] = _as_bytes(values)
   if _TEXT_KEY in template:
     encoded = [e[_TEXT_KEY].encode("utf-8") for e in examples]
-    longest = int(np.max(multihost_utils.process_allgather(
-        np.int32(max((len(t) for t in encoded), default=0)))))
+    # At least one byte: a gather of [rows, 0] could not be reshaped back.
+    longest = max(1, int(np.max(multihost_utils.process_allgather(
+        np.int32(max((len(t) for t in encoded), default=0))))))
     text = np.zeros((rows, longest), np.uint8)
     lengths = np.zeros(rows, np.int32)
     for j, t in enumerate(encoded):
@@ -314,6 +352,15 @@ def _paths(field: str, value) -> list:
   return paths
 
 
+def _canonical(path: str) -> str:
+  """One name per file: a local path resolved (absolute, links followed), a URL
+  with its path normalised ('gs://b/d/../f' and 'gs://b/f' alike)."""
+  scheme, sep, rest = path.partition("://")
+  if sep:
+    return f"{scheme}://{posixpath.normpath(rest)}"
+  return os.path.realpath(path)
+
+
 def make_decoder(data_config) -> Decoder:
   """The decoder `config.data.grain_decoder` names ("" = JSON text records)."""
   spec = data_config.get("grain_decoder", "")
@@ -369,9 +416,10 @@ def get_dataset(config) -> dataset_lib.Dataset:
     if count > len(source):
       raise ValueError(f"config.data.{count_field}={count}: {paths_field} has "
                        f"{len(source)} records.")
-    if split == "test" and set(paths) & set(sources["train"]):
-      raise ValueError(f"config.data.grain_test: shares "
-                       f"{sorted(set(paths) & set(sources['train']))} with "
+    shared = sorted(p for p in paths if split == "test" and _canonical(p) in
+                    {_canonical(q) for q in sources["train"]})
+    if shared:
+      raise ValueError(f"config.data.grain_test: shares {shared} with "
                        "config.data.grain_train; the test examples would be train "
                        "examples.")
     splits[split] = read_arrays(source, decoder.decode, num_records=count,
