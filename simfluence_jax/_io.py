@@ -28,7 +28,8 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterator, Union
+import uuid
+from typing import Any, Callable, Iterator, Optional, Union
 
 from etils import epath
 import numpy as np
@@ -63,10 +64,35 @@ def check_workdir(path: PathLike) -> None:
                      "writes to gs:// and local files only).")
 
 
-def _umask() -> int:
+def _read_umask() -> Optional[int]:
+  """The process umask from /proc (Linux), without changing it; None elsewhere."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as status:
+      for line in status:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  return None
+
+
+def _umask_by_setting() -> int:
   mask = os.umask(0)
   os.umask(mask)
   return mask
+
+
+# Where /proc cannot tell, the umask is read once, at import: setting it to read it
+# later would, for an instant, make files other threads (orbax's writers) create
+# world-writable.
+_IMPORT_UMASK = _read_umask()
+if _IMPORT_UMASK is None:
+  _IMPORT_UMASK = _umask_by_setting()
+
+
+def _umask() -> int:
+  mask = _read_umask()
+  return _IMPORT_UMASK if mask is None else mask
 
 
 def _publish_permissions(path: str) -> None:
@@ -195,8 +221,9 @@ def atomic_directory(path: PathLike) -> Iterator[str]:
     yield tmp
     _publish_permissions(tmp)
     if os.path.exists(path):
-      old = path + ".old"
-      shutil.rmtree(old, ignore_errors=True)
+      # A fresh name: never a user's own "<path>.old", which would be deleted, or
+      # a file there, which os.replace could not move a directory onto.
+      old = os.path.join(parent, f".{os.path.basename(path)}-old-{uuid.uuid4().hex}")
       os.replace(path, old)
       os.replace(tmp, path)
       shutil.rmtree(old, ignore_errors=True)
@@ -249,11 +276,17 @@ def load_npy(file: PathLike, who: str, mmap: bool = False) -> np.ndarray:
     raise FileNotFoundError(f"{who}: {os.fspath(file)!r} is missing.")
   try:
     if is_remote(path):
-      return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
-    return np.load(os.fspath(path), mmap_mode="r" if mmap else None,
-                   allow_pickle=False)
+      array = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+    else:
+      array = np.load(os.fspath(path), mmap_mode="r" if mmap else None,
+                      allow_pickle=False)
   except (ValueError, EOFError) as e:  # pickled arrays, empty or truncated files
     raise ValueError(f"{who}: {os.fspath(file)!r} is corrupt or not a plain array "
                      f"({e}).") from e
   except OSError as e:
     raise ValueError(f"{who}: {os.fspath(file)!r} is corrupt ({e}).") from e
+  if not isinstance(array, np.ndarray):  # an .npz archive under an .npy name
+    array.close()
+    raise ValueError(f"{who}: {os.fspath(file)!r} is an .npz archive, not a plain "
+                     "array.")
+  return array

@@ -2,7 +2,10 @@
 keep their arrays (seqio vocabularies and splits, ignored fields, .npy files)."""
 
 import os
+import pathlib
 import re
+import sys
+from unittest import mock
 
 import ml_collections
 import numpy as np
@@ -359,3 +362,31 @@ def test_save_npy_to_any_name_and_corrupt_files_are_named(tmp_path):
       with pytest.raises(ValueError, match=(
           rf"^reader: '{re.escape(str(tmp_path / name))}' is corrupt")):
         _io.load_npy(tmp_path / name, "reader", mmap=mmap)
+  np.savez(tmp_path / "archive.npz", a=array)
+  os.replace(tmp_path / "archive.npz", tmp_path / "archive.npy")
+  for mmap in (False, True):
+    with pytest.raises(ValueError, match=r"'.*archive.npy' is an .npz archive"):
+      _io.load_npy(tmp_path / "archive.npy", "reader", mmap=mmap)
+
+
+def test_atomic_directory_keeps_a_users_old_sibling_and_reads_the_umask(tmp_path):
+  """Replacing a directory never touches `<path>.old` (a user's folder or file
+  of that name), and reading the umask does not change it, even for an instant."""
+  target = tmp_path / "out"
+  (tmp_path / "out.old").write_text("mine")
+  for round_ in range(2):
+    with _io.atomic_directory(target) as tmp:
+      (pathlib.Path(tmp) / "x.txt").write_text(str(round_))
+    assert (target / "x.txt").read_text() == str(round_)
+  assert (tmp_path / "out.old").read_text() == "mine"
+  assert sorted(os.listdir(tmp_path)) == ["out", "out.old"]
+  previous = os.umask(0o027)
+  try:
+    calls = []
+    original = os.umask
+    with mock.patch.object(os, "umask", side_effect=lambda m: calls.append(m) or
+                           original(m)):
+      assert _io._umask() == 0o027  # pylint: disable=protected-access
+    assert not calls or not sys.platform.startswith("linux")
+  finally:
+    os.umask(previous)

@@ -306,26 +306,21 @@ def test_nan_loss_stops_naming_run_and_step(tmp_path):
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "runs_ckpt"))) == [2, 3]
 
 
-def test_params_round_trip_and_base_params(tmp_path):
+def test_params_round_trip_and_pretraining(tmp_path):
   _, loss_fn, params0, train, _ = _setup()
   path = str(tmp_path / "params")
   training.save_params(path, params0)
   _assert_trees_close(training.load_params(path, params0), params0, atol=0)
   _assert_trees_close(training.load_params(path), params0, atol=0)
 
-  calls = []
-  def init_fn():
-    calls.append(1)
-    return training.pretrain_base(params0, loss_fn, train, num_steps=30, batch_size=4,
-                                  learning_rate=0.05, seed=0)
-  workdir = str(tmp_path / "work")
-  created = training.get_base_params(workdir, init_fn)
-  loaded = training.get_base_params(workdir, init_fn)
-  assert len(calls) == 1
-  _assert_trees_close(loaded, created, atol=0)
+  with pytest.raises(FileNotFoundError, match=r"^load_params: '.*missing' is not a "
+                     "directory written by save_params.$"):
+    training.load_params(str(tmp_path / "missing"))
   # Pre-training fits the data it was given.
-  assert float(jnp.mean(loss_fn(created, train))) < float(jnp.mean(loss_fn(params0,
-                                                                           train)))
+  pretrained = training.pretrain_base(params0, loss_fn, train, num_steps=30,
+                                      batch_size=4, learning_rate=0.05, seed=0)
+  assert float(jnp.mean(loss_fn(pretrained, train))) < float(
+      jnp.mean(loss_fn(params0, train)))
 
 
 def test_optimizer_config_errors():

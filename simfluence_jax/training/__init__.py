@@ -3,8 +3,8 @@
 `train_runs` trains R runs (one curriculum each, optionally with per-occurrence loss
 weights) from the same base params together (vmap over runs, scan over steps, runs
 sharded over a "runs" mesh axis) and returns their `Trace` plus the TracIn
-checkpoints; `pretrain_base`, `get_base_params` and `save_params`/`load_params`
-produce and persist that base model. `metagradients` differentiates the final test
+checkpoints; `pretrain_base` and `save_params`/`load_params` produce and persist
+that base model (the main job keeps it as its fingerprinted `base_model` stage). `metagradients` differentiates the final test
 losses with respect to the occurrence weights (reverse mode through the run) and
 `first_order_losses` expands a reference run's loss trajectory to first order in
 the per-example weights (forward mode); `first_order_final_losses` gives its final
@@ -21,7 +21,6 @@ from simfluence_jax.training import optim
 from simfluence_jax.training import pretrain
 from simfluence_jax.training import runs
 from simfluence_jax.training import step
-from simfluence_jax.training.checkpoints import get_base_params
 from simfluence_jax.training.checkpoints import load_params
 from simfluence_jax.training.checkpoints import load_tracin_checkpoints
 from simfluence_jax.training.checkpoints import load_tracin_params
@@ -58,7 +57,7 @@ __all__ = [
     "FirstOrderFinalLosses", "FirstOrderLosses", "LEARNING_RATE_MEANING", "Segment",
     "TrainResult",
     "derivative_growth", "dropout_key", "effective_weights", "first_order_final_losses",
-    "first_order_losses", "gather_batch", "get_base_params",
+    "first_order_losses", "gather_batch",
     "load_params", "load_tracin_checkpoints", "load_tracin_params", "make_loss_fn",
     "make_segment_fn", "make_update", "metagradients", "predict_from_table",
     "table_simulator",

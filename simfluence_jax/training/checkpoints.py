@@ -1,8 +1,10 @@
-"""Orbax persistence: base-model params, resumable training state, TracIn checkpoints.
+"""Orbax persistence: parameter trees, resumable training state, TracIn checkpoints.
+
+(The main job keeps its base model as the fingerprinted `base_model` stage,
+`pipeline/stages.py`; `save_params` / `load_params` are the plain round trip.)
 
 Layout of a training workdir (all written through orbax, atomically):
 
-    workdir/base_params/          base model variables ({"params": ...}), `save_params`
     workdir/runs_ckpt/<step>/     resumable state of all R runs (latest two kept):
         state/   {"params", "opt_state"}: leaves [R, ...]
         trace/   host buffers of the trace so far: losses [R, T+1, M],
@@ -14,16 +16,14 @@ Layout of a training workdir (all written through orbax, atomically):
 """
 
 import os
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from simfluence_jax import _io
-from simfluence_jax import sharding
 
-BASE_PARAMS_DIR = "base_params"
 RUNS_CKPT_DIR = "runs_ckpt"
 TRACIN_CKPT_DIR = "tracin_ckpt"
 
@@ -83,6 +83,9 @@ def load_params(path: str, like: Any = None) -> Any:
     process's devices (the saving topology is never assumed to still exist).
   """
   path = _io.as_path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"load_params: {os.fspath(path)!r} is not a directory "
+                            "written by save_params.")
   with ocp.StandardCheckpointer() as checkpointer:
     if like is None:
       like = checkpointer.metadata(path).item_metadata.tree
@@ -94,24 +97,6 @@ def load_params(path: str, like: Any = None) -> Any:
               np.shape(x), x.dtype,
               sharding=getattr(x, "sharding", None) or replicated), like)
     return checkpointer.restore(path, like)
-
-
-def get_base_params(workdir: str, init_fn: Callable[[], Any]) -> Any:
-  """Loads `workdir/base_params` if present, else `init_fn()` and saves it there.
-
-  Args:
-    workdir: experiment directory.
-    init_fn: zero-argument callable returning the base params (initialisation,
-      possibly followed by `pretrain_base`); only called when nothing is saved.
-  """
-  path = _io.as_path(workdir) / BASE_PARAMS_DIR
-  # Orbax renames the finished directory into place, so it exists only when complete;
-  # process 0 decides for every process (they must all save, or all load).
-  if sharding.agree(path.is_dir()):
-    return load_params(path)
-  params = init_fn()
-  save_params(path, params)
-  return params
 
 
 def runs_manager(workdir: str) -> ocp.CheckpointManager:
