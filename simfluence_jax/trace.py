@@ -56,6 +56,12 @@ def _as_array(name: str, value: Any, dtype: Any, ndim: int) -> np.ndarray:
     raise ValueError(f"Trace.{name}: expected floating point values, got dtype "
                      f"{array.dtype}.")
   if array.dtype != dtype:
+    if (np.issubdtype(dtype, np.floating) and np.issubdtype(array.dtype, np.floating)
+        and np.finfo(array.dtype).max > np.finfo(dtype).max and array.size):
+      too_large = np.isfinite(array) & (np.abs(array) > np.finfo(dtype).max)
+      if np.any(too_large):
+        raise ValueError(f"Trace.{name}: value {float(array[too_large][0]):.6g} does "
+                         f"not fit in {np.dtype(dtype).name}.")
     if np.issubdtype(dtype, np.integer) and array.size:
       info = np.iinfo(dtype)
       lo, hi = array.min(), array.max()
@@ -125,6 +131,11 @@ class Trace:
           f"{self.num_train_examples}), found {bad}.")
     _check_finite("losses", losses)
     _check_finite("learning_rates", learning_rates)
+    if np.any(learning_rates < 0):
+      run, step = (int(i[0]) for i in np.nonzero(learning_rates < 0))
+      raise ValueError(f"Trace.learning_rates: run {run} step {step} has "
+                       f"{float(learning_rates[run, step]):.6g}; a learning rate "
+                       "must be >= 0 (0 for a step that does not train).")
     set_("batch_ids", batch_ids)
     set_("losses", losses)
     set_("learning_rates", learning_rates)
@@ -180,7 +191,14 @@ class Trace:
     otherwise select runs 0 and 1 over and over, and a fit or metric on them count
     runs twice.
     """
-    index = np.arange(len(self.batch_ids))[runs]
+    if np.ndim(runs) == 0 and not isinstance(runs, slice):
+      raise ValueError(f"Trace.select_runs: runs={runs!r} is one index; pass a "
+                       f"list ([{runs!r}]), a slice or a boolean mask.")
+    try:
+      index = np.arange(len(self.batch_ids))[runs]
+    except IndexError as e:
+      raise ValueError(f"Trace.select_runs: runs={runs!r} does not index the "
+                       f"trace's {len(self.batch_ids)} runs ({e}).") from None
     if np.ndim(index) != 1 or len(index) == 0:
       raise ValueError(f"Trace.select_runs: runs={runs!r} selects no run.")
     values, counts = np.unique(index, return_counts=True)

@@ -169,6 +169,13 @@ class TfidfFilterTest(absltest.TestCase):
       influence.tfidf_filter(queries, candidates, 2, vocab_size=3)
     with self.assertRaisesRegex(ValueError, "ngram"):
       influence.tfidf_filter(queries, candidates, 2, ngram=0)
+    # 64-bit ids are range-checked before the int32 cast (2**32 + 1 wrapped to 1).
+    wide = np.full((1, 2), 2**32 + 1, np.int64)
+    for vocab_size in (None, 3):
+      with self.assertRaisesRegex(ValueError, r"^query_tokens: token id 4294967297 "
+                                  "is outside int32"):
+        influence.tfidf_similarity(wide, candidates.astype(np.int64),
+                                   vocab_size=vocab_size)
 
 
 if __name__ == "__main__":

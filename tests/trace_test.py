@@ -70,8 +70,11 @@ def test_shape_accessors_and_select_runs():
   # A resample with replacement, asked for.
   boot = trace.select_runs([2, 2, 1], allow_repeats=True)
   np.testing.assert_array_equal(boot.batch_ids, trace.batch_ids[[2, 2, 1]])
-  with pytest.raises(IndexError):
-    trace.select_runs([4])
+  for runs, message in (([4], "does not index the trace's 4 runs"),
+                        (mask[:3], "does not index the trace's 4 runs"),
+                        (0, r"is one index; pass a list \(\[0\]\)")):
+    with pytest.raises(ValueError, match=rf"^Trace.select_runs: runs=.* {message}"):
+      trace.select_runs(runs)
 
 
 def _kwargs():
@@ -88,6 +91,12 @@ def _kwargs():
     ("losses", np.full((2, 4, 5), np.nan), "losses: contains NaN"),
     ("learning_rates", np.ones((2, 4)), "learning_rates: expected shape"),
     ("learning_rates", np.full((2, 3), np.inf), "learning_rates: contains NaN or inf"),
+    # A negative rate would flip every per-step TracIn effect; 0 (warm-up) is fine.
+    ("learning_rates", np.array([[0.0, 0.1, 0.1], [0.1, -0.1, 0.1]]),
+     r"^Trace.learning_rates: run 1 step 1 has -0.1; a learning rate must be >= 0"),
+    # Finite float64 values float32 cannot hold are not "NaN or inf".
+    ("losses", np.full((2, 4, 5), 1e300), r"^Trace.losses: value 1e\+300 does not "
+     "fit in float32.$"),
     ("num_train_examples", 0, "num_train_examples: expected a positive integer"),
     ("num_train_examples", 2.5, "num_train_examples"),
     ("metadata", {"x": object()}, "metadata: must be JSON"),

@@ -45,6 +45,13 @@ def _check_tokens(tokens, mask, name: str) -> Tuple[jax.Array, jax.Array]:
   if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
     raise ValueError(f"{name} must hold integer token ids, got dtype "
                      f"{jnp.result_type(tokens)}.")
+  if _is_concrete(tokens) and np.size(tokens):
+    # Checked before the int32 cast, which would wrap 2**32 + 1 to the id 1.
+    low, high = int(np.min(tokens)), int(np.max(tokens))
+    bounds = np.iinfo(np.int32)
+    if low < bounds.min or high > bounds.max:
+      raise ValueError(f"{name}: token id {high if high > bounds.max else low} is "
+                       "outside int32; token ids must be in [0, vocab_size).")
   tokens = jnp.asarray(tokens, jnp.int32)
   if mask is None:
     # Without a mask, 0 is the padding id (byte-level models pad with 0).
