@@ -210,11 +210,13 @@ def unfitted_ids(sims: dict, batch_ids: np.ndarray) -> dict:
 
 def simulate_curricula(sims: dict, batch_ids: np.ndarray, initial_losses: np.ndarray,
                        num_band_samples: int = 32, seed: int = 0, *,
-                       allow_unfitted_ids: bool = False) -> dict:
+                       allow_unfitted_ids: bool = False,
+                       allow_extrapolation: bool = False) -> dict:
   """Every simulator's trajectories of `batch_ids` int32[R', T, B] from float32[M].
 
   `allow_unfitted_ids`: as in `Simulator.simulate` (without it, a simulator whose
-  fitted runs never contained an id of `batch_ids` refuses, naming the ids).
+  fitted runs never contained an id of `batch_ids` refuses, naming the ids);
+  `allow_extrapolation`: as there too (roll out more steps than were fitted).
   `num_band_samples`: posterior draws of the bands, an integer >= 0 (0: no bands).
 
   Returns:
@@ -234,12 +236,14 @@ def simulate_curricula(sims: dict, batch_ids: np.ndarray, initial_losses: np.nda
   out = {}
   for name, sim in sims.items():
     point = np.asarray(sim.simulate(batch_ids, initial, allow_nonfinite=True,
-                                    allow_unfitted_ids=allow_unfitted_ids))
+                                    allow_unfitted_ids=allow_unfitted_ids,
+                                    allow_extrapolation=allow_extrapolation))
     out[name] = {"mean": point, "std": None, "posterior_sample_mean": None}
     if sim.posterior is not None and num_band_samples > 0:
       sample_mean, std = sim.simulate_with_bands(
           batch_ids, initial, num_samples=num_band_samples, rng=seed,
-          allow_nonfinite=True, allow_unfitted_ids=allow_unfitted_ids)
+          allow_nonfinite=True, allow_unfitted_ids=allow_unfitted_ids,
+          allow_extrapolation=allow_extrapolation)
       out[name]["std"] = np.asarray(std)
       out[name]["posterior_sample_mean"] = np.asarray(sample_mean)
     # One method diverging on a curriculum does not stop the others: its

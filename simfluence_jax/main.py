@@ -70,12 +70,29 @@ def parse_flags(argv):
             f"set {tied[name]} instead.", file=sys.stderr)
       sys.exit(2)
   try:
-    return flags.FLAGS(argv)
+    parsed = flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError,
           FileNotFoundError) as e:
-    message = str(e).strip().strip('"').strip("'")
+    # ml_collections wraps a KeyError in an AttributeError, and a KeyError's str
+    # is the repr of its argument (quotes and "\\n" escaped): show the argument.
+    cause = e
+    while cause.args and isinstance(cause.args[0], BaseException):
+      cause = cause.args[0]
+    message = (str(cause.args[0]) if isinstance(cause, KeyError) and cause.args
+               else str(cause)).strip()
+    if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
+      message = message[1:-1]
     print(f"error: {type(e).__name__ if not message else ''}{message}", file=sys.stderr)
     sys.exit(2)
+  try:
+    if _CONFIG.value is not None:
+      _CONFIG.value.keys()  # a config file that failed to load raises only when read
+  except OSError as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    print(f"error: --config: {lines[-1] if lines else type(e).__name__}",
+          file=sys.stderr)
+    sys.exit(2)
+  return parsed
 
 
 def run_main(run_fn):

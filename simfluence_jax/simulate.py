@@ -116,7 +116,8 @@ def _parse_targets(targets: Sequence, num_test: int) -> np.ndarray:
 def run(workdir: str, curriculum_path: str, output_dir: Optional[str] = None,
         methods: Optional[Sequence[str]] = None,
         targets: Optional[Sequence[int]] = None, num_band_samples: int = 32,
-        seed: int = 0, allow_unfitted_ids: bool = False) -> dict:
+        seed: int = 0, allow_unfitted_ids: bool = False,
+        allow_extrapolation: bool = False) -> dict:
   """Loads, validates, simulates, writes; returns {"output_dir", "trajectories"}.
 
   Raises:
@@ -152,11 +153,12 @@ def run(workdir: str, curriculum_path: str, output_dir: Optional[str] = None,
                     "(--allow_unfitted_ids).", name, ids[:10].tolist(), ids.size)
   trajectories = counterfactual.simulate_curricula(
       sims, batch_ids, initial, num_band_samples, seed,
-      allow_unfitted_ids=allow_unfitted_ids)
+      allow_unfitted_ids=allow_unfitted_ids, allow_extrapolation=allow_extrapolation)
   _io.makedirs(output_dir)
   payload = {
       "curriculum": curriculum,
       "fits": counterfactual.fit_fingerprints(workdir, list(sims)),
+      "allow_extrapolation": bool(allow_extrapolation),
       "unfitted_ids": {name: unfitted[name].tolist() if name in unfitted else []
                        for name in sims},
       "batch_ids_shape": list(batch_ids.shape),
@@ -189,6 +191,9 @@ def _define_flags() -> None:
                     "Roll out curricula holding train ids no fitted run contained, "
                     "on the prior of the simulators fitted per id (listed in "
                     "trajectories.json's unfitted_ids).")
+  flags.DEFINE_bool("allow_extrapolation", False,
+                    "Roll out curricula of more steps than the simulators were "
+                    "fitted on (steps past them use the last phase's parameters).")
 
 
 def main(argv):
@@ -200,7 +205,8 @@ def main(argv):
     sys.exit(2)
   try:
     result = run(f.workdir, f.curriculum, f.output_dir, f.methods, f.targets,
-                 f.num_band_samples, f.seed, f.allow_unfitted_ids)
+                 f.num_band_samples, f.seed, f.allow_unfitted_ids,
+                 f.allow_extrapolation)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

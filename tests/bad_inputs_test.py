@@ -163,6 +163,18 @@ CASES = [
                  id="tracin-lr-count-mismatch"),
     pytest.param(lambda: _tracin(checkpoints=[], learning_rates=[]), ValueError,
                  "checkpoints is empty", id="tracin-no-checkpoints"),
+    # One checkpoint without its list: the dict iterated into its keys before.
+    pytest.param(lambda: _tracin(checkpoints=_influence_setup()[1][0],
+                                 learning_rates=[0.1]), ValueError,
+                 r"^checkpoints: expected a sequence of parameter trees .* got one "
+                 r"dict; pass \[params\]", id="tracin-one-checkpoint-unlisted"),
+    # A list of query batches where one batch goes: a raw TypeError before.
+    pytest.param(lambda: _tracin(query_batch=[_influence_setup()[2]]), ValueError,
+                 r"^query_batch: expected one batch, a dict with keys \['inputs', "
+                 r"'labels'\], got a list", id="tracin-query-batch-list"),
+    pytest.param(lambda: _tracin(query_batch={"inputs": _influence_setup()[2]["inputs"]}),
+                 ValueError, r"^query_batch: batch has no \['labels'\]",
+                 id="tracin-query-batch-no-labels"),
     pytest.param(lambda: _tracin(projection_dim=4), ValueError,
                  "rng is required when projection_dim is set",
                  id="tracin-projection-without-rng"),

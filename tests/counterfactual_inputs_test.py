@@ -363,6 +363,32 @@ def test_simulate_run_keeps_its_numbers_with_valid_flags(fitted_workdir, tmp_pat
                                         trace.losses[0, 0], bad)
 
 
+def test_simulate_rolls_out_past_the_fitted_steps_only_when_asked(fitted_workdir,
+                                                                    tmp_path):
+  workdir, _, sim, trace = fitted_workdir
+  longer = np.concatenate([trace.batch_ids[:2], trace.batch_ids[2:4]], axis=1)
+  path = tmp_path / "longer.json"
+  path.write_text(json.dumps(longer.tolist()))
+  with pytest.raises(ValueError, match=(
+      r"8 steps, more than the 4 .* pass allow_extrapolation=True \(the simulate "
+      r"command: --allow_extrapolation\)")):
+    simulate.run(str(workdir), str(path), output_dir=str(tmp_path / "a"),
+                 num_band_samples=0)
+  proc = subprocess.run(
+      [sys.executable, "-m", "simfluence_jax.simulate", f"--workdir={workdir}",
+       f"--curriculum={path}", f"--output_dir={tmp_path / 'b'}",
+       "--num_band_samples=0", "--allow_extrapolation"],
+      capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr
+  written = json.loads((tmp_path / "b" / "trajectories.json").read_text())
+  expected = np.asarray(sim.simulate(longer, np.repeat(trace.losses[:1, 0], 2, 0),
+                                     allow_extrapolation=True))
+  assert written["allow_extrapolation"] is True
+  np.testing.assert_allclose(written["methods"]["simfluence_linear"]["mean"],
+                             expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name, text, shown", [
     ("huge.json", "[[[100000000000000000000, 1], [2, 3]]]", "100000000000000000000"),
     ("huger.json", "[[1, 2], [3, " + "9" * 400 + "]]", "9" * 400),

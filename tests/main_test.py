@@ -305,6 +305,20 @@ def test_unknown_config_field_is_one_clear_line(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
   assert "nonexistent" in proc.stderr and "Traceback" not in proc.stderr
+  # The suggestion reads as text, not as the repr of a KeyError.
+  proc = subprocess.run(
+      [sys.executable, "-m", "simfluence_jax.main",
+       "--config=configs/default.py:tiny", "--config.num_run=3",
+       f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-2:] == [
+      "error: 'num_run'", 'Did you mean "num_runs" instead of "num_run"?']
+  proc = subprocess.run(
+      [sys.executable, "-m", "simfluence_jax.main", "--config=configs/missing.py",
+       f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+  assert proc.stderr.strip() == ("error: --config: [Errno 2] No such file or "
+                                 "directory: 'configs/missing.py'")
 
 
 def test_stale_workdir_from_the_command_line(tiny_run, tmp_path):

@@ -823,9 +823,9 @@ def check_factors(factors, params, argument: str = "factors", task=None) -> None
     checksum = _layers.param_values_checksum(params)
     if checksum != fitted:
       raise ValueError(
-          f"{argument}: fitted on other values of this model's parameters (checksum "
-          f"{fitted[:16]} in the factors, {checksum[:16]} for "
-          "params): refit them on these params, or pass "
+          f"{argument}: fitted on other values of this model's parameters ("
+          f"{_layers.describe_checksum_change(params, fitted, checksum)}): refit "
+          "them on these params, or pass "
           f"{argument}.for_other_params() to apply them here on purpose.")
     state = None if task is None else task_state_checksum(task)
     if state is not None and state != fitted_state:

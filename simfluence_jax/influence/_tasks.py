@@ -282,6 +282,7 @@ class ClassificationTask(_ApplyTask):
     """Raises ValueError unless every batch's labels are in [0, C) and integer
     inputs are ≥ 0."""
     self.check_params(params)
+    _check_dict_batches(batches, argument, ("inputs", "labels"))
     num_classes = self._num_outputs(params, batches[0]["inputs"])
     for i, batch in enumerate(batches):
       where = argument if len(batches) == 1 else f"{argument}[{i}]"
@@ -297,6 +298,19 @@ class ClassificationTask(_ApplyTask):
     logits = jax.lax.stop_gradient(self._apply(params, batch["inputs"]))
     labels = jax.random.categorical(rng, logits.astype(jnp.float32), axis=-1)
     return {**batch, "labels": labels.astype(jnp.asarray(batch["labels"]).dtype)}
+
+
+def _check_dict_batches(batches, argument: str, keys) -> None:
+  """Raises ValueError unless every batch is a mapping holding `keys` (a list of
+  batches passed as one batch, or a tuple, reached `batch["inputs"]` raw)."""
+  for i, batch in enumerate(batches):
+    where = argument if len(batches) == 1 else f"{argument}[{i}]"
+    if not isinstance(batch, collections.abc.Mapping):
+      raise ValueError(f"{where}: expected one batch, a dict with keys {list(keys)}, "
+                       f"got a {type(batch).__name__}.")
+    missing = [k for k in keys if k not in batch]
+    if missing:
+      raise ValueError(f"{where}: batch has no {missing} (keys {sorted(batch)}).")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -320,6 +334,7 @@ class LanguageModelingTask(_ApplyTask):
     """Raises ValueError unless mask matches targets and is finite and ≥ 0,
     targets are in [0, V) where the mask is > 0, and integer input ids are ≥ 0."""
     self.check_params(params)
+    _check_dict_batches(batches, argument, ("inputs", "targets", "mask"))
     vocab = self._num_outputs(params, batches[0]["inputs"])
     for i, batch in enumerate(batches):
       where = argument if len(batches) == 1 else f"{argument}[{i}]"

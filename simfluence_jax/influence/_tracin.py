@@ -15,6 +15,7 @@ seeded matrix (`kernels.projection`, a fresh one per checkpoint via
 `fold_in(rng, k)`), so the dot products are unbiased estimates.
 """
 
+import collections.abc
 import functools
 from typing import Optional, Sequence
 
@@ -231,6 +232,11 @@ def _check_not_aliased(checkpoints) -> None:
 
 
 def _validate(checkpoints, learning_rates, projection_dim, rng):
+  if isinstance(checkpoints, collections.abc.Mapping) or isinstance(
+      checkpoints, nnx.Module):
+    raise ValueError(f"checkpoints: expected a sequence of parameter trees (one per "
+                     f"checkpoint), got one {type(checkpoints).__name__}; pass "
+                     "[params] for a single checkpoint.")
   checkpoints = list(checkpoints)
   if np.ndim(learning_rates) > 1:
     raise ValueError(f"learning_rates must be float[K] (one per checkpoint), got "

@@ -606,8 +606,8 @@ class Simulator:
         not allow_extrapolation):
       raise ValueError(
           f"{who}: {num_steps} steps, more than the {self.num_steps} that simulator "
-          f"{self.name!r} was fitted on; pass allow_extrapolation=True to roll out "
-          "past them.")
+          f"{self.name!r} was fitted on; pass allow_extrapolation=True (the "
+          "simulate command: --allow_extrapolation) to roll out past them.")
     if self.final_only and (num_steps != self.num_steps or np.any(batch_ids < 0)):
       raise ValueError(
           f"{who}: simulator {self.name!r} predicts only the final loss of "
