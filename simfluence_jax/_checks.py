@@ -13,10 +13,22 @@ import numpy as np
 def first_nonfinite(values: Any) -> Optional[Tuple[int, ...]]:
   """The index (a tuple, one int per axis) of the first NaN/inf of `values` in C
   order, or None when all are finite. `values` is read on the host (numpy)."""
-  bad = ~np.isfinite(np.asarray(values))
-  if not bad.any():
-    return None
-  return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+  values = np.asarray(values)
+  if values.ndim == 0:
+    return None if np.isfinite(values) else ()
+  # In blocks along the first axis: a memory-mapped trace larger than RAM is
+  # checked with one block's mask in memory at a time, not a byte per element.
+  row = max(1, values[:1].size)
+  rows = max(1, _BLOCK_ELEMENTS // row)
+  for start in range(0, len(values), rows):
+    bad = ~np.isfinite(values[start:start + rows])
+    if bad.any():
+      index = np.unravel_index(int(np.argmax(bad)), bad.shape)
+      return (start + int(index[0]),) + tuple(int(i) for i in index[1:])
+  return None
+
+
+_BLOCK_ELEMENTS = 1 << 24
 
 
 def tree_signature(tree: Any) -> tuple:

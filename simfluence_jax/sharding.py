@@ -58,16 +58,23 @@ def make_mesh(runs: Optional[int] = None, data: Optional[int] = 1,
                      "holds each device once.")
   if runs is None and data is None:
     raise ValueError("make_mesh: give at least one of runs and data.")
-  if not isinstance(model, int) or isinstance(model, bool) or model < 1:
-    raise ValueError(f"make_mesh: model must be an integer >= 1, got {model!r}.")
-  rest = count // model if count % model == 0 else -1
-  if runs is None:
-    runs = rest // data if data and rest > 0 and rest % data == 0 else -1
-  if data is None:
-    data = rest // runs if runs and rest > 0 and rest % runs == 0 else -1
-  if runs <= 0 or data <= 0 or runs * data * model != count:
-    raise ValueError(f"make_mesh: runs={runs} x data={data} x model={model} does "
-                     f"not match the {count} devices.")
+  for name, value in (("runs", runs), ("data", data), ("model", model)):
+    if value is not None and (not isinstance(value, (int, np.integer))
+                              or isinstance(value, (bool, np.bool_)) or value < 1):
+      raise ValueError(f"make_mesh: {name} must be an integer >= 1, got {value!r}.")
+  given = " x ".join(f"{name}={value}" for name, value in
+                     (("runs", runs), ("data", data), ("model", model))
+                     if value is not None)
+  free = "runs" if runs is None else "data" if data is None else None
+  fixed = int(model) * int(runs if runs is not None else data)
+  if free is not None:
+    if count % fixed:
+      raise ValueError(f"make_mesh: {given} does not divide the {count} devices, "
+                       f"so no size of {free} fits.")
+    runs, data = ((count // fixed, data) if free == "runs" else (runs, count // fixed))
+  runs, data, model = int(runs), int(data), int(model)
+  if runs * data * model != count:
+    raise ValueError(f"make_mesh: {given} does not match the {count} devices.")
   return jax.sharding.Mesh(np.array(devices).reshape(runs, data, model),
                            (RUNS_AXIS, DATA_AXIS, MODEL_AXIS))
 
@@ -194,7 +201,8 @@ def data_sharded(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
 
 
 def data_size(mesh: Optional[jax.sharding.Mesh]) -> int:
-  return 1 if mesh is None else int(mesh.shape[DATA_AXIS])
+  """Size of the mesh's `data` axis (1 without one)."""
+  return 1 if mesh is None else int(dict(mesh.shape).get(DATA_AXIS, 1))
 
 
 def manual_axes(mesh: jax.sharding.Mesh) -> frozenset:

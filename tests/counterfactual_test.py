@@ -182,6 +182,11 @@ def test_load_curriculum_csv(tmp_path):
   path.write_text("# step per line\n0,1,2\n\n3,,4\n5\n")
   np.testing.assert_array_equal(data.load_curriculum(str(path), 6),
                                 [[[0, 1, 2], [3, -1, 4], [5, -1, -1]]])
+  # Saved with a UTF-8 byte order mark (Excel's "CSV UTF-8"; editors' JSON).
+  for name, text in (("bom.csv", "1,2\n3,4\n"), ("bom.json", "[[1, 2], [3, 4]]")):
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+    np.testing.assert_array_equal(data.load_curriculum(str(tmp_path / name), 6),
+                                  [[[1, 2], [3, 4]]])
 
 
 @pytest.mark.parametrize("name, text, match", [

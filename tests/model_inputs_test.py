@@ -349,3 +349,16 @@ def test_a_mesh_listing_a_device_twice_is_refused():
     sharding.make_mesh(runs=2, data=1, devices=[device, device])
   mesh = sharding.make_mesh(runs=1, data=1, devices=[device])
   assert mesh.devices.shape == (1, 1, 1)
+  # Sizes: NumPy integers are integers; the message names only what was given
+  # (it reported "runs=-1" for a model axis that did not divide the devices).
+  mesh = sharding.make_mesh(data=np.int64(1), runs=None, model=np.int64(1),
+                            devices=[device])
+  assert mesh.devices.shape == (1, 1, 1) and sharding.data_size(mesh) == 1
+  with pytest.raises(ValueError, match=r"^make_mesh: data=1 x model=3 does not divide "
+                     r"the 1 devices, so no size of runs fits.$"):
+    sharding.make_mesh(model=3, devices=[device])
+  with pytest.raises(ValueError, match=r"^make_mesh: runs must be an integer >= 1, "
+                     r"got 2.0.$"):
+    sharding.make_mesh(runs=2.0, data=None, devices=[device])
+  no_data_axis = jax.sharding.Mesh(np.array([device]), ("x",))
+  assert sharding.data_size(no_data_axis) == sharding.model_size(no_data_axis) == 1

@@ -169,6 +169,23 @@ class TfidfFilterTest(absltest.TestCase):
       influence.tfidf_filter(queries, candidates, 2, vocab_size=3)
     with self.assertRaisesRegex(ValueError, "ngram"):
       influence.tfidf_filter(queries, candidates, 2, ngram=0)
+    # NumPy integers are integers; a scalar leaf has no example axis.
+    np.testing.assert_array_equal(
+        influence.tfidf_similarity(queries, candidates, ngram=np.int64(2)),
+        influence.tfidf_similarity(queries, candidates, ngram=2))
+    with self.assertRaisesRegex(ValueError, "^filter_batch: every leaf needs a "
+                                "leading example axis"):
+      influence.filter_batch({"x": np.zeros((3, 2)), "n": np.float32(1)}, [0])
+    # Padding the mask leaves out may hold any id (-1, or beyond int32): it is
+    # not counted, so it changes nothing.
+    mask = np.ones((2, 5))
+    mask[:, -1] = 0
+    expected = influence.tfidf_similarity(queries, candidates, query_mask=mask)
+    for pad in (-1, 2**40):
+      padded = queries.astype(np.int64)
+      padded[:, -1] = pad
+      np.testing.assert_array_equal(
+          influence.tfidf_similarity(padded, candidates, query_mask=mask), expected)
     # 64-bit ids are range-checked before the int32 cast (2**32 + 1 wrapped to 1).
     wide = np.full((1, 2), 2**32 + 1, np.int64)
     for vocab_size in (None, 3):

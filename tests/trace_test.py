@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import simfluence_jax as sj
+from simfluence_jax import _checks
 
 
 def _trace(num_runs=3, num_steps=5, batch=4, num_test=6, num_train=10, grads=False,
@@ -146,3 +147,18 @@ def test_pickled_array_is_refused_without_running_it(tmp_path, monkeypatch):
     sj.Trace.load(tmp_path / "t")
   assert not (tmp_path / "BOOM").exists()
   assert pickle  # the payload above is a real pickle
+
+
+def test_nonfinite_values_are_found_block_by_block(monkeypatch):
+  """The finiteness check of a (memory-mapped) trace reads it in blocks along the
+  first axis; the first NaN/inf in C order is found wherever it lies."""
+  monkeypatch.setattr(_checks, "_BLOCK_ELEMENTS", 10)  # 2 rows of 2 x 3 per block
+  values = np.zeros((7, 2, 3), np.float32)
+  assert _checks.first_nonfinite(values) is None
+  for index in [(0, 0, 0), (1, 1, 2), (4, 0, 1), (6, 1, 2)]:
+    bad = values.copy()
+    bad[index] = np.inf
+    bad[6, 1, 2] = np.nan  # a later one is not the first
+    assert _checks.first_nonfinite(bad) == index
+  assert _checks.first_nonfinite(np.float32(np.nan)) == ()
+  assert _checks.first_nonfinite(np.float32(1.0)) is None

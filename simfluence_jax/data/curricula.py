@@ -153,9 +153,11 @@ def load_curriculum(path: str, num_train_examples: int) -> np.ndarray:
   if not _io.as_path(path).is_file():
     raise FileNotFoundError(f"curriculum file {path!r} does not exist.")
   extension = os.path.splitext(path)[1].lower()
+  # A UTF-8 byte order mark (Excel's "CSV UTF-8", some editors' JSON) is not data.
+  read = lambda: _io.read_text(path).removeprefix("\ufeff")
   if extension == ".json":
     try:
-      value = json.loads(_io.read_text(path))
+      value = json.loads(read())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise _curriculum_error(path, f"not valid JSON ({e}).") from e
     if isinstance(value, dict):
@@ -170,7 +172,7 @@ def load_curriculum(path: str, num_train_examples: int) -> np.ndarray:
     curricula = value if depth == 3 else [value]
   elif extension == ".csv":
     # read_text reads with universal newlines, as iterating an open file does.
-    lines = [line.strip() for line in _io.read_text(path).split("\n")]
+    lines = [line.strip() for line in read().split("\n")]
     steps = [[cell.strip() or "-1" for cell in line.split(",")]
              for line in lines if line and not line.startswith("#")]
     curricula = [steps]

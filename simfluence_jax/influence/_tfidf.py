@@ -8,7 +8,9 @@ similarity over tokens, then score those. This module does the filtering in `jnp
 * features: token n-grams of orders 1..`ngram`, counted over the positions whose
   tokens are all valid (mask set; by default token 0 is padding). Unigrams are
   exact; higher orders are exact when they fit in `num_buckets` ids, else hashed
-  into `num_buckets` buckets (collisions only add spurious overlap);
+  into `num_buckets` buckets (colliding n-grams share an id, which moves
+  similarities either way: up to 0.02 down and 0.1 up in a review's random cases
+  at 4096 buckets);
 * TF: raw counts, or `1 + log(count)` with `sublinear_tf=True`;
 * IDF over the candidates: `log((1 + N) / (1 + df)) + 1` (scikit-learn's smoothed
   IDF); features no candidate has get IDF 0, as if the vectoriser had been fitted
@@ -38,29 +40,35 @@ def _is_concrete(x) -> bool:
 
 
 def _check_tokens(tokens, mask, name: str) -> Tuple[jax.Array, jax.Array]:
-  """Validated (int32 tokens [n, L], float32 weights [n, L])."""
+  """Validated (int32 tokens [n, L], float32 weights [n, L]); positions the mask
+  leaves out (padding, which may hold any id, e.g. -1) read as id 0."""
   if np.ndim(tokens) != 2:
     raise ValueError(f"{name} must be an int array [n, L], got shape "
                      f"{np.shape(tokens)}.")
   if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
     raise ValueError(f"{name} must hold integer token ids, got dtype "
                      f"{jnp.result_type(tokens)}.")
-  if _is_concrete(tokens) and np.size(tokens):
+  mask_name = name.replace("tokens", "mask")
+  if mask is not None and np.shape(mask) != np.shape(tokens):
+    raise ValueError(f"{mask_name} must have the shape of {name} "
+                     f"{np.shape(tokens)}, got {np.shape(mask)}.")
+  if _is_concrete(tokens) and (mask is None or _is_concrete(mask)):
     # Checked before the int32 cast, which would wrap 2**32 + 1 to the id 1.
-    low, high = int(np.min(tokens)), int(np.max(tokens))
-    bounds = np.iinfo(np.int32)
-    if low < bounds.min or high > bounds.max:
-      raise ValueError(f"{name}: token id {high if high > bounds.max else low} is "
-                       "outside int32; token ids must be in [0, vocab_size).")
+    counted = np.asarray(tokens)
+    if mask is not None:
+      counted = counted[np.asarray(mask) != 0]
+    if counted.size:
+      low, high = int(np.min(counted)), int(np.max(counted))
+      bounds = np.iinfo(np.int32)
+      if low < bounds.min or high > bounds.max:
+        raise ValueError(f"{name}: token id {high if high > bounds.max else low} "
+                         "is outside int32; token ids must be in [0, vocab_size).")
   tokens = jnp.asarray(tokens, jnp.int32)
   if mask is None:
     # Without a mask, 0 is the padding id (byte-level models pad with 0).
     return tokens, (tokens != 0).astype(jnp.float32)
-  mask_name = name.replace("tokens", "mask")
-  if np.shape(mask) != np.shape(tokens):
-    raise ValueError(f"{mask_name} must have the shape of {name} "
-                     f"{np.shape(tokens)}, got {np.shape(mask)}.")
-  return tokens, (jnp.asarray(mask) != 0).astype(jnp.float32)
+  counts = jnp.asarray(mask) != 0
+  return jnp.where(counts, tokens, 0), counts.astype(jnp.float32)
 
 
 def _infer_vocab_size(query_tokens, candidate_tokens, vocab_size) -> int:
@@ -181,8 +189,10 @@ def tfidf_vectors(query_tokens, candidate_tokens, *, query_mask=None,
   Returns:
     (float32[Q, F], float32[N, F]); F = vocabulary size plus the n-gram ids.
   """
-  if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 1:
+  if (isinstance(ngram, (bool, np.bool_)) or not isinstance(ngram, (int, np.integer))
+      or ngram < 1):
     raise ValueError(f"ngram must be an int >= 1, got {ngram!r}.")
+  ngram = int(ngram)
   if int(num_buckets) < 1:
     raise ValueError(f"num_buckets must be positive, got {num_buckets}.")
   query_tokens, query_weights = _check_tokens(query_tokens, query_mask,
@@ -279,6 +289,9 @@ def filter_batch(batch, indices):
   leaves = jax.tree_util.tree_leaves(batch)
   if not leaves:
     raise ValueError("filter_batch: batch has no arrays.")
+  if any(np.ndim(x) == 0 for x in leaves):
+    raise ValueError("filter_batch: every leaf needs a leading example axis N; the "
+                     "batch holds a scalar.")
   sizes = {int(np.shape(x)[0]) for x in leaves}
   if len(sizes) != 1:
     raise ValueError(f"filter_batch: batch leaves have different leading sizes "
