@@ -332,8 +332,9 @@ class NonParameterStateTest(absltest.TestCase):
     params = nnx.state(net, nnx.Param)
     message = (r"^factors: fitted under other values of the task's non-parameter "
                r"state \(the NNX module's batch statistics or other non-Param "
-               r"variables; checksum [0-9a-f]{16} in the factors, [0-9a-f]{16} for "
-               r"the task\): refit them under this state, or pass "
+               r"variables; 2 of 2 arrays differ, first '.*mean': checksum "
+               r"([0-9a-f]{16}) in the factors, (?!\1)[0-9a-f]{16} for the "
+               r"task\): refit them under this state, or pass "
                r"factors.for_other_params\(\)")
     with self.assertRaisesRegex(ValueError, message):
       influence.ekfac_scores(after, params, factors, batch, [batch])

@@ -199,7 +199,7 @@ class FingerprintTest(absltest.TestCase):
     nudged["params"]["Dense_0"]["kernel"] = kernel.at[1, 2].set(
         jnp.nextafter(kernel[1, 2], jnp.inf))
     message = (r"^factors: fitted on other values of this model's parameters "
-               r"\(1 of \d+ parameter arrays differ, first 'params/Dense_0/kernel': "
+               r"\(1 of \d+ arrays differ, first 'params/Dense_0/kernel': "
                r"checksum ([0-9a-f]{16}) in the factors, (?!\1)[0-9a-f]{16} for "
                r"params\): "
                r"refit them on these params, or pass factors.for_other_params\(\)")

@@ -155,9 +155,23 @@ def task_state_checksum(task) -> str:
   statistics, ...), RNG keys and counters left out (they do not change what a
   deterministic model computes). "" for a task without such state (linen tasks,
   custom tasks), so their checksums are those of their parameters alone."""
+  arrays = _task_state_arrays(task)
+  return _layers.param_values_checksum(arrays) if arrays else ""
+
+
+def _describe_state_change(task, fitted: str, state: str) -> str:
+  if not fitted or not state:
+    return (f"the factors were fitted {'with' if fitted else 'without'} such state, "
+            f"the task has {'some' if state else 'none'}")
+  return _layers.describe_checksum_change(_task_state_arrays(task), fitted, state,
+                                          here="the task")
+
+
+def _task_state_arrays(task) -> dict:
+  """name -> array of the state `task_state_checksum` covers ({} without)."""
   rest = getattr(getattr(task, "_nnx_apply", None), "rest", None)
   if rest is None:
-    return ""
+    return {}
   flat, _ = jax.tree_util.tree_flatten_with_path(
       rest, is_leaf=lambda x: isinstance(x, nnx.Variable))
   arrays = {}
@@ -169,7 +183,7 @@ def task_state_checksum(task) -> str:
       if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         continue
       arrays["/".join(_layers._path_names(path + inner))] = x  # pylint: disable=protected-access
-  return _layers.param_values_checksum(arrays) if arrays else ""
+  return arrays
 
 
 def values_checksum(task, params) -> str:
@@ -832,8 +846,8 @@ def check_factors(factors, params, argument: str = "factors", task=None) -> None
       raise ValueError(
           f"{argument}: fitted under other values of the task's non-parameter state "
           f"(the NNX module's batch statistics or other non-Param variables; "
-          f"checksum {fitted_state[:16] or 'none'} in the factors, "
-          f"{state[:16] or 'none'} for the task): refit them under this state, or "
+          f"{_describe_state_change(task, fitted_state, state)}): refit them "
+          "under this state, or "
           f"pass {argument}.for_other_params() to apply them here on purpose.")
   if (task is not None and factors.loss_fingerprint is not None
       and factors.loss_example is not None

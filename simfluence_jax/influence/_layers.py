@@ -177,7 +177,8 @@ def param_values_checksum(params) -> str:
       _checksums(tuple(leaf for _, leaf in named)))) if named else ""
 
 
-def describe_checksum_change(params, fitted: str, checksum: str) -> str:
+def describe_checksum_change(params, fitted: str, checksum: str,
+                             here: str = "params") -> str:
   """Which parameter's values differ between two `param_values_checksum`s (the
   second of `params`): its name and its two 16-digit sums, or both checksums'
   lengths where the leaves differ in number."""
@@ -185,12 +186,12 @@ def describe_checksum_change(params, fitted: str, checksum: str) -> str:
   blocks = lambda text: [text[i:i + 16] for i in range(0, len(text), 16)]
   old, new = blocks(fitted), blocks(checksum)
   if len(old) != len(new) or len(new) != len(names):
-    return (f"the factors' checksum covers {len(old)} parameter arrays, params "
-            f"have {len(names)}")
+    return (f"the factors' checksum covers {len(old)} arrays, here there are "
+            f"{len(names)}")
   changed = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
-  return (f"{len(changed)} of {len(names)} parameter arrays differ, first "
+  return (f"{len(changed)} of {len(names)} arrays differ, first "
           f"{names[changed[0]]!r}: checksum {old[changed[0]]} in the factors, "
-          f"{new[changed[0]]} for params")
+          f"{new[changed[0]]} for {here}")
 
 
 @jax.jit
