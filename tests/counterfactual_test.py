@@ -93,7 +93,9 @@ def test_search_with_one_phase_per_step_reorders_to_the_brute_force_best():
   value = lambda order: float(initial.mean() + sum(b[t, i].mean()
                                                    for t, i in enumerate(order)))
   best = min(value(order) for order in itertools.permutations(subset))
-  kwargs = dict(pool=subset, num_iters=100, num_proposals=16, loss_floor=None)
+  # NumPy integers are integers (they were refused as "not a positive integer").
+  kwargs = dict(pool=subset, num_iters=np.int64(100), num_proposals=np.int32(16),
+                loss_floor=None)
   result = sj.simulators.search_curriculum(sim, initial, start, [0, 1], **kwargs)
   np.testing.assert_allclose(result.objective, best, rtol=1e-5)
   fixed = sj.simulators.search_curriculum(sim, initial, start, [0, 1], reorder=False,

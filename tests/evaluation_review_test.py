@@ -228,3 +228,59 @@ def test_simulate_run_keeps_the_point_prediction_with_bands(noisy_workdir, tmp_p
                         num_band_samples=4, seed=3)
   np.testing.assert_allclose(result["trajectories"]["lin"]["mean"], point, rtol=1e-6)
   assert (tmp_path / "out" / "trajectories.png").stat().st_size > 0
+
+
+def test_rounding_noise_is_not_ranked_by_any_rho_and_nonfinite_mse_is_nan():
+  """lds and removal_lds skip rows equal to float rounding, as
+  spearman_across_runs does (lds is documented to equal it); a non-finite
+  prediction makes all_steps_mse NaN, like every other metric (it was inf)."""
+  rng = np.random.default_rng(0)
+  actual = 2.0 + rng.normal(size=(6, 3, 4))
+  actual[:, 0] = 2.0  # every run starts from the same model
+  pred = np.repeat(actual[:1], 6, axis=0)
+  pred[:, -1] += 2e-7 * rng.normal(size=(6, 4))  # rounding-sized differences
+  assert np.isnan(_metrics.spearman_across_runs(pred, actual))
+  assert np.isnan(_metrics.lds(pred, actual))
+  good = actual + 0.01 * rng.normal(size=actual.shape)
+  assert _metrics.lds(good, actual) == pytest.approx(
+      _metrics.spearman_across_runs(good, actual))
+  change = actual[:, -1] - 2.0
+  noise = 1e-3 + 2e-7 * rng.normal(size=change.shape)
+  assert np.isnan(_metrics.removal_lds(noise, change))
+  mixed = np.concatenate([noise[:, :2], change[:, 2:]], axis=1)
+  assert _metrics.removal_lds(mixed, change) == 1.0  # the 2 noise columns skipped
+  diverged = good.copy()
+  diverged[1, 1, 2] = np.inf
+  assert np.isnan(_metrics.all_steps_mse(diverged, actual))
+  assert np.isnan(_metrics.final_step_mse(diverged, actual))
+
+
+def test_a_final_only_simulator_is_scored_on_its_final_step():
+  """A table simulator's intermediate steps are NaN by design: evaluate scores
+  its final step (all_steps_mse NaN) instead of calling it non-finite."""
+  from simfluence_jax.simulators import _simulator  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  runs, steps, width, num_train, num_test = 4, 3, 2, 6, 3
+  ids = rng.integers(0, num_train, (runs, steps, width)).astype(np.int32)
+  effects = rng.normal(0, 0.1, (num_train, num_test)).astype(np.float32)
+  losses = np.zeros((runs, steps + 1, num_test), np.float32)
+  losses[:, 0] = [2.0, 2.1, 2.2]
+  for t in range(steps):
+    losses[:, t + 1] = (losses[:, t] + effects[ids[:, t]].sum(1)
+                        + 0.01 * rng.normal(size=(runs, num_test)))
+  trace = sj.Trace(batch_ids=ids, losses=losses,
+                   learning_rates=np.ones((runs, steps), np.float32),
+                   num_train_examples=num_train)
+  sim = _simulator.Simulator(
+      A=None, B=jnp.asarray(effects), kind="additive", name="table",
+      batch_size=width, num_steps=steps, final_only=True,
+      fit_info_items=_simulator.fit_info_items(
+          {"initial_losses": losses[0, 0].tolist()}))
+  metrics = _metrics.evaluate(sim, trace)
+  pred = np.asarray(sim.simulate(ids, losses[:, 0]))
+  assert np.isnan(metrics["all_steps_mse"])
+  assert metrics["final_step_mse"] == pytest.approx(
+      float(np.mean((pred[:, -1] - losses[:, -1]) ** 2)))
+  final_rho = np.mean([scipy.stats.spearmanr(pred[:, -1, m], losses[:, -1, m])[0]
+                       for m in range(num_test)])
+  assert metrics["spearman_across_runs"] == pytest.approx(final_rho)

@@ -135,6 +135,28 @@ def test_cv_score_conventions():
   assert score("spearman_across_runs", ties, actual) == pytest.approx(
       -sj.evaluation.spearman_across_runs(ties, actual))
   assert np.isnan(score("spearman_across_runs", pred[:2], actual[:2]))  # < 3 runs
+  # Rows differing across runs only by float rounding (an order-blind simulator on
+  # permuted runs) carry no ranking: undefined, as in the held-out evaluation.
+  rounding = np.repeat(pred[:1], 4, axis=0)
+  rounding[:, -1] += 3e-7 * np.arange(4)[:, None] * np.array([1.0, -1.0])
+  assert np.isnan(sj.evaluation.spearman_across_runs(rounding, actual))
+  assert np.isnan(score("spearman_across_runs", rounding, actual))
   diverged = pred.copy()
   diverged[0, 1, 0] = np.inf
   assert score("all_steps_mse", diverged, actual) == np.inf  # worst, never skipped
+
+
+def test_a_fold_with_nothing_to_fit_is_named():
+  """Control runs (all padding) in every run of a fold's complement: the fold is
+  named, where the whole trace was blamed."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 5, (4, 3, 2)).astype(np.int32)
+  ids[[0, 2]] = -1
+  losses = (2 + 0.1 * rng.standard_normal((4, 4, 2))).astype(np.float32)
+  trace = sj.Trace(batch_ids=ids, losses=losses,
+                   learning_rates=np.ones((4, 3), np.float32), num_train_examples=5)
+  sj.simulators.fit("linear", trace, l2=0.1)  # the whole trace has data
+  with pytest.raises(ValueError, match=(
+      r"^num_folds=2: fold 1's fitting runs \(every run r with r % 2 != 1\) are all "
+      r"padding")):
+    sj.simulators.fit_cv("linear", trace, [0.1, 1.0], num_folds=2)

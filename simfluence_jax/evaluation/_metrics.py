@@ -20,6 +20,9 @@ MIN_RUNS_FOR_RHO = 3
 # equal: the float32 rounding of the same prediction computed for another
 # curriculum (an order-blind simulator on permuted runs differs by ~5e-7 of the
 # loss), whose ranks would be noise. Ranked metrics skip such rows as constant.
+# The scale is at least 1, so below a loss of 1 the tolerance is 1e-5 absolute: a
+# cross-entropy computed in float32 from logits of size ~1-10 carries rounding of
+# ~1e-6 however small the loss, so a spread of 1e-5 there is not a ranking.
 ROUNDING_RTOL = 1e-5
 
 
@@ -94,9 +97,12 @@ def _finite(pred) -> bool:
 def all_steps_mse(pred, actual) -> float:
   """Mean over runs, steps t = 1..T and test examples of (L̂_t − L_t)².
 
-  Step 0 is excluded: simulations start from the actual initial losses.
+  Step 0 is excluded: simulations start from the actual initial losses. NaN if
+  any L̂_t is non-finite (as every metric; inf before).
   """
   pred, actual = _check(pred, actual)
+  if not _finite(pred):
+    return float("nan")
   return float(np.mean((pred[:, 1:] - actual[:, 1:]) ** 2))
 
 
@@ -163,15 +169,16 @@ def lds(pred, actual) -> float:
   predicted vs actual effect L_T − L_0, averaged over test examples.
 
   With every run starting from the same model (always, in the main job) this equals
-  `spearman_across_runs`, so the main job reports that one only; MAGIC's removal
-  protocol is `removal_lds`.
+  `spearman_across_runs` (rows equal to float rounding, `ROUNDING_RTOL`, skipped
+  alike), so the main job reports that one only; MAGIC's removal protocol is
+  `removal_lds`.
   """
   pred, actual = _check(pred, actual)
   if not _finite(pred) or pred.shape[0] < MIN_RUNS_FOR_RHO:
     return float("nan")
   effect_pred = (pred[:, -1] - actual[:, 0]).T
   effect_actual = (actual[:, -1] - actual[:, 0]).T
-  return _nanmean(_rowwise_spearman(effect_pred, effect_actual))
+  return _nanmean(_rowwise_spearman(effect_pred, effect_actual, ROUNDING_RTOL))
 
 
 def removal_lds(predicted_change, actual_change) -> float:
@@ -183,8 +190,9 @@ def removal_lds(predicted_change, actual_change) -> float:
     actual_change: float[S, M], the change measured by retraining.
 
   Returns:
-    The mean over test examples (constant ones skipped); NaN if a prediction is
-    non-finite or S < `MIN_RUNS_FOR_RHO`.
+    The mean over test examples (those constant across removals, to float
+    rounding, `ROUNDING_RTOL`, skipped: ranking rounding noise is not a
+    prediction); NaN if a prediction is non-finite or S < `MIN_RUNS_FOR_RHO`.
 
   Raises:
     ValueError: shapes that differ or are not [S, M], or a non-finite
@@ -202,7 +210,8 @@ def removal_lds(predicted_change, actual_change) -> float:
                      f"test example {bad[1]}: a diverged retrain).")
   if not _finite(predicted_change) or predicted_change.shape[0] < MIN_RUNS_FOR_RHO:
     return float("nan")
-  return _nanmean(_rowwise_spearman(predicted_change.T, actual_change.T))
+  return _nanmean(_rowwise_spearman(predicted_change.T, actual_change.T,
+                                    ROUNDING_RTOL))
 
 
 def min_loss(pred) -> float:
@@ -282,6 +291,10 @@ def evaluate(simulator, held_out_trace: trace_lib.Trace,
   `allow_unfitted_ids`: score a per-id simulator on runs holding ids its fitted
   runs did not contain (its prior there; `Simulator.simulate` refuses otherwise).
 
+  A simulator that predicts only final losses (`final_only`, e.g.
+  `training.table_simulator`; its intermediate steps are NaN, not predictions)
+  is scored on its final step: all_steps_mse is NaN, the others as for any.
+
   Returns:
     dict metric name -> float (keys of `METRICS`).
   """
@@ -291,4 +304,10 @@ def evaluate(simulator, held_out_trace: trace_lib.Trace,
   pred = simulator.simulate(held_out_trace.batch_ids, held_out_trace.losses[:, 0],
                             allow_nonfinite=True,
                             allow_unfitted_ids=allow_unfitted_ids)
+  if getattr(simulator, "final_only", False):
+    ends = [0, -1]
+    metrics = compute_metrics(np.asarray(pred)[:, ends],
+                              held_out_trace.losses[:, ends])
+    metrics["all_steps_mse"] = float("nan")
+    return metrics
   return compute_metrics(pred, held_out_trace.losses)

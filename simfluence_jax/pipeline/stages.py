@@ -694,11 +694,12 @@ def evaluate(wd, config, runs: Runs, curricula: Curricula, sims: dict,
 
   # Version 2: ranked metrics skip rows that differ only by float rounding
   # (4fd73af); a record from before kept the old values where no fit_* upstream
-  # changed (a review's reproduction).
+  # changed (a review's reproduction). Version 4: a non-finite prediction's MSEs
+  # are NaN (all_steps_mse was inf).
   return wd.stage("evaluate", fields=("methods", "simulators.num_band_samples"),
                   upstream=("record_runs",) + tuple(upstream), compute=compute,
                   save=save, load=load, outputs=("evaluation",),
-                  version=3)  # 3: spearman_across_runs_skipped
+                  version=4)  # 3: spearman_across_runs_skipped; 4: NaN MSEs
 
 
 def metagradient_table_simulator(config, dataset, model: Model, test_ids,
@@ -872,7 +873,7 @@ def learning_curve(wd, config, runs: Runs, curricula: Curricula,
                                    else ()), compute=compute,
       save=lambda c: _io.write_json(path, c) if sharding.is_primary() else None,
       load=lambda: _io.read_json(path, "learning_curve"),
-      outputs=("learning_curve.json",), version=2)  # 2: as evaluate's
+      outputs=("learning_curve.json",), version=3)  # 2, 3: as evaluate's
 
 
 def _reference_batch_ids(config) -> np.ndarray:

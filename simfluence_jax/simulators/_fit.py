@@ -20,6 +20,7 @@ import numpy as np
 
 from simfluence_jax import _checks
 from simfluence_jax import trace as trace_lib
+from simfluence_jax.evaluation import _metrics as metrics_lib
 from simfluence_jax.simulators import _featurized
 from simfluence_jax.simulators import _simulator
 from simfluence_jax.simulators import _solver
@@ -429,27 +430,17 @@ def _phase_trace_ids(trace: trace_lib.Trace, starts: tuple) -> tuple:
 
 # -- cross-validation ------------------------------------------------------------------
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-  """Ranks 1..n along axis 0 with ties sharing their mean rank (float64[n, k])."""
-  ranks = np.empty(values.shape, np.float64)
-  for k in range(values.shape[1]):
-    _, inverse, counts = np.unique(values[:, k], return_inverse=True,
-                                   return_counts=True)
-    ends = np.cumsum(counts)
-    ranks[:, k] = (ends - (counts - 1) / 2.0)[inverse]
-  return ranks
-
-
 def cv_score(metric: Union[str, Callable], pred: np.ndarray, actual: np.ndarray
              ) -> float:
   """The CV loss of `pred` vs `actual` float[R', T+1, M] (lower is better).
 
   "all_steps_mse" / "final_step_mse" as in `evaluation` (steps 1..T / step T);
-  "spearman_across_runs" is returned negated (per test example, Spearman ρ across
-  the runs of the final loss, averaged over test examples with a defined ρ; NaN,
-  i.e. no information, with fewer than 3 runs or no defined ρ). A prediction that
-  is not finite (a diverging rollout) scores +inf, the worst. A callable is used as
-  is.
+  "spearman_across_runs" is `evaluation.spearman_across_runs` negated (per test
+  example, Spearman ρ across the runs of the final loss, averaged over test
+  examples with a defined ρ, rows equal to float rounding skipped as the held-out
+  evaluation skips them; NaN, i.e. no information, with fewer than 3 runs or no
+  defined ρ). A prediction that is not finite (a diverging rollout) scores +inf,
+  the worst. A callable is used as is.
   """
   pred = np.asarray(pred, np.float64)
   actual = np.asarray(actual, np.float64)
@@ -461,13 +452,7 @@ def cv_score(metric: Union[str, Callable], pred: np.ndarray, actual: np.ndarray
     return float(np.mean((pred[:, 1:] - actual[:, 1:]) ** 2))
   if metric == "final_step_mse":
     return float(np.mean((pred[:, -1] - actual[:, -1]) ** 2))
-  if pred.shape[0] < 3:
-    return float("nan")
-  ra, rb = _average_ranks(pred[:, -1]), _average_ranks(actual[:, -1])
-  ra, rb = ra - ra.mean(0), rb - rb.mean(0)
-  den = np.sqrt(np.sum(ra * ra, 0) * np.sum(rb * rb, 0))
-  rho = np.sum(ra * rb, 0)[den > 0] / den[den > 0]
-  return float(-np.mean(rho)) if rho.size else float("nan")
+  return -metrics_lib.spearman_across_runs(pred, actual)
 
 
 def fit_cv(kind: str, trace: trace_lib.Trace,
@@ -529,6 +514,11 @@ def fit_cv(kind: str, trace: trace_lib.Trace,
   for fold in range(num_folds):
     train = trace.select_runs(np.flatnonzero(fold_of_run != fold))
     held = trace.select_runs(np.flatnonzero(fold_of_run == fold))
+    if np.all(np.asarray(train.batch_ids) < 0):
+      raise ValueError(f"num_folds={num_folds}: fold {fold}'s fitting runs (every run "
+                       f"r with r % {num_folds} != {fold}) are all padding (-1), so "
+                       "it has nothing to fit; use fewer folds or order the runs "
+                       "so that each fold's complement trains.")
     problem = _problem(spec, train)
     a, b, _, info = _solve(spec, problem, np.asarray(grid), trace.num_train_examples)
     if not info["converged"]:

@@ -309,8 +309,11 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
     raise ValueError(f"pool: expected train ids in [0, {num_train}).")
   for name, value in (("num_iters", num_iters), ("num_proposals", num_proposals),
                       ("epoch_steps", 1 if epoch_steps is None else epoch_steps)):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
+        or value < 1):
       raise ValueError(f"{name}={value!r}: must be a positive integer.")
+  num_iters, num_proposals = int(num_iters), int(num_proposals)
+  epoch_steps = None if epoch_steps is None else int(epoch_steps)
   subsets, schedules = _split_curricula(start)
   linear = simulator.kind == "linear"
   reorder = reorders(simulator) if reorder is None else bool(reorder)
