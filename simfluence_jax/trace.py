@@ -3,11 +3,13 @@
 A trace holds, for R runs of T steps with batch size B and M test examples:
 
 * `batch_ids: int32[R, T, B]`: train example ids of each step's batch, `-1` = padding
-  (a step may be all padding, a no-op; so may a whole run, e.g. a control run
+  (a step may be all padding: no gradient, so a no-op under SGD, while momentum
+  and Adam still apply their state; so may a whole run, e.g. a control run
   trained on nothing).
 * `losses: float32[R, T+1, M]`: loss of each test example before the first step
   (`losses[:, 0]`) and after every step (`losses[:, t]` is after step t).
-* `learning_rates: float32[R, T]`: the step size used at each step.
+* `learning_rates: float32[R, T]`: the schedule's learning rate at each step (the
+  step size under SGD; momentum and Adam scale their update by it), ≥ 0.
 * `num_train_examples`: N; valid ids are in `[0, N)`.
 * Optional per-step projected gradients (for per-step TracIn), taken at the
   parameters *before* step t's update:

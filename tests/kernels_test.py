@@ -48,6 +48,10 @@ class PerExampleGradsTest(absltest.TestCase):
     np.testing.assert_allclose(chunked, full, rtol=1e-5, atol=1e-6)
     with self.assertRaisesRegex(ValueError, "chunk_size"):
       kernels.per_example_grads(loss_fn, params, batch, chunk_size=5)
+    for bad in (0, -2, 2.0):  # ZeroDivisionError / reshape TypeError before
+      with self.assertRaisesRegex(ValueError, rf"^per_example_grads: chunk_size="
+                                  rf"{bad!r} must be a positive integer"):
+        kernels.per_example_grads(loss_fn, params, batch, chunk_size=bad)
 
 
 class ProjectionTest(absltest.TestCase):

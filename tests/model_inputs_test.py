@@ -232,6 +232,13 @@ def test_projection_sizes_outside_their_range_are_refused(kwargs, message):
     kernels.project(vectors, jax.random.key(0), **{"dim": 4, **kwargs})
 
 
+def test_projection_sizes_may_be_numpy_integers():
+  vectors = jnp.arange(150.0).reshape(3, 50)
+  np.testing.assert_array_equal(
+      kernels.project(vectors, jax.random.key(0), np.int64(4), block_size=np.int32(16)),
+      kernels.project(vectors, jax.random.key(0), 4, block_size=16))
+
+
 def _reference_matrix(key, num_params, dim, block_size):
   """R [P, K]: block b of `block_size` rows from fold_in(key, b), ±1/√K."""
   block_size = min(block_size, num_params)

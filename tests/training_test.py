@@ -330,6 +330,27 @@ def test_optimizer_config_errors():
     training.make_optimizer(_config(lr_schedule="cosine"))
   with pytest.raises(ValueError, match="num_steps"):
     training.make_optimizer(_config(lr_schedule="linear"))
+  _, loss_fn, params0, train, test = _setup()
+  for bad in (0, -1):  # "max() arg is an empty sequence" before
+    with pytest.raises(ValueError, match=rf"^train_runs: grad_chunk_size={bad}: must "
+                       "be a positive integer"):
+      training.train_runs(params0, _batch_ids(), loss_fn=loss_fn,
+                          optimizer_config=_config(), train_arrays=train,
+                          test_arrays=test, record_grads=True, grad_chunk_size=bad,
+                          progress=False)
+  # A missing or non-numeric number is named (float(None) raised a TypeError).
+  for field, value, message in (
+      ("learning_rate", None, r"config.learning_rate=None: expected a number \(the "
+       r"field is missing\)"),
+      ("learning_rate", "0.1x", "config.learning_rate='0.1x': expected a number"),
+      ("momentum", None, "config.momentum=None: expected a number")):
+    config = dict(optimizer="momentum", learning_rate=0.1, lr_schedule="constant")
+    config[field] = value
+    with pytest.raises(ValueError, match=rf"^{message}"):
+      training.make_optimizer(config)
+  del config["learning_rate"]
+  with pytest.raises(ValueError, match=r"^config.learning_rate=None: expected"):
+    training.make_optimizer(config)
 
 
 def test_runs_sharded_over_two_host_devices_match_one_device():
@@ -426,6 +447,12 @@ def test_weighted_step_keeps_the_valid_count_as_denominator():
                              [1 / 3] * 3, rtol=1e-6)
   np.testing.assert_allclose(training.effective_weights(ids, NUM_TRAIN, weights)[
       0, 0, [4, 7, 1]], [2 / 3, 0.0, 0.5 / 3], rtol=1e-6)
+  # An id outside [-1, N) is refused (N counted in the step's denominator and its
+  # weight vanished; -2 read as padding).
+  for bad in (NUM_TRAIN, -2):
+    with pytest.raises(ValueError, match=rf"^batch_ids: ids must be in \[-1, "
+                       rf"num_train_examples={NUM_TRAIN}\) .* found {bad}"):
+      training.effective_weights(np.full((1, 2), bad), NUM_TRAIN)
 
 
 def test_weights_none_equals_ones_bit_for_bit_and_bad_weights_are_refused():

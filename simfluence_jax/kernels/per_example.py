@@ -4,6 +4,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # loss_fn(params, batch) -> float[n]: one loss per example of `batch`.
 PerExampleLossFn = Callable[..., jax.Array]
@@ -36,6 +37,11 @@ def per_example_grads(loss_fn: PerExampleLossFn, params, batch,
         params)
 
   n = _num_examples(batch)
+  if chunk_size is not None and (
+      isinstance(chunk_size, (bool, np.bool_))
+      or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
+    raise ValueError(f"per_example_grads: chunk_size={chunk_size!r} must be a "
+                     "positive integer (or None: all examples at once).")
   if chunk_size is None or chunk_size >= n:
     return jax.vmap(single)(batch)
   if n % chunk_size:

@@ -6,15 +6,17 @@ from `fold_in(key, block_index)` inside a `lax.scan`, so memory is O(block_size 
 whatever the number of parameters P. The matrix is a function of (key, block_size,
 K) (and `kind`): the same key with the same `block_size` and K always gives the same
 matrix, so projections taken at different times (train and test gradients,
-different steps) are comparable; a different `block_size` gives an unrelated matrix,
-so never compare projections taken with different block sizes. Every caller in this
-package uses the default block size (2**14).
+different steps) are comparable; a different `block_size` gives an unrelated matrix
+(block sizes at or above P are all one block, the same matrix), so never compare
+projections taken with different block sizes. Every caller in this package uses the
+default block size (2**14).
 """
 
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _KINDS = ("rademacher", "gaussian")
 
@@ -65,11 +67,11 @@ def project(vectors: jax.Array, key: jax.Array, dim: int,
   """
   if kind not in _KINDS:
     raise ValueError(f"project: kind must be one of {_KINDS}, got {kind!r}.")
-  if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-    raise ValueError(f"project: dim must be a positive integer, got {dim!r}.")
-  if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-    raise ValueError(f"project: block_size must be a positive integer, got "
-                     f"{block_size!r}.")
+  for name, value in (("dim", dim), ("block_size", block_size)):
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
+        or value < 1):
+      raise ValueError(f"project: {name} must be a positive integer, got {value!r}.")
+  dim, block_size = int(dim), int(block_size)
   if jnp.ndim(vectors) != 2:
     raise ValueError(f"project: vectors must be float[n, P], got shape "
                      f"{tuple(jnp.shape(vectors))}.")

@@ -109,7 +109,9 @@ class TransformerLM(nn.Module):
       deterministic: disables dropout (needs a "dropout" rng when False).
 
     Returns:
-      float32[B, L, V]; position l only depends on tokens[:, :l+1].
+      float32[B, L, V]; position l only depends on tokens[:, :l+1] (for ids in
+      [0, V): an id ≥ V embeds as NaN, and a NaN value anywhere in a row reaches
+      every position through attention's zero weights, 0·NaN = NaN).
     """
     length = tokens.shape[-1]
     if length > self.max_len:

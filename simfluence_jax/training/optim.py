@@ -30,6 +30,16 @@ def config_field(config: Any, name: str, default: Any = None) -> Any:
   return getattr(config, name, default)
 
 
+def _number(config: Any, name: str, default: Any = None) -> float:
+  """Field `name` as a float, or ValueError naming it (missing, None, not a number)."""
+  value = config_field(config, name, default)
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (int, float, np.integer, np.floating)):
+    raise ValueError(f"config.{name}={value!r}: expected a number"
+                     + (" (the field is missing)" if value is None else "") + ".")
+  return float(value)
+
+
 # Hyperparameters each optimizer reads besides the schedule, with their defaults.
 OPTIMIZER_HYPERPARAMETERS = {"sgd": {}, "momentum": {"momentum": 0.9},
                              "adam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8}}
@@ -66,7 +76,7 @@ def optimizer_settings(config: Any, num_steps: Optional[int] = None) -> dict:
                      f"one of {SCHEDULES}.")
   _check_warmup(config_field(config, "warmup_steps", 0))
   settings = {"optimizer": name,
-              "learning_rate": float(config_field(config, "learning_rate")),
+              "learning_rate": _number(config, "learning_rate"),
               "lr_schedule": schedule,
               "warmup_steps": int(config_field(config, "warmup_steps", 0) or 0)}
   if schedule == "linear":
@@ -75,10 +85,9 @@ def optimizer_settings(config: Any, num_steps: Optional[int] = None) -> dict:
       raise ValueError("config.lr_schedule='linear' needs the number of steps "
                        "(num_steps).")
     settings["num_steps"] = int(num_steps)
-    settings["end_learning_rate"] = float(config_field(config, "end_learning_rate",
-                                                       0.0))
+    settings["end_learning_rate"] = _number(config, "end_learning_rate", 0.0)
   for field, default in OPTIMIZER_HYPERPARAMETERS[name].items():
-    settings[field] = float(config_field(config, field, default))
+    settings[field] = _number(config, field, default)
   _check_ranges(settings)
   return settings
 

@@ -601,6 +601,11 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
   if checkpoint_every is not None and checkpoint_every <= 0:
     raise ValueError(f"train_runs: checkpoint_every must be positive, got "
                      f"{checkpoint_every}.")
+  if grad_chunk_size is not None:
+    try:
+      step_lib._chunk_size(batch_ids.shape[2], grad_chunk_size)  # pylint: disable=protected-access
+    except ValueError as e:
+      raise ValueError(f"train_runs: {e}") from None
   stop = num_steps if max_steps is None else max(0, min(int(max_steps), num_steps))
   steps_per_segment = int(steps_per_segment or checkpoint_every
                           or max(1, -(-num_steps // 10)))

@@ -206,6 +206,12 @@ def effective_weights(batch_ids: Any, num_train_examples: int,
           batch_ids, jnp.ones(batch_ids.shape, jnp.float32) if weights is None
           else jnp.asarray(weights, jnp.float32))
   values = coefficients / num_valid[..., None]
+  if not isinstance(batch_ids, jax.core.Tracer) and batch_ids.size:
+    low, high = int(jnp.min(batch_ids)), int(jnp.max(batch_ids))
+    if low < -1 or high >= num_train_examples:
+      raise ValueError(f"batch_ids: ids must be in [-1, num_train_examples="
+                       f"{num_train_examples}) (-1 = padding), found "
+                       f"{low if low < -1 else high}.")
   one_hot = jax.nn.one_hot(jnp.maximum(batch_ids, 0), num_train_examples,
                            dtype=jnp.float32)
   return jnp.einsum("...b,...bn->...n", values, one_hot)
@@ -234,6 +240,11 @@ def projection_key(seed: int) -> jax.Array:
 
 def _chunk_size(num_examples: int, chunk_size: Optional[int]) -> Optional[int]:
   """Largest divisor of `num_examples` not above `chunk_size` (None = no chunks)."""
+  if chunk_size is not None and (
+      isinstance(chunk_size, (bool, np.bool_))
+      or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
+    raise ValueError(f"grad_chunk_size={chunk_size!r}: must be a positive integer "
+                     "(or None: all of a step's examples at once).")
   if chunk_size is None or chunk_size >= num_examples:
     return None
   return max(d for d in range(1, chunk_size + 1) if num_examples % d == 0)
