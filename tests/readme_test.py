@@ -41,7 +41,7 @@ def _block_id(index):
 
 @pytest.fixture
 def quickstart_trace(tmp_path):
-  """A trace in the layout the Quickstart command writes (72 runs), made up quickly.
+  """A trace in the layout the Quickstart command writes (88 runs), made up quickly.
 
   Losses follow a Simfluence-Linear recurrence with random per-example A, B, so the
   README's simulator example fits something real; the path is where the example
@@ -49,10 +49,10 @@ def quickstart_trace(tmp_path):
   """
   rng = np.random.default_rng(0)
   num_train, num_test, batch = 40, 6, 4
-  batch_ids = data_lib.make_curricula(72, num_train, 32, 1, batch, seed=0)  # [72, 8, 4]
+  batch_ids = data_lib.make_curricula(88, num_train, 32, 1, batch, seed=0)  # [88, 8, 4]
   a = 1.0 / batch - rng.uniform(0.0, 0.02, (num_train, num_test))
   b = rng.normal(0.0, 0.05, (num_train, num_test))
-  losses = [np.broadcast_to(rng.uniform(2.0, 4.0, num_test), (72, num_test))]
+  losses = [np.broadcast_to(rng.uniform(2.0, 4.0, num_test), (88, num_test))]
   for t in range(batch_ids.shape[1]):
     ids = batch_ids[:, t]
     losses.append(a[ids].sum(1) * losses[-1] + b[ids].sum(1))
