@@ -1,7 +1,8 @@
 """R runs trained together (vmap) vs the same R runs one after another.
 
-Budget (docs/design.md §7): training R runs together must be >= 3x faster per run than
-training them one after another. Both sides use the same jitted segment function
+No budget any more (docs/design.md §7: the roofline replaced the old ">= 3x faster per
+run together than one after another", which a compute-bound CPU cannot show); the
+ratio is still printed. Both sides use the same jitted segment function
 of `simfluence_jax.training.runs` (scan over steps of the vmapped pure train step),
 the together side with all R runs, the sequential side with R=1 called R times (and,
 for reference, a plain loop calling the jitted single-run step once per step); the

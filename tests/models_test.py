@@ -64,7 +64,7 @@ def test_reference_transformer_param_count():
   model = models.TransformerLM(vocab_size=VOCAB)
   variables = jax.eval_shape(
       lambda: models.init_variables(model, jnp.zeros((1, 32), jnp.int32)))
-  assert models.num_params(variables) == 135_555  # ≈ 136k, docs/design.md §7
+  assert models.num_params(variables) == 135_555  # ≈ 136k, as README's model table says
 
 
 def test_transformer_without_biases_has_square_ekfac_a_factors():
