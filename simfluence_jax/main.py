@@ -19,6 +19,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from simfluence_jax import _cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
@@ -69,21 +71,7 @@ def parse_flags(argv):
       print(f"error: {name} is the same field as {tied[name]} (it follows it); "
             f"set {tied[name]} instead.", file=sys.stderr)
       sys.exit(2)
-  try:
-    parsed = flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError,
-          FileNotFoundError) as e:
-    # ml_collections wraps a KeyError in an AttributeError, and a KeyError's str
-    # is the repr of its argument (quotes and "\\n" escaped): show the argument.
-    cause = e
-    while cause.args and isinstance(cause.args[0], BaseException):
-      cause = cause.args[0]
-    message = (str(cause.args[0]) if isinstance(cause, KeyError) and cause.args
-               else str(cause)).strip()
-    if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
-      message = message[1:-1]
-    print(f"error: {type(e).__name__ if not message else ''}{message}", file=sys.stderr)
-    sys.exit(2)
+  parsed = _cli.parse_flags(argv)
   try:
     if _CONFIG.value is not None:
       _CONFIG.value.keys()  # a config file that failed to load raises only when read

@@ -46,6 +46,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from simfluence_jax import _cli
 from simfluence_jax import _io
 from simfluence_jax import counterfactual
 from simfluence_jax import data
@@ -65,13 +66,13 @@ def _check_unfitted(sims: dict, found: dict, curriculum_path: str) -> None:
     return
   union = np.unique(np.concatenate(list(found.values())))
   others = [m for m in sims if m not in found]
-  leave_out = (f"--methods={','.join(others)} leaves them out; " if others else "")
+  leave_out = (f"--methods={','.join(others)} keeps the saved simulators that "
+               "predict every id; " if others else "")
   raise ValueError(
       f"--curriculum={curriculum_path}: holds train ids "
       f"{_simulator.format_ids(union)} ({union.size} in "
       f"all) that no fitted run contained; simulators {sorted(found)} have only their "
-      f"prior for them ({_simulator.COVERING_METHODS} can predict them); "
-      f"{leave_out}pass --allow_unfitted_ids to roll out anyway.")
+      f"prior for them; {leave_out}pass --allow_unfitted_ids to roll out anyway.")
 
 
 def _check_output_dir(output_dir: str, curriculum: str) -> None:
@@ -222,4 +223,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_cli.parse_flags)

@@ -27,6 +27,7 @@ import sys
 from absl import app
 from absl import flags
 
+from simfluence_jax import _cli
 from simfluence_jax import _io
 from simfluence_jax.evaluation._tables import load_metrics
 from simfluence_jax.evaluation._tables import render
@@ -68,7 +69,15 @@ def main(argv):
     if _PLANS.value:
       # pylint: disable-next=g-import-not-at-top
       from simfluence_jax.planning import report as plan_report
-      plans = [json.loads(_io.read_text(path)) for path in _PLANS.value]
+      plans = []
+      for path in _PLANS.value:
+        if not _io.exists(path):
+          raise ValueError(f"--plans: {path!r} does not exist (write one with "
+                           "python -m simfluence_jax.plan ... --out=FILE).")
+        try:
+          plans.append(json.loads(_io.read_text(path)))
+        except json.JSONDecodeError as e:
+          raise ValueError(f"--plans: {path!r} is not a plan's JSON ({e}).") from None
       parts.append("\n".join(plan_report.plans_table(plans)) + "\n")
     if not parts:
       raise ValueError("give --workdir, --sweep and/or --plans.")
@@ -82,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_cli.parse_flags)

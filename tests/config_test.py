@@ -79,6 +79,16 @@ def test_removal_fractions_must_remove_distinct_counts(fractions, message):
   pipeline.validate_config(config)
 
 
+def test_an_empty_l2_grid_is_refused_before_any_stage_only_when_it_is_read():
+  config = load("default", "tiny")
+  config.simulators.l2_grid = ()
+  config.simulators.l2 = None  # cross-validation over the grid (11 stages ran first)
+  with pytest.raises(ValueError, match=r"^config.simulators.l2_grid=\(\): empty"):
+    pipeline.validate_config(config)
+  config.simulators.l2 = 1.0  # the grid is not read
+  pipeline.validate_config(config)
+
+
 @pytest.mark.parametrize("optimizer, field, value, message", [
     ("momentum", "momentum", 1.0, r"config.momentum=1.0: must be in \[0, 1\)"),
     ("adam", "eps", -1e-8, "config.eps=-1e-08: must be a finite positive number"),

@@ -162,6 +162,16 @@ def test_every_optimizer_setting_is_a_config_field_the_runs_record(optimizer,
     assert fp.Inputs(after, {}).fingerprint != fp.Inputs(before, {}).fingerprint, field
 
 
+def test_a_redrawn_check_blames_the_random_stream_only_when_no_field_changed():
+  old = {"fields": {"batch_size": 4}, "version": 1, "checks": {"curricula": "a"}}
+  redrawn = fp.Inputs({"batch_size": 4}, {}, checks={"curricula": "b"})
+  assert fp.describe_changes(old, redrawn) == [
+      "curricula a -> b (drawn again from the seed: another NumPy random stream?)"]
+  # batch_size explains the new curricula: no hint about NumPy's stream.
+  resized = fp.Inputs({"batch_size": 2}, {}, checks={"curricula": "b"})
+  assert fp.describe_changes(old, resized) == ["batch_size 4 -> 2", "curricula a -> b"]
+
+
 def test_a_check_drawn_again_refuses_or_recomputes_every_stage_below_it(tmp_path):
   """`checks` (the curricula's digest): not in the fingerprint, so records written
   before it existed stay valid; another value is "changed" for the stage and every

@@ -205,6 +205,13 @@ def test_a_multi_seed_metrics_json_records_each_seeds_digest(monkeypatch, tmp_pa
   assert payload["simfluence_linear"]["spearman_across_runs"] == pytest.approx(0.55)
   assert ("| simfluence_linear | – (0.50×) | – | – | 0.550 ± 0.050 | – |"
           in _tables.render(payload, "none", str(tmp_path)))
+  # Seeds that agree show "± 0.000" (the value read as one seed's before); a
+  # single seed's metrics have no std and show none.
+  agreeing = {"simfluence_linear": {"spearman_across_runs": 0.2},
+              "std": {"simfluence_linear": {"spearman_across_runs": 0.0}}}
+  assert _tables.methods_table(agreeing)[-1].endswith("| 0.200 ± 0.000 | – |")
+  del agreeing["std"]
+  assert _tables.methods_table(agreeing)[-1].endswith("| 0.200 | – |")
 
 
 def test_a_seed_rerun_alone_is_refused(monkeypatch, tmp_path):
@@ -221,6 +228,15 @@ def test_a_seed_rerun_alone_is_refused(monkeypatch, tmp_path):
   proc = _tables_cli(f"--workdir={tmp_path}", "--goals=none")
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == f"error: {message}"
+  # Bad flags and missing plan files: one line each (absl's FATAL block and a raw
+  # [Errno 2] before).
+  proc = _tables_cli(f"--workdir={tmp_path}", "--goals=bogus")
+  assert (proc.returncode, proc.stderr.strip()) == (
+      2, "error: flag --goals=bogus: value should be one of <default|rough|none>")
+  proc = _tables_cli(f"--plans={tmp_path / 'nope.json'}")
+  assert proc.returncode == 1 and proc.stderr.strip() == (
+      f"error: --plans: '{tmp_path / 'nope.json'}' does not exist (write one with "
+      "python -m simfluence_jax.plan ... --out=FILE).")
   os.remove(tmp_path / "seed_1" / "metrics.json")
   with pytest.raises(ValueError, match=(
       rf"^--workdir='{tmp_path}': seed_1/ has no metrics.json: its last main job "

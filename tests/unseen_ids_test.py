@@ -421,10 +421,9 @@ def test_simulate_run_refuses_unfitted_ids_naming_the_file(workdir, tmp_path):
     simulate.run(str(root), str(path), num_band_samples=0)
   assert str(info.value) == (
       f"--curriculum={path}: holds train ids [3] (1 in all) that no fitted run "
-      "contained; simulators ['simfluence_linear'] have only their prior for them "
-      "(simfluence_featurized, tracin_cp, ekfac_if and metagradient can predict "
-      "them); --methods=tracin_cp leaves them out; pass --allow_unfitted_ids to "
-      "roll out anyway.")
+      "contained; simulators ['simfluence_linear'] have only their prior for them; "
+      "--methods=tracin_cp keeps the saved simulators that predict every id; pass "
+      "--allow_unfitted_ids to roll out anyway.")
   assert not (root / "simulated").exists()
   result = simulate.run(str(root), str(path), num_band_samples=0,
                         allow_unfitted_ids=True)

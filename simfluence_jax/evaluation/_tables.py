@@ -41,7 +41,7 @@ def _fmt(mean, std=np.nan, digits=3):
   if mean is None or not np.isfinite(mean):
     return "–"
   text = f"{mean:.{digits}f}"
-  if std is not None and np.isfinite(std) and std > 0:
+  if std is not None and np.isfinite(std):  # 0 too: seeds that agree
     text += f" ± {std:.{digits}f}"
   return text
 

@@ -207,9 +207,11 @@ def describe_changes(old: Mapping[str, Any], new: Inputs,
   for name, value in sorted(new.extra.items()):
     if old.get("extra", {}).get(name) != value:
       changes.append(f"{name} changed")
+  # Without a config field to explain it, a changed draw is the random stream's.
+  hint = "" if changes else (" (drawn again from the seed: another NumPy random "
+                             "stream?)")
   for name in changed_checks(old, new):
-    changes.append(f"{name} {old['checks'][name]} -> {new.checks[name]} (drawn "
-                   "again from the seed: another NumPy random stream?)")
+    changes.append(f"{name} {old['checks'][name]} -> {new.checks[name]}{hint}")
   if not changes:
     for name in sorted(set(old.get("upstream", {})) | set(new.upstream)):
       if old.get("upstream", {}).get(name) != new.upstream.get(name):

@@ -113,6 +113,10 @@ def validate_config(config) -> None:
     _positive_int(config, name, allow_zero=True)
   _positive_float(config, "learning_rate")
   _positive_float(config, "simulators.l2", allow_none=True)
+  if config.simulators.l2 is None and not len(config.simulators.l2_grid):
+    raise ValueError("config.simulators.l2_grid=(): empty, and config.simulators.l2 "
+                     "is None, so cross-validation has no l2 to choose; give "
+                     "positive numbers, or set config.simulators.l2.")
   for l2 in config.simulators.l2_grid:
     if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0:
       raise ValueError(f"config.simulators.l2_grid={tuple(config.simulators.l2_grid)!r}"

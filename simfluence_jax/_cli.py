@@ -1,0 +1,49 @@
+"""One `error:` line for a bad command line, shared by every CLI's flag parser.
+
+absl prints a bad flag as a "FATAL Flags parsing error" block, and ml_collections'
+config flags raise errors whose text is a repr (`'num_run'\\nDid you mean ...`) or
+holds a whole traceback (a config file whose `get_config` raised). Each becomes one
+line naming the flag.
+"""
+
+import sys
+from typing import Sequence
+
+from absl import flags
+
+# What absl, ml_collections' config flags and a config file's get_config raise.
+FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError,
+               FileNotFoundError)
+
+
+def flag_error_line(error: BaseException, argv: Sequence[str]) -> str:
+  """The message of a flag-parsing error, on one line, naming the flag."""
+  cause = error  # ml_collections wraps a KeyError in an AttributeError
+  while cause.args and isinstance(cause.args[0], BaseException):
+    cause = cause.args[0]
+  if isinstance(cause, KeyError) and cause.args:
+    # An unknown config field: its str is a repr; the argument is the field's
+    # name, then ml_collections' suggestion on the next lines.
+    lines = [line.strip() for line in str(cause.args[0]).splitlines() if line.strip()]
+    field = lines[0].strip("'\"") if lines else ""
+    flag = next((arg.split("=", 1)[0] for arg in argv[1:]
+                 if arg.startswith("--config.")
+                 and field in arg.split("=", 1)[0].split(".")), "--config")
+    return "; ".join([f"{flag}: the config has no field {field!r}"] + lines[1:])
+  text = str(cause).strip()
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if len(lines) > 1 and any(line.startswith("Traceback") for line in lines):
+    # A config file that raised: the first line names the flag, the last the error.
+    return f"{lines[0].rstrip(':')}: {lines[-1]}"
+  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+    text = text[1:-1]
+  return " ".join(lines) if len(lines) > 1 else (text or type(error).__name__)
+
+
+def parse_flags(argv: Sequence[str]):
+  """absl's parsing of `argv`; a bad flag prints one `error:` line and exits 2."""
+  try:
+    return flags.FLAGS(argv)
+  except FLAG_ERRORS as e:
+    print(f"error: {flag_error_line(e, argv)}", file=sys.stderr)
+    sys.exit(2)
