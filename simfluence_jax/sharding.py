@@ -52,6 +52,8 @@ def make_mesh(runs: Optional[int] = None, data: Optional[int] = 1,
   """
   devices = list(jax.devices() if devices is None else devices)
   count = len(devices)
+  if not count:
+    raise ValueError("make_mesh: devices is empty; a mesh needs at least one device.")
   if len(set(devices)) != count:
     twice = next(d for d in devices if devices.count(d) > 1)
     raise ValueError(f"make_mesh: device {twice} is listed more than once; a mesh "

@@ -369,3 +369,19 @@ def test_a_mesh_listing_a_device_twice_is_refused():
     sharding.make_mesh(runs=2.0, data=None, devices=[device])
   no_data_axis = jax.sharding.Mesh(np.array([device]), ("x",))
   assert sharding.data_size(no_data_axis) == sharding.model_size(no_data_axis) == 1
+  # No devices: refused here, not as a ZeroDivisionError in train_runs later.
+  with pytest.raises(ValueError, match=r"^make_mesh: devices is empty"):
+    sharding.make_mesh(runs=None, devices=[])
+  # A mesh without a runs axis, or not a mesh, for the run-sharded functions.
+  from simfluence_jax.training import runs as runs_lib  # pylint: disable=g-import-not-at-top
+  for mesh in (no_data_axis, [device]):
+    with pytest.raises(ValueError, match=r"^mesh must be a jax.sharding.Mesh with a "
+                       "'runs' axis"):
+      runs_lib.runs_shardings(2, mesh)
+  # The solver's devices: a list of distinct jax devices.
+  from simfluence_jax.simulators import _solver  # pylint: disable=g-import-not-at-top
+  for devices, message in (([device, device], "lists a device more than once"),
+                           (["cpu"], "expected jax devices"),
+                           (device, "expected a list of jax devices")):
+    with pytest.raises(ValueError, match=rf"^devices: .*{message}"):
+      _solver.column_mesh(devices)

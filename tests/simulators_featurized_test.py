@@ -140,6 +140,9 @@ def test_featurized_validation():
     sj.simulators.fit("featurized", trace, features=features, base="quadratic")
   with pytest.raises(ValueError, match="method"):
     sj.simulators.fit("featurized", trace, features=features, method="dual")
+  # devices was silently ignored (its solve runs on one device).
+  with pytest.raises(ValueError, match=r"^devices: the featurized simulator's"):
+    sj.simulators.fit("featurized", trace, features=features, devices=[])
   with pytest.raises(ValueError, match="prior_A/prior_B"):
     sj.simulators.fit("featurized", trace, features=features,
                       prior_B=np.zeros((NUM_TRAIN, NUM_TEST)))

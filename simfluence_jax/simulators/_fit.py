@@ -94,6 +94,9 @@ def _spec(kind, trace, *, prior_alpha, prior_A, prior_B, features, base, interce
     if not _is_number(prior_alpha) or not np.isfinite(prior_alpha):
       raise ValueError(f"prior_alpha: expected a finite number, got {prior_alpha!r}.")
   shape = (trace.num_train_examples, trace.num_test_examples)
+  if featurized and devices is not None:
+    raise ValueError("devices: the featurized simulator's normal equations (F' x F' "
+                     "per test example) are solved on one device; leave devices=None.")
   if featurized and (prior_A is not None or prior_B is not None):
     raise ValueError("prior_A/prior_B: not supported by the featurized simulator (its "
                      "parameters are W, not per-example A, B).")
@@ -231,6 +234,7 @@ def _solve(spec: _Spec, problem: _Problem, l2_values: np.ndarray, num_train: int
   y = np.tile(problem.target, (1, grid))
   l2 = np.repeat(np.asarray(l2_values, np.float32), num_test)
   if spec.kind == "featurized":
+    # Its normal equations are F' x F' per test example: one device solves them.
     raw, info = _featurized.solve(problem.summed, x, y, l2, linear=spec.linear,
                                   method=spec.method, tol=spec.tol,
                                   max_iters=spec.max_iters,
@@ -331,7 +335,7 @@ def fit(kind: str, trace: trace_lib.Trace, l2: float = 1e-3, *,
       False.
     memory_budget_bytes: working-set bound per chunk of test examples.
     devices: devices the solver shards test examples over (default: one on CPU, all
-      local accelerators otherwise).
+      local accelerators otherwise); not for "featurized" (one device).
     name: label for reports (default "simfluence_<kind>").
 
   Returns:

@@ -524,9 +524,17 @@ def default_devices() -> list:
 
 def column_mesh(devices: Optional[Sequence[Any]] = None) -> jax.sharding.Mesh:
   """A one-axis ("columns") mesh over `devices` (default `default_devices()`)."""
+  if devices is not None and not isinstance(devices, (list, tuple)):
+    raise ValueError(f"devices: expected a list of jax devices, got "
+                     f"{type(devices).__name__} (pass [device] for one).")
   devices = default_devices() if devices is None else list(devices)
   if not devices:
     raise ValueError("devices: expected at least one device, got none.")
+  if not all(isinstance(d, jax.Device) for d in devices):
+    raise ValueError(f"devices: expected jax devices (jax.devices()), got "
+                     f"{[type(d).__name__ for d in devices]}.")
+  if len(set(devices)) != len(devices):
+    raise ValueError(f"devices: {devices} lists a device more than once.")
   return jax.sharding.Mesh(np.array(devices), (COLUMNS_AXIS,))
 
 

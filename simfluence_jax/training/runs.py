@@ -92,6 +92,9 @@ def runs_shardings(num_runs: int, mesh: Optional[jax.sharding.Mesh] = None
   """
   if mesh is None:
     mesh = sharding_lib.runs_mesh()
+  if not isinstance(mesh, jax.sharding.Mesh) or RUNS_AXIS not in mesh.axis_names:
+    raise ValueError(f"mesh must be a jax.sharding.Mesh with a {RUNS_AXIS!r} axis "
+                     f"(sharding.make_mesh), got {mesh!r}.")
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   size = mesh.shape[RUNS_AXIS]
   if num_runs % size == 0:
