@@ -139,7 +139,7 @@ def test_the_skipped_count_survives_the_mean_over_seeds_and_the_tables(tmp_path)
   _report.write_report(str(tmp_path), payload=payload)
   text = _tables.render(_tables.load_metrics(str(tmp_path), warn=lambda _: None),
                         "rough", "x")
-  assert "| sim | 0.400 ± 0.100 (0.40×) | 0.400 ± 0.100 (0.40×) | 0.900 | " \
+  assert "| sim | 0.400 ± 0.100 (0.40×) | 0.400 ± 0.100 (0.40×) | 0.900 ± 0.000 | " \
          "0.750 ± 0.050 |" in text
   assert SKIPPED not in text
 
