@@ -27,9 +27,10 @@ def _examples(split):
           [f" yes{i % 2}" for i in range(NUM_TRAIN + 2)])
 
 
-def _register(name, prompt_vocab, answer_vocab=None):
+def _register(name, prompt_vocab, answer_vocab=None, prompt_eos=False):
   """A seqio Task over `_examples` whose prompt ("inputs") is tokenized by
-  `prompt_vocab` and answer ("targets") by `answer_vocab` (ByteVocabulary)."""
+  `prompt_vocab` and answer ("targets") by `answer_vocab` (ByteVocabulary); with
+  `prompt_eos`, the prompt ends in EOS too (T5's super_glue_*_v102 style)."""
   import seqio  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -44,7 +45,7 @@ def _register(name, prompt_vocab, answer_vocab=None):
       name, source=seqio.FunctionDataSource(dataset_fn, splits=("train", "validation")),
       preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
       output_features={
-          "inputs": seqio.Feature(prompt_vocab, add_eos=False),
+          "inputs": seqio.Feature(prompt_vocab, add_eos=prompt_eos),
           "targets": seqio.Feature(answer_vocab or seqio.ByteVocabulary(),
                                    add_eos=True)})
   return name
@@ -127,6 +128,17 @@ def test_one_vocabulary_for_both_features_keeps_the_byte_arrays():
   task = _register("data_inputs_same_vocab", seqio.ByteVocabulary())
   ds = data.get_dataset(_seqio_config(task))
   assert ds.vocab_size == data.BYTE_VOCAB_SIZE
+  _assert_arrays_equal(ds.train, _packed("train", NUM_TRAIN))
+  _assert_arrays_equal(ds.test, _packed("validation", NUM_TEST))
+
+
+def test_a_prompt_ending_in_eos_packs_as_prompt_answer_eos():
+  """A T5-style Task (prompt feature add_eos=True, as the scale configs'
+  super_glue_boolq_v102) packed "prompt EOS answer EOS"; the prompt's EOS is
+  dropped, so the rows are the documented prompt + answer + EOS."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  task = _register("data_inputs_prompt_eos", seqio.ByteVocabulary(), prompt_eos=True)
+  ds = data.get_dataset(_seqio_config(task))
   _assert_arrays_equal(ds.train, _packed("train", NUM_TRAIN))
   _assert_arrays_equal(ds.test, _packed("validation", NUM_TEST))
 

@@ -189,6 +189,13 @@ def test_digits():
   other = data.get_dataset(_config(name="digits", num_train_examples=300,
                                    num_test_examples=100, seed=4))
   assert other.metadata["train_rows"] != train_rows
+  # Each split depends on its own size: the test set stays when N changes (it
+  # became train rows at a larger N), and the train rows keep their prefix.
+  larger = data.get_dataset(_config(name="digits", num_train_examples=1000,
+                                    num_test_examples=100, seed=3))
+  assert larger.metadata["test_rows"] == test_rows
+  assert larger.metadata["train_rows"][:300] == train_rows
+  np.testing.assert_array_equal(larger.test["labels"], ds.test["labels"])
 
 
 # ---------------------------------------------------------------- config validation

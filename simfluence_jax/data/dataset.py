@@ -328,7 +328,10 @@ def _digits(config) -> Dataset:
   inputs = (digits.data / 16.0).astype(np.float32)
   labels = digits.target.astype(np.int32)
   order = np.random.default_rng([config.seed, 0]).permutation(len(labels))
-  train_rows, test_rows = order[:num_train], order[num_train:num_train + num_test]
+  # Train rows from the front of the order, test rows from its end: each split
+  # depends on its own size only (the test set stays put when N changes, as in
+  # the other sources; before 2026-12-07 it followed the train rows).
+  train_rows, test_rows = order[:num_train], order[::-1][:num_test]
   return Dataset(
       name="digits", kind="classification",
       train={"inputs": inputs[train_rows], "labels": labels[train_rows]},

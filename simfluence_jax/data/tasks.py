@@ -139,7 +139,9 @@ def materialize(task: seqio.Task, split: str, keep_fn=None,
 
   `features` names the Task's prompt and answer features; an answer without an
   EOS (a Task whose feature does not add one) gets the vocabulary's EOS appended,
-  so every answer ends like the built-in tasks' do.
+  so every answer ends like the built-in tasks' do, and a prompt's trailing EOS (a
+  T5-style Task whose prompt feature has `add_eos=True`, e.g. super_glue_*_v102) is
+  dropped: the row is prompt + answer + EOS, with no EOS between them.
   """
   prompt_key, answer_key = features
   # No in-memory cache: it would ask the source for its size, which mocked (and
@@ -154,7 +156,11 @@ def materialize(task: seqio.Task, split: str, keep_fn=None,
     eos = task.output_features[answer_key].vocabulary.eos_id
     if eos is not None and (not len(answer) or answer[-1] != eos):
       answer = np.concatenate([answer, [eos]])
-    prompts.append(np.asarray(ex[prompt_key]))
+    prompt = np.asarray(ex[prompt_key])
+    prompt_eos = task.output_features[prompt_key].vocabulary.eos_id
+    if prompt_eos is not None and len(prompt) and prompt[-1] == prompt_eos:
+      prompt = prompt[:-1]
+    prompts.append(prompt)
     answers.append(answer)
     texts.append(_text(ex, prompt_key, task) + _text(ex, answer_key, task))
   return prompts, answers, texts
