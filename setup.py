@@ -24,8 +24,8 @@ INSTALL_REQUIRES = [
 ]
 
 _SEQIO = ["seqio>=0.0.19", "tensorflow>=2.15", "tensorflow-datasets>=4.9"]
-# Plots (matplotlib) and TensorBoard event files. tensorboard writes them without
-# TensorFlow; clu's writers are used instead where TensorFlow is installed too.
+# Plots (matplotlib) and TensorBoard event files. tensorboard's own writer writes
+# them without TensorFlow; clu's writers only where tensorboard is missing.
 _REPORT = ["matplotlib>=3.7", "clu>=0.0.10", "tensorboard>=2.15"]
 _DIGITS = ["scikit-learn>=1.3"]  # configs/digits_mlp.py: sklearn's bundled digits
 _GRAIN = ["grain>=0.2", "array-record>=0.5"]

@@ -141,6 +141,18 @@ def test_synthetic_interactions_in_metadata_exist_in_texts():
 # ---------------------------------------------------------------- TFDS tasks
 
 
+def test_tfds_data_not_prepared_is_named(tmp_path):
+  """TFDS's raw AssertionError ("could not find data in ...") becomes one line
+  naming config.data.data_dir and tfds_download (never downloads here)."""
+  with pytest.raises(ValueError, match=(
+      r"^config.data.name='glue_rte': TFDS found no prepared data "
+      r"\(config.data.data_dir='.*'\): point data_dir at it, or set "
+      r"config.data.tfds_download=True")):
+    data.get_dataset(_config(name="glue_rte", num_train_examples=4,
+                             num_test_examples=2, seq_len=48,
+                             data_dir=str(tmp_path)))
+
+
 @pytest.mark.parametrize("name,answers", [
     ("glue_rte", (" entailment", " not_entailment")),
     ("super_glue_copa", None),

@@ -386,7 +386,15 @@ def _tfds_lm(config) -> Dataset:
   splits = {}
   for split, key, rng_stream in (("train", "num_train_examples", 1),
                                  ("validation", "num_test_examples", 2)):
-    prompts, answers, texts = tasks.materialize(task, split, tasks.has_label)
+    try:
+      prompts, answers, texts = tasks.materialize(task, split, tasks.has_label)
+    except AssertionError as e:  # TFDS: "Dataset glue: could not find data in ..."
+      if "could not find data" not in str(e):
+        raise
+      raise ValueError(
+          f"config.data.name={config.name!r}: TFDS found no prepared data "
+          f"(config.data.data_dir={config.data_dir!r}): point data_dir at it, or set "
+          "config.data.tfds_download=True to download it.") from None
     wanted = config[key]
     if wanted > len(prompts):
       raise _too_many(key, wanted, f"{config.name} split {split!r}", len(prompts))
