@@ -144,6 +144,34 @@ def test_the_skipped_count_survives_the_mean_over_seeds_and_the_tables(tmp_path)
   assert SKIPPED not in text
 
 
+def test_a_mean_over_seeds_reports_its_run_and_no_cost_for_unseen_runs():
+  """The mean report's "Run" block printed the counterfactual summary (a variable
+  reused), not the run's config; the unseen-example table showed the held-out
+  predictions' cost; the regime and the median random loss lost their std."""
+  payload = {"sim": {"spearman_across_runs": 0.7},
+             "unseen_examples": {"sim": {"spearman_across_runs": 0.6}},
+             "cost": {"sim": {"run_equivalents": 50.0}},
+             "regime": {"mean_loss_drop": 0.3, "final_loss_std_across_runs": 0.4},
+             "counterfactual_summary": {"median_random": 2.9},
+             "summary": {"config": {"learning_rate": 0.0007}},
+             "std": {"sim": {"spearman_across_runs": 0.1},
+                     "regime": {"mean_loss_drop": 0.031,
+                                "final_loss_std_across_runs": 0.08},
+                     "counterfactual_summary": {"median_random": 0.39}},
+             "seeds": [0, 1], "num_seeds": 2}
+  lines = _report.report_lines(payload)
+  run = "\n".join(lines[lines.index("## Run"):])
+  assert '"learning_rate": 0.0007' in run and "median_random" not in run
+  assert any(line.startswith("Median random curriculum's actual final target loss "
+                             "2.900 ± 0.390") for line in lines)
+  text = _tables.render(payload, "none", "x")
+  unseen = text[text.index("Runs containing train examples"):]
+  assert "| sim | – | – | – | 0.600 |" in unseen and "run-equivalents" not in unseen
+  assert "| sim | – | – | – | 0.700 ± 0.100 | 50.0 |" in text
+  assert ("Regime: mean test loss drops 30.0 ± 3.1%; across-run std of final test "
+          "losses 0.400 ± 0.080.") in text
+
+
 # --- simulate: the point prediction, not the mean of posterior samples --------------
 
 @pytest.fixture(scope="module")

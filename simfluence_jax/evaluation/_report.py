@@ -440,13 +440,17 @@ def report_lines(payload: dict, plots=()) -> list:
   if payload.get("counterfactual"):
     lines += _counterfactual_lines(payload["counterfactual"])
   elif payload.get("counterfactual_summary"):
-    summary = payload["counterfactual_summary"]
+    # Its own name: `summary` is the run's (config, versions), printed under "Run"
+    # (the mean over seeds printed this one there instead).
+    searched = payload["counterfactual_summary"]
+    median_std = std.get("counterfactual_summary", {}).get("median_random")
     lines += ["## Counterfactual curricula (searched on each simulator, then retrained)",
               "", f"Median random curriculum's actual final target loss "
-              f"{_number(summary.get('median_random'), '.3f')}; per seed in "
-              "`seed_<k>/report.md`.", ""]
+              f"{_number(searched.get('median_random'), '.3f')}"
+              + (f" ± {_number(median_std, '.3f')}" if median_std is not None else "")
+              + "; per seed in `seed_<k>/report.md`.", ""]
     lines += counterfactual_summary_table(
-        summary, std.get("counterfactual_summary", {})) + [""]
+        searched, std.get("counterfactual_summary", {})) + [""]
   stages = payload.get("stages", {})
   if stages:
     total = sum(v["seconds"] for v in stages.values())

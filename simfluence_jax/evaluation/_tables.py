@@ -53,8 +53,12 @@ def methods_table(payload: dict, section: str = None) -> list:
   std = payload.get("std", {}) if section is None else payload.get("std", {}).get(
       section, {})
   methods = _report.methods_of(entries) if section is None else list(entries)
-  lines = ["| method | " + " | ".join(COLUMNS) + " | run-equivalents |",
-           "|---" * (len(COLUMNS) + 2) + "|"]
+  # Cost is measured for the held-out predictions; a section (the unseen-example
+  # runs) has none of its own, so it gets no cost column (it showed the held-out's).
+  with_cost = section is None
+  lines = ["| method | " + " | ".join(COLUMNS) + (" | run-equivalents |" if with_cost
+                                                  else " |"),
+           "|---" * (len(COLUMNS) + 1 + with_cost) + "|"]
   for method in methods:
     cells = []
     for name in COLUMNS:
@@ -63,7 +67,8 @@ def methods_table(payload: dict, section: str = None) -> list:
       if name.endswith("mse") and method != "curriculum_blind" and np.isfinite(ratio):
         text += f" ({ratio:.2f}×)"
       cells.append(text)
-    cells.append(_fmt(_get(payload, "cost", method, "run_equivalents"), digits=1))
+    if with_cost:
+      cells.append(_fmt(_get(payload, "cost", method, "run_equivalents"), digits=1))
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
   return lines
 
@@ -316,9 +321,11 @@ def render(payload: dict, which: str, source: str) -> str:
            + _report.environment_text(payload)]
   regime = payload.get("regime")
   if regime:
+    regime_std = payload.get("std", {}).get("regime", {})
     lines += ["", f"Regime: mean test loss drops "
-              f"{_fmt(100 * regime['mean_loss_drop'], digits=1)}%; across-run std of "
-              f"final test losses {_fmt(regime['final_loss_std_across_runs'])}."
+              f"{_fmt(100 * regime['mean_loss_drop'], 100 * _get(regime_std, 'mean_loss_drop'), digits=1)}%; "
+              f"across-run std of final test losses "
+              f"{_fmt(regime['final_loss_std_across_runs'], _get(regime_std, 'final_loss_std_across_runs'))}."
               + (" Derivative growth of the removal reference run "
                  "(`training.derivative_growth`, about 1 or less: stable): "
                  + _report.growth_text(regime) + "."
