@@ -10,16 +10,15 @@
 """
 
 import json
-import os
 import re
-import subprocess
-import sys
 import types
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+
+import _cli as cli
 
 import simfluence_jax as sj
 from simfluence_jax import config_lib
@@ -337,11 +336,7 @@ def fitted_workdir(tmp_path_factory):
 def test_simulate_cli_refuses_bad_flags_in_one_line(fitted_workdir, tmp_path, flag,
                                                     message):
   workdir, curriculum, _, _ = fitted_workdir
-  proc = subprocess.run(
-      [sys.executable, "-m", "simfluence_jax.simulate", f"--workdir={workdir}",
-       f"--curriculum={curriculum}", f"--output_dir={tmp_path}", flag],
-      capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc = cli.simulate(workdir, curriculum, f"--output_dir={tmp_path}", flag)
   assert proc.returncode == 1, proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == message
   assert "Traceback" not in proc.stderr
@@ -374,12 +369,8 @@ def test_simulate_rolls_out_past_the_fitted_steps_only_when_asked(fitted_workdir
       r"command: --allow_extrapolation\)")):
     simulate.run(str(workdir), str(path), output_dir=str(tmp_path / "a"),
                  num_band_samples=0)
-  proc = subprocess.run(
-      [sys.executable, "-m", "simfluence_jax.simulate", f"--workdir={workdir}",
-       f"--curriculum={path}", f"--output_dir={tmp_path / 'b'}",
-       "--num_band_samples=0", "--allow_extrapolation"],
-      capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc = cli.simulate(workdir, path, f"--output_dir={tmp_path / 'b'}",
+                      "--num_band_samples=0", "--allow_extrapolation")
   assert proc.returncode == 0, proc.stderr
   written = json.loads((tmp_path / "b" / "trajectories.json").read_text())
   expected = np.asarray(sim.simulate(longer, np.repeat(trace.losses[:1, 0], 2, 0),

@@ -3,12 +3,12 @@
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import _cli as cli
 
 import simfluence_jax as sj
 from simfluence_jax import counterfactual
@@ -295,9 +295,7 @@ def test_simulate_cli_rejects_a_bad_curriculum_in_one_line(fitted_workdir, tmp_p
   workdir, _, _ = fitted_workdir
   path = tmp_path / "bad.csv"
   path.write_text("0,1\n2,99\n")
-  proc = subprocess.run(
-      [sys.executable, "-m", "simfluence_jax.simulate", f"--workdir={workdir}",
-       f"--curriculum={path}"], capture_output=True, text=True, timeout=300)
+  proc = cli.simulate(workdir, path)
   assert proc.returncode == 1, proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: curriculum file") and "id 99 is outside" in last

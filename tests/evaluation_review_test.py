@@ -3,13 +3,13 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+
+import _cli as cli
 
 import simfluence_jax as sj
 from simfluence_jax import counterfactual
@@ -226,12 +226,8 @@ def test_simulate_cli_writes_and_prints_the_point_prediction(noisy_workdir, tmp_
   point, sample_mean, std = _references(sim, trace)
   path = tmp_path / "c.json"
   path.write_text(json.dumps(trace.batch_ids[:2].tolist()))
-  proc = subprocess.run(
-      [sys.executable, "-m", "simfluence_jax.simulate", f"--workdir={workdir}",
-       f"--curriculum={path}", f"--output_dir={tmp_path / 'out'}",
-       "--num_band_samples=32", "--seed=0"],
-      capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc = cli.simulate(workdir, path, f"--output_dir={tmp_path / 'out'}",
+                      "--num_band_samples=32", "--seed=0")
   assert proc.returncode == 0, proc.stderr
   written = json.loads((tmp_path / "out" / "trajectories.json").read_text())["methods"]
   np.testing.assert_allclose(written["lin"]["mean"], point, atol=2e-6)

@@ -25,6 +25,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+import _cli as cli
+
 import simfluence_jax as sj
 from simfluence_jax import config_lib
 from simfluence_jax import counterfactual
@@ -174,10 +176,7 @@ def test_simulate_refuses_in_one_line(tmp_path):
   _job(tmp_path, 0.1, ["simfluence_linear"])
   curriculum = tmp_path / "c.json"
   curriculum.write_text(json.dumps([[0, 1]] * 4))
-  proc = subprocess.run(
-      [sys.executable, "-m", "simfluence_jax.simulate", f"--workdir={tmp_path}",
-       f"--curriculum={curriculum}", "--methods=simfluence_additive"], cwd=REPO,
-      capture_output=True, text=True, timeout=300)
+  proc = cli.simulate(tmp_path, curriculum, "--methods=simfluence_additive")
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: simulators/simfluence_additive in --workdir="), last

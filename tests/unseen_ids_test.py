@@ -9,13 +9,13 @@ and records which fit each trajectory came from.
 
 import json
 import os
-import subprocess
-import sys
 import types
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import _cli as cli
 
 import simfluence_jax as sj
 from simfluence_jax import config_lib
@@ -474,16 +474,10 @@ def test_simulate_cli_refuses_unfitted_ids_in_one_line(workdir, tmp_path):
   root, _ = workdir
   path = tmp_path / "c.json"
   path.write_text(json.dumps(WITH_3[0].tolist()))
-  proc = subprocess.run(
-      [sys.executable, "-m", "simfluence_jax.simulate", f"--workdir={root}",
-       f"--curriculum={path}", "--num_band_samples=0"], cwd=REPO,
-      capture_output=True, text=True, timeout=300)
+  proc = cli.simulate(root, path, "--num_band_samples=0")
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith(f"error: --curriculum={path}: holds train ids [3]"), last
-  proc = subprocess.run(
-      [sys.executable, "-m", "simfluence_jax.simulate", f"--workdir={root}",
-       f"--curriculum={path}", "--num_band_samples=0", "--allow_unfitted_ids"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+  proc = cli.simulate(root, path, "--num_band_samples=0", "--allow_unfitted_ids")
   assert proc.returncode == 0, proc.stderr
   assert "simfluence_linear has no fitted run with train ids [3]" in proc.stderr
