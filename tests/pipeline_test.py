@@ -170,6 +170,10 @@ def test_a_redrawn_check_blames_the_random_stream_only_when_no_field_changed():
   # batch_size explains the new curricula: no hint about NumPy's stream.
   resized = fp.Inputs({"batch_size": 2}, {}, checks={"curricula": "b"})
   assert fp.describe_changes(old, resized) == ["batch_size 4 -> 2", "curricula a -> b"]
+  # A field recorded only away from its old default shows that default, not
+  # "<unset>" (momentum 0.9 is left out of records so that old ones stay valid).
+  assert fp.describe_changes({"fields": {}, "version": 1},
+                             fp.Inputs({"momentum": 0.5}, {})) == ["momentum 0.9 -> 0.5"]
 
 
 def test_a_check_drawn_again_refuses_or_recomputes_every_stage_below_it(tmp_path):

@@ -199,7 +199,9 @@ def describe_changes(old: Mapping[str, Any], new: Inputs,
   changes = []
   old_fields = old.get("fields", {})
   for name in sorted(set(old_fields) | set(new.fields)):
-    before, after = old_fields.get(name, "<unset>"), new.fields.get(name, "<unset>")
+    # A field of FIELDS_ADDED_LATER is left out of a record at that value.
+    unset = FIELDS_ADDED_LATER.get(name, "<unset>")
+    before, after = old_fields.get(name, unset), new.fields.get(name, unset)
     if before != after:
       changes.append(f"{name} {_short(before)} -> {_short(after)}")
   if old.get("version") != new.version:
