@@ -10,6 +10,10 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 
+# Elements per block of `first_nonfinite` (its mask: one byte each).
+_BLOCK_ELEMENTS = 1 << 24
+
+
 def first_nonfinite(values: Any) -> Optional[Tuple[int, ...]]:
   """The index (a tuple, one int per axis) of the first NaN/inf of `values` in C
   order, or None when all are finite. `values` is read on the host (numpy)."""
@@ -26,9 +30,6 @@ def first_nonfinite(values: Any) -> Optional[Tuple[int, ...]]:
       index = np.unravel_index(int(np.argmax(bad)), bad.shape)
       return (start + int(index[0]),) + tuple(int(i) for i in index[1:])
   return None
-
-
-_BLOCK_ELEMENTS = 1 << 24
 
 
 def tree_signature(tree: Any) -> tuple:

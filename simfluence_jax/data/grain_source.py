@@ -198,12 +198,8 @@ def assemble(ids: np.ndarray, examples: Sequence[dict], num_records: int
                      f"ids {missing}, repeated ids {repeated} (first five).")
   if not num_records:
     return {}, None
-  keys = sorted(examples[0])
-  for row, example in zip(ids, examples):
-    if sorted(example) != keys:
-      raise ValueError(f"decode: example {row} has keys {sorted(example)}, "
-                       f"example {ids[0]} has {keys}.")
-  keys = [k for k in keys if k != _TEXT_KEY]
+  _check_keys(ids, examples, examples[0], f"example {ids[0]}")
+  keys = sorted(k for k in examples[0] if k != _TEXT_KEY)
   arrays = {}
   for key in keys:
     first = np.asarray(examples[0][key])
@@ -221,6 +217,14 @@ def assemble(ids: np.ndarray, examples: Sequence[dict], num_records: int
     for row, example in zip(ids, examples):
       texts[row] = str(example[_TEXT_KEY])
   return arrays, texts
+
+
+def _check_keys(ids, examples, reference: dict, name: str) -> None:
+  """Raises ValueError unless every example has `reference`'s keys ("text" too)."""
+  for row, example in zip(ids, examples):
+    if sorted(example) != sorted(reference):
+      raise ValueError(f"decode: example {row} has keys {sorted(example)}, {name} "
+                       f"has {sorted(reference)}.")
 
 
 def _exact_cast(value: np.ndarray, dtype, key: str, row, reference: str) -> np.ndarray:
@@ -260,10 +264,7 @@ def _allgather_shards(ids: np.ndarray, examples: list, template: dict,
   rows = -(-num_records // process_count)
   keys = sorted(k for k in template if k != _TEXT_KEY)
   specs = {k: (np.shape(template[k]), np.asarray(template[k]).dtype) for k in keys}
-  for row, example in zip(ids, examples):
-    if sorted(example) != sorted(template):
-      raise ValueError(f"decode: example {row} has keys {sorted(example)}, the "
-                       f"first example has {sorted(template)}.")
+  _check_keys(ids, examples, template, "the first example")
   padded_ids = np.full(rows, -1, np.int32)  # num_records < 2**31: ids fit
   padded_ids[:len(ids)] = ids
   payload = {}

@@ -338,12 +338,10 @@ class LanguageModelingTask(_ApplyTask):
     vocab = self._num_outputs(params, batches[0]["inputs"])
     for i, batch in enumerate(batches):
       where = argument if len(batches) == 1 else f"{argument}[{i}]"
-      if "targets" not in batch:
-        raise ValueError(f"{where}: batch has no 'targets' (keys {sorted(batch)}).")
-      if "mask" not in batch or np.shape(batch["mask"]) != np.shape(batch["targets"]):
+      if np.shape(batch["mask"]) != np.shape(batch["targets"]):
         raise ValueError(f"mask: expected the shape of targets "
                          f"{np.shape(batch['targets'])} in {where}, got "
-                         f"{np.shape(batch.get('mask'))}.")
+                         f"{np.shape(batch['mask'])}.")
       mask = np.asarray(sharding_lib.to_host(batch["mask"]), np.float64)
       if not np.all(np.isfinite(mask)):
         raise ValueError(f"mask: values must be finite (token weights ≥ 0) in {where}, "
