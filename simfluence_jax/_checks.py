@@ -5,9 +5,15 @@ one it expects, locates it here, so every message names the first bad index the
 same way.
 """
 
+import numbers
 from typing import Any, Optional, Tuple
 
 import numpy as np
+
+
+def is_int(value: Any) -> bool:
+  """An integer, Python's or NumPy's, and not a bool (True is no size)."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 # Elements per block of `first_nonfinite` (its mask: one byte each).

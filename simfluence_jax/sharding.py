@@ -26,6 +26,8 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from simfluence_jax import _checks
+
 RUNS_AXIS = "runs"
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
@@ -61,8 +63,7 @@ def make_mesh(runs: Optional[int] = None, data: Optional[int] = 1,
   if runs is None and data is None:
     raise ValueError("make_mesh: give at least one of runs and data.")
   for name, value in (("runs", runs), ("data", data), ("model", model)):
-    if value is not None and (not isinstance(value, (int, np.integer))
-                              or isinstance(value, (bool, np.bool_)) or value < 1):
+    if value is not None and (not _checks.is_int(value) or value < 1):
       raise ValueError(f"make_mesh: {name} must be an integer >= 1, got {value!r}.")
   given = " x ".join(f"{name}={value}" for name, value in
                      (("runs", runs), ("data", data), ("model", model))

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simfluence_jax import _checks
+
 DEFAULT_NUM_BUCKETS = 4096
 _EPSILON = 1e-12
 
@@ -189,8 +191,7 @@ def tfidf_vectors(query_tokens, candidate_tokens, *, query_mask=None,
   Returns:
     (float32[Q, F], float32[N, F]); F = vocabulary size plus the n-gram ids.
   """
-  if (isinstance(ngram, (bool, np.bool_)) or not isinstance(ngram, (int, np.integer))
-      or ngram < 1):
+  if not _checks.is_int(ngram) or ngram < 1:
     raise ValueError(f"ngram must be an int >= 1, got {ngram!r}.")
   ngram = int(ngram)
   if int(num_buckets) < 1:

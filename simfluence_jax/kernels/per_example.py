@@ -4,7 +4,8 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from simfluence_jax import _checks
 
 # loss_fn(params, batch) -> float[n]: one loss per example of `batch`.
 PerExampleLossFn = Callable[..., jax.Array]
@@ -37,9 +38,7 @@ def per_example_grads(loss_fn: PerExampleLossFn, params, batch,
         params)
 
   n = _num_examples(batch)
-  if chunk_size is not None and (
-      isinstance(chunk_size, (bool, np.bool_))
-      or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
+  if chunk_size is not None and (not _checks.is_int(chunk_size) or chunk_size < 1):
     raise ValueError(f"per_example_grads: chunk_size={chunk_size!r} must be a "
                      "positive integer (or None: all examples at once).")
   if chunk_size is None or chunk_size >= n:

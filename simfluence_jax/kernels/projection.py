@@ -16,7 +16,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from simfluence_jax import _checks
 
 _KINDS = ("rademacher", "gaussian")
 
@@ -68,8 +69,7 @@ def project(vectors: jax.Array, key: jax.Array, dim: int,
   if kind not in _KINDS:
     raise ValueError(f"project: kind must be one of {_KINDS}, got {kind!r}.")
   for name, value in (("dim", dim), ("block_size", block_size)):
-    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
-        or value < 1):
+    if not _checks.is_int(value) or value < 1:
       raise ValueError(f"project: {name} must be a positive integer, got {value!r}.")
   dim, block_size = int(dim), int(block_size)
   if jnp.ndim(vectors) != 2:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simfluence_jax import _checks
 from simfluence_jax.models import mlp
 from simfluence_jax.models import transformer
 from simfluence_jax.models.mlp import MLPClassifier
@@ -62,9 +63,7 @@ def _check_known_fields(model_config: Any) -> None:
                        f"{', '.join(KNOWN_FIELDS)}).")
 
 
-def _is_int(value: Any) -> bool:
-  """An integer (Python or NumPy), not a bool and not an integral float."""
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+_is_int = _checks.is_int  # an integer (Python or NumPy), not a bool or a float
 
 
 def _check_int(label: str, value: Any, minimum: int) -> None:

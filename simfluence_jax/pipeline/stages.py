@@ -618,8 +618,8 @@ def hybrid(predictions: dict) -> np.ndarray:
 
   The two err differently (a first-order expansion with no fitted runs; a
   multiplicative model fitted on runs), so their equal-weight average is better than
-  either on the MSEs (measured: docs/design.md §2, docs/experiments.md). No weight is fitted: the
-  average needs no extra runs and cannot overfit the held-out runs.
+  either on the MSEs (measured: docs/design.md §2, docs/experiments.md). No weight
+  is fitted: the average needs no extra runs and cannot overfit the held-out runs.
   """
   missing = [m for m in ("metagradient", "simfluence_linear") if m not in predictions]
   if missing:

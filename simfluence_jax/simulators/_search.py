@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simfluence_jax import _checks
 from simfluence_jax.simulators import _simulator
 
 
@@ -309,8 +310,7 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
     raise ValueError(f"pool: expected train ids in [0, {num_train}).")
   for name, value in (("num_iters", num_iters), ("num_proposals", num_proposals),
                       ("epoch_steps", 1 if epoch_steps is None else epoch_steps)):
-    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
-        or value < 1):
+    if not _checks.is_int(value) or value < 1:
       raise ValueError(f"{name}={value!r}: must be a positive integer.")
   num_iters, num_proposals = int(num_iters), int(num_proposals)
   epoch_steps = None if epoch_steps is None else int(epoch_steps)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from simfluence_jax import _checks
 from simfluence_jax import losses
 from simfluence_jax.kernels import per_example
 from simfluence_jax.kernels import projection
@@ -240,9 +241,7 @@ def projection_key(seed: int) -> jax.Array:
 
 def _chunk_size(num_examples: int, chunk_size: Optional[int]) -> Optional[int]:
   """Largest divisor of `num_examples` not above `chunk_size` (None = no chunks)."""
-  if chunk_size is not None and (
-      isinstance(chunk_size, (bool, np.bool_))
-      or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
+  if chunk_size is not None and (not _checks.is_int(chunk_size) or chunk_size < 1):
     raise ValueError(f"grad_chunk_size={chunk_size!r}: must be a positive integer "
                      "(or None: all of a step's examples at once).")
   if chunk_size is None or chunk_size >= num_examples:
