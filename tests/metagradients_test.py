@@ -9,6 +9,7 @@ is checked.
 
 import functools
 import importlib
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -434,6 +435,15 @@ def test_derivative_growth_divides_by_the_step_size_and_skips_zero_steps():
   assert np.isnan(training.derivative_growth(table[:2], rates[:2]))
   with pytest.raises(ValueError, match="learning_rates"):
     training.derivative_growth(table, rates[:3])
+  # A NaN or negative rate was skipped like a warm-up step, a NaN table gave NaN.
+  for bad in (np.nan, -0.5):
+    with pytest.raises(ValueError, match=r"^derivative_growth: learning_rates must be "
+                       "finite and >= 0"):
+      training.derivative_growth(table, np.where(np.arange(9) == 3, bad, rates))
+  with pytest.raises(ValueError, match=r"^derivative_growth: metagradients_table must "
+                     r"be finite, got nan at \[4, 0, 0\]"):
+    training.derivative_growth(np.where(np.arange(9)[:, None, None] == 4, np.nan,
+                                        table), rates)
 
 
 def test_final_losses_from_one_reverse_table_equal_the_jvps(name="adam"):
@@ -477,13 +487,40 @@ def test_final_losses_from_one_reverse_table_equal_the_jvps(name="adam"):
   assert auto.route == "jvp"  # 3 curricula < 1.8 × 4 test examples
   np.testing.assert_allclose(auto.losses, jvp.losses)
 
-  # A curriculum using an example the reference's step does not hold: refused.
+  # predict_from_table's chunk: a negative one returned np.empty's contents.
+  derivatives, final = training.metagradients(
+      params0, reference, loss_fn=loss_fn, config=CONFIGS[name], train_arrays=train,
+      test_arrays=test, weights=reference_weights, cotangents_at_once=1,
+      return_final_losses=True)
+  for chunk in (-1, 0, 1.5):
+    with pytest.raises(ValueError, match=r"^predict_from_table: chunk must be a "
+                       "positive integer"):
+      training.predict_from_table(derivatives, reference, final, curricula,
+                                  num_train_examples=NUM_TRAIN,
+                                  reference_weights=reference_weights,
+                                  curricula_weights=curricula_weights, chunk=chunk)
+  np.testing.assert_allclose(training.predict_from_table(
+      derivatives, reference, final, curricula, num_train_examples=NUM_TRAIN,
+      reference_weights=reference_weights, curricula_weights=curricula_weights,
+      chunk=1), table.losses, atol=1e-6)
+  with pytest.raises(ValueError, match=r"^metagradients: cotangents_at_once must be "
+                     "a positive integer, got 1.7"):
+    training.first_order_final_losses(params0, reference, curricula, route="table",
+                                      cotangents_at_once=1.7, **kwargs)
+  # A curriculum using an example the reference's step does not hold: refused by
+  # the function called, before the table is computed.
   absent = int(curricula[1, 2, 0])
   reference[2, reference[2] == absent] = -1
-  with pytest.raises(ValueError, match=rf"curricula\[\d, 2, \d\] = example {absent}, "
-                     r"which the reference's step 2 does not hold"):
-    training.first_order_final_losses(params0, reference, curricula, route="table",
-                                      cotangents_at_once=1, **kwargs)
+  computed = []
+  original = training.metagradients_lib.metagradients
+  with mock.patch.object(training.metagradients_lib, "metagradients",
+                         lambda *a, **k: computed.append(1) or original(*a, **k)):
+    with pytest.raises(ValueError, match=rf"^first_order_final_losses: curricula"
+                       rf"\[\d, 2, \d\] = example {absent}, which the reference's "
+                       "step 2 does not hold"):
+      training.first_order_final_losses(params0, reference, curricula, route="table",
+                                        cotangents_at_once=1, **kwargs)
+  assert not computed
   # A reference of several runs is refused, not read as its first run.
   with pytest.raises(ValueError, match=r"reference_batch_ids must be int\[T, S\]"):
     training.first_order_final_losses(params0, np.stack([reference] * 2), curricula,

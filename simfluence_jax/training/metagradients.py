@@ -271,9 +271,9 @@ def metagradients(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
                                        test_arrays)
   batch_ids, weights, single = _as_runs(batch_ids, weights, num_train, who,
                                         "batch_ids")
-  if int(cotangents_at_once) <= 0:
-    raise ValueError(f"{who}: cotangents_at_once must be positive, got "
-                     f"{cotangents_at_once}.")
+  if not _checks.is_int(cotangents_at_once) or cotangents_at_once <= 0:
+    raise ValueError(f"{who}: cotangents_at_once must be a positive integer, got "
+                     f"{cotangents_at_once!r}.")
   cotangents_at_once = int(cotangents_at_once)
   if remat_every is not None and int(remat_every) <= 0:
     raise ValueError(f"{who}: remat_every must be a positive int or None, got "
@@ -339,7 +339,8 @@ def derivative_growth(metagradients_table: Any, learning_rates: Any) -> float:
     derivatives are all 0).
 
   Raises:
-    ValueError: shapes that do not match.
+    ValueError: shapes that do not match, a non-finite table, or learning rates
+      that are not finite and >= 0.
   """
   table = np.asarray(metagradients_table, np.float64)
   rates = np.asarray(learning_rates, np.float64)
@@ -347,6 +348,13 @@ def derivative_growth(metagradients_table: Any, learning_rates: Any) -> float:
     raise ValueError(f"derivative_growth: expected metagradients_table float[T, B, M] "
                      f"and learning_rates float[T], got shapes {list(table.shape)} and "
                      f"{list(rates.shape)}.")
+  bad = _checks.first_nonfinite(table)
+  if bad is not None:
+    raise ValueError(f"derivative_growth: metagradients_table must be finite, got "
+                     f"{table[bad]} at {list(bad)}.")
+  if not np.all(np.isfinite(rates)) or np.any(rates < 0):
+    raise ValueError(f"derivative_growth: learning_rates must be finite and >= 0 "
+                     f"(0: a step that does not train), got {rates.tolist()}.")
   keep = rates > 0
   per_step = np.abs(table[keep]).sum(axis=(1, 2)) / rates[keep]
   if per_step.size < 2:
@@ -592,6 +600,31 @@ def choose_route(num_curricula: int, num_test: int) -> str:
           else "jvp")
 
 
+def _slots_of(ref_ids: np.ndarray, num_train: int) -> np.ndarray:
+  """int64[T, N]: the slot of example i in reference step t, −1 if absent."""
+  slot_of = np.full((ref_ids.shape[0], num_train), -1, np.int64)
+  t_index, s_index = np.nonzero(ref_ids >= 0)
+  slot_of[t_index, ref_ids[t_index, s_index]] = s_index
+  return slot_of
+
+
+def _table_coverage(slot_of, ids, weights, who):
+  """(slots int64[R', T, B], coefficients float64[R', T, B]) of curricula read
+  from a table; ValueError naming the first occurrence (weight ≠ 0) of an example
+  its step's reference slots do not hold (its derivative is not in the table)."""
+  steps = np.arange(slot_of.shape[0])[None, :, None]
+  valid = ids >= 0
+  slots = slot_of[steps, np.maximum(ids, 0)]
+  coefficients = weights * valid / np.maximum(valid.sum(2, keepdims=True), 1)
+  missing = valid & (slots < 0) & (coefficients != 0)
+  if missing.any():
+    r, t, b = (int(x) for x in np.argwhere(missing)[0])
+    raise ValueError(f"{who}: curricula[{r}, {t}, {b}] = example {ids[r, t, b]}, "
+                     f"which the reference's step {t} does not hold: its derivative "
+                     f"is not in the table (use first_order_losses).")
+  return slots, coefficients
+
+
 def _table_terms(table, ref_ids, ref_w, reference_final, num_train, who):
   """What a first-order prediction from a reverse-mode table needs.
 
@@ -616,9 +649,7 @@ def _table_terms(table, ref_ids, ref_w, reference_final, num_train, who):
                        f"{name}{list(bad)}.")
   ref_valid = ref_ids >= 0
   num_valid = np.maximum(ref_valid.sum(1), 1).astype(np.float64)  # [T]
-  slot_of = np.full((num_steps, num_train), -1, np.int64)
-  t_index, s_index = np.nonzero(ref_valid)
-  slot_of[t_index, ref_ids[t_index, s_index]] = s_index
+  slot_of = _slots_of(ref_ids, num_train)
   derivative = table * num_valid[:, None, None]
   baseline = reference_final - np.einsum("ts,tsm->m", ref_w * ref_valid, table)
   return slot_of, derivative, baseline
@@ -752,21 +783,15 @@ def predict_from_table(table: Any, reference_batch_ids: Any, reference_final: An
       curriculum, step, id).
   """
   who = "predict_from_table"
+  if not _checks.is_int(chunk) or chunk < 1:
+    raise ValueError(f"{who}: chunk must be a positive integer, got {chunk!r}.")
   ref_ids, ref_w, ids, weights, _ = _reference_and_curricula(
       reference_batch_ids, reference_weights, curricula, curricula_weights,
       num_train_examples, who)
   slot_of, derivative, baseline = _table_terms(table, ref_ids, ref_w, reference_final,
                                                num_train_examples, who)
   num_steps = ref_ids.shape[0]
-  valid = ids >= 0
-  slots = slot_of[np.arange(num_steps)[None, :, None], np.maximum(ids, 0)]
-  coefficients = weights * valid / np.maximum(valid.sum(2, keepdims=True), 1)
-  missing = valid & (slots < 0) & (coefficients != 0)
-  if missing.any():
-    r, t, b = (int(x) for x in np.argwhere(missing)[0])
-    raise ValueError(f"{who}: curricula[{r}, {t}, {b}] = example {ids[r, t, b]}, "
-                     f"which the reference's step {t} does not hold: its derivative "
-                     f"is not in the table (use first_order_losses).")
+  slots, coefficients = _table_coverage(slot_of, ids, weights, who)
   out = np.empty((ids.shape[0], table.shape[2]), np.float64)
   steps = np.arange(num_steps)[None, :, None]
   for start in range(0, ids.shape[0], chunk):
@@ -827,6 +852,8 @@ def first_order_final_losses(params0: Any, reference_batch_ids: Any, curricula: 
                                 **common)
     losses, reference = result.losses[:, -1], result.reference_losses[-1]
   else:
+    # Before the table is computed, and named as the caller's.
+    _table_coverage(_slots_of(ref_ids, num_train), ids, weights, who)
     table, reference = metagradients(params0, ref_ids, weights=ref_w,
                                      cotangents_at_once=cotangents_at_once,
                                      return_final_losses=True, **common)
