@@ -22,6 +22,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
+from simfluence_jax import _checks
 from simfluence_jax import _io
 from simfluence_jax import simulators as simulators_lib
 from simfluence_jax import trace as trace_lib
@@ -228,8 +229,7 @@ def simulate_curricula(sims: dict, batch_ids: np.ndarray, initial_losses: np.nda
     prediction: the rollout is not linear in the parameters, and the samples are
     few); both None for a simulator without a posterior or with no bands}.
   """
-  if (isinstance(num_band_samples, bool)
-      or not isinstance(num_band_samples, (int, np.integer)) or num_band_samples < 0):
+  if not _checks.is_int(num_band_samples) or num_band_samples < 0:
     raise ValueError(f"num_band_samples={num_band_samples!r}: must be an integer >= 0 "
                      "(0: no bands).")
   initial = np.repeat(np.asarray(initial_losses, np.float32)[None], len(batch_ids), 0)
@@ -320,8 +320,7 @@ def choose_targets(train_losses: np.ndarray, num_targets: int) -> np.ndarray:
                      f"spread of their final losses ranks the test examples), got "
                      f"shape {list(train_losses.shape)}.")
   num_test = train_losses.shape[-1]
-  if (isinstance(num_targets, bool) or not isinstance(num_targets, (int, np.integer))
-      or not 0 < num_targets <= num_test):
+  if not _checks.is_int(num_targets) or not 0 < num_targets <= num_test:
     raise ValueError(f"num_targets={num_targets!r}: must be an integer in "
                      f"[1, M={num_test}].")
   spread = np.std(train_losses[:, -1], axis=0)

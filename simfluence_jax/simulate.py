@@ -46,6 +46,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from simfluence_jax import _checks
 from simfluence_jax import _cli
 from simfluence_jax import _io
 from simfluence_jax import counterfactual
@@ -129,8 +130,7 @@ def run(workdir: str, curriculum_path: str, output_dir: Optional[str] = None,
       num_band_samples not an integer >= 0; what `load_simulators` and
       `data.load_curriculum` refuse.
   """
-  if (isinstance(num_band_samples, bool)
-      or not isinstance(num_band_samples, (int, np.integer)) or num_band_samples < 0):
+  if not _checks.is_int(num_band_samples) or num_band_samples < 0:
     raise ValueError(f"--num_band_samples={num_band_samples!r}: must be an integer "
                      ">= 0 (0: no bands).")
   sims = counterfactual.load_simulators(workdir, methods)

@@ -240,6 +240,25 @@ def test_bad_input_raises_clear_error(call, error, message):
     call()
 
 
+def test_numpy_integers_are_integers():
+  """Sizes given as NumPy integers (e.g. read from an array) work like Python ints;
+  `isinstance(x, int)` refused np.int64 for these four before."""
+  rng = jax.random.key(3)
+  np.testing.assert_array_equal(_tracin(projection_dim=np.int64(4), rng=rng),
+                                _tracin(projection_dim=4, rng=rng))
+  task, checkpoints, batch = _influence_setup()
+  factors = _fit_ekfac()
+  scores = [influence.ekfac_scores(task, checkpoints[0], factors, batch, [batch],
+                                   query_rank=rank) for rank in (1, np.int64(1))]
+  np.testing.assert_array_equal(scores[1], scores[0])
+  fitted = simulators.fit("additive", _trace())
+  draws = [fitted.sample_parameters(n, rng=seed)
+           for n, seed in ((2, 5), (np.int64(2), np.int64(5)))]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, draws[1], draws[0])
+  with pytest.raises(ValueError, match="projection_dim must be a positive integer"):
+    _tracin(projection_dim=4.0, rng=rng)
+
+
 # -- Trace files ---------------------------------------------------------------------
 
 class _Bomb:

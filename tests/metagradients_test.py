@@ -259,6 +259,10 @@ def test_bad_inputs_are_refused():
     training.first_order_losses(params0, batch_ids[0], batch_ids[:, :4], **kwargs)
   with pytest.raises(ValueError, match="reference_batch_ids must be int"):
     training.first_order_losses(params0, batch_ids, batch_ids, **kwargs)
+  # 1.7 was truncated to 1 (segments of one step) before.
+  with pytest.raises(ValueError, match="remat_every must be a positive int or None, "
+                     "got 1.7"):
+    training.metagradients(params0, batch_ids, remat_every=1.7, **kwargs)
 
 
 def _combined_curriculum(reference_ids, curriculum_ids, curriculum_weights, epsilon):

@@ -15,13 +15,14 @@ import os
 
 import numpy as np
 
+from simfluence_jax import _checks
 from simfluence_jax import _io
 
 PADDING_ID = -1
 
 
 def _check_int(name: str, value, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+  if not _checks.is_int(value):
     raise ValueError(f"make_curricula: {name}={value!r}: must be an integer.")
   if value < minimum:
     raise ValueError(f"make_curricula: {name}={value!r}: must be >= {minimum}.")

@@ -12,6 +12,7 @@ from typing import Optional
 import ml_collections
 import numpy as np
 
+from simfluence_jax import _checks
 from simfluence_jax.data import packing
 
 LM_SOURCES = ("synthetic_facts", "glue_rte", "super_glue_copa", "seqio")
@@ -114,7 +115,7 @@ class Dataset:
 
 
 def _check_positive_int(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+  if not _checks.is_int(value):
     raise ValueError(f"config.data.{name}={value!r}: must be an integer.")
   if value <= 0:
     raise ValueError(f"config.data.{name}={value!r}: must be positive.")
@@ -198,11 +199,10 @@ def _data_config(config) -> ml_collections.ConfigDict:
   for key in ("num_train_examples", "num_test_examples", "seq_len"):
     _check_positive_int(key, config[key])
   seed = config.seed
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+  if not _checks.is_int(seed) or seed < 0:
     raise ValueError(f"config.data.seed={seed!r}: must be a non-negative integer.")
   pretrain = config.num_pretrain_examples
-  if (isinstance(pretrain, bool) or not isinstance(pretrain, (int, np.integer)) or
-      pretrain < 0):
+  if not _checks.is_int(pretrain) or pretrain < 0:
     raise ValueError(f"config.data.num_pretrain_examples={pretrain!r}: must be a "
                      "non-negative integer.")
   return config

@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from simfluence_jax import _checks
 from simfluence_jax import _optional
 from simfluence_jax.data import dataset as dataset_lib
 from simfluence_jax.data import packing
@@ -72,7 +73,7 @@ class Decoder:
       raise ValueError(f"Decoder.kind={self.kind!r}: expected one of {KINDS}.")
     size, name = ((self.vocab_size, "vocab_size") if self.kind == "lm"
                   else (self.num_classes, "num_classes"))
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
+    if not _checks.is_int(size) or size <= 0:
       raise ValueError(f"Decoder.{name}={size!r}: a {self.kind} decoder needs a "
                        "positive integer.")
 
@@ -327,8 +328,7 @@ def read_arrays(source, decode: Callable[[Any], dict], *, num_records: int,
   Raises:
     ValueError: `source` has fewer than start + n records, or `assemble`'s checks.
   """
-  if (isinstance(num_records, bool) or not isinstance(num_records, (int, np.integer))
-      or num_records < 0):
+  if not _checks.is_int(num_records) or num_records < 0:
     raise ValueError(f"num_records={num_records!r}: must be a non-negative integer.")
   if len(source) < start + num_records:
     raise ValueError(f"num_records={num_records}: the source has {len(source)} "
@@ -402,8 +402,7 @@ def get_dataset(config) -> dataset_lib.Dataset:
   data_config = config.data if "data" in config else config
   grain = _grain()
   workers = data_config.get("grain_workers", 0)
-  if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or \
-      workers < 0:
+  if not _checks.is_int(workers) or workers < 0:
     raise ValueError(f"config.data.grain_workers={workers!r}: must be a non-negative "
                      "integer.")
   decoder = make_decoder(data_config)

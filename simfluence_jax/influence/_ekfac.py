@@ -879,9 +879,9 @@ def check_factors(factors, params, argument: str = "factors", task=None) -> None
 
 def _scores(task, params, factors, query_batch, train_batches, damping, chunk_size,
             query_rank, mode, mesh=None):
-  if query_rank is not None and (isinstance(query_rank, bool)
-                                 or not isinstance(query_rank, int) or query_rank < 1):
+  if query_rank is not None and (not _checks.is_int(query_rank) or query_rank < 1):
     raise ValueError(f"query_rank must be a positive integer, got {query_rank!r}.")
+  query_rank = None if query_rank is None else int(query_rank)
   lambdas = layer_damping(factors, damping) if isinstance(
       factors, EKFACFactors) else None
   params, batches, chunk_size, mesh = _prepare(task, params, train_batches,

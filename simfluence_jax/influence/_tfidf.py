@@ -258,8 +258,7 @@ def tfidf_filter(query_tokens, candidate_tokens, top_k: int, *, query_mask=None,
     ValueError: `top_k` outside (0, N], or as `tfidf_similarity`.
   """
   num_candidates = np.shape(candidate_tokens)[0] if np.ndim(candidate_tokens) else 0
-  if (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
-      or not 0 < top_k <= num_candidates):
+  if not _checks.is_int(top_k) or not 0 < top_k <= num_candidates:
     raise ValueError(f"top_k must be an int in [1, N={num_candidates}] "
                      f"(the number of candidates), got {top_k!r}.")
   similarity = tfidf_similarity(

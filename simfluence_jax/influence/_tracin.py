@@ -258,8 +258,7 @@ def _validate(checkpoints, learning_rates, projection_dim, rng):
       raise ValueError(f"checkpoints[{k}]: its tree, shapes or dtypes differ from "
                        f"checkpoints[0]'s (every checkpoint must be the same model).")
   if projection_dim is not None:
-    if (isinstance(projection_dim, bool) or not isinstance(projection_dim, int)
-        or projection_dim <= 0):
+    if not _checks.is_int(projection_dim) or projection_dim <= 0:
       raise ValueError(f"projection_dim must be a positive integer, got "
                        f"{projection_dim!r}.")
     if rng is None:

@@ -1,5 +1,6 @@
 """Checks of a main-job config, run before anything is written to the workdir."""
 
+from simfluence_jax import _checks
 from simfluence_jax import models
 from simfluence_jax.data import dataset as data_lib
 from simfluence_jax.training import optim
@@ -17,7 +18,7 @@ def _positive_int(config, name: str, allow_zero: bool = False,
   if value is None and allow_none:
     return
   low = 0 if allow_zero else 1
-  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+  if not _checks.is_int(value) or value < low:
     kind = "a non-negative" if allow_zero else "a positive"
     raise ValueError(f"config.{name}={value!r}: must be {kind} integer.")
 
@@ -230,6 +231,6 @@ def validate_config(config) -> None:
     raise ValueError(f"config.influence.tracin_num_runs="
                      f"{config.influence.tracin_num_runs}: must be in [1, num_runs].")
   for k in config.learning_curve:
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+    if not _checks.is_int(k) or k <= 0:
       raise ValueError(f"config.learning_curve={tuple(config.learning_curve)!r}: "
                        "must be positive run counts.")

@@ -119,14 +119,12 @@ def _spec(kind, trace, *, prior_alpha, prior_A, prior_B, features, base, interce
       features = np.concatenate([features, np.ones((shape[0], 1), np.float32)], 1)
   elif features is not None:
     raise ValueError(f"features: only for kind='featurized', got kind={kind!r}.")
-  if (isinstance(num_phases, bool) or not isinstance(num_phases, (int, np.integer))
-      or not 1 <= num_phases <= trace.num_steps):
+  if not _checks.is_int(num_phases) or not 1 <= num_phases <= trace.num_steps:
     raise ValueError(f"num_phases: expected an integer in [1, T={trace.num_steps}], "
                      f"got {num_phases!r}.")
   if featurized and num_phases != 1:
     raise ValueError("num_phases: the featurized simulator has one phase.")
-  if isinstance(max_iters, bool) or not isinstance(max_iters, (int, np.integer)) or (
-      max_iters < 0):
+  if not _checks.is_int(max_iters) or max_iters < 0:
     raise ValueError(f"max_iters: expected a non-negative integer, got {max_iters!r}.")
   if not _is_number(tol) or not np.isfinite(tol) or tol < 0:
     raise ValueError(f"tol: expected a non-negative number, got {tol!r}.")
@@ -496,8 +494,7 @@ def fit_cv(kind: str, trace: trace_lib.Trace,
     raise ValueError(f"l2_grid: expected a non-empty sequence of positive numbers, got "
                      f"{l2_grid!r}.")
   grid = [_check_l2(v, "l2_grid") for v in grid]
-  if (isinstance(num_folds, bool) or not isinstance(num_folds, (int, np.integer)) or
-      not 2 <= num_folds <= trace.num_runs):
+  if not _checks.is_int(num_folds) or not 2 <= num_folds <= trace.num_runs:
     raise ValueError(f"num_folds: expected an integer in [2, R={trace.num_runs}], got "
                      f"{num_folds!r}.")
   if not callable(metric) and metric not in CV_METRICS:

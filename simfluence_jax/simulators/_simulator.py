@@ -288,7 +288,7 @@ def _is_real(value):
 def _positive_int_or_none(value, name):
   if value is None:
     return None
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+  if not _checks.is_int(value) or value < 1:
     raise ValueError(f"{name}: expected a positive integer or None, got {value!r}.")
   return int(value)
 
@@ -838,11 +838,10 @@ class Simulator:
     if self.posterior is None:
       raise ValueError(f"simulator {self.name!r}: has no posterior (not fitted with "
                        "`fit`), so no bands can be sampled.")
-    if (isinstance(num_samples, bool) or not isinstance(num_samples, int) or
-        num_samples < 1):
+    if not _checks.is_int(num_samples) or num_samples < 1:
       raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}.")
     post = self.posterior
-    key = jax.random.key(rng) if isinstance(rng, int) else rng
+    key = jax.random.key(int(rng)) if _checks.is_int(rng) else rng
     linear = self.kind == "linear"
     blocks = 2 if linear else 1
     num_phases = self.num_phases

@@ -602,8 +602,7 @@ def _check_problem(ids, x, y, num_train, linear):
   drop or clamp out-of-range ids, truncate float ids, broadcast a short x (CG) or
   answer θ = 0, "converged", for a NaN row (CG's residual test is false for NaN).
   """
-  if isinstance(num_train, bool) or not isinstance(num_train, (int, np.integer)) or (
-      num_train < 1):
+  if not _checks.is_int(num_train) or num_train < 1:
     raise ValueError(f"num_train: expected a positive integer, got {num_train!r}.")
   ids = np.asarray(ids)
   if ids.ndim != 2 or 0 in ids.shape or not np.issubdtype(ids.dtype, np.integer):
@@ -676,8 +675,7 @@ def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: Any
   """
   if method not in METHODS:
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}.")
-  if isinstance(max_iters, bool) or not isinstance(max_iters, (int, np.integer)) or (
-      max_iters < 0):
+  if not _checks.is_int(max_iters) or max_iters < 0:
     raise ValueError(f"max_iters: expected a non-negative integer, got {max_iters!r}.")
   if not np.isfinite(tol) or tol < 0:
     raise ValueError(f"tol: expected a non-negative number, got {tol!r}.")

@@ -275,9 +275,10 @@ def metagradients(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
     raise ValueError(f"{who}: cotangents_at_once must be a positive integer, got "
                      f"{cotangents_at_once!r}.")
   cotangents_at_once = int(cotangents_at_once)
-  if remat_every is not None and int(remat_every) <= 0:
+  if remat_every is not None and (not _checks.is_int(remat_every) or remat_every <= 0):
     raise ValueError(f"{who}: remat_every must be a positive int or None, got "
                      f"{remat_every}.")
+  remat_every = None if remat_every is None else int(remat_every)
   num_runs, num_steps, _ = batch_ids.shape
   run_sharding, replicated = runs_lib.runs_shardings(num_runs, mesh)
   structure, hyperparameters = runs_lib.checked_split_settings(who, config, num_steps)
@@ -718,8 +719,7 @@ def table_simulator(table: Any, reference_batch_ids: Any, reference_final: Any,
   if initial.shape != (num_cols,) or not np.all(np.isfinite(initial)):
     raise ValueError(f"{who}: initial_losses must be finite float[M={num_cols}], got "
                      f"shape {list(initial.shape)}.")
-  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or (
-      batch_size < 1):
+  if not _checks.is_int(batch_size) or batch_size < 1:
     raise ValueError(f"{who}: batch_size must be a positive integer, got "
                      f"{batch_size!r}.")
   effects = derivative[np.arange(num_steps)[:, None], slot_of]  # [T, N, M']

@@ -40,8 +40,7 @@ def pretrain_base(params: Any, loss_fn: step_lib.LossFn, arrays: Dict[str, Any],
     return params
   from simfluence_jax.training import runs as runs_lib  # pylint: disable=g-import-not-at-top
   runs_lib.check_arrays("pretrain_base", loss_fn, params, arrays, arrays)
-  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-      or batch_size < 1:
+  if not _checks.is_int(batch_size) or batch_size < 1:
     raise ValueError(f"pretrain_base: batch_size must be a positive integer, got "
                      f"{batch_size!r}.")
   num_examples = jax.tree_util.tree_leaves(arrays)[0].shape[0]
