@@ -228,7 +228,7 @@ class DiagnosticsTest(absltest.TestCase):
     model = _Scanned()
     batch = self._batch()
     params = fixtures.host_init(model, batch["inputs"][:1])
-    with self.assertRaisesRegex(ValueError, "Dense_0.*shape.*nn.scan"):
+    with self.assertRaisesRegex(ValueError, "Dense_0.*nested transform.*nn.scan"):
       influence.find_layers(influence.ClassificationTask(model.apply).loss, params,
                             batch)
 

@@ -32,12 +32,14 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
 import threading
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 import warnings
 
 import flax.linen as nn
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
@@ -337,37 +339,83 @@ class _Locator:
 # --- discovery ---------------------------------------------------------------------------
 
 
-def example_shapes(batch):
-  """Shape and dtype of a one-example batch (for `jax.eval_shape`; slicing a device
-  array would compile a program)."""
+def example_shapes(batch, size: int = 1):
+  """Shape and dtype of a batch of `size` examples like `batch`'s (for
+  `jax.eval_shape`; slicing a device array would compile a program)."""
   return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), x.dtype), batch)
+      lambda x: jax.ShapeDtypeStruct((size,) + tuple(np.shape(x)[1:]), x.dtype), batch)
+
+
+# Discovery traces every layer call inside a named scope `_TAG<k>`, so the jaxpr
+# shows which call each equation belongs to, and so which layer's calls use each
+# parameter leaf (`_leaf_uses`).
+_TAG = "simfluence_layer"
+_TAG_PATTERN = re.compile(_TAG + r"(\d+)")
+# Primitives that pass a parameter on unchanged (up to rounding): a use through
+# them is a use of the parameter itself (e.g. a cast to bfloat16 in the loss).
+_FORWARDING = frozenset({"convert_element_type", "sharding_constraint", "copy",
+                         "copy_p"})
+# Batch sizes discovery traces at: a layer's leading axis must be the example axis
+# at both (a fixed size can equal one of them, not both).
+_DISCOVERY_SIZES = (2, 3)
+
+
+def _new_entry():
+  return dict(module=None, foreign=set(), num_calls=0, axis=None)
+
+
+def _axis_problem(inputs, outputs, size: int) -> Optional[str]:
+  """Why a call's tokens would not be per example, or None: its input and output
+  must have the batch's examples on their leading axis."""
+  lead = lambda x: np.shape(x)[0] if np.ndim(x) else None
+  if lead(inputs) == size and lead(outputs) == size:
+    return None
+  return (f"for a batch of {size} examples its input has shape "
+          f"{tuple(np.shape(inputs))} and its output {tuple(np.shape(outputs))}: the "
+          f"leading axis must be the example axis (time-major inputs, examples "
+          f"flattened or concatenated along it, or a table shared by every example "
+          f"make its tokens another example's)")
 
 
 def _describe_calls(fn, params, batch):
-  """Traces `fn` once; every intercepted call, by layer name, in call order."""
+  """Traces `fn` at the two `_DISCOVERY_SIZES`.
+
+  Returns:
+    (every intercepted call by layer name, in call order; the modules called; the
+    uses of each parameter leaf (`_leaf_uses`); the layers whose calls run in the
+    traced function itself rather than inside a nested transform).
+  """
   calls = collections.OrderedDict()
   seen = collections.Counter()
+  tags = []  # by tag number: (layer name, method)
 
-  def traced(params, batch):
+  def traced(params, batch, size, first):
     locator = _Locator(params)
 
     def handler(module, method, call, args, kwargs):
       block_class = _blocks.block_for_module(module)
-      if method == "__call__":
+      if first and method == "__call__":
         seen[_kind_name(module)] += 1
-      if block_class is None:
+      if block_class is None or (method != "__call__" and method
+                                 not in block_class.weight_reading_methods):
         return call(*args, **kwargs)
-      if method != "__call__":
-        if method in block_class.weight_reading_methods:
-          name, _, _ = locator.locate(module, block_class)
-          calls.setdefault(name, dict(module=None, foreign=set(), num_calls=0))
-          calls[name]["foreign"].add(method)
-        return call(*args, **kwargs)
-      inputs = block_class.call_inputs(args, kwargs)
-      outputs = call(*args, **kwargs)
       name, kernel_path, bias_path = locator.locate(module, block_class)
-      entry = calls.setdefault(name, dict(module=None, foreign=set(), num_calls=0))
+      if not first and name not in calls:
+        return call(*args, **kwargs)  # e.g. a jitted apply replaying its cache
+      entry = calls.setdefault(name, _new_entry())
+      tag = f"{_TAG}{len(tags)}"
+      tags.append((name, method))
+      if method != "__call__":
+        entry["foreign"].add(method)
+        with jax.named_scope(tag):
+          return call(*args, **kwargs)
+      inputs = block_class.call_inputs(args, kwargs)
+      with jax.named_scope(tag):
+        outputs = call(*args, **kwargs)
+      if entry["axis"] is None:
+        entry["axis"] = _axis_problem(inputs, outputs, size)
+      if not first:
+        return outputs
       entry["num_calls"] += 1
       try:
         description, problem = block_class.describe(module, inputs, outputs), None
@@ -388,8 +436,59 @@ def _describe_calls(fn, params, batch):
     with intercept(handler):
       return fn(params, batch)
 
-  jax.eval_shape(traced, params, batch)
-  return calls, seen
+  first, second = _DISCOVERY_SIZES
+  closed = jax.make_jaxpr(functools.partial(traced, size=first, first=True))(
+      params, example_shapes(batch, first))
+  uses, present = _leaf_uses(closed.jaxpr, params, tags)
+  jax.eval_shape(functools.partial(traced, size=second, first=False), params,
+                 example_shapes(batch, second))
+  return calls, seen, uses, present
+
+
+def _leaf_uses(jaxpr, params, tags):
+  """Which layer calls use each parameter leaf, read from the jaxpr of the first
+  discovery trace.
+
+  Returns:
+    ({leaf path: (names of the layers whose `__call__` uses it, descriptions of
+    its uses outside any layer call)}, names of the layers with an equation of a
+    call at the top level of the jaxpr). A use inside a nested jaxpr (nn.remat,
+    nn.scan, an inner jit) is the nested call's equation, outside the layer; a
+    layer called only in there has no top-level equation.
+  """
+  def owner(eqn):
+    found = _TAG_PATTERN.findall(str(eqn.source_info.name_stack))
+    return tags[int(found[-1])] if found else None  # the innermost call
+
+  users, present = collections.defaultdict(list), set()
+  for eqn in jaxpr.eqns:
+    call = owner(eqn)
+    if call is not None and call[1] == "__call__":
+      present.add(call[0])
+    for var in eqn.invars:
+      if isinstance(var, jax_core.Var):
+        users[var].append(eqn)
+  paths = list(_leaf_paths(params))
+  if len(paths) != len(jax.tree_util.tree_leaves(params)):
+    raise ValueError("find_layers: params has leaves that are not arrays.")
+  uses = {}
+  for path, var in zip(paths, jaxpr.invars):
+    layers, outside, pending = set(), [], [var]
+    while pending:
+      for eqn in users[pending.pop()]:
+        if eqn.primitive.name in _FORWARDING:
+          pending.extend(eqn.outvars)
+          continue
+        call = owner(eqn)
+        if call is not None and call[1] == "__call__":
+          layers.add(call[0])
+        else:
+          where = _TAG_PATTERN.sub("", str(eqn.source_info.name_stack)).strip("/")
+          outside.append(f"`{eqn.primitive.name}`"
+                         + (f" in {where}" if where else "")
+                         + (f" of {call[0]}.{call[1]}" if call else ""))
+    uses[path] = (layers, outside)
+  return uses, present
 
 
 def _call_conflict(block_class, first, other) -> Optional[str]:
@@ -416,33 +515,79 @@ def _call_conflict(block_class, first, other) -> Optional[str]:
   return None
 
 
-def _layer_problem(entry, leaf_paths) -> Optional[str]:
-  """Why a discovered call cannot be used, or None."""
+_NESTED = ("it is called inside a nested transform (nn.remat / jax.checkpoint, "
+           "nn.scan / nn.RNN / lax.scan, or a jit or vmap inside the model), whose "
+           "inner values cannot be captured")
+# A layer whose weights the traced function does not take from params: not
+# covered, and no error (e.g. a frozen part of the model closed over in `fn`).
+_FROZEN = "frozen"
+
+
+def _resolve_layer(name, entry, leaf_paths, uses, present):
+  """(kernel path, bias path, None) of a discovered layer; or (None, None, why it
+  cannot be used); or (None, None, _FROZEN) when its kernel is not a leaf of params.
+
+  The leaves are the ones only this layer's calls use (`_leaf_uses`), named like
+  the block's kernel and bias: a leaf that something else also uses (a tied weight
+  read directly, a transformed parameter such as nn.WeightNorm, a weight penalty in
+  the loss) would have gradient terms the layer's tokens do not hold.
+  """
   if entry["module"] is None:
-    return "only its weight-reading methods were called, never __call__"
+    return None, None, "only its weight-reading methods were called, never __call__"
   if entry["foreign"]:
-    return (f"its weights are also read by {sorted(entry['foreign'])} (e.g. a tied "
-            f"embedding); captured calls would miss part of the gradient")
-  if entry["problem"]:
-    return entry["problem"]
-  if entry["conflict"]:
-    return entry["conflict"]
+    return None, None, (
+        f"its weights are also read by {sorted(entry['foreign'])} (e.g. a tied "
+        f"embedding); captured calls would miss part of the gradient")
+  if entry["problem"] or entry["conflict"] or entry["axis"]:
+    return None, None, entry["problem"] or entry["conflict"] or entry["axis"]
+  if name not in present:
+    return None, None, _NESTED
   block_class, description = entry["block"], entry["description"]
-  if entry["kernel_path"] is None:
-    if entry["nnx"]:
-      return (f"its {block_class.kernel_name} is not one of the nnx.Param leaves of "
-              f"params (params must be nnx.state(module, nnx.Param) of the module the "
-              f"task merges, not transformed copies)")
-    return (f"no leaf ending in '{block_class.kernel_name}' at its module path in "
-            f"params (pass params of the model fn applies)")
-  shape = tuple(np.shape(leaf_paths[entry["kernel_path"]]))
+
+  def own(leaf_name, located):
+    """(path only this layer uses, or None; why a leaf it uses is unusable)."""
+    mine = [path for path, (layers, outside) in uses.items()
+            if path[-1] == leaf_name and layers == {name} and not outside]
+    if len(mine) == 1:
+      return mine[0], None
+    if located is None:
+      return None, None
+    layers, outside = uses[located]
+    if not outside and name not in layers and len(layers) == 1:
+      return None, None  # another layer's leaf, named like this one's (suffix)
+    if outside or layers - {name}:
+      others = sorted(layers - {name})
+      return None, (f"its {leaf_name} {'/'.join(located)} is also used outside its "
+                    f"calls, by " + (outside[0] if outside else
+                                     f"layer {others[0]!r}")
+                    + " (a tied weight read directly, a transformed parameter such "
+                    "as nn.WeightNorm or nn.map_variables, or a weight penalty in "
+                    "the loss): the layer's tokens would miss that part of its "
+                    "gradient")
+    return None, None
+
+  kernel_path, problem = own(block_class.kernel_name, entry["kernel_path"])
+  if problem:
+    return None, None, problem
+  if kernel_path is None:
+    if any(name in layers for layers, _ in uses.values()):
+      return None, None, (f"its {block_class.kernel_name} could not be told apart "
+                          f"among the leaves of params its calls use")
+    return None, None, _FROZEN
+  shape = tuple(np.shape(leaf_paths[kernel_path]))
   if shape != tuple(description["kernel_shape"]):
-    return (f"{block_class.kernel_name} in params has shape {shape}, its call implies "
-            f"{tuple(description['kernel_shape'])} (a lifted transform such as "
-            f"nn.scan / nn.vmap stacks parameters)")
-  if description["has_bias"] and entry["bias_path"] is None:
-    return "it has a bias but no bias leaf was found in params"
-  return None
+    return None, None, (
+        f"{block_class.kernel_name} in params has shape {shape}, its call implies "
+        f"{tuple(description['kernel_shape'])} (a lifted transform such as "
+        f"nn.scan / nn.vmap stacks parameters)")
+  if not description["has_bias"]:
+    return kernel_path, None, None
+  bias_path, problem = own(block_class.bias_name, entry["bias_path"])
+  if problem:
+    return None, None, problem
+  if bias_path is None:
+    return None, None, "it has a bias but no bias leaf was found in params"
+  return kernel_path, bias_path, None
 
 
 def find_layers(fn: Callable[..., jax.Array], params, batch, warn: bool = True,
@@ -481,50 +626,59 @@ def find_layers(fn: Callable[..., jax.Array], params, batch, warn: bool = True,
   if unknown:
     raise ValueError(f"kinds: unknown layer kinds {unknown}; registered: "
                      f"{list(_blocks.all_block_names())} (or \"all\").")
-  calls, seen = _describe_calls(fn, params, example_shapes(batch))
+  calls, seen, uses, present = _describe_calls(fn, params, batch)
   leaf_paths = _leaf_paths(params)
-  specs, problems, disabled, covered = [], [], [], set()
+  specs, problems, disabled, frozen, covered = [], [], [], [], set()
   for name, entry in calls.items():
     block_class = entry.get("block")
     if block_class is not None and block_class.name not in kinds:
       disabled.append(f"{name!r} ({entry['kind']})")
       continue
-    problem = _layer_problem(entry, leaf_paths)
+    kernel_path, bias_path, problem = _resolve_layer(name, entry, leaf_paths, uses,
+                                                     present)
+    if problem == _FROZEN:
+      frozen.append(name)
+      continue
     if problem is not None:
       problems.append(f"{name!r} ({entry.get('kind', '?')}): {problem}")
       continue
     d = entry["description"]
-    kernel = leaf_paths[entry["kernel_path"]]
-    covered.add(entry["kernel_path"])
+    kernel = leaf_paths[kernel_path]
+    covered.add(kernel_path)
     if d["has_bias"]:
-      covered.add(entry["bias_path"])
+      covered.add(bias_path)
     specs.append(LayerSpec(
         name=name, kind=entry["kind"], in_axes=tuple(d["in_axes"]),
         num_feature_axes=d["num_feature_axes"], input_dim=d["input_dim"],
         output_dim=d["output_dim"], has_bias=d["has_bias"],
-        kernel_path=entry["kernel_path"],
-        bias_path=entry["bias_path"] if d["has_bias"] else None,
+        kernel_path=kernel_path, bias_path=bias_path,
         num_calls=entry["num_calls"], block=block_class.name,
         config=tuple(d["config"]), kernel_shape=tuple(d["kernel_shape"]),
         param_dtype=str(np.dtype(kernel.dtype))))
   if not specs:
     raise ValueError("find_layers: no usable layer. " + _nothing_found(
-        calls, seen, problems, disabled, kinds))
+        calls, seen, problems, disabled, kinds, frozen))
   if problems and strict:
     raise ValueError("find_layers: layers that cannot be used (pass strict=False to "
                      "leave them out, or layers= explicitly): " + "; ".join(problems))
   uncovered = ["/".join(p) for p in leaf_paths if p not in covered]
-  if warn and (uncovered or problems):
+  if warn and (uncovered or problems or frozen):
     _warn_once(
         f"EK-FAC covers {len(specs)} layers; excluded (zero contribution to EK-FAC "
         f"scores): parameters {uncovered}"
-        + (f"; layers left out: {problems}" if problems else ""))
+        + (f"; layers left out: {problems}" if problems else "")
+        + (f"; layers whose weights are not in params (frozen): {frozen}"
+           if frozen else ""))
   return tuple(specs)
 
 
-def _nothing_found(calls, seen, problems, disabled, kinds) -> str:
+def _nothing_found(calls, seen, problems, disabled, kinds, frozen) -> str:
   if problems:
     return "Layers were found but none can be used: " + "; ".join(problems) + "."
+  if frozen:
+    return (f"Layers were found but no leaf of params is their weight "
+            f"({frozen}): pass the params that fn applies (for linen, the "
+            f"'params' collection or a tree holding it).")
   if disabled:
     return (f"Found only layers of kinds not enabled ({', '.join(disabled)}); "
             f"enabled kinds are {list(kinds)} (pass kinds=... to include them).")
@@ -649,12 +803,17 @@ def _capture_per_example(fn, params, batch, layers, token_mask, wrt_paths,
     def shapes_only(wrt):
       record = {}
       values = run(example_batch, None, wrt, record)
-      return values, {key: out for key, (_, out) in record.items()}
+      return values, record
 
-    value_shape, output_shapes = jax.eval_shape(shapes_only, wrt)
+    value_shape, call_shapes = jax.eval_shape(shapes_only, wrt)
     if tuple(value_shape.shape) != (size,):
       raise ValueError(f"capture: fn must return one value per example (float[B]); "
                        f"for a batch of {size} it returned shape {value_shape.shape}.")
+    for key, (inputs, outputs) in call_shapes.items():
+      problem = _axis_problem(inputs, outputs, size)
+      if problem:
+        raise ValueError(f"capture: layer {key.split('#')[0]!r}: {problem}.")
+    output_shapes = {key: out for key, (_, out) in call_shapes.items()}
     for spec in layers:
       found = sum(key.startswith(spec.name + "#") for key in output_shapes)
       if found != spec.num_calls:

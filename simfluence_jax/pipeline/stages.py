@@ -467,9 +467,12 @@ def tracin_cp(wd, config, dataset, model: Model) -> np.ndarray:
     return influence.tracin_scores(_task(model), checkpoints, weights, dataset.test,
                                    _train_batches(config, dataset),
                                    mesh=_score_mesh(config))
+  # Version 2: layer discovery leaves the TransformerLM's position embedding (a
+  # table shared by every example) to plain per-example gradients; version 1
+  # scores took its tokens as example 0's, up to 70% off.
   return _cached_array(wd, "tracin_cp_scores", compute,
                        fields=("influence.tracin_num_runs", "influence.chunk_size"),
-                       upstream=("record_runs",))
+                       upstream=("record_runs",), version=2)
 
 
 def ekfac_if(wd, config, dataset, model: Model) -> np.ndarray:
