@@ -281,7 +281,21 @@ def test_deleted_tracin_checkpoint_is_an_error(tiny_run, tmp_path):
   shutil.rmtree(os.path.join(copy, "runs", "grads", "tracin_ckpt", "4"))
   shutil.rmtree(os.path.join(copy, "arrays"))
   os.remove(os.path.join(copy, "stages", "tracin_cp_scores.json"))
-  with pytest.raises(FileNotFoundError, match=r"steps \[4\] are missing"):
+  with pytest.raises(FileNotFoundError, match=r"steps \[4\] are missing .* restore "
+                     r"them, or delete .*record_runs.json to train the runs again"):
+    pipeline.run(_config(), copy)
+
+
+def test_deleted_gradient_trace_is_refused_not_dropped(tiny_run, tmp_path):
+  """grad_trace/ (the largest output) deleted: the rerun reused record_runs without
+  it and tracin_per_step's rows vanished from metrics.json unsaid."""
+  _, workdir, _ = tiny_run
+  copy = _copy(workdir, tmp_path)
+  shutil.rmtree(os.path.join(copy, "grad_trace"))
+  with pytest.raises(pipeline.StaleWorkdirError, match=r"stage record_runs: its "
+                     r"stored outputs cannot be read \(.*grad_trace is missing \(the "
+                     r"per-step gradients of the first 2 fitted runs\)\); restore "
+                     r"them, or --overwrite"):
     pipeline.run(_config(), copy)
 
 

@@ -16,6 +16,7 @@ module runs that job itself.
 import json
 import os
 
+import numpy as np
 import pytest
 
 from simfluence_jax import config_lib
@@ -244,3 +245,122 @@ def test_a_reused_stage_names_the_packages_that_computed_it(tmp_path):
   with open(path, "w") as f:
     json.dump(record, f)
   assert job(new, ["runs"]).other_environments() == {"runs": "not recorded"}
+
+
+def _stage_job(tmp_path, config, calls, overwrite=False):
+  """A precious stage "runs" (a file in runs/), a stage "scores" (an array) and a
+  stage "data" that stores nothing; `calls` collects what was computed."""
+  from simfluence_jax.pipeline import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  wd = workdir_lib.Workdir(str(tmp_path / "job"), config, overwrite)
+  runs = str(tmp_path / "job" / "runs" / "losses.npy")
+  scores = str(tmp_path / "job" / "arrays" / "scores.npy")
+
+  def save(path, value):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.save(path, value)
+
+  def compute(name, value):
+    calls.append(name)
+    return value
+
+  wd.stage("data", fields=("data",), compute=lambda: compute("data", None))
+  wd.stage("runs", fields=("seed",), upstream=("data",), precious=True,
+           compute=lambda: compute("runs", np.arange(3.0)),
+           save=lambda v: save(runs, v), load=lambda: np.load(runs),
+           outputs=("runs",))
+  return wd.stage("scores", fields=(), upstream=("runs",),
+                  compute=lambda: compute("scores", np.ones(2)),
+                  save=lambda v: save(scores, v), load=lambda: np.load(scores),
+                  outputs=("arrays/scores.npy",))
+
+
+def test_unreadable_outputs_and_records_recompute_or_refuse_by_name(tmp_path):
+  """A stage whose stored outputs cannot be read is recomputed; a precious one is
+  refused with its name and `--overwrite` then recomputes it (it was "done", so
+  --overwrite did nothing and the error came back). A torn or non-object record
+  of a precious stage whose outputs exist is refused (its runs were deleted and
+  retrained unasked); a non-object record was an AttributeError traceback."""
+  config = config_lib.load_config(TINY)
+  calls = []
+  _stage_job(tmp_path, config, calls)
+  assert calls == ["data", "runs", "scores"]
+  job = tmp_path / "job"
+  os.remove(job / "arrays" / "scores.npy")
+  calls.clear()
+  np.testing.assert_array_equal(_stage_job(tmp_path, config, calls), np.ones(2))
+  assert calls == ["data", "scores"]
+  (job / "runs" / "losses.npy").write_text("not an array")
+  calls.clear()
+  with pytest.raises(fp.StaleWorkdirError, match=r"stage runs: its stored outputs "
+                     r"cannot be read \(.*\); restore them, or --overwrite to "
+                     r"discard runs/ and recompute\."):
+    _stage_job(tmp_path, config, calls)
+  _stage_job(tmp_path, config, calls, overwrite=True)
+  assert calls == ["data", "data", "runs"]  # the same inputs: scores reused
+  for torn in ("{", "[]"):
+    (job / "stages" / "runs.json").write_text(torn)
+    calls.clear()
+    with pytest.raises(fp.StaleWorkdirError, match=r"stage runs: its record .*runs"
+                       r".json is unreadable, so what runs/ were computed from is "
+                       r"unknown; restore the record, or --overwrite"):
+      _stage_job(tmp_path, config, calls)
+    assert calls == ["data"] and (job / "runs" / "losses.npy").exists()
+  (job / "stages" / "scores.json").write_text("[]")  # not precious: recomputed
+  _stage_job(tmp_path, config, calls, overwrite=True)
+  assert calls == ["data", "data", "runs", "scores"]
+
+
+def test_a_stage_without_a_record_never_keeps_old_outputs(tmp_path):
+  """Outputs left without a record (records discarded by --overwrite of a legacy
+  workdir, or a job killed first) are cleared before the stage recomputes, not
+  only for precious stages: removal/ then held another job's checkpoints and every
+  rerun failed."""
+  config = config_lib.load_config(TINY)
+  calls = []
+  _stage_job(tmp_path, config, calls)
+  stale = tmp_path / "job" / "arrays" / "scores.npy"
+  np.save(stale, np.zeros(5))
+  os.remove(tmp_path / "job" / "stages" / "scores.json")
+  calls.clear()
+  seen = []
+  from simfluence_jax.pipeline import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  wd = workdir_lib.Workdir(str(tmp_path / "job"), config)
+  wd.stage("data", fields=("data",), compute=lambda: None)
+  wd.stage("runs", fields=("seed",), upstream=("data",), precious=True,
+           compute=lambda: None, load=lambda: None, outputs=("runs",))
+  wd.stage("scores", fields=(), upstream=("runs",), outputs=("arrays/scores.npy",),
+           compute=lambda: seen.append(stale.exists()), load=lambda: None)
+  assert seen == [False]
+
+
+def test_a_refused_job_leaves_the_records_as_it_found_them(tmp_path):
+  """A stage that stores nothing ("data") writes its record only once the next
+  stage starts: refused by the precious stage after it, the job rewrote
+  stages/data.json and `simulate` then refused the untouched workdir."""
+  config = config_lib.load_config(TINY)
+  calls = []
+  _stage_job(tmp_path, config, calls)
+  record = (tmp_path / "job" / "stages" / "data.json").read_bytes()
+  other = config_lib.load_config(TINY)
+  other.data.seed += 1
+  other.seed += 1
+  with pytest.raises(fp.StaleWorkdirError, match="stage runs was computed with "
+                     "other settings"):
+    _stage_job(tmp_path, other, calls)
+  assert (tmp_path / "job" / "stages" / "data.json").read_bytes() == record
+  _stage_job(tmp_path, other, calls, overwrite=True)
+  assert (tmp_path / "job" / "stages" / "data.json").read_bytes() != record
+
+
+def test_results_name_the_code_that_computed_each_reused_stage():
+  """Stage versions are bumped by hand; the environment also records a digest of
+  the package's sources, so reused stages computed by other code are named."""
+  from simfluence_jax.evaluation import _report  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.pipeline import experiment  # pylint: disable=g-import-not-at-top
+  env = experiment.environment()
+  assert len(env["code"]) == 16 and env["code"] == experiment.source_digest()
+  older = dict(env, code="0" * 16)
+  text = _report.environment_text({"summary": {
+      "environment": env, "other_environments": {"runs": older}}})
+  assert f"(simfluence_jax sources {env['code']})." in text
+  assert text.endswith(f"(simfluence_jax sources {'0' * 16}): runs.")

@@ -357,7 +357,9 @@ def environment_text(payload: dict) -> str:
   def describe(env):
     packages = ", ".join(f"{name} {version}" for name, version in
                          env.get("packages", {}).items() if version)
-    return f"Python {env.get('python')}, {packages}, on {env.get('cpu') or env.get('machine')}"
+    code = f" (simfluence_jax sources {env['code']})" if env.get("code") else ""
+    return (f"Python {env.get('python')}, {packages}, on "
+            f"{env.get('cpu') or env.get('machine')}{code}")
 
   text = f" Computed with {describe(env)}."
   others = payload.get("summary", {}).get("other_environments") or {}

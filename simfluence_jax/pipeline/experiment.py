@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import hashlib
 import logging
 import os
+import pathlib
 from typing import Callable, Optional
 
 import jax
@@ -127,9 +130,23 @@ def _summary(config, dataset, runs: stages.Runs, curricula,
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint")
 
 
+@functools.lru_cache(maxsize=None)
+def source_digest() -> str:
+  """Digest of this package's Python sources: stage versions are bumped by hand
+  when a stage's numbers change, so a result also names the code that computed
+  each reused stage (`other_environments`)."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  digest = hashlib.sha256()
+  for path in sorted(root.rglob("*.py")):
+    digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+    digest.update(path.read_bytes() + b"\0")
+  return digest.hexdigest()[:16]
+
+
 def environment() -> dict:
-  """What computed a result besides the code and config: Python, the packages of
-  `_PACKAGES` (None if absent), the machine and its CPU model."""
+  """What computed a result besides the config: Python, the packages of
+  `_PACKAGES` (None if absent), the machine and its CPU model, and a digest of
+  this package's sources (`source_digest`)."""
   import importlib.metadata  # pylint: disable=g-import-not-at-top
   import platform  # pylint: disable=g-import-not-at-top
   packages = {}
@@ -146,7 +163,7 @@ def environment() -> dict:
   except OSError:
     pass
   return {"python": platform.python_version(), "machine": platform.machine(),
-          "cpu": cpu, "packages": packages}
+          "cpu": cpu, "packages": packages, "code": source_digest()}
 
 
 # What a finished job leaves as its result (`evaluation.write_report`): removed once

@@ -317,8 +317,12 @@ def record_runs(wd: workdir_lib.Workdir, config, dataset, model: Model,
   def load():
     timing = _io.read_json(wd.path("trace", "timing.json"), "record_runs")
     grad_path = wd.path("grad_trace")
+    if num_grad and not grad_path.exists():
+      # Without it tracin_per_step would drop out of the results unsaid.
+      raise FileNotFoundError(f"{os.fspath(grad_path)} is missing (the per-step "
+                              f"gradients of the first {num_grad} fitted runs)")
     return Runs(trace_lib.Trace.load(wd.path("trace")),
-                trace_lib.Trace.load(grad_path) if grad_path.exists() else None,
+                trace_lib.Trace.load(grad_path) if num_grad else None,
                 timing["seconds_per_run"], timing["seconds_per_grad_run"])
 
   _check_legacy_curricula(wd, batch_ids)
@@ -357,7 +361,7 @@ def _check_legacy_curricula(wd: workdir_lib.Workdir, batch_ids: np.ndarray) -> N
     return
   first = first or "see process 0's log"
   if not wd.overwrite:
-    raise fp.StaleWorkdirError(
+    raise wd.refuse(
         f"--workdir={os.fspath(wd.root)!r}: stage record_runs holds runs of other "
         f"curricula than this config's seed draws ({first}; another NumPy random "
         "stream?); use a fresh --workdir, or --overwrite to discard every stage from "
@@ -452,7 +456,8 @@ def tracin_checkpoints(wd, config) -> list:
     if missing:
       raise FileNotFoundError(
           f"tracin_cp: TracIn checkpoints at steps {missing} are missing from "
-          f"{wd.path('runs', group)}/tracin_ckpt (deleted?); rerun with --overwrite.")
+          f"{wd.path('runs', group)}/tracin_ckpt (deleted?); restore them, or delete "
+          f"{wd.path('stages', 'record_runs.json')} to train the runs again.")
     for r in runs:
       per_run[r] = [jax.tree_util.tree_map(
           lambda x, k=steps.index(s), r=r - offset: x[k, r], params) for s in expected]

@@ -24,6 +24,7 @@ import uuid
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
+import numpy as np
 
 from simfluence_jax import _io
 from simfluence_jax import sharding
@@ -86,6 +87,8 @@ class Workdir:
     self.flat_config = fp.flatten_config(config)
     self.timings: dict[str, StageTiming] = {}
     self._inputs: dict[str, fp.Inputs] = {}
+    # Records of stages that store nothing as they were before this job.
+    self._replaced: dict[str, Optional[bytes]] = {}
 
   def path(self, *parts: str):
     return self.root.joinpath(*parts)
@@ -100,13 +103,20 @@ class Workdir:
     return self.path(STAGES_DIR, name + ".json")
 
   def _read_record(self, name: str) -> Optional[dict]:
+    """The record, or None when there is none or it is unreadable (torn, or JSON
+    that is not an object: `_torn` tells these apart from a missing one)."""
     path = self._record_path(name)
     if not path.exists():
       return None
     try:
-      return _io.read_json(path, f"stage {name}")
+      record = _io.read_json(path, f"stage {name}")
     except ValueError:
-      return None  # a torn record: treat the stage as never run
+      return None
+    return record if isinstance(record, dict) else None
+
+  def _torn(self, name: str) -> bool:
+    """Whether stage `name` has a record file that `_read_record` cannot read."""
+    return self._record_path(name).exists() and self._read_record(name) is None
 
   def read_record(self, name: str) -> Optional[dict]:
     """The stored record of stage `name` (None if there is none, or on a process
@@ -131,6 +141,18 @@ class Workdir:
           inputs.to_json(), stage=name, status=status, seconds=seconds,
           host=socket.gethostname(), time=time.strftime("%Y-%m-%d %H:%M:%S"),
           **({} if self.environment is None else {"environment": self.environment})))
+
+  def refuse(self, message: str) -> fp.StaleWorkdirError:
+    """The error refusing a stage, once the records of the stages that store
+    nothing are put back as this job found them."""
+    if sharding.is_primary():
+      for name, content in self._replaced.items():
+        path = self._record_path(name)
+        if content is None:
+          path.unlink()
+        else:
+          path.write_bytes(content)
+    return fp.StaleWorkdirError(message)
 
   def other_environments(self) -> dict:
     """stage -> the environment its record names, for the stages this job reused
@@ -183,27 +205,49 @@ class Workdir:
     self._inputs[name] = inputs
     record = self.read_record(name)
     status = _STATUS[int(sharding.agree(_STATUS.index(fp.compare(record, inputs))))]
+    owned = ", ".join(f"{o}/" for o in outputs) or "its outputs"
+    where = f"--workdir={os.fspath(self.root)!r}: stage {name}"
+    torn = bool(sharding.agree(np.int32(sharding.is_primary() and self._torn(name))))
+    if torn and precious and not self.overwrite and any(
+        self.path(o).exists() for o in outputs):
+      raise self.refuse(
+          f"{where}: its record {os.fspath(self._record_path(name))} is unreadable, so "
+          f"what {owned} were computed from is unknown; restore the record, or "
+          f"--overwrite to discard them and recompute.")
     start = time.perf_counter()
     if status == "done" and load is not None:
       _logger.info("stage %s: reusing its outputs (inputs unchanged)", name)
-      self._reused_environments[name] = (record or {}).get("environment",
-                                                           "not recorded")
-      value = load()
-      self.timings[name] = StageTiming(time.perf_counter() - start, True,
-                                       (record or {}).get("seconds"))
-      return value
-    if status == "changed":
+      try:
+        value, problem = load(), None
+      except fp.StaleWorkdirError:
+        raise
+      except (FileNotFoundError, ValueError) as e:
+        value, problem = None, str(e)
+      if not sharding.agree(np.int32(problem is not None)):
+        if problem is not None:  # only this process: nothing to agree on
+          raise ValueError(problem)
+        self._reused_environments[name] = record.get("environment", "not recorded")
+        self.timings[name] = StageTiming(time.perf_counter() - start, True,
+                                         record.get("seconds"))
+        return value
+      if precious and not self.overwrite:
+        raise self.refuse(
+            f"{where}: its stored outputs cannot be read ({problem}); restore them, "
+            f"or --overwrite to discard {owned} and recompute.")
+      _logger.warning("stage %s: its stored outputs cannot be read (%s); "
+                      "recomputing", name, problem)
+      status = "changed"
+    elif status == "changed":
       changes = "; ".join(fp.describe_changes(record or {}, inputs)) if record else ""
       if precious and not self.overwrite:
-        owned = ", ".join(f"{o}/" for o in outputs) or "its outputs"
-        raise fp.StaleWorkdirError(
-            f"--workdir={os.fspath(self.root)!r}: stage {name} was computed with other "
-            f"settings ({changes}); use a fresh --workdir, or --overwrite to discard "
-            f"{owned}.")
+        raise self.refuse(
+            f"{where} was computed with other settings ({changes}); use a fresh "
+            f"--workdir, or --overwrite to discard {owned}.")
       _logger.info("stage %s: inputs changed (%s); recomputing", name, changes)
-    if status == "changed" or (precious and status == "missing"):
-      # A precious stage without a record may still have outputs from a job that
-      # predates records, or was killed before writing one: never resume those.
+    if status in ("changed", "missing") and outputs:
+      # Outputs without a record may be from a job that predates records, was
+      # killed before writing one, or had its records discarded: never resume
+      # those (a training stage would find another job's checkpoints).
       if precious and self.on_discard is not None:
         self.on_discard()
       if sharding.is_primary():
@@ -211,6 +255,11 @@ class Workdir:
           _io.remove_tree(self.path(output))
       sharding.barrier(f"cleared {name}")
     _logger.info("=== stage %s ===", name)
+    if load is None and save is None and not outputs and sharding.is_primary():
+      # It stores nothing, so it always runs: a later stage's refusal puts its
+      # old record back (`refuse`), which still describes what the workdir holds.
+      path = self._record_path(name)
+      self._replaced.setdefault(name, path.read_bytes() if path.exists() else None)
     self._write_record(name, inputs, "running")
     value = compute()
     if save is not None:
