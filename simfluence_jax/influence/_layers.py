@@ -21,9 +21,15 @@ configurations) cannot be one block: that layer is refused or left out (`strict`
 lists them once. Boxed parameters (`nn.Partitioned`, `nn.LogicallyPartitioned`,
 anything `nn.meta.unbox` strips) are unboxed first.
 
-Known limit: a weight read outside its module's own calls (e.g. through
-`self.variables` of a parent) is invisible to interception; tied embeddings used
-through `Embed.attend` are detected and excluded.
+Discovery audits every layer on the jaxpr of `fn` traced at two batch sizes, with
+each call in a named scope of its own (`_leaf_uses`): a layer is used only when its
+input and output have the examples on their leading axis and its kernel and bias
+are leaves that nothing but its own top-level calls uses. A weight read outside
+its calls (a tied embedding through `attend` or read directly, a transformed
+parameter, a weight penalty), a call inside a nested transform (nn.remat, nn.scan)
+or a shared table fail it; TracIn then takes those leaves from plain per-example
+gradients, EK-FAC refuses the layer (`strict`). A layer whose weights no leaf of
+`params` holds is frozen: skipped.
 """
 
 import collections
