@@ -116,6 +116,46 @@ class _Block(nn.Module):
     return nn.Dense(3)(nn.tanh(nn.Dense(3)(h)))
 
 
+def _doubled_kernel(inputs, kernel, dimensions, precision=None,
+                    preferred_element_type=None):
+  del precision, preferred_element_type
+  return jax.lax.dot_general(inputs, 2.0 * kernel, dimensions)
+
+
+class ScaledDotGeneral(nn.Module):
+  """A custom dot_general computing x @ (2·W): the tokens' Σ g aᵀ is the gradient
+  with respect to 2·W."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.tanh(nn.Dense(5, dot_general=_doubled_kernel)(x))
+    return nn.Dense(NUM_CLASSES)(h.mean(1))
+
+
+class _Small(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(NUM_CLASSES)(nn.tanh(nn.Dense(5)(x)).mean(1))
+
+
+def _reference_kl():
+  """Cross-entropy plus a KL penalty to a frozen reference copy of the same model
+  (RLHF-style): the reference's calls are calls of the same layers, reading weights
+  that are not in params."""
+  model, batch = _Small(), _classification_data(7, 0)
+  params = model.init(jax.random.key(1), batch["inputs"][:1])
+  reference = model.init(jax.random.key(2), batch["inputs"][:1])
+
+  def apply(p, x):
+    log_p = jax.nn.log_softmax(model.apply(p, x))
+    log_r = jax.nn.log_softmax(model.apply(reference, x))
+    return log_p - 0.5 * jnp.sum(jnp.exp(log_p) * (log_p - log_r), -1,
+                                 keepdims=True)
+  return (influence.ClassificationTask(apply), params, batch, "Dense_0",
+          "1 of its 2 calls do not read its weights from params")
+
+
 class TiedLinen(nn.Module):
   """Tied input/output embedding read directly (`h @ embedding.T`)."""
 
@@ -196,6 +236,9 @@ MODELS = {
     "remat": _linen(Rematerialised, "nested transform", "CheckpointDense_0"),
     "lstm": _linen(Recurrent, "nested transform", "LSTMCell_0/"),
     "fine_tuned_block": _fine_tuned,
+    "scaled_dot_general": _linen(ScaledDotGeneral, "transformed by `mul` inside its "
+                                 "call", "Dense_0"),
+    "reference_copy_kl": _reference_kl,
     "tied_embedding_linen": _tied("linen"),
     "tied_embedding_nnx": _tied("nnx"),
 }
@@ -289,3 +332,26 @@ def test_explicit_layers_with_a_time_major_call_are_refused_at_capture():
   with pytest.raises(ValueError, match="capture: layer 'Dense_0': for a batch of 3 "
                      r"examples its input has shape \(4, 3, 3\)"):
     influence.fit_ekfac(task, params, [batch], layers=layers, chunk_size=3)
+
+
+def test_params_cast_by_a_jitted_helper_keep_their_layers():
+  """A jit equation that only casts the params passes them on (it counted as a use
+  outside the layers, and EK-FAC refused every layer); the bfloat16 scores then
+  equal the float32 dot products to bfloat16 rounding."""
+  model, batch = _Small(), _classification_data(7, 0)
+  params = model.init(jax.random.key(1), batch["inputs"][:1])
+  cast = jax.jit(lambda p: jax.tree_util.tree_map(
+      lambda x: x.astype(jnp.bfloat16), p))
+  task = influence.ClassificationTask(lambda p, x: model.apply(cast(p), x).astype(
+      jnp.float32))
+  layers = influence.find_layers(task.loss, params, batch)
+  assert sorted(spec.name for spec in layers) == ["Dense_0", "Dense_1"]
+  query, train = _split(batch, 2, 5)
+  factors = influence.fit_ekfac(task, params, [train])
+  damping = 1e6
+  scores = influence.ekfac_scores(task, params, factors, query, [train],
+                                  damping=damping)
+  expected = (_per_example_grads(task.measurement, params, query)
+              @ _per_example_grads(task.loss, params, train).T) / damping
+  np.testing.assert_allclose(np.asarray(scores) / np.abs(expected).max(),
+                             expected / np.abs(expected).max(), atol=2e-2, rtol=0)

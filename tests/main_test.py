@@ -294,7 +294,7 @@ def test_deleted_gradient_trace_is_refused_not_dropped(tiny_run, tmp_path):
   shutil.rmtree(os.path.join(copy, "grad_trace"))
   with pytest.raises(pipeline.StaleWorkdirError, match=r"stage record_runs: its "
                      r"stored outputs cannot be read \(.*grad_trace is missing \(the "
-                     r"per-step gradients of the first 2 fitted runs\)\); restore "
+                     r"per-step gradients of the first \d+ fitted runs\)\); restore "
                      r"them, or --overwrite"):
     pipeline.run(_config(), copy)
 

@@ -445,56 +445,137 @@ def _describe_calls(fn, params, batch):
   first, second = _DISCOVERY_SIZES
   closed = jax.make_jaxpr(functools.partial(traced, size=first, first=True))(
       params, example_shapes(batch, first))
-  uses, present = _leaf_uses(closed.jaxpr, params, tags)
+  uses, present, reads = _leaf_uses(closed.jaxpr, params, tags)
   jax.eval_shape(functools.partial(traced, size=second, first=False), params,
                  example_shapes(batch, second))
-  return calls, seen, uses, present
+  return calls, seen, uses, present, reads
+
+
+# Inside a layer's call its kernel and bias may only be reshaped, cast or broadcast
+# on their way to the contraction (or the bias's addition); anything else (a custom
+# dot_general scaling the kernel, a registered kind applying a function of it)
+# makes the captured tokens another value's gradient than the leaf's.
+_STRUCTURAL = _FORWARDING | {"reshape", "transpose", "broadcast_in_dim", "squeeze",
+                             "expand_dims"}
+_APPLYING = frozenset({"dot_general", "conv_general_dilated", "gather",
+                       "dynamic_slice", "add", "add_any"})
+
+
+def _inner_jaxpr(eqn):
+  """The jaxpr of a call equation (an inner jit), or None for other primitives."""
+  if eqn.primitive.name not in ("pjit", "jit", "closed_call", "core_call"):
+    return None
+  inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+  return getattr(inner, "jaxpr", inner)
+
+
+def _walk(jaxpr, position, passing, ending):
+  """Follows invar `position` of `jaxpr` through `passing` primitives (and inner
+  jits) to `ending` ones. Returns (positions of the outvars it reaches, the first
+  other primitive's name or None)."""
+  users = collections.defaultdict(list)
+  for eqn in jaxpr.eqns:
+    for var in eqn.invars:
+      if isinstance(var, jax_core.Var):
+        users[var].append(eqn)
+  outs = {id(v): k for k, v in enumerate(jaxpr.outvars)
+          if isinstance(v, jax_core.Var)}
+  reached, pending, seen = set(), [jaxpr.invars[position]], set()
+  while pending:
+    var = pending.pop()
+    if id(var) in seen:
+      continue
+    seen.add(id(var))
+    if id(var) in outs:
+      reached.add(outs[id(var)])
+    for eqn in users[var]:
+      name, inner = eqn.primitive.name, _inner_jaxpr(eqn)
+      if name in ending:
+        continue
+      if name in passing:
+        pending.extend(eqn.outvars)
+        continue
+      if inner is None:
+        return reached, name
+      for k, v in enumerate(eqn.invars):
+        if v is var:
+          inner_reached, other = _walk(inner, k, passing, ending)
+          if other is not None:
+            return reached, other
+          pending.extend(eqn.outvars[j] for j in inner_reached)
+  return reached, None
 
 
 def _leaf_uses(jaxpr, params, tags):
-  """Which layer calls use each parameter leaf, read from the jaxpr of the first
-  discovery trace.
+  """Which layer calls use each parameter leaf, and how, read from the jaxpr of the
+  first discovery trace.
 
   Returns:
-    ({leaf path: (names of the layers whose `__call__` uses it, descriptions of
-    its uses outside any layer call)}, names of the layers with an equation of a
-    call at the top level of the jaxpr). A use inside a nested jaxpr (nn.remat,
-    nn.scan, an inner jit) is the nested call's equation, outside the layer; a
-    layer called only in there has no top-level equation.
+    ({leaf path: (names of the layers whose `__call__` uses it, descriptions of its
+    uses outside any layer call, descriptions of what transforms it inside one)},
+    names of the layers with an equation of a call at the top level of the jaxpr,
+    {layer name: the set of leaves each of its calls uses, one set per call}). A use
+    inside a nested jaxpr (nn.remat, nn.scan) is the nested equation's, outside
+    the layer, and a layer called only in there has no top-level equation; an
+    inner jit outside the layers that only casts a leaf passes it on.
   """
   def owner(eqn):
     found = _TAG_PATTERN.findall(str(eqn.source_info.name_stack))
-    return tags[int(found[-1])] if found else None  # the innermost call
+    return int(found[-1]) if found else None  # the innermost call
 
   users, present = collections.defaultdict(list), set()
   for eqn in jaxpr.eqns:
-    call = owner(eqn)
-    if call is not None and call[1] == "__call__":
-      present.add(call[0])
+    tag = owner(eqn)
+    if tag is not None and tags[tag][1] == "__call__":
+      present.add(tags[tag][0])
     for var in eqn.invars:
       if isinstance(var, jax_core.Var):
         users[var].append(eqn)
   paths = list(_leaf_paths(params))
   if len(paths) != len(jax.tree_util.tree_leaves(params)):
     raise ValueError("find_layers: params has leaves that are not arrays.")
+  reads = {k: set() for k, (_, method) in enumerate(tags) if method == "__call__"}
   uses = {}
   for path, var in zip(paths, jaxpr.invars):
-    layers, outside, pending = set(), [], [var]
+    layers, outside, transformed, pending = set(), [], [], [var]
     while pending:
-      for eqn in users[pending.pop()]:
-        if eqn.primitive.name in _FORWARDING:
+      var = pending.pop()
+      for eqn in users[var]:
+        tag = owner(eqn)
+        name, inner = eqn.primitive.name, _inner_jaxpr(eqn)
+        position = next(k for k, v in enumerate(eqn.invars) if v is var)
+        if tag is not None and tags[tag][1] == "__call__":
+          layers.add(tags[tag][0])
+          reads[tag].add(path)
+          if name in _STRUCTURAL:
+            pending.extend(eqn.outvars)
+            continue
+          other = None
+          if inner is not None:
+            reached, other = _walk(inner, position, _STRUCTURAL, _APPLYING)
+            pending.extend(eqn.outvars[j] for j in reached)
+          elif name not in _APPLYING:
+            other = name
+          if other is not None:
+            transformed.append(f"`{other}` inside its call")
+          continue
+        if name in _FORWARDING:
           pending.extend(eqn.outvars)
           continue
-        call = owner(eqn)
-        if call is not None and call[1] == "__call__":
-          layers.add(call[0])
-        else:
-          where = _TAG_PATTERN.sub("", str(eqn.source_info.name_stack)).strip("/")
-          outside.append(f"`{eqn.primitive.name}`"
-                         + (f" in {where}" if where else "")
-                         + (f" of {call[0]}.{call[1]}" if call else ""))
-    uses[path] = (layers, outside)
-  return uses, present
+        if inner is not None:
+          reached, other = _walk(inner, position, _FORWARDING, ())
+          if other is None:  # e.g. a jitted cast of the params
+            pending.extend(eqn.outvars[j] for j in reached)
+            continue
+        where = _TAG_PATTERN.sub("", str(eqn.source_info.name_stack)).strip("/")
+        call = tags[tag] if tag is not None else None
+        outside.append(f"`{name}`" + (f" in {where}" if where else "")
+                       + (f" of {call[0]}.{call[1]}" if call else ""))
+    uses[path] = (layers, outside, transformed)
+  calls = collections.defaultdict(list)
+  for tag, leaves in reads.items():
+    calls[tags[tag][0]].append(leaves)
+  return uses, present, calls
 
 
 def _call_conflict(block_class, first, other) -> Optional[str]:
@@ -529,7 +610,7 @@ _NESTED = ("it is called inside a nested transform (nn.remat / jax.checkpoint, "
 _FROZEN = "frozen"
 
 
-def _resolve_layer(name, entry, leaf_paths, uses, present):
+def _resolve_layer(name, entry, leaf_paths, uses, present, reads):
   """(kernel path, bias path, None) of a discovered layer; or (None, None, why it
   cannot be used); or (None, None, _FROZEN) when its kernel is not a leaf of params.
 
@@ -552,13 +633,18 @@ def _resolve_layer(name, entry, leaf_paths, uses, present):
 
   def own(leaf_name, located):
     """(path only this layer uses, or None; why a leaf it uses is unusable)."""
-    mine = [path for path, (layers, outside) in uses.items()
+    mine = [path for path, (layers, outside, _) in uses.items()
             if path[-1] == leaf_name and layers == {name} and not outside]
     if len(mine) == 1:
+      if uses[mine[0]][2]:
+        return None, (f"its {leaf_name} {'/'.join(mine[0])} is transformed by "
+                      f"{uses[mine[0]][2][0]} (e.g. a custom dot_general, or a "
+                      f"registered kind that does not apply it linearly): the "
+                      f"layer's tokens would be another value's gradient")
       return mine[0], None
     if located is None:
       return None, None
-    layers, outside = uses[located]
+    layers, outside, _ = uses[located]
     if not outside and name not in layers and len(layers) == 1:
       return None, None  # another layer's leaf, named like this one's (suffix)
     if outside or layers - {name}:
@@ -576,7 +662,7 @@ def _resolve_layer(name, entry, leaf_paths, uses, present):
   if problem:
     return None, None, problem
   if kernel_path is None:
-    if any(name in layers for layers, _ in uses.values()):
+    if any(name in layers for layers, _, _ in uses.values()):
       return None, None, (f"its {block_class.kernel_name} could not be told apart "
                           f"among the leaves of params its calls use")
     return None, None, _FROZEN
@@ -586,13 +672,21 @@ def _resolve_layer(name, entry, leaf_paths, uses, present):
         f"{block_class.kernel_name} in params has shape {shape}, its call implies "
         f"{tuple(description['kernel_shape'])} (a lifted transform such as "
         f"nn.scan / nn.vmap stacks parameters)")
-  if not description["has_bias"]:
-    return kernel_path, None, None
-  bias_path, problem = own(block_class.bias_name, entry["bias_path"])
-  if problem:
-    return None, None, problem
-  if bias_path is None:
-    return None, None, "it has a bias but no bias leaf was found in params"
+  bias_path = None
+  if description["has_bias"]:
+    bias_path, problem = own(block_class.bias_name, entry["bias_path"])
+    if problem:
+      return None, None, problem
+    if bias_path is None:
+      return None, None, "it has a bias but no bias leaf was found in params"
+  wanted = {kernel_path, bias_path} - {None}
+  unread = sum(not wanted <= leaves for leaves in reads)
+  if unread:
+    return None, None, (
+        f"{unread} of its {len(reads)} calls do not read its weights from params "
+        f"(the model called again with other weights, e.g. a frozen reference or "
+        f"teacher copy in the loss, or a call inside a nested transform): their "
+        f"tokens would count toward weights they do not use")
   return kernel_path, bias_path, None
 
 
@@ -632,7 +726,7 @@ def find_layers(fn: Callable[..., jax.Array], params, batch, warn: bool = True,
   if unknown:
     raise ValueError(f"kinds: unknown layer kinds {unknown}; registered: "
                      f"{list(_blocks.all_block_names())} (or \"all\").")
-  calls, seen, uses, present = _describe_calls(fn, params, batch)
+  calls, seen, uses, present, reads = _describe_calls(fn, params, batch)
   leaf_paths = _leaf_paths(params)
   specs, problems, disabled, frozen, covered = [], [], [], [], set()
   for name, entry in calls.items():
@@ -641,7 +735,7 @@ def find_layers(fn: Callable[..., jax.Array], params, batch, warn: bool = True,
       disabled.append(f"{name!r} ({entry['kind']})")
       continue
     kernel_path, bias_path, problem = _resolve_layer(name, entry, leaf_paths, uses,
-                                                     present)
+                                                     present, reads[name])
     if problem == _FROZEN:
       frozen.append(name)
       continue
@@ -690,7 +784,8 @@ def _nothing_found(calls, seen, problems, disabled, kinds, frozen) -> str:
             f"enabled kinds are {list(kinds)} (pass kinds=... to include them).")
   if not seen:
     return ("fn called no Flax module while traced. A pre-jitted apply "
-            "(jax.jit(model.apply)) replays its cached trace and hides the layers: "
+            "(jax.jit(model.apply)), or a jax.checkpoint / jit around the loss that "
+            "was traced before, replays its cached trace and hides the layers: "
             "pass the unjitted apply. An NNX model must be merged from the params "
             "inside fn (or pass the module to the task). A model that is not Flax "
             "needs register_layer_kind.")
