@@ -263,6 +263,20 @@ def _per_example_grads(fn, params, batch):
   return np.stack(rows)
 
 
+def _assert_ekfac_is_scaled_dot_products(task, params, batch, atol):
+  """EK-FAC with a damping far above every eigenvalue is (1/λ) × the gradient dot
+  products (every leaf here is covered)."""
+  query, train = _split(batch, 2, 5)
+  factors = influence.fit_ekfac(task, params, [train])
+  damping = 1e6
+  scores = influence.ekfac_scores(task, params, factors, query, [train],
+                                  damping=damping)
+  expected = (_per_example_grads(task.measurement, params, query)
+              @ _per_example_grads(task.loss, params, train).T) / damping
+  np.testing.assert_allclose(np.asarray(scores) / np.abs(expected).max(),
+                             expected / np.abs(expected).max(), atol=atol, rtol=0)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_tracin_equals_explicit_loops_and_ekfac_refuses_the_layer(name):
   task, params, batch, layer, reason = MODELS[name]()
@@ -299,15 +313,7 @@ def test_fine_tuned_block_is_covered_by_its_own_leaves_and_the_frozen_layers_ski
   assert sorted((s.name, s.kernel_path, s.bias_path) for s in layers) == [
       ("_Block_0/Dense_0", ("Dense_0", "kernel"), ("Dense_0", "bias")),
       ("_Block_0/Dense_1", ("Dense_1", "kernel"), ("Dense_1", "bias"))]
-  query, train = _split(batch, 2, 5)
-  factors = influence.fit_ekfac(task, params, [train])
-  damping = 1e6
-  scores = influence.ekfac_scores(task, params, factors, query, [train],
-                                  damping=damping)
-  expected = (_per_example_grads(task.measurement, params, query)
-              @ _per_example_grads(task.loss, params, train).T) / damping
-  np.testing.assert_allclose(np.asarray(scores) / np.abs(expected).max(),
-                             expected / np.abs(expected).max(), atol=1e-4, rtol=0)
+  _assert_ekfac_is_scaled_dot_products(task, params, batch, atol=1e-4)
 
 
 class BatchMajor(TimeMajor):
@@ -346,12 +352,4 @@ def test_params_cast_by_a_jitted_helper_keep_their_layers():
       jnp.float32))
   layers = influence.find_layers(task.loss, params, batch)
   assert sorted(spec.name for spec in layers) == ["Dense_0", "Dense_1"]
-  query, train = _split(batch, 2, 5)
-  factors = influence.fit_ekfac(task, params, [train])
-  damping = 1e6
-  scores = influence.ekfac_scores(task, params, factors, query, [train],
-                                  damping=damping)
-  expected = (_per_example_grads(task.measurement, params, query)
-              @ _per_example_grads(task.loss, params, train).T) / damping
-  np.testing.assert_allclose(np.asarray(scores) / np.abs(expected).max(),
-                             expected / np.abs(expected).max(), atol=2e-2, rtol=0)
+  _assert_ekfac_is_scaled_dot_products(task, params, batch, atol=2e-2)
