@@ -20,6 +20,8 @@ import logging
 import os
 from typing import Callable, Dict, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from simfluence_jax import _checks
@@ -452,7 +454,9 @@ def search_and_verify(
     "actual_improvement", "simulated_improvement", "fraction_beating_median",
     "mean_curve" [T+1], "pool_size" (ids the search drew from), "random_unfitted_ids"
     [ids of the random curricula outside its fitted_ids]}}; plus "batch_ids"
-    {method: int32[C, T, B]} (arrays, not JSON) for saving.
+    {method: int32[C, T, B]} (arrays, not JSON) for saving. Simulated losses are
+    the search's objective: every step clipped at 0 (`search_curriculum`'s
+    loss_floor).
 
   Raises:
     ValueError: naming the argument: unknown, repeated or no methods, start
@@ -495,13 +499,21 @@ def search_and_verify(
     return np.asarray(losses)[:, -1][:, targets].mean(-1)
 
   def simulated_final(sim, batch_ids):
-    # Only the targets are read; a simulator diverging on one of them reports NaN
-    # there (as `evaluation` scores a diverging rollout), not an error after the
-    # searched curricula were retrained. Unfitted ids: only the random curricula
-    # can hold them (checked, listed and warned above).
-    initial = np.repeat(initial_losses[None], len(batch_ids), axis=0)
-    return target_final(sim.simulate(batch_ids, initial, allow_nonfinite=True,
-                                     allow_unfitted_ids=True))
+    # What the search minimises (`search_curriculum`'s loss_floor): every step's
+    # loss clipped at 0 (a final-only simulator: its final loss), so a searched
+    # curriculum's simulated loss is its objective, never an impossible negative
+    # loss. Only the targets are read; a simulator diverging on one of them
+    # reports NaN there (as `evaluation` scores a diverging rollout), not an error
+    # after the searched curricula were retrained. Unfitted ids: only the random
+    # curricula can hold them (checked, listed and warned above).
+    a, b = sim.phase_parameters()
+    ids = jnp.asarray(batch_ids, jnp.int32)
+    phases = jnp.asarray(sim.phase_of_steps(ids.shape[1]))
+    finals = jax.vmap(lambda one: _simulator.final_losses(
+        a, b, one, jnp.asarray(initial_losses, jnp.float32),
+        linear=sim.kind == "linear", phases=phases, floor=0.0,
+        floor_each_step=not sim.final_only))(ids)
+    return np.asarray(finals)[:, targets].mean(-1)
 
   searched_ids, pool_sizes = {}, {}
   for i, method in enumerate(methods):

@@ -331,6 +331,33 @@ def test_search_and_verify_with_an_exact_simulator():
   json.dumps({k: v for k, v in result.items() if k != "batch_ids"})  # serialisable
 
 
+def test_reported_simulated_losses_are_the_searched_objective():
+  """The search minimises losses clipped at 0 every step; the report showed the
+  unclipped rollout (a simulated final loss of −2.0 for TracIn-CP, and an
+  improvement the search never saw)."""
+  b = np.zeros((6, 1), np.float32)
+  b[0], b[1] = -3.0, -1.0
+  sim = sj.simulators.additive_from_scores(b)
+  initial = np.ones(1, np.float32)
+  start = np.array([[[2], [3]]], np.int32)
+  random_ids = np.array([[[0], [1]], [[4], [5]], [[1], [4]]], np.int32)
+  # Unclipped: 1 − 3 − 1 = −3, 1, 0; clipped every step: max(1 − 3, 0) − 1 → 0
+  # (clipped again), 1, 0.
+  result = counterfactual.search_and_verify(
+      {"scores": sim}, initial_losses=initial, start_batch_ids=start,
+      random_batch_ids=random_ids, random_losses=np.ones((3, 3, 1), np.float32),
+      targets=[0], retrain=lambda ids: np.ones((len(ids), 3, 1), np.float32),
+      num_iters=40, num_proposals=8)
+  searched = result["searched"]["scores"]
+  np.testing.assert_allclose(result["random"]["simulated_final"]["scores"],
+                             [0.0, 1.0, 0.0])
+  objective = sj.simulators.search_curriculum(sim, initial, start, [0], num_iters=40,
+                                              num_proposals=8).objective
+  np.testing.assert_allclose(searched["simulated_final"], objective)
+  np.testing.assert_allclose(searched["simulated_final"], [0.0])
+  np.testing.assert_allclose(searched["simulated_improvement"], 0.0)
+
+
 def test_a_simulator_diverging_off_the_targets_does_not_stop_the_search(caplog):
   """Column 2 (not a target) overflows under α = 2 per step: the search and its
   verification read the targets only, and their simulated finals are the exact

@@ -835,7 +835,8 @@ def counterfactual(wd, config, dataset, model: Model, runs: Runs,
                   upstream=("record_runs",) + tuple(
                       f"fit_{m}" for m in methods if m != "metagradient"),
                   compute=compute, save=save, load=load,
-                  outputs=("counterfactual", "counterfactual_runs"), version=2)
+                  outputs=("counterfactual", "counterfactual_runs"),
+                  version=3)  # 3: simulated losses clipped at 0, as the search
 
 
 def learning_curve(wd, config, runs: Runs, curricula: Curricula,
