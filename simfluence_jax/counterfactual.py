@@ -196,6 +196,12 @@ def base_initial_losses(workdir: str) -> np.ndarray:
   return np.array(trace.losses[0, 0], np.float32)
 
 
+def recorded_batch_ids(workdir: str) -> np.ndarray:
+  """int32[R, T, B] the curricula of every recorded run (-1 = padding)."""
+  trace = trace_lib.Trace.load(os.path.join(workdir, "trace"), mmap=True)
+  return np.asarray(trace.batch_ids)
+
+
 def fit_fingerprints(workdir: str, names: Sequence[str]) -> dict:
   """method -> the "fingerprint" of `workdir/stages/fit_<method>.json` (the fit
   its saved simulator came from), None where there is no such record (simulators

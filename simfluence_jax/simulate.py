@@ -76,6 +76,28 @@ def _check_unfitted(sims: dict, found: dict, curriculum_path: str) -> None:
       f"prior for them; {leave_out}pass --allow_unfitted_ids to roll out anyway.")
 
 
+def _check_short_steps(batch_ids: np.ndarray, workdir: str,
+                       curriculum_path: str) -> None:
+  """Raises ValueError naming the file if a step holds fewer ids (and not none)
+  than every step of the workdir's recorded runs: a simulator sums per-example
+  effects over a step's ids (Simfluence-Linear's α = Σ A_i ≈ 1 over a full
+  batch), which the fitted runs never showed with fewer, while training averages
+  over them: a one-id step predicted the loss falling to a quarter."""
+  recorded = counterfactual.recorded_batch_ids(workdir)
+  counts = (recorded >= 0).sum(-1)
+  fewest = int(counts[counts > 0].min())
+  given = (batch_ids >= 0).sum(-1)
+  short = np.argwhere((given > 0) & (given < fewest))
+  if short.size:
+    r, t = (int(i) for i in short[0])
+    raise ValueError(
+        f"--curriculum={curriculum_path}: curriculum {r}, step {t} holds "
+        f"{int(given[r, t])} ids, the recorded runs' steps at least {fewest} (of "
+        f"{recorded.shape[-1]}): the simulators were never fitted on such steps "
+        f"(they sum per-example effects over a step's ids; training averages "
+        f"over them); pass --allow_extrapolation to roll out anyway.")
+
+
 def _check_output_dir(output_dir: str, curriculum: str) -> None:
   """Refuses a default output folder holding another curriculum file's output."""
   path = os.path.join(output_dir, "trajectories.json")
@@ -139,6 +161,8 @@ def run(workdir: str, curriculum_path: str, output_dir: Optional[str] = None,
   unfitted = counterfactual.unfitted_ids(sims, batch_ids)
   if not allow_unfitted_ids:
     _check_unfitted(sims, unfitted, curriculum_path)
+  if not allow_extrapolation:
+    _check_short_steps(batch_ids, workdir, curriculum_path)
   initial = counterfactual.base_initial_losses(workdir)
   num_test = any_sim.num_test_examples
   targets = (np.arange(num_test) if targets is None else
@@ -194,7 +218,8 @@ def _define_flags() -> None:
                     "trajectories.json's unfitted_ids).")
   flags.DEFINE_bool("allow_extrapolation", False,
                     "Roll out curricula of more steps than the simulators were "
-                    "fitted on (steps past them use the last phase's parameters).")
+                    "fitted on (steps past them use the last phase's parameters), "
+                    "or with steps holding fewer ids than any recorded run's.")
 
 
 def main(argv):

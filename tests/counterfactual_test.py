@@ -184,6 +184,10 @@ def test_load_curriculum_csv(tmp_path):
   path.write_text("# step per line\n0,1,2\n\n3,,4\n5\n")
   np.testing.assert_array_equal(data.load_curriculum(str(path), 6),
                                 [[[0, 1, 2], [3, -1, 4], [5, -1, -1]]])
+  # Trailing commas (a spreadsheet's export) made every step one slot wider.
+  path.write_text("0,1,2,\n3,,4,\n")
+  np.testing.assert_array_equal(data.load_curriculum(str(path), 6),
+                                [[[0, 1, 2], [3, -1, 4]]])
   # Saved with a UTF-8 byte order mark (Excel's "CSV UTF-8"; editors' JSON).
   for name, text in (("bom.csv", "1,2\n3,4\n"), ("bom.json", "[[1, 2], [3, 4]]")):
     (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
@@ -200,6 +204,9 @@ def test_load_curriculum_csv(tmp_path):
     ("c.json", "[]", "non-empty list"),
     ("c.json", "[0, 1]", "step 0: expected a list of ids"),
     ("c.json", '{"ids": []}', "must hold \"batch_ids\""),
+    # Weights in the file were silently not applied.
+    ("c.json", '{"batch_ids": [[0]], "weights": [[0.0]]}',
+     r"unknown keys \['weights'\]: a JSON object holds only \"batch_ids\""),
     ("c.json", "[[0,", "not valid JSON"),
     ("c.json", "[[-1, -1]]", "all padding"),
     ("c.csv", "0,1\n2,z\n", "step 1, slot 1: 'z' is not an integer id"),
@@ -289,6 +296,26 @@ def test_simulate_run_writes_every_simulators_trajectories(fitted_workdir, tmp_p
                                                 trace.losses[:2, 0]))
   np.testing.assert_allclose(written["methods"]["scores"]["mean"], expected, atol=1e-5)
   np.testing.assert_allclose(result["trajectories"]["scores"]["mean"], expected)
+
+
+def test_simulate_refuses_steps_shorter_than_any_recorded_step(fitted_workdir,
+                                                               tmp_path):
+  """The recorded runs' steps hold 2 ids; a step of 1 sums half the effects a
+  simulator was fitted on (Simfluence-Linear predicted the loss falling to a
+  quarter), so it is extrapolation; an empty step stays a no-op."""
+  workdir, _, _ = fitted_workdir
+  path = tmp_path / "short.csv"
+  path.write_text("0,1\n2\n3,4\n")
+  with pytest.raises(ValueError, match=r"short.csv: curriculum 0, step 1 holds 1 "
+                     r"ids, the recorded runs' steps at least 2 \(of 2\).*pass "
+                     r"--allow_extrapolation"):
+    simulate.run(workdir, str(path), output_dir=str(tmp_path / "out"),
+                 num_band_samples=0)
+  simulate.run(workdir, str(path), output_dir=str(tmp_path / "out"),
+               num_band_samples=0, allow_extrapolation=True)
+  path.write_text("0,1\n,\n3,4\n")  # an empty step
+  simulate.run(workdir, str(path), output_dir=str(tmp_path / "out2"),
+               num_band_samples=0)
 
 
 def test_simulate_cli_rejects_a_bad_curriculum_in_one_line(fitted_workdir, tmp_path):

@@ -164,6 +164,10 @@ def load_curriculum(path: str, num_train_examples: int) -> np.ndarray:
     if isinstance(value, dict):
       if "batch_ids" not in value:
         raise _curriculum_error(path, "a JSON object must hold \"batch_ids\".")
+      extra = sorted(set(value) - {"batch_ids"})
+      if extra:  # e.g. "weights", which were silently not applied
+        raise _curriculum_error(path, f"unknown keys {extra}: a JSON object holds "
+                                "only \"batch_ids\".")
       value = value["batch_ids"]
     if not isinstance(value, list) or not value:
       raise _curriculum_error(path, "expected a non-empty list of steps [T][B] or of "
@@ -174,8 +178,14 @@ def load_curriculum(path: str, num_train_examples: int) -> np.ndarray:
   elif extension == ".csv":
     # read_text reads with universal newlines, as iterating an open file does.
     lines = [line.strip() for line in read().split("\n")]
-    steps = [[cell.strip() or "-1" for cell in line.split(",")]
-             for line in lines if line and not line.startswith("#")]
+    steps = []
+    for line in lines:
+      if not line or line.startswith("#"):
+        continue
+      cells = [cell.strip() for cell in line.split(",")]
+      while len(cells) > 1 and not cells[-1]:
+        cells.pop()  # a trailing comma: every step is padded to the widest anyway
+      steps.append([cell or "-1" for cell in cells])  # empty cells: padding
     curricula = [steps]
   else:
     raise _curriculum_error(path, f"unsupported extension {extension!r}; use .json "
