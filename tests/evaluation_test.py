@@ -252,6 +252,21 @@ def test_goals_break_a_tie_at_three_decimals_by_the_lower_mse():
   assert not checked["metagradient: all_steps_mse ≤ 0.3 × curriculum_blind's"]
 
 
+def test_goal_values_are_shown_with_the_digits_their_verdict_needs():
+  """0.29996 read "0.300 **missed**"; the loss drop read as a fraction (0.333)
+  beside its "≥ 30%" goal."""
+  from simfluence_jax.evaluation import _tables as tables  # pylint: disable=g-import-not-at-top
+  payload = {"regime": {"mean_loss_drop": 0.3333, "final_loss_std_across_runs": 0.29996},
+             "simfluence_linear": {"spearman_across_runs": 0.95,
+                                   "all_steps_mse_ratio": 0.2, "spearman": 0.97}}
+  text = tables.render(payload, "default", "w")
+  assert "| mean test loss drops ≥ 30% | 33.3% | met |" in text
+  assert ("| across-run std of final test losses ≥ 0.3 | 0.29996 | **missed** |"
+          in text)
+  assert ("| best method (simfluence_linear) spearman_across_runs ≥ 0.9 | 0.950 | "
+          "met |" in text)
+
+
 def test_sweep_table_shows_derivative_growth_only_where_cells_have_it(tmp_path):
   from simfluence_jax.evaluation import _tables as tables  # pylint: disable=g-import-not-at-top
   metrics = {"curriculum_blind": {}, "simfluence_linear": {

@@ -114,6 +114,13 @@ def _best(payload: dict, metric: str):
 
 def goals(payload: dict, which: str) -> list:
   """(goal, value, met) of the fidelity issue's "done when" list."""
+  return [(goal, value, met) for goal, value, met, _ in _goal_rows(payload, which)]
+
+
+def _goal_rows(payload: dict, which: str) -> list:
+  """(goal, value, met, the value as the table shows it): with the digits it takes
+  for the shown number to pass or fail as the value does (0.29996 read "0.300
+  **missed**"); the loss drop in percent, as its goal."""
   best, best_rho, tied = _best(payload, "spearman_across_runs")
   label = best
   if tied:
@@ -121,8 +128,8 @@ def goals(payload: dict, which: str) -> list:
   checks = []
   if which == "default":
     checks += [
-        ("mean test loss drops ≥ 30%", _get(payload, "regime", "mean_loss_drop"),
-         lambda v: v >= 0.30),
+        ("mean test loss drops ≥ 30%",
+         100 * _get(payload, "regime", "mean_loss_drop"), lambda v: v >= 30),
         ("across-run std of final test losses ≥ 0.3",
          _get(payload, "regime", "final_loss_std_across_runs"), lambda v: v >= 0.3),
         (f"best method ({label}) spearman_across_runs ≥ 0.9", best_rho,
@@ -146,8 +153,16 @@ def goals(payload: dict, which: str) -> list:
   elif which == "rough":
     checks.append((f"best method ({label}) spearman_across_runs ≥ 0.7", best_rho,
                    lambda v: v >= 0.7))
-  return [(goal, value, bool(np.isfinite(value) and test(value)))
-          for goal, value, test in checks]
+  rows = []
+  for goal, value, test in checks:
+    met = bool(np.isfinite(value) and test(value))
+    percent = goal.endswith("%")
+    digits = 1 if percent else 3
+    while np.isfinite(value) and digits < 8 and test(round(value, digits)) != met:
+      digits += 1
+    text = _fmt(value, digits=digits) + ("%" if percent and np.isfinite(value) else "")
+    rows.append((goal, value, met, text))
+  return rows
 
 
 # A multi-seed job's metrics.json: {"seed_<k>": metrics_digest of seed_<k>/}.
@@ -350,11 +365,11 @@ def render(payload: dict, which: str, source: str) -> str:
               "ones' mean):", ""]
     lines += _report.counterfactual_summary_table(
         summary, payload.get("std", {}).get("counterfactual_summary", {}))
-  checked = goals(payload, which)
+  checked = _goal_rows(payload, which)
   if checked:
     lines += ["", "| goal | value | |", "|---|---|---|"]
-    lines += [f"| {goal} | {_fmt(value)} | {'met' if met else '**missed**'} |"
-              for goal, value, met in checked]
+    lines += [f"| {goal} | {text} | {'met' if met else '**missed**'} |"
+              for goal, _, met, text in checked]
   return "\n".join(lines) + "\n"
 
 
