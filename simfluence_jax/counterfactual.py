@@ -517,7 +517,8 @@ def search_and_verify(
     phases = jnp.asarray(sim.phase_of_steps(ids.shape[1]))
     finals = jax.vmap(lambda one: _simulator.final_losses(
         a, b, one, jnp.asarray(initial_losses, jnp.float32),
-        linear=sim.kind == "linear", phases=phases, floor=0.0,
+        linear=sim.kind == "linear", batch_mean=sim.batch_mean, phases=phases,
+        floor=0.0,
         floor_each_step=not sim.final_only))(ids)
     return np.asarray(finals)[:, targets].mean(-1)
 

@@ -95,6 +95,37 @@ def test_simulate_equals_loop():
                              _loop_simulate(None, B, ids, trace.losses[:, 0]), rtol=1e-5)
 
 
+def test_batch_mean_scales_a_padded_step_by_its_valid_ids(tmp_path):
+  """TracIn-CP's per-example effects assume a full batch (−(η/B)·score); training
+  divides a step by its v valid ids, so a padded step's effects scale by B/v (they
+  were v/B of the formula). Saved and loaded, searched and removed alike."""
+  b = np.random.default_rng(0).normal(size=(5, 2)).astype(np.float32)
+  ids = np.array([[[0, 1, 2], [3, -1, -1], [-1, -1, -1]]], np.int32)
+  initial = np.ones((1, 2), np.float32)
+  first = initial[0] + b[0] + b[1] + b[2]
+  expected = np.stack([initial[0], first, first + 3 * b[3], first + 3 * b[3]])
+  sim = sj.simulators.additive_from_scores(b, batch_size=3, batch_mean=True)
+  np.testing.assert_allclose(sim.simulate(ids, initial)[0], expected, rtol=1e-6)
+  plain = sj.simulators.additive_from_scores(b, batch_size=3)
+  np.testing.assert_allclose(plain.simulate(ids, initial)[0, 2], first + b[3],
+                             rtol=1e-6)
+  sim.save(str(tmp_path / "sim"))
+  loaded = sj.simulators.Simulator.load(str(tmp_path / "sim"))
+  assert loaded.batch_mean
+  np.testing.assert_allclose(loaded.simulate(ids, initial), sim.simulate(ids, initial))
+  # A removed occurrence (weight 0) keeps the divisor, as training does.
+  weights = np.ones(ids.shape, np.float32)
+  weights[0, 0, 0] = 0.0
+  np.testing.assert_allclose(sim.simulate(ids, initial, weights=weights)[0, 1],
+                             initial[0] + b[1] + b[2], rtol=1e-6)
+  result = sj.simulators.search_curriculum(sim, initial[0], ids, [0], num_iters=1,
+                                           num_proposals=1, loss_floor=None)
+  np.testing.assert_allclose(result.initial_objective, expected[-1, 0], rtol=1e-6)
+  with pytest.raises(ValueError, match="batch_mean: only for kind='additive'"):
+    sj.simulators.Simulator(A=jnp.asarray(b), B=jnp.asarray(b), kind="linear",
+                            batch_mean=True)
+
+
 def test_validation():
   trace, _, _ = _synthetic(runs=4, steps=6)  # the shape of the tests below: one fit
   with pytest.raises(ValueError, match="kind"):

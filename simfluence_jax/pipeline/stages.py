@@ -561,11 +561,13 @@ def fit_simulators(wd, config, runs: Runs, curricula: Curricula,
   mean_lr = float(np.mean(fit_trace.learning_rates))
   if "tracin_cp" in methods:
     # A step on batch c_t moves the loss by −(η/|c_t|)·Σ_i ⟨g_i, g_q⟩ (SGD on the mean).
+    # batch_mean: a padded step of v ids divides by v, as training does.
     sims["tracin_cp"] = _simulator_stage(
         wd, "tracin_cp", lambda: simulators.additive_from_scores(
             -(mean_lr / config.batch_size) * scores["tracin_cp"].T, name="tracin_cp",
-            batch_size=config.batch_size, num_steps=config.num_steps),
-        fields=(), upstream=("tracin_cp_scores", "record_runs"))
+            batch_size=config.batch_size, num_steps=config.num_steps,
+            batch_mean=True),
+        fields=(), upstream=("tracin_cp_scores", "record_runs"), version=2)
   if "tracin_per_step" in methods and runs.grad_trace is not None:
     sims["tracin_per_step"] = _simulator_stage(
         wd, "tracin_per_step", lambda: simulators.tracin_per_step(runs.grad_trace),

@@ -559,8 +559,8 @@ def fit_cv(kind: str, trace: trace_lib.Trace,
 
 def additive_from_scores(B, name: str = "scores", *, batch_size: Optional[int] = None,
                          num_steps: Optional[int] = None,
-                         fitted_ids: Optional[Sequence[int]] = None
-                         ) -> _simulator.Simulator:
+                         fitted_ids: Optional[Sequence[int]] = None,
+                         batch_mean: bool = False) -> _simulator.Simulator:
   """Wraps per-step loss changes as an additive simulator L_t = L_{t−1} + Σ_{i∈c_t} B_i.
 
   Args:
@@ -573,13 +573,17 @@ def additive_from_scores(B, name: str = "scores", *, batch_size: Optional[int] =
     fitted_ids: None when the scores cover every train id (e.g. influence scores
       of all N examples), else the ids they were computed for: curricula holding
       another id are refused by `simulate` unless `allow_unfitted_ids=True`.
+    batch_mean: B is each example's effect within a full batch of `batch_size`
+      (TracIn's −(η/B)·score): a step with v valid ids scales its sum by B/v, as
+      training divides a step by its valid ids (`Simulator.batch_mean`).
   """
   b = np.asarray(B, np.float32)
   if b.ndim != 2 or not np.all(np.isfinite(b)):
     raise ValueError(f"B: expected finite float[N, M], got shape {b.shape}.")
   return _simulator.Simulator(A=None, B=jnp.asarray(b), kind="additive", name=name,
                               batch_size=batch_size, num_steps=num_steps,
-                              fitted_ids=fitted_ids).check_shapes()
+                              fitted_ids=fitted_ids,
+                              batch_mean=batch_mean).check_shapes()
 
 
 @jax.jit

@@ -151,10 +151,12 @@ def _split_curricula(batch_ids: np.ndarray):
   return (np.stack(subsets).astype(np.int32), np.stack(schedules).astype(np.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("linear", "num_iters", "num_proposals",
+@functools.partial(jax.jit, static_argnames=("linear", "batch_mean", "num_iters",
+                                             "num_proposals",
                                              "reorder", "epoch_steps", "floor",
                                              "floor_each_step"))
 def _search(a, b, phases, loss0, weights, subsets, schedules, pool, key, *, linear,
+            batch_mean,
             num_iters, num_proposals, reorder, epoch_steps, floor, floor_each_step):
   """Jitted local search, vmapped over restarts; see `search_curriculum`.
 
@@ -165,6 +167,7 @@ def _search(a, b, phases, loss0, weights, subsets, schedules, pool, key, *, line
   def objective(subset, schedule):
     ids = jnp.where(schedule >= 0, subset[jnp.maximum(schedule, 0)], -1)
     return weights @ _simulator.final_losses(a, b, ids, loss0, linear=linear,
+                                             batch_mean=batch_mean,
                                              phases=phases, floor=floor,
                                              floor_each_step=floor_each_step)
 
@@ -335,7 +338,8 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
   ids, value, start_value, history = _search(
       a, b, phases, jnp.asarray(initial_losses[columns]), jnp.asarray(weights[columns]),
       jnp.asarray(subsets), jnp.asarray(schedules), jnp.asarray(pool, jnp.int32),
-      jax.random.key(seed), linear=linear, num_iters=num_iters,
+      jax.random.key(seed), linear=linear, batch_mean=simulator.batch_mean,
+      num_iters=num_iters,
       num_proposals=num_proposals, reorder=reorder, epoch_steps=epoch_steps,
       floor=None if loss_floor is None else float(loss_floor),
       floor_each_step=not simulator.final_only)

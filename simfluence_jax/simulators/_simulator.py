@@ -156,14 +156,18 @@ class Posterior:
   method: str = dataclasses.field(metadata=dict(static=True), default="auto")
 
 
-def _step_effects(a, b, step_ids, step_w, step_valid, phase, null_a, linear):
+def _step_effects(a, b, step_ids, step_w, step_valid, phase, null_a, linear,
+                  batch_mean=False):
   """(α float32[M], β float32[M]) of one step.
 
   a, b: float32[P, N, M]; step_ids int32[B] (padding mapped to 0); step_w float32[B]
-  occurrence weights; step_valid float32[B] (0 at padding); phase: int32[].
+  occurrence weights; step_valid float32[B] (0 at padding); phase: int32[];
+  batch_mean: β scaled by B / (the step's valid slots), see `Simulator.batch_mean`.
   """
   present = step_w * step_valid
   beta = present @ b[phase, step_ids]
+  if batch_mean:
+    beta = beta * (step_valid.shape[0] / jnp.maximum(jnp.sum(step_valid), 1.0))
   if not linear:
     return 1.0, beta
   alpha = present @ a[phase, step_ids] + null_a * jnp.sum((1.0 - step_w) * step_valid)
@@ -174,7 +178,7 @@ def _step_effects(a, b, step_ids, step_w, step_valid, phase, null_a, linear):
 
 
 def final_losses(a, b, ids, loss0, *, linear, null_a=0.0, weights=None, phases=None,
-                 floor=None, floor_each_step=True):
+                 floor=None, floor_each_step=True, batch_mean=False):
   """float32[M] loss after the last step of one curriculum ids int32[T, B].
 
   Shared by `search_curriculum`; `floor` clips every step's loss, or only the final
@@ -186,7 +190,7 @@ def final_losses(a, b, ids, loss0, *, linear, null_a=0.0, weights=None, phases=N
   phases = jnp.zeros(ids.shape[0], jnp.int32) if phases is None else phases
 
   def step(loss, inputs):
-    alpha, beta = _step_effects(a, b, *inputs, null_a, linear)
+    alpha, beta = _step_effects(a, b, *inputs, null_a, linear, batch_mean)
     loss = alpha * loss + beta
     clip = floor is not None and floor_each_step
     return (jnp.maximum(loss, floor) if clip else loss), None
@@ -195,8 +199,9 @@ def final_losses(a, b, ids, loss0, *, linear, null_a=0.0, weights=None, phases=N
   return loss if floor is None or floor_each_step else jnp.maximum(loss, floor)
 
 
-@functools.partial(jax.jit, static_argnames=("linear",))
-def _rollout(a, b, batch_ids, weights, phases, initial_losses, null_a, *, linear):
+@functools.partial(jax.jit, static_argnames=("linear", "batch_mean"))
+def _rollout(a, b, batch_ids, weights, phases, initial_losses, null_a, *, linear,
+             batch_mean=False):
   """float32[R', T+1, M] rollout of L_t = α L_{t-1} + β from initial losses.
 
   a, b: float32[P, N, M]; batch_ids int32[R', T, B]; weights float32[R', T, B];
@@ -207,7 +212,7 @@ def _rollout(a, b, batch_ids, weights, phases, initial_losses, null_a, *, linear
 
   def run(ids, w, v, loss0):
     def step(loss, inputs):
-      alpha, beta = _step_effects(a, b, *inputs, null_a, linear)
+      alpha, beta = _step_effects(a, b, *inputs, null_a, linear, batch_mean)
       loss = alpha * loss + beta
       return loss, loss
 
@@ -330,6 +335,10 @@ class Simulator:
       per id over all phases by `fitted_ids`), or with phases, for every phase k
       the sorted train ids the fitted runs contained in steps of phase k (a tuple
       of P tuples): curricula are checked per step against its phase.
+    batch_mean: additive only: β of a step is scaled by B / v (B the batch width,
+      v its valid ids): B holds the effects of a full batch of a mean loss (e.g.
+      TracIn's −(η/B)·score), and training divides a step by its v valid ids, so a
+      padded step's examples each move the loss more. False: Σ_{i∈c_t} B_i as is.
   """
 
   A: Optional[Any]
@@ -351,6 +360,7 @@ class Simulator:
                                                   default=None)
   phase_fitted_ids: Optional[tuple] = dataclasses.field(metadata=dict(static=True),
                                                         default=None)
+  batch_mean: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
   def __post_init__(self):
     # Only what transforms cannot change: pytree leaves may legitimately be tracers,
@@ -358,6 +368,8 @@ class Simulator:
     # where arrays enter (`fit`, `load`, `check_shapes`).
     if self.kind not in KINDS:
       raise ValueError(f"kind: expected one of {KINDS}, got {self.kind!r}.")
+    if self.batch_mean and self.kind != "additive":
+      raise ValueError("batch_mean: only for kind='additive'.")
     _positive_int_or_none(self.batch_size, "batch_size")
     _positive_int_or_none(self.num_steps, "num_steps")
     if self.null_a is not None and (not _is_real(self.null_a) or
@@ -462,7 +474,7 @@ class Simulator:
               "num_steps": self.num_steps, "num_train_examples": self.num_train_examples,
               "num_test_examples": self.num_test_examples, "null_a": self.null_a,
               "phase_starts": list(self.phase_starts),
-              "final_only": self.final_only,
+              "final_only": self.final_only, "batch_mean": self.batch_mean,
               "num_fitted_ids": (None if self.fitted_ids is None else
                                  len(self.fitted_ids)),
               "num_phase_fitted_ids": (
@@ -571,6 +583,7 @@ class Simulator:
                  phase_B=to_jax(optional("phase_B")) if phase_starts else None,
                  phase_starts=phase_starts,
                  final_only=bool(meta.get("final_only", False)),
+                 batch_mean=bool(meta.get("batch_mean", False)),
                  fitted_ids=fitted_ids,
                  phase_fitted_ids=phase_fitted_ids).check_shapes()
     except ValueError as e:
@@ -812,7 +825,7 @@ class Simulator:
     phases = jnp.asarray(self.phase_of_steps(batch_ids.shape[1]))
     null_a = jnp.float32(self.resolved_null_a(batch_ids.shape[2]))
     losses = _rollout(a, b, batch_ids, weights, phases, initial_losses, null_a,
-                      linear=self.kind == "linear")
+                      linear=self.kind == "linear", batch_mean=self.batch_mean)
     self._check_finite(losses, allow_nonfinite)
     if self.final_only:
       losses = losses.at[:, 1:-1].set(jnp.nan)
@@ -902,7 +915,8 @@ class Simulator:
     null_a = jnp.float32(self.resolved_null_a(batch_ids.shape[2]))
     rollouts = jax.vmap(lambda a, b: _rollout(a, b, batch_ids, weights, phases,
                                               initial_losses, null_a,
-                                              linear=linear))(
+                                              linear=linear,
+                                              batch_mean=self.batch_mean))(
                                                   jnp.asarray(a_samples),
                                                   jnp.asarray(b_samples))
     mean, std = jnp.mean(rollouts, axis=0), jnp.std(rollouts, axis=0)
