@@ -388,8 +388,9 @@ def _describe_calls(fn, params, batch):
 
   Returns:
     (every intercepted call by layer name, in call order; the modules called; the
-    uses of each parameter leaf (`_leaf_uses`); the layers whose calls run in the
-    traced function itself rather than inside a nested transform).
+    uses of each parameter leaf, the layers whose calls run in the traced function
+    itself rather than inside a nested transform, and the leaves each layer's
+    calls read: `_leaf_uses`).
   """
   calls = collections.OrderedDict()
   seen = collections.Counter()
@@ -469,15 +470,21 @@ def _inner_jaxpr(eqn):
   return getattr(inner, "jaxpr", inner)
 
 
-def _walk(jaxpr, position, passing, ending):
-  """Follows invar `position` of `jaxpr` through `passing` primitives (and inner
-  jits) to `ending` ones. Returns (positions of the outvars it reaches, the first
-  other primitive's name or None)."""
+def _users(jaxpr) -> Dict[Any, list]:
+  """Variable -> the equations of `jaxpr` that read it."""
   users = collections.defaultdict(list)
   for eqn in jaxpr.eqns:
     for var in eqn.invars:
       if isinstance(var, jax_core.Var):
         users[var].append(eqn)
+  return users
+
+
+def _walk(jaxpr, position, passing, ending):
+  """Follows invar `position` of `jaxpr` through `passing` primitives (and inner
+  jits) to `ending` ones. Returns (positions of the outvars it reaches, the first
+  other primitive's name or None)."""
+  users = _users(jaxpr)
   outs = {id(v): k for k, v in enumerate(jaxpr.outvars)
           if isinstance(v, jax_core.Var)}
   reached, pending, seen = set(), [jaxpr.invars[position]], set()
@@ -523,14 +530,9 @@ def _leaf_uses(jaxpr, params, tags):
     found = _TAG_PATTERN.findall(str(eqn.source_info.name_stack))
     return int(found[-1]) if found else None  # the innermost call
 
-  users, present = collections.defaultdict(list), set()
-  for eqn in jaxpr.eqns:
-    tag = owner(eqn)
-    if tag is not None and tags[tag][1] == "__call__":
-      present.add(tags[tag][0])
-    for var in eqn.invars:
-      if isinstance(var, jax_core.Var):
-        users[var].append(eqn)
+  users = _users(jaxpr)
+  present = {tags[tag][0] for tag in map(owner, jaxpr.eqns)
+             if tag is not None and tags[tag][1] == "__call__"}
   paths = list(_leaf_paths(params))
   if len(paths) != len(jax.tree_util.tree_leaves(params)):
     raise ValueError("find_layers: params has leaves that are not arrays.")
