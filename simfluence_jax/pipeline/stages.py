@@ -1101,7 +1101,8 @@ def features(wd, config, dataset, model: Model) -> np.ndarray:
   F = `simulators.feature_dim` dimensions by a seeded random projection and
   centred over examples and divided by one overall standard deviation (one scale
   for every feature keeps the projected gradients' geometry: a feature that varies
-  more across examples weighs more), so one ridge penalty suits every feature. Examples with similar gradients move test losses alike — what a
+  more across examples weighs more), so one ridge penalty suits every feature.
+  Examples with similar gradients move test losses alike — what a
   featurized simulator needs to simulate examples no fitted run contained.
   """
   from simfluence_jax import kernels  # pylint: disable=g-import-not-at-top
