@@ -353,3 +353,32 @@ def test_params_cast_by_a_jitted_helper_keep_their_layers():
   layers = influence.find_layers(task.loss, params, batch)
   assert sorted(spec.name for spec in layers) == ["Dense_0", "Dense_1"]
   _assert_ekfac_is_scaled_dot_products(task, params, batch, atol=2e-2)
+
+
+class _UnusedHead(nn.Module):
+  """A pooler-like Dense whose output the loss never reads (BERT's pooler under a
+  masked-LM loss, an auxiliary head)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.tanh(nn.Dense(5)(x)).mean(1)
+    nn.Dense(4, name="pooler")(h)
+    return nn.Dense(NUM_CLASSES)(h)
+
+
+def test_a_layer_the_loss_does_not_depend_on_is_left_out():
+  """Its factors were zero, so EK-FAC's default damping (0.1 × mean Λ per layer)
+  refused the whole model; its gradients are zero for every example, so leaving it
+  out changes no score."""
+  model, batch = _UnusedHead(), _classification_data(7, 0)
+  params = model.init(jax.random.key(1), batch["inputs"][:1])
+  task = influence.ClassificationTask(model.apply)
+  with pytest.warns(UserWarning, match=r"do not depend on \(zero gradients\): "
+                    r"\['pooler'\]"):
+    layers = influence.find_layers(task.loss, params, batch, warn=True)
+  assert sorted(spec.name for spec in layers) == ["Dense_0", "Dense_1"]
+  query, train = _split(batch, 2, 5)
+  factors = influence.fit_ekfac(task, params, [train])
+  scores = influence.ekfac_scores(task, params, factors, query, [train])
+  assert np.all(np.isfinite(np.asarray(scores)))
+  _assert_ekfac_is_scaled_dot_products(task, params, batch, atol=1e-4)

@@ -389,8 +389,8 @@ def _describe_calls(fn, params, batch):
   Returns:
     (every intercepted call by layer name, in call order; the modules called; the
     uses of each parameter leaf, the layers whose calls run in the traced function
-    itself rather than inside a nested transform, and the leaves each layer's
-    calls read: `_leaf_uses`).
+    itself rather than inside a nested transform, the leaves each layer's calls
+    read, and the leaves the values do not depend on: `_leaf_uses`).
   """
   calls = collections.OrderedDict()
   seen = collections.Counter()
@@ -446,10 +446,10 @@ def _describe_calls(fn, params, batch):
   first, second = _DISCOVERY_SIZES
   closed = jax.make_jaxpr(functools.partial(traced, size=first, first=True))(
       params, example_shapes(batch, first))
-  uses, present, reads = _leaf_uses(closed.jaxpr, params, tags)
+  uses, present, reads, unused = _leaf_uses(closed.jaxpr, params, tags)
   jax.eval_shape(functools.partial(traced, size=second, first=False), params,
                  example_shapes(batch, second))
-  return calls, seen, uses, present, reads
+  return calls, seen, uses, present, reads, unused
 
 
 # Inside a layer's call its kernel and bias may only be reshaped, cast or broadcast
@@ -521,7 +521,8 @@ def _leaf_uses(jaxpr, params, tags):
     ({leaf path: (names of the layers whose `__call__` uses it, descriptions of its
     uses outside any layer call, descriptions of what transforms it inside one)},
     names of the layers with an equation of a call at the top level of the jaxpr,
-    {layer name: the set of leaves each of its calls uses, one set per call}). A use
+    {layer name: the set of leaves each of its calls uses, one set per call}, the
+    leaves the values do not depend on, e.g. a head the loss ignores). A use
     inside a nested jaxpr (nn.remat, nn.scan) is the nested equation's, outside
     the layer, and a layer called only in there has no top-level equation; an
     inner jit outside the layers that only casts a leaf passes it on.
@@ -537,6 +538,12 @@ def _leaf_uses(jaxpr, params, tags):
   if len(paths) != len(jax.tree_util.tree_leaves(params)):
     raise ValueError("find_layers: params has leaves that are not arrays.")
   reads = {k: set() for k, (_, method) in enumerate(tags) if method == "__call__"}
+  # Variables the values depend on (an equation with one such output reads all
+  # its inputs): a leaf outside them has a zero gradient for every example.
+  live = {id(v) for v in jaxpr.outvars if isinstance(v, jax_core.Var)}
+  for eqn in reversed(jaxpr.eqns):
+    if any(id(v) in live for v in eqn.outvars):
+      live.update(id(v) for v in eqn.invars if isinstance(v, jax_core.Var))
   uses = {}
   for path, var in zip(paths, jaxpr.invars):
     layers, outside, transformed, pending = set(), [], [], [var]
@@ -577,7 +584,8 @@ def _leaf_uses(jaxpr, params, tags):
   calls = collections.defaultdict(list)
   for tag, leaves in reads.items():
     calls[tags[tag][0]].append(leaves)
-  return uses, present, calls
+  unused = {path for path, var in zip(paths, jaxpr.invars) if id(var) not in live}
+  return uses, present, calls, unused
 
 
 def _call_conflict(block_class, first, other) -> Optional[str]:
@@ -728,9 +736,9 @@ def find_layers(fn: Callable[..., jax.Array], params, batch, warn: bool = True,
   if unknown:
     raise ValueError(f"kinds: unknown layer kinds {unknown}; registered: "
                      f"{list(_blocks.all_block_names())} (or \"all\").")
-  calls, seen, uses, present, reads = _describe_calls(fn, params, batch)
+  calls, seen, uses, present, reads, unused = _describe_calls(fn, params, batch)
   leaf_paths = _leaf_paths(params)
-  specs, problems, disabled, frozen, covered = [], [], [], [], set()
+  specs, problems, disabled, frozen, dead, covered = [], [], [], [], [], set()
   for name, entry in calls.items():
     block_class = entry.get("block")
     if block_class is not None and block_class.name not in kinds:
@@ -743,6 +751,9 @@ def find_layers(fn: Callable[..., jax.Array], params, batch, warn: bool = True,
       continue
     if problem is not None:
       problems.append(f"{name!r} ({entry.get('kind', '?')}): {problem}")
+      continue
+    if {kernel_path, bias_path} - {None} <= unused:
+      dead.append(name)  # zero gradient for every example: nothing to cover
       continue
     d = entry["description"]
     kernel = leaf_paths[kernel_path]
@@ -759,24 +770,29 @@ def find_layers(fn: Callable[..., jax.Array], params, batch, warn: bool = True,
         param_dtype=str(np.dtype(kernel.dtype))))
   if not specs:
     raise ValueError("find_layers: no usable layer. " + _nothing_found(
-        calls, seen, problems, disabled, kinds, frozen))
+        calls, seen, problems, disabled, kinds, frozen, dead))
   if problems and strict:
     raise ValueError("find_layers: layers that cannot be used (pass strict=False to "
                      "leave them out, or layers= explicitly): " + "; ".join(problems))
   uncovered = ["/".join(p) for p in leaf_paths if p not in covered]
-  if warn and (uncovered or problems or frozen):
+  if warn and (uncovered or problems or frozen or dead):
     _warn_once(
         f"EK-FAC covers {len(specs)} layers; excluded (zero contribution to EK-FAC "
         f"scores): parameters {uncovered}"
         + (f"; layers left out: {problems}" if problems else "")
         + (f"; layers whose weights are not in params (frozen): {frozen}"
-           if frozen else ""))
+           if frozen else "")
+        + (f"; layers fn's values do not depend on (zero gradients): {dead}"
+           if dead else ""))
   return tuple(specs)
 
 
-def _nothing_found(calls, seen, problems, disabled, kinds, frozen) -> str:
+def _nothing_found(calls, seen, problems, disabled, kinds, frozen, dead) -> str:
   if problems:
     return "Layers were found but none can be used: " + "; ".join(problems) + "."
+  if dead and not frozen:
+    return (f"Layers were found but fn's values depend on none of them ({dead}): "
+            f"their gradients are zero.")
   if frozen:
     return (f"Layers were found but no leaf of params is their weight "
             f"({frozen}): pass the params that fn applies (for linen, the "
