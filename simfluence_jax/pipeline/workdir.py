@@ -104,7 +104,7 @@ class Workdir:
 
   def _read_record(self, name: str) -> Optional[dict]:
     """The record, or None when there is none or it is unreadable (torn, or JSON
-    that is not an object: `_torn` tells these apart from a missing one)."""
+    that is not an object)."""
     path = self._record_path(name)
     if not path.exists():
       return None
@@ -113,10 +113,6 @@ class Workdir:
     except ValueError:
       return None
     return record if isinstance(record, dict) else None
-
-  def _torn(self, name: str) -> bool:
-    """Whether stage `name` has a record file that `_read_record` cannot read."""
-    return self._record_path(name).exists() and self._read_record(name) is None
 
   def read_record(self, name: str) -> Optional[dict]:
     """The stored record of stage `name` (None if there is none, or on a process
@@ -207,7 +203,9 @@ class Workdir:
     status = _STATUS[int(sharding.agree(_STATUS.index(fp.compare(record, inputs))))]
     owned = ", ".join(f"{o}/" for o in outputs) or "its outputs"
     where = f"--workdir={os.fspath(self.root)!r}: stage {name}"
-    torn = bool(sharding.agree(np.int32(sharding.is_primary() and self._torn(name))))
+    # A record file that read as none: torn, or JSON that is not an object.
+    torn = bool(sharding.agree(np.int32(sharding.is_primary() and record is None and
+                                        self._record_path(name).exists())))
     if torn and precious and not self.overwrite and any(
         self.path(o).exists() for o in outputs):
       raise self.refuse(
