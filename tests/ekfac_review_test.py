@@ -198,6 +198,60 @@ class FractionalTokenWeightTest(absltest.TestCase):
           brute, rtol=1e-4, atol=1e-6)
 
 
+class _CausalLM(nn.Module):
+  """Tokens mix causally (a running mean): answer positions read the prompt."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.tanh(nn.Dense(5)(nn.Embed(VOCAB, 4)(tokens)))
+    h = jnp.cumsum(h, 1) / jnp.arange(1, tokens.shape[1] + 1)[None, :, None]
+    return nn.Dense(VOCAB)(h)
+
+
+class PromptTokensTest(absltest.TestCase):
+  """A token the loss mask zeroes but later positions read (a prompt token) is part
+  of the example's gradient Σ g aᵀ, so it counts in A and S; trailing padding
+  carries no gradient in a causal model and does not. Left out, the gradient had
+  mass in the null space of A and S, where eigh's basis is arbitrary: scores moved
+  with chunk size by 5e-3 (review h17)."""
+
+  def test_prompt_tokens_count_padding_does_not_and_chunks_agree(self):
+    model = _CausalLM()
+    task = influence.LanguageModelingTask(model.apply)
+    params = fixtures.host_init(model, np.zeros((1, 6), np.int32), seed=0)
+    tokens = fixtures.randint(3, (6, 7), VOCAB)
+    mask = np.zeros((6, 6), np.float32)
+    mask[:, 3:] = 1.0  # a 3-token prompt
+    mask[5, 4:] = 0.0  # the last row: 1 answer token, then 2 padding tokens
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+    layers = influence.find_layers(task.loss, params, batch, kinds="all")
+    inner = [s for s in layers if s.input_dim == 4][0]  # Dense(5) on the embeddings
+    embeddings = np.asarray(params["params"]["Embed_0"]["embedding"])[
+        np.asarray(batch["inputs"])]
+    a = np.concatenate([embeddings, np.ones(embeddings.shape[:2] + (1,))], -1)
+    counted = np.ones((6, 6))
+    counted[5, 4:] = 0.0  # every token but the padding
+    brute = np.einsum("bt,bti,btj->ij", counted, a, a) / counted.sum()
+    stats = influence.covariance_statistics(task, params, batch, layers)
+    self.assertAlmostEqual(float(stats.token_counts[inner.name]), counted.sum(),
+                           places=4)
+    a_cov, _ = influence.covariances(stats)
+    np.testing.assert_allclose(a_cov[inner.name], brute, rtol=1e-5, atol=1e-7)
+    query = _slice(batch, 0)
+    want = influence.ekfac_scores(task, params, influence.fit_ekfac(
+        task, params, [batch], layers=layers), query, [batch])
+    got = influence.ekfac_scores(task, params, influence.fit_ekfac(
+        task, params, [batch], layers=layers, chunk_size=1), query, [batch])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    # Scaling the mask scales the loss, its gradients, Λ and the default damping
+    # alike and every token's weight (the prompt's too), so the scores stay (a
+    # fixed weight of 1 for the prompt moved them by 2.4%, review h19).
+    half = {**batch, "mask": 0.5 * mask}
+    got = influence.ekfac_scores(task, params, influence.fit_ekfac(
+        task, params, [half], layers=layers), _slice(half, 0), [half])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
 class _SharedKernelNet(nnx.Module):
   """a and b share one kernel Variable; c is an ordinary layer."""
 

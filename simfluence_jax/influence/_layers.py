@@ -837,7 +837,10 @@ def capture_per_example(fn, params, batch, layers: Tuple[LayerSpec, ...],
     batch: pytree with a leading example axis B.
     layers: from `find_layers`.
     token_mask: optional float[B, L]; layers whose token grid has shape [L] use
-      it as token weights (other layers weight every token 1).
+      it as token weights, except that a token with weight 0 that carries
+      gradient in any of them (a prompt token later positions read: not padding)
+      weighs the mean weight of the example's tokens with weight > 0; other
+      layers weight every token 1.
     wrt_paths: leaf paths whose per-example gradients are also returned.
     transform_example: optional `(params, batch_of_one, example_arg) -> batch`
       applied before the forward pass (e.g. sampling targets); untraced by layers.
@@ -948,22 +951,41 @@ def _capture_per_example(fn, params, batch, layers, token_mask, wrt_paths,
 
     (probe_grads, wrt_grads), (values, inputs) = jax.grad(
         total, argnums=(0, 1), has_aux=True)(probes, wrt)
+    tokens = {spec.name: [blocks[spec.name].tokens(inputs[f"{spec.name}#{call}"],
+                                                   probe_grads[f"{spec.name}#{call}"])
+                          for call in range(spec.num_calls)]
+              for spec in layers}
+    # The mask weighs the tokens of layers whose token grid is its shape; where it
+    # is 0, a token still counts if it carries gradient in any such layer: a
+    # prompt token later positions read is part of the example (its activations
+    # and gradients are in Σ g aᵀ), padding is not. Kronfluence counts the tokens
+    # of its attention mask the same way. Left out, part of a gradient lay in the
+    # null space of A and S, where eigh's basis is arbitrary: scores moved with
+    # chunk size, example order and mesh by up to 2% (review h17).
+    on_grid = lambda shape: bool(mask.shape[1]) and shape == tuple(mask.shape)
+    real = jnp.zeros((size, mask.shape[1]), bool)
+    for parts in tokens.values():
+      for _, g, free_shape in parts:
+        if on_grid(free_shape):
+          real = real | jnp.any(g != 0, axis=tuple(range(2, g.ndim)))
+    weights_on_grid = jnp.reshape(mask.astype(jnp.float32), (size, -1))
+    # Such a token weighs as the example's mean counted token, so that scaling the
+    # mask scales every weight (1 for a 0/1 mask; a fixed 1 moved scores by 2.4%
+    # under a mask of 0.5, review h19).
+    counted = weights_on_grid > 0
+    typical = jnp.sum(weights_on_grid, 1, keepdims=True) / jnp.maximum(
+        jnp.sum(counted, 1, keepdims=True), 1)
+    weights_on_grid = jnp.where(counted, weights_on_grid,
+                                real.astype(jnp.float32) * typical)
     result = {}
     for spec in layers:
-      a_parts, g_parts, w_parts = [], [], []
-      for call in range(spec.num_calls):
-        key = f"{spec.name}#{call}"
-        a, g, free_shape = blocks[spec.name].tokens(inputs[key], probe_grads[key])
-        if mask.shape[1] and free_shape == tuple(mask.shape):
-          weights = jnp.reshape(mask.astype(jnp.float32), (size, -1))
-        else:
-          weights = jnp.ones(g.shape[:2], jnp.float32)
-        a_parts.append(a)
-        g_parts.append(g)
-        w_parts.append(weights)
+      parts = tokens[spec.name]
       result[spec.name] = LayerActivations(
-          jnp.concatenate(a_parts, axis=1), jnp.concatenate(g_parts, axis=1),
-          jnp.concatenate(w_parts, axis=1))
+          jnp.concatenate([a for a, _, _ in parts], axis=1),
+          jnp.concatenate([g for _, g, _ in parts], axis=1),
+          jnp.concatenate([weights_on_grid if on_grid(free_shape) else
+                           jnp.ones(g.shape[:2], jnp.float32)
+                           for _, g, free_shape in parts], axis=1))
     return result, values.astype(jnp.float32), wrt_grads
 
   token_mask = jnp.asarray(token_mask)

@@ -364,7 +364,10 @@ class LanguageModelingTask(_ApplyTask):
     return {**batch, "targets": targets.astype(jnp.asarray(batch["targets"]).dtype)}
 
   def token_mask(self, batch: Batch) -> jax.Array:
-    """float32[B, L]: padding positions do not count in the covariances."""
+    """float32[B, L]: the loss mask. In the covariances, a position it zeroes
+    still counts where it carries gradient (a prompt token later positions read),
+    so only padding is left out (`capture_per_example`), as Kronfluence's
+    attention mask does."""
     return jnp.asarray(batch["mask"], jnp.float32)
 
 
