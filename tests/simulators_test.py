@@ -284,7 +284,8 @@ def test_prior_alpha_must_be_finite(value):
 def test_unconverged_cg_warns_and_records_it():
   # The prior-centre tests' shape: the same compiled CG programs.
   trace, _, _ = _synthetic(runs=20, steps=5)
-  with pytest.warns(RuntimeWarning, match=r"max_iters=2: relative residual "
+  with pytest.warns(RuntimeWarning, match=r"max_iters=2 before every column "
+                                          r"converged: relative residual "
                                           r"[0-9.e-]+, tol=1e-09") as record:
     sim = sj.simulators.fit("linear", trace, l2=1e-6, method="cg", max_iters=2,
                             tol=1e-9)

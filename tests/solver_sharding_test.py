@@ -63,8 +63,11 @@ def solve_all(devices=None):
   ids, x, y, l2 = problem()
   out = {}
   for method, budget in (("cg", None), ("cg", 1), ("normal", None), ("dual", None)):
+    # The dual form on more rows than unknowns is a float32 Cholesky of a P×P
+    # kernel of rank D + l2: its residual reaches ~6e-5 (`converged` checks it).
     theta, info = _solver.solve(ids, x, y, 30, l2, linear=True, method=method,
-                                tol=1e-7, max_iters=5000, devices=devices,
+                                tol=1e-4 if method == "dual" else 1e-7,
+                                max_iters=5000, devices=devices,
                                 memory_budget_bytes=budget)
     assert info["converged"] and info["num_devices"] == len(devices or [0]), info
     out[f"{method}_{budget}"] = theta

@@ -495,7 +495,9 @@ def ekfac_if(wd, config, dataset, model: Model) -> np.ndarray:
   return _cached_array(wd, "ekfac_scores", compute,
                        fields=("influence.fisher", "influence.damping",
                                "influence.chunk_size", "influence.query_rank"),
-                       upstream=("base_model",))
+                       upstream=("base_model",),
+                       # 3: prompt tokens count in the covariances (2: unreleased)
+                       version=3)
 
 
 def _score_scale(step_scores: np.ndarray, fit_trace: trace_lib.Trace) -> np.ndarray:
@@ -551,13 +553,14 @@ def fit_simulators(wd, config, runs: Runs, curricula: Curricula,
   fit_trace = runs.group(curricula, "fit")
   methods, sims = config.methods, {}
   # Version 2: the saved simulators record the ids of the fitted runs
-  # (`Simulator.fitted_ids`), which `simulate` checks curricula against.
+  # (`Simulator.fitted_ids`), which `simulate` checks curricula against; 3: CG
+  # goes on until θ settles (`simulators.solve`).
   for kind in ("linear", "additive"):
     name = f"simfluence_{kind}"
     if name in methods:
       sims[name] = _simulator_stage(
           wd, name, lambda kind=kind: fit_ridge(config, kind, fit_trace),
-          fields=("simulators",), upstream=("record_runs",), version=2)
+          fields=("simulators",), upstream=("record_runs",), version=3)
   mean_lr = float(np.mean(fit_trace.learning_rates))
   if "tracin_cp" in methods:
     # A step on batch c_t moves the loss by −(η/|c_t|)·Σ_i ⟨g_i, g_q⟩ (SGD on the mean).
@@ -884,7 +887,8 @@ def learning_curve(wd, config, runs: Runs, curricula: Curricula,
                                    else ()), compute=compute,
       save=lambda c: _io.write_json(path, c) if sharding.is_primary() else None,
       load=lambda: _io.read_json(path, "learning_curve"),
-      outputs=("learning_curve.json",), version=3)  # 2, 3: as evaluate's
+      outputs=("learning_curve.json",),
+      version=4)  # 2, 3: as evaluate's; 4: CG goes on until θ settles
 
 
 def _reference_batch_ids(config) -> np.ndarray:
@@ -1150,4 +1154,5 @@ def fit_featurized(wd, config, runs: Runs, curricula: Curricula,
   return _simulator_stage(
       wd, "simfluence_featurized",
       lambda: featurized_simulator(config, fit_trace, phi),
-      fields=("simulators",), upstream=("record_runs", "features"))
+      fields=("simulators",), upstream=("record_runs", "features"),
+      version=2)  # 2: its corrections' CG goes on until θ settles

@@ -266,14 +266,11 @@ def _solve(spec: _Spec, problem: _Problem, l2_values: np.ndarray, num_train: int
 
 def _warn_unconverged(kind, info, max_iters, stacklevel=3):
   """Warns when the solve's `converged` is False (decided on the recomputed
-  residual: `_solver.unconverged_message` says whether CG ran out of iterations or
-  its recursive residual drifted below tol while the true one did not)."""
+  residual: `_solver.unconverged_message` says whether CG ran out of iterations,
+  its recursive residual drifted below tol while the true one did not, or an
+  exact method's float32 Cholesky missed tol)."""
   if not info["converged"]:
-    why = (f"CG stopped unconverged at max_iters={max_iters}: relative residual "
-           f"{info['relative_residual']:.3g}, tol={info['tol']:g} (raise max_iters "
-           "or l2, or use method='normal' for small problems)"
-           if info.get("iterations", max_iters) >= max_iters else
-           _solver.unconverged_message(info, max_iters))
+    why = _solver.unconverged_message(info, max_iters)
     warnings.warn(f"simulators.fit({kind!r}): {why}; fit_info['converged'] is False.",
                   RuntimeWarning, stacklevel=stacklevel)
 
@@ -523,7 +520,7 @@ def fit_cv(kind: str, trace: trace_lib.Trace,
     problem = _problem(spec, train)
     a, b, _, info = _solve(spec, problem, np.asarray(grid), trace.num_train_examples)
     if not info["converged"]:
-      unconverged.append((info["relative_residual"], info["iterations"]))
+      unconverged.append(info)
     phases = _simulator.phase_of_steps(problem.phase_starts, held.num_steps)
     for g in range(len(grid)):
       pred = _simulator._rollout(  # pylint: disable=protected-access
@@ -533,9 +530,10 @@ def fit_cv(kind: str, trace: trace_lib.Trace,
           jnp.float32(problem.null_a), linear=spec.linear)
       scores[fold, g] = cv_score(metric, np.asarray(pred), held.losses)
   if unconverged:
-    _warn_unconverged(f"{kind}, cv folds", {
-        "converged": False, "relative_residual": max(r for r, _ in unconverged),
-        "iterations": max(i for _, i in unconverged), "tol": spec.tol},
+    worst = {key: max(info.get(key) or 0 for info in unconverged)
+             for key in ("relative_residual", "iterations", "unsettled")}
+    _warn_unconverged(f"{kind}, cv folds", dict(
+        worst, converged=False, tol=spec.tol, method=unconverged[0]["method"]),
                       spec.max_iters, stacklevel=2)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
