@@ -9,6 +9,7 @@ parameter gradients out as [O, I] per layer.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,3 +101,15 @@ def precondition(factors, layer_grads, damping: float):
   (eagerly, each of its ops compiled a program of its own)."""
   return {name: np.asarray(g) for name, g in _precondition_program(float(damping))(
       factors, layer_grads).items()}
+
+
+class CausalLM(nn.Module):
+  """A toy causal LM whose tokens mix by a running mean (answer positions read the
+  prompt): Embed(vocab, 4) → Dense(5) → tanh → running mean → Dense(vocab)."""
+  vocab: int
+
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.tanh(nn.Dense(5)(nn.Embed(self.vocab, 4)(tokens)))
+    h = jnp.cumsum(h, 1) / jnp.arange(1, tokens.shape[1] + 1)[None, :, None]
+    return nn.Dense(self.vocab)(h)

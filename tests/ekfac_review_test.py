@@ -198,16 +198,6 @@ class FractionalTokenWeightTest(absltest.TestCase):
           brute, rtol=1e-4, atol=1e-6)
 
 
-class _CausalLM(nn.Module):
-  """Tokens mix causally (a running mean): answer positions read the prompt."""
-
-  @nn.compact
-  def __call__(self, tokens):
-    h = nn.tanh(nn.Dense(5)(nn.Embed(VOCAB, 4)(tokens)))
-    h = jnp.cumsum(h, 1) / jnp.arange(1, tokens.shape[1] + 1)[None, :, None]
-    return nn.Dense(VOCAB)(h)
-
-
 class PromptTokensTest(absltest.TestCase):
   """A token the loss mask zeroes but later positions read (a prompt token) is part
   of the example's gradient Σ g aᵀ, so it counts in A and S; trailing padding
@@ -216,7 +206,7 @@ class PromptTokensTest(absltest.TestCase):
   with chunk size by 5e-3 (review h17)."""
 
   def test_prompt_tokens_count_padding_does_not_and_chunks_agree(self):
-    model = _CausalLM()
+    model = fixtures.CausalLM(VOCAB)
     task = influence.LanguageModelingTask(model.apply)
     params = fixtures.host_init(model, np.zeros((1, 6), np.int32), seed=0)
     tokens = fixtures.randint(3, (6, 7), VOCAB)

@@ -65,22 +65,13 @@ def test_ekfac_equals_kronfluence_on_a_prompt_masked_causal_lm():
   kronfluence = pytest.importorskip("kronfluence")
   import logging  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from kronfluence import arguments  # pylint: disable=g-import-not-at-top
   from simfluence_jax import influence  # pylint: disable=g-import-not-at-top
+  import _influence_fixtures as fixtures  # pylint: disable=g-import-not-at-top
 
   vocab, length, num, damping = 7, 6, 24, 1e-3
-
-  class LM(nn.Module):
-
-    @nn.compact
-    def __call__(self, tokens):
-      h = nn.tanh(nn.Dense(5)(nn.Embed(vocab, 4)(tokens)))
-      h = jnp.cumsum(h, 1) / jnp.arange(1, tokens.shape[1] + 1)[None, :, None]
-      return nn.Dense(vocab)(h)
 
   class TorchLM(torch.nn.Module):
 
@@ -115,7 +106,7 @@ def test_ekfac_equals_kronfluence_on_a_prompt_masked_causal_lm():
   keep = np.ones((num, length), np.float32)
   mask[::4, 4:] = keep[::4, 4:] = 0.0  # every 4th row: 1 answer token, 2 padding
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
-  model = LM()
+  model = fixtures.CausalLM(vocab)
   params = model.init(jax.random.key(0), batch["inputs"][:1])
   task = influence.LanguageModelingTask(model.apply)
   query = jax.tree_util.tree_map(lambda a: a[:4], batch)
