@@ -849,9 +849,10 @@ def unconverged_message(info: dict, max_iters: int) -> str:
     return (f"the residual meets tol ({found}) but θ has not settled: it still "
             f"moved by {info['unsettled']:.2g} of its size while CG took the "
             f"residual another decade down (limit {UNSETTLED_LIMIT:g}), so it can "
-            "be off by more in directions the runs barely determine (runs sharing "
-            "a curriculum); lower tol, raise l2, fit on runs with more varied "
-            "curricula, or pick method='normal'/'dual' for small problems")
+            "be off by more in directions the runs barely determine (fewer rows "
+            "than parameters, runs sharing a curriculum); lower tol, raise l2, fit "
+            "on more runs with more varied curricula, or pick method='normal'/"
+            "'dual' for small problems")
   return (f"CG's recursive residual met tol after {info['iterations']} iterations "
           f"but the residual recomputed from its solution did not, nor after "
           f"restarts from it: {found} (raise l2 or tol, or pick method='normal'/"
