@@ -338,11 +338,11 @@ def _solve_cg(kernels, ids, x, y, l2, tol, *, max_iters, restart_sharding=None,
   max_iters); a column with no room left is not checked, so a fit whose tol is
   within rounding can still be off unflagged (measured: 8 runs of the default,
   l2 = 1e-3, 6%). A limit of 0.1% also flagged fits right to 0.05%. Tried first
-  and dropped: a Lanczos estimate
-  of the condition number from CG's coefficients (it sees only the directions CG
-  explored: 474 where the error was 62%), and a random perturbation of θ that CG
-  must pull back (it flagged exact solutions: ids that always share a batch
-  differ only in directions l2 decides, which CG from 0 never enters; review h19).
+  and dropped: a Lanczos estimate of the condition number from CG's coefficients
+  (it sees only the directions CG explored: 474 where the error was 62%), and a
+  random perturbation of θ that CG must pull back (it flagged exact solutions:
+  ids that always share a batch differ only in directions l2 decides, which CG
+  from 0 never enters; review h19).
 
   CG stops on its recursive residual, which in float32 drifts from the true
   Xᵀy − (XᵀX + l2·I)θ. So the true residual is then recomputed (`_true_residual`);
