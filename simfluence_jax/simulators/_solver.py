@@ -295,13 +295,18 @@ def restart_outcome(previous, theta, gap, floor, tol: float, select):
   return theta, gap, floor, unmet, stalled
 
 
+def _rounding_bound(kernels, theta, ids, x, y, l2):
+  """float32[C] `_residual_floor` of θ on the host (0 where it overflows: tol alone)."""
+  floor = np.asarray(kernels.floor(kernels.forward(jnp.abs(theta), ids, jnp.abs(x)),
+                                   theta, ids, x, y, l2))
+  return np.where(np.isfinite(floor), floor, 0.0)
+
+
 def _true_residual(kernels, theta, ids, x, y, l2):
   """(relative residual, float32 rounding bound) float32[C] of θ, on the host."""
   predicted = kernels.forward(theta, ids, x)
   gap = np.asarray(kernels.gap(predicted, theta, ids, x, y, l2))
-  floor = np.asarray(kernels.floor(kernels.forward(jnp.abs(theta), ids, jnp.abs(x)),
-                                   theta, ids, x, y, l2))
-  return gap, np.where(np.isfinite(floor), floor, 0.0)  # overflow: tol alone
+  return gap, _rounding_bound(kernels, theta, ids, x, y, l2)
 
 
 # After CG meets tol it goes on a decade of residual at a time, up to _MAX_DECADES,
@@ -389,7 +394,7 @@ def _solve_cg(kernels, ids, x, y, l2, tol, *, max_iters, restart_sharding=None,
       break
     # A decade lower, but not into float32 rounding (there CG only wanders and
     # the true residual grows): a column with no room left counts as settled.
-    _, floor = _true_residual(kernels, theta, ids, x, y, l2)
+    floor = _rounding_bound(kernels, theta, ids, x, y, l2)
     lower = np.maximum(level / 10.0, 2.0 * floor)
     room = lower < level / 1.5
     if not room.any():
