@@ -152,9 +152,9 @@ def _shared_curriculum(seed=13, num_train=40, runs=4, steps=8, batch=4):
 @pytest.mark.parametrize("linear", [True, False])
 def test_cg_converged_means_close_to_the_ridge_solution(linear):
   # Block-preconditioned CG met tol 62% off the float64 ridge solution on runs
-  # sharing a curriculum and said converged. CG now continues another decade of
-  # residual (`_settle`): where θ still moves, it is not determined to tol and
-  # `converged` is False. Whatever it calls converged must be close.
+  # sharing a curriculum and said converged. CG now goes on a decade of residual
+  # at a time (`_solver._solve_cg`): where θ still moves, it is not determined to
+  # tol and `converged` is False. Whatever it calls converged must be close.
   for problem, l2s in ((_shared_curriculum, (1e-3, 1e-1, 10.0, 100.0)),
                        (_problem, (1e-3, 1e-1)), (_paired_ids, (1e-3, 1e-1))):
     ids, x, y, num_train = problem()
