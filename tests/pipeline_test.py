@@ -364,3 +364,13 @@ def test_results_name_the_code_that_computed_each_reused_stage():
       "environment": env, "other_environments": {"runs": older}}})
   assert f"(simfluence_jax sources {env['code']})." in text
   assert text.endswith(f"(simfluence_jax sources {'0' * 16}): runs.")
+
+
+def test_learning_curve_counts_above_the_fitted_runs_are_named(caplog):
+  from simfluence_jax.pipeline import stages  # pylint: disable=g-import-not-at-top
+  with caplog.at_level("WARNING", logger="simfluence_jax.pipeline"):
+    assert stages.curve_counts((8, 16, 32), 48) == [8, 16, 32, 48]
+  assert not caplog.records
+  with caplog.at_level("WARNING", logger="simfluence_jax.pipeline"):
+    assert stages.curve_counts((4, 16, 32), 8) == [4, 8]
+  assert "[16, 32] exceed the 8 fitted runs" in caplog.text

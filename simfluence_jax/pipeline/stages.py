@@ -844,6 +844,17 @@ def counterfactual(wd, config, dataset, model: Model, runs: Runs,
                   version=3)  # 3: simulated losses clipped at 0, as the search
 
 
+def curve_counts(requested, num_fitted: int) -> list:
+  """The learning curve's run counts: those of `requested` in [1, num_fitted], and
+  num_fitted itself; counts above it are left out with a warning naming them."""
+  beyond = sorted(int(k) for k in requested if k > num_fitted)
+  if beyond:
+    _logger.warning("learning_curve: run counts %s exceed the %d fitted runs "
+                    "(config.num_runs); the curve stops at %d.", beyond, num_fitted,
+                    num_fitted)
+  return sorted({int(k) for k in requested if 0 < k <= num_fitted} | {num_fitted})
+
+
 def learning_curve(wd, config, runs: Runs, curricula: Curricula,
                    full_fit=None) -> dict:
   """Simfluence-Linear refitted on the first k fitted runs, for k in the config's grid.
@@ -859,8 +870,7 @@ def learning_curve(wd, config, runs: Runs, curricula: Curricula,
   """
   from simfluence_jax import evaluation  # pylint: disable=g-import-not-at-top
   fit_trace, held = runs.group(curricula, "fit"), runs.group(curricula, "held_out")
-  counts = sorted({int(k) for k in config.learning_curve if 0 < k <= fit_trace.num_runs}
-                  | {fit_trace.num_runs})
+  counts = curve_counts(config.learning_curve, fit_trace.num_runs)
 
   def compute():
     blind = evaluation.all_steps_mse(
