@@ -7,7 +7,9 @@ targets exactly as `fit` does). sklearn fits one test example at a time on a
 scipy CSR design (indices built once, only the A-column values change per
 example): what a careful user would write. Relative residuals of the normal
 equations ‖(XᵀX + l2 I)θ − Xᵀy‖ / ‖Xᵀy‖ are printed side by side, computed in
-float64 for both.
+float64 for both. The ratio is taken at equal residual: `fit` goes on past tol until
+θ settles, so sklearn is asked for the residual ours reached (its time at tol itself
+is printed too).
 
   python benchmarks/solver_bench.py            # N=2000, M=64, R·T=10 000, B=8
   python benchmarks/solver_bench.py --quick    # smaller
@@ -100,7 +102,9 @@ def measure(size="full", l2=1e-3, tol=1e-5, sklearn_examples=None):
       time to all M (None: all).
 
   Returns:
-    dict: `ours_s`, `sklearn_s` (all M test examples), `speedup`, `ours_residual` /
+    dict: `ours_s` (best of 3), `sklearn_s` (all M test examples, at the residual
+    ours reached: `sklearn_tol`), `speedup`, `sklearn_at_tol_s` and
+    `speedup_at_tol` (sklearn at `tol` itself), `ours_residual` /
     `sklearn_residual` (max float64 relative residual of the normal equations over
     the first 8 test examples), `max_rel_diff` (max |θ_ours − θ_sklearn| / max|θ|),
     `iterations`, the sizes.
@@ -108,26 +112,38 @@ def measure(size="full", l2=1e-3, tol=1e-5, sklearn_examples=None):
   num_train, num_test, runs, steps, batch = SIZES[size]
   trace = make_trace(num_train, num_test, runs, steps, batch)
   sj.simulators.fit("linear", trace, l2=l2, method="cg", tol=tol)  # compile
-  start = time.perf_counter()
-  sim = sj.simulators.fit("linear", trace, l2=l2, method="cg", tol=tol)
-  ours = time.perf_counter() - start
+  ours = np.inf
+  for _ in range(3):  # best of 3, like the peers' warm timings
+    start = time.perf_counter()
+    sim = sj.simulators.fit("linear", trace, l2=l2, method="cg", tol=tol)
+    ours = min(ours, time.perf_counter() - start)
   prior_a = sim.fit_info["prior_a"]
 
   num_sk = min(sklearn_examples or num_test, num_test)
-  theta_sk, sk_time = sklearn_fit(trace, l2, prior_a, tol, num_sk)
-  sk_total = sk_time * num_test / num_sk
-
   a = np.asarray(sim.A, np.float64) - prior_a
   b = np.asarray(sim.B, np.float64)
   checked = range(min(num_sk, 8))
   ours_res = max(residual(np.concatenate([a[:, m], b[:, m]]), trace, l2, prior_a, m)
                  for m in checked)
+  # Equal residual: `fit` goes on past tol until θ settles (a decade lower, see
+  # simulators._solver._solve_cg), so sklearn is asked for the residual ours
+  # reached; its time at `tol` itself is kept as `sklearn_at_tol_s`.
+  sk_tol = min(tol, ours_res)
+  theta_sk, sk_time = sklearn_fit(trace, l2, prior_a, sk_tol, num_sk)
+  sk_total = sk_time * num_test / num_sk
+  if sk_tol < tol:
+    _, at_tol = sklearn_fit(trace, l2, prior_a, tol, num_sk)
+    at_tol *= num_test / num_sk
+  else:
+    at_tol = sk_total
   sk_res = max(residual(theta_sk[:, m], trace, l2, prior_a, m) for m in checked)
   diff = np.max(np.abs(np.concatenate([a, b])[:, :num_sk] - theta_sk)) / np.max(
       np.abs(theta_sk))
   return {"num_train": num_train, "num_test": num_test, "rows": runs * steps,
           "batch_size": batch, "l2": l2, "tol": tol, "sklearn_examples": num_sk,
           "ours_s": ours, "sklearn_s": sk_total, "speedup": sk_total / ours,
+          "sklearn_tol": sk_tol, "sklearn_at_tol_s": at_tol,
+          "speedup_at_tol": at_tol / ours,
           "iterations": int(np.max(sim.fit_info["iterations"])),
           "ours_residual": ours_res, "sklearn_residual": sk_res,
           "max_rel_diff": float(diff)}
@@ -190,8 +206,10 @@ def main():
         f"  rel. residual (float64 check) {r['ours_residual']:.2e}")
   print(f"sklearn Ridge sparse_cg: {r['sklearn_s']:8.2f} s  "
         f"({'measured' if num_sk == num_test else f'{num_sk} examples, extrapolated'})"
-        f"  rel. residual {r['sklearn_residual']:.2e}")
-  print(f"speed-up: {r['speedup']:.1f}x (goal >= 20x); max |θ_ours − θ_sklearn| / "
+        f"  rel. residual {r['sklearn_residual']:.2e} (tol {r['sklearn_tol']:.2e}: the "
+        f"residual ours reached); at tol {args.tol:g}: {r['sklearn_at_tol_s']:.2f} s")
+  print(f"speed-up at equal residual: {r['speedup']:.1f}x (goal >= 20x; "
+        f"{r['speedup_at_tol']:.1f}x against sklearn at tol); max |θ_ours − θ_sklearn| / "
         f"max|θ| = {r['max_rel_diff']:.1e}")
   if args.cv:
     c = measure_cv(size)
