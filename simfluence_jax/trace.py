@@ -74,6 +74,20 @@ def _as_array(name: str, value: Any, dtype: Any, ndim: int) -> np.ndarray:
   return array
 
 
+def _check_string_keys(value: Any, where: str) -> None:
+  """Refuses a dict key that is not a string, at any depth: JSON would read it back
+  as one (metadata {1: ...} loads as {'1': ...})."""
+  if isinstance(value, dict):
+    for key, item in value.items():
+      if not isinstance(key, str):
+        raise ValueError(f"{where}: key {key!r} ({type(key).__name__}): keys must "
+                         f"be strings (saved as JSON, it would load as {str(key)!r}).")
+      _check_string_keys(item, f"{where}[{key!r}]")
+  elif isinstance(value, (list, tuple)):
+    for i, item in enumerate(value):
+      _check_string_keys(item, f"{where}[{i}]")
+
+
 def _check_finite(name: str, array: np.ndarray) -> None:
   bad = _checks.first_nonfinite(array)
   if bad is not None:
@@ -147,6 +161,12 @@ class Trace:
       if value is None:
         continue
       value = _as_array(name, value, np.float32, 4)
+      if value.ndim == 4 and value.shape[:2] == expected[:2] and value.shape[2] != \
+          expected[2] and name == "test_grads":
+        raise ValueError(
+            f"Trace.test_grads: {value.shape[2]} test examples, but Trace.losses has "
+            f"{expected[2]} ({list(losses.shape)}); one of the two is from another "
+            "trace.")
       if value.shape[:3] != expected:
         raise ValueError(f"Trace.{name}: expected shape {expected + ('K',)}, got "
                          f"{value.shape}.")
@@ -159,9 +179,12 @@ class Trace:
       raise ValueError(
           f"Trace.test_grads: projection dim {self.test_grads.shape[-1]} differs from "
           f"train_grads' {self.train_grads.shape[-1]}.")
+    _check_string_keys(self.metadata, "Trace.metadata")
     try:
-      json.dumps(self.metadata)
-    except TypeError as e:
+      # What `load` would return: tuples read back as lists. A copy, so the
+      # caller's dict does not alias the trace's.
+      set_("metadata", json.loads(json.dumps(self.metadata)))
+    except (TypeError, ValueError) as e:
       raise ValueError(f"Trace.metadata: must be JSON-serialisable ({e}).") from e
 
   # -- shape accessors --------------------------------------------------------------

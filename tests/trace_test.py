@@ -111,8 +111,32 @@ def test_bad_input_names_the_field(field, value, message):
 def test_grads_shape_mismatch():
   kwargs = _kwargs()
   kwargs.update(train_grads=np.ones((2, 3, 4, 2)), test_grads=np.ones((2, 3, 4, 2)))
+  with pytest.raises(ValueError, match=r"test_grads: 4 test examples, but "
+                     r"Trace.losses has 5 \(\[2, 4, 5\]\)"):
+    sj.Trace(**kwargs)
+  kwargs.update(test_grads=np.ones((2, 2, 5, 2)))
   with pytest.raises(ValueError, match=r"test_grads: expected shape \(2, 3, 5"):
     sj.Trace(**kwargs)
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({1: "a"}, r"^Trace.metadata: key 1 \(int\): keys must be strings \(saved as "
+     r"JSON, it would load as '1'\)"),
+    ({"ids": [{"x": 1, 2: 3}]}, r"^Trace.metadata\['ids'\]\[0\]: key 2 \(int\)"),
+])
+def test_metadata_keys_that_json_would_change_are_refused(metadata, message):
+  with pytest.raises(ValueError, match=message):
+    sj.Trace(**dict(_kwargs(), metadata=metadata))
+
+
+def test_metadata_is_held_as_load_returns_it(tmp_path):
+  metadata = {"pair": (1, 2), "nested": {"k": [3]}}
+  trace = sj.Trace(**dict(_kwargs(), metadata=metadata))
+  assert trace.metadata == {"pair": [1, 2], "nested": {"k": [3]}}
+  metadata["nested"]["k"].append(4)  # the caller's dict is not the trace's
+  assert trace.metadata["nested"] == {"k": [3]}
+  trace.save(tmp_path / "t")
+  assert sj.Trace.load(tmp_path / "t").metadata == trace.metadata
 
 
 def test_load_missing_and_corrupt_files(tmp_path):
