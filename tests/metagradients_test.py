@@ -263,6 +263,11 @@ def test_bad_inputs_are_refused():
   with pytest.raises(ValueError, match="remat_every must be a positive int or None, "
                      "got 1.7"):
     training.metagradients(params0, batch_ids, remat_every=1.7, **kwargs)
+  for chunk_size in (1.5, True, 0):  # 1.5 and True were truncated to 1
+    with pytest.raises(ValueError, match=r"chunk_size must be a positive integer, "
+                       rf"got {chunk_size!r}\."):
+      training.first_order_losses(params0, batch_ids[0], batch_ids,
+                                  chunk_size=chunk_size, **kwargs)
 
 
 def _combined_curriculum(reference_ids, curriculum_ids, curriculum_weights, epsilon):
@@ -626,3 +631,58 @@ def test_table_simulator_predicts_the_jvps_final_losses_and_refuses_the_rest(tmp
     training.table_simulator(table, np.where(reference == 4, -1, reference), run[-1],
                              run[0], num_train_examples=NUM_TRAIN, batch_size=BATCH,
                              reference_weights=reference_weights)
+
+
+class _BagOfTokens(nn.Module):
+  """Mean of token embeddings, then a linear head: a token's embedding row has
+  gradient 0 wherever no example in the batch holds that token."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    return nn.Dense(NUM_CLASSES)(nn.Embed(6, 4)(tokens).mean(-2))
+
+
+def test_adam_around_a_reference_that_never_trained_on_a_token_is_refused():
+  """Review h20: with Adam and a reference that never holds the only example with
+  token 5, that token's embedding row has second moment 0; a curriculum training on
+  it moves the row with slope 1/eps (1e8), and the first-order prediction was
+  −5.4e6 times the retrained change, finite, with no error."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 5, (8, 3)).astype(np.int32)
+  tokens[7, 1] = 5  # the only example with token 5
+  train = {"inputs": tokens, "labels": rng.integers(0, NUM_CLASSES, 8).astype(np.int32)}
+  test = {"inputs": np.array([[5, 0, 1], [2, 3, 4]], np.int32),
+          "labels": np.array([0, 1], np.int32)}
+  params0 = models.init_variables(_BagOfTokens(), tokens, seed=0)
+  loss_fn = training.make_loss_fn(_BagOfTokens(), "classification")
+  reference = np.array([[0, 1, 2, 3], [4, 5, 6, 0], [1, 2, 3, 4]], np.int32)
+  curricula = np.array([[[0, 1, 2, 3], [4, 5, 6, 7], [1, 2, 3, 4]]], np.int32)
+  kwargs = dict(loss_fn=loss_fn, train_arrays=train, test_arrays=test)
+  adam = dict(optimizer="adam", learning_rate=0.01)
+  with pytest.raises(training.SingularExpansionError,
+                     match=r"curriculum 0 trains at step 1 on parameters "
+                     r"whose Adam second moment is exactly 0"):
+    training.first_order_losses(params0, reference, curricula, config=adam, **kwargs)
+  # SGD around the same reference, and Adam around the full batch, are fine: the
+  # prediction is first-order accurate (central differences of retraining along
+  # the curriculum, as above).
+  full = np.tile(np.arange(8, dtype=np.int32), (3, 1))
+  for ref, config in ((reference, dict(optimizer="sgd", learning_rate=0.5)),
+                      (full, adam)):
+    result = training.first_order_losses(params0, ref, curricula, config=config,
+                                         **kwargs)
+    epsilon = 1e-3
+    ids, weights = [], []
+    for sign in (1, -1):
+      combined, w = _combined_curriculum(ref, curricula[0],
+                                         np.ones(curricula[0].shape, np.float32),
+                                         sign * epsilon)
+      ids.append(combined)
+      weights.append(w)
+    runs = training.train_runs(params0, np.stack(ids), weights=np.stack(weights),
+                               progress=False, config=config, **kwargs).trace.losses
+    directional = (runs[0] - runs[1]) / (2 * epsilon)
+    change = result.losses[0] - result.reference_losses
+    scale = np.abs(directional).max()
+    assert scale > 1e-3
+    np.testing.assert_allclose(change, directional, rtol=0, atol=0.03 * scale)

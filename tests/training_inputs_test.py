@@ -238,6 +238,26 @@ def test_optimizer_numbers_out_of_range_are_refused(who, changes, message):
     _CALLS[who](params0, batch_ids, train, test, _config(**changes))
 
 
+@pytest.mark.parametrize("who", sorted(_CALLS))
+@pytest.mark.parametrize("changes,message", [
+    (dict(weight_decay=0.01), r"config\.weight_decay: not an optimizer setting"),
+    (dict(optimizer="momentum", nesterov=True), r"config\.nesterov: not an optimizer"),
+    (dict(momentum=0.9), r"config\.momentum: optimizer 'sgd' does not read it \(only "
+     r"'momentum' does\)"),
+    (dict(optimizer="momentum", eps=1e-3), r"config\.eps: optimizer 'momentum' does "
+     r"not read it \(only 'adam' does\)"),
+    (dict(end_learning_rate=0.0), r"config\.end_learning_rate: lr_schedule="
+     r"'constant' does not read it \(only 'linear' does\)"),
+])
+def test_a_dict_config_setting_the_optimizer_would_not_read_is_refused(who, changes,
+                                                                       message):
+  """Review h20: `weight_decay`, `grad_clip`, `nesterov`, or `momentum` with "sgd",
+  in a dict config trained plain SGD, bit-identical, with no error."""
+  params0, train, test, batch_ids = _setup()
+  with pytest.raises(ValueError, match=rf"^{who}: {message}"):
+    _CALLS[who](params0, batch_ids, train, test, _config(**changes).to_dict())
+
+
 def test_optimizer_numbers_at_the_ends_of_their_ranges_train():
   """momentum 0 (plain SGD), b1 0 and warm-up 0 are valid: the same steps as
   optax's own optimizers."""
@@ -403,7 +423,7 @@ def test_valid_metagradients_and_first_order_losses_equal_their_unchecked_progra
       _LOSS_FN, structure, 0, chunk_sharding, replicated)
   valid = (curricula >= 0).astype(np.float32)
   coefficients = valid / np.maximum(valid.sum(-1, keepdims=True), 1)
-  predicted, reference_losses = first_order(
+  predicted, reference_losses, _ = first_order(
       params0, reference, np.ones(reference.shape, np.float32), curricula,
       coefficients, train, test, hyperparameters)
   np.testing.assert_array_equal(result.losses, np.asarray(predicted))

@@ -932,10 +932,16 @@ def metagradient(wd, config, dataset, model: Model, curricula: Curricula) -> dic
 
   def compute():
     stacked = np.concatenate(list(sets.values()))
-    result = training.first_order_losses(
-        model.params, _reference_batch_ids(config), stacked, loss_fn=model.loss_fn,
-        config=config, train_arrays=dataset.train, test_arrays=dataset.test,
-        chunk_size=config.metagradient.chunk_size, seed=config.seed)
+    try:
+      result = training.first_order_losses(
+          model.params, _reference_batch_ids(config), stacked, loss_fn=model.loss_fn,
+          config=config, train_arrays=dataset.train, test_arrays=dataset.test,
+          chunk_size=config.metagradient.chunk_size, seed=config.seed)
+    except training.SingularExpansionError as e:
+      raise ValueError(
+          f"config.metagradient.reference_batch_size="
+          f"{config.metagradient.reference_batch_size} with config.optimizer="
+          f"{config.optimizer!r}: {e} (0 = the full batch)") from e
     predicted = np.asarray(result.losses, np.float64)
     if config.metagradient.space == "log":
       # The same expansion read as one of log L: L_ref·exp((L̂ − L_ref)/L_ref).

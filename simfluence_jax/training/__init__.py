@@ -28,6 +28,7 @@ from simfluence_jax.training.checkpoints import save_params
 from simfluence_jax.training.checkpoints import tracin_steps
 from simfluence_jax.training.metagradients import FirstOrderFinalLosses
 from simfluence_jax.training.metagradients import FirstOrderLosses
+from simfluence_jax.training.metagradients import SingularExpansionError
 from simfluence_jax.training.metagradients import derivative_growth
 from simfluence_jax.training.metagradients import first_order_final_losses
 from simfluence_jax.training.metagradients import first_order_losses
@@ -55,7 +56,7 @@ from simfluence_jax.training.step import projection_key
 
 __all__ = [
     "FirstOrderFinalLosses", "FirstOrderLosses", "LEARNING_RATE_MEANING", "Segment",
-    "TrainResult",
+    "SingularExpansionError", "TrainResult",
     "derivative_growth", "dropout_key", "effective_weights", "first_order_final_losses",
     "first_order_losses", "gather_batch",
     "load_params", "load_tracin_checkpoints", "load_tracin_params", "make_loss_fn",

@@ -380,6 +380,37 @@ def _float_leaves(tree):
   return floats, rebuild, others
 
 
+class SingularExpansionError(ValueError):
+  """`first_order_losses`: Adam's update has slope 1/eps along a curriculum
+  (`_adam_singular`), where no first-order prediction holds."""
+
+
+def _adam_singular(state, updates_dot) -> jax.Array:
+  """bool[]: whether an Adam update moves, to first order, a parameter element whose
+  second moment ν is exactly 0 (its gradient has been 0 at every step so far).
+
+  There Adam's update m̂ / (√ν̂ + eps) has slope 1/eps in the gradient (1e8 by
+  default): exact, but linear only for perturbations below ~eps, so a first-order
+  prediction through it is off by orders of magnitude (review h20: −5.4e6 times the
+  retrained change). A reference that never trains on what a curriculum trains on
+  (a partial reference, e.g. an embedding row of a token only unsampled examples
+  hold) gets there; a full-batch reference does not.
+  """
+  flags = []
+  nodes = jax.tree_util.tree_leaves(
+      state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+  updates = jax.tree_util.tree_leaves(updates_dot)
+  for node in nodes:
+    if not isinstance(node, optax.ScaleByAdamState):
+      continue
+    nu = jax.tree_util.tree_leaves(node.nu)
+    if len(nu) != len(updates):
+      continue
+    flags += [jnp.any((n == 0) & (u != 0)) for n, u in zip(nu, updates)
+              if jnp.shape(n) == jnp.shape(u)]
+  return jnp.any(jnp.stack(flags)) if flags else jnp.zeros((), bool)
+
+
 @functools.lru_cache(maxsize=16)
 def _first_order_fn(loss_fn, structure, seed, chunk_sharding, replicated):
   """The jitted first-order predictions of one chunk of curricula (cached; the
@@ -435,28 +466,30 @@ def _first_order_fn(loss_fn, structure, seed, chunk_sharding, replicated):
         new_params = optax.apply_updates(params_t, updates)
         new_params_dot = jax.tree_util.tree_map(jnp.add, params_dot_c, updates_dot)
         losses, losses_dot = jax.jvp(test_loss, (new_params,), (new_params_dot,))
+        singular = _adam_singular(rebuild_state(new_floats, new_others), updates_dot)
         return ((new_params, new_floats, new_others, losses),
-                (new_params_dot, new_floats_dot, losses_dot))
+                (new_params_dot, new_floats_dot, losses_dot, singular))
 
       primal, tangent = jax.vmap(per_curriculum, out_axes=(None, 0))(
           params_dot, floats_dot, ids_t, coefficients_t)
       new_params, new_floats, new_others, losses = primal
-      new_params_dot, new_floats_dot, losses_dot = tangent
+      new_params_dot, new_floats_dot, losses_dot, singular = tangent
       return ((new_params, new_floats, new_others, new_params_dot, new_floats_dot),
-              (losses, losses_dot))
+              (losses, losses_dot, singular))
 
     carry = (params, state_floats, state_others, zeros(params), zeros(state_floats))
     xs = (jnp.arange(num_steps, dtype=jnp.int32), ref_ids, ref_weights,
           jnp.swapaxes(ids, 0, 1), jnp.swapaxes(tangent_coefficients, 0, 1))
-    _, (losses, losses_dot) = jax.lax.scan(body, carry, xs)
+    _, (losses, losses_dot, singular) = jax.lax.scan(body, carry, xs)
     initial = test_loss(params)
     reference = jnp.concatenate([initial[None], losses])  # [T+1, M]
     predicted = jnp.concatenate(
         [jnp.broadcast_to(initial, (chunk_size, 1) + initial.shape),
          reference[None, 1:] + jnp.swapaxes(losses_dot, 0, 1)], axis=1)
-    return predicted, reference
+    return predicted, reference, jnp.swapaxes(singular, 0, 1)
 
-  return jax.jit(chunk_fn, out_shardings=(chunk_sharding, replicated))
+  return jax.jit(chunk_fn, out_shardings=(chunk_sharding, replicated,
+                                          chunk_sharding))
 
 
 def first_order_losses(params0: Any, reference_batch_ids: Any, curricula: Any, *,
@@ -516,6 +549,10 @@ def first_order_losses(params0: Any, reference_batch_ids: Any, curricula: Any, *
     ValueError: bad shapes, ids or weights, different step counts, arrays whose
       leading sizes differ, labels / targets out of range (`runs.check_arrays`),
       or a learning rate that is not a finite positive number.
+    SingularExpansionError (a ValueError): with Adam, a curriculum trains on
+      parameters the reference never moved (second moment exactly 0), where the
+      expansion's slope is 1/eps (`_adam_singular`); a full-batch reference never
+      does.
     FloatingPointError: a non-finite reference or predicted test loss (checked on
       each chunk's host copy; names curriculum, step and test example).
   """
@@ -526,8 +563,9 @@ def first_order_losses(params0: Any, reference_batch_ids: Any, curricula: Any, *
       _reference_and_curricula(reference_batch_ids, reference_weights, curricula,
                                curricula_weights, num_train, who))
   num_steps, num_curricula = reference_ids.shape[0], curricula.shape[0]
-  if int(chunk_size) <= 0:
-    raise ValueError(f"{who}: chunk_size must be positive, got {chunk_size}.")
+  if not _checks.is_int(chunk_size) or chunk_size <= 0:
+    raise ValueError(f"{who}: chunk_size must be a positive integer, got "
+                     f"{chunk_size!r}.")
   chunk_size = min(int(chunk_size), num_curricula)
 
   chunk_sharding, replicated = runs_lib.runs_shardings(chunk_size, mesh)
@@ -545,10 +583,20 @@ def first_order_losses(params0: Any, reference_batch_ids: Any, curricula: Any, *
   for start in range(0, num_curricula, chunk_size):
     # The last chunk is padded with copies of its last curriculum (static shapes).
     index = np.minimum(np.arange(start, start + chunk_size), num_curricula - 1)
-    predicted, reference = compiled(
+    predicted, reference, singular = compiled(
         *args, sharding_lib.put(curricula[index], chunk_sharding),
         sharding_lib.put(curriculum_coefficients[index], chunk_sharding), *data)
     predicted = sharding_lib.to_host(predicted)[:num_curricula - start]
+    singular = sharding_lib.to_host(singular)[:num_curricula - start]
+    if np.any(singular):
+      r, t = (int(i[0]) for i in np.nonzero(singular))
+      raise SingularExpansionError(
+          f"{who}: curriculum {start + r} trains at step {t} on parameters whose Adam "
+          "second moment is exactly 0 in the reference run (their gradient there has "
+          "been 0 at every step so far, e.g. embedding rows of tokens only examples "
+          "outside the reference hold); Adam's slope there is 1/eps, so a "
+          "first-order prediction is meaningless. Use a reference that holds the "
+          "curricula's examples (the full batch), or SGD / momentum.")
     if start == 0:
       bad = _checks.first_nonfinite(sharding_lib.to_host(reference))
       if bad is not None:

@@ -70,6 +70,8 @@ def optimizer_settings(config: Any, num_steps: Optional[int] = None) -> dict:
   if name not in OPTIMIZER_HYPERPARAMETERS:
     raise ValueError(f"config.optimizer: unknown optimizer {name!r}; expected one of "
                      f"{OPTIMIZERS}.")
+  if isinstance(config, dict):
+    _check_dict_fields(config, name)
   schedule = config_field(config, "lr_schedule", "constant")
   if schedule not in SCHEDULES:
     raise ValueError(f"config.lr_schedule: unknown schedule {schedule!r}; expected "
@@ -90,6 +92,35 @@ def optimizer_settings(config: Any, num_steps: Optional[int] = None) -> dict:
     settings[field] = _number(config, field, default)
   _check_ranges(settings)
   return settings
+
+
+def _check_dict_fields(config: dict, name: str) -> None:
+  """Refuses a key of a plain-dict config that this optimizer would not read.
+
+  The job's ConfigDict holds every field of every optimizer (`config_lib`), and
+  `pipeline.validate` refuses unknown ones; a dict passed to the library
+  (`train_runs(config={...})`) had none of that: `weight_decay`, `grad_clip`,
+  `nesterov` or `momentum` with "sgd" trained plain SGD, bit-identical, with no
+  error (review h20).
+  """
+  reads = {"optimizer", "learning_rate", "lr_schedule", "warmup_steps", "num_steps",
+           *OPTIMIZER_HYPERPARAMETERS[name]}
+  if config.get("lr_schedule", "constant") == "linear":
+    reads.add("end_learning_rate")
+  for key in config:
+    if key in reads:
+      continue
+    if key == "end_learning_rate":
+      raise ValueError(f"config.end_learning_rate: lr_schedule="
+                       f"{config.get('lr_schedule', 'constant')!r} does not read it "
+                       "(only 'linear' does).")
+    if key in CONFIG_FIELDS:
+      owner = " or ".join(repr(o) for o, h in OPTIMIZER_HYPERPARAMETERS.items()
+                          if key in h)
+      raise ValueError(f"config.{key}: optimizer {name!r} does not read it (only "
+                       f"{owner} does).")
+    raise ValueError(f"config.{key}: not an optimizer setting; the optimizers read "
+                     f"{sorted(CONFIG_FIELDS + ('num_steps',))}.")
 
 
 # The open or half-open range each optimizer number must lie in: outside it the
