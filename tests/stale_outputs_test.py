@@ -440,3 +440,45 @@ def test_duplicate_methods_are_refused(field):
   assert str(info.value) == (
       f"config.{field}=('simfluence_linear', 'metagradient', 'simfluence_linear'): "
       "['simfluence_linear'] listed more than once (was the flag given twice?).")
+
+
+def _tree(root):
+  return sorted(os.path.relpath(os.path.join(d, f), root)
+                for d, _, files in os.walk(root) for f in files)
+
+
+def test_a_multi_seed_job_adopts_the_single_seed_job_at_its_top(tmp_path, caplog):
+  """Review h22: after num_seeds 1 -> 2 the top level's tensorboard/ (the single-seed
+  job's, maybe of another config) showed beside the seeds' as the job's own, and
+  seed 0 was trained again in seed_0/."""
+  from simfluence_jax.pipeline import experiment  # pylint: disable=g-import-not-at-top
+  for name in ("stages/record_runs.json", "tensorboard/evaluation/events",
+               "simulators/linear/params.npy", "metrics.json", ".lock",
+               "seed_1/stages/data.json"):
+    os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+    (tmp_path / name).write_text(name)
+  with caplog.at_level("WARNING", logger="simfluence_jax.pipeline"):
+    experiment.adopt_single_seed_job(str(tmp_path))
+  assert _tree(tmp_path) == [
+      ".lock", "seed_0/metrics.json", "seed_0/simulators/linear/params.npy",
+      "seed_0/stages/record_runs.json", "seed_0/tensorboard/evaluation/events",
+      "seed_1/stages/data.json"]
+  assert (tmp_path / "seed_0/stages/record_runs.json").read_text() == \
+      "stages/record_runs.json"
+  assert "is its seed 0; moved into seed_0/" in caplog.text
+
+  # seed_0/ already holds a job: the top level's job stays, its TensorBoard goes.
+  for name in ("stages/record_runs.json", "tensorboard/evaluation/events"):
+    os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+    (tmp_path / name).write_text("other")
+  experiment.adopt_single_seed_job(str(tmp_path))
+  assert "stages/record_runs.json" in _tree(tmp_path)
+  assert not (tmp_path / "tensorboard").exists()
+  assert (tmp_path / "seed_0/stages/record_runs.json").read_text() == \
+      "stages/record_runs.json"
+  assert "its tensorboard/ was removed" in caplog.text
+  # Nothing at the top: nothing happens.
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  experiment.adopt_single_seed_job(str(empty))
+  assert not os.listdir(empty)

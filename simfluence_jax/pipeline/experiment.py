@@ -465,12 +465,51 @@ def compile_optimizations(config):
     jax.config.update("jax_disable_most_optimizations", before)
 
 
+def adopt_single_seed_job(workdir: str) -> None:
+  """Before a K-seed job: a single-seed job's outputs at `workdir`'s top level
+  become `seed_0/`'s, or leave the TensorBoard view.
+
+  A workdir first run with one seed holds that job (seed `config.seed`, seed 0 of
+  the K) at its top level. Left there, its `tensorboard/` showed beside the seeds'
+  as if it were the K-seed job's, possibly of another config (review h22), and
+  seed 0 was trained again in `seed_0/`. Moved (local workdirs, when `seed_0/` holds
+  no job), seed 0's stages reuse what their fingerprints still match and recompute
+  the rest, as in any rerun. Otherwise the top level's `tensorboard/` is removed
+  (it is rebuilt from the stages by a single-seed rerun) and a warning names what
+  stays.
+  """
+  root = _io.as_path(workdir)
+  if not sharding.is_primary() or not (root / workdir_lib.STAGES_DIR).exists():
+    sharding.barrier("adopt_single_seed_job")
+    return
+  seed_0 = root / "seed_0"
+  if not _io.is_remote(workdir) and not (seed_0 / workdir_lib.STAGES_DIR).exists():
+    seed_0.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+      if entry.name.startswith((".", "seed_")) or (seed_0 / entry.name).exists():
+        continue
+      entry.rename(seed_0 / entry.name)
+      moved.append(entry.name)
+    _logger.warning("multi-seed job: the single-seed job at the top of %s is its "
+                    "seed 0; moved into seed_0/ (%s), where its stages are reused "
+                    "where they still match.", workdir, ", ".join(moved))
+  else:
+    _io.remove_tree(root / TENSORBOARD_DIR)
+    _logger.warning("multi-seed job: %s holds a single-seed job at its top level "
+                    "(stages/, simulators/, ...) that is not this job's; its "
+                    "tensorboard/ was removed, its other outputs are left as they "
+                    "are.", workdir)
+  sharding.barrier("adopt_single_seed_job")
+
+
 def _run(config, workdir: str, overwrite: bool) -> dict:
   from simfluence_jax import evaluation  # pylint: disable=g-import-not-at-top
   from simfluence_jax.evaluation import _tables  # pylint: disable=g-import-not-at-top
   if config.num_seeds == 1:
     return run_seed(config, workdir, overwrite)
   seeds = [config.seed + k for k in range(config.num_seeds)]
+  adopt_single_seed_job(workdir)
   payloads = []
   for k, seed in enumerate(seeds):
     seed_dir = os.path.join(os.fspath(workdir), f"seed_{k}")
