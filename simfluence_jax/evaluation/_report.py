@@ -383,7 +383,8 @@ def report_lines(payload: dict, plots=()) -> list:
   lines = ["# simfluence_jax report", ""]
   if seeds:
     lines += [f"Mean ± std over {len(seeds)} seeds {seeds} (each a full experiment in "
-              "`seed_<k>/`).", ""]
+              "`seed_<k>/`; std with ddof 0; the learning curve and per-seed "
+              "details are in `seed_<k>/report.md`).", ""]
   environment = environment_text(payload).strip()
   if environment:
     lines += [environment, ""]
