@@ -235,7 +235,7 @@ def test_an_overwrite_that_dies_in_training_leaves_no_result(tiny_run, tmp_path,
     assert not os.path.exists(os.path.join(copy, name)), name
 
 
-def test_a_resumed_run_times_one_whole_run(monkeypatch):
+def test_a_resumed_run_times_one_whole_run(monkeypatch, tmp_path):
   # A job killed after training 3 of 4 steps resumes and trains 1: that step's
   # time is one run's quarter, and every method's cost is in units of one run.
   clock, calls = None, []
@@ -258,6 +258,21 @@ def test_a_resumed_run_times_one_whole_run(monkeypatch):
                                         False)
     np.testing.assert_equal(seconds, case["want"])
   assert calls == [(2, 4, 3)] * 3
+  # With checkpoints: the time is kept beside them, and a call that finds nothing
+  # left to train (its process stopped before the stage was saved) reads it back;
+  # it was NaN for good (review h22).
+  runs_dir = str(tmp_path / "runs" / "grads")
+  for case in ({"resumed": 0, "want": 3.0}, {"resumed": 4, "want": 3.0},
+               {"resumed": 3, "want": 12.0}, {"resumed": 4, "want": 12.0}):
+    clock = iter([10.0, 16.0])
+    _, seconds = pipeline.stages._train(config, model, dataset, batch_ids, runs_dir,
+                                        False)
+    np.testing.assert_equal(seconds, case["want"])
+  clock = iter([10.0, 16.0])
+  case = {"resumed": 4}
+  _, seconds = pipeline.stages._train(config, model, dataset, batch_ids,
+                                      str(tmp_path / "other"), False)
+  assert np.isnan(seconds)
 
 
 def test_overwrite_discards_and_retrains(tiny_run, tmp_path):

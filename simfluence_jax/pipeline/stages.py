@@ -250,10 +250,15 @@ def _train(config, model: Model, dataset, batch_ids, workdir, record_grads):
   """(TrainResult, seconds per run): the wall time of one whole run of T steps.
 
   A call that resumed from step s of T trained T − s steps: its time is scaled by
-  T / (T − s) (an estimate, logged), and is NaN (unknown) when nothing was left to
-  train, so that a resumed job does not report every method's cost in units of a
-  fraction of a run.
+  T / (T − s) (an estimate, logged), so that a resumed job does not report every
+  method's cost in units of a fraction of a run. The time is kept beside the runs'
+  checkpoints (`<workdir>_timing.json`): a call that finds nothing left to train
+  (the runs finished in a process that was stopped before the stage was saved)
+  reads it back; NaN (unknown) when there is none. It was NaN for good before
+  (review h22: tracin_per_step's cost after a resume).
   """
+  timing_path = (None if workdir is None else
+                 _io.as_path(os.fspath(workdir) + "_timing.json"))
   start = time.perf_counter()
   result = training.train_runs(
       model.params, batch_ids, loss_fn=model.loss_fn, config=config,
@@ -263,14 +268,23 @@ def _train(config, model: Model, dataset, batch_ids, workdir, record_grads):
       mesh=_runs_mesh(config))
   seconds = (time.perf_counter() - start) / len(batch_ids)
   num_steps, resumed = batch_ids.shape[1], result.resumed_step
+  trained = num_steps - resumed
+  if resumed and not trained:
+    saved = (_io.read_json(timing_path, "record_runs")
+             if timing_path is not None and _io.exists(timing_path) else {})
+    seconds = float(saved.get("seconds_per_run", float("nan")))
+    how = ("the one measured when they were trained" if saved else
+           "unknown (nothing was left to train, and no time was kept)")
+  elif resumed:
+    seconds = seconds * num_steps / trained
+    how = f"estimated from the last {trained} steps"
   if resumed:
-    trained = num_steps - resumed
-    seconds = seconds * num_steps / trained if trained else float("nan")
-    _logger.warning(
-        "record_runs: resumed at step %d of %d; the time of one run (the unit of "
-        "every method's cost) is %s.", resumed, num_steps,
-        f"estimated from the last {trained} steps" if trained else
-        "unknown (nothing was left to train)")
+    _logger.warning("training: the runs in %s resumed at step %d of %d; the time "
+                    "of one run (the unit of every method's cost) is %s.",
+                    workdir, resumed, num_steps, how)
+  if trained and timing_path is not None and sharding.is_primary():
+    _io.write_json(timing_path, {"seconds_per_run": seconds,
+                                 "estimated": bool(resumed)})
   return result, seconds
 
 
