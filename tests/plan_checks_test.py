@@ -71,7 +71,8 @@ def fake_devices(kind, coords_list):
 def test_chip_figures_are_shared_by_the_devices_on_a_chip(kind, generation,
                                                           per_chip):
   """Each device gets its chip's HBM, FLOP/s and bandwidth divided by the devices
-  with its coords (libtpu's v4 layout: two TensorCores per chip)."""
+  with its coords (libtpu's default v4 layout, without megacore: two TensorCores
+  per chip)."""
   coords = [(x, y, 0) for y in range(2) for x in range(2) for _ in range(per_chip)]
   devices = fake_devices(kind, coords)
   expected = max(coords.count(c) for c in coords)  # brute force over the coords
@@ -129,11 +130,14 @@ print("RESULT" + json.dumps(out))
     assert got["hbm"] == got["limit"], (name, got)
     assert got["per_chip"] == got["same"], (name, got)
     assert "read from XLA" in got["source"]
-  assert out["v4:2x2x1"]["per_chip"] == 2 and out["v5p:2x2x1"]["per_chip"] == 1
-  assert out["v4:2x2x1"]["peak"] == chips.CHIPS["v4"].peak_flops / 2
+  # A v4 chip is one megacore device, as on a real slice (review h23: libtpu's
+  # default, a device per TensorCore with half the HBM, planned twice the devices).
+  assert out["v4:2x2x1"]["per_chip"] == 1 and out["v5p:2x2x1"]["per_chip"] == 1
+  assert out["v4:2x2x1"]["peak"] == chips.CHIPS["v4"].peak_flops
+  assert out["v4:2x2x1"]["hbm"] == 30.75 * GIB  # below the chip's 32 GiB
   assert out["v5e:2x2"]["hbm"] == 15.75 * GIB  # below the chip's 16 GiB
   assert out["v5e:2x2"]["status"] == report.OOM  # 15.875 GiB: not usable
-  assert out["v4:2x2x1"]["status"] == report.OOM  # 15.6 GiB of a 16 GiB half
+  assert out["v4:2x2x1"]["status"] == report.OOM  # 31.4 GiB of a 32 GiB chip
 
 
 def test_header_names_the_usable_hbm_and_devices_per_chip():

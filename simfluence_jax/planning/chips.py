@@ -8,9 +8,11 @@ capacities are GiB here. A plan compares against what XLA can use per device
 (`chip_of` reads it from XLA:TPU's own out-of-memory message: 15.75 GiB on a v5e), not
 the capacity.
 
-A chip's figures are shared by the devices on it: libtpu makes each of a v4 chip's
-two TensorCores a device (same `coords`, `core_on_chip` 0 and 1), each with half the
-chip's HBM, FLOP/s and bandwidth; a v5p, v5e or v6e chip is one device.
+A chip's figures are shared by the devices on it (same `coords`): a v4 or v5p chip
+is one device in megacore mode, as JAX runs on a real slice (`devices.
+topology_devices` asks libtpu for it; its default for v4 makes each TensorCore a
+device, `core_on_chip` 0 and 1, each with half the chip's HBM, FLOP/s and
+bandwidth), and a v5e or v6e chip is one device.
 
 A topology name is what `jax.experimental.topologies.get_topology_desc` takes
 ("v5e:16x16", "v5p:4x4x4"); `topology_name` also accepts a Cloud accelerator type
