@@ -327,3 +327,33 @@ def test_readme_table_of_plans():
   assert lines[3] == "| ekfac_if | 0.75 | – |"
   assert lines[4] == "| simfluence_fit | n/a (error) | – |"
   assert "1.0 min, 5.0 min" in lines[-1]
+
+
+def test_cpu_plan_trains_the_runs_in_the_groups_train_runs_picks(monkeypatch):
+  """Review h23: on a CPU `train_runs` trains runs that record no gradients 2 at a
+  time once they hold 8 MiB of params; the plan sized the all-at-once program (16x
+  the memory on the default config) instead of the job's."""
+  from simfluence_jax.planning import job as job_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(TINY)
+  job = job_lib.build(config, jax.devices("cpu")[:1])
+  shapes = job.params  # ShapeDtypeStructs: sized from shape and dtype
+  bytes_per_run = sum(math.prod(x.shape) * x.dtype.itemsize
+                      for x in jax.tree_util.tree_leaves(shapes))
+  monkeypatch.setattr(training.runs, "CPU_GROUP_MIN_BYTES", 3 * bytes_per_run)
+  assert training.runs.default_runs_per_group(shapes, 3, platform="cpu") == 2
+  assert training.runs.default_runs_per_group(shapes, 2, platform="cpu") is None
+  assert training.runs.default_runs_per_group(shapes, 3, platform="tpu") is None
+  plain, = stages.record_runs(job)
+  assert plain.note.endswith(", trained 2 at a time"), plain.note
+  recording, = stages.record_grad_runs(job)  # recording runs: all at once
+  assert "at a time" not in recording.note
+  # The very program train_runs builds for grouped runs (its cache hit).
+  num_runs = job.plain_runs()
+  mesh = sharding.runs_mesh(1, devices=job.devices)
+  run_sharding, _ = training.runs_shardings(num_runs, mesh)
+  params = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((num_runs,) + x.shape, x.dtype), shapes)
+  grouped = training.segment_program(
+      job.loss_fn, config, config.num_steps, params, run_sharding,
+      projection_dim=config.projection_dim, seed=config.seed, runs_per_group=2)
+  assert plain.fn is grouped.fn

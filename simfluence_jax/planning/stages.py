@@ -152,13 +152,18 @@ def _segment(job: job_lib.Job, num_runs: int, record_grads: bool) -> Program:
   run_sharding, replicated = training.runs_shardings(num_runs, mesh)
   steps = segment_steps(config)
   # `train_runs`' own program and layouts: runs over `runs`, each leaf over `model`
-  # (all runs at once, as train_runs does on accelerators); the optimizer's numbers
-  # are an argument, like the occurrence weights.
+  # (all runs at once on accelerators; on a CPU, runs that do not record gradients
+  # in groups, as `train_runs` picks them: review h23 found the plan sizing the
+  # all-at-once program, 16x the memory of the one the job runs); the optimizer's
+  # numbers are an argument, like the occurrence weights.
   params = job_lib.place(job.params, None, (num_runs,))
+  local_runs = num_runs // training.runs._runs_axis_size(run_sharding)  # pylint: disable=protected-access
+  runs_per_group = None if record_grads else training.runs.default_runs_per_group(
+      job.params, local_runs, platform=job.devices[0].platform)
   program = training.segment_program(
       job.loss_fn, config, config.num_steps, params, run_sharding,
       record_grads=record_grads, projection_dim=config.projection_dim,
-      seed=config.seed, who="plan")
+      seed=config.seed, runs_per_group=runs_per_group, who="plan")
   params = job_lib.place(params, program.params_sharding)
   opt_state = job_lib.place(jax.eval_shape(program.init, params),
                             program.opt_sharding)
@@ -179,7 +184,9 @@ def _segment(job: job_lib.Job, num_runs: int, record_grads: bool) -> Program:
   return Program("segment", segment, args,
                  calls=-(-config.num_steps // steps),
                  note=f"R={num_runs}, {steps} steps of {config.batch_size}, "
-                      f"{config.optimizer}; {placement}")
+                      f"{config.optimizer}; {placement}"
+                      + (f", trained {runs_per_group} at a time" if runs_per_group
+                         else ""))
 
 
 def record_runs(job: job_lib.Job) -> List[Program]:

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import time
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
@@ -131,13 +132,17 @@ CPU_RUNS_PER_GROUP = 2
 CPU_GROUP_MIN_BYTES = 8 << 20
 
 
-def default_runs_per_group(params: Any, num_runs: int) -> Optional[int]:
+def default_runs_per_group(params: Any, num_runs: int,
+                           platform: Optional[str] = None) -> Optional[int]:
   """`CPU_RUNS_PER_GROUP` on a CPU backend when `num_runs` runs of `params` (one
-  run's, any pytree of arrays) reach `CPU_GROUP_MIN_BYTES`; None (all runs at once)
-  otherwise."""
-  bytes_per_run = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(params))
+  run's, any pytree of arrays or shapes) reach `CPU_GROUP_MIN_BYTES`; None (all runs
+  at once) otherwise. `platform`: the devices' (default: jax's default backend; the
+  TPU plan passes its target's)."""
+  bytes_per_run = sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
+                      for x in jax.tree_util.tree_leaves(params))
   large = bytes_per_run * num_runs >= CPU_GROUP_MIN_BYTES
-  return CPU_RUNS_PER_GROUP if large and jax.default_backend() == "cpu" else None
+  platform = platform or jax.default_backend()
+  return CPU_RUNS_PER_GROUP if large and platform == "cpu" else None
 
 
 def _runs_axis_size(run_sharding: jax.sharding.NamedSharding) -> int:
