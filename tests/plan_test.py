@@ -236,6 +236,33 @@ def test_resident_bytes_count_into_the_peak():
   assert report.compile_row("s", program, tight).status == report.OOM
 
 
+def test_eigendecompositions_are_costed_from_their_shapes():
+  """Review h23: an eigh compiles to a custom call that XLA's cost analysis counts
+  as 0 FLOPs (0.12-0.42 n^3 for the ops around it, against about 9 n^3): the plan's
+  eigendecompose rows read near zero work."""
+  n = 96
+  sds = jax.ShapeDtypeStruct
+  chip = chips.ChipSpec("test", 2.0**30, 1e12, 1e11, "a test")
+  eigh = jax.jit(jnp.linalg.eigh)
+  counted = report.compile_row("s", stages.Program("eigh", eigh, (sds((n, n),
+                                                                     jnp.float32),)),
+                               chip).flops
+  assert counted < 2 * n**3  # what XLA sees (the brute-force count is ~9 n^3)
+  row = report.compile_row("s", stages.Program(
+      "eigh", eigh, (sds((n, n), jnp.float32),),
+      min_flops=stages.EIGH_FLOPS_PER_N3 * n**3), chip)
+  assert row.flops == 9 * n**3 and "shape estimate" in row.cost_source
+  # The EK-FAC stage sizes each layer shape's eigh from A's and S's dimensions.
+  config = config_lib.load_config(TINY)
+  from simfluence_jax.planning import job as job_lib  # pylint: disable=g-import-not-at-top
+  programs = stages.ekfac_if(job_lib.build(config, jax.devices("cpu")[:1]))
+  rows = [p for p in programs if p.name.startswith("eigendecompose_")]
+  assert rows
+  for program in rows:
+    dim_in, dim_out = map(int, program.name.split("_")[1].split("x"))
+    assert program.min_flops == 9 * (dim_in**3 + dim_out**3), program.name
+
+
 def test_without_libtpu_one_line_and_nonzero(tmp_path):
   status, output, plan = run_plan(
       tmp_path, f"--config={TINY}", "--topology=v5e:2x2",

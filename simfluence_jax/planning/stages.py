@@ -59,6 +59,11 @@ class Program:
     resident: arrays (`ShapeDtypeStruct`s) the job holds on each chip while this
       program runs, outside its arguments (e.g. the other layers' inputs of a
       per-layer program); counted into its peak by arithmetic.
+    min_flops: per call, FLOPs of work XLA's cost model cannot see, estimated from
+      shapes: an eigh compiles to a custom call (XLA:TPU's "EighTpu", LAPACK on
+      CPU) that HLO cost analysis counts as 0 FLOPs (review h23: the plan read
+      0.12–0.42·n³ where a symmetric eigendecomposition takes about 9·n³). The row
+      reports the larger of the two.
   """
 
   name: str
@@ -69,6 +74,7 @@ class Program:
   note: str = ""
   skip: str = ""
   resident: Any = ()
+  min_flops: float = 0.0
 
   def lower(self):
     return self.fn.lower(*self.args, **self.static)
@@ -139,6 +145,12 @@ def pretrain(job: job_lib.Job) -> List[Program]:
 
 
 # --- training runs ------------------------------------------------------------------
+
+
+# FLOPs of a symmetric eigendecomposition with eigenvectors, per n³: about 9
+# (tridiagonal reduction 4/3·n³ plus QR iteration and back-transformation, Golub &
+# Van Loan, "Matrix Computations", §8.3); XLA:TPU's Jacobi-type eigh does more.
+EIGH_FLOPS_PER_N3 = 9.0
 
 
 def segment_steps(config) -> int:
@@ -316,7 +328,9 @@ def ekfac_if(job: job_lib.Job) -> List[Program]:
     programs.append(Program(
         f"eigendecompose_{dim_in}x{dim_out}", eigh, (one,), calls=len(specs),
         note=f"eigh of A [{dim_in}²] and S [{dim_out}²] of {len(specs)} layer(s); "
-             "iterative (loop counted once)", skip=skip))
+             f"FLOPs ≈ {EIGH_FLOPS_PER_N3:g}·n³ per matrix (XLA counts the eigh "
+             "custom call as 0)", skip=skip,
+        min_flops=EIGH_FLOPS_PER_N3 * (dim_in ** 3 + dim_out ** 3)))
   query_form = "dense [O, I]" if rank is None else f"rank {rank}"
   programs += [
       Program("eigenvalues", eig_kernel, eig_args, calls=num_chunks, note=chunk_note),
