@@ -322,8 +322,9 @@ print("SUGGESTION", report.suggest(stage, j, failing, chip))
 
 
 def test_cpu_devices_share_the_ram():
-  """On 8 CPU devices each has RAM / 8; a sharded program whose per-device part
-  fits the RAM but whose total (8 parts) does not is reported as not fitting."""
+  """On 8 CPU devices each has RAM / 8 (and an eighth of the measured FLOP/s and
+  bandwidth); a sharded program whose per-device part fits the RAM but whose total
+  (8 parts) does not is reported as not fitting."""
   code = r"""
 import os, jax, jax.numpy as jnp, numpy as np
 from simfluence_jax.planning import devices, chips, report, stages
@@ -338,6 +339,9 @@ prog = stages.Program("p", jax.jit(lambda x: x * 2),
                       (jax.ShapeDtypeStruct((n,), jnp.float32, sharding=s),))
 row = report.compile_row("s", prog, chip)
 print("RESULT", len(d), ram, chip.hbm_bytes, row.peak_bytes, row.status)
+chips._best_seconds = lambda *args: 1.0  # every timing 1 s: the figures' arithmetic
+fixed = chips.measure_host(d[0])
+print("SPEED", fixed.peak_flops, fixed.hbm_bandwidth)
 """
   proc = run_python(code, devices=8)
   line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")]
@@ -346,6 +350,11 @@ print("RESULT", len(d), ram, chip.hbm_bytes, row.peak_bytes, row.status)
   assert int(count) == 8 and float(hbm) == int(ram) / 8
   assert float(peak) < int(ram) < 8 * float(peak)  # one part fits, all do not
   assert status == report.OOM
+  # ... and its cores: each device's FLOP/s and bandwidth are an eighth of what one
+  # device measured running alone (review h23: each had the whole machine's).
+  speed = [x for x in proc.stdout.splitlines() if x.startswith("SPEED")][0].split()
+  assert float(speed[1]) == 2 * 1024**3 / 8
+  assert float(speed[2]) == 2 * 4 * (16 << 20) / 8
 
 
 # --- 5. the vocabulary the job uses --------------------------------------------------

@@ -342,7 +342,11 @@ def test_readme_table_of_plans():
                {"name": "ekfac_if/scores", "status": "fits", "memory": gib(0.5),
                 "peak_bytes": 0.75 * 2**30},  # with what the job holds beside it
                {"name": "ekfac_if/eigendecompose_259", "status": "not compiled"},
-               {"name": "simfluence_fit/linear_cg_init", "status": "error"}]}
+               {"name": "simfluence_fit/linear_cg_init", "status": "error"},
+               # Sized, not compiled: a lower bound (review h23: it read as a
+               # compiled TPU figure).
+               {"name": "simulate/rollout", "status": "not compiled",
+                "needed_bytes": 0.03 * 2**30}]}
   large = dict(small, config="configs/scale_1b.py", topology="v5e:16x16",
                num_devices=256, num_params=1.34e9, seconds=300.0, rows=[
                    {"name": "record_runs/segment", "status": "out of memory",
@@ -353,6 +357,7 @@ def test_readme_table_of_plans():
   assert lines[2] == "| record_runs | 0.50 | **18.90 NO** |"
   assert lines[3] == "| ekfac_if | 0.75 | – |"
   assert lines[4] == "| simfluence_fit | n/a (error) | – |"
+  assert lines[5] == "| simulate | ≥0.03 | – |"
   assert "1.0 min, 5.0 min" in lines[-1]
 
 

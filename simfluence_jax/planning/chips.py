@@ -207,9 +207,11 @@ def measure_host(device: Optional[jax.Device] = None) -> ChipSpec:
   """This machine's CPU as a chip: measured float32 matmul FLOP/s and copy bandwidth.
 
   A 1024² matmul gives the peak (best of 5), a jitted `x + 1` over 64 MiB the
-  bandwidth (read + write); memory is the host's RAM divided by the local CPU
-  devices (`--xla_force_host_platform_device_count` devices share it). About a
-  second.
+  bandwidth (read + write), both timed on one device running alone; memory, peak and
+  bandwidth are divided by the local CPU devices
+  (`--xla_force_host_platform_device_count` devices share the host's RAM and cores:
+  each got the whole machine's FLOP/s before, so an SPMD program's roofline read
+  about that many times too fast, review h23). About a second.
   """
   device = device or jax.devices("cpu")[0]
   size = 1024
@@ -227,7 +229,8 @@ def measure_host(device: Optional[jax.Device] = None) -> ChipSpec:
   bandwidth = 2 * state[0].nbytes / _best_seconds(step)
   memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   sharing = len(jax.local_devices(backend="cpu"))
-  return ChipSpec("cpu", float(memory) / sharing, peak, bandwidth,
-                  "measured on this machine (1024² float32 matmul, 64 MiB x + 1)",
+  return ChipSpec("cpu", float(memory) / sharing, peak / sharing, bandwidth / sharing,
+                  "measured on this machine (1024² float32 matmul, 64 MiB x + 1)"
+                  + (f", shared by {sharing} local CPU devices" if sharing > 1 else ""),
                   hbm_source=f"RAM {memory / _GIB:.1f} GiB / {sharing} local CPU "
                              "device(s)")

@@ -487,13 +487,14 @@ def plans_table(plans: List[dict]) -> List[str]:
         stages.append(stage)
       total = row.get("peak_bytes", (row.get("memory") or {}).get("total")
                       or row.get("needed_bytes"))  # plans saved before peak_bytes
-      old_total, old_status = by_stage.get(stage, (None, FITS))
+      old_total, old_status, bound = by_stage.get(stage, (None, FITS, False))
       if total is not None and (old_total is None or total > old_total):
-        old_total = total
+        # A program sized, not compiled: its inputs and outputs, a lower bound.
+        old_total, bound = total, row["status"] == NOT_COMPILED
       # The worst status of the stage's programs: does not fit, then error.
       status = next((s for s in (OOM, ERROR) if s in (row["status"], old_status)),
                     FITS)
-      by_stage[stage] = (old_total, status)
+      by_stage[stage] = (old_total, status, bound)
     cells.append(by_stage)
   header = ["| stage | " + " | ".join(
       f"`{os.path.basename(p['config'])}` on {p['topology']} ({p['num_devices']} x "
@@ -506,15 +507,18 @@ def plans_table(plans: List[dict]) -> List[str]:
       if stage not in by_stage:
         values.append("–")
         continue
-      total, status = by_stage[stage]
-      text = "n/a" if total is None else f"{total / 2**30:.2f}"
+      total, status, bound = by_stage[stage]
+      text = ("n/a" if total is None else
+              ("≥" if bound else "") + f"{total / 2**30:.2f}")
       values.append({OOM: f"**{text} NO**", ERROR: f"{text} (error)"}.get(status,
                                                                             text))
     lines.append(f"| {stage} | " + " | ".join(values) + " |")
   return header + lines + [
       "", "GiB per chip at each stage's largest peak (XLA's memory analysis of the "
       "compiled TPU program, plus what the job holds beside it, e.g. EK-FAC factors; "
-      "n/a: not compiled, e.g. large eigendecompositions, or "
-      "not available); **NO**: does not fit the chip's HBM; (error): a program failed "
+      "≥: a lower bound, the inputs and outputs of a program not compiled, e.g. "
+      "large eigendecompositions, or the Simfluence fit of a multi-host job, which "
+      "runs on each host's CPU; n/a: not available); **NO**: does not fit the chip's "
+      "HBM; (error): a program failed "
       "to compile (see the plan's notes). Planned in " + ", ".join(
           f"{p['seconds'] / 60:.1f} min" for p in plans) + " on this 2-core machine."]
