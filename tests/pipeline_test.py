@@ -90,6 +90,23 @@ def test_every_config_field_is_recorded_by_a_stage_or_uncached(tiny_workdir):
       "nothing stored.")
 
 
+def test_band_samples_and_feature_dim_refit_no_simulator(tiny_workdir):
+  """Review h22: the fits recorded the whole `simulators` section, so changing
+  num_band_samples (read by evaluate only) refitted three simulators, redid the
+  learning curve and retrained the counterfactual curricula, bit-identical."""
+  _, workdir = tiny_workdir
+  records = _records(workdir)
+  for stage in ("fit_simfluence_linear", "fit_simfluence_additive",
+                "fit_simfluence_featurized", "learning_curve"):
+    fields = set(records[stage]["fields"])
+    assert {"simulators.l2_grid", "simulators.cv_folds"} <= fields, stage
+    assert "simulators.num_band_samples" not in fields, stage
+    # feature_dim only through the features stage (Featurized's upstream).
+    assert ("simulators.feature_dim" in fields) == (stage == "fit_simfluence_featurized")
+  assert "simulators.num_band_samples" in records["evaluate"]["fields"]
+  assert "simulators.feature_dim" in records["features"]["fields"]
+
+
 def test_uncached_fields_are_config_fields_no_stage_records(tiny_workdir):
   config, workdir = tiny_workdir
   flat = fp.flatten_config(config)

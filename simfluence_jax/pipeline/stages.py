@@ -529,6 +529,13 @@ def _score_scale(step_scores: np.ndarray, fit_trace: trace_lib.Trace) -> np.ndar
   return ((summed * deltas).sum(axis=(0, 1)) / denom).astype(np.float32)
 
 
+# The `simulators` fields a ridge fit reads (`fit_ridge`); `num_band_samples` is
+# evaluate's, `feature_dim` the features stage's, so changing them refits nothing
+# (review h22: num_band_samples refitted three simulators and retrained the
+# counterfactual curricula, bit-identical).
+RIDGE_FIELDS = ("simulators.l2", "simulators.l2_grid", "simulators.cv_folds")
+
+
 def fit_ridge(config, kind: str, fit_trace: trace_lib.Trace, **kwargs):
   """`simulators.fit` with `config.simulators.l2`, or `fit_cv` over its grid (None)."""
   sim_config = config.simulators
@@ -574,7 +581,8 @@ def fit_simulators(wd, config, runs: Runs, curricula: Curricula,
     if name in methods:
       sims[name] = _simulator_stage(
           wd, name, lambda kind=kind: fit_ridge(config, kind, fit_trace),
-          fields=("simulators",), upstream=("record_runs",), version=3)
+          fields=RIDGE_FIELDS + ("simulators.num_phases",),
+          upstream=("record_runs",), version=3)
   mean_lr = float(np.mean(fit_trace.learning_rates))
   if "tracin_cp" in methods:
     # A step on batch c_t moves the loss by −(η/|c_t|)·Σ_i ⟨g_i, g_q⟩ (SGD on the mean).
@@ -906,7 +914,8 @@ def learning_curve(wd, config, runs: Runs, curricula: Curricula,
 
   path = wd.path("learning_curve.json")
   return wd.stage(
-      "learning_curve", fields=("learning_curve", "simulators"),
+      "learning_curve", fields=("learning_curve", "simulators.num_phases")
+      + RIDGE_FIELDS,
       upstream=("record_runs",) + (("fit_simfluence_linear",) if full_fit is not None
                                    else ()), compute=compute,
       save=lambda c: _io.write_json(path, c) if sharding.is_primary() else None,
@@ -1184,5 +1193,7 @@ def fit_featurized(wd, config, runs: Runs, curricula: Curricula,
   return _simulator_stage(
       wd, "simfluence_featurized",
       lambda: featurized_simulator(config, fit_trace, phi),
-      fields=("simulators",), upstream=("record_runs", "features"),
+      fields=RIDGE_FIELDS + ("simulators.num_phases",
+                             "simulators.featurized_corrections"),
+      upstream=("record_runs", "features"),
       version=2)  # 2: its corrections' CG goes on until θ settles
