@@ -51,6 +51,10 @@ while ((${#running[@]} > 0)); do
     echo "launch/local.sh: a process exited with status ${code}; stopping the others" >&2
     status=${code}
     stop_all
+    # Every process is stopped now, some perhaps reaped during stop_all's grace: a
+    # further `wait -n` on them would find no such job (and leave `finished` unset).
+    wait 2>/dev/null || true
+    break
   fi
 done
 exit "${status}"

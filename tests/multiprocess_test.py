@@ -24,12 +24,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory, tiny_job, tiny_reference):
-  """(workdir, port, [log of process 0, log of process 1]) of the 2-process job."""
-  del tiny_reference  # set up first: this job then reuses its compiled programs
-  root = tmp_path_factory.mktemp("two_processes")
-  workdir, port = str(root / "job"), _free_port()
+def _launch(tiny_job, root, workdir, timeout=540):
+  """Runs the 2-process job into `workdir`; (port, [log of process 0, of 1])."""
+  port = _free_port()
   env = tiny_job.env(tiny_job.num_devices // 2, SJ_PORT=str(port),
                      SJ_LOCAL_DEVICES=str(tiny_job.num_devices // 2), SJ_LOG_DIR=str(root),
                      SJ_PYTHON=sys.executable)
@@ -37,7 +34,7 @@ def two_processes(tmp_path_factory, tiny_job, tiny_reference):
     proc = subprocess.run(
         ["bash", os.path.join(tiny_job.repo, "launch", "local.sh"), "2", *tiny_job.flags,
          f"--workdir={workdir}"], cwd=tiny_job.repo, env=env, stdout=f,
-        stderr=subprocess.STDOUT, timeout=540)
+        stderr=subprocess.STDOUT, timeout=timeout)
   logs = []
   for i in range(2):
     path = root / f"process_{i}.log"
@@ -46,7 +43,33 @@ def two_processes(tmp_path_factory, tiny_job, tiny_reference):
     raise AssertionError(f"launch/local.sh exited {proc.returncode}\n" + "\n".join(
         f"--- process {i} (last 3000 chars) ---\n{text[-3000:]}"
         for i, text in enumerate(logs)))
+  return port, logs
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, tiny_job, tiny_reference):
+  """(workdir, port, [log of process 0, log of process 1]) of the 2-process job."""
+  del tiny_reference  # set up first: this job then reuses its compiled programs
+  root = tmp_path_factory.mktemp("two_processes")
+  workdir = str(root / "job")
+  port, logs = _launch(tiny_job, root, workdir)
   return workdir, port, logs
+
+
+def test_a_rerun_reuses_every_stage_on_every_process(two_processes, tiny_job,
+                                                     tmp_path):
+  """Review h24: a stage reused on a process other than 0 read its record as None
+  (`read_record`) and raised AttributeError, and the job hung in the next
+  collective: no multi-process rerun or resume could finish."""
+  workdir = two_processes[0]
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    first = json.load(f)
+  _, logs = _launch(tiny_job, tmp_path, workdir, timeout=240)
+  for text in logs:
+    assert "stage record_runs: reusing its outputs" in text
+    assert "=== stage record_runs ===" not in text
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    tiny_job.assert_same_metrics(json.load(f), first)
 
 
 def test_metrics_equal_one_process(two_processes, tiny_job, tiny_reference):
@@ -91,3 +114,21 @@ def test_both_processes_ran_every_stage_and_process_0_wrote(two_processes):
       assert os.path.isdir(os.path.join(runs_ckpt, "8", "state", f"ocdbt.process_{i}"))
   assert sorted(os.listdir(os.path.join(workdir, "runs", "grads", "tracin_ckpt"))) == [
       "0", "4", "8"]
+
+
+def test_the_launcher_returns_the_status_of_the_process_that_failed(tmp_path):
+  """Review h24: when process 0 was killed, its peer could be reaped during the
+  launcher's grace period; the next `wait -n` found no such job and `set -u` made
+  the launcher exit 1 ("finished: unbound variable") instead of 137."""
+  fake = tmp_path / "python"
+  fake.write_text("#!/usr/bin/env bash\n"
+                  'if [[ "${SJ_PROCESS_ID}" == 0 ]]; then sleep 0.5; kill -9 $$; fi\n'
+                  "sleep 60\n")
+  fake.chmod(0o755)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      ["bash", os.path.join(repo, "launch", "local.sh"), "2", "--workdir=unused"],
+      env=dict(os.environ, SJ_PYTHON=str(fake), SJ_LOG_DIR=str(tmp_path)),
+      capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 137, proc.stderr
+  assert "unbound variable" not in proc.stderr

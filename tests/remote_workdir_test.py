@@ -233,6 +233,43 @@ def test_a_job_whose_lease_was_taken_over_stops_writing(lease, monkeypatch):
   assert not workdir_lib._LOST_LEASES  # pylint: disable=protected-access
 
 
+def test_a_job_that_stalls_in_a_stage_saves_nothing_once_its_lease_is_taken(lease):
+  _stall_in_a_stage(lease, "another lease")
+
+
+def test_a_job_that_stalls_in_a_stage_saves_nothing_once_its_lease_is_gone(lease):
+  _stall_in_a_stage(lease, "lease gone")  # (no brackets in the path: fsspec globs)
+
+
+def _stall_in_a_stage(lease, takeover):
+  """Review h24: the lease was checked when a stage started and when its record was
+  written, so a job that stalled in compute() past the lease woke and saved its
+  outputs over those of the job that had taken the workdir over, whose record then
+  vouched for them; and a lease file gone (that job finished) was written again."""
+  from simfluence_jax import config_lib  # pylint: disable=g-import-not-at-top
+  workdir = os.fspath(lease.parent)
+  config = config_lib.load_config(os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+      "default.py:tiny"))
+  saved = []
+
+  def stall():  # meanwhile another job takes the workdir over (and maybe finishes)
+    if takeover == "another lease":
+      lease.write_text(f"other-host pid 9 feedf00d {time.time()}")
+    else:
+      lease.unlink()
+    return 1
+
+  with pipeline.workdir_lock(workdir):
+    wd = workdir_lib.Workdir(workdir + "/seed_0", config)
+    with pytest.raises(ValueError, match=r"took over this job's lease"):
+      wd.stage("stalled", fields=("seed",), compute=stall, save=saved.append,
+               outputs=("stalled",))
+  assert not saved
+  assert takeover == "another lease" or not lease.exists()  # not taken back
+  assert not workdir_lib._LOST_LEASES  # pylint: disable=protected-access
+
+
 def test_a_workdir_in_another_kind_of_bucket_is_refused():
   with pytest.raises(ValueError, match="gs:// bucket"):
     with pipeline.workdir_lock("s3://bucket/job"):

@@ -224,9 +224,16 @@ class Workdir:
       if not sharding.agree(np.int32(problem is not None)):
         if problem is not None:  # only this process: nothing to agree on
           raise ValueError(problem)
-        self._reused_environments[name] = record.get("environment", "not recorded")
-        self.timings[name] = StageTiming(time.perf_counter() - start, True,
-                                         record.get("seconds"))
+        # Only process 0 reads records (`read_record`: None elsewhere); what it
+        # read is what every process reports (review h24: `record.get` on process
+        # 1 raised, and the job hung in the next collective on every rerun).
+        seconds = (record or {}).get("seconds")
+        agreed = sharding.agree(np.float32(np.nan if seconds is None else seconds))
+        if not sharding.is_primary():
+          seconds = None if np.isnan(agreed) else float(agreed)
+        self._reused_environments[name] = (record or {}).get("environment",
+                                                             "not recorded")
+        self.timings[name] = StageTiming(time.perf_counter() - start, True, seconds)
         return value
       if precious and not self.overwrite:
         raise self.refuse(
@@ -261,6 +268,7 @@ class Workdir:
     self._write_record(name, inputs, "running")
     value = compute()
     if save is not None:
+      check_lease(self.root)  # a job that stalled in compute() saves nothing
       save(value)
     sharding.barrier(f"saved {name}")
     seconds = time.perf_counter() - start
@@ -289,12 +297,30 @@ def _read_lease(lock) -> Optional[tuple[str, float]]:
 # Bucket workdirs whose lease another job took over while this one held it: root
 # -> that job. `Workdir` refuses to run or record a stage there from then on.
 _LOST_LEASES: dict[str, str] = {}
+# Bucket workdirs this process holds the lease of: root -> (lease file, owner token).
+_ACTIVE_LEASES: dict[str, tuple] = {}
 
 
 def check_lease(root) -> None:
   """Raises ValueError if this job's lease of bucket workdir `root` (or of one
-  above it) was taken over by another job (`_bucket_lease`)."""
+  above it) was taken over by another job (`_bucket_lease`).
+
+  Reads the lease file itself (a small read of the object store), not only what
+  the renewing thread last saw: a job that stalled past the lease (a paused VM)
+  wakes before that thread runs again, and it saved a stage's outputs over those of
+  the job that had taken the workdir over, whose record then vouched for them
+  (review h24: its rerun reported the stalled job's numbers under its own config).
+  A lease file that is gone counts as lost too (the other job finished).
+  """
   path = os.fspath(root).rstrip("/")
+  for held, (lock, owner) in list(_ACTIVE_LEASES.items()):
+    if held.rstrip("/") in _LOST_LEASES:
+      continue
+    if path == held.rstrip("/") or path.startswith(held.rstrip("/") + "/"):
+      lease = _read_lease(lock)
+      if lease is None or lease[0] != owner:
+        _LOST_LEASES[held.rstrip("/")] = (lease[0] if lease else
+                                          "unknown: its lease file is gone")
   for lost, holder in list(_LOST_LEASES.items()):
     if path == lost.rstrip("/") or path.startswith(lost.rstrip("/") + "/"):
       raise ValueError(f"--workdir={lost!r}: another job ({holder}) took over this "
@@ -338,16 +364,20 @@ def _bucket_lease(workdir: _io.PathLike, root) -> Iterator[None]:
         f"--workdir={name!r}: another job ({lease[0] if lease else 'unknown'}) took "
         "the workdir at the same time; a bucket workdir takes one job at a time.")
   stop = threading.Event()
+  _ACTIVE_LEASES[os.fspath(root)] = (lock, owner)
 
   def refresh():
     while not stop.wait(_REFRESH_SECONDS):
       try:
         lease = _read_lease(lock)
-        if lease is not None and lease[0] != owner:
+        if lease is None or lease[0] != owner:
+          # Gone: the job that took it over finished and removed it; writing it
+          # again would take the workdir back unasked.
+          holder = lease[0] if lease else "unknown: its lease file is gone"
           _logger.error("--workdir=%s: another job (%s) took over this job's lease "
                         "(this job stalled past %.0f s?): this job writes no more "
-                        "stage records there.", name, lease[0], _LEASE_SECONDS)
-          _LOST_LEASES[os.fspath(root)] = lease[0]
+                        "stage records there.", name, holder, _LEASE_SECONDS)
+          _LOST_LEASES[os.fspath(root).rstrip("/")] = holder
           return
         write_lease()
       except Exception as e:  # pylint: disable=broad-except
@@ -361,7 +391,8 @@ def _bucket_lease(workdir: _io.PathLike, root) -> Iterator[None]:
   finally:
     stop.set()
     thread.join()
-    _LOST_LEASES.pop(os.fspath(root), None)
+    _ACTIVE_LEASES.pop(os.fspath(root), None)
+    _LOST_LEASES.pop(os.fspath(root).rstrip("/"), None)
     try:
       lease = _read_lease(lock)
       if lease is not None and lease[0] == owner:
