@@ -10,6 +10,7 @@ the files.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,10 +32,17 @@ def _launch(tiny_job, root, workdir, timeout=540):
                      SJ_LOCAL_DEVICES=str(tiny_job.num_devices // 2), SJ_LOG_DIR=str(root),
                      SJ_PYTHON=sys.executable)
   with open(root / "launch.log", "w") as f:
-    proc = subprocess.run(
+    # A session of its own: a hung job's processes are killed with the launcher.
+    proc = subprocess.Popen(
         ["bash", os.path.join(tiny_job.repo, "launch", "local.sh"), "2", *tiny_job.flags,
          f"--workdir={workdir}"], cwd=tiny_job.repo, env=env, stdout=f,
-        stderr=subprocess.STDOUT, timeout=timeout)
+        stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+      proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+      raise AssertionError(f"the 2-process job hung ({timeout} s)") from None
   logs = []
   for i in range(2):
     path = root / f"process_{i}.log"
