@@ -452,33 +452,40 @@ def test_a_multi_seed_job_adopts_the_single_seed_job_at_its_top(tmp_path, caplog
   job's, maybe of another config) showed beside the seeds' as the job's own, and
   seed 0 was trained again in seed_0/."""
   from simfluence_jax.pipeline import experiment  # pylint: disable=g-import-not-at-top
-  for name in ("stages/record_runs.json", "tensorboard/evaluation/events",
-               "simulators/linear/params.npy", "metrics.json", ".lock",
-               "seed_1/stages/data.json"):
-    os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
-    (tmp_path / name).write_text(name)
+  record = json.dumps({"fields": {"seed": 3}})
+  files = {"stages/record_runs.json": record,
+           "tensorboard/evaluation/events": "events",
+           "simulators/linear/params.npy": "params", "metrics.json": "{}",
+           ".lock": "lock", "seed_1/stages/data.json": "{}"}
+
+  def write(root):
+    for name, text in files.items():
+      os.makedirs(os.path.dirname(root / name), exist_ok=True)
+      (root / name).write_text(text)
+
+  write(tmp_path)
   with caplog.at_level("WARNING", logger="simfluence_jax.pipeline"):
-    experiment.adopt_single_seed_job(str(tmp_path))
+    experiment.adopt_single_seed_job(str(tmp_path), first_seed=3)
   assert _tree(tmp_path) == [
       ".lock", "seed_0/metrics.json", "seed_0/simulators/linear/params.npy",
       "seed_0/stages/record_runs.json", "seed_0/tensorboard/evaluation/events",
       "seed_1/stages/data.json"]
-  assert (tmp_path / "seed_0/stages/record_runs.json").read_text() == \
-      "stages/record_runs.json"
+  assert (tmp_path / "seed_0/stages/record_runs.json").read_text() == record
   assert "is its seed 0; moved into seed_0/" in caplog.text
 
-  # seed_0/ already holds a job: the top level's job stays, its TensorBoard goes.
-  for name in ("stages/record_runs.json", "tensorboard/evaluation/events"):
-    os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
-    (tmp_path / name).write_text("other")
-  experiment.adopt_single_seed_job(str(tmp_path))
-  assert "stages/record_runs.json" in _tree(tmp_path)
-  assert not (tmp_path / "tensorboard").exists()
-  assert (tmp_path / "seed_0/stages/record_runs.json").read_text() == \
-      "stages/record_runs.json"
+  # Another seed than the job's first (seeds 5, 6 over a seed-3 job), or seed_0/
+  # already holding a job: the top level's job stays, its TensorBoard goes.
+  for first_seed, where in ((5, tmp_path / "other"), (3, tmp_path)):
+    write(where)
+    experiment.adopt_single_seed_job(str(where), first_seed=first_seed)
+    assert (where / "stages/record_runs.json").exists()
+    assert (where / "simulators/linear/params.npy").exists()
+    assert not (where / "tensorboard").exists()
+    assert not (where / "seed_0").exists() or where == tmp_path
   assert "its tensorboard/ was removed" in caplog.text
+  assert (tmp_path / "seed_0/stages/record_runs.json").read_text() == record
   # Nothing at the top: nothing happens.
   empty = tmp_path / "empty"
   empty.mkdir()
-  experiment.adopt_single_seed_job(str(empty))
+  experiment.adopt_single_seed_job(str(empty), first_seed=0)
   assert not os.listdir(empty)

@@ -465,25 +465,39 @@ def compile_optimizations(config):
     jax.config.update("jax_disable_most_optimizations", before)
 
 
-def adopt_single_seed_job(workdir: str) -> None:
+def _top_level_seed(root) -> Optional[int]:
+  """The `seed` field a single-seed job's stage records at `root` hold (None: none
+  recorded, or unreadable)."""
+  for path in sorted((root / workdir_lib.STAGES_DIR).glob("*.json")):
+    try:
+      seed = _io.read_json(path, "stage record").get("fields", {}).get("seed")
+    except (ValueError, AttributeError):
+      continue
+    if seed is not None:
+      return int(seed)
+  return None
+
+
+def adopt_single_seed_job(workdir: str, first_seed: int) -> None:
   """Before a K-seed job: a single-seed job's outputs at `workdir`'s top level
   become `seed_0/`'s, or leave the TensorBoard view.
 
-  A workdir first run with one seed holds that job (seed `config.seed`, seed 0 of
-  the K) at its top level. Left there, its `tensorboard/` showed beside the seeds'
-  as if it were the K-seed job's, possibly of another config (review h22), and
-  seed 0 was trained again in `seed_0/`. Moved (local workdirs, when `seed_0/` holds
-  no job), seed 0's stages reuse what their fingerprints still match and recompute
-  the rest, as in any rerun. Otherwise the top level's `tensorboard/` is removed
-  (it is rebuilt from the stages by a single-seed rerun) and a warning names what
-  stays.
+  A workdir first run with one seed holds that job at its top level. Left there,
+  its `tensorboard/` showed beside the seeds' as if it were the K-seed job's,
+  possibly of another config (review h22), and, when its seed is `first_seed`, seed
+  0 was trained again in `seed_0/`. Moved (local workdirs, its seed `first_seed`,
+  `seed_0/` holding no job), seed 0's stages reuse what their fingerprints still
+  match and recompute the rest, as in any rerun. Otherwise the top level's
+  `tensorboard/` is removed (a single-seed rerun rebuilds it from the stages) and a
+  warning names what stays.
   """
   root = _io.as_path(workdir)
   if not sharding.is_primary() or not (root / workdir_lib.STAGES_DIR).exists():
     sharding.barrier("adopt_single_seed_job")
     return
   seed_0 = root / "seed_0"
-  if not _io.is_remote(workdir) and not (seed_0 / workdir_lib.STAGES_DIR).exists():
+  if (not _io.is_remote(workdir) and _top_level_seed(root) == first_seed
+      and not (seed_0 / workdir_lib.STAGES_DIR).exists()):
     seed_0.mkdir(parents=True, exist_ok=True)
     moved = []
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
@@ -509,7 +523,7 @@ def _run(config, workdir: str, overwrite: bool) -> dict:
   if config.num_seeds == 1:
     return run_seed(config, workdir, overwrite)
   seeds = [config.seed + k for k in range(config.num_seeds)]
-  adopt_single_seed_job(workdir)
+  adopt_single_seed_job(workdir, config.seed)
   payloads = []
   for k, seed in enumerate(seeds):
     seed_dir = os.path.join(os.fspath(workdir), f"seed_{k}")
