@@ -314,15 +314,13 @@ def check_lease(root) -> None:
   """
   path = os.fspath(root).rstrip("/")
   for held, (lock, owner) in list(_ACTIVE_LEASES.items()):
-    if held.rstrip("/") in _LOST_LEASES:
-      continue
-    if path == held.rstrip("/") or path.startswith(held.rstrip("/") + "/"):
+    if held not in _LOST_LEASES and (path == held or path.startswith(held + "/")):
       lease = _read_lease(lock)
       if lease is None or lease[0] != owner:
-        _LOST_LEASES[held.rstrip("/")] = (lease[0] if lease else
-                                          "unknown: its lease file is gone")
+        _LOST_LEASES[held] = (lease[0] if lease else
+                              "unknown: its lease file is gone")
   for lost, holder in list(_LOST_LEASES.items()):
-    if path == lost.rstrip("/") or path.startswith(lost.rstrip("/") + "/"):
+    if path == lost or path.startswith(lost + "/"):
       raise ValueError(f"--workdir={lost!r}: another job ({holder}) took over this "
                        "job's lease (it stalled past the lease's "
                        f"{_LEASE_SECONDS:.0f} s); this job stops writing there.")
@@ -364,7 +362,8 @@ def _bucket_lease(workdir: _io.PathLike, root) -> Iterator[None]:
         f"--workdir={name!r}: another job ({lease[0] if lease else 'unknown'}) took "
         "the workdir at the same time; a bucket workdir takes one job at a time.")
   stop = threading.Event()
-  _ACTIVE_LEASES[os.fspath(root)] = (lock, owner)
+  key = os.fspath(root).rstrip("/")  # of `_ACTIVE_LEASES` and `_LOST_LEASES`
+  _ACTIVE_LEASES[key] = (lock, owner)
 
   def refresh():
     while not stop.wait(_REFRESH_SECONDS):
@@ -377,7 +376,7 @@ def _bucket_lease(workdir: _io.PathLike, root) -> Iterator[None]:
           _logger.error("--workdir=%s: another job (%s) took over this job's lease "
                         "(this job stalled past %.0f s?): this job writes no more "
                         "stage records there.", name, holder, _LEASE_SECONDS)
-          _LOST_LEASES[os.fspath(root).rstrip("/")] = holder
+          _LOST_LEASES[key] = holder
           return
         write_lease()
       except Exception as e:  # pylint: disable=broad-except
@@ -391,8 +390,8 @@ def _bucket_lease(workdir: _io.PathLike, root) -> Iterator[None]:
   finally:
     stop.set()
     thread.join()
-    _ACTIVE_LEASES.pop(os.fspath(root), None)
-    _LOST_LEASES.pop(os.fspath(root).rstrip("/"), None)
+    _ACTIVE_LEASES.pop(key, None)
+    _LOST_LEASES.pop(key, None)
     try:
       lease = _read_lease(lock)
       if lease is not None and lease[0] == owner:

@@ -71,7 +71,7 @@ def optimizer_settings(config: Any, num_steps: Optional[int] = None) -> dict:
     raise ValueError(f"config.optimizer: unknown optimizer {name!r}; expected one of "
                      f"{OPTIMIZERS}.")
   if isinstance(config, dict):
-    _check_dict_fields(config, name)
+    _check_dict_fields(config)
   schedule = config_field(config, "lr_schedule", "constant")
   if schedule not in SCHEDULES:
     raise ValueError(f"config.lr_schedule: unknown schedule {schedule!r}; expected "
@@ -94,7 +94,7 @@ def optimizer_settings(config: Any, num_steps: Optional[int] = None) -> dict:
   return settings
 
 
-def _check_dict_fields(config: dict, name: str) -> None:
+def _check_dict_fields(config: dict) -> None:
   """Refuses a key of a plain-dict config that no optimizer reads.
 
   The job's ConfigDict holds every optimizer's fields (`config_lib`; those another
@@ -103,7 +103,6 @@ def _check_dict_fields(config: dict, name: str) -> None:
   had no such check: `weight_decay`, `grad_clip` or `nesterov` trained plain SGD,
   bit-identical, with no error (review h20).
   """
-  del name
   known = set(CONFIG_FIELDS) | {"num_steps"}
   unknown = sorted(str(key) for key in config if key not in known)
   if unknown:
