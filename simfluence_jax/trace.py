@@ -161,8 +161,8 @@ class Trace:
       if value is None:
         continue
       value = _as_array(name, value, np.float32, 4)
-      if value.ndim == 4 and value.shape[:2] == expected[:2] and value.shape[2] != \
-          expected[2] and name == "test_grads":
+      if (name == "test_grads" and value.shape[:2] == expected[:2]
+          and value.shape[2] != expected[2]):
         raise ValueError(
             f"Trace.test_grads: {value.shape[2]} test examples, but Trace.losses has "
             f"{expected[2]} ({list(losses.shape)}); one of the two is from another "

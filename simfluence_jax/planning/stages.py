@@ -169,9 +169,9 @@ def _segment(job: job_lib.Job, num_runs: int, record_grads: bool) -> Program:
   # all-at-once program, 16x the memory of the one the job runs); the optimizer's
   # numbers are an argument, like the occurrence weights.
   params = job_lib.place(job.params, None, (num_runs,))
-  local_runs = num_runs // training.runs._runs_axis_size(run_sharding)  # pylint: disable=protected-access
-  runs_per_group = None if record_grads else training.runs.default_runs_per_group(
-      job.params, local_runs, platform=job.devices[0].platform)
+  runs_per_group = training.runs.runs_per_group_for(
+      job.params, num_runs, run_sharding, record_grads,
+      platform=job.devices[0].platform)
   program = training.segment_program(
       job.loss_fn, config, config.num_steps, params, run_sharding,
       record_grads=record_grads, projection_dim=config.projection_dim,

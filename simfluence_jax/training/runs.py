@@ -145,6 +145,22 @@ def default_runs_per_group(params: Any, num_runs: int,
   return CPU_RUNS_PER_GROUP if large and platform == "cpu" else None
 
 
+def runs_per_group_for(params: Any, num_runs: int,
+                       run_sharding: jax.sharding.NamedSharding, record_grads: bool,
+                       platform: Optional[str] = None) -> Optional[int]:
+  """The grouping `train_runs(runs_per_group=None)` trains `num_runs` runs of
+  `params` (one run's arrays or shapes) placed by `run_sharding` with: runs that
+  record gradients all at once (in groups of 2 the default job's 8 recording runs
+  took 84 s instead of 40, likely because each group draws the random projection of
+  the recorded gradients again; vmapped, all runs share one draw per step), the
+  others `default_runs_per_group` of each device's runs. The TPU plan asks it for
+  its target's `platform`, so it compiles the program the job runs."""
+  if record_grads:
+    return None
+  return default_runs_per_group(params, num_runs // _runs_axis_size(run_sharding),
+                                platform=platform)
+
+
 def _runs_axis_size(run_sharding: jax.sharding.NamedSharding) -> int:
   """Devices the run axis is split over (1 when every device holds every run)."""
   spec = tuple(run_sharding.spec)
@@ -625,13 +641,8 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
   run_params = jax.tree_util.tree_map(
       lambda x: np.repeat(x[None], num_runs, axis=0), host_params0)
   if runs_per_group is None:
-    # Recording runs vmap all at once: in groups of 2 the default job's 8 recording
-    # runs took 84 s instead of 40, likely because each group draws the
-    # random projection of the recorded gradients again (vmapped, all runs share
-    # one draw per step).
-    local_runs = num_runs // _runs_axis_size(run_sharding)
-    runs_per_group = None if record_grads else default_runs_per_group(host_params0,
-                                                                     local_runs)
+    runs_per_group = runs_per_group_for(host_params0, num_runs, run_sharding,
+                                        record_grads)
   elif isinstance(runs_per_group, bool) or not isinstance(
       runs_per_group, (int, np.integer)) or runs_per_group < 1:
     raise ValueError(f"train_runs: runs_per_group must be a positive integer or "
