@@ -7,8 +7,10 @@
 #
 # Env: SJ_PORT (coordinator port, default 12355), SJ_LOCAL_DEVICES (forced host devices
 # per process, default 2), SJ_LOG_DIR (if set, process i logs to $SJ_LOG_DIR/process_i.log
-# instead of the terminal), SJ_PYTHON (interpreter, default python3). If one process fails the others are stopped (they would
-# otherwise wait in a collective for the missing peer) and its exit status is returned.
+# instead of the terminal), SJ_PYTHON (interpreter, default python3), SJ_STOP_GRACE_S
+# (seconds between SIGTERM and SIGKILL when stopping the processes, default 5). If one
+# process fails the others are stopped (they would otherwise wait in a collective for
+# the missing peer) and its exit status is returned.
 set -euo pipefail
 if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ || "$1" -lt 1 ]]; then
   echo "usage: launch/local.sh NUM_PROCESSES [simfluence_jax.main flags...]" >&2
@@ -34,7 +36,7 @@ done
 stop_all() {
   # A process blocked in a collective may not react to SIGTERM: SIGKILL after a grace.
   for pid in "${pids[@]}"; do kill "${pid}" 2>/dev/null || true; done
-  sleep 5
+  sleep "${SJ_STOP_GRACE_S:-5}"
   for pid in "${pids[@]}"; do kill -9 "${pid}" 2>/dev/null || true; done
 }
 trap 'stop_all; exit 130' INT TERM

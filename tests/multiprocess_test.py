@@ -136,7 +136,9 @@ def test_the_launcher_returns_the_status_of_the_process_that_failed(tmp_path):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(
       ["bash", os.path.join(repo, "launch", "local.sh"), "2", "--workdir=unused"],
-      env=dict(os.environ, SJ_PYTHON=str(fake), SJ_LOG_DIR=str(tmp_path)),
+      # A short grace: the fake peer ends on SIGTERM, so it is reaped within it.
+      env=dict(os.environ, SJ_PYTHON=str(fake), SJ_LOG_DIR=str(tmp_path),
+               SJ_STOP_GRACE_S="0.5"),
       capture_output=True, text=True, timeout=60)
   assert proc.returncode == 137, proc.stderr
   assert "unbound variable" not in proc.stderr
