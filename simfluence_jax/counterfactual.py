@@ -400,7 +400,7 @@ def _check_verify_inputs(methods, fitted, initial_losses, start_batch_ids,
       raise ValueError(f"{who}: {len(start)} curricula, but another method has "
                        f"{count}; every method searches as many.")
     count = len(start)
-    if _search.reorders(fitted[method]):  # as search_curriculum checks them
+    if _search.reorders(fitted[method], start):  # as search_curriculum checks them
       _search.check_epochs(start, epoch_steps, who)
     unfitted = fitted[method].unfitted_ids(start)
     if unfitted.size:

@@ -104,6 +104,27 @@ def test_search_with_one_phase_per_step_reorders_to_the_brute_force_best():
   assert fixed.objective[0] > best + 1e-3
 
 
+def test_search_reorders_a_batch_mean_simulator_around_padded_steps():
+  """Review h25: with `batch_mean` (the job's TracIn-CP simulator) a padded step
+  divides its ids' effects by fewer valid ids, so the same ids in another order
+  give another final loss; the default search only moved ids in and out and
+  returned a worse curriculum than the brute-force best."""
+  b = np.array([[-0.3], [-0.1], [-0.2]], np.float32)  # N=3, M=1
+  sim = sj.simulators.additive_from_scores(b, "tracin_like", batch_size=2,
+                                           num_steps=2, batch_mean=True)
+  initial = np.array([5.0], np.float32)
+  start = np.array([[[0, 1], [2, -1]]], np.int32)  # one epoch: 3 ids, one padded slot
+  orders = [np.array([[[x, y], [z, -1]]], np.int32)
+            for x, y, z in itertools.permutations(range(3))]
+  finals = [float(sim.simulate(c, initial[None])[0, -1, 0]) for c in orders]
+  assert max(finals) - min(finals) > 0.05  # the order matters
+  result = sj.simulators.search_curriculum(sim, initial, start, [0], num_iters=50,
+                                           num_proposals=8)
+  np.testing.assert_allclose(result.objective[0], min(finals), rtol=1e-6)
+  # Without padding the order does not matter, and no swaps are proposed.
+  assert not sj.simulators._search.reorders(sim, np.array([[[0, 1], [2, 0]]]))  # pylint: disable=protected-access
+
+
 def test_search_clips_simulated_losses_at_the_floor():
   """A simulator that extrapolates below zero cannot reward going further below."""
   b = np.zeros((6, 1), np.float32)

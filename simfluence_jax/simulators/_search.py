@@ -88,10 +88,15 @@ def target_weights(targets: Union[Sequence[int], np.ndarray], num_test: int
   return weights / weights.sum()
 
 
-def reorders(simulator: _simulator.Simulator) -> bool:
+def reorders(simulator: _simulator.Simulator,
+             batch_ids: Optional[np.ndarray] = None) -> bool:
   """Whether `search_curriculum` proposes order swaps by default: where the order
-  matters (linear simulators, and those with phases)."""
-  return simulator.kind == "linear" or simulator.num_phases > 1
+  matters (linear simulators, those with phases, and a `batch_mean` simulator on
+  start curricula `batch_ids` int[C, T, B] with padded steps: an id's effect there
+  is divided by its step's valid ids, so which step holds it changes the loss)."""
+  padded = (batch_ids is not None and simulator.batch_mean
+            and bool(np.any(np.asarray(batch_ids) < 0)))
+  return simulator.kind == "linear" or simulator.num_phases > 1 or padded
 
 
 def check_epochs(batch_ids: np.ndarray, epoch_steps: Optional[int],
@@ -260,9 +265,10 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
       are refused in `start_batch_ids` and `pool` unless `allow_unfitted_ids`.
     num_iters: iterations of the local search.
     num_proposals: random moves simulated (in parallel) per iteration.
-    reorder: propose order swaps too; default: for linear simulators and those with
-      phases (a one-phase additive simulator's final loss does not depend on the
-      order).
+    reorder: propose order swaps too; default: where the order matters
+      (`reorders`: linear simulators, those with phases, and a `batch_mean`
+      simulator on starts with padded steps; otherwise a one-phase additive
+      simulator's final loss does not depend on the order).
     epoch_steps: steps per epoch of `start_batch_ids`; order swaps stay within an
       epoch (default: the whole curriculum is one epoch). Where the search
       reorders, every epoch of a start must hold each of its ids once (a shorter
@@ -319,7 +325,7 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
   epoch_steps = None if epoch_steps is None else int(epoch_steps)
   subsets, schedules = _split_curricula(start)
   linear = simulator.kind == "linear"
-  reorder = reorders(simulator) if reorder is None else bool(reorder)
+  reorder = reorders(simulator, start) if reorder is None else bool(reorder)
   # Only the target columns matter: simulate those alone.
   columns = np.flatnonzero(weights > 0)
   a, b = simulator.phase_parameters()
