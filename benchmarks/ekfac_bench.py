@@ -68,7 +68,7 @@ def _fitted_kronfluence(net, train_set, damping):
 def _ours(model, inputs, labels, num_query, damping, batch_size=256):
   """Our side: `.params`, `.task`, `.batches`, `.fit()`, `.scores(factors)` and
   `.run()` (factors + pairwise scores)."""
-  params = model.init(jax.random.key(2), inputs[:1])
+  params = jax.jit(model.init)(jax.random.key(2), inputs[:1])  # one program
   task = influence.ClassificationTask(model.apply)
   batches = [{"inputs": jnp.asarray(inputs[i:i + batch_size]),
               "labels": jnp.asarray(labels[i:i + batch_size])}

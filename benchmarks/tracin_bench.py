@@ -61,7 +61,8 @@ def cnn_agreement(num_train=64, num_query=4, num_checkpoints=2):
   import captum.influence  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
   inputs, labels = _common.cnn_data(num_train)
   model = _common.CNN()
-  checkpoints = [model.init(jax.random.key(20 + k), inputs[:1])
+  init = jax.jit(model.init)  # one program (eagerly, one per initialiser op)
+  checkpoints = [init(jax.random.key(20 + k), inputs[:1])
                  for k in range(num_checkpoints)]
   rates = [0.1 / (k + 1) for k in range(num_checkpoints)]
   task = influence.ClassificationTask(model.apply)
@@ -91,7 +92,8 @@ def measure(size="full", peer=True):
   model = _common.MLP()
   inputs = np.asarray(jax.random.normal(jax.random.key(0), (num_train, 64)))
   labels = np.asarray(jax.random.randint(jax.random.key(1), (num_train,), 0, 10)).astype(np.int64)
-  checkpoints = [model.init(jax.random.key(10 + k), inputs[:1])
+  init = jax.jit(model.init)  # one program (eagerly, one per initialiser op)
+  checkpoints = [init(jax.random.key(10 + k), inputs[:1])
                  for k in range(num_checkpoints)]
   rates = [0.1 / (k + 1) for k in range(num_checkpoints)]
   task = influence.ClassificationTask(model.apply)

@@ -107,7 +107,7 @@ def test_ekfac_equals_kronfluence_on_a_prompt_masked_causal_lm():
   mask[::4, 4:] = keep[::4, 4:] = 0.0  # every 4th row: 1 answer token, 2 padding
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
   model = fixtures.CausalLM(vocab)
-  params = model.init(jax.random.key(0), batch["inputs"][:1])
+  params = fixtures.init(model, jax.random.key(0), batch["inputs"][:1])
   task = influence.LanguageModelingTask(model.apply)
   query = jax.tree_util.tree_map(lambda a: a[:4], batch)
   ours = np.asarray(influence.ekfac_scores(
