@@ -178,3 +178,31 @@ def test_pipeline_corrections_fit_seen_examples_and_keep_features_for_unseen():
                              np.asarray(features_only.A)[unseen], atol=1e-5)
   np.testing.assert_allclose(np.asarray(corrected.B)[unseen],
                              np.asarray(features_only.B)[unseen], atol=1e-5)
+
+
+@pytest.mark.parametrize("linear", [True, False])
+def test_normal_solve_is_exact_on_an_ill_conditioned_problem(linear):
+  """Review h25: the float32 normal equations (cond ≈ 1e9 at the default grid's
+  l2 = 1e-3) left W 6.5% off the ridge solution with `converged` True and a small
+  residual; built and solved in float64, W is the float64 ridge solution."""
+  from simfluence_jax.simulators import _featurized  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  rows, width, columns = 96, 12, 3
+  base = rng.normal(size=(rows, 4))
+  # Summed features: nearly collinear columns around a large constant count.
+  summed = np.concatenate([base @ rng.normal(size=(4, width - 1)) * 1e-2
+                           + 1e-4 * rng.normal(size=(rows, width - 1)),
+                           np.full((rows, 1), 8.0)], axis=1).astype(np.float32)
+  x = (50 + 5 * rng.normal(size=(rows, columns))).astype(np.float32)
+  y = (x * 0.99 + rng.normal(size=(rows, columns))).astype(np.float32)
+  l2 = np.full(columns, 1e-3, np.float32)
+  theta, info = _featurized.solve(summed, x, y, l2, linear=linear, method="normal")
+  assert info["converged"]
+  s, x64, y64 = (np.asarray(a, np.float64) for a in (summed, x, y))
+  for c in range(columns):
+    design = np.concatenate([x64[:, c:c + 1] * s, s], 1) if linear else s
+    gram = design.T @ design + 1e-3 * np.eye(design.shape[1])
+    assert np.linalg.cond(gram) > 1e6  # float32 Cholesky: errors of 1e-1 here
+    want = np.linalg.solve(gram, design.T @ y64[:, c])
+    np.testing.assert_allclose(theta[:, c], want, rtol=0,
+                               atol=1e-5 * np.abs(want).max())

@@ -1196,4 +1196,4 @@ def fit_featurized(wd, config, runs: Runs, curricula: Curricula,
       fields=RIDGE_FIELDS + ("simulators.num_phases",
                              "simulators.featurized_corrections"),
       upstream=("record_runs", "features"),
-      version=2)  # 2: its corrections' CG goes on until θ settles
+      version=3)  # 2: its corrections' CG goes on until θ settles; 3: float64 normal
