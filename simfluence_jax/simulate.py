@@ -158,6 +158,9 @@ def run(workdir: str, curriculum_path: str, output_dir: Optional[str] = None,
   sims = counterfactual.load_simulators(workdir, methods)
   any_sim = next(iter(sims.values()))
   batch_ids = data.load_curriculum(curriculum_path, any_sim.num_train_examples)
+  for sim in sims.values():  # first what no flag lifts (a batch width, say)
+    sim.check_curricula(batch_ids, allow_extrapolation=True,
+                        who=f"--curriculum={curriculum_path}")
   unfitted = counterfactual.unfitted_ids(sims, batch_ids)
   if not allow_unfitted_ids:
     _check_unfitted(sims, unfitted, curriculum_path)

@@ -337,6 +337,14 @@ def test_simulate_refuses_steps_shorter_than_any_recorded_step(fitted_workdir,
   path.write_text("0,1\n,\n3,4\n")  # an empty step
   simulate.run(workdir, str(path), output_dir=str(tmp_path / "out2"),
                num_band_samples=0)
+  # Review h25: a narrower batch is refused for its width, which no flag lifts
+  # (it was refused as extrapolation first, and for its width once allowed).
+  path.write_text("0\n2\n3\n")
+  with pytest.raises(ValueError, match=r"short.csv: batch width 1 differs from the "
+                     r"batch size 2") as error:
+    simulate.run(workdir, str(path), output_dir=str(tmp_path / "out3"),
+                 num_band_samples=0)
+  assert "allow_extrapolation" not in str(error.value)
 
 
 def test_simulate_cli_rejects_a_bad_curriculum_in_one_line(fitted_workdir, tmp_path):
