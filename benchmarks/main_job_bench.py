@@ -30,13 +30,18 @@ def measure(config="configs/default.py", arg=None, cold=False, extra_flags=()):
   """
   spec = config + (f":{arg}" if arg else "")
   flags = list(extra_flags)
+  env = dict(os.environ)
   if cold:
     flags.append("--config.compilation_cache_dir=")
+    # JAX reads the variable at import, before the job's config could turn the
+    # cache off (review h26: a user's exported cache made the cold row warm).
+    env["JAX_COMPILATION_CACHE_DIR"] = ""
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "simfluence_jax.main", f"--config={spec}",
-         f"--workdir={workdir}", *flags], cwd=REPO, capture_output=True, text=True)
+         f"--workdir={workdir}", *flags], cwd=REPO, capture_output=True, text=True,
+        env=env)
     total = time.perf_counter() - start
     if proc.returncode:
       raise RuntimeError(f"the main job failed:\n{proc.stderr[-3000:]}")

@@ -71,6 +71,12 @@ def sklearn_fit(trace, l2, prior_a, tol, num_examples):
   return np.stack(thetas, 1), time.perf_counter() - start
 
 
+def sklearn_best_of_3(trace, l2, prior_a, tol, num_examples):
+  """`sklearn_fit` three times: (θ, the best of the three times)."""
+  runs = [sklearn_fit(trace, l2, prior_a, tol, num_examples) for _ in range(3)]
+  return runs[0][0], min(seconds for _, seconds in runs)
+
+
 def residual(theta, trace, l2, prior_a, m):
   """float64 relative residual of the normal equations of test example m."""
   n = trace.num_train_examples
@@ -102,8 +108,8 @@ def measure(size="full", l2=1e-3, tol=1e-5, sklearn_examples=None):
       time to all M (None: all).
 
   Returns:
-    dict: `ours_s` (best of 3), `sklearn_s` (all M test examples, at the residual
-    ours reached: `sklearn_tol`), `speedup`, `sklearn_at_tol_s` and
+    dict: `ours_s` (best of 3), `sklearn_s` (best of 3; all M test examples, at
+    the residual ours reached: `sklearn_tol`), `speedup`, `sklearn_at_tol_s` and
     `speedup_at_tol` (sklearn at `tol` itself), `ours_residual` /
     `sklearn_residual` (max float64 relative residual of the normal equations over
     the first 8 test examples), `max_rel_diff` (max |θ_ours − θ_sklearn| / max|θ|),
@@ -129,10 +135,12 @@ def measure(size="full", l2=1e-3, tol=1e-5, sklearn_examples=None):
   # simulators._solver._solve_cg), so sklearn is asked for the residual ours
   # reached; its time at `tol` itself is kept as `sklearn_at_tol_s`.
   sk_tol = min(tol, ours_res)
-  theta_sk, sk_time = sklearn_fit(trace, l2, prior_a, sk_tol, num_sk)
+  # Best of 3 like ours (review h26: one sklearn call against our best of 3 moved
+  # the ratio toward us by up to 0.84 / 0.68 on a loaded machine).
+  theta_sk, sk_time = sklearn_best_of_3(trace, l2, prior_a, sk_tol, num_sk)
   sk_total = sk_time * num_test / num_sk
   if sk_tol < tol:
-    _, at_tol = sklearn_fit(trace, l2, prior_a, tol, num_sk)
+    _, at_tol = sklearn_best_of_3(trace, l2, prior_a, tol, num_sk)
     at_tol *= num_test / num_sk
   else:
     at_tol = sk_total

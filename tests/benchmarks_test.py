@@ -6,6 +6,8 @@ import math
 import os
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -80,6 +82,10 @@ def test_roofline_counts_every_loop_trip_and_divides_by_the_peak():
   scanned = lambda x: jax.lax.scan(lambda c, _: (c @ a, None), x, None, length=trips)[0]
   # (+ the loop counter's few adds)
   assert abs(roofline.compiled_flops(scanned, a) - trips * 2 * n ** 3) <= 2 * trips
+  # A loop of a trip count XLA does not state would count once: refused (h26).
+  dynamic = lambda x, k: jax.lax.fori_loop(0, k, lambda _, c: c @ a, x)
+  with pytest.raises(ValueError, match="unknown trip count"):
+    roofline.compiled_flops(dynamic, a, jnp.int32(trips))
   row = roofline._row(8e9, 2.0, peak=8e9)  # pylint: disable=protected-access
   assert row["flop_per_s"] == 4e9 and row["fraction_of_peak"] == 0.5
   # The scoring rows count the FLOPs of the kernels they run (the EK-FAC kernel
