@@ -1,5 +1,7 @@
 """The model every kernel benchmark measures, and its weights as a torch state dict."""
 
+import os
+
 import flax.linen as nn
 import numpy as np
 
@@ -27,9 +29,9 @@ class MLP(nn.Module):
 
 
 def torch_mlp(params):
-  """`MLP` with `params`' weights as a torch `Sequential`, on 2 CPU threads."""
+  """`MLP` with `params`' weights as a torch `Sequential`, on every CPU core."""
   import torch  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(2)
+  torch.set_num_threads(os.cpu_count() or 1)  # every core, as XLA:CPU uses
   net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
                             torch.nn.Linear(128, 10))
   with torch.no_grad():
@@ -73,13 +75,13 @@ def cnn_data(num_examples, seed=0):
 
 
 def torch_cnn(params):
-  """`CNN` with `params`' weights in torch (NCHW inputs), on 2 CPU threads.
+  """`CNN` with `params`' weights in torch (NCHW inputs), on every CPU core.
 
   torch's `Conv2d(padding=1)` is flax's 3x3 SAME; the feature map is permuted to
   NHWC before flattening so the first Linear sees flax's (H, W, C) order.
   """
   import torch  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(2)
+  torch.set_num_threads(os.cpu_count() or 1)  # every core, as XLA:CPU uses
 
   class TorchCNN(torch.nn.Module):
 

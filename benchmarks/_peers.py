@@ -139,7 +139,7 @@ def _child(directory):
   with open(os.path.join(directory, "job.json")) as f:
     job = json.load(f)
   arrays = np.load(os.path.join(directory, "inputs.npz"))
-  torch.set_num_threads(2)
+  torch.set_num_threads(os.cpu_count() or 1)  # every core, as XLA:CPU uses
   net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
                             torch.nn.Linear(128, 10))
   with torch.no_grad():
