@@ -279,6 +279,22 @@ def test_rounding_noise_is_not_ranked_by_any_rho_and_nonfinite_mse_is_nan():
   assert np.isnan(_metrics.final_step_mse(diverged, actual))
 
 
+def test_lds_skips_rounding_at_the_scale_of_the_losses_as_spearman_across_runs():
+  """Review h27: lds judged a row constant against its effects' size (≈ 1), so a
+  prediction spread of 1e-4 on losses of 29 (rounding there: 2.9e-4) was ranked
+  and lds read 0.23 where spearman_across_runs read 0.94."""
+  rng = np.random.default_rng(0)
+  actual = np.empty((6, 2, 2))
+  actual[:, 0] = 30.0  # every run starts from the same model
+  actual[:, 1] = 29.0 + rng.normal(0, 0.5, (6, 2))
+  pred = actual.copy()
+  pred[:, 1, 0] += rng.normal(0, 0.05, 6)
+  pred[:, 1, 1] = 29.0 + np.arange(6) * 2e-5
+  assert _metrics.spearman_across_runs_skipped(pred, actual) == 1
+  assert _metrics.lds(pred, actual) == pytest.approx(
+      _metrics.spearman_across_runs(pred, actual), abs=1e-12)
+
+
 def test_a_final_only_simulator_is_scored_on_its_final_step():
   """A table simulator's intermediate steps are NaN by design: evaluate scores
   its final step (all_steps_mse NaN) instead of calling it non-finite."""

@@ -63,18 +63,20 @@ def rankdata(values: np.ndarray, axis: int = -1) -> np.ndarray:
   return np.moveaxis(ranks, -1, axis)
 
 
-def constant_rows(x, rtol: float = 0.0) -> np.ndarray:
-  """bool[K]: rows of float[K, n] whose spread is at most `rtol` · max(1, max |x|)
-  of the row (rtol 0: exactly constant)."""
+def constant_rows(x, rtol: float = 0.0, scale=None) -> np.ndarray:
+  """bool[K]: rows of float[K, n] whose spread is at most `rtol` · max(1, max |·|)
+  of the row of `scale` (default x; rtol 0: exactly constant). A difference of
+  losses passes the losses as `scale`: their rounding is its noise."""
   x = np.asarray(x, np.float64)
-  scale = np.maximum(1.0, np.max(np.abs(x), axis=1))
-  return np.ptp(x, axis=1) <= rtol * scale
+  scale = np.abs(x if scale is None else np.asarray(scale, np.float64))
+  return np.ptp(x, axis=1) <= rtol * np.maximum(1.0, np.max(scale, axis=1))
 
 
-def _rowwise_spearman(a, b, rtol: float = 0.0):
+def _rowwise_spearman(a, b, rtol: float = 0.0, scales=(None, None)):
   """Spearman ρ of each row of a, b: float[K, n] -> float[K] (NaN where a row of
   either is constant, to `rtol` of its scale: `constant_rows`)."""
-  constant = constant_rows(a, rtol) | constant_rows(b, rtol)
+  constant = (constant_rows(a, rtol, scales[0]) |
+              constant_rows(b, rtol, scales[1]))
   ra, rb = rankdata(a, 1), rankdata(b, 1)
   ra = ra - ra.mean(1, keepdims=True)
   rb = rb - rb.mean(1, keepdims=True)
@@ -178,7 +180,10 @@ def lds(pred, actual) -> float:
     return float("nan")
   effect_pred = (pred[:, -1] - actual[:, 0]).T
   effect_actual = (actual[:, -1] - actual[:, 0]).T
-  return _nanmean(_rowwise_spearman(effect_pred, effect_actual, ROUNDING_RTOL))
+  # Constant to the rounding of the losses, as `spearman_across_runs` (review h27:
+  # measured against the effects' own size, a row of rounding noise was ranked).
+  return _nanmean(_rowwise_spearman(effect_pred, effect_actual, ROUNDING_RTOL,
+                                    scales=(pred[:, -1].T, actual[:, -1].T)))
 
 
 def removal_lds(predicted_change, actual_change) -> float:
