@@ -391,3 +391,27 @@ def test_learning_curve_counts_above_the_fitted_runs_are_named(caplog):
   with caplog.at_level("WARNING", logger="simfluence_jax.pipeline"):
     assert stages.curve_counts((4, 16, 32), 8) == [4, 8]
   assert "[16, 32] exceed the 8 fitted runs" in caplog.text
+
+
+def test_cost_charges_the_metagradient_its_held_out_share():
+  """Review h27: the metagradient stage predicts the held-out and the unseen-example
+  runs; the metagradient and the hybrid were charged both, so their cost grew with
+  `unseen.num_runs`. Costs in run-equivalents: runs fitted on + seconds / run."""
+  import types  # pylint: disable=g-import-not-at-top
+  from simfluence_jax.pipeline import experiment  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config("configs/default.py:tiny")
+  config.num_held_out_runs, config.unseen.num_runs = 4, 12
+  assert config.unseen.num_examples
+  timings = {name: types.SimpleNamespace(computed_seconds=seconds) for name, seconds in
+             (("metagradient", 8.0), ("fit_simfluence_linear", 1.0))}
+  runs = types.SimpleNamespace(seconds_per_run=2.0, seconds_per_grad_run=None,
+                               grad_trace=None)
+  cost = experiment._cost(  # pylint: disable=protected-access
+      config, runs, types.SimpleNamespace(timings=timings),
+      ("metagradient", "simfluence_hybrid", "simfluence_linear"))
+  assert cost["metagradient"]["seconds"] == pytest.approx(8.0 * 4 / 16)
+  assert cost["metagradient"]["run_equivalents"] == pytest.approx(1.0)
+  assert cost["simfluence_hybrid"]["run_equivalents"] == pytest.approx(
+      config.num_runs + (2.0 + 1.0) / 2.0)
+  assert cost["simfluence_linear"]["run_equivalents"] == pytest.approx(
+      config.num_runs + 0.5)

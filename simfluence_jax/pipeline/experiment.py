@@ -47,9 +47,16 @@ def _cost(config, runs: stages.Runs, wd: workdir_lib.Workdir, methods) -> dict:
   Runs used to fit count one each (a run recording gradients counts as the runs
   its time buys); the compute of the method's own stages is divided by the time of
   one plain training run. A reused stage counts the seconds it took when it was
-  computed (its record), so a rerun reports the same cost; NaN where unknown.
+  computed (its record), so a rerun reports the same cost; NaN where unknown. The
+  metagradient stage predicts the unseen-example runs too: the held-out runs'
+  share of its curricula is charged (one jvp per curriculum). Not charged to any
+  method: the fitted simulators' rollouts of the held-out runs (in `evaluate`,
+  with the metrics).
   """
   per_run = max(runs.seconds_per_run, 1e-9)
+  held = config.num_held_out_runs
+  unseen = config.unseen.num_runs if config.unseen.num_examples else 0
+  held_share = held / (held + unseen)
   grad_runs = 0.0
   if runs.seconds_per_grad_run and runs.grad_trace is not None:
     grad_runs = runs.grad_trace.num_runs * runs.seconds_per_grad_run / per_run
@@ -69,8 +76,9 @@ def _cost(config, runs: stages.Runs, wd: workdir_lib.Workdir, methods) -> dict:
                     seconds("tracin_cp_scores", "fit_tracin_cp")),
       "tracin_per_step": (grad_runs, seconds("fit_tracin_per_step")),
       "ekfac_if": (fitted, seconds("ekfac_scores", "fit_ekfac_if")),
-      "metagradient": (0.0, seconds("metagradient")),
-      "simfluence_hybrid": (fitted, seconds("metagradient", "fit_simfluence_linear")),
+      "metagradient": (0.0, held_share * seconds("metagradient")),
+      "simfluence_hybrid": (fitted, held_share * seconds("metagradient")
+                            + seconds("fit_simfluence_linear")),
   }
   return {m: {"runs": r, "seconds": s, "run_equivalents": r + s / per_run}
           for m, (r, s) in table.items() if m in methods}
