@@ -194,6 +194,60 @@ def test_settings_refused_before_anything_runs(overrides, message):
   pipeline.validate_config(config)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    # JAX keeps a seed's low 32 bits: 2**32 trained seed 0's model, bit for bit.
+    ({"seed": 2 ** 32}, r"^config.seed=4294967296: seeds up to"),
+    ({"seed": 2 ** 32 - 1, "num_seeds": 2}, r"^config.seed=4294967295: seeds up to "
+     r"seed \+ num_seeds - 1 = 4294967296"),
+    ({"seed": 2 ** 64}, r"^config.seed=18446744073709551616"),  # was OverflowError
+    # Clamped to num_runs without a word (metrics.json recorded the value asked).
+    ({"num_grad_runs": 100}, r"^config.num_grad_runs=100: more than the "
+     r"config.num_runs=8"),
+    ({"simulators.l2": None, "simulators.cv_folds": 100},
+     r"^config.simulators.cv_folds=100: cross-validation over runs needs 2 to "
+     r"config.num_runs=8 folds"),
+    ({"simulators.l2": None, "simulators.cv_folds": 1},
+     r"^config.simulators.cv_folds=1"),
+    ({"simulators.num_phases": 100}, r"^config.simulators.num_phases=100: more "
+     r"phases than the config.num_steps=8"),
+    # The learning rate never got above 4.9e-5 of the 7e-4 asked.
+    ({"warmup_steps": 100}, r"^config.warmup_steps=100: more than the "
+     r"config.num_steps=8"),
+    ({"pretrain_learning_rate": -0.003},
+     r"^config.pretrain_learning_rate=-0.003: must be a finite positive number"),
+    # Withheld from every fitted run and never evaluated.
+    ({"unseen.num_runs": 0}, r"^config.unseen.num_examples=\d+ with "
+     r"config.unseen.num_runs=0"),
+    # These failed after every run was trained, naming no field.
+    ({"metagradient.chunk_size": 0}, r"^config.metagradient.chunk_size=0"),
+    ({"metagradient.reference_batch_size": -4},
+     r"^config.metagradient.reference_batch_size=-4"),
+    ({"removal.num_removals": 0}, r"^config.removal.num_removals=0"),
+    ({"removal.fractions": (0.9,)}, r"^config.removal.fractions=\(0.9,\): 0.9 of "
+     r"num_train_examples=\d+ removes \d+ examples, more than the reference run's "
+     r"config.subset_size="),
+    ({"simulators.l2": None, "simulators.l2_grid": (1.0, float("inf"))},
+     r"^config.simulators.l2_grid=\(1.0, inf\): must be finite positive"),
+    # Nothing searched, or no removal set, and no word of it.
+    ({"counterfactual.enabled": True, "counterfactual.methods": ()},
+     r"^config.counterfactual.methods=\(\): nothing to search"),
+    ({"removal.fractions": ()}, r"^config.removal.fractions=\(\): no removal set"),
+])
+def test_values_that_ran_as_another_setting_are_refused(overrides, message):
+  """Review h28: each was clamped, ignored, or refused only after training."""
+  config = load("default", "tiny")
+  assert config.removal.enabled and config.unseen.num_examples
+  pipeline.validate_config(config)
+  for name, value in overrides.items():
+    section = config
+    *parents, leaf = name.split(".")
+    for part in parents:
+      section = section[part]
+    section[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    pipeline.validate_config(config)
+
+
 def test_compilation_cache_follows_jax_settings_in_the_environment(monkeypatch):
   min_time = "jax_persistent_cache_min_compile_time_secs"
   saved = {name: getattr(jax.config, name) for name in (

@@ -57,6 +57,12 @@ def _removal_fractions(config) -> None:
       raise ValueError(f"config.removal.fractions={fractions!r}: each must be in "
                        "(0, 1).")
     k = max(1, int(round(f * config.num_train_examples)))
+    if k > config.subset_size:
+      # The sets are drawn from the reference run's ids (its subset).
+      raise ValueError(
+          f"config.removal.fractions={fractions!r}: {f:g} of num_train_examples="
+          f"{config.num_train_examples} removes {k} examples, more than the "
+          f"reference run's config.subset_size={config.subset_size}.")
     if k in sizes:
       raise ValueError(
           f"config.removal.fractions={fractions!r}: {sizes[k]:g} and {f:g} both remove "
@@ -81,6 +87,53 @@ def _unknown_fields(config, base, prefix: str = "") -> list:
     elif isinstance(config[key], type(config)) and isinstance(base[key], type(config)):
       unknown += _unknown_fields(config[key], base[key], f"{prefix}{key}.")
   return unknown
+
+
+# JAX keys keep a seed's low 32 bits: seed 2**32 would train seed 0's model.
+_MAX_SEED = 2**32 - 1
+
+
+def _checks_of_review_h28(config) -> None:
+  """Values that ran as another setting than asked (clamped or ignored), or that
+  failed only after training with a message naming no field (review h28)."""
+  last_seed = config.seed + config.num_seeds - 1
+  if last_seed > _MAX_SEED:
+    raise ValueError(f"config.seed={config.seed}: seeds up to seed + num_seeds - 1 = "
+                     f"{last_seed} must be at most 2**32 - 1 (JAX keeps a seed's low "
+                     "32 bits: a larger one trains the model of another seed).")
+  if config.num_grad_runs > config.num_runs:
+    raise ValueError(f"config.num_grad_runs={config.num_grad_runs}: more than the "
+                     f"config.num_runs={config.num_runs} fitted runs that record them.")
+  if config.simulators.l2 is None and not (
+      2 <= config.simulators.cv_folds <= config.num_runs):
+    raise ValueError(f"config.simulators.cv_folds={config.simulators.cv_folds}: "
+                     f"cross-validation over runs needs 2 to config.num_runs="
+                     f"{config.num_runs} folds (or set config.simulators.l2).")
+  if config.simulators.num_phases > config.num_steps:
+    raise ValueError(f"config.simulators.num_phases={config.simulators.num_phases}: "
+                     f"more phases than the config.num_steps={config.num_steps} steps.")
+  if _checks.is_int(config.warmup_steps) and config.warmup_steps > config.num_steps:
+    raise ValueError(f"config.warmup_steps={config.warmup_steps}: more than the "
+                     f"config.num_steps={config.num_steps} steps (the ramp would never "
+                     "reach the learning rate).")
+  if config.unseen.num_examples and not config.unseen.num_runs:
+    raise ValueError(
+        f"config.unseen.num_examples={config.unseen.num_examples} with "
+        "config.unseen.num_runs=0: the examples would be held out of every fitted "
+        "run and never evaluated; give runs that train on them, or set "
+        "unseen.num_examples=0 (which turns the unseen-example evaluation off).")
+  _positive_int(config, "metagradient.chunk_size")
+  _positive_int(config, "metagradient.reference_batch_size", allow_zero=True)
+  if config.counterfactual.enabled and not len(config.counterfactual.methods):
+    raise ValueError("config.counterfactual.methods=(): nothing to search with "
+                     "config.counterfactual.enabled=True; name simulators, or set "
+                     "enabled=False.")
+  if config.removal.enabled:
+    _positive_int(config, "removal.num_removals")
+    if not len(config.removal.fractions):
+      raise ValueError("config.removal.fractions=(): no removal set with "
+                       "config.removal.enabled=True; give shares in (0, 1), or set "
+                       "enabled=False.")
 
 
 def validate_config(config) -> None:
@@ -113,15 +166,18 @@ def validate_config(config) -> None:
                "unseen.num_runs", "seed"):
     _positive_int(config, name, allow_zero=True)
   _positive_float(config, "learning_rate")
+  _positive_float(config, "pretrain_learning_rate")
+  _checks_of_review_h28(config)
   _positive_float(config, "simulators.l2", allow_none=True)
   if config.simulators.l2 is None and not len(config.simulators.l2_grid):
     raise ValueError("config.simulators.l2_grid=(): empty, and config.simulators.l2 "
                      "is None, so cross-validation has no l2 to choose; give "
                      "positive numbers, or set config.simulators.l2.")
   for l2 in config.simulators.l2_grid:
-    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0:
+    if (isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0
+        or l2 == float("inf")):
       raise ValueError(f"config.simulators.l2_grid={tuple(config.simulators.l2_grid)!r}"
-                       ": must be positive numbers.")
+                       ": must be finite positive numbers.")
   _positive_float(config, "influence.damping", allow_none=True)
   for name in ("influence.query_rank", "influence.mesh_model"):
     _positive_int(config, name, allow_none=True)
