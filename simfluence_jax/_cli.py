@@ -16,6 +16,13 @@ FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError,
                FileNotFoundError)
 
 
+# What a CLI's run prints as one `error:` line (exit 1): bad input, a stale
+# workdir, and a path that is a file where a folder must be, or the reverse
+# (review h28: tracebacks of FileExistsError and IsADirectoryError).
+RUN_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError,
+              NotADirectoryError, PermissionError)
+
+
 def flag_error_line(error: BaseException, argv: Sequence[str]) -> str:
   """The message of a flag-parsing error, on one line, naming the flag."""
   cause = error  # ml_collections wraps a KeyError in an AttributeError

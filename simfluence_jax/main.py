@@ -103,8 +103,7 @@ def run_main(run_fn):
       initialize_distributed()
     with pipeline.workdir_lock(_WORKDIR.value):
       run_fn(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value)
-  except (ValueError, FileNotFoundError, FloatingPointError, PermissionError,
-          IsADirectoryError) as e:
+  except (FloatingPointError,) + _cli.RUN_ERRORS as e:
     # Bad input, a stale workdir, a diverged run, an unwritable output: one line.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

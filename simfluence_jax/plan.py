@@ -26,6 +26,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from simfluence_jax import _cli
 from simfluence_jax import config_lib
 from simfluence_jax import main as main_lib
 
@@ -104,7 +105,7 @@ def main(argv):
   except devices.LibtpuMissingError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_NO_LIBTPU)
-  except (ValueError, FileNotFoundError) as e:
+  except _cli.RUN_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   sys.exit(status)

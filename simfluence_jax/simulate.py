@@ -236,7 +236,7 @@ def main(argv):
     result = run(f.workdir, f.curriculum, f.output_dir, f.methods, f.targets,
                  f.num_band_samples, f.seed, f.allow_unfitted_ids,
                  f.allow_extrapolation)
-  except (ValueError, FileNotFoundError) as e:
+  except _cli.RUN_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   targets = result["targets"]

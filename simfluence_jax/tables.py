@@ -85,7 +85,7 @@ def main(argv):
     print(text)
     if _README.value:
       update_readme(_README.value, _NAME.value, text)
-  except (ValueError, FileNotFoundError, KeyError) as e:
+  except (KeyError,) + _cli.RUN_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

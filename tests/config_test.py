@@ -1,7 +1,10 @@
 """Configs load, variants shrink them, bad values are named."""
 
 import dataclasses
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -9,6 +12,8 @@ import pytest
 from simfluence_jax import config_lib
 from simfluence_jax import pipeline
 from simfluence_jax.pipeline import stages
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -272,6 +277,19 @@ def test_compilation_cache_follows_jax_settings_in_the_environment(monkeypatch):
   finally:
     for name, value in saved.items():
       jax.config.update(name, value)
+
+
+def test_a_compilation_cache_dir_that_is_a_file_is_one_line_naming_the_field(tmp_path):
+  """Review h28: the job ended in a FileExistsError traceback."""
+  path = tmp_path / "a_file"
+  path.write_text("")
+  proc = subprocess.run(
+      [sys.executable, "-m", "simfluence_jax.main", "--config=configs/default.py:tiny",
+       f"--workdir={tmp_path / 'job'}", f"--config.compilation_cache_dir={path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.strip() == (f"error: config.compilation_cache_dir='{path}': a "
+                                 "file, not a directory."), proc.stderr[-2000:]
 
 
 def test_tiny_compiles_with_most_optimizations_off_only_while_it_runs(monkeypatch):

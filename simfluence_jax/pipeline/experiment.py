@@ -578,6 +578,9 @@ def enable_compilation_cache(config) -> None:
     return
   directory = os.path.expanduser(directory)
   if not _io.is_remote(directory):
+    if os.path.exists(directory) and not os.path.isdir(directory):
+      raise ValueError(f"config.compilation_cache_dir={config.compilation_cache_dir!r}"
+                       ": a file, not a directory.")
     os.makedirs(directory, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", directory)
   for name, value in (("jax_persistent_cache_min_compile_time_secs", 0.5),
