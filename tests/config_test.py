@@ -237,6 +237,9 @@ def test_settings_refused_before_anything_runs(overrides, message):
     ({"counterfactual.enabled": True, "counterfactual.methods": ()},
      r"^config.counterfactual.methods=\(\): nothing to search"),
     ({"removal.fractions": ()}, r"^config.removal.fractions=\(\): no removal set"),
+    # It failed in base_model, telling the MLP it "needs num_classes".
+    ({"model.name": "mlp"}, r"^config.model.name='mlp': config.data.name="
+     r"'synthetic_facts' is data for model.name='transformer'"),
 ])
 def test_values_that_ran_as_another_setting_are_refused(overrides, message):
   """Review h28: each was clamped, ignored, or refused only after training."""

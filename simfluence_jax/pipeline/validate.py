@@ -193,6 +193,16 @@ def validate_config(config) -> None:
     if config.model.name not in models.MODEL_NAMES:
       raise ValueError(f"config.model.name={config.model.name!r}: must be one of "
                        f"{models.MODEL_NAMES}.")
+    # The built-in model each built-in source's data is for (grain's kind is known
+    # once its files are read). A mismatch failed in the base_model stage naming a
+    # size (num_classes, vocab_size) that was not the problem (review h28).
+    model_for = dict.fromkeys(data_lib.CLASSIFICATION_SOURCES, "mlp")
+    model_for.update(dict.fromkeys(data_lib.LM_SOURCES, "transformer"))
+    if model_for.get(config.data.name, config.model.name) != config.model.name:
+      raise ValueError(
+          f"config.model.name={config.model.name!r}: config.data.name="
+          f"{config.data.name!r} is data for model.name="
+          f"{model_for[config.data.name]!r}.")
     # The built-in model's fields (typos, sizes, dropout), before the data stage: the
     # sizes the dataset gives are stood in for by valid ones (the base_model stage
     # checks the real ones).
