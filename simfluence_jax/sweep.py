@@ -116,6 +116,11 @@ def _convert(field: str, text: str, default: Any, kind: type = None):
                      f"{kind.__name__}.") from e
 
 
+# Fields the process applies once, before the sweep (`main.run_main`): a cell's
+# value would never be used (review h28: no cell's cache directory was made).
+PROCESS_FIELDS = ("distributed", "compilation_cache_dir")
+
+
 def parse_sweeps(specs: Sequence[str], config) -> list[tuple[str, list]]:
   """`["batch_size:8,32"]` -> `[("batch_size", [8, 32])]`, values typed like the
   config's field (a placeholder's by its declared type: `influence.query_rank:4`
@@ -136,6 +141,10 @@ def parse_sweeps(specs: Sequence[str], config) -> list[tuple[str, list]]:
     default = _field_value(config, field)
     if isinstance(default, (dict, tuple, list)) or hasattr(default, "keys"):
       raise ValueError(f"--sweep={spec!r}: {field} is not a scalar field.")
+    if field in PROCESS_FIELDS:
+      raise ValueError(f"--sweep={field}: set once per process, before any cell runs "
+                       f"(every cell would run with the first); pass "
+                       f"--config.{field} instead.")
     owner = _tied_to(config, field)
     if owner is not None:
       raise ValueError(f"--sweep={field}: tied to config.{owner} (a reference); "

@@ -389,10 +389,26 @@ def test_the_dataset_must_be_what_the_config_says():
   with config.unlocked():
     config.model.vocab_size = dataset.vocab_size + 5
   with pytest.raises(ValueError, match=rf"^config.model.vocab_size="
-                     rf"{dataset.vocab_size + 5}: the dataset's vocabulary has "
-                     rf"{dataset.vocab_size} ids"):
+                     rf"{dataset.vocab_size + 5}: the model is built with the "
+                     rf"dataset's vocabulary size, {dataset.vocab_size}"):
     stages.base_model(None, config, dataset)
   config.model.vocab_size = dataset.vocab_size
+  # Review h28: max_len (and an MLP's num_classes) were ignored, the value asked
+  # recorded in the results.
+  with config.unlocked():
+    config.model.max_len = config.data.seq_len // 2
+  with pytest.raises(ValueError, match=rf"^config.model.max_len="
+                     rf"{config.data.seq_len // 2}: the model is built with "
+                     rf"config.data.seq_len, {config.data.seq_len}"):
+    stages.base_model(None, config, dataset)
+  config.model.max_len = None
+  digits = load("digits_mlp", "tiny")
+  digits_data = data.get_dataset(digits)
+  with digits.unlocked():
+    digits.model.num_classes = 3
+  with pytest.raises(ValueError, match=r"^config.model.num_classes=3: the model is "
+                     r"built with the dataset's number of classes, 10"):
+    stages.base_model(None, digits, digits_data)
   # Pre-training steps with no pre-training split trained nothing, without a word.
   config.pretrain_steps = 5
   assert dataset.pretrain is None

@@ -28,6 +28,9 @@ def test_parse_sweeps_types_values_like_the_config():
     ("nope:1,2", "no field 'nope'"),
     ("batch_size:two", "'two' is not a int"),
     ("model:1", "not a scalar field"),
+    # Set once per process: every cell ran with the first (review h28).
+    ("compilation_cache_dir:/tmp/a,/tmp/b", "set once per process"),
+    ("distributed:False,True", "set once per process"),
 ])
 def test_bad_sweep_specs_are_named(spec, message):
   with pytest.raises(ValueError, match=message):

@@ -149,12 +149,17 @@ def base_model(wd: workdir_lib.Workdir, config, dataset: data.Dataset) -> Model:
   applies the model with `deterministic=False`; without a key (test losses,
   pre-training, features, influence) it runs deterministically.
   """
-  wanted_vocab = config.model.get("vocab_size")
-  if wanted_vocab and wanted_vocab != dataset.vocab_size:
-    # The model is built with the dataset's vocabulary; the plan sizes a job by it.
-    raise ValueError(f"config.model.vocab_size={wanted_vocab}: the dataset's "
-                     f"vocabulary has {dataset.vocab_size} ids; set it to that, or "
-                     "leave it unset (the job takes the dataset's).")
+  # The model is built with the dataset's sizes (the plan sizes a job by them); one
+  # asked for in config.model and not used is refused (review h28: num_classes and
+  # max_len were ignored while the results recorded the value asked).
+  for field, actual, what in (
+      ("vocab_size", dataset.vocab_size, "the dataset's vocabulary size"),
+      ("num_classes", dataset.num_classes, "the dataset's number of classes"),
+      ("max_len", config.data.seq_len, "config.data.seq_len")):
+    wanted = config.model.get(field)
+    if wanted and wanted != actual:
+      raise ValueError(f"config.model.{field}={wanted}: the model is built with "
+                       f"{what}, {actual}; set it to that, or leave it unset.")
   if (config.pretrain_steps and dataset.pretrain is None and
       not config.model.checkpoint):
     raise ValueError(f"config.pretrain_steps={config.pretrain_steps}: the "
