@@ -75,9 +75,15 @@ def main(argv):
           raise ValueError(f"--plans: {path!r} does not exist (write one with "
                            "python -m simfluence_jax.plan ... --out=FILE).")
         try:
-          plans.append(json.loads(_io.read_text(path)))
+          plan = json.loads(_io.read_text(path))
         except json.JSONDecodeError as e:
           raise ValueError(f"--plans: {path!r} is not a plan's JSON ({e}).") from None
+        if not isinstance(plan, dict) or "rows" not in plan:
+          # A list or a metrics.json ended in a TypeError or "error: 'rows'".
+          raise ValueError(f"--plans: {path!r} is JSON but not a plan (no 'rows'; "
+                           "write one with python -m simfluence_jax.plan ... "
+                           "--out=FILE).")
+        plans.append(plan)
       parts.append("\n".join(plan_report.plans_table(plans)) + "\n")
     if not parts:
       raise ValueError("give --workdir, --sweep and/or --plans.")

@@ -273,6 +273,15 @@ def test_without_libtpu_one_line_and_nonzero(tmp_path):
                    "(or pip install libtpu), then rerun."]
 
 
+def test_a_bad_compile_threads_is_one_line(tmp_path):
+  """Review h28: --compile_threads=-3 ran with one thread without a word."""
+  status, output, plan = run_plan(tmp_path, f"--config={TINY}", "--topology=cpu",
+                                  "--stages=simulate", "--compile_threads=-3")
+  assert status == 1 and plan is None
+  assert output.strip().splitlines()[-1] == (
+      "error: --compile_threads=-3: must be a positive integer.")
+
+
 def test_loop_costs_count_every_trip():
   """A scan of T matmuls inside a scan of U: T·U matmuls of 2n³ FLOPs, where XLA's
   own cost analysis counts each loop body once."""

@@ -216,6 +216,10 @@ def test_a_multi_seed_metrics_json_records_each_seeds_digest(monkeypatch, tmp_pa
 
 def test_a_seed_rerun_alone_is_refused(monkeypatch, tmp_path):
   _multi_seed_job(monkeypatch, tmp_path)
+  # A README that is a directory: one line (an IsADirectoryError traceback; h28).
+  proc = _tables_cli(f"--workdir={tmp_path}", "--goals=none", f"--readme={tmp_path}")
+  assert proc.returncode == 1 and proc.stderr.strip().startswith(
+      "error: [Errno 21] Is a directory"), proc.stderr[-2000:]
   seed_config = config_lib.load_config(TINY)
   seed_config.seed = 1
   _write_metrics(tmp_path / "seed_1", _seed_payload(seed_config, spearman=0.9))
@@ -237,6 +241,13 @@ def test_a_seed_rerun_alone_is_refused(monkeypatch, tmp_path):
   assert proc.returncode == 1 and proc.stderr.strip() == (
       f"error: --plans: '{tmp_path / 'nope.json'}' does not exist (write one with "
       "python -m simfluence_jax.plan ... --out=FILE).")
+  # JSON that is no plan (a list: TypeError; a metrics.json: "error: 'rows'"),
+  # and a README that is a directory (IsADirectoryError); review h28.
+  (tmp_path / "list.json").write_text("[1, 2]")
+  proc = _tables_cli(f"--plans={tmp_path / 'list.json'}")
+  assert proc.returncode == 1 and proc.stderr.strip() == (
+      f"error: --plans: '{tmp_path / 'list.json'}' is JSON but not a plan (no "
+      "'rows'; write one with python -m simfluence_jax.plan ... --out=FILE).")
   os.remove(tmp_path / "seed_1" / "metrics.json")
   with pytest.raises(ValueError, match=(
       rf"^--workdir='{tmp_path}': seed_1/ has no metrics.json: its last main job "

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
+from simfluence_jax import _checks
 from simfluence_jax import models
 from simfluence_jax.planning import chips as chips_lib
 from simfluence_jax.planning import costs
@@ -320,6 +321,10 @@ def plan(config, devices: Sequence[jax.Device], chip: chips_lib.ChipSpec, *,
       runs = [s.name for s in stages_lib.STAGES if s.applies(job)]
       raise ValueError(f"--stages: {stage.name!r} is not run by this config (it "
                        f"runs {', '.join(runs)}).")
+  if compile_threads is not None and (not _checks.is_int(compile_threads)
+                                      or compile_threads < 1):
+    raise ValueError(f"--compile_threads={compile_threads!r}: must be a positive "
+                     "integer.")
   compile_threads = 1 if measure or compile_threads is None else compile_threads
   entries = []  # per row, in stage order: a finished Row, or (stage, future)
   with concurrent.futures.ThreadPoolExecutor(max(1, compile_threads)) as pool:
