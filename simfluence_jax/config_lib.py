@@ -135,7 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.eps = 1e-8  # Adam's denominator offset (optimizer "adam" only).
   config.checkpoint_every = 8  # Steps between orbax checkpoints (resume + TracIn-CP).
   config.record_grads = True  # Record per-step projected gradients (per-step TracIn).
-  config.num_grad_runs = 8  # Fitted runs that record them (each costs about 8 plain runs).
+  # The first min(num_grad_runs, num_runs) fitted runs record them (each costs about
+  # 8 plain runs); the default's 8 stays valid when num_runs is lowered.
+  config.num_grad_runs = 8
   config.projection_dim = 256  # K: dimension of the recorded gradient projections.
 
   # --- Simulators -----------------------------------------------------------------

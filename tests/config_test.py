@@ -206,8 +206,6 @@ def test_settings_refused_before_anything_runs(overrides, message):
      r"seed \+ num_seeds - 1 = 4294967296"),
     ({"seed": 2 ** 64}, r"^config.seed=18446744073709551616"),  # was OverflowError
     # Clamped to num_runs without a word (metrics.json recorded the value asked).
-    ({"num_grad_runs": 100}, r"^config.num_grad_runs=100: more than the "
-     r"config.num_runs=8"),
     ({"simulators.l2": None, "simulators.cv_folds": 100},
      r"^config.simulators.cv_folds=100: cross-validation over runs needs 2 to "
      r"config.num_runs=8 folds"),

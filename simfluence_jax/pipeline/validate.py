@@ -101,9 +101,6 @@ def _checks_of_review_h28(config) -> None:
     raise ValueError(f"config.seed={config.seed}: seeds up to seed + num_seeds - 1 = "
                      f"{last_seed} must be at most 2**32 - 1 (JAX keeps a seed's low "
                      "32 bits: a larger one trains the model of another seed).")
-  if config.num_grad_runs > config.num_runs:
-    raise ValueError(f"config.num_grad_runs={config.num_grad_runs}: more than the "
-                     f"config.num_runs={config.num_runs} fitted runs that record them.")
   if config.simulators.l2 is None and not (
       2 <= config.simulators.cv_folds <= config.num_runs):
     raise ValueError(f"config.simulators.cv_folds={config.simulators.cv_folds}: "
