@@ -261,8 +261,9 @@ def search_curriculum(simulator: _simulator.Simulator, initial_losses: Any,
       examples. The result keeps their shape, S and padding.
     targets: test example indices int[k] (equal weights) or weights float32[M].
     pool: train ids the search may bring in (default: the simulator's
-      `fitted_ids` where it records them, else all N). Ids outside `fitted_ids`
-      are refused in `start_batch_ids` and `pool` unless `allow_unfitted_ids`.
+      `fitted_ids` where it records them and `allow_unfitted_ids` is False, else
+      all N). Ids outside `fitted_ids` are refused in `start_batch_ids` and `pool`
+      unless `allow_unfitted_ids`.
     num_iters: iterations of the local search.
     num_proposals: random moves simulated (in parallel) per iteration.
     reorder: propose order swaps too; default: where the order matters
