@@ -158,6 +158,16 @@ def test_counterfactual_methods_are_validated():
   pipeline.validate_config(config)
 
 
+def _set_fields(config, overrides):
+  """Sets dotted fields of `config`: {"section.field": value}."""
+  for name, value in overrides.items():
+    section = config
+    *parents, leaf = name.split(".")
+    for part in parents:
+      section = section[part]
+    section[leaf] = value
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"counterfactual.num_searched": 0},
      r"^config.counterfactual.num_searched=0: must be a positive integer"),
@@ -184,12 +194,7 @@ def test_settings_refused_before_anything_runs(overrides, message):
   config.methods = tuple(dict.fromkeys(config.methods + ("tracin_per_step",
                                                          "metagradient")))
   pipeline.validate_config(config)
-  for name, value in overrides.items():
-    section = config
-    *parents, leaf = name.split(".")
-    for part in parents:
-      section = section[part]
-    section[leaf] = value
+  _set_fields(config, overrides)
   with pytest.raises(ValueError, match=message):
     pipeline.validate_config(config)
   if "record_grads" in overrides or "num_grad_runs" in overrides:
@@ -244,12 +249,7 @@ def test_values_that_ran_as_another_setting_are_refused(overrides, message):
   config = load("default", "tiny")
   assert config.removal.enabled and config.unseen.num_examples
   pipeline.validate_config(config)
-  for name, value in overrides.items():
-    section = config
-    *parents, leaf = name.split(".")
-    for part in parents:
-      section = section[part]
-    section[leaf] = value
+  _set_fields(config, overrides)
   with pytest.raises(ValueError, match=message):
     pipeline.validate_config(config)
 
