@@ -93,9 +93,9 @@ def _unknown_fields(config, base, prefix: str = "") -> list:
 _MAX_SEED = 2**32 - 1
 
 
-def _checks_of_review_h28(config) -> None:
-  """Values that ran as another setting than asked (clamped or ignored), or that
-  failed only after training with a message naming no field (review h28)."""
+def _values_used_as_asked(config) -> None:
+  """Refuses values the job would not use as asked: clamped, ignored, or failing
+  only after training with a message naming no field (review h28)."""
   last_seed = config.seed + config.num_seeds - 1
   if last_seed > _MAX_SEED:
     raise ValueError(f"config.seed={config.seed}: seeds up to seed + num_seeds - 1 = "
@@ -164,7 +164,7 @@ def validate_config(config) -> None:
     _positive_int(config, name, allow_zero=True)
   _positive_float(config, "learning_rate")
   _positive_float(config, "pretrain_learning_rate")
-  _checks_of_review_h28(config)
+  _values_used_as_asked(config)
   _positive_float(config, "simulators.l2", allow_none=True)
   if config.simulators.l2 is None and not len(config.simulators.l2_grid):
     raise ValueError("config.simulators.l2_grid=(): empty, and config.simulators.l2 "
