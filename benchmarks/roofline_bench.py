@@ -89,11 +89,19 @@ def compiled_flops(fn, *args) -> float:
 
 
 def matmul_peak(n: int, repeats: int) -> dict:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  """The best float32 matmul rate over sizes n/2, n and 2n, each the best of at
+  least 5 calls (review h26: one size, best of 3, read 117–160 GFLOP/s on a loaded
+  machine, ±20% on every fraction of it)."""
   matmul = jax.jit(jnp.matmul)
-  seconds = best_of(lambda: matmul(a, b), repeats)
-  return {"n": n, "seconds": seconds, "flop_per_s": 2.0 * n ** 3 / seconds}
+  best = None
+  for size in (n // 2, n, 2 * n):
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    seconds = best_of(lambda: matmul(a, b), max(repeats, 5))  # pylint: disable=cell-var-from-loop
+    rate = 2.0 * size ** 3 / seconds
+    if best is None or rate > best["flop_per_s"]:
+      best = {"n": size, "seconds": seconds, "flop_per_s": rate}
+  return best
 
 
 def _row(flops, seconds, peak, **extra):
