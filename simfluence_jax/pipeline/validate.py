@@ -46,11 +46,17 @@ def _no_duplicates(config, name: str) -> None:
                      "once (was the flag given twice?).")
 
 
-def _removal_fractions(config) -> None:
-  """Each fraction in (0, 1), removing a number of examples no other one removes
-  (k = max(1, round(f·N)); two with the same k would be one benchmark twice under
-  two labels, and two equal labels overwrite each other)."""
+def _removal(config) -> None:
+  """Some removal sets, each fraction in (0, 1), removing a number of examples no
+  other one removes (k = max(1, round(f·N)); two with the same k would be one
+  benchmark twice under two labels, and two equal labels overwrite each other), at
+  most the reference run's subset."""
+  _positive_int(config, "removal.num_removals")
   fractions = tuple(config.removal.fractions)
+  if not fractions:
+    raise ValueError("config.removal.fractions=(): no removal set with "
+                     "config.removal.enabled=True; give shares in (0, 1), or set "
+                     "enabled=False.")
   sizes = {}
   for f in fractions:
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
@@ -119,18 +125,6 @@ def _values_used_as_asked(config) -> None:
         "config.unseen.num_runs=0: the examples would be held out of every fitted "
         "run and never evaluated; give runs that train on them, or set "
         "unseen.num_examples=0 (which turns the unseen-example evaluation off).")
-  _positive_int(config, "metagradient.chunk_size")
-  _positive_int(config, "metagradient.reference_batch_size", allow_zero=True)
-  if config.counterfactual.enabled and not len(config.counterfactual.methods):
-    raise ValueError("config.counterfactual.methods=(): nothing to search with "
-                     "config.counterfactual.enabled=True; name simulators, or set "
-                     "enabled=False.")
-  if config.removal.enabled:
-    _positive_int(config, "removal.num_removals")
-    if not len(config.removal.fractions):
-      raise ValueError("config.removal.fractions=(): no removal set with "
-                       "config.removal.enabled=True; give shares in (0, 1), or set "
-                       "enabled=False.")
 
 
 def validate_config(config) -> None:
@@ -157,10 +151,10 @@ def validate_config(config) -> None:
                "influence.chunk_size", "simulators.num_band_samples",
                "simulators.cv_folds", "simulators.num_phases",
                "simulators.feature_dim", "mesh_model",
-               "metagradient.cotangents_at_once"):
+               "metagradient.cotangents_at_once", "metagradient.chunk_size"):
     _positive_int(config, name)
   for name in ("num_grad_runs", "pretrain_steps", "unseen.num_examples",
-               "unseen.num_runs", "seed"):
+               "unseen.num_runs", "seed", "metagradient.reference_batch_size"):
     _positive_int(config, name, allow_zero=True)
   _positive_float(config, "learning_rate")
   _positive_float(config, "pretrain_learning_rate")
@@ -236,6 +230,10 @@ def validate_config(config) -> None:
         f"{config.num_grad_runs}); set record_grads=True and num_grad_runs >= 1, or "
         "leave it out.")
   if config.counterfactual.enabled:
+    if not len(config.counterfactual.methods):
+      raise ValueError("config.counterfactual.methods=(): nothing to search with "
+                       "config.counterfactual.enabled=True; name simulators, or set "
+                       "enabled=False.")
     for name in ("num_searched", "num_targets", "num_iters", "num_proposals"):
       _positive_int(config, "counterfactual." + name)
     if config.counterfactual.num_targets > config.num_test_examples:
@@ -270,7 +268,7 @@ def validate_config(config) -> None:
           f"{config.batch_size} (or leave metagradient out of "
           "config.counterfactual.methods).")
   if config.removal.enabled:
-    _removal_fractions(config)
+    _removal(config)
   if config.num_held_out_runs > config.num_runs:
     raise ValueError(f"config.num_held_out_runs={config.num_held_out_runs}: more "
                      f"held-out runs than the config.num_runs={config.num_runs} fitted "
