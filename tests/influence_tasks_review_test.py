@@ -241,6 +241,53 @@ def test_dropout_drawn_per_batch_is_refused():
     influence.tracin_scores(task, [params], [1.0], batch, batch)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _QueryCoupled(influence.ClassificationTask):
+  """Independent losses; a measurement centred on the batch's mean (interacting)."""
+
+  def measurement(self, params, batch):
+    loss = self.loss(params, batch)
+    return loss - jnp.mean(loss)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Scalar(influence.ClassificationTask):
+  """A measurement of one value per batch, not per example."""
+
+  def measurement(self, params, batch):
+    return jnp.sum(self.loss(params, batch))
+
+
+def test_train_and_query_checks_name_their_argument_in_one_program(monkeypatch):
+  model = nn.Dense(3)
+  x = jax.random.normal(jax.random.key(0), (4, 2))
+  batch = {"inputs": x, "labels": jnp.arange(4) % 3}
+  params = model.init(jax.random.key(1), x)
+  with pytest.raises(ValueError, match="^" + re.escape(
+      "query_batch: examples interact in the batch (e.g. train-mode batch norm, or "
+      "randomness drawn per batch): the measurement of examples 0 and 1 is [")):
+    influence.tracin_scores(_QueryCoupled(model.apply), [params], [1.0], batch, batch)
+  with pytest.raises(ValueError, match="^" + re.escape(
+      "query_batch: the task's measurement returned shapes () and () for 2 and 1 "
+      "examples (one value per example expected).") + "$"):
+    influence.ekfac_scores(_Scalar(model.apply), params,
+                           influence.fit_ekfac(_Scalar(model.apply), params, [batch]),
+                           batch, [batch])
+  # One compiled program checks both arguments, once per task and shapes.
+  programs = []
+  together_and_alone = influence._tasks._together_and_alone  # pylint: disable=protected-access
+  monkeypatch.setattr(influence._tasks, "_together_and_alone",  # pylint: disable=protected-access
+                      lambda *a: programs.append(a[2]) or together_and_alone(*a))
+  task = influence.ClassificationTask(model.apply)
+  want = _brute_tracin(lambda p, i: -jax.nn.log_softmax(model.apply(p, x[i]))[
+      batch["labels"][i]], params, 4)
+  for _ in range(2):
+    _close(influence.tracin_scores(task, [params], [1.0], batch, batch), want)
+  assert [[(which, argument) for which, argument, _ in items]
+          for items in programs] == [[("loss", "train_batches"),
+                                      ("measurement", "query_batch")]]
+
+
 # --- 4. negative integer inputs of a classification task -------------------------------
 
 

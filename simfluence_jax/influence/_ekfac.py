@@ -546,13 +546,15 @@ def _device_sum(mesh):
       jax.tree_util.tree_map(lambda x: jnp.sum(x, 0), per_shard), mesh))
 
 
-def _prepare(task, params, batches, argument, chunk_size, mesh):
-  """Checked, unboxed inputs of a driver: (params, batches, chunk_size, mesh)."""
+def _prepare(task, params, batches, argument, chunk_size, mesh, query_batch=None):
+  """Checked, unboxed inputs of a driver: (params, batches, chunk_size, mesh); with
+  `query_batch`, checked with the batches (`_tasks.validate`)."""
   chunk_size = _common.check_chunk_size(chunk_size)
   mesh = _common.resolve_mesh(mesh)
   batches = _common.as_batch_list(batches, argument)
   params = _layers.unbox(params)
-  _tasks.validate(task, params, batches, argument)
+  _tasks.validate(task, params, [(batches, argument)] + (
+      [] if query_batch is None else [([query_batch], "query_batch")]))
   return params, batches, chunk_size, mesh
 
 
@@ -885,8 +887,8 @@ def _scores(task, params, factors, query_batch, train_batches, damping, chunk_si
   lambdas = layer_damping(factors, damping) if isinstance(
       factors, EKFACFactors) else None
   params, batches, chunk_size, mesh = _prepare(task, params, train_batches,
-                                               "train_batches", chunk_size, mesh)
-  _tasks.validate(task, params, [query_batch], "query_batch")
+                                               "train_batches", chunk_size, mesh,
+                                               query_batch)
   check_factors(factors, params, task=task)
   example_axis = _EXAMPLE_AXIS[mode]
   size = sharding_lib.data_size(mesh)

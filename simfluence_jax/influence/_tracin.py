@@ -269,11 +269,13 @@ def _validate(checkpoints, learning_rates, projection_dim, rng):
   return checkpoints, learning_rates, keys
 
 
-def _prepare(task, checkpoints, train_batches, chunk_size, mesh):
+def _prepare(task, checkpoints, train_batches, chunk_size, mesh, query_batch=None):
   chunk_size = _common.check_chunk_size(chunk_size)
   mesh = _common.resolve_mesh(mesh)
   batches = _common.as_batch_list(train_batches, "train_batches")
-  _tasks.validate(task, checkpoints[0], batches, "train_batches")  # and its params
+  named = [(batches, "train_batches")] + (
+      [] if query_batch is None else [([query_batch], "query_batch")])
+  _tasks.validate(task, checkpoints[0], named)  # and its params
   for k, checkpoint in enumerate(checkpoints[1:], 1):
     _tasks.check_params(task, checkpoint, f"checkpoints[{k}]")
   return batches, chunk_size, mesh
@@ -314,8 +316,7 @@ def tracin_scores(task, checkpoints: Sequence, learning_rates, query_batch,
   checkpoints, learning_rates, keys = _validate(checkpoints, learning_rates,
                                                 projection_dim, rng)
   batches, chunk_size, mesh = _prepare(task, checkpoints, train_batches, chunk_size,
-                                       mesh)
-  _tasks.validate(task, checkpoints[0], [query_batch], "query_batch")
+                                       mesh, query_batch)
   size = sharding_lib.data_size(mesh)
   query_batch = sharding_lib.to_host(query_batch)
   checkpoints = _common.put_params(checkpoints, mesh)
