@@ -404,6 +404,26 @@ class NonParameterStateTest(absltest.TestCase):
     self.assertEqual(_ekfac.values_checksum(influence.ClassificationTask(net), state),
                      influence.param_values_checksum(state))
 
+  def test_fit_and_scores_checksum_the_same_arrays(self):
+    # Host params: the fit and the scores checksum the arrays as given, one
+    # compiled checksum program (the fit's placed copy compiled a second one).
+    model = nn.Dense(3)
+    x = np.asarray(fixtures.normal(0, (6, 5)))
+    batch = {"inputs": x, "labels": np.arange(6) % 3}
+    params = jax.tree_util.tree_map(np.asarray, model.init(jax.random.key(0), x))
+    task = influence.ClassificationTask(model.apply)
+    checksums = influence._layers._checksums  # pylint: disable=protected-access
+    checksums.clear_cache()
+    factors = influence.fit_ekfac(task, params, [batch])
+    self.assertEqual(factors.values_checksum,
+                     influence.param_values_checksum(params))
+    influence.ekfac_scores(task, params, factors, batch, [batch])
+    self.assertEqual(checksums._cache_size(), 1)  # pylint: disable=protected-access
+    changed = jax.tree_util.tree_map(lambda a: a.copy(), params)
+    changed["params"]["bias"][1] += 1e-7
+    with self.assertRaisesRegex(ValueError, "1 of 2 arrays differ, first 'params/bias'"):
+      influence.ekfac_scores(task, changed, factors, batch, [batch])
+
 
 class _MLP(nn.Module):
   act: str = "relu"
