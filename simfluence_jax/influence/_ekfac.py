@@ -604,7 +604,11 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
   # would compile the checksum's program a second time (0.14-0.28 s on 2 CPU cores).
   fingerprint = _layers.param_fingerprint(params)
   checksum = values_checksum(task, params)
-  rng = jax.random.key(0) if rng is None else rng  # unused by the empirical Fisher
+  if rng is None:  # only with the empirical Fisher, which never reads it: a key
+    # wrapped from zeros (`jax.random.key(0)` compiles a program of its own)
+    rng = jax.random.wrap_key_data(np.zeros(
+        jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape,
+        np.uint32))
   params, rng = _common.put_params(params, mesh), _common.put_replicated(rng, mesh)
   stats = _accumulate(task, params, batches, layers, fisher, rng, mesh, chunk_size,
                       "covariance", None, "fit_ekfac: covariances")
