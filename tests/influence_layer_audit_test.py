@@ -12,6 +12,8 @@ TransformerLM (its position embedding reads a table shared by every example)
 included.
 """
 
+import re
+
 import flax.linen as nn
 from flax import nnx
 import jax
@@ -299,6 +301,17 @@ def test_tracin_equals_explicit_loops_and_ekfac_refuses_the_layer(name):
   kinds = "all" if "embed" in name or "position" in name else None
   with pytest.raises(ValueError, match=f"'{layer}.*{reason}"):
     influence.find_layers(task.loss, params, train, kinds=kinds)
+
+
+def test_layers_refused_for_one_reason_share_the_sentence():
+  # The LSTM's gate layers all sit inside nn.RNN's scan: one reason, every name.
+  task, params, batch, _, _ = MODELS["lstm"]()
+  with pytest.raises(ValueError) as error:
+    influence.find_layers(task.loss, params, batch)
+  message = str(error.value)
+  assert message.count("nested transform") == 1, message
+  names = re.findall(r"'([^']+)' \(Dense\)", message)
+  assert len(names) >= 4 and all(n.startswith("LSTMCell_0/") for n in names), message
 
 
 def test_fine_tuned_block_is_covered_by_its_own_leaves_and_the_frozen_layers_skipped():

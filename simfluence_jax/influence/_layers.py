@@ -750,7 +750,7 @@ def find_layers(fn: Callable[..., jax.Array], params, batch, warn: bool = True,
       frozen.append(name)
       continue
     if problem is not None:
-      problems.append(f"{name!r} ({entry.get('kind', '?')}): {problem}")
+      problems.append((f"{name!r} ({entry.get('kind', '?')})", problem))
       continue
     if {kernel_path, bias_path} - {None} <= unused:
       dead.append(name)  # zero gradient for every example: nothing to cover
@@ -773,13 +773,13 @@ def find_layers(fn: Callable[..., jax.Array], params, batch, warn: bool = True,
         calls, seen, problems, disabled, kinds, frozen, dead))
   if problems and strict:
     raise ValueError("find_layers: layers that cannot be used (pass strict=False to "
-                     "leave them out, or layers= explicitly): " + "; ".join(problems))
+                     "leave them out, or layers= explicitly): " + _grouped(problems))
   uncovered = ["/".join(p) for p in leaf_paths if p not in covered]
   if warn and (uncovered or problems or frozen or dead):
     _warn_once(
         f"EK-FAC covers {len(specs)} layers; excluded (zero contribution to EK-FAC "
         f"scores): parameters {uncovered}"
-        + (f"; layers left out: {problems}" if problems else "")
+        + (f"; layers left out: {_grouped(problems)}" if problems else "")
         + (f"; layers whose weights are not in params (frozen): {frozen}"
            if frozen else "")
         + (f"; layers fn's values do not depend on (zero gradients): {dead}"
@@ -787,9 +787,20 @@ def find_layers(fn: Callable[..., jax.Array], params, batch, warn: bool = True,
   return tuple(specs)
 
 
+def _grouped(problems) -> str:
+  """"'a' (Dense), 'b' (Dense): why; 'c' (Conv): why": the layers of each reason,
+  in order of first appearance, the reason once (a scanned decoder's 14 layers share
+  one)."""
+  by_reason = {}
+  for label, reason in problems:
+    by_reason.setdefault(reason, []).append(label)
+  return "; ".join(f"{', '.join(labels)}: {reason}"
+                   for reason, labels in by_reason.items())
+
+
 def _nothing_found(calls, seen, problems, disabled, kinds, frozen, dead) -> str:
   if problems:
-    return "Layers were found but none can be used: " + "; ".join(problems) + "."
+    return "Layers were found but none can be used: " + _grouped(problems) + "."
   if dead and not frozen:
     return (f"Layers were found but fn's values depend on none of them ({dead}): "
             f"their gradients are zero.")
