@@ -195,10 +195,12 @@ def test_interacting_examples_are_refused():
       lambda p, xb: model.apply({**p, "batch_stats": stats}, xb, train=True,
                                 mutable=["batch_stats"])[0])
   pattern = ("^" + re.escape("train_batches: examples interact in the batch (e.g. "
-                             "train-mode batch norm, or randomness drawn per batch): "
-                             "the loss of examples 0 and 1 is [") + ".*"
+                             "train-mode batch norm, randomness drawn per batch, or a "
+                             "loss divided by the batch's token count): the loss of "
+                             "examples 0 and 1 is [") + ".*"
              + re.escape("so scores would depend on chunk_size; apply the model in "
-                         "eval mode.") + "$")
+                         "eval mode and compute each example's loss from that "
+                         "example alone.") + "$")
   for chunk_size in (8, 4):
     with pytest.raises(ValueError, match=pattern):
       influence.tracin_scores(train_mode, [params], [1.0], batch, batch,
@@ -264,8 +266,9 @@ def test_train_and_query_checks_name_their_argument_in_one_program(monkeypatch):
   batch = {"inputs": x, "labels": jnp.arange(4) % 3}
   params = model.init(jax.random.key(1), x)
   with pytest.raises(ValueError, match="^" + re.escape(
-      "query_batch: examples interact in the batch (e.g. train-mode batch norm, or "
-      "randomness drawn per batch): the measurement of examples 0 and 1 is [")):
+      "query_batch: examples interact in the batch (e.g. train-mode batch norm, "
+      "randomness drawn per batch, or a loss divided by the batch's token count): the "
+      "measurement of examples 0 and 1 is [")):
     influence.tracin_scores(_QueryCoupled(model.apply), [params], [1.0], batch, batch)
   with pytest.raises(ValueError, match="^" + re.escape(
       "query_batch: the task's measurement returned shapes () and () for 2 and 1 "
@@ -273,19 +276,63 @@ def test_train_and_query_checks_name_their_argument_in_one_program(monkeypatch):
     influence.ekfac_scores(_Scalar(model.apply), params,
                            influence.fit_ekfac(_Scalar(model.apply), params, [batch]),
                            batch, [batch])
-  # One compiled program checks both arguments, once per task and shapes.
-  programs = []
+  # One compiled program checks both arguments, compiled once per task and shapes
+  # and run on every call.
+  calls = []
   together_and_alone = influence._tasks._together_and_alone  # pylint: disable=protected-access
   monkeypatch.setattr(influence._tasks, "_together_and_alone",  # pylint: disable=protected-access
-                      lambda *a: programs.append(a[2]) or together_and_alone(*a))
+                      lambda *a: calls.append(a[2]) or together_and_alone(*a))
   task = influence.ClassificationTask(model.apply)
   want = _brute_tracin(lambda p, i: -jax.nn.log_softmax(model.apply(p, x[i]))[
       batch["labels"][i]], params, 4)
   for _ in range(2):
     _close(influence.tracin_scores(task, [params], [1.0], batch, batch), want)
-  assert [[(which, argument) for which, argument, _ in items]
-          for items in programs] == [[("loss", "train_batches"),
-                                      ("measurement", "query_batch")]]
+  assert [[(which, argument) for which, argument, _ in items] for items in calls] == [
+      [("loss", "train_batches"), ("measurement", "query_batch")]] * 2
+  programs = influence._tasks._CHECK_PROGRAMS[task]  # pylint: disable=protected-access
+  assert [[which for which, _, _ in key] for key in programs] == [
+      ["loss", "measurement"]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _TokenMean(influence.LanguageModelingTask):
+  """Per-example summed token losses divided by the batch's mean mask weight: the
+  batch's token mean, a common way to write a language-modelling loss."""
+
+  def loss(self, params, batch):
+    mask = batch["mask"].astype(jnp.float32)
+    return super().loss(params, batch) * jnp.sum(mask, 1) / jnp.mean(jnp.sum(mask, 1))
+
+
+def test_a_loss_divided_by_the_batch_token_count_is_refused():
+  # Review h29: examples 0 and 1 count the same tokens, so the pair alone looked
+  # independent, and EK-FAC's scores moved 25% with chunk_size. The check pairs
+  # example 0 with an example unlike it (here its mask sum), and runs on every
+  # call: a later batch of the same shapes is checked too.
+  model = nn.Sequential([nn.Embed(5, 4), nn.Dense(5)])
+  tokens = jax.random.randint(jax.random.key(0), (6, 4), 0, 5)
+  mask = np.ones((6, 4), np.float32)
+  mask[3:, 2:] = 0
+  batch = {"inputs": tokens, "targets": tokens, "mask": mask}
+  params = model.init(jax.random.key(1), tokens)
+  task = _TokenMean(model.apply)
+  pattern = "^{}" + re.escape(": examples interact in the batch (e.g. train-mode "
+                              "batch norm, randomness drawn per batch, or a loss "
+                              "divided by the batch's token count): the loss of "
+                              "examples 0 and 3 is [").replace("{", "{{").replace(
+                                  "}", "}}")
+  with pytest.raises(ValueError, match=pattern.format("batches")):
+    influence.fit_ekfac(task, params, [batch])
+  with pytest.raises(ValueError, match=pattern.format("train_batches")):
+    influence.tracin_self_influence(task, [params], [1.0], [batch])
+  # Equal masks: no interaction to see, accepted, and exact; then the same shapes
+  # with unequal masks are refused.
+  equal = {**batch, "mask": np.ones((6, 4), np.float32)}
+  plain = influence.LanguageModelingTask(model.apply)
+  want = influence.tracin_self_influence(plain, [params], [1.0], [equal])
+  _close(influence.tracin_self_influence(task, [params], [1.0], [equal]), want)
+  with pytest.raises(ValueError, match=pattern.format("train_batches")):
+    influence.tracin_self_influence(task, [params], [1.0], [batch])
 
 
 # --- 4. negative integer inputs of a classification task -------------------------------

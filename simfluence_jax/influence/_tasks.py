@@ -399,19 +399,56 @@ def check_params(task, params, argument: str = "params") -> None:
 
 
 def _first_examples(batches, count: int):
-  """The first `count` examples of `batches` as one host batch, or None."""
-  pieces, have = [], 0
+  """The first `count` examples of `batches` (fewer if they hold fewer) as one host
+  batch, or None for fewer than 2; from the batches whose examples have the first
+  batch's shapes (sequences of another length do not concatenate)."""
+  pieces, have, shapes = [], 0, None
   for batch in batches:
+    example = jax.tree_util.tree_map(lambda x: np.shape(x)[1:], batch)
+    shapes = example if shapes is None else shapes
+    if example != shapes:
+      continue
     take = min(count - have, int(np.shape(jax.tree_util.tree_leaves(batch)[0])[0]))
     pieces.append(sharding_lib.to_host(
         jax.tree_util.tree_map(lambda x, n=take: x[:n], batch)))
     have += take
     if have == count:
       break
-  if have < count:
+  if have < 2:
     return None
   return jax.tree_util.tree_map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]),
                                 *pieces)
+
+
+# Examples among which the independence check picks example 0's partner.
+_PARTNER_CANDIDATES = 16
+
+
+def _pair(batches):
+  """(example 0 and its partner as one host batch of 2, the partner's index), or
+  None for fewer than 2 examples.
+
+  The partner is the one among the first 16 examples whose leaves differ from
+  example 0's in the most per-example sums and nonzero counts (the first on
+  ties). Two examples alike in such statistics hide an interaction through them:
+  a loss divided by the batch's total mask weight is each example's own where
+  their masks count the same tokens (review h29: accepted, then 25% off with
+  another chunk_size).
+  """
+  first = _first_examples(batches, _PARTNER_CANDIDATES)
+  if first is None:
+    return None
+  leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(first)]
+  num = leaves[0].shape[0]
+  differing = np.zeros(num - 1, np.int64)
+  for leaf in leaves:
+    flat = leaf.reshape(num, -1)
+    if not (np.issubdtype(flat.dtype, np.number) or flat.dtype == np.bool_):
+      continue
+    for stat in (flat.astype(np.float64).sum(1), np.count_nonzero(flat, axis=1)):
+      differing += stat[1:] != stat[0]
+  partner = 1 + int(np.argmax(differing))
+  return jax.tree_util.tree_map(lambda x: x[np.array([0, partner])], first), partner
 
 
 # XLA options for the independence check's one small program (`_together_and_alone`).
@@ -456,22 +493,30 @@ def _together_and_alone(task, params, items):
       out.append((together, jnp.concatenate(alone)))
     return out
   pairs = [pair for _, _, pair in items]
-  lowered = jax.jit(run).lower(params, pairs)
-  if problems:
-    raise ValueError(problems[0])
+  key = tuple((which, _checks.tree_signature(params), _checks.tree_signature(pair))
+              for which, _, pair in items)
   try:
-    # A check of tiny passes: compiled without XLA's costly passes (0.10 against
-    # 0.15 s for a 64-256-256-10 MLP on this 2-core CPU).
-    compiled = lowered.compile(compiler_options=_CHECK_COMPILER_OPTIONS)
-  except Exception:  # pylint: disable=broad-except  # a backend without the options
-    compiled = lowered.compile()
-  return compiled(params, pairs)
+    programs = _CHECK_PROGRAMS.setdefault(task, {})
+  except TypeError:  # a task without weak references or hash: compiled every time
+    programs = {}
+  if key not in programs:
+    lowered = jax.jit(run).lower(params, pairs)
+    if problems:
+      raise ValueError(problems[0])
+    try:
+      # A check of tiny passes: compiled without XLA's costly passes (0.10 against
+      # 0.15 s for a 64-256-256-10 MLP on this 2-core CPU).
+      programs[key] = lowered.compile(compiler_options=_CHECK_COMPILER_OPTIONS)
+    except Exception:  # pylint: disable=broad-except  # a backend without the options
+      programs[key] = lowered.compile()
+  return programs[key](params, pairs)
 
 
-# task -> {(which, params and batch signatures)} already found independent: the
-# property is the model's, so one check per task and shapes. Weakly keyed, so the
-# cache never keeps a task (and the model it holds) alive.
-_INDEPENDENT = weakref.WeakKeyDictionary()
+# task -> {(which, params and pair signatures) per item: the check's compiled
+# program}: compiled once per task and shapes, run on every call's examples (an
+# interaction may show only in some examples). Weakly keyed, so the cache never
+# keeps a task (and the model it holds) alive.
+_CHECK_PROGRAMS = weakref.WeakKeyDictionary()
 
 
 def _rounding_tolerance(params, pair) -> float:
@@ -487,7 +532,8 @@ def _rounding_tolerance(params, pair) -> float:
 
 def check_independent_examples(task, params, named_batches) -> None:
   """Raises ValueError if the task's loss of an example depends on the other
-  examples of its batch (on the first two examples: together vs each alone).
+  examples of its batch: example 0 together with a partner vs each alone (`_pair`:
+  the one of the first 16 unlike example 0 in the most leaves' statistics).
 
   `named_batches` is a list of `(batches, argument)`: the batches a kernel call
   takes and the argument's name for messages, checked in order. The query batch
@@ -495,39 +541,35 @@ def check_independent_examples(task, params, named_batches) -> None:
 
   The kernels compute per-example quantities from batched passes (EK-FAC's probes)
   or per-example ones (TracIn): with interacting examples (train-mode batch norm,
-  randomness drawn per batch) the scores would depend on `chunk_size`. Costs a
-  forward pass of 2 examples and two of 1 per argument, in one compiled program
-  for all of them, once per task and shapes.
+  randomness drawn per batch, a loss divided by the batch's token count) the scores
+  would depend on `chunk_size`. Costs a forward pass of 2 examples and two of 1 per
+  argument, on every call, in one program for all of them, compiled once per task
+  and shapes.
   """
-  try:
-    seen = _INDEPENDENT.setdefault(task, set())
-  except TypeError:  # a task without weak references or hash: checked every time
-    seen = set()
-  items, keys = [], []
+  items, partners = [], []
   for batches, argument in named_batches:
-    pair = _first_examples(batches, 2)
-    if pair is None:
-      continue
-    which = "measurement" if argument == "query_batch" else "loss"
-    key = (which, _checks.tree_signature(params), _checks.tree_signature(pair))
-    if key not in seen and key not in keys:
-      items.append((which, argument, pair))
-      keys.append(key)
+    picked = _pair(batches)
+    if picked is not None:
+      items.append(("measurement" if argument == "query_batch" else "loss", argument,
+                    picked[0]))
+      partners.append(picked[1])
   if not items:
     return
   results = sharding_lib.to_host(_together_and_alone(task, params, items))
   tolerance = _rounding_tolerance(params, [pair for _, _, pair in items])
-  for (which, argument, _), (together, alone) in zip(items, results):
+  for (which, argument, _), partner, (together, alone) in zip(items, partners,
+                                                              results):
     together, alone = (np.asarray(x, np.float64) for x in (together, alone))
     if not np.allclose(together, alone, rtol=tolerance, atol=tolerance,
                        equal_nan=True):
       raise ValueError(
           f"{argument}: examples interact in the batch (e.g. train-mode batch norm, "
-          f"or randomness drawn per batch): the {which} of examples 0 and 1 is "
+          f"randomness drawn per batch, or a loss divided by the batch's token "
+          f"count): the {which} of examples 0 and {partner} is "
           f"{np.array2string(together, precision=6)} together and "
           f"{np.array2string(alone, precision=6)} each alone, so scores would "
-          f"depend on chunk_size; apply the model in eval mode.")
-  seen.update(keys)
+          f"depend on chunk_size; apply the model in eval mode and compute each "
+          f"example's loss from that example alone.")
 
 
 def validate(task, params, named_batches) -> None:
