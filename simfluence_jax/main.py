@@ -107,6 +107,10 @@ def run_main(run_fn):
     # Bad input, a stale workdir, a diverged run, an unwritable output: one line.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except KeyboardInterrupt:  # Ctrl-C: the lock is released, finished stages stay
+    print(f"interrupted: the finished stages in {_WORKDIR.value} are kept; rerun "
+          f"the same command to resume.", file=sys.stderr)
+    sys.exit(130)
 
 
 def main(argv):

@@ -91,6 +91,10 @@ def _tied_to(config, field: str):
   return None if owner == field else owner
 
 
+def _article(noun: str) -> str:
+  return "an" if noun[:1].lower() in "aeiou" else "a"
+
+
 def _convert(field: str, text: str, default: Any, kind: type = None):
   """`text` as the type of the config field's current value (of `kind`, a
   placeholder's declared type, where that value is None); "" is a string field's
@@ -99,8 +103,8 @@ def _convert(field: str, text: str, default: Any, kind: type = None):
   if kind in (type(None), object):
     kind = float
   if not text and not issubclass(kind, str):
-    raise ValueError(f"--sweep={field}:...: an empty value is not a "
-                     f"{kind.__name__}.")
+    raise ValueError(f"--sweep={field}:...: an empty value is not "
+                     f"{_article(kind.__name__)} {kind.__name__}.")
   try:
     if issubclass(kind, bool):
       if text.lower() not in ("true", "false", "1", "0"):
@@ -112,8 +116,8 @@ def _convert(field: str, text: str, default: Any, kind: type = None):
       return float(text)
     return kind(text)
   except ValueError as e:
-    raise ValueError(f"--sweep={field}:...: {text!r} is not a "
-                     f"{kind.__name__}.") from e
+    raise ValueError(f"--sweep={field}:...: {text!r} is not "
+                     f"{_article(kind.__name__)} {kind.__name__}.") from e
 
 
 # Fields the process applies once, before the sweep (`main.run_main`): a cell's
@@ -170,12 +174,30 @@ def cell_name(overrides: dict) -> str:
   return ",".join(f"{k}={v}" for k, v in overrides.items())
 
 
-def cell_folder(overrides: dict) -> str:
-  """The cell's folder in the sweep's workdir: `cell_name` with "%" and "/" escaped
-  as in URLs ("%25", "%2F"), so that a value holding a path (`model.checkpoint`) or a
-  dataset name ("glue/sst2") neither nests one cell's folder in another's nor
-  leaves the sweep's workdir."""
+def _folder_name(overrides: dict) -> str:
   return cell_name(overrides).replace("%", "%25").replace("/", "%2F")
+
+
+def cell_folder(overrides: dict, workdir=None) -> str:
+  """The cell's folder in the sweep's workdir: `cell_name` of the fields in sorted
+  order, so the order of the --sweep flags does not matter, with "%" and "/"
+  escaped as in URLs ("%25", "%2F"), so that a value holding a path
+  (`model.checkpoint`) or a dataset name ("glue/sst2") neither nests one cell's
+  folder in another's nor leaves the sweep's workdir.
+
+  Given the sweep's `workdir`, a folder of the same cell named in another field
+  order (the flags' order, before 2026-12-07) is reused where it exists (review
+  h30: reversing two flags retrained every cell beside the finished ones).
+  """
+  name = _folder_name(dict(sorted(overrides.items())))
+  if workdir is None or len(overrides) > 4 or _io.exists(
+      os.path.join(os.fspath(workdir), name)):
+    return name
+  for order in itertools.permutations(overrides):
+    other = _folder_name({field: overrides[field] for field in order})
+    if _io.exists(os.path.join(os.fspath(workdir), other)):
+      return other
+  return name
 
 
 def _reads_back(got: Any, value: Any) -> bool:
@@ -248,7 +270,8 @@ def run(config, workdir: str, specs: Sequence[str], overwrite: bool = False,
   for index, overrides in enumerate(cells):
     print(f"sweep: cell {index + 1}/{len(cells)}: {cell_name(overrides)}",
           file=sys.stderr, flush=True)
-    cell_dir = os.path.join(os.fspath(workdir), cell_folder(overrides))
+    folder = cell_folder(overrides, workdir)
+    cell_dir = os.path.join(os.fspath(workdir), folder)
     # A cell is a workdir of its own (rerun alone): its lock keeps such a job and
     # this sweep from writing it at once.
     with pipeline.workdir_lock(cell_dir):
@@ -261,7 +284,7 @@ def run(config, workdir: str, specs: Sequence[str], overwrite: bool = False,
     # What the cell's metrics.json held when these numbers were taken from it:
     # `tables --sweep` refuses a cell rerun alone since (None: no metrics.json here,
     # nothing to check).
-    cell.update(workdir=cell_folder(overrides),
+    cell.update(workdir=folder,
                 metrics_digest=_tables.metrics_digest(cell_dir))
     results.append(cell)
   if sharding.is_primary():
@@ -273,12 +296,22 @@ def run(config, workdir: str, specs: Sequence[str], overwrite: bool = False,
 
 def plotted_methods(results: list) -> list:
   """The methods of `plot`'s panels: those of every cell holding a `PLOTTED` metric,
-  in order of first appearance (a cell lacking one is NaN in its panels)."""
+  in order of first appearance (a cell lacking one is NaN in its panels), but
+  curriculum_blind (no ρ across runs, its own MSE ratio 1: two empty panels)."""
   methods = []
   for result in results:
     methods += [m for m, values in result["metrics"].items() if m not in methods
-                and any(k in values for k in PLOTTED)]
+                and m != "curriculum_blind" and any(k in values for k in PLOTTED)]
   return methods
+
+
+def _text_colour(cmap, norm, value) -> str:
+  """Black on light cells, white on dark ones (the label must read on both ends of
+  viridis)."""
+  if not np.isfinite(value):
+    return "k"
+  red, green, blue, _ = cmap(norm(value))
+  return "k" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "w"
 
 
 def plot(path: str, grid: list, results: list) -> None:
@@ -299,14 +332,17 @@ def plot(path: str, grid: list, results: list) -> None:
       if len(grid) == 2:
         (f0, v0), (f1, v1) = grid
         table = values.reshape(len(v0), len(v1))
-        cmap = "viridis" if metric.startswith("spearman") else "viridis_r"
-        ax.imshow(table, cmap=cmap, aspect="auto",
-                  vmin=0 if metric.startswith("spearman") else None,
-                  vmax=1 if metric.startswith("spearman") else None)
+        # ρ on its whole range [-1, 1] (clamped at 0, every negative ρ was one
+        # colour); the MSE ratio on the panel's own range, low = good = light.
+        rho = metric.startswith("spearman")
+        image = ax.imshow(table, cmap="viridis" if rho else "viridis_r",
+                          aspect="auto", vmin=-1 if rho else None,
+                          vmax=1 if rho else None)
         for i in range(len(v0)):
           for j in range(len(v1)):
             ax.text(j, i, f"{table[i, j]:.2f}", ha="center", va="center",
-                    color="w", fontsize=8)
+                    color=_text_colour(image.cmap, image.norm, table[i, j]),
+                    fontsize=8)
         ax.set_xticks(range(len(v1)), [str(v) for v in v1], fontsize=7)
         ax.set_yticks(range(len(v0)), [str(v) for v in v0], fontsize=7)
         ax.set_xlabel(f1, fontsize=7)

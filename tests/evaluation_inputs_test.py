@@ -214,13 +214,13 @@ def test_sweep_values_keep_an_empty_string_and_refuse_an_empty_number():
   assert sweep.parse_sweeps(["data.seqio_task:t, "], config) == [
       ("data.seqio_task", ["t", ""])]
   for spec, message in (
-      ("batch_size:8,", "--sweep=batch_size:...: an empty value is not a int."),
+      ("batch_size:8,", "--sweep=batch_size:...: an empty value is not an int."),
       ("learning_rate:,0.1", "--sweep=learning_rate:...: an empty value is not a "
                              "float."),
       ("record_grads:true,", "--sweep=record_grads:...: an empty value is not a "
                              "bool."),
       ("influence.query_rank:4,", "--sweep=influence.query_rank:...: an empty "
-                                  "value is not a int.")):
+                                  "value is not an int.")):
     with pytest.raises(ValueError) as info:
       sweep.parse_sweeps([spec], config)
     assert str(info.value) == message

@@ -337,7 +337,7 @@ def test_a_placeholder_field_is_typed_by_its_declared_type():
   cell = sweep.cell_config(config, {"influence.query_rank": 4})
   assert cell.influence.query_rank == 4
   with pytest.raises(ValueError, match=(
-      r"^--sweep=influence.query_rank:\.\.\.: '4\.5' is not a int\.$")):
+      r"^--sweep=influence.query_rank:\.\.\.: '4\.5' is not an int\.$")):
     sweep.parse_sweeps(["influence.query_rank:4.5"], config)
   with pytest.raises(ValueError, match=(
       r"^--sweep=influence.query_rank: the field does not take 4\.5")):

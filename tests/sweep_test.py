@@ -26,7 +26,7 @@ def test_parse_sweeps_types_values_like_the_config():
 @pytest.mark.parametrize("spec, message", [
     ("batch_size", "expected FIELD:V1,V2"),
     ("nope:1,2", "no field 'nope'"),
-    ("batch_size:two", "'two' is not a int"),
+    ("batch_size:two", "'two' is not an int"),
     ("model:1", "not a scalar field"),
     # Set once per process: every cell ran with the first (review h28).
     ("compilation_cache_dir:/tmp/a,/tmp/b", "set once per process"),
@@ -67,6 +67,13 @@ def test_every_cell_runs_once_with_its_overrides(tmp_path):
   assert saved[0]["metrics"]["curriculum_blind"]["spearman_across_runs"] is None
   assert len(results) == 4 and "timings" not in saved[0]["metrics"]
   assert os.path.getsize(tmp_path / "sweep.png") > 0
+  # The plot leaves out curriculum_blind's empty panels, and labels read on dark
+  # and light cells alike (review h30: white on viridis' yellow).
+  assert sweep.plotted_methods(results) == ["simfluence_linear"]
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  viridis, norm = matplotlib.colormaps["viridis"], matplotlib.colors.Normalize(-1, 1)
+  assert [sweep._text_colour(viridis, norm, v) for v in (-0.55, 0.95, float("nan"))  # pylint: disable=protected-access
+          ] == ["w", "k", "k"]
   assert saved[3]["regime"] == {"mean_loss_drop": 0.04,
                                 "final_loss_std_across_runs": 0.003}
   assert "std" not in saved[3] and "seeds" not in saved[3]  # one seed per cell
@@ -119,7 +126,7 @@ def test_command_line_error_is_one_line(tmp_path):
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1] == (
-      "error: --sweep=batch_size:...: 'x' is not a int.")
+      "error: --sweep=batch_size:...: 'x' is not an int.")
 
 
 def test_a_cell_in_use_refuses_the_sweep(tmp_path):
@@ -155,3 +162,58 @@ def test_values_holding_slashes_get_sibling_folders(tmp_path):
                   zip(("ckpt", "ckpt/b", "100%/c"), folders)]
   with open(tmp_path / "sweep.json") as f:
     assert [cell["workdir"] for cell in json.load(f)] == folders
+
+
+def test_cell_folders_do_not_depend_on_the_flags_order(tmp_path):
+  # Review h30: reversing two --sweep flags named every cell's folder anew, and the
+  # sweep retrained every cell beside the finished ones.
+  config = config_lib.load_config(TINY)
+  seen = []
+
+  def fake_run(cell_config, workdir, overwrite):
+    del cell_config, overwrite
+    seen.append(os.path.basename(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    return {"simfluence_linear": {"spearman_across_runs": 0.5,
+                                  "all_steps_mse_ratio": 0.5}}
+
+  specs = ["learning_rate:0.001,0.003", "batch_size:2"]
+  sweep.run(config, str(tmp_path), specs, run_fn=fake_run)
+  sweep.run(config, str(tmp_path), specs[::-1], run_fn=fake_run)
+  names = ["batch_size=2,learning_rate=0.001", "batch_size=2,learning_rate=0.003"]
+  assert seen == names + names
+  # A folder named in another order by an earlier version is reused.
+  os.rename(tmp_path / names[0], tmp_path / "learning_rate=0.001,batch_size=2")
+  seen.clear()
+  sweep.run(config, str(tmp_path), specs, run_fn=fake_run)
+  assert seen == ["learning_rate=0.001,batch_size=2", names[1]]
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      [names[1], "learning_rate=0.001,batch_size=2", "sweep.json", "sweep.png"])
+
+
+def test_ctrl_c_ends_in_one_line_and_frees_the_workdir(tmp_path, capsys):
+  # Review h30: Ctrl-C ended main and sweep in a KeyboardInterrupt traceback.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  from simfluence_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  from simfluence_jax import pipeline  # pylint: disable=g-import-not-at-top
+
+  def interrupted(config, workdir, overwrite):
+    del config, workdir, overwrite
+    raise KeyboardInterrupt
+
+  with flagsaver.flagsaver():
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["sweep", f"--config={TINY}", f"--workdir={tmp_path}"])
+    with pytest.raises(SystemExit) as exit_info:
+      try:
+        main_lib.run_main(interrupted)
+      except KeyboardInterrupt:
+        pytest.fail("run_main let the KeyboardInterrupt through")
+  flags.FLAGS.unparse_flags()
+  assert exit_info.value.code == 130
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      f"interrupted: the finished stages in {tmp_path} are kept; rerun the same "
+      "command to resume.")
+  with pipeline.workdir_lock(str(tmp_path)):  # released
+    pass
