@@ -217,3 +217,11 @@ def test_ctrl_c_ends_in_one_line_and_frees_the_workdir(tmp_path, capsys):
       "command to resume.")
   with pipeline.workdir_lock(str(tmp_path)):  # released
     pass
+
+
+def test_a_cell_folder_name_over_255_bytes_is_refused(tmp_path):
+  config = config_lib.load_config(TINY)
+  with pytest.raises(ValueError, match=r"^--sweep: cell 'model.checkpoint=c+' names "
+                     r"a folder of 273 bytes, over the 255 a filesystem takes"):
+    sweep.run(config, str(tmp_path), [f"model.checkpoint:a,{'c' * 256}"],
+              run_fn=lambda *a: pytest.fail("no cell may run"))
