@@ -281,7 +281,9 @@ def test_prior_alpha_must_be_finite(value):
     sj.simulators.fit("linear", trace, prior_alpha=value)
 
 
-def test_unconverged_cg_warns_and_records_it():
+def test_unconverged_cg_warns_and_records_it(monkeypatch):
+  # CG's own verdict: the float64 check skipped, as on problems too large for it.
+  monkeypatch.setattr(sj.simulators._solver, "FLOAT64_CHECK_MAX_FLOPS", 0)  # pylint: disable=protected-access
   # The prior-centre tests' shape: the same compiled CG programs.
   trace, _, _ = _synthetic(runs=20, steps=5)
   with pytest.warns(RuntimeWarning, match=r"max_iters=2 before every column "
