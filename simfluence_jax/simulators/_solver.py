@@ -60,7 +60,6 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
 
 from simfluence_jax import _checks
 
@@ -838,38 +837,62 @@ def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: Any
 FLOAT64_CHECK_MAX_FLOPS = 1e11
 
 
-def _float64_solution(ids, x, y, l2, num_train: int, linear: bool):
-  """The ridge problem of every column solved on the host in float64: dense normal
-  equations (the occurrence counts C[P, N], design [C·x, C] or C) and a Cholesky.
+_ROWS_AT_ONCE = 512  # rows per accumulation of the float64 Gram matrices
+_FLOAT64_BYTES = 1 << 28  # working set of one chunk of columns' float64 solve
+
+
+def dense_float64_ridge(rows, x, y, l2, *, linear: bool) -> np.ndarray:
+  """The ridge problem of every column with design [x_c ⊙ S, S] (linear) or S,
+  S = `rows` float[P, W] (occurrence counts, or a featurized fit's summed
+  features), solved on the host in float64 from the dense normal equations.
 
   Returns:
-    (θ float64[N, J, C], the relative residual per column of θ rounded to float32,
-    float64[C]).
+    float64[J·W, C] (the x-scaled block's rows first).
   """
+  s = np.asarray(rows, np.float64)
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  l2 = np.asarray(l2, np.float64)
+  width, columns = s.shape[1], y.shape[1]
+  plain = s.T @ s  # [W, W]
+  if not linear:
+    grams = plain[None] + l2[:, None, None] * np.eye(width)[None]
+    rhs = (s.T @ y).T  # [C, W]
+  else:
+    # Per column c: [[Sᵀ diag(x_c²) S, Sᵀ diag(x_c) S], [·ᵀ, SᵀS]], accumulated
+    # over chunks of rows of the outer products s_p s_pᵀ.
+    squared = np.zeros((width * width, columns))
+    weighted = np.zeros((width * width, columns))
+    for start in range(0, len(s), _ROWS_AT_ONCE):
+      chunk = s[start:start + _ROWS_AT_ONCE]
+      outer = (chunk[:, :, None] * chunk[:, None, :]).reshape(len(chunk), -1)
+      x_rows = x[start:start + _ROWS_AT_ONCE]
+      squared += outer.T @ (x_rows * x_rows)
+      weighted += outer.T @ x_rows
+    squared = squared.T.reshape(columns, width, width)
+    weighted = weighted.T.reshape(columns, width, width)
+    grams = np.block([[squared, weighted],
+                      [weighted.transpose(0, 2, 1),
+                       np.broadcast_to(plain, (columns, width, width))]])
+    grams += l2[:, None, None] * np.eye(2 * width)[None]
+    rhs = np.concatenate([s.T @ (x * y), s.T @ y]).T  # [C, 2W]
+  return np.linalg.solve(grams, rhs[..., None])[..., 0].T
+
+
+def _float64_solution(ids, x, y, l2, num_train: int, linear: bool):
+  """θ float64[N, J, C]: `dense_float64_ridge` of the occurrence counts, in chunks
+  of columns whose float64 working set stays within `_FLOAT64_BYTES`."""
   num_rows, batch = ids.shape
   counts = np.zeros((num_rows, num_train + 1))
   np.add.at(counts, (np.repeat(np.arange(num_rows), batch),
                      np.where(ids >= 0, ids, num_train).ravel()), 1.0)
   counts = counts[:, :num_train]
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  shared = counts.T @ counts  # the B block's Gram, the same for every column
-  theta = np.zeros((num_train, 2 if linear else 1, y.shape[1]))
-  gaps = np.zeros(y.shape[1])
-  for c in range(y.shape[1]):
-    if linear:
-      scaled = counts * x[:, c:c + 1]  # the A block's design
-      cross = scaled.T @ counts
-      gram = np.block([[scaled.T @ scaled, cross], [cross.T, shared]])
-      rhs = np.concatenate([scaled.T @ y[:, c], counts.T @ y[:, c]])
-    else:
-      gram, rhs = shared.copy(), counts.T @ y[:, c]
-    gram[np.diag_indices_from(gram)] += l2[c]
-    solution = scipy.linalg.cho_solve(scipy.linalg.cho_factor(gram), rhs)
-    theta[:, :, c] = solution.reshape(-1, num_train).T
-    rounded = solution.astype(np.float32).astype(np.float64)
-    norm = np.linalg.norm(rhs)
-    gaps[c] = np.linalg.norm(gram @ rounded - rhs) / norm if norm > 0 else 0.0
-  return theta, gaps
+  per_column = 8 * 10 * num_train ** 2  # Gram blocks, Gram matrix and its solve
+  step = max(1, _FLOAT64_BYTES // per_column)
+  theta = np.concatenate([
+      dense_float64_ridge(counts, x[:, c:c + step], y[:, c:c + step], l2[c:c + step],
+                          linear=linear)
+      for c in range(0, y.shape[1], step)], axis=1)  # [J·N, C]
+  return theta.reshape(-1, num_train, y.shape[1]).transpose(1, 0, 2)
 
 
 def _float64_check(theta, info, ids, x, y, l2, num_train: int, linear: bool):
@@ -887,7 +910,7 @@ def _float64_check(theta, info, ids, x, y, l2, num_train: int, linear: bool):
   if ids.shape[0] * (blocks * num_train) ** 2 * y.shape[1] > FLOAT64_CHECK_MAX_FLOPS:
     info["float64_check"] = "skipped"
     return theta
-  exact, gaps = _float64_solution(ids, x, y, l2, num_train, linear)
+  exact = _float64_solution(ids, x, y, l2, num_train, linear)
   size = np.linalg.norm(exact, axis=0)  # [J, C]
   off = np.linalg.norm(np.asarray(theta, np.float64) - exact, axis=0) / np.where(
       size > 0, size, 1.0)
@@ -895,9 +918,11 @@ def _float64_check(theta, info, ids, x, y, l2, num_train: int, linear: bool):
   if info["converged"] and worst <= UNSETTLED_LIMIT:
     info["float64_check"] = "agreed"
     return theta
+  theta = exact.astype(np.float32)
   info.update(float64_check="replaced", converged=True, replaced_off=worst,
-              relative_residual=float(np.max(gaps)))
-  return exact.astype(np.float32)
+              relative_residual=float(np.max(relative_residual(
+                  theta, ids, x, y, l2, linear=linear))))
+  return theta
 
 
 def unconverged_message(info: dict, max_iters: int) -> str:
