@@ -160,3 +160,38 @@ def test_a_fold_with_nothing_to_fit_is_named():
       r"^num_folds=2: fold 1's fitting runs \(every run r with r % 2 != 1\) are all "
       r"padding")):
     sj.simulators.fit_cv("linear", trace, [0.1, 1.0], num_folds=2)
+
+
+def test_priors_are_refitted_on_each_folds_fitting_runs():
+  # Review h32: priors fitted on every run had seen each fold's held-out runs.
+  trace = _noisy_trace()
+  grid = (1e-3, 0.1, 3.0)
+  seen = []
+
+  def priors(runs):  # a data-dependent prior: the runs' mean step change per id
+    seen.append(np.asarray(runs.losses[:, 0, 0]))
+    shift = float(np.mean(runs.losses[:, 1:] - runs.losses[:, :-1]))
+    return (np.full((10, 2), 0.5, np.float32),
+            np.full((10, 2), shift / 2, np.float32))
+
+  sim = sj.simulators.fit_cv("linear", trace, grid, num_folds=3, priors=priors,
+                             method="normal")
+  fold_of_run = np.arange(trace.num_runs) % 3
+  for k in range(3):  # each fold's prior saw only its fitting runs
+    np.testing.assert_array_equal(
+        seen[k], np.asarray(trace.losses)[fold_of_run != k, 0, 0])
+  np.testing.assert_array_equal(seen[3], np.asarray(trace.losses)[:, 0, 0])
+  want = np.zeros((3, len(grid)))
+  for k in range(3):
+    train = trace.select_runs(np.flatnonzero(fold_of_run != k))
+    held = trace.select_runs(np.flatnonzero(fold_of_run == k))
+    prior_a, prior_b = priors(train)
+    for g, l2 in enumerate(grid):
+      fitted = sj.simulators.fit("linear", train, l2=l2, prior_A=prior_a,
+                                 prior_B=prior_b, method="normal")
+      want[k, g] = sj.evaluation.all_steps_mse(
+          np.asarray(fitted.simulate(held.batch_ids, held.losses[:, 0])), held.losses)
+  np.testing.assert_allclose(sim.fit_info["cv"]["fold_scores"], want, rtol=2e-3)
+  with pytest.raises(ValueError, match="^priors: pass either"):
+    sj.simulators.fit_cv("linear", trace, grid, num_folds=3, priors=priors,
+                         prior_B=np.zeros((10, 2), np.float32))

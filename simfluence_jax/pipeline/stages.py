@@ -1188,9 +1188,25 @@ def featurized_simulator(config, fit_trace: trace_lib.Trace, phi: np.ndarray):
                             name="simfluence_featurized")
   if not config.simulators.featurized_corrections:
     return features_only
+  if config.simulators.l2 is not None:
+    return fit_ridge(config, "linear", fit_trace, name="simfluence_featurized",
+                     prior_A=np.asarray(features_only.A),
+                     prior_B=np.asarray(features_only.B))
+  chosen = features_only.fit_info["cv"]["chosen_l2"]
+
+  def priors(runs):
+    # The feature model's W refitted on the runs given (at the l2 chosen on all
+    # runs): fitted on every run, the prior had seen each fold's held-out runs and
+    # the corrections' CV favoured it (review h32: l2 = 100 where nested CV chose
+    # 1e-3).
+    if runs is fit_trace:
+      model = features_only
+    else:
+      model = simulators.fit("featurized", runs, l2=chosen, features=phi)
+    return np.asarray(model.A), np.asarray(model.B)
+
   return fit_ridge(config, "linear", fit_trace, name="simfluence_featurized",
-                   prior_A=np.asarray(features_only.A),
-                   prior_B=np.asarray(features_only.B))
+                   priors=priors)
 
 
 def fit_featurized(wd, config, runs: Runs, curricula: Curricula,
@@ -1203,4 +1219,5 @@ def fit_featurized(wd, config, runs: Runs, curricula: Curricula,
       fields=RIDGE_FIELDS + ("simulators.num_phases",
                              "simulators.featurized_corrections"),
       upstream=("record_runs", "features"),
-      version=3)  # 2: its corrections' CG goes on until θ settles; 3: float64 normal
+      version=4)  # 2: its corrections' CG goes on until θ settles; 3: float64
+  # normal; 4: the corrections' CV refits the feature model per fold (nested)

@@ -457,6 +457,7 @@ def cv_score(metric: Union[str, Callable], pred: np.ndarray, actual: np.ndarray
 def fit_cv(kind: str, trace: trace_lib.Trace,
            l2_grid: Sequence[float] = DEFAULT_L2_GRID, *, num_folds: int = 5,
            metric: Union[str, Callable] = "all_steps_mse",
+           priors: Optional[Callable] = None,
            **fit_kwargs) -> _simulator.Simulator:
   """Picks l2 by K-fold cross-validation with runs as folds, then fits on all runs.
 
@@ -475,6 +476,12 @@ def fit_cv(kind: str, trace: trace_lib.Trace,
     metric: "all_steps_mse" | "final_step_mse" | "spearman_across_runs" (higher
       is better; scored negated), or a callable (pred, actual: float[R', T+1, M]) ->
       float, lower is better.
+    priors: None, or `(trace) -> (prior_A, prior_B)`: prior centres fitted on the
+      runs given (e.g. a featurized model's A and B), refitted on each fold's
+      fitting runs and, for the final fit, on all runs; priors fitted on every run
+      would have seen each fold's held-out runs (review h32: the CV then favoured
+      the prior, l2 = 100 where nested CV chose 1e-3). Not with `prior_A` /
+      `prior_B`.
     **fit_kwargs: every other keyword of `fit` (prior_alpha, features, num_phases,
       method, name, ...), used for the fold fits and the final fit.
 
@@ -505,7 +512,17 @@ def fit_cv(kind: str, trace: trace_lib.Trace,
   unknown = sorted(set(fit_kwargs) - set(spec_kwargs))
   if unknown:
     raise ValueError(f"fit_kwargs: unknown keyword(s) {unknown} for simulators.fit.")
-  spec = _spec(kind, trace, **spec_kwargs)
+  if priors is not None and (fit_kwargs.get("prior_A") is not None
+                             or fit_kwargs.get("prior_B") is not None):
+    raise ValueError("priors: pass either priors (refitted per fold) or prior_A / "
+                     "prior_B, not both.")
+
+  def spec_of(runs):
+    if priors is None:
+      return _spec(kind, runs, **spec_kwargs)
+    prior_a, prior_b = priors(runs)
+    return _spec(kind, runs, **dict(spec_kwargs, prior_A=prior_a, prior_B=prior_b))
+
   fold_of_run = np.arange(trace.num_runs) % num_folds
   scores = np.zeros((num_folds, len(grid)))
   unconverged = []  # (relative residual, iterations) of folds that did not converge
@@ -517,6 +534,7 @@ def fit_cv(kind: str, trace: trace_lib.Trace,
                        f"r with r % {num_folds} != {fold}) are all padding (-1), so "
                        "it has nothing to fit; use fewer folds or order the runs "
                        "so that each fold's complement trains.")
+    spec = spec_of(train)
     problem = _problem(spec, train)
     a, b, _, info = _solve(spec, problem, np.asarray(grid), trace.num_train_examples)
     if not info["converged"]:
@@ -543,6 +561,9 @@ def fit_cv(kind: str, trace: trace_lib.Trace,
                      f"every l2 of l2_grid={grid}; use another metric, more runs per "
                      "fold, or larger l2.")
   choice = int(np.nanargmin(mean))
+  if priors is not None:
+    prior_a, prior_b = priors(trace)
+    fit_kwargs = dict(fit_kwargs, prior_A=prior_a, prior_B=prior_b)
   sim = fit(kind, trace, l2=grid[choice], name=name, **fit_kwargs)
   info = dict(sim.fit_info, cv={
       "metric": metric if isinstance(metric, str) else getattr(metric, "__name__",
