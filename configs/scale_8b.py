@@ -19,7 +19,8 @@ queries (16 x 7.8B floats) are split over `influence.mesh_model = 64` chips. Tha
 needs a model without Dense biases (`model.use_bias = False`, as in Llama-style
 decoders): a bias makes a layer's A factor (I + 1)², which no axis of 64 divides, and
 those replicated factors made the statistics' reduce need 131 GiB. Without them the
-covariance pass needs 30.9 GiB per chip, the reduce 11.5, the eigenvalue pass 16.4,
+covariance pass needs 36.1 GiB per chip (30.9 before the covariances counted the
+prompt tokens that carry gradient), the reduce 11.5, the eigenvalue pass 16.4,
 the queries 29.5 and the scores 20.8. The eigendecompositions (n = 4096 to 32100) are
 not compiled (XLA:TPU's eigh compile time grows steeply with n; the plan reports their
 inputs and outputs as a lower bound). `ekfac_scores(..., query_rank=)` (Grosse et

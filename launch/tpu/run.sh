@@ -53,7 +53,7 @@ run gcloud compute tpus tpu-vm create "${TPU_NAME}" --zone="${ZONE}" \
 run gcloud compute tpus tpu-vm scp --recurse "${repo}" "${TPU_NAME}":~/simfluence_jax \
   --zone="${ZONE}" --worker=all
 run gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" --worker=all --command \
-  "cd ~/simfluence_jax && pip install -q -e '.[gcs]' 'jax[tpu]' && python3 -m simfluence_jax.main $* --config.distributed=True --workdir=${WORKDIR}"
+  "cd ~/simfluence_jax && pip install -q -e '.[gcs,report]' 'jax[tpu]' && python3 -m simfluence_jax.main $* --config.distributed=True --workdir=${WORKDIR}"
 run gsutil -m cp -r "${WORKDIR}/report.md" "${WORKDIR}/metrics.json" "${WORKDIR}/plots" .
 if [[ -z "${KEEP:-}" ]]; then
   run gcloud compute tpus tpu-vm delete "${TPU_NAME}" --zone="${ZONE}" --quiet
