@@ -19,7 +19,9 @@ starts from the base model, so the initial test losses are the trace's
   from, null for simulators saved by hand: a main job that refits a simulator
   changes it, so a trajectory whose fingerprint differs from the current record
   is an older fit's) and `unfitted_ids` (per method, the curriculum's ids its fitted
-  runs never contained; rolled out only with `--allow_unfitted_ids`);
+  runs never contained; rolled out only with `--allow_unfitted_ids`); `below_zero`
+  (per method whose point prediction goes below 0, an impossible loss, its
+  minimum; also logged as a warning);
 * `trajectories.png`: the mean loss of the chosen test examples per step, one line per
   method (its point prediction) with a band of its posterior samples' mean ±2σ.
 
@@ -182,9 +184,19 @@ def run(workdir: str, curriculum_path: str, output_dir: Optional[str] = None,
   trajectories = counterfactual.simulate_curricula(
       sims, batch_ids, initial, num_band_samples, seed,
       allow_unfitted_ids=allow_unfitted_ids, allow_extrapolation=allow_extrapolation)
+  # A loss below 0 is impossible: said, as the main job's report does (review h32:
+  # -23.0 came back unflagged, while the search clips at its loss_floor).
+  below_zero = {name: float(np.nanmin(values["mean"]))
+                for name, values in trajectories.items()
+                if np.nanmin(values["mean"]) < 0}
+  for name, lowest in below_zero.items():
+    logging.warning("simulate: %s predicts losses below 0 (min %.4g), which no "
+                    "training run can reach: the curriculum is outside what its "
+                    "fit describes.", name, lowest)
   _io.makedirs(output_dir)
   payload = {
       "curriculum": curriculum,
+      "below_zero": below_zero,
       "fits": counterfactual.fit_fingerprints(workdir, list(sims)),
       "allow_extrapolation": bool(allow_extrapolation),
       "unfitted_ids": {name: unfitted[name].tolist() if name in unfitted else []

@@ -486,3 +486,26 @@ def test_stage_says_which_requested_methods_it_does_not_search(caplog):
   config.counterfactual.enabled = False
   assert stages.counterfactual(None, config, None, None, None, None, sims={}) is None
   assert not caplog.messages
+
+
+def test_simulate_says_when_a_prediction_goes_below_zero(fitted_workdir, tmp_path,
+                                                         caplog):
+  # Review h32: simulate returned a final loss of -23 with no flag.
+  _, sims, trace = fitted_workdir
+  workdir = str(tmp_path / "workdir")  # its own: the shared one keeps its simulators
+  trace.save(os.path.join(workdir, "trace"))
+  sims["simfluence_linear"].save(os.path.join(workdir, counterfactual.SIMULATORS_DIR,
+                                              "simfluence_linear"))
+  falling = sj.simulators.additive_from_scores(np.full((20, 3), -0.5, np.float32),
+                                               name="falling")
+  falling.save(os.path.join(workdir, counterfactual.SIMULATORS_DIR, "falling"))
+  path = tmp_path / "mine.json"
+  path.write_text(json.dumps(trace.batch_ids[:2].tolist()))
+  with caplog.at_level("WARNING"):
+    simulate.run(workdir, str(path), output_dir=str(tmp_path / "out"),
+                 methods=["falling", "simfluence_linear"])
+  written = json.loads((tmp_path / "out" / "trajectories.json").read_text())
+  want = float(np.min(falling.simulate(trace.batch_ids[:2], trace.losses[:2, 0])))
+  assert want < 0 and set(written["below_zero"]) == {"falling"}
+  assert written["below_zero"]["falling"] == pytest.approx(want)
+  assert "simulate: falling predicts losses below 0" in caplog.text
