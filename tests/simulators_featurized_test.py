@@ -180,21 +180,27 @@ def test_pipeline_corrections_fit_seen_examples_and_keep_features_for_unseen():
                              np.asarray(features_only.B)[unseen], atol=1e-5)
 
 
+def _ill_conditioned(rows=96, width=12, columns=3):
+  """(summed, x, y): nearly collinear summed features around a large constant
+  count, losses ~50 (cond > 1e6 at l2 = 1e-3)."""
+  rng = np.random.default_rng(0)
+  base = rng.normal(size=(rows, 4))
+  summed = np.concatenate([base @ rng.normal(size=(4, width - 1)) * 1e-2
+                           + 1e-4 * rng.normal(size=(rows, width - 1)),
+                           np.full((rows, 1), 8.0)], axis=1).astype(np.float32)
+  x = (50 + 5 * rng.normal(size=(rows, columns))).astype(np.float32)
+  y = (x * 0.99 + rng.normal(size=(rows, columns))).astype(np.float32)
+  return summed, x, y
+
+
 @pytest.mark.parametrize("linear", [True, False])
 def test_normal_solve_is_exact_on_an_ill_conditioned_problem(linear):
   """Review h25: the float32 normal equations (cond ≈ 1e9 at the default grid's
   l2 = 1e-3) left W 6.5% off the ridge solution with `converged` True and a small
   residual; built and solved in float64, W is the float64 ridge solution."""
   from simfluence_jax.simulators import _featurized  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  rows, width, columns = 96, 12, 3
-  base = rng.normal(size=(rows, 4))
-  # Summed features: nearly collinear columns around a large constant count.
-  summed = np.concatenate([base @ rng.normal(size=(4, width - 1)) * 1e-2
-                           + 1e-4 * rng.normal(size=(rows, width - 1)),
-                           np.full((rows, 1), 8.0)], axis=1).astype(np.float32)
-  x = (50 + 5 * rng.normal(size=(rows, columns))).astype(np.float32)
-  y = (x * 0.99 + rng.normal(size=(rows, columns))).astype(np.float32)
+  summed, x, y = _ill_conditioned()
+  columns = y.shape[1]
   l2 = np.full(columns, 1e-3, np.float32)
   theta, info = _featurized.solve(summed, x, y, l2, linear=linear, method="normal")
   assert info["converged"]
@@ -215,14 +221,8 @@ def test_cg_solve_is_checked_against_the_float64_solution(linear):
   and 53% (additive) off. Checked against the dense float64 solution where that
   is cheap, W is replaced by it."""
   from simfluence_jax.simulators import _featurized  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  rows, width, columns = 96, 12, 3
-  base = rng.normal(size=(rows, 4))
-  summed = np.concatenate([base @ rng.normal(size=(4, width - 1)) * 1e-2
-                           + 1e-4 * rng.normal(size=(rows, width - 1)),
-                           np.full((rows, 1), 8.0)], axis=1).astype(np.float32)
-  x = (50 + 5 * rng.normal(size=(rows, columns))).astype(np.float32)
-  y = (x * 0.99 + rng.normal(size=(rows, columns))).astype(np.float32)
+  summed, x, y = _ill_conditioned()
+  columns = y.shape[1]
   theta, info = _featurized.solve(summed, x, y, np.full(columns, 1e-3, np.float32),
                                   linear=linear, method="cg")
   assert info["converged"] and info["float64_check"] == "replaced", info
