@@ -319,11 +319,10 @@ def _float64_check(theta, met: bool, summed, x, y, l2, columns, linear: bool):
     return theta, met, "skipped"
   exact = _solver.dense_float64_ridge(summed, x[:, start:stop], y[:, start:stop],
                                       l2[start:stop], linear=linear)  # [J·F', C]
-  got = np.asarray(theta, np.float64)[:, :stop - start]
-  size = np.linalg.norm(exact.reshape(blocks, width, -1), axis=1)  # [J, C]
-  off = np.linalg.norm((got - exact).reshape(blocks, width, -1), axis=1) / np.where(
-      size > 0, size, 1.0)
-  if met and float(np.max(np.where(size > 0, off, 0.0))) <= _solver.UNSETTLED_LIMIT:
+  got = np.asarray(theta)[:, :stop - start]
+  if met and _solver.worst_block_error(got.reshape(blocks, width, -1),
+                                       exact.reshape(blocks, width, -1)
+                                       ) <= _solver.UNSETTLED_LIMIT:
     return theta, met, "agreed"
   padded = np.zeros(np.shape(theta), np.float32)
   padded[:, :stop - start] = exact
