@@ -261,10 +261,11 @@ def run(config, workdir: str, specs: Sequence[str], overwrite: bool = False,
            for values in itertools.product(*[v for _, v in grid])]
   for overrides in cells:  # every cell validates before any runs
     pipeline.validate_config(cell_config(config, overrides))
-    if len(cell_folder(overrides).encode()) > 255:  # most filesystems' name limit
+    size = len(cell_folder(overrides).encode())
+    if size > 255:  # most filesystems' limit on a name
       raise ValueError(f"--sweep: cell {cell_name(overrides)!r} names a folder of "
-                       f"{len(cell_folder(overrides).encode())} bytes, over the 255 "
-                       f"a filesystem takes; sweep shorter values.")
+                       f"{size} bytes, over the 255 a filesystem takes; sweep "
+                       "shorter values.")
   # The last sweep's results go first: a sweep that stops before the end leaves none
   # that reads as current (`tables --sweep` refuses a missing sweep.json).
   if sharding.is_primary():
