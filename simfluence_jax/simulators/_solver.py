@@ -919,7 +919,8 @@ def _float64_check(theta, info, ids, x, y, l2, num_train: int, linear: bool):
   float32, "replaced_off" the largest block error) or "skipped" (too large).
   """
   blocks = 2 if linear else 1
-  if ids.shape[0] * (blocks * num_train) ** 2 * y.shape[1] > FLOAT64_CHECK_MAX_FLOPS:
+  if (ids.shape[0] * (blocks * num_train) ** 2 * y.shape[1] > FLOAT64_CHECK_MAX_FLOPS
+      or 8 * ids.shape[0] * (num_train + 1) > _FLOAT64_BYTES):  # the dense counts
     info["float64_check"] = "skipped"
     return theta
   exact = _float64_solution(ids, x, y, l2, num_train, linear)
