@@ -10,6 +10,7 @@
 """
 
 import json
+import os
 import re
 import types
 
@@ -408,3 +409,41 @@ def test_a_huge_id_is_out_of_range_in_one_line(tmp_path, name, text, shown):
   path.write_text(text.replace("100000000000000000000", "47").replace(
       "9" * 400, "47").replace("1e20", "47"))
   np.testing.assert_array_equal(data.load_curriculum(str(path), 48).max(), 47)
+
+
+@pytest.mark.parametrize("num_phases", [1, 2])
+def test_fitted_ids_of_equals_what_fit_records(num_phases):
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 28, (4, 6, 3)).astype(np.int32)
+  ids[1, 5] = -1  # a padded step
+  ids[:, :3, 0] = 28  # only in the first phase's steps
+  ids[0, 4, 1] = 29  # only in the second's
+  assert {28, 29} <= set(sj.simulators.fitted_ids_of(ids))
+  assert not {28, 29} & set(sj.simulators.fitted_ids_of(ids, 2))
+  trace = sj.Trace(batch_ids=ids, losses=rng.uniform(1, 2, (4, 7, 2)).astype(
+      np.float32), learning_rates=np.full((4, 6), 0.1, np.float32),
+                   num_train_examples=30)
+  for kind in ("linear", "additive"):
+    fitted = sj.simulators.fit(kind, trace, l2=1.0, num_phases=num_phases)
+    assert sj.simulators.fitted_ids_of(ids, num_phases) == fitted.fitted_ids
+
+
+def test_a_search_pool_below_subset_size_is_refused_before_training():
+  # One step per run: the fitted runs hold fewer ids than a start curriculum needs.
+  # The search refused this after every stage before it had run.
+  config = config_lib.load_config(os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+      "default.py") + ":tiny")
+  stages.check_counterfactual_pools(config, stages.make_curricula(config))
+  with config.unlocked():
+    config.num_steps = 1
+  curricula = stages.make_curricula(config)
+  held = len(sj.simulators.fitted_ids_of(curricula.fit))
+  assert held < config.subset_size
+  with pytest.raises(ValueError, match="^" + re.escape(
+      f"counterfactual: simfluence_linear is fitted on {held} train ids, fewer than "
+      f"subset_size={config.subset_size}: a start curriculum")):
+    stages.check_counterfactual_pools(config, curricula)
+  with config.unlocked():
+    config.counterfactual.methods = ("metagradient",)  # draws from all N ids
+  stages.check_counterfactual_pools(config, curricula)

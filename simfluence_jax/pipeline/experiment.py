@@ -255,9 +255,10 @@ def run_seed(config, workdir: str, overwrite: bool = False,
                           environment=environment())
   config_lib.mesh_model_sizes(config, jax.device_count())  # refused before any work
   methods = config.methods
+  curricula = stages.make_curricula(config)  # a pure function of the config
+  stages.check_counterfactual_pools(config, curricula)  # before any stage runs
   dataset = stages.load_data(wd, config)
   model = stages.base_model(wd, config, dataset)
-  curricula = stages.make_curricula(config)
   runs = stages.record_runs(wd, config, dataset, model, curricula)
   # The precious stages passed: from here on the last result is this job's to replace.
   clear_results(workdir)

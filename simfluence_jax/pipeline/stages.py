@@ -772,7 +772,35 @@ def metagradient_table_simulator(config, dataset, model: Model, test_ids,
       name="metagradient")
 
 
-def counterfactual_starts(config, curricula: Curricula, pool=None) -> np.ndarray:
+def _check_pool(config, method: str, pool) -> None:
+  if pool is not None and len(pool) < config.subset_size:
+    raise ValueError(f"counterfactual: {method} is fitted on {len(pool)} train ids, "
+                     f"fewer than subset_size={config.subset_size}: a start "
+                     "curriculum of that size would hold ids it has no data for "
+                     "(raise num_steps or num_runs, lower subset_size, or leave "
+                     f"{method} out of counterfactual.methods).")
+
+
+def check_counterfactual_pools(config, curricula: Curricula) -> None:
+  """Refuses, before any run trains, a curriculum search `counterfactual` would
+  refuse after every stage before it: a searched simulator fitted per id
+  (Simfluence-Linear / -Additive on the fitted runs, per-step TracIn on the first
+  `num_grad_runs` of them) draws its start curricula from the ids those runs hold
+  (`simulators.fitted_ids_of`), at least `subset_size` of them."""
+  cf = config.counterfactual
+  if not cf.enabled:
+    return
+  grad_runs = curricula.fit[:min(config.num_grad_runs, config.num_runs)]
+  pooled = {"simfluence_linear": (curricula.fit, config.simulators.num_phases),
+            "simfluence_additive": (curricula.fit, config.simulators.num_phases),
+            "tracin_per_step": (grad_runs, 1)}
+  for method in cf.methods:
+    if method in pooled and method in config.methods and len(pooled[method][0]):
+      _check_pool(config, method, simulators.fitted_ids_of(*pooled[method]))
+
+
+def counterfactual_starts(config, curricula: Curricula, pool=None,
+                          method: str = "the searched simulator") -> np.ndarray:
   """int32[C, T, B] the random curricula a method's search starts from (the runs
   after all of `curricula`'s, so none is a training run), drawn from `pool` (the
   ids a searched simulator was fitted on, `Simulator.fitted_ids`; None: all N).
@@ -781,11 +809,7 @@ def counterfactual_starts(config, curricula: Curricula, pool=None) -> np.ndarray
     ValueError: `pool` holds fewer ids than `subset_size`.
   """
   num_epochs = -(-config.num_steps // curricula.steps_per_epoch)
-  if pool is not None and len(pool) < config.subset_size:
-    raise ValueError(f"counterfactual: the searched simulator was fitted on "
-                     f"{len(pool)} train ids, fewer than subset_size="
-                     f"{config.subset_size}: a start curriculum of that size would "
-                     "hold ids it has no data for.")
+  _check_pool(config, method, pool)
   return data.make_curricula(
       config.counterfactual.num_searched, config.num_train_examples,
       config.subset_size, num_epochs, config.batch_size, config.seed,
@@ -834,7 +858,8 @@ def counterfactual(wd, config, dataset, model: Model, runs: Runs,
       searched["metagradient"] = metagradient_table_simulator(
           config, dataset, model, targets, fit_trace.losses[0, 0])
     starts = {m: start_ids if searched[m].fitted_ids is None else
-              counterfactual_starts(config, curricula, pool=searched[m].fitted_ids)
+              counterfactual_starts(config, curricula, pool=searched[m].fitted_ids,
+                                    method=m)
               for m in methods}
     return cf_lib.search_and_verify(
         searched, initial_losses=fit_trace.losses[0, 0],

@@ -32,6 +32,7 @@ from simfluence_jax.simulators._fit import DEFAULT_L2_GRID
 from simfluence_jax.simulators._fit import fit
 from simfluence_jax.simulators._fit import FIT_KINDS
 from simfluence_jax.simulators._fit import fit_cv
+from simfluence_jax.simulators._fit import fitted_ids_of
 from simfluence_jax.simulators._fit import tracin_per_step
 from simfluence_jax.simulators._search import search_curriculum
 from simfluence_jax.simulators._search import SearchResult
@@ -43,5 +44,5 @@ from simfluence_jax.simulators._solver import METHODS
 from simfluence_jax.simulators._solver import solve
 
 __all__ = ["CV_METRICS", "DEFAULT_L2_GRID", "FIT_KINDS", "KINDS", "METHODS", "Posterior",
-           "SearchResult", "Simulator", "additive_from_scores", "fit", "fit_cv",
+           "SearchResult", "Simulator", "additive_from_scores", "fit", "fit_cv", "fitted_ids_of",
            "search_curriculum", "solve", "target_weights", "tracin_per_step"]

@@ -422,9 +422,24 @@ def _trace_ids(batch_ids: np.ndarray) -> tuple:
 def _phase_trace_ids(trace: trace_lib.Trace, starts: tuple) -> tuple:
   """Per phase, the sorted distinct train ids of `trace`'s steps in that phase: the
   ids whose parameter row k·N + i the fit had data for (`phase_fitted_ids`)."""
-  step_phase = _simulator.phase_of_steps(starts, trace.num_steps)
-  return tuple(_trace_ids(np.asarray(trace.batch_ids)[:, step_phase == k])
-               for k in range(len(starts)))
+  return _phase_ids(np.asarray(trace.batch_ids), starts)
+
+
+def _phase_ids(batch_ids: np.ndarray, starts: tuple) -> tuple:
+  step_phase = _simulator.phase_of_steps(starts, batch_ids.shape[1])
+  return tuple(_trace_ids(batch_ids[:, step_phase == k]) for k in range(len(starts)))
+
+
+def fitted_ids_of(batch_ids, num_phases: int = 1) -> tuple:
+  """The `fitted_ids` that `fit` records for runs of these batch ids
+  int[R, T, B] (without prior centres): their distinct train ids, with phases the
+  ids of every phase. The main job checks a curriculum search's pool with it
+  before training any run."""
+  batch_ids = np.asarray(batch_ids)
+  if num_phases == 1:
+    return _trace_ids(batch_ids)
+  return _simulator._common_ids(_phase_ids(  # pylint: disable=protected-access
+      batch_ids, phase_starts(batch_ids.shape[1], num_phases)))
 
 
 # -- cross-validation ------------------------------------------------------------------
