@@ -410,7 +410,8 @@ def fit(kind: str, trace: trace_lib.Trace, l2: float = 1e-3, *,
       phase_starts=problem.phase_starts,
       fitted_ids=None if covers_all or phased else _trace_ids(trace.batch_ids),
       phase_fitted_ids=(None if covers_all or not phased else
-                        _phase_trace_ids(trace, problem.phase_starts)))
+                        _phase_ids(np.asarray(trace.batch_ids),
+                                   problem.phase_starts)))
 
 
 def _trace_ids(batch_ids: np.ndarray) -> tuple:
@@ -419,13 +420,10 @@ def _trace_ids(batch_ids: np.ndarray) -> tuple:
   return tuple(int(i) for i in ids[ids >= 0])
 
 
-def _phase_trace_ids(trace: trace_lib.Trace, starts: tuple) -> tuple:
-  """Per phase, the sorted distinct train ids of `trace`'s steps in that phase: the
-  ids whose parameter row k·N + i the fit had data for (`phase_fitted_ids`)."""
-  return _phase_ids(np.asarray(trace.batch_ids), starts)
-
-
 def _phase_ids(batch_ids: np.ndarray, starts: tuple) -> tuple:
+  """Per phase, the sorted distinct train ids of the steps of `batch_ids`
+  int[R, T, B] in that phase: the ids whose parameter row k·N + i the fit had data
+  for (`phase_fitted_ids`)."""
   step_phase = _simulator.phase_of_steps(starts, batch_ids.shape[1])
   return tuple(_trace_ids(batch_ids[:, step_phase == k]) for k in range(len(starts)))
 
