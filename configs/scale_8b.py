@@ -3,8 +3,9 @@ r"""Influence scores at scale: EK-FAC and TracIn-CP on a ~7.8B-parameter decoder
 What it is for: the regime of Grosse et al. (2023), influence functions on a
 multi-billion-parameter LM, planned on a v5p slice of 64 chips (accelerator type
 v5p-128: v5p names count TensorCores, two per chip; topology v5p:4x4x4; 128 chips
-would be v5p-256, v5p:4x4x8). 64 SGD fine-tuning runs (one per chip) give the
-checkpoints of TracIn-CP and the held-out runs every method is scored on; EK-FAC
+would be v5p-256, v5p:4x4x8). 64 SGD fine-tuning runs (one per chip): the first 4 fitted runs
+give TracIn-CP's checkpoints (`influence.tracin_num_runs`), and 16 held-out runs are what
+every method is scored on; EK-FAC
 factors are fitted at the base model. Data: the seqio Task `super_glue_boolq_v102`
 (`pip install t5` for the main job; the plan needs no data):
 
@@ -44,7 +45,7 @@ def get_config(arg=None):
   config.num_test_examples = 16  # Queries; more make TracIn's query side dense.
   config.subset_size = 2048
 
-  # 64 runs = one per chip (48 fitted for TracIn's checkpoints, 16 held out).
+  # 64 runs = one per chip (48 fitted, 16 held out).
   config.num_runs = 48
   config.num_held_out_runs = 16
   config.batch_size = 8
@@ -67,7 +68,8 @@ def get_config(arg=None):
   config.model.use_bias = False
 
   config.influence.tracin_num_runs = 4
-  config.influence.chunk_size = 64  # Train examples per chunk (one per data slot).
+  config.influence.chunk_size = 64  # Train examples per chunk (all on the one data slot:
+  # mesh_model = 64 leaves the score mesh runs 1 x data 1 x model 64).
   config.influence.mesh_model = 64  # Params, factors and dense queries over 64 chips.
   config.pretrain_steps = 0
   config.counterfactual.enabled = False

@@ -2,7 +2,8 @@
 
 `base_config()` holds every field with its default and a comment; each file under
 `configs/` starts from it and overrides what its workload needs. Variants come from the
-config argument: `--config=configs/default.py:tiny` or `:tiny,num_runs=8`.
+config argument (`--config=configs/default.py:tiny`; each file lists its own); any
+field is set on the command line, e.g. `--config.num_runs=8`.
 
 Every field of a config with its value and comment:
 

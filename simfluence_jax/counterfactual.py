@@ -6,8 +6,8 @@ from random curricula), retrains those curricula with the real training code (a
 callback, so the caller decides how), and compares them with random curricula of the
 same size that were really trained (the held-out runs in the main job):
 
-* actual improvement: median final target loss of the random curricula minus that of
-  the searched ones (positive = the search helped);
+* actual improvement: median final target loss of the random curricula minus the mean
+  over the searched ones (positive = the search helped);
 * simulated improvement: the same difference as the simulator predicted it;
 * how often a searched curriculum beats the median random one.
 

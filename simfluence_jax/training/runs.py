@@ -127,7 +127,7 @@ def state_shardings(tree: Any, run_sharding: jax.sharding.NamedSharding) -> Any:
 # at once, which keeps their matmuls large.
 CPU_RUNS_PER_GROUP = 2
 # ... when a device's runs hold at least this many bytes of params: the default job's
-# 80 runs (43 MB) gained 1.38× and its 33 removal runs (18 MB) 1.2×, while the tiny
+# 80 runs (43 MB) gained 1.38× and its removal runs (33 then, 18 MB; 65 now) 1.2×, while the tiny
 # job's runs (about 1 MB) gained nothing and lost 6 s compiled at -O0 (the tests).
 CPU_GROUP_MIN_BYTES = 8 << 20
 
