@@ -326,5 +326,59 @@ class RegistrationTest(absltest.TestCase):
         batch, [batch])))))
 
 
+class _NoBiasDense(nn.Dense):  # a subclass changing a field default only
+  use_bias: bool = False
+
+
+class _NoBiasConv(nn.Conv):
+  use_bias: bool = False
+
+
+class _ScaledDense(nn.Dense):  # its own __call__: the kernel meets 2x, not x
+
+  def __call__(self, x):
+    return super().__call__(2.0 * x)
+
+
+class _SubclassNet(nn.Module):
+  head: type = _NoBiasDense
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.tanh(_NoBiasConv(2, (3, 3), name="conv")(x))
+    return self.head(3, name="head")(jnp.reshape(x, (x.shape[0], -1)))
+
+
+class SubclassTest(absltest.TestCase):
+
+  def test_subclasses_changing_defaults_are_covered_and_exact(self):
+    # Review h33: a subclass of nn.Dense / nn.Conv that only changes a default was
+    # left out of EK-FAC with only a warning.
+    model = _SubclassNet()
+    inputs = fixtures.normal(0, (4, 5, 4, 2))
+    batch = {"inputs": inputs, "labels": np.arange(4, dtype=np.int32) % 3}
+    params = fixtures.host_init(model, inputs[:1], seed=1)
+    task = influence.ClassificationTask(model.apply)
+    layers = influence.find_layers(task.loss, params, batch)
+    self.assertEqual([(s.name, s.block) for s in layers],
+                     [("conv", "conv"), ("head", "dense")])
+    got = influence.layer_gradients(task.loss, params, batch, layers)
+    expected = _layer_grads(task.loss, params, batch, layers)
+    for name in ("conv", "head"):
+      np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-6,
+                                 err_msg=name)
+
+  def test_a_subclass_with_its_own_call_is_not_covered(self):
+    model = _SubclassNet(head=_ScaledDense)
+    inputs = fixtures.normal(0, (4, 5, 4, 2))
+    batch = {"inputs": inputs, "labels": np.arange(4, dtype=np.int32) % 3}
+    params = fixtures.host_init(model, inputs[:1], seed=1)
+    task = influence.ClassificationTask(model.apply)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      layers = influence.find_layers(task.loss, params, batch)
+    self.assertEqual([s.name for s in layers], ["conv"])
+
+
 if __name__ == "__main__":
   absltest.main()

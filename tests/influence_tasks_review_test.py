@@ -18,9 +18,11 @@ import pytest
 from simfluence_jax import influence
 import nnx_models
 
-_NNX_CHANGED = ("the module's bn.mean (BatchStat) changed since the task was made, "
-                "and the task applies the non-parameter state it copied then: make a "
-                "new task of the module to score with its current state.")
+_NNX_CHANGED = ("the module's bn.mean (BatchStat) is not the task's copy (the module "
+                "changed since the task was made, or it is another module), and the "
+                "task applies the non-parameter state it copied then: make a task of "
+                "this module to score with its state (one call per checkpoint whose "
+                "state differs).")
 
 
 def _flat(tree):
@@ -113,6 +115,32 @@ def test_nnx_task_refuses_the_module_after_its_state_changed():
   with pytest.raises(ValueError, match="^" + re.escape(
       f"checkpoints[1]: {_NNX_CHANGED}") + "$"):
     influence.tracin_scores(task, [copy, net], [1.0, 1.0], batch, batch)
+
+
+def test_another_module_is_refused_and_scored_one_call_each():
+  # Review h33: a second module (another checkpoint, with its own batch statistics)
+  # passed as a checkpoint or as params was reduced to its Param state and scored
+  # under the task's module's statistics: TracIn 1.2-4x off, EK-FAC 47% off.
+  net, batch = _nnx_setup()
+  other, _ = _nnx_setup()
+  _update_batch_stats(other, batch["inputs"])
+  task = influence.ClassificationTask(net)
+  with pytest.raises(ValueError, match="^" + re.escape(
+      f"checkpoints[1]: {_NNX_CHANGED}") + "$"):
+    influence.tracin_scores(task, [net, other], [1.0, 0.5], batch, batch)
+  with pytest.raises(ValueError, match="^" + re.escape(f"params: {_NNX_CHANGED}") + "$"):
+    influence.tracin_self_influence(task, [other], [1.0], batch)
+  with pytest.raises(ValueError, match="^" + re.escape(f"params: {_NNX_CHANGED}") + "$"):
+    influence.fit_ekfac(task, other, [batch])
+  factors = influence.fit_ekfac(task, net, [batch])
+  with pytest.raises(ValueError, match="^" + re.escape(f"params: {_NNX_CHANGED}") + "$"):
+    influence.ekfac_scores(task, other, factors, batch, [batch])
+  # What the message says: one task and call per module, summed.
+  got = sum(influence.tracin_scores(influence.ClassificationTask(m), [m], [lr], batch,
+                                    batch) for m, lr in ((net, 1.0), (other, 0.5)))
+  want = sum(lr * _nnx_brute(*nnx.split(m, nnx.Param, ...), batch)
+             for m, lr in ((net, 1.0), (other, 0.5)))
+  _close(got, want)
 
 
 def test_nnx_task_refuses_the_module_in_another_mode():
@@ -225,22 +253,43 @@ def test_interacting_examples_are_refused():
                                    chunk_size=chunk_size), want)
 
 
-def test_dropout_drawn_per_batch_is_refused():
+@pytest.mark.parametrize("rate", [0.5, 0.01])
+def test_dropout_drawn_per_batch_is_refused(rate):
+  # At rate 0.01 the pair check alone accepted 6 of 10 dropout keys (the mask rows
+  # it compared were often all ones), and TracIn then moved 2.5-16% with
+  # chunk_size (review h33): a loss that draws random numbers is refused outright,
+  # for every key.
   class Net(nn.Module):
+    deterministic: bool = False
 
     @nn.compact
     def __call__(self, x):
-      return nn.Dense(3)(nn.Dropout(0.5, deterministic=False)(nn.Dense(8)(x)))
+      hidden = nn.Dropout(rate, deterministic=self.deterministic)(nn.Dense(8)(x))
+      return nn.Dense(3)(hidden)
 
-  model = Net()
   x = jax.random.normal(jax.random.key(0), (4, 3))
   batch = {"inputs": x, "labels": jnp.arange(4) % 3}
-  params = model.init({"params": jax.random.key(1), "dropout": jax.random.key(2)}, x)
-  task = influence.ClassificationTask(
-      lambda p, xb: model.apply(p, xb, rngs={"dropout": jax.random.key(3)}))
-  with pytest.raises(ValueError, match="^" + re.escape(
-      "train_batches: examples interact in the batch")):
-    influence.tracin_scores(task, [params], [1.0], batch, batch)
+  params = Net().init({"params": jax.random.key(1), "dropout": jax.random.key(2)}, x)
+  message = ("the task's loss draws random numbers (random_bits; e.g. "
+             "dropout with an rng), so an example's loss depends on its batch and "
+             "scores on chunk_size, even where two examples happen to agree; apply "
+             "the model deterministically (deterministic=True, or module.eval()).")
+  for key in range(4):
+    task = influence.ClassificationTask(
+        lambda p, xb, k=key: Net().apply(p, xb, rngs={"dropout": jax.random.key(k)}))
+    with pytest.raises(ValueError, match="^" + re.escape(f"train_batches: {message}")):
+      influence.tracin_scores(task, [params], [1.0], batch, batch)
+    with pytest.raises(ValueError, match="^" + re.escape(f"batches: {message}") + "$"):
+      influence.fit_ekfac(task, params, [batch])
+  # The same model applied deterministically is accepted and exact.
+  model = Net(deterministic=True)
+  task = influence.ClassificationTask(model.apply)
+
+  def loss(p, i):
+    logits = model.apply(p, x[i:i + 1])
+    return -jax.nn.log_softmax(logits)[0, batch["labels"][i]]
+  _close(influence.tracin_scores(task, [params], [1.0], batch, batch, chunk_size=3),
+         _brute_tracin(loss, params, 4))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

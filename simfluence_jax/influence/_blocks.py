@@ -531,8 +531,9 @@ def register_layer_kind(module_class: type, block_class: type) -> None:
   """Makes layer discovery treat calls of `module_class` as `block_class` layers.
 
   Args:
-    module_class: a linen or NNX module class, matched exactly (a subclass that
-      is not registered itself is not tracked).
+    module_class: a linen or NNX module class. Its subclasses that override none
+      of its methods (they change field defaults only) are its kind too; one with
+      its own `__call__` or other method is not tracked unless registered itself.
     block_class: a `CurvatureBlock` subclass with a unique `name`; its `describe`
       must read `module_class`'s configuration.
 
@@ -555,9 +556,37 @@ def register_layer_kind(module_class: type, block_class: type) -> None:
 
 
 def block_for_module(module) -> Optional[type]:
-  """The block class registered for `type(module)`, or None."""
+  """The block class registered for `type(module)` or inherited (`_inherited_block`),
+  or None."""
   _register_nnx_kinds()
-  return _BLOCKS_BY_MODULE.get(type(module))
+  found = _BLOCKS_BY_MODULE.get(type(module))
+  return found if found is not None else _inherited_block(type(module))
+
+
+def _inherited_block(module_class: type) -> Optional[type]:
+  """The block of `module_class`'s nearest registered base class, if neither it nor
+  the classes between them override any of that base's methods (a subclass that only
+  changes field defaults, e.g. `class MyDense(nn.Dense): use_bias: bool = False`,
+  computes what the base does); else None. Left out, such a layer was excluded with
+  only a warning (review h33). An overridden `__call__` could apply the kernel to
+  other inputs than those captured, so it is never inherited.
+  """
+  mro = module_class.__mro__
+  fields = getattr(module_class, "__dataclass_fields__", {})
+  for depth, base in enumerate(mro[1:], 1):
+    found = _BLOCKS_BY_MODULE.get(base)
+    if found is None:
+      continue
+    for klass in mro[:depth]:
+      for attr, value in vars(klass).items():
+        if attr in fields or (attr.startswith("__") and attr != "__call__"):
+          continue
+        method = callable(value) or isinstance(value, (property, staticmethod,
+                                                       classmethod))
+        if method and hasattr(base, attr):
+          return None
+    return found
+  return None
 
 
 def block_for_module_class(module_class: type) -> Optional[type]:

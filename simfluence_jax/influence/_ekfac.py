@@ -552,6 +552,7 @@ def _prepare(task, params, batches, argument, chunk_size, mesh, query_batch=None
   chunk_size = _common.check_chunk_size(chunk_size)
   mesh = _common.resolve_mesh(mesh)
   batches = _common.as_batch_list(batches, argument)
+  _tasks.check_params(task, params)  # before unboxing (an NNX module's own state)
   params = _layers.unbox(params)
   _tasks.validate(task, params, [(batches, argument)] + (
       [] if query_batch is None else [([query_batch], "query_batch")]))

@@ -816,8 +816,9 @@ def _nothing_found(calls, seen, problems, disabled, kinds, frozen, dead) -> str:
             "(jax.jit(model.apply)), or a jax.checkpoint / jit around the loss that "
             "was traced before, replays its cached trace and hides the layers: "
             "pass the unjitted apply. An NNX model must be merged from the params "
-            "inside fn (or pass the module to the task). A model that is not Flax "
-            "needs register_layer_kind.")
+            "inside fn (or pass the module to the task). EK-FAC finds layers of Flax "
+            "modules only (register_layer_kind adds a linen or NNX module class); "
+            "TracIn takes any function.")
   known = sorted(c.__name__ for c in _blocks.registered_module_classes())
   return (f"The modules called ({dict(seen)}) include no supported layer kind "
           f"({known}); register_layer_kind(module_class, BlockClass) adds one.")
