@@ -14,14 +14,12 @@ import textwrap
 import numpy as np
 import pytest
 
-SCRIPT = textwrap.dedent("""
-    import sys
+# The model, data and params: the script's and, for the factors it saves, this
+# process's (one device).
+MODEL = textwrap.dedent("""
     import flax.linen as nn
     import jax, jax.numpy as jnp, numpy as np
-    from simfluence_jax import influence, sharding
-    from simfluence_jax.influence import _ekfac, _tracin
-
-    assert jax.device_count() == 8, jax.devices()
+    from simfluence_jax import influence
 
     class LM(nn.Module):
       @nn.compact
@@ -41,6 +39,14 @@ SCRIPT = textwrap.dedent("""
     params = model.init(jax.random.key(4), batches[0]["inputs"])
     other = jax.tree_util.tree_map(lambda x: x * 0.9, params)
     task = influence.LanguageModelingTask(model.apply)
+""")
+
+SCRIPT = MODEL + textwrap.dedent("""
+    import sys
+    from simfluence_jax import sharding
+    from simfluence_jax.influence import _ekfac, _tracin
+
+    assert jax.device_count() == 8, jax.devices()
     layers = influence.find_layers(task.loss, params, batches[0], kinds="all",
                                    warn=False)
     probe = None
@@ -88,18 +94,41 @@ SCRIPT = textwrap.dedent("""
     plan = next(iter(_tracin._plans.values()))
     out["tracin_kernel_cache_size"] = np.asarray(
         _tracin._chunk_kernel(task, plan, meshes["d8"])._cache_size())
+    # The same calls with the params placed otherwise: split over the mesh, or on
+    # another device (the independence check's program was compiled for the first
+    # placement it saw, and refused the others: review h34).
+    for name, placed in (
+        ("split", jax.device_put(params, sharding.param_shardings(
+            params, sharding.make_mesh(runs=1, data=1, model=8)))),
+        ("device1", jax.device_put(params, jax.devices()[1]))):
+      out[f"tracin_scores_{name}"] = np.asarray(influence.tracin_scores(
+          task, [placed, other], [0.1, 0.05], queries, batches, **kw))
+      out[f"ekfac_self_{name}"] = np.asarray(influence.ekfac_self_influence(
+          task, placed, influence.fit_ekfac(  # as the last fit above
+              task, placed, batches, fisher="true", rng=jax.random.key(7),
+              layers=layers, **kw), batches, **kw))
+    # Factors fitted on 8 devices, saved, for a process with one to load.
+    influence.save_factors(sys.argv[2], factors)
+    out["ekfac_scores_saved"] = np.asarray(influence.ekfac_scores(
+        task, params, factors, queries, batches, chunk_size=6))
     np.savez(sys.argv[1], **out)
 """)
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory, tiny_job):
-  path = str(tmp_path_factory.mktemp("influence_sharding") / "results.npz")
+def run_dir(tmp_path_factory, tiny_job):
+  folder = tmp_path_factory.mktemp("influence_sharding")
   env = tiny_job.env(8)
-  proc = subprocess.run([sys.executable, "-c", SCRIPT, path], env=env,
+  proc = subprocess.run([sys.executable, "-c", SCRIPT, str(folder / "results.npz"),
+                         str(folder / "factors")], env=env,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  return dict(np.load(path))
+  return folder
+
+
+@pytest.fixture(scope="module")
+def results(run_dir):
+  return dict(np.load(run_dir / "results.npz"))
 
 
 NAMES = ("eigenvalues_empirical", "precondition_empirical", "eigenvalues_true",
@@ -132,3 +161,25 @@ def test_shapes_and_compile_once(results):
   assert results["tracin_self_default"].shape == (29,)
   assert int(results["score_kernel_cache_size"]) == 1
   assert int(results["tracin_kernel_cache_size"]) == 1
+
+
+@pytest.mark.parametrize("placement", ["split", "device1"])
+def test_params_placed_otherwise_give_the_same_scores(results, placement):
+  for name in ("tracin_scores", "ekfac_self"):
+    expected = results[f"{name}_d8"]
+    np.testing.assert_allclose(results[f"{name}_{placement}"], expected, rtol=1e-5,
+                               atol=1e-5 * np.abs(expected).max(), err_msg=name)
+
+
+def test_factors_fitted_on_8_devices_load_on_one(run_dir, results):
+  import jax  # pylint: disable=g-import-not-at-top
+  from simfluence_jax import influence  # pylint: disable=g-import-not-at-top
+  assert jax.device_count() == 1
+  model = {}
+  exec(MODEL, model)  # pylint: disable=exec-used
+  factors = influence.load_factors(str(run_dir / "factors"))
+  got = influence.ekfac_scores(model["task"], model["params"], factors,
+                               model["queries"], model["batches"], chunk_size=6)
+  expected = results["ekfac_scores_saved"]
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5,
+                             atol=1e-5 * np.abs(expected).max())

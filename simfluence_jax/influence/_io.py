@@ -208,25 +208,29 @@ def load_factors(path) -> _ekfac.EKFACFactors:
   if not isinstance(empty, dict):
     raise ValueError(f"load_factors: corrupt {METADATA_FILE} in {path!r}: "
                      f"'empty_arrays' must be an object.")
+  expected = {f"factor_{i}" for i in range(len(names))}
+  restored = None
   try:
     with _checkpointer() as checkpointer:
       saved = checkpointer.metadata(arrays_path).item_metadata.tree
-      expected = {f"factor_{i}" for i in range(len(names))}
-      if (set(saved) != expected
-          or any(set(saved[key]) | set(empty.get(key, {})) != set(fields)
-                 for key in expected)):
-        raise ValueError(f"load_factors: arrays in {os.fspath(arrays_path)!r} do not match "
-                         f"the {len(names)} factors listed in {METADATA_FILE}.")
-      # Sharding-free targets restore as host numpy arrays with the saved dtypes,
-      # whatever device layout the factors were fitted on.
-      target = jax.tree_util.tree_map(
-          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved)
-      restored = checkpointer.restore(arrays_path, target)
-  except ValueError:
-    raise
-  except Exception as error:  # orbax raises assorted types on damaged files.
-    raise ValueError(f"load_factors: cannot read the arrays in {os.fspath(arrays_path)!r}: "
-                     f"{error}") from error
+      if (set(saved) == expected
+          and all(set(saved[key]) | set(empty.get(key, {})) == set(fields)
+                  for key in expected)):
+        # Targets on this process's first device, whatever device layout the
+        # factors were fitted on (without a sharding, orbax restored the saved
+        # layout: factors fitted on 4 devices failed to load on 1; review h34).
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+            saved)
+        restored = checkpointer.restore(arrays_path, target)
+  except Exception as error:  # pylint: disable=broad-except  # orbax raises assorted types on damaged files.
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    raise ValueError(f"load_factors: cannot read the arrays in "
+                     f"{os.fspath(arrays_path)!r}: {first}") from error
+  if restored is None:
+    raise ValueError(f"load_factors: arrays in {os.fspath(arrays_path)!r} do not match "
+                     f"the {len(names)} factors listed in {METADATA_FILE}.")
   def array(key, field):
     if field in empty.get(key, {}):
       shape, dtype = empty[key][field]

@@ -495,8 +495,12 @@ def _together_and_alone(task, params, items):
       out.append((together, jnp.concatenate(alone)))
     return out
   pairs = [pair for _, _, pair in items]
+  # The params' placements too: a program compiled for host params refused them
+  # split over a mesh or on another device (review h34).
+  placement = tuple(getattr(x, "sharding", None)
+                    for x in jax.tree_util.tree_leaves(params))
   key = tuple((which, _checks.tree_signature(params), _checks.tree_signature(pair))
-              for which, _, pair in items)
+              for which, _, pair in items) + (placement,)
   try:
     programs = _CHECK_PROGRAMS.setdefault(task, {})
   except TypeError:  # a task without weak references or hash: compiled every time
