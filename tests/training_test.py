@@ -3,6 +3,7 @@
 import functools
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -598,15 +599,24 @@ def _batch_norm_model():
   return model, variables, training.make_loss_fn(model, "classification")
 
 
+@pytest.mark.parametrize("loss_kind,record", [("make_loss_fn", False),
+                                               ("custom", False), ("custom", True)])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_batch_stats_pass_through_undifferentiated(optimizer):
+def test_batch_stats_pass_through_undifferentiated(optimizer, loss_kind, record):
+  # A custom loss applying the whole variables dict trained the running statistics
+  # (review h36: moved by 0.05-0.3); every training gradient now holds the
+  # collections other than "params" fixed, as make_loss_fn's losses do.
   _, _, _, train, test = _setup()
   model, variables, loss_fn = _batch_norm_model()
+  if loss_kind == "custom":
+    loss_fn = lambda v, b: losses.classification_loss(model.apply(v, b["inputs"]),
+                                                      b["labels"])
   lr = 0.1
   ids = np.array([[[2, 5, 8]]], np.int32)
   result = training.train_runs(variables, ids, loss_fn=loss_fn,
                                config=_config(optimizer, lr), train_arrays=train,
-                               test_arrays=test, progress=False)
+                               test_arrays=test, progress=False, record_grads=record,
+                               projection_dim=4)
   final = jax.tree_util.tree_map(lambda x: x[0], result.params)
   _assert_trees_close(final["batch_stats"], variables["batch_stats"], atol=0)
   # The params step: gradient through the frozen running statistics.
@@ -622,6 +632,64 @@ def test_batch_stats_pass_through_undifferentiated(optimizer):
       lambda p, g: p - step(g), params, jax.grad(objective)(params)))(
           variables["params"])
   _assert_trees_close(final["params"], expected, atol=1e-5)
+
+
+def test_an_nnx_state_with_batch_statistics_is_refused():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  class Net(nnx.Module):
+
+    def __init__(self, rngs):
+      self.dense, self.norm = nnx.Linear(4, 3, rngs=rngs), nnx.BatchNorm(3, rngs=rngs)
+
+  _, loss_fn, _, train, test = _setup()
+  with pytest.raises(ValueError, match="^" + re.escape(
+      "train_runs: params0 is an nnx.State holding ['BatchStat'] variables besides "
+      "nnx.Param, and every leaf of params0 is trained; pass nnx.state(module, "
+      "nnx.Param) and merge the rest inside loss_fn.") + "$"):
+    training.train_runs(nnx.state(Net(nnx.Rngs(0))), np.zeros((1, 1, 2), np.int32),
+                        loss_fn=loss_fn, config=_config(), train_arrays=train,
+                        test_arrays=test, progress=False)
+
+
+def _net_class(activation):
+  """A module class named Net: its repr is "Net()" whatever its activation."""
+  class Net(nn.Module):  # pylint: disable=redefined-outer-name
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      hidden = nn.Dense(6)(x)
+      if train:
+        hidden = hidden * 0.5
+      return nn.Dense(NUM_CLASSES)(activation(hidden))
+  return Net
+
+
+@pytest.mark.parametrize("edit", ["activation", "training_path"])
+def test_a_workdir_of_a_module_whose_code_changed_is_not_resumed(tmp_path, edit):
+  # make_loss_fn described a module by its repr (its fields, not its code): after
+  # relu was edited to tanh the call "resumed" the relu runs (review h36).
+  _, _, _, train, test = _setup()
+  before = _net_class(nn.relu)()
+  after = _net_class(nn.tanh if edit == "activation" else nn.relu)()
+  params0 = models.init_variables(before, train["inputs"][:1])
+  kwargs = dict(train_arrays=train, test_arrays=test, config=_config(),
+                progress=False)
+  if edit == "training_path":  # the same eval path; training mode differs
+    make = lambda m, scale: training.make_loss_fn(
+        m, "classification", train_kwargs={"train": scale})
+    first, second = make(before, False), make(after, True)
+    assert first.description != second.description  # by train_kwargs, so:
+    second.description = first.description  # only the computation tells them apart
+  else:
+    first = training.make_loss_fn(before, "classification")
+    second = training.make_loss_fn(after, "classification")
+    assert first.description == second.description
+  ids = np.array([[[2, 5, 8], [1, 3, 4]]], np.int32)
+  workdir = str(tmp_path / "job")
+  training.train_runs(params0, ids, loss_fn=first, workdir=workdir, **kwargs)
+  with pytest.raises(ValueError, match=re.escape("changed: loss_computation: ")):
+    training.train_runs(params0, ids, loss_fn=second, workdir=workdir, **kwargs)
 
 
 def _losses_one_by_one(loss_fn, params0, batch_ids, train, test, config):

@@ -46,15 +46,25 @@ def traced_computation(fn: Any, *args: Any) -> Tuple[str, List[np.ndarray], Any]
   return text, [np.asarray(c) for c in closed.consts if hasattr(c, "shape")], out
 
 
-def loss_computation(loss_fn: Any, params: Any, batch: Any) -> str:
+def loss_computation(loss_fn: Any, params: Any, batch: Any,
+                     stochastic: bool = False) -> str:
   """`digest` of what a loss computes on `params` and one example of `batch`
-  (`traced_computation`): two losses with one name (closures of one factory) but
-  other constants or operations differ."""
+  (`traced_computation`): two losses with one name (closures of one factory), or
+  one module whose code changed (its repr shows only its fields), differ where
+  their constants or operations do. `stochastic`: the training path
+  `loss_fn(params, batch, rng=key)` too, with a fixed key."""
   spec = lambda shape, x: jax.ShapeDtypeStruct(shape, np.result_type(x))
   one = jax.tree_util.tree_map(lambda x: spec((1,) + np.shape(x)[1:], x), batch)
   shapes = jax.tree_util.tree_map(lambda x: spec(np.shape(x), x), params)
-  text, consts, _ = traced_computation(loss_fn, shapes, one)
-  return digest([np.frombuffer(text.encode(), np.uint8)] + consts)
+  paths = [loss_fn]
+  if stochastic:
+    key = jax.random.PRNGKey(0)
+    paths.append(lambda p, b: loss_fn(p, b, rng=key))
+  parts = []
+  for path in paths:
+    text, consts, _ = traced_computation(path, shapes, one)
+    parts += [np.frombuffer(text.encode(), np.uint8)] + consts
+  return digest(parts)
 
 
 def loss_description(loss_fn: Any) -> str:

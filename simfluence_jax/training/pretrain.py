@@ -58,7 +58,8 @@ def pretrain_base(params: Any, loss_fn: step_lib.LossFn, arrays: Dict[str, Any],
     def body(carry, ids):
       params, opt_state = carry
       batch = jax.tree_util.tree_map(lambda x: jnp.take(x, ids, axis=0), arrays)
-      loss, grads = jax.value_and_grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+      loss, grads = jax.value_and_grad(lambda p: jnp.mean(
+          step_lib.trainable_only(loss_fn)(p, batch)))(params)
       updates, opt_state = optimizer.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), loss
 

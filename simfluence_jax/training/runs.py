@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import math
+import sys
 import time
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
@@ -462,6 +463,24 @@ def _check_input_ids(who: str, inputs: Any, argument: str) -> None:
                    f"{where}.")
 
 
+def _check_nnx_state(who: str, params0: Any) -> None:
+  """Refuses an `nnx.State` holding variables other than `nnx.Param` (batch
+  statistics): every leaf of params0 is trained, and its BatchStat moved by its
+  gradient (review h36). A linen variables dict's other collections are held fixed
+  instead (`step.trainable_only`)."""
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is None or not isinstance(params0, nnx.State):
+    return
+  others = sorted({type(v).__name__ for v in jax.tree_util.tree_leaves(
+      params0, is_leaf=lambda x: isinstance(x, nnx.Variable))
+                   if isinstance(v, nnx.Variable) and not isinstance(v, nnx.Param)})
+  if others:
+    raise ValueError(
+        f"{who}: params0 is an nnx.State holding {others} variables besides "
+        f"nnx.Param, and every leaf of params0 is trained; pass nnx.state(module, "
+        f"nnx.Param) and merge the rest inside loss_fn.")
+
+
 def check_arrays(who: str, loss_fn: step_lib.LossFn, params0: Any,
                  train_arrays: Any, test_arrays: Any) -> Tuple[int, int]:
   """(N, M) of `train_arrays` / `test_arrays`, checked before anything is computed.
@@ -470,6 +489,7 @@ def check_arrays(who: str, loss_fn: step_lib.LossFn, params0: Any,
   of `step.make_loss_fn`'s losses must be in [0, C) where they count
   (`_check_class_ids`). ValueError naming the array otherwise.
   """
+  _check_nnx_state(who, params0)
   num_train = _leading_size(who, train_arrays, "train_arrays", "N")
   num_test = _leading_size(who, test_arrays, "test_arrays", "M")
   _check_class_ids(who, loss_fn, params0, train_arrays, "train_arrays")
@@ -687,11 +707,14 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
          "batch_ids": fingerprint_lib.digest(batch_ids),
          "weights": fingerprint_lib.digest(weights),
          "checkpoint_every": int(tracin_every)}
-  if workdir is not None and not getattr(loss_fn, "description", None):
-    # A loss not built by `make_loss_fn` is named by its __qualname__ only: two
-    # closures of one factory (another temperature) would resume each other's runs.
+  if workdir is not None:
+    # Names alone do not identify a loss: two closures of one factory (another
+    # temperature) would resume each other's runs, and `make_loss_fn`'s description
+    # shows a module's fields, not its code (relu edited to tanh resumed the relu
+    # runs: review h36). Its traced computation does, training path included.
     job[LOSS_COMPUTATION] = fingerprint_lib.loss_computation(
-        loss_fn, host_params0, sharding_lib.to_host(test_arrays))
+        loss_fn, host_params0, sharding_lib.to_host(test_arrays),
+        stochastic=step_lib.takes_rng(loss_fn))
 
   step = resumed_step = 0
   runs_manager = tracin_manager = None

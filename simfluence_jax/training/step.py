@@ -138,8 +138,9 @@ def make_loss_fn(model: nn.Module, kind: str, *,
 
 
 def _freeze_non_trainable(variables):
-  """`variables` with every collection but "params" behind `stop_gradient`."""
-  if not isinstance(variables, Mapping):
+  """A linen variables dict with every collection but "params" behind
+  `stop_gradient`; anything else as it is."""
+  if not isinstance(variables, Mapping) or TRAINABLE_COLLECTION not in variables:
     return variables
   return {name: value if name == TRAINABLE_COLLECTION else
           jax.tree_util.tree_map(jax.lax.stop_gradient, value)
@@ -168,9 +169,22 @@ def slot_keys(base_key: jax.Array, run, step, num_slots: int,
       first_slot + jnp.arange(num_slots))
 
 
+def trainable_only(loss_fn: LossFn) -> LossFn:
+  """`loss_fn` whose params' collections other than "params" are behind
+  `stop_gradient` (`_freeze_non_trainable`), as `make_loss_fn`'s losses hold them.
+  Every gradient of a training step goes through it, so a custom loss that applies
+  the whole variables dict does not train BatchNorm statistics either (it did:
+  they moved by 0.05-0.3 and metagradients were 3-15% off; review h36)."""
+  def frozen(params, batch, **kwargs):
+    return loss_fn(_freeze_non_trainable(params), batch, **kwargs)
+  return frozen
+
+
 def example_losses(loss_fn: LossFn, params, batch, keys: Optional[jax.Array] = None):
   """float32[n] training-mode losses of `batch`; `keys` [n] one per example (None =
-  the loss without a key)."""
+  the loss without a key). Only the "params" collection has a gradient
+  (`trainable_only`)."""
+  loss_fn = trainable_only(loss_fn)
   if keys is None:
     return loss_fn(params, batch)
   one = lambda example, key: loss_fn(
@@ -307,7 +321,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
           example_grads, key, projection_dim) * valid[:, None]
       num_test = jax.tree_util.tree_leaves(test_arrays)[0].shape[0]
       test_grads = per_example.per_example_grads(
-          _eval_loss(loss_fn), params, test_arrays, _chunk_size(num_test, grad_chunk_size))
+          _eval_loss(trainable_only(loss_fn)), params, test_arrays,
+          _chunk_size(num_test, grad_chunk_size))
       extras["test_grads"] = projection.project_pytree(test_grads, key, projection_dim)
     else:
       def objective(p):
@@ -355,7 +370,9 @@ def _eval_loss(loss_fn: LossFn) -> LossFn:
 
 
 def _per_example_grads(loss_fn: LossFn, params, batch, keys, chunk_size):
-  """Per-example gradients in training mode (with one key per example, if any)."""
+  """Per-example gradients in training mode (with one key per example, if any), of
+  the "params" collection (`trainable_only`)."""
+  loss_fn = trainable_only(loss_fn)
   if keys is None:
     return per_example.per_example_grads(loss_fn, params, batch, chunk_size)
   def single(example, key):
