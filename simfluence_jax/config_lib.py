@@ -111,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "transformer"  # transformer | mlp (ignored with a factory)
   config.model.factory = ""  # "pkg.module:fn": your linen model, fn(config.model, vocab_size=, num_classes=, max_len=).
-  config.model.checkpoint = ""  # Orbax checkpoint of your model's variables: the base model (no init, no pre-training).
+  config.model.checkpoint = ""  # Orbax checkpoint of your model's variables: the base model (no init; pretrain_steps must be 0).
   config.model.d_model = 64  # Transformer width.
   config.model.num_layers = 2  # Transformer blocks.
   config.model.num_heads = 4  # Attention heads.

@@ -710,6 +710,23 @@ def _losses_one_by_one(loss_fn, params0, batch_ids, train, test, config):
   return np.stack(runs)
 
 
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_bfloat16_params_train_with_momentum_and_adam(optimizer):
+  # The optimizer's numbers are float32 arguments: they promoted a bf16 momentum or
+  # Adam moment to float32, and the segment's scan refused the carry (review h36).
+  _, loss_fn, params0, train, test = _setup()
+  params0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16), params0)
+  batch_ids = _batch_ids()
+  config = dict(optimizer=optimizer, learning_rate=0.05, lr_schedule="constant")
+  result = training.train_runs(params0, batch_ids, loss_fn=loss_fn, config=config,
+                               train_arrays=train, test_arrays=test, progress=False)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(result.params)} == {
+      np.dtype(jnp.bfloat16)}
+  expected = _losses_one_by_one(loss_fn, params0, batch_ids, train, test, config)
+  assert np.abs(expected[:, -1] - expected[:, 0]).max() > 0.05  # it trained
+  np.testing.assert_allclose(result.trace.losses, expected, atol=0.02, rtol=0.02)
+
+
 def test_repeated_calls_reuse_the_segment_and_every_setting_is_in_its_key(monkeypatch):
   from simfluence_jax.training import runs as runs_lib  # pylint: disable=g-import-not-at-top
   built, segments = [], []

@@ -1,6 +1,7 @@
 """Bring your own model and data: a factory model, a seqio Task, a base checkpoint."""
 
 import os
+import re
 import sys
 
 import jax
@@ -73,6 +74,26 @@ def test_base_model_from_a_checkpoint_is_fingerprinted_by_its_contents(tmp_path)
   dataset = pipeline.stages.load_data(wd, config)
   with pytest.raises(pipeline.StaleWorkdirError, match="checkpoint changed"):
     pipeline.stages.base_model(wd, config, dataset)
+  # Pre-training steps asked for with a checkpoint: refused, not ignored (review h36:
+  # the base model was the checkpoint, and the stage record said pretrain_steps=50).
+  config.pretrain_steps = 50
+  with pytest.raises(ValueError, match=re.escape(
+      "config.pretrain_steps=50: the base model is config.model.checkpoint, which the "
+      "job does not pre-train; set config.pretrain_steps=0.")):
+    pipeline.stages.base_model(wd, config, dataset)
+
+
+def test_a_model_flax_cannot_apply_is_one_error_naming_the_factory(tmp_path):
+  # Review h36: a factory model with dropout on by default ended the command line
+  # in flax's 50-line traceback.
+  config = _user_config()
+  config.model.factory = "user_project:make_dropout_model"
+  with pytest.raises(ValueError, match="^" + re.escape(
+      "config.model: Flax could not apply the model as the job does "
+      "(config.model.factory='user_project:make_dropout_model'): ")
+                     + r"[^\n]*Dropout[^\n]*\. The job applies it as "
+                     r"model.apply\(variables, inputs\), in its default mode[^\n]*$"):
+    pipeline.run(config, str(tmp_path / "job"))
 
 
 def test_bad_factory_is_named():

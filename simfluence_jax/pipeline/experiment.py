@@ -28,6 +28,7 @@ import os
 import pathlib
 from typing import Callable, Optional
 
+import flax
 import jax
 import numpy as np
 
@@ -450,12 +451,30 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   """The whole main job; returns the metrics payload written to metrics.json.
 
   Raises:
-    ValueError: a bad config field (named), or a workdir holding runs of other
-      settings (`fingerprint.StaleWorkdirError`).
+    ValueError: a bad config field (named), a model Flax cannot apply as the job
+      does (`config.model`: flax's own error, first line), or a workdir holding
+      runs of other settings (`fingerprint.StaleWorkdirError`).
   """
   validate.validate_config(config)
   with compile_optimizations(config):
-    return _run(config, workdir, overwrite)
+    try:
+      return _run(config, workdir, overwrite)
+    except flax.errors.FlaxError as error:
+      raise ValueError(_model_error(config, error)) from error
+
+
+def _model_error(config, error) -> str:
+  """One line for a Flax error raised applying the job's model (review h36: a factory
+  model in training mode by default, or a checkpoint missing a collection, ended
+  the command line in a 50-line traceback)."""
+  names = [f"config.model.{field}={config.model.get(field)!r}"
+           for field in ("factory", "checkpoint") if config.model.get(field)]
+  first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return (f"config.model: Flax could not apply the model as the job does"
+          f"{' (' + ', '.join(names) + ')' if names else ''}: {first.rstrip('.')}. The job "
+          f"applies it as model.apply(variables, inputs), in its default mode (make "
+          f"that deterministic: no dropout rng, BatchNorm on running averages), with "
+          f"every collection the model reads in the variables.")
 
 
 @contextlib.contextmanager

@@ -160,8 +160,12 @@ def base_model(wd: workdir_lib.Workdir, config, dataset: data.Dataset) -> Model:
     if wanted and wanted != actual:
       raise ValueError(f"config.model.{field}={wanted}: the model is built with "
                        f"{what}, {actual}; set it to that, or leave it unset.")
-  if (config.pretrain_steps and dataset.pretrain is None and
-      not config.model.checkpoint):
+  if config.pretrain_steps and config.model.checkpoint:
+    # It was ignored, and the stage record still said it (review h36).
+    raise ValueError(f"config.pretrain_steps={config.pretrain_steps}: the base "
+                     "model is config.model.checkpoint, which the job does not "
+                     "pre-train; set config.pretrain_steps=0.")
+  if config.pretrain_steps and dataset.pretrain is None:
     raise ValueError(f"config.pretrain_steps={config.pretrain_steps}: the "
                      f"{config.data.name!r} data has no pre-training split (or "
                      "config.data.num_pretrain_examples=0), so nothing would be "

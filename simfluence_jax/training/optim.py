@@ -244,7 +244,23 @@ def build_optimizer(settings: dict
     tx = optax.chain(
         scale_by_adam(b1=settings["b1"], b2=settings["b2"], eps=settings["eps"]),
         optax.scale_by_learning_rate(schedule))
-  return tx, schedule
+  return _state_dtypes_kept(tx), schedule
+
+
+def _state_dtypes_kept(tx: optax.GradientTransformation
+                       ) -> optax.GradientTransformation:
+  """`tx` whose state keeps the dtypes `init` gave it. The numbers of
+  `split_settings` are float32 arrays, not Python floats, and promoted a bf16
+  momentum or Adam moment to float32, which a scan over steps refused (review h36);
+  float32 states are unchanged (the casts are no-ops)."""
+
+  def update_fn(updates, state, params=None):
+    updates, new_state = tx.update(updates, state, params)
+    return updates, jax.tree_util.tree_map(
+        lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), new_state,
+        state)
+
+  return optax.GradientTransformation(tx.init, update_fn)
 
 
 @jax.custom_jvp

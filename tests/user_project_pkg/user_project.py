@@ -33,6 +33,21 @@ def make_model(model_config, *, vocab_size, num_classes=None, max_len=None):
   return TinyLM(vocab_size=vocab_size, width=model_config.get("width", 16))
 
 
+class DropoutLM(TinyLM):
+  """TinyLM with dropout on by default: a model the job cannot apply as it is."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(self.vocab_size, self.width)(tokens)
+    x = nn.Dropout(0.1, deterministic=False)(nn.Dense(self.width)(x))
+    return nn.Dense(self.vocab_size)(x)
+
+
+def make_dropout_model(model_config, *, vocab_size, num_classes=None, max_len=None):
+  del model_config, num_classes, max_len
+  return DropoutLM(vocab_size=vocab_size)
+
+
 def _examples(split):
   count = {"train": 24, "validation": 8}[split]
   words = ["red", "blue", "green", "gold", "gray", "pink"]
