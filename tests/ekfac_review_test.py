@@ -240,6 +240,16 @@ class PromptTokensTest(absltest.TestCase):
     got = influence.ekfac_scores(task, params, influence.fit_ekfac(
         task, params, [half], layers=layers), _slice(half, 0), [half])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    # Which tokens are real does not depend on which layers are fitted: the head
+    # alone (no gradient at the prompt's positions) scores as its share of the
+    # fit of every layer (it saw no prompt token: 28-72% off; review h34).
+    factors = influence.fit_ekfac(task, params, [batch], layers=layers)
+    shares = influence.ekfac_layer_scores(task, params, factors, query, [batch])
+    for k, spec in enumerate(factors.layers):
+      alone = influence.ekfac_scores(task, params, influence.fit_ekfac(
+          task, params, [batch], layers=(spec,)), query, [batch])
+      np.testing.assert_allclose(alone, shares[k], rtol=1e-4,
+                                 atol=1e-5 * np.abs(shares[k]).max(), err_msg=spec.name)
 
 
 class _SharedKernelNet(nnx.Module):

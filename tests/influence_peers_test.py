@@ -57,7 +57,7 @@ def test_kronfluence_timed_in_its_own_process_scores_like_ours(benches):
 def test_ekfac_equals_kronfluence_on_a_prompt_masked_causal_lm():
   # Kronfluence counts every token its attention mask keeps in the covariances;
   # its loss ignores the prompt. Ours counts the tokens the loss mask keeps and
-  # those that carry gradient in any covered layer (the prompt, which later
+  # those that carry gradient in any layer (the prompt, which later
   # positions read), not padding: the same covariances. Counting only the loss
   # mask's tokens (before review h17) gave another eigenbasis: Pearson 0.987 here,
   # and the head's tokens with gradient alone 0.995.

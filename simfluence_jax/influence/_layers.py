@@ -850,7 +850,8 @@ def capture_per_example(fn, params, batch, layers: Tuple[LayerSpec, ...],
     layers: from `find_layers`.
     token_mask: optional float[B, L]; layers whose token grid has shape [L] use
       it as token weights, except that a token with weight 0 that carries
-      gradient in any of them (a prompt token later positions read: not padding)
+      gradient in any such layer of a registered kind, in `layers` or not (a
+      prompt token later positions read: not padding)
       weighs the mean weight of the example's tokens with weight > 0; other
       layers weight every token 1.
     wrt_paths: leaf paths whose per-example gradients are also returned.
@@ -888,6 +889,10 @@ def _jitted_capture(fn, layers, wrt_paths, transform_example, no_mask, no_args):
       example_args))
 
 
+# Key prefix of the capture's probes of layers not in `layers` (`real` tokens only).
+_REAL_ONLY = "\x00real:"
+
+
 def _capture_per_example(fn, params, batch, layers, token_mask, wrt_paths,
                          transform_example, example_args):
   paths, leaves, treedef = _flatten(params)
@@ -898,6 +903,7 @@ def _capture_per_example(fn, params, batch, layers, token_mask, wrt_paths,
   blocks = {spec.name: _blocks.block(spec) for spec in layers}
   if token_mask is None:
     token_mask = jnp.zeros((_num_examples(batch), 0), jnp.float32)
+  detect_real = bool(token_mask.shape[1])
 
   def rebuild(wrt):
     all_leaves = list(leaves)
@@ -916,7 +922,11 @@ def _capture_per_example(fn, params, batch, layers, token_mask, wrt_paths,
         return call(*args, **kwargs)
       name, _, _ = locator.locate(module, block_class)
       if name not in specs:
-        return call(*args, **kwargs)
+        if not detect_real:
+          return call(*args, **kwargs)
+        # A layer of a registered kind left out of `layers`: probed only to tell
+        # which tokens carry gradient anywhere (`real` below).
+        name = _REAL_ONLY + name
       key = f"{name}#{counter[name]}"
       counter[name] += 1
       inputs = block_class.call_inputs(args, kwargs)
@@ -944,6 +954,8 @@ def _capture_per_example(fn, params, batch, layers, token_mask, wrt_paths,
       raise ValueError(f"capture: fn must return one value per example (float[B]); "
                        f"for a batch of {size} it returned shape {value_shape.shape}.")
     for key, (inputs, outputs) in call_shapes.items():
+      if key.startswith(_REAL_ONLY):
+        continue
       problem = _axis_problem(inputs, outputs, size)
       if problem:
         raise ValueError(f"capture: layer {key.split('#')[0]!r}: {problem}.")
@@ -974,12 +986,20 @@ def _capture_per_example(fn, params, batch, layers, token_mask, wrt_paths,
     # of its attention mask the same way. Left out, part of a gradient lay in the
     # null space of A and S, where eigh's basis is arbitrary: scores moved with
     # chunk size, example order and mesh by up to 2% (review h17).
+    # Every layer of a registered kind says which tokens are real, covered or not,
+    # so a layer's factors do not depend on which others are fitted (fitted alone,
+    # the last block's mlp_out saw no prompt token: 28-72% off its share of an
+    # all-layer fit; review h34). A left-out layer's [B, L, features] output is on
+    # the grid.
     on_grid = lambda shape: bool(mask.shape[1]) and shape == tuple(mask.shape)
     real = jnp.zeros((size, mask.shape[1]), bool)
-    for parts in tokens.values():
-      for _, g, free_shape in parts:
-        if on_grid(free_shape):
-          real = real | jnp.any(g != 0, axis=tuple(range(2, g.ndim)))
+    grads = [g for parts in tokens.values() for _, g, free_shape in parts
+             if on_grid(free_shape)]
+    grads += [g.reshape(g.shape[:2] + (-1,)) for key, g in probe_grads.items()
+              if key.startswith(_REAL_ONLY) and g.ndim == 3
+              and on_grid(tuple(g.shape[:2]))]
+    for g in grads:
+      real = real | jnp.any(g != 0, axis=tuple(range(2, g.ndim)))
     weights_on_grid = jnp.reshape(mask.astype(jnp.float32), (size, -1))
     # Such a token weighs as the example's mean counted token, so that scaling the
     # mask scales every weight (1 for a 0/1 mask; a fixed 1 moved scores by 2.4%
