@@ -634,7 +634,7 @@ def test_batch_stats_pass_through_undifferentiated(optimizer, loss_kind, record)
   _assert_trees_close(final["params"], expected, atol=1e-5)
 
 
-def test_an_nnx_state_with_batch_statistics_is_refused():
+def test_params_training_cannot_differentiate_are_refused():
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   class Net(nnx.Module):
@@ -650,6 +650,27 @@ def test_an_nnx_state_with_batch_statistics_is_refused():
     training.train_runs(nnx.state(Net(nnx.Rngs(0))), np.zeros((1, 1, 2), np.int32),
                         loss_fn=loss_fn, config=_config(), train_arrays=train,
                         test_arrays=test, progress=False)
+  # Each of these failed deep inside jax or flax (review h36).
+  net = Net(nnx.Rngs(0))
+  with pytest.raises(ValueError, match="^" + re.escape(
+      "train_runs: params0 is an nnx.Module; pass nnx.state(module, nnx.Param) and "
+      "merge the module inside loss_fn.") + "$"):
+    training.train_runs(net, np.zeros((1, 1, 2), np.int32), loss_fn=loss_fn,
+                        config=_config(), train_arrays=train, test_arrays=test,
+                        progress=False)
+  with pytest.raises(ValueError, match="^" + re.escape(
+      "make_loss_fn: model must be a linen module (applied as model.apply(variables, "
+      "inputs)), got a Net;")):
+    training.make_loss_fn(net, "classification")
+  _, _, params0, _, _ = _setup()
+  with pytest.raises(ValueError, match="^" + re.escape(
+      "train_runs: params0['consts']['order'] has dtype int32, and training "
+      "differentiates every leaf of params0 (float only); close over such arrays "
+      "in loss_fn.") + "$"):
+    training.train_runs({**params0, "consts": {"order": np.arange(3, dtype=np.int32)}},
+                        np.zeros((1, 1, 2), np.int32), loss_fn=loss_fn,
+                        config=_config(), train_arrays=train, test_arrays=test,
+                        progress=False)
 
 
 def _net_class(activation):

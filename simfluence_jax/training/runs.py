@@ -463,22 +463,32 @@ def _check_input_ids(who: str, inputs: Any, argument: str) -> None:
                    f"{where}.")
 
 
-def _check_nnx_state(who: str, params0: Any) -> None:
-  """Refuses an `nnx.State` holding variables other than `nnx.Param` (batch
-  statistics): every leaf of params0 is trained, and its BatchStat moved by its
-  gradient (review h36). A linen variables dict's other collections are held fixed
-  instead (`step.trainable_only`)."""
+def _check_params0(who: str, params0: Any) -> None:
+  """Refuses params0 that training cannot differentiate as given (review h36; each
+  failed deep inside jax or flax): an `nnx.Module`, an `nnx.State` holding
+  variables other than `nnx.Param` (its BatchStat was trained), and integer or
+  bool leaves (`jax.grad` takes float leaves only). A linen variables dict's
+  collections other than "params" are held fixed (`step.trainable_only`)."""
   nnx = sys.modules.get("flax.nnx")
-  if nnx is None or not isinstance(params0, nnx.State):
-    return
-  others = sorted({type(v).__name__ for v in jax.tree_util.tree_leaves(
-      params0, is_leaf=lambda x: isinstance(x, nnx.Variable))
-                   if isinstance(v, nnx.Variable) and not isinstance(v, nnx.Param)})
-  if others:
-    raise ValueError(
-        f"{who}: params0 is an nnx.State holding {others} variables besides "
-        f"nnx.Param, and every leaf of params0 is trained; pass nnx.state(module, "
-        f"nnx.Param) and merge the rest inside loss_fn.")
+  if nnx is not None and isinstance(params0, nnx.Module):
+    raise ValueError(f"{who}: params0 is an nnx.Module; pass nnx.state(module, "
+                     f"nnx.Param) and merge the module inside loss_fn.")
+  if nnx is not None and isinstance(params0, nnx.State):
+    others = sorted({type(v).__name__ for v in jax.tree_util.tree_leaves(
+        params0, is_leaf=lambda x: isinstance(x, nnx.Variable))
+                     if isinstance(v, nnx.Variable) and not isinstance(v, nnx.Param)})
+    if others:
+      raise ValueError(
+          f"{who}: params0 is an nnx.State holding {others} variables besides "
+          f"nnx.Param, and every leaf of params0 is trained; pass nnx.state(module, "
+          f"nnx.Param) and merge the rest inside loss_fn.")
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params0)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.inexact):  # bfloat16 too
+      raise ValueError(
+          f"{who}: params0{jax.tree_util.keystr(path)} has dtype {dtype}, and "
+          f"training differentiates every leaf of params0 (float only); close over "
+          f"such arrays in loss_fn.")
 
 
 def check_arrays(who: str, loss_fn: step_lib.LossFn, params0: Any,
@@ -489,7 +499,7 @@ def check_arrays(who: str, loss_fn: step_lib.LossFn, params0: Any,
   of `step.make_loss_fn`'s losses must be in [0, C) where they count
   (`_check_class_ids`). ValueError naming the array otherwise.
   """
-  _check_nnx_state(who, params0)
+  _check_params0(who, params0)
   num_train = _leading_size(who, train_arrays, "train_arrays", "N")
   num_test = _leading_size(who, test_arrays, "test_arrays", "M")
   _check_class_ids(who, loss_fn, params0, train_arrays, "train_arrays")

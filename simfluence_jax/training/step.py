@@ -87,6 +87,11 @@ def make_loss_fn(model: nn.Module, kind: str, *,
   Raises:
     ValueError: unknown `kind`.
   """
+  if not callable(getattr(model, "apply", None)):
+    raise ValueError(f"make_loss_fn: model must be a linen module (applied as "
+                     f"model.apply(variables, inputs)), got a {type(model).__name__}; "
+                     f"for an NNX module, write a loss over nnx.state(module, "
+                     f"nnx.Param) that merges the module.")
   if kind == "lm":
     loss_of = lambda logits, batch: losses.language_modeling_loss(
         logits, batch["targets"], batch["mask"])
