@@ -339,7 +339,7 @@ def test_train_and_query_checks_name_their_argument_in_one_program(monkeypatch):
   assert [[(which, argument) for which, argument, _ in items] for items in calls] == [
       [("loss", "train_batches"), ("measurement", "query_batch")]] * 2
   programs = influence._tasks._CHECK_PROGRAMS[task]  # pylint: disable=protected-access
-  assert [[which for which, _, _ in key] for key in programs] == [
+  assert [[which for which, _, _ in items] for items, _ in programs] == [
       ["loss", "measurement"]]
 
 

@@ -499,8 +499,8 @@ def _together_and_alone(task, params, items):
   # split over a mesh or on another device (review h34).
   placement = tuple(getattr(x, "sharding", None)
                     for x in jax.tree_util.tree_leaves(params))
-  key = tuple((which, _checks.tree_signature(params), _checks.tree_signature(pair))
-              for which, _, pair in items) + (placement,)
+  key = (tuple((which, _checks.tree_signature(params), _checks.tree_signature(pair))
+               for which, _, pair in items), placement)
   try:
     programs = _CHECK_PROGRAMS.setdefault(task, {})
   except TypeError:  # a task without weak references or hash: compiled every time
@@ -548,8 +548,9 @@ def _random_draws(jaxpr) -> list:
   return found
 
 
-# task -> {(which, params and pair signatures) per item: the check's compiled
-# program}: compiled once per task and shapes, run on every call's examples (an
+# task -> {((which, params and pair signatures) per item, params' placement): the
+# check's compiled program}: compiled once per task, shapes and placement, run on
+# every call's examples (an
 # interaction may show only in some examples). Weakly keyed, so the cache never
 # keeps a task (and the model it holds) alive.
 _CHECK_PROGRAMS = weakref.WeakKeyDictionary()
