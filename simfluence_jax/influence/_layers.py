@@ -985,12 +985,11 @@ def _capture_per_example(fn, params, batch, layers, token_mask, wrt_paths,
     # and gradients are in Σ g aᵀ), padding is not. Kronfluence counts the tokens
     # of its attention mask the same way. Left out, part of a gradient lay in the
     # null space of A and S, where eigh's basis is arbitrary: scores moved with
-    # chunk size, example order and mesh by up to 2% (review h17).
-    # Every layer of a registered kind says which tokens are real, covered or not,
-    # so a layer's factors do not depend on which others are fitted (fitted alone,
-    # the last block's mlp_out saw no prompt token: 28-72% off its share of an
-    # all-layer fit; review h34). A left-out layer's [B, L, features] output is on
-    # the grid.
+    # chunk size, example order and mesh by up to 2% (review h17). Every layer of
+    # a registered kind says which tokens are real, covered or not, so a layer's
+    # factors do not depend on which others are fitted (fitted alone, the last
+    # block's mlp_out saw no prompt token: 28-72% off its share of an all-layer
+    # fit; review h34). A left-out layer's [B, L, features] output is on the grid.
     on_grid = lambda shape: bool(mask.shape[1]) and shape == tuple(mask.shape)
     real = jnp.zeros((size, mask.shape[1]), bool)
     grads = [g for parts in tokens.values() for _, g, free_shape in parts

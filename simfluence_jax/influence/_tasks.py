@@ -550,9 +550,8 @@ def _random_draws(jaxpr) -> list:
 
 # task -> {((which, params and pair signatures) per item, params' placement): the
 # check's compiled program}: compiled once per task, shapes and placement, run on
-# every call's examples (an
-# interaction may show only in some examples). Weakly keyed, so the cache never
-# keeps a task (and the model it holds) alive.
+# every call's examples (an interaction may show only in some examples). Weakly
+# keyed, so the cache never keeps a task (and the model it holds) alive.
 _CHECK_PROGRAMS = weakref.WeakKeyDictionary()
 
 
