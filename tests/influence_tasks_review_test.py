@@ -143,6 +143,36 @@ def test_another_module_is_refused_and_scored_one_call_each():
   _close(got, want)
 
 
+def test_clones_that_differ_in_rng_counts_only_are_scored():
+  # Clones of a module trained with dropout differ in their RNG counts, which no
+  # accepted loss reads: refused over them, the usual checkpoint list failed
+  # (review h37).
+  class Net(nnx.Module):
+
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(3, 4, rngs=rngs)
+      self.drop = nnx.Dropout(0.2, rngs=rngs)
+      self.out = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(self.drop(nnx.tanh(self.hidden(x))))
+
+  _, batch = _nnx_setup()
+  net = Net(nnx.Rngs(0))
+  clones = []
+  for _ in range(2):
+    net.train()
+    net(batch["inputs"])  # draws dropout masks: advances the RNG count
+    clone = nnx.clone(net)
+    clone.eval()
+    clones.append(clone)
+  task = influence.ClassificationTask(clones[-1])
+  got = influence.tracin_scores(task, clones, [1.0, 1.0], batch, batch)
+  states = [nnx.state(c, nnx.Param) for c in clones]
+  _close(got, np.asarray(influence.tracin_scores(task, states, [1.0, 1.0], batch,
+                                                 batch)))
+
+
 def test_nnx_task_refuses_the_module_in_another_mode():
   net, batch = _nnx_setup()
   task = influence.ClassificationTask(net)

@@ -634,6 +634,24 @@ def test_batch_stats_pass_through_undifferentiated(optimizer, loss_kind, record)
   _assert_trees_close(final["params"], expected, atol=1e-5)
 
 
+def test_other_keys_beside_params_in_a_custom_loss_still_train():
+  # Only Flax's state collections are held fixed: an adapter a custom loss adds
+  # beside "params" trains (held fixed too, it stopped training: review h37).
+  _, loss_fn, params0, train, test = _setup()
+  variables = {**params0, "adapter": {"shift": np.zeros(NUM_CLASSES, np.float32)}}
+
+  def custom(v, batch):
+    return loss_fn({"params": v["params"]}, batch) + jnp.sum(
+        v["adapter"]["shift"] * jnp.arange(NUM_CLASSES)) * jnp.ones(
+            jax.tree_util.tree_leaves(batch)[0].shape[0])
+  ids = np.array([[[2, 5, 8]]], np.int32)
+  result = training.train_runs(variables, ids, loss_fn=custom, config=_config("sgd", 0.1),
+                               train_arrays=train, test_arrays=test, progress=False)
+  # d(loss)/d(shift) = arange(C) per example, so one SGD step moves it by -0.1·arange.
+  np.testing.assert_allclose(result.params["adapter"]["shift"][0],
+                             -0.1 * np.arange(NUM_CLASSES), atol=1e-6)
+
+
 def test_params_training_cannot_differentiate_are_refused():
   from flax import nnx  # pylint: disable=g-import-not-at-top
 

@@ -142,14 +142,23 @@ def make_loss_fn(model: nn.Module, kind: str, *,
   return loss_fn
 
 
-def _freeze_non_trainable(variables):
-  """A linen variables dict with every collection but "params" behind
-  `stop_gradient`; anything else as it is."""
+def _freeze_non_trainable(variables, collections=None):
+  """A linen variables dict with its collections other than "params" behind
+  `stop_gradient` (only those named in `collections`, if given); anything else as
+  it is."""
   if not isinstance(variables, Mapping) or TRAINABLE_COLLECTION not in variables:
     return variables
-  return {name: value if name == TRAINABLE_COLLECTION else
-          jax.tree_util.tree_map(jax.lax.stop_gradient, value)
-          for name, value in variables.items()}
+  frozen = lambda name: name != TRAINABLE_COLLECTION and (
+      collections is None or name in collections)
+  return {name: jax.tree_util.tree_map(jax.lax.stop_gradient, value)
+          if frozen(name) else value for name, value in variables.items()}
+
+
+# Collections Flax's own layers keep as state, never trained: held fixed in every
+# training gradient (`trainable_only`), whatever the loss. Other keys beside
+# "params" in a custom loss's dict (an adapter, a temperature) still train (frozen,
+# they stopped training: review h37).
+STATE_COLLECTIONS = ("batch_stats", "cache", "intermediates")
 
 
 def takes_rng(loss_fn: LossFn) -> bool:
@@ -175,13 +184,13 @@ def slot_keys(base_key: jax.Array, run, step, num_slots: int,
 
 
 def trainable_only(loss_fn: LossFn) -> LossFn:
-  """`loss_fn` whose params' collections other than "params" are behind
-  `stop_gradient` (`_freeze_non_trainable`), as `make_loss_fn`'s losses hold them.
-  Every gradient of a training step goes through it, so a custom loss that applies
-  the whole variables dict does not train BatchNorm statistics either (it did:
-  they moved by 0.05-0.3 and metagradients were 3-15% off; review h36)."""
+  """`loss_fn` whose params' `STATE_COLLECTIONS` (beside "params") are behind
+  `stop_gradient`. Every gradient of a training step goes through it, so a custom
+  loss that applies the whole variables dict does not train BatchNorm statistics
+  (it did: they moved by 0.05-0.3 and metagradients were 3-15% off; review h36).
+  `make_loss_fn`'s losses hold every collection but "params" fixed themselves."""
   def frozen(params, batch, **kwargs):
-    return loss_fn(_freeze_non_trainable(params), batch, **kwargs)
+    return loss_fn(_freeze_non_trainable(params, STATE_COLLECTIONS), batch, **kwargs)
   return frozen
 
 
