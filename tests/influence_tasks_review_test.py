@@ -300,10 +300,11 @@ def test_dropout_drawn_per_batch_is_refused(rate):
   x = jax.random.normal(jax.random.key(0), (4, 3))
   batch = {"inputs": x, "labels": jnp.arange(4) % 3}
   params = Net().init({"params": jax.random.key(1), "dropout": jax.random.key(2)}, x)
-  message = ("the task's loss draws random numbers (random_bits; e.g. "
-             "dropout with an rng), so an example's loss depends on its batch and "
-             "scores on chunk_size, even where two examples happen to agree; apply "
-             "the model deterministically (deterministic=True, or module.eval()).")
+  message = ("the task's loss draws random numbers in its batch's shape (random_bits "
+             "of (2, 8) for 2 examples; e.g. dropout with an rng), so an example's "
+             "value depends on its batch and scores on chunk_size, even where two "
+             "examples happen to agree; apply the model deterministically "
+             "(deterministic=True, or module.eval()).")
   for key in range(4):
     task = influence.ClassificationTask(
         lambda p, xb, k=key: Net().apply(p, xb, rngs={"dropout": jax.random.key(k)}))
@@ -311,6 +312,20 @@ def test_dropout_drawn_per_batch_is_refused(rate):
       influence.tracin_scores(task, [params], [1.0], batch, batch)
     with pytest.raises(ValueError, match="^" + re.escape(f"batches: {message}") + "$"):
       influence.fit_ekfac(task, params, [batch])
+  # Draws of a fixed shape (a fixed random projection of the inputs) and from
+  # per-example keys tie no example to its batch: accepted, and exact.
+  def features(p, xb):
+    projection = jax.random.normal(jax.random.key(42), (3, 3))
+    keys = jax.vmap(lambda row: jax.random.fold_in(
+        jax.random.key(7), jnp.int32(1e3 * row[0])))(xb)
+    noise = jax.vmap(lambda k: jax.random.normal(k, (3,)))(keys)
+    return Net(deterministic=True).apply(p, xb @ projection + 0.1 * noise)
+
+  def features_loss(p, i):
+    return -jax.nn.log_softmax(features(p, x[i:i + 1])[0])[batch["labels"][i]]
+  _close(influence.tracin_scores(influence.ClassificationTask(features), [params],
+                                 [1.0], batch, batch, chunk_size=3),
+         _brute_tracin(features_loss, params, 4))
   # The same model applied deterministically is accepted and exact.
   model = Net(deterministic=True)
   task = influence.ClassificationTask(model.apply)

@@ -514,14 +514,8 @@ def _together_and_alone(task, params, items):
     traced = jax.jit(run).trace(params, pairs)
     if problems:
       raise ValueError(problems[0])
-    drawn = _random_draws(traced.jaxpr.jaxpr)
-    if drawn:
-      which, argument, _ = items[0]
-      raise ValueError(
-          f"{argument}: the task's {which} draws random numbers ({drawn[0]}; e.g. "
-          f"dropout with an rng), so an example's loss depends on its batch and "
-          f"scores on chunk_size, even where two examples happen to agree; apply "
-          f"the model deterministically (deterministic=True, or module.eval()).")
+    if _random_draws(traced.jaxpr.jaxpr):
+      _check_draws(task, params, items)
     lowered = traced.lower()
     try:
       # A check of tiny passes: compiled without XLA's costly passes (0.10 against
@@ -532,25 +526,47 @@ def _together_and_alone(task, params, items):
   return programs[key](params, pairs)
 
 
-# Primitives that draw random bits: a loss holding one is refused outright. The pair
-# check alone missed dropout at rate 0.01 on 6 of 10 keys (the partner's row of the
-# mask was often all ones; row 0's is the same at batch sizes 1 and 2), and TracIn
-# then moved 2.5-16% with chunk_size (review h33).
+# Primitives that draw random bits (`_check_draws`). The pair check alone missed
+# dropout at rate 0.01 on 6 of 10 keys (the partner's row of the mask was often all
+# ones; row 0's is the same at batch sizes 1 and 2), and TracIn then moved 2.5-16%
+# with chunk_size (review h33).
 _RANDOM_PRIMITIVES = ("random_bits", "threefry2x32", "rng_bit_generator", "rng_uniform")
 
 
 def _random_draws(jaxpr) -> list:
-  """Names of the random-drawing primitives in `jaxpr` and the jaxprs it calls."""
+  """(primitive name, shape drawn) of every random draw from one key (not a batch
+  of keys) in `jaxpr` and the jaxprs it calls."""
   found = []
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name in _RANDOM_PRIMITIVES:
-      found.append(eqn.primitive.name)
+    if (eqn.primitive.name in _RANDOM_PRIMITIVES
+        and not getattr(eqn.invars[0].aval, "shape", ())[:1]):
+      found.append((eqn.primitive.name, tuple(eqn.outvars[0].aval.shape)))
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
         if hasattr(sub, "eqns"):
           found.extend(_random_draws(sub))
   return found
+
+
+def _check_draws(task, params, items) -> None:
+  """Refuses an item whose function draws random numbers from one key in the shape
+  of its batch (dropout with an rng): the draws of 2 examples and of 1 differ in
+  shape. Draws of a fixed shape (a fixed random projection) or from per-example keys
+  (`fold_in(key, example id)`, vmapped) do not tie an example to its batch, and were
+  refused as well at first (review h37); the pair check covers them."""
+  for which, argument, pair in items:
+    fn = getattr(task, which)
+    two, one = (sorted(_random_draws(jax.make_jaxpr(fn)(params, batch).jaxpr))
+                for batch in (pair, jax.tree_util.tree_map(lambda x: x[:1], pair)))
+    if two != one:
+      name, shape = next(iter(set(two) - set(one) or set(one) - set(two)))
+      raise ValueError(
+          f"{argument}: the task's {which} draws random numbers in its batch's "
+          f"shape ({name} of {shape} for 2 examples; e.g. dropout with an rng), so "
+          f"an example's value depends on its batch and scores on chunk_size, even "
+          f"where two examples happen to agree; apply the model deterministically "
+          f"(deterministic=True, or module.eval()).")
 
 
 # task -> {((which, params and pair signatures) per item, params' placement): the
