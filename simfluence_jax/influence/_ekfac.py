@@ -566,6 +566,11 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
               chunk_size: int = DEFAULT_CHUNK_SIZE) -> EKFACFactors:
   """Fits EK-FAC (or K-FAC) factors of every covered layer.
 
+  Under a task's token mask (a language model's loss mask), the tokens the mask
+  zeroes count where they carry gradient in any layer of a registered kind, given
+  in `layers` or not; fitting some layers therefore still runs the whole backward
+  pass.
+
   Args:
     task: a `Task` (its `loss` defines the Fisher).
     params: parameters (see `Task`; boxed parameters are unboxed, an NNX task takes

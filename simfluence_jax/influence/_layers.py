@@ -38,6 +38,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import re
 import threading
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
@@ -903,13 +904,33 @@ def _capture_per_example(fn, params, batch, layers, token_mask, wrt_paths,
   blocks = {spec.name: _blocks.block(spec) for spec in layers}
   if token_mask is None:
     token_mask = jnp.zeros((_num_examples(batch), 0), jnp.float32)
-  detect_real = bool(token_mask.shape[1])
 
   def rebuild(wrt):
     all_leaves = list(leaves)
     for j, i in enumerate(wrt_index):
       all_leaves[i] = wrt[j]
     return jax.tree_util.tree_unflatten(treedef, all_leaves)
+
+  def _real_only_call(name, call, args, kwargs, probes, record, counter):
+    """A call of a registered kind's layer left out of `layers`. With a token mask
+    and an output y [B, L, ...] on its grid, s·r is added to it, s = 0 of shape
+    [B, L], r a fixed uneven vector over the features: ∂/∂s = Σ_features g·r per
+    token, nonzero where the token carries gradient there (`real` below; uneven, so
+    that a gradient summing to 0 over the features, as a LayerNorm's input's does,
+    still shows), at the memory of [B, L], not of g."""
+    outputs = call(*args, **kwargs)
+    num_tokens = token_mask.shape[1]
+    if not num_tokens or jnp.ndim(outputs) < 3 or outputs.shape[1] != num_tokens:
+      return outputs
+    key = f"{_REAL_ONLY}{name}#{counter[_REAL_ONLY + name]}"
+    counter[_REAL_ONLY + name] += 1
+    record[key] = (None, outputs)
+    if probes is None:
+      return outputs
+    features = outputs.shape[2:]
+    uneven = 1.0 + 0.5 * jnp.sin(jnp.arange(math.prod(features), dtype=jnp.float32))
+    probe = probes[key][..., None] * uneven.reshape(1, 1, -1)
+    return outputs + probe.reshape(outputs.shape).astype(outputs.dtype)
 
   def run(example_batch, probes, wrt, record):
     p = rebuild(wrt)
@@ -922,11 +943,7 @@ def _capture_per_example(fn, params, batch, layers, token_mask, wrt_paths,
         return call(*args, **kwargs)
       name, _, _ = locator.locate(module, block_class)
       if name not in specs:
-        if not detect_real:
-          return call(*args, **kwargs)
-        # A layer of a registered kind left out of `layers`: probed only to tell
-        # which tokens carry gradient anywhere (`real` below).
-        name = _REAL_ONLY + name
+        return _real_only_call(name, call, args, kwargs, probes, record, counter)
       key = f"{name}#{counter[name]}"
       counter[name] += 1
       inputs = block_class.call_inputs(args, kwargs)
@@ -965,7 +982,8 @@ def _capture_per_example(fn, params, batch, layers, token_mask, wrt_paths,
       if found != spec.num_calls:
         raise ValueError(f"capture: layer {spec.name!r} was called {found} times, "
                          f"{spec.num_calls} expected (layers from another model?).")
-    probes = {key: jnp.zeros(s.shape, jnp.float32) for key, s in output_shapes.items()}
+    probes = {key: jnp.zeros(s.shape[:2] if key.startswith(_REAL_ONLY) else s.shape,
+                             jnp.float32) for key, s in output_shapes.items()}
 
     def total(probes, wrt):
       record = {}
@@ -989,16 +1007,16 @@ def _capture_per_example(fn, params, batch, layers, token_mask, wrt_paths,
     # a registered kind says which tokens are real, covered or not, so a layer's
     # factors do not depend on which others are fitted (fitted alone, the last
     # block's mlp_out saw no prompt token: 28-72% off its share of an all-layer
-    # fit; review h34). A left-out layer's [B, L, features] output is on the grid.
+    # fit; review h34). A left-out layer's output [B, L, ...] is on the grid.
     on_grid = lambda shape: bool(mask.shape[1]) and shape == tuple(mask.shape)
     real = jnp.zeros((size, mask.shape[1]), bool)
     grads = [g for parts in tokens.values() for _, g, free_shape in parts
              if on_grid(free_shape)]
-    grads += [g.reshape(g.shape[:2] + (-1,)) for key, g in probe_grads.items()
-              if key.startswith(_REAL_ONLY) and g.ndim == 3
-              and on_grid(tuple(g.shape[:2]))]
     for g in grads:
       real = real | jnp.any(g != 0, axis=tuple(range(2, g.ndim)))
+    for key, g in probe_grads.items():
+      if key.startswith(_REAL_ONLY):  # [B, L]: Σ_features g·y of a left-out layer
+        real = real | (g != 0)
     weights_on_grid = jnp.reshape(mask.astype(jnp.float32), (size, -1))
     # Such a token weighs as the example's mean counted token, so that scaling the
     # mask scales every weight (1 for a 0/1 mask; a fixed 1 moved scores by 2.4%
