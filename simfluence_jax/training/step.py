@@ -59,7 +59,9 @@ def make_loss_fn(model: nn.Module, kind: str, *,
   `stop_gradient`, so its gradient is exactly zero and no optimizer moves it. The
   model must then run those layers in eval mode (`use_running_average=True`; say so
   through `eval_kwargs` / `train_kwargs`); updating them (`mutable`) is not
-  supported. A custom loss needs the same two lines:
+  supported. Training holds Flax's state collections (`STATE_COLLECTIONS`:
+  batch_stats, cache, intermediates) fixed whatever the loss (`trainable_only`); a
+  custom loss whose other collections must not train needs the same two lines:
 
       frozen = {k: jax.lax.stop_gradient(v) for k, v in params.items() if k != "params"}
       logits = model.apply({"params": params["params"], **frozen}, batch["inputs"])
