@@ -198,6 +198,18 @@ class FractionalTokenWeightTest(absltest.TestCase):
           brute, rtol=1e-4, atol=1e-6)
 
 
+def _assert_each_layer_alone_is_its_share(task, params, batch, query, layers=None):
+  """EK-FAC fitted on each layer alone scores `query` as that layer's share of the
+  fit of every layer (`ekfac_layer_scores`)."""
+  factors = influence.fit_ekfac(task, params, [batch], layers=layers)
+  shares = influence.ekfac_layer_scores(task, params, factors, query, [batch])
+  for k, spec in enumerate(factors.layers):
+    alone = influence.ekfac_scores(task, params, influence.fit_ekfac(
+        task, params, [batch], layers=(spec,)), query, [batch])
+    np.testing.assert_allclose(alone, shares[k], rtol=1e-4,
+                               atol=1e-5 * np.abs(shares[k]).max(), err_msg=spec.name)
+
+
 class PromptTokensTest(absltest.TestCase):
   """A token the loss mask zeroes but later positions read (a prompt token) is part
   of the example's gradient Σ g aᵀ, so it counts in A and S; trailing padding
@@ -243,13 +255,7 @@ class PromptTokensTest(absltest.TestCase):
     # Which tokens are real does not depend on which layers are fitted: the head
     # alone (no gradient at the prompt's positions) scores as its share of the
     # fit of every layer (it saw no prompt token: 28-72% off; review h34).
-    factors = influence.fit_ekfac(task, params, [batch], layers=layers)
-    shares = influence.ekfac_layer_scores(task, params, factors, query, [batch])
-    for k, spec in enumerate(factors.layers):
-      alone = influence.ekfac_scores(task, params, influence.fit_ekfac(
-          task, params, [batch], layers=(spec,)), query, [batch])
-      np.testing.assert_allclose(alone, shares[k], rtol=1e-4,
-                                 atol=1e-5 * np.abs(shares[k]).max(), err_msg=spec.name)
+    _assert_each_layer_alone_is_its_share(task, params, batch, query, layers)
 
 
 class _AttentionLM(nn.Module):
@@ -275,14 +281,7 @@ def test_each_layer_alone_scores_as_its_share_with_a_prompt_mask():
   mask[:, :3] = 0.0
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
   params = fixtures.host_init(model, batch["inputs"][:1], seed=2)
-  query = _slice(batch, 0)
-  factors = influence.fit_ekfac(task, params, [batch])
-  shares = influence.ekfac_layer_scores(task, params, factors, query, [batch])
-  for k, spec in enumerate(factors.layers):
-    alone = influence.ekfac_scores(task, params, influence.fit_ekfac(
-        task, params, [batch], layers=(spec,)), query, [batch])
-    np.testing.assert_allclose(alone, shares[k], rtol=1e-4,
-                               atol=1e-5 * np.abs(shares[k]).max(), err_msg=spec.name)
+  _assert_each_layer_alone_is_its_share(task, params, batch, _slice(batch, 0))
 
 
 class _SharedKernelNet(nnx.Module):
@@ -389,17 +388,6 @@ class SharedKernelTest(absltest.TestCase):
 
 
 
-class _DropoutNet(nnx.Module):
-
-  def __init__(self, rngs):
-    self.l1 = nnx.Linear(3, 4, rngs=rngs)
-    self.drop = nnx.Dropout(0.5, rngs=rngs)
-    self.l2 = nnx.Linear(4, 2, rngs=rngs)
-
-  def __call__(self, x):
-    return self.l2(self.drop(nnx.tanh(self.l1(x))))
-
-
 class NonParameterStateTest(absltest.TestCase):
 
   def test_factors_fitted_under_other_batch_statistics_are_refused(self):
@@ -441,7 +429,7 @@ class NonParameterStateTest(absltest.TestCase):
     self.assertEqual(_ekfac.values_checksum(task, params),
                      influence.param_values_checksum(params))
     # RNG keys and counters alone are no state (they do not change an eval model).
-    net = _DropoutNet(nnx.Rngs(0))
+    net = nnx_models.DropoutNet(nnx.Rngs(0))
     net.eval()
     state = nnx.state(net, nnx.Param)
     self.assertEqual(_ekfac.values_checksum(influence.ClassificationTask(net), state),

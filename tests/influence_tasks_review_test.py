@@ -147,18 +147,8 @@ def test_clones_that_differ_in_rng_counts_only_are_scored():
   # Clones of a module trained with dropout differ in their RNG counts, which no
   # accepted loss reads: refused over them, the usual checkpoint list failed
   # (review h37).
-  class Net(nnx.Module):
-
-    def __init__(self, rngs):
-      self.hidden = nnx.Linear(3, 4, rngs=rngs)
-      self.drop = nnx.Dropout(0.2, rngs=rngs)
-      self.out = nnx.Linear(4, 2, rngs=rngs)
-
-    def __call__(self, x):
-      return self.out(self.drop(nnx.tanh(self.hidden(x))))
-
   _, batch = _nnx_setup()
-  net = Net(nnx.Rngs(0))
+  net = nnx_models.DropoutNet(nnx.Rngs(0), rate=0.2)
   clones = []
   for _ in range(2):
     net.train()
