@@ -467,8 +467,8 @@ def _check_params0(who: str, params0: Any) -> None:
   """Refuses params0 that training cannot differentiate as given (review h36; each
   failed deep inside jax or flax): an `nnx.Module`, an `nnx.State` holding
   variables other than `nnx.Param` (its BatchStat was trained), and integer or
-  bool leaves (`jax.grad` takes float leaves only). A linen variables dict's
-  collections other than "params" are held fixed (`step.trainable_only`)."""
+  bool leaves (`jax.grad` takes float leaves only). A linen variables dict's state
+  collections (batch_stats, ...) are held fixed (`step.trainable_only`)."""
   nnx = sys.modules.get("flax.nnx")
   if nnx is not None and isinstance(params0, nnx.Module):
     raise ValueError(f"{who}: params0 is an nnx.Module; pass nnx.state(module, "
