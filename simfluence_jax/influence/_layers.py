@@ -1010,12 +1010,12 @@ def _capture_per_example(fn, params, batch, layers, token_mask, wrt_paths,
     # fit; review h34). A left-out layer's output [B, L, ...] is on the grid.
     on_grid = lambda shape: bool(mask.shape[1]) and shape == tuple(mask.shape)
     real = jnp.zeros((size, mask.shape[1]), bool)
-    grads = [g for parts in tokens.values() for _, g, free_shape in parts
-             if on_grid(free_shape)]
-    for g in grads:
-      real = real | jnp.any(g != 0, axis=tuple(range(2, g.ndim)))
+    for parts in tokens.values():
+      for _, g, free_shape in parts:
+        if on_grid(free_shape):
+          real = real | jnp.any(g != 0, axis=tuple(range(2, g.ndim)))
     for key, g in probe_grads.items():
-      if key.startswith(_REAL_ONLY):  # [B, L]: Σ_features g·y of a left-out layer
+      if key.startswith(_REAL_ONLY):  # [B, L]: Σ_features g·r of a left-out layer
         real = real | (g != 0)
     weights_on_grid = jnp.reshape(mask.astype(jnp.float32), (size, -1))
     # Such a token weighs as the example's mean counted token, so that scaling the
