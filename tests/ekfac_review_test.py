@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simfluence_jax import _closures
 from simfluence_jax import influence
 from simfluence_jax.influence import _ekfac
 import _influence_fixtures as fixtures
@@ -443,7 +444,7 @@ class NonParameterStateTest(absltest.TestCase):
     batch = {"inputs": x, "labels": np.arange(6) % 3}
     params = jax.tree_util.tree_map(np.asarray, model.init(jax.random.key(0), x))
     task = influence.ClassificationTask(model.apply)
-    checksums = influence._layers._checksums  # pylint: disable=protected-access
+    checksums = _closures.checksums
     checksums.clear_cache()
     factors = influence.fit_ekfac(task, params, [batch])
     self.assertEqual(factors.values_checksum,

@@ -204,8 +204,9 @@ def test_linen_variables_with_batch_stats_are_refused():
   task = influence.ClassificationTask(model.apply)
   message = ("a linen variables dict with the collection(s) ['batch_stats'] besides "
              "'params': the kernels would differentiate them too; pass "
-             "{'params': variables['params']} and close over the others in apply_fn "
-             "(e.g. lambda p, x: model.apply({**p, 'batch_stats': ...}, x)).")
+             "{'params': variables['params']} and bind the others in apply_fn "
+             "(e.g. lambda p, x, s=variables['batch_stats']: "
+             "model.apply({**p, 'batch_stats': s}, x)).")
   with pytest.raises(ValueError, match="^" + re.escape(f"params: {message}") + "$"):
     influence.tracin_scores(task, [variables], [1.0], batch, batch)
   with pytest.raises(ValueError, match="^" + re.escape(f"params: {message}") + "$"):

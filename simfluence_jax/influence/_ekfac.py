@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from simfluence_jax import _checks
+from simfluence_jax import _closures
 from simfluence_jax import sharding as sharding_lib
 from simfluence_jax.influence import _blocks
 from simfluence_jax.influence import _common
@@ -186,11 +187,37 @@ def _task_state_arrays(task) -> dict:
   return arrays
 
 
-def values_checksum(task, params) -> str:
-  """The `values_checksum` of factors fitted with `task` on `params`."""
+_CLOSED_SEPARATOR = "+closed:"
+
+
+def values_checksum(task, params, example_spec=None) -> str:
+  """The `values_checksum` of factors fitted with `task` on `params`: the params',
+  then the NNX state's (`"+state:"`), then, for other tasks with an `example_spec`,
+  that of the arrays the loss closes over (`"+closed:"`, `closed_checksum`)."""
   state = task_state_checksum(task)
-  return _layers.param_values_checksum(params) + (
-      _STATE_SEPARATOR + state if state else "")
+  closed = closed_checksum(task, params, example_spec)
+  return (_layers.param_values_checksum(params)
+          + (_STATE_SEPARATOR + state if state else "")
+          + (_CLOSED_SEPARATOR + closed if closed else ""))
+
+
+def _split_checksum(checksum: str):
+  """(params, NNX state, closed-over values) parts of a `values_checksum`."""
+  checksum, _, closed = checksum.partition(_CLOSED_SEPARATOR)
+  fitted, _, state = checksum.partition(_STATE_SEPARATOR)
+  return fitted, state, closed
+
+
+def closed_checksum(task, params, example_spec) -> str:
+  """`_closures.constants_checksum` of the task's loss traced at `example_spec`'s
+  shapes: the arrays it reads from outside its arguments (a linen model's
+  batch_stats closed over in apply_fn, frozen weights), which factors fitted under
+  other values must not be applied with (review h38: accepted, 281% off). "" for
+  none, without an `example_spec`, and for an NNX task, whose state
+  `task_state_checksum` covers (RNG counters left out)."""
+  if example_spec is None or getattr(task, "_nnx_apply", None) is not None:
+    return ""
+  return _loss_trace(task, params, example_spec)[1]
 
 
 def _path_key(key):
@@ -255,7 +282,7 @@ def _example_batch(spec):
   return build(root)
 
 
-# task -> {(params signature, example spec): digest}; weakly keyed, so the cache
+# task -> {(params signature, example spec): (digest, closed_checksum)}; weakly keyed, so the cache
 # never keeps a task (and the model it holds) alive.
 _LOSS_FINGERPRINTS = weakref.WeakKeyDictionary()
 
@@ -267,6 +294,13 @@ def loss_fingerprint(task, params, example_spec) -> str:
   every process (addresses of callables dropped, as `pipeline.fingerprint` does);
   parameter and state values are arguments or constants, not part of it. Cached
   per task, parameter layout and example shapes (one trace)."""
+  return _loss_trace(task, params, example_spec)[0]
+
+
+def _loss_trace(task, params, example_spec):
+  """(`loss_fingerprint`, `closed_checksum`) of one trace of the task's loss, cached
+  per task, parameter layout and example shapes (a task's closed-over values cannot
+  change unnoticed: `_tasks.check_unchanged` refuses it in every kernel call)."""
   key = (_checks.tree_signature(params), example_spec)
   try:
     known = _LOSS_FINGERPRINTS.setdefault(task, {})
@@ -277,7 +311,8 @@ def loss_fingerprint(task, params, example_spec) -> str:
     closed = jax.make_jaxpr(task.loss)(params, _example_batch(example_spec))
     text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed))
     cached = (f"jax-{jax.__version__}:"
-              + hashlib.sha256(text.encode()).hexdigest()[:16])
+              + hashlib.sha256(text.encode()).hexdigest()[:16],
+              _closures.constants_checksum(closed))
     known[key] = cached
   return cached
 
@@ -609,7 +644,7 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
   # Of the params as given, like `check_factors` in the scoring calls: placed ones
   # would compile the checksum's program a second time (0.14-0.28 s on 2 CPU cores).
   fingerprint = _layers.param_fingerprint(params)
-  checksum = values_checksum(task, params)
+  checksum = values_checksum(task, params, example_spec)
   if rng is None:  # only with the empirical Fisher, which never reads it: a key
     # wrapped from zeros (`jax.random.key(0)` compiles a program of its own)
     rng = jax.random.wrap_key_data(np.zeros(
@@ -847,7 +882,7 @@ def check_factors(factors, params, argument: str = "factors", task=None) -> None
                      f"{type(factors).__name__}.")
   _layers.check_layers_match(factors.layers, params, argument, factors.fingerprint)
   if factors.values_checksum is not None:
-    fitted, _, fitted_state = factors.values_checksum.partition(_STATE_SEPARATOR)
+    fitted, fitted_state, fitted_closed = _split_checksum(factors.values_checksum)
     checksum = _layers.param_values_checksum(params)
     if checksum != fitted:
       raise ValueError(
@@ -862,6 +897,15 @@ def check_factors(factors, params, argument: str = "factors", task=None) -> None
           f"(the NNX module's batch statistics or other non-Param variables; "
           f"{_describe_state_change(task, fitted_state, state)}): refit them "
           "under this state, or "
+          f"pass {argument}.for_other_params() to apply them here on purpose.")
+    closed = (None if task is None or factors.loss_example is None
+              else closed_checksum(task, params, factors.loss_example))
+    if closed is not None and closed != fitted_closed:
+      raise ValueError(
+          f"{argument}: fitted under other values of the arrays the task's loss "
+          f"reads from outside its params (e.g. the batch_stats its apply_fn "
+          f"closes over; {len(fitted_closed) // 16} arrays in the factors, "
+          f"{len(closed) // 16} for the task): refit them under these values, or "
           f"pass {argument}.for_other_params() to apply them here on purpose.")
   if (task is not None and factors.loss_fingerprint is not None
       and factors.loss_example is not None

@@ -50,6 +50,7 @@ from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
+from simfluence_jax import _closures
 from simfluence_jax.influence import _blocks
 from simfluence_jax.influence._nnx import nnx  # flax.nnx once the user imports it
 
@@ -181,9 +182,8 @@ def param_values_checksum(params) -> str:
   the same on any mesh and device count, and a change of any one element always
   changes it.
   """
-  named = sorted(_leaf_paths(params).items())
-  return "".join(f"{int(v):08x}" for v in np.asarray(
-      _checksums(tuple(leaf for _, leaf in named)))) if named else ""
+  return _closures.hex_checksum(
+      [leaf for _, leaf in sorted(_leaf_paths(params).items())])
 
 
 def describe_checksum_change(params, fitted: str, checksum: str,
@@ -201,24 +201,6 @@ def describe_checksum_change(params, fitted: str, checksum: str,
   return (f"{len(changed)} of {len(names)} arrays differ, first "
           f"{names[changed[0]]!r}: checksum {old[changed[0]]} in the factors, "
           f"{new[changed[0]]} for {here}")
-
-
-@jax.jit
-def _checksums(leaves):
-  sums = []
-  for leaf in leaves:
-    x = jnp.asarray(leaf)
-    width = x.dtype.itemsize
-    if width == 8:  # two uint32 words per element
-      bits = jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
-    else:
-      unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[width]
-      bits = (x if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(
-          x, unsigned)).astype(jnp.uint32).reshape(-1)
-    k = jnp.arange(bits.size, dtype=jnp.uint32)
-    sums.append(jnp.sum(bits * (k * jnp.uint32(2654435761) + jnp.uint32(1) | 1)))
-    sums.append(jnp.sum(bits * ((k ^ jnp.uint32(0x9E3779B9)) * jnp.uint32(40503) | 1)))
-  return jnp.stack(sums)
 
 
 # --- interception ------------------------------------------------------------------------

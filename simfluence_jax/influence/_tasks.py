@@ -5,8 +5,13 @@ task's `apply_fn` takes as its first argument: the variables dict `{"params": ..
 for `model.apply`, or the raw parameter tree for `lambda p, x: model.apply({"params":
 p}, x)`. Gradients are taken with respect to all of it, so the kernels refuse a
 variables dict holding other collections (e.g. `batch_stats`): pass
-`{"params": variables["params"]}` and close over the rest in `apply_fn`. Boxed
-parameters (`nn.with_logical_partitioning`) are unboxed by the kernels.
+`{"params": variables["params"]}` and bind the rest in `apply_fn` (`lambda p, x,
+s=variables["batch_stats"]: model.apply({**p, "batch_stats": s}, x)`): one task per
+set of values. JAX traces a task's loss once and keeps what it closed over, so a task
+whose closed-over values changed since its first call is refused
+(`check_unchanged`), and EK-FAC factors record the values their loss closed over
+(`_ekfac.closed_checksum`). Boxed parameters (`nn.with_logical_partitioning`) are
+unboxed by the kernels.
 
 An `nnx.Module` can stand in for `apply_fn`: `ClassificationTask(module)`. The
 task then takes `params = nnx.state(module, nnx.Param)` (or the module itself) and
@@ -35,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from simfluence_jax import _checks
+from simfluence_jax import _closures
 from simfluence_jax import losses
 from simfluence_jax import sharding as sharding_lib
 from simfluence_jax.influence import _layers
@@ -392,8 +398,9 @@ def check_collections(params, argument: str = "params") -> None:
   raise ValueError(
       f"{argument}: a linen variables dict with the collection(s) {others} besides "
       f"'params': the kernels would differentiate them too; pass "
-      f"{{'params': variables['params']}} and close over the others in apply_fn "
-      f"(e.g. lambda p, x: model.apply({{**p, {others[0]!r}: ...}}, x)).")
+      f"{{'params': variables['params']}} and bind the others in apply_fn "
+      f"(e.g. lambda p, x, s=variables[{others[0]!r}]: model.apply("
+      f"{{**p, {others[0]!r}: s}}, x)).")
 
 
 def check_params(task, params, argument: str = "params") -> None:
@@ -458,6 +465,12 @@ def _pair(batches):
   return jax.tree_util.tree_map(lambda x: x[np.array([0, partner])], first), partner
 
 
+def _error_line(error: Exception) -> str:
+  """`Type: first line` of an exception raised by a user's function."""
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 # XLA options for the independence check's one small program (`_together_and_alone`).
 _CHECK_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
                            "xla_llvm_disable_expensive_passes": True}
@@ -466,7 +479,7 @@ _CHECK_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
 def _together_and_alone(task, params, items):
   """For each `(which, argument, pair)` of `items`: `task.<which>` (loss or
   measurement) of the 2-example `pair`, and of each example alone (batches of one),
-  as (float[2], float[2]). One jitted program for every item's three passes (the
+  as (float[2], float[2]), and the check's `_rounding_tolerance`. One jitted program for every item's three passes (the
   train and query checks of one kernel call compile once: 0.10 s, against 0.23 s as
   two programs and a concatenation for a 64-256-256-10 MLP on the 2-core CPU, where
   a one-shot TracIn call's first call takes 0.85 s besides). Run eagerly, each op
@@ -491,6 +504,10 @@ def _together_and_alone(task, params, items):
                  for i in range(2)]
       except ValueError as error:
         problems.append(f"{argument}: {error}.")
+        together, alone = jnp.zeros(2), [jnp.zeros(1)] * 2
+      except Exception as error:  # pylint: disable=broad-except  # the user's model
+        problems.append(f"{argument}: the task's {which} fails on it "
+                        f"({_error_line(error)}).")
         together, alone = jnp.zeros(2), [jnp.zeros(1)] * 2
       if jnp.shape(together) != (2,) or any(jnp.shape(a) != (1,) for a in alone):
         problems.append(f"{argument}: the task's {which} returned shapes "
@@ -517,13 +534,16 @@ def _together_and_alone(task, params, items):
     if _random_draws(traced.jaxpr.jaxpr):
       _check_draws(task, params, items)
     lowered = traced.lower()
+    tolerance = _rounding_tolerance(traced.jaxpr.jaxpr)
     try:
       # A check of tiny passes: compiled without XLA's costly passes (0.10 against
       # 0.15 s for a 64-256-256-10 MLP on this 2-core CPU).
-      programs[key] = lowered.compile(compiler_options=_CHECK_COMPILER_OPTIONS)
+      programs[key] = (lowered.compile(compiler_options=_CHECK_COMPILER_OPTIONS),
+                       tolerance)
     except Exception:  # pylint: disable=broad-except  # a backend without the options
-      programs[key] = lowered.compile()
-  return programs[key](params, pairs)
+      programs[key] = (lowered.compile(), tolerance)
+  program, tolerance = programs[key]
+  return program(params, pairs), tolerance
 
 
 # Primitives that draw random bits (`_check_draws`). The pair check alone missed
@@ -576,14 +596,30 @@ def _check_draws(task, params, items) -> None:
 _CHECK_PROGRAMS = weakref.WeakKeyDictionary()
 
 
-def _rounding_tolerance(params, pair) -> float:
+# Operations whose rounding can differ between a batch of 2 and of 1 (the order of
+# a reduction); elementwise operations round each element alike in both.
+_REDUCING_PRIMITIVES = ("dot_general", "conv_general_dilated", "reduce_sum", "cumsum")
+
+
+def _rounding_tolerance(jaxpr) -> float:
   """Relative tolerance for the same loss computed on batches of 2 and 1: float
-  rounding (reduction orders) of the lowest float precision of params and inputs."""
-  eps = np.finfo(np.float32).eps
-  for leaf in jax.tree_util.tree_leaves((params, pair)):
-    dtype = getattr(leaf, "dtype", None)
-    if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
-      eps = max(eps, float(jnp.finfo(dtype).eps))
+  rounding (reduction orders) at the lowest float precision that the traced check's
+  reductions (`_REDUCING_PRIMITIVES`, in `jaxpr` and the jaxprs it calls) compute
+  in; float32's without any. Not that of the params' and inputs' dtypes: bfloat16
+  inputs to a float32 model are promoted, and their 3.1% let examples coupled in the
+  batch through (review h39: TracIn then moved 3.1%, single scores 62%, with
+  chunk_size)."""
+  eps = float(np.finfo(np.float32).eps)
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in _REDUCING_PRIMITIVES:
+      dtype = eqn.outvars[0].aval.dtype
+      if jnp.issubdtype(dtype, jnp.floating):
+        eps = max(eps, float(jnp.finfo(dtype).eps))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, "eqns"):
+          eps = max(eps, _rounding_tolerance(sub) / 4)
   return max(1e-4, 4 * eps)
 
 
@@ -612,8 +648,8 @@ def check_independent_examples(task, params, named_batches) -> None:
       partners.append(picked[1])
   if not items:
     return
-  results = sharding_lib.to_host(_together_and_alone(task, params, items))
-  tolerance = _rounding_tolerance(params, [pair for _, _, pair in items])
+  results, tolerance = _together_and_alone(task, params, items)
+  results = sharding_lib.to_host(results)
   for (which, argument, _), partner, (together, alone) in zip(items, partners,
                                                               results):
     together, alone = (np.asarray(x, np.float64) for x in (together, alone))
@@ -661,5 +697,34 @@ def validate(task, params, named_batches) -> None:
   check = getattr(task, "validate", None)
   for batches, argument in named_batches:
     if check is not None:
-      check(params, batches, argument)
+      try:
+        check(params, batches, argument)
+      except ValueError:
+        raise
+      except Exception as error:  # pylint: disable=broad-except  # the user's model
+        raise ValueError(f"{argument}: the task's model fails on it "
+                         f"({_error_line(error)}).") from error
   check_independent_examples(task, params, named_batches)
+  check_unchanged(task, params, *named_batches[0])
+
+
+def check_unchanged(task, params, batches, argument) -> None:
+  """Refuses a task whose loss, traced anew on one example of `batches`, computes
+  other operations or reads other closed-over values than at the task's first
+  call with these shapes (`_closures.check_unchanged`): the kernels compiled for
+  the task (this package's caches and JAX's, both keyed by the task) would still
+  use the old values (review h38: a linen task closing over `batch_stats`, reused
+  across checkpoints, scored TracIn 84% off)."""
+  example = _closures.one_example(batches[0])
+  try:
+    closed = _closures.trace(task.loss, params, example)
+  except Exception as error:  # pylint: disable=broad-except  # the user's model
+    raise ValueError(f"{argument}: the task's loss fails on its first example "
+                     f"({_error_line(error)}).") from error
+  _closures.check_unchanged(
+      task, closed, (params, example),
+      "task: its loss computes something other than at this task's first call "
+      "with these shapes: a value it reads from outside its arguments changed "
+      "(e.g. the batch_stats its apply_fn closes over, or a global), and what JAX "
+      "compiled for this task would still use the old one; make a new task for "
+      "the new value, binding it (apply_fn=lambda p, x, s=stats: ...).")

@@ -267,6 +267,7 @@ def metagradients(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
       the host copies; names run, step, slot and test example).
   """
   who = "metagradients"
+  runs_lib.check_float32_params(who, params0)
   num_train, _ = runs_lib.check_arrays(who, loss_fn, params0, train_arrays,
                                        test_arrays)
   batch_ids, weights, single = _as_runs(batch_ids, weights, num_train, who,
@@ -557,6 +558,7 @@ def first_order_losses(params0: Any, reference_batch_ids: Any, curricula: Any, *
       each chunk's host copy; names curriculum, step and test example).
   """
   who = "first_order_losses"
+  runs_lib.check_float32_params(who, params0)
   num_train, _ = runs_lib.check_arrays(who, loss_fn, params0, train_arrays,
                                        test_arrays)
   reference_ids, reference_weights, curricula, curricula_weights, single = (
@@ -884,6 +886,7 @@ def first_order_final_losses(params0: Any, reference_batch_ids: Any, curricula: 
     raise ValueError(f"{who}: route='table' needs a deterministic loss (a stochastic "
                      f"one draws per-slot keys a curriculum's own slots would not "
                      f"share); use route='jvp'.")
+  runs_lib.check_float32_params(who, params0)
   num_train, num_test = runs_lib.check_arrays(who, loss_fn, params0, train_arrays,
                                                test_arrays)
   ref_ids, ref_w, ids, weights, single = _reference_and_curricula(

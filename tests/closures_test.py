@@ -1,0 +1,214 @@
+"""Functions whose closed-over values change under JAX's trace cache (review h38).
+
+JAX caches a trace by the function object: a task or loss function reused after a
+value it closes over changed computed with the old value, silently (TracIn 84% off,
+EK-FAC 88%, factors under other batch_stats 281%, metagradients 11×). Each is refused
+now in one line, and a function binding the new value gives the brute-force answer.
+"""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from simfluence_jax import influence
+from simfluence_jax import losses
+from simfluence_jax import training
+import _influence_fixtures as fixtures
+
+
+class _Net(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.BatchNorm(use_running_average=True)(nn.Dense(4)(x))
+    return nn.Dense(3)(nn.relu(x))
+
+
+MODEL = _Net()
+X = fixtures.normal(0, (8, 5))
+BATCH = {"inputs": X, "labels": (np.arange(8) % 3).astype(np.int32)}
+QUERY = {"inputs": X[:3], "labels": BATCH["labels"][:3]}
+VARIABLES = fixtures.host_init(MODEL, X[:1])
+STATS_A = {"BatchNorm_0": {"mean": np.full(4, 0.1, np.float32),
+                           "var": np.ones(4, np.float32)}}
+STATS_B = {"BatchNorm_0": {"mean": np.full(4, -0.5, np.float32),
+                           "var": np.full(4, 3.0, np.float32)}}
+PARAMS = {"params": VARIABLES["params"]}
+
+REUSED_TASK = "^task: its loss computes something other than at this task's first call"
+
+
+def _apply(params, x, stats):
+  return MODEL.apply({**params, "batch_stats": stats}, x)
+
+
+def _tracin_brute_force(stats, lr=0.1):
+  """lr · ⟨∇ℓ_q, ∇ℓ_i⟩ from explicit per-example gradients under `stats`."""
+  def loss(params, x, y):
+    logits = _apply(params, x[None], stats)
+    return -jax.nn.log_softmax(logits)[0, y]
+  flat = lambda g: jnp.concatenate([v.ravel() for v in jax.tree_util.tree_leaves(g)])
+  grad = jax.jit(jax.vmap(lambda x, y: flat(jax.grad(loss)(PARAMS, x, y))))
+  return lr * np.asarray(grad(QUERY["inputs"], QUERY["labels"])
+                         @ grad(BATCH["inputs"], BATCH["labels"]).T)
+
+
+def test_a_task_reused_after_its_closed_over_stats_changed_is_refused():
+  stats = STATS_A
+  task = influence.ClassificationTask(lambda p, x: _apply(p, x, stats))
+  first = influence.tracin_scores(task, [PARAMS], [0.1], QUERY, [BATCH])
+  np.testing.assert_allclose(first, _tracin_brute_force(STATS_A), rtol=2e-4,
+                             atol=1e-6)
+  stats = STATS_B  # the closure reads the new statistics; JAX's trace the old ones
+  for call in (lambda: influence.tracin_scores(task, [PARAMS], [0.1], QUERY, [BATCH]),
+               lambda: influence.tracin_self_influence(task, [PARAMS], [0.1], [BATCH]),
+               lambda: influence.fit_ekfac(task, PARAMS, [BATCH])):
+    with pytest.raises(ValueError, match=REUSED_TASK):
+      call()
+  # What the message advises: a new task binding the value.
+  bound = influence.ClassificationTask(lambda p, x, s=STATS_B: _apply(p, x, s))
+  np.testing.assert_allclose(
+      influence.tracin_scores(bound, [PARAMS], [0.1], QUERY, [BATCH]),
+      _tracin_brute_force(STATS_B), rtol=2e-4, atol=1e-6)
+  assert not np.allclose(_tracin_brute_force(STATS_A), _tracin_brute_force(STATS_B),
+                         rtol=0.05)
+
+
+def test_factors_fitted_under_other_closed_over_stats_are_refused():
+  task_a = influence.ClassificationTask(lambda p, x: _apply(p, x, STATS_A))
+  factors = influence.fit_ekfac(task_a, PARAMS, [BATCH])
+  # Another task closing over the same values: accepted, the same scores.
+  same = influence.ClassificationTask(lambda p, x, s=dict(STATS_A): _apply(p, x, s))
+  np.testing.assert_array_equal(
+      influence.ekfac_scores(same, PARAMS, factors, QUERY, [BATCH]),
+      influence.ekfac_scores(task_a, PARAMS, factors, QUERY, [BATCH]))
+  task_b = influence.ClassificationTask(lambda p, x: _apply(p, x, STATS_B))
+  with pytest.raises(ValueError, match=re.escape(
+      "factors: fitted under other values of the arrays the task's loss reads from "
+      "outside its params (e.g. the batch_stats its apply_fn closes over; 2 arrays in "
+      "the factors, 2 for the task): refit them under these values, or pass "
+      "factors.for_other_params() to apply them here on purpose.")):
+    influence.ekfac_scores(task_b, PARAMS, factors, QUERY, [BATCH])
+  # On purpose: the other statistics' scores with A's factors, not A's scores.
+  other = influence.ekfac_scores(task_b, PARAMS, factors.for_other_params(), QUERY,
+                                 [BATCH])
+  assert np.all(np.isfinite(other))
+
+
+def _train_setup():
+  model = nn.Dense(3)
+  rng = np.random.default_rng(0)
+  train = {"inputs": fixtures.normal(1, (6, 5)),
+           "labels": rng.integers(0, 3, 6).astype(np.int32)}
+  test = {"inputs": fixtures.normal(2, (4, 5)),
+          "labels": rng.integers(0, 3, 4).astype(np.int32)}
+  params = fixtures.host_init(model, train["inputs"][:1])
+  ids = np.array([[[0, 1], [2, 3]], [[4, 5], [1, 2]]], np.int32)
+  kwargs = dict(config={"optimizer": "sgd", "learning_rate": 0.5},
+                train_arrays=train, test_arrays=test)
+  return model, params, ids, test, kwargs
+
+
+def test_a_loss_fn_reused_after_its_closed_over_temperature_changed_is_refused():
+  model, params, ids, test, kwargs = _train_setup()
+  temperature = 1.0
+  loss_fn = lambda p, b: losses.classification_loss(
+      model.apply(p, b["inputs"]) / temperature, b["labels"])
+  training.train_runs(params, ids, loss_fn=loss_fn, progress=False, **kwargs)
+  temperature = 4.0
+  for call in (lambda: training.train_runs(params, ids, loss_fn=loss_fn,
+                                           progress=False, **kwargs),
+               lambda: training.metagradients(params, ids, loss_fn=loss_fn, **kwargs)):
+    with pytest.raises(ValueError, match=(
+        "^(train_runs|metagradients): loss_fn computes something other than at its "
+        "first call with these shapes")):
+      call()
+  bound = lambda p, b, t=4.0: losses.classification_loss(
+      model.apply(p, b["inputs"]) / t, b["labels"])
+  result = training.train_runs(params, ids, loss_fn=bound, progress=False, **kwargs)
+  logits = np.asarray(model.apply(params, test["inputs"]), np.float64) / 4.0
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = -log_probs[np.arange(4), test["labels"]]
+  np.testing.assert_allclose(result.trace.losses[:, 0], np.tile(want, (2, 1)),
+                             rtol=1e-5)
+
+
+def test_a_loss_fn_failing_on_the_arrays_is_one_line_naming_them():
+  model, params, ids, test, kwargs = _train_setup()
+  loss_fn = training.make_loss_fn(model, "classification")
+  kwargs["test_arrays"] = {"inputs": fixtures.normal(3, (4, 6)),
+                           "labels": test["labels"]}
+  with pytest.raises(ValueError, match=(
+      r"^train_runs: loss_fn fails on params0 and one example of test_arrays "
+      r"\(ScopeParamShapeError: [^\n]*\)\.$")):
+    training.train_runs(params, ids, loss_fn=loss_fn, progress=False, **kwargs)
+
+
+def test_a_query_of_another_feature_size_is_one_line_naming_it():
+  task = influence.ClassificationTask(lambda p, x: _apply(p, x, STATS_A))
+  query = {"inputs": fixtures.normal(4, (3, 6)), "labels": QUERY["labels"]}
+  with pytest.raises(ValueError, match=(
+      r"^query_batch: the task's model fails on it \(ScopeParamShapeError: "
+      r"[^\n]*\)\.$")):
+    influence.tracin_scores(task, [PARAMS], [0.1], query, [BATCH])
+
+
+class _Coupled(nn.Module):
+  """Examples coupled through the batch mean (train-mode-BatchNorm-like), weakly."""
+  coupling: float = 0.05
+  dtype: object = None
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(4, dtype=self.dtype)(x)
+    h = h - self.coupling * jnp.mean(h, axis=0, keepdims=True)
+    return nn.Dense(3, dtype=self.dtype)(nn.relu(h))
+
+
+def test_bfloat16_inputs_to_a_float32_model_do_not_loosen_the_independence_check():
+  """Review h39: the tolerance followed the inputs' bfloat16 (3.1%), so a coupling
+  float32 refuses was accepted, and TracIn moved 3.1% with chunk_size."""
+  model = _Coupled()
+  params = fixtures.host_init(model, X[:1])
+  batch = {"inputs": jnp.asarray(X, jnp.bfloat16), "labels": BATCH["labels"]}
+  task = influence.ClassificationTask(model.apply)
+  with pytest.raises(ValueError, match="^train_batches: examples interact in the batch"):
+    influence.tracin_scores(task, [params], [0.1], batch, [batch])
+  # Uncoupled, the same bfloat16 inputs score as explicit per-example gradients.
+  plain = _Coupled(coupling=0.0)
+  task = influence.ClassificationTask(plain.apply)
+
+  def loss(p, x, y):
+    return -jax.nn.log_softmax(plain.apply(p, x[None]))[0, y]
+  flat = lambda g: jnp.concatenate([v.ravel() for v in jax.tree_util.tree_leaves(g)])
+  grad = jax.jit(jax.vmap(lambda x, y: flat(jax.grad(loss)(params, x, y))))
+  g = np.asarray(grad(batch["inputs"], batch["labels"]), np.float64)
+  np.testing.assert_allclose(
+      influence.tracin_scores(task, [params], [0.1], batch, [batch]), 0.1 * g @ g.T,
+      rtol=2e-4, atol=1e-6)
+  # A model computing in bfloat16 rounds at bfloat16: its own tolerance.
+  bf16 = _Coupled(coupling=0.0, dtype=jnp.bfloat16)
+  scores = influence.tracin_scores(influence.ClassificationTask(bf16.apply), [params],
+                                   [0.1], batch, [batch])
+  assert np.all(np.isfinite(scores))
+
+
+def test_derivatives_of_bfloat16_training_are_refused_and_training_warns():
+  """Review h39: bfloat16 params round every update (updates under half a step are
+  lost), which no derivative sees: metagradients were 33-117% off retraining."""
+  model, params, ids, _, kwargs = _train_setup()
+  params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
+  loss_fn = training.make_loss_fn(model, "classification")
+  with pytest.raises(ValueError, match=re.escape(
+      "metagradients: params0['params']['bias'] is bfloat16: training rounds each "
+      "update to bfloat16")):
+    training.metagradients(params, ids, loss_fn=loss_fn, **kwargs)
+  with pytest.raises(ValueError, match="^first_order_losses: params0"):
+    training.first_order_losses(params, ids[0], ids, loss_fn=loss_fn, **kwargs)
+  with pytest.warns(UserWarning, match=re.escape(
+      "train_runs: params0 has ['bfloat16'] leaves: each update is rounded")):
+    training.train_runs(params, ids, loss_fn=loss_fn, progress=False, **kwargs)
