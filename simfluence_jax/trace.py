@@ -71,6 +71,12 @@ def _as_array(name: str, value: Any, dtype: Any, ndim: int) -> np.ndarray:
         bad = lo if lo < info.min else hi
         raise ValueError(f"Trace.{name}: value {int(bad)} does not fit in {dtype.__name__}.")
     array = array.astype(dtype)
+  elif array.flags.writeable and not isinstance(array, np.memmap):
+    # The caller's own buffer otherwise: one reused across experiments changed every
+    # earlier Trace under it (review h38: a refit's B moved 167%).
+    array = array.copy()
+  if array.flags.writeable and not isinstance(array, np.memmap):
+    array.setflags(write=False)
   return array
 
 

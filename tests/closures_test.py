@@ -212,3 +212,12 @@ def test_derivatives_of_bfloat16_training_are_refused_and_training_warns():
   with pytest.warns(UserWarning, match=re.escape(
       "train_runs: params0 has ['bfloat16'] leaves: each update is rounded")):
     training.train_runs(params, ids, loss_fn=loss_fn, progress=False, **kwargs)
+
+
+def test_params_and_factors_swapped_is_one_line():
+  """Review h38: a TypeError from inside the model ('EKFACFactors' is not iterable)."""
+  task = influence.ClassificationTask(lambda p, x: _apply(p, x, STATS_A))
+  factors = influence.fit_ekfac(task, PARAMS, [BATCH])
+  with pytest.raises(ValueError, match=re.escape(
+      "params: got EKFACFactors; the arguments are (task, params, factors, ...).")):
+    influence.ekfac_scores(task, factors, PARAMS, QUERY, [BATCH])

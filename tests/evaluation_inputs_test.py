@@ -365,3 +365,22 @@ def test_training_metrics_of_valid_arguments_keep_their_numbers(tmp_path):
   # Per run 5 test + 3 train losses; means over runs 5 + 3.
   assert written == 3 * (5 + 3) + 5 + 3
   assert sorted(os.listdir(tmp_path / "runs")) == ["a", "b", "c"]
+
+
+def test_held_out_runs_over_another_number_of_train_examples_are_refused():
+  """Review h38: a held-out trace of another dataset (8 train examples, the
+  simulator's 10) was scored, its ids all in range."""
+  rng = np.random.default_rng(0)
+  def trace(num_train):
+    return trace_lib.Trace(
+        batch_ids=rng.integers(0, 8, (6, 4, 2)).astype(np.int32),
+        losses=rng.uniform(1, 3, (6, 5, 3)).astype(np.float32),
+        learning_rates=np.full((6, 4), 0.1, np.float32),
+        num_train_examples=num_train)
+  from simfluence_jax import simulators  # pylint: disable=g-import-not-at-top
+  simulator = simulators.fit("linear", trace(10), l2=1.0)
+  assert np.isfinite(evaluation.evaluate(simulator, trace(10))["all_steps_mse"])
+  with pytest.raises(ValueError, match=(
+      r"^held_out_trace: num_train_examples=8, but the simulator was fitted on runs "
+      r"over 10 train examples\.$")):
+    evaluation.evaluate(simulator, trace(8))

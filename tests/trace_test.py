@@ -184,3 +184,19 @@ def test_nonfinite_values_are_found_block_by_block(monkeypatch):
     assert _checks.first_nonfinite(bad) == index
   assert _checks.first_nonfinite(np.float32(np.nan)) == ()
   assert _checks.first_nonfinite(np.float32(1.0)) is None
+
+
+def test_a_trace_keeps_its_own_read_only_copy_of_the_callers_arrays():
+  """Review h38: a Trace kept the caller's buffers, so one reused across experiments
+  changed every earlier Trace under it (a refit's B moved 167%)."""
+  ids = np.array([[[0, 1], [2, 3]]], np.int32)
+  losses = np.array([[[1.0, 2.0], [0.5, 1.5], [0.25, 1.0]]], np.float32)
+  trace = sj.Trace(batch_ids=ids, losses=losses,
+                   learning_rates=np.full((1, 2), 0.1, np.float32),
+                   num_train_examples=4)
+  ids[:] = 3
+  losses[:] = 7.0
+  np.testing.assert_array_equal(trace.batch_ids, [[[0, 1], [2, 3]]])
+  np.testing.assert_array_equal(trace.losses[0, :, 0], [1.0, 0.5, 0.25])
+  with pytest.raises(ValueError, match="read-only"):
+    trace.losses[0, 0, 0] = 9.0

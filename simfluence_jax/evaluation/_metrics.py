@@ -305,6 +305,11 @@ def evaluate(simulator, held_out_trace: trace_lib.Trace,
   """
   if not isinstance(held_out_trace, trace_lib.Trace):
     raise ValueError("held_out_trace: expected a simfluence_jax.Trace.")
+  fitted_n = getattr(simulator, "num_train_examples", None)
+  if fitted_n is not None and int(fitted_n) != held_out_trace.num_train_examples:
+    raise ValueError(  # review h38: another dataset's runs were scored
+        f"held_out_trace: num_train_examples={held_out_trace.num_train_examples}, but "
+        f"the simulator was fitted on runs over {int(fitted_n)} train examples.")
   # A diverging rollout is scored NaN with its reason, not refused.
   pred = simulator.simulate(held_out_trace.batch_ids, held_out_trace.losses[:, 0],
                             allow_nonfinite=True,

@@ -584,6 +584,9 @@ def _device_sum(mesh):
 def _prepare(task, params, batches, argument, chunk_size, mesh, query_batch=None):
   """Checked, unboxed inputs of a driver: (params, batches, chunk_size, mesh); with
   `query_batch`, checked with the batches (`_tasks.validate`)."""
+  if isinstance(params, EKFACFactors):  # review h38: a TypeError from the model
+    raise ValueError("params: got EKFACFactors; the arguments are (task, params, "
+                     "factors, ...).")
   chunk_size = _common.check_chunk_size(chunk_size)
   mesh = _common.resolve_mesh(mesh)
   batches = _common.as_batch_list(batches, argument)
