@@ -339,6 +339,7 @@ def _check_fisher(fisher, rng):
     raise ValueError(f"fisher must be one of {_FISHERS}, got {fisher!r}.")
   if fisher == "true" and rng is None:
     raise ValueError("rng is required with fisher='true' (targets are sampled).")
+  _tasks.check_rng(rng, "sample the targets")
 
 
 class _SampleTargets:
@@ -641,6 +642,11 @@ def fit_ekfac(task, params, batches: Iterable, fisher: str = "empirical",
                  else loss_fingerprint(task, params, example_spec))
   if layers is None:
     layers = _layers.find_layers(task.loss, params, batches[0])
+  elif isinstance(layers, str) or not all(
+      isinstance(spec, _layers.LayerSpec) for spec in layers):
+    raise ValueError(f"layers: expected LayerSpecs from find_layers (e.g. "
+                     f"find_layers(task.loss, params, batch, kinds='all')), got "
+                     f"{layers!r:.60}.")
   else:
     _layers.check_layers_match(tuple(layers), params, "layers")
   layers = tuple(layers)

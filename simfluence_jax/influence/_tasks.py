@@ -35,6 +35,7 @@ import dataclasses
 import weakref
 from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,6 +177,12 @@ class _ApplyTask:
   def __post_init__(self):
     if isinstance(self.apply_fn, nnx.Module):
       object.__setattr__(self, "_nnx_apply", _NNXApply(self.apply_fn))
+    elif isinstance(self.apply_fn, nn.Module):  # review h38: a flax error at first use
+      raise ValueError(f"apply_fn: a linen {type(self.apply_fn).__name__} module; pass "
+                       f"its apply (model.apply; an NNX module is taken whole).")
+    elif not callable(self.apply_fn):
+      raise ValueError(f"apply_fn: expected a function (model.apply) or an NNX "
+                       f"module, got {type(self.apply_fn).__name__}.")
 
   def _apply(self, params, inputs):
     nnx_apply = self.__dict__.get("_nnx_apply")
@@ -404,8 +411,12 @@ def check_collections(params, argument: str = "params") -> None:
 
 
 def check_params(task, params, argument: str = "params") -> None:
-  """`check_collections`, then the task's own `check_params(params, argument)` if
-  it defines one (an NNX task: the module's state; see the module docstring)."""
+  """The task is a task, then `check_collections`, then the task's own
+  `check_params(params, argument)` if it defines one (an NNX task: the module's
+  state; see the module docstring)."""
+  if not callable(getattr(task, "loss", None)):  # review h38: arguments swapped
+    raise ValueError(f"task: expected a Task (e.g. ClassificationTask(model.apply)) "
+                     f"as the first argument, got {type(task).__name__}.")
   check_collections(params, argument)
   check = getattr(task, "check_params", None)
   if check is not None:
@@ -621,6 +632,16 @@ def _rounding_tolerance(jaxpr) -> float:
         if hasattr(sub, "eqns"):
           eps = max(eps, _rounding_tolerance(sub) / 4)
   return max(1e-4, 4 * eps)
+
+
+def check_rng(rng, why: str) -> None:
+  """Refuses an `rng` that is not a JAX random key (typed, or raw uint32[2])."""
+  dtype = getattr(rng, "dtype", None)
+  if rng is not None and not (
+      dtype is not None and (jnp.issubdtype(dtype, jax.dtypes.prng_key) or (
+          dtype == jnp.uint32 and tuple(np.shape(rng))[-1:] == (2,)))):
+    raise ValueError(f"rng: expected a JAX random key (jax.random.key(0)) to {why}, "
+                     f"got {type(rng).__name__}.")
 
 
 def check_independent_examples(task, params, named_batches) -> None:

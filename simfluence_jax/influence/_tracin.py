@@ -241,7 +241,11 @@ def _validate(task, checkpoints, learning_rates, projection_dim, rng):
   if np.ndim(learning_rates) > 1:
     raise ValueError(f"learning_rates must be float[K] (one per checkpoint), got "
                      f"shape {np.shape(learning_rates)}.")
-  learning_rates = [float(lr) for lr in np.ravel(np.asarray(learning_rates))]
+  try:
+    learning_rates = [float(lr) for lr in np.ravel(np.asarray(learning_rates))]
+  except (TypeError, ValueError):  # review h38: None, a dict, swapped arguments
+    raise ValueError(f"learning_rates must be float[K] (one step size per "
+                     f"checkpoint), got {type(learning_rates).__name__}.") from None
   if not checkpoints:
     raise ValueError("checkpoints is empty.")
   if len(checkpoints) != len(learning_rates):
@@ -271,6 +275,7 @@ def _validate(task, checkpoints, learning_rates, projection_dim, rng):
     if rng is None:
       raise ValueError("rng is required when projection_dim is set (it seeds the "
                        "projection).")
+    _tasks.check_rng(rng, "seed the projection")
   keys = [None if rng is None else jax.random.fold_in(rng, k)
           for k in range(len(checkpoints))]
   return checkpoints, learning_rates, keys

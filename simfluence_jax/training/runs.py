@@ -713,9 +713,11 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
     raise ValueError(f"train_runs: batch_ids must be in [-1, N={num_train}), found "
                      f"[{batch_ids.min()}, {batch_ids.max()}].")
   weights = checked_weights("train_runs", weights, batch_ids)
-  if checkpoint_every is not None and checkpoint_every <= 0:
-    raise ValueError(f"train_runs: checkpoint_every must be positive, got "
-                     f"{checkpoint_every}.")
+  for name, value in (("checkpoint_every", checkpoint_every),
+                      ("steps_per_segment", steps_per_segment)):
+    if value is not None and (not _checks.is_int(value) or value <= 0):
+      raise ValueError(f"train_runs: {name} must be a positive integer, got "
+                       f"{value!r}.")
   if grad_chunk_size is not None:
     try:
       step_lib._chunk_size(batch_ids.shape[2], grad_chunk_size)  # pylint: disable=protected-access
