@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from simfluence_jax import _closures
 from simfluence_jax import influence
 from simfluence_jax import losses
 from simfluence_jax import training
@@ -221,3 +222,141 @@ def test_params_and_factors_swapped_is_one_line():
   with pytest.raises(ValueError, match=re.escape(
       "params: got EKFACFactors; the arguments are (task, params, factors, ...).")):
     influence.ekfac_scores(task, factors, PARAMS, QUERY, [BATCH])
+
+
+# --- Review h40: what the first version of these checks refused or missed ---------------
+
+
+class _Scaled(nn.Module):
+  """A weakly typed scalar param (strongly typed once trained)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(x) * self.param("t", lambda key: jnp.array(1.0))
+
+
+def test_a_weakly_typed_param_and_its_trained_value_are_the_same_function():
+  model, (_, _, ids, _, kwargs) = _Scaled(), _train_setup()
+  params = {"params": {"Dense_0": fixtures.host_init(nn.Dense(3), X[:1])["params"],
+                       "t": jnp.array(1.0)}}
+  assert params["params"]["t"].weak_type
+  loss_fn = training.make_loss_fn(model, "classification")
+  trained = training.train_runs(params, ids, loss_fn=loss_fn, progress=False,
+                                **kwargs).params
+  strong = jax.tree_util.tree_map(lambda x: jnp.asarray(x[0]), trained)
+  assert not strong["params"]["t"].weak_type
+  training.train_runs(strong, ids, loss_fn=loss_fn, progress=False, **kwargs)
+  task = influence.ClassificationTask(model.apply)
+  for p in (params, strong):
+    assert np.all(np.isfinite(influence.tracin_scores(task, [p], [0.1], QUERY, [BATCH])))
+
+
+def test_complex_and_int4_closed_over_constants_are_checksummed():
+  table = jnp.exp(1j * jnp.arange(5.0)).astype(jnp.complex64)
+  codes = jnp.array([[1, -2, 3], [0, 1, -1], [2, 2, 0], [-3, 1, 1], [0, 0, 1]],
+                    jnp.int4)
+  apply = lambda p, x: MODEL.apply({**p, "batch_stats": STATS_A}, x) + jnp.real(
+      (x * table) @ codes.astype(jnp.complex64))
+  task = influence.ClassificationTask(apply)
+  for _ in range(2):
+    assert np.all(np.isfinite(influence.tracin_scores(task, [PARAMS], [0.1], QUERY,
+                                                      [BATCH])))
+
+
+def test_a_closure_read_by_the_measurement_or_an_inner_jit_is_checked_too():
+  weights = {"w": 1.0}
+
+  class Weighted(influence.ClassificationTask):
+    def measurement(self, params, batch):
+      return weights["w"] * super().measurement(params, batch)
+
+  weighted = Weighted(lambda p, x: _apply(p, x, STATS_A))
+  stats = STATS_A
+
+  def inner_jit(p, x):  # a new inner jit per call, reading `stats` when traced
+    return jax.jit(lambda q, y: _apply(q, y, stats))(p, x)
+  inner = influence.ClassificationTask(inner_jit)
+  for task in (weighted, inner):
+    influence.tracin_scores(task, [PARAMS], [0.1], QUERY, [BATCH])
+  weights["w"], stats = 2.0, STATS_B
+  with pytest.raises(ValueError, match="^task: its measurement computes something"):
+    influence.tracin_scores(weighted, [PARAMS], [0.1], QUERY, [BATCH])
+  with pytest.raises(ValueError, match=REUSED_TASK):
+    influence.tracin_scores(inner, [PARAMS], [0.1], QUERY, [BATCH])
+
+
+def test_closed_over_tables_an_ulp_apart_are_the_same_values():
+  """A table a model builds with numpy at trace time differs by an ulp on another
+  CPU; factors fitted there must still apply here (review h40), other values not."""
+  table = np.exp(np.linspace(-2, 2, 40)).astype(np.float32).reshape(8, 5)
+  summary = lambda t: _closures.constants_summary(
+      jax.make_jaxpr(lambda x: x @ jnp.asarray(t).T)(np.zeros((1, 5), np.float32)))
+  ulp = np.nextafter(table, np.float32(np.inf))
+  assert _closures.same_summary(summary(table), summary(ulp))
+  assert not _closures.same_summary(summary(table), summary(table * 1.001))
+  assert not _closures.same_summary(summary(table), summary(table[:, ::-1].copy()))
+  assert _closures.same_summary("", "") and not _closures.same_summary(summary(table), "")
+
+
+def test_old_factors_without_the_closed_part_still_apply():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  task = influence.ClassificationTask(lambda p, x: _apply(p, x, STATS_A))
+  factors = influence.fit_ekfac(task, PARAMS, [BATCH])
+  assert "+closed:" in factors.values_checksum
+  old = dataclasses.replace(
+      factors, values_checksum=factors.values_checksum.split("+closed:")[0])
+  np.testing.assert_array_equal(
+      influence.ekfac_scores(task, PARAMS, old, QUERY, [BATCH]),
+      influence.ekfac_scores(task, PARAMS, factors, QUERY, [BATCH]))
+
+
+def test_training_traces_test_arrays_without_a_key_and_frozen_bf16_stats_are_allowed():
+  model, params, ids, test, kwargs = _train_setup()
+
+  def loss_fn(p, b, rng=None):  # the training path reads a field only train has
+    logits = model.apply(p, b["inputs"] * (1.0 if rng is None else b["scale"]))
+    return losses.classification_loss(logits, b["labels"])
+  kwargs["train_arrays"] = dict(kwargs["train_arrays"],
+                                scale=np.ones((6, 1), np.float32))
+  result = training.train_runs(params, ids, loss_fn=loss_fn, progress=False, seed=0,
+                               **kwargs)
+  assert np.all(np.isfinite(result.trace.losses))
+  # bfloat16 state collections beside float32 params: held fixed, never rounded.
+  net_params = {"params": VARIABLES["params"], "batch_stats": jax.tree_util.tree_map(
+      lambda x: jnp.asarray(x, jnp.bfloat16), STATS_A)}
+  net_loss = training.make_loss_fn(MODEL, "classification")
+  grads = training.metagradients(net_params, ids, loss_fn=net_loss,
+                                 config=kwargs["config"], train_arrays=BATCH,
+                                 test_arrays=QUERY)
+  assert np.all(np.isfinite(grads))
+
+
+class _Bf16Activations(nn.Module):
+  """bfloat16 params and activations, dots accumulating in float32 (review h40)."""
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(3):
+      k = self.param(f"k{i}", nn.initializers.lecun_normal(), (x.shape[-1], 64),
+                     jnp.bfloat16)
+      x = jax.lax.dot_general(x.astype(jnp.bfloat16), k, (((1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+      x = jax.nn.gelu(x.astype(jnp.bfloat16))
+      x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), -1,
+                                     keepdims=True) + 1e-6).astype(jnp.bfloat16)
+    k = self.param("head", nn.initializers.lecun_normal(), (64, 3), jnp.bfloat16)
+    return jax.lax.dot_general(x, k, (((1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def test_rounding_to_bfloat16_after_float32_reductions_is_not_an_interaction():
+  """Its batch-of-2 and batch-of-1 losses differ by bfloat16 rounding (1e-3): the
+  check's tolerance follows the narrowest float a result is cast to."""
+  model = _Bf16Activations()
+  x = fixtures.normal(5, (64, 32))
+  batch = {"inputs": x, "labels": (np.arange(64) % 3).astype(np.int32)}
+  params = model.init(jax.random.key(0), x[:1])
+  scores = influence.tracin_scores(influence.ClassificationTask(model.apply), [params],
+                                   [0.1], jax.tree_util.tree_map(lambda a: a[:4], batch),
+                                   [batch])
+  assert np.all(np.isfinite(scores))

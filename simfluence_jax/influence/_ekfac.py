@@ -193,31 +193,36 @@ _CLOSED_SEPARATOR = "+closed:"
 def values_checksum(task, params, example_spec=None) -> str:
   """The `values_checksum` of factors fitted with `task` on `params`: the params',
   then the NNX state's (`"+state:"`), then, for other tasks with an `example_spec`,
-  that of the arrays the loss closes over (`"+closed:"`, `closed_checksum`)."""
+  a summary of the arrays the loss closes over (`"+closed:"`, `closed_summary`;
+  left out when there are none: then, as for factors saved before it, not
+  compared)."""
   state = task_state_checksum(task)
-  closed = closed_checksum(task, params, example_spec)
+  closed = closed_summary(task, params, example_spec)
   return (_layers.param_values_checksum(params)
           + (_STATE_SEPARATOR + state if state else "")
           + (_CLOSED_SEPARATOR + closed if closed else ""))
 
 
 def _split_checksum(checksum: str):
-  """(params, NNX state, closed-over values) parts of a `values_checksum`."""
-  checksum, _, closed = checksum.partition(_CLOSED_SEPARATOR)
+  """(params, NNX state, closed-over values or None where not recorded) parts of a
+  `values_checksum`."""
+  checksum, separator, closed = checksum.partition(_CLOSED_SEPARATOR)
   fitted, _, state = checksum.partition(_STATE_SEPARATOR)
-  return fitted, state, closed
+  return fitted, state, closed if separator else None
 
 
-def closed_checksum(task, params, example_spec) -> str:
-  """`_closures.constants_checksum` of the task's loss traced at `example_spec`'s
-  shapes: the arrays it reads from outside its arguments (a linen model's
-  batch_stats closed over in apply_fn, frozen weights), which factors fitted under
-  other values must not be applied with (review h38: accepted, 281% off). "" for
-  none, without an `example_spec`, and for an NNX task, whose state
-  `task_state_checksum` covers (RNG counters left out)."""
+def closed_summary(task, params, example_spec) -> Optional[str]:
+  """`_closures.constants_summary` of the task's loss, traced anew at
+  `example_spec`'s shapes: the arrays it reads from outside its arguments (a linen
+  model's batch_stats closed over in apply_fn, frozen weights), which factors
+  fitted under other values must not be applied with (review h38: accepted, 281%
+  off), compared to a tolerance (tables a model builds with numpy differ by an ulp
+  on another CPU: review h40). None without an `example_spec`, and for an NNX task,
+  whose state `task_state_checksum` covers (RNG counters left out)."""
   if example_spec is None or getattr(task, "_nnx_apply", None) is not None:
-    return ""
-  return _loss_trace(task, params, example_spec)[1]
+    return None
+  return _closures.constants_summary(_closures.trace(
+      task.loss, _closures.abstract(params), _example_batch(example_spec)))
 
 
 def _path_key(key):
@@ -282,7 +287,7 @@ def _example_batch(spec):
   return build(root)
 
 
-# task -> {(params signature, example spec): (digest, closed_checksum)}; weakly keyed, so the cache
+# task -> {(params signature, example spec): digest}; weakly keyed, so the cache
 # never keeps a task (and the model it holds) alive.
 _LOSS_FINGERPRINTS = weakref.WeakKeyDictionary()
 
@@ -294,13 +299,6 @@ def loss_fingerprint(task, params, example_spec) -> str:
   every process (addresses of callables dropped, as `pipeline.fingerprint` does);
   parameter and state values are arguments or constants, not part of it. Cached
   per task, parameter layout and example shapes (one trace)."""
-  return _loss_trace(task, params, example_spec)[0]
-
-
-def _loss_trace(task, params, example_spec):
-  """(`loss_fingerprint`, `closed_checksum`) of one trace of the task's loss, cached
-  per task, parameter layout and example shapes (a task's closed-over values cannot
-  change unnoticed: `_tasks.check_unchanged` refuses it in every kernel call)."""
   key = (_checks.tree_signature(params), example_spec)
   try:
     known = _LOSS_FINGERPRINTS.setdefault(task, {})
@@ -311,8 +309,7 @@ def _loss_trace(task, params, example_spec):
     closed = jax.make_jaxpr(task.loss)(params, _example_batch(example_spec))
     text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed))
     cached = (f"jax-{jax.__version__}:"
-              + hashlib.sha256(text.encode()).hexdigest()[:16],
-              _closures.constants_checksum(closed))
+              + hashlib.sha256(text.encode()).hexdigest()[:16])
     known[key] = cached
   return cached
 
@@ -907,14 +904,15 @@ def check_factors(factors, params, argument: str = "factors", task=None) -> None
           f"{_describe_state_change(task, fitted_state, state)}): refit them "
           "under this state, or "
           f"pass {argument}.for_other_params() to apply them here on purpose.")
-    closed = (None if task is None or factors.loss_example is None
-              else closed_checksum(task, params, factors.loss_example))
-    if closed is not None and closed != fitted_closed:
+    closed = (None if task is None or fitted_closed is None
+              else closed_summary(task, params, factors.loss_example))
+    if closed is not None and not _closures.same_summary(closed, fitted_closed):
+      count = lambda summary: len(summary.split(";")) if summary else 0
       raise ValueError(
           f"{argument}: fitted under other values of the arrays the task's loss "
           f"reads from outside its params (e.g. the batch_stats its apply_fn "
-          f"closes over; {len(fitted_closed) // 16} arrays in the factors, "
-          f"{len(closed) // 16} for the task): refit them under these values, or "
+          f"closes over; {count(fitted_closed)} arrays in the factors, "
+          f"{count(closed)} for the task): refit them under these values, or "
           f"pass {argument}.for_other_params() to apply them here on purpose.")
   if (task is not None and factors.loss_fingerprint is not None
       and factors.loss_example is not None

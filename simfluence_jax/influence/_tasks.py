@@ -10,7 +10,7 @@ s=variables["batch_stats"]: model.apply({**p, "batch_stats": s}, x)`): one task 
 set of values. JAX traces a task's loss once and keeps what it closed over, so a task
 whose closed-over values changed since its first call is refused
 (`check_unchanged`), and EK-FAC factors record the values their loss closed over
-(`_ekfac.closed_checksum`). Boxed parameters (`nn.with_logical_partitioning`) are
+(`_ekfac.closed_summary`). Boxed parameters (`nn.with_logical_partitioning`) are
 unboxed by the kernels.
 
 An `nnx.Module` can stand in for `apply_fn`: `ClassificationTask(module)`. The
@@ -608,7 +608,9 @@ _CHECK_PROGRAMS = weakref.WeakKeyDictionary()
 
 
 # Operations whose rounding can differ between a batch of 2 and of 1 (the order of
-# a reduction); elementwise operations round each element alike in both.
+# a reduction); elementwise operations round each element alike in both, but a
+# difference rounded to a narrower float after them (`convert_element_type`, e.g.
+# float32 accumulation cast back to bfloat16) is that float's (review h40).
 _REDUCING_PRIMITIVES = ("dot_general", "conv_general_dilated", "reduce_sum", "cumsum")
 
 
@@ -622,7 +624,7 @@ def _rounding_tolerance(jaxpr) -> float:
   chunk_size)."""
   eps = float(np.finfo(np.float32).eps)
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name in _REDUCING_PRIMITIVES:
+    if eqn.primitive.name in _REDUCING_PRIMITIVES + ("convert_element_type",):
       dtype = eqn.outvars[0].aval.dtype
       if jnp.issubdtype(dtype, jnp.floating):
         eps = max(eps, float(jnp.finfo(dtype).eps))
@@ -637,9 +639,10 @@ def _rounding_tolerance(jaxpr) -> float:
 def check_rng(rng, why: str) -> None:
   """Refuses an `rng` that is not a JAX random key (typed, or raw uint32[2])."""
   dtype = getattr(rng, "dtype", None)
+  raw = _closures.raw_key_shape()  # (2,) for threefry, (4,) for rbg (review h40)
   if rng is not None and not (
       dtype is not None and (jnp.issubdtype(dtype, jax.dtypes.prng_key) or (
-          dtype == jnp.uint32 and tuple(np.shape(rng))[-1:] == (2,)))):
+          dtype == jnp.uint32 and tuple(np.shape(rng))[-len(raw):] == raw))):
     raise ValueError(f"rng: expected a JAX random key (jax.random.key(0)) to {why}, "
                      f"got {type(rng).__name__}.")
 
@@ -726,26 +729,32 @@ def validate(task, params, named_batches) -> None:
         raise ValueError(f"{argument}: the task's model fails on it "
                          f"({_error_line(error)}).") from error
   check_independent_examples(task, params, named_batches)
-  check_unchanged(task, params, *named_batches[0])
+  check_unchanged(task, params, named_batches)
 
 
-def check_unchanged(task, params, batches, argument) -> None:
-  """Refuses a task whose loss, traced anew on one example of `batches`, computes
-  other operations or reads other closed-over values than at the task's first
-  call with these shapes (`_closures.check_unchanged`): the kernels compiled for
-  the task (this package's caches and JAX's, both keyed by the task) would still
-  use the old values (review h38: a linen task closing over `batch_stats`, reused
-  across checkpoints, scored TracIn 84% off)."""
-  example = _closures.one_example(batches[0])
-  try:
-    closed = _closures.trace(task.loss, params, example)
-  except Exception as error:  # pylint: disable=broad-except  # the user's model
-    raise ValueError(f"{argument}: the task's loss fails on its first example "
-                     f"({_error_line(error)}).") from error
-  _closures.check_unchanged(
-      task, closed, (params, example),
-      "task: its loss computes something other than at this task's first call "
-      "with these shapes: a value it reads from outside its arguments changed "
-      "(e.g. the batch_stats its apply_fn closes over, or a global), and what JAX "
-      "compiled for this task would still use the old one; make a new task for "
-      "the new value, binding it (apply_fn=lambda p, x, s=stats: ...).")
+def check_unchanged(task, params, named_batches) -> None:
+  """Refuses a task whose loss (measurement for the query batch), traced anew on one
+  example of each argument's batches, computes other operations or reads other
+  closed-over values than at the task's first call with these shapes
+  (`_closures.check_unchanged`): the kernels compiled for the task (this package's
+  caches and JAX's, both keyed by the task) would still use the old values (review
+  h38: a linen task closing over `batch_stats`, reused across checkpoints, scored
+  TracIn 84% off; h40: a measurement's closure, and a query of the old shapes).
+  Traced on the params' shapes and dtypes alone (a weakly typed param and its
+  trained value trace alike)."""
+  shapes = _closures.abstract(params)
+  for batches, argument in named_batches:
+    which = "measurement" if argument == "query_batch" else "loss"
+    example = _closures.one_example(batches[0])
+    try:
+      closed = _closures.trace(getattr(task, which), shapes, example)
+    except Exception as error:  # pylint: disable=broad-except  # the user's model
+      raise ValueError(f"{argument}: the task's {which} fails on its first example "
+                       f"({_error_line(error)}).") from error
+    _closures.check_unchanged(
+        task, closed, {which: (shapes, example)},
+        f"task: its {which} computes something other than at this task's first "
+        "call with these shapes: a value it reads from outside its arguments "
+        "changed (e.g. the batch_stats its apply_fn closes over, or a global), and "
+        "what JAX compiled for this task would still use the old one; make a new "
+        "task for the new value, binding it (apply_fn=lambda p, x, s=stats: ...).")

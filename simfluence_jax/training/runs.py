@@ -502,6 +502,9 @@ def check_float32_params(who: str, params0: Any) -> None:
   dtype may still be bfloat16)."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(params0)[0]:
     dtype = jnp.result_type(leaf)
+    top = getattr(path[0], "key", None) if path else None
+    if top in step_lib.STATE_COLLECTIONS:  # held fixed, never updated (review h40)
+      continue
     if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
       raise ValueError(
           f"{who}: params0{jax.tree_util.keystr(path)} is {dtype}: training rounds "
@@ -535,14 +538,19 @@ def _check_loss_fn(who: str, loss_fn: step_lib.LossFn, params0: Any,
   these shapes (`_closures.check_unchanged`: a value it closes over changed, and
   JAX's trace of the function, keyed by it, still holds the old one; review h38:
   stale losses, metagradients 11× off)."""
-  kwargs = ({"rng": np.zeros((2,), np.uint32)} if step_lib.takes_rng(loss_fn)
-            else {})
+  # Training draws a key per example (the default PRNG's raw key shape); the test
+  # losses are evaluated without one (review h40). On the params' shapes alone: a
+  # weakly typed param and its trained value trace alike, placements aside.
+  key = jax.ShapeDtypeStruct(_closures.raw_key_shape(), jnp.uint32)
+  shapes = _closures.abstract(params0)
   traces = []
-  for arrays, argument in ((train_arrays, "train_arrays"),
-                           (test_arrays, "test_arrays")):
+  for arrays, argument, kwargs in (
+      (train_arrays, "train_arrays",
+       {"rng": key} if step_lib.takes_rng(loss_fn) else {}),
+      (test_arrays, "test_arrays", {})):
     example = _closures.one_example(arrays)
     try:
-      traces.append((_closures.trace(loss_fn, params0, example, **kwargs),
+      traces.append((_closures.trace(loss_fn, shapes, example, **kwargs),
                      example))
     except Exception as error:  # pylint: disable=broad-except  # the user's model
       lines = str(error).strip().splitlines()
@@ -551,7 +559,7 @@ def _check_loss_fn(who: str, loss_fn: step_lib.LossFn, params0: Any,
           f"({type(error).__name__}: {lines[0] if lines else ''}).") from error
   (closed, example), _ = traces
   _closures.check_unchanged(
-      loss_fn, closed, (params0, example),
+      loss_fn, closed, (shapes, example),
       f"{who}: loss_fn computes something other than at its first call with these "
       f"shapes: a value it reads from outside its arguments changed (e.g. a "
       f"temperature or frozen weights it closes over, or a global), and JAX's trace "
