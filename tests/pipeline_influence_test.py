@@ -82,6 +82,7 @@ def test_tracin_of_the_stages_differentiates_params_alone_at_the_frozen_stats():
 def test_ekfac_of_the_stages_fits_and_scores_with_the_frozen_stats():
   model, train, test = _model_and_data()
   task, params = stages._task(model), stages._trainable(model.params)
+  influence._layers._warned_messages.clear()  # pylint: disable=protected-access  # once per process
   with pytest.warns(UserWarning, match="BatchNorm_0"):  # not a Kronecker block
     factors = influence.fit_ekfac(task, params, [train])
   scores = np.asarray(influence.ekfac_scores(task, params, factors, test, [train],
