@@ -74,22 +74,23 @@ def _array_consts(consts) -> list:
   return arrays
 
 
+def equations(jaxpr):
+  """Every equation of `jaxpr` and of the jaxprs it calls (pjit, scan, cond,
+  custom_jvp, ...), depth first, each as `(eqn, closed jaxprs among its params)`."""
+  for eqn in jaxpr.eqns:
+    subs = [sub for value in eqn.params.values()
+            for sub in (value if isinstance(value, (tuple, list)) else (value,))
+            if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns")]
+    yield eqn, [sub for sub in subs if hasattr(sub, "consts")]
+    for sub in subs:
+      yield from equations(getattr(sub, "jaxpr", sub))
+
+
 def all_consts(closed) -> list:
   """A trace's constants and those of the closed jaxprs it calls (an inner
   `jax.jit` keeps what it closes over in its own jaxpr: review h40, 75% off)."""
-  found = list(closed.consts)
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-          if hasattr(sub, "consts") and hasattr(sub, "jaxpr"):  # a ClosedJaxpr
-            found.extend(sub.consts)
-            walk(sub.jaxpr)
-          elif hasattr(sub, "eqns"):
-            walk(sub)
-  walk(closed.jaxpr)
-  return found
+  return list(closed.consts) + [c for _, subs in equations(closed.jaxpr)
+                                for sub in subs for c in sub.consts]
 
 
 def trace(fn: Callable, *args, **kwargs):
@@ -111,11 +112,6 @@ def operations_text(closed) -> str:
   """The printed jaxpr without object addresses (equal in every process for the same
   operations, literals and shapes)."""
   return re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed.jaxpr))
-
-
-def constants_checksum(closed) -> str:
-  """`hex_checksum` of a trace's array constants: the values it closed over."""
-  return hex_checksum(_array_consts(all_consts(closed)))
 
 
 def constants_summary(closed) -> str:

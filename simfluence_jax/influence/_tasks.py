@@ -567,17 +567,10 @@ _RANDOM_PRIMITIVES = ("random_bits", "threefry2x32", "rng_bit_generator", "rng_u
 def _random_draws(jaxpr) -> list:
   """(primitive name, shape drawn) of every random draw from one key (not a batch
   of keys) in `jaxpr` and the jaxprs it calls."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if (eqn.primitive.name in _RANDOM_PRIMITIVES
-        and not getattr(eqn.invars[0].aval, "shape", ())[:1]):
-      found.append((eqn.primitive.name, tuple(eqn.outvars[0].aval.shape)))
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
-        if hasattr(sub, "eqns"):
-          found.extend(_random_draws(sub))
-  return found
+  return [(eqn.primitive.name, tuple(eqn.outvars[0].aval.shape))
+          for eqn, _ in _closures.equations(jaxpr)
+          if eqn.primitive.name in _RANDOM_PRIMITIVES
+          and not getattr(eqn.invars[0].aval, "shape", ())[:1]]
 
 
 def _check_draws(task, params, items) -> None:
@@ -623,16 +616,11 @@ def _rounding_tolerance(jaxpr) -> float:
   batch through (review h39: TracIn then moved 3.1%, single scores 62%, with
   chunk_size)."""
   eps = float(np.finfo(np.float32).eps)
-  for eqn in jaxpr.eqns:
+  for eqn, _ in _closures.equations(jaxpr):
     if eqn.primitive.name in _REDUCING_PRIMITIVES + ("convert_element_type",):
       dtype = eqn.outvars[0].aval.dtype
       if jnp.issubdtype(dtype, jnp.floating):
         eps = max(eps, float(jnp.finfo(dtype).eps))
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
-        if hasattr(sub, "eqns"):
-          eps = max(eps, _rounding_tolerance(sub) / 4)
   return max(1e-4, 4 * eps)
 
 
