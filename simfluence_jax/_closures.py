@@ -93,6 +93,12 @@ def all_consts(closed) -> list:
                                 for sub in subs for c in sub.consts]
 
 
+def error_line(error: Exception) -> str:
+  """`Type: first line` of an exception raised by a user's function."""
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def trace(fn: Callable, *args, **kwargs):
   """`jax.make_jaxpr` of `fn(*args, **kwargs)` through a wrapper made for this call:
   JAX has no trace of it cached, so `fn`'s Python code runs and reads the values it

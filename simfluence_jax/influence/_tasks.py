@@ -476,12 +476,6 @@ def _pair(batches):
   return jax.tree_util.tree_map(lambda x: x[np.array([0, partner])], first), partner
 
 
-def _error_line(error: Exception) -> str:
-  """`Type: first line` of an exception raised by a user's function."""
-  lines = str(error).strip().splitlines()
-  return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
 # XLA options for the independence check's one small program (`_together_and_alone`).
 _CHECK_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
                            "xla_llvm_disable_expensive_passes": True}
@@ -518,7 +512,7 @@ def _together_and_alone(task, params, items):
         together, alone = jnp.zeros(2), [jnp.zeros(1)] * 2
       except Exception as error:  # pylint: disable=broad-except  # the user's model
         problems.append(f"{argument}: the task's {which} fails on it "
-                        f"({_error_line(error)}).")
+                        f"({_closures.error_line(error)}).")
         together, alone = jnp.zeros(2), [jnp.zeros(1)] * 2
       if jnp.shape(together) != (2,) or any(jnp.shape(a) != (1,) for a in alone):
         problems.append(f"{argument}: the task's {which} returned shapes "
@@ -715,7 +709,7 @@ def validate(task, params, named_batches) -> None:
         raise
       except Exception as error:  # pylint: disable=broad-except  # the user's model
         raise ValueError(f"{argument}: the task's model fails on it "
-                         f"({_error_line(error)}).") from error
+                         f"({_closures.error_line(error)}).") from error
   check_independent_examples(task, params, named_batches)
   check_unchanged(task, params, named_batches)
 
@@ -738,7 +732,7 @@ def check_unchanged(task, params, named_batches) -> None:
       closed = _closures.trace(getattr(task, which), shapes, example)
     except Exception as error:  # pylint: disable=broad-except  # the user's model
       raise ValueError(f"{argument}: the task's {which} fails on its first example "
-                       f"({_error_line(error)}).") from error
+                       f"({_closures.error_line(error)}).") from error
     _closures.check_unchanged(
         task, closed, {which: (shapes, example)},
         f"task: its {which} computes something other than at this task's first "

@@ -500,17 +500,27 @@ def check_float32_params(who: str, params0: Any) -> None:
   2e-3), which no derivative sees (review h39: metagradients 33-117% off
   retraining the bf16 run). Train float32 master weights (the model's compute
   dtype may still be bfloat16)."""
+  narrow = _narrow_floats(params0, skip=step_lib.STATE_COLLECTIONS)
+  if narrow:
+    path, dtype = narrow[0]
+    raise ValueError(
+        f"{who}: params0{jax.tree_util.keystr(path)} is {dtype}: training rounds "
+        f"each update to {dtype} (updates under half a step are lost), which no "
+        f"derivative sees; differentiate float32 master weights (params0 in "
+        f"float32; the model may still compute in {dtype}).")
+
+
+def _narrow_floats(params0: Any, skip=()) -> list:
+  """(path, dtype) of params0's float leaves narrower than float32, leaving out the
+  top-level collections in `skip` (held fixed in training: review h40)."""
+  found = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(params0)[0]:
     dtype = jnp.result_type(leaf)
-    top = getattr(path[0], "key", None) if path else None
-    if top in step_lib.STATE_COLLECTIONS:  # held fixed, never updated (review h40)
+    if path and getattr(path[0], "key", None) in skip:
       continue
     if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
-      raise ValueError(
-          f"{who}: params0{jax.tree_util.keystr(path)} is {dtype}: training rounds "
-          f"each update to {dtype} (updates under half a step are lost), which no "
-          f"derivative sees; differentiate float32 master weights (params0 in "
-          f"float32; the model may still compute in {dtype}).")
+      found.append((path, dtype))
+  return found
 
 
 def check_arrays(who: str, loss_fn: step_lib.LossFn, params0: Any,
@@ -549,15 +559,17 @@ def _check_loss_fn(who: str, loss_fn: step_lib.LossFn, params0: Any,
        {"rng": key} if step_lib.takes_rng(loss_fn) else {}),
       (test_arrays, "test_arrays", {})):
     example = _closures.one_example(arrays)
+    if traces and not kwargs and not traces[0][2] and (
+        _checks.tree_signature(example) == _checks.tree_signature(traces[0][1])):
+      break  # the same trace as the train example's, which succeeded
     try:
       traces.append((_closures.trace(loss_fn, shapes, example, **kwargs),
-                     example))
+                     example, kwargs))
     except Exception as error:  # pylint: disable=broad-except  # the user's model
-      lines = str(error).strip().splitlines()
       raise ValueError(
           f"{who}: loss_fn fails on params0 and one example of {argument} "
-          f"({type(error).__name__}: {lines[0] if lines else ''}).") from error
-  (closed, example), _ = traces
+          f"({_closures.error_line(error)}).") from error
+  closed, example, _ = traces[0]
   _closures.check_unchanged(
       loss_fn, closed, (shapes, example),
       f"{who}: loss_fn computes something other than at its first call with these "
@@ -708,9 +720,7 @@ def train_runs(params0: Any, batch_ids: Any, *, loss_fn: step_lib.LossFn,
   num_runs, num_steps, batch_size = batch_ids.shape
   num_train, num_test = check_arrays("train_runs", loss_fn, params0, train_arrays,
                                      test_arrays)
-  narrow = sorted({str(jnp.result_type(x)) for x in jax.tree_util.tree_leaves(params0)
-                   if jnp.issubdtype(jnp.result_type(x), jnp.floating)
-                   and jnp.finfo(jnp.result_type(x)).bits < 32})
+  narrow = sorted({str(dtype) for _, dtype in _narrow_floats(params0)})
   if narrow:  # review h39
     warnings.warn(f"train_runs: params0 has {narrow} leaves: each update is rounded "
                   f"to that dtype, and updates under half a step are lost (44-46% of "
