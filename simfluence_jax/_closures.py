@@ -205,6 +205,21 @@ def raw_key_shape() -> tuple:
   return tuple(jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape)
 
 
+def check_rng(rng, why: str, seed_ok: bool = False) -> None:
+  """Refuses an `rng` that is not a JAX random key (typed, or raw uint32[2] under
+  the default implementation), nor, with `seed_ok`, an int seed. None passes where
+  no seed is taken (a kernel without randomness)."""
+  if (rng is None and not seed_ok) or (seed_ok and _checks.is_int(rng)):
+    return
+  dtype = getattr(rng, "dtype", None)
+  raw = raw_key_shape()  # (2,) for threefry, (4,) for rbg (review h40)
+  if not (dtype is not None and (jnp.issubdtype(dtype, jax.dtypes.prng_key) or (
+      dtype == jnp.uint32 and tuple(np.shape(rng))[-len(raw):] == raw))):
+    raise ValueError("rng: expected " + ("an int seed or " if seed_ok else "")
+                     + f"a JAX random key (jax.random.key(0)) to {why}, got "
+                     f"{type(rng).__name__}.")
+
+
 def abstract(tree):
   """`tree` as shapes and dtypes (weak types and placements dropped: a weakly typed
   scalar param and its trained, strongly typed value trace alike; review h40)."""

@@ -49,6 +49,58 @@ def test_influence_misuse_is_one_line(call, message):
     call()
 
 
+FACTORS = influence.fit_ekfac(TASK, PARAMS, [BATCH])
+LAYER = FACTORS.layers[0].name  # Dense(3) on 5 features: [O, I] = [3, 6]
+GRADS = influence.layer_grads_from_param_grads(
+    FACTORS.layers, jax.grad(lambda p: TASK.loss(p, BATCH).sum())(PARAMS))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: influence.precondition(GRADS, FACTORS),
+     "factors: expected EKFACFactors (from fit_ekfac), got dict; the arguments are "
+     "swapped: precondition(factors, layer_grads)."),
+    (lambda: influence.precondition(FACTORS, {"nope": GRADS[LAYER]}),
+     f"layer_grads: no factors for layer(s) ['nope']; the factors' layers are "
+     f"['{LAYER}']."),
+    (lambda: influence.precondition(FACTORS, {LAYER: PARAMS["params"]["kernel"]}),
+     f"layer_grads['{LAYER}']: expected float32[..., O, I] = [..., 3, 6] (the kernel "
+     "transposed, the bias as its last column: layer_grads_from_param_grads), got "
+     "shape (5, 3)."),
+    (lambda: influence.precondition(FACTORS, {LAYER: GRADS[LAYER][:, :5].T}),
+     f"layer_grads['{LAYER}']: expected float32[..., O, I] = [..., 3, 6] (the kernel "
+     "transposed, the bias as its last column: layer_grads_from_param_grads), got "
+     "shape (5, 3)."),
+    (lambda: influence.layer_grads_from_param_grads(FACTORS.layers, PARAMS["params"]),
+     f"grads: no leaf params/kernel (layer '{LAYER}'); pass gradients shaped like the "
+     "params find_layers saw (paths e.g. ['bias', 'kernel'])."),
+    (lambda: influence.layer_grads_from_param_grads(
+        FACTORS.layers, jax.tree_util.tree_map(lambda x: np.stack([x] * 4), PARAMS)),
+     "grads: leaf params/kernel has shape (4, 5, 3), the layer's kernel is (5, 3); "
+     "per-example gradients need batched=True."),
+    (lambda: influence.find_layers(TASK, PARAMS, BATCH),
+     "fn: expected a function (params, batch) -> float[B], e.g. task.loss, got "
+     "ClassificationTask."),
+    (lambda: influence.find_layers(TASK.loss, BATCH, PARAMS),
+     "find_layers: fn(params, batch) fails when traced (KeyError: 'inputs'); the "
+     "arguments are (fn, params, batch)."),
+    (lambda: influence.filter_batch(np.array([0, 1]), BATCH),
+     "filter_batch: indices is a dict; the arguments are (batch, indices)."),
+    (lambda: influence.tracin_scores(TASK, [PARAMS], "0.1", BATCH, [BATCH]),
+     "learning_rates must be float[K] (one step size per checkpoint), got str."),
+    (lambda: influence.fit_ekfac(TASK, PARAMS, [BATCH, {
+        "inputs": fixtures.normal(1, (6, 4)), "labels": BATCH["labels"]}]),
+     "batches[1]: the task's loss fails on its first example "
+     "(ScopeParamShapeError: "),
+])
+def test_layer_level_misuse_is_one_line(call, message):
+  if message.endswith(": "):  # a flax error's text follows
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+      call()
+    return
+  with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+    call()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"checkpoint_every": 2.5},
      "train_runs: checkpoint_every must be a positive integer, got 2.5."),
@@ -70,3 +122,16 @@ def test_keys_are_accepted_typed_and_raw():
     scores = influence.tracin_scores(TASK, [PARAMS], [0.1], BATCH, [BATCH],
                                      projection_dim=4, rng=rng)
     assert np.all(np.isfinite(scores))
+
+
+@pytest.mark.parametrize("fn", [training.predict_from_table, training.table_simulator])
+@pytest.mark.parametrize("num_train", ["12", 12.5, 0, True])
+def test_table_functions_take_an_integer_number_of_examples(fn, num_train):
+  table, ref = np.zeros((2, 4, 3), np.float32), np.zeros((2, 4), np.int32)
+  rest = ({"batch_size": 2} if fn is training.table_simulator else {})
+  with pytest.raises(ValueError, match=re.escape(
+      f"{fn.__name__}: num_train_examples must be a positive integer (N), got "
+      f"{num_train!r}.")):
+    fn(table, ref, np.zeros(3), np.zeros((1, 2, 2), np.int32) if fn is
+       training.predict_from_table else np.zeros(3), num_train_examples=num_train,
+       **rest)

@@ -3,6 +3,7 @@
 References are explicit numpy loops and dense ridge solves.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -256,6 +257,18 @@ def test_simulate_refuses_negative_weights():
   with pytest.raises(ValueError, match="weights: must be non-negative"):
     sim.simulate_with_bands(ids, init, num_samples=2, weights=weights)
   sim.simulate(ids, init, np.zeros(ids.shape))  # 0 = removed is fine
+
+
+def test_bands_take_an_int_seed_or_a_key_and_refuse_anything_else():
+  trace, sim = _fitted()
+  ids, init = trace.batch_ids[:1], trace.losses[:1, 0]
+  by_seed = sim.simulate_with_bands(ids, init, num_samples=2, rng=3)
+  by_key = sim.simulate_with_bands(ids, init, num_samples=2, rng=jax.random.key(3))
+  np.testing.assert_array_equal(by_seed[1], by_key[1])
+  for rng in (1.5, None, "3"):  # review h38: a JAX traceback from inside
+    with pytest.raises(ValueError, match="^rng: expected an int seed or a JAX random "
+                       "key .* to draw the posterior samples, got "):
+      sim.simulate_with_bands(ids, init, num_samples=2, rng=rng)
 
 
 def test_simulate_refuses_non_finite_losses_naming_the_run():

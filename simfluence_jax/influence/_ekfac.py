@@ -336,7 +336,7 @@ def _check_fisher(fisher, rng):
     raise ValueError(f"fisher must be one of {_FISHERS}, got {fisher!r}.")
   if fisher == "true" and rng is None:
     raise ValueError("rng is required with fisher='true' (targets are sampled).")
-  _tasks.check_rng(rng, "sample the targets")
+  _closures.check_rng(rng, "sample the targets")
 
 
 class _SampleTargets:
@@ -766,9 +766,44 @@ def precondition(factors: EKFACFactors, layer_grads: Dict[str, jax.Array],
 
   Returns:
     By layer name, float32[..., O, I] preconditioned gradients.
+
+  Raises:
+    ValueError: factors not `EKFACFactors` (e.g. the arguments swapped), a layer
+      name the factors lack, or a gradient whose last two axes are not the layer's
+      [O, I] (a flax kernel's [I, O] layout; a square layer without a bias cannot be
+      told apart, and is taken as [O, I]).
   """
+  _check_layer_grads(factors, layer_grads)
   return _precondition(factors.layers, factors.factors, layer_grads,
                        layer_damping(factors, damping))
+
+
+def _check_layer_grads(factors, layer_grads) -> None:
+  """`precondition`'s arguments (review h38: each was a raw traceback)."""
+  if not isinstance(factors, EKFACFactors):
+    raise ValueError(
+        f"factors: expected EKFACFactors (from fit_ekfac), got "
+        f"{type(factors).__name__}" + (
+            "; the arguments are swapped: precondition(factors, layer_grads)"
+            if isinstance(layer_grads, EKFACFactors) else "") + ".")
+  if not isinstance(layer_grads, dict):
+    raise ValueError(f"layer_grads: expected a dict of layer name -> float32[..., O, "
+                     f"I] (layer_grads_from_param_grads), got "
+                     f"{type(layer_grads).__name__}.")
+  unknown = sorted(set(layer_grads) - set(factors.factors), key=str)
+  if unknown:
+    raise ValueError(f"layer_grads: no factors for layer(s) {unknown}; the factors' "
+                     f"layers are {sorted(factors.factors)}.")
+  for name, grad in layer_grads.items():
+    want = tuple(np.shape(factors.factors[name].eigenvalues))
+    got = tuple(np.shape(grad))
+    if got[-2:] != want:
+      raise ValueError(
+          f"layer_grads[{name!r}]: expected float32[..., O, I] = [..., {want[0]}, "
+          f"{want[1]}] (the kernel transposed, the bias as its last column: "
+          f"layer_grads_from_param_grads), got shape {got}" + (
+              " (a flax kernel's [I, O] layout)" if got[-2:] == want[::-1] else "")
+          + ".")
 
 
 def layer_gradients(fn, params, batch, layers, token_mask=None

@@ -707,6 +707,9 @@ def find_layers(fn: Callable[..., jax.Array], params, batch, warn: bool = True,
     ValueError: no usable layer (the message names the likely cause), a layer that
       cannot be used when `strict`, or an unknown kind.
   """
+  if not callable(fn) or isinstance(fn, nn.Module):
+    raise ValueError(f"fn: expected a function (params, batch) -> float[B], e.g. "
+                     f"task.loss, got {type(fn).__name__}.")
   params = unbox(params)
   if kinds is None:
     kinds = _blocks.default_block_names()
@@ -719,7 +722,14 @@ def find_layers(fn: Callable[..., jax.Array], params, batch, warn: bool = True,
   if unknown:
     raise ValueError(f"kinds: unknown layer kinds {unknown}; registered: "
                      f"{list(_blocks.all_block_names())} (or \"all\").")
-  calls, seen, uses, present, reads, unused = _describe_calls(fn, params, batch)
+  try:
+    calls, seen, uses, present, reads, unused = _describe_calls(fn, params, batch)
+  except ValueError:
+    raise
+  except Exception as error:  # pylint: disable=broad-except  # the user's model
+    raise ValueError(f"find_layers: fn(params, batch) fails when traced "
+                     f"({_closures.error_line(error)}); the arguments are (fn, "
+                     f"params, batch).") from error
   leaf_paths = _leaf_paths(params)
   specs, problems, disabled, frozen, dead, covered = [], [], [], [], [], set()
   for name, entry in calls.items():
@@ -1086,9 +1096,32 @@ def layer_grads_from_param_grads(layers: Tuple[LayerSpec, ...], grads,
 
   Returns:
     By layer name: float32[O, I] (or [B, O, I]); kernel columns first, bias last.
+
+  Raises:
+    ValueError: a layer's kernel or bias leaf missing from `grads` (gradients of
+      another part of the params than `find_layers` saw), or a kernel of another
+      shape than the layer's (per-example gradients without `batched=True`).
   """
   leaves = _leaf_paths(unbox(grads))
-  lead = (leaves[layers[0].kernel_path].shape[0],) if batched else ()
+  lead = None
+  for spec in layers:
+    for path in (spec.kernel_path,) + ((spec.bias_path,) if spec.has_bias else ()):
+      if path not in leaves:
+        raise ValueError(
+            f"grads: no leaf {'/'.join(path)} (layer {spec.name!r}); pass gradients "
+            f"shaped like the params find_layers saw (paths e.g. "
+            f"{sorted('/'.join(p) for p in leaves)[:3]}).")
+    shape = tuple(np.shape(leaves[spec.kernel_path]))
+    if lead is None:
+      lead = shape[:1] if batched else ()
+    if spec.kernel_shape and shape != lead + tuple(spec.kernel_shape):
+      raise ValueError(
+          f"grads: leaf {'/'.join(spec.kernel_path)} has shape {shape}, the layer's "
+          f"kernel is {tuple(spec.kernel_shape)}" + (
+              "; per-example gradients need batched=True"
+              if not batched and shape[1:] == tuple(spec.kernel_shape) else
+              "; batched=True takes one leading example axis" if batched else "")
+          + ".")
   return {spec.name: _blocks.block(spec).param_matrix(
       leaves[spec.kernel_path],
       leaves[spec.bias_path] if spec.has_bias else None, lead) for spec in layers}

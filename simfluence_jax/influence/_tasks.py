@@ -618,17 +618,6 @@ def _rounding_tolerance(jaxpr) -> float:
   return max(1e-4, 4 * eps)
 
 
-def check_rng(rng, why: str) -> None:
-  """Refuses an `rng` that is not a JAX random key (typed, or raw uint32[2])."""
-  dtype = getattr(rng, "dtype", None)
-  raw = _closures.raw_key_shape()  # (2,) for threefry, (4,) for rbg (review h40)
-  if rng is not None and not (
-      dtype is not None and (jnp.issubdtype(dtype, jax.dtypes.prng_key) or (
-          dtype == jnp.uint32 and tuple(np.shape(rng))[-len(raw):] == raw))):
-    raise ValueError(f"rng: expected a JAX random key (jax.random.key(0)) to {why}, "
-                     f"got {type(rng).__name__}.")
-
-
 def check_independent_examples(task, params, named_batches) -> None:
   """Raises ValueError if the task's loss of an example depends on the other
   examples of its batch: example 0 together with a partner vs each alone (`_pair`:
@@ -723,20 +712,38 @@ def check_unchanged(task, params, named_batches) -> None:
   h38: a linen task closing over `batch_stats`, reused across checkpoints, scored
   TracIn 84% off; h40: a measurement's closure, and a query of the old shapes).
   Traced on the params' shapes and dtypes alone (a weakly typed param and its
-  trained value trace alike)."""
+  trained value trace alike). A later batch of other shapes is traced too, so a
+  model failing on it is one line naming it."""
   shapes = _closures.abstract(params)
   for batches, argument in named_batches:
     which = "measurement" if argument == "query_batch" else "loss"
-    example = _closures.one_example(batches[0])
+    examples = {}  # signature -> (position, one example), the first of each shape
+    for i, batch in enumerate(batches):
+      example = _closures.one_example(batch)
+      examples.setdefault(_checks.tree_signature(example), (i, example))
+    _trace_and_compare(task, which, argument, shapes, list(examples.values()))
+
+
+def _trace_and_compare(task, which, argument, shapes, examples) -> None:
+  """`check_unchanged` for one argument: its first batch's example traced and
+  compared, and each later batch of other shapes traced (a model failing on it is
+  one line naming it)."""
+  (_, example), *others = examples
+  try:
+    closed = _closures.trace(getattr(task, which), shapes, example)
+  except Exception as error:  # pylint: disable=broad-except  # the user's model
+    raise ValueError(f"{argument}: the task's {which} fails on its first example "
+                     f"({_closures.error_line(error)}).") from error
+  _closures.check_unchanged(
+      task, closed, {which: (shapes, example)},
+      f"task: its {which} computes something other than at this task's first "
+      "call with these shapes: a value it reads from outside its arguments "
+      "changed (e.g. the batch_stats its apply_fn closes over, or a global), and "
+      "what JAX compiled for this task would still use the old one; make a new "
+      "task for the new value, binding it (apply_fn=lambda p, x, s=stats: ...).")
+  for i, other in others:
     try:
-      closed = _closures.trace(getattr(task, which), shapes, example)
+      jax.eval_shape(getattr(task, which), shapes, other)
     except Exception as error:  # pylint: disable=broad-except  # the user's model
-      raise ValueError(f"{argument}: the task's {which} fails on its first example "
-                       f"({_closures.error_line(error)}).") from error
-    _closures.check_unchanged(
-        task, closed, {which: (shapes, example)},
-        f"task: its {which} computes something other than at this task's first "
-        "call with these shapes: a value it reads from outside its arguments "
-        "changed (e.g. the batch_stats its apply_fn closes over, or a global), and "
-        "what JAX compiled for this task would still use the old one; make a new "
-        "task for the new value, binding it (apply_fn=lambda p, x, s=stats: ...).")
+      raise ValueError(f"{argument}[{i}]: the task's {which} fails on its first "
+                       f"example ({_closures.error_line(error)}).") from error

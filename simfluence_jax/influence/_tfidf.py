@@ -24,6 +24,7 @@ Everything is jittable once `vocab_size` is given (it is inferred from the data
 otherwise, which needs concrete arrays).
 """
 
+import collections.abc
 import functools
 from typing import Optional, Tuple
 
@@ -286,6 +287,9 @@ def filter_batch(batch, indices):
     ValueError: leaves with different leading sizes, non-integer indices, or
       (concrete) indices outside [0, N).
   """
+  if isinstance(indices, collections.abc.Mapping):  # review h38: a numpy error
+    raise ValueError(f"filter_batch: indices is a {type(indices).__name__}; the "
+                     f"arguments are (batch, indices).")
   leaves = jax.tree_util.tree_leaves(batch)
   if not leaves:
     raise ValueError("filter_batch: batch has no arrays.")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from simfluence_jax import _checks
+from simfluence_jax import _closures
 from simfluence_jax import kernels
 from simfluence_jax import sharding as sharding_lib
 from simfluence_jax.influence import _blocks
@@ -242,6 +243,8 @@ def _validate(task, checkpoints, learning_rates, projection_dim, rng):
     raise ValueError(f"learning_rates must be float[K] (one per checkpoint), got "
                      f"shape {np.shape(learning_rates)}.")
   try:
+    if np.asarray(learning_rates).dtype.kind not in "biuf":  # "0.1", objects
+      raise TypeError
     learning_rates = [float(lr) for lr in np.ravel(np.asarray(learning_rates))]
   except (TypeError, ValueError):  # review h38: None, a dict, swapped arguments
     raise ValueError(f"learning_rates must be float[K] (one step size per "
@@ -275,7 +278,7 @@ def _validate(task, checkpoints, learning_rates, projection_dim, rng):
     if rng is None:
       raise ValueError("rng is required when projection_dim is set (it seeds the "
                        "projection).")
-    _tasks.check_rng(rng, "seed the projection")
+    _closures.check_rng(rng, "seed the projection")
   keys = [None if rng is None else jax.random.fold_in(rng, k)
           for k in range(len(checkpoints))]
   return checkpoints, learning_rates, keys

@@ -79,6 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from simfluence_jax import _checks
+from simfluence_jax import _closures
 from simfluence_jax import _io
 from simfluence_jax.simulators import _solver
 
@@ -854,6 +855,7 @@ class Simulator:
     if not _checks.is_int(num_samples) or num_samples < 1:
       raise ValueError(f"num_samples: expected a positive integer, got {num_samples!r}.")
     post = self.posterior
+    _closures.check_rng(rng, "draw the posterior samples", seed_ok=True)
     key = jax.random.key(int(rng)) if _checks.is_int(rng) else rng
     linear = self.kind == "linear"
     blocks = 2 if linear else 1

@@ -706,6 +706,14 @@ def _table_terms(table, ref_ids, ref_w, reference_final, num_train, who):
   return slot_of, derivative, baseline
 
 
+def _check_num_train(num_train_examples: Any, who: str) -> None:
+  """N must be a positive integer (review h38: "12" was a numpy traceback, 12.5
+  was taken as 12)."""
+  if not _checks.is_int(num_train_examples) or num_train_examples < 1:
+    raise ValueError(f"{who}: num_train_examples must be a positive integer (N), "
+                     f"got {num_train_examples!r}.")
+
+
 def table_simulator(table: Any, reference_batch_ids: Any, reference_final: Any,
                     initial_losses: Any, *, num_train_examples: int, batch_size: int,
                     reference_weights: Any = None, test_columns: Any = None,
@@ -753,6 +761,7 @@ def table_simulator(table: Any, reference_batch_ids: Any, reference_final: Any,
   """
   from simfluence_jax.simulators import _simulator  # pylint: disable=g-import-not-at-top
   who = "table_simulator"
+  _check_num_train(num_train_examples, who)
   num_train = int(num_train_examples)
   ref_ids, ref_w = _one_reference(reference_batch_ids, reference_weights, num_train,
                                   who)
@@ -833,6 +842,7 @@ def predict_from_table(table: Any, reference_batch_ids: Any, reference_final: An
       curriculum, step, id).
   """
   who = "predict_from_table"
+  _check_num_train(num_train_examples, who)
   if not _checks.is_int(chunk) or chunk < 1:
     raise ValueError(f"{who}: chunk must be a positive integer, got {chunk!r}.")
   ref_ids, ref_w, ids, weights, _ = _reference_and_curricula(
