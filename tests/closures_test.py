@@ -360,3 +360,180 @@ def test_rounding_to_bfloat16_after_float32_reductions_is_not_an_interaction():
                                    [0.1], jax.tree_util.tree_map(lambda a: a[:4], batch),
                                    [batch])
   assert np.all(np.isfinite(scores))
+
+
+# --- the Python-level fingerprint that lets a call skip the fresh trace -----------
+
+_SCALE = 1.0  # a module global a loss reads
+
+
+class _Holder:
+  scale = 1.0  # a class attribute a loss reads
+
+  def __init__(self):
+    self.offset = jnp.zeros(())
+
+
+def _scaled_loss(model, extra):
+  """A classification loss whose logits depend on every kind of outside value."""
+  def loss(params, batch, k=1.0):
+    logits = model.apply(params, batch["inputs"]) * _SCALE * k * _Holder.scale
+    logits = logits + extra["bias"] + holder.offset + cell[0]
+    return losses.classification_loss(logits, batch["labels"])
+  holder, cell = _Holder(), [jnp.zeros(())]
+  return loss, holder, cell
+
+
+def _change_global(loss, holder, cell, extra):
+  global _SCALE
+  _SCALE = 2.0
+
+
+def _restore_global():
+  global _SCALE
+  _SCALE = 1.0
+
+
+_CHANGES = {
+    "module global": _change_global,
+    "class attribute": lambda loss, holder, cell, extra: setattr(_Holder, "scale", 3.0),
+    "instance attribute": lambda loss, holder, cell, extra: setattr(
+        holder, "offset", jnp.ones(())),
+    "dict item": lambda loss, holder, cell, extra: extra.__setitem__(
+        "bias", jnp.ones(3)),
+    "list item": lambda loss, holder, cell, extra: cell.__setitem__(0, jnp.ones(())),
+    "default argument": lambda loss, holder, cell, extra: setattr(
+        loss, "__defaults__", (2.0,)),
+}
+
+
+@pytest.mark.parametrize("change", sorted(_CHANGES))
+def test_a_change_the_fingerprint_sees_is_traced_and_refused(change, monkeypatch):
+  model, params, ids, _, kwargs = _train_setup()
+  extra = {"bias": jnp.zeros(3)}
+  loss, holder, cell = _scaled_loss(model, extra)
+  traced = []
+  trace = _closures.trace
+  monkeypatch.setattr(_closures, "trace",
+                      lambda *a, **k: traced.append(1) or trace(*a, **k))
+  try:
+    training.train_runs(params, ids, loss_fn=loss, progress=False, **kwargs)
+    assert len(traced) == 1  # the train example (the test example: same shapes)
+    training.train_runs(params, ids, loss_fn=loss, progress=False, **kwargs)
+    assert len(traced) == 1  # nothing it reads changed: no trace
+    _CHANGES[change](loss, holder, cell, extra)
+    with pytest.raises(ValueError, match="^train_runs: loss_fn computes something "
+                       "other than at its first call"):
+      training.train_runs(params, ids, loss_fn=loss, progress=False, **kwargs)
+    assert len(traced) == 2
+  finally:
+    _restore_global()
+    _Holder.scale = 1.0
+
+
+def test_a_task_call_skips_the_trace_until_its_closure_changes(monkeypatch):
+  bias, stats = {"b": jnp.zeros(3)}, jax.tree_util.tree_map(jnp.asarray, STATS_A)
+  task = influence.ClassificationTask(  # jax arrays: immutable, compared by identity
+      lambda p, x: MODEL.apply({**p, "batch_stats": stats}, x) + bias["b"])
+  traced = []
+  trace = _closures.trace
+  monkeypatch.setattr(_closures, "trace",
+                      lambda *a, **k: traced.append(1) or trace(*a, **k))
+  first = influence.tracin_scores(task, [PARAMS], [0.1], QUERY, [BATCH])
+  assert len(traced) == 2  # the loss on the train batch, the measurement on the query
+  np.testing.assert_array_equal(
+      influence.tracin_scores(task, [PARAMS], [0.1], QUERY, [BATCH]), first)
+  assert len(traced) == 2
+  bias["b"] = jnp.ones(3)
+  with pytest.raises(ValueError, match=REUSED_TASK):
+    influence.tracin_scores(task, [PARAMS], [0.1], QUERY, [BATCH])
+
+
+def test_what_the_fingerprint_cannot_see_into_is_traced_every_call():
+  import os  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  table = np.ones(3, np.float32)  # writable in place
+  for fn in (lambda x: x * table, lambda x: x * float(os.environ.get("T", "1")),
+             lambda x: x * globals()["_SCALE"], lambda x: x * fixtures.normal(0, (1,))):
+    assert _closures.fingerprint(fn) is None
+  frozen = jnp.ones(3)
+  fn = lambda x, k=0.0: x * frozen + k
+  plain = _closures.fingerprint(fn)
+  assert plain is not None and plain == _closures.fingerprint(fn)
+  with jax.default_matmul_precision("highest"):  # JAX's trace-time settings count
+    assert _closures.fingerprint(fn) != plain
+  fn.__defaults__ = (-0.0,)  # another literal in the trace
+  assert _closures.fingerprint(fn) != plain
+
+
+class _Float(float):
+  pass
+
+
+class _Items(list):
+  pass
+
+
+class _Slotted:
+  __slots__ = ("__private",)
+
+  def __init__(self, value):
+    self.__private = value
+
+  def value(self):
+    return self.__private
+
+
+def test_the_fingerprint_sees_values_in_subclasses_slots_and_c_fields():
+  import collections  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  first_pair = collections.namedtuple("Pair", "a b")
+  other_pair = collections.namedtuple("Pair", "b a")  # same name, other fields
+  values = {"float subclass": (_Float(1.5), _Float(2.5)),
+            "private slot": (_Slotted(1.0), _Slotted(2.0)),
+            "defaultdict factory": (collections.defaultdict(lambda: 1.0),
+                                    collections.defaultdict(lambda: 2.0)),
+            "namedtuple class": (first_pair(1.0, 2.0), other_pair(1.0, 2.0)),
+            "list subclass": (_Items([1.0]), _Items([2.0]))}
+  for name, (before, after) in values.items():
+    box = [before]
+    fn = lambda x, box=box: x * box[0]
+    seen = _closures.fingerprint(fn)
+    assert seen is not None and seen == _closures.fingerprint(fn), name
+    box[0] = after
+    assert _closures.fingerprint(fn) != seen, name
+  jitted = jax.jit(lambda x: x * _SCALE)  # an inner jit's own trace cache
+  fn = lambda x: jitted(x)
+  seen = _closures.fingerprint(fn)
+  assert seen is not None
+  global _SCALE
+  _SCALE = 5.0
+  try:
+    assert _closures.fingerprint(fn) != seen
+  finally:
+    _SCALE = 1.0
+
+
+def test_a_remembered_fingerprint_keeps_neither_the_task_nor_its_arrays_alive():
+  import gc  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  import weakref  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  stats = jax.tree_util.tree_map(jnp.asarray, STATS_A)
+  task = influence.ClassificationTask(
+      lambda p, x, s=stats: MODEL.apply({**p, "batch_stats": s}, x))
+  _closures.memoized(task, "check", task.loss, lambda: "traced")
+  assert _closures.memoized(task, "check", task.loss, lambda: "again") == "traced"
+  task_ref = weakref.ref(task)
+  array_ref = weakref.ref(stats["BatchNorm_0"]["mean"])
+  del task, stats
+  gc.collect()
+  assert task_ref() is None and array_ref() is None
+
+
+def test_each_object_of_a_closure_is_walked_for_itself():
+  """Objects of one class side by side: each one's attributes count (a walk that
+  named objects by id saw a freed temporary's id reused by the next one's)."""
+  first, second = _Holder(), _Holder()
+  fn = lambda x: x * first.offset * second.offset
+  seen = _closures.fingerprint(fn)
+  second.offset = jnp.ones(())
+  assert _closures.fingerprint(fn) != seen
+  first.offset = jnp.ones(())
+  assert _closures.fingerprint(fn) != seen

@@ -221,8 +221,10 @@ def closed_summary(task, params, example_spec) -> Optional[str]:
   whose state `task_state_checksum` covers (RNG counters left out)."""
   if example_spec is None or getattr(task, "_nnx_apply", None) is not None:
     return None
-  return _closures.constants_summary(_closures.trace(
-      task.loss, _closures.abstract(params), _example_batch(example_spec)))
+  shapes, example = _closures.abstract(params), _example_batch(example_spec)
+  return _closures.memoized(
+      task, ("closed_summary", _checks.tree_signature((shapes, example))), task.loss,
+      lambda: _closures.constants_summary(_closures.trace(task.loss, shapes, example)))
 
 
 def _path_key(key):

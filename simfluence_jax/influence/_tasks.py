@@ -32,6 +32,7 @@ scores depend on `chunk_size`).
 
 import collections.abc
 import dataclasses
+import functools
 import weakref
 from typing import Any, Callable, Mapping, Optional, Protocol, runtime_checkable
 
@@ -721,7 +722,9 @@ def check_unchanged(task, params, named_batches) -> None:
     for i, batch in enumerate(batches):
       example = _closures.one_example(batch)
       examples.setdefault(_checks.tree_signature(example), (i, example))
-    _trace_and_compare(task, which, argument, shapes, list(examples.values()))
+    key = (which, _checks.tree_signature(shapes), tuple(examples))
+    _closures.memoized(task, key, getattr(task, which), functools.partial(
+        _trace_and_compare, task, which, argument, shapes, list(examples.values())))
 
 
 def _trace_and_compare(task, which, argument, shapes, examples) -> None:

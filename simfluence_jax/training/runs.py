@@ -547,18 +547,29 @@ def _check_loss_fn(who: str, loss_fn: step_lib.LossFn, params0: Any,
   loss function that now computes something other than at its first call with
   these shapes (`_closures.check_unchanged`: a value it closes over changed, and
   JAX's trace of the function, keyed by it, still holds the old one; review h38:
-  stale losses, metagradients 11× off)."""
-  # Training draws a key per example (the default PRNG's raw key shape); the test
-  # losses are evaluated without one (review h40). On the params' shapes alone: a
-  # weakly typed param and its trained value trace alike, placements aside.
-  key = jax.ShapeDtypeStruct(_closures.raw_key_shape(), jnp.uint32)
+  stale losses, metagradients 11× off). Skipped while nothing the loss reads
+  changed since the last traces (`_closures.memoized`)."""
+  # On the params' shapes alone: a weakly typed param and its trained value trace
+  # alike, placements aside.
   shapes = _closures.abstract(params0)
+  examples = (_closures.one_example(train_arrays), _closures.one_example(test_arrays))
+  takes_rng = step_lib.takes_rng(loss_fn)
+  _closures.memoized(
+      loss_fn, (_checks.tree_signature(shapes),) + tuple(
+          _checks.tree_signature(x) for x in examples) + (takes_rng,), loss_fn,
+      functools.partial(_trace_loss_fn, who, loss_fn, shapes, examples, takes_rng))
+
+
+def _trace_loss_fn(who, loss_fn, shapes, examples, takes_rng) -> None:
+  """`_check_loss_fn`'s traces (skipped while nothing the loss reads changed:
+  `_closures.memoized`)."""
+  # Training draws a key per example (the default PRNG's raw key shape); the test
+  # losses are evaluated without one (review h40).
+  key = jax.ShapeDtypeStruct(_closures.raw_key_shape(), jnp.uint32)
   traces = []
-  for arrays, argument, kwargs in (
-      (train_arrays, "train_arrays",
-       {"rng": key} if step_lib.takes_rng(loss_fn) else {}),
-      (test_arrays, "test_arrays", {})):
-    example = _closures.one_example(arrays)
+  for example, argument, kwargs in (
+      (examples[0], "train_arrays", {"rng": key} if takes_rng else {}),
+      (examples[1], "test_arrays", {})):
     if traces and not kwargs and not traces[0][2] and (
         _checks.tree_signature(example) == _checks.tree_signature(traces[0][1])):
       break  # the same trace as the train example's, which succeeded
