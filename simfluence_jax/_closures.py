@@ -214,13 +214,16 @@ def check_unchanged(owner: Any, closed, arguments: Any, message: str) -> None:
 # when nothing the function can read has changed since the last check that traced
 # it: its code, defaults and closure cells, the globals its code names (in the
 # user's modules; a library's module globals are taken as fixed), the attributes of
-# the objects it is bound to or closes over, walked to the leaves, and JAX's and
-# Flax's trace-time settings. Leaves are compared by value (Python scalars,
-# strings, NumPy scalars, enums, dtypes) or by identity where the object cannot
-# change (jax Arrays, code objects, classes). Anything the walk cannot see into
-# (a NumPy array, which can be written in place; a C++ object; a module or a
-# builtin such as os.environ or sys.modules that reaches outside) makes the
-# fingerprint None, and the check traces as before.
+# the objects it is bound to or closes over and of the users' classes it reaches
+# (by name, under a library's class such as `nn.remat(Block)`, or as a metaclass),
+# walked to the leaves, and JAX's and Flax's trace-time settings (config, axis
+# rules, method interceptors). Leaves are compared by value (Python scalars,
+# strings, NumPy scalars, dtypes by name) or by identity where the object cannot
+# change (jax Arrays, code objects). Anything the walk cannot see into (a NumPy
+# array, which can be written in place; a C type's own fields; a proxy; a module
+# or builtin that reaches outside, such as os.environ, sys.modules, np.load) makes
+# the fingerprint None, and the check traces as before. Review h41 found nine
+# ways the first version missed a change; each is a test in closures_test.py.
 
 # Top-level packages whose module globals and class attributes are taken as fixed
 # (a user's objects of their classes are still walked, instance by instance).
@@ -229,10 +232,13 @@ _LIBRARIES = frozenset({
     "enum", "etils", "flax", "functools", "inspect", "itertools", "jax", "jaxlib",
     "math", "contextlib", "weakref", "re", "warnings",
     "ml_collections", "numbers", "numpy", "operator", "optax", "orbax",
-    "simfluence_jax", "types", "typing", "typing_extensions"})
+    "simfluence_jax", "typing", "typing_extensions"})  # not "types": new_class
 # Builtins through which code can read state the walk does not see.
 _OPAQUE_NAMES = frozenset({"globals", "vars", "locals", "eval", "exec",
-                           "__import__", "open", "input", "compile", "breakpoint"})
+                           "__import__", "open", "input", "compile", "breakpoint",
+                           # the libraries' readers of files (np.load, ...)
+                           "load", "loadtxt", "genfromtxt", "fromfile", "memmap",
+                           "restore"})
 # What a class records about itself, not what its code reads at trace time.
 _CLASS_METADATA = frozenset({
     "__module__", "__qualname__", "__doc__", "__annotations__", "__dict__",
@@ -289,8 +295,13 @@ def _trace_settings() -> tuple:
   meshes, ...) and Flax's logical axis rules."""
   # pylint: disable=g-import-not-at-top,import-outside-toplevel
   from jax._src import config as jax_config
+  import flax
   import flax.linen as nn
-  return (jax_config.trace_context(), nn.get_logical_axis_rules())
+  from flax.linen import module as linen_module
+  return (jax_config.trace_context(), nn.get_logical_axis_rules(),
+          tuple(getattr(linen_module, "_global_interceptor_stack", None) or ()),
+          tuple(sorted(flax.config.__dict__.get("_values", {}).items()))
+          if hasattr(flax, "config") else ())
 
 
 def fingerprint(fn: Any) -> Optional[Fingerprint]:
@@ -308,17 +319,25 @@ def fingerprint(fn: Any) -> Optional[Fingerprint]:
     return (tag, id(obj))
 
   def walk_class(cls):
-    if _is_library(getattr(cls, "__module__", None)):
+    """A class: by identity where it, its bases and its metaclass are a library's;
+    else also the attributes of each user's class in its MRO (under a library class
+    too: `nn.remat(Block)`) and of a user's metaclass (review h41)."""
+    users = [klass for klass in cls.__mro__
+             if not _is_library(getattr(klass, "__module__", None))]
+    meta = type(cls)
+    user_meta = not _is_library(getattr(meta, "__module__", None))
+    if not users and not user_meta:
       return identity(cls, "class")
     if id(cls) in memo:
       return memo[id(cls)]
+    held.append(cls)
     memo[id(cls)] = ("cycle", id(cls))
     parts = [identity(cls, "class")]
-    for base in cls.__mro__[1:]:
-      if not _is_library(getattr(base, "__module__", None)):
-        parts.append(walk_class(base))
-    parts.append(tuple((name, walk(value)) for name, value in vars(cls).items()
-                       if name not in _CLASS_METADATA))
+    if user_meta:
+      parts.append(("metaclass", walk_class(meta)))
+    for klass in users:
+      parts.append(tuple((name, walk(value)) for name, value in vars(klass).items()
+                         if name not in _CLASS_METADATA))
     memo[id(cls)] = tuple(parts)
     return memo[id(cls)]
 
@@ -355,14 +374,16 @@ def fingerprint(fn: Any) -> Optional[Fingerprint]:
       if isinstance(obj, jax.core.Tracer):
         raise _Opaque(obj)
       return identity(obj, "array")
-    if isinstance(obj, np.generic):
-      return ("scalar", obj.dtype.str, obj.tobytes())
+    if isinstance(obj, np.generic):  # the name: every 1-byte ml_dtype is "<V1"
+      return ("scalar", obj.dtype.str, obj.dtype.name, obj.tobytes())
     if isinstance(obj, np.dtype):
-      return ("dtype", obj.str)
-    if isinstance(obj, (enum.Enum, types.CodeType, jax.tree_util.PyTreeDef,
+      return ("dtype", obj.str, obj.name)
+    if isinstance(obj, (types.CodeType, jax.tree_util.PyTreeDef,
                         types.GetSetDescriptorType, types.MemberDescriptorType,
                         _TUPLE_GETTER)):  # fixed once made
       return identity(obj, kind.__name__)
+    if isinstance(obj, type):  # walk_class keeps its own memo (review h41)
+      return walk_class(obj)
     if id(obj) in memo:  # met before: its walk, or in a cycle, the marker
       return memo[id(obj)]
     held.append(obj)
@@ -374,8 +395,8 @@ def fingerprint(fn: Any) -> Optional[Fingerprint]:
     """An instance's own storage beyond `base`'s: its slots (read through their
     descriptors, so private names need no mangling) and its __dict__; opaque for a
     class with storage of its own in C (a defaultdict's factory, a C type)."""
-    if not _plain_layout(kind, base):
-      raise _Opaque(obj)
+    if base not in kind.__mro__ or not _plain_layout(kind, base):
+      raise _Opaque(obj)  # a proxy claiming the base's class, or fields in C
     slots = tuple((name, walk(value.__get__(obj)) if _has_slot(value, obj) else
                    ("unset",))
                   for klass in kind.__mro__[:kind.__mro__.index(base)]
@@ -385,18 +406,24 @@ def fingerprint(fn: Any) -> Optional[Fingerprint]:
     return (walk_class(kind), slots, () if state is None else walk(dict(state)))
 
   def walk_new(obj, kind):
+    # Containers through their base's own iteration: a subclass's __iter__ or
+    # items() may hide entries its other methods read (review h41).
     for base in (tuple, list, set, frozenset):
-      if isinstance(obj, base):
-        return ("items",) + walk_state(obj, kind, base) + tuple(walk(x) for x in obj)
-    for base in (collections.OrderedDict, dict, types.MappingProxyType):
-      if isinstance(obj, base):  # an OrderedDict's own fields keep its order
+      if issubclass(kind, base):
+        return ("items",) + walk_state(obj, kind, base) + tuple(
+            walk(x) for x in base.__iter__(obj))
+    for base in (collections.OrderedDict, dict):
+      if issubclass(kind, base):  # an OrderedDict's own fields keep its order
         return ("mapping",) + walk_state(obj, kind, base) + tuple(
-            (walk(k), walk(v)) for k, v in obj.items())
+            (walk(k), walk(v)) for k, v in base.items(obj))
+    if kind is types.MappingProxyType:
+      return ("mapping",) + tuple((walk(k), walk(v)) for k, v in obj.items())
     for base in (int, float, complex, str, bytes):  # their subclasses
-      if isinstance(obj, base):
+      if issubclass(kind, base):
         return ("value", repr(base(obj))) + walk_state(obj, kind, base)
-    if isinstance(obj, type):
-      return walk_class(obj)
+    if issubclass(kind, enum.Enum):  # a member's value and attributes may change
+      return ("enum", identity(obj, "member"), walk_class(kind),
+              walk(dict(vars(obj))))
     if isinstance(obj, types.ModuleType):
       if _is_library(obj.__name__):
         return ("module", obj.__name__)
@@ -405,9 +432,9 @@ def fingerprint(fn: Any) -> Optional[Fingerprint]:
       return ("function",) + walk_function(obj)
     if isinstance(obj, types.MethodType):
       return ("method", walk(obj.__func__), walk(obj.__self__))
-    if isinstance(obj, functools.partial):
+    if issubclass(kind, functools.partial):
       return ("partial", walk(obj.func), walk(obj.args), walk(obj.keywords),
-              walk_class(kind))
+              walk_class(kind), walk(dict(getattr(obj, "__dict__", None) or {})))
     if isinstance(obj, (staticmethod, classmethod)):
       return (kind.__name__, walk(obj.__func__))
     if isinstance(obj, property):
@@ -430,8 +457,8 @@ def fingerprint(fn: Any) -> Optional[Fingerprint]:
   budget = _MAX_NODES
   try:
     key = (walk(fn), walk(_trace_settings()))
-  except (_Opaque, RecursionError):
-    return None
+  except Exception:  # pylint: disable=broad-except  # _Opaque, or an object whose
+    return None      # attributes raise (a proxy): the check traces, as before
   return Fingerprint(key, kept)
 
 

@@ -6,6 +6,8 @@ EK-FAC 88%, factors under other batch_stats 281%, metagradients 11×). Each is r
 now in one line, and a function binding the new value gives the brute-force answer.
 """
 
+import enum
+import functools
 import re
 
 import flax.linen as nn
@@ -537,3 +539,123 @@ def test_each_object_of_a_closure_is_walked_for_itself():
   assert _closures.fingerprint(fn) != seen
   first.offset = jnp.ones(())
   assert _closures.fingerprint(fn) != seen
+
+
+# Review h41: what the first fingerprint missed, each a stale answer where a fresh
+# trace refused. The model reads a module global through a class reached by name
+# (a submodule made inside @nn.compact), under a lifted transform, or through a
+# metaclass; each change must still be refused.
+
+_BLOCK_SCALE = 1.0
+
+
+class _Block(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(x) * _BLOCK_SCALE
+
+
+class _Outer(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return _Block()(nn.relu(nn.Dense(4)(x)))  # _Block reached by name only
+
+
+class _Meta(type):
+  scale = 1.0
+
+
+class _ByMeta(metaclass=_Meta):
+  pass
+
+
+def _set_block_scale(value):
+  global _BLOCK_SCALE
+  _BLOCK_SCALE = value
+
+
+@pytest.mark.parametrize("case", ["submodule by name", "lifted transform",
+                                  "metaclass attribute", "class made by new_class"])
+def test_classes_are_walked_however_they_are_reached(case):
+  import types  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  model = _Outer() if case != "lifted transform" else nn.remat(_Outer)()
+  made = types.new_class("Config", (), {}, lambda ns: ns.update(scale=1.0))
+  scale = {"metaclass attribute": lambda: _ByMeta.scale,
+           "class made by new_class": lambda: made.scale}.get(case, lambda: 1.0)
+  params = {"params": fixtures.host_init(model, X[:1])["params"]}
+  task = influence.ClassificationTask(lambda p, x: model.apply(p, x) * scale())
+  influence.tracin_scores(task, [params], [0.1], QUERY, [BATCH])
+  try:
+    if case == "metaclass attribute":
+      _Meta.scale = 2.0
+    elif case == "class made by new_class":
+      made.scale = 2.0
+    else:
+      _set_block_scale(3.0)
+    with pytest.raises(ValueError, match=REUSED_TASK):
+      influence.tracin_scores(task, [params], [0.1], QUERY, [BATCH])
+  finally:
+    _set_block_scale(1.0)
+    _Meta.scale = 1.0
+
+
+class _Partial(functools.partial):
+
+  def __call__(self, *args, **kwargs):
+    return super().__call__(*args, **kwargs) * self.scale
+
+
+class _HidingDict(dict):
+
+  def items(self):  # hides private entries from whoever iterates it
+    return [(k, v) for k, v in super().items() if not k.startswith("_")]
+
+
+class _Mode(enum.Enum):
+  TRAIN = {"scale": 1.0}  # a mutable value
+  EVAL = 0
+
+
+_Mode.EVAL.scale = 1.0  # an attribute set on a member
+
+
+def test_subclasses_enum_values_and_narrow_dtypes_are_seen():
+  import ml_dtypes  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  partial = _Partial(jnp.multiply, 2.0)
+  partial.scale = 1.0
+  hiding = _HidingDict(_bias=jnp.zeros(3))
+  box = [jnp.dtype(ml_dtypes.int4)]
+  fns = {"partial subclass attribute": (lambda x: partial(x),
+                                        lambda: setattr(partial, "scale", 2.0)),
+         "entry a subclass's items() hides": (
+             lambda x: x + hiding["_bias"],
+             lambda: hiding.__setitem__("_bias", jnp.ones(3))),
+         "enum member's value": (lambda x: x * _Mode.TRAIN.value["scale"],
+                                 lambda: _Mode.TRAIN.value.__setitem__("scale", 2.0)),
+         "enum member's attribute": (lambda x: x * _Mode.EVAL.scale,
+                                     lambda: setattr(_Mode.EVAL, "scale", 2.0)),
+         "a 1-byte ml_dtype for another": (
+             lambda x: x.astype(box[0]), lambda: box.__setitem__(
+                 0, jnp.dtype(ml_dtypes.float8_e4m3fn)))}
+  for name, (fn, change) in fns.items():
+    seen = _closures.fingerprint(fn)
+    assert seen is not None and seen == _closures.fingerprint(fn), name
+    change()
+    assert _closures.fingerprint(fn) != seen, name
+
+
+def test_a_proxy_in_a_closure_is_traced_not_a_crash():
+  import weakref  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+
+  class Stats(dict):
+    pass
+  stats = Stats(b=jnp.zeros(3))
+  proxy = weakref.proxy(stats)  # claims dict's class, is none of its MRO
+  assert _closures.fingerprint(lambda x: x + proxy["b"]) is None
+  dense = nn.Dense(3)
+  task = influence.ClassificationTask(lambda p, x: dense.apply(p, x) + proxy["b"])
+  scores = influence.tracin_scores(task, [fixtures.host_init(dense, X[:1])], [0.1],
+                                   QUERY, [BATCH])
+  assert np.all(np.isfinite(scores))
