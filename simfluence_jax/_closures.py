@@ -20,6 +20,7 @@ import enum
 import functools
 import hashlib
 import re
+import sys
 import types
 import warnings
 import weakref
@@ -222,8 +223,17 @@ def check_unchanged(owner: Any, closed, arguments: Any, message: str) -> None:
 # change (jax Arrays, code objects). Anything the walk cannot see into (a NumPy
 # array, which can be written in place; a C type's own fields; a proxy; a module
 # or builtin that reaches outside, such as os.environ, sys.modules, np.load) makes
-# the fingerprint None, and the check traces as before. Review h41 found nine
-# ways the first version missed a change; each is a test in closures_test.py.
+# the fingerprint None, and the check traces as before; so does a walk past 20k
+# objects or 200 levels, and an owner once opaque is traced without walking again.
+# Reviews h41 and h42 found fifteen ways earlier versions missed a change (a class
+# reached by name, a lifted transform, an import inside the function, a proxy, a
+# later batch shape, ...); each is a test in closures_test.py.
+#
+# Assumed, not checked: the libraries' code is pure and their module and class
+# attributes fixed (a value a user stores on `optax` or `nn.Module`, a monkeypatched
+# `nn.gelu`, a file read at trace time by a library function not in
+# `_OPAQUE_NAMES`, or a pytree flatten function reading a global are not seen),
+# as JAX itself assumes of a jitted function. Bind such values as arguments.
 
 # Top-level packages whose module globals and class attributes are taken as fixed
 # (a user's objects of their classes are still walked, instance by instance).
@@ -236,16 +246,21 @@ _LIBRARIES = frozenset({
 # Builtins through which code can read state the walk does not see.
 _OPAQUE_NAMES = frozenset({"globals", "vars", "locals", "eval", "exec",
                            "__import__", "open", "input", "compile", "breakpoint",
-                           # the libraries' readers of files (np.load, ...)
+                           # the libraries' readers of files (np.load, ...) and
+                           # of frames (review h42)
                            "load", "loadtxt", "genfromtxt", "fromfile", "memmap",
-                           "restore"})
+                           "restore", "read_text", "read_bytes", "read_array",
+                           "open_memmap", "fromregex", "restore_checkpoint",
+                           "from_bytes", "currentframe", "f_globals", "stack"})
 # What a class records about itself, not what its code reads at trace time.
 _CLASS_METADATA = frozenset({
     "__module__", "__qualname__", "__doc__", "__annotations__", "__dict__",
     "__weakref__", "__slots__", "__dataclass_params__", "__dataclass_fields__",
     "__match_args__", "__abstractmethods__", "_abc_impl", "__parameters__",
     "__orig_bases__", "__firstlineno__", "__static_attributes__"})
-_MAX_NODES = 200_000  # a larger closure is traced instead
+_MAX_NODES = 20_000  # a larger closure is traced instead (review h42: a 50k-entry
+                     # vocabulary walked on every call cost 118 ms; a trace, 10)
+_MAX_DEPTH = 200  # whatever sys.getrecursionlimit() allows (h42: a segfault at 20k)
 _SCALARS = (type(None), bool, int, str, bytes, type(Ellipsis))
 _TUPLE_GETTER = type(collections.namedtuple("_Pair", "a b").a)  # a field's getter
 _JIT = type(jax.jit(lambda x: x))
@@ -253,6 +268,23 @@ _JIT = type(jax.jit(lambda x: x))
 
 def _is_library(module_name) -> bool:
   return isinstance(module_name, str) and module_name.split(".")[0] in _LIBRARIES
+
+
+def _library_class(klass) -> bool:
+  """A class of a library module that the module exports under its qualified name;
+  one a library's factory made at run time (flax's `nn.map_variables(nn.Dense,
+  trans_in_fn=...)`, `nn.remat(Block)`) holds the caller's arguments in its
+  methods' closures and is walked like a user's (review h42)."""
+  module = getattr(klass, "__module__", None)
+  if not _is_library(module):
+    return False
+  if not klass.__flags__ & (1 << 9):  # a static C type
+    return True
+  found = sys.modules.get(module)
+  for part in getattr(klass, "__qualname__", "").split("."):
+    found = (vars(found).get(part) if isinstance(found, (type, types.ModuleType))
+             else None)  # no getattr: a module's __getattr__ may warn or import
+  return found is klass
 
 
 @functools.lru_cache(maxsize=4096)
@@ -263,6 +295,23 @@ def _code_names(code: types.CodeType) -> frozenset:
     if isinstance(const, types.CodeType):
       names |= _code_names(const)
   return frozenset(names)
+
+
+@functools.lru_cache(maxsize=4096)
+def _imports(code: types.CodeType) -> frozenset:
+  """(level, module name) of every import statement in `code` and the code it
+  defines: a module imported at trace time is read without a global naming it."""
+  import dis  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  found, recent = set(), [None, None]
+  for ins in dis.get_instructions(code):
+    if ins.opname == "IMPORT_NAME":  # after LOAD_CONST level, LOAD_CONST fromlist
+      level = recent[0].argval if recent[0] is not None and recent[0].opname == "LOAD_CONST" else 1
+      found.add((level if isinstance(level, int) else 1, ins.argval))
+    recent = [recent[1], ins]
+  for const in code.co_consts:
+    if isinstance(const, types.CodeType):
+      found |= _imports(const)
+  return frozenset(found)
 
 
 class _Opaque(Exception):
@@ -299,6 +348,7 @@ def _trace_settings() -> tuple:
   import flax.linen as nn
   from flax.linen import module as linen_module
   return (jax_config.trace_context(), nn.get_logical_axis_rules(),
+          str(jax.config.jax_default_prng_impl),
           tuple(getattr(linen_module, "_global_interceptor_stack", None) or ()),
           tuple(sorted(flax.config.__dict__.get("_values", {}).items()))
           if hasattr(flax, "config") else ())
@@ -322,8 +372,7 @@ def fingerprint(fn: Any) -> Optional[Fingerprint]:
     """A class: by identity where it, its bases and its metaclass are a library's;
     else also the attributes of each user's class in its MRO (under a library class
     too: `nn.remat(Block)`) and of a user's metaclass (review h41)."""
-    users = [klass for klass in cls.__mro__
-             if not _is_library(getattr(klass, "__module__", None))]
+    users = [klass for klass in cls.__mro__ if not _library_class(klass)]
     meta = type(cls)
     user_meta = not _is_library(getattr(meta, "__module__", None))
     if not users and not user_meta:
@@ -358,38 +407,46 @@ def fingerprint(fn: Any) -> Optional[Fingerprint]:
                          if name in scope))
       if any(name in _OPAQUE_NAMES for name in names if name not in scope):
         raise _Opaque(f)
+      if any(level or not _is_library(name) for level, name in _imports(code)):
+        raise _Opaque(f)  # a user's module imported inside the function (h42)
     return tuple(parts)
 
   def walk(obj):
-    nonlocal budget
+    nonlocal budget, depth
     budget -= 1
-    if budget < 0:
+    if budget < 0 or depth > _MAX_DEPTH:
       raise _Opaque(obj)
+    depth += 1
+    try:
+      return walk_one(obj)
+    finally:
+      depth -= 1
+
+  def walk_one(obj):
     kind = type(obj)
     if kind in _SCALARS:
       return (kind.__name__, obj)
     if kind in (float, complex):
       return (kind.__name__, repr(obj))  # -0.0 and 0.0 trace to other literals
-    if isinstance(obj, jax.Array):
-      if isinstance(obj, jax.core.Tracer):
+    if issubclass(kind, jax.Array):
+      if issubclass(kind, jax.core.Tracer):
         raise _Opaque(obj)
       return identity(obj, "array")
-    if isinstance(obj, np.generic):  # the name: every 1-byte ml_dtype is "<V1"
+    if issubclass(kind, np.generic):  # the name: every 1-byte ml_dtype is "<V1"
       return ("scalar", obj.dtype.str, obj.dtype.name, obj.tobytes())
-    if isinstance(obj, np.dtype):
-      return ("dtype", obj.str, obj.name)
-    if isinstance(obj, (types.CodeType, jax.tree_util.PyTreeDef,
+    if issubclass(kind, np.dtype):
+      return ("dtype", obj.str, obj.name, str(obj.descr), repr(obj.metadata))
+    if issubclass(kind, (types.CodeType, jax.tree_util.PyTreeDef,
                         types.GetSetDescriptorType, types.MemberDescriptorType,
                         _TUPLE_GETTER)):  # fixed once made
       return identity(obj, kind.__name__)
-    if isinstance(obj, type):  # walk_class keeps its own memo (review h41)
+    if issubclass(kind, type):  # walk_class keeps its own memo (review h41)
       return walk_class(obj)
-    if id(obj) in memo:  # met before: its walk, or in a cycle, the marker
+    if id(obj) in memo:  # met before (shared, or in a cycle): by when first met
       return memo[id(obj)]
     held.append(obj)
-    memo[id(obj)] = ("cycle", id(obj))  # its contents are walked where first met
-    memo[id(obj)] = out = walk_new(obj, kind)
-    return out
+    memo[id(obj)] = ("seen", len(held))  # not its id: ids are reused (h42)
+    return walk_new(obj, kind)
 
   def walk_state(obj, kind, base):
     """An instance's own storage beyond `base`'s: its slots (read through their
@@ -420,28 +477,28 @@ def fingerprint(fn: Any) -> Optional[Fingerprint]:
       return ("mapping",) + tuple((walk(k), walk(v)) for k, v in obj.items())
     for base in (int, float, complex, str, bytes):  # their subclasses
       if issubclass(kind, base):
-        return ("value", repr(base(obj))) + walk_state(obj, kind, base)
+        return ("value", base.__repr__(obj)) + walk_state(obj, kind, base)
     if issubclass(kind, enum.Enum):  # a member's value and attributes may change
       return ("enum", identity(obj, "member"), walk_class(kind),
               walk(dict(vars(obj))))
-    if isinstance(obj, types.ModuleType):
+    if issubclass(kind, types.ModuleType):
       if _is_library(obj.__name__):
         return ("module", obj.__name__)
       raise _Opaque(obj)
-    if isinstance(obj, types.FunctionType):
+    if kind is types.FunctionType:
       return ("function",) + walk_function(obj)
-    if isinstance(obj, types.MethodType):
+    if kind is types.MethodType:
       return ("method", walk(obj.__func__), walk(obj.__self__))
     if issubclass(kind, functools.partial):
       return ("partial", walk(obj.func), walk(obj.args), walk(obj.keywords),
               walk_class(kind), walk(dict(getattr(obj, "__dict__", None) or {})))
-    if isinstance(obj, (staticmethod, classmethod)):
+    if issubclass(kind, (staticmethod, classmethod)):
       return (kind.__name__, walk(obj.__func__))
-    if isinstance(obj, property):
+    if issubclass(kind, property):
       return ("property", walk(obj.fget), walk(obj.fset), walk(obj.fdel))
-    if isinstance(obj, _JIT):  # its own trace cache holds what it reads (h40)
+    if kind is _JIT:  # its own trace cache holds what it reads (h40)
       return ("jit", identity(obj, "jit"), walk(obj.__wrapped__))
-    if isinstance(obj, (types.BuiltinFunctionType, types.WrapperDescriptorType,
+    if issubclass(kind, (types.BuiltinFunctionType, types.WrapperDescriptorType,
                         types.MethodDescriptorType, types.MethodWrapperType)):
       owner = getattr(obj, "__self__", None)
       if owner is None or isinstance(owner, types.ModuleType):
@@ -454,7 +511,7 @@ def fingerprint(fn: Any) -> Optional[Fingerprint]:
       return ("bound builtin", walk(owner), obj.__name__)
     return ("object",) + walk_state(obj, kind, object)
 
-  budget = _MAX_NODES
+  budget, depth = _MAX_NODES, 0
   try:
     key = (walk(fn), walk(_trace_settings()))
   except Exception:  # pylint: disable=broad-except  # _Opaque, or an object whose
@@ -511,20 +568,22 @@ def memoized(owner: Any, key: Hashable, fn: Any, compute: Callable[[], Any]) -> 
   """`compute()` (a check that traces `fn`, or a value read from its trace), or the
   value it returned for the same `owner` and `key` while `fn`'s `fingerprint` was
   the same as now: nothing `fn` reads changed, so neither would its trace. An
-  exception from `compute` is raised and not remembered."""
-  now = fingerprint(fn)
+  exception from `compute` is raised and not remembered. Where the fingerprint was
+  None (something it cannot see into, or too large to walk cheaply), later calls
+  compute without walking again; a fingerprint that changed while `compute` ran
+  (another thread) is not remembered."""
   try:
     table = _MEMO.setdefault(owner, {})
   except TypeError:  # no weak references: computed every time
     return compute()
   record = table.get(key)
+  if record is not None and record[0] is None:
+    return compute()  # opaque before: the walk would only add its cost
+  now = fingerprint(fn)
   if now is not None and record is not None and record[0] == now:
     return record[1]
   value = compute()
-  if now is None:
-    table.pop(key, None)
-  else:
-    table[key] = (now, value)
+  table[key] = (now, value) if now is None or fingerprint(fn) == now else (None, None)
   return value
 
 

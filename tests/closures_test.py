@@ -659,3 +659,123 @@ def test_a_proxy_in_a_closure_is_traced_not_a_crash():
   scores = influence.tracin_scores(task, [fixtures.host_init(dense, X[:1])], [0.1],
                                    QUERY, [BATCH])
   assert np.all(np.isfinite(scores))
+
+
+# Review h42: a second round of holes, each a stale answer where a fresh trace
+# refused (or a crash, or a walk costlier than the trace).
+
+_PROXY_SCALE = 1.0
+
+
+class _FunctionProxy:
+  """Claims its target's class (as wrapt's FunctionWrapper does); calling it reads
+  a global the target does not."""
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  @property
+  def __class__(self):
+    return type(self.fn)
+
+  def __call__(self, *args):
+    return self.fn(*args) * _PROXY_SCALE
+
+
+def _set_proxy_scale(value):
+  global _PROXY_SCALE
+  _PROXY_SCALE = value
+
+
+def test_imports_proxies_and_identity_inside_the_function_are_seen():
+  import sys  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  import types  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  settings = types.ModuleType("sj_test_settings")  # a user's module
+  settings.SCALE = 1.0
+  sys.modules["sj_test_settings"] = settings
+
+  def imports_at_trace_time(x):
+    import sj_test_settings  # pylint: disable=g-import-not-at-top,import-error
+    return x * sj_test_settings.SCALE
+
+  proxy = _FunctionProxy(lambda x: x)
+  shared = {"w": 1.0}
+  pair = {"student": shared, "teacher": shared}  # tied: one object twice
+  try:
+    assert _closures.fingerprint(imports_at_trace_time) is None  # traced each call
+    assert isinstance(proxy, types.FunctionType)  # walked as what it is
+    seen = _closures.fingerprint(proxy)
+    _set_proxy_scale(2.0)
+    assert _closures.fingerprint(proxy) != seen
+    tied = lambda x: x * (2.0 if pair["student"] is pair["teacher"] else 1.0)
+    seen = _closures.fingerprint(tied)
+    pair["teacher"] = {"w": 1.0}  # equal values, untied
+    assert _closures.fingerprint(tied) != seen
+  finally:
+    del sys.modules["sj_test_settings"]
+    _set_proxy_scale(1.0)
+
+
+def test_a_lifted_class_holding_the_users_function_is_walked():
+  transform = {"scale": 1.0}
+  model = nn.map_variables(nn.Dense, "params", trans_in_fn=lambda v: jax.tree_util.tree_map(
+      lambda w: w * transform["scale"], v), init=True)(3)
+  params = {"params": fixtures.host_init(model, X[:1])["params"]}
+  task = influence.ClassificationTask(model.apply)
+  assert _closures.fingerprint(task.loss) is not None
+  influence.tracin_scores(task, [params], [0.1], QUERY, [BATCH])
+  transform["scale"] = 2.0
+  with pytest.raises(ValueError, match=REUSED_TASK):
+    influence.tracin_scores(task, [params], [0.1], QUERY, [BATCH])
+
+
+class _MeanOverSequence(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):  # [B, S, 5] -> [B, 3], any S
+    return nn.Dense(3)(x).mean(axis=1) * _BLOCK_SCALE
+
+
+def test_every_batch_shape_is_checked_not_only_the_first():
+  model = _MeanOverSequence()
+  rng = np.random.default_rng(0)
+  short, long = ({"inputs": rng.normal(size=(4, s, 5)).astype(np.float32),
+                  "labels": np.arange(4, dtype=np.int32) % 3} for s in (2, 3))
+  params = fixtures.host_init(model, short["inputs"][:1])
+  task = influence.ClassificationTask(model.apply)
+  influence.tracin_scores(task, [params], [0.1], short, [short, long])
+  try:
+    _set_block_scale(3.0)
+    # The program for the longer sequences was compiled at the first call: a call
+    # whose first batch is long must not record the new value as the first.
+    with pytest.raises(ValueError, match=REUSED_TASK):
+      influence.tracin_scores(task, [params], [0.1], short, [long, short])
+  finally:
+    _set_block_scale(1.0)
+
+
+def test_deep_and_large_closures_are_traced_without_a_walk_each_call(monkeypatch):
+  import sys  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  chain = None
+  for i in range(20_000):  # a parent-linked chain the loss never reads
+    chain = {"parent": chain, "i": i}
+  limit = sys.getrecursionlimit()
+  sys.setrecursionlimit(200_000)  # review h42: the walk overflowed the C stack
+  try:
+    assert _closures.fingerprint(lambda x: x if chain else x) is None
+  finally:
+    sys.setrecursionlimit(limit)
+  vocab = {f"token{i}": i for i in range(50_000)}  # too large to walk each call
+  assert _closures.fingerprint(lambda x: x * len(vocab)) is None
+  dense = nn.Dense(3)
+  task = influence.ClassificationTask(
+      lambda p, x: dense.apply(p, x) + 0 * len(vocab))
+  params = fixtures.host_init(dense, X[:1])
+  walks = []
+  fingerprint = _closures.fingerprint
+  monkeypatch.setattr(_closures, "fingerprint",
+                      lambda fn: walks.append(1) or fingerprint(fn))
+  influence.tracin_scores(task, [params], [0.1], QUERY, [BATCH])
+  first = len(walks)
+  influence.tracin_scores(task, [params], [0.1], QUERY, [BATCH])
+  assert len(walks) == first  # opaque once: traced since, without walking again
