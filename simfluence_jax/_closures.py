@@ -225,9 +225,9 @@ def check_unchanged(owner: Any, closed, arguments: Any, message: str) -> None:
 # or builtin that reaches outside, such as os.environ, sys.modules, np.load) makes
 # the fingerprint None, and the check traces as before; so does a walk past 20k
 # objects or 200 levels, and an owner once opaque is traced without walking again.
-# Reviews h41 and h42 found fifteen ways earlier versions missed a change (a class
+# Reviews h41, h42 and h43 found the ways earlier versions missed a change (a class
 # reached by name, a lifted transform, an import inside the function, a proxy, a
-# later batch shape, ...); each is a test in closures_test.py.
+# tree structure's static data, ...); each is a test in closures_test.py.
 #
 # Assumed, not checked: the libraries' code is pure and their module and class
 # attributes fixed (a value a user stores on `optax` or `nn.Module`, a monkeypatched
@@ -322,7 +322,7 @@ class Fingerprint:
   """What a function can read, as a hashable key, with the objects it compares by
   identity: weakly where they allow it (an array, a class, a code object: a
   remembered fingerprint must not keep a task alive through them), strongly where
-  they do not (builtins, tree definitions, which hold no user objects). A
+  they do not (builtins, descriptors, which hold no user objects). A
   fingerprint one of whose objects died equals no other: its id may be reused."""
 
   def __init__(self, key: Hashable, kept: list):
@@ -436,10 +436,12 @@ def fingerprint(fn: Any) -> Optional[Fingerprint]:
       return ("scalar", obj.dtype.str, obj.dtype.name, obj.tobytes())
     if issubclass(kind, np.dtype):
       return ("dtype", obj.str, obj.name, str(obj.descr), repr(obj.metadata))
-    if issubclass(kind, (types.CodeType, jax.tree_util.PyTreeDef,
-                        types.GetSetDescriptorType, types.MemberDescriptorType,
-                        _TUPLE_GETTER)):  # fixed once made
+    if issubclass(kind, (types.CodeType, types.GetSetDescriptorType,
+                        types.MemberDescriptorType, _TUPLE_GETTER)):  # fixed once made
       return identity(obj, kind.__name__)
+    if issubclass(kind, jax.tree_util.PyTreeDef):  # its nodes' static data may be a
+      return ("treedef", walk(obj.node_data()),  # user's mutable config (review h43)
+              tuple(walk(child) for child in obj.children()))
     if issubclass(kind, type):  # walk_class keeps its own memo (review h41)
       return walk_class(obj)
     if id(obj) in memo:  # met before (shared, or in a cycle): by when first met

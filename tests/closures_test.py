@@ -779,3 +779,39 @@ def test_deep_and_large_closures_are_traced_without_a_walk_each_call(monkeypatch
   first = len(walks)
   influence.tracin_scores(task, [params], [0.1], QUERY, [BATCH])
   assert len(walks) == first  # opaque once: traced since, without walking again
+
+
+def test_a_tree_structures_static_data_is_walked():
+  """Review h43: a `flax.struct` field with pytree_node=False lives in the tree
+  structure by reference; a structure kept by the loss (an unravel function) reads
+  the user's config through it."""
+  from flax import struct  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from jax import flatten_util  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+
+  @struct.dataclass
+  class Bundle:
+    weights: jax.Array
+    config: dict = struct.field(pytree_node=False)
+
+  config = {"temperature": 1.0}
+  _, unravel = flatten_util.ravel_pytree(Bundle(jnp.ones(3), config))
+  fn = lambda flat: unravel(flat).weights / unravel(flat).config["temperature"]
+  seen = _closures.fingerprint(fn)
+  assert seen is not None
+  config["temperature"] = 2.0
+  assert _closures.fingerprint(fn) != seen
+
+
+def test_a_flat_parameter_vector_scores_like_the_tree_it_unravels_to():
+  """Review h43: params that are one array (ravel_pytree's) crashed layer discovery
+  (an IndexError on the root's empty path)."""
+  from jax import flatten_util  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  dense = nn.Dense(3)
+  params = fixtures.host_init(dense, X[:1])
+  flat, unravel = flatten_util.ravel_pytree(params)
+  tree_task = influence.ClassificationTask(dense.apply)
+  flat_task = influence.ClassificationTask(lambda f, x: dense.apply(unravel(f), x))
+  np.testing.assert_allclose(
+      influence.tracin_scores(flat_task, [flat], [0.1], QUERY, [BATCH]),
+      influence.tracin_scores(tree_task, [params], [0.1], QUERY, [BATCH]),
+      rtol=1e-5, atol=1e-7)

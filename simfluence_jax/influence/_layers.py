@@ -627,7 +627,7 @@ def _resolve_layer(name, entry, leaf_paths, uses, present, reads):
   def own(leaf_name, located):
     """(path only this layer uses, or None; why a leaf it uses is unusable)."""
     mine = [path for path, (layers, outside, _) in uses.items()
-            if path[-1] == leaf_name and layers == {name} and not outside]
+            if path and path[-1] == leaf_name and layers == {name} and not outside]
     if len(mine) == 1:
       if uses[mine[0]][2]:
         return None, (f"its {leaf_name} {'/'.join(mine[0])} is transformed by "
