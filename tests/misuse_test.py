@@ -83,6 +83,13 @@ GRADS = influence.layer_grads_from_param_grads(
     (lambda: influence.find_layers(TASK.loss, BATCH, PARAMS),
      "find_layers: fn(params, batch) fails when traced (KeyError: 'inputs'); the "
      "arguments are (fn, params, batch)."),
+    (lambda: influence.tracin_scores(TASK, [PARAMS], [0.1], BATCH, [
+        {"inputs": X.tolist(), "labels": BATCH["labels"].tolist()}]),
+     "train_batches: ['inputs'] is a Python list; pass arrays (np.asarray) whose "
+     "leading axis is the examples."),
+    (lambda: influence.fit_ekfac(TASK, [BATCH], PARAMS),
+     "batches: every array needs the same leading example axis, got leading sizes "
+     "[3, 5] (a params tree: the arguments are (task, params, batches))."),
     (lambda: influence.filter_batch(np.array([0, 1]), BATCH),
      "filter_batch: indices is a dict; the arguments are (batch, indices)."),
     (lambda: influence.tracin_scores(TASK, [PARAMS], "0.1", BATCH, [BATCH]),

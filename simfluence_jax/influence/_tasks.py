@@ -661,6 +661,13 @@ def check_independent_examples(task, params, named_batches) -> None:
           f"example's loss from that example alone.")
 
 
+def _is_number_list(x) -> bool:
+  """A non-empty Python list or tuple of numbers (or of such lists)."""
+  return isinstance(x, (list, tuple)) and bool(x) and all(
+      isinstance(e, (int, float, complex, np.number)) or _is_number_list(e)
+      for e in x)
+
+
 def validate(task, params, named_batches) -> None:
   """Checks a kernel call's batches before any kernel runs (never a silent wrong
   answer).
@@ -678,15 +685,24 @@ def validate(task, params, named_batches) -> None:
   for batches, argument in named_batches:
     for i, batch in enumerate(batches):
       where = argument if len(batches) == 1 else f"{argument}[{i}]"
+      lists = [path for path, x in jax.tree_util.tree_flatten_with_path(
+          batch, is_leaf=_is_number_list)[0] if _is_number_list(x)]
+      if lists:  # review h38: their numbers were reported as scalars
+        raise ValueError(f"{where}: {jax.tree_util.keystr(lists[0]) or 'the batch'} "
+                         f"is a Python list; pass arrays (np.asarray) whose leading "
+                         f"axis is the examples.")
       leaves = jax.tree_util.tree_leaves(batch)
       if not leaves:
         raise ValueError(f"{where}: the batch has no arrays.")
       sizes = {int(np.shape(x)[0]) if np.ndim(x) else None for x in leaves}
       if None in sizes or len(sizes) != 1:
+        swapped = isinstance(batch, collections.abc.Mapping) and "params" in batch
         raise ValueError(f"{where}: every array needs the same leading example "
                          "axis, got leading sizes "
                          f"{sorted(s for s in sizes if s is not None)}"
-                         + (" and scalars" if None in sizes else "") + ".")
+                         + (" and scalars" if None in sizes else "")
+                         + (" (a params tree: the arguments are (task, params, "
+                            "batches))" if swapped else "") + ".")
       if sizes == {0}:
         raise ValueError(f"{where}: the batch is empty (0 examples).")
   check_collections(params)
