@@ -1,6 +1,7 @@
 """Plausible misuses of the public API are one line naming the argument (review h38:
 each was a TypeError, AttributeError or Flax error from deep inside)."""
 
+import functools
 import re
 
 import flax.linen as nn
@@ -49,32 +50,38 @@ def test_influence_misuse_is_one_line(call, message):
     call()
 
 
-FACTORS = influence.fit_ekfac(TASK, PARAMS, [BATCH])
-LAYER = FACTORS.layers[0].name  # Dense(3) on 5 features: [O, I] = [3, 6]
-GRADS = influence.layer_grads_from_param_grads(
-    FACTORS.layers, jax.grad(lambda p: TASK.loss(p, BATCH).sum())(PARAMS))
+LAYER = "Dense"  # find_layers' name for MODEL: Dense(3) on 5 features, [O, I] = [3, 6]
+
+
+@functools.cache
+def _fitted():
+  """(factors, layer grads) of MODEL, made when a test first needs them: not while
+  both xdist workers collect the module."""
+  factors = influence.fit_ekfac(TASK, PARAMS, [BATCH])
+  return factors, influence.layer_grads_from_param_grads(
+      factors.layers, jax.grad(lambda p: TASK.loss(p, BATCH).sum())(PARAMS))
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: influence.precondition(GRADS, FACTORS),
+    (lambda: influence.precondition(_fitted()[1], _fitted()[0]),
      "factors: expected EKFACFactors (from fit_ekfac), got dict; the arguments are "
      "swapped: precondition(factors, layer_grads)."),
-    (lambda: influence.precondition(FACTORS, {"nope": GRADS[LAYER]}),
+    (lambda: influence.precondition(_fitted()[0], {"nope": _fitted()[1][LAYER]}),
      f"layer_grads: no factors for layer(s) ['nope']; the factors' layers are "
      f"['{LAYER}']."),
-    (lambda: influence.precondition(FACTORS, {LAYER: PARAMS["params"]["kernel"]}),
+    (lambda: influence.precondition(_fitted()[0], {LAYER: PARAMS["params"]["kernel"]}),
      f"layer_grads['{LAYER}']: expected float32[..., O, I] = [..., 3, 6] (the kernel "
      "transposed, the bias as its last column: layer_grads_from_param_grads), got "
      "shape (5, 3)."),
-    (lambda: influence.precondition(FACTORS, {LAYER: GRADS[LAYER][:, :5].T}),
+    (lambda: influence.precondition(_fitted()[0], {LAYER: _fitted()[1][LAYER][:, :5].T}),
      f"layer_grads['{LAYER}']: expected float32[..., O, I] = [..., 3, 6] (the kernel "
      "transposed, the bias as its last column: layer_grads_from_param_grads), got "
      "shape (5, 3)."),
-    (lambda: influence.layer_grads_from_param_grads(FACTORS.layers, PARAMS["params"]),
+    (lambda: influence.layer_grads_from_param_grads(_fitted()[0].layers, PARAMS["params"]),
      f"grads: no leaf params/kernel (layer '{LAYER}'); pass gradients shaped like the "
      "params find_layers saw (paths e.g. ['bias', 'kernel'])."),
     (lambda: influence.layer_grads_from_param_grads(
-        FACTORS.layers, jax.tree_util.tree_map(lambda x: np.stack([x] * 4), PARAMS)),
+        _fitted()[0].layers, jax.tree_util.tree_map(lambda x: np.stack([x] * 4), PARAMS)),
      "grads: leaf params/kernel has shape (4, 5, 3), the layer's kernel is (5, 3); "
      "per-example gradients need batched=True."),
     (lambda: influence.find_layers(TASK, PARAMS, BATCH),
