@@ -88,6 +88,7 @@ def run_main(run_fn):
   # pylint: disable=g-import-not-at-top
   from simfluence_jax import pipeline
   # pylint: enable=g-import-not-at-top
+  _cli.freeze_import_heap()
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_quiet_orbax)
   # Library modules log through the standard logger; show their progress lines.

@@ -90,6 +90,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   from simfluence_jax.planning import devices  # pylint: disable=g-import-not-at-top
+  _cli.freeze_import_heap()
   logging.set_verbosity(logging.INFO)
   # Progress lines of the library's loggers ("plan: compiling ...").
   std_logging.getLogger("simfluence_jax").setLevel(std_logging.INFO)
