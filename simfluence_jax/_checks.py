@@ -38,6 +38,27 @@ def first_nonfinite(values: Any) -> Optional[Tuple[int, ...]]:
   return None
 
 
+def short_repr(value: Any, limit: int = 80) -> str:
+  """`value` for a one-line message about a scalar argument: an array, a dict or a
+  sequence (a batch or a pytree passed in the wrong place) by its type and shape
+  or keys, anything else by its repr cut to `limit` characters (review h38: a query
+  batch passed as `damping` printed the whole batch)."""
+  shape = getattr(value, "shape", None)
+  if shape is not None and hasattr(value, "dtype") and tuple(shape):
+    return f"an array of shape {tuple(shape)} ({value.dtype})"
+  if isinstance(value, dict):
+    keys = ", ".join(repr(k) for k in list(value)[:6])
+    more = ", ..." if len(value) > 6 else ""
+    return f"a dict with keys [{keys}{more}]"
+  if isinstance(value, (list, tuple)) and (len(value) > 4 or not all(
+      v is None or isinstance(v, (numbers.Number, str)) for v in value)):
+    kinds = ", ".join(sorted({type(v).__name__ for v in value}))
+    return (f"a {type(value).__name__} of {len(value)} "
+            f"item{'' if len(value) == 1 else 's'} ({kinds})")
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def tree_signature(tree: Any) -> tuple:
   """A pytree's structure and every leaf's shape and dtype (None for a leaf
   without a dtype, e.g. an NNX module passed whole): equal signatures mean the same

@@ -44,6 +44,16 @@ TASK = influence.ClassificationTask(MODEL.apply)
      "taken whole)."),
     (lambda: influence.ClassificationTask(None),
      "apply_fn: expected a function (model.apply) or an NNX module, got NoneType."),
+    # A query batch passed where a number goes: named by its keys, not printed whole.
+    (lambda: influence.tracin_self_influence(TASK, [PARAMS], [0.1], BATCH, [BATCH]),
+     "projection_dim must be a positive integer, got a list of 1 item (dict)."),
+    (lambda: influence.ekfac_self_influence(TASK, PARAMS, _fitted()[0], BATCH,
+                                            [BATCH]),
+     "damping must be a finite number > 0 (absolute λ) or None for the default 0.1 × "
+     "mean(Λ), got a list of 1 item (dict)."),
+    (lambda: influence.tracin_scores(TASK, [PARAMS], [0.1], BATCH, [BATCH],
+                                     chunk_size=X),
+     "chunk_size must be an integer >= 1, got an array of shape (6, 5) (float32)."),
 ])
 def test_influence_misuse_is_one_line(call, message):
   with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
@@ -149,3 +159,18 @@ def test_table_functions_take_an_integer_number_of_examples(fn, num_train):
     fn(table, ref, np.zeros(3), np.zeros((1, 2, 2), np.int32) if fn is
        training.predict_from_table else np.zeros(3), num_train_examples=num_train,
        **rest)
+
+
+@pytest.mark.parametrize("value, text", [
+    ({"inputs": X, "labels": X}, "a dict with keys ['inputs', 'labels']"),
+    (dict.fromkeys("abcdefgh", 1), "a dict with keys ['a', 'b', 'c', 'd', 'e', 'f', "
+                                   "...]"),
+    (X, "an array of shape (6, 5) (float32)"),
+    ([BATCH, 2], "a list of 2 items (dict, int)"),
+    (tuple(range(6)), "a tuple of 6 items (int)"),
+    ([1, 2.5], "[1, 2.5]"), (0, "0"), (-3.5, "-3.5"), (None, "None"),
+    ("x" * 100, "'" + "x" * 76 + "..."),
+])
+def test_a_scalar_arguments_wrong_value_is_named_in_short(value, text):
+  from simfluence_jax import _checks  # pylint: disable=g-import-not-at-top
+  assert _checks.short_repr(value) == text

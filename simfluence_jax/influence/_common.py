@@ -70,7 +70,7 @@ def check_chunk_size(chunk_size) -> int:
   """chunk_size must be an integer >= 1."""
   if (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
       or chunk_size < 1):
-    raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}.")
+    raise ValueError(f"chunk_size must be an integer >= 1, got {_checks.short_repr(chunk_size)}.")
   return int(chunk_size)
 
 
@@ -86,7 +86,7 @@ def check_damping(damping) -> Optional[float]:
       value = None
   if value is None or not math.isfinite(value) or value <= 0:
     raise ValueError(f"damping must be a finite number > 0 (absolute λ) or None for "
-                     f"the default 0.1 × mean(Λ), got {damping!r}.")
+                     f"the default 0.1 × mean(Λ), got {_checks.short_repr(damping)}.")
   return value
 
 

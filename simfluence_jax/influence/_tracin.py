@@ -274,7 +274,7 @@ def _validate(task, checkpoints, learning_rates, projection_dim, rng):
   if projection_dim is not None:
     if not _checks.is_int(projection_dim) or projection_dim <= 0:
       raise ValueError(f"projection_dim must be a positive integer, got "
-                       f"{projection_dim!r}.")
+                       f"{_checks.short_repr(projection_dim)}.")
     if rng is None:
       raise ValueError("rng is required when projection_dim is set (it seeds the "
                        "projection).")
