@@ -56,13 +56,14 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 # Python's cyclic GC in the test processes. A worker's heap grows to millions of
 # objects (modules, JAX's caches, each module's fixtures), and every full collection
-# walked all of them: 2.5-2.7 s of a worker's 60-65 s on five influence and
-# training modules, and pytest's five collections at the end of a session (2% of the
-# suite's CPU). Each test's collections now see only what the test made (what was
-# there before is frozen until it ends; `gc.unfreeze` hands it back to the oldest
-# generation, so nothing leaks), the youngest generation is collected every 10,000
-# allocations (as the CLIs do, `_cli.freeze_import_heap`), and the heap is frozen
-# before pytest's final collections: 0.34 s of GC per worker on those modules.
+# walked all of them: 73.8 s of the two workers' time on the whole suite, most of it
+# in the Kronfluence parity tests (Kronfluence collects several times per fit), and
+# pytest collects five times more at the end of a session. Each test's collections
+# now see only what the test made (what was there before is frozen until it ends;
+# `gc.unfreeze` hands it back to the oldest generation, so nothing leaks), the
+# youngest generation is collected every 10,000 allocations (as the CLIs do,
+# `_cli.freeze_import_heap`), and the heap is frozen before pytest's final
+# collections: 7.3 s on the whole suite (docs/experiments.md).
 gc.set_threshold(10_000, *gc.get_threshold()[1:])
 
 

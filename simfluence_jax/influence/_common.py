@@ -70,7 +70,8 @@ def check_chunk_size(chunk_size) -> int:
   """chunk_size must be an integer >= 1."""
   if (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
       or chunk_size < 1):
-    raise ValueError(f"chunk_size must be an integer >= 1, got {_checks.short_repr(chunk_size)}.")
+    raise ValueError(f"chunk_size must be an integer >= 1, got "
+                     f"{_checks.short_repr(chunk_size)}.")
   return int(chunk_size)
 
 

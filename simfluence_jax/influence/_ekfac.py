@@ -335,7 +335,8 @@ def _psum(tree, axis_name):
 
 def _check_fisher(fisher, rng):
   if fisher not in _FISHERS:
-    raise ValueError(f"fisher must be one of {_FISHERS}, got {_checks.short_repr(fisher)}.")
+    raise ValueError(f"fisher must be one of {_FISHERS}, got "
+                     f"{_checks.short_repr(fisher)}.")
   if fisher == "true" and rng is None:
     raise ValueError("rng is required with fisher='true' (targets are sampled).")
   _closures.check_rng(rng, "sample the targets")
@@ -982,7 +983,8 @@ def check_factors(factors, params, argument: str = "factors", task=None) -> None
 def _scores(task, params, factors, query_batch, train_batches, damping, chunk_size,
             query_rank, mode, mesh=None):
   if query_rank is not None and (not _checks.is_int(query_rank) or query_rank < 1):
-    raise ValueError(f"query_rank must be a positive integer, got {_checks.short_repr(query_rank)}.")
+    raise ValueError(f"query_rank must be a positive integer, got "
+                     f"{_checks.short_repr(query_rank)}.")
   query_rank = None if query_rank is None else int(query_rank)
   lambdas = layer_damping(factors, damping) if isinstance(
       factors, EKFACFactors) else None

@@ -70,7 +70,8 @@ def project(vectors: jax.Array, key: jax.Array, dim: int,
     raise ValueError(f"project: kind must be one of {_KINDS}, got {kind!r}.")
   for name, value in (("dim", dim), ("block_size", block_size)):
     if not _checks.is_int(value) or value < 1:
-      raise ValueError(f"project: {name} must be a positive integer, got {_checks.short_repr(value)}.")
+      raise ValueError(f"project: {name} must be a positive integer, got "
+                       f"{_checks.short_repr(value)}.")
   dim, block_size = int(dim), int(block_size)
   if jnp.ndim(vectors) != 2:
     raise ValueError(f"project: vectors must be float[n, P], got shape "
