@@ -302,12 +302,12 @@ def _imports(code: types.CodeType) -> frozenset:
   """(level, module name) of every import statement in `code` and the code it
   defines: a module imported at trace time is read without a global naming it."""
   import dis  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  found, recent = set(), [None, None]
-  for ins in dis.get_instructions(code):
+  found, instructions = set(), list(dis.get_instructions(code))
+  for k, ins in enumerate(instructions):
     if ins.opname == "IMPORT_NAME":  # after LOAD_CONST level, LOAD_CONST fromlist
-      level = recent[0].argval if recent[0] is not None and recent[0].opname == "LOAD_CONST" else 1
+      load = instructions[k - 2] if k >= 2 else None
+      level = load.argval if load is not None and load.opname == "LOAD_CONST" else 1
       found.add((level if isinstance(level, int) else 1, ins.argval))
-    recent = [recent[1], ins]
   for const in code.co_consts:
     if isinstance(const, types.CodeType):
       found |= _imports(const)
