@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -223,6 +224,20 @@ BENCHES = (("vmap_runs", ("vmap_runs",), _vmap_rows),
            ("main_job", ("main_job_tiny",), _main_job_rows))
 
 
+def _commit():
+  """The repository's HEAD commit (with "+changes" if its files differ), or None."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=repo, capture_output=True, text=True,
+                           check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return head + ("+changes" if dirty else "")
+
+
 def machine_info():
   """Where the numbers were measured: platform, CPUs, load, JAX, library versions."""
   versions = {}
@@ -237,7 +252,15 @@ def machine_info():
   except AttributeError:
     affinity = None
   devices = jax.devices()
+  cpu_model = None
+  try:
+    with open("/proc/cpuinfo") as f:  # Linux: "Intel(R) Xeon(R) ...", "AMD EPYC ..."
+      cpu_model = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), None)
+  except OSError:
+    pass
   return {"platform": platform.platform(), "machine": platform.machine(),
+          "cpu_model": cpu_model,
           "processor": platform.processor(), "python": platform.python_version(),
           "cpu_count": os.cpu_count(), "cpus_usable": affinity,
           "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -324,7 +347,8 @@ def run(mode="full", peers=True, only=None, log=print):
   """Runs the benchmarks; returns the result dict that `--out` holds."""
   rows = []
   selected = [b for b in BENCHES if not only or b[0] in only]
-  start_all = time.perf_counter()
+  start_all, date, commit = (time.perf_counter(), time.strftime(
+      "%Y-%m-%d %H:%M UTC", time.gmtime()), _commit())  # the code as it started
   for index, (bench, names, fn) in enumerate(selected):
     log(f"[{index + 1}/{len(selected)}] {bench} ({mode}) ...")
     start, cpu = time.perf_counter(), time.process_time()
@@ -343,7 +367,7 @@ def run(mode="full", peers=True, only=None, log=print):
     log(f"[{index + 1}/{len(selected)}] {bench} done in "
         f"{time.perf_counter() - start:.1f} s ({time.process_time() - cpu:.1f} s CPU)")
   return {"mode": mode, "peers": peers, "machine": machine_info(),
-          "total_s": time.perf_counter() - start_all,
+          "date": date, "commit": commit, "total_s": time.perf_counter() - start_all,
           "rows": {row["name"]: row for row in rows}}
 
 
