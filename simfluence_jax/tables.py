@@ -9,7 +9,9 @@ regime, and the goals of the fidelity issue with "met"/"missed" for each. With
 `--readme`, the text between `<!-- tables:NAME -->` and `<!-- /tables:NAME -->` in
 that file is replaced by the tables. `--sweep=DIR` adds the regime map of a sweep;
 `--plans=A.json,B.json` the per-chip memory of each stage in plans written by
-`python -m simfluence_jax.plan ... --out=A.json`. The tables themselves are built by
+`python -m simfluence_jax.plan ... --out=A.json`; `--bench=A.json,B.json,...` the
+speed tables, a mean over runs of `python benchmarks/run.py --out=A.json` on one
+machine and commit (`evaluation._bench_tables`). The tables themselves are built by
 `simfluence_jax.evaluation._tables`, which defines no flags.
 
 A job removes its metrics.json once its runs are settled (a sweep its sweep.json when
@@ -29,6 +31,8 @@ from absl import flags
 
 from simfluence_jax import _cli
 from simfluence_jax import _io
+from simfluence_jax.evaluation._bench_tables import bench_tables
+from simfluence_jax.evaluation._bench_tables import load_results
 from simfluence_jax.evaluation._tables import load_metrics
 from simfluence_jax.evaluation._tables import render
 from simfluence_jax.evaluation._tables import sweep_table
@@ -41,6 +45,8 @@ _GOALS = flags.DEFINE_enum("goals", "default", ["default", "rough", "none"],
                            "Which goals to check.")
 _README = flags.DEFINE_string("readme", None, "Update this file in place.")
 _PLANS = flags.DEFINE_list("plans", None, "Plan JSON files (`plan --out=`).")
+_BENCH = flags.DEFINE_list("bench", None, "Results of `python benchmarks/run.py "
+                           "--out=FILE`, one file per run (a mean over them).")
 
 
 def _finished(directory: str, name: str, flag: str, job: str) -> str:
@@ -85,8 +91,11 @@ def main(argv):
                            "--out=FILE).")
         plans.append(plan)
       parts.append("\n".join(plan_report.plans_table(plans)) + "\n")
+    if _BENCH.value:
+      results = load_results(_BENCH.value)
+      parts.append("\n".join(bench_tables(results, _BENCH.value)) + "\n")
     if not parts:
-      raise ValueError("give --workdir, --sweep and/or --plans.")
+      raise ValueError("give --workdir, --sweep, --plans and/or --bench.")
     text = "\n".join(parts)
     print(text)
     if _README.value:

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from simfluence_jax.evaluation import _bench_tables
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -60,6 +62,15 @@ def test_smoke_run_writes_every_row(tmp_path, monkeypatch, capsys):
 
   png = tmp_path / "bench.png"
   assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+  # The README's speed table reads this file: every row, with the run's date.
+  assert result["date"].endswith(" UTC") and result["total_s"] > 0
+  assert result["commit"] is None or len(result["commit"]) >= 7, result["commit"]
+  result["commit"] = "0123abc"  # a checkout with local changes would be refused
+  lines = _bench_tables.bench_tables([result], [str(out)])
+  assert f"(mode smoke; {result['date']}; commit 0123abc)" in lines[0]
+  for name in runner.ROWS:
+    assert any(line.startswith(f"| {name}: ") for line in lines), name
   printed = capsys.readouterr().out
   assert "| benchmark | ours | peer / baseline | ratio | budget | met? |" in printed
   table = [line for line in printed.splitlines() if line.startswith("| ")]

@@ -1,0 +1,246 @@
+"""The README's speed tables from `benchmarks/run.py --out` results (no flags here).
+
+`python -m simfluence_jax.tables --bench=A.json,B.json,C.json` is the command line
+around `bench_tables`. Each file is one run of `python benchmarks/run.py` (every
+benchmark side by side in one process, peers in processes of their own); several
+runs on one machine and one commit give a mean, since one run on a shared machine
+can mislead. Two tables come out:
+
+- each benchmark's ratio against its peer or baseline: the mean over the runs, with
+  the lowest and highest, its goal (the budget `run.py` recorded with the row) and
+  whether the mean meets it, with how many runs did where they disagree. A
+  whole-process row (`*_end_to_end`) gives three: cold, with the persistent
+  compilation cache (a second process), and warm (a second call in one process);
+  issue 16 asks ≥ 20× Captum warm of TracIn-CP on that workload;
+- each hot loop's FLOP/s as a fraction of the matmul peak the same run measured
+  (`benchmarks/roofline_bench.py`), the training segment's goal 50%.
+
+Runs are refused, naming the field, where a mean over them would mix machines or
+code: a different `mode`, CPU model or commit (a commit with "+changes" ran on
+uncommitted files and is refused too). A file written before runs recorded their
+commit renders with a warning.
+"""
+
+import json
+import sys
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from simfluence_jax import _io
+
+# Issue 16's warm goal for TracIn-CP, judged on the whole-process workload.
+WARM_GOALS = {"tracin_end_to_end": 20.0}
+# The roofline's goal: the training step at >= 50% of the measured matmul peak.
+ROOFLINE_GOALS = {"train_segment": 0.5}
+# Seconds of ours and of the peer or baseline in each row's raw numbers (run.py).
+_SECONDS = {
+    "vmap_runs": ("together_s", "sequential_s"),
+    "simfluence_linear_fit": ("ours_s", "sklearn_s"),
+    "ekfac_vs_kronfluence": ("ours_s", "peer_s"),
+    "ekfac_self_vs_kronfluence": ("ours_s", "peer_s"),
+    "tracin_vs_captum": ("ours_s", "peer_s"),
+    "tracin_scoring_floor": ("tracin_s", "floor_s"),
+    "ekfac_scoring_floor": ("ekfac_s", "floor_s"),
+    "main_job_tiny": ("total_s", "budget_s"),
+}
+_PEERS = {"tracin_end_to_end": "Captum TracInCP", "ekfac_end_to_end": "Kronfluence"}
+
+
+def _warn(message: str) -> None:
+  print(f"warning: {message}", file=sys.stderr)
+
+
+def _spread(values: Sequence[float], fmt: str) -> str:
+  """`mean` of one value, `mean (min–max)` of several."""
+  values = [v for v in values if v is not None and np.isfinite(v)]
+  if not values:
+    return "–"
+  text = format(float(np.mean(values)), fmt)
+  if len(values) > 1:
+    text += f" ({format(min(values), fmt)}–{format(max(values), fmt)})"
+  return text
+
+
+def _met(values: Sequence[float], goal: Optional[float], direction: str) -> str:
+  """'met' / '**missed**' for the mean, with how many runs met it where they differ."""
+  if goal is None or not values:
+    return "–"
+  meets = [v >= goal if direction == ">=" else v <= goal for v in values]
+  mean = float(np.mean(values))
+  text = "met" if (mean >= goal if direction == ">=" else mean <= goal) else "**missed**"
+  if 0 < sum(meets) < len(meets):
+    text += f" ({sum(meets)} of {len(meets)} runs)"
+  return text
+
+
+def _goal_text(goal: Optional[float], direction: str, unit: str = "×") -> str:
+  if goal is None:
+    return "–"
+  return f"{'≥' if direction == '>=' else '≤'} {goal:g}{unit}"
+
+
+def load_results(paths: Sequence[str]) -> list:
+  """Each file's results; ValueError naming a file that is missing or is not
+  benchmarks/run.py's JSON."""
+  results = []
+  for path in paths:
+    if not _io.exists(path):
+      raise ValueError(f"--bench: {path!r} does not exist (write one with python "
+                       "benchmarks/run.py --out=FILE).")
+    try:
+      result = json.loads(_io.read_text(path))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"--bench: {path!r} is not JSON ({e}).") from None
+    if not isinstance(result, dict) or "rows" not in result:
+      raise ValueError(f"--bench: {path!r} is JSON but not benchmarks/run.py's "
+                       "results (no 'rows').")
+    results.append(result)
+  return results
+
+
+def check_runs(results: Sequence[dict], sources: Sequence[str],
+               warn: Callable[[str], None] = _warn) -> None:
+  """ValueError, naming the field and the files, where the runs differ in mode,
+  CPU or code; a warning where a file does not say which commit it ran."""
+  if not results:
+    raise ValueError("--bench: no results files given.")
+  fields = (("mode", lambda r: r.get("mode")),
+            ("machine.cpu_model", lambda r: r.get("machine", {}).get("cpu_model")),
+            ("machine.cpus_usable", lambda r: r.get("machine", {}).get("cpus_usable")),
+            ("commit", lambda r: r.get("commit")))
+  for name, get in fields:
+    values = {get(r) for r in results}
+    if len(values) > 1:
+      by_file = ", ".join(f"{s}: {get(r)!r}" for s, r in zip(sources, results))
+      raise ValueError(f"--bench: the runs differ in {name} ({by_file}); a mean is "
+                       "only of runs of one mode on one machine and one commit.")
+  commit = results[0].get("commit")
+  if commit is None:
+    warn(f"--bench: {', '.join(sources)} do(es) not record a commit (written before "
+         "benchmarks/run.py kept one): the table cannot say which code it measured.")
+  elif commit.endswith("+changes"):
+    raise ValueError(f"--bench: commit={commit!r}: the runs measured uncommitted "
+                     "files, which no commit reproduces; commit, then rerun "
+                     "benchmarks/run.py.")
+
+
+def _raw(row: dict, key: str) -> Optional[float]:
+  value = row.get("raw", {})
+  for part in key.split("."):
+    if not isinstance(value, dict) or part not in value:
+      return None
+    value = value[part]
+  return float(value) if isinstance(value, (int, float)) else None
+
+
+def _label(text: str) -> str:
+  """A baseline's name as run.py wrote it: its words up to the first number."""
+  words = []
+  for word in text.split():
+    if word[:1].isdigit():
+      break
+    words.append(word)
+  return " ".join(words)
+
+
+def _ratio_rows(results: Sequence[dict]) -> list:
+  """(benchmark, ours, peer, ratios, goal, direction) for every row of the runs."""
+  names = []
+  for result in results:  # every row any run has, in run.py's order
+    names += [n for n in result.get("rows", {}) if n not in names]
+  out = []
+  for name in names:
+    rows = [r["rows"][name] for r in results if name in r.get("rows", {})]
+    ok = [row for row in rows if row.get("status") == "ok"]
+    first = (ok or rows)[0]
+    description = f"{name}: {first.get('description', '')}"
+    if not ok:
+      out.append((description, first.get("ours") or "–", first.get("status", "–"),
+                  [], first.get("budget"), first.get("direction") or ">="))
+      continue
+    if name in _PEERS:  # cold, cached, warm: each a ratio of its own
+      seconds = lambda key: _spread([_raw(r, key) for r in ok], ".2f") + " s"
+      peer = _PEERS[name]
+      out.append((f"{description}; cold",
+                  f"{seconds('ours.end_to_end_s')} (import "
+                  f"{seconds('ours.import_s')}, 1st call {seconds('ours.first_call_s')})",
+                  f"{peer} {seconds('peer.end_to_end_s')}",
+                  [r["ratio"] for r in ok], first.get("budget"), first.get("direction")))
+      out.append((f"{name}: the same, a second process with the compilation cache",
+                  seconds("ours_cached.end_to_end_s"),
+                  f"{peer} {seconds('peer.end_to_end_s')}",
+                  [_raw(r, "cached_speedup") for r in ok], None, ">="))
+      out.append((f"{name}: the same, warm (a second call in one process)",
+                  seconds("ours.second_call_s"),
+                  f"{peer} {seconds('peer.second_call_s')}",
+                  [_raw(r, "warm_speedup") for r in ok], WARM_GOALS.get(name), ">="))
+      continue
+    ours_key, peer_key = _SECONDS.get(name, (None, None))
+    ours = (_spread([_raw(r, ours_key) for r in ok], ".3f") + " s" if ours_key
+            else first.get("ours", "–"))
+    peer = (f"{_label(first.get('baseline', ''))} {_spread([_raw(r, peer_key) for r in ok], '.3f')} s" if peer_key
+            else first.get("baseline", "–"))
+    out.append((description, ours, peer, [r["ratio"] for r in ok],
+                first.get("budget"), first.get("direction") or ">="))
+  return out
+
+
+def bench_tables(results: Sequence[dict], sources: Sequence[str],
+                 warn: Callable[[str], None] = _warn) -> list:
+  """The Markdown lines of both tables, after `check_runs`."""
+  check_runs(results, sources, warn)
+  first = results[0]
+  machine = first.get("machine", {})
+  versions = machine.get("versions", {})
+  dates = sorted(r.get("date") or "?" for r in results)
+  peers = ", ".join(f"{m} {versions[m]}" for m in ("torch", "kronfluence", "captum",
+                                                   "sklearn") if versions.get(m))
+  lines = [
+      f"Generated by `python -m simfluence_jax.tables --bench=...` from "
+      f"{len(results)} run{'s' * (len(results) > 1)} of `python benchmarks/run.py` "
+      f"(mode {first.get('mode')}; {dates[0]}"
+      + (f" to {dates[-1]}" if len(dates) > 1 else "")
+      + f"; commit {first.get('commit') or 'not recorded'}) on "
+      f"{machine.get('cpu_model') or machine.get('platform', '?')}, "
+      f"{machine.get('cpus_usable') or machine.get('cpu_count')} CPUs usable, JAX "
+      f"{versions.get('jax')} {machine.get('jax_backend', '')}"
+      + (f"; peers: {peers}" if peers else "") + ". Each value is the mean over the "
+      "runs, (lowest–highest); \"met\" judges the mean.", "",
+      "| benchmark | ours | peer / baseline | ratio | goal | met? |",
+      "|---|---|---|---|---|---|"]
+  for description, ours, peer, ratios, goal, direction in _ratio_rows(results):
+    ratio = _spread(ratios, ".2f")
+    lines.append(f"| {description} | {ours} | {peer} | "
+                 f"{ratio + '×' if ratio != '–' else ratio} | "
+                 f"{_goal_text(goal, direction)} | "
+                 f"{_met([v for v in ratios if v is not None], goal, direction)} |")
+  roofline = [r["roofline"] for r in results if r.get("roofline")]
+  if roofline:
+    peaks = [r["peak"]["flop_per_s"] / 1e9 for r in roofline]
+    lines += ["", f"Each hot loop against the matmul peak each run measured "
+              f"(float32 {roofline[0]['peak'].get('n')}², "
+              f"{_spread(peaks, '.1f')} GFLOP/s; `benchmarks/roofline_bench.py`):", "",
+              "| hot loop | GFLOP | seconds | GFLOP/s | fraction of peak | goal | met? |",
+              "|---|---|---|---|---|---|---|"]
+    names = []
+    for r in roofline:
+      names += [n for n in r["rows"] if n not in names]
+    for name in names:
+      rows = [r["rows"][name] for r in roofline
+              if "flops" in r["rows"].get(name, {})]
+      if not rows:
+        status = next(r["rows"][name].get("status", "–") for r in roofline
+                      if name in r["rows"])
+        lines.append(f"| {name} | – | – | – | {status} | – | – |")
+        continue
+      fractions = [row["fraction_of_peak"] for row in rows]
+      goal = ROOFLINE_GOALS.get(name)
+      lines.append(
+          f"| {name} | {_spread([row['flops'] / 1e9 for row in rows], '.2f')} | "
+          f"{_spread([row['seconds'] for row in rows], '.4f')} | "
+          f"{_spread([row['flop_per_s'] / 1e9 for row in rows], '.1f')} | "
+          f"{_spread([100 * f for f in fractions], '.1f')}% | "
+          f"{_goal_text(None if goal is None else 100 * goal, '>=', '%')} | "
+          f"{_met(fractions, goal, '>=')} |")
+  return lines
