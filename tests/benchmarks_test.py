@@ -68,7 +68,7 @@ def test_smoke_run_writes_every_row(tmp_path, monkeypatch, capsys):
   assert result["commit"] is None or len(result["commit"]) >= 7, result["commit"]
   result["commit"] = "0123abc"  # a checkout with local changes would be refused
   lines = _bench_tables.bench_tables([result], [str(out)])
-  assert f"(mode smoke; {result['date']}; commit 0123abc)" in lines[0]
+  assert f"(`{out}`; mode smoke; {result['date']}; commit 0123abc)" in lines[0]
   for name in runner.ROWS:
     assert any(line.startswith(f"| {name}: ") for line in lines), name
   printed = capsys.readouterr().out
