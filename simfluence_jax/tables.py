@@ -22,7 +22,6 @@ a `seed_<k>/` was, a sweep's sweep.json when a cell (or a cell's seed) was; a fi
 written before these checks renders with a warning.
 """
 
-import json
 import os
 import sys
 
@@ -32,7 +31,7 @@ from absl import flags
 from simfluence_jax import _cli
 from simfluence_jax import _io
 from simfluence_jax.evaluation._bench_tables import bench_tables
-from simfluence_jax.evaluation._bench_tables import load_results
+from simfluence_jax.evaluation._tables import load_json_files
 from simfluence_jax.evaluation._tables import load_metrics
 from simfluence_jax.evaluation._tables import render
 from simfluence_jax.evaluation._tables import sweep_table
@@ -75,24 +74,12 @@ def main(argv):
     if _PLANS.value:
       # pylint: disable-next=g-import-not-at-top
       from simfluence_jax.planning import report as plan_report
-      plans = []
-      for path in _PLANS.value:
-        if not _io.exists(path):
-          raise ValueError(f"--plans: {path!r} does not exist (write one with "
-                           "python -m simfluence_jax.plan ... --out=FILE).")
-        try:
-          plan = json.loads(_io.read_text(path))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"--plans: {path!r} is not a plan's JSON ({e}).") from None
-        if not isinstance(plan, dict) or "rows" not in plan:
-          # A list or a metrics.json ended in a TypeError or "error: 'rows'".
-          raise ValueError(f"--plans: {path!r} is JSON but not a plan (no 'rows'; "
-                           "write one with python -m simfluence_jax.plan ... "
-                           "--out=FILE).")
-        plans.append(plan)
+      plans = load_json_files(_PLANS.value, "plans", "a plan",
+                              "python -m simfluence_jax.plan ... --out=FILE")
       parts.append("\n".join(plan_report.plans_table(plans)) + "\n")
     if _BENCH.value:
-      results = load_results(_BENCH.value)
+      results = load_json_files(_BENCH.value, "bench", "benchmarks/run.py's results",
+                                "python benchmarks/run.py --out=FILE")
       parts.append("\n".join(bench_tables(results, _BENCH.value)) + "\n")
     if not parts:
       raise ValueError("give --workdir, --sweep, --plans and/or --bench.")

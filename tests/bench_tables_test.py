@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from simfluence_jax.evaluation import _bench_tables as bench
+from simfluence_jax.evaluation import _tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -160,15 +161,18 @@ def test_command_line_writes_the_readme_block_and_refuses_in_one_line(tmp_path):
 def test_files_that_are_not_results_are_refused(tmp_path):
   (tmp_path / "list.json").write_text("[]")
   (tmp_path / "text.json").write_text("not json")
+  how = "python benchmarks/run.py --out=FILE"
   for name, message in (
-      ("list.json", "is JSON but not benchmarks/run.py's results (no 'rows')."),
-      ("text.json", "is not JSON (Expecting value: line 1 column 1 (char 0))."),
-      ("nope.json", "does not exist (write one with python benchmarks/run.py "
-                    "--out=FILE).")):
+      ("list.json", f"is JSON but not benchmarks/run.py's results (no 'rows'; write "
+                    f"one with {how})."),
+      ("text.json", f"is not JSON (Expecting value: line 1 column 1 (char 0)); write "
+                    f"one with {how}."),
+      ("nope.json", f"does not exist (write one with {how}).")):
     with pytest.raises(ValueError) as raised:
-      bench.load_results([str(tmp_path / name)])
+      _tables.load_json_files([str(tmp_path / name)], "bench",
+                              "benchmarks/run.py's results", how)
     assert str(raised.value) == f"--bench: {str(tmp_path / name)!r} {message}"
-  assert bench.load_results([]) == []
+  assert _tables.load_json_files([], "bench", "", "") == []
 
 
 def test_the_results_file_is_not_changed():

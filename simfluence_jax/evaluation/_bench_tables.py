@@ -21,13 +21,10 @@ uncommitted files and is refused too). A file written before runs recorded their
 commit renders with a warning.
 """
 
-import json
 import sys
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-
-from simfluence_jax import _io
 
 # Issue 16's warm goal for TracIn-CP, judged on the whole-process workload.
 WARM_GOALS = {"tracin_end_to_end": 20.0}
@@ -88,25 +85,6 @@ def _goal_text(goal: Optional[float], direction: str, unit: str = "×") -> str:
   if goal is None:
     return "–"
   return f"{'≥' if direction == '>=' else '≤'} {goal:g}{unit}"
-
-
-def load_results(paths: Sequence[str]) -> list:
-  """Each file's results; ValueError naming a file that is missing or is not
-  benchmarks/run.py's JSON."""
-  results = []
-  for path in paths:
-    if not _io.exists(path):
-      raise ValueError(f"--bench: {path!r} does not exist (write one with python "
-                       "benchmarks/run.py --out=FILE).")
-    try:
-      result = json.loads(_io.read_text(path))
-    except json.JSONDecodeError as e:
-      raise ValueError(f"--bench: {path!r} is not JSON ({e}).") from None
-    if not isinstance(result, dict) or "rows" not in result:
-      raise ValueError(f"--bench: {path!r} is JSON but not benchmarks/run.py's "
-                       "results (no 'rows').")
-    results.append(result)
-  return results
 
 
 def check_runs(results: Sequence[dict], sources: Sequence[str],

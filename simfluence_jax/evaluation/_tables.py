@@ -373,6 +373,27 @@ def render(payload: dict, which: str, source: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def load_json_files(paths, flag: str, what: str, how: str) -> list:
+  """Each file's JSON object (plans, benchmark results: dicts with "rows");
+  ValueError naming the `--flag` and the file that is missing, not JSON or not
+  `what`, and `how` to write one."""
+  loaded = []
+  for path in paths:
+    if not _io.exists(path):
+      raise ValueError(f"--{flag}: {path!r} does not exist (write one with {how}).")
+    try:
+      payload = json.loads(_io.read_text(path))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"--{flag}: {path!r} is not JSON ({e}); write one with "
+                       f"{how}.") from None
+    if not isinstance(payload, dict) or "rows" not in payload:
+      # A list or a metrics.json ended in a TypeError or "error: 'rows'".
+      raise ValueError(f"--{flag}: {path!r} is JSON but not {what} (no 'rows'; "
+                       f"write one with {how}).")
+    loaded.append(payload)
+  return loaded
+
+
 def update_readme(path: str, name: str, text: str) -> None:
   with open(path) as f:
     readme = f.read()
