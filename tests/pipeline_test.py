@@ -383,6 +383,21 @@ def test_results_name_the_code_that_computed_each_reused_stage():
   assert text.endswith(f"(simfluence_jax sources {'0' * 16}): runs.")
 
 
+def test_reused_stages_of_several_seeds_are_named_once_with_their_seeds():
+  from simfluence_jax.evaluation import _report  # pylint: disable=g-import-not-at-top
+  older = {"python": "3.11", "cpu": "A", "packages": {"jax": "0.4.1"}}
+  names = ["seed_0/runs", "seed_0/fit", "seed_1/runs", "seed_1/fit", "seed_2/runs",
+           "seed_0/scores", "data"]
+  text = _report.environment_text({"summary": {
+      "environment": dict(older, packages={"jax": "0.10.2"}),
+      "other_environments": {name: older for name in names}}})
+  assert text.endswith(
+      "Reused stages computed with Python 3.11, jax 0.4.1, on A: data; fit (seeds 0, "
+      "1); runs (seeds 0, 1, 2); scores (seed 0).")
+  assert _report.stage_list(["seed_0/a", "seed_1/a", "seed_0/b", "seed_1/b"]) == (
+      "a, b (seeds 0, 1)")
+
+
 def test_learning_curve_counts_above_the_fitted_runs_are_named(caplog):
   from simfluence_jax.pipeline import stages  # pylint: disable=g-import-not-at-top
   with caplog.at_level("WARNING", logger="simfluence_jax.pipeline"):

@@ -17,6 +17,7 @@ dict that goes to metrics.json), so a report can be regenerated from a workdir:
 
 import json
 import os
+import re
 from typing import Optional
 
 import numpy as np
@@ -348,6 +349,24 @@ def counterfactual_summary_table(summary: dict, std: dict) -> list:
   return lines
 
 
+def stage_list(names) -> str:
+  """Stage names, a multi-seed job's `seed_<k>/<stage>` grouped by stage: "runs,
+  fit (seeds 0, 1, 2)" for the six names of two stages in three seeds."""
+  plain, seeds_of = [], {}
+  for name in names:
+    match = re.fullmatch(r"seed_(\d+)/(.+)", name)
+    if match:
+      seeds_of.setdefault(match.group(2), []).append(int(match.group(1)))
+    else:
+      plain.append(name)
+  groups = {}  # the seeds -> their stages, in the order first met
+  for stage, seeds in seeds_of.items():
+    groups.setdefault(tuple(sorted(seeds)), []).append(stage)
+  return "; ".join(plain + [
+      f"{', '.join(stages)} (seed{'s' * (len(seeds) > 1)} "
+      f"{', '.join(map(str, seeds))})" for seeds, stages in groups.items()])
+
+
 def environment_text(payload: dict) -> str:
   """" Computed with jax 0.10.2, flax ..., on <CPU>." from a payload's
   `summary.environment`, or "" (a job from before it was recorded)."""
@@ -365,9 +384,9 @@ def environment_text(payload: dict) -> str:
   others = payload.get("summary", {}).get("other_environments") or {}
   unknown = sorted(k for k, v in others.items() if not isinstance(v, dict))
   known = {k: v for k, v in others.items() if isinstance(v, dict)}
-  for variant in {describe(v) for v in known.values()}:
+  for variant in sorted({describe(v) for v in known.values()}):
     stages = sorted(k for k, v in known.items() if describe(v) == variant)
-    text += f" Reused stages computed with {variant}: {', '.join(stages)}."
+    text += f" Reused stages computed with {variant}: {stage_list(stages)}."
   if unknown:
     text += (f" {len(unknown)} reused stage(s) were computed before environments "
              "were recorded (`summary.other_environments`).")
