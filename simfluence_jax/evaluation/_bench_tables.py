@@ -7,11 +7,14 @@ runs on one machine and one commit give a mean, since one run on a shared machin
 can mislead. Two tables come out:
 
 - each benchmark's ratio against its peer or baseline: the mean over the runs, with
-  the lowest and highest, its goal (the budget `run.py` recorded with the row) and
-  whether the mean meets it, with how many runs did where they disagree. A
-  whole-process row (`*_end_to_end`) gives three: cold, with the persistent
-  compilation cache (a second process), and warm (a second call in one process);
-  issue 16 asks ≥ 20× Captum warm of TracIn-CP on that workload;
+  the lowest and highest, its goal (the budget `run.py` recorded with the row),
+  whether the mean meets it and how many runs did where they disagree, and the
+  first run's agreement with the peer. A whole-process row (`*_end_to_end`) gives
+  three: cold, with the persistent compilation cache (a second process), and warm
+  (a second call in one process); issue 16 asks ≥ 20× Captum warm of TracIn-CP on
+  that workload. The solver's row is followed by its ratio against Ridge at Ridge's
+  own tol (shown, not judged: the goal is at equal residual). A row some runs
+  skipped or lack is the mean of the others and says of how many runs;
 - each hot loop's FLOP/s as a fraction of the matmul peak the same run measured
   (`benchmarks/roofline_bench.py`), the training segment's goal 50%.
 
@@ -21,6 +24,7 @@ uncommitted files and is refused too). A file written before runs recorded their
 commit renders with a warning.
 """
 
+import math
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -61,16 +65,17 @@ def _spread(values: Sequence[float], fmt: str) -> str:
 
 
 def _seconds(values: Sequence[Optional[float]]) -> str:
-  """`_spread` of seconds, to 3 significant digits of the largest (46.9 s, 0.174 s)."""
-  finite = [abs(v) for v in values if v is not None and np.isfinite(v)]
-  largest = max(finite, default=0.0)
-  digits = 1 if largest >= 10 else 2 if largest >= 1 else 3
+  """`_spread` of seconds, to 3 significant digits of the largest (46.9 s, 0.174 s,
+  0.00839 s)."""
+  finite = [abs(v) for v in values if v is not None and np.isfinite(v) and v]
+  digits = max(0, 2 - math.floor(math.log10(max(finite)))) if finite else 3
   return _spread(values, f".{digits}f") + " s"
 
 
 def _met(values: Sequence[float], goal: Optional[float], direction: str) -> str:
   """'met' / '**missed**' for the mean, and in how many runs it was met where they
   differ."""
+  values = [v for v in values if v is not None and np.isfinite(v)]
   if goal is None or not values:
     return "–"
   meets = [v >= goal if direction == ">=" else v <= goal for v in values]
@@ -132,46 +137,61 @@ def _label(text: str) -> str:
   return " ".join(words)
 
 
+def _ok(row: dict) -> bool:
+  ratio = row.get("ratio")
+  return row.get("status") == "ok" and ratio is not None and np.isfinite(ratio)
+
+
 def _ratio_rows(results: Sequence[dict]) -> list:
-  """(benchmark, ours, peer, ratios, goal, direction) for every row of the runs."""
+  """(benchmark, ours, peer, ratios, goal, direction, agreement) for every row of
+  the runs; a row measured in fewer runs than there are says in how many."""
   names = []
   for result in results:  # every row any run has, in run.py's order
     names += [n for n in result.get("rows", {}) if n not in names]
   out = []
   for name in names:
     rows = [r["rows"][name] for r in results if name in r.get("rows", {})]
-    ok = [row for row in rows if row.get("status") == "ok"]
+    ok = [row for row in rows if _ok(row)]
     first = (ok or rows)[0]
+    goal, direction = first.get("budget"), first.get("direction") or ">="
     description = f"{name}: {first.get('description', '')}"
+    if ok and len(ok) < len(results):  # skipped or absent in the others
+      description += f" ({len(ok)} of {len(results)} runs)"
+    agreement = first.get("agreement") or ""
     if not ok:
       out.append((description, first.get("ours") or "–", first.get("status", "–"),
-                  [], first.get("budget"), first.get("direction") or ">="))
+                  [], goal, direction, ""))
       continue
+    seconds = lambda key: _seconds([_raw(r, key) for r in ok])  # pylint: disable=cell-var-from-loop
     if name in _PEERS:  # cold, cached, warm: each a ratio of its own
-      seconds = lambda key: _seconds([_raw(r, key) for r in ok])
       peer = _PEERS[name]
       out.append((f"{description}; cold",
                   f"{seconds('ours.end_to_end_s')} (import "
                   f"{seconds('ours.import_s')}, 1st call {seconds('ours.first_call_s')})",
                   f"{peer} {seconds('peer.end_to_end_s')}",
-                  [r["ratio"] for r in ok], first.get("budget"), first.get("direction")))
+                  [r["ratio"] for r in ok], goal, direction, agreement))
       out.append((f"{name}: the same, a second process with the compilation cache",
                   seconds("ours_cached.end_to_end_s"),
                   f"{peer} {seconds('peer.end_to_end_s')}",
-                  [_raw(r, "cached_speedup") for r in ok], None, ">="))
+                  [_raw(r, "cached_speedup") for r in ok], None, ">=", ""))
       out.append((f"{name}: the same, warm (a second call in one process)",
                   seconds("ours.second_call_s"),
                   f"{peer} {seconds('peer.second_call_s')}",
-                  [_raw(r, "warm_speedup") for r in ok], WARM_GOALS.get(name), ">="))
+                  [_raw(r, "warm_speedup") for r in ok], WARM_GOALS.get(name), ">=",
+                  ""))
       continue
     ours_key, peer_key = _SECONDS.get(name, (None, None))
-    ours = (_seconds([_raw(r, ours_key) for r in ok]) if ours_key
-            else first.get("ours", "–"))
-    peer = (f"{_label(first.get('baseline', ''))} "
-            f"{_seconds([_raw(r, peer_key) for r in ok])}" if peer_key
+    ours = seconds(ours_key) if ours_key else first.get("ours", "–")
+    peer = (f"{_label(first.get('baseline', ''))} {seconds(peer_key)}" if peer_key
             else first.get("baseline", "–"))
-    out.append((description, ours, peer, [r["ratio"] for r in ok],
-                first.get("budget"), first.get("direction") or ">="))
+    out.append((description, ours, peer, [r["ratio"] for r in ok], goal, direction,
+                agreement))
+    if name == "simfluence_linear_fit":  # the goal is at equal residual; Ridge at
+      # its own tol stops at a larger residual, which ours goes past to check θ.
+      out.append((f"{name}: the same, against Ridge at its own tol (it stops at a "
+                  "larger residual)", seconds("ours_s"),
+                  f"sklearn Ridge {seconds('sklearn_at_tol_s')}",
+                  [_raw(r, "speedup_at_tol") for r in ok], None, ">=", ""))
   return out
 
 
@@ -195,23 +215,28 @@ def bench_tables(results: Sequence[dict], sources: Sequence[str],
       f"{machine.get('cpu_model') or machine.get('platform', '?')}, "
       f"{machine.get('cpus_usable') or machine.get('cpu_count')} CPUs usable, JAX "
       f"{versions.get('jax')} {machine.get('jax_backend', '')}"
-      + (f"; peers: {peers}" if peers else "") + ". Each value is the mean over the "
-      "runs, (lowest–highest); \"met\" judges the mean.", "",
-      "| benchmark | ours | peer / baseline | ratio | goal | met? |",
-      "|---|---|---|---|---|---|"]
-  for description, ours, peer, ratios, goal, direction in _ratio_rows(results):
+      + (f"; peers: {peers}" if peers else "") + " (the first file's versions). "
+      "Each value is the mean over the runs, (lowest–highest); \"met\" judges the "
+      "mean; agreement with the peer is the first run's.", "",
+      "| benchmark | ours | peer / baseline | ratio | goal | met? | agreement |",
+      "|---|---|---|---|---|---|---|"]
+  for (description, ours, peer, ratios, goal, direction,
+       agreement) in _ratio_rows(results):
     ratio = _spread(ratios, ".2f")
     lines.append(f"| {description} | {ours} | {peer} | "
                  f"{ratio + '×' if ratio != '–' else ratio} | "
-                 f"{_goal_text(goal, direction)} | "
-                 f"{_met([v for v in ratios if v is not None], goal, direction)} |")
+                 f"{_goal_text(goal, direction)} | {_met(ratios, goal, direction)} | "
+                 f"{agreement} |")
   roofline = [r["roofline"] for r in results if r.get("roofline")]
   if roofline:
     peaks = [r["peak"]["flop_per_s"] / 1e9 for r in roofline]
     sizes = sorted({r["peak"].get("n") for r in roofline}, key=str)
+    fewer = (f"; from {len(roofline)} of the {len(results)} runs, the others ran "
+             "without it" if len(roofline) < len(results) else "")
     lines += ["", f"Each hot loop against the matmul peak each run measured (the "
               f"fastest float32 square matmul, n = {' / '.join(map(str, sizes))}: "
-              f"{_spread(peaks, '.1f')} GFLOP/s; `benchmarks/roofline_bench.py`):", "",
+              f"{_spread(peaks, '.1f')} GFLOP/s; `benchmarks/roofline_bench.py`"
+              f"{fewer}):", "",
               "| hot loop | GFLOP | seconds | GFLOP/s | fraction of peak | goal | met? |",
               "|---|---|---|---|---|---|---|"]
     names = []
@@ -227,8 +252,10 @@ def bench_tables(results: Sequence[dict], sources: Sequence[str],
         continue
       fractions = [row["fraction_of_peak"] for row in rows]
       goal = ROOFLINE_GOALS.get(name)
+      label = name + (f" ({len(rows)} of {len(roofline)} runs)"
+                      if len(rows) < len(roofline) else "")
       lines.append(
-          f"| {name} | {_spread([row['flops'] / 1e9 for row in rows], '.2f')} | "
+          f"| {label} | {_spread([row['flops'] / 1e9 for row in rows], '.2f')} | "
           f"{_spread([row['seconds'] for row in rows], '.4f')} | "
           f"{_spread([row['flop_per_s'] / 1e9 for row in rows], '.1f')} | "
           f"{_spread([100 * f for f in fractions], '.1f')}% | "
