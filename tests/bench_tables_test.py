@@ -233,3 +233,18 @@ def test_the_results_file_is_not_changed():
   before = copy.deepcopy(result)
   bench.bench_tables([result], ["a"])
   assert result == before
+
+
+def test_the_readme_speed_tables_are_the_committed_results_rendered():
+  """The README's Speed block is what `tables --bench` makes of the results files it
+  names (kept in the repository), not an edited copy."""
+  with open(os.path.join(REPO, "README.md")) as f:
+    readme = f.read()
+  start, end = "<!-- tables:speed -->\n", "<!-- /tables:speed -->"
+  block = readme[readme.index(start) + len(start):readme.index(end)]
+  header = block.splitlines()[0]
+  sources = header[header.index("(`") + 2:header.index("`; mode")].split("`, `")
+  assert sources and all(s.startswith("benchmarks/results/") for s in sources), sources
+  results = _tables.load_json_files([os.path.join(REPO, s) for s in sources], "bench",
+                                    "results", "run.py")
+  assert block == "\n".join(bench.bench_tables(results, sources)) + "\n"
