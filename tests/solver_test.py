@@ -246,3 +246,28 @@ def test_a_badly_scaled_block_is_solved_to_the_float64_solution(method):
   _, info = simulators.solve(ids, x, y, num_train, 0.1, linear=True, method=method,
                              tol=1e-7, max_iters=5000)
   assert info["float64_check"] == "agreed", info
+
+
+@pytest.mark.parametrize("linear", [True, False])
+@pytest.mark.parametrize("budget", [None, 1])
+def test_dense_float64_ridge_equals_a_ridge_solve_per_column(linear, budget,
+                                                             monkeypatch):
+  """The host float64 solve (the float64 check's, and the featurized normal
+  solve's) against an explicit design matrix per column; `budget` 1 byte forces
+  one column per batch of its Gram GEMMs."""
+  from simfluence_jax.simulators import _solver  # pylint: disable=g-import-not-at-top
+  if budget is not None:
+    monkeypatch.setattr(_solver, "_FLOAT64_BYTES", budget)
+  rng = np.random.default_rng(3)
+  rows, width, columns = 40, 9, 5
+  s = rng.poisson(0.8, (rows, width)).astype(np.float64)  # counts, or features
+  s[:, 2] += rng.normal(size=rows)
+  x = rng.uniform(1.0, 3.0, (rows, columns))
+  y = rng.normal(size=(rows, columns))
+  l2 = np.array([1e-3, 1e-2, 0.1, 1.0, 10.0])
+  got = _solver.dense_float64_ridge(s, x, y, l2, linear=linear)
+  for c in range(columns):
+    design = np.concatenate([s * x[:, c:c + 1], s], 1) if linear else s
+    want = np.linalg.solve(design.T @ design + l2[c] * np.eye(design.shape[1]),
+                           design.T @ y[:, c])
+    np.testing.assert_allclose(got[:, c], want, rtol=1e-10, atol=1e-12)

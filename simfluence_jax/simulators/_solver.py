@@ -849,7 +849,6 @@ def worst_block_error(got, exact) -> float:
   return float(np.max(np.where(size > 0, off, 0.0)))
 
 
-_ROWS_AT_ONCE = 512  # rows per accumulation of the float64 Gram matrices
 _FLOAT64_BYTES = 1 << 28  # working set of one chunk of columns' float64 solve
 
 
@@ -870,18 +869,19 @@ def dense_float64_ridge(rows, x, y, l2, *, linear: bool) -> np.ndarray:
     grams = plain[None] + l2[:, None, None] * np.eye(width)[None]
     rhs = (s.T @ y).T  # [C, W]
   else:
-    # Per column c: [[Sᵀ diag(x_c²) S, Sᵀ diag(x_c) S], [·ᵀ, SᵀS]], accumulated
-    # over chunks of rows of the outer products s_p s_pᵀ.
-    squared = np.zeros((width * width, columns))
-    weighted = np.zeros((width * width, columns))
-    for start in range(0, len(s), _ROWS_AT_ONCE):
-      chunk = s[start:start + _ROWS_AT_ONCE]
-      outer = (chunk[:, :, None] * chunk[:, None, :]).reshape(len(chunk), -1)
-      x_rows = x[start:start + _ROWS_AT_ONCE]
-      squared += outer.T @ (x_rows * x_rows)
-      weighted += outer.T @ x_rows
-    squared = squared.T.reshape(columns, width, width)
-    weighted = weighted.T.reshape(columns, width, width)
+    # Per column c: [[Sᵀ diag(x_c²) S, Sᵀ diag(x_c) S], [·ᵀ, SᵀS]], as GEMMs of
+    # the x-scaled Sᵀ against S, a few columns at a time (their [C', W, P] scaled
+    # copies within _FLOAT64_BYTES). Accumulating the rows' outer products s_p s_pᵀ
+    # instead wrote P·W² floats and took 5.6 s against 0.5 s at P = 2000, W = 400,
+    # C = 16 (the same FLOPs, as a GEMM only C wide).
+    squared = np.empty((columns, width, width))
+    weighted = np.empty((columns, width, width))
+    step = max(1, _FLOAT64_BYTES // (8 * width * len(s)))
+    for start in range(0, columns, step):
+      x_t = x[:, start:start + step].T[:, None, :]  # [C', 1, P]
+      scaled = s.T[None] * x_t  # [C', W, P]
+      weighted[start:start + step] = scaled @ s
+      squared[start:start + step] = (scaled * x_t) @ s
     grams = np.block([[squared, weighted],
                       [weighted.transpose(0, 2, 1),
                        np.broadcast_to(plain, (columns, width, width))]])
