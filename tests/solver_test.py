@@ -250,18 +250,26 @@ def test_a_badly_scaled_block_is_solved_to_the_float64_solution(method):
 
 @pytest.mark.parametrize("linear", [True, False])
 @pytest.mark.parametrize("budget", [None, 1])
-def test_dense_float64_ridge_equals_a_ridge_solve_per_column(linear, budget,
+@pytest.mark.parametrize("sparse", [True, False])
+def test_dense_float64_ridge_equals_a_ridge_solve_per_column(linear, budget, sparse,
                                                              monkeypatch):
   """The host float64 solve (the float64 check's, and the featurized normal
-  solve's) against an explicit design matrix per column; `budget` 1 byte forces
-  one column per batch of its Gram GEMMs."""
+  solve's) against an explicit design matrix per column. Rows of counts (at most 3
+  nonzeros of 40) take the nonzeros' path, dense features the GEMMs; `budget` 1
+  byte forces one column per GEMM batch."""
   from simfluence_jax.simulators import _solver  # pylint: disable=g-import-not-at-top
   if budget is not None:
     monkeypatch.setattr(_solver, "_FLOAT64_BYTES", budget)
   rng = np.random.default_rng(3)
-  rows, width, columns = 40, 9, 5
-  s = rng.poisson(0.8, (rows, width)).astype(np.float64)  # counts, or features
-  s[:, 2] += rng.normal(size=rows)
+  rows, width, columns = 120, 40 if sparse else 9, 5
+  if sparse:  # occurrence counts: 3 draws a row, a repeat counting twice
+    s = np.zeros((rows, width))
+    np.add.at(s, (np.repeat(np.arange(rows), 3),
+                  rng.integers(0, width, rows * 3)), 1.0)
+    s[::9] = 0.0  # rows of padding only
+  else:  # a featurized fit's summed features
+    s = rng.poisson(0.8, (rows, width)).astype(np.float64)
+    s[:, 2] += rng.normal(size=rows)
   x = rng.uniform(1.0, 3.0, (rows, columns))
   y = rng.normal(size=(rows, columns))
   l2 = np.array([1e-3, 1e-2, 0.1, 1.0, 10.0])
