@@ -279,3 +279,26 @@ def test_dense_float64_ridge_equals_a_ridge_solve_per_column(linear, budget, spa
     want = np.linalg.solve(design.T @ design + l2[c] * np.eye(design.shape[1]),
                            design.T @ y[:, c])
     np.testing.assert_allclose(got[:, c], want, rtol=1e-10, atol=1e-12)
+
+
+def test_the_float64_check_is_charged_its_cost_so_row_heavy_problems_are_checked(
+    monkeypatch):
+  """h32's badly scaled A block, on a problem whose dense normal equations
+  (160 rows × 80² unknowns: 1.0e6 multiply-adds) exceed the budget but whose check
+  costs 1.7e5 (one 80-unknown solve, 160 rows × 4² products): checked and replaced,
+  not skipped; with a budget below its cost, skipped as before."""
+  from simfluence_jax.simulators import _solver  # pylint: disable=g-import-not-at-top
+  ids, x, y, num_train = _scaled_shared_curriculum()
+  assert _solver._float64_check_cost(ids.shape, num_train, 1, True) == pytest.approx(  # pylint: disable=protected-access
+      80 ** 3 / 3 + 160 * 4 ** 2)
+  expected = _dense_ridge(ids, x, y, num_train, 0.1, True)
+  monkeypatch.setattr(_solver, "FLOAT64_CHECK_MAX_FLOPS", 5e5)
+  theta, info = simulators.solve(ids, x, y, num_train, 0.1, linear=True, method="cg")
+  assert info["float64_check"] == "replaced", info
+  off = np.linalg.norm(theta[:, 0] - expected[:, 0]) / np.linalg.norm(expected[:, 0])
+  assert off < 1e-5, off
+  monkeypatch.setattr(_solver, "FLOAT64_CHECK_MAX_FLOPS", 1e5)
+  theta, info = simulators.solve(ids, x, y, num_train, 0.1, linear=True, method="cg")
+  assert info["float64_check"] == "skipped", info
+  off = np.linalg.norm(theta[:, 0] - expected[:, 0]) / np.linalg.norm(expected[:, 0])
+  assert off > 0.05, off  # what the check is for: CG's own tests passed this
