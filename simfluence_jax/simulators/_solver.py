@@ -831,9 +831,9 @@ def solve(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_train: int, l2: Any
   return theta, info
 
 
-# The float64 check (`_float64_check`): problems of at most this many multiply-adds
-# of dense normal equations (rows × unknowns² × columns) are solved again on the
-# host in float64; the default job's Linear CV (1536 rows × 400² × 160 columns: 32
+# The float64 check (`_float64_check`): problems it is charged at most this many
+# multiply-adds for (`_float64_check_cost`) are solved again on the host in
+# float64; the default job's Linear CV (1536 rows × 400² × 160 columns: 32
 # test examples × 5 l2 values, 4 folds and the final fit) took about 8 s of it
 # before the Grams were summed from the rows' nonzeros (one such solve 1.37 →
 # 0.63 s, 0.4 s of it `np.linalg.solve`; `_weighted_grams`).
