@@ -285,20 +285,37 @@ def test_the_float64_check_is_charged_its_cost_so_row_heavy_problems_are_checked
     monkeypatch):
   """h32's badly scaled A block, on a problem whose dense normal equations
   (160 rows × 80² unknowns: 1.0e6 multiply-adds) exceed the budget but whose check
-  costs 1.7e5 (one 80-unknown solve, 160 rows × 4² products): checked and replaced,
-  not skipped; with a budget below its cost, skipped as before."""
+  is charged 6.8e5 (one 80-unknown solve, 160 rows × 4² scatter-adds at 100 each,
+  SᵀS once): checked and replaced, not skipped; with a budget below its charge,
+  skipped as before."""
   from simfluence_jax.simulators import _solver  # pylint: disable=g-import-not-at-top
   ids, x, y, num_train = _scaled_shared_curriculum()
   assert _solver._float64_check_cost(ids.shape, num_train, 1, True) == pytest.approx(  # pylint: disable=protected-access
-      80 ** 3 / 3 + 160 * 4 ** 2)
+      80 ** 3 / 3 + 100 * 160 * 4 ** 2 + 160 * 40 ** 2)
   expected = _dense_ridge(ids, x, y, num_train, 0.1, True)
-  monkeypatch.setattr(_solver, "FLOAT64_CHECK_MAX_FLOPS", 5e5)
+  monkeypatch.setattr(_solver, "FLOAT64_CHECK_MAX_FLOPS", 8.5e5)
   theta, info = simulators.solve(ids, x, y, num_train, 0.1, linear=True, method="cg")
   assert info["float64_check"] == "replaced", info
   off = np.linalg.norm(theta[:, 0] - expected[:, 0]) / np.linalg.norm(expected[:, 0])
   assert off < 1e-5, off
-  monkeypatch.setattr(_solver, "FLOAT64_CHECK_MAX_FLOPS", 1e5)
+  monkeypatch.setattr(_solver, "FLOAT64_CHECK_MAX_FLOPS", 5e5)
   theta, info = simulators.solve(ids, x, y, num_train, 0.1, linear=True, method="cg")
   assert info["float64_check"] == "skipped", info
   off = np.linalg.norm(theta[:, 0] - expected[:, 0]) / np.linalg.norm(expected[:, 0])
   assert off > 0.05, off  # what the check is for: CG's own tests passed this
+
+
+def test_the_float64_check_charge_never_exceeds_the_dense_measure():
+  """Review h81's cases: few rows keep the dense measure (never skipped where they
+  were checked); counts too dense for the nonzeros' path are charged as GEMMs; a
+  problem whose scatter-adds or repeated SᵀS cost more than the budget is skipped
+  (83000 rows, batch 50: 700 s and 6 GB when it was checked)."""
+  from simfluence_jax.simulators import _solver  # pylint: disable=g-import-not-at-top
+  cost = _solver._float64_check_cost  # pylint: disable=protected-access
+  assert cost((10, 8), 1500, 1000, True) == 10 * 3000 ** 2 * 1000
+  assert cost((1000, 4), 16, 2, True) == pytest.approx(  # 4² · 64 > 16²: GEMMs
+      2 * (32 ** 3 / 3 + 1000 * 16 ** 2) + 1000 * 16 ** 2)
+  assert cost((83000, 50), 400, 263, True) > _solver.FLOAT64_CHECK_MAX_FLOPS
+  assert cost((83000, 4), 400, 580, True) > _solver.FLOAT64_CHECK_MAX_FLOPS
+  assert cost((6144, 8), 200, 160, True) < _solver.FLOAT64_CHECK_MAX_FLOPS
+  assert _solver._weighted_grams(np.eye(3, 40), np.zeros((3, 0))).shape == (0, 40, 40)  # pylint: disable=protected-access

@@ -863,21 +863,28 @@ def _weighted_grams(s: np.ndarray, w: np.ndarray) -> np.ndarray:
   column); else GEMMs of the w-scaled Sᵀ against S, a few columns at a time (their
   [C', W, P] copies within `_FLOAT64_BYTES`). At P = 2000, W = 400, C = 16 (8
   occurrences a row), both Grams of `dense_float64_ridge`: 5.6 s accumulating every
-  row's outer product s_p s_pᵀ (P·W² floats written), 0.5 s as GEMMs, 0.2 s from
-  the nonzeros (2-core CPU; the whole float64 solve 5.6 → 0.28 s).
+  row's outer product s_p s_pᵀ (P·W² floats written), 0.5 s as GEMMs, 0.07 s from
+  the nonzeros (2-core CPU; the whole float64 solve 5.6 → 0.3 s).
   """
   num_rows, width = s.shape
   columns = w.shape[1]
   nonzero = s != 0
-  k = int(nonzero.sum(1).max(initial=0))
+  k = max(1, int(nonzero.sum(1).max(initial=0)))
   if k * k * 64 <= width * width:
-    idx = np.argsort(~nonzero, axis=1, kind="stable")[:, :max(k, 1)]  # nonzeros first
-    vals = np.take_along_axis(s, idx, axis=1)  # [P, K], 0 past a row's nonzeros
-    pairs = (idx[:, :, None] * width + idx[:, None, :]).ravel()  # [P·K²]
-    products = vals[:, :, None] * vals[:, None, :]  # [P, K, K]
-    return np.stack([np.bincount(pairs, weights=(products * w[:, c, None, None]).ravel(),
-                                 minlength=width * width).reshape(width, width)
-                     for c in range(columns)])
+    # Rows in blocks: their [rows, K, K] pairs and products (and their argsort over
+    # [rows, W]) within _FLOAT64_BYTES (review h81: 5.7 GB at P = 83000, K = 50).
+    out = np.zeros((columns, width * width))
+    block = max(1, _FLOAT64_BYTES // (8 * (3 * k * k + 2 * width)))
+    for start in range(0, num_rows, block):
+      idx = np.argsort(~nonzero[start:start + block], axis=1,
+                       kind="stable")[:, :k]  # nonzeros first
+      vals = np.take_along_axis(s[start:start + block], idx, axis=1)  # 0 past them
+      pairs = (idx[:, :, None] * width + idx[:, None, :]).reshape(len(idx), -1)
+      products = (vals[:, :, None] * vals[:, None, :]).reshape(len(idx), -1)
+      for c in range(columns):
+        out[c] += np.bincount(pairs.ravel(), minlength=width * width,
+                              weights=(products * w[start:start + block, c, None]).ravel())
+    return out.reshape(columns, width, width)
   out = np.empty((columns, width, width))
   step = max(1, _FLOAT64_BYTES // (8 * width * num_rows))
   for start in range(0, columns, step):
@@ -930,21 +937,33 @@ def _float64_solution(ids, x, y, l2, num_train: int, linear: bool):
   return theta.reshape(-1, num_train, y.shape[1]).transpose(1, 0, 2)
 
 
+# What one scatter-add of `np.bincount` costs in multiply-adds of a GEMM, as the
+# float64 check's budget counts them (review h81: ≈ 5 ns an element on the 2-core
+# CPU, against ≈ 0.05 ns a multiply-add in a float64 GEMM).
+_SCATTER_COST = 100
+
+
 def _float64_check_cost(ids_shape, num_train: int, columns: int,
                         linear: bool) -> float:
   """Multiply-adds that `_float64_check` is charged for a problem of `ids_shape`
   (rows, batch): the dense normal equations' rows × unknowns² × columns, the budget's
   measure since review h32; or, where that is more, what the check costs since
   `_weighted_grams` sums occurrence counts from each row's nonzeros: the columns'
-  solves (unknowns³ / 3 each) and rows × batch² products (all rows × unknowns² when
-  the counts are too dense for that). The lesser of the two, so that no problem the
-  budget checked before goes unchecked: 6144 rows × 400² × 160 columns (the default
-  job's CV at 192 fitted runs, 1.6e11) was skipped, and costs 3.5e9 now."""
+  solves (unknowns³ / 3 each), rows × batch² scatter-adds a column (`_SCATTER_COST`
+  each; all rows × unknowns² multiply-adds when the counts are too dense for that),
+  and SᵀS (rows × num_train²) once per chunk of columns `_float64_solution` solves
+  together. The lesser of the two, so that no problem the budget checked before goes
+  unchecked (a problem with few rows keeps being charged less than its solves cost):
+  6144 rows × 400² × 160 columns (the default job's CV at 192 fitted runs, 1.6e11)
+  was skipped, and is charged 1.0e10 now (measured: about 1 s)."""
   rows, batch = ids_shape
   unknowns = (2 if linear else 1) * num_train
   dense = rows * unknowns ** 2 * columns
-  per_row = batch ** 2 if batch * batch * 64 <= num_train ** 2 else num_train ** 2
-  return min(dense, columns * (unknowns ** 3 / 3 + rows * per_row))
+  per_row = (_SCATTER_COST * batch ** 2 if batch * batch * 64 <= num_train ** 2
+             else num_train ** 2)
+  chunks = -(-columns // max(1, _FLOAT64_BYTES // (8 * 10 * num_train ** 2)))
+  return min(dense, columns * (unknowns ** 3 / 3 + rows * per_row)
+             + chunks * rows * num_train ** 2)
 
 
 def _float64_check(theta, info, ids, x, y, l2, num_train: int, linear: bool):
