@@ -25,10 +25,11 @@ commit renders with a warning.
 """
 
 import math
-import sys
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+
+from simfluence_jax.evaluation._tables import _warn  # one warning format for every table
 
 # Issue 16's warm goal for TracIn-CP, judged on the whole-process workload.
 WARM_GOALS = {"tracin_end_to_end": 20.0}
@@ -46,10 +47,6 @@ _SECONDS = {
     "main_job_tiny": ("total_s", "budget_s"),
 }
 _PEERS = {"tracin_end_to_end": "Captum TracInCP", "ekfac_end_to_end": "Kronfluence"}
-
-
-def _warn(message: str) -> None:
-  print(f"warning: {message}", file=sys.stderr)
 
 
 def _spread(values: Sequence[float], fmt: str) -> str:

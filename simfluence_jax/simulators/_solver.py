@@ -910,8 +910,8 @@ def dense_float64_ridge(rows, x, y, l2, *, linear: bool) -> np.ndarray:
     rhs = (s.T @ y).T  # [C, W]
   else:
     # Per column c: [[Sᵀ diag(x_c²) S, Sᵀ diag(x_c) S], [·ᵀ, SᵀS]].
-    squared = _weighted_grams(s, x * x)
-    weighted = _weighted_grams(s, x)
+    # Both from one call: the nonzeros' pairs and products are found once.
+    squared, weighted = np.split(_weighted_grams(s, np.concatenate([x * x, x], 1)), 2)
     grams = np.block([[squared, weighted],
                       [weighted.transpose(0, 2, 1),
                        np.broadcast_to(plain, (columns, width, width))]])
